@@ -1,0 +1,288 @@
+"""HuggingFace-format model directories: find, read, convert and write GPT-2 weights.
+
+One on-disk model format: config.json + model.safetensors (or shards + model.safetensors.index.json).
+HF stores the attention/MLP projections as Conv1D with (in, out) weights; we use nn.Linear (out, in), so
+`hf_to_gpt2kit` / `gpt2kit_to_hf` transpose them at this boundary and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from .config import PRESETS, GPT2Config
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+BIN_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+
+_CONV1D_WEIGHTS = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+_HF_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")  # causal-mask buffers in old HF checkpoints
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class CheckpointError(ValueError):
+    """A model directory or weight file that cannot be used, with the reason."""
+
+
+# ---- locating a model ---------------------------------------------------------------------------------------
+def hf_cache_dirs() -> list[Path]:
+    """Where a local HuggingFace hub cache may live, in the order HF itself resolves it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return [Path(os.environ["HF_HUB_CACHE"])]
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    return [hf_home / "hub"]
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """An existing directory, or the newest snapshot of `name` in the local HF cache. Never the network."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a model directory (config.json + weights), got a file")
+    name = str(name_or_path)
+    repo_ids = [name] if "/" in name else [name, f"openai-community/{name}"]
+    searched = []
+    for cache in hf_cache_dirs():
+        for repo_id in repo_ids:
+            snapshots = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+            searched.append(str(snapshots))
+            candidates = sorted((d for d in snapshots.glob("*") if (d / CONFIG_NAME).exists()),
+                                key=lambda d: d.stat().st_mtime)
+            if candidates:
+                return candidates[-1]
+    hint = (f" ('{name}' is a preset: build it with GPT2LMHeadModel(GPT2Config.from_name('{name}')) for random "
+            "weights)") if name in PRESETS else ""
+    raise CheckpointError(
+        f"no model directory or local HF cache entry for {name!r}{hint}. gpt2kit never downloads: put "
+        f"config.json + model.safetensors in a directory and pass its path, or fill the HF cache "
+        f"(searched: {', '.join(searched)})")
+
+
+# ---- reading weights ----------------------------------------------------------------------------------------
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only: a .bin is a pickle and must never run code from the file.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many types for bad pickles; report them all the same way
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return state
+
+
+def load_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: weight file not found")
+    return _load_safetensors(path) if path.suffix == ".safetensors" else _load_bin(path)
+
+
+def load_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF-format directory, whatever the layout (single file, shards, .bin or safetensors)."""
+    model_dir = Path(model_dir)
+    for index_name in (SAFETENSORS_INDEX_NAME, BIN_INDEX_NAME):
+        index_path = model_dir / index_name
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index_path}: not a valid shard index ({err})") from None
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                state.update(load_weight_file(model_dir / shard))
+            missing = set(weight_map) - set(state)
+            if missing:
+                raise CheckpointError(f"{index_path}: tensors listed but absent from the shards: {sorted(missing)[:5]}")
+            return state
+    for name in (SAFETENSORS_NAME, BIN_NAME):
+        if (model_dir / name).exists():
+            return load_weight_file(model_dir / name)
+    raise CheckpointError(f"{model_dir}: no weights found (expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
+                          f"{BIN_NAME} or {BIN_INDEX_NAME})")
+
+
+# ---- HF <-> gpt2kit names -----------------------------------------------------------------------------------
+def hf_to_gpt2kit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map an HF GPT-2 state dict (LM head, sequence classification or bare GPT2Model) onto `model`'s names."""
+    has_transformer = any(k.startswith("transformer.") for k in model.state_dict())
+    out = {}
+    for key, tensor in state.items():
+        if _HF_BUFFERS.search(key):
+            continue
+        if has_transformer and not key.startswith(("transformer.", "lm_head.", "score.")):
+            key = "transformer." + key  # a bare GPT2Model checkpoint
+        elif not has_transformer:
+            key = key.removeprefix("transformer.")
+        if _CONV1D_WEIGHTS.search(key):
+            tensor = tensor.t()
+        out[key] = tensor
+    if "lm_head.weight" in model.state_dict() and model.config.tie_word_embeddings and "transformer.wte.weight" in out:
+        out["lm_head.weight"] = out["transformer.wte.weight"]  # HF re-ties the head too, whatever the file holds
+    return out
+
+
+def gpt2kit_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict in HF's layout: Conv1D weights transposed, the tied LM head left out (HF re-ties it)."""
+    out = {}
+    for key, tensor in model.state_dict().items():
+        key = key.replace("_orig_mod.", "")  # never leak torch.compile's wrapper into saved weights
+        if key == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        if _CONV1D_WEIGHTS.search(key):
+            tensor = tensor.t()
+        out[key] = tensor.detach().contiguous()
+    return out
+
+
+# ---- loading a model ----------------------------------------------------------------------------------------
+def load_config(model_dir: str | os.PathLike) -> GPT2Config:
+    path = Path(model_dir) / CONFIG_NAME
+    if not path.exists():
+        raise CheckpointError(f"{model_dir}: no {CONFIG_NAME} (an HF-format model directory needs one)")
+    return GPT2Config.from_json_file(path)
+
+
+def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu", **config_overrides) -> M:
+    model_dir = resolve_model_dir(name_or_path)
+    config = load_config(model_dir)
+    for key, value in config_overrides.items():
+        if not hasattr(config, key):
+            raise CheckpointError(f"unknown config field {key!r}")
+        setattr(config, key, value)
+    state = load_state_dict(model_dir)
+    with torch.device("meta"):
+        model = cls(config)  # no memory, no init: every tensor comes from the checkpoint
+    state = hf_to_gpt2kit(state, model)
+    if cls.__name__ == "GPT2ForSequenceClassification" and "score.weight" not in state:
+        raise CheckpointError(f"{model_dir}: no classification head (score.weight); finetune one first")
+    _check_state(model, state, model_dir)
+    model.load_state_dict(state, strict=True, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def _check_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not match the config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, config.json implies "
+                                  f"{tuple(expected[key].shape)}")
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+def parse_size(size: int | str) -> int:
+    """'2GB', '500MB', '10KiB' or a byte count."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read size {size!r}; expected e.g. 2GB, 500MB or a number of bytes")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[key] = tensor
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: dict[str, torch.Tensor], *,
+                       max_shard_size: int | str | None = None, weights_format: str = "safetensors") -> Path:
+    """Write config.json + weights atomically: files go to a temporary sibling folder which then replaces
+    `directory`, so a crash never leaves a directory that looks complete but is not."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        shards = list(_shards(state, parse_size(max_shard_size))) if max_shard_size else [state]
+        if weights_format == "safetensors":
+            single, index_name, suffix = SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, "safetensors"
+        elif weights_format == "bin":
+            single, index_name, suffix = BIN_NAME, BIN_INDEX_NAME, "bin"
+        else:
+            raise ValueError(f"weights_format must be 'safetensors' or 'bin', got {weights_format!r}")
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = single if len(shards) == 1 else f"{single.split('.')[0]}-{i:05d}-of-{len(shards):05d}.{suffix}"
+            if suffix == "safetensors":
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            else:
+                torch.save(shard, tmp / name)
+            weight_map.update(dict.fromkeys(shard, name))
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            (tmp / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard_size: int | str | None = None) -> Path:
+    config = model.config
+    if type(model).__name__ == "GPT2ForSequenceClassification":
+        config.extra["architectures"] = ["GPT2ForSequenceClassification"]
+    return write_hf_directory(directory, config, gpt2kit_to_hf(model), max_shard_size=max_shard_size)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, weights_format: str = "safetensors",
+            max_shard_size: int | str | None = None) -> Path:
+    """Re-write an HF-format directory as safetensors or .bin, sharded or merged (tensors are unchanged)."""
+    src_dir = resolve_model_dir(src)
+    config = load_config(src_dir)
+    state = {k: v.contiguous() for k, v in load_state_dict(src_dir).items() if not _HF_BUFFERS.search(k)}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; HF re-ties on load
+    return write_hf_directory(dst, config, state, max_shard_size=max_shard_size, weights_format=weights_format)

@@ -1,0 +1,141 @@
+"""GPT2Config: the model's shape, with HuggingFace `config.json` field names, plus named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Keys HF writes into a GPT-2 config.json that describe nothing about the network itself.
+_HF_BOOKKEEPING_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "task_specific_params",
+    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+    "use_cache", "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "n_ctx",
+    "add_cross_attention", "problem_type", "gradient_checkpointing", "_attn_implementation_autoset",
+}
+
+
+@dataclass
+class GPT2Config:
+    """Shape and regularisation of a GPT-2 network. Field names equal HF's `GPT2Config`."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    # Sequence classification head.
+    num_labels: int = 2
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown HF keys, written back unchanged
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(
+                f"activation_function {self.activation_function!r} is not supported: GPT-2 uses the tanh "
+                "approximation of GELU ('gelu_new')")
+        if self.scale_attn_by_inverse_layer_idx or self.reorder_and_upcast_attn or not self.scale_attn_weights:
+            raise ValueError("only standard GPT-2 attention scaling (1/sqrt(head_dim)) is supported")
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    # ---- dict / json -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, strict: bool = True, source: str = "config") -> GPT2Config:
+        """Build from a mapping. `strict` rejects unknown keys (YAML configs); HF config.json keys are kept."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in values.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _HF_BOOKKEEPING_KEYS or not strict:
+                extra[key] = value
+            else:
+                raise ValueError(f"{source}: unknown model field {key!r}; expected one of {sorted(known)}")
+        if "n_ctx" in values and "n_positions" not in values:
+            kwargs["n_positions"] = values["n_ctx"]
+        extra.pop("n_ctx", None)
+        return cls(**kwargs, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **values}
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json HF transformers (and llama.cpp's converter, which needs n_ctx) reads."""
+        values = self.to_dict()
+        if values["id2label"] is None:
+            values.pop("id2label")
+            values.pop("label2id")
+        values.pop("num_labels")  # HF derives it from id2label
+        values.update(model_type="gpt2", n_ctx=self.n_positions)
+        values.setdefault("architectures", ["GPT2LMHeadModel"])
+        return values
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> GPT2Config:
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        if values.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"{path}: model_type is {values['model_type']!r}, expected 'gpt2'")
+        return cls.from_dict(values, strict=False, source=str(path))
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> GPT2Config:
+        """A named preset (see PRESETS), optionally with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, GPT2Config] = {
+    # OpenAI's released shapes.
+    "gpt2": GPT2Config(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": GPT2Config(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": GPT2Config(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": GPT2Config(n_layer=48, n_embd=1600, n_head=25),
+    # MindFormers' large shapes: 13B is the Cerebras-GPT-13B shape (context 2048); 52B follows MindFormers'
+    # gpt2_52b model config (64 layers, hidden 8192, 32 heads of 256, MLP x4, context 1024).
+    "gpt2-13b": GPT2Config(n_layer=40, n_embd=5120, n_head=40, n_positions=2048),
+    "gpt2-52b": GPT2Config(n_layer=64, n_embd=8192, n_head=32, n_positions=1024),
+    # CPU-sized shapes for demos and tests.
+    "gpt2-tiny": GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=256),
+    "gpt2-mini": GPT2Config(n_layer=6, n_embd=384, n_head=6, n_positions=512),
+}

@@ -1,0 +1,279 @@
+"""GPT-2 in plain PyTorch, readable top to bottom.
+
+Parameter names equal HuggingFace's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...) so checkpoints map 1:1;
+projections are `nn.Linear` (HF stores them as transposed Conv1D; checkpoint.py transposes at the boundary).
+The model knows nothing of ranks, devices or parallelism: training/parallel.py wraps it from outside.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import GPT2Config
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, filled in place during incremental decoding.
+
+    Tensors are (n_layer, batch, n_head, max_length, head_dim); `length` counts the positions written so far.
+    Preallocation keeps decode free of per-step concatenation and allocation.
+    """
+
+    def __init__(self, config: GPT2Config, batch_size: int, max_length: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_length = max_length
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v (batch, n_head, T, head_dim) after the filled part; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep (and repeat) batch rows by index, e.g. to drop finished sequences."""
+        self.keys = self.keys.index_select(1, index)
+        self.values = self.values.index_select(1, index)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.attn_pdrop if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim)
+        self.c_proj = nn.Linear(config.mlp_dim, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # GPT-2's weights were trained with the tanh approximation of GELU ("gelu_new").
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = True,
+                cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that skip padding: left-padded rows start counting at their first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def build_attention_mask(attention_mask: Tensor | None, past: int, T: int) -> tuple[Tensor | None, bool]:
+    """(mask, is_causal) for SDPA. A boolean (B, 1, T, past+T) mask is built only when padding or a cache
+    needs it; otherwise SDPA's fused causal path is used. Each query may always see itself, so padded rows
+    never become fully masked (which would give NaN); their outputs are never used."""
+    if attention_mask is None or bool(attention_mask.all()):
+        if past == 0:
+            return None, True
+        if T == 1:
+            return None, False  # a single new token sees every cached position
+        attention_mask = None
+    S = past + T
+    device = attention_mask.device if attention_mask is not None else None
+    q_pos = torch.arange(past, S, device=device).view(T, 1)
+    k_pos = torch.arange(S, device=device).view(1, S)
+    allowed = (k_pos <= q_pos).unsqueeze(0)  # (1, T, S)
+    if attention_mask is not None:
+        allowed = (allowed & attention_mask[:, None, :S].bool()) | (k_pos == q_pos)
+    return allowed.unsqueeze(1), False
+
+
+class GPT2PreTrainedModel(nn.Module):
+    """Weight initialisation and HuggingFace-style loading/saving shared by the GPT-2 models."""
+
+    config: GPT2Config
+
+    def _init_weights(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        # GPT-2 scales the projections into the residual stream by 1/sqrt(2 * n_layer).
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (a tied LM head counts once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str = "cpu", **config_overrides):
+        """Load an HF-format directory (or a model found in the local HF cache; never the network)."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **config_overrides)
+
+    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str | None = None) -> None:
+        """Write config.json + model.safetensors (sharded with an index when `max_shard_size` is given)."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+
+class GPT2Model(GPT2PreTrainedModel):
+    """Embeddings, the stack of blocks and the final LayerNorm; returns the last hidden states."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        if type(self) is GPT2Model:
+            self._init_weights()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values: KVCache | None = None) -> Tensor:
+        """`attention_mask` (B, past+T) marks real tokens with 1; it covers cached positions too."""
+        B, T = input_ids.shape
+        past = past_key_values.length if past_key_values is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} positions exceeds the model's context of "
+                             f"{self.config.n_positions} (n_positions)")
+        if past_key_values is not None and past + T > past_key_values.max_length:
+            raise ValueError(f"KV cache holds {past_key_values.max_length} positions, {past + T} needed")
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
+        attn_mask, is_causal = build_attention_mask(attention_mask, past, T)
+
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        for block in self.h:
+            x = block(x, attn_mask, is_causal, past_key_values)
+        if past_key_values is not None:
+            past_key_values.length = past + T
+        return self.ln_f(x)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor
+    loss: Tensor | None = None
+    past_key_values: KVCache | None = None
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy: position t predicts labels[t + 1]; label -100 is ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class GPT2LMHeadModel(GPT2PreTrainedModel):
+    """GPT-2 with the language-modelling head tied to the token embedding."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        self._init_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                labels: Tensor | None = None, past_key_values: KVCache | None = None,
+                logits_to_keep: int = 0) -> CausalLMOutput:
+        """`labels` are aligned with `input_ids` (shifted inside, HF convention). `logits_to_keep=n` computes
+        logits for the last n positions only (generation needs just the last one)."""
+        hidden = self.transformer(input_ids, attention_mask, position_ids, past_key_values)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)
+
+
+@dataclass
+class SequenceClassifierOutput:
+    logits: Tensor
+    loss: Tensor | None = None
+
+
+class GPT2ForSequenceClassification(GPT2PreTrainedModel):
+    """GPT-2 with a linear classifier on the hidden state of each row's last real (non-pad) token."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self._init_weights()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                labels: Tensor | None = None) -> SequenceClassifierOutput:
+        hidden = self.transformer(input_ids, attention_mask, position_ids)
+        B, T = input_ids.shape
+        if attention_mask is not None:
+            real = attention_mask.bool()
+        elif self.config.pad_token_id is not None:
+            real = input_ids != self.config.pad_token_id
+        else:
+            real = torch.ones_like(input_ids, dtype=torch.bool)
+        # Rightmost real token of each row: works for left and right padding alike.
+        last = (torch.arange(T, device=input_ids.device) * real).argmax(-1)
+        logits = self.score(hidden[torch.arange(B, device=input_ids.device), last])
+        loss = None
+        if labels is not None:
+            if self.config.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(logits=logits, loss=loss)

@@ -1,0 +1,367 @@
+"""GPT2Tokenizer: OpenAI's byte-level BPE on the tiktoken engine, from files shipped in the package.
+
+Every vocabulary runs on tiktoken (about 9x faster than HF `tokenizers` for GPT-2 BPE): the bundled GPT-2
+files (encoder.json + vocab.bpe), any tiktoken rank file (e.g. cl100k_base.tiktoken), and any byte-level BPE
+`tokenizer.json` (HF's, or one trained with `train_bpe`), converted to tiktoken ranks on load.
+
+Special tokens in raw text: `encode` treats text such as "<|endoftext|>" as ordinary characters, so text from
+users or corpora can never inject a control token. Pass `allowed_special="all"` to map them to their ids, or
+append `eos_token_id` yourself to separate documents.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+
+ASSETS = Path(__file__).parent / "assets" / "gpt2"
+ENDOFTEXT = "<|endoftext|>"
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+                  r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+# Special tokens of the OpenAI rank files, which (as published) hold only the mergeable ranks.
+_TIKTOKEN_SPECIALS = {
+    "cl100k_base": ({"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                     "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}, CL100K_PATTERN),
+}
+_BUNDLED_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
+class TokenizerError(ValueError):
+    """A vocabulary file that cannot be used, with the reason."""
+
+
+@functools.cache
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, used by encoder.json and tokenizer.json."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _token_bytes(token: str) -> bytes:
+    to_byte = {c: b for b, c in byte_to_unicode().items()}
+    try:
+        return bytes(to_byte[c] for c in token)
+    except KeyError as err:
+        raise TokenizerError(f"token {token!r} is not in GPT-2's byte-level alphabet (char {err})") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TokenizerError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TokenizerError(f"{path}: not valid JSON ({err})") from None
+
+
+def _ranks_from_vocab(vocab: dict[str, int], merges: Iterable[str | Sequence[str]], specials: set[str],
+                      source: Path) -> dict[bytes, int]:
+    """tiktoken ranks from a byte-level BPE vocab + merge list. tiktoken merges the pair whose result has the
+    lowest rank, so ranks (= ids) must grow in merge order; that holds for GPT-2 and for BPE-trained vocabs."""
+    ranks = {_token_bytes(tok): i for tok, i in vocab.items() if tok not in specials}
+    last = -1
+    for n, merge in enumerate(merges, 1):
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        rank = ranks.get(_token_bytes(left) + _token_bytes(right))
+        if rank is None or rank <= last:
+            raise TokenizerError(f"{source}: merge {n} ({left!r} {right!r}) does not follow the vocabulary's id order;"
+                                 " only byte-level BPE vocabularies whose ids follow merge order are supported")
+        last = rank
+    return ranks
+
+
+@functools.cache
+def _gpt2_encoding(encoder_json: str, vocab_bpe: str, verify: bool) -> tiktoken.Encoding:
+    encoder_path, merges_path = Path(encoder_json), Path(vocab_bpe)
+    if verify:
+        for path in (encoder_path, merges_path):
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if digest != _BUNDLED_SHA256[path.name]:
+                raise TokenizerError(f"{path}: sha256 {digest} differs from OpenAI's GPT-2 file; reinstall gpt2kit")
+    encoder = _read_json(encoder_path)
+    try:
+        merge_lines = merges_path.read_text(encoding="utf-8").split("\n")
+    except FileNotFoundError:
+        raise TokenizerError(f"{merges_path}: file not found") from None
+    merges = [line for line in merge_lines[1:] if line]  # line 1 is "#version: 0.2"
+    specials = {ENDOFTEXT: encoder[ENDOFTEXT]} if ENDOFTEXT in encoder else {}
+    ranks = _ranks_from_vocab(encoder, merges, set(specials), merges_path)
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def _pattern_of(pre_tokenizer: dict[str, Any] | None, source: Path) -> str:
+    """The split regex of a byte-level pre-tokenizer in tokenizer.json."""
+    if pre_tokenizer is None:
+        raise TokenizerError(f"{source}: no pre_tokenizer; expected a byte-level BPE tokenizer")
+    kind = pre_tokenizer.get("type")
+    if kind == "ByteLevel" and pre_tokenizer.get("use_regex", True):
+        return GPT2_PATTERN
+    if kind == "Sequence":
+        for part in pre_tokenizer["pretokenizers"]:
+            if part.get("type") == "Split" and "Regex" in part.get("pattern", {}):
+                return part["pattern"]["Regex"]
+            if part.get("type") == "ByteLevel" and part.get("use_regex", True):
+                return GPT2_PATTERN
+    raise TokenizerError(f"{source}: pre_tokenizer {kind!r} is not a byte-level split gpt2kit can run")
+
+
+@functools.cache
+def _tokenizer_json_encoding(path: str) -> tiktoken.Encoding:
+    source = Path(path)
+    spec = _read_json(source)
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"{source}: model type {model.get('type')!r}; gpt2kit runs byte-level BPE only")
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special", True)}
+    ranks = _ranks_from_vocab(model["vocab"], model.get("merges", []), set(specials), source)
+    return tiktoken.Encoding(source.stem, pat_str=_pattern_of(spec.get("pre_tokenizer"), source),
+                             mergeable_ranks=ranks, special_tokens=specials)
+
+
+@functools.cache
+def _tiktoken_file_encoding(path: str) -> tiktoken.Encoding:
+    import base64
+    source = Path(path)
+    ranks = {}
+    try:
+        lines = source.read_bytes().splitlines()
+    except FileNotFoundError:
+        raise TokenizerError(f"{source}: file not found") from None
+    for n, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise TokenizerError(f"{source}:{n}: expected 'base64-token rank'") from None
+    specials, pattern = _TIKTOKEN_SPECIALS.get(source.stem, ({ENDOFTEXT: len(ranks)}, CL100K_PATTERN))
+    return tiktoken.Encoding(source.stem, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+
+
+class GPT2Tokenizer:
+    """Byte-level BPE tokenizer with a HuggingFace-like call interface.
+
+    `tok("text", return_tensors="pt")` -> {"input_ids", "attention_mask"}; `encode`/`decode` for plain lists.
+    GPT-2 has no pad token: padding uses `pad_token_id` (the EOS id unless set) under attention_mask 0.
+    """
+
+    def __init__(self, encoding: tiktoken.Encoding, *, source: tuple[str, ...], eos_token: str = ENDOFTEXT,
+                 pad_token_id: int | None = None) -> None:
+        self.encoding = encoding
+        self._source = source  # how to rebuild this tokenizer (pickling into worker processes)
+        if eos_token not in encoding.special_tokens_set:
+            raise TokenizerError(f"EOS token {eos_token!r} is not a special token of {encoding.name!r}")
+        self.eos_token = eos_token
+        self.eos_token_id = encoding.encode_single_token(eos_token)
+        self.bos_token_id = self.eos_token_id  # GPT-2 uses <|endoftext|> for both
+        self.pad_token_id = self.eos_token_id if pad_token_id is None else pad_token_id
+        self.padding_side = "right"
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def gpt2(cls) -> GPT2Tokenizer:
+        """OpenAI's GPT-2 vocabulary, bundled with the package (checked against tiktoken's pinned hashes)."""
+        return cls._from_source(("gpt2",))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> GPT2Tokenizer:
+        """A `tokenizer.json` (byte-level BPE), a `.tiktoken` rank file, or a directory holding one of them,
+        or `vocab.json`+`merges.txt` / `encoder.json`+`vocab.bpe`."""
+        path = Path(path)
+        if path.is_dir():
+            for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+                if (path / vocab).exists() and (path / merges).exists():
+                    return cls._from_source(("bpe", str(path / vocab), str(path / merges)))
+            if (path / "tokenizer.json").exists():
+                return cls._from_source(("tokenizer.json", str(path / "tokenizer.json")))
+            found = sorted(path.glob("*.tiktoken"))
+            if found:
+                return cls._from_source(("tiktoken", str(found[0])))
+            raise TokenizerError(f"{path}: no tokenizer files (tokenizer.json, *.tiktoken, vocab.json+merges.txt)")
+        if not path.exists():
+            raise TokenizerError(f"{path}: tokenizer file not found")
+        if path.suffix == ".json":
+            return cls._from_source(("tokenizer.json", str(path)))
+        if path.suffix == ".tiktoken":
+            return cls._from_source(("tiktoken", str(path)))
+        raise TokenizerError(f"{path}: unknown tokenizer format (expected tokenizer.json or .tiktoken)")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike = "gpt2") -> GPT2Tokenizer:
+        """'gpt2' (or any OpenAI GPT-2 size, which share one vocabulary) -> the bundled files; else a path."""
+        name = str(name_or_path)
+        if name.removeprefix("openai-community/") in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+            if not Path(name).exists():
+                return cls.gpt2()
+        return cls.from_file(name_or_path)
+
+    @classmethod
+    def _from_source(cls, source: tuple[str, ...]) -> GPT2Tokenizer:
+        kind = source[0]
+        if kind == "gpt2":
+            encoding = _gpt2_encoding(str(ASSETS / "encoder.json"), str(ASSETS / "vocab.bpe"), True)
+        elif kind == "bpe":
+            encoding = _gpt2_encoding(source[1], source[2], False)
+        elif kind == "tokenizer.json":
+            encoding = _tokenizer_json_encoding(source[1])
+        else:
+            encoding = _tiktoken_file_encoding(source[1])
+        eos = ENDOFTEXT if ENDOFTEXT in encoding.special_tokens_set else min(encoding.special_tokens_set, default="")
+        if not eos:
+            raise TokenizerError(f"{source[-1]}: the vocabulary has no special token to use as end of text")
+        return cls(encoding, source=source, eos_token=eos)
+
+    def __reduce__(self):
+        return (_rebuild, (self._source, self.pad_token_id, self.padding_side))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Copy the vocabulary files next to a model (GPT-2 style as vocab.json + merges.txt, which HF loads)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        kind = self._source[0]
+        if kind in ("gpt2", "bpe"):
+            vocab, merges = ((ASSETS / "encoder.json", ASSETS / "vocab.bpe") if kind == "gpt2"
+                             else map(Path, self._source[1:]))
+            shutil.copyfile(vocab, directory / "vocab.json")
+            shutil.copyfile(merges, directory / "merges.txt")
+        else:
+            shutil.copyfile(self._source[1], directory / Path(self._source[1]).name)
+        config = {"tokenizer_class": "GPT2Tokenizer", "eos_token": self.eos_token, "bos_token": self.eos_token,
+                  "unk_token": self.eos_token, "model_max_length": 1024, "add_prefix_space": False}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    # ---- encoding -----------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    def __len__(self) -> int:
+        return self.encoding.n_vocab
+
+    def encode(self, text: str, *, allowed_special: str | set[str] = ()) -> list[int]:
+        """Token ids of `text`. Special-token text is ordinary text unless listed in `allowed_special`."""
+        if not allowed_special:
+            return self.encoding.encode_ordinary(text)
+        return self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
+
+    def encode_batch(self, texts: Sequence[str], *, allowed_special: str | set[str] = (),
+                     num_threads: int = 8) -> list[list[int]]:
+        """Encode many texts on a thread pool (tiktoken releases the GIL)."""
+        if not allowed_special:
+            return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        return self.encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed_special,
+                                          disallowed_special=())
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.encoding.decode_bytes(list(ids))
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; bytes that do not form complete UTF-8 characters become U+FFFD."""
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            special = {self.encoding.encode_single_token(t) for t in self.encoding.special_tokens_set}
+            ids = [i for i in ids if i not in special]
+        return self.encoding.decode(ids, errors="replace")
+
+    def batch_decode(self, sequences: Iterable[Iterable[int]], *, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
+
+    def __call__(self, text: str | Sequence[str], *, padding: bool | str = False, truncation: bool = False,
+                 max_length: int | None = None, padding_side: str | None = None,
+                 return_tensors: str | None = None, allowed_special: str | set[str] = ()) -> dict[str, Any]:
+        """HF-style batch encoding: {"input_ids", "attention_mask"}, lists or (return_tensors="pt") tensors.
+
+        padding: False, True/"longest", or "max_length"; truncation keeps the first `max_length` tokens
+        (the last ones when padding_side is "left", so a prompt keeps its end)."""
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        ids = self.encode_batch(texts, allowed_special=allowed_special) if len(texts) > 1 else \
+            [self.encode(t, allowed_special=allowed_special) for t in texts]
+        if truncation:
+            if max_length is None:
+                raise ValueError("truncation=True needs max_length")
+            ids = [row[-max_length:] if side == "left" else row[:max_length] for row in ids]
+        if padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            width = max_length
+        elif padding in (True, "longest"):
+            width = max((len(row) for row in ids), default=0)
+        elif padding is False or padding == "do_not_pad":
+            width = None
+        else:
+            raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
+        masks = [[1] * len(row) for row in ids]
+        if width is not None:
+            for i, row in enumerate(ids):
+                pad = max(width - len(row), 0)
+                if side == "left":
+                    ids[i], masks[i] = [self.pad_token_id] * pad + row, [0] * pad + masks[i]
+                else:
+                    ids[i], masks[i] = row + [self.pad_token_id] * pad, masks[i] + [0] * pad
+        if return_tensors == "pt":
+            import torch
+            if width is None and len({len(row) for row in ids}) > 1:
+                raise ValueError("texts have different lengths: pass padding=True to return tensors")
+            return {"input_ids": torch.tensor(ids, dtype=torch.long).reshape(len(ids), -1),
+                    "attention_mask": torch.tensor(masks, dtype=torch.long).reshape(len(ids), -1)}
+        if return_tensors is not None:
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        if single:
+            return {"input_ids": ids[0], "attention_mask": masks[0]}
+        return {"input_ids": ids, "attention_mask": masks}
+
+
+def _rebuild(source: tuple[str, ...], pad_token_id: int, padding_side: str) -> GPT2Tokenizer:
+    tok = GPT2Tokenizer._from_source(source)
+    tok.pad_token_id, tok.padding_side = pad_token_id, padding_side
+    return tok
+
+
+def train_bpe(files: Sequence[str | os.PathLike], vocab_size: int, output_dir: str | os.PathLike, *,
+              min_frequency: int = 2, special_tokens: Sequence[str] = (ENDOFTEXT,)) -> GPT2Tokenizer:
+    """Train a byte-level BPE vocabulary (GPT-2's pre-tokenizer and alphabet) on text files with HF
+    `tokenizers`; writes `tokenizer.json` to `output_dir` and returns it as a GPT2Tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    for f in files:
+        if not Path(f).is_file():
+            raise TokenizerError(f"{f}: training file not found")
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(f"vocab_size must be at least {256 + len(special_tokens)} (bytes + special tokens)")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=True,
+                                  special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train([str(f) for f in files], trainer)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / "tokenizer.json.tmp"
+    tokenizer.save(str(tmp))
+    os.replace(tmp, output_dir / "tokenizer.json")
+    return GPT2Tokenizer.from_file(output_dir / "tokenizer.json")
