@@ -208,9 +208,9 @@ class CausalLMOutput:
     past_key_values: KVCache | None = None
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy: position t predicts labels[t + 1]; label -100 is ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of logits[:, t] against targets[:, t] (already aligned); target -100 is ignored."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 class GPT2LMHeadModel(GPT2PreTrainedModel):
@@ -229,15 +229,20 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             self.lm_head.weight = self.transformer.wte.weight
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                labels: Tensor | None = None, past_key_values: KVCache | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
-        """`labels` are aligned with `input_ids` (shifted inside, HF convention). `logits_to_keep=n` computes
-        logits for the last n positions only (generation needs just the last one)."""
+                labels: Tensor | None = None, targets: Tensor | None = None,
+                past_key_values: KVCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
+        """Loss from `labels` (HF convention: equal to input_ids, shifted inside) or `targets` (already shifted:
+        targets[:, t] is the token after input_ids[:, t], as gpt2kit's datasets yield). `logits_to_keep=n`
+        computes logits for the last n positions only (generation needs just the last one)."""
         hidden = self.transformer(input_ids, attention_mask, position_ids, past_key_values)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            loss = lm_loss(logits[:, :-1], labels[:, 1:])
+        elif targets is not None:
+            loss = lm_loss(logits, targets)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)
 
 

@@ -1,0 +1,36 @@
+"""Shared fixtures: small random models, gpt2kit's and transformers', saved in HF format."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2kit import GPT2Config, GPT2LMHeadModel
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "examples" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_config() -> GPT2Config:
+    """Two layers, small vocab: fast enough for any test."""
+    return GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=512, bos_token_id=511,
+                      eos_token_id=511)
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(tiny_config).eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tiny_model, tmp_path) -> Path:
+    """tiny_model saved as an HF-format directory."""
+    tiny_model.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
