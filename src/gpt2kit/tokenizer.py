@@ -132,6 +132,8 @@ def _tokenizer_json_encoding(path: str) -> tiktoken.Encoding:
     if model.get("type") != "BPE":
         raise TokenizerError(f"{source}: model type {model.get('type')!r}; gpt2kit runs byte-level BPE only")
     specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special", True)}
+    if ENDOFTEXT in model["vocab"]:
+        specials.setdefault(ENDOFTEXT, model["vocab"][ENDOFTEXT])  # GPT-2's vocab lists it as a plain entry
     ranks = _ranks_from_vocab(model["vocab"], model.get("merges", []), set(specials), source)
     return tiktoken.Encoding(source.stem, pat_str=_pattern_of(spec.get("pre_tokenizer"), source),
                              mergeable_ranks=ranks, special_tokens=specials)

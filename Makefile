@@ -1,0 +1,21 @@
+# Fresh machine: `make demo` installs and runs the main job; `make test` installs and runs the tests.
+PYTHON ?= python
+# torch 2.13.0 first and pinned: an unpinned resolve can pull a multi-GB CUDA build.
+INSTALL = $(PYTHON) -m pip install -q "torch==2.13.0" && $(PYTHON) -m pip install -q -e
+
+.PHONY: install install-dev demo test bench
+
+install:
+	$(INSTALL) .
+
+install-dev:
+	$(INSTALL) ".[dev]"
+
+demo: install
+	gpt2kit info gpt2
+
+test: install-dev
+	$(PYTHON) -m pytest -q tests
+
+bench: install-dev
+	$(PYTHON) -m benchmarks

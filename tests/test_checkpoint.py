@@ -1,0 +1,152 @@
+"""HF-format directories in and out: round trips, layouts, and one clear error per kind of bad input."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from gpt2kit import GPT2LMHeadModel, GPT2Model
+from gpt2kit.checkpoint import CheckpointError, convert, load_state_dict, parse_size
+from gpt2kit.cli import main
+
+SHAPE = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=300, bos_token_id=0, eos_token_id=0)
+
+
+@pytest.fixture
+def hf_model():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE)).eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def same(a, b):
+    """Same weights through transformers' Conv1D and our nn.Linear: equal up to float summation order."""
+    return (a - b).abs().max().item() <= 1e-5
+
+
+IDS = torch.randint(0, 300, (2, 11))
+
+
+def test_transformers_to_gpt2kit_and_back(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    assert same(logits(ours, IDS), logits(hf_model, IDS))
+    ours.save_pretrained(tmp_path / "ours")
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["config.json", "model.safetensors"]
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    assert torch.equal(logits(again, IDS), logits(hf_model, IDS))
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["n_ctx"] == 64  # llama.cpp's converter reads it
+
+
+def test_pytorch_bin_and_sharded_layouts(tmp_path, hf_model):
+    ref = logits(hf_model, IDS)
+    (tmp_path / "bin").mkdir()
+    hf_model.config.save_pretrained(tmp_path / "bin")
+    torch.save(hf_model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    ref = logits(GPT2LMHeadModel.from_pretrained(tmp_path / "bin"), IDS)
+    assert same(ref, logits(hf_model, IDS))
+
+    convert(tmp_path / "bin", tmp_path / "sharded", max_shard_size="100KB")
+    files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    assert "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 2
+    assert torch.equal(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "sharded"), IDS), ref)
+    assert same(logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "sharded").eval(), IDS), ref)
+
+    assert main(["convert", "--input", str(tmp_path / "sharded"), "--output", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+    assert torch.equal(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "merged"), IDS), ref)
+    assert main(["convert", "--input", str(tmp_path / "merged"), "--output", str(tmp_path / "bin2"),
+                 "--format", "bin"]) == 0
+    assert torch.equal(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "bin2"), IDS), ref)
+
+
+def test_bare_gpt2model_checkpoint_loads_into_both_classes(tmp_path):
+    hf = transformers.GPT2Model(transformers.GPT2Config(**SHAPE)).eval()
+    hf.save_pretrained(tmp_path / "base")
+    ours = GPT2Model.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        assert same(ours(IDS), hf(IDS).last_hidden_state)
+    lm = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    assert torch.equal(lm.lm_head.weight, hf.wte.weight)
+
+
+def test_name_resolves_in_local_hf_cache_only(tmp_path, monkeypatch, hf_model):
+    snapshot = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / "0123abc"
+    hf_model.save_pretrained(snapshot)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert same(logits(GPT2LMHeadModel.from_pretrained("gpt2"), IDS), logits(hf_model, IDS))
+    with pytest.raises(CheckpointError, match="never downloads"):
+        GPT2LMHeadModel.from_pretrained("gpt2-medium")
+
+
+def test_save_is_atomic_and_replaces_old_dir(tmp_path, tiny_model, monkeypatch):
+    tiny_model.save_pretrained(tmp_path / "m")
+    import safetensors.torch
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        tiny_model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp dir left, old model intact
+    GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+
+
+def test_compiled_model_saves_clean_names(tmp_path, tiny_model):
+    wrapper = torch.nn.Module()
+    wrapper._orig_mod = tiny_model  # the attribute torch.compile's OptimizedModule uses
+    wrapper.config = tiny_model.config
+    from gpt2kit.checkpoint import gpt2kit_to_hf
+    assert not any("_orig_mod" in k for k in gpt2kit_to_hf(wrapper))
+
+
+def test_bad_inputs_give_one_clear_error(tmp_path, tiny_model, capsys):
+    with pytest.raises(CheckpointError, match="no model directory"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "missing")
+    tiny_model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+
+    tiny_model.save_pretrained(tmp_path / "m2")
+    config = json.loads((tmp_path / "m2" / "config.json").read_text())
+    (tmp_path / "m2" / "config.json").write_text(json.dumps({**config, "n_embd": 128, "n_head": 4}))
+    with pytest.raises(CheckpointError, match=r"c_attn.bias has shape \(192,\), config.json implies \(384,\)"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "m2")
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no weights found"):
+        load_state_dict(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "empty")
+
+    assert main(["info", "gpt3"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+
+
+def test_bin_files_are_never_unpickled_with_code(tmp_path, tiny_model):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    torch.save({"x": Evil()}, tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch weights file"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+
+
+def test_parse_size():
+    assert parse_size("2GB") == 2_000_000_000
+    assert parse_size("10KiB") == 10240
+    assert parse_size(5) == 5
+    with pytest.raises(ValueError, match="cannot read size"):
+        parse_size("lots")

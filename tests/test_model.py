@@ -1,0 +1,167 @@
+"""The model against transformers' GPT-2 on random weights, plus its own invariants."""
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from gpt2kit import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, KVCache
+from gpt2kit.config import PRESETS
+
+SHAPES = [
+    dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=300),
+    dict(n_layer=3, n_embd=96, n_head=6, n_positions=48, vocab_size=257, n_inner=200),
+]
+
+
+def hf_pair(tmp_path, shape, cls=transformers.GPT2LMHeadModel, ours=GPT2LMHeadModel, **extra):
+    """A random transformers model and the same weights loaded through gpt2kit."""
+    hf = cls(transformers.GPT2Config(**shape, bos_token_id=0, eos_token_id=0, **extra)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, ours.from_pretrained(tmp_path / "hf")
+
+
+def padded_batch(vocab, side):
+    ids = torch.randint(0, vocab, (3, 12))
+    mask = torch.ones_like(ids)
+    lengths = [12, 7, 3]
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, : 12 - n] = 0
+        else:
+            mask[row, n:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_logits_and_loss_match_transformers(tmp_path, shape):
+    hf, ours = hf_pair(tmp_path, shape)
+    ids = torch.randint(0, shape["vocab_size"], (2, 17))
+    with torch.no_grad():
+        ref = hf(ids, labels=ids)
+        out = ours(ids, labels=ids)
+    assert (ref.logits - out.logits).abs().max() <= 1e-4
+    assert abs(ref.loss.item() - out.loss.item()) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batches_match_transformers(tmp_path, shape, side):
+    hf, ours = hf_pair(tmp_path, shape)
+    ids, mask = padded_batch(shape["vocab_size"], side)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # transformers' generate derives them the same way
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 0] = -100  # a left-padded row's first token would be "predicted" from a pad position
+    labels[torch.arange(3), mask.argmax(-1)] = -100
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=positions, labels=labels)
+        out = ours(ids, attention_mask=mask, labels=labels)  # positions derived from the mask inside
+    real = mask.bool()
+    assert (ref.logits[real] - out.logits[real]).abs().max() <= 1e-4
+    assert abs(ref.loss.item() - out.loss.item()) <= 1e-5
+
+
+def test_left_padded_row_equals_the_prompt_alone(tiny_model):
+    ids, mask = padded_batch(tiny_model.config.vocab_size, "left")
+    with torch.no_grad():
+        batch = tiny_model(ids, attention_mask=mask).logits
+        alone = tiny_model(ids[1:2, 5:]).logits
+    assert torch.allclose(batch[1, 5:], alone[0], atol=1e-5)
+
+
+def test_targets_equal_shifted_labels(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        from_labels = tiny_model(ids, labels=ids).loss
+        from_targets = tiny_model(ids[:, :-1], targets=ids[:, 1:]).loss
+    assert torch.allclose(from_labels, from_targets, atol=1e-6)
+
+
+def test_kv_cache_decoding_matches_full_forward(tiny_model):
+    config = tiny_model.config
+    ids, mask = padded_batch(config.vocab_size, "left")
+    cache = KVCache(config, batch_size=3, max_length=20)
+    with torch.no_grad():
+        full = tiny_model(ids, attention_mask=mask).logits
+        steps = [tiny_model(ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache).logits]
+        for t in range(8, 12):
+            steps.append(tiny_model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
+    assert cache.length == 12
+    incremental = torch.cat(steps, dim=1)
+    real = mask.bool()
+    assert (incremental[real] - full[real]).abs().max() <= 1e-5
+
+
+def test_context_overflow_is_a_clear_error(tiny_model):
+    n = tiny_model.config.n_positions
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        tiny_model(torch.zeros(1, n + 1, dtype=torch.long))
+
+
+def test_sequence_classification_matches_transformers(tmp_path):
+    shape = SHAPES[0]
+    hf, ours = hf_pair(tmp_path, shape, cls=transformers.GPT2ForSequenceClassification,
+                       ours=GPT2ForSequenceClassification, num_labels=3, pad_token_id=1)
+    ids, mask = padded_batch(shape["vocab_size"], "right")
+    ids = ids.masked_fill(ids == 1, 2).masked_fill(mask == 0, 1)  # pad id 1 only where padded
+    labels = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, labels=labels)
+        out = ours(ids, attention_mask=mask, labels=labels)
+        by_pad_id = ours(ids, labels=labels)  # no mask: pools the last non-pad token like HF
+    assert (ref.logits - out.logits).abs().max() <= 1e-4
+    assert (ref.logits - by_pad_id.logits).abs().max() <= 1e-4
+    assert abs(ref.loss.item() - out.loss.item()) <= 1e-5
+
+
+def test_lm_head_is_tied_and_init_follows_gpt2(tiny_config):
+    config = GPT2Config(**{**tiny_config.to_dict(), "n_layer": 8, "n_embd": 128})
+    model = GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 2e-3
+    scaled = 0.02 / math.sqrt(2 * config.n_layer)
+    assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - scaled) < 1e-3
+    assert model.transformer.h[0].ln_1.weight.eq(1).all()
+
+
+def param_formula(config: GPT2Config) -> int:
+    d, inner = config.n_embd, config.mlp_dim
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * inner + inner) + (inner * d + d)
+    return config.vocab_size * d + config.n_positions * d + config.n_layer * block + 2 * d
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_parameter_counts(name):
+    config = GPT2Config.from_name(name)
+    with torch.device("meta"):
+        n = GPT2LMHeadModel(config).num_parameters()
+    assert n == param_formula(config)
+    if name in ("gpt2", "gpt2-medium", "gpt2-tiny", "gpt2-mini"):
+        hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
+        with torch.device("meta"):
+            hf_n = sum(p.numel() for p in transformers.GPT2LMHeadModel(hf_config).parameters())
+        assert n == hf_n
+
+
+def test_known_parameter_counts():
+    counts = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+    for name, expected in counts.items():
+        with torch.device("meta"):
+            assert GPT2LMHeadModel(GPT2Config.from_name(name)).num_parameters() == expected
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown model preset 'gpt3'"):
+        GPT2Config.from_name("gpt3")
+    with pytest.raises(ValueError, match="unknown model field 'n_layers'"):
+        GPT2Config.from_dict({"n_layers": 2})
+    with pytest.raises(ValueError, match="divisible"):
+        GPT2Config(n_embd=100, n_head=3)
+
+
+def test_config_json_round_trip(tmp_path, tiny_config):
+    path = tmp_path / "config.json"
+    path.write_text(__import__("json").dumps(tiny_config.to_hf_dict()))
+    assert GPT2Config.from_json_file(path).to_dict() == {**tiny_config.to_dict(), "architectures": ["GPT2LMHeadModel"],
+                                                       "model_type": "gpt2"}

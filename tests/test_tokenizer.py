@@ -1,0 +1,148 @@
+"""GPT2Tokenizer against OpenAI's encoding (tiktoken's own loader) and the `tokenizers` library."""
+
+import json
+import pickle
+
+import pytest
+import tiktoken
+import tiktoken.load
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tiktoken_ext.openai_public import r50k_pat_str
+
+from gpt2kit import GPT2Tokenizer
+from gpt2kit.tokenizer import ASSETS, TokenizerError
+
+from .conftest import DATA
+
+SAMPLE_CHARS = 200_000
+
+
+def corpus_samples() -> dict[str, str]:
+    zh = [json.loads(line)["text"] for line in (DATA / "zh-wiki-sample" / "zhwiki_wiki_00_kazuhiradz.jsonl").open()]
+    return {
+        "wikitext": (DATA / "wikitext-2" / "wiki.test.raw").read_text()[:SAMPLE_CHARS],
+        "wikitext-tokens": (DATA / "wikitext-2" / "wiki.valid.tokens").read_text()[:SAMPLE_CHARS],
+        "shakespeare": (DATA / "tinyshakespeare" / "input.txt").read_text()[:SAMPLE_CHARS],
+        "sst2": (DATA / "glue" / "SST-2" / "dev.tsv").read_text(),
+        "chinese": "\n".join(zh)[:SAMPLE_CHARS],
+    }
+
+
+@pytest.fixture(scope="module")
+def tok() -> GPT2Tokenizer:
+    return GPT2Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def openai_encoding() -> tiktoken.Encoding:
+    """OpenAI's gpt2 encoding exactly as tiktoken builds it, from the same files (no download, no cache)."""
+    import os
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(ASSETS / "vocab.bpe"), str(ASSETS / "encoder.json"))
+    return tiktoken.Encoding("gpt2-reference", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizers(tmp_path_factory) -> Tokenizer:
+    """Byte-level BPE in HF `tokenizers` from the same vocab/merges."""
+    reference = Tokenizer(models.BPE.from_file(str(ASSETS / "encoder.json"), str(ASSETS / "vocab.bpe")))
+    reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    reference.decoder = decoders.ByteLevel()
+    return reference
+
+
+def test_vocabulary_shape(tok):
+    assert tok.vocab_size == 50257
+    assert tok.eos_token_id == 50256
+    assert tok.encode("Hello world") == [15496, 995]
+
+
+@pytest.mark.parametrize("name", ["wikitext", "wikitext-tokens", "shakespeare", "sst2", "chinese"])
+def test_ids_equal_openai_and_tokenizers(tok, openai_encoding, hf_tokenizers, name):
+    text = corpus_samples()[name]
+    ours = tok.encode(text)
+    assert ours == openai_encoding.encode_ordinary(text)
+    lines = text.splitlines(keepends=True)[:2000]  # `tokenizers` is slow; a line-wise sample is plenty
+    assert [tok.encode(line) for line in lines] == [e.ids for e in hf_tokenizers.encode_batch(lines)]
+    assert tok.decode(ours) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_decode_encode_round_trip_any_unicode(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200))
+def test_matches_openai_on_unseen_text(tok, openai_encoding, text):
+    assert tok.encode(text) == openai_encoding.encode_ordinary(text)
+
+
+def test_special_token_policy(tok):
+    text = "a<|endoftext|>b"
+    assert 50256 not in tok.encode(text)  # raw text never injects a control token
+    assert tok.encode(text, allowed_special="all") == [64, 50256, 65]
+    assert tok.decode([64, 50256, 65]) == text
+    assert tok.decode([64, 50256, 65], skip_special_tokens=True) == "ab"
+
+
+def test_call_pads_truncates_and_returns_tensors(tok):
+    batch = tok(["Hello world", "Hi"], padding=True, return_tensors="pt")
+    assert batch["input_ids"].tolist() == [[15496, 995], [17250, 50256]]
+    assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+    left = tok(["Hello world", "Hi"], padding=True, padding_side="left", return_tensors="pt")
+    assert left["input_ids"].tolist() == [[15496, 995], [50256, 17250]]
+    assert left["attention_mask"].tolist() == [[1, 1], [0, 1]]
+    assert tok("one two three four", truncation=True, max_length=2)["input_ids"] == tok.encode("one two")
+    assert tok("one two three four", truncation=True, max_length=2, padding_side="left")["input_ids"] == \
+        tok.encode(" three four")
+    fixed = tok("Hi", padding="max_length", max_length=4)
+    assert fixed == {"input_ids": [17250, 50256, 50256, 50256], "attention_mask": [1, 0, 0, 0]}
+    with pytest.raises(ValueError, match="padding=True"):
+        tok(["Hello world", "Hi"], return_tensors="pt")
+
+
+def test_pickles_for_worker_processes(tok):
+    clone = pickle.loads(pickle.dumps(tok))
+    assert len(pickle.dumps(tok)) < 1000  # rebuilt from its files, not shipped whole
+    assert clone.encode("pickled text") == tok.encode("pickled text")
+
+
+def test_cl100k_rank_file_for_chinese():
+    cl100k = GPT2Tokenizer.from_file(DATA / "cl100k" / "cl100k_base.tiktoken")
+    assert cl100k.vocab_size == 100277 and cl100k.eos_token_id == 100257
+    text = corpus_samples()["chinese"][:20000]
+    ids = cl100k.encode(text)
+    assert cl100k.decode(ids) == text
+    assert len(ids) < len(GPT2Tokenizer.gpt2().encode(text))  # the point of using it for Chinese
+    assert cl100k.encode("hello world") == [15339, 1917]  # cl100k's published ids
+
+
+def test_tokenizer_json_and_vocab_merges_dirs(tmp_path, tok, hf_tokenizers):
+    hf_tokenizers.save(str(tmp_path / "tokenizer.json"))
+    from_json = GPT2Tokenizer.from_file(tmp_path / "tokenizer.json")
+    text = corpus_samples()["shakespeare"][:20000]
+    assert from_json.encode(text) == tok.encode(text)
+    tok.save_pretrained(tmp_path / "saved")
+    assert GPT2Tokenizer.from_pretrained(tmp_path / "saved").encode(text) == tok.encode(text)
+    import transformers
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert hf(text[:2000])["input_ids"] == tok.encode(text[:2000])
+
+
+def test_bad_tokenizer_files(tmp_path):
+    with pytest.raises(TokenizerError, match="not found"):
+        GPT2Tokenizer.from_file(tmp_path / "nope.json")
+    (tmp_path / "wp.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
+    with pytest.raises(TokenizerError, match="byte-level BPE only"):
+        GPT2Tokenizer.from_file(tmp_path / "wp.json")
+    (tmp_path / "bad.tiktoken").write_text("not-base64 x\n")
+    with pytest.raises(TokenizerError, match=r"bad.tiktoken:1: expected"):
+        GPT2Tokenizer.from_file(tmp_path / "bad.tiktoken")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match="no tokenizer files"):
+        GPT2Tokenizer.from_pretrained(tmp_path / "empty")
