@@ -62,9 +62,213 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+# ---- generate / chat ----------------------------------------------------------------------------------------
+def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by generate and chat; unset ones keep the library's defaults."""
+    p.add_argument("--model", required=True, help="HF-format model directory, local HF cache name, or a preset "
+                   "with --random-init")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file/dir or 'gpt2'; default: the model directory's "
+                   "vocabulary files, else GPT-2's")
+    p.add_argument("--random-init", action="store_true", help="random weights of the preset named by --model "
+                   "(seeded; for smoke tests and benchmarks)")
+    p.add_argument("--dtype", default=None, help="cast weights: float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--min-new-tokens", type=int)
+    p.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample (--do-sample) or take the most likely token (--no-do-sample)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
+    p.add_argument("--seed", type=int)
+
+
+_SAMPLING_FLAGS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+                   "repetition_penalty", "stop", "seed", "num_return_sequences")
+
+
+def _loading_and_sampling(args: argparse.Namespace) -> dict:
+    options = {k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k, None) is not None}
+    return dict(tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, random_init=args.random_init,
+                **options)
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _model_and_sampling_args(p)
+    p.add_argument("--prompt", default=None, help="text to continue; default: read standard input")
+    p.add_argument("--num-return-sequences", type=int)
+    p.add_argument("--completion-only", action="store_true", help="print only the generated continuation")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="onnx: run a directory written "
+                   "by `gpt2kit export onnx` (given as --model) in onnxruntime")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .pipeline import generate_text
+
+    if args.prompt is None and sys.stdin.isatty():
+        raise ValueError("give --prompt TEXT or pipe the prompt on standard input")
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    texts = generate_text(args.model, prompt, return_full_text=not args.completion_only, stream_to=sys.stdout,
+                          backend=args.backend, **_loading_and_sampling(args))
+    if len(texts) == 1:
+        print()  # the text was streamed
+    else:
+        print("\n\n".join(f"--- sequence {i} ---\n{text}" for i, text in enumerate(texts, 1)))
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    _model_and_sampling_args(p)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from .chat import chat
+
+    chat(args.model, **_loading_and_sampling(args))
+
+
+# ---- train / finetune / lora -------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML run config (see configs/); any key can be overridden "
+                   "with --section.key value, e.g. --train.max_steps 100 --optim.lr 3e-4")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the newest complete checkpoint in out_dir (auto) or from PATH")
+    p.set_defaults(accepts_overrides=True)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training import TrainingDiverged, run
+    from .training.config import parse_overrides
+
+    try:
+        run(args.command, args.config, parse_overrides(args.overrides), resume=args.resume)
+    except TrainingDiverged as err:
+        print(f"gpt2kit {args.command}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _lora_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
+    merge = sub.add_parser("merge", help="fold LoRA adapters into their base model; write a plain model dir")
+    merge.add_argument("--adapter", required=True, help="adapter directory written by a LoRA finetune")
+    merge.add_argument("--output", required=True, help="model directory to write")
+    merge.add_argument("--base", default=None, help="base model directory; default: the one the adapter names")
+
+
+def _lora(args: argparse.Namespace) -> None:
+    from .training.lora import merge_lora
+
+    print(f"wrote {merge_lora(args.adapter, args.output, base_model=args.base)}")
+
+
+# ---- preprocess / tokenizer ---------------------------------------------------------------------------------
+def _input_format_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                   help="files, directories (searched recursively) or globs; .txt .tokens .raw .jsonl, or .zst of them")
+    p.add_argument("--format", choices=["auto", "text", "paragraphs", "wikitext", "jsonl"], default="auto",
+                   help="what a document is: a file (text), a blank-line separated block (paragraphs), an article "
+                   "(wikitext), a JSON line (jsonl); auto: by file suffix")
+    p.add_argument("--text-key", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--errors", choices=["strict", "replace"], default="strict",
+                   help="invalid UTF-8: stop with file and byte offset (strict) or substitute U+FFFD (replace)")
+
+
+def _preprocess_args(p: argparse.ArgumentParser) -> None:
+    from .data.preprocess import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_TOKENS
+
+    _input_format_args(p)
+    p.add_argument("--output", required=True, help="directory to write (appears only when complete)")
+    p.add_argument("--tokenizer", default="gpt2", help="'gpt2' (bundled) or a tokenizer file/directory")
+    p.add_argument("--append-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="end every document with the EOS token (default: on)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: available CPUs)")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for the 'val' split")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing preprocess output")
+    p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES, help="input bytes per work item")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
+
+
+def _preprocess(args: argparse.Namespace) -> None:
+    from .data.preprocess import preprocess
+
+    preprocess(args.input, args.output, format=args.format, text_key=args.text_key, tokenizer=args.tokenizer,
+               append_eos=args.append_eos, workers=args.workers, val_fraction=args.val_fraction, errors=args.errors,
+               overwrite=args.overwrite, chunk_bytes=args.chunk_bytes, shard_tokens=args.shard_tokens)
+
+
+def _tokenizer_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    train = sub.add_parser("train", help="train a byte-level BPE vocabulary on a corpus; writes DIR/tokenizer.json")
+    _input_format_args(train)
+    train.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, incl. 256 bytes")
+    train.add_argument("--output", required=True, help="directory for tokenizer.json")
+    train.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to be merged")
+
+
+def _tokenizer(args: argparse.Namespace) -> None:
+    from .data.tokenizer_training import train_tokenizer
+
+    train_tokenizer(args.input, args.output, vocab_size=args.vocab_size, format=args.format, text_key=args.text_key,
+                    min_frequency=args.min_frequency, errors=args.errors)
+
+
+# ---- eval ---------------------------------------------------------------------------------------------------
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF-format model directory (a finetuned classifier for "
+                   "--task classification), local HF cache name, or a preset with --random-init")
+    p.add_argument("--task", required=True, choices=["wikitext", "perplexity", "lambada", "classification"],
+                   help="wikitext: perplexity of WikiText articles (detokenized); perplexity: of any text, jsonl "
+                   "or WikiText file; lambada: last-word accuracy; classification: accuracy, MCC, per class")
+    p.add_argument("--data", required=True, help="data file (e.g. wiki.test.raw, lambada_test.jsonl, dev.tsv)")
+    p.add_argument("--max-length", type=int, default=None, help="window length in tokens (default: the model's "
+                   "context)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity: scored tokens per window after the first "
+                   "(default: max length = disjoint windows; smaller = overlapping windows, more context)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows / examples per forward pass (the numbers "
+                   "do not depend on it)")
+    p.add_argument("--output", default=None, help="write the JSON report here")
+    p.add_argument("--format", default="auto", help="perplexity: auto|wikitext|text|jsonl; classification: "
+                   "auto|sst2|cola|agnews|csv (default: from the file)")
+    p.add_argument("--detokenize", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the WikiText detokenizer (default: on for WikiText files only)")
+    p.add_argument("--stop-word-filter", action="store_true", help="lambada: also report acc_stop_word_filter")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N documents / passages / examples")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file/dir or 'gpt2'; default: the model "
+                   "directory's vocabulary files, else GPT-2's")
+    p.add_argument("--random-init", action="store_true", help="random weights of the preset named by --model")
+    p.add_argument("--dtype", default=None, help="cast weights: float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate, format_report
+
+    report = evaluate(args.task, args.model, args.data, tokenizer=args.tokenizer, max_length=args.max_length,
+                      stride=args.stride, batch_size=args.batch_size, format=args.format,
+                      detokenize=args.detokenize, stop_word_filter=args.stop_word_filter, limit=args.limit,
+                      output=args.output, device=args.device, dtype=args.dtype, random_init=args.random_init)
+    print(format_report(report))
+    if args.output:
+        print(f"wrote {args.output}")
+
+
 COMMANDS: dict[str, tuple[str, Command]] = {
     "info": ("print a model's shape and parameter count", (_info_args, _info)),
     "convert": ("convert HF weights between .bin and safetensors, shard or merge", (_convert_args, _convert)),
+    "generate": ("continue a prompt (streamed), greedy or sampled", (_generate_args, _generate)),
+    "chat": ("interactive chat that streams replies; /reset, /set NAME VALUE, /quit", (_chat_args, _chat)),
+    "train": ("pretrain from a YAML config: gpt2kit train --config FILE [--section.key value]",
+              (_train_args, _train)),
+    "finetune": ("finetune (full, LoRA, text classification) from pretrained weights and a YAML config",
+                 (_train_args, _train)),
+    "lora": ("LoRA adapter tools: merge", (_lora_args, _lora)),
+    "preprocess": ("tokenize text/WikiText/JSONL(.zst) corpora into token shards", (_preprocess_args, _preprocess)),
+    "tokenizer": ("tokenizer tools: train (byte-level BPE for a new corpus or language)",
+                  (_tokenizer_args, _tokenizer)),
+    "eval": ("evaluate: WikiText/text perplexity, LAMBADA accuracy, classification accuracy; JSON report",
+             (_eval_args, _eval)),
 }
 
 
@@ -77,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Commands that take --section.key value config overrides receive the flags argparse does not know.
+    args, args.overrides = parser.parse_known_args(argv)
+    if args.overrides and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
     try:
         return COMMANDS[args.command][1][1](args) or 0
     except (CheckpointError, ValueError, FileNotFoundError, OSError) as err:

@@ -56,8 +56,13 @@ def byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    return {c: b for b, c in byte_to_unicode().items()}
+
+
 def _token_bytes(token: str) -> bytes:
-    to_byte = {c: b for b, c in byte_to_unicode().items()}
+    to_byte = _unicode_to_byte()  # built once: this runs for every vocabulary entry
     try:
         return bytes(to_byte[c] for c in token)
     except KeyError as err:
@@ -344,9 +349,11 @@ def _rebuild(source: tuple[str, ...], pad_token_id: int, padding_side: str) -> G
 
 
 def train_bpe(files: Sequence[str | os.PathLike], vocab_size: int, output_dir: str | os.PathLike, *,
-              min_frequency: int = 2, special_tokens: Sequence[str] = (ENDOFTEXT,)) -> GPT2Tokenizer:
-    """Train a byte-level BPE vocabulary (GPT-2's pre-tokenizer and alphabet) on text files with HF
-    `tokenizers`; writes `tokenizer.json` to `output_dir` and returns it as a GPT2Tokenizer."""
+              min_frequency: int = 2, special_tokens: Sequence[str] = (ENDOFTEXT,),
+              texts: Iterable[str] | None = None) -> GPT2Tokenizer:
+    """Train a byte-level BPE vocabulary (GPT-2's pre-tokenizer and alphabet) on text files, or on `texts`
+    (pass files=[]), with HF `tokenizers`; writes `tokenizer.json` to `output_dir` and returns it as a
+    GPT2Tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     for f in files:
@@ -360,7 +367,10 @@ def train_bpe(files: Sequence[str | os.PathLike], vocab_size: int, output_dir: s
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=True,
                                   special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train([str(f) for f in files], trainer)
+    if texts is not None:
+        tokenizer.train_from_iterator(texts, trainer)
+    else:
+        tokenizer.train([str(f) for f in files], trainer)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = output_dir / "tokenizer.json.tmp"

@@ -1,0 +1,97 @@
+"""Preprocessing throughput: `gpt2kit preprocess` on 1 and N workers vs a plain single-process loop of
+tiktoken `encode_ordinary` writing the same uint16 array, in the same run, on the same JSONL corpus.
+
+    python benchmarks/bench_preprocess.py                    # ~16 MB JSONL built from the bundled corpora
+    python benchmarks/bench_preprocess.py --mb 200 --workers 1 2 4
+    python benchmarks/bench_preprocess.py --input my.jsonl   # your own JSONL (text under "text")
+
+MB/s counts input bytes. The baseline's tokens must equal gpt2kit's train shard byte for byte, or the
+script fails: both compute the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gpt2kit import GPT2Tokenizer
+from gpt2kit.data import preprocess, read_meta
+
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+
+
+def build_corpus(path: Path, megabytes: float) -> None:
+    """JSONL documents: LAMBADA passages, WikiText-2 lines, tiny-Shakespeare speeches, repeated to size."""
+    texts = [json.loads(line)["text"] for line in (DATA / "lambada" / "lambada_test.jsonl").open(encoding="utf-8")]
+    texts += [line for line in (DATA / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines()
+              if line.strip()]
+    texts += (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8").split("\n\n")
+    lines = [json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts]
+    target, written = megabytes * 1e6, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < target:
+            for line in lines:
+                f.write(line)
+                written += len(line.encode("utf-8"))
+                if written >= target:
+                    break
+
+
+def baseline(path: Path, out: Path) -> float:
+    """The obvious loop: one process, encode_ordinary per document, EOS after each, one uint16 array."""
+    tokenizer = GPT2Tokenizer.gpt2()
+    encoding, eos = tokenizer.encoding, tokenizer.eos_token_id
+    start = time.perf_counter()
+    ids: list[int] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            ids += encoding.encode_ordinary(json.loads(line)["text"])
+            ids.append(eos)
+    np.array(ids, dtype=np.uint16).tofile(out)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", type=Path, default=None, help="a JSONL file; default: build one")
+    parser.add_argument("--mb", type=float, default=16.0, help="size of the built corpus in MB (default 16)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N runs each (default 2)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = args.input or tmp / "corpus.jsonl"
+        if args.input is None:
+            build_corpus(corpus, args.mb)
+        size = corpus.stat().st_size
+        GPT2Tokenizer.gpt2()  # load the vocabulary outside the timings (both sides use the same cached one)
+        base = min(baseline(corpus, tmp / "baseline.bin") for _ in range(args.repeats))
+        reference = np.fromfile(tmp / "baseline.bin", dtype=np.uint16)
+        print(f"corpus: {size / 1e6:.1f} MB JSONL, {len(reference):,} tokens")
+        print(f"{'':32s} {'seconds':>8s} {'MB/s':>7s} {'Mtok/s':>7s} {'vs loop':>8s}")
+        print(f"{'tiktoken encode_ordinary loop':32s} {base:8.2f} {size / 1e6 / base:7.1f} "
+              f"{len(reference) / 1e6 / base:7.2f} {1.0:7.2f}x")
+        for workers in args.workers:
+            best = float("inf")
+            for r in range(args.repeats):
+                out = tmp / f"gpt2kit-{workers}-{r}"
+                start = time.perf_counter()
+                preprocess(corpus, out, workers=workers, progress=False)
+                best = min(best, time.perf_counter() - start)
+            meta = read_meta(out)
+            tokens = np.fromfile(out / meta["splits"]["train"]["shards"][0]["file"], dtype=np.uint16)
+            if not np.array_equal(tokens, reference):
+                raise SystemExit(f"gpt2kit with {workers} worker(s) wrote different tokens than the baseline")
+            print(f"{f'gpt2kit preprocess, {workers} worker(s)':32s} {best:8.2f} {size / 1e6 / best:7.1f} "
+                  f"{len(tokens) / 1e6 / best:7.2f} {base / best:7.2f}x")
+        print("tokens identical to the baseline: yes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""Datasets for training: language-model windows over token shards, classification, instructions.
+
+`PretrainingDataset` reads the output of `gpt2kit preprocess` (see docs/data.md for the layout) through
+memory maps, so an item costs one slice however large the corpus. `ResumableSampler` gives the order: its
+whole state is (seed, epoch, position), which is what exact resume after an interruption needs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..tokenizer import GPT2Tokenizer
+from .readers import DataError
+
+META_FILE = "meta.json"
+FORMAT_NAME = "gpt2kit-tokens"
+
+
+# ---- pretraining ---------------------------------------------------------------------------------------------
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The `meta.json` of a preprocessed directory, checked to be one."""
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: no {META_FILE}; expected a directory written by `gpt2kit preprocess`")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{meta_path}: not valid JSON ({err})") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise DataError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    return meta
+
+
+def load_tokenizer(path: str | os.PathLike) -> GPT2Tokenizer:
+    """The tokenizer a preprocessed directory was made with (bundled GPT-2, or the copy saved inside it)."""
+    spec = read_meta(path)["tokenizer"]
+    if spec["name"] == "gpt2":
+        return GPT2Tokenizer.gpt2()
+    return GPT2Tokenizer.from_file(Path(path) / spec["file"])
+
+
+class PretrainingDataset(Dataset):
+    """Windows of `seq_len + 1` tokens with stride `seq_len` over one split of a preprocessed directory.
+
+    Item i covers tokens [i*seq_len, (i+1)*seq_len]; `input_ids` is its first seq_len tokens and `targets`
+    its last seq_len (already aligned: targets[t] follows input_ids[t]), so every token after the first is a
+    target exactly once. Windows run across document boundaries (the EOS between documents is in the stream).
+    """
+
+    def __init__(self, path: str | os.PathLike, seq_len: int, split: str = "train") -> None:
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.path = Path(path)
+        self.meta = read_meta(path)
+        if split not in self.meta["splits"]:
+            raise DataError(f"{path}: no split {split!r} (has {', '.join(self.meta['splits'])})")
+        self.split, self.seq_len = split, seq_len
+        info = self.meta["splits"][split]
+        self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        self._files = [self.path / shard["file"] for shard in info["shards"]]
+        self._starts = [0]  # token offset at which each shard starts
+        for shard in info["shards"]:
+            self._starts.append(self._starts[-1] + shard["tokens"])
+        self.n_tokens = self._starts[-1]
+        if self.n_tokens < seq_len + 1:
+            raise DataError(f"{path}: split {split!r} has {self.n_tokens} tokens, fewer than one window of "
+                               f"seq_len + 1 = {seq_len + 1}")
+        self._shards: list[np.ndarray] | None = None
+
+    @property
+    def tokenizer_spec(self) -> dict[str, Any]:
+        return self.meta["tokenizer"]
+
+    def _open(self) -> list[np.ndarray]:
+        if self._shards is None:  # opened lazily so that DataLoader workers each map the files themselves
+            self._shards = [np.memmap(f, dtype=self.dtype, mode="r") for f in self._files]
+        return self._shards
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickled memmap would copy the whole shard into every worker; reopen the files instead.
+        return {**self.__dict__, "_shards": None}
+
+    def __len__(self) -> int:
+        return (self.n_tokens - 1) // self.seq_len
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the split, across shard boundaries."""
+        shards, parts = self._open(), []
+        k = bisect.bisect_right(self._starts, start) - 1
+        while start < stop:
+            end = min(stop, self._starts[k + 1])
+            parts.append(shards[k][start - self._starts[k]:end - self._starts[k]])
+            start, k = end, k + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def document_offsets(self) -> np.ndarray:
+        """Start offset of every document in the split's token stream, then the total (int64, length docs+1)."""
+        return np.memmap(self.path / self.meta["splits"][self.split]["index"], dtype="<i8", mode="r")
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} out of range for {len(self)} windows")
+        start = index * self.seq_len
+        window = torch.from_numpy(self.tokens(start, start + self.seq_len + 1).astype(np.int64))
+        return {"input_ids": window[:-1], "targets": window[1:]}
+
+
+class ResumableSampler(Sampler[int]):
+    """Deterministic order over `num_samples` items whose whole state is (seed, epoch, position).
+
+    The permutation of an epoch depends only on (seed, epoch); with `world_size` ranks, rank r takes
+    positions r, r + W, r + 2W, ... of it, so ranks are disjoint and equally long (the last
+    num_samples % world_size items of the permutation are dropped). `position` counts this rank's samples
+    already consumed; the trainer reports them with `advance(n)` because DataLoader prefetching means the
+    sampler cannot tell what was consumed from what was merely fetched.
+    """
+
+    def __init__(self, num_samples: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if num_samples < world_size:
+            raise ValueError(f"{num_samples} samples cannot be split over {world_size} ranks")
+        self.num_samples, self.shuffle, self.rank, self.world_size = num_samples, shuffle, rank, world_size
+        self.per_rank = num_samples // world_size
+        self.seed, self.epoch, self.position = seed, 0, 0
+
+    def set_epoch(self, epoch: int, position: int = 0) -> None:
+        if not 0 <= position <= self.per_rank:
+            raise ValueError(f"position {position} outside 0..{self.per_rank}")
+        self.epoch, self.position = epoch, position
+
+    def advance(self, n: int) -> None:
+        """Mark n more samples of this rank as consumed."""
+        if n < 0 or self.position + n > self.per_rank:
+            raise ValueError(f"cannot advance by {n} from position {self.position}: the epoch has {self.per_rank}"
+                             " samples per rank; call set_epoch for the next epoch")
+        self.position += n
+
+    def indices(self) -> np.ndarray:
+        """This rank's full order for the current epoch."""
+        if self.shuffle:  # a (seed, epoch) pair seeds the generator: no collisions between e.g. (0, 1) and (1, 0)
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        return order[:self.per_rank * self.world_size][self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter(self.indices()[self.position:].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank - self.position
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed = int(state["seed"])
+        self.set_epoch(int(state["epoch"]), int(state["position"]))
+
+
+# ---- classification -----------------------------------------------------------------------------------------
+AG_NEWS_CLASSES = ("World", "Sports", "Business", "Sci/Tech")
+_KNOWN_NAMES = {"sst2": ("negative", "positive"), "cola": ("unacceptable", "acceptable"), "agnews": AG_NEWS_CLASSES}
+_TEXT_COLUMNS = ("text", "sentence", "review", "content", "document")
+_LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category")
+
+
+def _sniff_format(path: Path) -> str:
+    """sst2 / cola / agnews / csv from the suffix and the first line."""
+    with open(path, encoding="utf-8", newline="") as f:
+        first = f.readline()
+    if path.suffix == ".tsv":
+        fields = first.rstrip("\r\n").split("\t")
+        if len(fields) == 4 and fields[1] in ("0", "1"):
+            return "cola"
+        return "sst2"
+    row = next(csv.reader([first]), [])
+    if len(row) == 3 and row[0].strip() in ("1", "2", "3", "4"):
+        return "agnews"
+    return "csv"
+
+
+def _pick_column(header: list[str], wanted: Sequence[str], what: str, path: Path) -> int:
+    lowered = [h.strip().lower() for h in header]
+    for name in wanted:
+        if name in lowered:
+            return lowered.index(name)
+    raise DataError(f"{path}:1: no {what} column in header {header}; expected one of {', '.join(wanted)}")
+
+
+def _read_examples(path: Path, fmt: str) -> list[tuple[int, str, str]]:
+    """(line number, text, raw label) per example."""
+    examples = []
+    with open(path, encoding="utf-8", newline="") as f:
+        if fmt in ("sst2", "cola"):
+            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        else:
+            rows = csv.reader(f)
+        if fmt in ("sst2", "csv"):
+            header = next(rows, None)
+            if header is None:
+                raise DataError(f"{path}: empty file; expected a header line")
+            text_col = _pick_column(header, _TEXT_COLUMNS, "text", path)
+            label_col = _pick_column(header, _LABEL_COLUMNS, "label", path)
+            width = len(header)
+        else:
+            width = 4 if fmt == "cola" else 3
+        for row in rows:
+            line = rows.line_num
+            if not row:
+                continue
+            if len(row) != width:
+                kind = "tab-separated" if fmt in ("sst2", "cola") else "comma-separated"
+                raise DataError(f"{path}:{line}: expected {width} {kind} columns ({fmt} format), got {len(row)}")
+            if fmt == "cola":  # source, label, original mark, sentence
+                examples.append((line, row[3].strip(), row[1]))
+            elif fmt == "agnews":  # class 1-4, title, description
+                examples.append((line, f"{row[1].strip()} {row[2].strip()}", row[0]))
+            else:  # SST-2 sentences end with a space, which would be the token the classifier pools
+                examples.append((line, row[text_col].strip(), row[label_col]))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+class ClassificationDataset(Dataset):
+    """Sentence classification examples: `{"input_ids": LongTensor[L], "labels": int}`.
+
+    Formats: "sst2" (tsv, header `sentence\\tlabel`), "cola" (tsv, no header: source, label, mark, sentence),
+    "agnews" (csv, no header: class 1-4, title, description; labels become 0-3 and the text is
+    "title description"), "csv" (header with a text column and a label column, e.g. IMDB's review,sentiment).
+    Integer labels are used as ids; string labels map to ids through `label_names` (their order), or sorted.
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer: GPT2Tokenizer, *, format: str = "auto",
+                 max_length: int | None = None, label_names: Sequence[str] | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: classification file not found")
+        fmt = _sniff_format(path) if format == "auto" else format
+        if fmt not in ("sst2", "cola", "agnews", "csv"):
+            raise ValueError(f"format must be auto, sst2, cola, agnews or csv, got {format!r}")
+        self.path, self.format = path, fmt
+        examples = _read_examples(path, fmt)
+        raw_labels = [label.strip() for _, _, label in examples]
+        numeric = all(label.lstrip("-").isdigit() for label in raw_labels)
+        names = list(label_names) if label_names is not None else None
+        offset = 1 if fmt == "agnews" else 0  # AG News numbers its classes from 1
+        if fmt == "agnews" and names is None:
+            classes = path.with_name("classes.txt")
+            names = ([c.strip() for c in classes.read_text(encoding="utf-8").splitlines() if c.strip()]
+                     if classes.is_file() else list(AG_NEWS_CLASSES))
+        if fmt in _KNOWN_NAMES or numeric:  # integer labels are ids
+            ids = [int(label) - offset if label.lstrip("-").isdigit() else -1 for label in raw_labels]
+            names = names or list(_KNOWN_NAMES.get(fmt, [])) or [str(i) for i in range(max(ids) + 1)]
+            expected = f"an integer in {offset}..{len(names) - 1 + offset}"
+        else:  # string labels map to ids by their position in label_names, else sorted
+            names = names or sorted(set(raw_labels))
+            lookup = {name: i for i, name in enumerate(names)}
+            ids = [lookup.get(label, -1) for label in raw_labels]
+            expected = f"one of {names}"
+        for (line, _, label), label_id in zip(examples, ids):
+            if not 0 <= label_id < len(names):
+                raise DataError(f"{path}:{line}: label {label!r} is not {expected}")
+        for line, text, _ in examples:
+            if not text.strip():
+                raise DataError(f"{path}:{line}: empty text")
+        self.id2label = dict(enumerate(names))
+        self.label2id = {name: i for i, name in self.id2label.items()}
+        self.num_labels = len(names)
+        self.labels = ids
+        self.input_ids = tokenizer.encode_batch([text for _, text, _ in examples])
+        if max_length is not None:
+            self.input_ids = [row[:max_length] for row in self.input_ids]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"input_ids": torch.tensor(self.input_ids[index], dtype=torch.long), "labels": self.labels[index]}
+
+
+# ---- instructions -------------------------------------------------------------------------------------------
+PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt (Taori et al. 2023) that precedes the response."""
+    if input:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, record) from a JSON list or JSON lines."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: invalid UTF-8 at byte offset {err.start}") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+        located = [(f"{path}: record {i}", r) for i, r in enumerate(records)]
+    else:
+        located = []
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    located.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{n}: malformed JSON: {err.msg} (column {err.colno})") from None
+    if not located:
+        raise DataError(f"{path}: no records")
+    return located
+
+
+class InstructionDataset(Dataset):
+    """Alpaca-style instruction data (json list or jsonl of {instruction, input, output}).
+
+    Each example is prompt + output + EOS, returned shifted: `input_ids` = sequence[:-1], `targets` =
+    sequence[1:] with every target inside the prompt set to -100, so the loss covers the response and its
+    EOS only. Sequences longer than `max_length + 1` tokens are cut at the end; examples whose prompt alone
+    fills `max_length` have nothing to learn and are left out (counted in `.skipped`).
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer: GPT2Tokenizer, *, max_length: int) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: instruction file not found")
+        self.examples: list[tuple[list[int], int]] = []  # (token ids, prompt length)
+        self.skipped = 0
+        for where, record in _read_records(path):
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected an object with instruction/input/output")
+            for key in ("instruction", "output"):
+                if not isinstance(record.get(key), str):
+                    raise DataError(f"{where}: missing or non-string {key!r} (keys: {', '.join(record)})")
+            if not isinstance(record.get("input", ""), str):
+                raise DataError(f"{where}: 'input' must be a string")
+            prompt = tokenizer.encode(alpaca_prompt(record["instruction"], record.get("input", "")))
+            ids = (prompt + tokenizer.encode(record["output"]) + [tokenizer.eos_token_id])[:max_length + 1]
+            if len(prompt) >= len(ids):
+                self.skipped += 1
+                continue
+            self.examples.append((ids, len(prompt)))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids, prompt_len = self.examples[index]
+        sequence = torch.tensor(ids, dtype=torch.long)
+        targets = sequence[1:].clone()
+        targets[:prompt_len - 1] = -100  # targets[t] predicts token t+1: the first response token is at prompt_len
+        return {"input_ids": sequence[:-1], "targets": targets}
+
+
+# ---- batching -----------------------------------------------------------------------------------------------
+def collate(batch: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of items into a batch: input_ids (pad id), attention_mask, targets (-100), labels."""
+    width = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "targets" in batch[0]:
+        out["targets"] = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(item["input_ids"])
+        attention_mask[i, :n] = 1
+        if "targets" in out:
+            out["targets"][i, :n] = torch.as_tensor(item["targets"])
+    if "labels" in batch[0]:
+        out["labels"] = torch.tensor([int(item["labels"]) for item in batch], dtype=torch.long)
+    return out

@@ -1,0 +1,347 @@
+"""Reading corpora as a stream of byte chunks, and turning a chunk into document pieces.
+
+Formats (one document per ...):
+  text        file                 (.txt and anything unknown)
+  paragraphs  block of lines ended by one or more blank lines (the blank lines stay with the block before)
+  wikitext    article: starts at a level-1 heading line ` = Title = ` (.tokens, .raw)
+  jsonl       JSON object per line, text under `text_key` (.jsonl, .json)
+Any of them may be zstandard-compressed (`.zst` suffix). Concatenating the pieces of a file gives back its text.
+
+The main process only cuts files into chunks of about `chunk_bytes`; decoding, parsing and tokenizing happen
+in `chunk_pieces` (in worker processes). Cuts depend only on the file's bytes, never on the worker count. A cut
+falls on a document boundary when one is near, else inside a document at a point where GPT-2's and cl100k's
+pre-tokenizers split anyway (see `safe_cut`), so encoding the pieces gives the tokens of the whole document.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+FORMATS = ("text", "paragraphs", "wikitext", "jsonl")
+_SUFFIX_FORMATS = {".txt": "text", ".text": "text", ".tokens": "wikitext", ".raw": "wikitext", ".jsonl": "jsonl",
+                   ".json": "jsonl"}
+# Document boundaries, as byte patterns so the main process (cutting) and workers (splitting) agree exactly.
+_WIKITEXT_TITLE = re.compile(rb"^(?= = [^=\n][^\n]* = *\r?\n)", re.MULTILINE)  # at the start of ` = Title = `
+_PARAGRAPH_END = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+(?=[ \t\r\f\v]*[^ \t\n\r\f\v])")  # boundary at the match end
+_SPACE_BETWEEN_LETTERS = re.compile(rb"(?<=[A-Za-z]) (?=[A-Za-z])")
+MAX_SEARCH_BYTES = 1 << 26  # a document with no safe cut in 64 MiB is cut anyway (tokens may differ there)
+
+
+class DataError(ValueError):
+    """Input that cannot be preprocessed; the message names the file and line or byte offset."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of bytes of one input file, cut so that it can be processed on its own."""
+    source: str  # the file, for messages
+    format: str
+    data: bytes
+    offset: int  # byte offset of `data` in the (decompressed) file
+    line: int  # line number of the first byte of `data`
+    starts_doc: bool  # False: the first piece continues the document of the previous chunk
+    ends_doc: bool  # False: the last piece continues in the next chunk
+    compressed: bool
+
+
+@dataclass
+class Source:
+    """An input file and what reading it found."""
+    path: Path
+    format: str
+    bytes: int = 0
+    sha256: str = ""
+    documents: int = 0
+    tokens: int = 0
+    _hash: Any = field(default_factory=hashlib.sha256, repr=False)
+
+
+# ---- which files ----------------------------------------------------------------------------------------------
+def detect_format(path: Path) -> str:
+    name = path.name.lower().removesuffix(".zst")
+    return _SUFFIX_FORMATS.get(Path(name).suffix, "text")
+
+
+def _known_suffix(path: Path) -> bool:
+    return Path(path.name.lower().removesuffix(".zst")).suffix in _SUFFIX_FORMATS
+
+
+def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], format: str = "auto") -> list[Source]:
+    """Files from paths, directories (recursively, sorted) and globs, in the order given, without repeats.
+
+    In a directory, format "auto" takes only files with a known suffix (.txt .text .tokens .raw .jsonl .json,
+    optionally .zst); an explicit format takes every file. Hidden files and folders are skipped."""
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"format must be auto or one of {', '.join(FORMATS)}, got {format!r}")
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not inputs:
+        raise FileNotFoundError("no input given")
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                           and (format != "auto" or _known_suffix(p)))
+            if not found:
+                raise FileNotFoundError(f"{path}: directory has no input files"
+                                        + (" (.txt .text .tokens .raw .jsonl .json, or .zst of them)"
+                                           if format == "auto" else ""))
+            files.extend(found)
+        elif path.exists() or os.path.islink(path):
+            files.append(path)  # a broken link fails later, when opened, with the reason
+        elif glob.has_magic(str(item)):
+            found = sorted(Path(p) for p in glob.glob(str(item), recursive=True) if Path(p).is_file())
+            if not found:
+                raise FileNotFoundError(f"{item}: no file matches")
+            files.extend(found)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or directory")
+    unique = list(dict.fromkeys(files))
+    return [Source(p, detect_format(p) if format == "auto" else format) for p in unique]
+
+
+# ---- cutting files into chunks --------------------------------------------------------------------------------
+def _char_at(buf: bytes, p: int) -> str | None:
+    """The character starting at byte p, or None (end of buffer, or not valid UTF-8)."""
+    if p >= len(buf):
+        return None
+    lead = buf[p]
+    size = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4
+    try:
+        return buf[p:p + size].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _char_before(buf: bytes, p: int) -> str | None:
+    """The character ending just before byte p, or None."""
+    start = p - 1
+    while start > 0 and p - start < 4 and 0x80 <= buf[start] < 0xC0:  # UTF-8 continuation bytes
+        start -= 1
+    return _char_at(buf, start) if start >= 0 else None
+
+
+def is_safe_cut(buf: bytes, p: int) -> bool:
+    """True if the GPT-2 and cl100k pre-tokenizers split the text at byte p whatever follows or precedes
+    the two sides, so that encode(a + b) == encode(a) + encode(b). Three shapes qualify:
+      "x\\ny" : after a single newline between two non-space characters;
+      "\\n x" : after a newline followed by one space and a non-space character;
+      "a b"   : before a space between two ASCII letters.
+    (In each, the regex match before p ends at p and the one after starts at p in the whole text too.)"""
+    if 0 < p < len(buf) and buf[p] == 0x20 and _SPACE_BETWEEN_LETTERS.match(buf, p):
+        return True
+    if p < 1 or buf[p - 1] != 0x0A:
+        return False
+    nxt = _char_at(buf, p)
+    if nxt is None:
+        return False
+    if nxt == " ":
+        after = _char_at(buf, p + 1)
+        return after is not None and not after.isspace()
+    if nxt.isspace():
+        return False
+    prev = _char_before(buf, p - 1) if p >= 2 else "x"  # a newline at the file start has nothing before it
+    return prev is not None and not prev.isspace()
+
+
+def safe_cut(buf: bytes, start: int, *, avoid_line: bytes = b"") -> int | None:
+    """The first safe cut at or after `start` (see `is_safe_cut`), not in or just before a line that starts
+    with `avoid_line` (WikiText passes b" =": a cut there could hide a title line from the worker that sees
+    only one side of it)."""
+    i = buf.find(b"\n", max(start - 1, 0))
+    while i >= 0:
+        p = i + 1
+        if is_safe_cut(buf, p) and not (avoid_line and buf.startswith(avoid_line[:len(buf) - p], p)):
+            return p
+        i = buf.find(b"\n", p)
+    for m in _SPACE_BETWEEN_LETTERS.finditer(buf, start):
+        line_start = buf.rfind(b"\n", 0, m.start()) + 1
+        if not avoid_line or (line_start > 0 and not buf.startswith(avoid_line, line_start)):
+            return m.start()
+    return None
+
+
+def document_boundaries(data: bytes, fmt: str) -> list[int]:
+    """Byte positions strictly inside `data` where a new document starts."""
+    if fmt == "wikitext":
+        positions = [m.start() for m in _WIKITEXT_TITLE.finditer(data)]
+    elif fmt == "paragraphs":
+        positions = [m.end() for m in _PARAGRAPH_END.finditer(data)]
+    else:
+        return []
+    return [p for p in positions if 0 < p < len(data)]
+
+
+def _find_cut(buf: bytes, fmt: str, start: int) -> tuple[int | None, bool]:
+    """(cut position >= start, whether it is a document boundary)."""
+    if fmt == "jsonl":
+        i = buf.find(b"\n", start - 1)
+        return (i + 1, True) if i >= 0 else (None, True)
+    if fmt == "wikitext":
+        m = _WIKITEXT_TITLE.search(buf, start)
+        if m and m.start() > 0:
+            return m.start(), True
+        return safe_cut(buf, start, avoid_line=b" ="), False
+    if fmt == "paragraphs":
+        # Search from the start of the whitespace run around `start`, so that a blank-line run that begins
+        # before it is still seen as a boundary rather than offered as a plain cut.
+        run_start = start
+        while run_start > 1 and buf[run_start - 1] in b" \t\n\r\f\v":
+            run_start -= 1
+        m = _PARAGRAPH_END.search(buf, run_start - 1)
+        if m:
+            return m.end(), True
+    return safe_cut(buf, start), False
+
+
+def _char_boundary(buf: bytes, p: int) -> int:
+    while p > 0 and 0x80 <= buf[p] < 0xC0:
+        p -= 1
+    return p
+
+
+class _HashingReader:
+    """A binary file that hashes and counts what is read from it (the compressed bytes, for .zst)."""
+
+    def __init__(self, raw, source: Source) -> None:
+        self.raw, self.source = raw, source
+
+    def read(self, n: int = -1) -> bytes:
+        block = self.raw.read(n)
+        self.source._hash.update(block)
+        self.source.bytes += len(block)
+        return block
+
+    def readinto(self, buffer) -> int:
+        block = self.read(len(buffer))
+        buffer[:len(block)] = block
+        return len(block)
+
+
+def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
+    """Cut one file into chunks of `chunk_bytes` to 2x that, longer only where no cut point is near (a JSON
+    line is never cut; other text is searched up to MAX_SEARCH_BYTES for a safe cut).
+
+    Also fills `source.bytes` / `source.sha256` (of the bytes on disk). Read errors become DataError."""
+    path, fmt = source.path, source.format
+    compressed = path.name.lower().endswith(".zst")
+    try:
+        raw = open(path, "rb")
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    with raw:
+        hashed = _HashingReader(raw, source)
+        if compressed:
+            reader = zstandard.ZstdDecompressor().stream_reader(hashed, read_across_frames=True)
+        else:
+            reader = hashed
+        buf, offset, line, starts_doc, eof, want = b"", 0, 1, True, False, 2 * chunk_bytes
+        while True:
+            try:
+                while not eof and len(buf) < want:
+                    block = reader.read(max(chunk_bytes, want - len(buf)))
+                    eof = not block
+                    buf += block
+            except zstandard.ZstdError as err:
+                raise DataError(f"{path}: not a valid zstandard stream at or before decompressed byte "
+                                f"{offset + len(buf)} ({err})") from None
+            except OSError as err:
+                raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+            if not buf:
+                break
+            if eof and len(buf) <= chunk_bytes:
+                cut, boundary = len(buf), True
+            else:
+                cut, boundary = _find_cut(buf, fmt, chunk_bytes)
+                if cut is None:
+                    if eof:
+                        cut, boundary = len(buf), True
+                    elif fmt == "jsonl" or len(buf) < MAX_SEARCH_BYTES:  # read on (a JSON line must be whole)
+                        want = len(buf) + chunk_bytes
+                        continue
+                    else:  # pathological: 64 MiB without a newline or a space between letters
+                        cut, boundary = _char_boundary(buf, len(buf) - 1) or len(buf), False
+            data, buf = buf[:cut], buf[cut:]
+            if offset == 0 and boundary and not data.decode("utf-8", "replace").strip():
+                boundary = False  # blank lines before a file's first document belong to it (as in chunk_pieces)
+            ends_doc = boundary or (eof and not buf)
+            yield Chunk(str(path), fmt, data, offset, line, starts_doc, ends_doc, compressed)
+            offset, line, starts_doc, want = offset + cut, line + data.count(b"\n"), ends_doc, 2 * chunk_bytes
+        if compressed and hashed.read(1):
+            raise DataError(f"{path}: data after the end of the zstandard stream")
+    source.sha256 = source._hash.hexdigest()
+
+
+# ---- chunk -> document pieces (in workers) ------------------------------------------------------------------
+def _decode(chunk: Chunk, data: bytes, start: int, errors: str) -> str:
+    """Text of data (which starts at byte `start` of the chunk); strict errors name file, byte and line."""
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as err:
+        at = start + err.start
+        line = chunk.line + chunk.data.count(b"\n", 0, at)
+        where = "decompressed byte" if chunk.compressed else "byte"
+        raise DataError(f"{chunk.source}:{line}: invalid UTF-8 at {where} "
+                        f"offset {chunk.offset + at} ({chunk.data[at:at + 4]!r}...); the file must be UTF-8, or "
+                        "pass errors='replace' (--errors replace) to substitute U+FFFD") from None
+
+
+def chunk_pieces(chunk: Chunk, *, text_key: str = "text", errors: str = "strict") -> tuple[list[str], list[bool], int]:
+    """(texts, ends_doc flags, empty records skipped): the document pieces of a chunk, in order.
+
+    Each piece is a whole document or part of one; ends_doc[i] says whether the document ends with piece i."""
+    if chunk.format == "jsonl":
+        return _jsonl_pieces(chunk, text_key, errors)
+    cuts = [0, *document_boundaries(chunk.data, chunk.format), len(chunk.data)]
+    texts = [_decode(chunk, chunk.data[a:b], a, errors) for a, b in zip(cuts, cuts[1:]) if b > a]
+    if chunk.offset == 0 and len(texts) > 1 and not texts[0].strip():
+        texts[:2] = [texts[0] + texts[1]]  # blank lines before a file's first title/paragraph join it
+    ends = [True] * len(texts)
+    if texts and not chunk.ends_doc:
+        ends[-1] = False
+    return texts, ends, 0
+
+
+def _jsonl_pieces(chunk: Chunk, text_key: str, errors: str) -> tuple[list[str], list[bool], int]:
+    texts, skipped = [], 0
+    for n, line in enumerate(_decode(chunk, chunk.data, 0, errors).split("\n")):
+        if not line.strip():
+            continue
+        where = f"{chunk.source}:{chunk.line + n}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object with a {text_key!r} field, got {type(record).__name__}")
+        if text_key not in record:
+            raise DataError(f"{where}: no {text_key!r} field (fields: {', '.join(record) or 'none'}); "
+                            "choose the field with text_key (--text-key)")
+        text = record[text_key]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field {text_key!r} is {type(text).__name__}, expected a string")
+        if text:
+            texts.append(text)
+        else:
+            skipped += 1
+    return texts, [True] * len(texts), skipped
+
+
+def iter_texts(sources: Sequence[Source], *, chunk_bytes: int = 1 << 22, text_key: str = "text",
+               errors: str = "strict") -> Iterator[str]:
+    """Document pieces of all sources in order, in this process (e.g. to train a tokenizer)."""
+    for source in sources:
+        for chunk in iter_chunks(source, chunk_bytes):
+            yield from chunk_pieces(chunk, text_key=text_key, errors=errors)[0]

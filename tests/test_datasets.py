@@ -1,0 +1,261 @@
+"""Datasets: pretraining windows over shards, the resumable sampler, classification and instruction data, collate."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2kit import GPT2Tokenizer
+from gpt2kit.data import (ClassificationDataset, DataError, InstructionDataset, PretrainingDataset, ResumableSampler,
+                          collate, load_tokenizer, preprocess)
+
+from .conftest import DATA
+
+
+@pytest.fixture(scope="module")
+def tok() -> GPT2Tokenizer:
+    return GPT2Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def verdict_dirs(tmp_path_factory):
+    """the-verdict preprocessed twice: one shard, and shards of 1000 tokens."""
+    root = tmp_path_factory.mktemp("verdict")
+    src = DATA / "the-verdict" / "the-verdict.txt"
+    preprocess(src, root / "one", workers=1, progress=False)
+    preprocess(src, root / "many", workers=1, shard_tokens=1000, progress=False)
+    return root / "one", root / "many"
+
+
+# ---- PretrainingDataset --------------------------------------------------------------------------------------
+def test_windows_cover_the_stream_once(verdict_dirs, tok):
+    one, many = verdict_dirs
+    stream = tok.encode((DATA / "the-verdict" / "the-verdict.txt").read_text()) + [tok.eos_token_id]
+    for seq_len in (1, 7, 64):
+        ds = PretrainingDataset(one, seq_len)
+        assert len(ds) == (len(stream) - 1) // seq_len
+        targets = []
+        for i in range(len(ds)):
+            item = ds[i]
+            assert item["input_ids"].dtype == torch.long and item["input_ids"].shape == (seq_len,)
+            assert item["input_ids"].tolist() == stream[i * seq_len:(i + 1) * seq_len]
+            assert item["targets"].tolist() == stream[i * seq_len + 1:(i + 1) * seq_len + 1]
+            targets += item["targets"].tolist()
+        assert targets == stream[1:1 + len(ds) * seq_len]  # each token after the first is a target once
+    with pytest.raises(IndexError):
+        PretrainingDataset(one, 64)[len(PretrainingDataset(one, 64))]
+
+
+def test_windows_across_shards_equal_one_shard(verdict_dirs):
+    one, many = verdict_dirs
+    a, b = PretrainingDataset(one, 100), PretrainingDataset(many, 100)
+    assert len(b._files) > 4  # several shards, so windows cross shard ends
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        assert torch.equal(a[i]["input_ids"], b[i]["input_ids"]) and torch.equal(a[i]["targets"], b[i]["targets"])
+
+
+def test_dataset_pickles_without_data_and_knows_its_tokenizer(verdict_dirs, tok):
+    one, _ = verdict_dirs
+    ds = PretrainingDataset(one, 32)
+    ds[0]  # open the memmaps
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20_000  # the shard (~10k tokens) is not copied into DataLoader workers
+    assert torch.equal(pickle.loads(blob)[3]["input_ids"], ds[3]["input_ids"])
+    assert ds.tokenizer_spec["name"] == "gpt2"
+    assert load_tokenizer(one).encode("Hello world") == tok.encode("Hello world")
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    first = next(iter(loader))
+    assert torch.equal(first["input_ids"][1], ds[1]["input_ids"])
+
+
+def test_dataset_errors(verdict_dirs, tmp_path):
+    one, _ = verdict_dirs
+    with pytest.raises(DataError, match="no split 'val'"):
+        PretrainingDataset(one, 8, split="val")
+    with pytest.raises(DataError, match="fewer than one window"):
+        PretrainingDataset(one, 10**6)
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        PretrainingDataset(tmp_path, 8)
+
+
+# ---- ResumableSampler ----------------------------------------------------------------------------------------
+def test_sampler_is_a_function_of_seed_and_epoch():
+    a, b = ResumableSampler(100, seed=3), ResumableSampler(100, seed=3)
+    b.set_epoch(5)
+    b.set_epoch(0)
+    assert list(a) == list(b)
+    assert sorted(a) == list(range(100)) and list(a) != list(range(100))
+    a.set_epoch(1)
+    assert list(a) != list(b)
+    assert list(ResumableSampler(100, seed=4)) != list(b)
+    # no collision between (seed, epoch) = (0, 1) and (1, 0)
+    s01, s10 = ResumableSampler(50, seed=0), ResumableSampler(50, seed=1)
+    s01.set_epoch(1)
+    assert list(s01) != list(s10)
+    assert list(ResumableSampler(10, shuffle=False)) == list(range(10))
+
+
+def test_sampler_resumes_exactly():
+    full = ResumableSampler(37, seed=7)
+    full.set_epoch(2)
+    order = list(full)
+    run = ResumableSampler(37, seed=7)
+    run.set_epoch(2)
+    consumed = []
+    for n in (5, 8, 3):
+        consumed += list(run)[:n]
+        run.advance(n)
+    state = run.state_dict()
+    assert state == {"seed": 7, "epoch": 2, "position": 16}
+    resumed = ResumableSampler(37, seed=0)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    assert len(resumed) == 37 - 16
+    assert consumed + list(resumed) == order
+    with pytest.raises(ValueError, match="set_epoch"):
+        resumed.advance(22)
+
+
+@pytest.mark.parametrize("num_samples,world_size", [(100, 4), (103, 4), (7, 7), (50, 3)])
+def test_sampler_ranks_are_disjoint_and_equal(num_samples, world_size):
+    ranks = [ResumableSampler(num_samples, seed=1, rank=r, world_size=world_size) for r in range(world_size)]
+    for s in ranks:
+        s.set_epoch(4)
+    parts = [list(s) for s in ranks]
+    assert {len(p) for p in parts} == {num_samples // world_size}
+    flat = [i for p in parts for i in p]
+    assert len(set(flat)) == len(flat)  # disjoint
+    whole = ResumableSampler(num_samples, seed=1)
+    whole.set_epoch(4)
+    kept = list(whole)[:len(flat)]  # strided slices of the same permutation, tail dropped
+    assert sorted(flat) == sorted(kept)
+    assert [kept[i] for i in range(1, len(kept), world_size)] == parts[1]
+    with pytest.raises(ValueError):
+        ResumableSampler(10, rank=2, world_size=2)
+
+
+# ---- ClassificationDataset -----------------------------------------------------------------------------------
+def _label_counts(ds):
+    return np.bincount(ds.labels).tolist()
+
+
+def test_sst2(tok):
+    ds = ClassificationDataset(DATA / "glue" / "SST-2" / "dev.tsv", tok)
+    assert ds.format == "sst2" and len(ds) == 872 and _label_counts(ds) == [428, 444]
+    assert ds.id2label == {0: "negative", 1: "positive"} and ds.num_labels == 2
+    first = ds[0]
+    assert tok.decode(first["input_ids"]) == "it 's a charming and often affecting journey ."  # trailing space cut
+    assert first["labels"] == 1 and first["input_ids"].dtype == torch.long
+
+
+def test_cola(tok):
+    ds = ClassificationDataset(DATA / "glue" / "CoLA" / "dev.tsv", tok)
+    assert ds.format == "cola" and len(ds) == 1043 and _label_counts(ds) == [322, 721]
+    assert tok.decode(ds[0]["input_ids"]) == "The sailors rode the breeze clear of the rocks."
+    assert ds.id2label[0] == "unacceptable"
+
+
+def test_agnews(tok):
+    ds = ClassificationDataset(DATA / "ag_news" / "test.csv", tok, max_length=16)
+    assert ds.format == "agnews" and len(ds) == 7600 and _label_counts(ds) == [1900] * 4
+    assert ds.id2label == {0: "World", 1: "Sports", 2: "Business", 3: "Sci/Tech"}
+    assert ds[0]["labels"] == 2  # class "3" in the file
+    assert max(len(ds[i]["input_ids"]) for i in range(len(ds))) == 16
+    full = ClassificationDataset(DATA / "ag_news" / "test.csv", tok, format="agnews")
+    assert tok.decode(full[0]["input_ids"]).startswith("Fears for T N pension after talks Unions representing")
+
+
+def test_imdb_style_csv_with_label_map(tmp_path, tok):
+    path = tmp_path / "imdb.csv"
+    path.write_text('review,sentiment\n"A great, moving film.",positive\nDull.,negative\n"Fine, ""ok"".",positive\n')
+    ds = ClassificationDataset(path, tok)
+    assert ds.format == "csv" and ds.id2label == {0: "negative", 1: "positive"} and ds.labels == [1, 0, 1]
+    assert tok.decode(ds[2]["input_ids"]) == 'Fine, "ok".'
+    mapped = ClassificationDataset(path, tok, label_names=["positive", "negative"])
+    assert mapped.labels == [0, 1, 0] and mapped.label2id == {"positive": 0, "negative": 1}
+    numeric = tmp_path / "numeric.csv"
+    numeric.write_text("text,label\ngood,1\nbad,0\nmeh,2\n")
+    assert ClassificationDataset(numeric, tok).num_labels == 3
+
+
+@pytest.mark.parametrize("name,content,fmt,message", [
+    ("bad.tsv", "sentence\tlabel\ngood movie\t1\nbad movie\tx\n", "sst2",
+     r"bad.tsv:3: label 'x' is not an integer in 0..1"),
+    ("bad.tsv", "a\t1\t\tok\nb\t0\tnot enough\n", "cola", r"bad.tsv:2: expected 4 tab-separated columns"),
+    ("bad.csv", '"5","title","text"\n', "agnews", r"bad.csv:1: label '5' is not an integer in 1..4"),
+    ("bad.csv", "words,stars\nhi,1\n", "csv", r"bad.csv:1: no text column"),
+    ("bad.csv", "text,label\n,1\n", "csv", r"bad.csv:2: empty text"),
+])
+def test_classification_errors(tmp_path, tok, name, content, fmt, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        ClassificationDataset(path, tok, format=fmt)
+
+
+# ---- InstructionDataset --------------------------------------------------------------------------------------
+RECORDS = [
+    {"instruction": "Give the opposite of the word.", "input": "hot", "output": "cold"},
+    {"instruction": "Name a primary colour.", "input": "", "output": "Red, for example."},
+]
+
+
+@pytest.mark.parametrize("as_jsonl", [False, True])
+def test_instruction_masking(tmp_path, tok, as_jsonl):
+    path = tmp_path / ("alpaca.jsonl" if as_jsonl else "alpaca.json")
+    path.write_text("\n".join(json.dumps(r) for r in RECORDS) if as_jsonl else json.dumps(RECORDS))
+    ds = InstructionDataset(path, tok, max_length=256)
+    assert len(ds) == 2
+    for item, record in zip(ds, RECORDS):
+        ids, targets = item["input_ids"], item["targets"]
+        assert ids.shape == targets.shape
+        text = tok.decode(ids)
+        assert text.startswith("Below is an instruction") and f"### Instruction:\n{record['instruction']}" in text
+        assert ("### Input:\nhot" in text) == bool(record["input"])
+        assert text.endswith("### Response:\n" + record["output"])  # the EOS is a target, not an input
+        learned = targets[targets != -100].tolist()
+        assert learned == tok.encode(record["output"]) + [tok.eos_token_id]
+        n_prompt = len(ids) + 1 - len(learned)
+        assert (targets[:n_prompt - 1] == -100).all() and (targets[n_prompt - 1:] != -100).all()
+        assert torch.equal(targets[n_prompt - 1:-1], ids[n_prompt:])  # aligned: targets[t] is token t + 1
+
+
+def test_instruction_truncation_and_errors(tmp_path, tok):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(RECORDS))
+    full = InstructionDataset(path, tok, max_length=256)
+    prompt_len = len(full[0]["input_ids"]) + 1 - len(tok.encode("cold")) - 1
+    cut = InstructionDataset(path, tok, max_length=prompt_len)  # room for exactly one response token
+    assert len(cut[0]["input_ids"]) == prompt_len and (cut[0]["targets"] != -100).sum() == 1
+    assert InstructionDataset(path, tok, max_length=10).skipped == 2
+    path.write_text('{"instruction": "x", "input": ""}\n')
+    with pytest.raises(DataError, match=r"a.json:1: missing or non-string 'output'"):
+        InstructionDataset(path, tok, max_length=64)
+    path.write_text('{"instruction": "x", "output": "y"}\n{"instruction": \n')
+    with pytest.raises(DataError, match=r"a.json:2: malformed JSON"):
+        InstructionDataset(path, tok, max_length=64)
+
+
+# ---- collate -------------------------------------------------------------------------------------------------
+def test_collate_all_three(verdict_dirs, tok, tmp_path):
+    lm = PretrainingDataset(verdict_dirs[0], 8)
+    batch = collate([lm[0], lm[1]], tok.pad_token_id)
+    assert batch["input_ids"].shape == (2, 8) and batch["attention_mask"].all()
+    assert torch.equal(batch["targets"][1], lm[1]["targets"])
+
+    cls = ClassificationDataset(DATA / "glue" / "CoLA" / "dev.tsv", tok)
+    batch = collate([cls[0], cls[1], cls[2]], pad_token_id=99)
+    lengths = [len(cls[i]["input_ids"]) for i in range(3)]
+    assert batch["input_ids"].shape == (3, max(lengths)) and batch["attention_mask"].sum(1).tolist() == lengths
+    assert batch["labels"].tolist() == [cls.labels[i] for i in range(3)] and "targets" not in batch
+    short = lengths.index(min(lengths))
+    assert (batch["input_ids"][short, min(lengths):] == 99).all()
+
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(RECORDS))
+    inst = InstructionDataset(path, tok, max_length=256)
+    batch = collate([inst[0], inst[1]], tok.pad_token_id)
+    n0 = len(inst[0]["input_ids"])
+    assert (batch["targets"][0, n0:] == -100).all() and torch.equal(batch["targets"][0, :n0], inst[0]["targets"])

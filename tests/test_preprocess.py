@@ -1,0 +1,365 @@
+"""preprocess: round trips, document boundaries, worker/chunk invariance, splits, dtypes, bad input, atomicity."""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpt2kit import GPT2Tokenizer, cli
+from gpt2kit.data import DataError, PretrainingDataset, preprocess, read_meta
+from gpt2kit.data.preprocess import is_validation
+from gpt2kit.data.readers import is_safe_cut
+
+from .conftest import DATA, REPO
+
+WIKI = DATA / "wikitext-2" / "wiki.test.tokens"
+VERDICT = DATA / "the-verdict" / "the-verdict.txt"
+LAMBADA = DATA / "lambada" / "lambada_test.jsonl"
+CL100K = DATA / "cl100k" / "cl100k_base.tiktoken"
+
+
+@pytest.fixture(scope="module")
+def tok() -> GPT2Tokenizer:
+    return GPT2Tokenizer.gpt2()
+
+
+def run(inputs, out, **kwargs):
+    kwargs.setdefault("workers", 1)
+    return preprocess(inputs, out, progress=False, **kwargs)
+
+
+def split_tokens(out, split="train") -> np.ndarray:
+    meta = read_meta(out)
+    return np.concatenate([np.fromfile(out / s["file"], dtype=meta["dtype"]) for s in meta["splits"][split]["shards"]])
+
+
+def documents(out, split="train") -> list[np.ndarray]:
+    tokens, offsets = split_tokens(out, split), np.fromfile(out / f"{split}.idx", dtype="<i8")
+    assert offsets[0] == 0 and offsets[-1] == len(tokens) and (np.diff(offsets) > 0).all()
+    return [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def wikitext_articles(text: str) -> list[str]:
+    """Reference split, line by line: an article starts at a ` = Title = ` line; leading blank lines join it."""
+    articles, current = [], ""
+    for line in text.splitlines(keepends=True):
+        if re.fullmatch(r" = [^=].* = \n", line) and current.strip():
+            articles.append(current)
+            current = ""
+        current += line
+    return articles + [current]
+
+
+def all_files(out) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+# ---- round trips and boundaries ---------------------------------------------------------------------------------
+def test_wikitext_round_trip_articles_and_eos(tmp_path, tok):
+    summary = run(WIKI, tmp_path / "wiki", chunk_bytes=50_000)  # many chunks, cut at titles and inside articles
+    text = WIKI.read_text(encoding="utf-8")
+    articles = wikitext_articles(text)
+    docs = documents(tmp_path / "wiki")
+    assert len(docs) == len(articles) == summary["documents"] == 62
+    for doc, article in zip(docs, articles):
+        assert doc[-1] == tok.eos_token_id and (doc[:-1] != tok.eos_token_id).all()
+        assert doc[:-1].tolist() == tok.encode(article)  # same tokens as encoding the article whole
+    assert "".join(tok.decode(d[:-1]) for d in docs) == text
+    assert summary["tokens"] == sum(len(d) for d in docs)
+
+
+def test_text_file_is_one_document_and_paragraphs_split_at_blank_lines(tmp_path, tok):
+    text = VERDICT.read_text(encoding="utf-8")
+    run(VERDICT, tmp_path / "one", chunk_bytes=2000)
+    (doc,) = documents(tmp_path / "one")
+    assert doc.tolist() == tok.encode(text) + [tok.eos_token_id]
+
+    run(VERDICT, tmp_path / "para", format="paragraphs", append_eos=False, chunk_bytes=2000)
+    docs = documents(tmp_path / "para")
+    paragraphs = re.split(r"(?<=\n\n)(?=\S)", text)  # a blank line ends a paragraph, which keeps it
+    assert [tok.decode(d) for d in docs] == paragraphs and len(docs) > 50
+    assert not any(tok.eos_token_id in d for d in docs)
+
+
+def test_jsonl_and_zst_round_trip(tmp_path, tok):
+    lines = LAMBADA.read_text(encoding="utf-8").splitlines()[:300]
+    plain = tmp_path / "part.jsonl"
+    plain.write_text("\n".join(lines) + "\n\n", encoding="utf-8")  # a blank line is skipped
+    packed = tmp_path / "part.jsonl.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    run(plain, tmp_path / "a", chunk_bytes=10_000)
+    run(packed, tmp_path / "b", chunk_bytes=10_000, workers=2)
+    texts = [json.loads(line)["text"] for line in lines]
+    docs = documents(tmp_path / "b")
+    assert [d[:-1].tolist() for d in docs] == [tok.encode(t) for t in texts]
+    assert split_tokens(tmp_path / "a").tobytes() == split_tokens(tmp_path / "b").tobytes()
+    source = read_meta(tmp_path / "b")["sources"][0]
+    assert source["sha256"] == hashlib.sha256(packed.read_bytes()).hexdigest()
+    assert source["bytes"] == packed.stat().st_size and source["documents"] == 300
+
+
+def test_special_token_text_is_not_a_control_token(tmp_path, tok):
+    path = tmp_path / "a.txt"
+    path.write_text("before <|endoftext|> after")
+    run(path, tmp_path / "out")
+    (doc,) = documents(tmp_path / "out")
+    assert (doc == tok.eos_token_id).sum() == 1 and doc[-1] == tok.eos_token_id
+
+
+def test_directories_globs_and_order(tmp_path, tok):
+    corpus = tmp_path / "corpus"
+    (corpus / "b").mkdir(parents=True)
+    (corpus / "a.txt").write_text("first file")
+    (corpus / "b" / "c.txt").write_text("second file")
+    (corpus / "b" / "notes.md").write_text("not a known suffix: skipped with format auto")
+    (corpus / ".hidden.txt").write_text("hidden: skipped")
+    run(corpus, tmp_path / "dir")
+    assert [tok.decode(d[:-1]) for d in documents(tmp_path / "dir")] == ["first file", "second file"]
+    run([str(corpus / "**" / "*.txt"), corpus / "a.txt"], tmp_path / "glob")  # a repeated file is read once
+    assert [tok.decode(d[:-1]) for d in documents(tmp_path / "glob")] == ["first file", "second file"]
+    run(corpus, tmp_path / "explicit", format="text")
+    assert len(documents(tmp_path / "explicit")) == 3
+
+
+# ---- invariance ----------------------------------------------------------------------------------------------------
+def test_output_identical_for_any_worker_count_and_chunk_size(tmp_path):
+    inputs = [WIKI, VERDICT, DATA / "zh-wiki-sample" / "zhwiki_wiki_00_jastfkjg.jsonl"]
+    outputs = []
+    for workers, chunk in ((1, 1 << 22), (2, 30_000), (3, 30_000), (2, 7_000)):
+        out = tmp_path / f"w{workers}-{chunk}"
+        run(inputs, out, workers=workers, chunk_bytes=chunk, val_fraction=0.1, shard_tokens=100_000)
+        outputs.append(all_files(out))
+    names = sorted(outputs[0])
+    assert "val-00000.bin" in names and "train-00002.bin" in names and {"train.idx", "val.idx"} <= set(names)
+    for other in outputs[1:]:
+        assert other == outputs[0]
+
+
+@pytest.mark.parametrize("name,fmt", [("wiki.raw", "wikitext"), ("play.txt", "paragraphs"), ("play.txt", "text")])
+def test_tiny_chunks_give_the_same_documents_and_tokens(tmp_path, name, fmt):
+    """Cuts every few bytes: boundaries and tokens must not depend on where the chunks end."""
+    raw = (DATA / "wikitext-2" / "wiki.test.raw").read_bytes()
+    (tmp_path / "wiki.raw").write_bytes(b"  \n \n" + raw[:150_000] + raw[1_000_000:1_060_000])  # has " = Q..." lines
+    (tmp_path / "play.txt").write_bytes(b"\n\n" + (DATA / "tinyshakespeare" / "input.txt").read_bytes()[:60_000])
+    outputs = []
+    for chunk in (1 << 20, 17, 250, 3000):
+        run(tmp_path / name, tmp_path / f"out-{chunk}", format=fmt, chunk_bytes=chunk)
+        outputs.append(all_files(tmp_path / f"out-{chunk}"))
+    assert all(o == outputs[0] for o in outputs[1:])
+    if fmt == "wikitext":
+        assert len(documents(tmp_path / "out-17")) == len(wikitext_articles((tmp_path / name).read_text())) == 11
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "Z", " ", "\n", "\r", "\t", "\u3000", "\xa0", "7", ".", "'s", "中", "。", "é",
+                                  "\U0001f600"]), min_size=2, max_size=14).map("".join))
+def test_safe_cuts_do_not_change_tokens(text):
+    """Where the chunker may cut inside a document, GPT-2's and cl100k's tokens of the halves add up to the whole."""
+    data = text.encode("utf-8")
+    encodings = [GPT2Tokenizer.gpt2().encoding, GPT2Tokenizer.from_file(CL100K).encoding]
+    for p in range(1, len(data)):
+        if is_safe_cut(data, p):
+            a, b = data[:p].decode(), data[p:].decode()
+            for enc in encodings:
+                assert enc.encode_ordinary(text) == enc.encode_ordinary(a) + enc.encode_ordinary(b)
+
+
+# ---- splits, dtypes, shards ----------------------------------------------------------------------------------------
+def test_val_split_is_deterministic_by_document_position(tmp_path, tok):
+    out = tmp_path / "split"
+    summary = run(WIKI, out, val_fraction=0.25)
+    articles = wikitext_articles(WIKI.read_text(encoding="utf-8"))
+    to_val = is_validation(np.arange(len(articles)), 0.25)
+    assert to_val.sum() == len(articles) // 4 == summary["splits"]["val"]["documents"]
+    for split, chosen in (("train", ~to_val), ("val", to_val)):
+        expected = [a for a, v in zip(articles, chosen) if v]
+        assert [tok.decode(d[:-1]) for d in documents(out, split)] == expected
+    assert len(PretrainingDataset(out, 128, split="val")) == (summary["splits"]["val"]["tokens"] - 1) // 128
+
+
+def test_uint32_for_large_vocabularies(tmp_path):
+    out = tmp_path / "cl100k"
+    run(VERDICT, out, tokenizer=CL100K)
+    meta = read_meta(out)
+    assert meta["dtype"] == "uint32" and meta["tokenizer"]["name"] == "file"
+    big = GPT2Tokenizer.from_file(CL100K)
+    assert split_tokens(out).tolist() == big.encode(VERDICT.read_text()) + [big.eos_token_id]
+    assert (out / meta["tokenizer"]["file"]).is_file()
+    assert meta["tokenizer"]["eos_token_id"] == big.eos_token_id > 65535
+
+
+def test_meta_contents(tmp_path):
+    out = tmp_path / "m"
+    run([VERDICT, WIKI], out, shard_tokens=50_000)
+    meta = read_meta(out)
+    assert meta["dtype"] == "uint16" and meta["tokenizer"] == {
+        "name": "gpt2", "source": "gpt2", "vocab_size": 50257, "eos_token_id": 50256, "eos_token": "<|endoftext|>"}
+    train = meta["splits"]["train"]
+    assert [s["tokens"] for s in train["shards"][:-1]] == [50_000] * (len(train["shards"]) - 1)
+    assert sum(s["tokens"] for s in train["shards"]) == train["tokens"] == meta["tokens"]
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (VERDICT, WIKI)]
+    assert [s["sha256"] for s in meta["sources"]] == digests
+    assert [s["documents"] for s in meta["sources"]] == [1, 62]
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------
+def assert_nothing_written(tmp_path, out):
+    assert not out.exists()
+    assert not list(tmp_path.glob(f".{out.name}.tmp-*"))
+
+
+def test_invalid_utf8(tmp_path, tok):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"line one\nline two \xff\xfe here\n")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"bad.txt:2: invalid UTF-8 at byte offset 18 .*--errors replace"):
+        run(path, out)
+    assert_nothing_written(tmp_path, out)
+    run(path, out, errors="replace")
+    assert tok.decode(documents(out)[0][:-1]) == "line one\nline two \ufffd\ufffd here\n"
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"text": "ok"}\n{"text": "broken\n', r"c.jsonl:2: malformed JSON"),
+    (b'{"text": "ok"}\n\n{"body": "x", "id": 1}\n', r"c.jsonl:3: no 'text' field \(fields: body, id\).*--text-key"),
+    (b'{"text": 5}\n', r"c.jsonl:1: field 'text' is int, expected a string"),
+    (b'["text"]\n', r"c.jsonl:1: expected a JSON object"),
+    (b'{"text": "ok"}\n{"text": "caf\xc3"}\n', r"c.jsonl:2: invalid UTF-8 at byte offset 28"),
+])
+def test_bad_jsonl(tmp_path, content, message):
+    path, out = tmp_path / "c.jsonl", tmp_path / "out"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        run([VERDICT, path], out, workers=2)  # the first file is already written when the second fails
+    assert_nothing_written(tmp_path, out)
+
+
+def test_empty_and_missing_and_unreadable_inputs(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(DataError, match=r"no text in the input \(2 file\(s\) read, 1 empty record"):
+        run([tmp_path / "empty.txt", tmp_path / "blank.jsonl"], out)
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(FileNotFoundError, match="emptydir: directory has no input files"):
+        run(tmp_path / "emptydir", out)
+    with pytest.raises(FileNotFoundError, match="nope.txt: no such file"):
+        run(tmp_path / "nope.txt", out)
+    with pytest.raises(FileNotFoundError, match=r"\*.jsonl\.zst: no file matches"):
+        run(tmp_path / "*.jsonl.zst", out)
+    os.symlink(tmp_path / "gone.txt", tmp_path / "link.txt")
+    with pytest.raises(DataError, match=r"link.txt: cannot read \(No such file or directory\)"):
+        run(tmp_path / "link.txt", out)
+    (tmp_path / "bad.jsonl.zst").write_bytes(b"not zstd at all")
+    with pytest.raises(DataError, match=r"bad.jsonl.zst: not a valid zstandard stream"):
+        run(tmp_path / "bad.jsonl.zst", out)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("x")
+    real_open = open
+
+    def deny(path, *args, **kwargs):  # chmod 000 does not stop root, so refuse the way the OS would
+        if str(path) == str(secret):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", deny)
+    with pytest.raises(DataError, match=r"secret.txt: cannot read \(Permission denied\)"):
+        run(secret, out)
+    monkeypatch.undo()
+    assert_nothing_written(tmp_path, out)
+
+
+def test_too_few_documents_for_val(tmp_path):
+    with pytest.raises(DataError, match=r"val_fraction=0.1 puts none of the 1 document\(s\) in 'val'.*paragraphs"):
+        run(VERDICT, tmp_path / "out", val_fraction=0.1)
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_cli_reports_one_line_and_exit_code(tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "ok"}\n{"txt": "x"}\n')
+    code = cli.main(["preprocess", "--input", str(path), "--output", str(tmp_path / "out"), "--workers", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("gpt2kit preprocess: error: ") and "c.jsonl:2: no 'text' field" in err[-1]
+    code = cli.main(["preprocess", "--input", str(VERDICT), "--output", str(tmp_path / "ok"), "--workers", "2",
+                     "--no-append-eos", "--format", "paragraphs", "--val-fraction", "0.5"])
+    out = capsys.readouterr().out
+    assert code == 0 and re.search(r"preprocessed 1 file\(s\), .* MB/s, .*M tokens/s", out)
+    assert read_meta(tmp_path / "ok")["append_eos"] is False
+
+
+# ---- atomic output -------------------------------------------------------------------------------------------------
+def test_existing_output_is_kept_unless_overwrite(tmp_path, tok):
+    out = tmp_path / "out"
+    run(VERDICT, out)
+    before = all_files(out)
+    with pytest.raises(DataError, match="already holds a preprocess output; pass overwrite=True"):
+        run(WIKI, out)
+    assert all_files(out) == before
+    run(WIKI, out, overwrite=True)
+    assert len(documents(out)) == 62 and not list(tmp_path.glob(".out.*"))
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a preprocess output; not touching it"):
+        run(VERDICT, other, overwrite=True)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def _start(tmp_path, big, out, workers):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.Popen([sys.executable, "-m", "gpt2kit", "preprocess", "--input", str(big), "--output", str(out),
+                             "--workers", str(workers), "--chunk-bytes", "200000"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for_shard(tmp_path, out, proc):
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        shards = list(tmp_path.glob(f".{out.name}.tmp-*/train-00000.bin"))
+        if shards and shards[0].stat().st_size > 0:
+            return
+        time.sleep(0.05)
+    pytest.fail("preprocess finished or stalled before writing")
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, sig):
+    big = tmp_path / "big.txt"
+    big.write_text(VERDICT.read_text() * 400)  # 8 MB: a few seconds of work
+    out = tmp_path / "out"
+    proc = _start(tmp_path, big, out, workers=2)
+    _wait_for_shard(tmp_path, out, proc)
+    workers = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+    assert len(workers) == 2
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert not out.exists()
+    deadline = time.time() + 10
+    while any(map(_running, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_running, workers))  # the pool's processes end with their parent, even a killed one
+    if sig == signal.SIGINT:  # handled: the staging directory is removed
+        assert proc.returncode == 130 and not list(tmp_path.glob(".out.tmp-*"))
+    else:  # killed: its staging directory is left behind, hidden, and the next run removes it
+        assert list(tmp_path.glob(".out.tmp-*"))
+        run(VERDICT, out)
+        assert not list(tmp_path.glob(".out.tmp-*")) and len(documents(out)) == 1

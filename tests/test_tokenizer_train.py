@@ -1,0 +1,82 @@
+"""`gpt2kit tokenizer train`: a byte-level BPE vocabulary for the Chinese sample, run by gpt2kit (tiktoken) with
+exactly the ids HF `tokenizers` gives on the same tokenizer.json."""
+
+import json
+import random
+
+import pytest
+from tokenizers import Tokenizer
+
+from gpt2kit import GPT2Tokenizer, cli
+from gpt2kit.data import DataError, PretrainingDataset, load_tokenizer, preprocess
+from gpt2kit.data.tokenizer_training import train_tokenizer
+
+from .conftest import DATA
+
+ZH = DATA / "zh-wiki-sample"
+
+
+def zh_texts() -> list[str]:
+    return [json.loads(line)["text"] for path in sorted(ZH.glob("*.jsonl"))
+            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zh") / "tok"
+    assert cli.main(["tokenizer", "train", "--input", str(ZH), "--vocab-size", "3000", "--output", str(out)]) == 0
+    return out
+
+
+def test_trained_vocabulary_loads_and_fits_chinese(trained, capsys):
+    tok = GPT2Tokenizer.from_file(trained / "tokenizer.json")
+    assert tok.vocab_size == 3000 and tok.eos_token_id == 0 and tok.eos_token == "<|endoftext|>"
+    texts = zh_texts()
+    assert len(texts) == 286
+    chars = sum(len(t) for t in texts)
+    ours = sum(len(tok.encode(t)) for t in texts)
+    gpt2 = GPT2Tokenizer.gpt2()
+    assert ours < 0.75 * sum(len(gpt2.encode(t)) for t in texts)  # GPT-2 spends 2-3 tokens per Chinese character
+    assert ours < chars
+    assert all(tok.decode(tok.encode(t)) == t for t in texts)
+
+
+def test_same_ids_as_hf_tokenizers(trained):
+    tok = GPT2Tokenizer.from_file(trained / "tokenizer.json")
+    hf = Tokenizer.from_file(str(trained / "tokenizer.json"))
+    hf.encode_special_tokens = True  # gpt2kit's encode() reads "<|endoftext|>" in text as text
+    texts = zh_texts() + (DATA / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines()[:2000]
+    # Text made of vocabulary pieces probes merges a corpus may not: tokens reachable by several splits.
+    rng = random.Random(0)
+    pieces = [p.decode("utf-8") for p in map(tok.encoding.decode_single_token_bytes, range(1, tok.vocab_size))
+              if p.decode("utf-8", "ignore").encode("utf-8") == p]
+    texts += ["".join(rng.choices(pieces, k=rng.randint(1, 8))) for _ in range(5000)]
+    for text in texts:
+        assert tok.encode(text) == hf.encode(text).ids, text
+    hf.encode_special_tokens = False
+    marked = "标题<|endoftext|>正文"
+    assert tok.encode(marked, allowed_special="all") == hf.encode(marked).ids
+
+
+def test_preprocess_with_trained_vocabulary(trained, tmp_path):
+    out = tmp_path / "zh-data"
+    summary = preprocess(ZH, out, tokenizer=trained / "tokenizer.json", workers=2, val_fraction=0.05, progress=False)
+    assert summary["documents"] == 286 and summary["splits"]["val"]["documents"] == 14
+    tok = load_tokenizer(out)  # from the copy inside the output
+    sentence = "数学是利用符号语言研究数量"
+    assert tok.encode(sentence) == GPT2Tokenizer.from_file(trained / "tokenizer.json").encode(sentence)
+    ds = PretrainingDataset(out, 256)
+    assert tok.decode(ds[0]["input_ids"]).startswith(zh_texts()[0][:20])
+
+
+def test_training_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no text in the input"):
+        train_tokenizer(tmp_path / "empty.jsonl", tmp_path / "out", vocab_size=500)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="vocab_size must be at least 257"):
+        train_tokenizer(DATA / "the-verdict" / "the-verdict.txt", tmp_path / "out", vocab_size=100)
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+        train_tokenizer(tmp_path / "bad.jsonl", tmp_path / "out", vocab_size=500)
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
