@@ -34,3 +34,12 @@ def tiny_model_dir(tiny_model, tmp_path) -> Path:
     """tiny_model saved as an HF-format directory."""
     tiny_model.save_pretrained(tmp_path / "tiny")
     return tmp_path / "tiny"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared CPU: one thread avoids OpenMP threads spinning against other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -245,6 +245,11 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             loss = lm_loss(logits, targets)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)
 
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options) -> Tensor:
+        """Prompt + new tokens (KV-cached decoding); options as `gpt2kit.generation.generate`."""
+        from .generation import generate
+        return generate(self, input_ids, attention_mask, **options)
+
 
 @dataclass
 class SequenceClassifierOutput:

@@ -1,0 +1,123 @@
+"""Decode speed of gpt2kit's generate against transformers' generate() on identical random weights.
+
+Measures time to first token (prefill + first sampled token) and decode tokens/s (tokens after the first,
+over all rows) for greedy decoding, per shape x dtype x batch size, and prints gpt2kit / transformers ratios
+(higher is better for tokens/s, lower for TTFT). Weights are cast to the dtype (no autocast). Both sides
+generate exactly --new-tokens tokens (EOS disabled); in float32 their tokens are also checked for equality.
+
+    python benchmarks/bench_generate.py                       # tiny shape, about a minute
+    python benchmarks/bench_generate.py --shapes gpt2,tiny    # adds GPT-2 small (124M), several minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.generation.streamers import BaseStreamer
+
+from gpt2kit import GPT2Config, GPT2LMHeadModel
+from gpt2kit.generation import TokenGenerator
+
+SHAPES = {
+    "tiny": GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=256, vocab_size=50257),
+    "gpt2": GPT2Config.from_name("gpt2"),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class _Clock(BaseStreamer):
+    """transformers calls put() with the prompt, then with each new token: the second call is the first token."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first = None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def time_ours(model, ids, new_tokens):
+    start = time.perf_counter()
+    run = TokenGenerator(model, ids, max_new_tokens=new_tokens, eos_token_id=[])
+    first = None
+    for _ in run:
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return first - start, end - first, run.sequences()
+
+
+def time_hf(model, ids, new_tokens):
+    clock = _Clock()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock)
+    end = time.perf_counter()
+    return clock.first - start, end - clock.first, out
+
+
+def best_of_interleaved(repeats, ours, hf, ids, new_tokens):
+    """Alternate the two sides so that load from other processes hits both alike; keep each side's best."""
+    runs = {"ours": [], "hf": []}
+    for _ in range(repeats):
+        runs["ours"].append(time_ours(ours, ids, new_tokens))
+        runs["hf"].append(time_hf(hf, ids, new_tokens))
+    return [(min(r[0] for r in side), min(r[1] for r in side), side[0][2]) for side in runs.values()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="tiny", help=f"comma-separated, from {', '.join(SHAPES)}")
+    parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {', '.join(DTYPES)}")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+          f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
+    header = (f"{'shape':<6} {'dtype':<5} {'batch':>5} | {'TTFT ms ours':>12} {'hf':>8} {'ratio':>6} | "
+              f"{'decode tok/s ours':>17} {'hf':>8} {'ratio':>6} | same tokens")
+    print(header)
+    print("-" * len(header))
+    for shape in args.shapes.split(","):
+        config = SHAPES[shape]
+        torch.manual_seed(0)
+        hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
+        hf_fp32 = transformers.GPT2LMHeadModel(hf_config).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_fp32.save_pretrained(Path(tmp) / "m")
+            ours_fp32 = GPT2LMHeadModel.from_pretrained(Path(tmp) / "m")
+        for dtype_name in args.dtypes.split(","):
+            dtype = DTYPES[dtype_name]
+            hf, ours = hf_fp32.to(dtype), ours_fp32.to(dtype)
+            for batch in map(int, args.batch_sizes.split(",")):
+                ids = torch.randint(0, config.vocab_size, (batch, args.prompt_len),
+                                    generator=torch.Generator().manual_seed(batch))
+                time_ours(ours, ids, 4), time_hf(hf, ids, 4)  # warm-up
+                (o_ttft, o_decode, o_out), (h_ttft, h_decode, h_out) = best_of_interleaved(
+                    args.repeats, ours, hf, ids, args.new_tokens)
+                decoded = batch * (args.new_tokens - 1)
+                o_tps, h_tps = decoded / o_decode, decoded / h_decode
+                same = "yes" if torch.equal(o_out, h_out) else ("no" if dtype == torch.float32 else "n/a (bf16)")
+                print(f"{shape:<6} {dtype_name:<5} {batch:>5} | {o_ttft * 1e3:>12.1f} {h_ttft * 1e3:>8.1f} "
+                      f"{o_ttft / h_ttft:>6.2f} | {o_tps:>17.1f} {h_tps:>8.1f} {o_tps / h_tps:>6.2f} | {same}")
+
+
+if __name__ == "__main__":
+    main()

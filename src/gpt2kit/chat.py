@@ -1,0 +1,146 @@
+"""Interactive chat with a GPT-2 model: a "User: ... / Assistant: ..." transcript, streamed replies, history
+trimmed to the context window, and /reset, /set, /help, /quit commands. Works the same on a pipe."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+import torch
+
+from .generation import GenerationConfig, stream_generate
+from .model import GPT2LMHeadModel
+from .pipeline import load_model_and_tokenizer, text_defaults
+from .tokenizer import GPT2Tokenizer
+
+USER = "User:"
+ASSISTANT = "Assistant:"
+CHAT_DEFAULTS = {"max_new_tokens": 128, "do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.95}
+HELP = ("commands: /reset (forget the conversation), /set NAME VALUE (e.g. /set temperature 0.7; /set alone "
+        "lists settings), /help, /quit")
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.lower()
+    if value not in ("true", "false", "1", "0", "on", "off", "yes", "no"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "on", "yes")
+
+
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    return lambda text: None if text.lower() == "none" else parse(text)
+
+
+SETTINGS: dict[str, Callable[[str], Any]] = {
+    "temperature": float, "top_k": _optional(int), "top_p": _optional(float), "repetition_penalty": float,
+    "max_new_tokens": int, "min_new_tokens": int, "do_sample": _parse_bool, "seed": _optional(int),
+}
+
+
+class ChatSession:
+    """The conversation so far as token ids per turn; each reply sees as many recent turns as fit."""
+
+    def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: GenerationConfig) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.turns: list[list[int]] = []
+        self.config = config
+        self.set_config(config)
+
+    def set_config(self, config: GenerationConfig) -> None:
+        if config.max_new_tokens >= self.model.config.n_positions:
+            raise ValueError(f"max_new_tokens ({config.max_new_tokens}) leaves no room for the conversation in "
+                             f"the context of {self.model.config.n_positions} positions")
+        self.config = config
+        # One generator for the whole conversation: a seed makes the conversation reproducible.
+        self.generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+
+    def set(self, name: str, value: str) -> None:
+        if name not in SETTINGS:
+            raise ValueError(f"unknown setting {name!r}; settable: {', '.join(SETTINGS)}")
+        self.set_config(self.config.replace(**{name: SETTINGS[name](value)}))
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def prompt_ids(self, message: str) -> list[int]:
+        """Recent turns + this message, keeping the newest tokens that leave room for the reply."""
+        budget = self.model.config.n_positions - self.config.max_new_tokens
+        ids = self.tokenizer.encode(f"{USER} {message}\n{ASSISTANT}")[-budget:]
+        for turn in reversed(self.turns):
+            if len(ids) + len(turn) > budget:
+                break
+            ids = turn + ids
+        return ids
+
+    def reply(self, message: str) -> Iterator[str]:
+        """Stream the assistant's reply; the exchange joins the history when the reply is complete."""
+        pieces = []
+        stop = [f"\n{USER}", *(self.config.stop or [])]
+        config = self.config.replace(seed=None, stop=stop)
+        for piece in stream_generate(self.model, self.tokenizer, self.prompt_ids(message), config,
+                                     generator=self.generator):
+            if not pieces:
+                piece = piece.lstrip()
+                if not piece:
+                    continue
+            pieces.append(piece)
+            yield piece
+        self.turns.append(self.tokenizer.encode(f"{USER} {message}\n{ASSISTANT} {''.join(pieces)}\n"))
+
+
+def _read_lines(stdin: TextIO, interactive: bool) -> Iterator[str]:
+    while True:
+        if interactive:
+            try:
+                yield input("> ")
+            except EOFError:
+                return
+        else:
+            line = stdin.readline()
+            if not line:
+                return
+            yield line.rstrip("\r\n")
+
+
+def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.PathLike | GPT2Tokenizer | None = None,
+         dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu", random_init: bool = False,
+         stdin: TextIO | None = None, stdout: TextIO | None = None, **options) -> None:
+    """Read messages (one per line) until /quit or end of input; stream each reply. `options` are
+    GenerationConfig fields over the chat defaults (sampling, temperature 0.7, top-k 50, top-p 0.95)."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
+                                       random_init=random_init)
+    session = ChatSession(lm, tok, GenerationConfig().replace(**{**CHAT_DEFAULTS, **text_defaults(tok), **options}))
+    interactive = stdin.isatty() and stdin is sys.stdin
+    if interactive:
+        print(f"chatting with {model} ({HELP})", file=stdout)
+    for line in _read_lines(stdin, interactive):
+        message = line.strip()
+        if not message:
+            continue
+        if message.startswith("/"):
+            command, *args = message.split(maxsplit=2)
+            if command == "/quit":
+                return
+            if command == "/reset":
+                session.reset()
+                print("[history cleared]", file=stdout)
+            elif command == "/set" and len(args) == 2:
+                try:
+                    session.set(*args)
+                    print(f"[{args[0]} = {getattr(session.config, args[0])}]", file=stdout)
+                except ValueError as err:
+                    print(f"[error: {err}]", file=stdout)
+            elif command == "/set" and not args:
+                print("[" + ", ".join(f"{k} = {getattr(session.config, k)}" for k in SETTINGS) + "]", file=stdout)
+            else:
+                print(f"[{HELP}]", file=stdout)
+            stdout.flush()
+            continue
+        for piece in session.reply(message):
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+        stdout.flush()

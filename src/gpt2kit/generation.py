@@ -1,0 +1,434 @@
+"""Text generation: logits processors, sampling, prefill + cached decoding, stop strings and streaming.
+
+One prefill pass fills a preallocated KVCache (sized for prompt + new tokens) and yields the first token's
+logits; every further step feeds one token per row. Processors are small functions `(input_ids, scores) ->
+scores` in transformers' order: repetition penalty, min-new-tokens EOS suppression, then (sampling only)
+temperature, top-k, top-p. Finished rows keep running with `pad_token_id` (as transformers does) so the batch
+and its cache never need reshaping.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .model import GPT2LMHeadModel, KVCache
+from .tokenizer import GPT2Tokenizer
+
+LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
+"""(input_ids (B, L) of the tokens so far, with -1 at padding; scores (B, V) float) -> processed scores."""
+
+
+# ---- logits processors --------------------------------------------------------------------------------------
+def scale_temperature(temperature: float) -> LogitsProcessor:
+    return lambda input_ids, scores: scores / temperature
+
+
+def keep_top_k(k: int) -> LogitsProcessor:
+    """Keep the k highest scores (and any tied with the k-th); the rest become -inf."""
+    def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
+        kth = torch.topk(scores, min(k, scores.shape[-1])).values[:, -1:]
+        return scores.masked_fill(scores < kth, float("-inf"))
+    return apply
+
+
+def keep_top_p(p: float) -> LogitsProcessor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability mass reaches p."""
+    def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove_sorted = cumulative <= 1 - p
+        remove_sorted[:, -1] = False  # the most likely token always stays
+        remove = remove_sorted.scatter(1, order, remove_sorted)
+        return scores.masked_fill(remove, float("-inf"))
+    return apply
+
+
+def penalize_repetition(penalty: float) -> LogitsProcessor:
+    """CTRL's repetition penalty: every token already in the row (prompt or generated, padding excluded) has
+    its score divided by `penalty` if positive, multiplied if negative."""
+    def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
+        vocab = scores.shape[-1]
+        # Padding (-1) is sent to an extra column that is dropped again.
+        ids = input_ids.masked_fill(input_ids < 0, vocab)
+        seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+        seen = seen.scatter_(1, ids, True)[:, :vocab]
+        penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+        return torch.where(seen, penalized, scores)
+    return apply
+
+
+def suppress_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
+    """Make the given tokens impossible (min_new_tokens uses it on EOS)."""
+    index = list(token_ids)
+
+    def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
+        scores[:, index] = float("-inf")
+        return scores
+    return apply
+
+
+# ---- options ------------------------------------------------------------------------------------------------
+@dataclass
+class GenerationConfig:
+    """Every generation option; `generate(..., **options)` overrides these defaults field by field."""
+
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0  # EOS is suppressed until this many tokens exist (stop strings still apply)
+    do_sample: bool = False  # False: greedy (argmax); True: sample from the processed distribution
+    temperature: float = 1.0  # sampling only; 0 means greedy
+    top_k: int | None = None  # sampling only; None or 0 disables
+    top_p: float | None = None  # sampling only; None or 1.0 disables
+    repetition_penalty: float = 1.0  # 1.0 disables; applies to greedy decoding too
+    eos_token_id: int | list[int] | None = None  # None: the model config's; [] never stops at EOS
+    pad_token_id: int | None = None  # emitted by finished rows; None: the model config's, else the first EOS
+    stop: str | list[str] | None = None  # stop strings (need a tokenizer)
+    seed: int | None = None  # seeds a private generator: same seed, same samples
+    num_return_sequences: int = 1  # rows per prompt (sampling only), returned consecutively
+    use_cache: bool = True  # False recomputes the whole sequence every step (slow; a reference)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+             "max_new_tokens must be an integer >= 0"),
+            (isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens,
+             f"min_new_tokens must be an integer between 0 and max_new_tokens ({self.max_new_tokens})"),
+            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
+            (self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0), "top_k must be an integer >= 0"),
+            (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 disables it)"),
+            (isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1,
+             "num_return_sequences must be an integer >= 1"),
+            (self.num_return_sequences == 1 or self.sampling,
+             "num_return_sequences > 1 needs do_sample=True with temperature > 0 (greedy rows would be identical)"),
+            (not self.stop or all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def sampling(self) -> bool:
+        return self.do_sample and self.temperature > 0
+
+    def replace(self, **options) -> GenerationConfig:
+        """A copy with some fields changed; an unknown name is a ValueError listing the known ones."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown generation option(s) {unknown}; expected some of {sorted(known)}")
+        return dataclasses.replace(self, **options)
+
+    def processors(self, suppress: Sequence[int] = ()) -> list[LogitsProcessor]:
+        """What every step applies to the scores, in transformers' order; `suppress` lists tokens made
+        impossible (EOS during the first min_new_tokens steps)."""
+        procs = []
+        if self.repetition_penalty != 1.0:
+            procs.append(penalize_repetition(self.repetition_penalty))
+        if suppress:
+            procs.append(suppress_tokens(suppress))
+        if self.sampling:
+            if self.temperature != 1.0:
+                procs.append(scale_temperature(self.temperature))
+            if self.top_k:
+                procs.append(keep_top_k(self.top_k))
+            if self.top_p is not None and self.top_p < 1.0:
+                procs.append(keep_top_p(self.top_p))
+        return procs
+
+
+def _eos_ids(config: GenerationConfig, model_config) -> list[int]:
+    eos = model_config.eos_token_id if config.eos_token_id is None else config.eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+# ---- one step's choice ----------------------------------------------------------------------------------------
+class Sampler:
+    """Chooses each step's next token from the logits: the configured processors, then argmax or a draw from
+    its own random generator. TokenGenerator uses one for its whole batch; the server gives every sequence its
+    own, so sequences decoded in one batch never share options or random state."""
+
+    def __init__(self, config: GenerationConfig, model_config, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> None:
+        if config.seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        self.config = config
+        self.sampling = config.sampling
+        self.eos = _eos_ids(config, model_config)
+        pad = config.pad_token_id if config.pad_token_id is not None else model_config.pad_token_id
+        self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
+        if config.seed is not None:
+            generator = torch.Generator(device or "cpu").manual_seed(config.seed)
+        self.generator = generator
+        self.processors = config.processors()
+        self.early_processors = config.processors(suppress=self.eos) if config.min_new_tokens else self.processors
+
+    def __call__(self, logits: Tensor, history: Tensor, step: int) -> Tensor:
+        """Next token of each row (B,) from `logits` (B, V), the tokens so far `history` (B, L; -1 at padding)
+        and `step`, the number of tokens generated before this one."""
+        processors = self.early_processors if step < self.config.min_new_tokens else self.processors
+        if not processors and not self.sampling:
+            return logits.argmax(-1)  # argmax needs no float copy
+        scores = logits.float()
+        for process in processors:
+            scores = process(history, scores)
+        if self.sampling:
+            return torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(1)
+        return scores.argmax(-1)
+
+
+# ---- stop strings -------------------------------------------------------------------------------------------
+def truncate_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop or ()) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
+class _StopStringMatcher:
+    """Finds, per row, the token that completes a stop string. Works on bytes, so a stop string split across
+    tokens (even mid-character) is still seen; keeps only the last few bytes of each row."""
+
+    def __init__(self, tokenizer: GPT2Tokenizer, stop: Sequence[str], batch_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.stops = [s.encode("utf-8") for s in stop]
+        self.keep = max(map(len, self.stops)) - 1
+        self.tails = [b""] * batch_size
+
+    def matches(self, tokens: list[int]) -> list[int]:
+        rows = []
+        for row, token in enumerate(tokens):
+            tail = self.tails[row] + self.tokenizer.decode_bytes([token])
+            if any(s in tail for s in self.stops):
+                rows.append(row)
+            self.tails[row] = tail[-self.keep:] if self.keep else b""
+        return rows
+
+
+# ---- the decode loop ----------------------------------------------------------------------------------------
+def _placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype for the cache and buffers: the weights'. A model whose network runs outside PyTorch
+    (gpt2kit.export.OnnxLMHeadModel) has no parameters and names them as attributes."""
+    param = next(model.parameters(), None)
+    return (param.device, param.dtype) if param is not None else (model.device, model.dtype)
+
+
+class TokenGenerator:
+    """Iterate to get each step's new tokens, one per row (B * num_return_sequences,); `sequences()` then
+    holds prompt + new tokens. Arguments are checked when it is built, before any model call."""
+
+    def __init__(self, model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 config: GenerationConfig | None = None, *, tokenizer: GPT2Tokenizer | None = None,
+                 generator: torch.Generator | None = None, **options) -> None:
+        config = (config or GenerationConfig()).replace(**options)
+        model_config = model.config
+        device, dtype = _placement(model)
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError("input_ids must be a LongTensor of shape (batch, prompt_length)")
+        if input_ids.shape[1] == 0:
+            raise ValueError("the prompt is empty: give at least one token (GPT-2 starts texts with its "
+                             "<|endoftext|> token)")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= model_config.vocab_size:
+            raise ValueError(f"input_ids hold token ids outside the model's vocabulary [0, {model_config.vocab_size})")
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            real = attention_mask.bool()
+            if bool((real[:, :-1] & ~real[:, 1:]).any()):
+                raise ValueError("attention_mask has padding after real tokens: pad prompts on the left for "
+                                 "generation, e.g. tokenizer(texts, padding=True, padding_side='left')")
+            if not bool(real[:, -1].all()):
+                raise ValueError("attention_mask has a row without any real token")
+            attention_mask = None if bool(real.all()) else real.long()
+        if config.stop and tokenizer is None:
+            raise ValueError("stop strings need the tokenizer: generate(..., stop=[...], tokenizer=tokenizer)")
+        prompt_len = input_ids.shape[1]
+        total = prompt_len + config.max_new_tokens
+        if total > model_config.n_positions:
+            raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens {config.max_new_tokens} = {total} "
+                             f"exceeds the model's context of {model_config.n_positions} positions (n_positions); "
+                             f"shorten the prompt or lower max_new_tokens")
+
+        n = config.num_return_sequences
+        input_ids = input_ids.to(device).repeat_interleave(n, 0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device).repeat_interleave(n, 0)
+        batch = input_ids.shape[0]
+
+        self.model, self.config, self.prompt_len = model, config, prompt_len
+        self.sampler = Sampler(config, model_config, generator, device)
+        self.eos, self.pad = self.sampler.eos, self.sampler.pad
+        self.stop_matcher = _StopStringMatcher(tokenizer, config.stop, batch) if config.stop else None
+
+        # Preallocated buffers: the output, the mask over past + current tokens, the next positions.
+        self.tokens = torch.empty(batch, total, dtype=torch.long, device=device)
+        self.tokens[:, :prompt_len] = input_ids
+        self.attention_mask = None
+        self.history = self.tokens  # what processors see: padding as -1
+        if attention_mask is not None:
+            self.attention_mask = torch.ones(batch, total, dtype=torch.long, device=device)
+            self.attention_mask[:, :prompt_len] = attention_mask
+            self.history = self.tokens.masked_fill(self.attention_mask == 0, -1)
+            self.positions = attention_mask.sum(1, keepdim=True)
+        self.cache = (KVCache(model_config, batch, max(total - 1, prompt_len), dtype=dtype, device=device)
+                      if config.use_cache else None)
+        self.steps = 0
+
+    def sequences(self) -> Tensor:
+        """Prompt + the tokens generated so far, (B * num_return_sequences, prompt_len + steps)."""
+        return self.tokens[:, :self.prompt_len + self.steps]
+
+    def _logits(self, end: int) -> Tensor:
+        """Logits (B, V) for the token after position `end - 1`, feeding what the cache has not seen yet."""
+        mask = self.attention_mask[:, :end] if self.attention_mask is not None else None
+        if self.cache is None:
+            return self.model(self.tokens[:, :end], mask, logits_to_keep=1).logits[:, -1]
+        start = self.cache.length
+        positions = None
+        if mask is not None and start > 0:
+            positions = self.positions
+            self.positions = self.positions + 1
+        return self.model(self.tokens[:, start:end], mask, positions, past_key_values=self.cache,
+                          logits_to_keep=1).logits[:, -1]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield from self._decode()
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def _decode(self) -> Iterator[Tensor]:
+        config, P = self.config, self.prompt_len
+        eos = torch.tensor(self.eos, device=self.tokens.device) if self.eos else None
+        done = torch.zeros(self.tokens.shape[0], dtype=torch.bool, device=self.tokens.device)
+        for step in range(config.max_new_tokens):
+            next_tokens = self.sampler(self._logits(P + step), self.history[:, :P + step], step)
+            if step:
+                next_tokens.masked_fill_(done, self.pad)  # finished rows emit padding
+            self.tokens[:, P + step] = next_tokens
+            if self.history is not self.tokens:
+                self.history[:, P + step] = next_tokens
+            self.steps = step + 1
+            yield next_tokens
+            if eos is not None:
+                done |= torch.isin(next_tokens, eos)
+            if self.stop_matcher is not None:
+                done[self.stop_matcher.matches(next_tokens.tolist())] = True
+            if bool(done.all()):
+                return
+
+
+def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor | None = None,
+             config: GenerationConfig | None = None, *, tokenizer: GPT2Tokenizer | None = None,
+             generator: torch.Generator | None = None, **options) -> Tensor:
+    """Prompt + new tokens, (B * num_return_sequences, prompt_len + steps) with each prompt's rows together.
+
+    Options are GenerationConfig's fields (max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
+    top_p, repetition_penalty, eos_token_id, pad_token_id, stop, seed, num_return_sequences, use_cache).
+    Batched prompts must be left-padded with `attention_mask`; each row then generates exactly as alone.
+    Generation ends when every row has met EOS or a stop string, or after max_new_tokens; finished rows are
+    filled with pad_token_id. Stop strings need `tokenizer`; the returned tokens include the one completing
+    the stop string (text helpers cut the text before it)."""
+    run = TokenGenerator(model, input_ids, attention_mask, config, tokenizer=tokenizer, generator=generator,
+                         **options)
+    for _ in run:
+        pass
+    return run.sequences()
+
+
+# ---- streaming ----------------------------------------------------------------------------------------------
+class TextStreamDecoder:
+    """Token ids in, text pieces out. Bytes of a character split across tokens are held until the character
+    is complete; text that may be the start of a stop string is held until it is clear. The pieces concatenate
+    to `tokenizer.decode(ids)` cut before the first stop string."""
+
+    def __init__(self, tokenizer: GPT2Tokenizer, stop: Sequence[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = list(stop or ())
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """The text that became final with this token ("" while a character or a possible stop is pending)."""
+        if self.stopped:
+            return ""
+        return self._emit(self._utf8.decode(self.tokenizer.decode_bytes([token_id])))
+
+    def flush(self) -> str:
+        """Everything still held (an unfinished character decodes as U+FFFD)."""
+        if self.stopped:
+            return ""
+        text = self._emit(self._utf8.decode(b"", final=True))
+        text, self._held = text + self._held, ""
+        return text
+
+    def _emit(self, new_text: str) -> str:
+        text, self.stopped = truncate_at_stop(self._held + new_text, self.stop)
+        if self.stopped:
+            self._held = ""
+            return text
+        # Hold back the longest end of the text that could still grow into a stop string.
+        hold = max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
+        self._held = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold]
+
+
+def encode_prompt(tokenizer: GPT2Tokenizer, prompt: str) -> list[int]:
+    """Token ids of a text prompt; an empty prompt starts from <|endoftext|>, as GPT-2's own samples do."""
+    return tokenizer.encode(prompt) or [tokenizer.eos_token_id]
+
+
+def stream_generate(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, prompt: str | Sequence[int],
+                    config: GenerationConfig | None = None, *, generator: torch.Generator | None = None,
+                    **options) -> Iterator[str]:
+    """Iterator over the continuation of `prompt` (text or token ids) as text pieces while tokens arrive (one
+    sequence). It ends at EOS (not shown), before a stop string, or after max_new_tokens; the pieces join to
+    the decoded continuation. Options are checked here, before anything is generated."""
+    config = (config or GenerationConfig()).replace(**options)
+    if config.num_return_sequences != 1:
+        raise ValueError("stream_generate produces one sequence; use generate for num_return_sequences > 1")
+    ids = torch.tensor([encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)])
+    # Stop strings are found on the text side here, where the streamer cuts the text.
+    run = TokenGenerator(model, ids, config=config.replace(stop=None), generator=generator)
+    return _stream_text(run, TextStreamDecoder(tokenizer, config.stop))
+
+
+def _stream_text(run: TokenGenerator, decoder: TextStreamDecoder) -> Iterator[str]:
+    eos = set(run.eos)
+    for token in run:
+        token_id = int(token[0])
+        if token_id in eos:
+            break
+        piece = decoder.push(token_id)
+        if piece:
+            yield piece
+        if decoder.stopped:
+            return
+    tail = decoder.flush()
+    if tail:
+        yield tail
+
+
+def decode_completions(tokenizer: GPT2Tokenizer, sequences: Tensor, prompt_len: int, eos_token_ids: Sequence[int],
+                       stop: Sequence[str] | None = None) -> list[str]:
+    """Text of each row's new tokens: up to the first EOS, cut before the first stop string."""
+    eos = set(eos_token_ids)
+    texts = []
+    for row in sequences[:, prompt_len:].tolist():
+        end = next((i for i, t in enumerate(row) if t in eos), len(row))
+        texts.append(truncate_at_stop(tokenizer.decode(row[:end]), stop)[0])
+    return texts

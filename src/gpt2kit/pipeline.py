@@ -1,0 +1,161 @@
+"""`pipeline("text_generation", model=PATH_OR_NAME)`: strings in, generated strings out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from .checkpoint import resolve_model_dir
+from .config import PRESETS, GPT2Config
+from .generation import GenerationConfig, TokenGenerator, decode_completions, encode_prompt, stream_generate
+from .model import GPT2LMHeadModel
+from .tokenizer import GPT2Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def text_defaults(tokenizer: GPT2Tokenizer) -> dict[str, int]:
+    """Generation options for text in, text out: the tokenizer's EOS ends a text."""
+    return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return (any((directory / name).exists() for name in ("tokenizer.json", "vocab.json", "encoder.json"))
+            or any(directory.glob("*.tiktoken")))
+
+
+def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
+                             tokenizer: str | os.PathLike | GPT2Tokenizer | None = None,
+                             dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+                             random_init: bool = False,
+                             backend: str = "torch") -> tuple[GPT2LMHeadModel, GPT2Tokenizer]:
+    """A model (HF-format directory, local HF cache name, or a preset with `random_init=True`) and its
+    tokenizer: the one given, else the vocabulary files in the model directory, else GPT-2's bundled one.
+    `backend="onnx"` runs a directory written by `gpt2kit export onnx` in onnxruntime instead."""
+    dtype = parse_dtype(dtype)
+    model_dir = None
+    if backend not in ("torch", "onnx"):
+        raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'onnx'")
+    if isinstance(model, GPT2LMHeadModel):
+        lm = model
+    elif backend == "onnx":
+        from .export import OnnxLMHeadModel
+
+        if random_init or dtype not in (None, torch.float32) or str(device) != "cpu":
+            raise ValueError("the onnx backend runs an exported directory in float32 on the CPU; random_init, "
+                             "dtype and device do not apply")
+        model_dir = Path(model)
+        lm = OnnxLMHeadModel(model_dir)
+    elif random_init:
+        if str(model) not in PRESETS:
+            raise ValueError(f"random_init needs a preset name ({', '.join(PRESETS)}), got {str(model)!r}")
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the same random model every time, without touching the caller's RNG
+            lm = GPT2LMHeadModel(GPT2Config.from_name(str(model)))
+        lm = lm.to(device=device, dtype=dtype).eval()
+    else:
+        model_dir = resolve_model_dir(model)
+        lm = GPT2LMHeadModel.from_pretrained(model_dir, dtype=dtype, device=device)
+    if isinstance(tokenizer, GPT2Tokenizer):
+        tok = tokenizer
+    elif tokenizer is not None:
+        tok = GPT2Tokenizer.from_pretrained(tokenizer)
+    elif model_dir is not None and _has_tokenizer_files(model_dir):
+        tok = GPT2Tokenizer.from_file(model_dir)
+    else:
+        tok = GPT2Tokenizer.gpt2()
+    if tok.vocab_size > lm.config.vocab_size:
+        where = f"{model_dir}: " if model_dir is not None else ""
+        raise ValueError(f"{where}the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                         f"{lm.config.vocab_size}; save the model's tokenizer beside it or pass tokenizer=")
+    return lm, tok
+
+
+class TextGenerationPipeline:
+    """Call with a string (-> list of {"generated_text"}, one per returned sequence) or a list of strings
+    (-> one such list per string). Keyword arguments are GenerationConfig fields. In text, the tokenizer
+    decides what ends a text: EOS and padding default to its ids rather than the model config's."""
+
+    def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, **defaults) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = GenerationConfig().replace(**{**text_defaults(tokenizer), **defaults})
+
+    def __call__(self, text_inputs: str | Sequence[str], *, return_full_text: bool = True, batch_size: int = 8,
+                 generator: torch.Generator | None = None,
+                 **options) -> list[dict[str, str]] | list[list[dict[str, str]]]:
+        config = self.config.replace(**options)
+        prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
+        n = config.num_return_sequences
+        results = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            input_ids, attention_mask = self._left_padded(chunk)
+            run = TokenGenerator(self.model, input_ids, attention_mask, config, tokenizer=self.tokenizer,
+                                 generator=generator)
+            for _ in run:
+                pass
+            texts = decode_completions(self.tokenizer, run.sequences(), input_ids.shape[1], run.eos, config.stop)
+            for i, prompt in enumerate(chunk):
+                prefix = prompt if return_full_text else ""
+                results.append([{"generated_text": prefix + text} for text in texts[i * n:(i + 1) * n]])
+        return results[0] if isinstance(text_inputs, str) else results
+
+    def stream(self, prompt: str, *, generator: torch.Generator | None = None, **options) -> Iterator[str]:
+        """The continuation of one prompt as text pieces while it is generated."""
+        return stream_generate(self.model, self.tokenizer, prompt, self.config.replace(**options),
+                               generator=generator)
+
+    def _left_padded(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [encode_prompt(self.tokenizer, p) for p in prompts]
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return ids, mask
+
+
+def pipeline(task: str, model: str | os.PathLike | GPT2LMHeadModel, *,
+             tokenizer: str | os.PathLike | GPT2Tokenizer | None = None, dtype: torch.dtype | str | None = None,
+             device: torch.device | str = "cpu", random_init: bool = False, backend: str = "torch",
+             **defaults) -> TextGenerationPipeline:
+    """`pipeline("text_generation", model="runs/demo/final")("ROMEO:", max_new_tokens=40)`. `defaults` are
+    generation options every call starts from; `backend="onnx"` runs an exported directory in onnxruntime."""
+    if task.replace("-", "_") != "text_generation":
+        raise ValueError(f"unknown pipeline task {task!r}; expected 'text_generation'")
+    lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
+                                       random_init=random_init, backend=backend)
+    return TextGenerationPipeline(lm, tok, **defaults)
+
+
+def generate_text(model: str | os.PathLike, prompt: str, *, tokenizer: str | os.PathLike | None = None,
+                  dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+                  random_init: bool = False, backend: str = "torch", return_full_text: bool = True,
+                  stream_to: TextIO | None = None, **options) -> list[str]:
+    """Load a model and continue `prompt`; one text per returned sequence. With `stream_to`, a single
+    sequence is also written there piece by piece as it is generated (the `gpt2kit generate` command)."""
+    pipe = pipeline("text_generation", model, tokenizer=tokenizer, dtype=dtype, device=device,
+                    random_init=random_init, backend=backend)
+    if stream_to is None or options.get("num_return_sequences", 1) != 1:
+        return [r["generated_text"] for r in pipe(prompt, return_full_text=return_full_text, **options)]
+    stream = pipe.stream(prompt, **options)  # checks the options before anything is written
+    pieces = [prompt] if return_full_text else []
+    if pieces:
+        stream_to.write(prompt)
+    for piece in stream:
+        stream_to.write(piece)
+        stream_to.flush()
+        pieces.append(piece)
+    return ["".join(pieces)]

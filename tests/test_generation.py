@@ -1,0 +1,350 @@
+"""Generation against transformers' generate() and logits processors on the same random weights, plus
+cache/no-cache equality, seeded sampling, stop strings and byte-correct streaming."""
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from transformers.generation import logits_process as hf_proc
+
+from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+from gpt2kit.model import CausalLMOutput
+from gpt2kit.generation import (
+    GenerationConfig, TextStreamDecoder, generate, keep_top_k, keep_top_p, penalize_repetition, scale_temperature,
+    stream_generate, truncate_at_stop,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+VOCAB = 512
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200], [3, 4, 5, 6]]
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A random transformers GPT-2 and the same weights loaded through gpt2kit."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=VOCAB,
+                                     bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    path = tmp_path_factory.mktemp("hf") / "model"
+    hf.save_pretrained(path)
+    return hf, GPT2LMHeadModel.from_pretrained(path)
+
+
+def left_padded(prompts, pad):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def hf_greedy(hf, ids, mask=None, **kwargs):
+    kwargs.setdefault("pad_token_id", VOCAB - 1)
+    with torch.no_grad():
+        return hf.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids), do_sample=False,
+                           **kwargs)
+
+
+# ---- greedy decoding equals transformers --------------------------------------------------------------------
+def test_greedy_matches_transformers(hf_pair):
+    hf, ours = hf_pair
+    ids = torch.tensor([PROMPTS[0]])
+    ref = hf_greedy(hf, ids, max_new_tokens=40, eos_token_id=None)
+    out = ours.generate(ids, max_new_tokens=40, eos_token_id=[])
+    assert out.shape == (1, len(PROMPTS[0]) + 40)
+    assert torch.equal(out, ref)
+
+
+def test_left_padded_batch_matches_transformers_and_rows_stop_independently(hf_pair):
+    hf, ours = hf_pair
+    ids, mask = left_padded(PROMPTS, pad=VOCAB - 1)
+    free = ours.generate(ids, mask, max_new_tokens=30, eos_token_id=[])
+    # An EOS id that row 0 emits at its 6th new token and row 1 never does: row 0 must stop alone.
+    eos = int(free[0, ids.shape[1] + 5])
+    assert eos not in free[1, ids.shape[1]:].tolist(), "pick another step for this random model"
+    first_eos = free[0, ids.shape[1]:].tolist().index(eos)
+    ref = hf_greedy(hf, ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+    out = ours.generate(ids, mask, max_new_tokens=30, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, ref)
+    new = out[:, ids.shape[1]:]
+    assert new[0, first_eos] == eos and (new[0, first_eos + 1:] == 0).all()
+    assert torch.equal(new[1], free[1, ids.shape[1]:])  # row 1 continued after row 0 finished
+
+
+def test_each_row_of_a_padded_batch_equals_the_prompt_alone(hf_pair):
+    _, ours = hf_pair
+    ids, mask = left_padded(PROMPTS, pad=0)
+    batch = ours.generate(ids, mask, max_new_tokens=25, eos_token_id=[])
+    for row, prompt in enumerate(PROMPTS):
+        alone = ours.generate(torch.tensor([prompt]), max_new_tokens=25, eos_token_id=[])
+        assert torch.equal(batch[row, ids.shape[1]:], alone[0, len(prompt):])
+
+
+def test_min_new_tokens_matches_transformers(hf_pair):
+    hf, ours = hf_pair
+    ids = torch.tensor([PROMPTS[1]])
+    eos = int(ours.generate(ids, max_new_tokens=1)[0, -1])  # greedy would stop at once
+    ref = hf_greedy(hf, ids, max_new_tokens=12, min_new_tokens=5, eos_token_id=eos)
+    out = ours.generate(ids, max_new_tokens=12, min_new_tokens=5, eos_token_id=eos)
+    assert torch.equal(out, ref)
+    assert out.shape[1] - ids.shape[1] >= 5 and eos not in out[0, 2:6].tolist()
+
+
+def test_greedy_with_repetition_penalty_matches_transformers(hf_pair):
+    hf, ours = hf_pair
+    ids = torch.tensor([PROMPTS[0]])
+    ref = hf_greedy(hf, ids, max_new_tokens=30, repetition_penalty=1.5, eos_token_id=None)
+    out = ours.generate(ids, max_new_tokens=30, repetition_penalty=1.5, eos_token_id=[])
+    assert torch.equal(out, ref)
+    assert not torch.equal(out, ours.generate(ids, max_new_tokens=30, eos_token_id=[]))
+
+
+@pytest.mark.parametrize("options", [{}, {"repetition_penalty": 1.3}, {"do_sample": True, "seed": 3, "top_k": 20}])
+def test_cached_decoding_equals_full_recomputation(hf_pair, options):
+    _, ours = hf_pair
+    ids, mask = left_padded(PROMPTS, pad=0)
+    cached = ours.generate(ids, mask, max_new_tokens=20, eos_token_id=[], **options)
+    recomputed = ours.generate(ids, mask, max_new_tokens=20, eos_token_id=[], use_cache=False, **options)
+    assert torch.equal(cached, recomputed)
+
+
+def test_bf16_weights_generate_with_a_bf16_cache(hf_pair, tmp_path):
+    _, ours = hf_pair
+    model = GPT2LMHeadModel(ours.config).eval()
+    model.load_state_dict(ours.state_dict())
+    model.to(torch.bfloat16)
+    ids = torch.tensor([PROMPTS[0]])
+    out = model.generate(ids, max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(out, model.generate(ids, max_new_tokens=10, eos_token_id=[], use_cache=False))
+
+
+# ---- processors equal transformers' -------------------------------------------------------------------------
+def fixed_logits():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(4, VOCAB, generator=g) * 3
+    scores[1, :10] = 2.5  # ties at the top-k boundary
+    scores[2, 7] = 40.0  # one token holds nearly all the mass
+    history = torch.randint(0, VOCAB, (4, 9), generator=g)
+    return history, scores
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (scale_temperature(0.7), hf_proc.TemperatureLogitsWarper(0.7)),
+    (scale_temperature(1.8), hf_proc.TemperatureLogitsWarper(1.8)),
+    (keep_top_k(1), hf_proc.TopKLogitsWarper(1)),
+    (keep_top_k(5), hf_proc.TopKLogitsWarper(5)),
+    (keep_top_k(10_000), hf_proc.TopKLogitsWarper(10_000)),
+    (keep_top_p(0.9), hf_proc.TopPLogitsWarper(0.9)),
+    (keep_top_p(0.3), hf_proc.TopPLogitsWarper(0.3)),
+    (keep_top_p(1e-6), hf_proc.TopPLogitsWarper(1e-6)),
+    (penalize_repetition(1.3), hf_proc.RepetitionPenaltyLogitsProcessor(1.3)),
+    (penalize_repetition(0.8), hf_proc.RepetitionPenaltyLogitsProcessor(0.8)),
+])
+def test_processor_matches_transformers(ours, theirs):
+    history, scores = fixed_logits()
+    expected = theirs(history, scores.clone())
+    got = ours(history, scores.clone())
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    probs = got.softmax(-1)
+    assert torch.allclose(probs.sum(-1), torch.ones(4))
+
+
+def test_processor_chain_matches_transformers():
+    history, scores = fixed_logits()
+    config = GenerationConfig(do_sample=True, temperature=0.8, top_k=40, top_p=0.85, repetition_penalty=1.2)
+    theirs = transformers.LogitsProcessorList([
+        hf_proc.RepetitionPenaltyLogitsProcessor(1.2), hf_proc.TemperatureLogitsWarper(0.8),
+        hf_proc.TopKLogitsWarper(40), hf_proc.TopPLogitsWarper(0.85)])
+    got = scores.clone()
+    for process in config.processors():
+        got = process(history, got)
+    torch.testing.assert_close(got.softmax(-1), theirs(history, scores.clone()).softmax(-1), rtol=0, atol=0)
+
+
+def test_repetition_penalty_ignores_padding():
+    history, scores = fixed_logits()
+    padded = torch.cat([torch.full((4, 3), -1), history], dim=1)  # -1 marks left padding
+    assert torch.equal(penalize_repetition(1.3)(padded, scores.clone()), penalize_repetition(1.3)(history, scores))
+
+
+# ---- sampling -----------------------------------------------------------------------------------------------
+def test_seeded_sampling_is_reproducible(hf_pair):
+    _, ours = hf_pair
+    ids, mask = left_padded(PROMPTS, pad=0)
+    options = dict(do_sample=True, temperature=0.9, top_p=0.95, max_new_tokens=20, eos_token_id=[])
+    a = ours.generate(ids, mask, seed=7, **options)
+    assert torch.equal(a, ours.generate(ids, mask, seed=7, **options))
+    assert torch.equal(a, ours.generate(ids, mask, generator=torch.Generator().manual_seed(7), **options))
+    assert not torch.equal(a, ours.generate(ids, mask, seed=8, **options))
+    torch.manual_seed(0)
+    b = ours.generate(ids, mask, **options)  # the global RNG when no seed is given
+    torch.manual_seed(0)
+    assert torch.equal(b, ours.generate(ids, mask, **options))
+
+
+def test_sampling_with_top_k_1_or_temperature_0_is_greedy(hf_pair):
+    _, ours = hf_pair
+    ids = torch.tensor([PROMPTS[2]])
+    greedy = ours.generate(ids, max_new_tokens=15, eos_token_id=[])
+    assert torch.equal(greedy, ours.generate(ids, max_new_tokens=15, eos_token_id=[], do_sample=True, top_k=1))
+    assert torch.equal(greedy, ours.generate(ids, max_new_tokens=15, eos_token_id=[], do_sample=True,
+                                             temperature=0))
+
+
+def test_sampled_tokens_follow_the_filtered_distribution(hf_pair):
+    """top_k=3: every sampled token is one of the three most likely at its step (checked by recomputation)."""
+    _, ours = hf_pair
+    ids = torch.tensor([PROMPTS[0]])
+    out = ours.generate(ids, max_new_tokens=15, eos_token_id=[], do_sample=True, top_k=3, seed=0)
+    with torch.no_grad():
+        logits = ours(out).logits[0, ids.shape[1] - 1:-1]
+    top3 = logits.topk(3).indices
+    assert (top3 == out[0, ids.shape[1]:, None]).any(-1).all()
+
+
+def test_num_return_sequences_repeats_each_prompt(hf_pair):
+    _, ours = hf_pair
+    ids, mask = left_padded(PROMPTS[:2], pad=0)
+    out = ours.generate(ids, mask, max_new_tokens=10, do_sample=True, seed=0, num_return_sequences=3,
+                        eos_token_id=[])
+    assert out.shape == (6, ids.shape[1] + 10)
+    assert torch.equal(out[:3, :ids.shape[1]], ids[[0, 0, 0]]) and torch.equal(out[3:, :ids.shape[1]], ids[[1, 1, 1]])
+    assert len({tuple(r) for r in out[:3].tolist()}) > 1
+
+
+# ---- errors -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=200), "exceeds the model's context of 128 positions"),
+    (dict(num_return_sequences=2), "needs do_sample=True"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(min_new_tokens=30, max_new_tokens=10), "min_new_tokens"),
+    (dict(nucleus=0.9), "unknown generation option"),
+    (dict(stop=["x"]), "need the tokenizer"),
+    (dict(seed=1, generator=torch.Generator()), "either seed or generator"),
+])
+def test_bad_options_raise_clear_errors(hf_pair, kwargs, message):
+    _, ours = hf_pair
+    with pytest.raises(ValueError, match=message):
+        ours.generate(torch.tensor([PROMPTS[0]]), **kwargs)
+
+
+@pytest.mark.parametrize("ids, mask, message", [
+    (torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1, 0]]), "pad prompts on the left"),
+    (torch.tensor([[1, VOCAB]]), None, "outside the model's vocabulary"),
+    (torch.zeros(1, 0, dtype=torch.long), None, "prompt is empty"),
+    (torch.tensor([1, 2]), None, "shape \\(batch, prompt_length\\)"),
+])
+def test_bad_inputs_raise_clear_errors(hf_pair, ids, mask, message):
+    _, ours = hf_pair
+    with pytest.raises(ValueError, match=message):
+        ours.generate(ids, mask)
+
+
+def test_the_whole_context_can_be_used(hf_pair):
+    _, ours = hf_pair
+    out = ours.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=128 - len(PROMPTS[0]), eos_token_id=[])
+    assert out.shape == (1, 128)
+
+
+# ---- stop strings and streaming (a scripted model decides the text) ------------------------------------------
+class ScriptedLM(nn.Module):
+    """Greedy decoding of it yields `scripts[row]` whatever the prompt; it keeps the KV cache contract (the
+    model advances cache.length)."""
+
+    def __init__(self, scripts: list[list[int]], vocab_size: int = 50257) -> None:
+        super().__init__()
+        self.config = GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=vocab_size, n_positions=256)
+        self.scripts = scripts
+        self.anchor = nn.Parameter(torch.zeros(()))  # device and dtype for the cache
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, logits_to_keep=0):
+        past = past_key_values.length if past_key_values is not None else 0
+        if past == 0:
+            self.prompt_len = input_ids.shape[1]
+        if past_key_values is not None:
+            past_key_values.length = past + input_ids.shape[1]
+        step = past + input_ids.shape[1] - self.prompt_len
+        logits = torch.zeros(input_ids.shape[0], 1, self.config.vocab_size)
+        for row, script in enumerate(self.scripts):
+            logits[row, 0, script[min(step, len(script) - 1)]] = 1.0
+        return CausalLMOutput(logits=logits)
+
+
+@pytest.fixture(scope="module")
+def gpt2_tok():
+    return GPT2Tokenizer.gpt2()
+
+
+def byte_tokens(tok, text):
+    """One token per UTF-8 byte, so multi-byte characters are split across tokens."""
+    return [tok.encoding.encode_single_token(bytes([b])) for b in text.encode("utf-8")]
+
+
+def test_stop_strings_end_rows_independently(gpt2_tok):
+    texts = ["one two STOP three four five six", "alpha beta gamma delta epsilon zeta"]
+    scripts = [gpt2_tok.encode(t) for t in texts]
+    model = ScriptedLM(scripts)
+    ids = torch.tensor([[10], [10]])
+    out = generate(model, ids, max_new_tokens=40, stop=["STOP", "delta"], tokenizer=gpt2_tok, pad_token_id=0,
+                   eos_token_id=[])
+    new = out[:, 1:].tolist()
+    ends = []
+    for row, stop in enumerate(["STOP", "delta"]):
+        script = scripts[row]
+        # The row's last real token is the one whose text completes the stop string.
+        end = next(i for i in range(1, len(script) + 1) if stop in gpt2_tok.decode(script[:i]))
+        assert new[row][:end] == script[:end]
+        assert all(t == 0 for t in new[row][end:])
+        ends.append(end)
+    assert ends[0] != ends[1] and out.shape[1] == 1 + max(ends)
+
+
+def test_stop_string_split_inside_a_character_is_found(gpt2_tok):
+    script = byte_tokens(gpt2_tok, "naïve 世界 and more")
+    model = ScriptedLM([script])
+    out = generate(model, torch.tensor([[10]]), max_new_tokens=40, stop=["世界"], tokenizer=gpt2_tok,
+                   eos_token_id=[])
+    assert gpt2_tok.decode(out[0, 1:].tolist()) == "naïve 世界"
+
+
+def test_streaming_reassembles_multibyte_text_and_holds_partial_characters(gpt2_tok):
+    text = "héllo wörld — 世界 🎉 ok"
+    model = ScriptedLM([byte_tokens(gpt2_tok, text) + [gpt2_tok.eos_token_id]])
+    pieces = list(stream_generate(model, gpt2_tok, "Hi", max_new_tokens=100))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert len(pieces) < len(text.encode("utf-8"))  # continuation bytes were held, not emitted alone
+
+
+def test_streaming_stops_before_a_stop_string_without_leaking_its_start(gpt2_tok):
+    model = ScriptedLM([gpt2_tok.encode("The answer is 42.\nUser: next question")])
+    pieces = list(stream_generate(model, gpt2_tok, "Q", max_new_tokens=50, stop=["\nUser:"]))
+    assert "".join(pieces) == "The answer is 42."
+    assert not any("\n" in p for p in pieces)
+
+
+def test_streaming_a_random_model_equals_decoding_its_tokens(hf_pair, gpt2_tok):
+    """Random tokens < 512 are mostly single GPT-2 bytes: many split or invalid UTF-8 sequences."""
+    _, ours = hf_pair
+    prompt = [1, 2, 3]
+    tokens = ours.generate(torch.tensor([prompt]), max_new_tokens=60, do_sample=True, seed=5, eos_token_id=[])
+    pieces = list(stream_generate(ours, gpt2_tok, prompt, max_new_tokens=60, do_sample=True, seed=5,
+                                  eos_token_id=[]))
+    assert "".join(pieces) == gpt2_tok.decode(tokens[0, 3:].tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=30), stop=st.lists(st.text(min_size=1, max_size=4), max_size=2),
+       garbage=st.binary(max_size=3), whole_tokens=st.booleans())
+def test_stream_decoder_equals_whole_decoding(gpt2_tok, text, stop, garbage, whole_tokens):
+    """Bytes (valid UTF-8 or not) as one token per byte or as BPE tokens: the pieces join to the whole
+    decoded text, cut before the first stop string."""
+    ids = gpt2_tok.encode(text) if whole_tokens else byte_tokens(gpt2_tok, text)
+    ids += [gpt2_tok.encoding.encode_single_token(bytes([b])) for b in garbage]
+    decoder = TextStreamDecoder(gpt2_tok, stop)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == truncate_at_stop(gpt2_tok.decode(ids), stop)[0]

@@ -1,0 +1,180 @@
+"""pipeline("text_generation"), the `generate` and `chat` commands (chat driven through a pipe)."""
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+from gpt2kit.chat import ChatSession, chat
+from gpt2kit.cli import main
+from gpt2kit.generation import GenerationConfig
+from gpt2kit.pipeline import load_model_and_tokenizer, pipeline
+from gpt2kit.tokenizer import train_bpe
+
+from .conftest import DATA
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = ["I had always thought", "Jack", "The fact is, it was a very"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random tiny model saved with its own 512-token BPE vocabulary (trained on a bundled text)."""
+    path = tmp_path_factory.mktemp("pipe") / "model"
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=96, vocab_size=512, bos_token_id=0,
+                        eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    train_bpe([DATA / "the-verdict" / "the-verdict.txt"], 512, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return pipeline("text_generation", model=str(model_dir))
+
+
+def test_pipeline_text_equals_generate_then_decode(pipe, model_dir):
+    model = GPT2LMHeadModel.from_pretrained(model_dir)
+    tok = GPT2Tokenizer.from_file(model_dir)
+    ids = torch.tensor([tok.encode(PROMPTS[0])])
+    tokens = model.generate(ids, max_new_tokens=15, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    if tok.eos_token_id in tokens:
+        tokens = tokens[:tokens.index(tok.eos_token_id)]
+    out = pipe(PROMPTS[0], max_new_tokens=15)
+    assert out == [{"generated_text": PROMPTS[0] + tok.decode(tokens)}]
+    assert pipe(PROMPTS[0], max_new_tokens=15, return_full_text=False) == [{"generated_text": tok.decode(tokens)}]
+
+
+def test_pipeline_batch_equals_each_prompt_alone(pipe):
+    batched = pipe(PROMPTS, max_new_tokens=12, batch_size=3)
+    assert len(batched) == len(PROMPTS)
+    for prompt, result in zip(PROMPTS, batched):
+        assert result == pipe(prompt, max_new_tokens=12)
+
+
+def test_pipeline_sampling_options_and_return_sequences(pipe):
+    out = pipe("Jack", max_new_tokens=10, do_sample=True, top_k=20, seed=3, num_return_sequences=3)
+    assert len(out) == 3 and all(r["generated_text"].startswith("Jack") for r in out)
+    assert out == pipe("Jack", max_new_tokens=10, do_sample=True, top_k=20, seed=3, num_return_sequences=3)
+    second = pipe(["a", "b"], max_new_tokens=5, num_return_sequences=2, do_sample=True, seed=1)[1]
+    assert len(second) == 2 and all(r["generated_text"].startswith("b") for r in second)
+
+
+def test_pipeline_stop_string_cuts_the_text(pipe):
+    full = pipe(PROMPTS[2], max_new_tokens=30, return_full_text=False)[0]["generated_text"]
+    stop = full[8:11]
+    assert len(stop) == 3 and stop in full
+    cut = pipe(PROMPTS[2], max_new_tokens=30, return_full_text=False, stop=[stop])[0]["generated_text"]
+    assert cut == full[:full.index(stop)]
+    streamed = "".join(pipe.stream(PROMPTS[2], max_new_tokens=30, stop=[stop]))
+    assert streamed == cut
+
+
+def test_empty_prompt_starts_from_endoftext(pipe):
+    assert pipe("", max_new_tokens=5)[0]["generated_text"] == pipe.tokenizer.decode(
+        pipe.model.generate(torch.tensor([[0]]), max_new_tokens=5, eos_token_id=0)[0, 1:].tolist()).split(
+        "<|endoftext|>")[0]
+
+
+def test_pipeline_errors(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown pipeline task"):
+        pipeline("summarization", model=str(model_dir))
+    bare = tmp_path / "bare"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=512)).save_pretrained(bare)
+    with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model's vocab_size is 512"):
+        pipeline("text_generation", model=str(bare))
+    with pytest.raises(ValueError, match="random_init needs a preset"):
+        load_model_and_tokenizer(str(model_dir), random_init=True)
+    with pytest.raises(ValueError, match="n_positions"):
+        pipeline("text-generation", model=str(model_dir))("x " * 80, max_new_tokens=20)
+
+
+def test_random_init_preset_is_deterministic():
+    a, tok = load_model_and_tokenizer("gpt2-tiny", random_init=True)
+    b, _ = load_model_and_tokenizer("gpt2-tiny", random_init=True)
+    assert tok.vocab_size == a.config.vocab_size == 50257
+    assert torch.equal(a.transformer.wte.weight, b.transformer.wte.weight)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------
+def test_generate_command_streams_the_pipeline_text(pipe, model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--prompt", PROMPTS[1], "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out == pipe(PROMPTS[1], max_new_tokens=12)[0]["generated_text"] + "\n"
+
+
+def test_generate_command_reads_the_prompt_from_stdin(pipe, model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPTS[0]))
+    args = ["generate", "--model", str(model_dir), "--max-new-tokens", "9", "--do-sample", "--top-p", "0.9",
+            "--temperature", "0.8", "--seed", "4", "--completion-only"]
+    assert main(args) == 0
+    expected = pipe(PROMPTS[0], max_new_tokens=9, do_sample=True, top_p=0.9, temperature=0.8, seed=4,
+                    return_full_text=False)
+    assert capsys.readouterr().out == expected[0]["generated_text"] + "\n"
+
+
+def test_generate_command_prints_several_sequences(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--prompt", "Jack", "--do-sample", "--seed", "0",
+                 "--num-return-sequences", "2", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "--- sequence 1 ---\nJack" in out and "--- sequence 2 ---\nJack" in out
+
+
+def test_generate_command_errors_are_one_line(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "500"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # checked before the prompt is echoed
+    assert captured.err.startswith("gpt2kit generate: error: ") and "n_positions" in captured.err
+    assert captured.err.count("\n") == 1
+
+
+def test_chat_through_a_pipe(model_dir):
+    script = "Hello there\n/set temperature 0.5\n/set top_k nope\n/set\nHow are you?\n/reset\n/quit\nnever read\n"
+    result = subprocess.run([sys.executable, "-m", "gpt2kit", "chat", "--model", str(model_dir), "--max-new-tokens",
+                             "8", "--seed", "0"], input=script, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    acks = ["\n[temperature = 0.5]\n", "\n[error: invalid literal", "\n[temperature = 0.5, top_k = 50,",
+            "\n[history cleared]\n"]
+    positions = [out.index(ack) for ack in acks]
+    assert positions == sorted(positions)
+    assert out.endswith("[history cleared]\n")  # /quit ended the session: the last line was never read
+    second_reply = out[out.index("\n", positions[2] + 1) + 1:positions[3]]
+    assert second_reply.strip()
+    # Same seed, same conversation, from the Python function too.
+    assert chat_in_process(model_dir, script, max_new_tokens=8, seed=0) == out
+
+
+def chat_in_process(model_dir, text, **options):
+    stdout = io.StringIO()
+    chat(str(model_dir), stdin=io.StringIO(text), stdout=stdout, **options)
+    return stdout.getvalue()
+
+
+def test_chat_greedy_reply_equals_generation_from_the_transcript(pipe, model_dir):
+    out = chat_in_process(model_dir, "Hi\n", do_sample=False, max_new_tokens=10)
+    reply = pipe("User: Hi\nAssistant:", max_new_tokens=10, stop=["\nUser:"], return_full_text=False)
+    assert out == reply[0]["generated_text"].lstrip() + "\n"
+
+
+def test_chat_history_stays_within_the_context(pipe):
+    config = GenerationConfig(max_new_tokens=10)
+    session = ChatSession(pipe.model, pipe.tokenizer, config)
+    budget = pipe.model.config.n_positions - 10
+    for i in range(8):
+        list(session.reply(f"message number {i} with some words"))
+        ids = session.prompt_ids("next")
+        assert len(ids) <= budget
+        assert pipe.tokenizer.decode(ids).endswith("User: next\nAssistant:")
+    assert "message number 0 " not in pipe.tokenizer.decode(session.prompt_ids("x"))  # oldest turns dropped
+    assert "message number 7 " in pipe.tokenizer.decode(session.prompt_ids("x"))
+    assert len(session.prompt_ids("word " * 500)) == budget  # one huge message keeps its end
+    session.reset()
+    assert session.prompt_ids("next") == pipe.tokenizer.encode("User: next\nAssistant:")
+    with pytest.raises(ValueError, match="leaves no room"):
+        session.set("max_new_tokens", "96")
