@@ -43,22 +43,49 @@ def model_summary(name_or_path: str) -> str:
 # ---- info ---------------------------------------------------------------------------------------------------
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or an HF-format model directory")
+    p.add_argument("--parallel", default=None, metavar="data=N,shard=N,tensor=N",
+                   help="also estimate training memory per GPU for this layout (degrees not named are 1)")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="memory estimate: sequences per GPU per step")
+    p.add_argument("--seq-len", type=int, default=None, help="memory estimate: tokens per sequence (default: context)")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="memory estimate: compute dtype")
+    p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                   help="memory estimate: activation checkpointing of every block (default: on)")
 
 
 def _info(args: argparse.Namespace) -> None:
     print(model_summary(args.model))
+    if args.parallel is not None:
+        from .training.memory import memory_report
+
+        print(memory_report(args.model, args.parallel, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
+                            precision=args.precision, recompute=args.recompute))
 
 
 # ---- convert ------------------------------------------------------------------------------------------------
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="HF-format model directory (safetensors or .bin, sharded or not)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="HF-format model directory (safetensors or .bin, sharded or not)")
+    source.add_argument("--from-dcp", metavar="DIR", help="a distributed (DCP) checkpoint written by any number of "
+                        "ranks in any layout: merge its model weights into one HF directory, on one process")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors", dest="weights_format")
     p.add_argument("--max-shard-size", default=None, help="shard the weights, e.g. 2GB; default: one file")
+    p.add_argument("--config", default=None, help="--from-dcp: config.json or model directory describing the "
+                   "model (default: the config.json beside the shards or in the parent directory)")
 
 
 def _convert(args: argparse.Namespace) -> None:
-    out = convert(args.input, args.output, weights_format=args.weights_format, max_shard_size=args.max_shard_size)
+    if args.from_dcp:
+        from .training.distributed_checkpoint import dcp_to_pretrained
+
+        if args.weights_format != "safetensors":
+            raise ValueError("--from-dcp writes safetensors; convert the result with --input to get .bin files")
+        out = dcp_to_pretrained(args.from_dcp, args.output, config=args.config, max_shard_size=args.max_shard_size)
+    else:
+        if args.config is not None:
+            raise ValueError("--config applies to --from-dcp only")
+        out = convert(args.input, args.output, weights_format=args.weights_format,
+                      max_shard_size=args.max_shard_size)
     print(f"wrote {out}")
 
 
@@ -102,6 +129,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--completion-only", action="store_true", help="print only the generated continuation")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="onnx: run a directory written "
                    "by `gpt2kit export onnx` (given as --model) in onnxruntime")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="T", help="shard the model over T processes "
+                   "launched with `torchrun --nproc-per-node T -m gpt2kit generate ...` (rank 0 prints)")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -110,8 +139,19 @@ def _generate(args: argparse.Namespace) -> None:
     if args.prompt is None and sys.stdin.isatty():
         raise ValueError("give --prompt TEXT or pipe the prompt on standard input")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    texts = generate_text(args.model, prompt, return_full_text=not args.completion_only, stream_to=sys.stdout,
-                          backend=args.backend, **_loading_and_sampling(args))
+    if args.tensor_parallel > 1:
+        from .training.parallel import generate_tensor_parallel
+
+        options = _loading_and_sampling(args)
+        if options.pop("random_init") or args.backend != "torch":
+            raise ValueError("--tensor-parallel loads a model directory with the torch backend")
+        texts = generate_tensor_parallel(args.model, prompt, tensor_parallel=args.tensor_parallel,
+                                         return_full_text=not args.completion_only, stream_to=sys.stdout, **options)
+        if texts is None:
+            return  # not rank 0: rank 0 prints
+    else:
+        texts = generate_text(args.model, prompt, return_full_text=not args.completion_only, stream_to=sys.stdout,
+                              backend=args.backend, **_loading_and_sampling(args))
     if len(texts) == 1:
         print()  # the text was streamed
     else:
@@ -254,6 +294,64 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.output}")
 
 
+# ---- serve / export -----------------------------------------------------------------------------------------
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from .serving.config import ServerConfig
+
+    defaults = ServerConfig()
+    p.add_argument("--model", required=True, help="HF-format model directory, local HF cache name, or a preset "
+                   "with --random-init")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file/dir or 'gpt2'; default: the model directory's "
+                   "vocabulary files, else GPT-2's")
+    p.add_argument("--random-init", action="store_true", help="random weights of the preset named by --model")
+    p.add_argument("--dtype", default=None, help="cast weights: float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--host", default=defaults.host, help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=defaults.port, help="port (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--api-key", default=None, help="require this key on every route but /health (default: the "
+                   "GPT2KIT_API_KEY environment variable; prefer it, command lines are visible to other users)")
+    p.add_argument("--model-name", default=None, help="model id in the API (default: the --model directory's name)")
+    p.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                   help="sequences decoded together (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                   help="requests waiting for a batch slot before 503 (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                   help="largest request body (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: context - 1)")
+    p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens (default: context - 1)")
+    p.add_argument("--max-choices", type=int, default=defaults.max_choices,
+                   help="prompts x n in one request (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .serving import serve
+
+    serve(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, random_init=args.random_init,
+          log_level=args.log_level, host=args.host, port=args.port, api_key=args.api_key,
+          model_name=args.model_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+          max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+          max_choices=args.max_choices)
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    from .export import DEFAULT_OPSET
+
+    sub = p.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
+    onnx = sub.add_parser("onnx", help="prefill + decode graphs with KV cache inputs/outputs, for onnxruntime")
+    onnx.add_argument("--model", required=True, help="HF-format model directory or local HF cache name")
+    onnx.add_argument("--output", required=True, help="directory to write (appears only when complete)")
+    onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (default: %(default)s)")
+    onnx.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import export_onnx
+
+    out = export_onnx(args.model, args.output, opset=args.opset, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
 COMMANDS: dict[str, tuple[str, Command]] = {
     "info": ("print a model's shape and parameter count", (_info_args, _info)),
     "convert": ("convert HF weights between .bin and safetensors, shard or merge", (_convert_args, _convert)),
@@ -269,6 +367,9 @@ COMMANDS: dict[str, tuple[str, Command]] = {
                   (_tokenizer_args, _tokenizer)),
     "eval": ("evaluate: WikiText/text perplexity, LAMBADA accuracy, classification accuracy; JSON report",
              (_eval_args, _eval)),
+    "serve": ("OpenAI-compatible HTTP server (/v1/completions, streaming, batching) + playground page at /",
+              (_serve_args, _serve)),
+    "export": ("export a model: onnx (prefill + decode graphs with KV cache)", (_export_args, _export)),
 }
 
 

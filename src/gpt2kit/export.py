@@ -1,0 +1,212 @@
+"""ONNX export with a KV cache, and an onnxruntime-backed model that gpt2kit's generation runs unchanged.
+
+`export_onnx` writes two graphs of the same network beside the model's config and tokenizer:
+
+- `prefill.onnx`: input_ids, attention_mask, position_ids -> logits, present_keys, present_values
+- `decode.onnx`:  the same plus past_keys, past_values (the cache so far) -> the same outputs
+
+Caches are stacked over layers, (n_layer, batch, n_head, length, head_dim), the layout of gpt2kit's KVCache.
+Batch, sequence and past lengths are dynamic axes. `attention_mask` (batch, past + sequence) marks real tokens
+with 1 (left padding works as in PyTorch); `position_ids` (batch, sequence) count real tokens only.
+
+The graphs are traced from `KVCacheLM`, a thin wrapper around GPT2LMHeadModel's own modules whose cache is
+plain input/output tensors: the preallocated, in-place KVCache of model.py suits eager PyTorch, not a graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .checkpoint import CONFIG_NAME, load_config, resolve_model_dir
+from .config import GPT2Config
+from .model import CausalLMOutput, GPT2LMHeadModel, KVCache, positions_from_mask
+
+PREFILL_NAME = "prefill.onnx"
+DECODE_NAME = "decode.onnx"
+EXPORT_INFO_NAME = "onnx_export.json"
+DEFAULT_OPSET = 17
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe",
+                    "tokenizer_config.json")
+
+
+class KVCacheLM(nn.Module):
+    """GPT2LMHeadModel's computation with the cache passed in and returned as stacked tensors.
+
+    It reuses the model's modules (no copied weights); attention is written out with an explicit mask built
+    from tensor shapes so the traced graph stays valid for every batch, sequence and past length."""
+
+    def __init__(self, model: GPT2LMHeadModel) -> None:
+        super().__init__()
+        self.model = model
+        self.n_head = model.config.n_head
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                past_keys: Tensor | None = None, past_values: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        transformer = self.model.transformer
+        B, T = input_ids.shape
+        # Key j is visible to query i (at absolute index S - T + i) if it is real and not in the future; a query
+        # always sees itself so padded rows never softmax over nothing.
+        key_index = torch.ones_like(attention_mask).cumsum(-1) - 1  # (B, S)
+        query_index = key_index[:, -1:] - T + 1 + torch.ones_like(input_ids).cumsum(-1) - 1  # (B, T)
+        causal = key_index[:, None, :] <= query_index[:, :, None]  # (B, T, S)
+        itself = key_index[:, None, :] == query_index[:, :, None]
+        visible = (causal & attention_mask.bool()[:, None, :]) | itself
+        blocked = ~visible[:, None]  # (B, 1, T, S)
+
+        x = transformer.wte(input_ids) + transformer.wpe(position_ids)
+        presents_k, presents_v = [], []
+        for layer, block in enumerate(transformer.h):
+            h = block.ln_1(x)
+            q, k, v = block.attn.c_attn(h).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            if past_keys is not None:
+                k = torch.cat([past_keys[layer], k], dim=2)
+                v = torch.cat([past_values[layer], v], dim=2)
+            presents_k.append(k)
+            presents_v.append(v)
+            scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+            attn = scores.masked_fill(blocked, float("-inf")).softmax(-1) @ v
+            x = x + block.attn.c_proj(attn.transpose(1, 2).reshape(B, T, -1))
+            x = x + block.mlp(block.ln_2(x))
+        logits = self.model.lm_head(transformer.ln_f(x))
+        return logits, torch.stack(presents_k), torch.stack(presents_v)
+
+
+def _example_inputs(config: GPT2Config, batch: int, length: int, past: int) -> dict[str, Tensor]:
+    """Inputs of the traced example: left padding in row 0 so the masking path is exercised."""
+    total = past + length
+    mask = torch.ones(batch, total, dtype=torch.long)
+    mask[0, :1] = 0
+    inputs = {"input_ids": torch.randint(0, config.vocab_size, (batch, length)), "attention_mask": mask,
+              "position_ids": positions_from_mask(mask)[:, past:]}
+    if past:
+        shape = (config.n_layer, batch, config.n_head, past, config.head_dim)
+        inputs["past_keys"] = torch.randn(shape)
+        inputs["past_values"] = torch.randn(shape)
+    return inputs
+
+
+def _export_graph(wrapper: KVCacheLM, path: Path, config: GPT2Config, *, with_past: bool, opset: int) -> None:
+    inputs = _example_inputs(config, batch=2, length=3, past=4 if with_past else 0)
+    dynamic_axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
+                    "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
+                    "present_keys": {1: "batch", 3: "total"}, "present_values": {1: "batch", 3: "total"}}
+    if with_past:
+        dynamic_axes |= {"past_keys": {1: "batch", 3: "past"}, "past_values": {1: "batch", 3: "past"}}
+    with warnings.catch_warnings():
+        # The TorchScript exporter announces its deprecation on every call; the graphs it writes are what we test.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(wrapper, tuple(inputs.values()), str(path), input_names=list(inputs),
+                          output_names=["logits", "present_keys", "present_values"], dynamic_axes=dynamic_axes,
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os.PathLike, *,
+                opset: int = DEFAULT_OPSET, overwrite: bool = False) -> Path:
+    """Write prefill.onnx + decode.onnx (fp32), config.json and the tokenizer files into `output_dir`.
+
+    `model` is an HF-format directory or a GPT2LMHeadModel. The directory appears only when complete."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    source_dir = None
+    if isinstance(model, GPT2LMHeadModel):
+        lm = model
+    else:
+        source_dir = resolve_model_dir(model)
+        lm = GPT2LMHeadModel.from_pretrained(source_dir)
+    param = next(lm.parameters())
+    if param.dtype != torch.float32 or param.device.type != "cpu":
+        lm = copy.deepcopy(lm).float().cpu()  # the caller's model keeps its dtype and device
+    was_training = lm.training
+    wrapper = KVCacheLM(lm.eval())
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        with torch.no_grad():
+            for name in tqdm([PREFILL_NAME, DECODE_NAME], desc="export onnx", unit="graph"):
+                _export_graph(wrapper, tmp / name, lm.config, with_past=name == DECODE_NAME, opset=opset)
+        (tmp / CONFIG_NAME).write_text(json.dumps(lm.config.to_hf_dict(), indent=2) + "\n")
+        if source_dir is not None:
+            for path in [*(source_dir / n for n in _TOKENIZER_FILES), *source_dir.glob("*.tiktoken")]:
+                if path.is_file():
+                    shutil.copyfile(path, tmp / path.name)
+        info = {"format": "gpt2kit-onnx", "opset": opset, "dtype": "float32", "graphs": [PREFILL_NAME, DECODE_NAME],
+                "cache_layout": "(n_layer, batch, n_head, length, head_dim)"}
+        (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        lm.train(was_training)
+    return output_dir
+
+
+class OnnxLMHeadModel(nn.Module):
+    """An exported directory run by onnxruntime behind GPT2LMHeadModel's forward signature, so `generate`,
+    `stream_generate` and pipelines run it unchanged (CPU, float32). Only the sampling of the next token from
+    the logits stays in PyTorch; the network runs in onnxruntime."""
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, directory: str | os.PathLike, *, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        super().__init__()
+        directory = Path(directory)
+        for name in (CONFIG_NAME, PREFILL_NAME, DECODE_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory}: no {name}; write an ONNX model directory with "
+                                        f"`gpt2kit export onnx --model MODEL --output {directory}`")
+        self.directory = directory
+        self.config = load_config(directory)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.prefill, self.decode = (ort.InferenceSession(str(directory / name), options,
+                                                          providers=["CPUExecutionProvider"])
+                                     for name in (PREFILL_NAME, DECODE_NAME))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                past_key_values: KVCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
+        """As GPT2LMHeadModel.forward (without losses): the graphs read the filled part of `past_key_values`
+        and the new keys/values are written back into it."""
+        cache = past_key_values
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.n_positions:  # onnxruntime would only say "index out of bounds"
+            raise ValueError(f"sequence of {past + T} positions exceeds the model's context of "
+                             f"{self.config.n_positions} (n_positions)")
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, past:]
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask.long(),
+                 "position_ids": position_ids.long().expand(B, T)}
+        session = self.prefill
+        if past:
+            feeds |= {"past_keys": cache.keys[:, :, :, :past], "past_values": cache.values[:, :, :, :past]}
+            session = self.decode
+        logits, keys, values = session.run(None, {k: v.contiguous().numpy() for k, v in feeds.items()})
+        if cache is not None:
+            cache.keys[:, :, :, past:past + T] = torch.from_numpy(keys[:, :, :, past:])
+            cache.values[:, :, :, past:past + T] = torch.from_numpy(values[:, :, :, past:])
+            cache.length = past + T
+        logits = torch.from_numpy(logits)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return CausalLMOutput(logits=logits, past_key_values=cache)

@@ -1,0 +1,356 @@
+"""The HTTP server: OpenAI-compatible /v1/completions and /v1/models, /health, and the playground page at /.
+
+Every route but /health needs the API key when one is set: `Authorization: Bearer KEY` (what OpenAI clients
+send) or HTTP Basic auth with KEY as the password (what a browser sends after asking for it on /). Bodies are
+capped before they are read; every bad request gets a 4xx with an OpenAI-style error body; a full queue
+gets 503. No route touches the filesystem: the page is read from the package once, at startup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..generation import GenerationConfig, TextStreamDecoder, encode_prompt
+from ..model import GPT2LMHeadModel
+from ..tokenizer import GPT2Tokenizer
+from .config import ServerConfig
+from .protocol import DEFAULT_MAX_TOKENS, APIError, CompletionRequest, LogprobsBuilder, error_body, parse_request
+from .scheduler import BatchScheduler, ErrorEvent, FinishEvent, Job, PromptLogprobsEvent, QueueFull, TokenEvent
+
+logger = logging.getLogger("gpt2kit.serving")
+
+API_KEY_ENV = "GPT2KIT_API_KEY"
+OPEN_PATHS = frozenset({"/health"})
+PLAYGROUND_PATH = "/"
+# The page is self-contained: the policy lets it load nothing from anywhere else.
+PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                                           "style-src 'unsafe-inline'; connect-src 'self'"}
+
+
+def _json_error(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class RequestGuard:
+    """ASGI middleware run before any route: checks the API key and caps the request body."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        value = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, credentials = value.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                credentials = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")[2]
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+        elif scheme.lower() != "bearer":
+            return False
+        return secrets.compare_digest(credentials.strip().encode(), self.api_key.encode())
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+            # The page asks the browser for the key (Basic auth); API clients get OpenAI's error.
+            challenge = {"WWW-Authenticate": 'Basic realm="gpt2kit", charset="UTF-8"'} \
+                if scope["path"] == PLAYGROUND_PATH else None
+            body = error_body("Incorrect or missing API key: send `Authorization: Bearer KEY`",
+                              code="invalid_api_key")
+            return await _json_error(401, body, challenge)(scope, receive, send)
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await _json_error(413, self._too_large())(scope, receive, send)
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:  # chunked uploads have no Content-Length to check up front
+                raise APIError(413, self._too_large()["error"]["message"], code="request_too_large")
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+    def _too_large(self) -> dict:
+        return error_body(f"the request body exceeds {self.max_body_bytes} bytes", code="request_too_large")
+
+
+class CompletionService:
+    """Turns validated requests into scheduler jobs and scheduler events into OpenAI responses."""
+
+    def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerConfig, model_name: str):
+        self.model, self.tokenizer, self.config, self.model_name = model, tokenizer, config, model_name
+        self.context = model.config.n_positions
+        self.max_prompt_tokens = config.max_prompt_tokens or self.context - 1
+        self.max_tokens = config.max_tokens or self.context - 1
+        self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)
+        self.scheduler = BatchScheduler(model, tokenizer, max_batch_size=config.max_batch_size,
+                                        max_queue=config.max_queue)
+        self.created = int(time.time())
+
+    def model_card(self) -> dict[str, Any]:
+        c = self.model.config
+        n_params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gpt2kit",
+                "gpt2kit": {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head,
+                            "n_positions": c.n_positions, "vocab_size": c.vocab_size, "parameters": n_params,
+                            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}}
+
+    # ---- request -> job -----------------------------------------------------------------------------------
+    def _prompt_ids(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
+        if isinstance(prompts[0], str):
+            return [encode_prompt(self.tokenizer, p) for p in prompts]
+        for i, ids in enumerate(prompts):
+            bad = next((t for t in ids if not 0 <= t < self.vocab), None)
+            if bad is not None:
+                raise APIError(400, f"prompt {i} holds token id {bad}, outside the vocabulary [0, {self.vocab})",
+                               param="prompt")
+        return prompts
+
+    async def submit(self, req: CompletionRequest) -> tuple[Job, list[list[int]], list[str]]:
+        if req.model not in (None, self.model_name):
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        n = req.n or 1
+        prompts = req.prompts()
+        if len(prompts) * n > self.config.max_choices:
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={n} asks for {len(prompts) * n} completions; at most "
+                           f"{self.config.max_choices} per request", param="n")
+        max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        if max_tokens > self.max_tokens:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {self.max_tokens}",
+                           param="max_tokens")
+        # Tokenizing a large body takes a while: keep the event loop free.
+        ids = await run_in_threadpool(self._prompt_ids, prompts)
+        for i, prompt in enumerate(ids):
+            if len(prompt) > self.max_prompt_tokens:
+                raise APIError(400, f"prompt {i} has {len(prompt)} tokens; this server accepts at most "
+                               f"{self.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
+            if len(prompt) + max_tokens > self.context:
+                raise APIError(400, f"this model's maximum context length is {self.context} tokens, however you "
+                               f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in prompt {i}; "
+                               f"{max_tokens} for the completion); shorten the prompt or lower max_tokens",
+                               param="max_tokens", code="context_length_exceeded")
+        texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
+        temperature = 1.0 if req.temperature is None else req.temperature
+        try:
+            base = GenerationConfig(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
+                                    top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty or 1.0,
+                                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+        job = Job(asyncio.get_running_loop())
+        for p, prompt in enumerate(ids):
+            for j in range(n):
+                # Choice j of every prompt draws from seed + j: a prompt's result does not depend on the others.
+                seed = None if req.seed is None else req.seed + j
+                job.add(p * n + j, prompt, base.replace(seed=seed), TextStreamDecoder(self.tokenizer, req.stop),
+                        logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None)
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as err:
+            raise APIError(503, str(err), type="server_error", code="server_overloaded") from None
+        return job, ids, texts
+
+    # ---- job events -> choice updates ---------------------------------------------------------------------
+    async def updates(self, req: CompletionRequest, job: Job, texts: list[str]
+                      ) -> AsyncIterator[tuple[int, str, dict | None, str | None]]:
+        """(choice index, new text, logprobs of the new tokens or None, finish reason or None) until every
+        choice has finished; the echoed prompt comes first."""
+        n = req.n or 1
+        builders = {s.index: LogprobsBuilder(self.tokenizer) for s in job.sequences} if req.logprobs is not None else {}
+        if req.echo and req.logprobs is None:
+            for seq in job.sequences:
+                yield seq.index, texts[seq.index // n], None, None
+        remaining = len(job.sequences)
+        while remaining:
+            event = await job.events.get()
+            if isinstance(event, ErrorEvent):
+                raise APIError(500, event.message, type="server_error")
+            if isinstance(event, PromptLogprobsEvent):
+                delta = _merge([builders[event.index].add(t, lp, top)
+                                for t, lp, top in zip(event.token_ids, event.logprobs, event.top, strict=True)])
+                yield event.index, texts[event.index // n], delta, None
+            elif isinstance(event, TokenEvent):
+                delta = builders[event.index].add(event.token_id, event.logprob, event.top) if builders else None
+                if event.text or delta:
+                    yield event.index, event.text, delta, None
+            elif isinstance(event, FinishEvent):
+                job.completion_tokens += event.completion_tokens
+                remaining -= 1
+                yield event.index, event.text, None, event.reason
+
+    def usage(self, job: Job, ids: list[list[int]]) -> dict[str, int]:
+        prompt_tokens = sum(map(len, ids))
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": job.completion_tokens,
+                "total_tokens": prompt_tokens + job.completion_tokens}
+
+    def _envelope(self, completion_id: str, created: int, choices: list[dict]) -> dict[str, Any]:
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": self.model_name,
+                "choices": choices}
+
+    async def complete(self, req: CompletionRequest, job: Job, ids: list[list[int]], texts: list[str]) -> dict:
+        choices = {s.index: {"text": "", "index": s.index, "logprobs": None, "finish_reason": None}
+                   for s in job.sequences}
+        logprobs: dict[int, list[dict]] = {}
+        async for index, text, delta, finish in self.updates(req, job, texts):
+            choices[index]["text"] += text
+            if delta:
+                logprobs.setdefault(index, []).append(delta)
+            if finish:
+                choices[index]["finish_reason"] = finish
+        for index, deltas in logprobs.items():
+            choices[index]["logprobs"] = _merge(deltas)
+        body = self._envelope(f"cmpl-{uuid.uuid4().hex}", int(time.time()), [choices[i] for i in sorted(choices)])
+        body["usage"] = self.usage(job, ids)
+        return body
+
+    async def stream(self, req: CompletionRequest, job: Job, ids: list[list[int]], texts: list[str]
+                     ) -> AsyncIterator[str]:
+        """Server-Sent Events in OpenAI's format, ending with `data: [DONE]`."""
+        completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        try:
+            try:
+                async for index, text, delta, finish in self.updates(req, job, texts):
+                    choice = {"text": text, "index": index, "logprobs": delta, "finish_reason": finish}
+                    yield _sse(self._envelope(completion_id, created, [choice]))
+                if req.stream_options and req.stream_options.include_usage:
+                    yield _sse({**self._envelope(completion_id, created, []), "usage": self.usage(job, ids)})
+            except APIError as err:
+                yield _sse(err.body())
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # the client left early (or we are done): free its rows
+
+
+def _merge(deltas: list[dict]) -> dict:
+    return {key: [v for d in deltas for v in d[key]] for key in deltas[0]} if deltas else {}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _playground_html() -> bytes:
+    return resources.files("gpt2kit.serving").joinpath("static/playground.html").read_bytes()
+
+
+def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerConfig | None = None, *,
+               model_name: str = "gpt2kit") -> FastAPI:
+    """The FastAPI app serving `model`; its batching worker runs while the app is started (lifespan)."""
+    config = config or ServerConfig()
+    service = CompletionService(model, tokenizer, config, config.model_name or model_name)
+    page = _playground_html()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.scheduler.start()
+        try:
+            yield
+        finally:
+            service.scheduler.stop()
+
+    # No /docs, /redoc or /openapi.json: every route is listed in docs/serving.md, and each would be one more
+    # route to guard.
+    app = FastAPI(title="gpt2kit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError) -> JSONResponse:
+        return _json_error(err.status, err.body())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        return _json_error(400, error_body(f"invalid request: {err.errors()[0]['msg']}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return _json_error(err.status_code, error_body(str(err.detail), code=str(err.status_code)), err.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return _json_error(500, error_body("internal server error", type="server_error"))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "queued_requests": service.scheduler.queued_requests,
+                "running_rows": len(service.scheduler.rows)}
+
+    @app.get(PLAYGROUND_PATH, response_class=HTMLResponse)
+    async def playground() -> Response:
+        return HTMLResponse(page, headers=PAGE_HEADERS)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [service.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != service.model_name:
+            raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+        return service.model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        try:
+            data = json.loads(await request.body())
+        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting or numbers
+            raise APIError(400, "the request body is not valid JSON") from None
+        req = parse_request(data)
+        job, ids, texts = await service.submit(req)
+        if req.stream:
+            return StreamingResponse(service.stream(req, job, ids, texts), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            return JSONResponse(await service.complete(req, job, ids, texts))
+        finally:
+            job.cancel()
+
+    app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    return app
+
+
+def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+          dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu", random_init: bool = False,
+          log_level: str = "info", **options) -> None:
+    """Load a model and serve it until interrupted (`gpt2kit serve`). `options` are ServerConfig fields; the
+    API key defaults to the GPT2KIT_API_KEY environment variable."""
+    import uvicorn
+
+    from ..pipeline import load_model_and_tokenizer
+
+    if options.get("api_key") is None:
+        options["api_key"] = os.environ.get(API_KEY_ENV) or None
+    config = ServerConfig(**options)
+    lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
+                                       random_init=random_init)
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        logger.warning("serving on %s without an API key: anyone who can reach this address can use the model",
+                       config.host)
+    app = create_app(lm, tok, config, model_name=os.path.basename(os.path.normpath(str(model))))
+    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,352 @@
+"""Continuous batching: concurrent requests are decoded together, one batched forward pass per step.
+
+A single worker thread owns the model. Each step it admits queued sequences (up to `max_batch_size` rows),
+prefills the new ones together, and then advances every running row by one token in one forward pass. Rows
+are right-aligned in a shared KV cache: a row that joins with a shorter history is left-padded and masked,
+exactly as a left-padded batch is in `gpt2kit.generation`, so every row computes what it would compute alone.
+Each row has its own `Sampler` (options and random generator), so no request's parameters reach another.
+
+Results go back as events on each request's asyncio queue; the worker never waits for a client, so a slow
+reader only delays itself. Finished and cancelled rows leave the batch at once and the padding column they
+leave behind is trimmed away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..generation import GenerationConfig, Sampler, TextStreamDecoder
+from ..model import GPT2LMHeadModel, KVCache
+from ..tokenizer import GPT2Tokenizer
+
+logger = logging.getLogger(__name__)
+
+CACHE_HEADROOM = 64  # positions allocated beyond the current need, so the cache rarely grows
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the queue holds."""
+
+
+# ---- events sent to the request handler ---------------------------------------------------------------------
+@dataclass
+class TokenEvent:
+    """A generated token of choice `index` and the text it completed ("" while text is held back)."""
+    index: int
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class PromptLogprobsEvent:
+    """Log-probabilities of the prompt's tokens (echo with logprobs); the first token has none."""
+    index: int
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
+
+
+@dataclass
+class FinishEvent:
+    """Choice `index` is complete: `text` is what was still held back, `reason` "stop" or "length"."""
+    index: int
+    reason: str
+    text: str
+    completion_tokens: int
+
+
+@dataclass
+class ErrorEvent:
+    message: str
+
+
+Event = TokenEvent | PromptLogprobsEvent | FinishEvent | ErrorEvent
+
+
+# ---- requests and their sequences ---------------------------------------------------------------------------
+class Job:
+    """One HTTP request: its sequences (prompt x n choices) and the queue their events arrive on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.sequences: list[Sequence] = []
+        self.cancelled = False  # set by the handler (client gone); the worker drops the rows
+        self.completion_tokens = 0  # counted by the handler as choices finish
+
+    def add(self, index: int, prompt: list[int], config: GenerationConfig, decoder: TextStreamDecoder, *,
+            logprobs: int | None = None, prompt_logprobs: bool = False) -> None:
+        """Queue choice `index`: `prompt` continued under `config`, its text cut by `decoder`."""
+        self.sequences.append(Sequence(self, index, prompt, config, decoder, logprobs, prompt_logprobs))
+
+    def emit(self, event: Event) -> None:
+        """Thread-safe: hand an event to the handler's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class Sequence:
+    """One row of the batch: one choice for one prompt."""
+    job: Job
+    index: int
+    prompt: list[int]
+    config: GenerationConfig
+    decoder: TextStreamDecoder
+    logprobs: int | None  # None: no logprobs; k: the chosen token's and the top k
+    prompt_logprobs: bool
+    generated: list[int] = field(default_factory=list)
+    sampler: Sampler | None = None  # made by the worker when the row joins the batch
+    history: Tensor | None = None  # prompt + generated, for processors that look back (repetition penalty)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.config.max_new_tokens
+
+
+def _top(logprobs: Tensor, k: int) -> list[tuple[int, float]]:
+    values, ids = logprobs.topk(k)
+    return list(zip(ids.tolist(), values.tolist(), strict=True))
+
+
+# ---- the scheduler ------------------------------------------------------------------------------------------
+class BatchScheduler:
+    """Owns the model on a worker thread; `submit` queues a Job's sequences (QueueFull when `max_queue`
+    requests already wait), `start`/`stop` run the worker."""
+
+    def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, *, max_batch_size: int = 16,
+                 max_queue: int = 64) -> None:
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.config = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self._pending: deque[Sequence] = deque()
+        self._waiting_jobs: dict[int, int] = {}  # id(job) -> its sequences not yet admitted
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # The running batch: rows, their shared cache, the mask over cached positions, each row's last token.
+        self.rows: list[Sequence] = []
+        self.cache: KVCache | None = None
+        self.mask: Tensor | None = None
+        self.last_tokens: Tensor | None = None
+        self.max_rows_seen = 0  # the most sequences in flight at once so far (for tests and metrics)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="gpt2kit-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+        for seq in [*self.rows, *self._pending]:
+            seq.job.emit(ErrorEvent("the server is shutting down"))
+        self._reset()
+        self._pending.clear()
+        self._waiting_jobs.clear()
+
+    @property
+    def queued_requests(self) -> int:
+        return len(self._waiting_jobs)
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting_jobs) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {self.max_queue} requests are already queued")
+            self._waiting_jobs[id(job)] = len(job.sequences)
+            self._pending.extend(job.sequences)
+            self._wake.notify()
+
+    # ---- the worker ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._pending and not self.rows:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One round: admit queued sequences, prefill them together, advance every row by one token. The
+        worker thread runs this in a loop; without `start()`, a caller can drive the batch step by step."""
+        self._drop_cancelled()
+        with self._wake:
+            admitted = self._admit()
+        try:
+            if admitted:
+                self._prefill(admitted)
+            if self.rows:
+                self._decode_step()
+        except Exception as err:  # a bug must not kill the worker: fail the requests involved, go on
+            logger.exception("batch step failed")
+            for job in {id(s.job): s.job for s in [*admitted, *self.rows]}.values():
+                job.emit(ErrorEvent(f"generation failed: {type(err).__name__}: {err}"))
+                job.cancel()
+            self._reset()
+
+    def _admit(self) -> list[Sequence]:
+        """Queued sequences that fit into the batch (called with the lock held)."""
+        admitted = []
+        while self._pending and len(self.rows) + len(admitted) < self.max_batch_size:
+            seq = self._pending.popleft()
+            key = id(seq.job)
+            self._waiting_jobs[key] -= 1
+            if not self._waiting_jobs[key]:
+                del self._waiting_jobs[key]
+            if not seq.job.cancelled:
+                admitted.append(seq)
+        return admitted
+
+    def _reset(self) -> None:
+        self.rows, self.cache, self.mask, self.last_tokens = [], None, None, None
+
+    # ---- prefill: new rows join ------------------------------------------------------------------------
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        self.max_rows_seen = max(self.max_rows_seen, len(self.rows) + len(seqs))
+        width = max(len(s.prompt) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs], device=self.device)
+        mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs],
+                            device=self.device)
+        cache = KVCache(self.config, len(seqs), width, dtype=self.dtype, device=self.device)
+        want_prompt = any(s.prompt_logprobs for s in seqs)
+        logits = self.model(ids, mask, past_key_values=cache, logits_to_keep=0 if want_prompt else 1).logits
+        joining = []
+        for row, seq in enumerate(seqs):
+            seq.sampler = Sampler(seq.config, self.config, device=self.device)
+            seq.history = torch.empty(1, len(seq.prompt) + seq.max_tokens, dtype=torch.long, device=self.device)
+            seq.history[0, :len(seq.prompt)] = ids[row, width - len(seq.prompt):]
+            if seq.prompt_logprobs:
+                self._emit_prompt_logprobs(seq, logits[row, width - len(seq.prompt):])
+            if seq.max_tokens == 0:
+                seq.job.emit(FinishEvent(seq.index, "length", seq.decoder.flush(), 0))
+            elif not self._advance(seq, logits[row, -1]):
+                joining.append(row)
+        if joining:
+            self._join([seqs[r] for r in joining], cache, mask, torch.tensor(joining, device=self.device))
+
+    def _emit_prompt_logprobs(self, seq: Sequence, logits: Tensor) -> None:
+        logprobs = logits[:-1].float().log_softmax(-1)  # position j predicts prompt token j + 1
+        targets = torch.tensor(seq.prompt[1:], device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist() if len(targets) else []
+        top = [_top(row, seq.logprobs) if seq.logprobs else [] for row in logprobs]
+        seq.job.emit(PromptLogprobsEvent(seq.index, seq.prompt, [None, *chosen], [None, *top]))
+
+    def _join(self, seqs: list[Sequence], cache: KVCache, mask: Tensor, rows: Tensor) -> None:
+        """Add prefilled rows to the batch, right-aligning old and new histories in one cache."""
+        new_mask = mask[rows]
+        new_len = cache.length
+        old_len = self.cache.length if self.cache is not None else 0
+        length = max(old_len, new_len)
+        B_old, B_new = len(self.rows), len(seqs)
+        merged = KVCache(self.config, B_old + B_new, min(length + CACHE_HEADROOM, self.config.n_positions),
+                         dtype=self.dtype, device=self.device)
+        merged_mask = torch.zeros(B_old + B_new, length, dtype=torch.long, device=self.device)
+        if B_old:
+            merged.keys[:, :B_old, :, length - old_len:length] = self.cache.keys[:, :, :, :old_len]
+            merged.values[:, :B_old, :, length - old_len:length] = self.cache.values[:, :, :, :old_len]
+            merged_mask[:B_old, length - old_len:] = self.mask
+        merged.keys[:, B_old:, :, length - new_len:length] = cache.keys[:, rows, :, :new_len]
+        merged.values[:, B_old:, :, length - new_len:length] = cache.values[:, rows, :, :new_len]
+        merged_mask[B_old:, length - new_len:] = new_mask
+        merged.length = length
+        new_last = torch.tensor([s.generated[-1] for s in seqs], device=self.device)
+        self.last_tokens = new_last if not B_old else torch.cat([self.last_tokens, new_last])
+        self.rows = self.rows + seqs
+        self.cache, self.mask = merged, merged_mask
+        self.max_rows_seen = max(self.max_rows_seen, len(self.rows))
+
+    # ---- decode: every row advances one token ----------------------------------------------------------
+    def _decode_step(self) -> None:
+        B = len(self.rows)
+        self._ensure_capacity(self.cache.length + 1)
+        self.mask = torch.cat([self.mask, torch.ones(B, 1, dtype=torch.long, device=self.device)], 1)
+        positions = self.mask.sum(1, keepdim=True) - 1
+        logits = self.model(self.last_tokens[:, None], self.mask, positions, past_key_values=self.cache,
+                            logits_to_keep=1).logits[:, -1]
+        finished = [self._advance(seq, logits[row]) for row, seq in enumerate(self.rows)]
+        self.last_tokens = torch.tensor([s.generated[-1] for s in self.rows], device=self.device)
+        self._keep([row for row, done in enumerate(finished) if not done])
+
+    def _advance(self, seq: Sequence, logits: Tensor) -> bool:
+        """Choose seq's next token from its logits (V,), send the events; True when the sequence is done."""
+        step = len(seq.generated)
+        history = seq.history[:, :len(seq.prompt) + step]
+        token = int(seq.sampler(logits[None], history, step)[0])
+        seq.generated.append(token)
+        seq.history[0, len(seq.prompt) + step] = token
+        if token in seq.sampler.eos:
+            seq.job.emit(FinishEvent(seq.index, "stop", seq.decoder.flush(), len(seq.generated)))
+            return True
+        logprob = top = None
+        if seq.logprobs is not None:
+            logprobs = logits.float().log_softmax(-1)
+            logprob = float(logprobs[token])
+            top = _top(logprobs, seq.logprobs) if seq.logprobs else []
+        seq.job.emit(TokenEvent(seq.index, token, seq.decoder.push(token), logprob, top))
+        if seq.decoder.stopped:
+            seq.job.emit(FinishEvent(seq.index, "stop", "", len(seq.generated)))
+            return True
+        if len(seq.generated) == seq.max_tokens:
+            seq.job.emit(FinishEvent(seq.index, "length", seq.decoder.flush(), len(seq.generated)))
+            return True
+        return False
+
+    def _drop_cancelled(self) -> None:
+        if any(s.job.cancelled for s in self.rows):
+            self._keep([row for row, s in enumerate(self.rows) if not s.job.cancelled])
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep only these rows, then drop the leading cache positions that are padding in every row."""
+        if len(rows) == len(self.rows):
+            return
+        if not rows:
+            self._reset()
+            return
+        index = torch.tensor(rows, device=self.device)
+        self.rows = [self.rows[r] for r in rows]
+        self.cache.reorder(index)
+        self.mask, self.last_tokens = self.mask[index], self.last_tokens[index]
+        lead = int((self.mask.cumsum(1) == 0).sum(1).min())
+        if lead:
+            self._move_cache(start=lead, capacity=self.cache.max_length - lead)
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed > self.cache.max_length:
+            self._move_cache(start=0, capacity=min(needed + CACHE_HEADROOM, self.config.n_positions))
+
+    def _move_cache(self, start: int, capacity: int) -> None:
+        """Copy cached positions [start, length) to the front of a cache of `capacity` positions."""
+        old = self.cache
+        length = old.length - start
+        self.cache = KVCache(self.config, len(self.rows), capacity, dtype=self.dtype, device=self.device)
+        self.cache.keys[:, :, :, :length] = old.keys[:, :, :, start:old.length]
+        self.cache.values[:, :, :, :length] = old.values[:, :, :, start:old.length]
+        self.cache.length = length
+        self.mask = self.mask[:, start:]

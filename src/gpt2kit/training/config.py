@@ -1,0 +1,387 @@
+"""Run configuration: dataclasses for every section of a training YAML, loading, and `--section.key value` overrides.
+
+A run config is one YAML mapping whose top-level keys are the fields of `RunConfig` (task, pet_method, out_dir,
+seed) and its sections (model, data, train, optim, checkpoint, lora, log, sample). Every key is checked against
+the dataclasses: an unknown or mistyped key is an error that names the key, its file and line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import GPT2Config
+
+TASKS = ("text_generation", "text_classification")
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used, naming the file, line and key."""
+
+
+@dataclass
+class ModelArgs:
+    """Which network to train."""
+
+    name: str = "gpt2-tiny"  # a preset (gpt2, gpt2-medium, ..., gpt2-tiny) or an HF-format model directory
+    checkpoint: str | None = None  # finetune: weights to start from; default `name` when it is a directory
+    config: dict[str, Any] = field(default_factory=dict)  # GPT2Config fields to override, e.g. resid_pdrop
+
+
+@dataclass
+class DataArgs:
+    """Where the examples come from and how they are cut."""
+
+    train: str | None = None  # preprocessed dir, or raw text/jsonl/tsv files (preprocessed into out_dir/data)
+    val: str | None = None  # validation/dev set; pretraining: default the "val" split of `train`
+    format: str = "auto"  # preprocess: auto|text|jsonl|wikitext...; txtcls: auto|sst2|cola|agnews|csv; alpaca
+    text_key: str = "text"  # jsonl field holding the text
+    tokenizer: str | None = None  # "gpt2", a tokenizer file/dir (or where `tokenizer_vocab_size` writes one);
+    # unset: the one saved in the model directory, else GPT-2's
+    tokenizer_vocab_size: int | None = None  # train a byte-level BPE of this size on `train` first
+    seq_len: int | None = None  # pretraining window; default the model's context (n_positions)
+    max_length: int | None = None  # txtcls / instruction: truncate examples to this many tokens
+    val_fraction: float = 0.0  # share of documents held out as "val" when preprocessing raw text
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class TrainArgs:
+    """The loop: steps, batch, precision and memory/speed switches."""
+
+    max_steps: int | None = None  # optimizer steps; exactly one of max_steps / epochs
+    epochs: float | None = None
+    micro_batch_size: int = 8  # sequences per forward/backward on one device
+    global_batch_tokens: int | None = None  # tokens per optimizer step over all devices (pretraining)
+    global_batch_size: int | None = None  # sequences per optimizer step; default micro_batch_size x devices
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, GPU) | auto
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    recompute: bool = False  # activation checkpointing of every transformer block
+    compile: bool = False  # torch.compile the model
+    grad_clip: float | None = 1.0  # max global L2 norm of the gradients; null disables clipping
+    eval_interval: int = 0  # evaluate on the validation set every N steps (0: only at the end)
+    eval_batches: int | None = None  # batches per periodic evaluation; null: the whole set
+    log_interval: int = 1  # steps between metric records
+
+
+@dataclass
+class OptimArgs:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 6e-4
+    min_lr: float = 0.0  # floor reached at the end of the decay
+    weight_decay: float = 0.1  # applied to matrices and embeddings only; biases and LayerNorm are not decayed
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int | None = None  # linear warmup from 0; or give warmup_rate (fraction of the decay steps)
+    warmup_rate: float = 0.0
+    decay: str = "cosine"  # cosine | linear | constant
+    decay_steps: int | None = None  # steps until min_lr (warmup included); default max_steps
+
+
+@dataclass
+class CheckpointArgs:
+    save_interval: int = 0  # save every N steps (0: only at the end)
+    keep_last: int | None = 3  # keep the newest K checkpoints; null keeps all
+    resume: str | None = None  # null | auto (newest complete checkpoint in out_dir) | a checkpoint directory
+
+
+@dataclass
+class LoraArgs:
+    """LoRA adapters (used when pet_method is lora)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn"])
+
+
+@dataclass
+class LogArgs:
+    tensorboard: bool = True
+    plot: bool = True  # loss curve PNG at the end
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class SampleArgs:
+    """A text sample generated at the end of a text-generation run."""
+
+    prompt: str | None = None
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: int | None = 50
+
+
+@dataclass
+class RunConfig:
+    task: str = "text_generation"
+    pet_method: str = "none"  # none | lora
+    out_dir: str = "runs/default"
+    seed: int = 1234
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    log: LogArgs = field(default_factory=LogArgs)
+    sample: SampleArgs = field(default_factory=SampleArgs)
+
+    def validate(self, source: str = "config") -> None:
+        def bad(key: str, message: str) -> ConfigError:
+            return ConfigError(f"{source}: {key}: {message}")
+
+        if self.task not in TASKS:
+            raise bad("task", f"expected one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.pet_method not in ("none", "lora"):
+            raise bad("pet_method", f"expected none or lora, got {self.pet_method!r}")
+        t, o = self.train, self.optim
+        if t.max_steps is not None and t.epochs is not None:
+            raise bad("train.max_steps", "give only one of train.max_steps and train.epochs")
+        if t.global_batch_tokens is not None and t.global_batch_size is not None:
+            raise bad("train.global_batch_tokens", "give at most one of global_batch_tokens and global_batch_size")
+        if t.precision not in ("fp32", "bf16", "fp16", "auto"):
+            raise bad("train.precision", f"expected fp32, bf16, fp16 or auto, got {t.precision!r}")
+        if o.decay not in ("cosine", "linear", "constant"):
+            raise bad("optim.decay", f"expected cosine, linear or constant, got {o.decay!r}")
+        if not 0 <= o.min_lr <= o.lr:
+            raise bad("optim.min_lr", f"must lie in [0, lr={o.lr}], got {o.min_lr}")
+        if not 0 <= o.warmup_rate < 1:
+            raise bad("optim.warmup_rate", f"must lie in [0, 1), got {o.warmup_rate}")
+        if o.warmup_rate and o.warmup_steps is not None:
+            raise bad("optim.warmup_rate", "give only one of optim.warmup_steps and optim.warmup_rate")
+        for key, value in [("train.max_steps", t.max_steps), ("train.micro_batch_size", t.micro_batch_size),
+                           ("train.global_batch_tokens", t.global_batch_tokens),
+                           ("train.global_batch_size", t.global_batch_size), ("lora.rank", self.lora.rank),
+                           ("train.log_interval", t.log_interval)]:
+            if value is not None and value < 1:
+                raise bad(key, f"must be at least 1, got {value}")
+        if t.epochs is not None and t.epochs <= 0:
+            raise bad("train.epochs", f"must be positive, got {t.epochs}")
+        if not 0 <= self.data.val_fraction < 1:
+            raise bad("data.val_fraction", f"must lie in [0, 1), got {self.data.val_fraction}")
+        known = {f.name for f in dataclasses.fields(GPT2Config)} - {"extra"}
+        for key in self.model.config:
+            if key not in known:
+                raise bad(f"model.config.{key}", f"not a GPT2Config field{_suggest(key, known)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+# ---- building from mappings ---------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    """Tuples become lists so the dict is YAML/JSON friendly."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _suggest(key: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is None:
+        return getattr(annotation, "__name__", str(annotation))
+    return str(annotation).replace("typing.", "")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a field annotation; numbers written as strings ("1e-3") become numbers."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # 1e6 in YAML
+        if isinstance(value, str):
+            try:
+                number = float(value)
+                if number.is_integer():
+                    return int(number)
+            except ValueError:
+                pass
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # PyYAML reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]  # --lora.target_modules c_attn,c_proj
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("()[]").split(",")]
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+
+
+def _build(cls: type, values: Any, prefix: str, lines: dict[str, int], source: str) -> Any:
+    def where(key: str) -> str:
+        line = lines.get(key)
+        return f"{source}:{line}: {key}" if line else f"{source}: {key}"
+
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where(prefix.rstrip('.') or '(top level)')}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{where(path)}: unknown key{_suggest(str(key), fields)}; "
+                              f"expected one of {', '.join(fields)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, f"{path}.", lines, source)
+        else:
+            kwargs[key] = _coerce(value, hint, where(path))
+    return cls(**kwargs)
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """1-based line of every key path ("train.max_steps") in a YAML document, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = f"{prefix}{key_node.value}"
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, f"{path}.")
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def set_override(values: dict[str, Any], dotted_key: str, raw_value: str) -> None:
+    """Apply one `--a.b.c value` override to a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    try:
+        value = yaml.safe_load(raw_value) if raw_value != "" else ""
+    except yaml.YAMLError:
+        value = raw_value
+    parts = dotted_key.split(".")
+    node = values
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--{dotted_key}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """`--train.max_steps 10 --optim.lr=3e-4` -> [("train.max_steps", "10"), ("optim.lr", "3e-4")]."""
+    pairs = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key}: missing value")
+            value = argv[i + 1]
+            i += 2
+        pairs.append((key.replace("-", "_"), value))
+    return pairs
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[tuple[str, str]] | None = None,
+                **values: Any) -> RunConfig:
+    """Read a YAML run config, apply `--section.key value` overrides and keyword sections, validate.
+
+    `load_config("configs/gpt2_small.yaml", [("train.max_steps", "10")])`;
+    `load_config(train={"max_steps": 10}, model={"name": "gpt2-tiny"})`.
+    """
+    source = "config"
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: config file not found") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        lines = _key_lines(text)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    for key, raw in overrides or []:
+        set_override(data, key, raw)
+        lines.pop(key, None)
+    config = _build(RunConfig, data, "", lines, source)
+    config.validate(source)
+    return config
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically), so every run records exactly what it ran."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    os.replace(tmp, path)

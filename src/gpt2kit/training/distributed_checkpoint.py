@@ -1,0 +1,237 @@
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own shards, and a
+checkpoint saved with one layout loads into another (2 processes -> 1, FSDP -> plain, TP -> FSDP, ...).
+
+A DCP directory holds `.metadata` + `__<rank>_<n>.distcp` files with the model's and (optionally) the optimizer's
+state under the keys of `torch.distributed.checkpoint.state_dict.get_state_dict` (parameter names, whatever the
+wrapping), plus the model's `config.json`, so `dcp_to_pretrained` can turn it into an HF directory offline.
+DCP needs a filesystem every rank sees (one machine, or a shared/NFS path across nodes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..checkpoint import CONFIG_NAME, CheckpointError, save_pretrained
+from ..config import GPT2Config
+from .parallel import raise_if_any_rank_failed
+
+METADATA_NAME = ".metadata"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it assumes a single process whenever no process group exists; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 and tensor parallelism change the model in place)."""
+    return getattr(model, "module", model)
+
+
+# ---- layout adaptation -------------------------------------------------------------------------------------
+def _map_tree(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    if isinstance(tree, dict):
+        return {key: _map_tree(value, fn) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [_map_tree(value, fn) for value in tree]
+    return fn(tree)
+
+
+def _storable_placements(tensor) -> list | None:
+    """Placements DCP can store for this DTensor, or None when it stores it as is. The fused q/k/v projection is
+    strided over the tensor-parallel ranks (see parallel.py): each rank's rows are three separate pieces, which
+    DCP cannot describe as one chunk, so it is stored as a plain row shard."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if not isinstance(tensor, DTensor):
+        return None
+    names = tensor.device_mesh.mesh_dim_names or ()
+    placements = list(tensor.placements)
+    changed = False
+    for i, placement in enumerate(placements):
+        if isinstance(placement, _StridedShard) and i < len(names) and names[i] == "tensor":
+            placements[i] = Shard(placement.dim)
+            changed = True
+    return placements if changed else None
+
+
+def _to_storable(tensor):
+    placements = _storable_placements(tensor)
+    return tensor if placements is None else tensor.redistribute(placements=placements)
+
+
+def _restore_layout(loaded, original):
+    placements = _storable_placements(original)
+    return loaded if placements is None else loaded.redistribute(placements=original.placements)
+
+
+# ---- save / load ---------------------------------------------------------------------------------------------
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def _write_config(model: nn.Module, directory: Path) -> None:
+    config = unwrap(model).config
+    values = config.to_hf_dict()
+    from ..model import GPT2ForSequenceClassification
+
+    if isinstance(unwrap(model), GPT2ForSequenceClassification):
+        values["architectures"] = ["GPT2ForSequenceClassification"]
+    (directory / CONFIG_NAME).write_text(json.dumps(values, indent=2) + "\n")
+
+
+def save_distributed_checkpoint(directory: str | os.PathLike, model: nn.Module,
+                                optimizer: torch.optim.Optimizer | None = None) -> Path:
+    """Collective: every rank writes its shards of the model (and optimizer) state into `directory`. The files
+    go to a temporary sibling that replaces `directory` once all ranks are done, so a crash never leaves a
+    directory that looks complete. Works the same in a single process."""
+    from torch.distributed.checkpoint import save
+
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.partial")
+    if not _distributed() or dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _write_config(model, tmp)
+    _barrier()
+    state = _map_tree(_training_state(model, optimizer), _to_storable)
+    with _single_process_quiet():
+        save(state, checkpoint_id=tmp, no_dist=not _distributed())
+    _barrier()
+    if not _distributed() or dist.get_rank() == 0:
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.rename(tmp, directory)
+    _barrier()
+    return directory
+
+
+def load_distributed_checkpoint(directory: str | os.PathLike, model: nn.Module,
+                                optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Collective: load a DCP checkpoint into `model` (and `optimizer`), whatever layout either was saved or is
+    now in. A rank that cannot read its part makes every rank raise CheckpointError (DCP gathers the errors)."""
+    from torch.distributed.checkpoint import CheckpointException, load
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    directory = Path(directory)
+    missing = None
+    if not (directory / METADATA_NAME).is_file():
+        missing = CheckpointError(f"{directory}: not a distributed checkpoint (no {METADATA_NAME})")
+    raise_if_any_rank_failed(missing, "loading a distributed checkpoint", CheckpointError)
+    original = _training_state(model, optimizer)
+    storable = _map_tree(original, _to_storable)
+    try:
+        with _single_process_quiet():
+            load(storable, checkpoint_id=directory, no_dist=not _distributed())
+    except CheckpointException as err:
+        raise CheckpointError(f"{directory}: loading the distributed checkpoint failed ({_failures(err)})") from None
+    restored = {section: _map_tree_pair(storable[section], original[section]) for section in original}
+    if optimizer is None:
+        set_model_state_dict(model, restored["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=restored["model"], optim_state_dict=restored["optim"])
+    if hasattr(unwrap(model), "tie_weights"):
+        unwrap(model).tie_weights()
+
+
+def _failures(err) -> str:
+    """One line per failed rank of a DCP CheckpointException (which pairs each exception with its traceback)."""
+    lines = []
+    for rank, failure in sorted(err.failures.items()):
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        lines.append(f"rank {rank}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+    return "; ".join(lines)
+
+
+def _map_tree_pair(loaded: Any, original: Any) -> Any:
+    if isinstance(loaded, dict):
+        return {key: _map_tree_pair(value, original[key]) for key, value in loaded.items()}
+    if isinstance(loaded, list):
+        return [_map_tree_pair(value, orig) for value, orig in zip(loaded, original)]
+    return _restore_layout(loaded, original)
+
+
+# ---- HF export -----------------------------------------------------------------------------------------------
+def gather_full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the model's complete weights on CPU on rank 0 (an empty dict on the other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not _distributed():
+        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_pretrained(model: nn.Module, directory: str | os.PathLike, *,
+                      max_shard_size: int | str | None = None) -> Path:
+    """Collective: gather a (possibly sharded) model and write one HF-format directory from rank 0."""
+    state = gather_full_state(model)
+    directory = Path(directory)
+    if not _distributed() or dist.get_rank() == 0:
+        save_pretrained(unwrap(model), directory, max_shard_size=max_shard_size, state=state)
+    _barrier()
+    return directory
+
+
+def dcp_to_pretrained(dcp_dir: str | os.PathLike, output: str | os.PathLike, *,
+                      config: str | os.PathLike | None = None, max_shard_size: int | str | None = None) -> Path:
+    """Offline, one process: merge the model part of a DCP checkpoint (any layout, optimizer state ignored) into
+    one HF-format directory. The config comes from `config` (a config.json or a model directory), else the
+    config.json written beside the shards or in the parent directory."""
+    from torch.distributed.checkpoint import CheckpointException, load
+
+    from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    dcp_dir = Path(dcp_dir)
+    if not (dcp_dir / METADATA_NAME).is_file():
+        raise CheckpointError(f"{dcp_dir}: not a distributed checkpoint (no {METADATA_NAME})")
+    candidates = [Path(config)] if config is not None else [dcp_dir / CONFIG_NAME, dcp_dir.parent / CONFIG_NAME]
+    candidates = [c / CONFIG_NAME if c.is_dir() else c for c in candidates]
+    config_path = next((c for c in candidates if c.is_file()), None)
+    if config_path is None:
+        raise CheckpointError(f"{dcp_dir}: no model config found (looked for {', '.join(map(str, candidates))}); "
+                              "pass --config")
+    model_config = GPT2Config.from_json_file(config_path)
+    classifier = "GPT2ForSequenceClassification" in (model_config.extra.get("architectures") or [])
+    with torch.device("meta"):
+        model = (GPT2ForSequenceClassification if classifier else GPT2LMHeadModel)(model_config)
+    model.to_empty(device="cpu")  # memory without initialisation: every tensor comes from the checkpoint
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    state = {"model": model.state_dict()}
+    try:
+        with _single_process_quiet():
+            load(state, checkpoint_id=dcp_dir, no_dist=True)
+    except CheckpointException as err:  # e.g. a tensor the config implies but the checkpoint lacks
+        raise CheckpointError(f"{dcp_dir}: does not hold the weights {config_path} describes "
+                              f"({_failures(err)})") from None
+    model.load_state_dict(state["model"])
+    return save_pretrained(model, output, max_shard_size=max_shard_size)

@@ -1,0 +1,183 @@
+"""Training metrics: model FLOPs utilisation (MFU), a JSONL metrics file, TensorBoard and the loss-curve PNG.
+
+MFU = achieved model FLOPs / peak FLOPs of the device. Model FLOPs per token follow the PaLM appendix:
+6 x (parameters used in matmuls) + 12 x layers x width x sequence (attention scores and mix), forward + backward,
+without recomputation. The peak comes from a per-device table on GPUs and from a timed matmul on CPUs (measured
+at startup; the best result per CPU, thread count and dtype is cached), never from one hard-coded accelerator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import GPT2Config
+
+# Dense peak TFLOP/s (no sparsity) by GPU name fragment: (bf16/fp16 tensor cores, fp32).
+GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "H100 SXM": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.0, 67.0), "H200": (989.0, 67.0),
+    "A100": (312.0, 19.5), "A800": (312.0, 19.5), "L40S": (362.0, 91.6), "L40": (181.0, 90.5), "L4": (121.0, 30.3),
+    "A10G": (70.0, 31.2), "A10": (125.0, 31.2), "A6000": (154.8, 38.7), "V100": (125.0, 15.7), "T4": (65.0, 8.1),
+    "RTX 4090": (165.2, 82.6), "RTX 3090": (71.0, 35.6),
+}
+
+
+def flops_per_token(config: GPT2Config, matmul_params: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) of a GPT-2 with `matmul_params` weights in matmuls."""
+    return 6.0 * matmul_params + 12.0 * config.n_layer * config.n_embd * seq_len
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:
+    """Best FLOP/s of a square matmul on this CPU (the fastest of `repeats` timed runs)."""
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    b = torch.randn(size, size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    torch.mm(a, b)  # warm up (thread pool, oneDNN kernels)
+    best = float("inf")
+    inner = 4
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b)
+        best = min(best, (time.perf_counter() - start) / inner)
+    return 2.0 * size ** 3 / best
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "gpt2kit" / "matmul_peak.json"
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from) for training in `dtype` on `device`."""
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, (tensor_core, fp32) in GPU_PEAK_TFLOPS.items():
+            if fragment in name:
+                return (tensor_core if low_precision else fp32) * 1e12, f"{name} datasheet"
+        # Unknown GPU: measure like on a CPU rather than guess.
+        size = 4096
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        torch.mm(a, a)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(10):
+            torch.mm(a, a)
+        torch.cuda.synchronize(device)
+        return 2.0 * size ** 3 * 10 / (time.perf_counter() - start), f"{name} measured matmul"
+    key = f"{_cpu_name()}|{torch.get_num_threads()} threads|{dtype}|torch {torch.__version__}"
+    cache = _cache_file()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    # Other processes on the machine slow a measurement down, never speed it up: keep the best one seen.
+    measured = measure_matmul_peak(dtype)
+    if measured > known.get(key, 0.0):
+        known[key] = measured
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # an unwritable cache only costs a re-measurement next time
+    return float(known[key]), f"best measured {dtype} matmul on {torch.get_num_threads()} CPU threads"
+
+
+class MetricsLogger:
+    """Writes each record to `metrics.jsonl` (one JSON object per line) and to TensorBoard.
+
+    When a run resumes from step S, records after S (written by the interrupted run after its last checkpoint)
+    are dropped, so the file always describes one uninterrupted run."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int = 0) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / "metrics.jsonl"
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a", encoding="utf-8")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step hides events an interrupted run wrote after the checkpoint we resume from.
+            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"),
+                                        purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        record = {"step": step, **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key.replace("_", "/", 1) if "/" not in key else key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl file; a torn last line (the process was killed mid-write) is ignored."""
+    records = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return records
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike, title: str = "") -> Path | None:
+    """Train and validation loss against step as a PNG (written atomically); None when nothing was logged."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1.0, alpha=0.8)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_path = Path(out_path)
+    tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path

@@ -1,0 +1,147 @@
+"""LoRA adapters through HF PEFT: inject into gpt2kit's nn.Linear projections, save alone, merge into a plain model.
+
+Adapters are written in PEFT's own layout (adapter_config.json + adapter_model.safetensors, keys
+`base_model.model.<module>.lora_A.weight`), so `peft.PeftModel.from_pretrained` loads them onto HF transformers'
+GPT-2 as well: the LoRA A/B matrices of a Linear and of HF's transposed Conv1D have the same shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from .config import LoraArgs
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+MODEL_CONFIG_NAME = "model_config.json"  # the adapted model's GPT2Config (labels of a classifier, vocab)
+_PREFIX = "base_model.model."  # what PeftModel puts in front of module names
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("LoRA needs the peft package: pip install 'gpt2kit[lora]'") from None
+    return peft
+
+
+def lora_config(args: LoraArgs, *, task: str, base_model: str | None = None):
+    """The peft.LoraConfig for `args`. Classification also trains (and saves) the new `score` head."""
+    peft = _peft()
+    return peft.LoraConfig(
+        r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=list(args.target_modules),
+        bias="none", modules_to_save=["score"] if task == "text_classification" else None,
+        task_type="SEQ_CLS" if task == "text_classification" else "CAUSAL_LM", base_model_name_or_path=base_model)
+
+
+def apply_lora(model: nn.Module, config) -> nn.Module:
+    """Wrap the target projections of `model` in LoRA layers, in place; everything else is frozen."""
+    from peft.tuners.lora import LoraModel
+
+    _peft()
+    missing = [t for t in config.target_modules
+               if not any(name == t or name.endswith(f".{t}") for name, _ in model.named_modules())]
+    if missing:
+        raise ValueError(f"lora.target_modules: no module named {missing} in the model (GPT-2 projections are "
+                         "c_attn, attn.c_proj, c_fc, mlp.c_proj)")
+    LoraModel(model, config, "default")  # injects into `model` itself
+    return model
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    peft = _peft()
+    # save_embedding_layers=False: the embeddings are never resized here, and peft's check for that would
+    # query the Hub for the base model's config.
+    state = peft.get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {f"{_PREFIX}{k}": v.detach().contiguous() for k, v in state.items()}
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write only the adapter weights, their config and the model's config to `directory` (atomically)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        model.peft_config["default"].save_pretrained(str(tmp))
+        (tmp / MODEL_CONFIG_NAME).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike):
+    peft = _peft()
+    path = Path(directory) / ADAPTER_CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG_NAME} (not a LoRA adapter directory)")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if values.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type is {values['peft_type']!r}, expected 'LORA'")
+    return peft.LoraConfig.from_pretrained(str(directory))
+
+
+def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Load saved adapter weights into a model that `apply_lora` already prepared."""
+    from ..checkpoint import load_weight_file
+
+    peft = _peft()
+    state = load_weight_file(Path(directory) / ADAPTER_WEIGHTS_NAME)
+    result = peft.set_peft_model_state_dict(model, {k.removeprefix(_PREFIX): v for k, v in state.items()})
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"{directory}: adapter weights do not fit the model: missing {missing[:4]}, "
+                         f"unexpected {result.unexpected_keys[:4]}")
+
+
+def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
+               base_model: str | os.PathLike | None = None) -> Path:
+    """Fold LoRA adapters into their base model and save a plain HF-format model directory.
+
+    `base_model` defaults to the directory recorded in the adapter config when it was trained."""
+    from peft.tuners.lora import LoraModel
+
+    from ..config import GPT2Config
+    from ..model import GPT2LMHeadModel
+
+    config = read_adapter_config(adapter_dir)
+    base = base_model or config.base_model_name_or_path
+    if not base:
+        raise ValueError(f"{adapter_dir}: the adapter config names no base model; pass base_model")
+    if str(config.task_type).endswith("SEQ_CLS"):
+        from .trainer import load_classifier  # a fresh head; the adapter directory holds the trained one
+
+        labels = GPT2Config.from_json_file(Path(adapter_dir) / MODEL_CONFIG_NAME).id2label
+        model = load_classifier(base, num_labels=len(labels), id2label=labels)
+    else:
+        model = GPT2LMHeadModel.from_pretrained(base)
+    wrapper = LoraModel(model, config, "default")
+    load_adapter_weights(model, adapter_dir)
+    merged = wrapper.merge_and_unload()
+    if hasattr(merged, "tie_weights"):
+        merged.tie_weights()
+    merged.save_pretrained(output_dir)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        if (Path(adapter_dir) / name).exists():
+            shutil.copyfile(Path(adapter_dir) / name, Path(output_dir) / name)
+    return Path(output_dir)
+

@@ -1,0 +1,893 @@
+"""Trainer: pretraining, full finetuning, LoRA and text-classification finetuning of GPT-2 from a RunConfig.
+
+One optimizer step = `grad_accum` micro-batches; the loss of each is weighted by its share of the step's target
+tokens (or examples), so accumulation gives exactly the gradient of one big batch even when batches are padded.
+
+Where parallelism plugs in (training/parallel.py wraps the model from outside; this file stays single-device):
+- `_wrap_model`: the raw model goes in, the module used for forward/backward comes out (activation
+  checkpointing, then data/tensor parallel wrappers, then torch.compile).
+- `_grad_sync(is_last_micro_step)`: gradients need to be synchronised only on the last micro-step of a step.
+- `backward` weights each micro-batch by its share of the step's scored tokens; with data parallelism that
+  total must be summed over ranks (and the loss scaled by world_size against DDP's gradient averaging).
+- `_save_checkpoint` / `_load_checkpoint`: all training state goes through these two.
+`self.model` always stays the plain (unwrapped) model, which is what gets saved.
+
+Checkpoints (out_dir/checkpoints/step-00000100/) are HF model directories (or PEFT adapter directories with
+LoRA) plus `training_state/` (optimizer, scheduler, sampler, RNG states, step) and a `COMPLETE` manifest
+of file sizes and SHA-256 digests written last; the directory is assembled under a temporary name and renamed,
+so a crash at any moment leaves either a complete checkpoint or one that is detected and skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..checkpoint import CheckpointError, hf_to_gpt2kit, load_config, load_state_dict
+from ..config import PRESETS, GPT2Config
+from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
+from ..tokenizer import GPT2Tokenizer
+from . import lora as lora_lib
+from .config import RunConfig, load_config as load_run_config, save_config
+from .logging import MetricsLogger, flops_per_token, peak_flops, plot_losses
+from .optim import build_optimizer, build_scheduler
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_DIR = "training_state"
+COMPLETE_NAME = "COMPLETE"
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+# ---- models -------------------------------------------------------------------------------------------------
+def load_classifier(model_dir: str | os.PathLike, *, num_labels: int, id2label: dict[int, str] | None = None,
+                    **config_overrides: Any) -> GPT2ForSequenceClassification:
+    """A GPT2ForSequenceClassification whose transformer comes from an HF directory (an LM or a classifier).
+    The `score` head is kept when the directory has one of the right size, else freshly initialised."""
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    config.id2label = id2label or {i: str(i) for i in range(num_labels)}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    config.num_labels = num_labels
+    model = GPT2ForSequenceClassification(config)
+    state = hf_to_gpt2kit(load_state_dict(model_dir), model)
+    state.pop("lm_head.weight", None)
+    if "score.weight" in state and state["score.weight"].shape[0] != num_labels:
+        print(f"{model_dir}: classification head has {state['score.weight'].shape[0]} labels, the data "
+              f"{num_labels}: starting a new head", file=sys.stderr)
+        del state["score.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"score.weight"}:
+        raise CheckpointError(f"{model_dir}: weights do not fit GPT2ForSequenceClassification: missing "
+                              f"{sorted(set(missing) - {'score.weight'})[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in backward instead of storing them. The block's own
+    forward is wrapped in place, so parameter names (and saved checkpoints) do not change; dropout masks are
+    reproduced because checkpoint() replays the RNG state."""
+    for block in model.transformer.h:
+        block.forward = partial(activation_checkpoint, block.forward, use_reentrant=False)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state of a checkpoint directory after checking its COMPLETE manifest (every file present
+    with the recorded size and SHA-256). Raises CheckpointError naming what is wrong."""
+    path = Path(path)
+    manifest_path = path / COMPLETE_NAME
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE_NAME} marker; the run was probably "
+                              "interrupted while saving)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
+    for name, info in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if file.stat().st_size != info["size"]:
+            raise CheckpointError(f"{path}: {name} has {file.stat().st_size} bytes, expected {info['size']}")
+        if _sha256(file) != info["sha256"]:
+            raise CheckpointError(f"{path}: {name} is corrupted (SHA-256 mismatch)")
+    return json.loads((path / STATE_DIR / "trainer_state.json").read_text())
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories of a run, oldest first (partial ones included; see verify_checkpoint)."""
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+# ---- trainer ------------------------------------------------------------------------------------------------
+class Trainer:
+    """Train, finetune, evaluate and predict with a GPT-2 from a run config (see configs/ and docs/training.md).
+
+    `Trainer(task="text_generation", model="gpt2-tiny", train_dataset="data/shakespeare").train()`;
+    `args` is a RunConfig, a YAML path or None (defaults); the keyword arguments override it. `model` may be a
+    preset name, an HF directory or an nn.Module; datasets may be paths or torch Datasets yielding the
+    items of gpt2kit.data (`input_ids` + `targets` or `labels`).
+    """
+
+    def __init__(self, task: str | None = None, model: str | os.PathLike | nn.Module | None = None,
+                 train_dataset: str | os.PathLike | Dataset | None = None,
+                 eval_dataset: str | os.PathLike | Dataset | None = None, *,
+                 args: RunConfig | str | os.PathLike | None = None, tokenizer: GPT2Tokenizer | None = None,
+                 pet_method: str | None = None, out_dir: str | os.PathLike | None = None) -> None:
+        if args is None or isinstance(args, (str, os.PathLike)):
+            config = load_run_config(args)
+        else:
+            config = args
+        if task is not None:
+            config.task = task
+        if pet_method is not None:
+            config.pet_method = pet_method
+        if out_dir is not None:
+            config.out_dir = str(out_dir)
+        self._model_arg = None
+        if isinstance(model, nn.Module):
+            self._model_arg = model
+        elif model is not None:
+            config.model.name = str(model)
+        self._datasets: dict[str, Dataset | None] = {"train": None, "val": None}
+        # Datasets passed in were tokenized by the caller: the tokenizer then only pads and is saved.
+        self._given_datasets = isinstance(train_dataset, Dataset)
+        for split, value in (("train", train_dataset), ("val", eval_dataset)):
+            if isinstance(value, Dataset):
+                self._datasets[split] = value
+            elif value is not None:
+                setattr(config.data, split, str(value))
+        config.validate()
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.tokenizer = tokenizer
+        self.device = self._pick_device(config.train.device)
+        self.precision = self._pick_precision(config.train.precision)
+        # Parallelism (training/parallel.py) sets these; a single process is rank 0 of 1.
+        self.rank, self.world_size = 0, 1
+        self.model: nn.Module | None = None
+        self.forward_model: nn.Module | None = None
+        self.step = 0
+        self.tokens_seen = 0
+        self.best_val_loss = math.inf
+        self.last_checkpoint: Path | None = None
+
+    # ---- environment --------------------------------------------------------------------------------------
+    @staticmethod
+    def _pick_device(name: str) -> torch.device:
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("train.device: cuda requested but no CUDA device is available")
+        return device
+
+    def _pick_precision(self, name: str) -> str:
+        if name == "auto":
+            if self.device.type == "cuda":
+                return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        if name == "fp16" and self.device.type != "cuda":
+            raise ValueError("train.precision: fp16 needs a GPU (GradScaler); use bf16 or fp32 on the CPU")
+        if name == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("train.precision: this GPU has no bf16; use fp16")
+        return name
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    @property
+    def _kind(self) -> str:
+        """pretrain (token windows) | instruction (prompt-masked) | classification."""
+        if self.config.task == "text_classification":
+            return "classification"
+        return "instruction" if self.config.data.format == "alpaca" else "pretrain"
+
+    def _corpus_dir(self, path: str, name: str, val_fraction: float, tokenizer: str) -> Path:
+        """A preprocessed token directory for `path`: itself when it already is one, else tokenized once with
+        `tokenizer` into out_dir/<name> (reused on later runs and on resume)."""
+        if (Path(path) / "meta.json").is_file():
+            return Path(path)
+        target = self.out_dir / name
+        if (target / "meta.json").is_file():
+            return target
+        if not Path(path).exists():
+            raise FileNotFoundError(f"data: {path} not found")
+        from ..data.preprocess import preprocess  # imported here: only raw-text runs need it
+
+        d = self.config.data
+        preprocess([path], target, format=d.format, text_key=d.text_key, tokenizer=tokenizer,
+                   val_fraction=val_fraction)
+        return target
+
+    def _tokenizer_source(self) -> str:
+        """data.tokenizer (trained first when asked); unset: the model directory's tokenizer, else GPT-2's."""
+        d = self.config.data
+        if d.tokenizer_vocab_size is not None:
+            self._train_tokenizer()
+        if d.tokenizer is not None:
+            return d.tokenizer
+        sources = [self.config.model.checkpoint, self.config.model.name]
+        return next((s for s in sources if s and any((Path(s) / f).is_file() for f in _TOKENIZER_FILES)), "gpt2")
+
+    def _train_tokenizer(self) -> None:
+        """Train a byte-level BPE tokenizer on the training text (once; `data.tokenizer` is where it goes)."""
+        from ..data.tokenizer_training import train_tokenizer
+
+        d = self.config.data
+        if d.tokenizer is None:
+            raise ValueError("data.tokenizer: name the directory the trained tokenizer goes to")
+        if (Path(d.tokenizer) / "tokenizer.json").is_file():
+            return
+        if d.train is None:
+            raise ValueError("data.tokenizer_vocab_size: no data.train to train the tokenizer on")
+        train_tokenizer([d.train], d.tokenizer, vocab_size=d.tokenizer_vocab_size, format=d.format,
+                        text_key=d.text_key)
+
+    def _get_tokenizer(self) -> GPT2Tokenizer:
+        if self.tokenizer is None:
+            self.tokenizer = GPT2Tokenizer.from_pretrained(self._tokenizer_source())
+        return self.tokenizer
+
+    def _load_datasets(self) -> None:
+        d, kind = self.config.data, self._kind
+        train, val = self._datasets["train"], self._datasets["val"]
+        if kind == "pretrain":
+            from ..data import PretrainingDataset, load_tokenizer, read_meta
+
+            seq_len = d.seq_len or self._model_config().n_positions
+            tokenizer = None
+            if train is None:
+                if d.train is None:
+                    raise ValueError("data.train: no training data given")
+                train_dir = self._corpus_dir(d.train, "data", d.val_fraction, self._tokenizer_source())
+                spec = read_meta(train_dir)["tokenizer"]  # validation text gets the tokenizer of the training data
+                tokenizer = "gpt2" if spec["name"] == "gpt2" else str(train_dir / spec["file"])
+                self.tokenizer = self.tokenizer or load_tokenizer(train_dir)
+                train = PretrainingDataset(train_dir, seq_len, "train")
+                if val is None and d.val is None and "val" in read_meta(train_dir)["splits"]:
+                    val = PretrainingDataset(train_dir, seq_len, "val")
+            if val is None and d.val is not None:
+                val_dir = self._corpus_dir(d.val, "data-val", 0.0, tokenizer or self._tokenizer_source())
+                splits = read_meta(val_dir)["splits"]
+                val = PretrainingDataset(val_dir, seq_len, "val" if "val" in splits else "train")
+        elif kind == "classification":
+            from ..data import ClassificationDataset
+
+            if train is None and d.train is not None:
+                train = ClassificationDataset(d.train, self._get_tokenizer(), format=d.format,
+                                              max_length=d.max_length)
+            if val is None and d.val is not None:
+                names = list(train.id2label.values()) if hasattr(train, "id2label") else None
+                val = ClassificationDataset(d.val, self._get_tokenizer(), format=d.format, max_length=d.max_length,
+                                            label_names=names)
+        else:
+            from ..data import InstructionDataset
+
+            max_length = d.max_length or self._model_config().n_positions
+            if train is None and d.train is not None:
+                train = InstructionDataset(d.train, self._get_tokenizer(), max_length=max_length)
+            if val is None and d.val is not None:
+                val = InstructionDataset(d.val, self._get_tokenizer(), max_length=max_length)
+        self._datasets = {"train": train, "val": val}
+
+    def _collate(self):
+        from ..data import collate
+
+        return partial(collate, pad_token_id=self._get_tokenizer().pad_token_id)
+
+    def _loader(self, dataset: Dataset, sampler=None, *, batch_size: int) -> DataLoader:
+        # A private generator: the DataLoader must not draw from the global RNG, whose state is part of
+        # exact resume (dropout), at each new epoch.
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                          collate_fn=self._collate(), num_workers=self.config.data.num_workers,
+                          drop_last=sampler is not None, generator=torch.Generator(),
+                          pin_memory=self.device.type == "cuda",
+                          persistent_workers=self.config.data.num_workers > 0)
+
+    # ---- model --------------------------------------------------------------------------------------------
+    def _model_config(self) -> GPT2Config:
+        m = self.config.model
+        if self._model_arg is not None:
+            return self._model_arg.config
+        if m.name in PRESETS:
+            config = GPT2Config.from_name(m.name)
+        elif Path(m.name).is_dir():
+            config = load_config(m.name)
+        else:
+            raise ValueError(f"model.name: {m.name!r} is neither a preset ({', '.join(PRESETS)}) nor a model "
+                             "directory")
+        for key, value in m.config.items():
+            setattr(config, key, value)
+        return config
+
+    def _build_model(self, weights: str | None) -> nn.Module:
+        """The raw model: `weights` (an HF dir) loaded, or random initialisation from the config."""
+        if self._model_arg is not None:
+            return self._model_arg
+        config = self._model_config()
+        tokenizer = self._get_tokenizer()
+        if weights is None and self.config.model.name in PRESETS and "vocab_size" not in self.config.model.config \
+                and tokenizer.vocab_size != config.vocab_size:
+            # A preset with another tokenizer (e.g. one trained on the corpus): take its vocabulary.
+            config.vocab_size = tokenizer.vocab_size
+            config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+        if tokenizer.vocab_size > config.vocab_size and not self._given_datasets:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {config.vocab_size}"
+                             " (model.config.vocab_size)")
+        if self.config.task == "text_classification":
+            train = self._datasets["train"]
+            num_labels = getattr(train, "num_labels", config.num_labels)
+            id2label = getattr(train, "id2label", None)
+            if weights is not None:
+                overrides = {**self.config.model.config, "pad_token_id": tokenizer.pad_token_id}
+                return load_classifier(weights, num_labels=num_labels, id2label=id2label, **overrides)
+            config.id2label = id2label or {i: str(i) for i in range(num_labels)}
+            config.label2id = {v: k for k, v in config.id2label.items()}
+            config.num_labels, config.pad_token_id = num_labels, tokenizer.pad_token_id
+            return GPT2ForSequenceClassification(config)
+        if weights is not None:
+            return GPT2LMHeadModel.from_pretrained(weights, **self.config.model.config)
+        return GPT2LMHeadModel(config)
+
+    def _wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module that runs forward/backward. Order matters: activation checkpointing inside, then
+        parallel wrappers (training/parallel.py), torch.compile outermost."""
+        if self.config.train.recompute:
+            apply_activation_checkpointing(model)
+        if self.config.train.compile:
+            model = torch.compile(model)
+        return model
+
+    def _grad_sync(self, is_last_micro_step: bool):
+        """Context for one micro-step's backward; data parallelism skips the all-reduce unless it is the last."""
+        return contextlib.nullcontext()
+
+    def _matmul_params(self) -> int:
+        """Parameters used in matmuls: all but the position embedding, and the token embedding when it is only
+        looked up (no tied LM head)."""
+        model = self.model
+        n = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
+        n -= model.transformer.wpe.weight.numel()
+        if not isinstance(model, GPT2LMHeadModel):
+            n -= model.transformer.wte.weight.numel()
+        return n
+
+    # ---- setup --------------------------------------------------------------------------------------------
+    def _setup(self, weights: str | None) -> None:
+        c = self.config
+        self._seed_everything(c.seed)
+        self._load_datasets()
+        if self._datasets["train"] is None:
+            raise ValueError("data.train: no training data given")
+        self.model = self._build_model(weights)
+        if c.pet_method == "lora":
+            base = weights or (c.model.name if Path(c.model.name).is_dir() else None)
+            self._lora_config = lora_lib.lora_config(c.lora, task=c.task, base_model=base)
+            lora_lib.apply_lora(self.model, self._lora_config)
+        self.model.to(self.device).train()
+        self.forward_model = self._wrap_model(self.model)
+        self.optimizer = build_optimizer(self.model, c.optim)
+        self._plan_batches()
+        self.scheduler = build_scheduler(self.optimizer, c.optim, self.max_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        from ..data import ResumableSampler
+
+        train = self._datasets["train"]
+        self.sampler = ResumableSampler(len(train), seed=c.seed, shuffle=True, rank=self.rank,
+                                        world_size=self.world_size)
+        self.train_loader = self._loader(train, self.sampler, batch_size=c.train.micro_batch_size)
+        self._batches = None
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _plan_batches(self) -> None:
+        """Gradient-accumulation steps and max_steps from the global batch and the dataset size."""
+        t = self.config.train
+        train = self._datasets["train"]
+        per_micro = t.micro_batch_size * self.world_size
+        if t.global_batch_tokens is not None:
+            seq_len = getattr(train, "seq_len", None)
+            if seq_len is None:
+                raise ValueError("train.global_batch_tokens needs fixed-length pretraining windows; use "
+                                 "train.global_batch_size for this data")
+            accum, rest = divmod(t.global_batch_tokens, per_micro * seq_len)
+            what = f"global_batch_tokens ({t.global_batch_tokens})"
+            unit = f"micro_batch_size x seq_len x devices = {per_micro * seq_len}"
+        elif t.global_batch_size is not None:
+            accum, rest = divmod(t.global_batch_size, per_micro)
+            what, unit = f"global_batch_size ({t.global_batch_size})", f"micro_batch_size x devices = {per_micro}"
+        else:
+            accum, rest, what, unit = 1, 0, "", ""
+        if t.max_steps is None and t.epochs is None:
+            raise ValueError("train: give train.max_steps or train.epochs")
+        if accum < 1 or rest:
+            raise ValueError(f"train: {what} must be a positive multiple of {unit}")
+        self.grad_accum = accum
+        per_rank = len(train) // self.world_size
+        if per_rank < t.micro_batch_size:
+            raise ValueError(f"data.train: {len(train)} examples, fewer than one micro-batch of "
+                             f"{t.micro_batch_size} per device")
+        self.steps_per_epoch = max(1, (per_rank // t.micro_batch_size) // accum)
+        self.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        while True:
+            if self._batches is None:
+                self._batches = iter(self.train_loader)
+            try:
+                batch = next(self._batches)
+            except StopIteration:  # end of epoch: the next permutation, from its start
+                self.sampler.set_epoch(self.sampler.epoch + 1)
+                self._batches = None
+                continue
+            self.sampler.advance(len(batch["input_ids"]))
+            return batch
+
+    def _forward(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None):
+        model = model if model is not None else self.forward_model
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if "labels" in batch:
+            return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        mask = batch["attention_mask"]
+        return model(batch["input_ids"], attention_mask=None if bool(mask.all()) else mask, targets=batch["targets"])
+
+    @staticmethod
+    def _loss_weight(batch: dict[str, torch.Tensor]) -> int:
+        """How many terms the batch's mean loss averages: scored targets, or examples."""
+        if "targets" in batch:
+            return int((batch["targets"] != -100).sum())
+        return len(batch["labels"])
+
+    def backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Forward and backward over the micro-batches of one step. Each mean loss is weighted by its batch's
+        share of all scored targets (examples for classification), so the accumulated gradient equals that of
+        the micro-batches' union as one batch. Returns that union's mean loss."""
+        weights = [self._loss_weight(b) for b in micro_batches]
+        total = sum(weights)
+        if total == 0:
+            raise ValueError(f"step {self.step + 1}: the batch has no scored tokens (all targets are -100)")
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
+            with self._grad_sync(i == len(micro_batches) - 1):
+                with self._autocast():
+                    loss = self._forward(batch).loss * (weight / total)
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        return loss_sum
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `grad_accum` micro-batches; returns its metrics."""
+        micro_batches = [self._next_batch() for _ in range(self.grad_accum)]
+        loss_sum = self.backward(micro_batches)
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.config.train.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        loss_value, norm_value = float(loss_sum), float(grad_norm)
+        if not math.isfinite(loss_value) or (self.precision != "fp16" and not math.isfinite(norm_value)):
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            last = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint \
+                else "no checkpoint was saved yet"
+            raise TrainingDiverged(
+                f"step {self.step + 1}: {what} is {loss_value if what == 'loss' else norm_value}; training "
+                f"stopped without applying this update ({last}). Lower optim.lr, raise optim.warmup_steps or "
+                f"use train.precision fp32, then resume with --resume auto")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches) * self.world_size
+        self.tokens_seen += tokens
+        width = max(b["input_ids"].shape[1] for b in micro_batches)
+        return {"train_loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens": tokens, "seq_len": width}
+
+    def _run(self, resume: str | None) -> dict[str, Any]:
+        c = self.config
+        if resume:
+            self._resume(resume)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(c, self.out_dir / "config.yaml")
+        logger = MetricsLogger(self.out_dir, tensorboard=c.log.tensorboard and self.is_main, resume_step=self.step)
+        peak, peak_source = peak_flops(self.device, torch.bfloat16 if self.precision != "fp32" else torch.float32)
+        peak *= self.world_size
+        matmul_params = self._matmul_params()
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        start_step = self.step
+        if self.is_main:
+            print(f"{c.task} {'LoRA ' if c.pet_method == 'lora' else ''}on {self.device} ({self.precision}): "
+                  f"{self.model.num_parameters() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
+                  f"{len(self._datasets['train'])} examples, micro-batch {c.train.micro_batch_size} x "
+                  f"{self.grad_accum} accumulation x {self.world_size} devices, {self.max_steps} steps; "
+                  f"MFU peak {peak / 1e12:.2f} TFLOP/s ({peak_source})", file=sys.stderr)
+        bar = None
+        if self.is_main and c.log.progress:
+            bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        started = time.perf_counter()
+        train_time = 0.0
+        if c.train.eval_interval and self.step == 0 and self._datasets["val"] is not None:
+            self._log_eval(logger, c.train.eval_batches)  # where the curve starts
+        try:
+            self.model.train()
+            while self.step < self.max_steps:
+                tick = time.perf_counter()
+                metrics = self.train_step()
+                elapsed = time.perf_counter() - tick
+                train_time += elapsed
+                tokens_per_sec = metrics["tokens"] / elapsed
+                mfu = tokens_per_sec * flops_per_token(self.model.config, matmul_params, metrics["seq_len"]) / peak
+                metrics.update(tokens_per_sec=tokens_per_sec, mfu=mfu, tokens_seen=self.tokens_seen)
+                metrics.pop("seq_len")
+                if self.step % c.train.log_interval == 0 or self.step == self.max_steps:
+                    logger.log(self.step, metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                    tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+                if c.train.eval_interval and self.step % c.train.eval_interval == 0 and self.step < self.max_steps:
+                    self._log_eval(logger, c.train.eval_batches)
+                if c.checkpoint.save_interval and self.step % c.checkpoint.save_interval == 0:
+                    self._save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        final_eval = self._log_eval(logger, None) if self._datasets["val"] is not None else {}
+        if not self.last_checkpoint or self.last_checkpoint.name != f"step-{self.step:08d}":
+            self._save_checkpoint()
+        final_dir = self._save_final()
+        logger.close()
+        summary = {
+            "steps": self.step, "steps_this_run": self.step - start_step, "tokens_seen": self.tokens_seen,
+            "train_seconds": round(train_time, 2), "wall_seconds": round(time.perf_counter() - started, 2),
+            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None, **final_eval,
+            "checkpoint": str(self.last_checkpoint), "final_model": str(final_dir),
+            "metrics": str(logger.path),
+        }
+        if c.task == "text_generation" and c.sample.prompt and self.is_main:
+            summary["sample"] = self._sample()
+        if self.is_main:
+            if c.log.plot:
+                plot = plot_losses(logger.path, self.out_dir / "loss.png",
+                                   title=f"{self.config.model.name}, {self.out_dir.name}")
+                summary["loss_plot"] = str(plot) if plot else None
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+            print(self._summary_line(summary), file=sys.stderr)
+        return summary
+
+    @staticmethod
+    def _summary_line(s: dict[str, Any]) -> str:
+        parts = [f"done: {s['steps']} steps ({s['steps_this_run']} this run), {s['tokens_seen']:,} tokens in "
+                 f"{s['wall_seconds']:.0f}s"]
+        if s.get("val_loss") is not None:
+            parts.append(f"val loss {s['val_loss']:.4f}" + (f" (ppl {s['val_ppl']:.2f})" if "val_ppl" in s else ""))
+        if s.get("val_accuracy") is not None:
+            parts.append(f"val accuracy {s['val_accuracy']:.2%}")
+        if s.get("best_val_loss") is not None:
+            parts.append(f"best val loss {s['best_val_loss']:.4f}")
+        parts.append(f"model in {s['final_model']}")
+        return ", ".join(parts)
+
+    # ---- evaluation ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _evaluate_dataset(self, dataset: Dataset, max_batches: int | None = None) -> dict[str, float]:
+        """Mean loss over the scored targets (or examples) of `dataset`, in order; accuracy for classification."""
+        model = self.forward_model if self.forward_model is not None else self.model
+        was_training = self.model.training
+        self.model.eval()
+        loader = self._loader(dataset, batch_size=self.config.train.micro_batch_size)
+        loss_sum, count, correct = 0.0, 0, 0
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            with self._autocast():
+                out = self._forward(batch, model)
+            weight = self._loss_weight(batch)
+            loss_sum += float(out.loss) * weight
+            count += weight
+            if "labels" in batch:
+                correct += int((out.logits.argmax(-1).cpu() == batch["labels"]).sum())
+        self.model.train(was_training)
+        result = {"val_loss": loss_sum / max(count, 1)}
+        if self.config.task == "text_classification":
+            result["val_accuracy"] = correct / max(count, 1)
+        else:
+            result["val_ppl"] = math.exp(min(result["val_loss"], 700.0))
+        return result
+
+    def _log_eval(self, logger: MetricsLogger, max_batches: int | None) -> dict[str, float]:
+        result = self._evaluate_dataset(self._datasets["val"], max_batches) if self._datasets["val"] else {}
+        if result:
+            self.best_val_loss = min(self.best_val_loss, result["val_loss"])
+            logger.log(self.step, result)
+            if self.is_main:
+                extra = (f", accuracy {result['val_accuracy']:.2%}" if "val_accuracy" in result
+                         else f", ppl {result['val_ppl']:.2f}")
+                tqdm.write(f"step {self.step}: val loss {result['val_loss']:.4f}{extra}", file=sys.stderr)
+        return result
+
+    def _sample(self) -> str:
+        from ..generation import generate
+
+        s = self.config.sample
+        tokenizer = self._get_tokenizer()
+        ids = torch.tensor([tokenizer.encode(s.prompt)], device=self.device)
+        self.model.eval()
+        out = generate(self.model, ids, max_new_tokens=s.max_new_tokens, do_sample=True,
+                       temperature=s.temperature, top_k=s.top_k, seed=self.config.seed)
+        text = tokenizer.decode(out[0].tolist())
+        print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
+        return text
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def _save_model_files(self, directory: Path) -> None:
+        """Model (or LoRA adapters) + tokenizer into a directory that does not exist yet."""
+        if self.config.pet_method == "lora":
+            lora_lib.save_adapter(self.model, directory)
+        else:
+            self.model.save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+
+    def _training_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(tensors and primitives for torch.save, JSON-able trainer state)."""
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        np_state = np.random.get_state()
+        rng["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                   "scaler": self.scaler.state_dict(), "rng": rng}
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
+                 "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+                 "max_steps": self.max_steps, "grad_accum": self.grad_accum, "world_size": self.world_size,
+                 "pet_method": self.config.pet_method, "config": self.config.to_dict()}
+        return tensors, state
+
+    def _save_checkpoint(self) -> Path:
+        root = self.out_dir / CHECKPOINTS_DIR
+        final = root / f"step-{self.step:08d}"
+        tmp = root / f".step-{self.step:08d}.partial-{os.getpid()}"
+        if self.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._save_model_files(tmp)
+            tensors, state = self._training_state()
+            (tmp / STATE_DIR).mkdir()
+            torch.save(tensors, tmp / STATE_DIR / "state.pt")
+            (tmp / STATE_DIR / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            manifest = tmp / COMPLETE_NAME
+            manifest.write_text(json.dumps({"step": self.step, "files": files}, indent=1) + "\n")
+            with open(manifest) as f:
+                os.fsync(f.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            self._prune_checkpoints()
+        self.last_checkpoint = final
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.config.checkpoint.keep_last
+        root = self.out_dir / CHECKPOINTS_DIR
+        for stale in root.glob(".step-*.partial-*"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        if keep is None:
+            return
+        complete = [p for p in list_checkpoints(self.out_dir) if (p / COMPLETE_NAME).is_file()]
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _save_final(self) -> Path:
+        final = self.out_dir / "final"
+        if self.is_main:
+            tmp = self.out_dir / f".final.partial-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._save_model_files(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        return final
+
+    def _find_resume_checkpoint(self, resume: str) -> Path | None:
+        """The checkpoint to resume from: a given directory (must be valid) or, for "auto", the newest valid
+        one in out_dir; invalid ones are skipped with a message."""
+        if resume != "auto":
+            path = Path(resume)
+            if not path.is_dir():
+                raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+            verify_checkpoint(path)
+            return path
+        for path in reversed(list_checkpoints(self.out_dir)):
+            try:
+                verify_checkpoint(path)
+                return path
+            except (CheckpointError, OSError, ValueError) as err:
+                print(f"skipping checkpoint {path}: {err}", file=sys.stderr)
+        return None
+
+    def _resume(self, resume: str) -> None:
+        path = self._find_resume_checkpoint(resume)
+        if path is None:
+            print(f"resume: no complete checkpoint in {self.out_dir / CHECKPOINTS_DIR}; starting from step 0",
+                  file=sys.stderr)
+            return
+        self._load_checkpoint(path)
+        print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / STATE_DIR / "trainer_state.json").read_text())
+        if state.get("pet_method", "none") != self.config.pet_method:
+            raise CheckpointError(f"{path}: saved with pet_method {state.get('pet_method')!r}, this run uses "
+                                  f"{self.config.pet_method!r}")
+        if self.config.pet_method == "lora":
+            lora_lib.load_adapter_weights(self.model, path)
+        else:
+            weights = hf_to_gpt2kit(load_state_dict(path), self.model)
+            self.model.load_state_dict(weights, strict=True)
+            if hasattr(self.model, "tie_weights"):
+                self.model.tie_weights()
+        # weights_only: only tensors and plain containers, never code from the file.
+        tensors = torch.load(path / STATE_DIR / "state.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        self.scaler.load_state_dict(tensors["scaler"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
+        self.sampler.load_state_dict(state["sampler"])
+        self._batches = None
+        rng = tensors["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        kind, keys, *rest = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.last_checkpoint = path
+
+    # ---- public API ---------------------------------------------------------------------------------------
+    def train(self, resume: str | None = None) -> dict[str, Any]:
+        """Pretrain from randomly initialised weights (or continue: resume="auto" or a checkpoint dir)."""
+        self._setup(weights=None)
+        return self._run(resume or self.config.checkpoint.resume)
+
+    def finetune(self, finetune_checkpoint: str | os.PathLike | None = None,
+                 resume: str | None = None) -> dict[str, Any]:
+        """Train starting from pretrained weights: `finetune_checkpoint`, else model.checkpoint, else model.name
+        when it is a directory. With pet_method "lora" only the adapters train."""
+        weights = finetune_checkpoint or self.config.model.checkpoint
+        if weights is None and self._model_arg is None:
+            if not Path(self.config.model.name).is_dir():
+                raise ValueError(f"finetune needs pretrained weights: model.name {self.config.model.name!r} is a "
+                                 "preset; pass finetune_checkpoint or set model.checkpoint to a model directory")
+            weights = self.config.model.name
+        self._setup(weights=str(weights) if weights is not None else None)
+        return self._run(resume or self.config.checkpoint.resume)
+
+    def _ensure_model(self) -> None:
+        if self.model is not None:
+            return
+        name = self.config.model.name
+        if self._model_arg is not None:
+            self.model = self._model_arg
+        elif not Path(name).is_dir():
+            raise ValueError(f"model.name {name!r}: evaluate/predict need a trained model directory")
+        elif self.config.task == "text_classification":
+            self.model = GPT2ForSequenceClassification.from_pretrained(name)
+        else:
+            self.model = GPT2LMHeadModel.from_pretrained(name)
+        self._get_tokenizer()
+        self.model.to(self.device).eval()
+
+    def evaluate(self, eval_dataset: str | os.PathLike | Dataset | None = None) -> dict[str, Any]:
+        """Validation metrics of the current (or given directory's) model: loss and perplexity for text
+        generation (a raw text file is scored with gpt2kit.evaluation's document perplexity), loss and
+        accuracy for classification."""
+        self._ensure_model()
+        data = eval_dataset if eval_dataset is not None else (self._datasets["val"] or self.config.data.val)
+        if data is None:
+            raise ValueError("evaluate: no evaluation data (eval_dataset or data.val)")
+        if isinstance(data, Dataset):
+            return self._evaluate_dataset(data)
+        if self.config.task == "text_classification":
+            from ..data import ClassificationDataset
+
+            dataset = ClassificationDataset(data, self.tokenizer, format=self.config.data.format,
+                                            max_length=self.config.data.max_length,
+                                            label_names=list(self.model.config.id2label.values())
+                                            if self.model.config.id2label else None)
+            return self._evaluate_dataset(dataset)
+        if (Path(data) / "meta.json").is_file():
+            from ..data import PretrainingDataset, read_meta
+
+            split = "val" if "val" in read_meta(data)["splits"] else "train"
+            seq_len = self.config.data.seq_len or self.model.config.n_positions
+            return self._evaluate_dataset(PretrainingDataset(data, seq_len, split))
+        from ..evaluation.perplexity import FORMATS, evaluate_perplexity
+
+        fmt = self.config.data.format if self.config.data.format in FORMATS else "auto"
+        return evaluate_perplexity(self.model, self.tokenizer, data, format=fmt, text_key=self.config.data.text_key)
+
+    @torch.no_grad()
+    def predict(self, inputs: str | list[str], **generation_options: Any) -> list[str]:
+        """Generated continuations (text generation; options as gpt2kit.generation.generate) or predicted
+        label names (classification) for one text or a list."""
+        self._ensure_model()
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        self.model.eval()
+        if self.config.task == "text_classification":
+            from ..data import collate
+
+            batch = collate([{"input_ids": torch.tensor(ids)} for ids in self.tokenizer.encode_batch(texts)],
+                            self.tokenizer.pad_token_id)
+            logits = self.model(batch["input_ids"].to(self.device),
+                                attention_mask=batch["attention_mask"].to(self.device)).logits
+            id2label = self.model.config.id2label or {}
+            return [id2label.get(int(i), str(int(i))) for i in logits.argmax(-1)]
+        from ..generation import generate
+
+        options = {"max_new_tokens": self.config.sample.max_new_tokens, **generation_options}
+        results = []
+        for text in texts:
+            ids = torch.tensor([self.tokenizer.encode(text)], device=self.device)
+            out = generate(self.model, ids, **options)
+            results.append(self.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
+        return results
+
+
+def run(mode: str, config_path: str | os.PathLike | None, overrides: list[tuple[str, str]] | None = None,
+        resume: str | None = None) -> dict[str, Any]:
+    """`gpt2kit train|finetune --config FILE [--section.key value ...] [--resume auto|PATH]`."""
+    config = load_run_config(config_path, overrides)
+    if resume is not None:
+        config.checkpoint.resume = resume
+    trainer = Trainer(args=config)
+    return trainer.train() if mode == "train" else trainer.finetune()

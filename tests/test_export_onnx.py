@@ -1,0 +1,134 @@
+"""ONNX export: graph interface, logits against PyTorch (fp32, 1e-4), identical greedy tokens, the commands."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from gpt2kit import GPT2LMHeadModel, KVCache, generate
+from gpt2kit.cli import main
+from gpt2kit.export import DECODE_NAME, PREFILL_NAME, OnnxLMHeadModel, export_onnx
+from gpt2kit.model import positions_from_mask
+
+from .live_server import save_tiny_text_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_text_model(tmp_path_factory.mktemp("onnx") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir, tmp_path_factory):
+    return export_onnx(model_dir, tmp_path_factory.mktemp("onnx-out") / "tiny-onnx")
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return GPT2LMHeadModel.from_pretrained(model_dir).eval()
+
+
+def left_padded(batch, length, pad_lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 512, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row, pad in enumerate(pad_lengths):
+        mask[row, :pad] = 0
+    return ids, mask
+
+
+def test_graphs_have_cache_inputs_outputs_and_dynamic_axes(exported, model_dir):
+    dims = {}
+    for name in (PREFILL_NAME, DECODE_NAME):
+        graph = onnx.load(str(exported / name))
+        onnx.checker.check_model(graph)
+        dims[name] = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                      for v in [*graph.graph.input, *graph.graph.output]}
+    assert dims[PREFILL_NAME] == {
+        "input_ids": ["batch", "sequence"], "attention_mask": ["batch", "total"], "position_ids": ["batch", "sequence"],
+        "logits": ["batch", "sequence", 512], "present_keys": [2, "batch", 4, "total", 16],
+        "present_values": [2, "batch", 4, "total", 16]}
+    assert dims[DECODE_NAME] == {**dims[PREFILL_NAME], "past_keys": [2, "batch", 4, "past", 16],
+                                 "past_values": [2, "batch", 4, "past", 16]}
+    # The directory is self-contained: config and tokenizer travel with the graphs.
+    assert json.loads((exported / "config.json").read_text())["n_layer"] == 2
+    assert (exported / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("batch, length, pads, new", [(1, 5, [0], 1), (3, 9, [0, 4, 8], 1), (4, 6, [2, 0, 5, 1], 3)])
+def test_prefill_and_decode_logits_match_pytorch(exported, model, batch, length, pads, new):
+    prefill = ort.InferenceSession(str(exported / PREFILL_NAME))
+    decode = ort.InferenceSession(str(exported / DECODE_NAME))
+    ids, mask = left_padded(batch, length, pads)
+    cache = KVCache(model.config, batch, length + new)
+    with torch.no_grad():
+        expected = model(ids, mask, past_key_values=cache).logits
+    logits, keys, values = prefill.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                                              "position_ids": positions_from_mask(mask).numpy()})
+    real = mask.bool().numpy()  # padded positions' logits are never used
+    np.testing.assert_allclose(logits[real], expected.numpy()[real], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(keys, cache.keys[:, :, :, :length].numpy(), atol=1e-4, rtol=0)
+
+    next_ids, _ = left_padded(batch, new, [0] * batch, seed=1)
+    full_mask = torch.cat([mask, torch.ones(batch, new, dtype=torch.long)], 1)
+    with torch.no_grad():
+        expected = model(next_ids, full_mask, past_key_values=cache).logits
+    logits, keys, _ = decode.run(None, {"input_ids": next_ids.numpy(), "attention_mask": full_mask.numpy(),
+                                        "position_ids": positions_from_mask(full_mask)[:, length:].numpy(),
+                                        "past_keys": keys, "past_values": values})
+    np.testing.assert_allclose(logits, expected.numpy(), atol=1e-4, rtol=0)
+    assert keys.shape[3] == length + new
+
+
+def test_greedy_and_seeded_generation_are_identical(exported, model):
+    onnx_model = OnnxLMHeadModel(exported)
+    ids, mask = left_padded(3, 7, [0, 3, 6])
+    for options in (dict(), dict(do_sample=True, temperature=0.8, top_p=0.9, seed=3)):
+        expected = generate(model, ids, mask, max_new_tokens=60, eos_token_id=[], **options)
+        assert torch.equal(generate(onnx_model, ids, mask, max_new_tokens=60, eos_token_id=[], **options), expected)
+
+
+def test_graphs_generate_with_numpy_and_onnxruntime_alone(exported, model):
+    """No PyTorch in the loop: a plain greedy decode over the two graphs gives PyTorch's tokens."""
+    prefill = ort.InferenceSession(str(exported / PREFILL_NAME))
+    decode = ort.InferenceSession(str(exported / DECODE_NAME))
+    prompt = np.array([[5, 17, 300, 42]], dtype=np.int64)
+    mask = np.ones_like(prompt)
+    logits, keys, values = prefill.run(None, {"input_ids": prompt, "attention_mask": mask,
+                                              "position_ids": np.arange(4, dtype=np.int64)[None]})
+    tokens = []
+    for step in range(30):
+        tokens.append(int(logits[0, -1].argmax()))
+        mask = np.ones((1, 5 + step), dtype=np.int64)
+        logits, keys, values = decode.run(None, {
+            "input_ids": np.array([[tokens[-1]]]), "attention_mask": mask,
+            "position_ids": np.array([[4 + step]]), "past_keys": keys, "past_values": values})
+    expected = generate(model, torch.from_numpy(prompt), max_new_tokens=30, eos_token_id=[])[0, 4:].tolist()
+    assert tokens == expected
+
+
+def test_export_and_generate_commands(model_dir, tmp_path, capsys):
+    out = tmp_path / "exported"
+    assert main(["export", "onnx", "--model", str(model_dir), "--output", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    assert main(["export", "onnx", "--model", str(model_dir), "--output", str(out)]) == 2
+    assert "exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+
+    common = ["generate", "--prompt", "I had always thought", "--max-new-tokens", "25"]
+    assert main([*common, "--model", str(model_dir)]) == 0
+    torch_text = capsys.readouterr().out
+    assert main([*common, "--model", str(out), "--backend", "onnx"]) == 0
+    assert capsys.readouterr().out == torch_text
+    sampled = ["--do-sample", "--temperature", "0.9", "--seed", "5"]
+    assert main([*common, *sampled, "--model", str(model_dir)]) == 0
+    torch_text = capsys.readouterr().out
+    assert main([*common, *sampled, "--model", str(out), "--backend", "onnx"]) == 0
+    assert capsys.readouterr().out == torch_text
+
+    assert main([*common, "--model", str(model_dir), "--backend", "onnx"]) == 2
+    assert "no prefill.onnx; write an ONNX model directory with `gpt2kit export onnx" in capsys.readouterr().err
+    assert main([*common, "--model", str(out), "--backend", "onnx", "--dtype", "bf16"]) == 2
+    assert "float32 on the CPU" in capsys.readouterr().err

@@ -1,0 +1,92 @@
+"""The playground page at /, driven in headless Debian chromium through Playwright."""
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from .live_server import LiveServer, save_tiny_text_model
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM} "
+                                "(.ci/install-system-deps installs it)")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run"]
+PROMPT = "I had always thought"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_text_model(tmp_path_factory.mktemp("playground") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+def expected_completion(url: str, api_key: str = "unused") -> str:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
+    return client.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0).choices[0].text
+
+
+def generate_in_page(page) -> None:
+    page.fill("#max-tokens", "40")
+    page.fill("#temperature", "0")
+    page.fill("#prompt", PROMPT)
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('done')", timeout=30_000)
+
+
+def test_page_streams_a_completion_and_can_stop(browser, model_dir):
+    with LiveServer(model_dir) as live:
+        page = browser.new_page()
+        requests = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(live.url + "/")
+        page.wait_for_function("() => document.querySelector('#model-name').textContent === 'tiny'")
+        assert "2 layers · 64 wide · 4 heads · context 128 · vocab 512" in page.text_content("#shape")
+        # Count how often the output changes: streamed text arrives piece by piece.
+        page.evaluate("""() => { window.updates = 0;
+            new MutationObserver(() => window.updates++).observe(
+                document.querySelector('#completion'), {childList: true, characterData: true, subtree: true}); }""")
+        generate_in_page(page)
+        assert page.text_content("#completion") == expected_completion(live.url)
+        assert page.text_content("#shown-prompt") == PROMPT
+        assert page.evaluate("() => window.updates") > 3
+        assert page.is_enabled("#generate") and not page.is_enabled("#stop")
+        assert all(url.startswith(live.url) for url in requests)  # nothing loaded from elsewhere
+
+        # Stop: abort the request the moment it starts.
+        page.evaluate("() => { document.querySelector('#generate').click(); document.querySelector('#stop').click(); }")
+        page.wait_for_function("() => document.querySelector('#status').textContent === 'stopped'", timeout=30_000)
+        assert page.is_enabled("#generate")
+
+        # A bad value shows the server's error message.
+        page.fill("#temperature", "5")
+        page.click("#generate")
+        page.wait_for_function("() => document.querySelector('#status').className === 'error'", timeout=30_000)
+        assert "temperature" in page.text_content("#status")
+        page.close()
+
+
+def test_page_behind_an_api_key(browser, model_dir):
+    with LiveServer(model_dir, api_key="s3cret") as live:
+        context = browser.new_context(http_credentials={"username": "me", "password": "s3cret"})
+        page = context.new_page()
+        page.goto(live.url + "/")
+        page.wait_for_function("() => document.querySelector('#model-name').textContent === 'tiny'")
+        generate_in_page(page)
+        assert page.text_content("#completion") == expected_completion(live.url, "s3cret")
+        context.close()
+        from playwright.sync_api import Error as PlaywrightError
+
+        page = browser.new_page()
+        with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):  # no key: refused
+            page.goto(live.url + "/")
+        page.close()

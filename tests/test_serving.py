@@ -1,0 +1,351 @@
+"""`gpt2kit serve` end to end: the official OpenAI client against a live server on loopback."""
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from gpt2kit.pipeline import TextGenerationPipeline
+
+from .live_server import LiveServer, save_tiny_text_model
+
+PROMPTS = ["I had always thought", "Jack", "The fact is, it was a very", "", "It was not", "Mrs. Gisburn said"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_text_model(tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with LiveServer(model_dir, max_batch_size=8, max_prompt_tokens=100, max_body_bytes=20_000,
+                    max_choices=8) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pipe(server):
+    """The library's own generation on the same model: the reference the server must reproduce."""
+    return TextGenerationPipeline(server.model, server.tokenizer)
+
+
+class Gate:
+    """Holds the batching worker before its next prefill until opened: lets a test line requests up."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.opened, self.waiting = scheduler, threading.Event(), threading.Event()
+        self.prefill = scheduler._prefill
+
+    def __enter__(self):
+        def gated(seqs):
+            self.waiting.set()
+            self.opened.wait(timeout=60)
+            return self.prefill(seqs)
+        self.scheduler._prefill = gated
+        return self
+
+    def __exit__(self, *exc):
+        self.opened.set()
+        self.scheduler._prefill = self.prefill
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def greedy(pipe, prompt, max_tokens, **options):
+    return pipe(prompt, max_new_tokens=max_tokens, return_full_text=False, **options)[0]["generated_text"]
+
+
+# ---- completions --------------------------------------------------------------------------------------------
+def test_completion_equals_library_generation_with_usage(client, pipe, server):
+    response = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=20, temperature=0)
+    choice = response.choices[0]
+    assert response.object == "text_completion" and response.model == "tiny" and response.id.startswith("cmpl-")
+    assert choice.text == greedy(pipe, PROMPTS[0], 20)
+    assert choice.index == 0 and choice.finish_reason in ("length", "stop")
+    prompt_tokens = len(server.tokenizer.encode(PROMPTS[0]))
+    assert response.usage.prompt_tokens == prompt_tokens
+    if choice.finish_reason == "length":
+        assert response.usage.completion_tokens == 20
+    assert response.usage.total_tokens == prompt_tokens + response.usage.completion_tokens
+
+
+def test_seeded_sampling_equals_library_sampling(client, pipe):
+    response = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=25, temperature=0.9,
+                                         top_p=0.9, seed=7)
+    assert response.choices[0].text == greedy(pipe, PROMPTS[1], 25, do_sample=True, temperature=0.9, top_p=0.9,
+                                              seed=7)
+
+
+def test_token_prompts_and_prompt_lists(client, pipe, server):
+    ids = server.tokenizer.encode(PROMPTS[2])
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=10, temperature=0)
+    assert by_ids.choices[0].text == greedy(pipe, PROMPTS[2], 10)
+    listed = client.completions.create(model="tiny", prompt=PROMPTS[:3], max_tokens=10, temperature=0)
+    assert [c.index for c in listed.choices] == [0, 1, 2]
+    assert [c.text for c in listed.choices] == [greedy(pipe, p, 10) for p in PROMPTS[:3]]
+    assert listed.usage.prompt_tokens == sum(len(server.tokenizer.encode(p)) for p in PROMPTS[:3])
+
+
+def test_streaming_equals_the_completion(client):
+    full = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0)
+    stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    text_chunks = [c for c in chunks if c.choices]
+    assert len(text_chunks) > 3  # token by token, not one blob
+    assert "".join(c.choices[0].text for c in text_chunks) == full.choices[0].text
+    assert text_chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_raw_event_stream_format(server):
+    body = {"prompt": PROMPTS[1], "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        chunk = json.loads(event.removeprefix("data: "))
+        assert chunk["object"] == "text_completion" and chunk["choices"][0]["index"] == 0
+
+
+def test_stop_strings_cut_the_text(client, pipe):
+    text = greedy(pipe, PROMPTS[0], 40, eos_token_id=[])
+    stop = text[len(text) // 2:len(text) // 2 + 3]  # a string the model is known to produce
+    expected = text[:text.index(stop)]
+    response = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=[stop])
+    assert response.choices[0].text == expected and response.choices[0].finish_reason == "stop"
+    stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=stop,
+                                       stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == expected and chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_n_choices_each_with_its_own_seed(client):
+    response = client.completions.create(model="tiny", prompt=["Jack", "It"], max_tokens=12, temperature=1.0, n=3,
+                                         seed=100)
+    assert [c.index for c in response.choices] == list(range(6))
+    texts = [c.text for c in response.choices]
+    assert len(set(texts[:3])) > 1  # different samples
+    # Choice j draws from seed + j, so each equals a single request with that seed.
+    for j in range(3):
+        alone = client.completions.create(model="tiny", prompt="It", max_tokens=12, temperature=1.0, seed=100 + j)
+        assert texts[3 + j] == alone.choices[0].text
+    full_length = sum(c.finish_reason == "length" for c in response.choices)
+    assert 12 * full_length <= response.usage.completion_tokens <= 12 * 6
+
+
+def test_echo_and_logprobs_match_the_model(client, server):
+    prompt = PROMPTS[1]
+    response = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, echo=True,
+                                         logprobs=2)
+    choice = response.choices[0]
+    assert choice.text.startswith(prompt)
+    prompt_ids = server.tokenizer.encode(prompt)
+    lp = choice.logprobs
+    generated = len(lp.tokens) - len(prompt_ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    # Recompute every log-probability with a plain forward pass over prompt + generated tokens.
+    ids = prompt_ids + [server.tokenizer.encode(t)[0] if len(server.tokenizer.encode(t)) == 1 else None
+                        for t in lp.tokens[len(prompt_ids):]]
+    assert None not in ids and generated >= 1
+    with torch.no_grad():
+        reference = server.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(float(reference[i - 1, ids[i]]), abs=1e-4)
+        assert 2 <= len(lp.top_logprobs[i]) <= 3
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(float(reference[i - 1].max()), abs=1e-4)
+    assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+
+
+def test_max_tokens_zero_with_echo_scores_the_prompt(client):
+    response = client.completions.create(model="tiny", prompt="Jack was", max_tokens=0, echo=True, logprobs=0)
+    assert response.choices[0].text == "Jack was" and response.choices[0].finish_reason == "length"
+    assert response.usage.completion_tokens == 0
+
+
+# ---- concurrency --------------------------------------------------------------------------------------------
+REQUESTS = [dict(prompt=p, max_tokens=8 + 5 * i, temperature=0) for i, p in enumerate(PROMPTS)] + [
+    dict(prompt="Jack", max_tokens=20, temperature=1.2, top_p=0.7, seed=3),
+    dict(prompt="It was", max_tokens=15, temperature=0.5, seed=4, stop=["e"]),
+]
+
+
+def test_concurrent_clients_equal_sequential_runs(client, server):
+    sequential = [client.completions.create(model="tiny", **r).choices[0].text for r in REQUESTS]
+    server.scheduler.max_rows_seen = 0
+    with Gate(server.scheduler) as gate, ThreadPoolExecutor(len(REQUESTS)) as pool:
+        futures = [pool.submit(client.completions.create, model="tiny", **r) for r in REQUESTS]
+        gate.waiting.wait(timeout=30)  # the first request is in; the others line up behind it
+        wait_for(lambda: server.scheduler.queued_requests == len(REQUESTS) - 1)
+        gate.opened.set()
+        concurrent = [f.result().choices[0].text for f in futures]
+    assert concurrent == sequential
+    assert server.scheduler.max_rows_seen == len(REQUESTS)  # all decoded in one batch
+
+
+def test_a_stream_nobody_reads_does_not_hold_up_others(client, server):
+    body = {"prompt": PROMPTS[0], "max_tokens": 100, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{server.url}/v1/completions", json=body) as slow:
+        # The slow client reads nothing. Other requests complete, and so does the slow one's generation.
+        for prompt in PROMPTS[:3]:
+            assert client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0).choices
+        wait_for(lambda: not server.scheduler.rows)
+        chunks = [json.loads(line[6:]) for line in slow.iter_lines() if line.startswith("data: {")]
+    expected = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=100, temperature=0)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected.choices[0].text
+
+
+def test_full_queue_answers_503(model_dir):
+    with LiveServer(model_dir, max_batch_size=1, max_queue=1) as live, Gate(live.scheduler) as gate:
+        body = {"prompt": "Jack", "max_tokens": 5, "temperature": 0}
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, f"{live.url}/v1/completions", json=body, timeout=60)
+            gate.waiting.wait(timeout=30)  # the worker holds the first request
+            second = pool.submit(httpx.post, f"{live.url}/v1/completions", json=body, timeout=60)
+            wait_for(lambda: live.scheduler.queued_requests == 1)
+            client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+            with pytest.raises(openai.APIStatusError) as err:
+                client.completions.create(model="tiny", prompt="Jack", max_tokens=5)
+            assert err.value.status_code == 503 and err.value.body["code"] == "server_overloaded"
+            gate.opened.set()
+            assert first.result().status_code == 200 and second.result().status_code == 200
+
+
+# ---- bad requests -------------------------------------------------------------------------------------------
+BAD = {
+    "wrong type": (dict(max_tokens="3"), 400, "max_tokens"),
+    "float for an integer": (dict(n=1.5), 400, "n"),
+    "prompt of the wrong shape": (dict(prompt=[["a"]]), 400, "prompt"),
+    "empty prompt list": (dict(prompt=[]), 400, "prompt"),
+    "negative max_tokens": (dict(max_tokens=-1), 400, "max_tokens"),
+    "max_tokens over the limit": (dict(max_tokens=10_000), 400, "max_tokens"),
+    "prompt + max_tokens over the context": (dict(prompt=[1] * 100, max_tokens=100), 400, "max_tokens"),
+    "prompt over the limit": (dict(prompt=[1] * 101, max_tokens=1), 400, "prompt"),
+    "token id outside the vocabulary": (dict(prompt=[1, 512]), 400, "prompt"),
+    "temperature too high": (dict(temperature=2.5), 400, "temperature"),
+    "top_p zero": (dict(top_p=0), 400, "top_p"),
+    "n zero": (dict(n=0), 400, "n"),
+    "too many choices": (dict(n=5, prompt=["a", "b"]), 400, "n"),
+    "empty stop string": (dict(stop=[""]), 400, "stop"),
+    "five stop strings": (dict(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    "logprobs too many": (dict(logprobs=6), 400, "logprobs"),
+    "unsupported penalty": (dict(frequency_penalty=0.5), 400, "frequency_penalty"),
+    "unknown model": (dict(model="gpt-4"), 404, "model"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_requests_get_openai_errors(client, name):
+    fields, status, param = BAD[name]
+    request = {"model": "tiny", "prompt": "Jack", "max_tokens": 4, **fields}
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(**request)
+    assert err.value.status_code == status
+    assert err.value.body["param"] == param and err.value.body["type"] == "invalid_request_error"
+    assert err.value.body["message"]
+
+
+def test_unknown_fields_are_named(client):
+    with pytest.raises(openai.BadRequestError, match="unrecognized request argument supplied: top_q"):
+        client.completions.create(model="tiny", prompt="Jack", extra_body={"top_q": 1})
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"{not json", 400),
+    (b"\xff\xfe\x00", 400),
+    (b"[1, 2]", 400),
+    (b"[" * 50_000, 413),
+    (b"[" * 10_000 + b"]" * 10_000, 400),  # nesting deeper than the parser's recursion limit
+    (json.dumps({"prompt": "x" * 30_000}).encode(), 413),
+    (b"{}", 400),  # no prompt
+])
+def test_malformed_bodies_never_500(server, body, status):
+    response = httpx.post(f"{server.url}/v1/completions", content=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"]
+
+
+def test_chunked_body_over_the_limit_is_413(server):
+    def chunks():
+        for _ in range(30):
+            yield b" " * 1000
+    response = httpx.post(f"{server.url}/v1/completions", content=chunks(), timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_other_routes(server):
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    models = httpx.get(f"{server.url}/v1/models").json()
+    card = models["data"][0]
+    assert card["id"] == "tiny" and card["gpt2kit"]["n_layer"] == 2 and card["gpt2kit"]["vocab_size"] == 512
+    assert httpx.get(f"{server.url}/v1/models/tiny").json() == card
+    for method, path, status in [("GET", "/v1/models/gpt2", 404), ("GET", "/v1/completions", 405),
+                                 ("GET", "/../../etc/passwd", 404), ("GET", "/static/../app.py", 404),
+                                 ("GET", "/docs", 404), ("GET", "/openapi.json", 404)]:
+        response = httpx.request(method, f"{server.url}{path}")
+        assert response.status_code == status and "error" in response.json()
+
+
+# ---- authentication -----------------------------------------------------------------------------------------
+def test_api_key_is_required_everywhere_but_health(model_dir):
+    with LiveServer(model_dir, api_key="s3cret") as live:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{live.url}/v1", api_key="wrong", max_retries=0).completions.create(
+                model="tiny", prompt="Jack", max_tokens=2)
+        ok = openai.OpenAI(base_url=f"{live.url}/v1", api_key="s3cret", max_retries=0)
+        assert ok.completions.create(model="tiny", prompt="Jack", max_tokens=2).choices
+        assert [m.id for m in ok.models.list()] == ["tiny"]
+        assert httpx.get(f"{live.url}/health").status_code == 200
+        for path in ["/v1/models", "/", "/nope"]:
+            response = httpx.get(f"{live.url}{path}")
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert "Basic" in httpx.get(f"{live.url}/").headers["www-authenticate"]  # the browser asks for it
+        basic = "Basic " + base64.b64encode(b"user:s3cret").decode()
+        assert httpx.get(f"{live.url}/", headers={"Authorization": basic}).status_code == 200
+        assert httpx.get(f"{live.url}/v1/models", headers={"Authorization": "Bearer s3cre"}).status_code == 401
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+def test_serve_command_binds_loopback_and_reads_the_key_from_the_environment(model_dir):
+    env = {**os.environ, "GPT2KIT_API_KEY": "from-env"}
+    process = subprocess.Popen([sys.executable, "-m", "gpt2kit", "serve", "--model", str(model_dir), "--port", "0"],
+                               env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in process.stderr:
+            match = re.search(r"Uvicorn running on (http://\S+)", line)
+            if match:
+                url = match.group(1)
+                break
+        assert url and url.startswith("http://127.0.0.1:")
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        response = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer from-env"})
+        assert response.json()["data"][0]["id"] == model_dir.name
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0

@@ -1,0 +1,279 @@
+"""Trainer: loss goes down, exact accumulation, schedules, param groups, recompute, NaN stop, txtcls, instructions."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from gpt2kit import GPT2Config, GPT2LMHeadModel
+from gpt2kit.checkpoint import gpt2kit_to_hf
+from gpt2kit.training import Trainer, TrainingDiverged, load_config
+from gpt2kit.training.logging import flops_per_token, peak_flops, read_metrics
+from gpt2kit.training.optim import build_optimizer, lr_at, param_groups
+from gpt2kit.training.trainer import list_checkpoints, verify_checkpoint
+
+TINY = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32, "vocab_size": 64}
+QUIET = {"progress": False, "tensorboard": False, "plot": False}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Sequences(Dataset):
+    """Learnable token windows: x[t+1] = (5 x[t] + 3) mod 64, from random starts."""
+
+    def __init__(self, n: int = 64, seq_len: int = 16, seed: int = 0) -> None:
+        starts = torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed))
+        rows = [starts]
+        for _ in range(seq_len):
+            rows.append((5 * rows[-1] + 3) % 64)
+        self.data = torch.stack(rows, 1)
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.data[i, :-1], "targets": self.data[i, 1:]}
+
+
+def run_config(tmp_path: Path, **sections):
+    values = {"out_dir": str(tmp_path / "run"), "model": {"name": "gpt2-tiny", "config": dict(TINY)},
+              "train": {"max_steps": 10, "micro_batch_size": 8}, "optim": {"lr": 3e-3, "warmup_steps": 0},
+              "log": dict(QUIET)}
+    for key, value in sections.items():
+        values[key] = {**values[key], **value} if isinstance(values.get(key), dict) else value
+    return load_config(**values)
+
+
+def test_a_few_steps_reduce_the_loss(tmp_path):
+    trainer = Trainer(args=run_config(tmp_path, train={"max_steps": 30}), train_dataset=Sequences(),
+                      eval_dataset=Sequences(16, seed=1))
+    before = trainer_eval_loss(tmp_path)
+    summary = trainer.train()
+    losses = [r["train_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train_loss" in r]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert summary["val_loss"] < before - 1.0
+    assert summary["tokens_seen"] == 30 * 8 * 16
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "final")
+    for (name, a), b in zip(trainer.model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def trainer_eval_loss(tmp_path) -> float:
+    """Validation loss of the weights the trainer starts from (it seeds with the run's seed, then builds)."""
+    torch.manual_seed(1234)
+    model = GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny", **TINY)).eval()
+    data = Sequences(16, seed=1).data
+    with torch.no_grad():
+        return float(model(data[:, :-1], targets=data[:, 1:]).loss)
+
+
+class Ragged(Dataset):
+    """Variable-length items with prompt-masked targets, like instruction data."""
+
+    def __init__(self, n: int = 8) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.items = []
+        for i in range(n):
+            length = 4 + i * 2
+            ids = torch.randint(0, 64, (length + 1,), generator=g)
+            targets = ids[1:].clone()
+            targets[: i % 4] = -100
+            self.items.append({"input_ids": ids[:-1], "targets": targets})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+@pytest.mark.parametrize("dataset", [Sequences(8), Ragged(8)], ids=["windows", "ragged"])
+def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(tmp_path, dataset):
+    from gpt2kit.data import collate
+
+    items = [dataset[i] for i in range(8)]
+    grads = {}
+    for k in (1, 4):
+        trainer = Trainer(args=run_config(tmp_path / str(k)), train_dataset=dataset)
+        trainer._setup(weights=None)
+        trainer.model.eval()  # dropout off: compare the arithmetic alone
+        size = 8 // k
+        micro = [collate(items[i * size:(i + 1) * size], 0) for i in range(k)]
+        loss = trainer.backward(micro)
+        grads[k] = (float(loss), {n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+    (loss1, g1), (loss4, g4) = grads[1], grads[4]
+    assert loss1 == pytest.approx(loss4, rel=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g4[name], g1[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lr_schedule_warmup_cosine_linear_constant():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, decay_steps=110)
+    assert lr_at(0, decay="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(9, decay="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(10, decay="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(60, decay="cosine", **kw) == pytest.approx(0.55)
+    assert lr_at(60, decay="linear", **kw) == pytest.approx(0.55)
+    assert lr_at(35, decay="linear", **kw) == pytest.approx(1.0 - 0.9 * 0.25)
+    assert lr_at(35, decay="cosine", **kw) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(110, decay="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(500, decay="linear", **kw) == pytest.approx(0.1)
+    assert lr_at(500, decay="constant", **kw) == pytest.approx(1.0)
+
+
+def test_scheduler_drives_the_optimizer(tmp_path):
+    config = run_config(tmp_path, train={"max_steps": 20},
+                        optim={"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": None, "warmup_rate": 0.25,
+                               "decay": "linear"})
+    trainer = Trainer(args=config, train_dataset=Sequences())
+    trainer.train()
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r]
+    expected = [lr_at(s, lr=1e-2, min_lr=1e-3, warmup_steps=5, decay_steps=20, decay="linear") for s in range(20)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_param_groups_decay_matrices_only(tiny_model):
+    groups = param_groups(tiny_model, 0.1)
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in no_decay["params"]} == {"bias", "weight"}
+    assert all("ln_" in names[id(p)] or names[id(p)].endswith("bias") for p in no_decay["params"])
+    counted = sum(p.numel() for g in groups for p in g["params"])
+    assert counted == tiny_model.num_parameters()  # the tied LM head is counted once
+    optimizer = build_optimizer(tiny_model, load_config(train={"max_steps": 1}).optim)
+    assert optimizer.defaults["fused"] is True
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+def test_recompute_gives_the_same_losses_with_dropout(tmp_path):
+    losses = {}
+    for recompute in (False, True):
+        config = run_config(tmp_path / str(recompute), train={"max_steps": 4, "recompute": recompute},
+                            model={"config": {**TINY, "resid_pdrop": 0.1, "attn_pdrop": 0.1, "embd_pdrop": 0.1}})
+        trainer = Trainer(args=config, train_dataset=Sequences())
+        trainer.train()
+        losses[recompute] = [r["train_loss"] for r in read_metrics(trainer.out_dir / "metrics.jsonl")]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_saved_weights_of_a_compiled_model_have_no_orig_mod_prefix(tiny_model, tmp_path):
+    compiled = torch.compile(tiny_model)  # lazy: nothing is compiled until it runs
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    state = gpt2kit_to_hf(compiled)
+    assert not any("_orig_mod" in k for k in state)
+    assert set(state) == set(gpt2kit_to_hf(tiny_model))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    class Poisoned(Trainer):
+        def _forward(self, batch, model=None):
+            out = super()._forward(batch, model)
+            if self.step == 3:
+                out.loss = out.loss * float("nan")
+            return out
+
+    config = run_config(tmp_path, train={"max_steps": 10}, checkpoint={"save_interval": 2})
+    trainer = Poisoned(args=config, train_dataset=Sequences())
+    with pytest.raises(TrainingDiverged, match=r"step 4: loss is nan.*step-00000002"):
+        trainer.train()
+    checkpoints = list_checkpoints(tmp_path / "run")
+    assert [p.name for p in checkpoints] == ["step-00000002"]
+    assert verify_checkpoint(checkpoints[0])["step"] == 2
+    state = GPT2LMHeadModel.from_pretrained(checkpoints[0]).state_dict()
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_mfu_flops_and_best_measured_cpu_peak(monkeypatch, tmp_path):
+    config = GPT2Config.from_name("gpt2")
+    # nanoGPT's estimate for GPT-2 124M at 1024 tokens: 6N + 12 L H Q T with N = 124.4M (no wpe).
+    n = 124_439_808 - 1024 * 768
+    assert flops_per_token(config, n, 1024) == pytest.approx(6 * n + 12 * 12 * 768 * 1024)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    peak, source = peak_flops(torch.device("cpu"), torch.float32)
+    assert peak > 1e8 and "measured" in source
+    import gpt2kit.training.logging as logging_module
+
+    monkeypatch.setattr(logging_module, "measure_matmul_peak", lambda *a, **k: peak / 2)  # a busy machine
+    assert peak_flops(torch.device("cpu"), torch.float32)[0] == peak
+    monkeypatch.setattr(logging_module, "measure_matmul_peak", lambda *a, **k: peak * 2)
+    assert peak_flops(torch.device("cpu"), torch.float32)[0] == peak * 2
+
+
+def test_logs_tensorboard_jsonl_and_loss_plot(tmp_path):
+    config = run_config(tmp_path, train={"max_steps": 6, "eval_interval": 3}, log={"tensorboard": True, "plot": True})
+    Trainer(args=config, train_dataset=Sequences(), eval_dataset=Sequences(16, seed=1)).train()
+    run = tmp_path / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    assert {"train_loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "tokens_seen"} <= set(records[1])
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 3, 6]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_val_loss"] == min(r["val_loss"] for r in records if "val_loss" in r)
+
+
+def _sentiment_file(path: Path, n: int, seed: int) -> Path:
+    """An easy synthetic SST-2-style task: the label is whether the sentence contains a positive word."""
+    import random
+
+    rng = random.Random(seed)
+    filler = "the a movie film plot actor scene story it was and with very quite rather".split()
+    lines = ["sentence\tlabel"]
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.choices(filler, k=rng.randint(3, 8))
+        words.insert(rng.randint(0, len(words)), rng.choice(["wonderful", "great", "superb"] if label
+                                                              else ["awful", "boring", "terrible"]))
+        lines.append(f"{' '.join(words)}\t{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_text_classification_learns_an_easy_task(tmp_path):
+    train = _sentiment_file(tmp_path / "train.tsv", 256, seed=0)
+    dev = _sentiment_file(tmp_path / "dev.tsv", 64, seed=1)
+    config = run_config(tmp_path, task="text_classification",
+                        model={"config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32}},
+                        data={"train": str(train), "val": str(dev), "format": "sst2"},
+                        train={"max_steps": 60, "micro_batch_size": 16}, optim={"lr": 3e-3})
+    trainer = Trainer(args=config)
+    summary = trainer.train()
+    assert summary["val_accuracy"] >= 0.9, summary
+    assert trainer.predict(["the movie was wonderful", "the plot was terrible"]) == ["positive", "negative"]
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
+    assert Trainer(task="text_classification", model=str(final)).evaluate(dev)["val_accuracy"] == \
+        pytest.approx(summary["val_accuracy"])
+
+
+def test_instruction_finetune_masks_the_prompt(tmp_path):
+    records = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"}
+               for w in ("apple", "river", "stone", "cloud") * 4]
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(records))
+    base = GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny", n_layer=2, n_embd=64, n_head=4, n_positions=64))
+    base.save_pretrained(tmp_path / "base")
+    config = run_config(tmp_path, model={"name": str(tmp_path / "base"), "config": {}},
+                        data={"train": str(data), "format": "alpaca", "max_length": 64},
+                        train={"max_steps": 20, "micro_batch_size": 4}, optim={"lr": 1e-2})
+    trainer = Trainer(args=config)
+    trainer.finetune()
+    trainer.sampler.set_epoch(0)
+    batch = next(iter(trainer.train_loader))
+    # Only response tokens (and EOS) are scored: "apple apple<|endoftext|>" is 3 tokens per example.
+    assert trainer._loss_weight(batch) == 4 * 3
+    losses = [r["train_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_finetune_needs_weights(tmp_path):
+    with pytest.raises(ValueError, match="finetune needs pretrained weights"):
+        Trainer(args=run_config(tmp_path), train_dataset=Sequences()).finetune()

@@ -1,0 +1,91 @@
+"""Run configs: YAML loading, --section.key overrides, errors naming the key, and every shipped config."""
+
+from pathlib import Path
+
+import pytest
+
+from gpt2kit.cli import main
+from gpt2kit.training.config import ConfigError, RunConfig, load_config, parse_overrides, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "model:\n  name: gpt2-tiny\ntrain:\n  max_steps: 10\n"
+                           "optim:\n  lr: 1e-3\n  betas: [0.9, 0.99]\n")
+    config = load_config(path, parse_overrides(["--train.max_steps", "20", "--optim.min_lr=1e-5",
+                                                "--lora.target_modules", "c_attn,c_fc", "--data.seq_len", "64",
+                                                "--model.config.resid_pdrop", "0", "--train.grad_clip", "null"]))
+    assert config.train.max_steps == 20
+    assert config.optim.lr == 1e-3 and isinstance(config.optim.lr, float)  # PyYAML reads 1e-3 as a string
+    assert config.optim.min_lr == 1e-5
+    assert config.optim.betas == (0.9, 0.99)
+    assert config.lora.target_modules == ["c_attn", "c_fc"]
+    assert config.model.config == {"resid_pdrop": 0}
+    assert config.train.grad_clip is None
+    save_config(config, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == config
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("train:\n  max_step: 10\n", [], r"run.yaml:2: train.max_step: unknown key; did you mean 'max_steps'\?"),
+    ("trian:\n  max_steps: 10\n", [], r"run.yaml:1: trian: unknown key; did you mean 'train'\?"),
+    ("train:\n  max_steps: ten\n", [], r"run.yaml:2: train.max_steps: expected int, got 'ten'"),
+    ("optim:\n  betas: [0.9]\n", [], r"optim.betas: expected tuple\[float, float\]"),
+    ("train: 5\n", [], r"train: expected a mapping"),
+    ("train:\n  max_steps: 10\n", [("train.micro_batch", "4")], r"train.micro_batch: unknown key"),
+    ("train:\n  max_steps: 10\n", [("train.precision", "fp8")], r"train.precision: expected fp32, bf16"),
+    ("train:\n  max_steps: 10\n  epochs: 1\n", [], r"give only one of train.max_steps and train.epochs"),
+    ("task: summarize\n", [], r"task: expected one of text_generation, text_classification"),
+    ("model:\n  config:\n    n_layers: 2\n", [], r"model.config.n_layers: not a GPT2Config field; did you mean "
+                                                   r"'n_layer'\?"),
+    ("optim:\n  lr: 1e-3\n  min_lr: 1e-2\n", [], r"optim.min_lr: must lie in \[0, lr"),
+    ("train: [\n", [], r"not valid YAML"),
+])
+def test_config_errors_name_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="--train.max_steps: missing value"):
+        parse_overrides(["--train.max_steps"])
+    with pytest.raises(ConfigError, match="unexpected argument 'max_steps'"):
+        parse_overrides(["max_steps", "3"])
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    path = write(tmp_path, "train:\n  max_steps: 10\n")
+    assert main(["train", "--config", str(path), "--train.max_stesp", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "gpt2kit train: error:" in err and "train.max_stesp: unknown key; did you mean 'max_steps'" in err
+    assert main(["finetune", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: config file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["info", "gpt2", "--train.max_steps", "3"])  # only train/finetune take overrides
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_configs_are_valid(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    assert config.train.max_steps or config.train.epochs
+
+
+def test_the_configs_the_issue_asks_for_exist():
+    names = {p.stem for p in SHIPPED}
+    for size in ("small", "medium", "large", "xl", "13b", "52b"):
+        assert f"gpt2_{size}" in names
+    assert {"gpt2_small_finetune", "gpt2_small_lora", "gpt2_txtcls_sst2", "gpt2_txtcls_cola", "gpt2_txtcls_agnews",
+            "tiny_shakespeare", "tiny_zh"} <= names
+    lora = load_config(REPO / "configs" / "gpt2_small_lora.yaml")
+    assert (lora.pet_method, lora.lora.rank, lora.lora.alpha, lora.lora.dropout) == ("lora", 64, 128, 0.1)
+    assert (lora.optim.lr, lora.optim.min_lr, lora.optim.betas, lora.optim.eps, lora.optim.weight_decay) == \
+        (1e-3, 1e-4, (0.9, 0.95), 1e-8, 0.1)

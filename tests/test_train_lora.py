@@ -1,0 +1,153 @@
+"""LoRA: only adapters train, adapters save alone (in PEFT's layout), merge preserves outputs, resume is exact."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from gpt2kit import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from gpt2kit.checkpoint import load_weight_file
+from gpt2kit.cli import main
+from gpt2kit.training import Trainer, load_config
+from gpt2kit.training.logging import read_metrics
+from gpt2kit.training.trainer import list_checkpoints
+
+TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=64, bos_token_id=63, eos_token_id=63)
+QUIET = {"progress": False, "tensorboard": False, "plot": False}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Sequences(Dataset):
+    def __init__(self, n: int = 64, seq_len: int = 16, classify: bool = False) -> None:
+        self.data = torch.randint(0, 62, (n, seq_len + 1), generator=torch.Generator().manual_seed(0))
+        self.data[:, 1::2] = (self.data[:, 0::2][:, : self.data[:, 1::2].shape[1]] + 1) % 62
+        self.classify = classify
+        if classify:
+            self.labels = (self.data[:, 0] % 2).tolist()
+            self.num_labels, self.id2label = 2, {0: "even", 1: "odd"}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.classify:
+            return {"input_ids": self.data[i, :-1], "labels": self.labels[i]}
+        return {"input_ids": self.data[i, :-1], "targets": self.data[i, 1:]}
+
+
+@pytest.fixture
+def base_dir(tmp_path) -> Path:
+    torch.manual_seed(0)
+    GPT2LMHeadModel(TINY).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def lora_config(tmp_path: Path, base: Path, name: str = "run", **train):
+    return load_config(
+        out_dir=str(tmp_path / name), pet_method="lora", model={"name": str(base)},
+        lora={"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["c_attn", "c_proj"]},
+        train={"max_steps": 8, "micro_batch_size": 8, **train}, optim={"lr": 1e-2, "warmup_steps": 0},
+        log=dict(QUIET))
+
+
+def test_only_adapters_train_and_save_alone_and_merge_preserves_outputs(tmp_path, base_dir):
+    trainer = Trainer(args=lora_config(tmp_path, base_dir), train_dataset=Sequences())
+    trainer.finetune()
+    model = trainer.model
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    base = GPT2LMHeadModel.from_pretrained(base_dir).state_dict()
+    for name, tensor in model.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(tensor, base[name.replace(".base_layer", "")]), name  # frozen
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert all(p.abs().sum() > 0 for p in lora_b)  # initialised to zero, moved by training
+
+    final = tmp_path / "run" / "final"
+    assert not (final / "model.safetensors").exists()
+    adapter = load_weight_file(final / "adapter_model.safetensors")
+    assert adapter and all(k.startswith("base_model.model.transformer.h.") and ".lora_" in k for k in adapter)
+    assert len(adapter) == 2 * 2 * 3  # 2 layers x (c_attn, attn.c_proj, mlp.c_proj) x (A, B)
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == str(base_dir)
+    checkpoint = list_checkpoints(tmp_path / "run")[-1]
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+
+    assert main(["lora", "merge", "--adapter", str(final), "--output", str(tmp_path / "merged")]) == 0
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
+    x = Sequences(4).data[:, :-1]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+        plain = GPT2LMHeadModel.from_pretrained(base_dir)
+        assert not torch.allclose(plain(x).logits, merged(x).logits, atol=1e-3)  # the adapters did something
+    assert set(merged.state_dict()) == set(plain.state_dict())
+
+
+def test_adapters_load_into_transformers_gpt2_with_peft(tmp_path, base_dir):
+    """The saved adapter directory is a valid PEFT adapter for HF's Conv1D GPT-2 and gives the same logits."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel as HFGPT2LMHeadModel
+
+    trainer = Trainer(args=lora_config(tmp_path, base_dir, max_steps=3), train_dataset=Sequences())
+    trainer.finetune()
+    x = Sequences(2).data[:, :-1]
+    trainer.model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft notes that Conv1D needs fan_in_fan_out and sets it
+        hf = PeftModel.from_pretrained(HFGPT2LMHeadModel.from_pretrained(base_dir), tmp_path / "run" / "final")
+    hf.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, trainer.model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_resume_is_exact(tmp_path, base_dir):
+    whole = Trainer(args=lora_config(tmp_path, base_dir, "whole"), train_dataset=Sequences())
+    whole.finetune()
+
+    class Interrupted(Trainer):
+        def train_step(self):
+            metrics = super().train_step()
+            if self.step == 6:
+                raise KeyboardInterrupt  # like Ctrl-C after step 6; the checkpoint of step 4 survives
+            return metrics
+
+    first = Interrupted(args=lora_config(tmp_path, base_dir, "split"), train_dataset=Sequences())
+    first.config.checkpoint.save_interval = 4
+    with pytest.raises(KeyboardInterrupt):
+        first.finetune()
+    second = Trainer(args=lora_config(tmp_path, base_dir, "split"), train_dataset=Sequences())
+    second.finetune(resume="auto")
+    losses = {name: [r["train_loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "train_loss" in r]
+              for name in ("whole", "split")}
+    assert len(losses["split"]) == 8
+    assert losses["split"] == losses["whole"]
+
+
+def test_lora_text_classification_trains_and_merges(tmp_path, base_dir):
+    config = lora_config(tmp_path, base_dir, max_steps=6)
+    config.task = "text_classification"
+    trainer = Trainer(args=config, train_dataset=Sequences(classify=True))
+    trainer.finetune()
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable) and all("lora_" in n or "score" in n for n in trainable)
+    final = tmp_path / "run" / "final"
+    assert main(["lora", "merge", "--adapter", str(final), "--output", str(tmp_path / "merged")]) == 0
+    merged = GPT2ForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert merged.config.id2label == {0: "even", 1: "odd"}
+    x = Sequences(4).data[:, :-1]
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, trainer.model(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_target_module_is_an_error(tmp_path, base_dir):
+    config = lora_config(tmp_path, base_dir)
+    config.lora.target_modules = ["q_proj"]
+    with pytest.raises(ValueError, match="q_proj"):
+        Trainer(args=config, train_dataset=Sequences()).finetune()

@@ -1,0 +1,202 @@
+"""Checkpoints and exact resume: a run killed with SIGKILL (mid-step or mid-save) and resumed produces the same
+losses, step for step, and the same weights as a run that was never interrupted (CPU, fp32, dropout on)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gpt2kit.checkpoint import load_state_dict
+from gpt2kit.cli import main
+from gpt2kit.data.preprocess import preprocess
+from gpt2kit.tokenizer import train_bpe
+from gpt2kit.training import Trainer, load_config
+from gpt2kit.training.logging import read_metrics
+from gpt2kit.training.trainer import list_checkpoints, verify_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+VERDICT = REPO / "examples" / "data" / "the-verdict" / "the-verdict.txt"
+MAX_STEPS = 24
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """the-verdict with a 320-token BPE trained on it, preprocessed with a validation split."""
+    root = tmp_path_factory.mktemp("corpus")
+    train_bpe([VERDICT], 320, root / "tokenizer")
+    preprocess([VERDICT], root / "data", format="paragraphs", tokenizer=str(root / "tokenizer"), val_fraction=0.1,
+               progress=False)
+    return root / "data"
+
+
+def write_config(tmp_path: Path, corpus: Path, name: str) -> Path:
+    config = {
+        "out_dir": str(tmp_path / name),
+        "seed": 7,
+        "model": {"name": "gpt2-tiny", "config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32,
+                                                  "resid_pdrop": 0.1, "attn_pdrop": 0.1, "embd_pdrop": 0.1}},
+        "data": {"train": str(corpus), "seq_len": 32},
+        "train": {"max_steps": MAX_STEPS, "micro_batch_size": 4, "global_batch_tokens": 256, "eval_interval": 8,
+                  "eval_batches": 2},
+        "optim": {"lr": 3e-3, "warmup_steps": 4, "min_lr": 3e-4},
+        "checkpoint": {"save_interval": 5, "keep_last": 2},
+        "log": {"progress": False, "plot": False, "tensorboard": False},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "gpt2kit", *args], env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"gpt2kit {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+# Runs a training in a child process that SIGKILLs itself while writing the training state of checkpoint `at`
+# (the model files are already in the temporary directory, state.pt is half written).
+KILLER = """
+import os, signal, sys, torch
+from gpt2kit.training import run
+config, at = sys.argv[1], int(sys.argv[2])
+save = torch.save
+def dying_save(obj, f, *args, **kwargs):
+    if "step-%08d" % at in str(f):
+        with open(f, "wb") as out:
+            out.write(b"half a state")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(obj, f, *args, **kwargs)
+torch.save = dying_save
+run("train", config)
+"""
+
+
+def kill_while_saving(tmp_path: Path, config: Path, at: int) -> None:
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    result = subprocess.run([sys.executable, str(script), str(config), str(at)], env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train_loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "train_loss" in r]
+
+
+def val_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["val_loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> Path:
+    """The uninterrupted run (in this process)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    torch.set_num_threads(1)  # as in the child processes (OMP_NUM_THREADS=1): the same float reductions
+    Trainer(args=load_config(write_config(tmp, corpus, "ref"))).train()
+    return tmp / "ref"
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    assert train_losses(run) == train_losses(reference)  # exact equality, step for step
+    assert len(train_losses(run)) == MAX_STEPS
+    assert val_losses(run) == val_losses(reference)
+    final, expected = load_state_dict(run / "final"), load_state_dict(reference / "final")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_reference_run_layout(reference):
+    checkpoints = list_checkpoints(reference)
+    assert [p.name for p in checkpoints] == ["step-00000020", "step-00000024"]  # keep_last 2
+    state = verify_checkpoint(checkpoints[-1])
+    assert state["step"] == MAX_STEPS and state["grad_accum"] == 2
+    assert state["sampler"]["position"] > 0
+    assert (checkpoints[-1] / "config.json").is_file() and (checkpoints[-1] / "tokenizer.json").is_file()
+    assert (checkpoints[-1] / "training_state" / "state.pt").is_file()
+    loaded = torch.load(checkpoints[-1] / "training_state" / "state.pt", weights_only=True)
+    assert set(loaded) == {"optimizer", "scheduler", "scaler", "rng"}
+
+
+def test_kill_9_while_saving_skips_the_partial_checkpoint(corpus, reference, tmp_path):
+    config = write_config(tmp_path, corpus, "run")
+    kill_while_saving(tmp_path, config, 15)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000005", "step-00000010"]
+    assert list(checkpoints.glob(".step-00000015.partial-*"))  # the half-written one, never renamed
+    result = cli("train", "--config", str(config), "--resume", "auto")
+    assert "step-00000010" in result.stderr
+    assert not list(checkpoints.glob(".step-*"))  # cleaned up after the next save
+    assert_same_run(tmp_path / "run", reference)
+
+
+def test_external_kill_9_of_the_cli_then_resume(corpus, reference, tmp_path):
+    config = write_config(tmp_path, corpus, "run")
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2kit", "train", "--config", str(config)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(step >= 7 for step, _ in train_losses(tmp_path / "run")) if metrics.exists() else False:
+            proc.kill()  # SIGKILL
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    if proc.returncode != -signal.SIGKILL:
+        pytest.skip("the run finished before it could be killed")
+    assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] != "step-00000024"
+    result = cli("train", "--config", str(config), "--resume", "auto")
+    assert "resumed from" in result.stderr
+    assert_same_run(tmp_path / "run", reference)
+
+
+def test_corrupted_and_partial_checkpoints_are_detected_and_skipped(corpus, reference, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    newest, older = list_checkpoints(run)[-1], list_checkpoints(run)[-2]
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte in a tensor
+    weights.write_bytes(bytes(data))
+    partial = run / "checkpoints" / "step-00000030"  # e.g. copied by hand, without its COMPLETE marker
+    shutil.copytree(older, partial)
+    (partial / "COMPLETE").unlink()
+
+    config = load_config(write_config(tmp_path, corpus, "run"))
+    trainer = Trainer(args=config)
+    trainer._setup(weights=None)
+    found = trainer._find_resume_checkpoint("auto")
+    err = capsys.readouterr().err
+    assert found == older
+    assert "skipping checkpoint" in err and "step-00000030" in err and "no COMPLETE marker" in err
+    assert "model.safetensors is corrupted" in err
+    with pytest.raises(Exception, match="corrupted"):
+        trainer._find_resume_checkpoint(str(newest))
+
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--resume", str(newest)]) == 2
+    assert "gpt2kit train: error:" in capsys.readouterr().err
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(corpus, tmp_path):
+    config = load_config(write_config(tmp_path, corpus, "run"), [("train.max_steps", "2"),
+                                                                       ("optim.warmup_steps", "1")])
+    config.checkpoint.resume = "auto"
+    summary = Trainer(args=config).train()
+    assert summary["steps_this_run"] == 2
+
+
+def test_trainer_state_is_plain_json(reference):
+    state = json.loads((list_checkpoints(reference)[-1] / "training_state" / "trainer_state.json").read_text())
+    assert state["config"]["train"]["max_steps"] == MAX_STEPS
