@@ -6,13 +6,13 @@ INSTALL = $(PYTHON) -m pip install -q "torch==2.13.0" && $(PYTHON) -m pip instal
 .PHONY: install install-dev demo test bench
 
 install:
-	$(INSTALL) .
+	$(INSTALL) ".[serve,onnx,lora]"
 
 install-dev:
 	$(INSTALL) ".[dev]"
 
 demo: install
-	gpt2kit info gpt2
+	gpt2kit train --config configs/tiny_shakespeare.yaml
 
 test: install-dev
 	$(PYTHON) -m pytest -q tests
