@@ -1,0 +1,100 @@
+"""WikiText perplexity speed of gpt2kit against lm-evaluation-harness's HF backend, same weights, same run.
+
+Both sides evaluate the same WikiText-2 test articles with disjoint windows of the model's context (lm-eval's
+`wikitext` task definition, its task file included unchanged and pointed at the local file) at the same batch
+size, in float32. Timed: reading, detokenizing, tokenizing and scoring (not model loading or imports).
+tokens/s = document tokens scored / seconds. The script also prints both tools' metrics and their relative
+difference, and with --lambada N does the same for LAMBADA (lambada_openai) on the first N passages.
+
+    python benchmarks/bench_eval.py                          # tiny random model, 4 articles: about a minute
+    python benchmarks/bench_eval.py --shape gpt2 --articles 62 --lambada 5153   # GPT-2 small, full test sets
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+from gpt2kit.evaluation import evaluate_lambada, evaluate_perplexity
+from gpt2kit.evaluation.harness import run_lm_eval
+
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+WIKITEXT = DATA / "wikitext-2" / "wiki.test.raw"
+LAMBADA = DATA / "lambada" / "lambada_test.jsonl"
+SHAPES = {
+    "tiny": GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=256),
+    "gpt2": GPT2Config.from_name("gpt2"),
+}
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: int = 8) -> list[dict]:
+    """WikiText (and, with lambada > 0, LAMBADA) rows: seconds, tokens/s and metrics of both sides."""
+    from lm_eval.models.huggingface import HFLM
+
+    torch.manual_seed(0)
+    config = SHAPES[shape]
+    model = GPT2LMHeadModel(config).eval()
+    tokenizer = GPT2Tokenizer.gpt2()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(Path(tmp) / "model")
+        tokenizer.save_pretrained(Path(tmp) / "model")
+        hflm = HFLM(pretrained=str(Path(tmp) / "model"), dtype="float32", device="cpu", batch_size=batch_size)
+
+        def run_theirs(task, path, limit):
+            return run_lm_eval(hflm, {task: path}, Path(tmp) / task, limits={task: limit})[task]
+
+        ours, ours_s = timed(lambda: evaluate_perplexity(model, tokenizer, WIKITEXT, limit=articles,
+                                                         batch_size=batch_size, progress=False))
+        theirs, theirs_s = timed(lambda: run_theirs("wikitext", WIKITEXT, articles))
+        rows.append({"task": "wikitext", "shape": shape, "limit": articles, "tokens": ours["tokens"],
+                     "windows": ours["windows"], "ours_s": ours_s, "peer_s": theirs_s, "ratio": theirs_s / ours_s,
+                     "metrics": {m: (ours[m], v) for m, v in theirs.items()}})
+        if lambada:
+            ours, ours_s = timed(lambda: evaluate_lambada(model, tokenizer, LAMBADA, limit=lambada,
+                                                          batch_size=batch_size, progress=False))
+            theirs, theirs_s = timed(lambda: run_theirs("lambada", LAMBADA, lambada))
+            rows.append({"task": "lambada", "shape": shape, "limit": lambada, "ours_s": ours_s, "peer_s": theirs_s,
+                         "ratio": theirs_s / ours_s, "metrics": {m: (ours[m], v) for m, v in theirs.items()}})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="tiny")
+    parser.add_argument("--articles", type=int, default=4, help="first N WikiText-2 test articles (of 62)")
+    parser.add_argument("--lambada", type=int, default=0, help="also compare on the first N LAMBADA passages")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+
+    config = SHAPES[args.shape]
+    print(f"model: {args.shape} (random weights, context {config.n_positions}), float32, batch size "
+          f"{args.batch_size}, torch threads {torch.get_num_threads()}")
+    for r in run(args.shape, args.articles, args.lambada, args.batch_size):
+        if r["task"] == "wikitext":
+            print(f"\nWikiText-2 test, {r['limit']} articles, {r['tokens']:,} tokens, {r['windows']} windows")
+            print(f"{'':18}{'gpt2kit':>14}{'lm-eval':>14}{'ratio':>10}")
+            print(f"{'seconds':18}{r['ours_s']:>14.2f}{r['peer_s']:>14.2f}{r['ratio']:>9.2f}x")
+            print(f"{'tokens/s':18}{r['tokens'] / r['ours_s']:>14,.0f}{r['tokens'] / r['peer_s']:>14,.0f}"
+                  f"{r['ratio']:>9.2f}x")
+        else:
+            print(f"\nLAMBADA (OpenAI), {r['limit']} passages: gpt2kit {r['ours_s']:.2f} s, lm-eval "
+                  f"{r['peer_s']:.2f} s ({r['ratio']:.2f}x)")
+        for metric, (ours, theirs) in r["metrics"].items():
+            diff = abs(ours - theirs) / max(abs(theirs), 1e-12)
+            print(f"{metric:18}{ours:>14.6g}{theirs:>14.6g}   rel. diff {diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()

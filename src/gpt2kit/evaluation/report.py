@@ -1,0 +1,78 @@
+"""The JSON report of one evaluation run and its one-line summary.
+
+A report says what was measured (task, model, data file and its sha256, settings), the numbers, what each
+number means (definitions), and when and how long it took — enough to reproduce or compare it later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# The numbers each task's summary line leads with, in order.
+HEADLINE = {
+    "wikitext": ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"),
+    "perplexity": ("token_perplexity", "word_perplexity", "bits_per_byte"),
+    "lambada": ("acc", "perplexity", "acc_stop_word_filter"),
+    "classification": ("accuracy", "matthews_correlation"),
+}
+COUNTS = ("documents", "tokens", "passages", "examples")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """e.g. `wikitext: word_perplexity 29.41 | byte_perplexity 1.721 | ... (62 documents, 287,644 tokens, 41.2 s)`"""
+    results = report["results"]
+    numbers = [f"{key} {results[key]:.4g}" for key in HEADLINE[report["task"]] if key in results]
+    counts = [f"{results[key]:,} {key}" for key in COUNTS if key in results]
+    counts.append(f"{report['seconds']:.1f} s")
+    return f"{report['task']}: {' | '.join(numbers)} ({', '.join(counts)})"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report for a terminal: each number with its definition, the counts, and the summary line last."""
+    results, definitions = report["results"], report["definitions"]
+    lines = [f"{report['task']} on {report['data']['path']} (sha256 {report['data']['sha256'][:12]}), model "
+             f"{report['model']['path']} ({report['model']['parameters'] / 1e6:,.1f}M parameters)"]
+    for key, value in results.items():
+        if isinstance(value, float):
+            lines.append(f"  {key:<26}{value:<14.6g}{definitions.get(key, '')}")
+    if "per_class" in results:
+        lines.append(f"  {'class':<26}{'support':>8}{'predicted':>10}{'correct':>8}{'recall':>8}")
+        for name, c in results["per_class"].items():
+            recall = "-" if c["recall"] is None else f"{c['recall']:.4f}"
+            lines.append(f"  {name:<26}{c['support']:>8}{c['predicted']:>10}{c['correct']:>8}{recall:>8}")
+    counts = [f"{key}={value:,}" if isinstance(value, int) and not isinstance(value, bool) else f"{key}={value}"
+              for key, value in results.items() if isinstance(value, (int, str)) or value is None]
+    lines.append("  " + " ".join(counts))
+    if "windows" in definitions:
+        lines.append(f"  windows: {definitions['windows']}")
+    lines.append(report["summary"])
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write the report as JSON atomically (temporary file + rename): a reader never sees half a report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,96 @@
+"""`gpt2kit eval`: load a model directory, run one task on one data file, write and return the report."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gpt2kit
+
+from ..checkpoint import resolve_model_dir
+from ..model import GPT2ForSequenceClassification
+from ..pipeline import _has_tokenizer_files, load_model_and_tokenizer, parse_dtype
+from ..tokenizer import GPT2Tokenizer
+from . import classification, lambada, perplexity
+from .report import sha256_file, summary_line, write_report
+
+TASKS = ("wikitext", "perplexity", "lambada", "classification")
+
+
+def load_classifier(model: str | os.PathLike, tokenizer: str | os.PathLike | None, *, device: str = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[GPT2ForSequenceClassification, GPT2Tokenizer]:
+    """A finetuned classifier and its tokenizer (given, else the model directory's, else GPT-2's)."""
+    model_dir = resolve_model_dir(model)
+    classifier = GPT2ForSequenceClassification.from_pretrained(model_dir, device=device, dtype=dtype)
+    if tokenizer is None:
+        tokenizer = model_dir if _has_tokenizer_files(model_dir) else "gpt2"
+    return classifier, GPT2Tokenizer.from_pretrained(tokenizer)
+
+
+def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
+             tokenizer: str | os.PathLike | None = None, max_length: int | None = None,
+             stride: int | None = None, batch_size: int = 8, format: str = "auto", detokenize: bool | None = None,
+             stop_word_filter: bool = False, limit: int | None = None, output: str | os.PathLike | None = None,
+             device: str = "cpu", dtype: torch.dtype | str | None = None, random_init: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Run `task` (wikitext | perplexity | lambada | classification) and return its report (written to
+    `output` as JSON when given). `wikitext` is `perplexity` with WikiText's article split and detokenizer.
+    The tokenizer is `tokenizer` if given, else the model directory's vocabulary files, else GPT-2's;
+    `random_init` evaluates a preset with seeded random weights (for smoke tests and benchmarks)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if not Path(data).is_file():
+        raise FileNotFoundError(f"{data}: data file not found")
+    started = datetime.now(timezone.utc)
+    start = time.perf_counter()
+    if task == "classification":
+        if random_init:
+            raise ValueError("random_init is for language-model tasks; classification needs a finetuned model")
+        net, tok = load_classifier(model, tokenizer, device=device, dtype=parse_dtype(dtype))
+    else:
+        net, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
+                                            random_init=random_init)
+    if task in ("wikitext", "perplexity"):
+        if task == "wikitext" and format == "auto":
+            format = "wikitext"
+        settings = {"format": perplexity.resolve_format(Path(data), format)}
+        results = perplexity.evaluate_perplexity(net, tok, data, max_length=max_length, stride=stride,
+                                                 batch_size=batch_size, format=format, detokenize=detokenize,
+                                                 limit=limit, progress=progress)
+        definitions = perplexity.DEFINITIONS
+    elif task == "lambada":
+        settings = {"stop_word_filter": stop_word_filter}
+        results = lambada.evaluate_lambada(net, tok, data, max_length=max_length, batch_size=batch_size,
+                                           stop_word_filter=stop_word_filter, limit=limit, progress=progress)
+        definitions = lambada.DEFINITIONS
+    else:
+        settings = {"format": format}
+        results = classification.evaluate_classification(net, tok, data, format=format, max_length=max_length,
+                                                         batch_size=batch_size, limit=limit, progress=progress)
+        definitions = classification.DEFINITIONS
+    settings.update(batch_size=batch_size, limit=limit, device=device,
+                    dtype=str(next(net.parameters()).dtype).removeprefix("torch."))
+    report = {
+        "task": task,
+        "results": results,
+        "definitions": {k: v for k, v in definitions.items() if k in results},
+        "model": {"path": str(model), "parameters": net.num_parameters(), "n_layer": net.config.n_layer,
+                  "n_embd": net.config.n_embd, "n_positions": net.config.n_positions,
+                  "vocab_size": net.config.vocab_size},
+        "tokenizer": {"given": None if tokenizer is None else str(tokenizer), "encoding": tok.encoding.name,
+                      "vocab_size": tok.vocab_size},
+        "data": {"path": str(data), "sha256": sha256_file(data), "bytes": Path(data).stat().st_size},
+        "settings": settings,
+        "gpt2kit_version": gpt2kit.__version__, "torch_version": torch.__version__,
+        "started_at": started.isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    report["summary"] = summary_line(report)
+    if output is not None:
+        write_report(report, output)
+    return report

@@ -1,0 +1,169 @@
+"""Score token windows with a causal LM: log-probability of chosen targets and whether each is the argmax.
+
+Every evaluation reduces to the same question — given a window of tokens, how likely is each of its last
+`n_scored` tokens under the model, and would greedy decoding have produced it? Perplexity windows score up
+to a full context; a LAMBADA example is one window that scores the target word's tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..model import GPT2LMHeadModel
+from ..tokenizer import GPT2Tokenizer
+
+
+ROWS_PER_CHUNK = 2048  # scored positions whose logits exist at once: 2048 x 50257 float32 = 0.4 GB
+
+
+@dataclass(frozen=True)
+class Window:
+    """`tokens[:-1]` go into the model and `tokens[1:]` are their targets; only the last `n_scored` count."""
+
+    tokens: list[int]
+    n_scored: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_scored <= len(self.tokens) - 1:
+            raise ValueError(f"a window of {len(self.tokens)} tokens can score 1..{len(self.tokens) - 1} "
+                             f"targets, not {self.n_scored}")
+
+
+@dataclass
+class WindowScore:
+    logprobs: Tensor  # (n_scored,) float64: log p(target | its left context), natural log
+    greedy: Tensor | None = None  # (n_scored,) bool: the target is the argmax over the vocabulary
+    restricted_greedy: Tensor | None = None  # (n_scored,) bool: ... the argmax over the allowed tokens only
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def resolve_max_length(model: nn.Module, max_length: int | None) -> int:
+    """`max_length`, or the model's context when None; never more than the context."""
+    context = model.config.n_positions
+    if max_length is not None and not 1 <= max_length <= context:
+        raise ValueError(f"max_length must be between 1 and the model's context ({context}), got {max_length}")
+    return max_length or context
+
+
+def check_vocab(model: nn.Module, tokenizer: GPT2Tokenizer) -> None:
+    """The model must have a logit for every token id the tokenizer can produce."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size} (config.vocab_size): they do not belong together")
+
+
+def read_jsonl(path: str | os.PathLike, key: str) -> list[tuple[int, str]]:
+    """(line number, text under `key`) for each non-blank line of a JSON-lines file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(key), str):
+            raise ValueError(f"{path}:{n}: expected an object with a string field {key!r}")
+        rows.append((n, record[key]))
+    return rows
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off while evaluating (a Trainer may pass its model mid-training), restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def scored_rows(model: nn.Module, inputs: Tensor, spans: list[tuple[int, int]]) -> tuple[Tensor, Callable]:
+    """The rows at positions [start, end) of each input row, concatenated, and the function that turns them
+    into logits. For a GPT2LMHeadModel the rows are hidden states and the LM head runs on those positions
+    only: with a stride smaller than the window most positions are context, and the LM head (a vocab-wide
+    matmul) is most of a small model's work. Other models return logits for every position."""
+    if isinstance(model, GPT2LMHeadModel):
+        hidden, head = model.transformer(inputs), model.lm_head
+    else:
+        hidden, head = model(inputs).logits, nn.Identity()
+    return torch.cat([hidden[row, start:end] for row, (start, end) in enumerate(spans)]), head
+
+
+def _score_rows(rows: Tensor, head: Callable, targets: Tensor, *, vocab_size: int, greedy: bool,
+                disallowed: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Per scored row: log p(target) (float64), whether it is the argmax, and the restricted argmax — computed
+    ROWS_PER_CHUNK rows at a time so the (rows, vocab) logits stay bounded in memory."""
+    logprobs, hits, restricted = [], [], []
+    for start in range(0, len(rows), ROWS_PER_CHUNK):
+        logits = head(rows[start:start + ROWS_PER_CHUNK])[:, :vocab_size].float()
+        target = targets[start:start + ROWS_PER_CHUNK]
+        # Not F.cross_entropy: on CPU its float32 log-softmax sums the vocabulary with a bias (about 1e-6 nats
+        # per token at GPT-2's 50257); logsumexp is unbiased.
+        logprobs.append(logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1))
+        if greedy:
+            hits.append(logits.argmax(-1) == target)
+        if disallowed is not None:
+            restricted.append(logits.masked_fill(disallowed, float("-inf")).argmax(-1) == target)
+    return (torch.cat(logprobs).double().cpu(), torch.cat(hits).cpu() if greedy else None,
+            torch.cat(restricted).cpu() if disallowed is not None else None)
+
+
+@torch.inference_mode()
+def score_windows(model: nn.Module, windows: Sequence[Window], *, vocab_size: int, batch_size: int = 8,
+                  pad_token_id: int = 0, greedy: bool = False, disallowed: Tensor | None = None,
+                  desc: str = "scoring", progress: bool = True) -> list[WindowScore]:
+    """Score each window; the result is in the order of `windows` and does not depend on `batch_size`.
+
+    Logits are sliced to `vocab_size` (the tokenizer's), so vocabulary padding added for speed is never a
+    candidate. `greedy=True` also reports whether each target is the argmax; `disallowed` (bool, vocab_size)
+    yields `restricted_greedy`: whether the target is the argmax once the disallowed tokens are removed.
+
+    Rows are right-padded and the model is called without an attention mask: in a causal model a real token
+    never attends to the padding after it, so padded rows give the logits each window gives alone, on SDPA's
+    fused causal path. Padding positions are never scored.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = model_device(model)
+    if disallowed is not None:
+        disallowed = disallowed.to(device)
+    # Longest first: batches hold windows of similar length, so little compute goes to padding.
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].tokens))
+    scores: list[WindowScore | None] = [None] * len(windows)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    with eval_mode(model):
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+            inputs = torch.full((len(batch), len(windows[batch[0]].tokens) - 1), pad_token_id, dtype=torch.long)
+            spans, targets = [], []
+            for row, i in enumerate(batch):
+                tokens, n = windows[i].tokens, windows[i].n_scored
+                inputs[row, :len(tokens) - 1] = torch.tensor(tokens[:-1])
+                spans.append((len(tokens) - 1 - n, len(tokens) - 1))
+                targets += tokens[-n:]
+            rows, head = scored_rows(model, inputs.to(device), spans)
+            logprobs, hits, restricted = _score_rows(rows, head, torch.tensor(targets, device=device),
+                                                     vocab_size=vocab_size, greedy=greedy, disallowed=disallowed)
+            offset = 0
+            for i in batch:
+                own = slice(offset, offset + windows[i].n_scored)
+                scores[i] = WindowScore(logprobs[own], None if hits is None else hits[own],
+                                        None if restricted is None else restricted[own])
+                offset = own.stop
+    return scores  # type: ignore[return-value]

@@ -1,0 +1,70 @@
+"""Classification metrics on fixed predictions (hand-computed, and sklearn for the multi-class MCC), and a
+classifier evaluated end to end agrees with classifying each text alone."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from gpt2kit import GPT2Config, GPT2ForSequenceClassification, GPT2Tokenizer
+from gpt2kit.data import ClassificationDataset
+from gpt2kit.evaluation import classification_metrics, evaluate_classification
+
+from .conftest import DATA
+
+SST2 = DATA / "glue" / "SST-2" / "dev.tsv"
+
+
+def test_binary_metrics_by_hand():
+    labels = [1, 1, 1, 1, 0, 0, 0, 0, 1, 0]
+    predictions = [1, 1, 1, 0, 0, 0, 1, 0, 1, 1]  # TP 4, FN 1, TN 3, FP 2
+    m = classification_metrics(labels, predictions, ["negative", "positive"])
+    assert m["accuracy"] == 0.7 and m["correct"] == 7 and m["examples"] == 10
+    assert m["matthews_correlation"] == pytest.approx((4 * 3 - 2 * 1) / math.sqrt(6 * 5 * 5 * 4))
+    assert m["confusion_matrix"] == [[3, 2], [1, 4]]
+    assert m["per_class"]["negative"] == {"support": 5, "predicted": 4, "correct": 3, "recall": 0.6,
+                                          "precision": 0.75}
+    assert m["per_class"]["positive"] == {"support": 5, "predicted": 6, "correct": 4, "recall": 0.8,
+                                          "precision": 4 / 6}
+
+
+def test_constant_predictions_have_zero_correlation():
+    m = classification_metrics([0, 1, 1, 0], [1, 1, 1, 1], ["a", "b"])
+    assert m["accuracy"] == 0.5 and m["matthews_correlation"] == 0.0
+    assert m["per_class"]["a"]["precision"] is None  # never predicted
+
+
+def test_multiclass_matthews_matches_sklearn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is not installed")
+    rng = random.Random(0)
+    labels = [rng.randrange(4) for _ in range(300)]
+    predictions = [y if rng.random() < 0.6 else rng.randrange(4) for y in labels]
+    m = classification_metrics(labels, predictions, ["World", "Sports", "Business", "Sci/Tech"])
+    assert m["matthews_correlation"] == pytest.approx(sklearn_metrics.matthews_corrcoef(labels, predictions))
+    assert m["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(labels, predictions))
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, num_labels=2)
+    return GPT2ForSequenceClassification(config).eval()
+
+
+def test_batched_evaluation_equals_one_text_at_a_time(classifier):
+    tok = GPT2Tokenizer.gpt2()
+    result = evaluate_classification(classifier, tok, SST2, limit=20, batch_size=8, progress=False)
+    data = ClassificationDataset(SST2, tok, max_length=64)
+    with torch.no_grad():
+        predictions = [int(classifier(data[i]["input_ids"][None]).logits.argmax()) for i in range(20)]
+    expected = classification_metrics(data.labels[:20], predictions, ["0", "1"])
+    assert result["confusion_matrix"] == expected["confusion_matrix"]
+    assert result["accuracy"] == expected["accuracy"]
+    assert sum(c["support"] for c in result["per_class"].values()) == 20
+
+
+def test_class_count_mismatch_is_one_clear_error(classifier):
+    with pytest.raises(ValueError, match=r"test.csv: 4 classes \(World, Sports, Business, Sci/Tech\) but the "
+                                         r"model has 2 outputs"):
+        evaluate_classification(classifier, GPT2Tokenizer.gpt2(), DATA / "ag_news" / "test.csv", progress=False)

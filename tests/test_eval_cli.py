@@ -1,0 +1,83 @@
+"""`gpt2kit eval`: the same numbers as the Python API, a JSON report with checksum and definitions, written
+atomically, one summary line, and one-line errors."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from gpt2kit import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Tokenizer
+from gpt2kit.cli import main
+from gpt2kit.evaluation import evaluate_perplexity, write_report
+
+from .conftest import DATA
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("eval-cli") / "lm"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32)).save_pretrained(directory)
+    GPT2Tokenizer.gpt2().save_pretrained(directory)
+    return directory
+
+
+def test_perplexity_report_matches_the_python_api(lm_dir, tmp_path, capsys):
+    data = tmp_path / "story.txt"
+    data.write_text((DATA / "the-verdict" / "the-verdict.txt").read_text()[:1500])
+    out = tmp_path / "reports" / "ppl.json"
+    assert main(["eval", "--model", str(lm_dir), "--task", "perplexity", "--data", str(data), "--stride", "16",
+                 "--batch-size", "3", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(out.read_text())
+    assert printed[-2] == report["summary"] and printed[-1] == f"wrote {out}"
+    assert report["summary"].startswith("perplexity: token_perplexity ")
+    assert report["data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
+    assert set(report["definitions"]) >= {"token_perplexity", "word_perplexity", "bits_per_byte", "windows"}
+    assert report["results"]["stride"] == 16 and report["results"]["max_length"] == 32
+    assert report["seconds"] > 0 and report["started_at"]
+    model = GPT2LMHeadModel.from_pretrained(lm_dir)
+    expected = evaluate_perplexity(model, GPT2Tokenizer.gpt2(), data, stride=16, progress=False)
+    assert report["results"]["word_perplexity"] == pytest.approx(expected["word_perplexity"], rel=1e-6)
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_wikitext_and_lambada_tasks(lm_dir, capsys):
+    assert main(["eval", "--model", str(lm_dir), "--task", "wikitext", "--limit", "1",
+                 "--data", str(DATA / "wikitext-2" / "wiki.valid.tokens")]) == 0
+    assert "documents=1" in capsys.readouterr().out
+    assert main(["eval", "--model", str(lm_dir), "--task", "lambada", "--limit", "4", "--stop-word-filter",
+                 "--data", str(DATA / "lambada" / "lambada_test.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "lambada: acc " in out and "(4 passages," in out and "greedy continuation" in out
+    assert "acc_stop_word_filter" in out
+
+
+def test_classification_task_reports_matthews_correlation(tmp_path, capsys):
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64)).save_pretrained(
+        tmp_path / "clf")
+    out = tmp_path / "cola.json"
+    assert main(["eval", "--model", str(tmp_path / "clf"), "--task", "classification", "--limit", "12",
+                 "--data", str(DATA / "glue" / "CoLA" / "dev.tsv"), "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["examples"] == 12 and "matthews_correlation" in results and results["format"] == "cola"
+    assert "matthews_correlation" in capsys.readouterr().out
+
+
+def test_errors_are_one_line(lm_dir, tmp_path, capsys):
+    assert main(["eval", "--model", str(lm_dir), "--task", "lambada", "--data", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope.jsonl: data file not found" in err
+    assert main(["eval", "--model", str(lm_dir), "--task", "wikitext", "--stride", "64",
+                 "--data", str(DATA / "wikitext-2" / "wiki.test.raw")]) == 2
+    assert "stride must be between 1 and max_length (32)" in capsys.readouterr().err
+
+
+def test_report_write_is_atomic(tmp_path):
+    path = tmp_path / "r.json"
+    write_report({"a": 1}, path)
+    with pytest.raises(TypeError):
+        write_report({"a": object()}, path)  # fails halfway through serialising
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["r.json"]

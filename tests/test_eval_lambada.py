@@ -1,0 +1,113 @@
+"""LAMBADA scoring on crafted passages with a bigram model whose probabilities are known: the whole last word,
+however many tokens it has, must be the greedy continuation; perplexity is per passage."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+from gpt2kit.evaluation import evaluate_lambada
+from gpt2kit.evaluation.lambada import encode_target, read_lambada, split_last_word
+
+from .conftest import DATA
+
+
+class BigramLM(nn.Module):
+    """Next-token logits depend only on the current token: `table[current] = {next: logit}`, 0 elsewhere."""
+
+    def __init__(self, table: dict[int, dict[int, float]], vocab_size: int, n_positions: int = 64) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(n_positions=n_positions, vocab_size=vocab_size)
+        self.table = table
+        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # gives the model a device
+
+    def forward(self, input_ids):
+        assert input_ids.shape[1] <= self.config.n_positions
+        logits = torch.zeros(*input_ids.shape, self.config.vocab_size)
+        for (b, t), current in zip(torch.cartesian_prod(*map(torch.arange, input_ids.shape)).tolist(),
+                                   input_ids.flatten().tolist()):
+            for following, value in self.table.get(current, {}).items():
+                logits[b, t, following] = value
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return GPT2Tokenizer.gpt2()
+
+
+def ids(tok, text):
+    return tok.encode(text)
+
+
+def test_split_and_tokenize_like_lm_eval(tok):
+    assert split_last_word("He looked at Harlin") == ("He looked at", " Harlin")
+    assert split_last_word("alone") == ("", " alone")
+    context, target = encode_target(tok, "He looked at", " Harlin")
+    assert context + target == tok.encode("He looked at Harlin") and tok.decode(target) == " Harlin"
+    # A double space before the word: the context's trailing space moves into the target.
+    context, target = encode_target(tok, *split_last_word("He looked at  Harlin"))
+    assert tok.decode(context) == "He looked at" and tok.decode(target) == "  Harlin"
+    assert encode_target(tok, "", " alone") == ([tok.eos_token_id], tok.encode(" alone"))
+
+
+def test_whole_word_must_be_greedy_and_perplexity_is_per_passage(tok):
+    mr, the, cat = ids(tok, " Mr")[0], ids(tok, " the")[0], ids(tok, " cat")[0]
+    b, oul, ter = ids(tok, " Boulter")
+    *shared, ton = ids(tok, " Boulton")
+    assert shared == [b, oul] and ton != ter  # two words that differ only in their third token
+    table = {mr: {b: 4.0}, b: {oul: 4.0}, oul: {ter: 4.0, ton: 2.0}, the: {the: 6.0, cat: 5.0}}
+    model = BigramLM(table, tok.vocab_size)
+    passages = ["I met Mr Boulter",  # three tokens, all greedy: correct
+                "She met Mr Boulton",  # first two greedy, the third is not: wrong
+                "The dog chased the cat"]  # " the" beats " cat": wrong, unless stop words are filtered
+    result = evaluate_lambada(model, tok, passages, stop_word_filter=True, stop_words=["the", "a"],
+                              batch_size=2, progress=False)
+    assert result["correct"] == 1 and result["acc"] == pytest.approx(1 / 3)
+    assert result["correct_stop_word_filter"] == 2
+
+    V = tok.vocab_size
+    z1 = math.log(V - 1 + math.exp(4))  # rows after " Mr" and " B"
+    z2 = math.log(V - 2 + math.exp(4) + math.exp(2))  # row after "oul"
+    z3 = math.log(V - 2 + math.exp(6) + math.exp(5))  # row after " the"
+    word_logp = [4 + 4 + 4 - 2 * z1 - z2, 4 + 4 + 2 - 2 * z1 - z2, 5 - z3]
+    assert result["perplexity"] == pytest.approx(math.exp(-sum(word_logp) / 3), rel=1e-6)
+    assert result["target_token_perplexity"] == pytest.approx(math.exp(-sum(word_logp) / 7), rel=1e-6)
+    assert result["target_tokens"] == 7
+
+
+def test_long_passages_keep_their_end(tok):
+    """A passage longer than max_length + 1 tokens loses its first tokens, never its target."""
+    mr = ids(tok, " Mr")[0]
+    b, oul, ter = ids(tok, " Boulter")
+    model = BigramLM({mr: {b: 4.0}, b: {oul: 4.0}, oul: {ter: 4.0}}, tok.vocab_size, n_positions=6)
+    passage = "one two three four five six seven eight nine ten Mr Boulter"
+    result = evaluate_lambada(model, tok, [passage], progress=False)  # raises if a window exceeds 6 tokens
+    assert result["correct"] == 1
+
+
+def test_results_do_not_depend_on_batch_size(tok):
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64)
+    model = GPT2LMHeadModel(config).eval()
+    passages = read_lambada(DATA / "lambada" / "lambada_test.jsonl")[:6]
+    runs = [evaluate_lambada(model, tok, passages, batch_size=b, progress=False) for b in (1, 4, 6)]
+    for run in runs[1:]:
+        assert run["perplexity"] == pytest.approx(runs[0]["perplexity"], rel=1e-6)
+        assert run["correct"] == runs[0]["correct"]
+
+
+def test_bad_lines_name_file_and_line(tmp_path, tok):
+    path = tmp_path / "lambada.jsonl"
+    path.write_text(json.dumps({"text": "a fine passage"}) + "\n" + json.dumps({"passage": "no text"}) + "\n")
+    with pytest.raises(ValueError, match=r"lambada.jsonl:2: expected an object with a string field 'text'"):
+        read_lambada(path)
+    path.write_text(json.dumps({"text": "  "}) + "\n")
+    with pytest.raises(ValueError, match=r"lambada.jsonl:1: empty passage"):
+        read_lambada(path)
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"lambada.jsonl:1: not valid JSON"):
+        read_lambada(path)

@@ -1,0 +1,207 @@
+"""Perplexity: hand-computed values on models with known probabilities, window/stride semantics checked
+token by token against a naive reference, batch-size invariance, and padding that is never scored."""
+
+import math
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from gpt2kit import GPT2LMHeadModel, GPT2Tokenizer
+from gpt2kit.evaluation import evaluate_perplexity, wikitext_detokenize
+from gpt2kit.evaluation.perplexity import document_windows, read_documents, split_wikitext_articles
+from gpt2kit.tokenizer import train_bpe
+
+from .conftest import DATA
+
+TEXT = "The cat sat on the mat.\nIt was a sunny day, and the cat was happy.\n"
+
+
+class ContextFreeLM(nn.Module):
+    """p(next token) = softmax(`logits`) whatever the context: the NLL of a text is a sum we can compute by hand,
+    and it does not depend on how the text is cut into windows. (Log-probabilities are float32, as in
+    lm-evaluation-harness, hence rel=1e-6.)"""
+
+    def __init__(self, logits: torch.Tensor, n_positions: int) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(n_positions=n_positions, vocab_size=len(logits))
+        self.logits = nn.Parameter(logits, requires_grad=False)
+
+    def forward(self, input_ids):
+        assert input_ids.shape[1] <= self.config.n_positions
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer():
+    return GPT2Tokenizer.gpt2()
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    """A 512-token BPE, so the tiny_config model (vocab 512) can read real text."""
+    return train_bpe([DATA / "wikitext-2" / "wiki.valid.tokens"], 512, tmp_path_factory.mktemp("bpe"))
+
+
+def test_uniform_model_has_perplexity_equal_to_the_vocabulary_size(gpt2_tokenizer):
+    vocab = gpt2_tokenizer.vocab_size
+    model = ContextFreeLM(torch.zeros(vocab), n_positions=8)
+    result = evaluate_perplexity(model, gpt2_tokenizer, [TEXT], progress=False)
+    n_tokens = len(gpt2_tokenizer.encode(TEXT))
+    assert result["tokens"] == n_tokens
+    assert result["token_perplexity"] == pytest.approx(vocab, rel=1e-6)
+    assert result["words"] == 17  # 16 words + the empty piece after the final newline
+    assert result["word_perplexity"] == pytest.approx(vocab ** (n_tokens / 17), rel=1e-6)
+    assert result["bits_per_byte"] == pytest.approx(n_tokens * math.log2(vocab) / len(TEXT.encode()), rel=1e-6)
+    assert result["byte_perplexity"] == pytest.approx(2 ** result["bits_per_byte"], rel=1e-6)
+
+
+@pytest.mark.parametrize("max_length,stride", [(8, 8), (8, 3), (8, 1), (5, 5), (64, 64)])
+def test_every_token_scored_once_with_known_probabilities(gpt2_tokenizer, max_length, stride):
+    """Distinct per-token probabilities: a token scored twice or missed would change the sum."""
+    vocab = gpt2_tokenizer.vocab_size
+    logits = torch.sin(torch.arange(vocab, dtype=torch.float32)) * 3
+    model = ContextFreeLM(logits, n_positions=64)
+    tokens = gpt2_tokenizer.encode(TEXT)
+    log_p = torch.log_softmax(logits.double(), -1)
+    expected_nll = -sum(float(log_p[t]) for t in tokens)
+    result = evaluate_perplexity(model, gpt2_tokenizer, [TEXT], max_length=max_length, stride=stride,
+                                 progress=False)
+    assert result["nll"] == pytest.approx(expected_nll, rel=1e-6)
+    assert result["token_perplexity"] == pytest.approx(math.exp(expected_nll / len(tokens)), rel=1e-6)
+
+
+def test_windows_match_lm_eval_rolling_example():
+    """lm-evaluation-harness's documented example: tokens 0..9, max length 4, prefix BOS."""
+    bos = -1
+    windows = document_windows(list(range(10)), prefix_token_id=bos, max_length=4, stride=4)
+    pairs = [(w.tokens[:-1], w.tokens[-w.n_scored:]) for w in windows]
+    assert pairs == [([bos, 0, 1, 2], [0, 1, 2, 3]), ([3, 4, 5, 6], [4, 5, 6, 7]), ([5, 6, 7, 8], [8, 9])]
+
+
+@pytest.mark.parametrize("n,max_length,stride", [(1, 4, 4), (4, 4, 4), (5, 4, 4), (23, 6, 6), (23, 6, 4),
+                                                 (23, 6, 1), (40, 7, 3)])
+def test_windows_score_each_token_once_within_max_length(n, max_length, stride):
+    windows = document_windows(list(range(100, 100 + n)), prefix_token_id=0, max_length=max_length,
+                               stride=stride)
+    scored = [t for w in windows for t in w.tokens[-w.n_scored:]]
+    assert scored == list(range(100, 100 + n))
+    assert all(len(w.tokens) - 1 <= max_length for w in windows)
+    # After the first chunk every window is full-length, so each scored token sees at least
+    # max_length - stride + 1 tokens of context.
+    assert all(len(w.tokens) - 1 == max_length for w in windows[1:])
+
+
+def naive_nll(model, tokens, prefix, max_length, stride):
+    """The definition, one token at a time: token j of chunk k is predicted from seq[max(0, end_k - L) : j]."""
+    seq = [prefix, *tokens]
+    nll, done = 0.0, 0
+    while done < len(tokens):
+        end = min(done + (max_length if done == 0 else stride), len(tokens))
+        start = max(0, end - max_length)
+        for j in range(done + 1, end + 1):
+            logits = model(torch.tensor([seq[start:j]])).logits[0, -1].double()
+            nll -= float(torch.log_softmax(logits, -1)[seq[j]])
+        done = end
+    return nll
+
+
+@pytest.mark.parametrize("max_length,stride", [(16, 16), (16, 5), (16, 1)])
+def test_stride_semantics_against_a_token_by_token_reference(tiny_config, small_tokenizer, max_length, stride):
+    model = GPT2LMHeadModel(tiny_config).eval()
+    text = "Robert Boulter is an English film, television and theatre actor."
+    tokens = small_tokenizer.encode(text)
+    assert len(tokens) > 2 * max_length  # several windows
+    with torch.no_grad():
+        expected = naive_nll(model, tokens, small_tokenizer.eos_token_id, max_length, stride)
+    result = evaluate_perplexity(model, small_tokenizer, [text], max_length=max_length, stride=stride,
+                                 batch_size=3, progress=False)
+    assert result["nll"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_overlapping_windows_use_more_context(tiny_config, small_tokenizer):
+    """Smaller strides cost more forward tokens; with stride 1 every token has the full window of context."""
+    model = GPT2LMHeadModel(tiny_config).eval()
+    docs = [read_documents(DATA / "wikitext-2" / "wiki.test.raw")[0][:3000]]
+    disjoint = evaluate_perplexity(model, small_tokenizer, docs, max_length=32, progress=False)
+    strided = evaluate_perplexity(model, small_tokenizer, docs, max_length=32, stride=8, progress=False)
+    assert disjoint["tokens"] == strided["tokens"]
+    assert strided["forward_tokens"] > 3 * disjoint["forward_tokens"]
+    assert strided["nll"] != disjoint["nll"]
+
+
+def test_results_do_not_depend_on_batch_size(tiny_config, small_tokenizer):
+    model = GPT2LMHeadModel(tiny_config).eval()
+    docs = [article[:1500] for article in read_documents(DATA / "wikitext-2" / "wiki.test.raw")[:3]]
+    runs = [evaluate_perplexity(model, small_tokenizer, docs, max_length=48, stride=20, batch_size=b,
+                                format="wikitext", progress=False) for b in (1, 2, 7, 64)]
+    assert runs[0]["windows"] > 20
+    for run in runs[1:]:
+        assert run["nll"] == pytest.approx(runs[0]["nll"], rel=1e-6)
+        assert run["tokens"] == runs[0]["tokens"] and run["windows"] == runs[0]["windows"]
+
+
+class PoisonPadding(nn.Module):
+    """Wraps a model; logits are NaN wherever the input is the pad id, so scoring a pad position shows."""
+
+    def __init__(self, model, pad_token_id):
+        super().__init__()
+        self.model, self.config, self.pad = model, model.config, pad_token_id
+
+    def forward(self, input_ids):
+        logits = self.model(input_ids).logits
+        return SimpleNamespace(logits=logits.masked_fill((input_ids == self.pad)[..., None], float("nan")))
+
+
+def test_padding_is_never_scored(tiny_config, small_tokenizer):
+    model = GPT2LMHeadModel(tiny_config).eval()
+    docs = ["A short one.", "A somewhat longer document, with a few more words in it than the first.", "Mid size."]
+    pad = small_tokenizer.vocab_size - 1
+    assert all(pad not in small_tokenizer.encode(d) for d in docs)
+    small_tokenizer.pad_token_id = pad
+    try:
+        padded = evaluate_perplexity(PoisonPadding(model, pad), small_tokenizer, docs, batch_size=3,
+                                     progress=False)
+    finally:
+        small_tokenizer.pad_token_id = small_tokenizer.eos_token_id
+    alone = evaluate_perplexity(model, small_tokenizer, docs, batch_size=1, progress=False)
+    assert math.isfinite(padded["nll"])
+    assert padded["nll"] == pytest.approx(alone["nll"], rel=1e-6)
+
+
+def test_wikitext_articles_and_detokenizer():
+    raw = (DATA / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8")
+    articles = split_wikitext_articles(raw)
+    assert len(articles) == 62  # the test split of EleutherAI/wikitext_document_level
+    assert articles[0].startswith(" = Robert Boulter = \n")
+    assert "\n".join([" ", *articles]) == raw  # nothing lost but the blank line before the first title
+    assert sum(len(re.split(r"\s+", a)) for a in articles) == 241_211 + 2 * 62  # words + leading/trailing pieces
+    text = " = = Career = = \n He was born in 1 @,@ 000 @-@ 2 @.@ 5 , and ( later ) moved . \n"
+    assert wikitext_detokenize(text) == " == Career ==\nHe was born in 1,000-2.5, and (later) moved.\n"
+
+
+def test_bad_input_is_one_clear_error(tmp_path, gpt2_tokenizer):
+    model = ContextFreeLM(torch.zeros(gpt2_tokenizer.vocab_size), n_positions=8)
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "wrong key"}\n')
+    with pytest.raises(ValueError, match=r"docs.jsonl:2: expected an object with a string field 'text'"):
+        evaluate_perplexity(model, gpt2_tokenizer, bad)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        evaluate_perplexity(model, gpt2_tokenizer, tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="stride must be between 1 and max_length"):
+        evaluate_perplexity(model, gpt2_tokenizer, [TEXT], max_length=4, stride=5)
+    with pytest.raises(ValueError, match="max_length must be between 1 and the model's context"):
+        evaluate_perplexity(model, gpt2_tokenizer, [TEXT], max_length=9)
+    small = ContextFreeLM(torch.zeros(512), n_positions=8)
+    with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model only 512"):
+        evaluate_perplexity(small, gpt2_tokenizer, [TEXT])
+
+
+def test_dropout_is_off_during_evaluation_and_the_mode_restored(tiny_config, small_tokenizer):
+    tiny_config.resid_pdrop = tiny_config.embd_pdrop = tiny_config.attn_pdrop = 0.5
+    model = GPT2LMHeadModel(tiny_config).train()
+    first = evaluate_perplexity(model, small_tokenizer, [TEXT], progress=False)
+    second = evaluate_perplexity(model, small_tokenizer, [TEXT], progress=False)
+    assert first["nll"] == second["nll"] and model.training
