@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
+from gpt2kit.tokenizer import train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data"
@@ -43,3 +44,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def save_tiny_text_model(path: Path, n_positions: int = 128) -> Path:
+    """A random 2-layer model saved with a 512-token BPE vocabulary trained on a bundled text, so that
+    generated ids decode to short words (tests of text, stop strings and streaming need that)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=n_positions, vocab_size=512,
+                            bos_token_id=0, eos_token_id=0)
+        GPT2LMHeadModel(config).save_pretrained(path)
+    train_bpe([DATA / "the-verdict" / "the-verdict.txt"], 512, path)
+    return path

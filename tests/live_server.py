@@ -6,26 +6,11 @@ import threading
 import time
 from pathlib import Path
 
-import torch
 import uvicorn
 
-from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.pipeline import load_model_and_tokenizer
 from gpt2kit.serving import ServerConfig, create_app
-from gpt2kit.tokenizer import train_bpe
 
-from .conftest import DATA
-
-
-def save_tiny_text_model(path: Path) -> Path:
-    """A random 2-layer model saved with a 512-token BPE vocabulary trained on a bundled text."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=512, bos_token_id=0,
-                            eos_token_id=0)
-        GPT2LMHeadModel(config).save_pretrained(path)
-    train_bpe([DATA / "the-verdict" / "the-verdict.txt"], 512, path)
-    return path
 
 
 class LiveServer:

@@ -13,7 +13,7 @@ from gpt2kit.cli import main
 from gpt2kit.export import DECODE_NAME, PREFILL_NAME, OnnxLMHeadModel, export_onnx
 from gpt2kit.model import positions_from_mask
 
-from .live_server import save_tiny_text_model
+from .conftest import save_tiny_text_model
 
 
 @pytest.fixture(scope="module")

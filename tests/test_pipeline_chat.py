@@ -13,9 +13,8 @@ from gpt2kit.chat import ChatSession, chat
 from gpt2kit.cli import main
 from gpt2kit.generation import GenerationConfig
 from gpt2kit.pipeline import load_model_and_tokenizer, pipeline
-from gpt2kit.tokenizer import train_bpe
 
-from .conftest import DATA
+from .conftest import save_tiny_text_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["I had always thought", "Jack", "The fact is, it was a very"]
@@ -24,13 +23,7 @@ PROMPTS = ["I had always thought", "Jack", "The fact is, it was a very"]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A random tiny model saved with its own 512-token BPE vocabulary (trained on a bundled text)."""
-    path = tmp_path_factory.mktemp("pipe") / "model"
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=96, vocab_size=512, bos_token_id=0,
-                        eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    train_bpe([DATA / "the-verdict" / "the-verdict.txt"], 512, path)
-    return path
+    return save_tiny_text_model(tmp_path_factory.mktemp("pipe") / "model", n_positions=96)
 
 
 @pytest.fixture(scope="module")

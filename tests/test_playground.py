@@ -5,7 +5,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from .live_server import LiveServer, save_tiny_text_model
+from .conftest import save_tiny_text_model
+from .live_server import LiveServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM} "

@@ -18,7 +18,8 @@ import torch
 
 from gpt2kit.pipeline import TextGenerationPipeline
 
-from .live_server import LiveServer, save_tiny_text_model
+from .conftest import save_tiny_text_model
+from .live_server import LiveServer
 
 PROMPTS = ["I had always thought", "Jack", "The fact is, it was a very", "", "It was not", "Mrs. Gisburn said"]
 

@@ -1,0 +1,337 @@
+"""torch.distributed on CPU: 2 processes with the gloo backend, spawned by the tests.
+
+One spawned job runs every 2-rank scenario and leaves its results in files; the tests compare them with the same
+computation in this (single) process. Collectives time out after 60 s and the job after 240 s, so a failure
+ends the test instead of hanging it.
+
+Tolerances (float32): losses and gradient norms agree within 1e-5 relative, weights after three AdamW steps within
+2e-5 absolute (the ranks sum the same numbers in another order); reloaded checkpoints are bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gpt2kit import GPT2Config, GPT2LMHeadModel
+from gpt2kit.checkpoint import CheckpointError
+from gpt2kit.training.distributed_checkpoint import (dcp_to_pretrained, gather_full_state,
+                                                     load_distributed_checkpoint, save_distributed_checkpoint)
+from gpt2kit.training.memory import estimate_memory
+from gpt2kit.training.parallel import (ParallelConfig, ParallelConfigError, ParallelState, clip_grad_norm_,
+                                       grad_sync, init_distributed, parallelize)
+
+WORLD = 2
+STEPS, MICRO_STEPS, BATCH, SEQ = 3, 2, 4, 16
+LAYOUTS = {"ddp": ParallelConfig(data=-1), "fsdp": ParallelConfig(data=1, shard=-1),
+           "tp": ParallelConfig(data=1, tensor=-1)}
+
+
+def tiny_lm_config() -> GPT2Config:
+    # An odd vocabulary: the vocab-parallel embedding and head must handle uneven shards.
+    return GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=509, bos_token_id=508,
+                      eos_token_id=508, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def fresh_model() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_lm_config())
+    for name, param in model.named_parameters():  # non-zero biases, so a misplaced bias slice would show
+        if name.endswith("bias"):
+            torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+def batches() -> torch.Tensor:
+    """(steps, micro_steps, batch, seq + 1) token ids, the same batch every step (so the loss must fall); targets
+    are the ids shifted by one."""
+    generator = torch.Generator().manual_seed(1)
+    step = torch.randint(0, 509, (MICRO_STEPS, BATCH, SEQ + 1), generator=generator)
+    return step.expand(STEPS, *step.shape)
+
+
+def train(state: ParallelState, *, recompute: bool = False):
+    """A few AdamW steps with gradient accumulation on this rank's rows; returns (model, optimizer, losses,
+    grad norms) with the losses averaged over the data-parallel ranks."""
+    model = fresh_model()
+    forward = parallelize(model, state, recompute=recompute)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+    per_rank = BATCH // state.data_parallel_size
+    rows = slice(state.data_parallel_rank * per_rank, (state.data_parallel_rank + 1) * per_rank)
+    losses, norms = [], []
+    for step in batches():
+        total = torch.zeros(())
+        for i, micro in enumerate(step):
+            ids = micro[rows]
+            with grad_sync(forward, enabled=i == MICRO_STEPS - 1):
+                loss = forward(ids[:, :-1], targets=ids[:, 1:]).loss / MICRO_STEPS
+                loss.backward()
+            total += loss.detach()
+        norms.append(float(clip_grad_norm_(model.parameters(), 1.0)))
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(state.all_reduce_sum(total)) / state.data_parallel_size)
+    return model, optimizer, losses, norms
+
+
+# ---- the spawned job -----------------------------------------------------------------------------------------
+def scenario_train_layouts(state: ParallelState, out: Path) -> None:
+    """DDP, FSDP (with activation checkpointing) and TP training; FSDP and TP save DCP checkpoints."""
+    for name, config in LAYOUTS.items():
+        layout = init_distributed(config, device="cpu")
+        model, optimizer, losses, norms = train(layout, recompute=name == "fsdp")
+        full = gather_full_state(model)
+        if name in ("fsdp", "tp"):
+            save_distributed_checkpoint(out / f"{name}-dcp", model, optimizer)
+        local = sum(getattr(p, "_local_tensor", p).numel() for p in model.parameters())
+        counts = [None] * WORLD
+        torch.distributed.all_gather_object(counts, local)
+        if state.is_main:
+            torch.save({"losses": losses, "norms": norms, "state": full, "local_parameters": counts},
+                       out / f"{name}.pt")
+
+
+def scenario_reshard_fsdp_into_tp(state: ParallelState, out: Path) -> None:
+    """A checkpoint written by FSDP ranks loads into a tensor-parallel model (different sharding)."""
+    tp = init_distributed(LAYOUTS["tp"], device="cpu")
+    model = GPT2LMHeadModel(tiny_lm_config())
+    parallelize(model, tp)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    load_distributed_checkpoint(out / "fsdp-dcp", model, optimizer)
+    full = gather_full_state(model)
+    ids = batches()[0, 0, :, :-1]
+    logits = model(ids).logits.detach()
+    if state.is_main:
+        torch.save({"state": full, "logits": logits}, out / "fsdp-into-tp.pt")
+
+
+def scenario_failed_load(state: ParallelState, out: Path) -> None:
+    """Rank 1 is pointed at a missing checkpoint, then at one with a corrupted shard: every rank must raise a
+    clear error quickly instead of waiting for the others."""
+    errors = {}
+    for case, path in (("missing", out / ("fsdp-dcp" if state.rank == 0 else "no-such-dcp")),
+                       ("corrupt", out / ("fsdp-dcp" if state.rank == 0 else "corrupt-dcp"))):
+        model = GPT2LMHeadModel(tiny_lm_config())
+        parallelize(model, state)
+        started = time.monotonic()
+        try:
+            load_distributed_checkpoint(path, model)
+            errors[case] = None
+        except Exception as err:  # the test checks type and message
+            errors[case] = (type(err).__name__, str(err), time.monotonic() - started)
+    torch.save(errors, out / f"failed-load-rank{state.rank}.pt")
+
+
+SCENARIOS = [scenario_train_layouts, scenario_reshard_fsdp_into_tp, scenario_failed_load]
+
+
+def _prepare_corrupt_copy(out: Path) -> None:
+    import shutil
+
+    shutil.copytree(out / "fsdp-dcp", out / "corrupt-dcp")
+    for shard in (out / "corrupt-dcp").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
+
+
+def _two_rank_job(rank: int, out: Path) -> None:
+    state = init_distributed(ParallelConfig(timeout=60), device="cpu")
+    for scenario in SCENARIOS:
+        if scenario is scenario_failed_load and rank == 0:
+            _prepare_corrupt_copy(out)
+        torch.distributed.barrier()
+        scenario(state, out)
+
+
+def _rank_entry(rank: int, world: int, port: int, out: str, body) -> None:
+    """What each spawned process runs: torchrun's environment, one thread, then `body(rank, out)`; a failure
+    leaves its traceback in `out` for the test report."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        body(rank, Path(out))
+    except BaseException:
+        (Path(out) / f"traceback-rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(body, world: int, out: Path, timeout: float = 240.0) -> Path:
+    """Spawn `world` gloo ranks running `body`; fail the test (never hang) if one raises or time runs out."""
+    context = mp.spawn(_rank_entry, args=(world, free_port(), str(out), body), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"spawned job did not finish within {timeout:.0f} s")
+    except mp.ProcessRaisedException:
+        logs = "\n".join(p.read_text() for p in sorted(out.glob("traceback-rank*.txt")))
+        pytest.fail(f"a rank of the spawned job failed:\n{logs}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    return run_job(_two_rank_job, WORLD, tmp_path_factory.mktemp("two-ranks"))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The same training in one process: losses, gradient norms, final weights and the optimizer."""
+    single = init_distributed(ParallelConfig(), device="cpu")
+    model, optimizer, losses, norms = train(single)
+    return {"model": model, "optimizer": optimizer, "losses": losses, "norms": norms}
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_ranks_train_like_one_process(job, reference, layout):
+    result = load(job / f"{layout}.pt")
+    assert result["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    assert result["norms"] == pytest.approx(reference["norms"], rel=1e-5)
+    assert reference["losses"][-1] < reference["losses"][0]  # the steps did train
+    expected = reference["model"].state_dict()
+    assert set(result["state"]) == set(expected)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(result["state"][key], tensor, rtol=0, atol=2e-5, msg=key)
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+def test_checkpoint_saved_on_two_ranks_loads_in_one_process(job, reference, layout):
+    saved = load(job / f"{layout}.pt")["state"]
+    model = GPT2LMHeadModel(tiny_lm_config())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    load_distributed_checkpoint(job / f"{layout}-dcp", model, optimizer)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[key]), key
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # The optimizer moments came along too, in this process's parameter order.
+    ours, ref = optimizer.state_dict()["state"], reference["optimizer"].state_dict()["state"]
+    assert len(ours) == len(ref)
+    for index in ref:
+        assert int(ours[index]["step"]) == STEPS
+        torch.testing.assert_close(ours[index]["exp_avg"], ref[index]["exp_avg"], rtol=0, atol=1e-6)
+
+
+def test_fsdp_checkpoint_loads_into_tensor_parallel_ranks(job):
+    fsdp = load(job / "fsdp.pt")["state"]
+    resharded = load(job / "fsdp-into-tp.pt")
+    for key, tensor in fsdp.items():
+        assert torch.equal(resharded["state"][key], tensor), key
+    model = GPT2LMHeadModel(tiny_lm_config())
+    model.load_state_dict(fsdp)
+    expected = model(batches()[0, 0, :, :-1]).logits
+    torch.testing.assert_close(resharded["logits"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dcp_converts_offline_to_a_pretrained_directory(job, tmp_path, capsys):
+    from gpt2kit.cli import main
+
+    assert main(["convert", "--from-dcp", str(job / "tp-dcp"), "--output", str(tmp_path / "hf")]) == 0
+    assert f"wrote {tmp_path / 'hf'}" in capsys.readouterr().out
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    saved = load(job / "tp.pt")["state"]
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[key]), key
+
+
+def test_a_rank_that_cannot_load_fails_every_rank_quickly(job):
+    for rank in range(WORLD):
+        errors = load(job / f"failed-load-rank{rank}.pt")
+        for case in ("missing", "corrupt"):
+            assert errors[case] is not None, f"rank {rank} loaded a {case} checkpoint"
+            name, message, seconds = errors[case]
+            assert name in ("CheckpointError", "RuntimeError"), message
+            assert "rank 1" in message, message
+            assert seconds < 30, f"rank {rank} waited {seconds:.0f} s"
+        assert "no-such-dcp" in errors["missing"][1]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_memory_estimate_counts_the_parameters_each_rank_holds(job, layout):
+    estimate = estimate_memory(tiny_lm_config(), LAYOUTS[layout].resolve(WORLD), seq_len=SEQ)
+    counts = load(job / f"{layout}.pt")["local_parameters"]
+    assert estimate.parameters == pytest.approx(sum(counts) / WORLD, abs=1)
+    assert estimate.weights == estimate.gradients == 4 * estimate.parameters
+    assert estimate.optimizer == 8 * estimate.parameters
+
+
+def test_memory_estimate_of_the_large_configs():
+    config = GPT2Config.from_name("gpt2-13b")
+    with torch.device("meta"):
+        total = GPT2LMHeadModel(config).num_parameters()
+    fsdp = estimate_memory(config, ParallelConfig(data=1, shard=8, tensor=1), seq_len=2048)
+    assert fsdp.parameters == pytest.approx(total / 8, abs=1)
+    # Adding tensor parallelism shrinks activations; adding replicas (HSDP) leaves each GPU's share unchanged.
+    tp = estimate_memory(config, ParallelConfig(data=1, shard=4, tensor=2), seq_len=2048)
+    hsdp = estimate_memory(config, ParallelConfig(data=4, shard=8, tensor=1), seq_len=2048)
+    assert tp.activations < fsdp.activations and hsdp.total == fsdp.total
+    # Without recompute the 52B config's activations dominate: 64 blocks x s*b*h*(2 + 16*2) bytes.
+    big = estimate_memory(GPT2Config.from_name("gpt2-52b"), ParallelConfig(data=1, shard=64, tensor=1),
+                          recompute=False)
+    assert big.activations == pytest.approx(64 * 1024 * 8192 * 34 + 2 * 1024 * 8192 * 2)
+
+
+def test_info_prints_the_memory_table(capsys):
+    from gpt2kit.cli import main
+
+    assert main(["info", "gpt2-13b", "--parallel", "shard=4,tensor=2", "--seq-len", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt2-13b on 8 GPUs, FSDP 4 + TP 2" in out and "AdamW moments" in out and "total" in out
+    assert main(["info", "gpt2-13b", "--parallel", "pipeline=2"]) == 2
+    assert "expected comma-separated data=N, shard=N, tensor=N" in capsys.readouterr().err
+
+
+def test_dcp_conversion_errors_name_the_problem(job, tmp_path):
+    with pytest.raises(CheckpointError, match="not a distributed checkpoint"):
+        dcp_to_pretrained(tmp_path, tmp_path / "out")
+    wider = tiny_lm_config()
+    wider.n_layer = 3
+    (tmp_path / "config.json").write_text(json.dumps(wider.to_hf_dict()))
+    with pytest.raises(CheckpointError, match=r"does not hold the weights .*config.json describes .*Missing key in "
+                                              r"checkpoint state_dict: model.transformer.h.2"):
+        dcp_to_pretrained(job / "tp-dcp", tmp_path / "out", config=tmp_path)
+
+
+# ---- degrees -------------------------------------------------------------------------------------------------
+def test_parallel_config_fills_the_remaining_ranks():
+    assert ParallelConfig().resolve(8) == ParallelConfig(data=8, shard=1, tensor=1)
+    assert ParallelConfig(data=2, shard=-1, tensor=2).resolve(16) == ParallelConfig(data=2, shard=4, tensor=2)
+    assert ParallelConfig(data=1, shard=1, tensor=-1).resolve(4).tensor == 4
+    # One process runs the plain model whatever the config says: the same YAML works on 1 or K processes.
+    assert ParallelConfig(data=1, shard=4, tensor=2).resolve(1) == ParallelConfig(data=1, shard=1, tensor=1)
+    assert ParallelConfig(data=2, shard=2).resolve(4).describe() == "HSDP 2 x 2"
+    assert ParallelConfig(data=1, shard=2, tensor=2).resolve(4).describe() == "FSDP 2 + TP 2"
+
+
+@pytest.mark.parametrize("config, world, message", [
+    (ParallelConfig(data=-1, shard=-1), 4, "only one of"),
+    (ParallelConfig(data=1, shard=3), 4, "data x shard x tensor = 1 x 3 x 1 = 3, but the job has 4"),
+    (ParallelConfig(shard=3, tensor=1), 4, "cannot be split into groups of 3"),
+    (ParallelConfig(tensor=0), 2, "parallel.tensor must be a positive integer or -1"),
+])
+def test_parallel_config_errors_name_the_problem(config, world, message):
+    with pytest.raises(ParallelConfigError, match=message):
+        config.resolve(world)

@@ -1,0 +1,118 @@
+"""Correctness of the fast paths (speed is the benchmarks' business, never asserted here): the chunked
+cross-entropy, the decode-step attention mask, bf16 inference against float32, and the benchmark table."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2kit import GPT2Config, GPT2LMHeadModel
+from gpt2kit.generation import generate
+from gpt2kit.model import build_attention_mask, lm_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200], [3, 4, 5, 6]]
+
+
+def reference_loss(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("chunk_elements", [10_000, 2 ** 24])  # many chunks (with a ragged last one) and one
+def test_chunked_cross_entropy_equals_f_cross_entropy_in_float32(chunk_elements):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 50, 997, dtype=torch.float64) * 4).float()
+    targets = torch.randint(0, 997, (3, 50))
+    targets[0, :7] = -100
+    targets[2, -1] = -100
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours, ref = lm_loss(ours_in, targets, chunk_elements=chunk_elements), reference_loss(ref_in, targets)
+    exact = F.cross_entropy(logits.double().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert abs(ours.item() - ref.item()) < 1e-6
+    assert abs(ours.item() - exact.item()) < 1e-6
+    (ours * 3).backward()
+    (ref * 3).backward()
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-5, atol=1e-9)
+    assert ours_in.grad[0, :7].abs().max() == 0  # ignored positions get no gradient
+    torch.testing.assert_close(logits, ours_in.detach())  # the input is not modified in place
+
+
+def test_chunked_cross_entropy_bf16_logits_match_float32_math_and_keep_their_dtype():
+    torch.manual_seed(1)
+    logits = (torch.randn(2, 40, 512) * 3).bfloat16()
+    targets = torch.randint(0, 512, (2, 40))
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours, ref = lm_loss(ours_in, targets, chunk_elements=5000), reference_loss(ref_in, targets)
+    assert ours.dtype == torch.float32
+    assert abs(ours.item() - ref.item()) < 1e-5
+    ours.backward()
+    ref.backward()
+    assert ours_in.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(ours_in.grad.float(), ref_in.grad.float(), rtol=1e-2, atol=1e-6)
+
+
+def test_chunked_cross_entropy_without_grad_and_through_the_model(tiny_config):
+    torch.manual_seed(2)
+    model = GPT2LMHeadModel(tiny_config).eval()  # no dropout: the passes must see the same network
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 17))
+    out = model(ids[:, :-1], targets=ids[:, 1:])
+    assert torch.allclose(out.loss, reference_loss(out.logits, ids[:, 1:]), atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(model(ids, labels=ids).loss, reference_loss(out.logits, ids[:, 1:]), atol=1e-6)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(ids[:, :-1]).logits
+    reference_loss(logits, ids[:, 1:]).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_decode_step_mask_equals_the_general_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]])
+    fast, is_causal = build_attention_mask(mask, past=5, T=1)
+    assert not is_causal
+    S = 6
+    general = ((torch.arange(S) <= 5) & mask.bool()) | (torch.arange(S) == 5)
+    assert torch.equal(fast, general[:, None, None, :])
+    assert mask[2, -1] == 0  # the caller's mask is left alone
+
+
+def test_bf16_weights_stay_within_a_bound_of_float32_and_agree_where_float32_is_decisive():
+    """bf16 weights give the same greedy tokens on these prompts; their log-probabilities stay within 0.1 of
+    float32's, and greedy picks agree wherever float32's top-2 margin exceeds twice the difference."""
+    torch.manual_seed(3)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=512)
+    fp32 = GPT2LMHeadModel(config).eval()
+    for p in fp32.parameters():  # a peaked distribution, as trained models have
+        p.data.mul_(4.0) if p.dim() == 2 else None
+    bf16 = GPT2LMHeadModel(config).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    bf16.to(torch.bfloat16)
+    for prompt in PROMPTS:
+        ids = generate(fp32, torch.tensor([prompt]), max_new_tokens=24, eos_token_id=[])
+        assert torch.equal(generate(bf16, torch.tensor([prompt]), max_new_tokens=24, eos_token_id=[]), ids)
+        with torch.no_grad():
+            ref = fp32(ids).logits[0].log_softmax(-1)
+            low = bf16(ids).logits[0].float().log_softmax(-1)
+        diff = (ref - low).abs().amax(-1)
+        assert diff.max() < 0.1, diff.max()
+        top2 = ref.topk(2).values
+        decisive = (top2[:, 0] - top2[:, 1]) > 2 * diff
+        assert decisive.sum() > len(decisive) // 2
+        assert torch.equal(ref.argmax(-1)[decisive], low.argmax(-1)[decisive])
+
+
+def test_benchmark_table_rows_and_targets():
+    from benchmarks.__main__ import table
+
+    hw = {"fp32_flops": 1e11, "bf16_flops": 4e11, "bandwidth": 2e10}
+    rows = [{"section": "decode", "shape": "gpt2", "dtype": "fp32", "batch": 1, "prompt_len": 32, "ours_tok_s": 30.0,
+             "peer_tok_s": 10.0, "ratio": 3.0, "ours_ttft_s": 0.1, "peer_ttft_s": 0.2, "ttft_ratio": 2.0,
+             "weight_bytes": 5e8, "peak_rss_mb": 900.0},
+            {"section": "train", "shape": "tiny", "precision": "bf16", "batch": 4, "seq_len": 256, "ours_tok_s": 900.0,
+             "peer_tok_s": 600.0, "ratio": 1.5, "bound_tok_s": 3000.0, "peak_flops": 4e11}]
+    lines = table(rows, hw)
+    decode, ttft, train = lines
+    assert decode[5] == 3.0 and decode[6] == 3.0 and decode[7] == pytest.approx(40.0) and decode[8] == 0.75
+    assert ttft[3] == pytest.approx(10.0) and ttft[6] == 1.5
+    assert train[6] == 2.0 and train[8] == pytest.approx(0.3)
