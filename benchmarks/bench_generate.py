@@ -76,6 +76,39 @@ def best_of_interleaved(repeats, ours, hf, ids, new_tokens):
     return [(min(r[0] for r in side), min(r[1] for r in side), side[0][2]) for side in runs.values()]
 
 
+def run(shapes: str = "tiny", dtypes: str = "fp32,bf16", batch_sizes: str = "1,8", prompt_len: int = 32,
+        new_tokens: int = 64, repeats: int = 3) -> list[dict]:
+    """One row per shape x dtype x batch: TTFT and decode tokens/s of both sides, greedy tokens compared."""
+    transformers.logging.set_verbosity_error()
+    rows = []
+    for shape in shapes.split(","):
+        config = SHAPES[shape]
+        torch.manual_seed(0)
+        hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
+        hf_fp32 = transformers.GPT2LMHeadModel(hf_config).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_fp32.save_pretrained(Path(tmp) / "m")
+            ours_fp32 = GPT2LMHeadModel.from_pretrained(Path(tmp) / "m")
+        n_params = ours_fp32.num_parameters()  # weights read per decode step: the bandwidth bound
+        for dtype_name in dtypes.split(","):
+            dtype = DTYPES[dtype_name]
+            hf, ours = hf_fp32.to(dtype), ours_fp32.to(dtype)
+            for batch in map(int, batch_sizes.split(",")):
+                ids = torch.randint(0, config.vocab_size, (batch, prompt_len),
+                                    generator=torch.Generator().manual_seed(batch))
+                time_ours(ours, ids, 4), time_hf(hf, ids, 4)  # warm-up
+                (o_ttft, o_decode, o_out), (h_ttft, h_decode, h_out) = best_of_interleaved(
+                    repeats, ours, hf, ids, new_tokens)
+                decoded = batch * (new_tokens - 1)
+                rows.append({"shape": shape, "dtype": dtype_name, "batch": batch, "prompt_len": prompt_len,
+                             "new_tokens": new_tokens, "ours_ttft_s": o_ttft, "peer_ttft_s": h_ttft,
+                             "ours_tok_s": decoded / o_decode, "peer_tok_s": decoded / h_decode,
+                             "ratio": h_decode / o_decode, "ttft_ratio": h_ttft / o_ttft,
+                             "weight_bytes": n_params * dtype.itemsize,
+                             "same_tokens": bool(torch.equal(o_out, h_out))})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="tiny", help=f"comma-separated, from {', '.join(SHAPES)}")
@@ -88,35 +121,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
     header = (f"{'shape':<6} {'dtype':<5} {'batch':>5} | {'TTFT ms ours':>12} {'hf':>8} {'ratio':>6} | "
               f"{'decode tok/s ours':>17} {'hf':>8} {'ratio':>6} | same tokens")
     print(header)
     print("-" * len(header))
-    for shape in args.shapes.split(","):
-        config = SHAPES[shape]
-        torch.manual_seed(0)
-        hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
-        hf_fp32 = transformers.GPT2LMHeadModel(hf_config).eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            hf_fp32.save_pretrained(Path(tmp) / "m")
-            ours_fp32 = GPT2LMHeadModel.from_pretrained(Path(tmp) / "m")
-        for dtype_name in args.dtypes.split(","):
-            dtype = DTYPES[dtype_name]
-            hf, ours = hf_fp32.to(dtype), ours_fp32.to(dtype)
-            for batch in map(int, args.batch_sizes.split(",")):
-                ids = torch.randint(0, config.vocab_size, (batch, args.prompt_len),
-                                    generator=torch.Generator().manual_seed(batch))
-                time_ours(ours, ids, 4), time_hf(hf, ids, 4)  # warm-up
-                (o_ttft, o_decode, o_out), (h_ttft, h_decode, h_out) = best_of_interleaved(
-                    args.repeats, ours, hf, ids, args.new_tokens)
-                decoded = batch * (args.new_tokens - 1)
-                o_tps, h_tps = decoded / o_decode, decoded / h_decode
-                same = "yes" if torch.equal(o_out, h_out) else ("no" if dtype == torch.float32 else "n/a (bf16)")
-                print(f"{shape:<6} {dtype_name:<5} {batch:>5} | {o_ttft * 1e3:>12.1f} {h_ttft * 1e3:>8.1f} "
-                      f"{o_ttft / h_ttft:>6.2f} | {o_tps:>17.1f} {h_tps:>8.1f} {o_tps / h_tps:>6.2f} | {same}")
+    for r in run(args.shapes, args.dtypes, args.batch_sizes, args.prompt_len, args.new_tokens, args.repeats):
+        same = "yes" if r["same_tokens"] else ("no" if r["dtype"] == "fp32" else "n/a (bf16)")
+        print(f"{r['shape']:<6} {r['dtype']:<5} {r['batch']:>5} | {r['ours_ttft_s'] * 1e3:>12.1f} "
+              f"{r['peer_ttft_s'] * 1e3:>8.1f} {r['ours_ttft_s'] / r['peer_ttft_s']:>6.2f} | {r['ours_tok_s']:>17.1f} "
+              f"{r['peer_tok_s']:>8.1f} {r['ratio']:>6.2f} | {same}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,36 @@ def baseline(path: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
+def run(mb: float = 16.0, workers: tuple[int, ...] = (1, 2), repeats: int = 2, input: Path | None = None) -> list[dict]:
+    """One row per worker count: gpt2kit's MB/s against the single-process loop's (the first row is the loop).
+    Raises SystemExit if gpt2kit's tokens differ from the loop's."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = input or tmp / "corpus.jsonl"
+        if input is None:
+            build_corpus(corpus, mb)
+        size = corpus.stat().st_size
+        GPT2Tokenizer.gpt2()  # load the vocabulary outside the timings (both sides use the same cached one)
+        base = min(baseline(corpus, tmp / "baseline.bin") for _ in range(repeats))
+        reference = np.fromfile(tmp / "baseline.bin", dtype=np.uint16)
+        rows = [{"name": "tiktoken encode_ordinary loop", "workers": 1, "bytes": size, "tokens": len(reference),
+                 "seconds": base, "ratio": 1.0}]
+        for n in workers:
+            best = float("inf")
+            for r in range(repeats):
+                out = tmp / f"gpt2kit-{n}-{r}"
+                start = time.perf_counter()
+                preprocess(corpus, out, workers=n, progress=False)
+                best = min(best, time.perf_counter() - start)
+            meta = read_meta(out)
+            tokens = np.fromfile(out / meta["splits"]["train"]["shards"][0]["file"], dtype=np.uint16)
+            if not np.array_equal(tokens, reference):
+                raise SystemExit(f"gpt2kit with {n} worker(s) wrote different tokens than the baseline")
+            rows.append({"name": f"gpt2kit preprocess, {n} worker(s)", "workers": n, "bytes": size,
+                         "tokens": len(tokens), "seconds": best, "ratio": base / best})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, default=None, help="a JSONL file; default: build one")
@@ -64,33 +94,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of N runs each (default 2)")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        corpus = args.input or tmp / "corpus.jsonl"
-        if args.input is None:
-            build_corpus(corpus, args.mb)
-        size = corpus.stat().st_size
-        GPT2Tokenizer.gpt2()  # load the vocabulary outside the timings (both sides use the same cached one)
-        base = min(baseline(corpus, tmp / "baseline.bin") for _ in range(args.repeats))
-        reference = np.fromfile(tmp / "baseline.bin", dtype=np.uint16)
-        print(f"corpus: {size / 1e6:.1f} MB JSONL, {len(reference):,} tokens")
-        print(f"{'':32s} {'seconds':>8s} {'MB/s':>7s} {'Mtok/s':>7s} {'vs loop':>8s}")
-        print(f"{'tiktoken encode_ordinary loop':32s} {base:8.2f} {size / 1e6 / base:7.1f} "
-              f"{len(reference) / 1e6 / base:7.2f} {1.0:7.2f}x")
-        for workers in args.workers:
-            best = float("inf")
-            for r in range(args.repeats):
-                out = tmp / f"gpt2kit-{workers}-{r}"
-                start = time.perf_counter()
-                preprocess(corpus, out, workers=workers, progress=False)
-                best = min(best, time.perf_counter() - start)
-            meta = read_meta(out)
-            tokens = np.fromfile(out / meta["splits"]["train"]["shards"][0]["file"], dtype=np.uint16)
-            if not np.array_equal(tokens, reference):
-                raise SystemExit(f"gpt2kit with {workers} worker(s) wrote different tokens than the baseline")
-            print(f"{f'gpt2kit preprocess, {workers} worker(s)':32s} {best:8.2f} {size / 1e6 / best:7.1f} "
-                  f"{len(tokens) / 1e6 / best:7.2f} {base / best:7.2f}x")
-        print("tokens identical to the baseline: yes")
+    rows = run(args.mb, tuple(args.workers), args.repeats, args.input)
+    print(f"corpus: {rows[0]['bytes'] / 1e6:.1f} MB JSONL, {rows[0]['tokens']:,} tokens")
+    print(f"{'':32s} {'seconds':>8s} {'MB/s':>7s} {'Mtok/s':>7s} {'vs loop':>8s}")
+    for r in rows:
+        print(f"{r['name']:32s} {r['seconds']:8.2f} {r['bytes'] / 1e6 / r['seconds']:7.1f} "
+              f"{r['tokens'] / 1e6 / r['seconds']:7.2f} {r['ratio']:7.2f}x")
+    print("tokens identical to the baseline: yes")
 
 
 if __name__ == "__main__":

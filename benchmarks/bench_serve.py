@@ -120,10 +120,11 @@ async def load_test(url: str, model: str, prompts: list[str], clients: int, max_
             "ttft_p50": float(np.percentile(ttft, 50)) if len(ttft) else None}
 
 
-def run_server(name: str, model_dir: Path, args, prompts: list[str]) -> dict:
+def run_server(name: str, model_dir: Path, prompts: list[str], *, clients: int, max_tokens: int,
+               max_batch_size: int, stream: bool) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(server_command(name, model_dir, port, args.max_batch_size),
+    process = subprocess.Popen(server_command(name, model_dir, port, max_batch_size),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     model = model_dir.name if name.startswith("gpt2kit") else str(model_dir)
@@ -141,9 +142,9 @@ def run_server(name: str, model_dir: Path, args, prompts: list[str]) -> dict:
                 raise RuntimeError(f"{name} did not start within 300 s")
             time.sleep(0.5)
         warm = httpx.post(f"{url}/v1/completions", timeout=600,
-                          json={"model": model, "prompt": prompts[0], "max_tokens": args.max_tokens, "temperature": 0})
+                          json={"model": model, "prompt": prompts[0], "max_tokens": max_tokens, "temperature": 0})
         warm.raise_for_status()
-        result = asyncio.run(load_test(url, model, prompts, args.clients, args.max_tokens, args.stream))
+        result = asyncio.run(load_test(url, model, prompts, clients, max_tokens, stream))
         result["first_text"] = warm.json()["choices"][0]["text"]
         return result
     finally:
@@ -163,6 +164,34 @@ def table_row(name: str, r: dict, stream: bool) -> str:
     line = (f"{name:<16}{r['requests']:>6}{len(r['errors']):>8}{r['req_s']:>9.2f}{r['tok_s']:>9.1f}"
             f"{r['p50']:>9.3f}{r['p90']:>9.3f}{r['p99']:>9.3f}")
     return line + (f"{r['ttft_p50']:>10.3f}" if stream and r["ttft_p50"] is not None else "")
+
+
+def run(servers: list[str], *, preset: str = "gpt2-tiny", model: str | None = None, requests: int = 200,
+        clients: int = 16, max_tokens: int = 32, max_batch_size: int = 16, stream: bool = False) -> dict[str, dict]:
+    """Load-test each server in turn; {server name: result} (a server that fails to run is reported and left out)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if model:
+            model_dir = Path(model)
+        else:
+            model_dir = Path(tmp) / preset
+            torch.manual_seed(0)
+            GPT2LMHeadModel(GPT2Config.from_name(preset)).save_pretrained(model_dir)
+            GPT2Tokenizer.gpt2().save_pretrained(model_dir)  # transformers serve needs the vocabulary beside it
+        tokenizer = GPT2Tokenizer.from_file(model_dir) if model else GPT2Tokenizer.gpt2()
+        prompts = make_prompts(tokenizer, requests)
+        print(f"model {model or preset}: {requests} requests, {clients} concurrent clients, "
+              f"max_tokens {max_tokens}, greedy, {'streamed' if stream else 'not streamed'}; "
+              f"torch threads {torch.get_num_threads()}", flush=True)
+        results = {}
+        for name in servers:
+            print(f"running {name} ...", flush=True)
+            try:
+                results[name] = run_server(name, model_dir, prompts, clients=clients, max_tokens=max_tokens,
+                                           max_batch_size=max_batch_size, stream=stream)
+                print(table_row(name, results[name], stream), flush=True)
+            except Exception as err:  # noqa: BLE001 - a peer that fails to run is reported, not fatal
+                print(f"  {name} failed: {err}", flush=True)
+    return results
 
 
 def main() -> int:
@@ -185,28 +214,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown servers {sorted(unknown)}; choose from {SERVERS}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            model_dir = Path(args.model)
-        else:
-            model_dir = Path(tmp) / args.preset
-            torch.manual_seed(0)
-            GPT2LMHeadModel(GPT2Config.from_name(args.preset)).save_pretrained(model_dir)
-            GPT2Tokenizer.gpt2().save_pretrained(model_dir)  # transformers serve needs the vocabulary beside it
-        tokenizer = GPT2Tokenizer.from_file(model_dir) if args.model else GPT2Tokenizer.gpt2()
-        prompts = make_prompts(tokenizer, args.requests)
-        print(f"model {args.model or args.preset}: {args.requests} requests, {args.clients} concurrent clients, "
-              f"max_tokens {args.max_tokens}, greedy, {'streamed' if args.stream else 'not streamed'}; "
-              f"torch threads {torch.get_num_threads()}", flush=True)
-        results = {}
-        for name in servers:
-            print(f"running {name} ...", flush=True)
-            try:
-                results[name] = run_server(name, model_dir, args, prompts)
-                print(table_row(name, results[name], args.stream), flush=True)
-            except Exception as err:  # noqa: BLE001 - a peer that fails to run is reported, not fatal
-                print(f"  {name} failed: {err}", flush=True)
-
+    results = run(servers, preset=args.preset, model=args.model, requests=args.requests, clients=args.clients,
+                  max_tokens=args.max_tokens, max_batch_size=args.max_batch_size, stream=args.stream)
     print("\n" + table_header(args.stream))
     for name, r in results.items():
         print(table_row(name, r, args.stream))

@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import threading
 import time
 
+import psutil
 import torch
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
@@ -26,6 +28,33 @@ SHAPES = {  # name: (preset, default seq_len, default batch)
     "tiny": ("gpt2-tiny", 256, 4),
     "gpt2": ("gpt2", 256, 1),
 }
+
+
+class PeakRSS:
+    """Peak resident memory (this process and its children) while the `with` block runs, sampled by a thread."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                rss = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
+            except psutil.Error:  # a child exited while being read
+                continue
+            self.peak = max(self.peak, rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def build_models(preset: str, seq_len: int):
@@ -42,23 +71,27 @@ def build_models(preset: str, seq_len: int):
 
 
 def time_training(runs: list[tuple[torch.nn.Module, object, torch.Tensor]], *, precision: str, steps: int,
-                  warmup: int) -> list[float]:
-    """Median seconds per optimizer step of each (model, loss function, batch). The models take turns step by
-    step, so load from other processes on a shared machine hits both alike."""
+                  warmup: int) -> tuple[list[float], list[int]]:
+    """Median seconds per optimizer step of each (model, loss function, batch), and the peak RSS (bytes) during
+    its steps. The models take turns step by step, so load from other processes on a shared machine hits both
+    alike; both stay in memory throughout, so the RSS difference is the difference of their step's memory."""
     optimizers = [build_optimizer(model, OptimArgs(lr=1e-4)) for model, _, _ in runs]
     times: list[list[float]] = [[] for _ in runs]
+    peaks = [0] * len(runs)
     for i in range(warmup + steps):
-        for (model, step_loss, batch), optimizer, record in zip(runs, optimizers, times):
+        for side, ((model, step_loss, batch), optimizer, record) in enumerate(zip(runs, optimizers, times)):
             start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
-                loss = step_loss(model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with PeakRSS() as rss:
+                with torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
+                    loss = step_loss(model, batch)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             if i >= warmup:
                 record.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+            peaks[side] = max(peaks[side], rss.peak)
+    return [statistics.median(t) for t in times], peaks
 
 
 def ours_loss(model, batch):
@@ -67,6 +100,32 @@ def ours_loss(model, batch):
 
 def theirs_loss(model, batch):
     return model(batch, labels=batch).loss
+
+
+def run(shapes: str = "tiny,gpt2", precisions: str = "fp32,bf16", seq_len: int | None = None,
+        batch_size: int | None = None, steps: int = 3, warmup: int = 1) -> list[dict]:
+    """One row per shape x precision: tokens/s and MFU of both sides, ratio = gpt2kit / transformers."""
+    rows = []
+    for shape in shapes.split(","):
+        preset, default_seq, default_batch = SHAPES[shape]
+        seq, batch_n = seq_len or default_seq, batch_size or default_batch
+        config, ours, theirs = build_models(preset, seq)
+        batch = torch.randint(0, config.vocab_size, (batch_n, seq + 1), generator=torch.Generator().manual_seed(0))
+        tokens = batch_n * seq
+        matmul_params = ours.num_parameters() - ours.transformer.wpe.weight.numel()
+        flops = flops_per_token(config, matmul_params, seq) * tokens
+        for precision in precisions.split(","):
+            peak, _ = peak_flops(torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32)
+            # Both forward seq positions: ours with aligned targets, HF with labels it shifts itself.
+            (t_ours, t_theirs), (m_ours, m_theirs) = time_training(
+                [(ours, ours_loss, batch), (theirs, theirs_loss, batch[:, :seq])], precision=precision,
+                steps=steps, warmup=warmup)
+            rows.append({"shape": shape, "precision": precision, "batch": batch_n, "seq_len": seq,
+                         "ours_tok_s": tokens / t_ours, "peer_tok_s": tokens / t_theirs,
+                         "ours_mfu": flops / t_ours / peak, "peer_mfu": flops / t_theirs / peak,
+                         "peak_flops": peak, "bound_tok_s": peak / (flops / tokens), "ratio": t_theirs / t_ours,
+                         "ours_step_rss_mb": m_ours / 1e6, "peer_step_rss_mb": m_theirs / 1e6})
+    return rows
 
 
 def main() -> None:
@@ -87,23 +146,10 @@ def main() -> None:
               f"{'transformers tok/s':>18} {'MFU':>6} | {'ratio':>5}")
     print(header)
     print("-" * len(header))
-    for shape in args.shapes.split(","):
-        preset, default_seq, default_batch = SHAPES[shape]
-        seq_len, batch_size = args.seq_len or default_seq, args.batch_size or default_batch
-        config, ours, theirs = build_models(preset, seq_len)
-        batch = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1),
-                              generator=torch.Generator().manual_seed(0))
-        tokens = batch_size * seq_len
-        matmul_params = ours.num_parameters() - ours.transformer.wpe.weight.numel()
-        flops = flops_per_token(config, matmul_params, seq_len) * tokens
-        for precision in args.precisions.split(","):
-            peak, _ = peak_flops(torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32)
-            # Both forward seq_len positions: ours with aligned targets, HF with labels it shifts itself.
-            t_ours, t_theirs = time_training([(ours, ours_loss, batch), (theirs, theirs_loss, batch[:, :seq_len])],
-                                             precision=precision, steps=args.steps, warmup=args.warmup)
-            print(f"{shape:<6} {precision:<5} {batch_size:>3}x{seq_len:<5} | {tokens / t_ours:>13,.0f} "
-                  f"{flops / t_ours / peak:>6.1%} | {tokens / t_theirs:>18,.0f} {flops / t_theirs / peak:>6.1%} | "
-                  f"{t_theirs / t_ours:>5.2f}", flush=True)
+    for r in run(args.shapes, args.precisions, args.seq_len, args.batch_size, args.steps, args.warmup):
+        print(f"{r['shape']:<6} {r['precision']:<5} {r['batch']:>3}x{r['seq_len']:<5} | {r['ours_tok_s']:>13,.0f} "
+              f"{r['ours_mfu']:>6.1%} | {r['peer_tok_s']:>18,.0f} {r['peer_mfu']:>6.1%} | {r['ratio']:>5.2f}",
+              flush=True)
     print("ratio = gpt2kit tokens/s / transformers tokens/s; MFU against the best measured CPU matmul peak")
 
 

@@ -10,6 +10,7 @@ Tolerances (float32): losses and gradient norms agree within 1e-5 relative, weig
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gpt2kit import GPT2Config, GPT2LMHeadModel
+from gpt2kit import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2kit.checkpoint import CheckpointError
 from gpt2kit.training.distributed_checkpoint import (dcp_to_pretrained, gather_full_state,
                                                      load_distributed_checkpoint, save_distributed_checkpoint)
@@ -130,7 +131,45 @@ def scenario_failed_load(state: ParallelState, out: Path) -> None:
     torch.save(errors, out / f"failed-load-rank{state.rank}.pt")
 
 
-SCENARIOS = [scenario_train_layouts, scenario_reshard_fsdp_into_tp, scenario_failed_load]
+def classifier_batch() -> dict[str, torch.Tensor]:
+    """Right-padded rows of different lengths, so pooling must find each row's last real token."""
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 509, (4, 12), generator=generator)
+    mask = (torch.arange(12) < torch.tensor([[12], [9], [5], [1]])).long()
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1, 2])}
+
+
+def classifier_gradients(model: torch.nn.Module, rows: slice = slice(None)) -> tuple[float, dict[str, torch.Tensor]]:
+    """(loss, full gradients by name) of one backward on `rows` of the classifier batch."""
+    batch = {k: v[rows] for k, v in classifier_batch().items()}
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+             for name, p in model.named_parameters()}
+    return float(loss), grads
+
+
+def fresh_classifier() -> GPT2ForSequenceClassification:
+    torch.manual_seed(0)
+    return GPT2ForSequenceClassification(dataclasses.replace(tiny_lm_config(), num_labels=3))
+
+
+def scenario_classifier(state: ParallelState, out: Path) -> None:
+    """GPT2ForSequenceClassification (padded rows) under TP and FSDP: same loss and gradients as one process."""
+    results = {}
+    for name in ("tp", "fsdp"):
+        layout = init_distributed(LAYOUTS[name], device="cpu")
+        model = fresh_classifier()
+        parallelize(model, layout)
+        per_rank = 4 // layout.data_parallel_size
+        rows = slice(layout.data_parallel_rank * per_rank, (layout.data_parallel_rank + 1) * per_rank)
+        loss, grads = classifier_gradients(model, rows)
+        results[name] = (float(layout.all_reduce_sum(torch.tensor(loss))) / layout.data_parallel_size, grads)
+    if state.is_main:
+        torch.save(results, out / "classifier.pt")
+
+
+SCENARIOS = [scenario_train_layouts, scenario_reshard_fsdp_into_tp, scenario_failed_load, scenario_classifier]
 
 
 def _prepare_corrupt_copy(out: Path) -> None:
@@ -216,6 +255,15 @@ def test_two_ranks_train_like_one_process(job, reference, layout):
     assert set(result["state"]) == set(expected)
     for key, tensor in expected.items():
         torch.testing.assert_close(result["state"][key], tensor, rtol=0, atol=2e-5, msg=key)
+
+
+@pytest.mark.parametrize("layout", ["tp", "fsdp"])
+def test_classifier_with_padding_matches_one_process(job, layout):
+    loss, grads = classifier_gradients(fresh_classifier())
+    got_loss, got_grads = load(job / "classifier.pt")[layout]
+    assert got_loss == pytest.approx(loss, rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "tp"])

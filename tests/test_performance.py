@@ -110,9 +110,12 @@ def test_benchmark_table_rows_and_targets():
              "peer_tok_s": 10.0, "ratio": 3.0, "ours_ttft_s": 0.1, "peer_ttft_s": 0.2, "ttft_ratio": 2.0,
              "weight_bytes": 5e8, "peak_rss_mb": 900.0},
             {"section": "train", "shape": "tiny", "precision": "bf16", "batch": 4, "seq_len": 256, "ours_tok_s": 900.0,
-             "peer_tok_s": 600.0, "ratio": 1.5, "bound_tok_s": 3000.0, "peak_flops": 4e11}]
+             "peer_tok_s": 600.0, "ratio": 1.5, "bound_tok_s": 3000.0, "peak_flops": 2e11,
+             "ours_step_rss_mb": 500.0, "peer_step_rss_mb": 750.0}]
     lines = table(rows, hw)
-    decode, ttft, train = lines
+    decode, ttft, train, train_memory = lines
     assert decode[5] == 3.0 and decode[6] == 3.0 and decode[7] == pytest.approx(40.0) and decode[8] == 0.75
     assert ttft[3] == pytest.approx(10.0) and ttft[6] == 1.5
-    assert train[6] == 2.0 and train[8] == pytest.approx(0.3)
+    # The row's own peak (2e11) was measured under load: the bound uses the run's better one (4e11).
+    assert train[6] == 2.0 and train[7] == pytest.approx(6000.0) and train[8] == pytest.approx(0.15)
+    assert train_memory[5] == 1.5 and train_memory[6] == 1.0

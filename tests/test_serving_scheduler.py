@@ -10,7 +10,7 @@ from gpt2kit.generation import GenerationConfig, TextStreamDecoder, generate
 from gpt2kit.pipeline import load_model_and_tokenizer
 from gpt2kit.serving.scheduler import BatchScheduler, FinishEvent, Job, QueueFull, TokenEvent
 
-from .live_server import save_tiny_text_model
+from .conftest import save_tiny_text_model
 
 
 @pytest.fixture(scope="module")

@@ -144,10 +144,11 @@ def hf_to_gpt2kit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
     return out
 
 
-def gpt2kit_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict in HF's layout: Conv1D weights transposed, the tied LM head left out (HF re-ties it)."""
+def gpt2kit_to_hf(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """State dict in HF's layout: Conv1D weights transposed, the tied LM head left out (HF re-ties it).
+    `state` replaces model.state_dict(), e.g. full weights gathered from a sharded model."""
     out = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in (model.state_dict() if state is None else state).items():
         key = key.replace("_orig_mod.", "")  # never leak torch.compile's wrapper into saved weights
         if key == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
@@ -270,11 +271,15 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
     return directory
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard_size: int | str | None = None) -> Path:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard_size: int | str | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` (or `state`, its weights gathered elsewhere) as an HF-format directory."""
+    from .model import GPT2ForSequenceClassification
+
     config = model.config
-    if type(model).__name__ == "GPT2ForSequenceClassification":
+    if isinstance(model, GPT2ForSequenceClassification):  # isinstance: FSDP subclasses the model in place
         config.extra["architectures"] = ["GPT2ForSequenceClassification"]
-    return write_hf_directory(directory, config, gpt2kit_to_hf(model), max_shard_size=max_shard_size)
+    return write_hf_directory(directory, config, gpt2kit_to_hf(model, state), max_shard_size=max_shard_size)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, weights_format: str = "safetensors",

@@ -61,13 +61,14 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None) -> Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        B, T, _ = x.shape
+        # Widths come from c_attn's output, not x: under tensor parallelism a rank holds a slice of the heads.
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_pdrop if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
 class MLP(nn.Module):
@@ -114,6 +115,11 @@ def build_attention_mask(attention_mask: Tensor | None, past: int, T: int) -> tu
             return None, False  # a single new token sees every cached position
         attention_mask = None
     S = past + T
+    if T == 1 and attention_mask is not None:
+        # Decode step with padding: the causal part is trivial, so the mask is the padding mask plus itself.
+        allowed = attention_mask[:, None, None, :S].to(torch.bool, copy=True)  # copy: the caller's mask stays
+        allowed[..., -1] = True
+        return allowed, False
     device = attention_mask.device if attention_mask is not None else None
     q_pos = torch.arange(past, S, device=device).view(T, 1)
     k_pos = torch.arange(S, device=device).view(1, S)
@@ -208,9 +214,50 @@ class CausalLMOutput:
     past_key_values: KVCache | None = None
 
 
-def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of logits[:, t] against targets[:, t] (already aligned); target -100 is ignored."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over rows of (N, V) logits, computed in float32 a chunk of rows at a time.
+
+    F.cross_entropy on bf16 logits first makes a float32 copy of the whole (N, V) matrix and keeps float32
+    log-probabilities of it for backward. Here each chunk is upcast, reduced and its gradient (softmax - one_hot)
+    / n_valid computed at once, stored in the logits' dtype: backward is a single multiply, and no float32
+    (N, V) tensor ever exists. Targets equal to -100 are ignored, as in F.cross_entropy."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
+        valid = targets != -100
+        n_valid = valid.sum()
+        safe_targets = targets.masked_fill(~valid, 0).unsqueeze(1)
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)  # exact sum over many rows
+        for start in range(0, logits.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            # float32 logits: work directly in the gradient's rows, saving a copy of the chunk.
+            in_place = grad is not None and grad.dtype == torch.float32
+            log_probs = torch.log_softmax(logits[rows], -1, dtype=torch.float32,
+                                          out=grad[rows] if in_place else None)
+            keep = valid[rows].unsqueeze(1)
+            total -= (log_probs.gather(1, safe_targets[rows]) * keep).sum(dtype=torch.float64)
+            if grad is not None:
+                # softmax / n_valid as one exp: exp(log_p + log(1/n)); ignored rows get log(0) = -inf -> 0.
+                scale = keep / n_valid.clamp(min=1)
+                probs = log_probs.add_(scale.log()).exp_().scatter_add_(1, safe_targets[rows], -scale)
+                if not in_place:
+                    grad[rows] = probs
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return (total / n_valid).float()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None
+
+
+def lm_loss(logits: Tensor, targets: Tensor, chunk_elements: int = 2 ** 24) -> Tensor:
+    """Mean cross-entropy of logits[:, t] against targets[:, t] (already aligned); target -100 is ignored.
+    Computed in float32 over chunks of about `chunk_elements` logits (see _ChunkedCrossEntropy)."""
+    flat = logits.flatten(0, 1)
+    return _ChunkedCrossEntropy.apply(flat, targets.flatten(), max(1, chunk_elements // flat.shape[-1]))
 
 
 class GPT2LMHeadModel(GPT2PreTrainedModel):

@@ -1,7 +1,7 @@
 """Run configuration: dataclasses for every section of a training YAML, loading, and `--section.key value` overrides.
 
 A run config is one YAML mapping whose top-level keys are the fields of `RunConfig` (task, pet_method, out_dir,
-seed) and its sections (model, data, train, optim, checkpoint, lora, log, sample). Every key is checked against
+seed) and its sections (model, data, train, optim, checkpoint, lora, log, sample, parallel). Every key is checked against
 the dataclasses: an unknown or mistyped key is an error that names the key, its file and line.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..config import GPT2Config
+from .parallel import ParallelConfig, ParallelConfigError, launched_world_size
 
 TASKS = ("text_generation", "text_classification")
 
@@ -135,6 +136,7 @@ class RunConfig:
     lora: LoraArgs = field(default_factory=LoraArgs)
     log: LogArgs = field(default_factory=LogArgs)
     sample: SampleArgs = field(default_factory=SampleArgs)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # torchrun layout (docs/distributed.md)
 
     def validate(self, source: str = "config") -> None:
         def bad(key: str, message: str) -> ConfigError:
@@ -169,6 +171,12 @@ class RunConfig:
             raise bad("train.epochs", f"must be positive, got {t.epochs}")
         if not 0 <= self.data.val_fraction < 1:
             raise bad("data.val_fraction", f"must lie in [0, 1), got {self.data.val_fraction}")
+        try:
+            layout = self.parallel.resolve(launched_world_size())  # under torchrun: this job's processes
+        except ParallelConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        if self.pet_method == "lora" and layout.shards_model:
+            raise bad("parallel", "LoRA trains a few adapter weights: use data parallelism (DDP), not shard/tensor")
         known = {f.name for f in dataclasses.fields(GPT2Config)} - {"extra"}
         for key in self.model.config:
             if key not in known:

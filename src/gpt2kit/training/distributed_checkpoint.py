@@ -60,6 +60,15 @@ def _map_tree(tree: Any, fn: Callable[[Any], Any]) -> Any:
     return fn(tree)
 
 
+def _map_tree_pair(loaded: Any, original: Any) -> Any:
+    """`loaded` (a tree shaped like `original`) with each DTensor back in the placements `original` has."""
+    if isinstance(loaded, dict):
+        return {key: _map_tree_pair(value, original[key]) for key, value in loaded.items()}
+    if isinstance(loaded, list):
+        return [_map_tree_pair(value, orig) for value, orig in zip(loaded, original)]
+    return _restore_layout(loaded, original)
+
+
 def _storable_placements(tensor) -> list | None:
     """Placements DCP can store for this DTensor, or None when it stores it as is. The fused q/k/v projection is
     strided over the tensor-parallel ranks (see parallel.py): each rank's rows are three separate pieces, which
@@ -100,10 +109,10 @@ def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -
 
 
 def _write_config(model: nn.Module, directory: Path) -> None:
-    config = unwrap(model).config
-    values = config.to_hf_dict()
+    """config.json beside the shards, so the checkpoint can be converted without the run config."""
     from ..model import GPT2ForSequenceClassification
 
+    values = unwrap(model).config.to_hf_dict()
     if isinstance(unwrap(model), GPT2ForSequenceClassification):
         values["architectures"] = ["GPT2ForSequenceClassification"]
     (directory / CONFIG_NAME).write_text(json.dumps(values, indent=2) + "\n")
@@ -163,6 +172,24 @@ def load_distributed_checkpoint(directory: str | os.PathLike, model: nn.Module,
         unwrap(model).tie_weights()
 
 
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any]) -> None:
+    """Collective: load complete weights and a plain `optimizer.state_dict()` (as one process or DDP saves them;
+    every rank passes the same) into a sharded model, each rank keeping its part. The saved optimizer numbers
+    its parameters in the order `optimizer` lists them, which is how they are matched to names here."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    names = {param: name for name, param in unwrap(model).named_parameters()}
+    order = [names[param] for group in optimizer.param_groups for param in group["params"]]
+    by_name = {"state": {order[index]: value for index, value in optimizer_state["state"].items()},
+               "param_groups": [{**group, "params": [order[index] for index in group["params"]]}
+                                for group in optimizer_state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
 def _failures(err) -> str:
     """One line per failed rank of a DCP CheckpointException (which pairs each exception with its traceback)."""
     lines = []
@@ -170,14 +197,6 @@ def _failures(err) -> str:
         exc = failure[0] if isinstance(failure, tuple) else failure
         lines.append(f"rank {rank}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
     return "; ".join(lines)
-
-
-def _map_tree_pair(loaded: Any, original: Any) -> Any:
-    if isinstance(loaded, dict):
-        return {key: _map_tree_pair(value, original[key]) for key, value in loaded.items()}
-    if isinstance(loaded, list):
-        return [_map_tree_pair(value, orig) for value, orig in zip(loaded, original)]
-    return _restore_layout(loaded, original)
 
 
 # ---- HF export -----------------------------------------------------------------------------------------------

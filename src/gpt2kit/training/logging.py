@@ -107,16 +107,19 @@ class MetricsLogger:
     When a run resumes from step S, records after S (written by the interrupted run after its last checkpoint)
     are dropped, so the file always describes one uninterrupted run."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int = 0) -> None:
+    def __init__(self, out_dir: str | os.PathLike, *, tensorboard: bool = True, resume_step: int = 0,
+                 enabled: bool = True) -> None:
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
+        self._file, self.writer = None, None
+        if not enabled:  # ranks other than 0 of a distributed run: the same numbers, written once
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
         tmp = self.path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
         self._file = self.path.open("a", encoding="utf-8")
-        self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step hides events an interrupted run wrote after the checkpoint we resume from.
@@ -124,6 +127,8 @@ class MetricsLogger:
                                         purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         record = {"step": step, **values}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -133,7 +138,8 @@ class MetricsLogger:
                     self.writer.add_scalar(key.replace("_", "/", 1) if "/" not in key else key, value, step)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self.writer is not None:
             self.writer.close()
 

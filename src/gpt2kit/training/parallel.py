@@ -51,20 +51,32 @@ class ParallelConfig:
     tensor: int = 1  # tensor-parallel group size (heads, MLP columns and vocabulary split across it)
     timeout: float = 600.0  # seconds a collective may wait for the other ranks before the run fails
 
+    def validate(self) -> None:
+        """ParallelConfigError for degrees no number of processes could satisfy."""
+        if self.timeout <= 0:
+            raise ParallelConfigError(f"parallel.timeout must be positive, got {self.timeout}")
+        for name in MESH_DIMS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
+                raise ParallelConfigError(f"parallel.{name} must be a positive integer or -1, got {value!r}")
+        fill = [name for name in MESH_DIMS if getattr(self, name) == -1]
+        if len(fill) > 1:
+            raise ParallelConfigError(f"parallel: only one of data/shard/tensor may be -1, got {', '.join(fill)}")
+
+    @property
+    def shards_model(self) -> bool:
+        """Whether ranks hold different parts of the model (FSDP/HSDP or tensor parallel), as opposed to
+        full copies (one process, DDP): sharded models are saved with distributed checkpoints."""
+        return self.shard > 1 or self.tensor > 1
+
     def resolve(self, world_size: int) -> ParallelConfig:
         """Degrees for `world_size` processes (-1 filled in); ParallelConfigError when they cannot multiply to it.
         One process always resolves to 1 x 1 x 1: the same config then runs the plain model."""
-        if self.timeout <= 0:
-            raise ParallelConfigError(f"parallel.timeout must be positive, got {self.timeout}")
-        degrees = {name: getattr(self, name) for name in MESH_DIMS}
-        for name, value in degrees.items():
-            if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
-                raise ParallelConfigError(f"parallel.{name} must be a positive integer or -1, got {value!r}")
+        self.validate()
         if world_size == 1:
             return dataclasses.replace(self, data=1, shard=1, tensor=1)
+        degrees = {name: getattr(self, name) for name in MESH_DIMS}
         fill = [name for name, value in degrees.items() if value == -1]
-        if len(fill) > 1:
-            raise ParallelConfigError(f"parallel: only one of data/shard/tensor may be -1, got {', '.join(fill)}")
         known = math.prod(value for value in degrees.values() if value != -1)
         if fill:
             if world_size % known:
@@ -124,6 +136,14 @@ class ParallelState:
     @property
     def data_parallel_size(self) -> int:
         return self.config.data_parallel_size
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (any picklable object)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum of `value` over the data-parallel ranks (tensor-parallel ranks hold equal copies: counted once)."""

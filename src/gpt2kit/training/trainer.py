@@ -3,17 +3,20 @@
 One optimizer step = `grad_accum` micro-batches; the loss of each is weighted by its share of the step's target
 tokens (or examples), so accumulation gives exactly the gradient of one big batch even when batches are padded.
 
-Where parallelism plugs in (training/parallel.py wraps the model from outside; this file stays single-device):
-- `_wrap_model`: the raw model goes in, the module used for forward/backward comes out (activation
-  checkpointing, then data/tensor parallel wrappers, then torch.compile).
-- `_grad_sync(is_last_micro_step)`: gradients need to be synchronised only on the last micro-step of a step.
-- `backward` weights each micro-batch by its share of the step's scored tokens; with data parallelism that
-  total must be summed over ranks (and the loss scaled by world_size against DDP's gradient averaging).
-- `_save_checkpoint` / `_load_checkpoint`: all training state goes through these two.
-`self.model` always stays the plain (unwrapped) model, which is what gets saved.
+Parallelism (training/parallel.py, launched with torchrun; docs/distributed.md) plugs in at a few points:
+- `_wrap_model`: activation checkpointing, tensor parallel, FSDP2/HSDP or DDP (`parallelize`), torch.compile.
+- `_grad_sync(is_last_micro_step)`: gradients are synchronised only on the last micro-step of a step.
+- `backward` weights each micro-batch by its share of the step's scored tokens summed over the data-parallel
+  ranks, and scales the loss by their number against DDP's / FSDP's gradient averaging.
+- `_save_checkpoint` / `_load_checkpoint`: all training state goes through these two; when ranks hold different
+  parts of the model (FSDP, TP) model and optimizer go through a distributed checkpoint (DCP) instead.
+`self.rank` / `self.world_size` are the data-parallel rank and size (what the sampler splits by); `self.parallel`
+holds the global rank, the device mesh and the degrees. `self.model` is the model without a DDP wrapper (FSDP
+and TP shard it in place), which is what gets saved.
 
 Checkpoints (out_dir/checkpoints/step-00000100/) are HF model directories (or PEFT adapter directories with
-LoRA) plus `training_state/` (optimizer, scheduler, sampler, RNG states, step) and a `COMPLETE` manifest
+LoRA; sharded runs keep model and optimizer in `training_state/dcp/`) plus `training_state/` (optimizer,
+scheduler, sampler, RNG states, step) and a `COMPLETE` manifest
 of file sizes and SHA-256 digests written last; the directory is assembled under a temporary name and renamed,
 so a crash at any moment leaves either a complete checkpoint or one that is detected and skipped.
 """
@@ -36,21 +39,24 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, hf_to_gpt2kit, load_config, load_state_dict
+from ..checkpoint import CheckpointError, hf_to_gpt2kit, load_config, load_state_dict, save_pretrained
 from ..config import PRESETS, GPT2Config
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
 from ..tokenizer import GPT2Tokenizer
 from . import lora as lora_lib
 from .config import RunConfig, load_config as load_run_config, save_config
+from .distributed_checkpoint import (gather_full_state, load_distributed_checkpoint, load_full_state,
+                                     save_distributed_checkpoint)
 from .logging import MetricsLogger, flops_per_token, peak_flops, plot_losses
 from .optim import build_optimizer, build_scheduler
+from .parallel import clip_grad_norm_, grad_sync, init_distributed, parallelize, raise_if_any_rank_failed
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_DIR = "training_state"
+DCP_DIR = "dcp"  # in STATE_DIR: model + optimizer of a sharded (FSDP / TP) run
 COMPLETE_NAME = "COMPLETE"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 
@@ -83,14 +89,6 @@ def load_classifier(model_dir: str | os.PathLike, *, num_labels: int, id2label: 
         raise CheckpointError(f"{model_dir}: weights do not fit GPT2ForSequenceClassification: missing "
                               f"{sorted(set(missing) - {'score.weight'})[:5]}, unexpected {unexpected[:5]}")
     return model
-
-
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each transformer block's activations in backward instead of storing them. The block's own
-    forward is wrapped in place, so parameter names (and saved checkpoints) do not change; dropout masks are
-    reproduced because checkpoint() replays the RNG state."""
-    for block in model.transformer.h:
-        block.forward = partial(activation_checkpoint, block.forward, use_reentrant=False)
 
 
 def _sha256(path: Path) -> str:
@@ -174,10 +172,11 @@ class Trainer:
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.tokenizer = tokenizer
-        self.device = self._pick_device(config.train.device)
+        # Under torchrun: join the job (one GPU per local rank); alone: rank 0 of 1 on the chosen device.
+        self.parallel = init_distributed(config.parallel, device=self._pick_device(config.train.device))
+        self.device = self.parallel.device
         self.precision = self._pick_precision(config.train.precision)
-        # Parallelism (training/parallel.py) sets these; a single process is rank 0 of 1.
-        self.rank, self.world_size = 0, 1
+        self.rank, self.world_size = self.parallel.data_parallel_rank, self.parallel.data_parallel_size
         self.model: nn.Module | None = None
         self.forward_model: nn.Module | None = None
         self.step = 0
@@ -208,7 +207,13 @@ class Trainer:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        """Rank 0 of the whole job: the one process that prints and writes files."""
+        return self.parallel.is_main
+
+    @property
+    def _sharded(self) -> bool:
+        """Ranks hold different parts of the model (FSDP / TP): saving and sampling need every rank."""
+        return self.parallel.distributed and self.parallel.config.shards_model
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -373,16 +378,18 @@ class Trainer:
 
     def _wrap_model(self, model: nn.Module) -> nn.Module:
         """The module that runs forward/backward. Order matters: activation checkpointing inside, then
-        parallel wrappers (training/parallel.py), torch.compile outermost."""
-        if self.config.train.recompute:
-            apply_activation_checkpointing(model)
+        tensor parallel and FSDP / DDP (training/parallel.py), torch.compile outermost."""
+        # FSDP computes in bf16 on GPUs from bf16 copies of its float32 shards; autocast covers the rest.
+        param_dtype = torch.bfloat16 if self.precision == "bf16" and self.device.type == "cuda" else None
+        model = parallelize(model, self.parallel, recompute=self.config.train.recompute, param_dtype=param_dtype)
+        self._parallel_module = model
         if self.config.train.compile:
             model = torch.compile(model)
         return model
 
     def _grad_sync(self, is_last_micro_step: bool):
         """Context for one micro-step's backward; data parallelism skips the all-reduce unless it is the last."""
-        return contextlib.nullcontext()
+        return grad_sync(self._parallel_module, is_last_micro_step)
 
     def _matmul_params(self) -> int:
         """Parameters used in matmuls: all but the position embedding, and the token embedding when it is only
@@ -489,7 +496,9 @@ class Trainer:
         share of all scored targets (examples for classification), so the accumulated gradient equals that of
         the micro-batches' union as one batch. Returns that union's mean loss."""
         weights = [self._loss_weight(b) for b in micro_batches]
-        total = sum(weights)
+        # The step's scored targets on all data-parallel ranks; DDP / FSDP average gradients over those ranks,
+        # so each rank's share is scaled back up by their number.
+        total = int(self.parallel.all_reduce_sum(torch.tensor(sum(weights), device=self.device)))
         if total == 0:
             raise ValueError(f"step {self.step + 1}: the batch has no scored tokens (all targets are -100)")
         loss_sum = torch.zeros((), device=self.device)
@@ -497,9 +506,9 @@ class Trainer:
             with self._grad_sync(i == len(micro_batches) - 1):
                 with self._autocast():
                     loss = self._forward(batch).loss * (weight / total)
-                self.scaler.scale(loss).backward()
+                self.scaler.scale(loss * self.world_size).backward()
             loss_sum += loss.detach().float()
-        return loss_sum
+        return self.parallel.all_reduce_sum(loss_sum)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `grad_accum` micro-batches; returns its metrics."""
@@ -508,7 +517,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.config.train.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = clip_grad_norm_(params, max_norm)
         loss_value, norm_value = float(loss_sum), float(grad_norm)
         if not math.isfinite(loss_value) or (self.precision != "fp16" and not math.isfinite(norm_value)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
@@ -534,10 +543,12 @@ class Trainer:
         if resume:
             self._resume(resume)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(c, self.out_dir / "config.yaml")
-        logger = MetricsLogger(self.out_dir, tensorboard=c.log.tensorboard and self.is_main, resume_step=self.step)
+        if self.is_main:
+            save_config(c, self.out_dir / "config.yaml")
+        logger = MetricsLogger(self.out_dir, tensorboard=c.log.tensorboard, resume_step=self.step,
+                               enabled=self.is_main)
         peak, peak_source = peak_flops(self.device, torch.bfloat16 if self.precision != "fp32" else torch.float32)
-        peak *= self.world_size
+        peak *= self.parallel.world_size
         matmul_params = self._matmul_params()
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         start_step = self.step
@@ -545,7 +556,8 @@ class Trainer:
             print(f"{c.task} {'LoRA ' if c.pet_method == 'lora' else ''}on {self.device} ({self.precision}): "
                   f"{self.model.num_parameters() / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable), "
                   f"{len(self._datasets['train'])} examples, micro-batch {c.train.micro_batch_size} x "
-                  f"{self.grad_accum} accumulation x {self.world_size} devices, {self.max_steps} steps; "
+                  f"{self.grad_accum} accumulation x {self.world_size} data-parallel ranks "
+                  f"({self.parallel.config.describe()}), {self.max_steps} steps; "
                   f"MFU peak {peak / 1e12:.2f} TFLOP/s ({peak_source})", file=sys.stderr)
         bar = None
         if self.is_main and c.log.progress:
@@ -590,8 +602,8 @@ class Trainer:
             "checkpoint": str(self.last_checkpoint), "final_model": str(final_dir),
             "metrics": str(logger.path),
         }
-        if c.task == "text_generation" and c.sample.prompt and self.is_main:
-            summary["sample"] = self._sample()
+        if c.task == "text_generation" and c.sample.prompt and (self.is_main or self._sharded):
+            summary["sample"] = self._sample()  # a sharded model needs every rank for each forward
         if self.is_main:
             if c.log.plot:
                 plot = plot_losses(logger.path, self.out_dir / "loss.png",
@@ -659,10 +671,13 @@ class Trainer:
         tokenizer = self._get_tokenizer()
         ids = torch.tensor([tokenizer.encode(s.prompt)], device=self.device)
         self.model.eval()
+        # A tensor-parallel rank holds some of the heads; the KV cache is sized for all of them.
         out = generate(self.model, ids, max_new_tokens=s.max_new_tokens, do_sample=True,
-                       temperature=s.temperature, top_k=s.top_k, seed=self.config.seed)
+                       temperature=s.temperature, top_k=s.top_k, seed=self.config.seed,
+                       use_cache=self.parallel.config.tensor == 1)
         text = tokenizer.decode(out[0].tolist())
-        print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
+        if self.is_main:
+            print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
         return text
 
     # ---- checkpoints --------------------------------------------------------------------------------------
@@ -682,8 +697,9 @@ class Trainer:
         rng["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        tensors = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                   "scaler": self.scaler.state_dict(), "rng": rng}
+        tensors = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng}
+        if not self._sharded:  # a sharded optimizer goes into the distributed checkpoint instead
+            tensors["optimizer"] = self.optimizer.state_dict()
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
                  "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
                  "max_steps": self.max_steps, "grad_accum": self.grad_accum, "world_size": self.world_size,
@@ -691,17 +707,27 @@ class Trainer:
         return tensors, state
 
     def _save_checkpoint(self) -> Path:
+        """Rank 0 writes the checkpoint; with a sharded model every rank also writes its part of the model and
+        optimizer into training_state/dcp (the model directory then holds config and tokenizer only)."""
         root = self.out_dir / CHECKPOINTS_DIR
         final = root / f"step-{self.step:08d}"
-        tmp = root / f".step-{self.step:08d}.partial-{os.getpid()}"
+        tmp = root / f".step-{self.step:08d}.partial-{self.parallel.broadcast(os.getpid())}"
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-            self._save_model_files(tmp)
+            if self._sharded:
+                tmp.mkdir()
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp)
+            else:
+                self._save_model_files(tmp)
             tensors, state = self._training_state()
             (tmp / STATE_DIR).mkdir()
             torch.save(tensors, tmp / STATE_DIR / "state.pt")
             (tmp / STATE_DIR / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        if self._sharded:
+            save_distributed_checkpoint(tmp / STATE_DIR / DCP_DIR, self.model, self.optimizer)
+        if self.is_main:
             files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
             manifest = tmp / COMPLETE_NAME
@@ -728,10 +754,16 @@ class Trainer:
 
     def _save_final(self) -> Path:
         final = self.out_dir / "final"
+        full_state = gather_full_state(self.model) if self._sharded else None  # collective: every rank
         if self.is_main:
             tmp = self.out_dir / f".final.partial-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            self._save_model_files(tmp)
+            if full_state is not None:
+                save_pretrained(self.model, tmp, state=full_state)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp)
+            else:
+                self._save_model_files(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -755,34 +787,50 @@ class Trainer:
         return None
 
     def _resume(self, resume: str) -> None:
-        path = self._find_resume_checkpoint(resume)
+        # Rank 0 picks and verifies the checkpoint (hashing it once, not once per rank) and tells the others.
+        path, error = None, None
+        if self.is_main:
+            try:
+                path = self._find_resume_checkpoint(resume)
+            except (CheckpointError, OSError, ValueError) as err:
+                error = err
+        raise_if_any_rank_failed(error, "finding the checkpoint to resume from", CheckpointError)
+        path = self.parallel.broadcast(path)
         if path is None:
-            print(f"resume: no complete checkpoint in {self.out_dir / CHECKPOINTS_DIR}; starting from step 0",
-                  file=sys.stderr)
+            if self.is_main:
+                print(f"resume: no complete checkpoint in {self.out_dir / CHECKPOINTS_DIR}; starting from step 0",
+                      file=sys.stderr)
             return
         self._load_checkpoint(path)
-        print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
 
     def _load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / STATE_DIR / "trainer_state.json").read_text())
         if state.get("pet_method", "none") != self.config.pet_method:
             raise CheckpointError(f"{path}: saved with pet_method {state.get('pet_method')!r}, this run uses "
                                   f"{self.config.pet_method!r}")
-        if self.config.pet_method == "lora":
+        # weights_only: only tensors and plain containers, never code from the file.
+        tensors = torch.load(path / STATE_DIR / "state.pt", map_location="cpu", weights_only=True)
+        if (path / STATE_DIR / DCP_DIR).is_dir():  # saved sharded: loads into any layout, this one included
+            load_distributed_checkpoint(path / STATE_DIR / DCP_DIR, self.model, self.optimizer)
+        elif self.config.pet_method == "lora":
             lora_lib.load_adapter_weights(self.model, path)
+            self.optimizer.load_state_dict(tensors["optimizer"])
+        elif self._sharded:  # saved whole (one process or DDP), resumed sharded: each rank keeps its part
+            load_full_state(self.model, self.optimizer, hf_to_gpt2kit(load_state_dict(path), self.model),
+                            tensors["optimizer"])
         else:
             weights = hf_to_gpt2kit(load_state_dict(path), self.model)
             self.model.load_state_dict(weights, strict=True)
             if hasattr(self.model, "tie_weights"):
                 self.model.tie_weights()
-        # weights_only: only tensors and plain containers, never code from the file.
-        tensors = torch.load(path / STATE_DIR / "state.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(tensors["optimizer"])
+            self.optimizer.load_state_dict(tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
         self.scaler.load_state_dict(tensors["scaler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
-        self.sampler.load_state_dict(state["sampler"])
+        self.sampler.load_state_dict(self._sampler_state(state, path))
         self._batches = None
         rng = tensors["rng"]
         torch.set_rng_state(rng["torch"])
@@ -792,6 +840,20 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.last_checkpoint = path
+
+    def _sampler_state(self, state: dict[str, Any], path: Path) -> dict[str, int]:
+        """The sampler state for this run's data-parallel size. Ranks consume the epoch's permutation in
+        interleaved slices, so after `position` samples per rank on W ranks exactly its first position x W
+        samples are used, whatever W was: the position carries over when that number divides evenly."""
+        sampler = dict(state["sampler"])
+        saved = state.get("world_size", 1)
+        if saved != self.world_size:
+            consumed = sampler["position"] * saved
+            if consumed % self.world_size:
+                raise CheckpointError(f"{path}: {consumed} samples of the epoch were consumed on {saved} data-parallel"
+                                      f" ranks, which {self.world_size} ranks cannot split evenly")
+            sampler["position"] = consumed // self.world_size
+        return sampler
 
     # ---- public API ---------------------------------------------------------------------------------------
     def train(self, resume: str | None = None) -> dict[str, Any]:
