@@ -15,6 +15,7 @@ import contextlib
 import statistics
 import threading
 import time
+from typing import Self
 
 import psutil
 import torch
@@ -47,7 +48,7 @@ class PeakRSS:
             self.peak = max(self.peak, rss)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> Self:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self

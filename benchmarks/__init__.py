@@ -1,0 +1,1 @@
+"""Benchmarks of gpt2kit against its peers; `python -m benchmarks` runs the suite (see __main__.py)."""

@@ -1,0 +1,262 @@
+"""The whole benchmark suite in one run: gpt2kit against its peers beside the measured hardware limits.
+
+    python -m benchmarks                  # tiny shapes, a few minutes on 2 cores
+    python -m benchmarks --full           # adds GPT-2 small (124M) training, decode with prompts 32 and 512
+    python -m benchmarks --only train,decode --threads 2 --json my.json
+
+Sections: hardware (fp32 and bf16 matmul peak, memory bandwidth), tokenizer MB/s (gpt2kit vs transformers'
+GPT2TokenizerFast), training tokens/s and MFU, decode tokens/s and time to first token, evaluation tokens/s
+(vs lm-evaluation-harness), preprocessing MB/s (1 vs 2 workers), serving requests/s (vs `transformers serve`),
+and llama.cpp when `llama_cpp` is importable. Each row runs both sides in the same process run, alternating
+them where the section script does, and records the process's peak resident memory (RSS, sampled every 10
+ms, children included) while the row ran. One table is printed; all rows go to a JSON file.
+
+ratio = gpt2kit / peer, > 1 means gpt2kit is faster (for memory: peer / gpt2kit, > 1 means gpt2kit uses
+less). "bound" is what the hardware allows: tokens/s at the measured matmul peak for training, tokens/s at the
+measured memory bandwidth for batch-1 decode (every weight read once per token). "target" is the factor this
+project aims for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2kit import GPT2Tokenizer
+from gpt2kit.training.logging import measure_matmul_peak
+
+from . import bench_eval, bench_generate, bench_preprocess, bench_serve, bench_train
+from .bench_train import PeakRSS
+
+SECTIONS = ("hardware", "tokenizer", "train", "decode", "eval", "preprocess", "serve", "llama.cpp")
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+
+
+def measure(rows: list[dict], fn, *args, **kwargs):
+    """Run one benchmark call; the rows it yields all get the peak RSS of the call."""
+    with PeakRSS() as rss:
+        result = fn(*args, **kwargs)
+    for row in _as_rows(result):
+        row["peak_rss_mb"] = rss.peak / 1e6
+        rows.append(row)
+    return result
+
+
+def _as_rows(result) -> list[dict]:
+    return result if isinstance(result, list) else [result]
+
+
+# ---- hardware --------------------------------------------------------------------------------------------------
+def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Best bytes/s of a large tensor copy (read + write counted), the bound of weight-streaming decode."""
+    src = torch.ones(megabytes * 2 ** 20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def hardware() -> dict:
+    return {"section": "hardware", "fp32_flops": max(measure_matmul_peak(torch.float32, size=2048) for _ in range(3)),
+            "bf16_flops": max(measure_matmul_peak(torch.bfloat16, size=2048) for _ in range(3)),
+            "bandwidth": memory_bandwidth()}
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------------------
+def tokenizer_speed(repeats: int = 3) -> dict:
+    """MB/s encoding tiny-Shakespeare + WikiText-2 test as one string, one thread each; ids must agree."""
+    from transformers import GPT2TokenizerFast
+
+    text = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    text += (DATA / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8")
+    ours = GPT2Tokenizer.gpt2()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_pretrained(tmp)
+        theirs = GPT2TokenizerFast.from_pretrained(tmp)
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    times: dict[str, list[float]] = {"ours": [], "peer": []}
+    for _ in range(repeats):  # alternate the sides
+        for side, encode in (("ours", ours.encode), ("peer", lambda t: theirs(t)["input_ids"])):
+            start = time.perf_counter()
+            ids = encode(text)
+            times[side].append(time.perf_counter() - start)
+            if side == "ours":
+                reference = ids
+            elif ids != reference:
+                raise SystemExit("gpt2kit and GPT2TokenizerFast disagree on the tokenizer benchmark text")
+    size = len(text.encode("utf-8"))
+    ours_s, peer_s = statistics.median(times["ours"]), statistics.median(times["peer"])
+    return {"section": "tokenizer", "bytes": size, "ours_mb_s": size / 1e6 / ours_s, "peer_mb_s": size / 1e6 / peer_s,
+            "ratio": peer_s / ours_s}
+
+
+def llama_cpp_status() -> dict:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {"section": "llama.cpp", "skipped": "llama_cpp is not importable; install llama-cpp-python "
+                "(see docs/performance.md) to compare decode against it"}
+    return {"section": "llama.cpp", "skipped": "llama_cpp is installed but its GGUF comparison is not implemented "
+            "yet (see docs/performance.md)"}
+
+
+# ---- the table ---------------------------------------------------------------------------------------------------
+def table(rows: list[dict], hw: dict | None) -> list[tuple]:
+    """(area, case, unit, gpt2kit, peer, ratio, target, bound, % of bound, peak RSS MB) per printed line."""
+    lines = []
+
+    def add(area, case, unit, ours, peer, ratio, target=None, bound=None, rss=None):
+        lines.append((area, case, unit, ours, peer, ratio, target, bound,
+                      ours / bound if bound else None, rss))
+
+    for r in rows:
+        rss = r.get("peak_rss_mb")
+        if r["section"] == "tokenizer":
+            add("tokenizer", "encode 1 thread vs GPT2TokenizerFast", "MB/s", r["ours_mb_s"], r["peer_mb_s"],
+                r["ratio"], rss=rss)
+        elif r["section"] == "train":
+            # Other processes only ever lower a measured peak: take the best of this run's measurements.
+            peak = max(r["peak_flops"], hw[f"{r['precision']}_flops"] if hw else 0.0)
+            add("train", f"{r['shape']} {r['precision']} {r['batch']}x{r['seq_len']} vs transformers", "tok/s",
+                r["ours_tok_s"], r["peer_tok_s"], r["ratio"], 2.0 if r["precision"] == "bf16" else 1.2,
+                r["bound_tok_s"] * peak / r["peak_flops"], rss)
+            add("train mem", f"{r['shape']} {r['precision']} step peak RSS (peer/ours)", "MB", r["ours_step_rss_mb"],
+                r["peer_step_rss_mb"], r["peer_step_rss_mb"] / r["ours_step_rss_mb"], 1.0, rss=rss)
+        elif r["section"] == "decode":
+            case = f"{r['shape']} {r['dtype']} b{r['batch']} p{r['prompt_len']} vs transformers"
+            bound = hw["bandwidth"] / r["weight_bytes"] if hw and r["batch"] == 1 else None
+            add("decode", case, "tok/s", r["ours_tok_s"], r["peer_tok_s"], r["ratio"],
+                3.0 if r["batch"] == 1 else 2.0, bound, rss)
+            add("TTFT", case, "1/s", 1 / r["ours_ttft_s"], 1 / r["peer_ttft_s"], r["ttft_ratio"], 1.5, rss=rss)
+        elif r["section"] == "eval":
+            add("eval", f"{r['task']} {r['shape']} vs lm-eval HF", "tok/s", r["tokens"] / r["ours_s"],
+                r["tokens"] / r["peer_s"], r["ratio"], 2.0, rss=rss)
+        elif r["section"] == "preprocess":
+            loop, *ours = r["rows"]
+            for o in ours:
+                add("preprocess", f"{o['workers']} worker(s) vs tiktoken loop", "MB/s", o["bytes"] / 1e6 / o["seconds"],
+                    loop["bytes"] / 1e6 / loop["seconds"], o["ratio"], rss=rss)
+            if len(ours) > 1:
+                add("preprocess", f"{ours[-1]['workers']} vs {ours[0]['workers']} worker(s) scaling", "x",
+                    ours[0]["seconds"] / ours[-1]["seconds"], 1.0, ours[0]["seconds"] / ours[-1]["seconds"], 1.8,
+                    rss=rss)
+        elif r["section"] == "serve" and "gpt2kit" in r["results"]:
+            ours = r["results"]["gpt2kit"]
+            for name, peer in r["results"].items():
+                if name != "gpt2kit":
+                    add("serve", f"req/s vs {name}", "req/s", ours["req_s"], peer["req_s"],
+                        ours["req_s"] / peer["req_s"], rss=rss)
+    return lines
+
+
+def print_report(rows: list[dict], hw: dict | None) -> None:
+    print(f"\n{platform_line()}")
+    if hw:
+        print(f"hardware: fp32 matmul {hw['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 matmul {hw['bf16_flops'] / 1e9:.0f} "
+              f"GFLOP/s, memory bandwidth {hw['bandwidth'] / 1e9:.1f} GB/s (copy)")
+    head = (f"{'area':<10} {'case':<44} {'unit':>5} {'gpt2kit':>9} {'peer':>9} {'ratio':>6} {'target':>6} "
+            f"{'bound':>9} {'of bound':>8} {'RSS MB':>7}")
+    print(head + "\n" + "-" * len(head))
+    for area, case, unit, ours, peer, ratio, target, bound, share, rss in table(rows, hw):
+        mark = "" if target is None else (" " if ratio >= target else "<")
+        print(f"{area:<10} {case:<44} {unit:>5} {ours:>9.4g} {peer:>9.4g} {ratio:>6.2f} "
+              f"{f'{mark}{target:.1f}x' if target else '':>6} {f'{bound:.4g}' if bound else '':>9} "
+              f"{f'{share:.0%}' if share else '':>8} {f'{rss:.0f}' if rss else '':>7}")
+    for r in rows:
+        if r.get("skipped"):
+            print(f"{r['section']}: skipped - {r['skipped']}")
+    print("ratio = gpt2kit / peer (> 1: gpt2kit faster); '<' marks a ratio below its target; bound = hardware "
+          "limit in the row's unit; TTFT shown as 1/seconds")
+
+
+def platform_line() -> str:
+    from gpt2kit.training.logging import _cpu_name
+
+    return (f"{_cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="GPT-2 small (124M) shapes as well (tens of minutes)")
+    parser.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(SECTIONS)} (default: "
+                        "all; serve only with --full, as transformers' continuous batching reserves about 14 GB)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
+    parser.add_argument("--json", type=Path, default=RESULTS, help=f"where to write the rows (default {RESULTS})")
+    args = parser.parse_args(argv)
+    only = args.only.split(",") if args.only else [s for s in SECTIONS if args.full or s != "serve"]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # keep the peers' notices and progress bars out of the table
+    transformers.logging.disable_progress_bar()
+    rows: list[dict] = []
+    hw = None
+    started = time.perf_counter()
+    print(platform_line(), flush=True)
+    if "hardware" in only:
+        hw = measure(rows, hardware)
+        print(f"hardware: fp32 {hw['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {hw['bf16_flops'] / 1e9:.0f} GFLOP/s, "
+              f"{hw['bandwidth'] / 1e9:.1f} GB/s", flush=True)
+    if "tokenizer" in only:
+        measure(rows, tokenizer_speed)
+    if "train" in only:
+        shapes = [("tiny", None)] + ([("gpt2", 4)] if args.full else [])
+        for shape, batch in shapes:
+            for precision in ("fp32", "bf16"):
+                print(f"train {shape} {precision} ...", flush=True)
+                for row in measure(rows, bench_train.run, shape, precision, batch_size=batch,
+                                   steps=5 if shape == "tiny" else 3):
+                    row["section"] = "train"
+    if "decode" in only:
+        cases = [("tiny", 32)] + ([("gpt2", 32), ("gpt2", 512)] if args.full else [])
+        for shape, prompt in cases:
+            for dtype in ("fp32", "bf16"):
+                for batch in ("1", "8"):
+                    print(f"decode {shape} {dtype} batch {batch} prompt {prompt} ...", flush=True)
+                    for row in measure(rows, bench_generate.run, shape, dtype, batch, prompt_len=prompt,
+                                       new_tokens=64 if args.full else 32, repeats=3):
+                        row["section"] = "decode"
+    if "eval" in only:
+        print("eval ...", flush=True)
+        for row in measure(rows, bench_eval.run, "gpt2" if args.full else "tiny", articles=8 if args.full else 2):
+            row["section"] = "eval"
+    if "preprocess" in only:
+        print("preprocess ...", flush=True)
+        measure(rows, lambda: {"section": "preprocess",
+                               "rows": bench_preprocess.run(mb=16.0 if args.full else 4.0, workers=(1, 2))})
+    if "serve" in only:
+        measure(rows, lambda: {"section": "serve", "results": bench_serve.run(
+            ["gpt2kit", "transformers-cb"], preset="gpt2" if args.full else "gpt2-tiny",
+            requests=64 if args.full else 32, clients=8, max_tokens=16)})
+    if "llama.cpp" in only:
+        rows.append(llama_cpp_status())
+
+    print_report(rows, hw)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_name(f".{args.json.name}.tmp")
+    tmp.write_text(json.dumps({"platform": platform_line(), "argv": sys.argv[1:], "hardware": hw, "rows": rows,
+                               "table": table(rows, hw)}, indent=1, default=str))
+    os.replace(tmp, args.json)
+    print(f"benchmarks done in {time.perf_counter() - started:.0f} s; rows written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
