@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
+from gpt2kit.data.preprocess import preprocess
 from gpt2kit.tokenizer import train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,3 +57,14 @@ def save_tiny_text_model(path: Path, n_positions: int = 128) -> Path:
         GPT2LMHeadModel(config).save_pretrained(path)
     train_bpe([DATA / "the-verdict" / "the-verdict.txt"], 512, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """the-verdict with a 320-token BPE trained on it, preprocessed with a validation split (training tests)."""
+    verdict = DATA / "the-verdict" / "the-verdict.txt"
+    root = tmp_path_factory.mktemp("corpus")
+    train_bpe([verdict], 320, root / "tokenizer")
+    preprocess([verdict], root / "data", format="paragraphs", tokenizer=str(root / "tokenizer"), val_fraction=0.1,
+               progress=False)
+    return root / "data"

@@ -146,7 +146,7 @@ def classifier_gradients(model: torch.nn.Module, rows: slice = slice(None)) -> t
     loss.backward()
     grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
              for name, p in model.named_parameters()}
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def fresh_classifier() -> GPT2ForSequenceClassification:

@@ -16,9 +16,7 @@ import yaml
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.cli import main
-from gpt2kit.data.preprocess import preprocess
 from gpt2kit.pipeline import generate_text
-from gpt2kit.tokenizer import train_bpe
 from gpt2kit.training import run
 from gpt2kit.training.logging import read_metrics
 
@@ -70,28 +68,17 @@ def test_tensor_parallel_generate_needs_matching_processes(lm_dir):
 
 
 # ---- training ------------------------------------------------------------------------------------------------
-VERDICT = REPO / "examples" / "data" / "the-verdict" / "the-verdict.txt"
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """the-verdict with a 320-token BPE trained on it, preprocessed with a validation split."""
-    root = tmp_path_factory.mktemp("corpus")
-    train_bpe([VERDICT], 320, root / "tokenizer")
-    preprocess([VERDICT], root / "data", format="paragraphs", tokenizer=str(root / "tokenizer"), val_fraction=0.1,
-               progress=False)
-    return root / "data"
-
-
-def write_config(directory: Path, corpus: Path, name: str, **parallel) -> Path:
+def write_config(directory: Path, train_dir: Path, name: str, **parallel) -> Path:
     """The same run for any number of processes: 8 sequences of 32 tokens per step (micro-batches of 2 with
     gradient accumulation), fp32, no dropout, a checkpoint every 3 steps."""
     config = {
         "out_dir": str(directory / name), "seed": 7,
         "model": {"name": "gpt2-tiny", "config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32,
                                                   "resid_pdrop": 0.0, "attn_pdrop": 0.0, "embd_pdrop": 0.0}},
-        "data": {"train": str(corpus), "seq_len": 32},
+        "data": {"train": str(train_dir), "seq_len": 32},
         "train": {"max_steps": STEPS, "micro_batch_size": 2, "global_batch_tokens": 256, "precision": "fp32",
                   "eval_interval": 3, "eval_batches": 2},
         "optim": {"lr": 3e-3, "warmup_steps": 2},

@@ -15,28 +15,15 @@ import yaml
 
 from gpt2kit.checkpoint import load_state_dict
 from gpt2kit.cli import main
-from gpt2kit.data.preprocess import preprocess
-from gpt2kit.tokenizer import train_bpe
 from gpt2kit.training import Trainer, load_config
 from gpt2kit.training.logging import read_metrics
 from gpt2kit.training.trainer import list_checkpoints, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-VERDICT = REPO / "examples" / "data" / "the-verdict" / "the-verdict.txt"
 MAX_STEPS = 24
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """the-verdict with a 320-token BPE trained on it, preprocessed with a validation split."""
-    root = tmp_path_factory.mktemp("corpus")
-    train_bpe([VERDICT], 320, root / "tokenizer")
-    preprocess([VERDICT], root / "data", format="paragraphs", tokenizer=str(root / "tokenizer"), val_fraction=0.1,
-               progress=False)
-    return root / "data"
 
 
 def write_config(tmp_path: Path, corpus: Path, name: str) -> Path:
