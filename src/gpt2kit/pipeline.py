@@ -13,7 +13,7 @@ from .checkpoint import resolve_model_dir
 from .config import PRESETS, GPT2Config
 from .generation import GenerationConfig, TokenGenerator, decode_completions, encode_prompt, stream_generate
 from .model import GPT2LMHeadModel
-from .tokenizer import GPT2Tokenizer
+from .tokenizer import GPT2Tokenizer, has_tokenizer_files
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -30,11 +30,6 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def text_defaults(tokenizer: GPT2Tokenizer) -> dict[str, int]:
     """Generation options for text in, text out: the tokenizer's EOS ends a text."""
     return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-
-
-def _has_tokenizer_files(directory: Path) -> bool:
-    return (any((directory / name).exists() for name in ("tokenizer.json", "vocab.json", "encoder.json"))
-            or any(directory.glob("*.tiktoken")))
 
 
 def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
@@ -73,7 +68,7 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
         tok = tokenizer
     elif tokenizer is not None:
         tok = GPT2Tokenizer.from_pretrained(tokenizer)
-    elif model_dir is not None and _has_tokenizer_files(model_dir):
+    elif model_dir is not None and has_tokenizer_files(model_dir):
         tok = GPT2Tokenizer.from_file(model_dir)
     else:
         tok = GPT2Tokenizer.gpt2()

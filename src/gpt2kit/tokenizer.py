@@ -165,6 +165,13 @@ def _tiktoken_file_encoding(path: str) -> tiktoken.Encoding:
     return tiktoken.Encoding(source.stem, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
 
 
+def has_tokenizer_files(directory: str | os.PathLike) -> bool:
+    """Whether a model directory carries its own vocabulary (as `GPT2Tokenizer.from_file(directory)` reads it)."""
+    directory = Path(directory)
+    return (any((directory / name).exists() for name in ("tokenizer.json", "vocab.json", "encoder.json"))
+            or any(directory.glob("*.tiktoken")))
+
+
 class GPT2Tokenizer:
     """Byte-level BPE tokenizer with a HuggingFace-like call interface.
 

@@ -14,8 +14,8 @@ import gpt2kit
 
 from ..checkpoint import resolve_model_dir
 from ..model import GPT2ForSequenceClassification
-from ..pipeline import _has_tokenizer_files, load_model_and_tokenizer, parse_dtype
-from ..tokenizer import GPT2Tokenizer
+from ..pipeline import load_model_and_tokenizer, parse_dtype
+from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
 from . import classification, lambada, perplexity
 from .report import sha256_file, summary_line, write_report
 
@@ -28,7 +28,7 @@ def load_classifier(model: str | os.PathLike, tokenizer: str | os.PathLike | Non
     model_dir = resolve_model_dir(model)
     classifier = GPT2ForSequenceClassification.from_pretrained(model_dir, device=device, dtype=dtype)
     if tokenizer is None:
-        tokenizer = model_dir if _has_tokenizer_files(model_dir) else "gpt2"
+        tokenizer = model_dir if has_tokenizer_files(model_dir) else "gpt2"
     return classifier, GPT2Tokenizer.from_pretrained(tokenizer)
 
 

@@ -443,7 +443,8 @@ def generate_tensor_parallel(model: str | os.PathLike, prompt: str, *, tensor_pa
     the HF directory and runs the same decoding (identical logits on every rank, so identical tokens); rank 0
     streams and returns the texts, the other ranks return None."""
     from ..checkpoint import CheckpointError, resolve_model_dir
-    from ..pipeline import _has_tokenizer_files, generate_text, parse_dtype
+    from ..pipeline import generate_text, parse_dtype
+    from ..tokenizer import has_tokenizer_files
 
     world = launched_world_size()
     if world != tensor_parallel:
@@ -458,7 +459,7 @@ def generate_tensor_parallel(model: str | os.PathLike, prompt: str, *, tensor_pa
     except (OSError, ValueError) as err:
         error = err
     raise_if_any_rank_failed(error, f"loading {model} for tensor-parallel generation", CheckpointError)
-    if tokenizer is None and _has_tokenizer_files(model_dir):
+    if tokenizer is None and has_tokenizer_files(model_dir):
         tokenizer = model_dir
     texts = generate_text(lm, prompt, tokenizer=tokenizer, return_full_text=return_full_text,
                           stream_to=stream_to if state.is_main else None, **options)

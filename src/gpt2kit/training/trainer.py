@@ -891,8 +891,8 @@ class Trainer:
 
     def evaluate(self, eval_dataset: str | os.PathLike | Dataset | None = None) -> dict[str, Any]:
         """Validation metrics of the current (or given directory's) model: loss and perplexity for text
-        generation (a raw text file is scored with gpt2kit.evaluation's document perplexity), loss and
-        accuracy for classification."""
+        generation (a raw text file is scored with gpt2kit.evaluation's document perplexity); for a
+        classification file, gpt2kit.evaluation's accuracy, Matthews correlation and per-class counts."""
         self._ensure_model()
         data = eval_dataset if eval_dataset is not None else (self._datasets["val"] or self.config.data.val)
         if data is None:
@@ -900,13 +900,14 @@ class Trainer:
         if isinstance(data, Dataset):
             return self._evaluate_dataset(data)
         if self.config.task == "text_classification":
-            from ..data import ClassificationDataset
+            from ..evaluation.classification import evaluate_classification
 
-            dataset = ClassificationDataset(data, self.tokenizer, format=self.config.data.format,
-                                            max_length=self.config.data.max_length,
-                                            label_names=list(self.model.config.id2label.values())
-                                            if self.model.config.id2label else None)
-            return self._evaluate_dataset(dataset)
+            # The evaluation suite's code (accuracy, MCC, per-class counts), as `gpt2kit eval` reports it.
+            labels = list(self.model.config.id2label.values()) if self.model.config.id2label else None
+            result = evaluate_classification(self.model, self.tokenizer, data, format=self.config.data.format,
+                                             max_length=self.config.data.max_length, label_names=labels,
+                                             batch_size=self.config.train.micro_batch_size, progress=False)
+            return {"val_accuracy": result["accuracy"], **result}
         if (Path(data) / "meta.json").is_file():
             from ..data import PretrainingDataset, read_meta
 
