@@ -93,6 +93,19 @@ class Ragged(Dataset):
         return self.items[i]
 
 
+def test_fp16_with_grad_scaler_trains_and_saves_the_scaler(tmp_path):
+    """The path GPUs without bf16 take (fp16 autocast + GradScaler) runs on the CPU too, so it is tested here."""
+    config = run_config(tmp_path, train={"max_steps": 30, "precision": "fp16"},
+                        checkpoint={"save_interval": 30})
+    trainer = Trainer(args=config, train_dataset=Sequences())
+    trainer.train()
+    losses = [r["train_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train_loss" in r]
+    assert trainer.precision == "fp16" and trainer.scaler.is_enabled()
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    state = torch.load(list_checkpoints(tmp_path / "run")[-1] / "training_state" / "state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0
+
+
 @pytest.mark.parametrize("dataset", [Sequences(8), Ragged(8)], ids=["windows", "ragged"])
 def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(tmp_path, dataset):
     from gpt2kit.data import collate

@@ -63,7 +63,7 @@ class TrainArgs:
     micro_batch_size: int = 8  # sequences per forward/backward on one device
     global_batch_tokens: int | None = None  # tokens per optimizer step over all devices (pretraining)
     global_batch_size: int | None = None  # sequences per optimizer step; default micro_batch_size x devices
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, GPU) | auto
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler; for GPUs without bf16) | auto
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     recompute: bool = False  # activation checkpointing of every transformer block
     compile: bool = False  # torch.compile the model

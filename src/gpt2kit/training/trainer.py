@@ -199,8 +199,6 @@ class Trainer:
             if self.device.type == "cuda":
                 return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
             return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-        if name == "fp16" and self.device.type != "cuda":
-            raise ValueError("train.precision: fp16 needs a GPU (GradScaler); use bf16 or fp32 on the CPU")
         if name == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("train.precision: this GPU has no bf16; use fp16")
         return name
