@@ -669,6 +669,7 @@ class Trainer:
 
     def _sample(self) -> str:
         from ..generation import generate
+        from ..pipeline import text_defaults
 
         s = self.config.sample
         tokenizer = self._get_tokenizer()
@@ -677,8 +678,8 @@ class Trainer:
         # A tensor-parallel rank holds some of the heads; the KV cache is sized for all of them.
         out = generate(self.model, ids, max_new_tokens=s.max_new_tokens, do_sample=True,
                        temperature=s.temperature, top_k=s.top_k, seed=self.config.seed,
-                       use_cache=self.parallel.config.tensor == 1)
-        text = tokenizer.decode(out[0].tolist())
+                       use_cache=self.parallel.config.tensor == 1, **text_defaults(tokenizer))
+        text = tokenizer.decode(out[0].tolist(), skip_special_tokens=True)  # ends at EOS, not with it
         if self.is_main:
             print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
         return text
