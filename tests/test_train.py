@@ -13,7 +13,7 @@ from gpt2kit.checkpoint import gpt2kit_to_hf
 from gpt2kit.training import Trainer, TrainingDiverged, load_config
 from gpt2kit.training.logging import flops_per_token, peak_flops, read_metrics
 from gpt2kit.training.optim import build_optimizer, lr_at, param_groups
-from gpt2kit.training.trainer import list_checkpoints, verify_checkpoint
+from gpt2kit.training.checkpoints import list_checkpoints, verify_checkpoint
 
 TINY = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32, "vocab_size": 64}
 QUIET = {"progress": False, "tensorboard": False, "plot": False}

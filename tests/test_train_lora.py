@@ -12,7 +12,7 @@ from gpt2kit.checkpoint import load_weight_file
 from gpt2kit.cli import main
 from gpt2kit.training import Trainer, load_config
 from gpt2kit.training.logging import read_metrics
-from gpt2kit.training.trainer import list_checkpoints
+from gpt2kit.training.checkpoints import list_checkpoints
 
 TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=64, bos_token_id=63, eos_token_id=63)
 QUIET = {"progress": False, "tensorboard": False, "plot": False}

@@ -17,7 +17,7 @@ from gpt2kit.checkpoint import load_state_dict
 from gpt2kit.cli import main
 from gpt2kit.training import Trainer, load_config
 from gpt2kit.training.logging import read_metrics
-from gpt2kit.training.trainer import list_checkpoints, verify_checkpoint
+from gpt2kit.training.checkpoints import find_resume_checkpoint, list_checkpoints, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 24
@@ -161,16 +161,13 @@ def test_corrupted_and_partial_checkpoints_are_detected_and_skipped(corpus, refe
     shutil.copytree(older, partial)
     (partial / "COMPLETE").unlink()
 
-    config = load_config(write_config(tmp_path, corpus, "run"))
-    trainer = Trainer(args=config)
-    trainer._setup(weights=None)
-    found = trainer._find_resume_checkpoint("auto")
+    found = find_resume_checkpoint(run, "auto")
     err = capsys.readouterr().err
     assert found == older
     assert "skipping checkpoint" in err and "step-00000030" in err and "no COMPLETE marker" in err
     assert "model.safetensors is corrupted" in err
     with pytest.raises(Exception, match="corrupted"):
-        trainer._find_resume_checkpoint(str(newest))
+        find_resume_checkpoint(run, str(newest))
 
     assert main(["train", "--config", str(tmp_path / "run.yaml"), "--resume", str(newest)]) == 2
     assert "gpt2kit train: error:" in capsys.readouterr().err

@@ -6,7 +6,6 @@ number means (definitions), and when and how long it took — enough to reproduc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -21,14 +20,6 @@ HEADLINE = {
     "classification": ("accuracy", "matthews_correlation"),
 }
 COUNTS = ("documents", "tokens", "passages", "examples")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def summary_line(report: dict[str, Any]) -> str:

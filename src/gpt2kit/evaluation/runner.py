@@ -17,7 +17,8 @@ from ..model import GPT2ForSequenceClassification
 from ..pipeline import load_model_and_tokenizer, parse_dtype
 from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
 from . import classification, lambada, perplexity
-from .report import sha256_file, summary_line, write_report
+from ..files import sha256_file
+from .report import summary_line, write_report
 
 TASKS = ("wikitext", "perplexity", "lambada", "classification")
 

@@ -24,7 +24,6 @@ so a crash at any moment leaves either a complete checkpoint or one that is dete
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -47,6 +46,8 @@ from ..config import PRESETS, GPT2Config
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
 from ..tokenizer import GPT2Tokenizer
 from . import lora as lora_lib
+from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, prune_checkpoints,
+                          write_manifest)
 from .config import RunConfig, load_config as load_run_config, save_config
 from .distributed_checkpoint import (gather_full_state, load_distributed_checkpoint, load_full_state,
                                      save_distributed_checkpoint)
@@ -54,10 +55,6 @@ from .logging import MetricsLogger, flops_per_token, peak_flops, plot_losses
 from .optim import build_optimizer, build_scheduler
 from .parallel import clip_grad_norm_, grad_sync, init_distributed, parallelize, raise_if_any_rank_failed
 
-CHECKPOINTS_DIR = "checkpoints"
-STATE_DIR = "training_state"
-DCP_DIR = "dcp"  # in STATE_DIR: model + optimizer of a sharded (FSDP / TP) run
-COMPLETE_NAME = "COMPLETE"
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 
 
@@ -89,45 +86,6 @@ def load_classifier(model_dir: str | os.PathLike, *, num_labels: int, id2label: 
         raise CheckpointError(f"{model_dir}: weights do not fit GPT2ForSequenceClassification: missing "
                               f"{sorted(set(missing) - {'score.weight'})[:5]}, unexpected {unexpected[:5]}")
     return model
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The trainer state of a checkpoint directory after checking its COMPLETE manifest (every file present
-    with the recorded size and SHA-256). Raises CheckpointError naming what is wrong."""
-    path = Path(path)
-    manifest_path = path / COMPLETE_NAME
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE_NAME} marker; the run was probably "
-                              "interrupted while saving)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
-    for name, info in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
-        if file.stat().st_size != info["size"]:
-            raise CheckpointError(f"{path}: {name} has {file.stat().st_size} bytes, expected {info['size']}")
-        if _sha256(file) != info["sha256"]:
-            raise CheckpointError(f"{path}: {name} is corrupted (SHA-256 mismatch)")
-    return json.loads((path / STATE_DIR / "trainer_state.json").read_text())
-
-
-def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint directories of a run, oldest first (partial ones included; see verify_checkpoint)."""
-    root = Path(out_dir) / CHECKPOINTS_DIR
-    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]))
 
 
 # ---- trainer ------------------------------------------------------------------------------------------------
@@ -732,29 +690,13 @@ class Trainer:
         if self._sharded:
             save_distributed_checkpoint(tmp / STATE_DIR / DCP_DIR, self.model, self.optimizer)
         if self.is_main:
-            files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-            manifest = tmp / COMPLETE_NAME
-            manifest.write_text(json.dumps({"step": self.step, "files": files}, indent=1) + "\n")
-            with open(manifest) as f:
-                os.fsync(f.fileno())
+            write_manifest(tmp, self.step)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            self._prune_checkpoints()
+            prune_checkpoints(self.out_dir, self.config.checkpoint.keep_last)
         self.last_checkpoint = final
         return final
-
-    def _prune_checkpoints(self) -> None:
-        keep = self.config.checkpoint.keep_last
-        root = self.out_dir / CHECKPOINTS_DIR
-        for stale in root.glob(".step-*.partial-*"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
-        if keep is None:
-            return
-        complete = [p for p in list_checkpoints(self.out_dir) if (p / COMPLETE_NAME).is_file()]
-        for old in complete[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
 
     def _save_final(self) -> Path:
         final = self.out_dir / "final"
@@ -773,29 +715,12 @@ class Trainer:
             os.rename(tmp, final)
         return final
 
-    def _find_resume_checkpoint(self, resume: str) -> Path | None:
-        """The checkpoint to resume from: a given directory (must be valid) or, for "auto", the newest valid
-        one in out_dir; invalid ones are skipped with a message."""
-        if resume != "auto":
-            path = Path(resume)
-            if not path.is_dir():
-                raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
-            verify_checkpoint(path)
-            return path
-        for path in reversed(list_checkpoints(self.out_dir)):
-            try:
-                verify_checkpoint(path)
-                return path
-            except (CheckpointError, OSError, ValueError) as err:
-                print(f"skipping checkpoint {path}: {err}", file=sys.stderr)
-        return None
-
     def _resume(self, resume: str) -> None:
         # Rank 0 picks and verifies the checkpoint (hashing it once, not once per rank) and tells the others.
         path, error = None, None
         if self.is_main:
             try:
-                path = self._find_resume_checkpoint(resume)
+                path = find_resume_checkpoint(self.out_dir, resume)
             except (CheckpointError, OSError, ValueError) as err:
                 error = err
         raise_if_any_rank_failed(error, "finding the checkpoint to resume from", CheckpointError)

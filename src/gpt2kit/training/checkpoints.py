@@ -1,0 +1,98 @@
+"""The on-disk layout of training checkpoints: write-then-rename directories sealed by a COMPLETE manifest.
+
+    OUT_DIR/checkpoints/step-00000200/
+        config.json, model.safetensors, tokenizer files     the model, HF layout (or LoRA adapters)
+        training_state/state.pt                              optimizer, scheduler, scaler, RNG (tensors only)
+        training_state/trainer_state.json                    step, sampler position, config, metrics
+        training_state/dcp/                                  sharded runs: model + optimizer via DCP
+        COMPLETE                                             written last: size and SHA-256 of every file
+
+A directory without a valid COMPLETE (a run killed mid-save, a truncated copy) is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import CheckpointError
+from ..files import sha256_file
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_DIR = "training_state"
+DCP_DIR = "dcp"  # in STATE_DIR: model + optimizer of a sharded (FSDP / TP) run
+COMPLETE_NAME = "COMPLETE"
+
+
+def write_manifest(directory: Path, step: int) -> None:
+    """Seal a fully written checkpoint directory: record every file's size and SHA-256, fsync the record."""
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    manifest = directory / COMPLETE_NAME
+    manifest.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
+    with open(manifest) as f:
+        os.fsync(f.fileno())
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state of a checkpoint directory after checking its COMPLETE manifest (every file present
+    with the recorded size and SHA-256). Raises CheckpointError naming what is wrong."""
+    path = Path(path)
+    manifest_path = path / COMPLETE_NAME
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE_NAME} marker; the run was probably "
+                              "interrupted while saving)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
+    for name, info in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if file.stat().st_size != info["size"]:
+            raise CheckpointError(f"{path}: {name} has {file.stat().st_size} bytes, expected {info['size']}")
+        if sha256_file(file) != info["sha256"]:
+            raise CheckpointError(f"{path}: {name} is corrupted (SHA-256 mismatch)")
+    return json.loads((path / STATE_DIR / "trainer_state.json").read_text())
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories of a run, oldest first (partial ones included; see verify_checkpoint)."""
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int | None) -> None:
+    """Remove what a run killed while saving left behind, and all but the newest `keep_last` complete ones."""
+    for stale in (Path(out_dir) / CHECKPOINTS_DIR).glob(".step-*.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep_last is None:
+        return
+    complete = [p for p in list_checkpoints(out_dir) if (p / COMPLETE_NAME).is_file()]
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume_checkpoint(out_dir: str | os.PathLike, resume: str) -> Path | None:
+    """The checkpoint to resume from: a given directory (must be valid) or, for "auto", the newest valid one
+    in out_dir; invalid ones are skipped with a message."""
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
+        verify_checkpoint(path)
+        return path
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except (CheckpointError, OSError, ValueError) as err:
+            print(f"skipping checkpoint {path}: {err}", file=sys.stderr)
+    return None
