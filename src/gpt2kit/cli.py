@@ -90,16 +90,21 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 # ---- generate / chat ----------------------------------------------------------------------------------------
-def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by generate and chat; unset ones keep the library's defaults."""
-    p.add_argument("--model", required=True, help="HF-format model directory, local HF cache name, or a preset "
-                   "with --random-init")
+def _model_loading_args(p: argparse.ArgumentParser, model_help: str = "HF-format model directory, local HF "
+                        "cache name, or a preset with --random-init") -> None:
+    """Flags of every command that loads a model (generate, chat, eval, serve)."""
+    p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--tokenizer", default=None, help="tokenizer file/dir or 'gpt2'; default: the model directory's "
                    "vocabulary files, else GPT-2's")
     p.add_argument("--random-init", action="store_true", help="random weights of the preset named by --model "
                    "(seeded; for smoke tests and benchmarks)")
     p.add_argument("--dtype", default=None, help="cast weights: float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu")
+
+
+def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by generate and chat; unset ones keep the library's defaults."""
+    _model_loading_args(p)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--min-new-tokens", type=int)
     p.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
@@ -256,8 +261,8 @@ def _tokenizer(args: argparse.Namespace) -> None:
 
 # ---- eval ---------------------------------------------------------------------------------------------------
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF-format model directory (a finetuned classifier for "
-                   "--task classification), local HF cache name, or a preset with --random-init")
+    _model_loading_args(p, "HF-format model directory (a finetuned classifier for --task classification), local "
+                        "HF cache name, or a preset with --random-init")
     p.add_argument("--task", required=True, choices=["wikitext", "perplexity", "lambada", "classification"],
                    help="wikitext: perplexity of WikiText articles (detokenized); perplexity: of any text, jsonl "
                    "or WikiText file; lambada: last-word accuracy; classification: accuracy, MCC, per class")
@@ -275,11 +280,6 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="apply the WikiText detokenizer (default: on for WikiText files only)")
     p.add_argument("--stop-word-filter", action="store_true", help="lambada: also report acc_stop_word_filter")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N documents / passages / examples")
-    p.add_argument("--tokenizer", default=None, help="tokenizer file/dir or 'gpt2'; default: the model "
-                   "directory's vocabulary files, else GPT-2's")
-    p.add_argument("--random-init", action="store_true", help="random weights of the preset named by --model")
-    p.add_argument("--dtype", default=None, help="cast weights: float32, bfloat16 or float16")
-    p.add_argument("--device", default="cpu")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -299,13 +299,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     from .serving.config import ServerConfig
 
     defaults = ServerConfig()
-    p.add_argument("--model", required=True, help="HF-format model directory, local HF cache name, or a preset "
-                   "with --random-init")
-    p.add_argument("--tokenizer", default=None, help="tokenizer file/dir or 'gpt2'; default: the model directory's "
-                   "vocabulary files, else GPT-2's")
-    p.add_argument("--random-init", action="store_true", help="random weights of the preset named by --model")
-    p.add_argument("--dtype", default=None, help="cast weights: float32, bfloat16 or float16")
-    p.add_argument("--device", default="cpu")
+    _model_loading_args(p)
     p.add_argument("--host", default=defaults.host, help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=defaults.port, help="port (default: %(default)s; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require this key on every route but /health (default: the "
