@@ -15,7 +15,6 @@ import contextlib
 import statistics
 import threading
 import time
-from typing import Self
 
 import psutil
 import torch
@@ -48,7 +47,7 @@ class PeakRSS:
             self.peak = max(self.peak, rss)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> PeakRSS:
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
