@@ -53,23 +53,26 @@ def penalize_repetition(penalty: float) -> LogitsProcessor:
     """CTRL's repetition penalty: every token already in the row (prompt or generated, padding excluded) has
     its score divided by `penalty` if positive, multiplied if negative."""
     def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
-        vocab = scores.shape[-1]
-        # Padding (-1) is sent to an extra column that is dropped again.
-        ids = input_ids.masked_fill(input_ids < 0, vocab)
-        seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
-        seen = seen.scatter_(1, ids, True)[:, :vocab]
-        penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
-        return torch.where(seen, penalized, scores)
+        # Only the (B, L) seen scores are touched, not all (B, V). Padding (-1) points at the row's largest
+        # token, which the row holds too, so repeated indices always write the same value; a row of padding
+        # only points at token 0 and writes its score back unchanged.
+        if input_ids.shape[1] == 0:
+            return scores
+        real = input_ids >= 0
+        ids = torch.where(real, input_ids, input_ids.amax(1, keepdim=True).clamp(min=0))
+        seen = scores.gather(1, ids)
+        penalized = torch.where(seen < 0, seen * penalty, seen / penalty)
+        return scores.scatter(1, ids, torch.where(real.any(1, keepdim=True), penalized, seen))
     return apply
 
 
 def suppress_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
     """Make the given tokens impossible (min_new_tokens uses it on EOS)."""
-    index = list(token_ids)
+    index = torch.tensor(list(token_ids), dtype=torch.long)
 
     def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
-        scores[:, index] = float("-inf")
-        return scores
+        # Out of place, like every processor: the caller's logits may still be read (e.g. for logprobs).
+        return scores.index_fill(1, index.to(scores.device), float("-inf"))
     return apply
 
 
@@ -390,6 +393,15 @@ class TextStreamDecoder:
 def encode_prompt(tokenizer: GPT2Tokenizer, prompt: str) -> list[int]:
     """Token ids of a text prompt; an empty prompt starts from <|endoftext|>, as GPT-2's own samples do."""
     return tokenizer.encode(prompt) or [tokenizer.eos_token_id]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int,
+             device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Token id rows left-padded to the longest, as batched generation wants them: (input_ids, attention_mask)."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_token_id] * (width - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
 
 
 def stream_generate(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, prompt: str | Sequence[int],

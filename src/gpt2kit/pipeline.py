@@ -11,7 +11,14 @@ import torch
 
 from .checkpoint import resolve_model_dir
 from .config import PRESETS, GPT2Config
-from .generation import GenerationConfig, TokenGenerator, decode_completions, encode_prompt, stream_generate
+from .generation import (
+    GenerationConfig,
+    TokenGenerator,
+    decode_completions,
+    encode_prompt,
+    left_pad,
+    stream_generate,
+)
 from .model import GPT2LMHeadModel
 from .tokenizer import GPT2Tokenizer, has_tokenizer_files
 
@@ -114,12 +121,7 @@ class TextGenerationPipeline:
                                generator=generator)
 
     def _left_padded(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = [encode_prompt(self.tokenizer, p) for p in prompts]
-        width = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        return ids, mask
+        return left_pad([encode_prompt(self.tokenizer, p) for p in prompts], self.tokenizer.pad_token_id)
 
 
 def pipeline(task: str, model: str | os.PathLike | GPT2LMHeadModel, *,

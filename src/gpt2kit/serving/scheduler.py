@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..generation import GenerationConfig, Sampler, TextStreamDecoder
+from ..generation import (
+    GenerationConfig,
+    Sampler,
+    TextStreamDecoder,
+    _placement,
+    left_pad,
+)
 from ..model import GPT2LMHeadModel, KVCache
 from ..tokenizer import GPT2Tokenizer
 
@@ -134,8 +140,7 @@ class BatchScheduler:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = model.config
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype = _placement(model)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self._pending: deque[Sequence] = deque()
         self._waiting_jobs: dict[int, int] = {}  # id(job) -> its sequences not yet admitted
@@ -230,10 +235,7 @@ class BatchScheduler:
     def _prefill(self, seqs: list[Sequence]) -> None:
         self.max_rows_seen = max(self.max_rows_seen, len(self.rows) + len(seqs))
         width = max(len(s.prompt) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs], device=self.device)
-        mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs],
-                            device=self.device)
+        ids, mask = left_pad([s.prompt for s in seqs], self.tokenizer.pad_token_id, self.device)
         cache = KVCache(self.config, len(seqs), width, dtype=self.dtype, device=self.device)
         want_prompt = any(s.prompt_logprobs for s in seqs)
         logits = self.model(ids, mask, past_key_values=cache, logits_to_keep=0 if want_prompt else 1).logits
