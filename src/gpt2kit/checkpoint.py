@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import PRESETS, GPT2Config
+from .files import replace_directory
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -258,13 +259,7 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
             (tmp / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

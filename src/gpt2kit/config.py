@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .files import read_json
 
 # Keys HF writes into a GPT-2 config.json that describe nothing about the network itself.
 _HF_BOOKKEEPING_KEYS = {
@@ -106,11 +107,9 @@ class GPT2Config:
     def from_json_file(cls, path: str | os.PathLike) -> GPT2Config:
         path = Path(path)
         try:
-            values = json.loads(path.read_text(encoding="utf-8"))
+            values = read_json(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a JSON object")
         if values.get("model_type", "gpt2") != "gpt2":

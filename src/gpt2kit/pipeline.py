@@ -20,7 +20,7 @@ from .generation import (
     stream_generate,
 )
 from .model import GPT2LMHeadModel
-from .tokenizer import GPT2Tokenizer, has_tokenizer_files
+from .tokenizer import GPT2Tokenizer, tokenizer_for
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -71,14 +71,7 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
     else:
         model_dir = resolve_model_dir(model)
         lm = GPT2LMHeadModel.from_pretrained(model_dir, dtype=dtype, device=device)
-    if isinstance(tokenizer, GPT2Tokenizer):
-        tok = tokenizer
-    elif tokenizer is not None:
-        tok = GPT2Tokenizer.from_pretrained(tokenizer)
-    elif model_dir is not None and has_tokenizer_files(model_dir):
-        tok = GPT2Tokenizer.from_file(model_dir)
-    else:
-        tok = GPT2Tokenizer.gpt2()
+    tok = tokenizer_for(model_dir, tokenizer)
     if tok.vocab_size > lm.config.vocab_size:
         where = f"{model_dir}: " if model_dir is not None else ""
         raise ValueError(f"{where}the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "

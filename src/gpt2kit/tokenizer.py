@@ -12,7 +12,6 @@ append `eos_token_id` yourself to separate documents.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import tiktoken
+
+from .files import read_json, sha256_file
 
 ASSETS = Path(__file__).parent / "assets" / "gpt2"
 ENDOFTEXT = "<|endoftext|>"
@@ -71,11 +72,9 @@ def _token_bytes(token: str) -> bytes:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path, error=TokenizerError)
     except FileNotFoundError:
         raise TokenizerError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TokenizerError(f"{path}: not valid JSON ({err})") from None
 
 
 def _ranks_from_vocab(vocab: dict[str, int], merges: Iterable[str | Sequence[str]], specials: set[str],
@@ -99,7 +98,7 @@ def _gpt2_encoding(encoder_json: str, vocab_bpe: str, verify: bool) -> tiktoken.
     encoder_path, merges_path = Path(encoder_json), Path(vocab_bpe)
     if verify:
         for path in (encoder_path, merges_path):
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = sha256_file(path)
             if digest != _BUNDLED_SHA256[path.name]:
                 raise TokenizerError(f"{path}: sha256 {digest} differs from OpenAI's GPT-2 file; reinstall gpt2kit")
     encoder = _read_json(encoder_path)
@@ -170,6 +169,19 @@ def has_tokenizer_files(directory: str | os.PathLike) -> bool:
     directory = Path(directory)
     return (any((directory / name).exists() for name in ("tokenizer.json", "vocab.json", "encoder.json"))
             or any(directory.glob("*.tiktoken")))
+
+
+def tokenizer_for(model_dir: str | os.PathLike | None,
+                  tokenizer: str | os.PathLike | GPT2Tokenizer | None = None) -> GPT2Tokenizer:
+    """A model's tokenizer: `tokenizer` if given (an instance, a GPT-2 name or a path), else the vocabulary
+    files in `model_dir`, else GPT-2's bundled one."""
+    if isinstance(tokenizer, GPT2Tokenizer):
+        return tokenizer
+    if tokenizer is not None:
+        return GPT2Tokenizer.from_pretrained(tokenizer)
+    if model_dir is not None and has_tokenizer_files(model_dir):
+        return GPT2Tokenizer.from_file(model_dir)
+    return GPT2Tokenizer.gpt2()
 
 
 class GPT2Tokenizer:

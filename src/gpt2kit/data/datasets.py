@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..files import read_json
 from ..tokenizer import GPT2Tokenizer
 from .readers import DataError
 
@@ -32,10 +33,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path}: no {META_FILE}; expected a directory written by `gpt2kit preprocess`")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{meta_path}: not valid JSON ({err})") from None
+    meta = read_json(meta_path, error=DataError)
     if meta.get("format") != FORMAT_NAME:
         raise DataError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
     return meta

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..files import replace_directory
 from ..tokenizer import GPT2Tokenizer
 from .datasets import FORMAT_NAME, META_FILE
 from .readers import Chunk, DataError, Source, chunk_pieces, iter_chunks, resolve_inputs
@@ -219,17 +220,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _publish(staging: Path, output: Path) -> None:
-    """Make the finished staging directory the output, replacing an old output (checked by _prepare_output)."""
-    old = None
-    if output.exists() and any(output.iterdir()):
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        os.replace(output, old)
-    os.replace(staging, output)  # replaces an empty directory too
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def _tokenizer_spec(tokenizer: str | os.PathLike, loaded: GPT2Tokenizer, staging: Path) -> dict[str, Any]:
     """How `load_tokenizer` rebuilds it: the bundled GPT-2 by name, anything else from a copy in the output."""
     spec: dict[str, Any] = {"source": str(tokenizer), "vocab_size": loaded.vocab_size,
@@ -314,7 +304,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
         meta_file = open(staging / META_FILE, "w", encoding="utf-8")
         meta_file.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         _close_durably(meta_file)
-        _publish(staging, output)
+        replace_directory(staging, output)  # an old output was checked by _prepare_output
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -13,11 +13,11 @@ import torch
 import gpt2kit
 
 from ..checkpoint import resolve_model_dir
+from ..files import sha256_file
 from ..model import GPT2ForSequenceClassification
 from ..pipeline import load_model_and_tokenizer, parse_dtype
-from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
+from ..tokenizer import GPT2Tokenizer, tokenizer_for
 from . import classification, lambada, perplexity
-from ..files import sha256_file
 from .report import summary_line, write_report
 
 TASKS = ("wikitext", "perplexity", "lambada", "classification")
@@ -28,9 +28,7 @@ def load_classifier(model: str | os.PathLike, tokenizer: str | os.PathLike | Non
     """A finetuned classifier and its tokenizer (given, else the model directory's, else GPT-2's)."""
     model_dir = resolve_model_dir(model)
     classifier = GPT2ForSequenceClassification.from_pretrained(model_dir, device=device, dtype=dtype)
-    if tokenizer is None:
-        tokenizer = model_dir if has_tokenizer_files(model_dir) else "gpt2"
-    return classifier, GPT2Tokenizer.from_pretrained(tokenizer)
+    return classifier, tokenizer_for(model_dir, tokenizer)
 
 
 def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
