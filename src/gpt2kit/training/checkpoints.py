@@ -71,8 +71,10 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 
 def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int | None) -> None:
     """Remove what a run killed while saving left behind, and all but the newest `keep_last` complete ones."""
-    for stale in (Path(out_dir) / CHECKPOINTS_DIR).glob(".step-*.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    for pattern in (".step-*.partial-*", ".step-*.old-*"):  # half-written, or set aside while being replaced
+        for stale in root.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
     if keep_last is None:
         return
     complete = [p for p in list_checkpoints(out_dir) if (p / COMPLETE_NAME).is_file()]

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..checkpoint import CONFIG_NAME, CheckpointError, save_pretrained
 from ..config import GPT2Config
+from ..files import replace_directory
 from .parallel import raise_if_any_rank_failed
 
 METADATA_NAME = ".metadata"
@@ -137,9 +138,7 @@ def save_distributed_checkpoint(directory: str | os.PathLike, model: nn.Module,
         save(state, checkpoint_id=tmp, no_dist=not _distributed())
     _barrier()
     if not _distributed() or dist.get_rank() == 0:
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
+        replace_directory(tmp, directory)
     _barrier()
     return directory
 

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, hf_to_gpt2kit, load_config, load_state_dict, save_pretrained
 from ..config import PRESETS, GPT2Config
+from ..files import replace_directory
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
 from ..tokenizer import GPT2Tokenizer
 from . import lora as lora_lib
@@ -63,6 +64,13 @@ class TrainingDiverged(RuntimeError):
 
 
 # ---- models -------------------------------------------------------------------------------------------------
+def _set_labels(config: GPT2Config, num_labels: int, id2label: dict[int, str] | None) -> None:
+    """A classifier config's label count and names (the label indices as names when none are given)."""
+    config.id2label = id2label or {i: str(i) for i in range(num_labels)}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    config.num_labels = num_labels
+
+
 def load_classifier(model_dir: str | os.PathLike, *, num_labels: int, id2label: dict[int, str] | None = None,
                     **config_overrides: Any) -> GPT2ForSequenceClassification:
     """A GPT2ForSequenceClassification whose transformer comes from an HF directory (an LM or a classifier).
@@ -71,9 +79,7 @@ def load_classifier(model_dir: str | os.PathLike, *, num_labels: int, id2label: 
     config = load_config(model_dir)
     for key, value in config_overrides.items():
         setattr(config, key, value)
-    config.id2label = id2label or {i: str(i) for i in range(num_labels)}
-    config.label2id = {v: k for k, v in config.id2label.items()}
-    config.num_labels = num_labels
+    _set_labels(config, num_labels, id2label)
     model = GPT2ForSequenceClassification(config)
     state = hf_to_gpt2kit(load_state_dict(model_dir), model)
     state.pop("lm_head.weight", None)
@@ -324,9 +330,8 @@ class Trainer:
             if weights is not None:
                 overrides = {**self.config.model.config, "pad_token_id": tokenizer.pad_token_id}
                 return load_classifier(weights, num_labels=num_labels, id2label=id2label, **overrides)
-            config.id2label = id2label or {i: str(i) for i in range(num_labels)}
-            config.label2id = {v: k for k, v in config.id2label.items()}
-            config.num_labels, config.pad_token_id = num_labels, tokenizer.pad_token_id
+            _set_labels(config, num_labels, id2label)
+            config.pad_token_id = tokenizer.pad_token_id
             return GPT2ForSequenceClassification(config)
         if weights is not None:
             return GPT2LMHeadModel.from_pretrained(weights, **self.config.model.config)
@@ -377,6 +382,7 @@ class Trainer:
         self.model.to(self.device).train()
         self.forward_model = self._wrap_model(self.model)
         self.optimizer = build_optimizer(self.model, c.optim)
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]  # what gets clipped
         self._plan_batches()
         self.scheduler = build_scheduler(self.optimizer, c.optim, self.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -439,11 +445,13 @@ class Trainer:
 
     def _forward(self, batch: dict[str, torch.Tensor], model: nn.Module | None = None):
         model = model if model is not None else self.forward_model
+        # Checked on the loader's host tensor: on the device it would wait for the GPU at every micro-step.
+        unpadded = "labels" not in batch and bool(batch["attention_mask"].all())
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if "labels" in batch:
             return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        mask = batch["attention_mask"]
-        return model(batch["input_ids"], attention_mask=None if bool(mask.all()) else mask, targets=batch["targets"])
+        mask = None if unpadded else batch["attention_mask"]
+        return model(batch["input_ids"], attention_mask=mask, targets=batch["targets"])
 
     @staticmethod
     def _loss_weight(batch: dict[str, torch.Tensor]) -> int:
@@ -459,7 +467,9 @@ class Trainer:
         weights = [self._loss_weight(b) for b in micro_batches]
         # The step's scored targets on all data-parallel ranks; DDP / FSDP average gradients over those ranks,
         # so each rank's share is scaled back up by their number.
-        total = int(self.parallel.all_reduce_sum(torch.tensor(sum(weights), device=self.device)))
+        total = sum(weights)
+        if self.parallel.distributed:
+            total = int(self.parallel.all_reduce_sum(torch.tensor(total, device=self.device)))
         if total == 0:
             raise ValueError(f"step {self.step + 1}: the batch has no scored tokens (all targets are -100)")
         loss_sum = torch.zeros((), device=self.device)
@@ -476,10 +486,10 @@ class Trainer:
         micro_batches = [self._next_batch() for _ in range(self.grad_accum)]
         loss_sum = self.backward(micro_batches)
         self.scaler.unscale_(self.optimizer)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = self.config.train.grad_clip or float("inf")
-        grad_norm = clip_grad_norm_(params, max_norm)
-        loss_value, norm_value = float(loss_sum), float(grad_norm)
+        grad_norm = clip_grad_norm_(self._params, self.config.train.grad_clip or float("inf"))
+        # One device-to-host copy for both numbers, not one sync each.
+        grad_norm = grad_norm.to(loss_sum.device, torch.float32)
+        loss_value, norm_value = torch.stack([loss_sum.float(), grad_norm]).tolist()
         if not math.isfinite(loss_value) or (self.precision != "fp16" and not math.isfinite(norm_value)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
             last = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint \
@@ -691,9 +701,7 @@ class Trainer:
             save_distributed_checkpoint(tmp / STATE_DIR / DCP_DIR, self.model, self.optimizer)
         if self.is_main:
             write_manifest(tmp, self.step)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            replace_directory(tmp, final)
             prune_checkpoints(self.out_dir, self.config.checkpoint.keep_last)
         self.last_checkpoint = final
         return final
@@ -710,9 +718,7 @@ class Trainer:
                     self.tokenizer.save_pretrained(tmp)
             else:
                 self._save_model_files(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            replace_directory(tmp, final)
         return final
 
     def _resume(self, resume: str) -> None:
