@@ -2,8 +2,10 @@
 
 Measures time to first token (prefill + first sampled token) and decode tokens/s (tokens after the first,
 over all rows) for greedy decoding, per shape x dtype x batch size, and prints gpt2kit / transformers ratios
-(higher is better for tokens/s, lower for TTFT). Weights are cast to the dtype (no autocast). Both sides
-generate exactly --new-tokens tokens (EOS disabled); in float32 their tokens are also checked for equality.
+(higher is better for tokens/s, lower for TTFT). Weights are cast to the dtype (no autocast); `int8` runs
+gpt2kit's weight-only int8 model (gpt2kit.quantization) against transformers in float32, the comparison the
+project's targets are stated in. Both sides generate exactly --new-tokens tokens (EOS disabled); their tokens
+are compared (always equal in float32).
 
     python benchmarks/bench_generate.py                       # tiny shape, about a minute
     python benchmarks/bench_generate.py --shapes gpt2,tiny    # adds GPT-2 small (124M), several minutes
@@ -12,6 +14,7 @@ generate exactly --new-tokens tokens (EOS disabled); in float32 their tokens are
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -22,12 +25,13 @@ from transformers.generation.streamers import BaseStreamer
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.generation import TokenGenerator
+from gpt2kit.quantization import quantize_int8
 
 SHAPES = {
     "tiny": GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=256, vocab_size=50257),
     "gpt2": GPT2Config.from_name("gpt2"),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 class _Clock(BaseStreamer):
@@ -76,7 +80,7 @@ def best_of_interleaved(repeats, ours, hf, ids, new_tokens):
     return [(min(r[0] for r in side), min(r[1] for r in side), side[0][2]) for side in runs.values()]
 
 
-def run(shapes: str = "tiny", dtypes: str = "fp32,bf16", batch_sizes: str = "1,8", prompt_len: int = 32,
+def run(shapes: str = "tiny", dtypes: str = "fp32,bf16,int8", batch_sizes: str = "1,8", prompt_len: int = 32,
         new_tokens: int = 64, repeats: int = 3) -> list[dict]:
     """One row per shape x dtype x batch: TTFT and decode tokens/s of both sides, greedy tokens compared."""
     transformers.logging.set_verbosity_error()
@@ -92,7 +96,11 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,bf16", batch_sizes: str = "1,8
         n_params = ours_fp32.num_parameters()  # weights read per decode step: the bandwidth bound
         for dtype_name in dtypes.split(","):
             dtype = DTYPES[dtype_name]
-            hf, ours = hf_fp32.to(dtype), ours_fp32.to(dtype)
+            # Copies: every dtype starts from the same float32 weights.
+            if dtype == torch.int8:
+                hf, ours = hf_fp32, quantize_int8(copy.deepcopy(ours_fp32))
+            else:
+                hf, ours = copy.deepcopy(hf_fp32).to(dtype), copy.deepcopy(ours_fp32).to(dtype)
             for batch in map(int, batch_sizes.split(",")):
                 ids = torch.randint(0, config.vocab_size, (batch, prompt_len),
                                     generator=torch.Generator().manual_seed(batch))
@@ -100,7 +108,8 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,bf16", batch_sizes: str = "1,8
                 (o_ttft, o_decode, o_out), (h_ttft, h_decode, h_out) = best_of_interleaved(
                     repeats, ours, hf, ids, new_tokens)
                 decoded = batch * (new_tokens - 1)
-                rows.append({"shape": shape, "dtype": dtype_name, "batch": batch, "prompt_len": prompt_len,
+                rows.append({"shape": shape, "dtype": dtype_name, "peer_dtype": "fp32" if dtype_name == "int8"
+                             else dtype_name, "batch": batch, "prompt_len": prompt_len,
                              "new_tokens": new_tokens, "ours_ttft_s": o_ttft, "peer_ttft_s": h_ttft,
                              "ours_tok_s": decoded / o_decode, "peer_tok_s": decoded / h_decode,
                              "ratio": h_decode / o_decode, "ttft_ratio": h_ttft / o_ttft,
@@ -112,7 +121,7 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,bf16", batch_sizes: str = "1,8
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="tiny", help=f"comma-separated, from {', '.join(SHAPES)}")
-    parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {', '.join(DTYPES)}")
+    parser.add_argument("--dtypes", default="fp32,bf16,int8", help=f"comma-separated, from {', '.join(DTYPES)}")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -128,7 +137,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in run(args.shapes, args.dtypes, args.batch_sizes, args.prompt_len, args.new_tokens, args.repeats):
-        same = "yes" if r["same_tokens"] else ("no" if r["dtype"] == "fp32" else "n/a (bf16)")
+        same = "yes" if r["same_tokens"] else ("no" if r["dtype"] == "fp32" else f"no ({r['dtype']})")
         print(f"{r['shape']:<6} {r['dtype']:<5} {r['batch']:>5} | {r['ours_ttft_s'] * 1e3:>12.1f} "
               f"{r['peer_ttft_s'] * 1e3:>8.1f} {r['ours_ttft_s'] / r['peer_ttft_s']:>6.2f} | {r['ours_tok_s']:>17.1f} "
               f"{r['peer_tok_s']:>8.1f} {r['ratio']:>6.2f} | {same}")

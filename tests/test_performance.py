@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.generation import generate
-from gpt2kit.model import build_attention_mask, lm_loss
+from gpt2kit.losses import lm_loss
+from gpt2kit.model import build_attention_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200], [3, 4, 5, 6]]
@@ -106,16 +107,22 @@ def test_benchmark_table_rows_and_targets():
     from benchmarks.__main__ import table
 
     hw = {"fp32_flops": 1e11, "bf16_flops": 4e11, "bandwidth": 2e10}
-    rows = [{"section": "decode", "shape": "gpt2", "dtype": "fp32", "batch": 1, "prompt_len": 32, "ours_tok_s": 30.0,
-             "peer_tok_s": 10.0, "ratio": 3.0, "ours_ttft_s": 0.1, "peer_ttft_s": 0.2, "ttft_ratio": 2.0,
-             "weight_bytes": 5e8, "peak_rss_mb": 900.0},
+    decode_row = {"section": "decode", "shape": "gpt2", "dtype": "int8", "peer_dtype": "fp32", "batch": 1,
+                  "prompt_len": 32, "ours_tok_s": 30.0, "peer_tok_s": 10.0, "ratio": 3.0, "ours_ttft_s": 0.1,
+                  "peer_ttft_s": 0.2, "ttft_ratio": 2.0, "weight_bytes": 7.5e8, "peak_rss_mb": 900.0}
+    rows = [decode_row, {**decode_row, "dtype": "fp32", "weight_bytes": 5e8},
             {"section": "train", "shape": "tiny", "precision": "bf16", "batch": 4, "seq_len": 256, "ours_tok_s": 900.0,
              "peer_tok_s": 600.0, "ratio": 1.5, "bound_tok_s": 3000.0, "peak_flops": 2e11,
              "ours_step_rss_mb": 500.0, "peer_step_rss_mb": 750.0}]
     lines = table(rows, hw)
-    decode, ttft, train, train_memory = lines
-    assert decode[5] == 3.0 and decode[6] == 3.0 and decode[7] == pytest.approx(40.0) and decode[8] == 0.75
+    decode, ttft, fp32_decode, fp32_ttft, train, train_memory = lines
+    # The int8 path carries the targets (3x at batch 1, TTFT 1.5x) against transformers in float32.
+    assert decode[1] == "gpt2 int8 b1 p32 vs transformers fp32"
+    assert decode[5] == 3.0 and decode[6] == 3.0 and decode[7] == pytest.approx(2e10 / 7.5e8)
     assert ttft[3] == pytest.approx(10.0) and ttft[6] == 1.5
+    # Same-dtype rows report the bandwidth bound (GB/s over weight bytes), no ratio target.
+    assert fp32_decode[6] is None and fp32_decode[7] == pytest.approx(40.0) and fp32_decode[8] == 0.75
+    assert fp32_ttft[6] is None
     # The row's own peak (2e11) was measured under load: the bound uses the run's better one (4e11).
     assert train[6] == 2.0 and train[7] == pytest.approx(6000.0) and train[8] == pytest.approx(0.15)
     assert train_memory[5] == 1.5 and train_memory[6] == 1.0

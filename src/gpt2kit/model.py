@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import GPT2Config
+from .losses import linear_cross_entropy, lm_loss
 
 
 class KVCache:
@@ -209,55 +210,9 @@ class GPT2Model(GPT2PreTrainedModel):
 
 @dataclass
 class CausalLMOutput:
-    logits: Tensor
+    logits: Tensor | None  # None when the loss was fused with the LM head (return_logits=False)
     loss: Tensor | None = None
     past_key_values: KVCache | None = None
-
-
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over rows of (N, V) logits, computed in float32 a chunk of rows at a time.
-
-    F.cross_entropy on bf16 logits first makes a float32 copy of the whole (N, V) matrix and keeps float32
-    log-probabilities of it for backward. Here each chunk is upcast, reduced and its gradient (softmax - one_hot)
-    / n_valid computed at once, stored in the logits' dtype: backward is a single multiply, and no float32
-    (N, V) tensor ever exists. Targets equal to -100 are ignored, as in F.cross_entropy."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
-        valid = targets != -100
-        n_valid = valid.sum()
-        safe_targets = targets.masked_fill(~valid, 0).unsqueeze(1)
-        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        total = torch.zeros((), dtype=torch.float64, device=logits.device)  # exact sum over many rows
-        for start in range(0, logits.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            # float32 logits: work directly in the gradient's rows, saving a copy of the chunk.
-            in_place = grad is not None and grad.dtype == torch.float32
-            log_probs = torch.log_softmax(logits[rows], -1, dtype=torch.float32,
-                                          out=grad[rows] if in_place else None)
-            keep = valid[rows].unsqueeze(1)
-            total -= (log_probs.gather(1, safe_targets[rows]) * keep).sum(dtype=torch.float64)
-            if grad is not None:
-                # softmax / n_valid as one exp: exp(log_p + log(1/n)); ignored rows get log(0) = -inf -> 0.
-                scale = keep / n_valid.clamp(min=1)
-                probs = log_probs.add_(scale.log()).exp_().scatter_add_(1, safe_targets[rows], -scale)
-                if not in_place:
-                    grad[rows] = probs
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        return (total / n_valid).float()
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None
-
-
-def lm_loss(logits: Tensor, targets: Tensor, chunk_elements: int = 2 ** 24) -> Tensor:
-    """Mean cross-entropy of logits[:, t] against targets[:, t] (already aligned); target -100 is ignored.
-    Computed in float32 over chunks of about `chunk_elements` logits (see _ChunkedCrossEntropy)."""
-    flat = logits.flatten(0, 1)
-    return _ChunkedCrossEntropy.apply(flat, targets.flatten(), max(1, chunk_elements // flat.shape[-1]))
 
 
 class GPT2LMHeadModel(GPT2PreTrainedModel):
@@ -277,11 +232,25 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 labels: Tensor | None = None, targets: Tensor | None = None,
-                past_key_values: KVCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
+                past_key_values: KVCache | None = None, logits_to_keep: int = 0,
+                return_logits: bool = True) -> CausalLMOutput:
         """Loss from `labels` (HF convention: equal to input_ids, shifted inside) or `targets` (already shifted:
         targets[:, t] is the token after input_ids[:, t], as gpt2kit's datasets yield). `logits_to_keep=n`
-        computes logits for the last n positions only (generation needs just the last one)."""
+        computes logits for the last n positions only (generation needs just the last one).
+
+        With a loss and `return_logits=False` (training), the LM head is fused into the loss
+        (`linear_cross_entropy`): no (tokens x vocab) logits are kept, `logits` is None and `logits_to_keep` is
+        ignored. A head that is not a plain nn.Linear with a plain weight (tensor-parallel DTensor, LoRA or int8
+        layers) takes the unfused path, and then the logits are returned as usual."""
         hidden = self.transformer(input_ids, attention_mask, position_ids, past_key_values)
+        # Only a plain nn.Linear with a plain weight can be fused: a tensor-parallel head (its weight a DTensor),
+        # a LoRA or an int8 layer must run its own forward. Exact types avoid importing torch.distributed here.
+        fusable = type(self.lm_head) is nn.Linear and type(self.lm_head.weight) in (Tensor, nn.Parameter)
+        if (labels is not None or targets is not None) and not return_logits and fusable:
+            if labels is not None:
+                hidden, targets = hidden[:, :-1], labels[:, 1:]
+            loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
+            return CausalLMOutput(logits=None, loss=loss, past_key_values=past_key_values)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)

@@ -337,7 +337,7 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
 
 def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
           dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu", random_init: bool = False,
-          log_level: str = "info", **options) -> None:
+          quantize: str | None = None, log_level: str = "info", **options) -> None:
     """Load a model and serve it until interrupted (`gpt2kit serve`). `options` are ServerConfig fields; the
     API key defaults to the GPT2KIT_API_KEY environment variable."""
     import uvicorn
@@ -348,7 +348,7 @@ def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = Non
         options["api_key"] = os.environ.get(API_KEY_ENV) or None
     config = ServerConfig(**options)
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
-                                       random_init=random_init)
+                                       random_init=random_init, quantize=quantize)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         logger.warning("serving on %s without an API key: anyone who can reach this address can use the model",
                        config.host)

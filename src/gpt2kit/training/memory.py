@@ -13,8 +13,11 @@ What each GPU holds, for AdamW training as gpt2kit runs it (training/parallel.py
   Recomputation in Large Transformer Models", Table 2) without the attention-score terms, which PyTorch's fused
   scaled_dot_product_attention never stores; 2 bytes are the two dropout masks. With activation checkpointing
   ("recompute") a block keeps only its input (s*b*h*a) and one block's full set exists at a time during backward;
-- logits: the (s, b, vocab) logits gathered on every tensor-parallel rank, their float32 copy for the loss and
-  its gradient: s*b*V*(a + 8) bytes.
+- logits: without tensor parallelism the LM head is fused into the loss (gpt2kit.losses.linear_cross_entropy):
+  one chunk of at most CHUNK_ELEMENTS logits exists at a time (its float32 log-probabilities and gradient,
+  and the logits in the compute dtype), plus the head's float32 gradient accumulator, V*h*4 bytes. With tensor
+  parallelism the (s, b, vocab) logits are gathered on every rank, with their float32 copy for the loss and its
+  gradient: s*b*V*(a + 8) bytes.
 Allocator fragmentation, communication buffers and the CUDA context (about 1-3 GB) are not included.
 """
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GPT2Config
+from ..losses import CHUNK_ELEMENTS
 from .parallel import ParallelConfig, check_tensor_parallel
 
 GIB = 2**30
@@ -112,7 +116,10 @@ def estimate_memory(config: GPT2Config, parallel: ParallelConfig, *, micro_batch
     else:
         activations = layers * per_block
     activations += 2 * s * b * h * act  # embedding sum and final LayerNorm input
-    logits = s * b * v * (act + 8)
+    if t == 1:
+        logits = min(s * b * v, CHUNK_ELEMENTS) * (act + 8) + v * h * 4
+    else:
+        logits = s * b * v * (act + 8)
     return MemoryEstimate(config, parallel, micro_batch_size, s, precision, recompute, parameters=round(local),
                           weights=4 * local, gradients=4 * local, optimizer=8 * local, gathered=gathered,
                           activations=activations, logits=logits)

@@ -451,7 +451,7 @@ class Trainer:
         if "labels" in batch:
             return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         mask = None if unpadded else batch["attention_mask"]
-        return model(batch["input_ids"], attention_mask=mask, targets=batch["targets"])
+        return model(batch["input_ids"], attention_mask=mask, targets=batch["targets"], return_logits=False)
 
     @staticmethod
     def _loss_weight(batch: dict[str, torch.Tensor]) -> int:

@@ -1,0 +1,151 @@
+"""Language-model losses: mean cross-entropy over next-token targets, computed a chunk of rows at a time.
+
+`lm_loss` takes logits the model already computed; `linear_cross_entropy` fuses the LM head into the loss so that
+no (tokens x vocab) tensor is ever kept, which is what training uses. Targets equal to -100 are ignored, as in
+F.cross_entropy; a batch without scored targets has loss 0 (F.cross_entropy would give NaN, which would poison
+a weighted sum of micro-batch losses even at weight 0).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+# Logits per chunk: 32 MiB in float32. Large enough for efficient matmuls; larger float32 blocks are mmapped afresh
+# for every chunk by glibc's malloc on CPU, and page-faulting them in cost more than the softmax itself.
+CHUNK_ELEMENTS = 2 ** 23
+
+
+def _scored(targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(valid mask (N, 1), number of valid targets, targets (N, 1) with ignored ones replaced by index 0)."""
+    valid = (targets != IGNORE_INDEX).unsqueeze(1)
+    return valid, valid.sum(), targets.unsqueeze(1).masked_fill(~valid, 0)
+
+
+def _log_softmax_loss(logits: Tensor, targets: Tensor, valid: Tensor,
+                      out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """float32 log-probabilities of a chunk of rows (written into `out` when given) and the chunk's summed loss
+    over its valid rows, in float64: exact however many chunks are added up."""
+    log_probs = torch.log_softmax(logits, -1, dtype=torch.float32, out=out)
+    return log_probs, -(log_probs.gather(1, targets) * valid).sum(dtype=torch.float64)
+
+
+def _mean(total: Tensor, n_valid: Tensor) -> Tensor:
+    return (total / n_valid.clamp(min=1)).float()
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over rows of (N, V) logits, computed in float32 a chunk of rows at a time.
+
+    F.cross_entropy on bf16 logits first makes a float32 copy of the whole (N, V) matrix and keeps float32
+    log-probabilities of it for backward. Here each chunk is upcast, reduced and its gradient (softmax - one_hot)
+    / n_valid computed at once, stored in the logits' dtype: backward is a single multiply, and no float32
+    (N, V) tensor ever exists."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
+        valid, n_valid, targets = _scored(targets)
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        # float32 logits: work directly in the gradient's rows, saving a copy of the chunk.
+        in_place = grad is not None and grad.dtype == torch.float32
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for start in range(0, logits.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            log_probs, loss = _log_softmax_loss(logits[rows], targets[rows], valid[rows],
+                                                out=grad[rows] if in_place else None)
+            total += loss
+            if grad is not None:
+                # softmax / n_valid as one exp: exp(log_p + log(1/n)); ignored rows get log(0) = -inf -> 0.
+                scale = valid[rows] / n_valid.clamp(min=1)
+                probs = log_probs.add_(scale.log()).exp_().scatter_add_(1, targets[rows], -scale)
+                if not in_place:
+                    grad[rows] = probs
+        ctx.save_for_backward(grad)
+        return _mean(total, n_valid)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        # A 0-dim float32 factor keeps grad's dtype and, on CPU, is applied in float32.
+        return grad * grad_output, None, None
+
+
+def lm_loss(logits: Tensor, targets: Tensor, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
+    """Mean cross-entropy of logits[:, t] against targets[:, t] (already aligned); target -100 is ignored.
+    Computed in float32 over chunks of about `chunk_elements` logits (see _ChunkedCrossEntropy)."""
+    flat = logits.flatten(0, 1)
+    if not torch.is_grad_enabled():
+        # needs_input_grad ignores no_grad mode: a detached input keeps the gradient from being computed.
+        flat = flat.detach()
+    return _ChunkedCrossEntropy.apply(flat, targets.flatten(), max(1, chunk_elements // flat.shape[-1]))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of hidden @ weight.T against targets, a chunk of rows at a time.
+
+    Each chunk's logits are computed, reduced in float32 and turned into g = softmax - one_hot right away, which
+    is then pushed through the matmul: grad_hidden's rows are g @ weight and grad_weight accumulates g.T @ hidden
+    in float32. The 1/n_valid factor and the mask of ignored rows are applied to those small results, never to
+    the (rows, V) chunk. Only the two gradients are kept for backward, which just scales them: no (N, V) tensor
+    outlives its chunk. Autocast is applied here, since backward runs outside the autocast context."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
+        device_type = hidden.device.type
+        hidden_dtype, weight_dtype = hidden.dtype, weight.dtype
+        if torch.is_autocast_enabled(device_type):  # as F.linear would under autocast
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        valid, n_valid, targets = _scored(targets)
+        scale = valid / n_valid.clamp(min=1)  # (N, 1) float32: 1/n_valid, 0 for ignored rows
+        grad_hidden = torch.empty_like(hidden, dtype=hidden_dtype) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        # On CPU, adding a bf16 product to the float32 sum goes through a fresh float32 copy of it (page-faulted in:
+        # such large blocks are mmapped afresh), so products are upcast into one reused buffer. CUDA casts in-kernel.
+        low_precision = weight.dtype != torch.float32
+        upcast = torch.empty_like(grad_weight) if want_weight and low_precision and device_type == "cpu" else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        with torch.autocast(device_type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                x = hidden[rows]
+                log_probs, loss = _log_softmax_loss(x @ weight.T, targets[rows], valid[rows])
+                total += loss
+                if not (want_hidden or want_weight):
+                    continue
+                # g = softmax - one_hot in the matmuls' dtype; its ignored rows are masked out of both products.
+                g = log_probs.exp_().scatter_add_(1, targets[rows], -valid[rows].float()).to(weight.dtype)
+                if want_hidden:
+                    grad_hidden[rows] = (g @ weight) * scale[rows]
+                if want_weight:
+                    x = x.masked_fill(~valid[rows], 0)
+                    if not low_precision:
+                        grad_weight.addmm_(g.T, x)
+                    else:
+                        product = g.T @ x
+                        grad_weight += product if upcast is None else upcast.copy_(product)
+        if want_weight:
+            grad_weight = grad_weight.div_(n_valid.clamp(min=1)).to(weight_dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return _mean(total, n_valid)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_output,
+                None if grad_weight is None else grad_weight * grad_output, None, None)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None) -> Tensor:
+    """Mean cross-entropy of the logits hidden @ weight.T (hidden (N, C), weight (V, C)) against targets (N,),
+    as F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100) but without materializing the (N, V)
+    logits or their gradient. Rows are processed `chunk_rows` at a time (default: about 8M logits per chunk).
+    The loss is a float32 scalar; under autocast the matmuls run in the autocast dtype, and the gradients come
+    back in the inputs' dtypes."""
+    if not torch.is_grad_enabled():  # as in lm_loss: no gradients computed under no_grad
+        hidden, weight = hidden.detach(), weight.detach()
+    if chunk_rows is None:
+        chunk_rows = CHUNK_ELEMENTS // weight.shape[0]
+    return _LinearCrossEntropy.apply(hidden, weight, targets, max(1, chunk_rows))

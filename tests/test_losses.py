@@ -1,0 +1,153 @@
+"""The fused LM-head + cross-entropy loss against F.cross_entropy on materialized logits, alone and in the model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2kit import GPT2LMHeadModel
+from gpt2kit.losses import linear_cross_entropy, lm_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+N, C, V = 45, 24, 101
+
+
+def inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 hidden (N, C), weight (V, C) and targets (N,) with some ignored (-100), spread over the rows."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, C, generator=g)
+    weight = torch.randn(V, C, generator=g) * 0.5
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[:6] = -100
+    targets[20] = -100
+    return hidden, weight, targets
+
+
+def reference(hidden, weight, targets, dtype=torch.float64):
+    """F.cross_entropy on the full logits, with leaf copies of the inputs in `dtype` for their gradients."""
+    h, w = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+    return F.cross_entropy(h @ w.T, targets, ignore_index=-100), h, w
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 16, None, 1000])  # one row, ragged chunks, even chunks, one chunk
+def test_linear_cross_entropy_equals_float64_reference(chunk_rows):
+    hidden, weight, targets = inputs()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, targets, chunk_rows=chunk_rows)
+    ref, ref_h, ref_w = reference(hidden, weight, targets)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    (loss * 0.25).backward()  # a grad_output other than 1 must scale both gradients
+    (ref * 0.25).backward()
+    torch.testing.assert_close(h.grad, ref_h.grad.float(), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(w.grad, ref_w.grad.float(), rtol=1e-5, atol=1e-8)
+    assert h.grad[:6].abs().max() == 0 and h.grad[20].abs().max() == 0  # ignored rows get no gradient
+
+
+def test_all_targets_ignored_gives_zero_loss_and_gradients_like_lm_loss():
+    hidden, weight, _ = inputs()
+    targets = torch.full((N,), -100)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, targets, chunk_rows=8)
+    logits = (hidden @ weight.T).requires_grad_()
+    chunked = lm_loss(logits[None], targets[None])
+    assert torch.isfinite(loss) and loss.item() == 0.0 == chunked.item()
+    loss.backward()
+    chunked.backward()
+    assert h.grad.abs().max() == 0 and w.grad.abs().max() == 0 and logits.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_runs_the_matmuls_in_bf16_and_returns_gradients_in_the_inputs_dtypes(hidden_dtype):
+    hidden, weight, targets = inputs(1)
+    hidden = hidden.to(hidden_dtype)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, targets, chunk_rows=16)
+        # What the unfused model computes under autocast: bf16 logits from F.linear, the loss in float32.
+        autocast_ref = F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-100)
+    ref, ref_h, ref_w = reference(hidden.float(), weight, targets, torch.float32)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(autocast_ref.item(), rel=1e-5)  # the same bf16 logits
+    assert loss.item() != ref.item()  # ... which are not float32's
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-2)
+    loss.backward()
+    ref.backward()
+    assert h.grad.dtype == hidden_dtype and w.grad.dtype == torch.float32
+    for ours, exact in ((h.grad.float(), ref_h.grad), (w.grad, ref_w.grad)):
+        assert (ours - exact).norm() / exact.norm() < 2e-2
+
+
+def test_only_the_gradients_asked_for_are_computed():
+    hidden, weight, targets = inputs(2)
+    h = hidden.clone().requires_grad_()
+    frozen = weight.clone()  # a frozen head, as with LoRA
+    linear_cross_entropy(h, frozen, targets, chunk_rows=10).backward()
+    ref, ref_h, _ = reference(hidden, weight, targets)
+    ref.backward()
+    assert frozen.grad is None
+    torch.testing.assert_close(h.grad, ref_h.grad.float(), rtol=1e-5, atol=1e-8)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, weight.clone().requires_grad_(), targets)
+    assert loss.grad_fn is None and loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("loss_kind", ["targets", "labels"])
+def test_model_fused_loss_equals_the_loss_on_logits(tiny_config, loss_kind):
+    model = GPT2LMHeadModel(tiny_config).eval()  # no dropout: both passes must see the same network
+    ids = torch.randint(0, tiny_config.vocab_size, (3, 20))
+    if loss_kind == "targets":
+        targets = ids[:, 1:].clone()
+        targets[0, :5] = -100
+        args, kwargs = (ids[:, :-1],), {"targets": targets}
+    else:
+        labels = ids.clone()
+        labels[1, :4] = -100
+        args, kwargs = (ids,), {"labels": labels}
+    full = model(*args, **kwargs)
+    full.loss.backward()
+    expected = gradients(model)
+    fused = model(*args, **kwargs, return_logits=False)
+    fused.loss.backward()
+    assert full.logits is not None and fused.logits is None
+    torch.testing.assert_close(fused.loss, full.loss, rtol=1e-5, atol=0)
+    for name, grad in gradients(model).items():  # float32 rounding differs: tolerances relative to the largest
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def test_model_fused_loss_reaches_the_tied_embedding(tiny_config):
+    model = GPT2LMHeadModel(tiny_config).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = torch.randint(0, 100, (2, 16))  # tokens >= 100 never appear: only the head gives their rows a gradient
+    model(ids[:, :-1], targets=ids[:, 1:], return_logits=False).loss.backward()
+    grad = model.transformer.wte.weight.grad
+    assert grad[100:].abs().amax(-1).min() > 0
+    # The input tokens' rows hold both contributions: the head's and the embedding lookup's.
+    head_only = torch.autograd.grad(
+        linear_cross_entropy(model.transformer(ids[:, :-1]).flatten(0, 1).detach(), model.lm_head.weight,
+                             ids[:, 1:].flatten()), model.lm_head.weight)[0]
+    torch.testing.assert_close(grad[100:], head_only[100:], rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(grad[:100], head_only[:100])
+
+
+def test_model_with_a_wrapped_head_falls_back_to_logits(tiny_config):
+    class Head(nn.Linear):  # stands for a LoRA or int8 layer: its own forward must run
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = GPT2LMHeadModel(tiny_config).eval()
+    head = Head(tiny_config.n_embd, tiny_config.vocab_size, bias=False)
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    out = model(ids[:, :-1], targets=ids[:, 1:], return_logits=False)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, lm_loss(out.logits, ids[:, 1:]))
+    torch.testing.assert_close(out.loss, model(ids[:, :-1], targets=ids[:, 1:]).loss)

@@ -1,0 +1,118 @@
+"""Weight-only int8 inference: the int8 layer's arithmetic, the bound on its difference from float32, greedy
+agreement, and where a quantized model may (generation, serving) and may not (saving, ONNX export) go."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2kit import GPT2LMHeadModel
+from gpt2kit.generation import generate
+from gpt2kit.pipeline import TextGenerationPipeline, load_model_and_tokenizer
+from gpt2kit.quantization import Int8Linear, is_quantized, quantize_int8
+
+from .conftest import save_tiny_text_model
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])  # the int8 kernel up to 16 rows, dequantized matmul above
+def test_int8_linear_computes_with_its_dequantized_weight(rows):
+    linear = torch.nn.Linear(96, 80)
+    layer = Int8Linear(linear.weight, linear.bias)
+    x = torch.randn(rows, 96)
+    expected = F.linear(x.bfloat16().double(), layer.dequantized().double(), layer.bias.double())
+    out = layer(x)
+    assert out.dtype == x.dtype and out.shape == (rows, 80)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+    # Three dimensions (batch, tokens, features) as in the model.
+    torch.testing.assert_close(layer(x.view(1, rows, 96)), out.view(1, rows, 80), rtol=0, atol=0)
+
+
+def test_int8_weights_are_within_half_a_step_of_the_originals():
+    weight = torch.randn(64, 48) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different magnitude
+    layer = Int8Linear(weight, None)
+    assert layer.weight.dtype == torch.int8 and layer.scale.shape == (64,)
+    step = layer.scale.float()[:, None]
+    error = (layer.weight.float() * step - weight).abs()
+    assert bool((error <= step * 0.5 + 1e-7).all())
+    assert int(layer.weight.abs().max()) >= 127  # the largest weight of a row uses the full range
+
+
+def test_quantized_model_layout(tiny_model):
+    q = quantize_int8(copy.deepcopy(tiny_model))
+    layers = [name for name, m in q.named_modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 4 * tiny_model.config.n_layer + 1 and "lm_head" in layers
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+    # Only the projections change: embeddings, LayerNorms and biases keep their dtype.
+    assert {p.dtype for p in q.parameters()} == {torch.float32}
+    assert q.lm_head.weight.dtype == torch.int8 and q.transformer.wte.weight.dtype == torch.float32
+    assert q.lm_head.weight.data_ptr() != q.transformer.wte.weight.data_ptr()
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_int8(q)
+
+
+def _peaked(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """Random GPT-2 weights give nearly flat next-token distributions; a larger embedding scale gives logits
+    with margins like a trained model's, so greedy agreement is a meaningful check."""
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(25)
+    return model
+
+
+def test_int8_logits_stay_within_the_documented_bound(tiny_model):
+    model = _peaked(tiny_model)
+    q = quantize_int8(copy.deepcopy(model))
+    ids = torch.randint(0, model.config.vocab_size, (4, 48))
+    with torch.no_grad():
+        ref, out = model(ids).logits, q(ids).logits.float()
+    # The bound stated in docs/performance.md: within 10 % of the logits' standard deviation.
+    assert (out - ref).abs().max() <= 0.1 * ref.std()
+
+
+def test_int8_greedy_decoding_matches_float32(tiny_model):
+    model = _peaked(tiny_model)
+    q = quantize_int8(copy.deepcopy(model))
+    prompts = torch.randint(0, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(1))
+    for prompt in prompts:  # batch 1: the int8 kernel path for every decoded token
+        ref = generate(model, prompt[None], max_new_tokens=24, eos_token_id=[])
+        out = generate(q, prompt[None], max_new_tokens=24, eos_token_id=[])
+        assert torch.equal(out, ref)
+    # A left-padded batch: prefill of 4 x 12 rows takes the dequantized path, decode the kernel.
+    mask = torch.ones_like(prompts)
+    mask[1, :5] = 0
+    torch.testing.assert_close(generate(q, prompts, mask, max_new_tokens=24, eos_token_id=[]),
+                               generate(model, prompts, mask, max_new_tokens=24, eos_token_id=[]), rtol=0, atol=0)
+
+
+def test_quantize_option_loads_an_int8_model(tmp_path):
+    model_dir = save_tiny_text_model(tmp_path / "m")
+    model, tokenizer = load_model_and_tokenizer(model_dir, quantize="int8")
+    assert is_quantized(model)
+    text = TextGenerationPipeline(model, tokenizer)("Hello", max_new_tokens=5)[0]["generated_text"]
+    assert text.startswith("Hello") and len(text) > len("Hello")
+    with pytest.raises(ValueError, match="unknown quantize"):
+        load_model_and_tokenizer(model_dir, quantize="int4")
+    with pytest.raises(ValueError, match="leave dtype unset"):
+        load_model_and_tokenizer(model_dir, quantize="int8", dtype="float32")
+
+
+def test_cli_generate_with_int8(tmp_path):
+    model_dir = save_tiny_text_model(tmp_path / "m")
+    done = subprocess.run([sys.executable, "-m", "gpt2kit", "generate", "--model", str(model_dir), "--quantize",
+                           "int8", "--prompt", "Hello", "--max-new-tokens", "4", "--no-do-sample"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Hello")
+
+
+def test_quantized_models_are_not_saved_or_exported(tiny_model, tmp_path):
+    from gpt2kit.export import export_onnx
+
+    q = quantize_int8(copy.deepcopy(tiny_model))
+    with pytest.raises(ValueError, match="inference only"):
+        q.save_pretrained(tmp_path / "q")
+    with pytest.raises(ValueError, match="float weights"):
+        export_onnx(q, tmp_path / "onnx")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "onnx").exists()
