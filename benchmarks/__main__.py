@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         for shape, prompt, dtypes, batches in cases:
             print(f"decode {shape} {dtypes} batch {batches} prompt {prompt} ...", flush=True)
             for row in measure(rows, bench_generate.run, shape, dtypes, batches, prompt_len=prompt,
-                               new_tokens=64 if args.full else 32, repeats=3):
+                               new_tokens=64, repeats=3):
                 row["section"] = "decode"
     if "eval" in only:
         print("eval ...", flush=True)
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if "preprocess" in only:
         print("preprocess ...", flush=True)
         measure(rows, lambda: {"section": "preprocess",
-                               "rows": bench_preprocess.run(mb=64.0 if args.full else 16.0, workers=(1, 2))})
+                               "rows": bench_preprocess.run(mb=128.0 if args.full else 64.0, workers=(1, 2))})
     if "serve" in only:
         measure(rows, lambda: {"section": "serve", "results": bench_serve.run(
             ["gpt2kit", "transformers-cb"], preset="gpt2" if args.full else "gpt2-tiny",

@@ -116,3 +116,15 @@ def test_quantized_models_are_not_saved_or_exported(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="float weights"):
         export_onnx(q, tmp_path / "onnx")
     assert not (tmp_path / "q").exists() and not (tmp_path / "onnx").exists()
+
+
+def test_a_quantized_model_cast_to_bf16_and_back_still_runs(tiny_model):
+    q = quantize_int8(copy.deepcopy(tiny_model))
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 20))  # 40 rows: the dequantized path
+    with torch.no_grad():
+        ref = q(ids).logits
+        for dtype in (torch.bfloat16, torch.float32):
+            q.to(dtype)
+            assert q(ids[:1, :1]).logits.dtype == dtype and q(ids).logits.dtype == dtype
+    assert q.lm_head.weight.dtype == torch.int8
+    torch.testing.assert_close(q(ids).logits, ref, rtol=0.05, atol=0.05)

@@ -37,18 +37,18 @@ class Int8Linear(nn.Module):
 
     def dequantized(self) -> Tensor:
         """The weight this layer multiplies by, (out, in) in bf16."""
-        return self.weight.to(_COMPUTE_DTYPE) * self.scale[:, None]
+        return self.weight.to(_COMPUTE_DTYPE) * self.scale.to(_COMPUTE_DTYPE)[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // self.in_features
-        inputs = x.to(_COMPUTE_DTYPE)
-        if x.device.type == "cpu" and rows <= _INT8_KERNEL_MAX_ROWS:
-            y = torch._weight_int8pack_mm(inputs.reshape(rows, self.in_features).contiguous(), self.weight,
-                                          self.scale.to(_COMPUTE_DTYPE)).view(*x.shape[:-1], self.out_features)
+        # Few tensor ops per call: at batch 1 this wrapper runs 49 times per GPT-2 token.
+        if x.device.type == "cpu" and x.numel() <= _INT8_KERNEL_MAX_ROWS * self.in_features:
+            inputs = x.reshape(-1, self.in_features).to(_COMPUTE_DTYPE).contiguous()
+            scale = self.scale.to(_COMPUTE_DTYPE)  # a no-op unless the model was cast after quantizing
+            y = torch._weight_int8pack_mm(inputs, self.weight, scale).view(*x.shape[:-1], self.out_features)
         else:
-            y = F.linear(inputs, self.dequantized())
-        y = y.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+            y = F.linear(x.to(_COMPUTE_DTYPE), self.dequantized())
+        # Adding the bias (in the model's dtype) also casts the bf16 product back to that dtype.
+        return y.to(x.dtype) if self.bias is None else torch.add(self.bias, y)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8, compute=bf16"
