@@ -128,3 +128,19 @@ def test_a_quantized_model_cast_to_bf16_and_back_still_runs(tiny_model):
             assert q(ids[:1, :1]).logits.dtype == dtype and q(ids).logits.dtype == dtype
     assert q.lm_head.weight.dtype == torch.int8
     torch.testing.assert_close(q(ids).logits, ref, rtol=0.05, atol=0.05)
+
+
+def test_server_serves_an_int8_model(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from gpt2kit.serving import ServerConfig, create_app
+
+    model, tokenizer = load_model_and_tokenizer(save_tiny_text_model(tmp_path / "m"), quantize="int8")
+    expected = TextGenerationPipeline(model, tokenizer)("Hello", max_new_tokens=6, do_sample=False,
+                                                       return_full_text=False)[0]["generated_text"]
+    with TestClient(create_app(model, tokenizer, ServerConfig(), model_name="tiny")) as client:
+        card = client.get("/v1/models").json()["data"][0]["gpt2kit"]
+        assert card["dtype"] == "int8 weights, float32 activations"
+        assert card["parameters"] == load_model_and_tokenizer(tmp_path / "m")[0].num_parameters()
+        reply = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 6, "temperature": 0})
+    assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == expected

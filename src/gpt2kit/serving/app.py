@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationConfig, TextStreamDecoder, encode_prompt
 from ..model import GPT2LMHeadModel
+from ..quantization import is_quantized
 from ..tokenizer import GPT2Tokenizer
 from .config import ServerConfig
 from .protocol import DEFAULT_MAX_TOKENS, APIError, CompletionRequest, LogprobsBuilder, error_body, parse_request
@@ -114,11 +115,13 @@ class CompletionService:
 
     def model_card(self) -> dict[str, Any]:
         c = self.model.config
-        n_params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        with torch.device("meta"):  # the architecture's count, whatever the weights' storage (int8 included)
+            n_params = GPT2LMHeadModel(c).num_parameters()
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gpt2kit",
                 "gpt2kit": {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head,
                             "n_positions": c.n_positions, "vocab_size": c.vocab_size, "parameters": n_params,
-                            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}}
+                            "dtype": f"int8 weights, {dtype} activations" if is_quantized(self.model) else dtype}}
 
     # ---- request -> job -----------------------------------------------------------------------------------
     def _prompt_ids(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
