@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -94,6 +95,7 @@ class GenerationConfig:
     seed: int | None = None  # seeds a private generator: same seed, same samples
     num_return_sequences: int = 1  # rows per prompt (sampling only), returned consecutively
     use_cache: bool = True  # False recomputes the whole sequence every step (slow; a reference)
+    compile: bool = False  # decode steps through torch.compile (static shapes; CUDA graphs on a GPU)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -112,6 +114,7 @@ class GenerationConfig:
             (self.num_return_sequences == 1 or self.sampling,
              "num_return_sequences > 1 needs do_sample=True with temperature > 0 (greedy rows would be identical)"),
             (not self.stop or all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            (self.use_cache or not self.compile, "compile=True needs use_cache=True (it compiles the cached step)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -252,6 +255,8 @@ class TokenGenerator:
             if not bool(real[:, -1].all()):
                 raise ValueError("attention_mask has a row without any real token")
             attention_mask = None if bool(real.all()) else real.long()
+        if config.compile and not isinstance(model, GPT2LMHeadModel):
+            raise ValueError(f"compile=True needs a GPT2LMHeadModel, not {type(model).__name__}")
         if config.stop and tokenizer is None:
             raise ValueError("stop strings need the tokenizer: generate(..., stop=[...], tokenizer=tokenizer)")
         prompt_len = input_ids.shape[1]
@@ -285,6 +290,20 @@ class TokenGenerator:
         self.cache = (KVCache(model_config, batch, max(total - 1, prompt_len), dtype=dtype, device=device)
                       if config.use_cache else None)
         self.steps = 0
+        self.compiled_step = None
+        if config.compile:
+            # Static decoding: attention over the whole cache, this mask marking what each row may see; every
+            # step adds its own position. Positions and the write index are tensors, so no step recompiles.
+            self.compiled_step = _compiled_decode_step("reduce-overhead" if device.type == "cuda" else None)
+            self.step_mask = torch.zeros(batch, 1, 1, self.cache.max_length, dtype=torch.bool, device=device)
+            self.step_mask[:, 0, 0, :prompt_len] = attention_mask.bool() if attention_mask is not None else True
+            self.cache_index = torch.zeros(1, dtype=torch.long, device=device)
+            if attention_mask is None:
+                self.positions = torch.full((batch, 1), prompt_len, device=device)
+            # The cache is written in place by the step: a fixed address lets CUDA graphs keep it (and a new
+            # generator's cache only re-records the graph, it does not recompile).
+            torch._dynamo.mark_static_address(self.cache.keys)
+            torch._dynamo.mark_static_address(self.cache.values)
 
     def sequences(self) -> Tensor:
         """Prompt + the tokens generated so far, (B * num_return_sequences, prompt_len + steps)."""
@@ -296,12 +315,25 @@ class TokenGenerator:
         if self.cache is None:
             return self.model(self.tokens[:, :end], mask, logits_to_keep=1).logits[:, -1]
         start = self.cache.length
+        if self.compiled_step is not None and start > 0:
+            return self._static_logits(start)
         positions = None
         if mask is not None and start > 0:
             positions = self.positions
             self.positions = self.positions + 1
         return self.model(self.tokens[:, start:end], mask, positions, past_key_values=self.cache,
                           logits_to_keep=1).logits[:, -1]
+
+    def _static_logits(self, index: int) -> Tensor:
+        """Logits (B, V) after the token at `index`, through the compiled static-shape step."""
+        self.step_mask[:, :, :, index] = True
+        self.cache_index.fill_(index)
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
+        logits = self.compiled_step(self.model, self.tokens[:, index:index + 1].clone(), self.positions,
+                                    self.cache_index, self.step_mask, self.cache)
+        self.cache.length = index + 1
+        self.positions = self.positions + 1
+        return logits
 
     def __iter__(self) -> Iterator[Tensor]:
         was_training = self.model.training
@@ -333,13 +365,21 @@ class TokenGenerator:
                 return
 
 
+@functools.cache
+def _compiled_decode_step(mode: str | None) -> Callable[..., Tensor]:
+    """GPT2LMHeadModel.decode_step compiled once per process and mode. The model is an argument: dynamo's
+    cache, guarded on the model and the shapes, lets every later generator on the same model and batch size
+    reuse the compiled code."""
+    return torch.compile(GPT2LMHeadModel.decode_step, fullgraph=True, dynamic=False, mode=mode)
+
+
 def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor | None = None,
              config: GenerationConfig | None = None, *, tokenizer: GPT2Tokenizer | None = None,
              generator: torch.Generator | None = None, **options) -> Tensor:
     """Prompt + new tokens, (B * num_return_sequences, prompt_len + steps) with each prompt's rows together.
 
     Options are GenerationConfig's fields (max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
-    top_p, repetition_penalty, eos_token_id, pad_token_id, stop, seed, num_return_sequences, use_cache).
+    top_p, repetition_penalty, eos_token_id, pad_token_id, stop, seed, num_return_sequences, use_cache, compile).
     Batched prompts must be left-padded with `attention_mask`; each row then generates exactly as alone.
     Generation ends when every row has met EOS or a stop string, or after max_new_tokens; finished rows are
     filled with pad_token_id. Stop strings need `tokenizer`; the returned tokens include the one completing

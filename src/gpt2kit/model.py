@@ -45,6 +45,17 @@ class KVCache:
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
+    def write_at(self, layer: int, k: Tensor, v: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Static-shape `update`: write k/v (batch, n_head, T, head_dim) at the cache positions `index` (T,) and
+        return the layer's whole keys/values (max_length positions). The position is data, not shape, so the
+        step can be compiled once; `length` is the caller's to advance."""
+        # The layer is indexed by a tensor too: an int would first take a view, and a compiled write into a view
+        # of an input copies the whole layer's cache every step instead of writing T positions in place.
+        at = (torch.tensor([layer], device=index.device), slice(None), slice(None), index)
+        self.keys[at] = k.permute(2, 0, 1, 3)  # advanced indices first: (T, batch, n_head, head_dim)
+        self.values[at] = v.permute(2, 0, 1, 3)
+        return self.keys[layer], self.values[layer]
+
     def reorder(self, index: Tensor) -> None:
         """Keep (and repeat) batch rows by index, e.g. to drop finished sequences."""
         self.keys = self.keys.index_select(1, index)
@@ -61,12 +72,16 @@ class CausalSelfAttention(nn.Module):
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None,
+                cache_index: Tensor | None = None) -> Tensor:
+        """With `cache_index` (static decoding) k/v are written there and attention spans the whole cache,
+        which `attn_mask` restricts to the filled positions."""
         B, T, _ = x.shape
         # Widths come from c_attn's output, not x: under tensor parallelism a rank holds a slice of the heads.
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = (cache.update(self.layer_idx, k, v) if cache_index is None
+                    else cache.write_at(self.layer_idx, k, v, cache_index))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.attn_pdrop if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, -1)))
@@ -95,8 +110,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = True,
-                cache: KVCache | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache)
+                cache: KVCache | None = None, cache_index: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, cache_index)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -260,6 +275,18 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         elif targets is not None:
             loss = lm_loss(logits, targets)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)
+
+    def decode_step(self, input_ids: Tensor, position_ids: Tensor, cache_index: Tensor, attn_mask: Tensor,
+                    cache: KVCache) -> Tensor:
+        """Logits (B, V) of one decode step whose shapes never change, so torch.compile captures it once
+        (and CUDA graphs can replay it). input_ids, position_ids (B, 1); cache_index (1,): the cache position
+        written; attn_mask (B, 1, 1, max_length) bool: True at each row's real cached tokens and at cache_index.
+        Unlike forward() nothing is checked and nothing branches on tensor values; cache.length is not advanced."""
+        t = self.transformer
+        x = t.drop(t.wte(input_ids) + t.wpe(position_ids))
+        for block in t.h:
+            x = block(x, attn_mask, False, cache, cache_index)
+        return self.lm_head(t.ln_f(x))[:, -1]
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options) -> Tensor:
         """Prompt + new tokens (KV-cached decoding); options as `gpt2kit.generation.generate`."""

@@ -1,0 +1,75 @@
+"""The static-shape decode step (attention over the whole preallocated cache, cache writes at a position tensor)
+against today's eager step, and compiled decoding (torch.compile of that step) against eager decoding."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from gpt2kit import GPT2LMHeadModel
+from gpt2kit.generation import TokenGenerator, generate
+from gpt2kit.model import KVCache, positions_from_mask
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+# One prompt length and max_new_tokens everywhere: the compiled step's shapes (batch, cache length) stay the
+# same, so the file compiles once per batch size.
+BATCH_1 = (torch.tensor([[5, 6, 7, 8, 9]]), None)
+PADDED = (torch.tensor([[0, 0, 0, 5, 6], [7, 8, 9, 10, 11], [0, 12, 13, 14, 15]]),
+          torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]))
+NEW_TOKENS = 10
+
+
+@pytest.mark.parametrize("ids, mask", [BATCH_1, PADDED], ids=["batch-1", "left-padded"])
+@torch.no_grad()
+def test_static_step_gives_the_eager_steps_logits(tiny_model, ids, mask):
+    B, P = ids.shape
+    mask = torch.ones_like(ids) if mask is None else mask
+    eager_cache, static_cache = (KVCache(tiny_model.config, B, P + NEW_TOKENS) for _ in range(2))
+    logits = tiny_model(ids, mask, past_key_values=eager_cache).logits[:, -1]
+    tiny_model(ids, mask, past_key_values=static_cache)
+    # What each row may see in the static step: its real prompt tokens, then every new position it reaches.
+    step_mask = torch.zeros(B, 1, 1, P + NEW_TOKENS, dtype=torch.bool)
+    step_mask[:, 0, 0, :P] = mask.bool()
+    positions = mask.sum(1, keepdim=True)
+    for index in range(P, P + NEW_TOKENS):
+        token = logits.argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+        logits = tiny_model(token, mask, positions_from_mask(mask)[:, -1:], past_key_values=eager_cache).logits[:, -1]
+        step_mask[..., index] = True
+        static = tiny_model.decode_step(token, positions, torch.tensor([index]), step_mask, static_cache)
+        positions = positions + 1
+        torch.testing.assert_close(static, logits, rtol=1e-5, atol=1e-5)
+    filled = P + NEW_TOKENS
+    torch.testing.assert_close(static_cache.keys[..., :filled, :], eager_cache.keys[..., :filled, :])
+    torch.testing.assert_close(static_cache.values[..., :filled, :], eager_cache.values[..., :filled, :])
+
+
+@pytest.mark.parametrize("ids, mask", [BATCH_1, PADDED], ids=["batch-1", "left-padded"])
+def test_compiled_decoding_gives_the_eager_tokens(tiny_model, ids, mask):
+    eager = generate(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    compiled = generate(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True)
+    assert compiled.shape == (ids.shape[0], ids.shape[1] + NEW_TOKENS)
+    assert torch.equal(compiled, eager)
+
+
+def test_a_second_generator_reuses_the_compiled_step(tiny_model, tiny_config):
+    ids, mask = PADDED
+
+    def tokens(model):
+        return torch.stack(list(TokenGenerator(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[],
+                                               compile=True)))
+
+    first = tokens(tiny_model)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # the step was compiled (here or by an earlier test with the same shapes)
+    assert torch.equal(tokens(tiny_model), first)
+    assert counters["stats"]["unique_graphs"] == graphs
+    # Another model of the same architecture reuses it too: the weights are inputs of the compiled step.
+    other = GPT2LMHeadModel(tiny_config).eval()
+    eager = generate(other, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    assert torch.equal(tokens(other), eager[:, -NEW_TOKENS:].T)  # tokens() is (steps, rows)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compile_needs_the_cache(tiny_model):
+    with pytest.raises(ValueError, match="compile=True needs use_cache=True"):
+        generate(tiny_model, BATCH_1[0], compile=True, use_cache=False)
