@@ -20,7 +20,6 @@ project aims for.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -105,12 +104,17 @@ def tokenizer_speed(repeats: int = 3) -> dict:
             "ratio": peer_s / ours_s}
 
 
-def llama_cpp_status() -> dict:
-    if importlib.util.find_spec("llama_cpp") is None:
-        return {"section": "llama.cpp", "skipped": "llama_cpp is not importable; install llama-cpp-python "
-                "(see docs/performance.md) to compare decode against it"}
-    return {"section": "llama.cpp", "skipped": "llama_cpp is installed but its GGUF comparison is not implemented "
-            "yet (see docs/performance.md)"}
+def llama_cpp_status() -> dict | None:
+    """None when llama.cpp's benchmark can run, else its skip row (the optional packages are not importable)."""
+    from . import bench_llamacpp
+
+    missing = bench_llamacpp.missing()
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        return {"section": "llama.cpp", "skipped": f"{' and '.join(missing)} {verb} not importable; to compare "
+                f"decode against llama.cpp, install (a 5-7 minute build, see docs/performance.md): "
+                f"{bench_llamacpp.INSTALL}"}
+    return None
 
 
 # ---- the table ---------------------------------------------------------------------------------------------------
@@ -157,6 +161,13 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
                 add("preprocess", f"{ours[-1]['workers']} vs {ours[0]['workers']} worker(s) scaling", "x",
                     ours[0]["seconds"] / ours[-1]["seconds"], 1.0, ours[0]["seconds"] / ours[-1]["seconds"], 1.8,
                     rss=rss)
+        elif r["section"] == "llama.cpp" and not r.get("skipped"):
+            # The issue's target: gpt2kit int8 ahead of llama.cpp q8_0 at batch 1; the float rows have none.
+            case = f"{r['shape']} {r['dtype']} b{r['batch']} p{r['prompt_len']} vs llama.cpp {r['peer_dtype']}"
+            bound = hw["bandwidth"] / r["weight_bytes"] if hw else None
+            add("llama.cpp", case, "tok/s", r["ours_tok_s"], r["peer_tok_s"], r["ratio"],
+                1.0 if r["peer_dtype"] == "q8_0" else None, bound, rss)
+            add("TTFT", case, "1/s", 1 / r["ours_ttft_s"], 1 / r["peer_ttft_s"], r["ttft_ratio"], rss=rss)
         elif r["section"] == "serve" and "gpt2kit" in r["results"]:
             ours = r["results"]["gpt2kit"]
             for name, peer in r["results"].items():
@@ -253,7 +264,17 @@ def main(argv: list[str] | None = None) -> None:
             ["gpt2kit", "transformers-cb"], preset="gpt2" if args.full else "gpt2-tiny",
             requests=64 if args.full else 32, clients=8, max_tokens=16)})
     if "llama.cpp" in only:
-        rows.append(llama_cpp_status())
+        skipped = llama_cpp_status()
+        if skipped:
+            rows.append(skipped)
+        else:
+            from . import bench_llamacpp
+
+            # GPT-2 small, batch 1: gpt2kit int8 vs q8_0 (with transformers fp32 beside), bf16 vs f16, fp32 vs f32.
+            print("llama.cpp gpt2 q8_0,f16,f32 batch 1 prompt 32 ...", flush=True)
+            for row in measure(rows, bench_llamacpp.run, "gpt2", "q8_0,f16,f32", prompt_len=32, new_tokens=64,
+                               repeats=3):
+                row["section"] = "llama.cpp"
 
     print_report(rows, hw)
     args.json.parent.mkdir(parents=True, exist_ok=True)

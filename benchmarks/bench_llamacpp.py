@@ -1,0 +1,293 @@
+"""Decode speed of gpt2kit against llama.cpp (through llama-cpp-python) on identical random weights.
+
+Builds the same random GPT-2 model as bench_generate.py (seed 0), converts it to GGUF files with the `gguf`
+package (architecture "gpt2": f32, f16, and q8_0 made by llama.cpp's own quantizer from the f32 file), and times
+batch-1 greedy decoding: time to first token (prefill + first token) and tokens/s after the first, best of
+--repeats runs after a warm-up, the sides alternating. Pairs: gpt2kit's weight-only int8 model against llama.cpp
+q8_0 (transformers in float32 runs beside them as the reference the project's targets are stated in), gpt2kit
+bf16 against llama.cpp f16, and gpt2kit fp32 against llama.cpp f32. Each row records whether both sides produced
+the same tokens and how far llama.cpp's logits after the prompt are from gpt2kit's float32 logits.
+
+llama.cpp is an optional peer: install it with (a source build of 5-7 minutes; the flags keep AMX code out,
+which crashed q8_0 with "Illegal instruction" on some CPUs)
+
+    CMAKE_ARGS="-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
+-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" pip install llama-cpp-python gguf
+
+    python benchmarks/bench_llamacpp.py                   # GPT-2 small (124M), a few minutes
+    python benchmarks/bench_llamacpp.py --shape tiny --kinds q8_0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import importlib.util
+import logging
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2kit import GPT2LMHeadModel
+from gpt2kit.files import read_json
+from gpt2kit.quantization import quantize_int8
+from gpt2kit.tokenizer import ASSETS, ENDOFTEXT
+
+if __package__:
+    from . import bench_generate
+else:  # run as a script: benchmarks/ is on sys.path
+    import bench_generate
+
+INSTALL = ("CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+           "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install llama-cpp-python gguf")
+# llama.cpp file kind -> the gpt2kit dtype it is compared with.
+PAIRS = {"q8_0": "int8", "f16": "bf16", "f32": "fp32"}
+
+# gpt2kit (= HF) parameter names -> llama.cpp's GPT-2 tensor names (gguf.TENSOR_NAMES for MODEL_ARCH.GPT2).
+_TOP = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
+        "lm_head": "output"}
+_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+          "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+_BLOCK_NAME = re.compile(r"transformer\.h\.(\d+)\.(.+)")
+
+
+def missing() -> list[str]:
+    """The optional packages this benchmark needs that are not importable."""
+    return [name for name in ("llama_cpp", "gguf") if importlib.util.find_spec(name) is None]
+
+
+def gguf_tensor_name(name: str) -> str:
+    """llama.cpp's GPT-2 tensor name of a gpt2kit parameter, e.g. transformer.h.3.attn.c_attn.weight ->
+    blk.3.attn_qkv.weight. gpt2kit's Linear weights are (out, in), the orientation GGUF stores (ne0 = in), so
+    tensors need no transposing (HF's Conv1D checkpoints do)."""
+    module, _, kind = name.rpartition(".")
+    if kind not in ("weight", "bias"):
+        raise ValueError(f"{name}: not a weight or bias")
+    if module in _TOP:
+        return f"{_TOP[module]}.{kind}"
+    match = _BLOCK_NAME.fullmatch(module)
+    if match and match.group(2) in _BLOCK:
+        return f"blk.{match.group(1)}.{_BLOCK[match.group(2)]}.{kind}"
+    raise ValueError(f"{name}: no GGUF GPT-2 tensor for this parameter")
+
+
+def gpt2_vocab() -> tuple[list[str], list[int], list[str]]:
+    """GPT-2's vocabulary as GGUF stores it: tokens in id order (byte-level BPE strings, as in encoder.json),
+    token types (1 normal, 3 control for <|endoftext|>), and the merges ("left right", in merge order)."""
+    encoder = read_json(ASSETS / "encoder.json")
+    tokens = [""] * len(encoder)
+    for token, index in encoder.items():
+        tokens[index] = token
+    if "" in tokens:
+        raise ValueError("encoder.json ids are not contiguous")
+    types = [3 if token == ENDOFTEXT else 1 for token in tokens]
+    lines = (ASSETS / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    merges = [line for line in lines[1:] if line]  # line 1 is "#version: 0.2"
+    return tokens, types, merges
+
+
+def write_gguf(model: GPT2LMHeadModel, path: str | Path, kind: str = "f32") -> Path:
+    """Write a GPT-2 model with GPT-2's vocabulary as a GGUF file llama.cpp loads (kind f32 or f16: matrices in
+    that type, norms and biases in f32 as llama.cpp requires)."""
+    import gguf
+    import numpy as np
+
+    config = model.config
+    tokens, types, merges = gpt2_vocab()
+    if config.vocab_size != len(tokens):
+        raise ValueError(f"vocab_size {config.vocab_size} is not GPT-2's {len(tokens)}; only GPT-2's vocabulary "
+                         "is written")
+    arch = gguf.MODEL_ARCH.GPT2
+    known = {gguf.TENSOR_NAMES[t].format(bid=b) for t in gguf.MODEL_TENSORS[arch] for b in range(config.n_layer)}
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name("gpt2kit")
+    writer.add_context_length(config.n_positions)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.mlp_dim)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}[kind])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(config.bos_token_id)
+    writer.add_eos_token_id(config.eos_token_id)
+    head, embedding = model.lm_head.weight, model.transformer.wte.weight
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and head.data_ptr() == embedding.data_ptr():
+            continue  # tied: llama.cpp uses token_embd when output.weight is absent
+        target = gguf_tensor_name(name)
+        if target.rpartition(".")[0] not in known:
+            raise ValueError(f"{target}: not a tensor of gguf's GPT-2 architecture")
+        data = tensor.detach().float().contiguous().numpy()
+        writer.add_tensor(target, data.astype(np.float16) if kind == "f16" and data.ndim == 2 else data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
+def quantize_gguf(source: str | Path, target: str | Path, kind: str = "q8_0") -> Path:
+    """llama.cpp's quantizer (what its llama-quantize tool runs) with default parameters."""
+    import llama_cpp
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # not a line per tensor
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]
+    params.nthread = torch.get_num_threads()
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
+    return Path(target)
+
+
+def load_llama(path: Path, n_ctx: int):
+    import llama_cpp
+
+    threads = torch.get_num_threads()
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                           n_threads_batch=threads, logits_all=False, verbose=False)
+
+
+def _last_logits(llm):
+    import llama_cpp
+    import numpy as np
+
+    pointer = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),))
+
+
+def time_llama(llm, prompt: list[int], new_tokens: int):
+    """Greedy decoding through Llama.eval (prefill, then one token per call), argmax of the last logits."""
+    start = time.perf_counter()
+    llm.reset()  # the KV cache is reused from position 0
+    llm.eval(prompt)
+    token = int(_last_logits(llm).argmax())
+    first = time.perf_counter()
+    out = [token]
+    for _ in range(new_tokens - 1):
+        llm.eval([token])
+        token = int(_last_logits(llm).argmax())
+        out.append(token)
+    end = time.perf_counter()
+    return first - start, end - first, out
+
+
+def _best(runs):
+    return min(r[0] for r in runs), min(r[1] for r in runs), runs[0][2]
+
+
+def run(shape: str = "gpt2", kinds: str = "q8_0,f16,f32", prompt_len: int = 32, new_tokens: int = 64,
+        repeats: int = 3, transformers_fp32: bool = True, gguf_dir: str | Path | None = None) -> list[dict]:
+    """One row per llama.cpp file kind at batch 1: TTFT and decode tokens/s of gpt2kit (in PAIRS[kind]) and
+    llama.cpp, tokens compared; the q8_0 row also times transformers fp32 beside them (hf_* fields)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = bench_generate.SHAPES[shape]
+    # The model of bench_generate.run (same seed, same HF round trip).
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
+    hf_fp32 = transformers.GPT2LMHeadModel(hf_config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    prompt = ids[0].tolist()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_fp32.save_pretrained(Path(tmp) / "m")
+        ours_fp32 = GPT2LMHeadModel.from_pretrained(Path(tmp) / "m")
+        n_params = ours_fp32.num_parameters()
+        with torch.no_grad():
+            reference = ours_fp32(ids).logits[0, -1].numpy()
+        files = Path(gguf_dir) if gguf_dir else Path(tmp)
+        files.mkdir(parents=True, exist_ok=True)
+        paths = {"f32": write_gguf(ours_fp32, files / f"{shape}-f32.gguf", "f32")}
+        for kind in kinds.split(","):
+            if kind == "f16":
+                paths[kind] = write_gguf(ours_fp32, files / f"{shape}-f16.gguf", "f16")
+            elif kind != "f32":
+                paths[kind] = quantize_gguf(paths["f32"], files / f"{shape}-{kind}.gguf", kind)
+        for kind in kinds.split(","):
+            ours_dtype = PAIRS[kind]
+            if ours_dtype == "int8":
+                ours = quantize_int8(copy.deepcopy(ours_fp32))
+            else:
+                ours = copy.deepcopy(ours_fp32).to(bench_generate.DTYPES[ours_dtype])
+            hf = hf_fp32 if transformers_fp32 and kind == "q8_0" else None
+            llm = load_llama(paths[kind], n_ctx=config.n_positions)
+            llm.eval(prompt)
+            logits_diff = float(abs(_last_logits(llm) - reference).max())
+            bench_generate.time_ours(ours, ids, 4), time_llama(llm, prompt, 4)  # warm-up
+            if hf is not None:
+                bench_generate.time_hf(hf, ids, 4)
+            runs = {"ours": [], "peer": [], "hf": []}
+            for _ in range(repeats):  # alternate the sides
+                runs["ours"].append(bench_generate.time_ours(ours, ids, new_tokens))
+                runs["peer"].append(time_llama(llm, prompt, new_tokens))
+                if hf is not None:
+                    runs["hf"].append(bench_generate.time_hf(hf, ids, new_tokens))
+            llm.close()
+            (o_ttft, o_decode, o_out), (p_ttft, p_decode, p_out) = _best(runs["ours"]), _best(runs["peer"])
+            decoded = new_tokens - 1
+            row = {"shape": shape, "dtype": ours_dtype, "peer_dtype": kind, "batch": 1, "prompt_len": prompt_len,
+                   "new_tokens": new_tokens, "ours_ttft_s": o_ttft, "peer_ttft_s": p_ttft,
+                   "ours_tok_s": decoded / o_decode, "peer_tok_s": decoded / p_decode, "ratio": p_decode / o_decode,
+                   "ttft_ratio": p_ttft / o_ttft, "weight_bytes": n_params * bench_generate.DTYPES[ours_dtype].itemsize,
+                   "gguf_bytes": paths[kind].stat().st_size, "same_tokens": o_out[0, prompt_len:].tolist() == p_out,
+                   "peer_logits_max_diff": logits_diff}
+            if hf is not None:
+                h_ttft, h_decode, _ = _best(runs["hf"])
+                row.update(hf_ttft_s=h_ttft, hf_tok_s=decoded / h_decode)
+            rows.append(row)
+            del ours
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="gpt2", help=f"one of {', '.join(bench_generate.SHAPES)}")
+    parser.add_argument("--kinds", default="q8_0,f16,f32", help=f"comma-separated llama.cpp files: {', '.join(PAIRS)}")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (after one warm-up)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers fp32 reference")
+    parser.add_argument("--gguf-dir", default=None, help="keep the GGUF files here (default: a temporary directory)")
+    parser.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads (default: torch's)")
+    args = parser.parse_args()
+    if missing():
+        print(f"llama.cpp benchmark skipped: {' and '.join(missing())} not importable; install with: {INSTALL}")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import llama_cpp
+    import transformers
+
+    transformers.logging.disable_progress_bar()
+
+    print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, {torch.get_num_threads()} threads; "
+          f"batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
+    header = (f"{'shape':<6} {'gpt2kit':<7} {'llama.cpp':<9} | {'TTFT ms ours':>12} {'llama':>8} {'ratio':>6} | "
+              f"{'decode tok/s ours':>17} {'llama':>8} {'ratio':>6} | same tokens | logits max diff vs fp32")
+    print(header)
+    print("-" * len(header))
+    rows = run(args.shape, args.kinds, args.prompt_len, args.new_tokens, args.repeats, not args.no_transformers,
+               args.gguf_dir)
+    for r in rows:
+        print(f"{r['shape']:<6} {r['dtype']:<7} {r['peer_dtype']:<9} | {r['ours_ttft_s'] * 1e3:>12.1f} "
+              f"{r['peer_ttft_s'] * 1e3:>8.1f} {r['ttft_ratio']:>6.2f} | {r['ours_tok_s']:>17.1f} "
+              f"{r['peer_tok_s']:>8.1f} {r['ratio']:>6.2f} | {'yes' if r['same_tokens'] else 'no':<11} | "
+              f"{r['peer_logits_max_diff']:.2g}")
+    for r in rows:
+        if "hf_tok_s" in r:
+            print(f"transformers fp32 beside the {r['peer_dtype']} row: TTFT {r['hf_ttft_s'] * 1e3:.1f} ms, "
+                  f"{r['hf_tok_s']:.1f} tok/s (gpt2kit {r['dtype']} {r['ours_tok_s'] / r['hf_tok_s']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
