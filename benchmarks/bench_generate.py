@@ -3,8 +3,9 @@
 Measures time to first token (prefill + first sampled token) and decode tokens/s (tokens after the first,
 over all rows) for greedy decoding, per shape x dtype x batch size, and prints gpt2kit / transformers ratios
 (higher is better for tokens/s, lower for TTFT). Weights are cast to the dtype (no autocast); `int8` runs
-gpt2kit's weight-only int8 model (gpt2kit.quantization) against transformers in float32, the comparison the
-project's targets are stated in. Both sides generate exactly --new-tokens tokens (EOS disabled); their tokens
+gpt2kit's weight-only int8 model and `fp32-packed` its float32 weights in oneDNN's packed layout
+(gpt2kit.quantization), both against transformers in float32, the comparison the project's targets are
+stated in. Both sides generate exactly --new-tokens tokens (EOS disabled); their tokens
 are compared (always equal in float32).
 
     python benchmarks/bench_generate.py                       # tiny shape, about a minute
@@ -25,13 +26,13 @@ from transformers.generation.streamers import BaseStreamer
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.generation import TokenGenerator
-from gpt2kit.quantization import quantize_int8
+from gpt2kit.quantization import pack_weights, quantize_int8
 
 SHAPES = {
     "tiny": GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=256, vocab_size=50257),
     "gpt2": GPT2Config.from_name("gpt2"),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "fp32-packed": torch.float32}
 
 
 class _Clock(BaseStreamer):
@@ -71,6 +72,26 @@ def time_hf(model, ids, new_tokens):
     return clock.first - start, end - clock.first, out
 
 
+def random_models(config: GPT2Config) -> tuple[transformers.GPT2LMHeadModel, GPT2LMHeadModel]:
+    """A random transformers GPT-2 (seed 0) and the same weights loaded into gpt2kit through an HF directory."""
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
+    hf_fp32 = transformers.GPT2LMHeadModel(hf_config).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_fp32.save_pretrained(Path(tmp) / "m")
+        return hf_fp32, GPT2LMHeadModel.from_pretrained(Path(tmp) / "m")
+
+
+def ours_in(dtype_name: str, ours_fp32: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """A copy of the float32 model in one of DTYPES' formats: every format starts from the same weights."""
+    model = copy.deepcopy(ours_fp32)
+    if dtype_name == "int8":
+        return quantize_int8(model)
+    if dtype_name == "fp32-packed":
+        return pack_weights(model)
+    return model.to(DTYPES[dtype_name])
+
+
 def best_of_interleaved(repeats, ours, hf, ids, new_tokens):
     """Alternate the two sides so that load from other processes hits both alike; keep each side's best."""
     runs = {"ours": [], "hf": []}
@@ -80,27 +101,19 @@ def best_of_interleaved(repeats, ours, hf, ids, new_tokens):
     return [(min(r[0] for r in side), min(r[1] for r in side), side[0][2]) for side in runs.values()]
 
 
-def run(shapes: str = "tiny", dtypes: str = "fp32,bf16,int8", batch_sizes: str = "1,8", prompt_len: int = 32,
+def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes: str = "1,8", prompt_len: int = 32,
         new_tokens: int = 64, repeats: int = 3) -> list[dict]:
     """One row per shape x dtype x batch: TTFT and decode tokens/s of both sides, greedy tokens compared."""
     transformers.logging.set_verbosity_error()
     rows = []
     for shape in shapes.split(","):
         config = SHAPES[shape]
-        torch.manual_seed(0)
-        hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
-        hf_fp32 = transformers.GPT2LMHeadModel(hf_config).eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            hf_fp32.save_pretrained(Path(tmp) / "m")
-            ours_fp32 = GPT2LMHeadModel.from_pretrained(Path(tmp) / "m")
+        hf_fp32, ours_fp32 = random_models(config)
         n_params = ours_fp32.num_parameters()  # weights read per decode step: the bandwidth bound
         for dtype_name in dtypes.split(","):
             dtype = DTYPES[dtype_name]
-            # Copies: every dtype starts from the same float32 weights.
-            if dtype == torch.int8:
-                hf, ours = hf_fp32, quantize_int8(copy.deepcopy(ours_fp32))
-            else:
-                hf, ours = copy.deepcopy(hf_fp32).to(dtype), copy.deepcopy(ours_fp32).to(dtype)
+            ours = ours_in(dtype_name, ours_fp32)
+            hf = hf_fp32 if dtype_name in ("int8", "fp32-packed") else copy.deepcopy(hf_fp32).to(dtype)
             for batch in map(int, batch_sizes.split(",")):
                 ids = torch.randint(0, config.vocab_size, (batch, prompt_len),
                                     generator=torch.Generator().manual_seed(batch))
@@ -108,8 +121,9 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,bf16,int8", batch_sizes: str =
                 (o_ttft, o_decode, o_out), (h_ttft, h_decode, h_out) = best_of_interleaved(
                     repeats, ours, hf, ids, new_tokens)
                 decoded = batch * (new_tokens - 1)
-                rows.append({"shape": shape, "dtype": dtype_name, "peer_dtype": "fp32" if dtype_name == "int8"
-                             else dtype_name, "batch": batch, "prompt_len": prompt_len,
+                peer_dtype = "fp32" if dtype_name in ("int8", "fp32-packed") else dtype_name
+                rows.append({"shape": shape, "dtype": dtype_name, "peer_dtype": peer_dtype, "batch": batch,
+                             "prompt_len": prompt_len,
                              "new_tokens": new_tokens, "ours_ttft_s": o_ttft, "peer_ttft_s": h_ttft,
                              "ours_tok_s": decoded / o_decode, "peer_tok_s": decoded / h_decode,
                              "ratio": h_decode / o_decode, "ttft_ratio": h_ttft / o_ttft,
@@ -121,7 +135,7 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,bf16,int8", batch_sizes: str =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="tiny", help=f"comma-separated, from {', '.join(SHAPES)}")
-    parser.add_argument("--dtypes", default="fp32,bf16,int8", help=f"comma-separated, from {', '.join(DTYPES)}")
+    parser.add_argument("--dtypes", default="fp32,fp32-packed,int8", help=f"comma-separated, from {', '.join(DTYPES)}")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -5,7 +5,7 @@ package (architecture "gpt2": f32, f16, and q8_0 made by llama.cpp's own quantiz
 batch-1 greedy decoding: time to first token (prefill + first token) and tokens/s after the first, best of
 --repeats runs after a warm-up, the sides alternating. Pairs: gpt2kit's weight-only int8 model against llama.cpp
 q8_0 (transformers in float32 runs beside them as the reference the project's targets are stated in), gpt2kit
-bf16 against llama.cpp f16, and gpt2kit fp32 against llama.cpp f32. Each row records whether both sides produced
+bf16 against llama.cpp f16, and gpt2kit fp32 (oneDNN-packed) against llama.cpp f32. Each row records whether both sides produced
 the same tokens and how far llama.cpp's logits after the prompt are from gpt2kit's float32 logits.
 
 llama.cpp is an optional peer: install it with (a source build of 5-7 minutes; the flags keep AMX code out,
@@ -21,7 +21,6 @@ which crashed q8_0 with "Illegal instruction" on some CPUs)
 from __future__ import annotations
 
 import argparse
-import copy
 import ctypes
 import importlib.util
 import logging
@@ -34,7 +33,6 @@ import torch
 
 from gpt2kit import GPT2LMHeadModel
 from gpt2kit.files import read_json
-from gpt2kit.quantization import quantize_int8
 from gpt2kit.tokenizer import ASSETS, ENDOFTEXT
 
 if __package__:
@@ -45,7 +43,7 @@ else:  # run as a script: benchmarks/ is on sys.path
 INSTALL = ("CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
            "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install llama-cpp-python gguf")
 # llama.cpp file kind -> the gpt2kit dtype it is compared with.
-PAIRS = {"q8_0": "int8", "f16": "bf16", "f32": "fp32"}
+PAIRS = {"q8_0": "int8", "f16": "bf16", "f32": "fp32-packed"}
 
 # gpt2kit (= HF) parameter names -> llama.cpp's GPT-2 tensor names (gguf.TENSOR_NAMES for MODEL_ARCH.GPT2).
 _TOP = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
@@ -188,20 +186,12 @@ def run(shape: str = "gpt2", kinds: str = "q8_0,f16,f32", prompt_len: int = 32, 
         repeats: int = 3, transformers_fp32: bool = True, gguf_dir: str | Path | None = None) -> list[dict]:
     """One row per llama.cpp file kind at batch 1: TTFT and decode tokens/s of gpt2kit (in PAIRS[kind]) and
     llama.cpp, tokens compared; the q8_0 row also times transformers fp32 beside them (hf_* fields)."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     config = bench_generate.SHAPES[shape]
-    # The model of bench_generate.run (same seed, same HF round trip).
-    torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
-    hf_fp32 = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf_fp32, ours_fp32 = bench_generate.random_models(config)  # the model of bench_generate.run
     ids = torch.randint(0, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
     prompt = ids[0].tolist()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        hf_fp32.save_pretrained(Path(tmp) / "m")
-        ours_fp32 = GPT2LMHeadModel.from_pretrained(Path(tmp) / "m")
         n_params = ours_fp32.num_parameters()
         with torch.no_grad():
             reference = ours_fp32(ids).logits[0, -1].numpy()
@@ -215,10 +205,7 @@ def run(shape: str = "gpt2", kinds: str = "q8_0,f16,f32", prompt_len: int = 32, 
                 paths[kind] = quantize_gguf(paths["f32"], files / f"{shape}-{kind}.gguf", kind)
         for kind in kinds.split(","):
             ours_dtype = PAIRS[kind]
-            if ours_dtype == "int8":
-                ours = quantize_int8(copy.deepcopy(ours_fp32))
-            else:
-                ours = copy.deepcopy(ours_fp32).to(bench_generate.DTYPES[ours_dtype])
+            ours = bench_generate.ours_in(ours_dtype, ours_fp32)
             hf = hf_fp32 if transformers_fp32 and kind == "q8_0" else None
             llm = load_llama(paths[kind], n_ctx=config.n_positions)
             llm.eval(prompt)

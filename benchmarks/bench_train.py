@@ -15,6 +15,7 @@ import contextlib
 import statistics
 import threading
 import time
+from typing import ClassVar
 
 import psutil
 import torch
@@ -53,7 +54,7 @@ class PeakRSS:
     every `interval` seconds. A coarse interval matters: a thread waking every few milliseconds takes the GIL
     from the decode loop being measured."""
 
-    _active: list[PeakRSS] = []  # the blocks being measured, outermost first
+    _active: ClassVar[list[PeakRSS]] = []  # the blocks being measured, outermost first
 
     def __init__(self, interval: float = 0.1) -> None:
         self.interval, self.peak = interval, 0

@@ -1,5 +1,6 @@
-"""Weight-only int8 inference: the int8 layer's arithmetic, the bound on its difference from float32, greedy
-agreement, and where a quantized model may (generation, serving) and may not (saving, ONNX export) go."""
+"""Inference-only weight formats. Weight-only int8: the int8 layer's arithmetic, the bound on its difference from
+float32, greedy agreement. oneDNN-packed float weights: the same logits and tokens as nn.Linear. Where such a
+model may (generation, serving) and may not (saving, ONNX export) go."""
 
 import copy
 import subprocess
@@ -12,7 +13,14 @@ import torch.nn.functional as F
 from gpt2kit import GPT2LMHeadModel
 from gpt2kit.generation import generate
 from gpt2kit.pipeline import TextGenerationPipeline, load_model_and_tokenizer
-from gpt2kit.quantization import Int8Linear, is_quantized, quantize_int8
+from gpt2kit.quantization import (
+    Int8Linear,
+    PackedLinear,
+    describe_weights,
+    is_inference_only,
+    pack_weights,
+    quantize_int8,
+)
 
 from .conftest import save_tiny_text_model
 
@@ -51,6 +59,8 @@ def test_quantized_model_layout(tiny_model):
     assert q.lm_head.weight.data_ptr() != q.transformer.wte.weight.data_ptr()
     with pytest.raises(ValueError, match="already quantized"):
         quantize_int8(q)
+    with pytest.raises(ValueError, match="already quantized or packed"):
+        pack_weights(q)
 
 
 def _peaked(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
@@ -89,7 +99,7 @@ def test_int8_greedy_decoding_matches_float32(tiny_model):
 def test_quantize_option_loads_an_int8_model(tmp_path):
     model_dir = save_tiny_text_model(tmp_path / "m")
     model, tokenizer = load_model_and_tokenizer(model_dir, quantize="int8")
-    assert is_quantized(model)
+    assert is_inference_only(model) and describe_weights(model) == "int8 weights, float32 activations"
     text = TextGenerationPipeline(model, tokenizer)("Hello", max_new_tokens=5)[0]["generated_text"]
     assert text.startswith("Hello") and len(text) > len("Hello")
     with pytest.raises(ValueError, match="unknown quantize"):
@@ -144,3 +154,38 @@ def test_server_serves_an_int8_model(tmp_path):
         assert card["parameters"] == load_model_and_tokenizer(tmp_path / "m")[0].num_parameters()
         reply = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 6, "temperature": 0})
     assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_compute_what_nn_linear_computes(tiny_model, dtype):
+    model = tiny_model.to(dtype)
+    packed = pack_weights(copy.deepcopy(model))
+    assert isinstance(packed.lm_head, PackedLinear) and describe_weights(packed) == f"{str(dtype)[6:]}, oneDNN-packed"
+    ids = torch.randint(0, model.config.vocab_size, (3, 40))
+    with torch.no_grad():
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(packed(ids).logits, model(ids).logits, **tol)
+    if dtype == torch.float32:  # greedy decoding, batch 1 and a left-padded batch: the same tokens
+        mask = torch.ones_like(ids[:, :12])
+        mask[0, :4] = 0
+        for args in [(ids[:1, :12],), (ids[:, :12], mask)]:
+            assert torch.equal(generate(packed, *args, max_new_tokens=16, eos_token_id=[]),
+                               generate(model, *args, max_new_tokens=16, eos_token_id=[]))
+    with pytest.raises(ValueError, match="inference only"):
+        packed.save_pretrained("unused")
+
+
+def test_pack_weights_option(tmp_path):
+    model_dir = save_tiny_text_model(tmp_path / "m")
+    model, tokenizer = load_model_and_tokenizer(model_dir, pack_weights=True)
+    assert describe_weights(model) == "float32, oneDNN-packed"
+    reference, _ = load_model_and_tokenizer(model_dir)
+    options = dict(max_new_tokens=8, do_sample=False, return_full_text=False)
+    assert (TextGenerationPipeline(model, tokenizer)("Hello", **options)
+            == TextGenerationPipeline(reference, tokenizer)("Hello", **options))
+    with pytest.raises(ValueError, match="not with quantize"):
+        load_model_and_tokenizer(model_dir, pack_weights=True, quantize="int8")
+    done = subprocess.run([sys.executable, "-m", "gpt2kit", "generate", "--model", str(model_dir), "--pack-weights",
+                           "--prompt", "Hello", "--max-new-tokens", "4", "--no-do-sample"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

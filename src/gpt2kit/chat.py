@@ -106,12 +106,14 @@ def _read_lines(stdin: TextIO, interactive: bool) -> Iterator[str]:
 
 def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.PathLike | GPT2Tokenizer | None = None,
          dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu", random_init: bool = False,
-         quantize: str | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None, **options) -> None:
+         quantize: str | None = None, pack_weights: bool = False, stdin: TextIO | None = None,
+         stdout: TextIO | None = None, **options) -> None:
     """Read messages (one per line) until /quit or end of input; stream each reply. `options` are
     GenerationConfig fields over the chat defaults (sampling, temperature 0.7, top-k 50, top-p 0.95)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
-                                       random_init=random_init, quantize=quantize)
+                                       random_init=random_init, quantize=quantize,
+                                       pack_weights=pack_weights)
     session = ChatSession(lm, tok, GenerationConfig().replace(**{**CHAT_DEFAULTS, **text_defaults(tok), **options}))
     interactive = stdin.isatty() and stdin is sys.stdin
     if interactive:

@@ -270,10 +270,10 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
                     state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` (or `state`, its weights gathered elsewhere) as an HF-format directory."""
     from .model import GPT2ForSequenceClassification
-    from .quantization import is_quantized
+    from .quantization import is_inference_only
 
-    if is_quantized(model):
-        raise ValueError("an int8-quantized model is for inference only; save the model it was quantized from")
+    if is_inference_only(model):
+        raise ValueError("an int8-quantized or packed model is for inference only; save the model it was made from")
     config = model.config
     if isinstance(model, GPT2ForSequenceClassification):  # isinstance: FSDP subclasses the model in place
         config.extra["architectures"] = ["GPT2ForSequenceClassification"]

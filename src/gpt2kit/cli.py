@@ -101,6 +101,8 @@ def _model_loading_args(p: argparse.ArgumentParser, model_help: str = "HF-format
     p.add_argument("--dtype", default=None, help="cast weights: float32, bfloat16 or float16")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8: weight-only int8 projections and LM "
                    "head, the rest in bf16 (about 3x faster batch-1 decoding on a CPU than float32)")
+    p.add_argument("--pack-weights", action="store_true", help="keep the float weights in oneDNN's packed layout "
+                   "(CPU; about 1.6x faster float32 decoding, same precision)")
     p.add_argument("--device", default="cpu")
 
 
@@ -126,7 +128,7 @@ _SAMPLING_FLAGS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature
 def _loading_and_sampling(args: argparse.Namespace) -> dict:
     options = {k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k, None) is not None}
     return dict(tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, random_init=args.random_init,
-                quantize=args.quantize, **options)
+                quantize=args.quantize, pack_weights=args.pack_weights, **options)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -150,7 +152,7 @@ def _generate(args: argparse.Namespace) -> None:
         from .training.parallel import generate_tensor_parallel
 
         options = _loading_and_sampling(args)
-        if options.pop("random_init") or options.pop("quantize") or args.backend != "torch":
+        if any(options.pop(k) for k in ("random_init", "quantize", "pack_weights")) or args.backend != "torch":
             raise ValueError("--tensor-parallel loads a model directory with the torch backend, unquantized")
         texts = generate_tensor_parallel(args.model, prompt, tensor_parallel=args.tensor_parallel,
                                          return_full_text=not args.completion_only, stream_to=sys.stdout, **options)
@@ -291,7 +293,7 @@ def _eval(args: argparse.Namespace) -> None:
                       stride=args.stride, batch_size=args.batch_size, format=args.format,
                       detokenize=args.detokenize, stop_word_filter=args.stop_word_filter, limit=args.limit,
                       output=args.output, device=args.device, dtype=args.dtype, random_init=args.random_init,
-                      quantize=args.quantize)
+                      quantize=args.quantize, pack_weights=args.pack_weights)
     print(format_report(report))
     if args.output:
         print(f"wrote {args.output}")
@@ -325,7 +327,8 @@ def _serve(args: argparse.Namespace) -> None:
     from .serving import serve
 
     serve(args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, random_init=args.random_init,
-          quantize=args.quantize, log_level=args.log_level, host=args.host, port=args.port, api_key=args.api_key,
+          quantize=args.quantize, pack_weights=args.pack_weights, log_level=args.log_level, host=args.host,
+          port=args.port, api_key=args.api_key,
           model_name=args.model_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
           max_choices=args.max_choices)

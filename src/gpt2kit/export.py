@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .checkpoint import CONFIG_NAME, load_config, resolve_model_dir
 from .config import GPT2Config
 from .model import CausalLMOutput, GPT2LMHeadModel, KVCache, positions_from_mask
-from .quantization import is_quantized
+from .quantization import is_inference_only
 
 PREFILL_NAME = "prefill.onnx"
 DECODE_NAME = "decode.onnx"
@@ -126,8 +126,8 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
     else:
         source_dir = resolve_model_dir(model)
         lm = GPT2LMHeadModel.from_pretrained(source_dir)
-    if is_quantized(lm):
-        raise ValueError("ONNX export needs the float weights: export the model before quantizing it")
+    if is_inference_only(lm):
+        raise ValueError("ONNX export needs the float weights: export the model before quantizing or packing it")
     param = next(lm.parameters())
     if param.dtype != torch.float32 or param.device.type != "cpu":
         lm = copy.deepcopy(lm).float().cpu()  # the caller's model keeps its dtype and device

@@ -36,7 +36,7 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
              stride: int | None = None, batch_size: int = 8, format: str = "auto", detokenize: bool | None = None,
              stop_word_filter: bool = False, limit: int | None = None, output: str | os.PathLike | None = None,
              device: str = "cpu", dtype: torch.dtype | str | None = None, random_init: bool = False,
-             quantize: str | None = None, progress: bool = True) -> dict[str, Any]:
+             quantize: str | None = None, pack_weights: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run `task` (wikitext | perplexity | lambada | classification) and return its report (written to
     `output` as JSON when given). `wikitext` is `perplexity` with WikiText's article split and detokenizer.
     The tokenizer is `tokenizer` if given, else the model directory's vocabulary files, else GPT-2's;
@@ -48,13 +48,14 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
     started = datetime.now(timezone.utc)
     start = time.perf_counter()
     if task == "classification":
-        if random_init or quantize:
-            raise ValueError("random_init and quantize are for language-model tasks; classification loads a "
-                             "finetuned classifier as it is")
+        if random_init or quantize or pack_weights:
+            raise ValueError("random_init, quantize and pack_weights are for language-model tasks; classification "
+                             "loads a finetuned classifier as it is")
         net, tok = load_classifier(model, tokenizer, device=device, dtype=parse_dtype(dtype))
     else:
         net, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
-                                            random_init=random_init, quantize=quantize)
+                                            random_init=random_init, quantize=quantize,
+                                            pack_weights=pack_weights)
     if task in ("wikitext", "perplexity"):
         if task == "wikitext" and format == "auto":
             format = "wikitext"

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationConfig, TextStreamDecoder, encode_prompt
 from ..model import GPT2LMHeadModel
-from ..quantization import is_quantized
+from ..quantization import describe_weights
 from ..tokenizer import GPT2Tokenizer
 from .config import ServerConfig
 from .protocol import DEFAULT_MAX_TOKENS, APIError, CompletionRequest, LogprobsBuilder, error_body, parse_request
@@ -117,11 +117,10 @@ class CompletionService:
         c = self.model.config
         with torch.device("meta"):  # the architecture's count, whatever the weights' storage (int8 included)
             n_params = GPT2LMHeadModel(c).num_parameters()
-        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gpt2kit",
                 "gpt2kit": {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head,
                             "n_positions": c.n_positions, "vocab_size": c.vocab_size, "parameters": n_params,
-                            "dtype": f"int8 weights, {dtype} activations" if is_quantized(self.model) else dtype}}
+                            "dtype": describe_weights(self.model)}}
 
     # ---- request -> job -----------------------------------------------------------------------------------
     def _prompt_ids(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
@@ -340,7 +339,7 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
 
 def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
           dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu", random_init: bool = False,
-          quantize: str | None = None, log_level: str = "info", **options) -> None:
+          quantize: str | None = None, pack_weights: bool = False, log_level: str = "info", **options) -> None:
     """Load a model and serve it until interrupted (`gpt2kit serve`). `options` are ServerConfig fields; the
     API key defaults to the GPT2KIT_API_KEY environment variable."""
     import uvicorn
@@ -351,7 +350,8 @@ def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = Non
         options["api_key"] = os.environ.get(API_KEY_ENV) or None
     config = ServerConfig(**options)
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
-                                       random_init=random_init, quantize=quantize)
+                                       random_init=random_init, quantize=quantize,
+                                       pack_weights=pack_weights)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         logger.warning("serving on %s without an API key: anyone who can reach this address can use the model",
                        config.host)
