@@ -135,13 +135,16 @@ def theirs_loss(model, batch):
 
 
 def run(shapes: str = "tiny,gpt2", precisions: str = "fp32,bf16", seq_len: int | None = None,
-        batch_size: int | None = None, steps: int = 3, warmup: int = 1) -> list[dict]:
-    """One row per shape x precision: tokens/s and MFU of both sides, ratio = gpt2kit / transformers."""
+        batch_size: int | None = None, steps: int = 3, warmup: int = 1, compiled: bool = False) -> list[dict]:
+    """One row per shape x precision: tokens/s and MFU of both sides, ratio = gpt2kit / transformers.
+    `compiled` runs gpt2kit's model through torch.compile (what `train.compile: true` does; transformers stays
+    eager, as its own Trainer runs by default); the first two steps, which compile, are not timed."""
     rows = []
     for shape in shapes.split(","):
         preset, default_seq, default_batch = SHAPES[shape]
         seq, batch_n = seq_len or default_seq, batch_size or default_batch
         config, ours, theirs = build_models(preset, seq)
+        model = torch.compile(ours) if compiled else ours
         batch = torch.randint(0, config.vocab_size, (batch_n, seq + 1), generator=torch.Generator().manual_seed(0))
         tokens = batch_n * seq
         matmul_params = ours.num_parameters() - ours.transformer.wpe.weight.numel()
@@ -150,9 +153,9 @@ def run(shapes: str = "tiny,gpt2", precisions: str = "fp32,bf16", seq_len: int |
             peak, _ = peak_flops(torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32)
             # Both forward seq positions: ours with aligned targets, HF with labels it shifts itself.
             (t_ours, t_theirs), (m_ours, m_theirs) = time_training(
-                [(ours, ours_loss, batch), (theirs, theirs_loss, batch[:, :seq])], precision=precision,
-                steps=steps, warmup=warmup)
-            rows.append({"shape": shape, "precision": precision, "batch": batch_n, "seq_len": seq,
+                [(model, ours_loss, batch), (theirs, theirs_loss, batch[:, :seq])], precision=precision,
+                steps=steps, warmup=max(warmup, 2) if compiled else warmup)
+            rows.append({"shape": shape, "precision": precision, "compiled": compiled, "batch": batch_n, "seq_len": seq,
                          "ours_tok_s": tokens / t_ours, "peer_tok_s": tokens / t_theirs,
                          "ours_mfu": flops / t_ours / peak, "peer_mfu": flops / t_theirs / peak,
                          "peak_flops": peak, "bound_tok_s": peak / (flops / tokens), "ratio": t_theirs / t_ours,
@@ -169,6 +172,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile gpt2kit's model (train.compile)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,7 +182,7 @@ def main() -> None:
               f"{'transformers tok/s':>18} {'MFU':>6} | {'ratio':>5}")
     print(header)
     print("-" * len(header))
-    for r in run(args.shapes, args.precisions, args.seq_len, args.batch_size, args.steps, args.warmup):
+    for r in run(args.shapes, args.precisions, args.seq_len, args.batch_size, args.steps, args.warmup, args.compile):
         print(f"{r['shape']:<6} {r['precision']:<5} {r['batch']:>3}x{r['seq_len']:<5} | {r['ours_tok_s']:>13,.0f} "
               f"{r['ours_mfu']:>6.1%} | {r['peer_tok_s']:>18,.0f} {r['peer_mfu']:>6.1%} | {r['ratio']:>5.2f}",
               flush=True)

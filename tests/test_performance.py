@@ -1,6 +1,8 @@
 """Correctness of the fast paths (speed is the benchmarks' business, never asserted here): the chunked
 cross-entropy, the decode-step attention mask, bf16 inference against float32, and the benchmark table."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,3 +150,22 @@ def test_llama_cpp_gguf_names_and_vocabulary_need_neither_llama_cpp_nor_gguf(tin
     assert len(tokens) == len(types) == 50257 and len(merges) == 50000
     assert tokens[50256] == "<|endoftext|>" and types[50256] == 3 and set(types[:50256]) == {1}
     assert tokens[220] == "\u0120" and merges[0] == "\u0120 t"  # byte-level strings, as llama.cpp's GPT-2 BPE reads
+
+
+def test_compiled_training_step_matches_eager(tiny_config):
+    """train.compile's fast path: the compiled model's fused loss and gradients equal eager's."""
+    torch.manual_seed(0)
+    # No dropout: its random draws differ between compiled and eager kernels.
+    config = dataclasses.replace(tiny_config, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).train()
+    batch = torch.randint(0, tiny_config.vocab_size, (2, 33))
+    results = []
+    for net in (model, torch.compile(model)):
+        loss = net(batch[:, :-1], targets=batch[:, 1:], return_logits=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
