@@ -151,7 +151,8 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
             add("TTFT", case, "1/s", 1 / r["ours_ttft_s"], 1 / r["peer_ttft_s"], r["ttft_ratio"],
                 1.5 if fast else None, rss=rss)
         elif r["section"] == "eval":
-            add("eval", f"{r['task']} {r['shape']} vs lm-eval HF", "tok/s", r["tokens"] / r["ours_s"],
+            packed = " packed" if r.get("packed") else ""
+            add("eval", f"{r['task']} {r['shape']}{packed} vs lm-eval HF", "tok/s", r["tokens"] / r["ours_s"],
                 r["tokens"] / r["peer_s"], r["ratio"], 2.0, rss=rss)
         elif r["section"] == "preprocess":
             loop, *ours = r["rows"]

@@ -2,7 +2,8 @@
 
 Both sides evaluate the same WikiText-2 test articles with disjoint windows of the model's context (lm-eval's
 `wikitext` task definition, its task file included unchanged and pointed at the local file) at the same batch
-size, in float32. Timed: reading, detokenizing, tokenizing and scoring (not model loading or imports), after
+size, in float32 (gpt2kit's weights oneDNN-packed, as `gpt2kit eval --pack-weights` runs; --no-pack for
+plain nn.Linear). Timed: reading, detokenizing, tokenizing and scoring (not model loading or imports), after
 one untimed warm-up of each side on the first article (first calls pay one-time costs: thread pools, regex
 compilation, the task's dataset build). tokens/s = document tokens scored / seconds. The script also prints both tools' metrics and their relative
 difference, and with --lambada N does the same for LAMBADA (lambada_openai) on the first N passages.
@@ -23,6 +24,7 @@ import torch
 from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.evaluation import evaluate_lambada, evaluate_perplexity
 from gpt2kit.evaluation.harness import run_lm_eval
+from gpt2kit.quantization import pack_weights
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 WIKITEXT = DATA / "wikitext-2" / "wiki.test.raw"
@@ -39,8 +41,10 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
-def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: int = 8) -> list[dict]:
-    """WikiText (and, with lambada > 0, LAMBADA) rows: seconds, tokens/s and metrics of both sides."""
+def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: int = 8,
+        packed: bool = True) -> list[dict]:
+    """WikiText (and, with lambada > 0, LAMBADA) rows: seconds, tokens/s and metrics of both sides. `packed`
+    evaluates gpt2kit's model with oneDNN-packed float32 weights (`gpt2kit eval --pack-weights`), else as is."""
     from lm_eval.models.huggingface import HFLM
 
     torch.manual_seed(0)
@@ -51,6 +55,8 @@ def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: in
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(Path(tmp) / "model")
         tokenizer.save_pretrained(Path(tmp) / "model")
+        if packed:
+            model = pack_weights(model)
         hflm = HFLM(pretrained=str(Path(tmp) / "model"), dtype="float32", device="cpu", batch_size=batch_size)
 
         def run_theirs(task, path, limit):
@@ -61,15 +67,16 @@ def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: in
         ours, ours_s = timed(lambda: evaluate_perplexity(model, tokenizer, WIKITEXT, limit=articles,
                                                          batch_size=batch_size, progress=False))
         theirs, theirs_s = timed(lambda: run_theirs("wikitext", WIKITEXT, articles))
-        rows.append({"task": "wikitext", "shape": shape, "limit": articles, "tokens": ours["tokens"],
+        rows.append({"task": "wikitext", "shape": shape, "packed": packed, "limit": articles, "tokens": ours["tokens"],
                      "windows": ours["windows"], "ours_s": ours_s, "peer_s": theirs_s, "ratio": theirs_s / ours_s,
                      "metrics": {m: (ours[m], v) for m, v in theirs.items()}})
         if lambada:
             ours, ours_s = timed(lambda: evaluate_lambada(model, tokenizer, LAMBADA, limit=lambada,
                                                           batch_size=batch_size, progress=False))
             theirs, theirs_s = timed(lambda: run_theirs("lambada", LAMBADA, lambada))
-            rows.append({"task": "lambada", "shape": shape, "limit": lambada, "ours_s": ours_s, "peer_s": theirs_s,
-                         "ratio": theirs_s / ours_s, "metrics": {m: (ours[m], v) for m, v in theirs.items()}})
+            rows.append({"task": "lambada", "shape": shape, "packed": packed, "limit": lambada, "ours_s": ours_s,
+                         "peer_s": theirs_s, "ratio": theirs_s / ours_s,
+                         "metrics": {m: (ours[m], v) for m, v in theirs.items()}})
     return rows
 
 
@@ -79,12 +86,13 @@ def main() -> None:
     parser.add_argument("--articles", type=int, default=4, help="first N WikiText-2 test articles (of 62)")
     parser.add_argument("--lambada", type=int, default=0, help="also compare on the first N LAMBADA passages")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-pack", action="store_true", help="evaluate gpt2kit without --pack-weights")
     args = parser.parse_args()
 
     config = SHAPES[args.shape]
     print(f"model: {args.shape} (random weights, context {config.n_positions}), float32, batch size "
           f"{args.batch_size}, torch threads {torch.get_num_threads()}")
-    for r in run(args.shape, args.articles, args.lambada, args.batch_size):
+    for r in run(args.shape, args.articles, args.lambada, args.batch_size, not args.no_pack):
         if r["task"] == "wikitext":
             print(f"\nWikiText-2 test, {r['limit']} articles, {r['tokens']:,} tokens, {r['windows']} windows")
             print(f"{'':18}{'gpt2kit':>14}{'lm-eval':>14}{'ratio':>10}")

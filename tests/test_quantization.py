@@ -189,3 +189,17 @@ def test_pack_weights_option(tmp_path):
                            "--prompt", "Hello", "--max-new-tokens", "4", "--no-do-sample"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_perplexity_with_packed_weights_equals_plain(tiny_model, tmp_path):
+    from gpt2kit.evaluation import evaluate_perplexity
+    from gpt2kit.tokenizer import train_bpe
+
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log\n" * 40, encoding="utf-8")
+    tokenizer = train_bpe([text], 300, tmp_path / "bpe")
+    plain = evaluate_perplexity(tiny_model, tokenizer, text, max_length=64, progress=False)
+    packed = evaluate_perplexity(pack_weights(copy.deepcopy(tiny_model)), tokenizer, text, max_length=64,
+                                 progress=False)
+    assert packed["tokens"] == plain["tokens"] > 200
+    assert packed["token_perplexity"] == pytest.approx(plain["token_perplexity"], rel=1e-6)
