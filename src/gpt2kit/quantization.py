@@ -8,14 +8,16 @@ reordered once: PyTorch's default matrix-vector product (MKL) streams the weight
 bandwidth on the benchmark CPU, oneDNN on a packed weight near all of it (GPT-2 small, batch 1, float32: 17 ->
 29 tokens/s). The product is the same float32 (or bf16) arithmetic in another summation order.
 
-`quantize_int8` stores each projection
-and the LM head as int8 with one scale per output row (symmetric, round to nearest); the matrix products run
-in bf16 on those weights, everything else (embeddings, LayerNorms, biases, the residual stream, attention and
-the KV cache) keeps the model's dtype. The difference from float32 is the rounding of the weights (at most
-half a step, |w|max/254 of the row) and of the products' inputs to bf16; tests bound it.
+`quantize_int8` stores each projection and the LM head as int8 with one scale per output row (symmetric, round
+to nearest); the matrix products run in bf16 on those weights, everything else (embeddings, LayerNorms,
+biases, the residual stream, attention and the KV cache) keeps the model's dtype. The difference from float32
+is the rounding of the weights (at most half a step, |w|max/254 of the row) and of the products' inputs to
+bf16; tests bound it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +92,7 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=oneDNN-packed"
 
 
-def _replace_linears(model: nn.Module, make_layer) -> nn.Module:
+def _replace_linears(model: nn.Module, make_layer: Callable[[nn.Linear], nn.Module]) -> nn.Module:
     """Swap every nn.Linear of the transformer blocks and the LM head for make_layer(linear), in place."""
     if is_inference_only(model):
         raise ValueError("the model's weights are already quantized or packed")
