@@ -203,3 +203,16 @@ def test_perplexity_with_packed_weights_equals_plain(tiny_model, tmp_path):
                                  progress=False)
     assert packed["tokens"] == plain["tokens"] > 200
     assert packed["token_perplexity"] == pytest.approx(plain["token_perplexity"], rel=1e-6)
+
+
+def test_cli_generate_compiled_equals_eager_and_refuses_packed_weights(tmp_path):
+    model_dir = save_tiny_text_model(tmp_path / "m")
+    base = [sys.executable, "-m", "gpt2kit", "generate", "--model", str(model_dir), "--prompt", "Hello",
+            "--max-new-tokens", "6", "--no-do-sample"]
+    eager = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    compiled = subprocess.run([*base, "--compile", "--quantize", "int8"], capture_output=True, text=True, timeout=300)
+    int8 = subprocess.run([*base, "--quantize", "int8"], capture_output=True, text=True, timeout=300)
+    assert eager.returncode == compiled.returncode == int8.returncode == 0, compiled.stderr
+    assert compiled.stdout == int8.stdout and eager.stdout.startswith("Hello")
+    refused = subprocess.run([*base, "--compile", "--pack-weights"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "packed" in refused.stderr

@@ -119,9 +119,11 @@ def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
     p.add_argument("--seed", type=int)
+    p.add_argument("--compile", action="store_true", default=None, help="decode through torch.compile (static "
+                   "shapes; CUDA graphs on a GPU). The first call compiles for 30-60 s")
 
 
-_SAMPLING_FLAGS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+_SAMPLING_FLAGS = ("compile", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                    "repetition_penalty", "stop", "seed", "num_return_sequences")
 
 
@@ -152,8 +154,10 @@ def _generate(args: argparse.Namespace) -> None:
         from .training.parallel import generate_tensor_parallel
 
         options = _loading_and_sampling(args)
-        if any(options.pop(k) for k in ("random_init", "quantize", "pack_weights")) or args.backend != "torch":
-            raise ValueError("--tensor-parallel loads a model directory with the torch backend, unquantized")
+        if any(options.pop(k, None) for k in ("random_init", "quantize", "pack_weights", "compile")) or \
+                args.backend != "torch":
+            raise ValueError("--tensor-parallel loads a model directory with the torch backend, unquantized and "
+                             "uncompiled")
         texts = generate_tensor_parallel(args.model, prompt, tensor_parallel=args.tensor_parallel,
                                          return_full_text=not args.completion_only, stream_to=sys.stdout, **options)
         if texts is None:

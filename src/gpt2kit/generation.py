@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .model import GPT2LMHeadModel, KVCache
+from .quantization import PackedLinear
 from .tokenizer import GPT2Tokenizer
 
 LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
@@ -257,6 +258,8 @@ class TokenGenerator:
             attention_mask = None if bool(real.all()) else real.long()
         if config.compile and not isinstance(model, GPT2LMHeadModel):
             raise ValueError(f"compile=True needs a GPT2LMHeadModel, not {type(model).__name__}")
+        if config.compile and any(isinstance(m, PackedLinear) for m in model.modules()):
+            raise ValueError("compile=True cannot compile oneDNN-packed weights: use one or the other")
         if config.stop and tokenizer is None:
             raise ValueError("stop strings need the tokenizer: generate(..., stop=[...], tokenizer=tokenizer)")
         prompt_len = input_ids.shape[1]
