@@ -111,13 +111,14 @@ class CompletionService:
         self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)
         self.scheduler = BatchScheduler(model, tokenizer, max_batch_size=config.max_batch_size,
                                         max_queue=config.max_queue)
-        self.created = int(time.time())
+        self.card = self._model_card(int(time.time()))
 
-    def model_card(self) -> dict[str, Any]:
+    def _model_card(self, created: int) -> dict[str, Any]:
+        """The /v1/models entry, built once: the model does not change while it is served."""
         c = self.model.config
         with torch.device("meta"):  # the architecture's count, whatever the weights' storage (int8 included)
             n_params = GPT2LMHeadModel(c).num_parameters()
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gpt2kit",
+        return {"id": self.model_name, "object": "model", "created": created, "owned_by": "gpt2kit",
                 "gpt2kit": {"n_layer": c.n_layer, "n_embd": c.n_embd, "n_head": c.n_head,
                             "n_positions": c.n_positions, "vocab_size": c.vocab_size, "parameters": n_params,
                             "dtype": describe_weights(self.model)}}
@@ -309,13 +310,13 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [service.model_card()]}
+        return {"object": "list", "data": [service.card]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         if model_id != service.model_name:
             raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
-        return service.model_card()
+        return service.card
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
