@@ -104,8 +104,10 @@ def test_quantize_option_loads_an_int8_model(tmp_path):
     assert text.startswith("Hello") and len(text) > len("Hello")
     with pytest.raises(ValueError, match="unknown quantize"):
         load_model_and_tokenizer(model_dir, quantize="int4")
-    with pytest.raises(ValueError, match="leave dtype unset"):
-        load_model_and_tokenizer(model_dir, quantize="int8", dtype="float32")
+    bf16, _ = load_model_and_tokenizer(model_dir, quantize="int8", dtype="bfloat16")  # the rest in that dtype
+    assert describe_weights(bf16) == "int8 weights, bfloat16 activations"
+    with pytest.raises(ValueError, match="torch backend"):
+        load_model_and_tokenizer(model_dir, quantize="int8", backend="onnx")
 
 
 def test_cli_generate_with_int8(tmp_path):

@@ -100,7 +100,7 @@ def _model_loading_args(p: argparse.ArgumentParser, model_help: str = "HF-format
                    "(seeded; for smoke tests and benchmarks)")
     p.add_argument("--dtype", default=None, help="cast weights: float32, bfloat16 or float16")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8: weight-only int8 projections and LM "
-                   "head, the rest in bf16 (about 3x faster batch-1 decoding on a CPU than float32)")
+                   "head, multiplied in bf16 (about 3x faster batch-1 decoding on a CPU than float32)")
     p.add_argument("--pack-weights", action="store_true", help="keep the float weights in oneDNN's packed layout "
                    "(CPU; about 1.6x faster float32 decoding, same precision)")
     p.add_argument("--device", default="cpu")

@@ -9,6 +9,7 @@ from typing import TextIO
 
 import torch
 
+from . import quantization
 from .checkpoint import resolve_model_dir
 from .config import PRESETS, GPT2Config
 from .generation import (
@@ -20,8 +21,6 @@ from .generation import (
     stream_generate,
 )
 from .model import GPT2LMHeadModel
-from .quantization import pack_weights as pack_weights_in_place
-from .quantization import quantize_int8
 from .tokenizer import GPT2Tokenizer, tokenizer_for
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -49,8 +48,8 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
     """A model (HF-format directory, local HF cache name, or a preset with `random_init=True`) and its
     tokenizer: the one given, else the vocabulary files in the model directory, else GPT-2's bundled one.
     `backend="onnx"` runs a directory written by `gpt2kit export onnx` in onnxruntime instead.
-    `quantize="int8"` loads the weights, then keeps the projections and LM head as int8 with bf16 scales and
-    the rest in bf16 (gpt2kit.quantization): a quarter of float32's bytes per decoded token. `pack_weights=True`
+    `quantize="int8"` loads the weights, then keeps the projections and LM head as int8 with bf16 scales, the
+    rest in `dtype` (gpt2kit.quantization): a quarter of float32's bytes per decoded token. `pack_weights=True`
     keeps the float weights in oneDNN's packed layout instead (CPU): faster products, same precision."""
     dtype = parse_dtype(dtype)
     model_dir = None
@@ -58,8 +57,8 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
         raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'onnx'")
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantize {quantize!r}; expected 'int8'")
-    if quantize and (backend != "torch" or dtype not in (None, torch.bfloat16)):
-        raise ValueError("quantize='int8' runs the torch backend with bf16 activations; leave dtype unset")
+    if quantize and backend != "torch":
+        raise ValueError("quantize='int8' applies to the torch backend")
     if pack_weights and (quantize or backend != "torch" or str(device) != "cpu"):
         raise ValueError("pack_weights applies to float weights of the torch backend on the CPU (not with quantize)")
     if isinstance(model, GPT2LMHeadModel):
@@ -83,9 +82,9 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
         model_dir = resolve_model_dir(model)
         lm = GPT2LMHeadModel.from_pretrained(model_dir, dtype=dtype, device=device)
     if quantize:
-        quantize_int8(lm)
+        quantization.quantize_int8(lm)
     elif pack_weights:
-        pack_weights_in_place(lm)
+        quantization.pack_weights(lm)  # the module's function: this argument shares its name
     tok = tokenizer_for(model_dir, tokenizer)
     if tok.vocab_size > lm.config.vocab_size:
         where = f"{model_dir}: " if model_dir is not None else ""
