@@ -83,7 +83,10 @@ def random_models(config: GPT2Config) -> tuple[transformers.GPT2LMHeadModel, GPT
 
 
 def ours_in(dtype_name: str, ours_fp32: GPT2LMHeadModel) -> GPT2LMHeadModel:
-    """A copy of the float32 model in one of DTYPES' formats: every format starts from the same weights."""
+    """The float32 model in one of DTYPES' formats; other formats are made from a copy, so every format starts
+    from the same weights."""
+    if dtype_name == "fp32":
+        return ours_fp32
     model = copy.deepcopy(ours_fp32)
     if dtype_name == "int8":
         return quantize_int8(model)
@@ -113,7 +116,8 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes
         for dtype_name in dtypes.split(","):
             dtype = DTYPES[dtype_name]
             ours = ours_in(dtype_name, ours_fp32)
-            hf = hf_fp32 if dtype_name in ("int8", "fp32-packed") else copy.deepcopy(hf_fp32).to(dtype)
+            peer_dtype = "bf16" if dtype == torch.bfloat16 else "fp32"  # int8 and packed run against fp32
+            hf = hf_fp32 if peer_dtype == "fp32" else copy.deepcopy(hf_fp32).to(dtype)
             for batch in map(int, batch_sizes.split(",")):
                 ids = torch.randint(0, config.vocab_size, (batch, prompt_len),
                                     generator=torch.Generator().manual_seed(batch))
@@ -121,7 +125,6 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes
                 (o_ttft, o_decode, o_out), (h_ttft, h_decode, h_out) = best_of_interleaved(
                     repeats, ours, hf, ids, new_tokens)
                 decoded = batch * (new_tokens - 1)
-                peer_dtype = "fp32" if dtype_name in ("int8", "fp32-packed") else dtype_name
                 rows.append({"shape": shape, "dtype": dtype_name, "peer_dtype": peer_dtype, "batch": batch,
                              "prompt_len": prompt_len,
                              "new_tokens": new_tokens, "ours_ttft_s": o_ttft, "peer_ttft_s": h_ttft,
