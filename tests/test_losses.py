@@ -44,6 +44,23 @@ def test_linear_cross_entropy_equals_float64_reference(chunk_rows):
     assert h.grad[:6].abs().max() == 0 and h.grad[20].abs().max() == 0  # ignored rows get no gradient
 
 
+@pytest.mark.parametrize("vocab", [101, 128, 129])  # padded to 128, not padded, padded to 256
+def test_vocabulary_padding_inside_the_loss_is_invisible(vocab):
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(N, C, generator=g), torch.randn(vocab, C, generator=g) * 0.5
+    targets = torch.randint(0, vocab, (N,), generator=g)
+    targets[-1] = vocab - 1  # the last real column is scored, the padded ones after it never are
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, targets, chunk_rows=16)
+    ref, ref_h, ref_w = reference(hidden, weight, targets)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    loss.backward()
+    ref.backward()
+    assert w.grad.shape == (vocab, C) and w.grad.is_contiguous()
+    torch.testing.assert_close(h.grad, ref_h.grad.float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w.grad, ref_w.grad.float(), rtol=1e-5, atol=1e-7)
+
+
 def test_all_targets_ignored_gives_zero_loss_and_gradients_like_lm_loss():
     hidden, weight, _ = inputs()
     targets = torch.full((N,), -100)

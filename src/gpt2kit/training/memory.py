@@ -14,8 +14,10 @@ What each GPU holds, for AdamW training as gpt2kit runs it (training/parallel.py
   scaled_dot_product_attention never stores; 2 bytes are the two dropout masks. With activation checkpointing
   ("recompute") a block keeps only its input (s*b*h*a) and one block's full set exists at a time during backward;
 - logits: without tensor parallelism the LM head is fused into the loss (gpt2kit.losses.linear_cross_entropy):
-  one chunk of at most CHUNK_ELEMENTS logits exists at a time (its float32 log-probabilities and gradient,
-  and the logits in the compute dtype), plus the head's float32 gradient accumulator, V*h*4 bytes. With tensor
+  one chunk of at most FUSED_CHUNK_ELEMENTS logits of the padded vocabulary P exists at a time (the logits in the
+  compute dtype, and in bf16 a float32 copy for the softmax), plus P*h*(4 + a) bytes for the head's float32
+  gradient sum and its padded copy in the compute dtype, and in bf16 P*h*6 more for each chunk's bf16 product
+  and its float32 upcast. With tensor
   parallelism the (s, b, vocab) logits are gathered on every rank, with their float32 copy for the loss and its
   gradient: s*b*V*(a + 8) bytes.
 Allocator fragmentation, communication buffers and the CUDA context (about 1-3 GB) are not included.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GPT2Config
-from ..losses import CHUNK_ELEMENTS
+from ..losses import FUSED_CHUNK_ELEMENTS, VOCAB_MULTIPLE
 from .parallel import ParallelConfig, check_tensor_parallel
 
 GIB = 2**30
@@ -117,7 +119,10 @@ def estimate_memory(config: GPT2Config, parallel: ParallelConfig, *, micro_batch
         activations = layers * per_block
     activations += 2 * s * b * h * act  # embedding sum and final LayerNorm input
     if t == 1:
-        logits = min(s * b * v, CHUNK_ELEMENTS) * (act + 8) + v * h * 4
+        padded = v + -v % VOCAB_MULTIPLE
+        rows = min(s * b, max(1, FUSED_CHUNK_ELEMENTS // v))
+        float_copy = 4 if act == 2 else 0
+        logits = rows * padded * (act + float_copy) + padded * h * (4 + act + 6 * (act == 2))
     else:
         logits = s * b * v * (act + 8)
     return MemoryEstimate(config, parallel, micro_batch_size, s, precision, recompute, parameters=round(local),
