@@ -5,8 +5,9 @@ over all rows) for greedy decoding, per shape x dtype x batch size, and prints g
 (higher is better for tokens/s, lower for TTFT). Weights are cast to the dtype (no autocast); `int8` runs
 gpt2kit's weight-only int8 model and `fp32-packed` its float32 weights in oneDNN's packed layout
 (gpt2kit.quantization), both against transformers in float32, the comparison the project's targets are
-stated in. Both sides generate exactly --new-tokens tokens (EOS disabled); their tokens
-are compared (always equal in float32).
+stated in. A `-compiled` suffix (`int8-compiled`, `fp32-compiled`, `bf16-compiled`) decodes through the
+compiled step (`generate --compile`); its compilation happens in the untimed warm-up. Both sides generate
+exactly --new-tokens tokens (EOS disabled); their tokens are compared (always equal in float32).
 
     python benchmarks/bench_generate.py                       # tiny shape, about a minute
     python benchmarks/bench_generate.py --shapes gpt2,tiny    # adds GPT-2 small (124M), several minutes
@@ -51,9 +52,17 @@ class _Clock(BaseStreamer):
         pass
 
 
-def time_ours(model, ids, new_tokens):
+def split_compiled(dtype_name: str) -> tuple[str, bool]:
+    """("int8", True) for "int8-compiled"; (dtype_name, False) without the suffix."""
+    base = dtype_name.removesuffix("-compiled")
+    if base not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype_name!r}: one of {', '.join(DTYPES)}, optionally with -compiled")
+    return base, base != dtype_name
+
+
+def time_ours(model, ids, new_tokens, compile=False):
     start = time.perf_counter()
-    run = TokenGenerator(model, ids, max_new_tokens=new_tokens, eos_token_id=[])
+    run = TokenGenerator(model, ids, max_new_tokens=new_tokens, eos_token_id=[], compile=compile)
     first = None
     for _ in run:
         if first is None:
@@ -95,11 +104,11 @@ def ours_in(dtype_name: str, ours_fp32: GPT2LMHeadModel) -> GPT2LMHeadModel:
     return model.to(DTYPES[dtype_name])
 
 
-def best_of_interleaved(repeats, ours, hf, ids, new_tokens):
+def best_of_interleaved(repeats, ours, hf, ids, new_tokens, compiled=False):
     """Alternate the two sides so that load from other processes hits both alike; keep each side's best."""
     runs = {"ours": [], "hf": []}
     for _ in range(repeats):
-        runs["ours"].append(time_ours(ours, ids, new_tokens))
+        runs["ours"].append(time_ours(ours, ids, new_tokens, compiled))
         runs["hf"].append(time_hf(hf, ids, new_tokens))
     return [(min(r[0] for r in side), min(r[1] for r in side), side[0][2]) for side in runs.values()]
 
@@ -114,16 +123,18 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes
         hf_fp32, ours_fp32 = random_models(config)
         n_params = ours_fp32.num_parameters()  # weights read per decode step: the bandwidth bound
         for dtype_name in dtypes.split(","):
-            dtype = DTYPES[dtype_name]
-            ours = ours_in(dtype_name, ours_fp32)
+            base, compiled = split_compiled(dtype_name)
+            dtype = DTYPES[base]
+            ours = ours_in(base, ours_fp32)
             peer_dtype = "bf16" if dtype == torch.bfloat16 else "fp32"  # int8 and packed run against fp32
             hf = hf_fp32 if peer_dtype == "fp32" else copy.deepcopy(hf_fp32).to(dtype)
             for batch in map(int, batch_sizes.split(",")):
                 ids = torch.randint(0, config.vocab_size, (batch, prompt_len),
                                     generator=torch.Generator().manual_seed(batch))
-                time_ours(ours, ids, 4), time_hf(hf, ids, 4)  # warm-up
+                # Warm-up; a compiled step is compiled for its cache length, so it warms up at the timed length.
+                time_ours(ours, ids, new_tokens if compiled else 4, compiled), time_hf(hf, ids, 4)
                 (o_ttft, o_decode, o_out), (h_ttft, h_decode, h_out) = best_of_interleaved(
-                    repeats, ours, hf, ids, new_tokens)
+                    repeats, ours, hf, ids, new_tokens, compiled)
                 decoded = batch * (new_tokens - 1)
                 rows.append({"shape": shape, "dtype": dtype_name, "peer_dtype": peer_dtype, "batch": batch,
                              "prompt_len": prompt_len,
@@ -138,7 +149,8 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="tiny", help=f"comma-separated, from {', '.join(SHAPES)}")
-    parser.add_argument("--dtypes", default="fp32,fp32-packed,int8", help=f"comma-separated, from {', '.join(DTYPES)}")
+    parser.add_argument("--dtypes", default="fp32,fp32-packed,int8",
+                        help=f"comma-separated, from {', '.join(DTYPES)}, each optionally with -compiled")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -3,10 +3,12 @@
 Builds the same random GPT-2 model as bench_generate.py (seed 0), converts it to GGUF files with the `gguf`
 package (architecture "gpt2": f32, f16, and q8_0 made by llama.cpp's own quantizer from the f32 file), and times
 batch-1 greedy decoding: time to first token (prefill + first token) and tokens/s after the first, best of
---repeats runs after a warm-up, the sides alternating. Pairs: gpt2kit's weight-only int8 model against llama.cpp
-q8_0 (transformers in float32 runs beside them as the reference the project's targets are stated in), gpt2kit
-bf16 against llama.cpp f16, and gpt2kit fp32 (oneDNN-packed) against llama.cpp f32. Each row records whether both sides produced
-the same tokens and how far llama.cpp's logits after the prompt are from gpt2kit's float32 logits.
+--repeats runs after a warm-up, the sides alternating. Pairs: gpt2kit's weight-only int8 model, eager and through
+the compiled decode step (`generate --compile`), against llama.cpp q8_0 (transformers in float32 runs beside the
+eager one as the reference the project's targets are stated in), gpt2kit bf16 (eager and compiled) against
+llama.cpp f16, and gpt2kit fp32 (oneDNN-packed, and compiled) against llama.cpp f32. Compiling happens in the
+untimed warm-up. Each row records whether both sides produced the same tokens and how far llama.cpp's logits
+after the prompt are from gpt2kit's float32 logits.
 
 llama.cpp is an optional peer: install it with (a source build of 5-7 minutes; the flags keep AMX code out,
 which crashed q8_0 with "Illegal instruction" on some CPUs)
@@ -42,8 +44,8 @@ else:  # run as a script: benchmarks/ is on sys.path
 
 INSTALL = ("CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
            "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'\" pip install llama-cpp-python gguf")
-# llama.cpp file kind -> the gpt2kit dtype it is compared with.
-PAIRS = {"q8_0": "int8", "f16": "bf16", "f32": "fp32-packed"}
+# llama.cpp file kind -> the gpt2kit formats it is compared with (bench_generate's names).
+PAIRS = {"q8_0": ("int8", "int8-compiled"), "f16": ("bf16", "bf16-compiled"), "f32": ("fp32-packed", "fp32-compiled")}
 
 # gpt2kit (= HF) parameter names -> llama.cpp's GPT-2 tensor names (gguf.TENSOR_NAMES for MODEL_ARCH.GPT2).
 _TOP = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
@@ -184,8 +186,8 @@ def _best(runs):
 
 def run(shape: str = "gpt2", kinds: str = "q8_0,f16,f32", prompt_len: int = 32, new_tokens: int = 64,
         repeats: int = 3, transformers_fp32: bool = True, gguf_dir: str | Path | None = None) -> list[dict]:
-    """One row per llama.cpp file kind at batch 1: TTFT and decode tokens/s of gpt2kit (in PAIRS[kind]) and
-    llama.cpp, tokens compared; the q8_0 row also times transformers fp32 beside them (hf_* fields)."""
+    """One row per llama.cpp file kind and gpt2kit format (PAIRS[kind]) at batch 1: TTFT and decode tokens/s of
+    both, tokens compared; the eager int8 row also times transformers fp32 beside them (hf_* fields)."""
     config = bench_generate.SHAPES[shape]
     hf_fp32, ours_fp32 = bench_generate.random_models(config)  # the model of bench_generate.run
     ids = torch.randint(0, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
@@ -204,35 +206,39 @@ def run(shape: str = "gpt2", kinds: str = "q8_0,f16,f32", prompt_len: int = 32, 
             elif kind != "f32":
                 paths[kind] = quantize_gguf(paths["f32"], files / f"{shape}-{kind}.gguf", kind)
         for kind in kinds.split(","):
-            ours_dtype = PAIRS[kind]
-            ours = bench_generate.ours_in(ours_dtype, ours_fp32)
-            hf = hf_fp32 if transformers_fp32 and kind == "q8_0" else None
             llm = load_llama(paths[kind], n_ctx=config.n_positions)
             llm.eval(prompt)
             logits_diff = float(abs(_last_logits(llm) - reference).max())
-            bench_generate.time_ours(ours, ids, 4), time_llama(llm, prompt, 4)  # warm-up
-            if hf is not None:
-                bench_generate.time_hf(hf, ids, 4)
-            runs = {"ours": [], "peer": [], "hf": []}
-            for _ in range(repeats):  # alternate the sides
-                runs["ours"].append(bench_generate.time_ours(ours, ids, new_tokens))
-                runs["peer"].append(time_llama(llm, prompt, new_tokens))
+            for ours_dtype in PAIRS[kind]:
+                base, compiled = bench_generate.split_compiled(ours_dtype)
+                ours = bench_generate.ours_in(base, ours_fp32)
+                hf = hf_fp32 if transformers_fp32 and ours_dtype == "int8" else None
+                # Warm-up (a compiled step compiles for its cache length: at the timed length).
+                bench_generate.time_ours(ours, ids, new_tokens if compiled else 4, compiled)
+                time_llama(llm, prompt, 4)
                 if hf is not None:
-                    runs["hf"].append(bench_generate.time_hf(hf, ids, new_tokens))
+                    bench_generate.time_hf(hf, ids, 4)
+                runs = {"ours": [], "peer": [], "hf": []}
+                for _ in range(repeats):  # alternate the sides
+                    runs["ours"].append(bench_generate.time_ours(ours, ids, new_tokens, compiled))
+                    runs["peer"].append(time_llama(llm, prompt, new_tokens))
+                    if hf is not None:
+                        runs["hf"].append(bench_generate.time_hf(hf, ids, new_tokens))
+                (o_ttft, o_decode, o_out), (p_ttft, p_decode, p_out) = _best(runs["ours"]), _best(runs["peer"])
+                decoded = new_tokens - 1
+                row = {"shape": shape, "dtype": ours_dtype, "peer_dtype": kind, "batch": 1,
+                       "prompt_len": prompt_len, "new_tokens": new_tokens, "ours_ttft_s": o_ttft,
+                       "peer_ttft_s": p_ttft, "ours_tok_s": decoded / o_decode, "peer_tok_s": decoded / p_decode,
+                       "ratio": p_decode / o_decode, "ttft_ratio": p_ttft / o_ttft,
+                       "weight_bytes": n_params * bench_generate.DTYPES[base].itemsize,
+                       "gguf_bytes": paths[kind].stat().st_size,
+                       "same_tokens": o_out[0, prompt_len:].tolist() == p_out, "peer_logits_max_diff": logits_diff}
+                if hf is not None:
+                    h_ttft, h_decode, _ = _best(runs["hf"])
+                    row.update(hf_ttft_s=h_ttft, hf_tok_s=decoded / h_decode)
+                rows.append(row)
+                del ours
             llm.close()
-            (o_ttft, o_decode, o_out), (p_ttft, p_decode, p_out) = _best(runs["ours"]), _best(runs["peer"])
-            decoded = new_tokens - 1
-            row = {"shape": shape, "dtype": ours_dtype, "peer_dtype": kind, "batch": 1, "prompt_len": prompt_len,
-                   "new_tokens": new_tokens, "ours_ttft_s": o_ttft, "peer_ttft_s": p_ttft,
-                   "ours_tok_s": decoded / o_decode, "peer_tok_s": decoded / p_decode, "ratio": p_decode / o_decode,
-                   "ttft_ratio": p_ttft / o_ttft, "weight_bytes": n_params * bench_generate.DTYPES[ours_dtype].itemsize,
-                   "gguf_bytes": paths[kind].stat().st_size, "same_tokens": o_out[0, prompt_len:].tolist() == p_out,
-                   "peer_logits_max_diff": logits_diff}
-            if hf is not None:
-                h_ttft, h_decode, _ = _best(runs["hf"])
-                row.update(hf_ttft_s=h_ttft, hf_tok_s=decoded / h_decode)
-            rows.append(row)
-            del ours
     return rows
 
 
@@ -259,14 +265,14 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, {torch.get_num_threads()} threads; "
           f"batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
-    header = (f"{'shape':<6} {'gpt2kit':<7} {'llama.cpp':<9} | {'TTFT ms ours':>12} {'llama':>8} {'ratio':>6} | "
+    header = (f"{'shape':<6} {'gpt2kit':<13} {'llama.cpp':<9} | {'TTFT ms ours':>12} {'llama':>8} {'ratio':>6} | "
               f"{'decode tok/s ours':>17} {'llama':>8} {'ratio':>6} | same tokens | logits max diff vs fp32")
     print(header)
     print("-" * len(header))
     rows = run(args.shape, args.kinds, args.prompt_len, args.new_tokens, args.repeats, not args.no_transformers,
                args.gguf_dir)
     for r in rows:
-        print(f"{r['shape']:<6} {r['dtype']:<7} {r['peer_dtype']:<9} | {r['ours_ttft_s'] * 1e3:>12.1f} "
+        print(f"{r['shape']:<6} {r['dtype']:<13} {r['peer_dtype']:<9} | {r['ours_ttft_s'] * 1e3:>12.1f} "
               f"{r['peer_ttft_s'] * 1e3:>8.1f} {r['ttft_ratio']:>6.2f} | {r['ours_tok_s']:>17.1f} "
               f"{r['peer_tok_s']:>8.1f} {r['ratio']:>6.2f} | {'yes' if r['same_tokens'] else 'no':<11} | "
               f"{r['peer_logits_max_diff']:.2g}")

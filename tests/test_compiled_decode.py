@@ -51,23 +51,34 @@ def test_compiled_decoding_gives_the_eager_tokens(tiny_model, ids, mask):
     assert torch.equal(compiled, eager)
 
 
-def test_a_second_generator_reuses_the_compiled_step(tiny_model, tiny_config):
+def test_a_second_generator_reuses_the_compiled_step_and_new_weights_are_seen(tiny_model, tiny_config):
     ids, mask = PADDED
 
     def tokens(model):
         return torch.stack(list(TokenGenerator(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[],
                                                compile=True)))
 
+    def eager_tokens(model):
+        return generate(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])[:, -NEW_TOKENS:].T
+
     first = tokens(tiny_model)
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 1  # the step was compiled (here or by an earlier test with the same shapes)
     assert torch.equal(tokens(tiny_model), first)
     assert counters["stats"]["unique_graphs"] == graphs
-    # Another model of the same architecture reuses it too: the weights are inputs of the compiled step.
+    # On a CPU the weights are constants of the compiled step: another model gets its own (dynamo's guards)...
     other = GPT2LMHeadModel(tiny_config).eval()
-    eager = generate(other, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
-    assert torch.equal(tokens(other), eager[:, -NEW_TOKENS:].T)  # tokens() is (steps, rows)
-    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(tokens(other), eager_tokens(other))
+    assert not torch.equal(eager_tokens(other), first)
+    # ... and so do weights changed in place, as by an optimizer step (the generator sees their versions).
+    before = eager_tokens(other)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    changed = eager_tokens(other)
+    assert not torch.equal(changed, before)
+    assert torch.equal(tokens(other), changed)
+    assert torch.equal(tokens(tiny_model), first)
 
 
 def test_compile_needs_the_cache(tiny_model):
