@@ -81,6 +81,14 @@ def test_a_second_generator_reuses_the_compiled_step_and_new_weights_are_seen(ti
     assert torch.equal(tokens(tiny_model), first)
 
 
+def test_a_model_made_in_inference_mode_compiles(tiny_config):
+    with torch.inference_mode():  # its weights are inference tensors, which keep no version counter
+        model = GPT2LMHeadModel(tiny_config).eval()
+    ids, mask = BATCH_1
+    eager = generate(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True), eager)
+
+
 def test_compile_needs_the_cache(tiny_model):
     with pytest.raises(ValueError, match="compile=True needs use_cache=True"):
         generate(tiny_model, BATCH_1[0], compile=True, use_cache=False)

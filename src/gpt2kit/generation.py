@@ -394,8 +394,9 @@ def _compile_options(model: GPT2LMHeadModel, device_type: str) -> contextlib.Abs
     such a change (an optimizer step, load_state_dict) is detected here and drops the compiled code."""
     if device_type != "cpu":
         return contextlib.nullcontext()
-    tensors = [*model.parameters(), *model.buffers()]
-    version = sum(t._version for t in tensors)
+    # Inference tensors (made under torch.inference_mode) keep no version counter; outside that mode they
+    # cannot be changed in place at all.
+    version = sum(t._version for t in (*model.parameters(), *model.buffers()) if not t.is_inference())
     if _frozen_weights.get(model, version) != version:
         torch._dynamo.reset()  # frozen copies of the old weights: compile again (dynamo guards on identity only)
     _frozen_weights[model] = version
