@@ -81,6 +81,18 @@ def test_a_second_generator_reuses_the_compiled_step_and_new_weights_are_seen(ti
     assert torch.equal(tokens(tiny_model), first)
 
 
+def test_prompts_of_other_lengths_reuse_the_compiled_step(tiny_model):
+    ids = BATCH_1[0]
+    generate(tiny_model, ids, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for length, new_tokens in ((3, NEW_TOKENS), (17, 4)):  # the cache is sized in steps, not to the prompt
+        ids = torch.arange(1, length + 1)[None]
+        eager = generate(tiny_model, ids, max_new_tokens=new_tokens, eos_token_id=[])
+        assert torch.equal(generate(tiny_model, ids, max_new_tokens=new_tokens, eos_token_id=[], compile=True),
+                           eager)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_a_model_made_in_inference_mode_compiles(tiny_config):
     with torch.inference_mode():  # its weights are inference tensors, which keep no version counter
         model = GPT2LMHeadModel(tiny_config).eval()

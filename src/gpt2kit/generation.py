@@ -24,6 +24,10 @@ from .model import GPT2LMHeadModel, KVCache
 from .quantization import PackedLinear
 from .tokenizer import GPT2Tokenizer
 
+# Compiled decoding sizes its KV cache in multiples of this many positions (GPT-2's 1024: at most 4 compilations
+# per batch size); attending over up to 255 masked positions costs little beside the weights read per token.
+COMPILED_CACHE_MULTIPLE = 256
+
 LogitsProcessor = Callable[[Tensor, Tensor], Tensor]
 """(input_ids (B, L) of the tokens so far, with -1 at padding; scores (B, V) float) -> processed scores."""
 
@@ -292,7 +296,13 @@ class TokenGenerator:
             self.attention_mask[:, :prompt_len] = attention_mask
             self.history = self.tokens.masked_fill(self.attention_mask == 0, -1)
             self.positions = attention_mask.sum(1, keepdim=True)
-        self.cache = (KVCache(model_config, batch, max(total - 1, prompt_len), dtype=dtype, device=device)
+        cache_length = max(total - 1, prompt_len)
+        if config.compile:
+            # The compiled step is specialized to the cache length: rounding it up lets prompts of other lengths
+            # (a chat's growing history) reuse a compiled step; the extra positions stay masked out.
+            cache_length = min(-(-cache_length // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE,
+                               max(cache_length, model_config.n_positions))
+        self.cache = (KVCache(model_config, batch, cache_length, dtype=dtype, device=device)
                       if config.use_cache else None)
         self.steps = 0
         self.compiled_step = None
@@ -336,8 +346,10 @@ class TokenGenerator:
         self.cache_index.fill_(index)
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
         with self.compile_options:  # read when the step (re)compiles, which happens inside this call
-            logits = self.compiled_step(self.model, self.tokens[:, index:index + 1].clone(), self.positions,
-                                        self.cache_index, self.step_mask, self.cache)
+            # A contiguous copy: the slice's strides depend on the prompt length, and dynamo guards on strides.
+            token = self.tokens[:, index:index + 1].clone(memory_format=torch.contiguous_format)
+            logits = self.compiled_step(self.model, token, self.positions, self.cache_index, self.step_mask,
+                                        self.cache)
         self.cache.length = index + 1
         self.positions = self.positions + 1
         return logits
