@@ -5,8 +5,9 @@ Both sides evaluate the same WikiText-2 test articles with disjoint windows of t
 size, in float32 (gpt2kit's weights oneDNN-packed, as `gpt2kit eval --pack-weights` runs; --no-pack for
 plain nn.Linear). Timed: reading, detokenizing, tokenizing and scoring (not model loading or imports), after
 one untimed warm-up of each side on the first article (first calls pay one-time costs: thread pools, regex
-compilation, the task's dataset build). tokens/s = document tokens scored / seconds. The script also prints both tools' metrics and their relative
-difference, and with --lambada N does the same for LAMBADA (lambada_openai) on the first N passages.
+compilation, the task's dataset build). tokens/s = document tokens scored / seconds. The script also prints
+both tools' metrics and their relative difference, and with --lambada N does the same for LAMBADA
+(lambada_openai) on the first N passages.
 
     python benchmarks/bench_eval.py                          # tiny random model, 4 articles: about a minute
     python benchmarks/bench_eval.py --shape gpt2 --articles 62 --lambada 5153   # GPT-2 small, full test sets

@@ -265,17 +265,15 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}, {torch.get_num_threads()} threads; "
           f"batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
-    header = (f"{'shape':<6} {'gpt2kit':<13} {'llama.cpp':<9} | {'TTFT ms ours':>12} {'llama':>8} {'ratio':>6} | "
-              f"{'decode tok/s ours':>17} {'llama':>8} {'ratio':>6} | same tokens | logits max diff vs fp32")
+    header = (f"{'shape':<6} {'gpt2kit':<13} {'llama.cpp':<9} | {bench_generate.timing_header('llama')} | "
+              f"same tokens | logits max diff vs fp32")
     print(header)
     print("-" * len(header))
     rows = run(args.shape, args.kinds, args.prompt_len, args.new_tokens, args.repeats, not args.no_transformers,
                args.gguf_dir)
     for r in rows:
-        print(f"{r['shape']:<6} {r['dtype']:<13} {r['peer_dtype']:<9} | {r['ours_ttft_s'] * 1e3:>12.1f} "
-              f"{r['peer_ttft_s'] * 1e3:>8.1f} {r['ttft_ratio']:>6.2f} | {r['ours_tok_s']:>17.1f} "
-              f"{r['peer_tok_s']:>8.1f} {r['ratio']:>6.2f} | {'yes' if r['same_tokens'] else 'no':<11} | "
-              f"{r['peer_logits_max_diff']:.2g}")
+        print(f"{r['shape']:<6} {r['dtype']:<13} {r['peer_dtype']:<9} | {bench_generate.timing_cells(r)} | "
+              f"{'yes' if r['same_tokens'] else 'no':<11} | {r['peer_logits_max_diff']:.2g}")
     for r in rows:
         if "hf_tok_s" in r:
             print(f"transformers fp32 beside the {r['peer_dtype']} row: TTFT {r['hf_ttft_s'] * 1e3:.1f} ms, "

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2kit import GPT2LMHeadModel
-from gpt2kit.losses import linear_cross_entropy, lm_loss
+from gpt2kit.losses import linear_cross_entropy, lm_loss, padded_vocab_size
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N, C, V = 45, 24, 101
@@ -57,6 +57,7 @@ def test_vocabulary_padding_inside_the_loss_is_invisible(vocab):
     loss.backward()
     ref.backward()
     assert w.grad.shape == (vocab, C) and w.grad.is_contiguous()
+    assert padded_vocab_size(vocab) == {101: 128, 128: 128, 129: 256}[vocab]
     torch.testing.assert_close(h.grad, ref_h.grad.float(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(w.grad, ref_w.grad.float(), rtol=1e-5, atol=1e-7)
 

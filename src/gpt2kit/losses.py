@@ -89,12 +89,22 @@ def lm_loss(logits: Tensor, targets: Tensor, chunk_elements: int = CHUNK_ELEMENT
     return _ChunkedCrossEntropy.apply(flat, targets.flatten(), max(1, chunk_elements // flat.shape[-1]))
 
 
+def padded_vocab_size(vocab_size: int) -> int:
+    """The vocabulary the fused loss multiplies with: rounded up to a multiple of VOCAB_MULTIPLE."""
+    return vocab_size + -vocab_size % VOCAB_MULTIPLE
+
+
+def fused_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk of `linear_cross_entropy` by default: about FUSED_CHUNK_ELEMENTS logits."""
+    return max(1, FUSED_CHUNK_ELEMENTS // vocab_size)
+
+
 def _padded(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """weight in `dtype` with zero rows appended up to a multiple of VOCAB_MULTIPLE, in one copy at most."""
-    vocab = weight.shape[0]
-    if vocab % VOCAB_MULTIPLE == 0:
+    """weight in `dtype` with zero rows appended up to padded_vocab_size, in one copy at most."""
+    vocab, size = weight.shape[0], padded_vocab_size(weight.shape[0])
+    if size == vocab:
         return weight.to(dtype)
-    padded = weight.new_empty((vocab + -vocab % VOCAB_MULTIPLE, weight.shape[1]), dtype=dtype)
+    padded = weight.new_empty((size, weight.shape[1]), dtype=dtype)
     padded[:vocab] = weight
     padded[vocab:] = 0
     return padded
@@ -131,7 +141,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # float32 sum (on CPU the sum would otherwise make a fresh float32 copy of it; CUDA casts in-kernel).
         low_precision = dtype != torch.float32
         logits_buffer = hidden.new_empty((min(chunk_rows, hidden.shape[0]), weight.shape[0]))
-        float_buffer = logits_buffer.float() if low_precision else logits_buffer
+        float_buffer = torch.empty_like(logits_buffer, dtype=torch.float32) if low_precision else logits_buffer
         product, upcast = None, None
         if want_weight and low_precision:
             product = torch.empty_like(weight)
@@ -184,6 +194,5 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     back in the inputs' dtypes."""
     if not torch.is_grad_enabled():  # as in lm_loss: no gradients computed under no_grad
         hidden, weight = hidden.detach(), weight.detach()
-    if chunk_rows is None:
-        chunk_rows = FUSED_CHUNK_ELEMENTS // weight.shape[0]
-    return _LinearCrossEntropy.apply(hidden, weight, targets, max(1, chunk_rows))
+    return _LinearCrossEntropy.apply(hidden, weight, targets,
+                                     fused_chunk_rows(weight.shape[0]) if chunk_rows is None else max(1, chunk_rows))

@@ -258,8 +258,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         ignored. A head that is not a plain nn.Linear with a plain weight (tensor-parallel DTensor, LoRA or int8
         layers) takes the unfused path, and then the logits are returned as usual."""
         hidden = self.transformer(input_ids, attention_mask, position_ids, past_key_values)
-        # Only a plain nn.Linear with a plain weight can be fused: a tensor-parallel head (its weight a DTensor),
-        # a LoRA or an int8 layer must run its own forward. Exact types avoid importing torch.distributed here.
+        # Exact types (see the docstring) avoid importing torch.distributed here to recognize a DTensor.
         fusable = type(self.lm_head) is nn.Linear and type(self.lm_head.weight) in (Tensor, nn.Parameter)
         if (labels is not None or targets is not None) and not return_logits and fusable:
             if labels is not None:

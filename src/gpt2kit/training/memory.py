@@ -17,9 +17,8 @@ What each GPU holds, for AdamW training as gpt2kit runs it (training/parallel.py
   one chunk of at most FUSED_CHUNK_ELEMENTS logits of the padded vocabulary P exists at a time (the logits in the
   compute dtype, and in bf16 a float32 copy for the softmax), plus P*h*(4 + a) bytes for the head's float32
   gradient sum and its padded copy in the compute dtype, and in bf16 P*h*6 more for each chunk's bf16 product
-  and its float32 upcast. With tensor
-  parallelism the (s, b, vocab) logits are gathered on every rank, with their float32 copy for the loss and its
-  gradient: s*b*V*(a + 8) bytes.
+  and its float32 upcast. With tensor parallelism the (s, b, vocab) logits are gathered on every rank, with
+  their float32 copy for the loss and its gradient: s*b*V*(a + 8) bytes.
 Allocator fragmentation, communication buffers and the CUDA context (about 1-3 GB) are not included.
 """
 
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GPT2Config
-from ..losses import FUSED_CHUNK_ELEMENTS, VOCAB_MULTIPLE
+from ..losses import fused_chunk_rows, padded_vocab_size
 from .parallel import ParallelConfig, check_tensor_parallel
 
 GIB = 2**30
@@ -119,8 +118,7 @@ def estimate_memory(config: GPT2Config, parallel: ParallelConfig, *, micro_batch
         activations = layers * per_block
     activations += 2 * s * b * h * act  # embedding sum and final LayerNorm input
     if t == 1:
-        padded = v + -v % VOCAB_MULTIPLE
-        rows = min(s * b, max(1, FUSED_CHUNK_ELEMENTS // v))
+        padded, rows = padded_vocab_size(v), min(s * b, fused_chunk_rows(v))
         float_copy = 4 if act == 2 else 0
         logits = rows * padded * (act + float_copy) + padded * h * (4 + act + 6 * (act == 2))
     else:
