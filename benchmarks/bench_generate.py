@@ -4,10 +4,11 @@ Measures time to first token (prefill + first sampled token) and decode tokens/s
 over all rows) for greedy decoding, per shape x dtype x batch size, and prints ratios that read the same way
 for both: above 1, gpt2kit is faster (tokens/s over transformers', transformers' TTFT over ours). Weights are
 cast to the dtype (no autocast); `int8` runs gpt2kit's weight-only int8 model and `fp32-packed` its float32
-weights in oneDNN's packed layout (gpt2kit.quantization), both against transformers in float32, the comparison the project's targets are
-stated in. A `-compiled` suffix (`int8-compiled`, `fp32-compiled`, `bf16-compiled`) decodes through the
-compiled step (`generate --compile`); its compilation happens in the untimed warm-up. Both sides generate
-exactly --new-tokens tokens (EOS disabled); their tokens are compared (always equal in float32).
+weights in oneDNN's packed layout (gpt2kit.quantization), both against transformers in float32, the
+comparison the project's targets are stated in. A `-compiled` suffix (`int8-compiled`, `fp32-compiled`,
+`bf16-compiled`) decodes through the compiled step (`generate --compile`); its compilation happens in the
+untimed warm-up. Both sides generate exactly --new-tokens tokens (EOS disabled); their tokens are compared
+(always equal in float32).
 
     python benchmarks/bench_generate.py                       # tiny shape, about a minute
     python benchmarks/bench_generate.py --shapes gpt2,tiny    # adds GPT-2 small (124M), several minutes
