@@ -3,13 +3,19 @@
     python -m benchmarks                  # tiny shapes, a few minutes on 2 cores
     python -m benchmarks --full           # adds GPT-2 small (124M) training, decode with prompts 32 and 512
     python -m benchmarks --only train,decode --threads 2 --json my.json
+    python -m benchmarks --device cpu     # the default is the GPU when there is one
 
 Sections: hardware (fp32 and bf16 matmul peak, memory bandwidth), tokenizer MB/s (gpt2kit vs transformers'
 GPT2TokenizerFast), training tokens/s and MFU, decode tokens/s and time to first token, evaluation tokens/s
 (vs lm-evaluation-harness), preprocessing MB/s (1 vs 2 workers), serving requests/s (vs `transformers serve`),
 and llama.cpp when `llama_cpp` is importable. Each row runs both sides in the same process run, alternating
-them where the section script does, and records the process's peak resident memory (RSS, sampled every 10
-ms, children included) while the row ran. One table is printed; all rows go to a JSON file.
+them where the section script does, and records the peak memory while the row ran: the process's resident
+memory (RSS, children included) on a CPU, the CUDA allocator's peak on a GPU. One table is printed; all rows go
+to a JSON file.
+
+On a CUDA GPU (--device, default when there is one) the model sections (hardware, train, decode, eval) run on
+the GPU with clocks that wait for it; tokenizer and preprocessing are CPU work on any machine; the CPU-only
+formats (int8 kernels, oneDNN packing) and the CPU peers (llama.cpp, `transformers serve` on CPU) are left out.
 
 ratio = gpt2kit / peer, > 1 means gpt2kit is faster (for memory: peer / gpt2kit, > 1 means gpt2kit uses
 less). "bound" is what the hardware allows: tokens/s at the measured matmul peak for training, tokens/s at the
@@ -32,22 +38,22 @@ from pathlib import Path
 import torch
 
 from gpt2kit import GPT2Tokenizer
-from gpt2kit.training.logging import measure_matmul_peak
+from gpt2kit.training.logging import measure_matmul_peak, synchronize
 
 from . import bench_eval, bench_generate, bench_preprocess, bench_serve, bench_train
-from .bench_train import PeakRSS
+from .devices import PeakMemory, default_device
 
 SECTIONS = ("hardware", "tokenizer", "train", "decode", "eval", "preprocess", "serve", "llama.cpp")
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
-def measure(rows: list[dict], fn, *args, **kwargs):
-    """Run one benchmark call; the rows it yields all get the peak RSS of the call."""
-    with PeakRSS() as rss:
+def measure(rows: list[dict], device: torch.device, fn, /, *args, **kwargs):
+    """Run one benchmark call whose work runs on `device`; the rows it yields all get the call's peak memory."""
+    with PeakMemory(device) as memory:
         result = fn(*args, **kwargs)
     for row in _as_rows(result):
-        row["peak_rss_mb"] = rss.peak / 1e6
+        row["peak_mem_mb"], row["memory"] = memory.peak / 1e6, "cuda" if device.type == "cuda" else "rss"
         rows.append(row)
     return result
 
@@ -57,23 +63,29 @@ def _as_rows(result) -> list[dict]:
 
 
 # ---- hardware --------------------------------------------------------------------------------------------------
-def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
-    """Best bytes/s of a large tensor copy (read + write counted), the bound of weight-streaming decode."""
-    src = torch.ones(megabytes * 2 ** 20 // 4)
+def memory_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 5) -> float:
+    """Best bytes/s of a large tensor copy on `device` (read + write counted), the bound of weight-streaming
+    decode."""
+    src = torch.ones(megabytes * 2 ** 20 // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() * 4 / best
 
 
-def hardware() -> dict:
-    return {"section": "hardware", "fp32_flops": max(measure_matmul_peak(torch.float32, size=2048) for _ in range(3)),
-            "bf16_flops": max(measure_matmul_peak(torch.bfloat16, size=2048) for _ in range(3)),
-            "bandwidth": memory_bandwidth()}
+def hardware(device: torch.device) -> dict:
+    """Matmul peaks and memory bandwidth of `device`; a GPU needs larger matmuls to reach its peak."""
+    size = 8192 if device.type == "cuda" else 2048
+    return {"section": "hardware", "device": device.type,
+            **{f"{name}_flops": max(measure_matmul_peak(dtype, size=size, device=device) for _ in range(3))
+               for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))},
+            "bandwidth": memory_bandwidth(device)}
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------------------------
@@ -127,7 +139,7 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
                       ours / bound if bound else None, rss))
 
     for r in rows:
-        rss = r.get("peak_rss_mb")
+        rss = r.get("peak_mem_mb")
         if r["section"] == "tokenizer":
             add("tokenizer", "encode 1 thread vs GPT2TokenizerFast", "MB/s", r["ours_mb_s"], r["peer_mb_s"],
                 r["ratio"], rss=rss)
@@ -138,8 +150,8 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
             add("train", f"{name} {r['batch']}x{r['seq_len']} vs transformers", "tok/s",
                 r["ours_tok_s"], r["peer_tok_s"], r["ratio"], 2.0 if r["precision"] == "bf16" else 1.2,
                 r["bound_tok_s"] * peak / r["peak_flops"], rss)
-            add("train mem", f"{name} step peak RSS (peer/ours)", "MB", r["ours_step_rss_mb"],
-                r["peer_step_rss_mb"], r["peer_step_rss_mb"] / r["ours_step_rss_mb"], 1.0, rss=rss)
+            add("train mem", f"{name} step peak mem (peer/ours)", "MB", r["ours_step_mem_mb"],
+                r["peer_step_mem_mb"], r["peer_step_mem_mb"] / r["ours_step_mem_mb"], 1.0, rss=rss)
         elif r["section"] == "decode":
             # The speed targets compare the fast paths (int8, packed float32, compiled int8) with transformers in
             # float32; the decode factors are the int8 paths', the float paths are held to their bandwidth bound.
@@ -180,13 +192,13 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
     return lines
 
 
-def print_report(rows: list[dict], hw: dict | None) -> None:
-    print(f"\n{platform_line()}")
+def print_report(rows: list[dict], hw: dict | None, device: torch.device) -> None:
+    print(f"\n{platform_line(device)}")
     if hw:
         print(f"hardware: fp32 matmul {hw['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 matmul {hw['bf16_flops'] / 1e9:.0f} "
               f"GFLOP/s, memory bandwidth {hw['bandwidth'] / 1e9:.1f} GB/s (copy)")
     head = (f"{'area':<10} {'case':<44} {'unit':>5} {'gpt2kit':>9} {'peer':>9} {'ratio':>6} {'target':>6} "
-            f"{'bound':>9} {'of bound':>8} {'RSS MB':>7}")
+            f"{'bound':>9} {'of bound':>8} {'peak MB':>7}")
     print(head + "\n" + "-" * len(head))
     for area, case, unit, ours, peer, ratio, target, bound, share, rss in table(rows, hw):
         mark = "" if target is None else (" " if ratio >= target else "<")
@@ -197,13 +209,15 @@ def print_report(rows: list[dict], hw: dict | None) -> None:
         if r.get("skipped"):
             print(f"{r['section']}: skipped - {r['skipped']}")
     print("ratio = gpt2kit / peer (> 1: gpt2kit faster); '<' marks a ratio below its target; bound = hardware "
-          "limit in the row's unit; TTFT shown as 1/seconds")
+          "limit in the row's unit; TTFT shown as 1/seconds; peak MB = process RSS (CPU rows) or CUDA allocator "
+          "peak (GPU rows)")
 
 
-def platform_line() -> str:
+def platform_line(device: torch.device) -> str:
     from gpt2kit.training.logging import _cpu_name
 
-    return (f"{_cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
+    gpu = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), " if device.type == "cuda" else ""
+    return (f"{gpu}{_cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
             f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
 
 
@@ -215,7 +229,11 @@ def main(argv: list[str] | None = None) -> None:
                         "all; serve only with --full, as transformers' continuous batching reserves about 14 GB)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"where to write the rows (default {RESULTS})")
+    parser.add_argument("--device", type=torch.device, default=default_device(),
+                        help="where the models run: cpu or cuda[:N] (default: cuda when available)")
     args = parser.parse_args(argv)
+    device, cpu = args.device, torch.device("cpu")
+    gpu = device.type == "cuda"
     only = args.only.split(",") if args.only else [s for s in SECTIONS if args.full or s != "serve"]
     unknown = set(only) - set(SECTIONS)
     if unknown:
@@ -225,24 +243,29 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.logging.set_verbosity_error()  # keep the peers' notices and progress bars out of the table
     transformers.logging.disable_progress_bar()
+    if gpu:  # float32 matmuls on TF32 tensor cores, as gpt2kit's Trainer sets on a GPU (global: both sides)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     rows: list[dict] = []
     hw = None
     started = time.perf_counter()
-    print(platform_line(), flush=True)
+    print(platform_line(device), flush=True)
     if "hardware" in only:
-        hw = measure(rows, hardware)
+        hw = measure(rows, device, hardware, device)
         print(f"hardware: fp32 {hw['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {hw['bf16_flops'] / 1e9:.0f} GFLOP/s, "
               f"{hw['bandwidth'] / 1e9:.1f} GB/s", flush=True)
     if "tokenizer" in only:
-        measure(rows, tokenizer_speed)
+        measure(rows, cpu, tokenizer_speed)
     if "train" in only:
-        shapes = [("tiny", None)] + ([("gpt2", 4)] if args.full else [])
-        for shape, batch in shapes:
+        # (shape, batch, sequence length); a GPU gets GPT-2 small at llm.c's sequence length in every run.
+        shapes = ([("tiny", 16, None), ("gpt2", 8, 1024)] if gpu else
+                  [("tiny", None, None)] + ([("gpt2", 4, None)] if args.full else []))
+        for shape, batch, seq_len in shapes:
             # bf16 once more with gpt2kit compiled (train.compile), the faster way to train on a CPU.
             for precision, compiled in (("fp32", False), ("bf16", False), ("bf16", True)):
                 print(f"train {shape} {precision}{' compiled' if compiled else ''} ...", flush=True)
-                for row in measure(rows, bench_train.run, shape, precision, batch_size=batch,
-                                   steps=5 if shape == "tiny" else 3, compiled=compiled):
+                for row in measure(rows, device, bench_train.run, shape, precision, seq_len, batch,
+                                   steps=5 if shape == "tiny" or gpu else 3, compiled=compiled, device=device):
                     row["section"] = "train"
     if "decode" in only:
         # (shape, prompt length, dtypes, batch sizes): GPT-2 small is where the targets are stated.
@@ -251,25 +274,32 @@ def main(argv: list[str] | None = None) -> None:
         if args.full:
             cases += [("gpt2", 32, "bf16,bf16-compiled", "1,8"), ("gpt2", 512, "fp32,fp32-packed,int8", "1,8"),
                       ("tiny", 32, "fp32,bf16,int8", "1,8")]
+        if gpu:  # the float formats; compiled steps replay as CUDA graphs
+            cases = [("gpt2", 32, "fp32,bf16,fp32-compiled,bf16-compiled", "1,8"), ("gpt2", 512, "bf16", "1,8")]
         for shape, prompt, dtypes, batches in cases:
             print(f"decode {shape} {dtypes} batch {batches} prompt {prompt} ...", flush=True)
-            for row in measure(rows, bench_generate.run, shape, dtypes, batches, prompt_len=prompt,
-                               new_tokens=64, repeats=3):
+            for row in measure(rows, device, bench_generate.run, shape, dtypes, batches, prompt_len=prompt,
+                               new_tokens=64, repeats=3, device=device):
                 row["section"] = "decode"
     if "eval" in only:
         print("eval ...", flush=True)
-        for row in measure(rows, bench_eval.run, "gpt2" if args.full else "tiny", articles=8 if args.full else 2):
+        for row in measure(rows, device, bench_eval.run, "gpt2" if args.full or gpu else "tiny",
+                           articles=8 if args.full else 2, packed=not gpu, device=device):
             row["section"] = "eval"
     if "preprocess" in only:
         print("preprocess ...", flush=True)
-        measure(rows, lambda: {"section": "preprocess",
+        measure(rows, cpu, lambda: {"section": "preprocess",
                                "rows": bench_preprocess.run(mb=128.0 if args.full else 64.0, workers=(1, 2))})
-    if "serve" in only:
-        measure(rows, lambda: {"section": "serve", "results": bench_serve.run(
+    if "serve" in only and gpu:
+        rows.append({"section": "serve", "skipped": "the serving peer (`transformers serve`) runs on the CPU here; "
+                     "run benchmarks/bench_serve.py for it"})
+    elif "serve" in only:
+        measure(rows, cpu, lambda: {"section": "serve", "results": bench_serve.run(
             ["gpt2kit", "transformers-cb"], preset="gpt2" if args.full else "gpt2-tiny",
             requests=64 if args.full else 32, clients=8, max_tokens=16)})
     if "llama.cpp" in only:
-        skipped = llama_cpp_status()
+        skipped = ({"section": "llama.cpp", "skipped": "compared on a CPU (python -m benchmarks --device cpu)"}
+                   if gpu else llama_cpp_status())
         if skipped:
             rows.append(skipped)
         else:
@@ -277,14 +307,14 @@ def main(argv: list[str] | None = None) -> None:
 
             # GPT-2 small, batch 1: gpt2kit int8 vs q8_0 (with transformers fp32 beside), bf16 vs f16, fp32 vs f32.
             print("llama.cpp gpt2 q8_0,f16,f32 batch 1 prompt 32 ...", flush=True)
-            for row in measure(rows, bench_llamacpp.run, "gpt2", "q8_0,f16,f32", prompt_len=32, new_tokens=64,
+            for row in measure(rows, cpu, bench_llamacpp.run, "gpt2", "q8_0,f16,f32", prompt_len=32, new_tokens=64,
                                repeats=3):
                 row["section"] = "llama.cpp"
 
-    print_report(rows, hw)
+    print_report(rows, hw, device)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_name(f".{args.json.name}.tmp")
-    tmp.write_text(json.dumps({"platform": platform_line(), "argv": sys.argv[1:], "hardware": hw, "rows": rows,
+    tmp.write_text(json.dumps({"platform": platform_line(device), "argv": sys.argv[1:], "hardware": hw, "rows": rows,
                                "table": table(rows, hw)}, indent=1, default=str))
     os.replace(tmp, args.json)
     print(f"benchmarks done in {time.perf_counter() - started:.0f} s; rows written to {args.json}")

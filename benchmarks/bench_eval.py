@@ -7,7 +7,8 @@ plain nn.Linear). Timed: reading, detokenizing, tokenizing and scoring (not mode
 one untimed warm-up of each side on the first article (first calls pay one-time costs: thread pools, regex
 compilation, the task's dataset build). tokens/s = document tokens scored / seconds. The script also prints
 both tools' metrics and their relative difference, and with --lambada N does the same for LAMBADA
-(lambada_openai) on the first N passages.
+(lambada_openai) on the first N passages. On a CUDA GPU (--device, the default when there is one) both
+sides run there, with plain weights (packing is a CPU layout), and the clocks wait for the GPU.
 
     python benchmarks/bench_eval.py                          # tiny random model, 4 articles: about a minute
     python benchmarks/bench_eval.py --shape gpt2 --articles 62 --lambada 5153   # GPT-2 small, full test sets
@@ -26,6 +27,12 @@ from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.evaluation import evaluate_lambada, evaluate_perplexity
 from gpt2kit.evaluation.harness import run_lm_eval
 from gpt2kit.quantization import pack_weights
+from gpt2kit.training.logging import synchronize
+
+if __package__:
+    from .devices import default_device
+else:  # run as a script: benchmarks/ is on sys.path
+    from devices import default_device
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 WIKITEXT = DATA / "wikitext-2" / "wiki.test.raw"
@@ -36,17 +43,23 @@ SHAPES = {
 }
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
 def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: int = 8,
-        packed: bool = True) -> list[dict]:
+        packed: bool = True, device: torch.device | str = "cpu") -> list[dict]:
     """WikiText (and, with lambada > 0, LAMBADA) rows: seconds, tokens/s and metrics of both sides. `packed`
-    evaluates gpt2kit's model with oneDNN-packed float32 weights (`gpt2kit eval --pack-weights`), else as is."""
+    evaluates gpt2kit's model with oneDNN-packed float32 weights (`gpt2kit eval --pack-weights`, CPU only),
+    else as is."""
     from lm_eval.models.huggingface import HFLM
+
+    device = torch.device(device)
+    if packed and device.type != "cpu":
+        raise ValueError(f"packed weights are a CPU layout: evaluate on {device} with packed=False")
+
+    def timed(fn):
+        synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        return result, time.perf_counter() - start
 
     torch.manual_seed(0)
     config = SHAPES[shape]
@@ -56,9 +69,8 @@ def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: in
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(Path(tmp) / "model")
         tokenizer.save_pretrained(Path(tmp) / "model")
-        if packed:
-            model = pack_weights(model)
-        hflm = HFLM(pretrained=str(Path(tmp) / "model"), dtype="float32", device="cpu", batch_size=batch_size)
+        model = pack_weights(model) if packed else model.to(device)
+        hflm = HFLM(pretrained=str(Path(tmp) / "model"), dtype="float32", device=str(device), batch_size=batch_size)
 
         def run_theirs(task, path, limit):
             return run_lm_eval(hflm, {task: path}, Path(tmp) / task, limits={task: limit})[task]
@@ -68,14 +80,14 @@ def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: in
         ours, ours_s = timed(lambda: evaluate_perplexity(model, tokenizer, WIKITEXT, limit=articles,
                                                          batch_size=batch_size, progress=False))
         theirs, theirs_s = timed(lambda: run_theirs("wikitext", WIKITEXT, articles))
-        rows.append({"task": "wikitext", "shape": shape, "packed": packed, "limit": articles, "tokens": ours["tokens"],
+        rows.append({"device": device.type, "task": "wikitext", "shape": shape, "packed": packed, "limit": articles, "tokens": ours["tokens"],
                      "windows": ours["windows"], "ours_s": ours_s, "peer_s": theirs_s, "ratio": theirs_s / ours_s,
                      "metrics": {m: (ours[m], v) for m, v in theirs.items()}})
         if lambada:
             ours, ours_s = timed(lambda: evaluate_lambada(model, tokenizer, LAMBADA, limit=lambada,
                                                           batch_size=batch_size, progress=False))
             theirs, theirs_s = timed(lambda: run_theirs("lambada", LAMBADA, lambada))
-            rows.append({"task": "lambada", "shape": shape, "packed": packed, "limit": lambada, "ours_s": ours_s,
+            rows.append({"device": device.type, "task": "lambada", "shape": shape, "packed": packed, "limit": lambada, "ours_s": ours_s,
                          "peer_s": theirs_s, "ratio": theirs_s / ours_s,
                          "metrics": {m: (ours[m], v) for m, v in theirs.items()}})
     return rows
@@ -88,12 +100,15 @@ def main() -> None:
     parser.add_argument("--lambada", type=int, default=0, help="also compare on the first N LAMBADA passages")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-pack", action="store_true", help="evaluate gpt2kit without --pack-weights")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     args = parser.parse_args()
+    device = torch.device(args.device) if args.device else default_device()
 
     config = SHAPES[args.shape]
     print(f"model: {args.shape} (random weights, context {config.n_positions}), float32, batch size "
-          f"{args.batch_size}, torch threads {torch.get_num_threads()}")
-    for r in run(args.shape, args.articles, args.lambada, args.batch_size, not args.no_pack):
+          f"{args.batch_size}, {device}, torch threads {torch.get_num_threads()}")
+    for r in run(args.shape, args.articles, args.lambada, args.batch_size, not args.no_pack and device.type == "cpu",
+                 device):
         if r["task"] == "wikitext":
             print(f"\nWikiText-2 test, {r['limit']} articles, {r['tokens']:,} tokens, {r['windows']} windows")
             print(f"{'':18}{'gpt2kit':>14}{'lm-eval':>14}{'ratio':>10}")

@@ -8,7 +8,8 @@ weights in oneDNN's packed layout (gpt2kit.quantization), both against transform
 comparison the project's targets are stated in. A `-compiled` suffix (`int8-compiled`, `fp32-compiled`,
 `bf16-compiled`) decodes through the compiled step (`generate --compile`); its compilation happens in the
 untimed warm-up. Both sides generate exactly --new-tokens tokens (EOS disabled); their tokens are compared
-(always equal in float32).
+(always equal in float32). On a CUDA GPU (the default when there is one, see --device) the clocks wait for the
+GPU, and the CPU-only formats (int8's kernel, oneDNN packing) are refused.
 
     python benchmarks/bench_generate.py                       # tiny shape, about a minute
     python benchmarks/bench_generate.py --shapes gpt2,tiny    # adds GPT-2 small (124M), several minutes
@@ -29,24 +30,31 @@ from transformers.generation.streamers import BaseStreamer
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.generation import TokenGenerator
 from gpt2kit.quantization import pack_weights, quantize_int8
+from gpt2kit.training.logging import synchronize
+
+if __package__:
+    from .devices import default_device
+else:  # run as a script: benchmarks/ is on sys.path
+    from devices import default_device
 
 SHAPES = {
     "tiny": GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=256, vocab_size=50257),
     "gpt2": GPT2Config.from_name("gpt2"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8, "fp32-packed": torch.float32}
+CPU_ONLY = ("int8", "fp32-packed")  # their kernels are CPU kernels (on a GPU int8 would only dequantize)
 
 
 class _Clock(BaseStreamer):
     """transformers calls put() with the prompt, then with each new token: the second call is the first token."""
 
-    def __init__(self) -> None:
-        self.calls = 0
-        self.first = None
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.calls, self.first = device, 0, None
 
     def put(self, value) -> None:
         self.calls += 1
         if self.calls == 2:
+            synchronize(self.device)
             self.first = time.perf_counter()
 
     def end(self) -> None:
@@ -62,22 +70,27 @@ def split_compiled(dtype_name: str) -> tuple[str, bool]:
 
 
 def time_ours(model, ids, new_tokens, compile=False):
+    synchronize(ids.device)
     start = time.perf_counter()
     run = TokenGenerator(model, ids, max_new_tokens=new_tokens, eos_token_id=[], compile=compile)
     first = None
     for _ in run:
         if first is None:
+            synchronize(ids.device)
             first = time.perf_counter()
+    synchronize(ids.device)
     end = time.perf_counter()
     return first - start, end - first, run.sequences()
 
 
 def time_hf(model, ids, new_tokens):
-    clock = _Clock()
+    clock = _Clock(ids.device)
+    synchronize(ids.device)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock)
+    synchronize(ids.device)
     end = time.perf_counter()
     return clock.first - start, end - clock.first, out
 
@@ -93,14 +106,16 @@ def timing_cells(r: dict) -> str:
             f"{r['ours_tok_s']:>17.1f} {r['peer_tok_s']:>8.1f} {r['ratio']:>6.2f}")
 
 
-def random_models(config: GPT2Config) -> tuple[transformers.GPT2LMHeadModel, GPT2LMHeadModel]:
-    """A random transformers GPT-2 (seed 0) and the same weights loaded into gpt2kit through an HF directory."""
+def random_models(config: GPT2Config, device: torch.device | str = "cpu"
+                  ) -> tuple[transformers.GPT2LMHeadModel, GPT2LMHeadModel]:
+    """A random transformers GPT-2 (seed 0) and the same weights loaded into gpt2kit through an HF directory,
+    both on `device`."""
     torch.manual_seed(0)
     hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
     hf_fp32 = transformers.GPT2LMHeadModel(hf_config).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf_fp32.save_pretrained(Path(tmp) / "m")
-        return hf_fp32, GPT2LMHeadModel.from_pretrained(Path(tmp) / "m")
+        return hf_fp32.to(device), GPT2LMHeadModel.from_pretrained(Path(tmp) / "m").to(device)
 
 
 def ours_in(dtype_name: str, ours_fp32: GPT2LMHeadModel) -> GPT2LMHeadModel:
@@ -126,13 +141,19 @@ def best_of_interleaved(repeats, ours, hf, ids, new_tokens, compiled=False):
 
 
 def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes: str = "1,8", prompt_len: int = 32,
-        new_tokens: int = 64, repeats: int = 3) -> list[dict]:
-    """One row per shape x dtype x batch: TTFT and decode tokens/s of both sides, greedy tokens compared."""
+        new_tokens: int = 64, repeats: int = 3, device: torch.device | str | None = None) -> list[dict]:
+    """One row per shape x dtype x batch: TTFT and decode tokens/s of both sides, greedy tokens compared.
+    `device` defaults to the GPU when there is one."""
     transformers.logging.set_verbosity_error()
+    device = torch.device(device) if device else default_device()
+    if device.type != "cpu":
+        cpu_only = [d for d in dtypes.split(",") if split_compiled(d)[0] in CPU_ONLY]
+        if cpu_only:
+            raise ValueError(f"{', '.join(cpu_only)}: CPU-only formats, not measured on {device}")
     rows = []
     for shape in shapes.split(","):
         config = SHAPES[shape]
-        hf_fp32, ours_fp32 = random_models(config)
+        hf_fp32, ours_fp32 = random_models(config, device)
         n_params = ours_fp32.num_parameters()  # weights read per decode step: the bandwidth bound
         for dtype_name in dtypes.split(","):
             base, compiled = split_compiled(dtype_name)
@@ -142,13 +163,13 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes
             hf = hf_fp32 if peer_dtype == "fp32" else copy.deepcopy(hf_fp32).to(dtype)
             for batch in map(int, batch_sizes.split(",")):
                 ids = torch.randint(0, config.vocab_size, (batch, prompt_len),
-                                    generator=torch.Generator().manual_seed(batch))
+                                    generator=torch.Generator().manual_seed(batch)).to(device)
                 # Warm-up; a compiled step is compiled for its cache length, so it warms up at the timed length.
                 time_ours(ours, ids, new_tokens if compiled else 4, compiled), time_hf(hf, ids, 4)
                 (o_ttft, o_decode, o_out), (h_ttft, h_decode, h_out) = best_of_interleaved(
                     repeats, ours, hf, ids, new_tokens, compiled)
                 decoded = batch * (new_tokens - 1)
-                rows.append({"shape": shape, "dtype": dtype_name, "peer_dtype": peer_dtype, "batch": batch,
+                rows.append({"device": device.type, "shape": shape, "dtype": dtype_name, "peer_dtype": peer_dtype, "batch": batch,
                              "prompt_len": prompt_len,
                              "new_tokens": new_tokens, "ours_ttft_s": o_ttft, "peer_ttft_s": h_ttft,
                              "ours_tok_s": decoded / o_decode, "peer_tok_s": decoded / h_decode,
@@ -168,6 +189,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,7 +198,8 @@ def main() -> None:
     header = f"{'shape':<6} {'dtype':<13} {'batch':>5} | {timing_header('hf')} | same tokens"
     print(header)
     print("-" * len(header))
-    for r in run(args.shapes, args.dtypes, args.batch_sizes, args.prompt_len, args.new_tokens, args.repeats):
+    for r in run(args.shapes, args.dtypes, args.batch_sizes, args.prompt_len, args.new_tokens, args.repeats,
+                 args.device):
         same = "yes" if r["same_tokens"] else ("no" if r["dtype"] == "fp32" else f"no ({r['dtype']})")
         print(f"{r['shape']:<6} {r['dtype']:<13} {r['batch']:>5} | {timing_cells(r)} | {same}")
 

@@ -115,7 +115,7 @@ def test_benchmark_table_rows_and_targets():
     rows = [decode_row, {**decode_row, "dtype": "fp32", "weight_bytes": 5e8},
             {"section": "train", "shape": "tiny", "precision": "bf16", "batch": 4, "seq_len": 256, "ours_tok_s": 900.0,
              "peer_tok_s": 600.0, "ratio": 1.5, "bound_tok_s": 3000.0, "peak_flops": 2e11,
-             "ours_step_rss_mb": 500.0, "peer_step_rss_mb": 750.0}]
+             "ours_step_mem_mb": 500.0, "peer_step_mem_mb": 750.0}]
     lines = table(rows, hw)
     decode, ttft, fp32_decode, fp32_ttft, train, train_memory = lines
     # The int8 path carries the targets (3x at batch 1, TTFT 1.5x) against transformers in float32.
@@ -169,3 +169,19 @@ def test_compiled_training_step_matches_eager(tiny_config):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_benchmarks_take_a_device_and_refuse_cpu_only_formats_elsewhere():
+    """The suite's device plumbing: rows say where they ran, memory is measured, and formats whose kernels only
+    exist on a CPU are refused up front on a GPU (checked before any GPU is touched, so this runs anywhere)."""
+    from benchmarks import bench_eval, bench_generate, bench_train
+    from benchmarks.devices import PeakMemory, default_device
+
+    assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with PeakMemory(torch.device("cpu")) as memory:
+        (row,) = bench_train.run("tiny", "fp32", seq_len=16, batch_size=1, steps=1, warmup=0, device="cpu")
+    assert memory.peak > 0 and row["device"] == "cpu" and row["ours_tok_s"] > 0 and row["ours_step_mem_mb"] > 0
+    with pytest.raises(ValueError, match="int8-compiled, fp32-packed: CPU-only"):
+        bench_generate.run("tiny", "fp32,int8-compiled,fp32-packed", device="cuda")
+    with pytest.raises(ValueError, match="packed weights are a CPU layout"):
+        bench_eval.run(packed=True, device="cuda")

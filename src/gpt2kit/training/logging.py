@@ -43,17 +43,26 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 3) -> float:
-    """Best FLOP/s of a square matmul on this CPU (the fastest of `repeats` timed runs)."""
-    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
-    b = torch.randn(size, size, generator=torch.Generator().manual_seed(1)).to(dtype)
-    torch.mm(a, b)  # warm up (thread pool, oneDNN kernels)
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device`: a GPU runs asynchronously, so clocks are read after this."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 3,
+                        device: torch.device | str = "cpu") -> float:
+    """Best FLOP/s of a square matmul on `device` (the fastest of `repeats` timed runs)."""
+    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    b = torch.randn(size, size, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    torch.mm(a, b)  # warm up (thread pool, oneDNN or cuBLAS kernels)
     best = float("inf")
     inner = 4
     for _ in range(repeats):
+        synchronize(a.device)
         start = time.perf_counter()
         for _ in range(inner):
             torch.mm(a, b)
+        synchronize(a.device)
         best = min(best, (time.perf_counter() - start) / inner)
     return 2.0 * size ** 3 / best
 
@@ -72,15 +81,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
             if fragment in name:
                 return (tensor_core if low_precision else fp32) * 1e12, f"{name} datasheet"
         # Unknown GPU: measure like on a CPU rather than guess.
-        size = 4096
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        torch.mm(a, a)
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(10):
-            torch.mm(a, a)
-        torch.cuda.synchronize(device)
-        return 2.0 * size ** 3 * 10 / (time.perf_counter() - start), f"{name} measured matmul"
+        return measure_matmul_peak(dtype, size=4096, device=device), f"{name} measured matmul"
     key = f"{_cpu_name()}|{torch.get_num_threads()} threads|{dtype}|torch {torch.__version__}"
     cache = _cache_file()
     try:
