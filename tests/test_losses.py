@@ -169,3 +169,67 @@ def test_model_with_a_wrapped_head_falls_back_to_logits(tiny_config):
     assert out.logits is not None
     torch.testing.assert_close(out.loss, lm_loss(out.logits, ids[:, 1:]))
     torch.testing.assert_close(out.loss, model(ids[:, :-1], targets=ids[:, 1:]).loss)
+
+
+def test_scratch_buffers_shared_between_calls_and_threads_leave_results_exact():
+    """The loss keeps its scratch blocks between calls (per thread): calls with other shapes and dtypes in
+    between, and calls running in two threads at once, must each still equal the reference."""
+    import threading
+
+    cases = [(inputs(seed), rows, dtype) for seed, rows, dtype in
+             [(0, 16, torch.float32), (1, 7, torch.bfloat16), (2, None, torch.float32), (3, 16, torch.bfloat16)]]
+
+    def check(case) -> None:
+        (hidden, weight, targets), rows, dtype = case
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = linear_cross_entropy(h, w, targets, chunk_rows=rows)
+        loss.backward()
+        ref, ref_h, ref_w = reference(hidden.to(dtype), weight.to(dtype), targets)
+        ref.backward()
+        tolerance = {"rtol": 1e-5, "atol": 1e-8} if dtype == torch.float32 else {"rtol": 0.02, "atol": 1e-3}
+        assert loss.item() == pytest.approx(ref.item(), rel=tolerance["rtol"])
+        torch.testing.assert_close(w.grad, ref_w.grad.float(), **tolerance)
+        torch.testing.assert_close(h.grad, ref_h.grad.float(), **tolerance)
+
+    for case in cases + cases[::-1]:
+        check(case)
+    errors = []
+
+    def worker(case) -> None:
+        try:
+            for _ in range(5):
+                check(case)
+        except Exception as error:  # noqa: BLE001 - reported to the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(case,)) for case in cases[:2]]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+def test_backward_through_the_same_fused_loss_twice_is_refused():
+    hidden, weight, targets = inputs()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_tied_embedding_gradient_is_added_in_place(tiny_config):
+    """The head's weight gradient is a tensor of its own (not a view of the padded sum), so autograd adds the
+    embedding's gradient into it instead of allocating a third (vocab x C) tensor."""
+    from torch.profiler import profile  # lists the ops autograd ran
+
+    model = GPT2LMHeadModel(tiny_config).train()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 17))
+    shape = [tiny_config.vocab_size, tiny_config.n_embd]
+    with profile(record_shapes=True) as prof:
+        model(ids[:, :-1], targets=ids[:, 1:], return_logits=False).loss.backward()
+    adds = [e.key for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in ("aten::add", "aten::add_") and e.input_shapes[:2] == [shape, shape]]
+    assert adds == ["aten::add_"]

@@ -8,6 +8,8 @@ a weighted sum of micro-batch losses even at weight 0).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -99,12 +101,31 @@ def fused_chunk_rows(vocab_size: int) -> int:
     return max(1, FUSED_CHUNK_ELEMENTS // vocab_size)
 
 
+_workspace = threading.local()  # per thread: name -> the buffer last used under that name
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialized scratch tensor that, on a CPU, is the same memory from call to call (per thread, while the
+    shape, dtype and device stay the same). The fused loss's blocks are tens to hundreds of MB: glibc hands out
+    blocks over 32 MB as fresh mmaps, and faulting their pages in again on every training step cost about a third
+    of the loss's time. On a GPU the caching allocator already reuses memory: allocate normally."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(name)
+    if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+        buffers[name] = None  # drop the old block before allocating the new one
+        buffer = buffers[name] = torch.empty(shape, dtype=dtype)
+    return buffer
+
+
 def _padded(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """weight in `dtype` with zero rows appended up to padded_vocab_size, in one copy at most."""
+    """weight in `dtype` with zero rows appended up to padded_vocab_size, in one copy at most (into a scratch
+    buffer: the result lives only inside one call of the loss)."""
     vocab, size = weight.shape[0], padded_vocab_size(weight.shape[0])
     if size == vocab:
         return weight.to(dtype)
-    padded = weight.new_empty((size, weight.shape[1]), dtype=dtype)
+    padded = _buffer("weight", (size, weight.shape[1]), dtype, weight.device)
     padded[:vocab] = weight
     padded[vocab:] = 0
     return padded
@@ -133,19 +154,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid, n_valid, targets = _scored(targets)
         scale = valid / n_valid.clamp(min=1)  # (N, 1) float32: 1/n_valid, 0 for ignored rows
         grad_hidden = torch.empty_like(hidden, dtype=hidden_dtype) if want_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
-        # Every chunk reuses the same buffers: a fresh block of this size would be mmapped and page-faulted in for
-        # each chunk on CPU (glibc), which cost as much as the softmax. Per chunk: logits in the matmuls' dtype,
-        # their float32 log-probabilities turned into g = softmax - one_hot in place, g back in the matmuls' dtype
-        # (the logits' buffer), and for a low-precision weight its product for grad_weight, upcast before the
-        # float32 sum (on CPU the sum would otherwise make a fresh float32 copy of it; CUDA casts in-kernel).
+        # Every chunk reuses the same scratch buffers (see _buffer). Per chunk: logits in the matmuls' dtype, their
+        # float32 log-probabilities turned into g = softmax - one_hot in place, g back in the matmuls' dtype (the
+        # logits' buffer), and its product for the weight's gradient, summed in float32 over the padded vocabulary
+        # (a low-precision product upcast first: on CPU the sum would otherwise make a fresh float32 copy of it;
+        # CUDA casts in-kernel). The first chunk writes the sum instead of adding to zeros.
         low_precision = dtype != torch.float32
-        logits_buffer = hidden.new_empty((min(chunk_rows, hidden.shape[0]), weight.shape[0]))
-        float_buffer = torch.empty_like(logits_buffer, dtype=torch.float32) if low_precision else logits_buffer
+        weight_sum = _buffer("weight_sum", weight.shape, torch.float32, hidden.device) if want_weight else None
+        logits_shape = (min(chunk_rows, hidden.shape[0]), weight.shape[0])
+        logits_buffer = _buffer("logits", logits_shape, dtype, hidden.device)
+        float_buffer = _buffer("float", logits_shape, torch.float32, hidden.device) if low_precision else logits_buffer
         product, upcast = None, None
         if want_weight and low_precision:
-            product = torch.empty_like(weight)
-            upcast = torch.empty_like(grad_weight) if device_type == "cpu" else None
+            product = _buffer("product", weight.shape, dtype, hidden.device)
+            upcast = _buffer("upcast", weight.shape, torch.float32, hidden.device) if device_type == "cpu" else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         with torch.autocast(device_type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_rows):
@@ -169,22 +191,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_weight:
                     x = x.masked_fill(~valid[rows], 0)
                     if not low_precision:
-                        grad_weight.addmm_(g.T, x)
+                        torch.addmm(weight_sum, g.T, x, beta=int(start > 0), out=weight_sum)
+                    elif start == 0:
+                        weight_sum.copy_(torch.mm(g.T, x, out=product))
                     else:
                         torch.mm(g.T, x, out=product)
-                        grad_weight += product if upcast is None else upcast.copy_(product)
+                        weight_sum += product if upcast is None else upcast.copy_(product)
+        grad_weight = None
         if want_weight:
-            grad_weight = grad_weight[:vocab].div_(n_valid.clamp(min=1)).to(weight_dtype)
+            # A tensor of its own, not a view of the padded sum: autograd then adds a tied embedding's gradient
+            # into it in place instead of allocating the sum of both.
+            grad_weight = torch.div(weight_sum[:vocab], n_valid.clamp(min=1)).to(weight_dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.used = False
         return _mean(total, n_valid)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        # The gradients were made for this call alone: scale them in place rather than allocate their size again.
+        if ctx.used:
+            raise RuntimeError("linear_cross_entropy: backward ran twice through the same loss (retain_graph); "
+                               "compute the loss again instead")
+        ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden * grad_output,
-                None if grad_weight is None else grad_weight * grad_output, None, None)
+        return (None if grad_hidden is None else grad_hidden.mul_(grad_output),
+                None if grad_weight is None else grad_weight.mul_(grad_output), None, None)
 
 
+@torch.compiler.disable  # runs eagerly inside a compiled model: its scratch buffers persist between calls
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None) -> Tensor:
     """Mean cross-entropy of the logits hidden @ weight.T (hidden (N, C), weight (V, C)) against targets (N,),
     as F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100) but without materializing the (N, V)
