@@ -202,8 +202,11 @@ def test_concurrent_clients_equal_sequential_runs(client, server):
     sequential = [client.completions.create(model="tiny", **r).choices[0].text for r in REQUESTS]
     server.scheduler.max_rows_seen = 0
     with Gate(server.scheduler) as gate, ThreadPoolExecutor(len(REQUESTS)) as pool:
-        futures = [pool.submit(client.completions.create, model="tiny", **r) for r in REQUESTS]
-        gate.waiting.wait(timeout=30)  # the first request(s) are in; the others line up behind them
+        # The first request is held in its prefill while the others line up behind it. It is one that runs
+        # for several steps: a request that stops at its first token would leave the batch before the rest join.
+        futures = [pool.submit(client.completions.create, model="tiny", **REQUESTS[0])]
+        gate.waiting.wait(timeout=30)
+        futures += [pool.submit(client.completions.create, model="tiny", **r) for r in REQUESTS[1:]]
         wait_for(lambda: server.scheduler.queued_requests + gate.held == len(REQUESTS))
         gate.opened.set()
         concurrent = [f.result().choices[0].text for f in futures]
