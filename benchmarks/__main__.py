@@ -39,6 +39,7 @@ import torch
 
 from gpt2kit import GPT2Tokenizer
 from gpt2kit.training.logging import measure_matmul_peak, synchronize
+from gpt2kit.training.trainer import enable_tf32
 
 from . import bench_eval, bench_generate, bench_preprocess, bench_serve, bench_train
 from .devices import PeakMemory, default_device
@@ -243,9 +244,7 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.logging.set_verbosity_error()  # keep the peers' notices and progress bars out of the table
     transformers.logging.disable_progress_bar()
-    if gpu:  # float32 matmuls on TF32 tensor cores, as gpt2kit's Trainer sets on a GPU (global: both sides)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)  # before the hardware section: its float32 peak is then the one training gets
     rows: list[dict] = []
     hw = None
     started = time.perf_counter()

@@ -80,15 +80,16 @@ def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: in
         ours, ours_s = timed(lambda: evaluate_perplexity(model, tokenizer, WIKITEXT, limit=articles,
                                                          batch_size=batch_size, progress=False))
         theirs, theirs_s = timed(lambda: run_theirs("wikitext", WIKITEXT, articles))
-        rows.append({"device": device.type, "task": "wikitext", "shape": shape, "packed": packed, "limit": articles, "tokens": ours["tokens"],
-                     "windows": ours["windows"], "ours_s": ours_s, "peer_s": theirs_s, "ratio": theirs_s / ours_s,
+        rows.append({"device": device.type, "task": "wikitext", "shape": shape, "packed": packed, "limit": articles,
+                     "tokens": ours["tokens"], "windows": ours["windows"], "ours_s": ours_s, "peer_s": theirs_s,
+                     "ratio": theirs_s / ours_s,
                      "metrics": {m: (ours[m], v) for m, v in theirs.items()}})
         if lambada:
             ours, ours_s = timed(lambda: evaluate_lambada(model, tokenizer, LAMBADA, limit=lambada,
                                                           batch_size=batch_size, progress=False))
             theirs, theirs_s = timed(lambda: run_theirs("lambada", LAMBADA, lambada))
-            rows.append({"device": device.type, "task": "lambada", "shape": shape, "packed": packed, "limit": lambada, "ours_s": ours_s,
-                         "peer_s": theirs_s, "ratio": theirs_s / ours_s,
+            rows.append({"device": device.type, "task": "lambada", "shape": shape, "packed": packed, "limit": lambada,
+                         "ours_s": ours_s, "peer_s": theirs_s, "ratio": theirs_s / ours_s,
                          "metrics": {m: (ours[m], v) for m, v in theirs.items()}})
     return rows
 

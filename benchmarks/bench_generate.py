@@ -169,8 +169,8 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes
                 (o_ttft, o_decode, o_out), (h_ttft, h_decode, h_out) = best_of_interleaved(
                     repeats, ours, hf, ids, new_tokens, compiled)
                 decoded = batch * (new_tokens - 1)
-                rows.append({"device": device.type, "shape": shape, "dtype": dtype_name, "peer_dtype": peer_dtype, "batch": batch,
-                             "prompt_len": prompt_len,
+                rows.append({"device": device.type, "shape": shape, "dtype": dtype_name, "peer_dtype": peer_dtype,
+                             "batch": batch, "prompt_len": prompt_len,
                              "new_tokens": new_tokens, "ours_ttft_s": o_ttft, "peer_ttft_s": h_ttft,
                              "ours_tok_s": decoded / o_decode, "peer_tok_s": decoded / h_decode,
                              "ratio": h_decode / o_decode, "ttft_ratio": h_ttft / o_ttft,

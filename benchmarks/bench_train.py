@@ -22,6 +22,7 @@ from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.training.config import OptimArgs
 from gpt2kit.training.logging import flops_per_token, peak_flops, synchronize
 from gpt2kit.training.optim import build_optimizer
+from gpt2kit.training.trainer import enable_tf32
 
 if __package__:
     from .devices import PeakMemory, default_device
@@ -90,9 +91,7 @@ def run(shapes: str = "tiny,gpt2", precisions: str = "fp32,bf16", seq_len: int |
     eager, as its own Trainer runs by default); the first two steps, which compile, are not timed. `device`
     defaults to the GPU when there is one."""
     device = torch.device(device) if device else default_device()
-    if device.type == "cuda":  # what gpt2kit's Trainer sets on a GPU; global, so both sides get it
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)  # as gpt2kit's Trainer does on a GPU; process-wide, so both sides get it
     rows = []
     for shape in shapes.split(","):
         preset, default_seq, default_batch = SHAPES[shape]
@@ -110,7 +109,8 @@ def run(shapes: str = "tiny,gpt2", precisions: str = "fp32,bf16", seq_len: int |
             (t_ours, t_theirs), (m_ours, m_theirs) = time_training(
                 [(model, ours_loss, batch), (theirs, theirs_loss, batch[:, :seq])], precision=precision,
                 steps=steps, warmup=max(warmup, 2) if compiled else warmup, device=device)
-            rows.append({"device": device.type, "shape": shape, "precision": precision, "compiled": compiled, "batch": batch_n, "seq_len": seq,
+            rows.append({"device": device.type, "shape": shape, "precision": precision, "compiled": compiled,
+                         "batch": batch_n, "seq_len": seq,
                          "ours_tok_s": tokens / t_ours, "peer_tok_s": tokens / t_theirs,
                          "ours_mfu": flops / t_ours / peak, "peer_mfu": flops / t_theirs / peak,
                          "peak_flops": peak, "bound_tok_s": peak / (flops / tokens), "ratio": t_theirs / t_ours,

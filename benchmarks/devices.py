@@ -76,24 +76,32 @@ class PeakRSS:
 
 class PeakMemory:
     """Peak memory (bytes) while the `with` block runs on `device`: the CUDA caching allocator's peak of tensor
-    memory on a GPU (weights included), the process's peak RSS (see PeakRSS) on a CPU."""
+    memory on a GPU (weights included), the process's peak RSS (see PeakRSS) on a CPU. Blocks nest as PeakRSS's
+    do: resetting the allocator's peak for an inner block first hands the peak so far to the enclosing ones."""
+
+    _active: ClassVar[list[PeakMemory]] = []  # the GPU blocks being measured, outermost first
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peak = device, 0
         self._rss = None if device.type == "cuda" else PeakRSS()
+        self._reached = 0  # the allocator's peak before an inner block reset it
 
     def __enter__(self) -> PeakMemory:
         if self._rss is not None:
             self._rss.__enter__()
-        else:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        torch.cuda.synchronize(self.device)
+        for outer in self._active:
+            outer._reached = max(outer._reached, torch.cuda.max_memory_allocated(outer.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._active.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._rss is not None:
             self._rss.__exit__(*exc)
             self.peak = self._rss.peak
-        else:
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
+        torch.cuda.synchronize(self.device)
+        self._active.remove(self)
+        self.peak = max(self._reached, torch.cuda.max_memory_allocated(self.device))

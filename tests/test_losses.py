@@ -233,3 +233,20 @@ def test_tied_embedding_gradient_is_added_in_place(tiny_config):
     adds = [e.key for e in prof.key_averages(group_by_input_shape=True)
             if e.key in ("aten::add", "aten::add_") and e.input_shapes[:2] == [shape, shape]]
     assert adds == ["aten::add_"]
+
+
+def test_bf16_loss_on_an_unpadded_vocabulary_copies_the_weight_once():
+    """Vocabulary already a multiple of 128: under autocast the bf16 weight is a scratch copy, not the weight."""
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(N, C, generator=g), torch.randn(128, C, generator=g) * 0.5
+    targets = torch.randint(0, 128, (N,), generator=g)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, targets, chunk_rows=16)
+    loss.backward()
+    ref, ref_h, ref_w = reference(hidden.bfloat16(), weight.bfloat16(), targets)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=0.02)
+    torch.testing.assert_close(w.grad, ref_w.grad.float(), rtol=0.02, atol=1e-3)
+    torch.testing.assert_close(h.grad, ref_h.grad.float(), rtol=0.02, atol=1e-3)
+    assert torch.equal(w.detach(), weight)  # the weight itself was never written

@@ -185,3 +185,29 @@ def test_benchmarks_take_a_device_and_refuse_cpu_only_formats_elsewhere():
         bench_generate.run("tiny", "fp32,int8-compiled,fp32-packed", device="cuda")
     with pytest.raises(ValueError, match="packed weights are a CPU layout"):
         bench_eval.run(packed=True, device="cuda")
+
+
+def test_nested_gpu_peak_memory_blocks_keep_the_enclosing_peak(monkeypatch):
+    """PeakMemory on a GPU resets the allocator's peak per block; an enclosing block (a benchmark row around its
+    per-step blocks) must still report the highest peak of the whole row. A fake allocator stands in for CUDA."""
+    from benchmarks.devices import PeakMemory
+
+    allocator = {"current": 0, "peak": 0}
+
+    def allocate(size: int) -> None:
+        allocator["current"] = size
+        allocator["peak"] = max(allocator["peak"], size)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: allocator.update(peak=allocator["current"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocator["peak"])
+    gpu = torch.device("cuda")
+    with PeakMemory(gpu) as row:
+        allocate(900)  # the row's peak, before its steps
+        allocate(100)
+        with PeakMemory(gpu) as step:
+            allocate(300)
+            allocate(100)
+        allocate(200)
+    assert step.peak == 300 and row.peak == 900

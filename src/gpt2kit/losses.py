@@ -120,11 +120,11 @@ def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
 
 
 def _padded(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """weight in `dtype` with zero rows appended up to padded_vocab_size, in one copy at most (into a scratch
-    buffer: the result lives only inside one call of the loss)."""
+    """weight in `dtype` with zero rows appended up to padded_vocab_size: the weight itself when it needs
+    neither, else one copy into a scratch buffer (the result lives only inside one call of the loss)."""
     vocab, size = weight.shape[0], padded_vocab_size(weight.shape[0])
-    if size == vocab:
-        return weight.to(dtype)
+    if size == vocab and weight.dtype == dtype:
+        return weight
     padded = _buffer("weight", (size, weight.shape[1]), dtype, weight.device)
     padded[:vocab] = weight
     padded[vocab:] = 0

@@ -64,6 +64,14 @@ class TrainingDiverged(RuntimeError):
 
 
 # ---- models -------------------------------------------------------------------------------------------------
+def enable_tf32(device: torch.device) -> None:
+    """On a CUDA device, float32 matmuls and convolutions on TF32 tensor cores (fp32 runs, master-weight math):
+    several times the fp32 rate on Ampere and newer, with an error far below training noise. Process-wide."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def _set_labels(config: GPT2Config, num_labels: int, id2label: dict[int, str] | None) -> None:
     """A classifier config's label count and names (the label indices as names when none are given)."""
     config.id2label = id2label or {i: str(i) for i in range(num_labels)}
@@ -374,11 +382,7 @@ class Trainer:
             base = weights or (c.model.name if Path(c.model.name).is_dir() else None)
             self._lora_config = lora_lib.lora_config(c.lora, task=c.task, base_model=base)
             lora_lib.apply_lora(self.model, self._lora_config)
-        if self.device.type == "cuda":
-            # TF32 tensor cores for the fp32 matmuls (fp32 runs, master-weight math): several times the fp32
-            # rate on Ampere and newer, with an error far below training noise.
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        enable_tf32(self.device)
         self.model.to(self.device).train()
         self.forward_model = self._wrap_model(self.model)
         self.optimizer = build_optimizer(self.model, c.optim)
