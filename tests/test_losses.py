@@ -220,9 +220,9 @@ def test_backward_through_the_same_fused_loss_twice_is_refused():
         loss.backward()
 
 
-def test_tied_embedding_gradient_is_added_in_place(tiny_config):
-    """The head's weight gradient is a tensor of its own (not a view of the padded sum), so autograd adds the
-    embedding's gradient into it instead of allocating a third (vocab x C) tensor."""
+def test_tied_embedding_gradient_is_one_tensor(tiny_config):
+    """The head's weight gradient goes to the token lookup, which adds its rows into it (index_add_): no zero-filled
+    (vocab x C) gradient of the lookup's own, and no sum of two (vocab x C) tensors."""
     from torch.profiler import profile  # lists the ops autograd ran
 
     model = GPT2LMHeadModel(tiny_config).train()
@@ -230,9 +230,37 @@ def test_tied_embedding_gradient_is_added_in_place(tiny_config):
     shape = [tiny_config.vocab_size, tiny_config.n_embd]
     with profile(record_shapes=True) as prof:
         model(ids[:, :-1], targets=ids[:, 1:], return_logits=False).loss.backward()
-    adds = [e.key for e in prof.key_averages(group_by_input_shape=True)
-            if e.key in ("aten::add", "aten::add_") and e.input_shapes[:2] == [shape, shape]]
-    assert adds == ["aten::add_"]
+    ops = [(e.key, e.input_shapes[:2]) for e in prof.key_averages(group_by_input_shape=True)]
+    lookups = sum(e.count for e in prof.key_averages() if e.key == "aten::embedding_dense_backward")
+    assert lookups == 1  # the position embedding's
+    assert not [key for key, shapes in ops if key in ("aten::add", "aten::add_") and shapes == [shape, shape]]
+    assert ("aten::index_add_", [shape, []]) in ops
+
+
+def test_tied_gradient_accumulates_over_micro_batches_as_the_unfused_loss(tiny_config):
+    model = GPT2LMHeadModel(tiny_config).eval()
+    batches = [torch.randint(0, tiny_config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(s))
+               for s in range(2)]
+    grads = []
+    for fused in (False, True):
+        for ids in batches:  # two backward passes into the same .grad, as gradient accumulation does
+            model(ids[:, :-1], targets=ids[:, 1:], return_logits=not fused).loss.mul(0.5).backward()
+        grads.append(gradients(model))
+    for name, expected in grads[0].items():
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def test_tied_lookup_without_the_loss_gradient_gives_its_own_part():
+    """The lookup alone (its loss never ran backward): the weight's gradient is the embedding's, as F.embedding's."""
+    from gpt2kit.losses import TiedEmbeddingGradient, tied_embedding
+
+    weight = torch.randn(50, 8, requires_grad=True)
+    ids = torch.tensor([[1, 3, 3], [0, 49, 1]])
+    upstream = torch.randn(2, 3, 8)
+    (tied_embedding(ids, weight, TiedEmbeddingGradient()) * upstream).sum().backward()
+    expected = torch.autograd.grad((nn.functional.embedding(ids, weight) * upstream).sum(), weight)[0]
+    torch.testing.assert_close(weight.grad, expected)
 
 
 def test_bf16_loss_on_an_unpadded_vocabulary_copies_the_weight_once():

@@ -17,10 +17,11 @@ IGNORE_INDEX = -100
 # Logits per chunk: 32 MiB in float32. Large enough for efficient matmuls; larger float32 blocks are mmapped afresh
 # for every chunk by glibc's malloc on CPU, and page-faulting them in cost more than the softmax itself.
 CHUNK_ELEMENTS = 2 ** 23
-# Rows per chunk of the fused LM head + loss: about 25M logits (500 rows of GPT-2's padded vocabulary). Its buffers
-# are reused across chunks, so larger chunks only cost memory; on CPU, float32 steps were fastest with 400-600 rows
-# (longer matmuls), bf16 ones with 250-500.
-FUSED_CHUNK_ELEMENTS = 3 * 2 ** 23
+# Logits per chunk of the fused LM head + loss, at most: 32M (667 rows of GPT-2's padded vocabulary); the rows are
+# then split into equal chunks. Its buffers are reused across chunks, so larger chunks only cost memory; on CPU,
+# steps were fastest with 400-600 rows (longer matmuls), and every chunk pays a pass over the (vocab x C) weight
+# gradient: 1024 rows as 2 x 512 took 430 ms where 500 + 500 + 24 took 490 (GPT-2 small, bf16).
+FUSED_CHUNK_ELEMENTS = 2 ** 25
 # The fused LM head runs its matmuls on the vocabulary padded to a multiple of this (GPT-2's 50257 -> 50304):
 # odd matrix sizes fall off the GEMM kernels' fast tiles (measured here: the float32 LM-head matmuls of a training
 # step 25 % faster; nanoGPT reports the same on GPUs). The padding exists only inside the loss.
@@ -96,9 +97,11 @@ def padded_vocab_size(vocab_size: int) -> int:
     return vocab_size + -vocab_size % VOCAB_MULTIPLE
 
 
-def fused_chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk of `linear_cross_entropy` by default: about FUSED_CHUNK_ELEMENTS logits."""
-    return max(1, FUSED_CHUNK_ELEMENTS // vocab_size)
+def fused_chunk_rows(vocab_size: int, rows: int) -> int:
+    """Rows per chunk of `linear_cross_entropy` by default: `rows` split into the fewest equal chunks of at most
+    FUSED_CHUNK_ELEMENTS logits."""
+    most = max(1, FUSED_CHUNK_ELEMENTS // vocab_size)
+    return max(1, -(-rows // -(-rows // most)))
 
 
 _workspace = threading.local()  # per thread: name -> the buffer last used under that name
@@ -141,7 +144,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     outlives its chunk. Autocast is applied here, since backward runs outside the autocast context."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int,
+                tied: TiedEmbeddingGradient | None) -> Tensor:
         device_type = hidden.device.type
         hidden_dtype, weight_dtype = hidden.dtype, weight.dtype
         dtype = weight_dtype
@@ -203,30 +207,68 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # into it in place instead of allocating the sum of both.
             grad_weight = torch.div(weight_sum[:vocab], n_valid.clamp(min=1)).to(weight_dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.used = False
+        ctx.used, ctx.tied = False, tied
         return _mean(total, n_valid)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         # The gradients were made for this call alone: scale them in place rather than allocate their size again.
         if ctx.used:
             raise RuntimeError("linear_cross_entropy: backward ran twice through the same loss (retain_graph); "
                                "compute the loss again instead")
         ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden.mul_(grad_output),
-                None if grad_weight is None else grad_weight.mul_(grad_output), None, None)
+        if grad_weight is not None:
+            grad_weight.mul_(grad_output)
+            if ctx.tied is not None:  # the token lookup's backward adds its part and returns the sum
+                ctx.tied.grad, grad_weight = grad_weight, None
+        return None if grad_hidden is None else grad_hidden.mul_(grad_output), grad_weight, None, None, None
+
+
+class TiedEmbeddingGradient:
+    """Hands the fused loss's gradient for an LM head tied to the token embedding over to the embedding lookup
+    (`tied_embedding`), which runs later in backward: the lookup adds its rows into it and returns the weight's
+    whole gradient. Otherwise autograd would give the lookup a zero-filled (vocab x C) gradient of its own and add
+    the two (GPT-2 small on CPU: 150-300 ms per step, mostly page faults of the fresh 150 MB)."""
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: Tensor, weight: Tensor, tied: TiedEmbeddingGradient) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.tied, ctx.weight_shape = tied, weight.shape
+        return torch.nn.functional.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[None, Tensor, None]:
+        (ids,) = ctx.saved_tensors
+        grad, ctx.tied.grad = ctx.tied.grad, None
+        if grad is None:  # the loss gave no gradient (its backward did not run): the lookup's part alone
+            grad = grad_output.new_zeros(ctx.weight_shape)
+        return None, grad.index_add_(0, ids.flatten(), grad_output.flatten(0, -2).to(grad.dtype)), None
+
+
+@torch.compiler.disable  # its backward meets the loss's through a Python object
+def tied_embedding(ids: Tensor, weight: Tensor, tied: TiedEmbeddingGradient) -> Tensor:
+    """F.embedding(ids, weight) for a weight that `linear_cross_entropy(..., tied=tied)` also uses as its LM
+    head: the weight's gradient is then one (vocab x C) tensor, the loss's with the lookup's rows added."""
+    return _TiedEmbedding.apply(ids, weight, tied)
 
 
 @torch.compiler.disable  # runs eagerly inside a compiled model: its scratch buffers persist between calls
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None) -> Tensor:
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None,
+                         tied: TiedEmbeddingGradient | None = None) -> Tensor:
     """Mean cross-entropy of the logits hidden @ weight.T (hidden (N, C), weight (V, C)) against targets (N,),
     as F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100) but without materializing the (N, V)
-    logits or their gradient. Rows are processed `chunk_rows` at a time (default: about 25M logits per chunk), on
+    logits or their gradient. Rows are processed `chunk_rows` at a time (default: the fewest equal chunks of at most 32M logits), on
     the vocabulary padded with zero rows to a multiple of VOCAB_MULTIPLE (masked out of the softmax).
     The loss is a float32 scalar; under autocast the matmuls run in the autocast dtype, and the gradients come
-    back in the inputs' dtypes."""
+    back in the inputs' dtypes. With `tied`, the weight's gradient goes to the `tied_embedding` lookup of the same
+    weight, which returns it with its own part added."""
     if not torch.is_grad_enabled():  # as in lm_loss: no gradients computed under no_grad
         hidden, weight = hidden.detach(), weight.detach()
-    return _LinearCrossEntropy.apply(hidden, weight, targets,
-                                     fused_chunk_rows(weight.shape[0]) if chunk_rows is None else max(1, chunk_rows))
+    rows = fused_chunk_rows(weight.shape[0], hidden.shape[0]) if chunk_rows is None else max(1, chunk_rows)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, rows, tied)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import GPT2Config
-from .losses import linear_cross_entropy, lm_loss
+from .losses import TiedEmbeddingGradient, linear_cross_entropy, lm_loss, tied_embedding
 
 
 class KVCache:
@@ -204,8 +204,9 @@ class GPT2Model(GPT2PreTrainedModel):
             self._init_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                past_key_values: KVCache | None = None) -> Tensor:
-        """`attention_mask` (B, past+T) marks real tokens with 1; it covers cached positions too."""
+                past_key_values: KVCache | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+        """`attention_mask` (B, past+T) marks real tokens with 1; it covers cached positions too. `inputs_embeds`
+        (B, T, C), when given, replaces the token embeddings wte(input_ids)."""
         B, T = input_ids.shape
         past = past_key_values.length if past_key_values is not None else 0
         if past + T > self.config.n_positions:
@@ -222,7 +223,8 @@ class GPT2Model(GPT2PreTrainedModel):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
         attn_mask, is_causal = build_attention_mask(attention_mask, past, T)
 
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        tokens = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.drop(tokens + self.wpe(position_ids))
         for block in self.h:
             x = block(x, attn_mask, is_causal, past_key_values)
         if past_key_values is not None:
@@ -264,13 +266,20 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         (`linear_cross_entropy`): no (tokens x vocab) logits are kept, `logits` is None and `logits_to_keep` is
         ignored. A head that is not a plain nn.Linear with a plain weight (tensor-parallel DTensor, LoRA or int8
         layers) takes the unfused path, and then the logits are returned as usual."""
-        hidden = self.transformer(input_ids, attention_mask, position_ids, past_key_values)
         # Exact types (see the docstring) avoid importing torch.distributed here to recognize a DTensor.
-        fusable = type(self.lm_head) is nn.Linear and type(self.lm_head.weight) in (Tensor, nn.Parameter)
-        if (labels is not None or targets is not None) and not return_logits and fusable:
+        weight = self.lm_head.weight
+        fused = ((labels is not None or targets is not None) and not return_logits
+                 and type(self.lm_head) is nn.Linear and type(weight) in (Tensor, nn.Parameter))
+        tied, inputs_embeds = None, None
+        if fused and weight is self.transformer.wte.weight and weight.requires_grad and torch.is_grad_enabled():
+            # The head's and the lookup's gradients of the shared weight are summed in one tensor (see losses.py).
+            tied = TiedEmbeddingGradient()
+            inputs_embeds = tied_embedding(input_ids, weight, tied)
+        hidden = self.transformer(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+        if fused:
             if labels is not None:
                 hidden, targets = hidden[:, :-1], labels[:, 1:]
-            loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten())
+            loss = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), tied=tied)
             return CausalLMOutput(logits=None, loss=loss, past_key_values=past_key_values)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

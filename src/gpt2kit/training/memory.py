@@ -118,7 +118,7 @@ def estimate_memory(config: GPT2Config, parallel: ParallelConfig, *, micro_batch
         activations = layers * per_block
     activations += 2 * s * b * h * act  # embedding sum and final LayerNorm input
     if t == 1:
-        padded, rows = padded_vocab_size(v), min(s * b, fused_chunk_rows(v))
+        padded, rows = padded_vocab_size(v), fused_chunk_rows(v, s * b)
         float_copy = 4 if act == 2 else 0
         logits = rows * padded * (act + float_copy) + padded * h * (4 + act + 6 * (act == 2))
     else:
