@@ -263,8 +263,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
                          tied: TiedEmbeddingGradient | None = None) -> Tensor:
     """Mean cross-entropy of the logits hidden @ weight.T (hidden (N, C), weight (V, C)) against targets (N,),
     as F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100) but without materializing the (N, V)
-    logits or their gradient. Rows are processed `chunk_rows` at a time (default: the fewest equal chunks of at most 32M logits), on
-    the vocabulary padded with zero rows to a multiple of VOCAB_MULTIPLE (masked out of the softmax).
+    logits or their gradient. Rows are processed `chunk_rows` at a time (default: the fewest equal chunks of at
+    most 32M logits), on the vocabulary padded with zero rows to a multiple of VOCAB_MULTIPLE (masked out of the
+    softmax).
     The loss is a float32 scalar; under autocast the matmuls run in the autocast dtype, and the gradients come
     back in the inputs' dtypes. With `tied`, the weight's gradient goes to the `tied_embedding` lookup of the same
     weight, which returns it with its own part added."""
