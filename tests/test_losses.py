@@ -44,6 +44,25 @@ def test_linear_cross_entropy_equals_float64_reference(chunk_rows):
     assert h.grad[:6].abs().max() == 0 and h.grad[20].abs().max() == 0  # ignored rows get no gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_in_several_slices_of_a_chunk_equals_the_reference(monkeypatch, dtype):
+    """A chunk's softmax runs a slice of rows at a time (SLICE_ELEMENTS logits): 3-row slices of 16-row chunks."""
+    import gpt2kit.losses
+
+    monkeypatch.setattr(gpt2kit.losses, "SLICE_ELEMENTS", 3 * padded_vocab_size(V))
+    hidden, weight, targets = inputs(4)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = linear_cross_entropy(h, w, targets, chunk_rows=16)
+    loss.backward()
+    ref, ref_h, ref_w = reference(hidden.to(dtype), weight.to(dtype), targets)
+    ref.backward()
+    tolerance = {"rtol": 1e-5, "atol": 1e-8} if dtype == torch.float32 else {"rtol": 0.02, "atol": 1e-3}
+    assert loss.item() == pytest.approx(ref.item(), rel=tolerance["rtol"])
+    torch.testing.assert_close(w.grad, ref_w.grad.float(), **tolerance)
+    torch.testing.assert_close(h.grad, ref_h.grad.float(), **tolerance)
+
+
 @pytest.mark.parametrize("vocab", [101, 128, 129])  # padded to 128, not padded, padded to 256
 def test_vocabulary_padding_inside_the_loss_is_invisible(vocab):
     g = torch.Generator().manual_seed(3)

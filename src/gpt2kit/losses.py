@@ -17,11 +17,13 @@ IGNORE_INDEX = -100
 # Logits per chunk: 32 MiB in float32. Large enough for efficient matmuls; larger float32 blocks are mmapped afresh
 # for every chunk by glibc's malloc on CPU, and page-faulting them in cost more than the softmax itself.
 CHUNK_ELEMENTS = 2 ** 23
-# Logits per chunk of the fused LM head + loss, at most: 32M (667 rows of GPT-2's padded vocabulary); the rows are
-# then split into equal chunks. Its buffers are reused across chunks, so larger chunks only cost memory; on CPU,
-# steps were fastest with 400-600 rows (longer matmuls), and every chunk pays a pass over the (vocab x C) weight
-# gradient: 1024 rows as 2 x 512 took 430 ms where 500 + 500 + 24 took 490 (GPT-2 small, bf16).
-FUSED_CHUNK_ELEMENTS = 2 ** 25
+# Bytes of logits per chunk of the fused LM head + loss (in the matmuls' dtype), at most: 256 MiB, e.g. 2669 rows of
+# GPT-2's padded vocabulary in bf16. A chunk's three matmuls run on all its rows at once and every chunk pays a pass
+# over the (vocab x C) weight gradient, so fewer, larger chunks are faster (1024 rows: 2 x 512 took 430 ms, 500 +
+# 500 + 24 took 490 ms); the rows are split into equal chunks.
+FUSED_CHUNK_BYTES = 2 ** 28
+# Logits per slice of the float32 softmax inside a chunk: 32 MiB. Large enough to amortize per-op overhead.
+SLICE_ELEMENTS = 2 ** 23
 # The fused LM head runs its matmuls on the vocabulary padded to a multiple of this (GPT-2's 50257 -> 50304):
 # odd matrix sizes fall off the GEMM kernels' fast tiles (measured here: the float32 LM-head matmuls of a training
 # step 25 % faster; nanoGPT reports the same on GPUs). The padding exists only inside the loss.
@@ -97,10 +99,10 @@ def padded_vocab_size(vocab_size: int) -> int:
     return vocab_size + -vocab_size % VOCAB_MULTIPLE
 
 
-def fused_chunk_rows(vocab_size: int, rows: int) -> int:
+def fused_chunk_rows(vocab_size: int, rows: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Rows per chunk of `linear_cross_entropy` by default: `rows` split into the fewest equal chunks of at most
-    FUSED_CHUNK_ELEMENTS logits."""
-    most = max(1, FUSED_CHUNK_ELEMENTS // vocab_size)
+    FUSED_CHUNK_BYTES of `dtype` logits."""
+    most = max(1, FUSED_CHUNK_BYTES // (vocab_size * dtype.itemsize))
     return max(1, -(-rows // -(-rows // most)))
 
 
@@ -137,16 +139,17 @@ def _padded(weight: Tensor, dtype: torch.dtype) -> Tensor:
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of hidden @ weight.T against targets, a chunk of rows at a time.
 
-    Each chunk's logits are computed, reduced in float32 and turned into g = softmax - one_hot right away, which
-    is then pushed through the matmul: grad_hidden's rows are g @ weight and grad_weight accumulates g.T @ hidden
-    in float32. The 1/n_valid factor and the mask of ignored rows are applied to those small results, never to
-    the (rows, V) chunk. Only the two gradients are kept for backward, which just scales them: no (N, V) tensor
-    outlives its chunk. Autocast is applied here, since backward runs outside the autocast context."""
+    Each chunk's logits are computed in one matmul, reduced in float32 a slice of rows at a time and turned into
+    g = softmax - one_hot in place, which is then pushed through the two gradient matmuls: grad_hidden's rows are
+    g @ weight, and the chunk's g.T @ hidden is the weight's gradient (added up in float32 over chunks). The
+    1/n_valid factor and the mask of ignored rows are applied to those small results, never to the (rows, V)
+    chunk. Only the two gradients are kept for backward, which just scales them: no (N, V) tensor outlives its
+    chunk. Autocast is applied here, since backward runs outside the autocast context."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int,
                 tied: TiedEmbeddingGradient | None) -> Tensor:
-        device_type = hidden.device.type
+        device, device_type = hidden.device, hidden.device.type
         hidden_dtype, weight_dtype = hidden.dtype, weight.dtype
         dtype = weight_dtype
         if torch.is_autocast_enabled(device_type):  # as F.linear would under autocast
@@ -158,55 +161,54 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid, n_valid, targets = _scored(targets)
         scale = valid / n_valid.clamp(min=1)  # (N, 1) float32: 1/n_valid, 0 for ignored rows
         grad_hidden = torch.empty_like(hidden, dtype=hidden_dtype) if want_hidden else None
-        # Every chunk reuses the same scratch buffers (see _buffer). Per chunk: logits in the matmuls' dtype, their
-        # float32 log-probabilities turned into g = softmax - one_hot in place, g back in the matmuls' dtype (the
-        # logits' buffer), and its product for the weight's gradient, summed in float32 over the padded vocabulary
-        # (a low-precision product upcast first: on CPU the sum would otherwise make a fresh float32 copy of it;
-        # CUDA casts in-kernel). The first chunk writes the sum instead of adding to zeros.
+        grad_weight = None
+        # Scratch buffers reused by every chunk (see _buffer): the chunk's logits in the matmuls' dtype, which
+        # become g in place; a float32 slice for the softmax of low-precision logits; the weight gradient's
+        # product in the matmuls' dtype and, from a second chunk on, its float32 upcast (on CPU, adding a
+        # low-precision tensor to a float32 one would make a fresh float32 copy of it; CUDA casts in-kernel).
         low_precision = dtype != torch.float32
-        weight_sum = _buffer("weight_sum", weight.shape, torch.float32, hidden.device) if want_weight else None
-        logits_shape = (min(chunk_rows, hidden.shape[0]), weight.shape[0])
-        logits_buffer = _buffer("logits", logits_shape, dtype, hidden.device)
-        float_buffer = _buffer("float", logits_shape, torch.float32, hidden.device) if low_precision else logits_buffer
-        product, upcast = None, None
-        if want_weight and low_precision:
-            product = _buffer("product", weight.shape, dtype, hidden.device)
-            upcast = _buffer("upcast", weight.shape, torch.float32, hidden.device) if device_type == "cpu" else None
-        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        logits_buffer = _buffer("logits", (min(chunk_rows, hidden.shape[0]), weight.shape[0]), dtype, device)
+        slice_rows = max(1, SLICE_ELEMENTS // weight.shape[0])
+        float_buffer = _buffer("float", (min(slice_rows, logits_buffer.shape[0]), weight.shape[0]), torch.float32,
+                               device) if low_precision else None
+        total = torch.zeros((), dtype=torch.float64, device=device)
         with torch.autocast(device_type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 x = hidden[rows]
                 logits = torch.mm(x, weight.T, out=logits_buffer[:x.shape[0]])
-                log_probs = float_buffer[:x.shape[0]]
-                if low_precision:
-                    log_probs.copy_(logits)
-                log_probs[:, vocab:] = float("-inf")  # padded columns: probability 0, gradient 0
-                _, loss = _log_softmax_loss(log_probs, targets[rows], valid[rows], out=log_probs)
-                total += loss
-                if not (want_hidden or want_weight):
-                    continue
-                # g = softmax - one_hot in the matmuls' dtype; its ignored rows are masked out of both products.
-                g = log_probs.exp_().scatter_add_(1, targets[rows], -valid[rows].float())
-                if low_precision:
-                    g = logits.copy_(g)
+                for at in range(0, x.shape[0], slice_rows):
+                    part = logits[at:at + slice_rows]
+                    chunk_part = slice(start + at, start + at + part.shape[0])
+                    log_probs = float_buffer[:part.shape[0]].copy_(part) if low_precision else part
+                    log_probs[:, vocab:] = float("-inf")  # padded columns: probability 0, gradient 0
+                    _, loss = _log_softmax_loss(log_probs, targets[chunk_part], valid[chunk_part], out=log_probs)
+                    total += loss
+                    if want_hidden or want_weight:  # g = softmax - one_hot, in the matmuls' dtype
+                        g = log_probs.exp_().scatter_add_(1, targets[chunk_part], -valid[chunk_part].float())
+                        if low_precision:
+                            part.copy_(g)
                 if want_hidden:
-                    grad_hidden[rows] = (g @ weight) * scale[rows]
+                    grad_hidden[rows] = (logits @ weight) * scale[rows]
                 if want_weight:
+                    # Ignored rows are masked out of the product; padded columns of g are 0.
                     x = x.masked_fill(~valid[rows], 0)
                     if not low_precision:
-                        torch.addmm(weight_sum, g.T, x, beta=int(start > 0), out=weight_sum)
-                    elif start == 0:
-                        weight_sum.copy_(torch.mm(g.T, x, out=product))
+                        grad_weight = (torch.mm(logits[:, :vocab].T, x) if grad_weight is None
+                                       else grad_weight.addmm_(logits[:, :vocab].T, x))
                     else:
-                        torch.mm(g.T, x, out=product)
-                        weight_sum += product if upcast is None else upcast.copy_(product)
-        grad_weight = None
-        if want_weight:
-            # A tensor of its own, not a view of the padded sum: autograd then adds a tied embedding's gradient
-            # into it in place instead of allocating the sum of both.
-            grad_weight = torch.div(weight_sum[:vocab], n_valid.clamp(min=1)).to(weight_dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+                        product = torch.mm(logits.T, x, out=_buffer("product", weight.shape, dtype, device))[:vocab]
+                        if grad_weight is None:
+                            grad_weight = product.to(torch.float32)
+                        elif device_type == "cpu":
+                            grad_weight += _buffer("upcast", product.shape, torch.float32, device).copy_(product)
+                        else:
+                            grad_weight += product
+        # The weight gradient is a tensor of its own, never a view of a scratch buffer: autograd may keep it as the
+        # parameter's .grad, and the tied embedding lookup adds into it. 1/n_valid is applied in backward.
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight_dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
         ctx.used, ctx.tied = False, tied
         return _mean(total, n_valid)
 
@@ -217,9 +219,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy: backward ran twice through the same loss (retain_graph); "
                                "compute the loss again instead")
         ctx.used = True
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, n_valid = ctx.saved_tensors
         if grad_weight is not None:
-            grad_weight.mul_(grad_output)
+            grad_weight.mul_(grad_output / n_valid.clamp(min=1))
             if ctx.tied is not None:  # the token lookup's backward adds its part and returns the sum
                 ctx.tied.grad, grad_weight = grad_weight, None
         return None if grad_hidden is None else grad_hidden.mul_(grad_output), grad_weight, None, None, None
@@ -264,12 +266,16 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     """Mean cross-entropy of the logits hidden @ weight.T (hidden (N, C), weight (V, C)) against targets (N,),
     as F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100) but without materializing the (N, V)
     logits or their gradient. Rows are processed `chunk_rows` at a time (default: the fewest equal chunks of at
-    most 32M logits), on the vocabulary padded with zero rows to a multiple of VOCAB_MULTIPLE (masked out of the
-    softmax).
+    most 256 MiB of logits), on the vocabulary padded with zero rows to a multiple of VOCAB_MULTIPLE (masked out of
+    the softmax).
     The loss is a float32 scalar; under autocast the matmuls run in the autocast dtype, and the gradients come
     back in the inputs' dtypes. With `tied`, the weight's gradient goes to the `tied_embedding` lookup of the same
     weight, which returns it with its own part added."""
     if not torch.is_grad_enabled():  # as in lm_loss: no gradients computed under no_grad
         hidden, weight = hidden.detach(), weight.detach()
-    rows = fused_chunk_rows(weight.shape[0], hidden.shape[0]) if chunk_rows is None else max(1, chunk_rows)
+    if chunk_rows is None:
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        chunk_rows = fused_chunk_rows(padded_vocab_size(weight.shape[0]), hidden.shape[0], dtype)
+    rows = max(1, chunk_rows)
     return _LinearCrossEntropy.apply(hidden, weight, targets, rows, tied)

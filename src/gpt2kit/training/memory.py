@@ -14,11 +14,11 @@ What each GPU holds, for AdamW training as gpt2kit runs it (training/parallel.py
   scaled_dot_product_attention never stores; 2 bytes are the two dropout masks. With activation checkpointing
   ("recompute") a block keeps only its input (s*b*h*a) and one block's full set exists at a time during backward;
 - logits: without tensor parallelism the LM head is fused into the loss (gpt2kit.losses.linear_cross_entropy):
-  one chunk of at most FUSED_CHUNK_ELEMENTS logits of the padded vocabulary P exists at a time (the logits in the
-  compute dtype, and in bf16 a float32 copy for the softmax), plus P*h*(4 + a) bytes for the head's float32
-  gradient sum and its padded copy in the compute dtype, and in bf16 P*h*6 more for each chunk's bf16 product
-  and its float32 upcast. With tensor parallelism the (s, b, vocab) logits are gathered on every rank, with
-  their float32 copy for the loss and its gradient: s*b*V*(a + 8) bytes.
+  one chunk of at most FUSED_CHUNK_BYTES of logits of the padded vocabulary P exists at a time (in the compute
+  dtype; in bf16 with a float32 slice of SLICE_ELEMENTS for the softmax), plus P*h*(4 + a) bytes for the head's
+  float32 gradient and its padded copy in the compute dtype, and in bf16 P*h*2 more for a chunk's bf16 product
+  (P*h*6 when there are several chunks: their float32 upcast). With tensor parallelism the (s, b, vocab) logits
+  are gathered on every rank, with their float32 copy for the loss and its gradient: s*b*V*(a + 8) bytes.
 Allocator fragmentation, communication buffers and the CUDA context (about 1-3 GB) are not included.
 """
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GPT2Config
-from ..losses import fused_chunk_rows, padded_vocab_size
+from ..losses import SLICE_ELEMENTS, fused_chunk_rows, padded_vocab_size
 from .parallel import ParallelConfig, check_tensor_parallel
 
 GIB = 2**30
@@ -118,9 +118,12 @@ def estimate_memory(config: GPT2Config, parallel: ParallelConfig, *, micro_batch
         activations = layers * per_block
     activations += 2 * s * b * h * act  # embedding sum and final LayerNorm input
     if t == 1:
-        padded, rows = padded_vocab_size(v), fused_chunk_rows(v, s * b)
-        float_copy = 4 if act == 2 else 0
-        logits = rows * padded * (act + float_copy) + padded * h * (4 + act + 6 * (act == 2))
+        compute = torch.bfloat16 if act == 2 else torch.float32
+        padded = padded_vocab_size(v)
+        rows = fused_chunk_rows(padded, s * b, compute)
+        logits = rows * padded * act + padded * h * (4 + act)
+        if act == 2:
+            logits += SLICE_ELEMENTS * 4 + padded * h * (2 if rows == s * b else 6)
     else:
         logits = s * b * v * (act + 8)
     return MemoryEstimate(config, parallel, micro_batch_size, s, precision, recompute, parameters=round(local),
