@@ -70,6 +70,16 @@ def test_left_padded_row_equals_the_prompt_alone(tiny_model):
     assert torch.allclose(batch[1, 5:], alone[0], atol=1e-5)
 
 
+def test_inputs_embeds_replace_the_token_embeddings(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 9))
+    body = tiny_model.transformer
+    with torch.no_grad():
+        expected = body(ids)
+        torch.testing.assert_close(body(ids, inputs_embeds=body.wte(ids)), expected, rtol=0, atol=0)
+        shifted = body(ids, inputs_embeds=body.wte(ids) + 1.0)
+    assert not torch.allclose(shifted, expected)
+
+
 def test_targets_equal_shifted_labels(tiny_model):
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 9))
     with torch.no_grad():

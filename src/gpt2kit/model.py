@@ -267,9 +267,10 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         ignored. A head that is not a plain nn.Linear with a plain weight (tensor-parallel DTensor, LoRA or int8
         layers) takes the unfused path, and then the logits are returned as usual."""
         # Exact types (see the docstring) avoid importing torch.distributed here to recognize a DTensor.
-        weight = self.lm_head.weight
+        head = self.lm_head
         fused = ((labels is not None or targets is not None) and not return_logits
-                 and type(self.lm_head) is nn.Linear and type(weight) in (Tensor, nn.Parameter))
+                 and type(head) is nn.Linear and type(head.weight) in (Tensor, nn.Parameter))
+        weight = head.weight if fused else None
         tied, inputs_embeds = None, None
         if fused and weight is self.transformer.wte.weight and weight.requires_grad and torch.is_grad_enabled():
             # The head's and the lookup's gradients of the shared weight are summed in one tensor (see losses.py).
