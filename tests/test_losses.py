@@ -297,3 +297,19 @@ def test_bf16_loss_on_an_unpadded_vocabulary_copies_the_weight_once():
     torch.testing.assert_close(w.grad, ref_w.grad.float(), rtol=0.02, atol=1e-3)
     torch.testing.assert_close(h.grad, ref_h.grad.float(), rtol=0.02, atol=1e-3)
     assert torch.equal(w.detach(), weight)  # the weight itself was never written
+
+
+def test_an_empty_batch_and_fp16_weights():
+    """No rows: loss 0, zero gradients. fp16 weights without autocast: the weight gradient is averaged in float32
+    before rounding (a sum over chunks of a frequent target would overflow fp16)."""
+    h, w = torch.zeros(0, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and (w.grad is None or not w.grad.any())
+    rows = 4096
+    hidden = torch.full((rows, C), 30.0, dtype=torch.float16, requires_grad=True)
+    weight = torch.zeros(V, C, dtype=torch.float16, requires_grad=True)
+    # Each 1024-row chunk's product fits fp16; their float32 sum (about -122880) would not.
+    linear_cross_entropy(hidden, weight, torch.zeros(rows, dtype=torch.long), chunk_rows=1024).backward()
+    assert torch.isfinite(weight.grad).all()
+    torch.testing.assert_close(weight.grad[0].float(), torch.full((C,), -30.0 * (1 - 1 / V)), rtol=1e-3, atol=0)

@@ -17,7 +17,7 @@ IGNORE_INDEX = -100
 # Logits per chunk: 32 MiB in float32. Large enough for efficient matmuls; larger float32 blocks are mmapped afresh
 # for every chunk by glibc's malloc on CPU, and page-faulting them in cost more than the softmax itself.
 CHUNK_ELEMENTS = 2 ** 23
-# Bytes of logits per chunk of the fused LM head + loss (in the matmuls' dtype), at most: 256 MiB, e.g. 2669 rows of
+# Bytes of logits per chunk of the fused LM head + loss (in the matmuls' dtype), at most: 256 MiB, e.g. 2668 rows of
 # GPT-2's padded vocabulary in bf16. A chunk's three matmuls run on all its rows at once and every chunk pays a pass
 # over the (vocab x C) weight gradient, so fewer, larger chunks are faster (1024 rows: 2 x 512 took 430 ms, 500 +
 # 500 + 24 took 490 ms); the rows are split into equal chunks.
@@ -103,7 +103,7 @@ def fused_chunk_rows(vocab_size: int, rows: int, dtype: torch.dtype = torch.bflo
     """Rows per chunk of `linear_cross_entropy` by default: `rows` split into the fewest equal chunks of at most
     FUSED_CHUNK_BYTES of `dtype` logits."""
     most = max(1, FUSED_CHUNK_BYTES // (vocab_size * dtype.itemsize))
-    return max(1, -(-rows // -(-rows // most)))
+    return max(1, -(-rows // -(-rows // most))) if rows else 1
 
 
 _workspace = threading.local()  # per thread: name -> the buffer last used under that name
@@ -205,10 +205,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         else:
                             grad_weight += product
         # The weight gradient is a tensor of its own, never a view of a scratch buffer: autograd may keep it as the
-        # parameter's .grad, and the tied embedding lookup adds into it. 1/n_valid is applied in backward.
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight_dtype)
-        ctx.save_for_backward(grad_hidden, grad_weight, n_valid)
+        # parameter's .grad, and the tied embedding lookup adds into it. 1/n_valid is applied in backward, except
+        # for low-precision weights: their float32 sum is averaged before rounding, as it could exceed fp16's range.
+        n_scale = n_valid.clamp(min=1)
+        if grad_weight is not None and weight_dtype != torch.float32:
+            grad_weight = grad_weight.div_(n_scale).to(weight_dtype)
+            n_scale = torch.ones_like(n_scale)
+        ctx.save_for_backward(grad_hidden, grad_weight, n_scale)
         ctx.used, ctx.tied = False, tied
         return _mean(total, n_valid)
 
@@ -219,9 +222,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy: backward ran twice through the same loss (retain_graph); "
                                "compute the loss again instead")
         ctx.used = True
-        grad_hidden, grad_weight, n_valid = ctx.saved_tensors
+        grad_hidden, grad_weight, n_scale = ctx.saved_tensors
         if grad_weight is not None:
-            grad_weight.mul_(grad_output / n_valid.clamp(min=1))
+            grad_weight.mul_(grad_output / n_scale)
             if ctx.tied is not None:  # the token lookup's backward adds its part and returns the sum
                 ctx.tied.grad, grad_weight = grad_weight, None
         return None if grad_hidden is None else grad_hidden.mul_(grad_output), grad_weight, None, None, None

@@ -272,7 +272,11 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
                  and type(head) is nn.Linear and type(head.weight) in (Tensor, nn.Parameter))
         weight = head.weight if fused else None
         tied, inputs_embeds = None, None
-        if fused and weight is self.transformer.wte.weight and weight.requires_grad and torch.is_grad_enabled():
+        wte = self.transformer.wte  # a plain lookup only: hooks or an Embedding subclass must still run
+        plain_lookup = (type(wte) is nn.Embedding and not (wte._forward_hooks or wte._forward_pre_hooks)
+                        and wte.padding_idx is None and wte.max_norm is None and not wte.scale_grad_by_freq)
+        if (fused and plain_lookup and weight is wte.weight and weight.requires_grad
+                and torch.is_grad_enabled()):
             # The head's and the lookup's gradients of the shared weight are summed in one tensor (see losses.py).
             tied = TiedEmbeddingGradient()
             inputs_embeds = tied_embedding(input_ids, weight, tied)
