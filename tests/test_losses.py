@@ -29,6 +29,20 @@ def reference(hidden, weight, targets, dtype=torch.float64):
     return F.cross_entropy(h @ w.T, targets, ignore_index=-100), h, w
 
 
+def check_against_reference(hidden, weight, targets, chunk_rows, dtype) -> None:
+    """linear_cross_entropy (bf16 autocast when dtype is bf16) and its gradients against the reference in dtype."""
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = linear_cross_entropy(h, w, targets, chunk_rows=chunk_rows)
+    loss.backward()
+    ref, ref_h, ref_w = reference(hidden.to(dtype), weight.to(dtype), targets)
+    ref.backward()
+    tolerance = {"rtol": 1e-5, "atol": 1e-8} if dtype == torch.float32 else {"rtol": 0.02, "atol": 1e-3}
+    assert loss.item() == pytest.approx(ref.item(), rel=tolerance["rtol"])
+    torch.testing.assert_close(w.grad, ref_w.grad.float(), **tolerance)
+    torch.testing.assert_close(h.grad, ref_h.grad.float(), **tolerance)
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 7, 16, None, 1000])  # one row, ragged chunks, even chunks, one chunk
 def test_linear_cross_entropy_equals_float64_reference(chunk_rows):
     hidden, weight, targets = inputs()
@@ -50,17 +64,7 @@ def test_softmax_in_several_slices_of_a_chunk_equals_the_reference(monkeypatch, 
     import gpt2kit.losses
 
     monkeypatch.setattr(gpt2kit.losses, "SLICE_ELEMENTS", 3 * padded_vocab_size(V))
-    hidden, weight, targets = inputs(4)
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        loss = linear_cross_entropy(h, w, targets, chunk_rows=16)
-    loss.backward()
-    ref, ref_h, ref_w = reference(hidden.to(dtype), weight.to(dtype), targets)
-    ref.backward()
-    tolerance = {"rtol": 1e-5, "atol": 1e-8} if dtype == torch.float32 else {"rtol": 0.02, "atol": 1e-3}
-    assert loss.item() == pytest.approx(ref.item(), rel=tolerance["rtol"])
-    torch.testing.assert_close(w.grad, ref_w.grad.float(), **tolerance)
-    torch.testing.assert_close(h.grad, ref_h.grad.float(), **tolerance)
+    check_against_reference(*inputs(4), 16, dtype)
 
 
 @pytest.mark.parametrize("vocab", [101, 128, 129])  # padded to 128, not padded, padded to 256
@@ -200,16 +204,7 @@ def test_scratch_buffers_shared_between_calls_and_threads_leave_results_exact():
 
     def check(case) -> None:
         (hidden, weight, targets), rows, dtype = case
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = linear_cross_entropy(h, w, targets, chunk_rows=rows)
-        loss.backward()
-        ref, ref_h, ref_w = reference(hidden.to(dtype), weight.to(dtype), targets)
-        ref.backward()
-        tolerance = {"rtol": 1e-5, "atol": 1e-8} if dtype == torch.float32 else {"rtol": 0.02, "atol": 1e-3}
-        assert loss.item() == pytest.approx(ref.item(), rel=tolerance["rtol"])
-        torch.testing.assert_close(w.grad, ref_w.grad.float(), **tolerance)
-        torch.testing.assert_close(h.grad, ref_h.grad.float(), **tolerance)
+        check_against_reference(hidden, weight, targets, rows, dtype)
 
     for case in cases + cases[::-1]:
         check(case)
