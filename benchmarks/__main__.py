@@ -8,9 +8,9 @@
 Sections: hardware (fp32 and bf16 matmul peak, memory bandwidth), tokenizer MB/s (gpt2kit vs transformers'
 GPT2TokenizerFast), training tokens/s and MFU, decode tokens/s and time to first token, evaluation tokens/s
 (vs lm-evaluation-harness), preprocessing MB/s (1 vs 2 workers), serving requests/s (vs `transformers serve`),
-and llama.cpp when `llama_cpp` is importable. Each row runs both sides in the same process run, alternating
-them where the section script does, and records the peak memory while the row ran: the process's resident
-memory (RSS, children included) on a CPU, the CUDA allocator's peak on a GPU. One table is printed; all rows go
+and llama.cpp when `llama_cpp` is importable. Each benchmark call runs in a fresh process, with both sides of
+its rows in that process, alternating them where the section script does, and records the peak memory while it
+ran: the process's resident memory (RSS, children included) on a CPU, the CUDA allocator's peak on a GPU. One table is printed; all rows go
 to a JSON file.
 
 On a CUDA GPU (--device, default when there is one) the model sections (hardware, train, decode, eval) run on
@@ -29,92 +29,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from gpt2kit import GPT2Tokenizer
-from gpt2kit.training.logging import measure_matmul_peak, synchronize
-from gpt2kit.training.trainer import enable_tf32
-
-from . import bench_eval, bench_generate, bench_preprocess, bench_serve, bench_train
-from .devices import PeakMemory, default_device
+from . import bench_eval, bench_generate, bench_train
+from .devices import default_device
+from .sections import configure_process, hardware, measure, preprocess_scaling, serving, tokenizer_speed
 
 SECTIONS = ("hardware", "tokenizer", "train", "decode", "eval", "preprocess", "serve", "llama.cpp")
-DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
-
-
-def measure(rows: list[dict], device: torch.device, fn, /, *args, **kwargs):
-    """Run one benchmark call whose work runs on `device`; the rows it yields all get the call's peak memory."""
-    with PeakMemory(device) as memory:
-        result = fn(*args, **kwargs)
-    for row in _as_rows(result):
-        row["peak_mem_mb"], row["memory"] = memory.peak / 1e6, "cuda" if device.type == "cuda" else "rss"
-        rows.append(row)
-    return result
-
-
-def _as_rows(result) -> list[dict]:
-    return result if isinstance(result, list) else [result]
-
-
-# ---- hardware --------------------------------------------------------------------------------------------------
-def memory_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 5) -> float:
-    """Best bytes/s of a large tensor copy on `device` (read + write counted), the bound of weight-streaming
-    decode."""
-    src = torch.ones(megabytes * 2 ** 20 // 4, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best
-
-
-def hardware(device: torch.device) -> dict:
-    """Matmul peaks and memory bandwidth of `device`; a GPU needs larger matmuls to reach its peak."""
-    size = 8192 if device.type == "cuda" else 2048
-    return {"section": "hardware", "device": device.type,
-            **{f"{name}_flops": max(measure_matmul_peak(dtype, size=size, device=device) for _ in range(3))
-               for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))},
-            "bandwidth": memory_bandwidth(device)}
-
-
-# ---- tokenizer ---------------------------------------------------------------------------------------------------
-def tokenizer_speed(repeats: int = 3) -> dict:
-    """MB/s encoding tiny-Shakespeare + WikiText-2 test as one string, one thread each; ids must agree."""
-    from transformers import GPT2TokenizerFast
-
-    text = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    text += (DATA / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8")
-    ours = GPT2Tokenizer.gpt2()
-    with tempfile.TemporaryDirectory() as tmp:
-        ours.save_pretrained(tmp)
-        theirs = GPT2TokenizerFast.from_pretrained(tmp)
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    times: dict[str, list[float]] = {"ours": [], "peer": []}
-    for _ in range(repeats):  # alternate the sides
-        for side, encode in (("ours", ours.encode), ("peer", lambda t: theirs(t)["input_ids"])):
-            start = time.perf_counter()
-            ids = encode(text)
-            times[side].append(time.perf_counter() - start)
-            if side == "ours":
-                reference = ids
-            elif ids != reference:
-                raise SystemExit("gpt2kit and GPT2TokenizerFast disagree on the tokenizer benchmark text")
-    size = len(text.encode("utf-8"))
-    ours_s, peer_s = statistics.median(times["ours"]), statistics.median(times["peer"])
-    return {"section": "tokenizer", "bytes": size, "ours_mb_s": size / 1e6 / ours_s, "peer_mb_s": size / 1e6 / peer_s,
-            "ratio": peer_s / ours_s}
 
 
 def llama_cpp_status() -> dict | None:
@@ -239,12 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
-    torch.set_num_threads(args.threads)
-    import transformers
-
-    transformers.logging.set_verbosity_error()  # keep the peers' notices and progress bars out of the table
-    transformers.logging.disable_progress_bar()
-    enable_tf32(device)  # before the hardware section: its float32 peak is then the one training gets
+    configure_process(args.threads, device)  # each measuring process repeats this
     rows: list[dict] = []
     hw = None
     started = time.perf_counter()
@@ -287,15 +208,12 @@ def main(argv: list[str] | None = None) -> None:
             row["section"] = "eval"
     if "preprocess" in only:
         print("preprocess ...", flush=True)
-        measure(rows, cpu, lambda: {"section": "preprocess",
-                               "rows": bench_preprocess.run(mb=128.0 if args.full else 64.0, workers=(1, 2))})
+        measure(rows, cpu, preprocess_scaling, 128.0 if args.full else 64.0)
     if "serve" in only and gpu:
         rows.append({"section": "serve", "skipped": "the serving peer (`transformers serve`) runs on the CPU here; "
                      "run benchmarks/bench_serve.py for it"})
     elif "serve" in only:
-        measure(rows, cpu, lambda: {"section": "serve", "results": bench_serve.run(
-            ["gpt2kit", "transformers-cb"], preset="gpt2" if args.full else "gpt2-tiny",
-            requests=64 if args.full else 32, clients=8, max_tokens=16)})
+        measure(rows, cpu, serving, args.full)
     if "llama.cpp" in only:
         skipped = ({"section": "llama.cpp", "skipped": "compared on a CPU (python -m benchmarks --device cpu)"}
                    if gpu else llama_cpp_status())

@@ -175,12 +175,15 @@ def test_benchmarks_take_a_device_and_refuse_cpu_only_formats_elsewhere():
     """The suite's device plumbing: rows say where they ran, memory is measured, and formats whose kernels only
     exist on a CPU are refused up front on a GPU (checked before any GPU is touched, so this runs anywhere)."""
     from benchmarks import bench_eval, bench_generate, bench_train
-    from benchmarks.devices import PeakMemory, default_device
+    from benchmarks.devices import default_device
+    from benchmarks.sections import measure
 
     assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with PeakMemory(torch.device("cpu")) as memory:
-        (row,) = bench_train.run("tiny", "fp32", seq_len=16, batch_size=1, steps=1, warmup=0, device="cpu")
-    assert memory.peak > 0 and row["device"] == "cpu" and row["ours_tok_s"] > 0 and row["ours_step_mem_mb"] > 0
+    rows: list[dict] = []  # the suite runs each call in a fresh process and adds the call's peak memory to its rows
+    (row,) = measure(rows, torch.device("cpu"), bench_train.run, "tiny", "fp32", seq_len=16, batch_size=1, steps=1,
+                     warmup=0, device="cpu")
+    assert rows == [row] and row["peak_mem_mb"] > 0 and row["memory"] == "rss"
+    assert row["device"] == "cpu" and row["ours_tok_s"] > 0 and row["ours_step_mem_mb"] > 0
     with pytest.raises(ValueError, match="int8-compiled, fp32-packed: CPU-only"):
         bench_generate.run("tiny", "fp32,int8-compiled,fp32-packed", device="cuda")
     with pytest.raises(ValueError, match="packed weights are a CPU layout"):
