@@ -163,6 +163,8 @@ def test_packed_weights_compute_what_nn_linear_computes(tiny_model, dtype):
     model = tiny_model.to(dtype)
     packed = pack_weights(copy.deepcopy(model))
     assert isinstance(packed.lm_head, PackedLinear) and describe_weights(packed) == f"{str(dtype)[6:]}, oneDNN-packed"
+    mlp = packed.transformer.h[0].mlp  # GELU runs as the packed product's post-op, not as a module of its own
+    assert mlp.c_fc.gelu == "tanh" and isinstance(mlp.act, torch.nn.Identity) and mlp.c_proj.gelu is None
     ids = torch.randint(0, model.config.vocab_size, (3, 40))
     with torch.no_grad():
         tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)

@@ -98,12 +98,12 @@ class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.mlp_dim)
+        self.act = nn.GELU(approximate="tanh")  # GPT-2's weights were trained with this approximation ("gelu_new")
         self.c_proj = nn.Linear(config.mlp_dim, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
-        # GPT-2's weights were trained with the tanh approximation of GELU ("gelu_new").
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
