@@ -6,7 +6,8 @@ reads 497 MB per token in float32, 249 MB in bf16 and 124 MB in int8.
 `pack_weights` keeps the float weights but stores each projection and the LM head in oneDNN's blocked layout,
 reordered once: PyTorch's default matrix-vector product (MKL) streams the weights at about half the memory
 bandwidth on the benchmark CPU, oneDNN on a packed weight near all of it (GPT-2 small, batch 1, float32: 17 ->
-29 tokens/s). The product is the same float32 (or bf16) arithmetic in another summation order.
+29 tokens/s). The product is the same float32 (or bf16) arithmetic in another summation order; the MLP's GELU
+becomes the first projection's oneDNN post-op.
 
 `quantize_int8` stores each projection and the LM head as int8 with one scale per output row (symmetric, round
 to nearest); the matrix products run in bf16 on those weights, everything else (embeddings, LayerNorms,
