@@ -4,6 +4,7 @@
     python -m benchmarks --full           # adds GPT-2 small (124M) training, decode with prompts 32 and 512
     python -m benchmarks --only train,decode --threads 2 --json my.json
     python -m benchmarks --device cpu     # the default is the GPU when there is one
+    python -m benchmarks --allocator tcmalloc   # both sides with tcmalloc instead of glibc's malloc
 
 Sections: hardware (fp32 and bf16 matmul peak, memory bandwidth), tokenizer MB/s (gpt2kit vs transformers'
 GPT2TokenizerFast), training tokens/s and MFU, decode tokens/s and time to first token, evaluation tokens/s
@@ -37,7 +38,16 @@ import torch
 
 from . import bench_eval, bench_generate, bench_train
 from .devices import default_device
-from .sections import configure_process, hardware, measure, preprocess_scaling, serving, tokenizer_speed
+from .sections import (
+    ALLOCATORS,
+    configure_process,
+    hardware,
+    measure,
+    preload_allocator,
+    preprocess_scaling,
+    serving,
+    tokenizer_speed,
+)
 
 SECTIONS = ("hardware", "tokenizer", "train", "decode", "eval", "preprocess", "serve", "llama.cpp")
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -124,6 +134,9 @@ def print_report(rows: list[dict], hw: dict | None, device: torch.device) -> Non
     if hw:
         print(f"hardware: fp32 matmul {hw['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 matmul {hw['bf16_flops'] / 1e9:.0f} "
               f"GFLOP/s, memory bandwidth {hw['bandwidth'] / 1e9:.1f} GB/s (copy)")
+    allocators = sorted({r["allocator"] for r in rows if "allocator" in r})
+    if allocators:
+        print(f"allocator: {', '.join(allocators)}")
     head = (f"{'area':<10} {'case':<44} {'unit':>5} {'gpt2kit':>9} {'peer':>9} {'ratio':>6} {'target':>6} "
             f"{'bound':>9} {'of bound':>8} {'peak MB':>7}")
     print(head + "\n" + "-" * len(head))
@@ -158,7 +171,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"where to write the rows (default {RESULTS})")
     parser.add_argument("--device", type=torch.device, default=default_device(),
                         help="where the models run: cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--allocator", choices=("system", *ALLOCATORS), default="system",
+                        help="malloc of the measuring processes, for gpt2kit and its peers alike: the system's "
+                        "(glibc) or one preloaded (see docs/performance.md)")
     args = parser.parse_args(argv)
+    if args.allocator != "system":
+        try:
+            preload_allocator(args.allocator)
+        except ValueError as error:
+            parser.error(str(error))
     device, cpu = args.device, torch.device("cpu")
     gpu = device.type == "cuda"
     only = args.only.split(",") if args.only else [s for s in SECTIONS if args.full or s != "serve"]

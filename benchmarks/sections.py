@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import multiprocessing
 import os
 import statistics
@@ -23,19 +24,43 @@ from .devices import PeakMemory
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 
+# Allocators that can replace glibc's malloc in the measuring processes (--allocator): the library's name for
+# ctypes.util.find_library, and the Debian package that ships it.
+ALLOCATORS = {"tcmalloc": ("tcmalloc", "libgoogle-perftools4"), "jemalloc": ("jemalloc", "libjemalloc2")}
+
+
 def measure(rows: list[dict], device: torch.device, fn, /, *args, **kwargs):
     """Run one benchmark call, whose work runs on `device`, in a fresh process; the rows it returns all get the
-    call's peak memory. A fresh process per call keeps each measurement independent of the ones before it: the
-    peers' step times moved by up to 1.7x with the allocator state earlier sections left behind (both sides of a
-    row still share one process and take turns)."""
+    call's peak memory and the allocator it ran with. A fresh process per call keeps each measurement
+    independent of the ones before it: the peers' step times moved by up to 1.7x with the allocator state
+    earlier sections left behind (both sides of a row still share one process and take turns)."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=context, initializer=configure_process,
                              initargs=(torch.get_num_threads(), device)) as pool:
-        result, peak = pool.submit(_run_measured, device, fn, args, kwargs).result()
+        result, peak, allocator = pool.submit(_run_measured, device, fn, args, kwargs).result()
     for row in _as_rows(result):
         row["peak_mem_mb"], row["memory"] = peak / 1e6, "cuda" if device.type == "cuda" else "rss"
+        row["allocator"] = allocator
         rows.append(row)
     return result
+
+
+def preload_allocator(name: str) -> None:
+    """Make every measuring process started after this call allocate through `name` (a key of ALLOCATORS)
+    instead of glibc's malloc, by LD_PRELOAD. Both sides of a row share the process, so both get it."""
+    library, package = ALLOCATORS[name]
+    soname = ctypes.util.find_library(library)
+    if soname is None:
+        raise ValueError(f"--allocator {name}: lib{library} is not installed (Debian/Ubuntu: apt-get install "
+                         f"{package})")
+    os.environ["LD_PRELOAD"] = " ".join(filter(None, (os.environ.get("LD_PRELOAD"), soname)))
+
+
+def allocator_in_use() -> str:
+    """"tcmalloc" or "jemalloc" when one is mapped into this process, else "glibc malloc"."""
+    maps = Path("/proc/self/maps")
+    mapped = maps.read_text() if maps.exists() else ""
+    return next((name for name, (library, _) in ALLOCATORS.items() if f"lib{library}" in mapped), "glibc malloc")
 
 
 def configure_process(threads: int, device: torch.device) -> None:
@@ -51,7 +76,7 @@ def configure_process(threads: int, device: torch.device) -> None:
 def _run_measured(device: torch.device, fn, args: tuple, kwargs: dict):
     with PeakMemory(device) as memory:
         result = fn(*args, **kwargs)
-    return result, memory.peak
+    return result, memory.peak, allocator_in_use()
 
 
 def _as_rows(result) -> list[dict]:

@@ -176,18 +176,37 @@ def test_benchmarks_take_a_device_and_refuse_cpu_only_formats_elsewhere():
     exist on a CPU are refused up front on a GPU (checked before any GPU is touched, so this runs anywhere)."""
     from benchmarks import bench_eval, bench_generate, bench_train
     from benchmarks.devices import default_device
-    from benchmarks.sections import measure
+    from benchmarks.sections import allocator_in_use, measure
 
     assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
     rows: list[dict] = []  # the suite runs each call in a fresh process and adds the call's peak memory to its rows
     (row,) = measure(rows, torch.device("cpu"), bench_train.run, "tiny", "fp32", seq_len=16, batch_size=1, steps=1,
                      warmup=0, device="cpu")
     assert rows == [row] and row["peak_mem_mb"] > 0 and row["memory"] == "rss"
+    assert row["allocator"] == allocator_in_use()  # the measuring process inherits this one's environment
     assert row["device"] == "cpu" and row["ours_tok_s"] > 0 and row["ours_step_mem_mb"] > 0
     with pytest.raises(ValueError, match="int8-compiled, fp32-packed: CPU-only"):
         bench_generate.run("tiny", "fp32,int8-compiled,fp32-packed", device="cuda")
     with pytest.raises(ValueError, match="packed weights are a CPU layout"):
         bench_eval.run(packed=True, device="cuda")
+
+
+def test_benchmark_processes_run_with_the_chosen_allocator(monkeypatch):
+    """--allocator tcmalloc preloads tcmalloc into every measuring process (CI installs it); where the library is
+    missing, the error names the package to install."""
+    import ctypes.util
+
+    from benchmarks.sections import measure, preload_allocator
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)  # restored after the test, with what preload_allocator sets
+    if ctypes.util.find_library("tcmalloc") is None:
+        with pytest.raises(ValueError, match="apt-get install libgoogle-perftools4"):
+            preload_allocator("tcmalloc")
+        return
+    preload_allocator("tcmalloc")
+    rows: list[dict] = []
+    measure(rows, torch.device("cpu"), dict, section="probe")
+    assert rows[0]["section"] == "probe" and rows[0]["allocator"] == "tcmalloc"
 
 
 def test_nested_gpu_peak_memory_blocks_keep_the_enclosing_peak(monkeypatch):
