@@ -143,6 +143,31 @@ def test_results_do_not_depend_on_batch_size(tiny_config, small_tokenizer):
         assert run["tokens"] == runs[0]["tokens"] and run["windows"] == runs[0]["windows"]
 
 
+def test_lm_head_chunks_share_one_scratch_block_with_the_training_loss(tiny_config, small_tokenizer,
+                                                                         monkeypatch):
+    """The LM head writes each chunk of scored rows into one reused block, the last, shorter chunk too; the
+    block, first made under inference mode, is then the training loss's block of the same shape and must
+    still be writable there."""
+    from gpt2kit.evaluation import scoring
+
+    monkeypatch.setattr(scoring, "ROWS_PER_CHUNK", 5)
+    model = GPT2LMHeadModel(tiny_config).eval()
+    text = "Robert Boulter is an English film, television and theatre actor."
+    tokens = small_tokenizer.encode(text)
+    with torch.no_grad():
+        expected = naive_nll(model, tokens, small_tokenizer.eos_token_id, 16, 16)
+    for batch_size in (1, 3):
+        result = evaluate_perplexity(model, small_tokenizer, [text], max_length=16, batch_size=batch_size,
+                                     progress=False)
+        assert result["nll"] == pytest.approx(expected, rel=1e-5)
+    assert len(tokens) % 5 and len(tokens) > 2 * 16  # several windows; chunks of 5 rows leave a shorter one
+    ids = torch.tensor([tokens[:6]])  # 5 float32 targets: the training loss asks for a (5, vocab) block too
+    loss = model(ids[:, :-1], targets=ids[:, 1:], return_logits=False).loss  # eval mode: no dropout
+    loss.backward()
+    reference = torch.nn.functional.cross_entropy(model(ids[:, :-1]).logits[0], ids[0, 1:])
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
 class PoisonPadding(nn.Module):
     """Wraps a model; logits are NaN wherever the input is the pad id, so scoring a pad position shows."""
 

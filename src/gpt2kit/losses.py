@@ -109,18 +109,19 @@ def fused_chunk_rows(vocab_size: int, rows: int, dtype: torch.dtype = torch.bflo
 _workspace = threading.local()  # per thread: name -> the buffer last used under that name
 
 
-def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def scratch_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """An uninitialized scratch tensor that, on a CPU, is the same memory from call to call (per thread, while the
-    shape, dtype and device stay the same). The fused loss's blocks are tens to hundreds of MB: glibc hands out
-    blocks over 32 MB as fresh mmaps, and faulting their pages in again on every training step cost about a third
-    of the loss's time. On a GPU the caching allocator already reuses memory: allocate normally."""
+    shape, dtype and device stay the same). The logits blocks of the fused loss and of evaluation are tens to
+    hundreds of MB: glibc hands out blocks over 32 MB as fresh mmaps, and faulting their pages in again on every
+    training step cost about a third of the loss's time. On a GPU the caching allocator already reuses memory: allocate normally."""
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     buffers = _workspace.__dict__.setdefault("buffers", {})
     buffer = buffers.get(name)
     if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
         buffers[name] = None  # drop the old block before allocating the new one
-        buffer = buffers[name] = torch.empty(shape, dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
+            buffer = buffers[name] = torch.empty(shape, dtype=dtype)
     return buffer
 
 
@@ -130,7 +131,7 @@ def _padded(weight: Tensor, dtype: torch.dtype) -> Tensor:
     vocab, size = weight.shape[0], padded_vocab_size(weight.shape[0])
     if size == vocab and weight.dtype == dtype:
         return weight
-    padded = _buffer("weight", (size, weight.shape[1]), dtype, weight.device)
+    padded = scratch_buffer("weight", (size, weight.shape[1]), dtype, weight.device)
     padded[:vocab] = weight
     padded[vocab:] = 0
     return padded
@@ -162,15 +163,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = valid / n_valid.clamp(min=1)  # (N, 1) float32: 1/n_valid, 0 for ignored rows
         grad_hidden = torch.empty_like(hidden, dtype=hidden_dtype) if want_hidden else None
         grad_weight = None
-        # Scratch buffers reused by every chunk (see _buffer): the chunk's logits in the matmuls' dtype, which
-        # become g in place; a float32 slice for the softmax of low-precision logits; the weight gradient's
+        # Scratch buffers reused by every chunk (see scratch_buffer): the chunk's logits in the matmuls' dtype,
+        # which become g in place; a float32 slice for the softmax of low-precision logits; the weight gradient's
         # product in the matmuls' dtype and, from a second chunk on, its float32 upcast (on CPU, adding a
         # low-precision tensor to a float32 one would make a fresh float32 copy of it; CUDA casts in-kernel).
         low_precision = dtype != torch.float32
-        logits_buffer = _buffer("logits", (min(chunk_rows, hidden.shape[0]), weight.shape[0]), dtype, device)
+        logits_buffer = scratch_buffer("logits", (min(chunk_rows, hidden.shape[0]), weight.shape[0]), dtype,
+                                       device)
         slice_rows = max(1, SLICE_ELEMENTS // weight.shape[0])
-        float_buffer = _buffer("float", (min(slice_rows, logits_buffer.shape[0]), weight.shape[0]), torch.float32,
-                               device) if low_precision else None
+        float_buffer = scratch_buffer("float", (min(slice_rows, logits_buffer.shape[0]), weight.shape[0]),
+                                      torch.float32, device) if low_precision else None
         total = torch.zeros((), dtype=torch.float64, device=device)
         with torch.autocast(device_type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_rows):
@@ -197,11 +199,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_weight = (torch.mm(logits[:, :vocab].T, x) if grad_weight is None
                                        else grad_weight.addmm_(logits[:, :vocab].T, x))
                     else:
-                        product = torch.mm(logits.T, x, out=_buffer("product", weight.shape, dtype, device))[:vocab]
+                        product = torch.mm(logits.T, x,
+                                           out=scratch_buffer("product", weight.shape, dtype, device))[:vocab]
                         if grad_weight is None:
                             grad_weight = product.to(torch.float32)
                         elif device_type == "cpu":
-                            grad_weight += _buffer("upcast", product.shape, torch.float32, device).copy_(product)
+                            upcast = scratch_buffer("upcast", product.shape, torch.float32, device)
+                            grad_weight += upcast.copy_(product)
                         else:
                             grad_weight += product
         # The weight gradient is a tensor of its own, never a view of a scratch buffer: autograd may keep it as the
