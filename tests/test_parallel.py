@@ -100,6 +100,28 @@ def scenario_train_layouts(state: ParallelState, out: Path) -> None:
                        out / f"{name}.pt")
 
 
+def windows_nll(model: torch.nn.Module) -> float:
+    """Summed negative log-likelihood of a few evaluation windows (gpt2kit.evaluation's scoring)."""
+    from gpt2kit.evaluation.scoring import Window, score_windows
+
+    ids = batches()[0, 0].tolist()
+    windows = [Window(row, n_scored=n) for row, n in zip(ids, (SEQ, 5, 1, SEQ))]
+    return -sum(float(s.logprobs.sum()) for s in score_windows(model, windows, vocab_size=509, batch_size=3,
+                                                                 progress=False))
+
+
+def scenario_evaluate_layouts(state: ParallelState, out: Path) -> None:
+    """Evaluation scoring of an FSDP and a tensor-parallel model: their LM heads hold DTensors, which must run
+    as modules rather than be multiplied with directly."""
+    scores = {}
+    for name in ("fsdp", "tp"):
+        model = fresh_model()
+        parallelize(model, init_distributed(LAYOUTS[name], device="cpu"))
+        scores[name] = windows_nll(model)
+    if state.is_main:
+        (out / "evaluate.json").write_text(json.dumps(scores))
+
+
 def scenario_reshard_fsdp_into_tp(state: ParallelState, out: Path) -> None:
     """A checkpoint written by FSDP ranks loads into a tensor-parallel model (different sharding)."""
     tp = init_distributed(LAYOUTS["tp"], device="cpu")
@@ -169,7 +191,8 @@ def scenario_classifier(state: ParallelState, out: Path) -> None:
         torch.save(results, out / "classifier.pt")
 
 
-SCENARIOS = [scenario_train_layouts, scenario_reshard_fsdp_into_tp, scenario_failed_load, scenario_classifier]
+SCENARIOS = [scenario_train_layouts, scenario_evaluate_layouts, scenario_reshard_fsdp_into_tp, scenario_failed_load,
+             scenario_classifier]
 
 
 def _prepare_corrupt_copy(out: Path) -> None:
@@ -255,6 +278,12 @@ def test_two_ranks_train_like_one_process(job, reference, layout):
     assert set(result["state"]) == set(expected)
     for key, tensor in expected.items():
         torch.testing.assert_close(result["state"][key], tensor, rtol=0, atol=2e-5, msg=key)
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+def test_evaluation_scores_of_sharded_models_match_one_process(job, layout):
+    assert json.loads((job / "evaluate.json").read_text())[layout] == pytest.approx(windows_nll(fresh_model()),
+                                                                                     rel=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["tp", "fsdp"])

@@ -113,7 +113,8 @@ def scratch_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device
     """An uninitialized scratch tensor that, on a CPU, is the same memory from call to call (per thread, while the
     shape, dtype and device stay the same). The logits blocks of the fused loss and of evaluation are tens to
     hundreds of MB: glibc hands out blocks over 32 MB as fresh mmaps, and faulting their pages in again on every
-    training step cost about a third of the loss's time. On a GPU the caching allocator already reuses memory: allocate normally."""
+    training step cost about a third of the loss's time. On a GPU the caching allocator already reuses memory:
+    allocate normally."""
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     buffers = _workspace.__dict__.setdefault("buffers", {})

@@ -239,6 +239,16 @@ class CausalLMOutput:
     past_key_values: KVCache | None = None
 
 
+def plain_head_weight(head: nn.Module) -> Tensor | None:
+    """The (vocab, n_embd) weight of an LM head that is exactly an nn.Linear without bias holding a plain tensor,
+    which callers may multiply with directly; None for any other head (a tensor-parallel or FSDP DTensor, LoRA or
+    int8 layers), which must run as its own module. Exact types avoid importing torch.distributed here to
+    recognize a DTensor."""
+    if type(head) is nn.Linear and head.bias is None and type(head.weight) in (Tensor, nn.Parameter):
+        return head.weight
+    return None
+
+
 class GPT2LMHeadModel(GPT2PreTrainedModel):
     """GPT-2 with the language-modelling head tied to the token embedding."""
 
@@ -266,11 +276,10 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         (`linear_cross_entropy`): no (tokens x vocab) logits are kept, `logits` is None and `logits_to_keep` is
         ignored. A head that is not a plain nn.Linear with a plain weight (tensor-parallel DTensor, LoRA or int8
         layers) takes the unfused path, and then the logits are returned as usual."""
-        # Exact types (see the docstring) avoid importing torch.distributed here to recognize a DTensor.
-        head = self.lm_head
-        fused = ((labels is not None or targets is not None) and not return_logits
-                 and type(head) is nn.Linear and type(head.weight) in (Tensor, nn.Parameter))
-        weight = head.weight if fused else None
+        weight = None
+        if (labels is not None or targets is not None) and not return_logits:
+            weight = plain_head_weight(self.lm_head)
+        fused = weight is not None
         tied, inputs_embeds = None, None
         wte = self.transformer.wte  # a plain lookup only: hooks or an Embedding subclass must still run
         plain_lookup = (type(wte) is nn.Embedding and not (wte._forward_hooks or wte._forward_pre_hooks)

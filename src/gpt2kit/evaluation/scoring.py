@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..losses import scratch_buffer
-from ..model import GPT2LMHeadModel
+from ..model import GPT2LMHeadModel, plain_head_weight
 from ..quantization import PackedLinear
 from ..tokenizer import GPT2Tokenizer
 
@@ -104,8 +104,9 @@ def scored_rows(model: nn.Module, inputs: Tensor, spans: list[tuple[int, int]]) 
     """The rows at positions [start, end) of each input row, concatenated, and the function that turns them
     into logits. For a GPT2LMHeadModel the rows are hidden states and the LM head runs on those positions
     only: with a stride smaller than the window most positions are context, and the LM head (a vocab-wide
-    matmul) is most of a small model's work. Other models return logits for every position."""
-    if isinstance(model, GPT2LMHeadModel):
+    matmul) is most of a small model's work. Other models, and a GPT-2 sharded by FSDP (its root module gathers
+    the weights in its own forward) or tensor parallelism (DTensor weights), return logits for every position."""
+    if type(model) is GPT2LMHeadModel and all(type(p) in (Tensor, nn.Parameter) for p in model.parameters()):
         hidden, head = model.transformer(inputs), _lm_head(model)
     else:
         hidden, head = model(inputs).logits, nn.Identity()
@@ -113,11 +114,12 @@ def scored_rows(model: nn.Module, inputs: Tensor, spans: list[tuple[int, int]]) 
 
 
 def _lm_head(model: GPT2LMHeadModel) -> Callable[[Tensor], Tensor]:
-    """hidden rows -> logits. A float LM head's product goes into a scratch block (see ROWS_PER_CHUNK), so the
-    logits it returns are valid until the next call. A head packed by pack_weights still has its float weight
-    in the tied embedding; an int8 head (or an untied packed one) runs as it is."""
+    """hidden rows -> logits. A plain LM head's product (see plain_head_weight) goes into a scratch block (see
+    ROWS_PER_CHUNK), so the logits it returns are valid until the next call. A head packed by pack_weights still
+    has its float weight in the tied embedding; any other head (int8, an untied packed one, a DTensor) runs as
+    its own module."""
     head = model.lm_head
-    weight = head.weight if isinstance(head, nn.Linear) and head.bias is None else None
+    weight = plain_head_weight(head)
     if isinstance(head, PackedLinear) and model.config.tie_word_embeddings:
         weight = model.transformer.wte.weight
     if weight is None:
@@ -125,7 +127,8 @@ def _lm_head(model: GPT2LMHeadModel) -> Callable[[Tensor], Tensor]:
 
     def logits(rows: Tensor) -> Tensor:
         # One block of ROWS_PER_CHUNK rows serves every chunk, the last one too (untouched pages cost nothing).
-        block = scratch_buffer("logits", (max(len(rows), ROWS_PER_CHUNK), len(weight)), weight.dtype, weight.device)
+        block = scratch_buffer("logits", (max(len(rows), ROWS_PER_CHUNK), len(weight)), weight.dtype,
+                               weight.device)
         return torch.mm(rows, weight.T, out=block[:len(rows)])
 
     return logits
