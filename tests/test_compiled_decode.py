@@ -93,6 +93,37 @@ def test_prompts_of_other_lengths_reuse_the_compiled_step(tiny_model):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_a_finished_generator_hands_its_zeroed_cache_to_the_next_and_running_ones_keep_their_own(tiny_model):
+    ids, mask = PADDED
+
+    def generator():
+        return TokenGenerator(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True)
+
+    eager = generate(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    first = generator()
+    list(first)
+    spare = first.cache
+    assert spare.keys.count_nonzero() == 0 and spare.values.count_nonzero() == 0
+    # Two generators alive at once, stepped in turn: the first takes the spare, the second gets a new cache.
+    a, b = generator(), generator()
+    assert a.cache is spare and b.cache is not spare
+    steps_a, steps_b = iter(a), iter(b)
+    for _ in range(NEW_TOKENS):
+        next(steps_a)
+        next(steps_b)
+    assert torch.equal(a.sequences(), eager) and torch.equal(b.sequences(), eager)
+    # A generator the caller stops early hands back its cache too, zeroed, and the next one decodes right.
+    c = generator()
+    steps_c = iter(c)
+    next(steps_c)
+    steps_c.close()  # as a `break` out of a for loop over it does
+    again = generator()
+    assert again.cache is c.cache and c.cache.keys.count_nonzero() == 0
+    assert torch.equal(torch.cat([ids, torch.stack(list(again)).T], 1), eager)
+    with pytest.raises(RuntimeError, match="generates once"):
+        next(iter(again))
+
+
 def test_a_model_made_in_inference_mode_compiles(tiny_config):
     with torch.inference_mode():  # its weights are inference tensors, which keep no version counter
         model = GPT2LMHeadModel(tiny_config).eval()
