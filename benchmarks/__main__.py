@@ -38,16 +38,9 @@ import torch
 
 from . import bench_eval, bench_generate, bench_train
 from .devices import default_device
-from .sections import (
-    ALLOCATORS,
-    configure_process,
-    hardware,
-    measure,
-    preload_allocator,
-    preprocess_scaling,
-    serving,
-    tokenizer_speed,
-)
+from gpt2kit.allocator import ALLOCATORS, preload_allocator
+
+from .sections import configure_process, hardware, measure, preprocess_scaling, serving, tokenizer_speed
 
 SECTIONS = ("hardware", "tokenizer", "train", "decode", "eval", "preprocess", "serve", "llama.cpp")
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"

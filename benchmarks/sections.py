@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ctypes.util
 import multiprocessing
 import os
 import statistics
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from gpt2kit import GPT2Tokenizer
+from gpt2kit.allocator import allocator_in_use
 from gpt2kit.training.logging import measure_matmul_peak, synchronize
 from gpt2kit.training.trainer import enable_tf32
 
@@ -22,11 +22,6 @@ from . import bench_preprocess, bench_serve
 from .devices import PeakMemory
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
-
-
-# Allocators that can replace glibc's malloc in the measuring processes (--allocator): the library's name for
-# ctypes.util.find_library, and the Debian package that ships it.
-ALLOCATORS = {"tcmalloc": ("tcmalloc", "libgoogle-perftools4"), "jemalloc": ("jemalloc", "libjemalloc2")}
 
 
 def measure(rows: list[dict], device: torch.device, fn, /, *args, **kwargs):
@@ -43,24 +38,6 @@ def measure(rows: list[dict], device: torch.device, fn, /, *args, **kwargs):
         row["allocator"] = allocator
         rows.append(row)
     return result
-
-
-def preload_allocator(name: str) -> None:
-    """Make every measuring process started after this call allocate through `name` (a key of ALLOCATORS)
-    instead of glibc's malloc, by LD_PRELOAD. Both sides of a row share the process, so both get it."""
-    library, package = ALLOCATORS[name]
-    soname = ctypes.util.find_library(library)
-    if soname is None:
-        raise ValueError(f"--allocator {name}: lib{library} is not installed (Debian/Ubuntu: apt-get install "
-                         f"{package})")
-    os.environ["LD_PRELOAD"] = " ".join(filter(None, (os.environ.get("LD_PRELOAD"), soname)))
-
-
-def allocator_in_use() -> str:
-    """"tcmalloc" or "jemalloc" when one is mapped into this process, else "glibc malloc"."""
-    maps = Path("/proc/self/maps")
-    mapped = maps.read_text() if maps.exists() else ""
-    return next((name for name, (library, _) in ALLOCATORS.items() if f"lib{library}" in mapped), "glibc malloc")
 
 
 def configure_process(threads: int, device: torch.device) -> None:

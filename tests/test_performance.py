@@ -178,7 +178,8 @@ def test_benchmarks_take_a_device_and_refuse_cpu_only_formats_elsewhere():
     exist on a CPU are refused up front on a GPU (checked before any GPU is touched, so this runs anywhere)."""
     from benchmarks import bench_eval, bench_generate, bench_train
     from benchmarks.devices import default_device
-    from benchmarks.sections import allocator_in_use, measure
+    from benchmarks.sections import measure
+    from gpt2kit.allocator import allocator_in_use
 
     assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
     rows: list[dict] = []  # the suite runs each call in a fresh process and adds the call's peak memory to its rows
@@ -198,7 +199,8 @@ def test_benchmark_processes_run_with_the_chosen_allocator(monkeypatch):
     missing, the error names the package to install."""
     import ctypes.util
 
-    from benchmarks.sections import measure, preload_allocator
+    from benchmarks.sections import measure
+    from gpt2kit.allocator import preload_allocator
 
     monkeypatch.delenv("LD_PRELOAD", raising=False)  # restored after the test, with what preload_allocator sets
     if ctypes.util.find_library("tcmalloc") is None:

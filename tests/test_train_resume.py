@@ -184,3 +184,22 @@ def test_resume_auto_without_checkpoints_starts_fresh(corpus, tmp_path):
 def test_trainer_state_is_plain_json(reference):
     state = json.loads((list_checkpoints(reference)[-1] / "training_state" / "trainer_state.json").read_text())
     assert state["config"]["train"]["max_steps"] == MAX_STEPS
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="--allocator preloads with LD_PRELOAD (Linux)")
+def test_training_under_tcmalloc_gives_the_same_run(corpus, reference, tmp_path):
+    """`gpt2kit --allocator tcmalloc train` restarts itself with tcmalloc preloaded (CI installs it) and trains
+    exactly as under the system's malloc; the summary records the allocator. Without the library: one clear error."""
+    import ctypes.util
+
+    from gpt2kit.allocator import allocator_in_use
+
+    config = write_config(tmp_path, corpus, "run")
+    if ctypes.util.find_library("tcmalloc") is None:
+        result = cli("--allocator", "tcmalloc", "train", "--config", str(config), check=False)
+        assert result.returncode == 2 and "apt-get install libgoogle-perftools4" in result.stderr
+        return
+    cli("--allocator", "tcmalloc", "train", "--config", str(config))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["allocator"] == "tcmalloc"
+    assert json.loads((reference / "summary.json").read_text())["allocator"] == allocator_in_use()  # this process's
+    assert_same_run(tmp_path / "run", reference)

@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..allocator import allocator_in_use
 from ..checkpoint import CheckpointError, hf_to_gpt2kit, load_config, load_state_dict, save_pretrained
 from ..config import PRESETS, GPT2Config
 from ..files import replace_directory
@@ -573,7 +574,7 @@ class Trainer:
         summary = {
             "steps": self.step, "steps_this_run": self.step - start_step, "tokens_seen": self.tokens_seen,
             "train_seconds": round(train_time, 2), "wall_seconds": round(time.perf_counter() - started, 2),
-            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None, **final_eval,
+            "allocator": allocator_in_use(), "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None, **final_eval,
             "checkpoint": str(self.last_checkpoint), "final_model": str(final_dir),
             "metrics": str(logger.path),
         }
