@@ -15,6 +15,7 @@ import torch
 
 from gpt2kit import GPT2Tokenizer
 from gpt2kit.allocator import allocator_in_use
+from gpt2kit.data.preprocess import exit_with_parent
 from gpt2kit.training.logging import measure_matmul_peak, synchronize
 from gpt2kit.training.trainer import enable_tf32
 
@@ -41,8 +42,10 @@ def measure(rows: list[dict], device: torch.device, fn, /, *args, **kwargs):
 
 
 def configure_process(threads: int, device: torch.device) -> None:
-    """What main sets for the whole run, set again in a measuring process."""
+    """What main sets for the whole run, set again in a measuring process (which ends with a killed run)."""
     import transformers
+
+    exit_with_parent()
 
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()  # keep the peers' notices and progress bars out of the table

@@ -2,6 +2,12 @@
 cross-entropy, the decode-step attention mask, bf16 inference against float32, and the benchmark table."""
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,9 @@ from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.generation import generate
 from gpt2kit.losses import lm_loss
 from gpt2kit.model import build_attention_mask
+
+from .conftest import REPO
+from .processes import running
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200], [3, 4, 5, 6]]
@@ -211,6 +220,43 @@ def test_benchmark_processes_run_with_the_chosen_allocator(monkeypatch):
     rows: list[dict] = []
     measure(rows, torch.device("cpu"), dict, section="probe")
     assert rows[0]["section"] == "probe" and rows[0]["allocator"] == "tcmalloc"
+
+
+def _touch_then_sleep(path: str) -> None:
+    Path(path).touch()
+    time.sleep(300)
+
+
+KILLED_RUN = """
+import sys, torch
+from benchmarks.sections import measure
+from tests.test_performance import _touch_then_sleep
+measure([], torch.device("cpu"), _touch_then_sleep, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_benchmark_run_takes_its_measuring_process_with_it(tmp_path):
+    """The suite measures in a child process; killing the run (SIGKILL, no cleanup) must not leave that child
+    waiting for work forever."""
+    started = tmp_path / "started"
+    run = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(started)], cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'src'}"})
+    deadline = time.time() + 120
+    while not started.exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.1)
+    assert started.exists(), "the measuring process never ran"
+    children = [int(pid) for pid in Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()]
+    assert children
+    run.kill()
+    run.wait(timeout=30)
+    deadline = time.time() + 15
+    while any(map(running, children)) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in children if running(pid)]
+    for pid in left:  # do not leave them behind when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left
 
 
 def test_nested_gpu_peak_memory_blocks_keep_the_enclosing_peak(monkeypatch):

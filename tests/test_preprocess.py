@@ -21,6 +21,7 @@ from gpt2kit.data.preprocess import is_validation
 from gpt2kit.data.readers import is_safe_cut
 
 from .conftest import DATA, REPO
+from .processes import running
 
 WIKI = DATA / "wikitext-2" / "wiki.test.tokens"
 VERDICT = DATA / "the-verdict" / "the-verdict.txt"
@@ -333,14 +334,6 @@ def _wait_for_shard(tmp_path, out, proc):
     pytest.fail("preprocess finished or stalled before writing")
 
 
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, sig):
     big = tmp_path / "big.txt"
@@ -354,9 +347,9 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, sig):
     proc.wait(timeout=60)
     assert not out.exists()
     deadline = time.time() + 10
-    while any(map(_running, workers)) and time.time() < deadline:
+    while any(map(running, workers)) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(map(_running, workers))  # the pool's processes end with their parent, even a killed one
+    assert not any(map(running, workers))  # the pool's processes end with their parent, even a killed one
     if sig == signal.SIGINT:  # handled: the staging directory is removed
         assert proc.returncode == 130 and not list(tmp_path.glob(".out.tmp-*"))
     else:  # killed: its staging directory is left behind, hidden, and the next run removes it

@@ -47,16 +47,22 @@ def _init_worker(tokenizer: GPT2Tokenizer, dtype: str, append_eos: bool, text_ke
                  in_pool: bool) -> None:
     if in_pool:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
-        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+        exit_with_parent()
     _worker.update(tokenizer=tokenizer, dtype=np.dtype(dtype), append_eos=append_eos, text_key=text_key,
                    errors=errors)
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A killed parent cannot stop its pool; without this its workers would wait for work forever."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
+def exit_with_parent() -> None:
+    """End this (pool worker) process within a second of its parent's death: a killed parent cannot stop its
+    pool, whose workers would otherwise wait for work forever."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
