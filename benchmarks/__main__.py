@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from . import bench_eval, bench_generate, bench_train
-from .devices import default_device
 from gpt2kit.allocator import ALLOCATORS, preload_allocator
 
+from . import bench_eval, bench_generate, bench_train
+from .devices import default_device
 from .sections import configure_process, hardware, measure, preprocess_scaling, serving, tokenizer_speed
 
 SECTIONS = ("hardware", "tokenizer", "train", "decode", "eval", "preprocess", "serve", "llama.cpp")

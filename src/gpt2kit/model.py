@@ -239,12 +239,17 @@ class CausalLMOutput:
     past_key_values: KVCache | None = None
 
 
+def is_plain(tensor: Tensor) -> bool:
+    """A tensor that holds all its values here, not a DTensor shard of a tensor-parallel or FSDP model. The exact
+    type avoids importing torch.distributed here to recognize a DTensor."""
+    return type(tensor) in (Tensor, nn.Parameter)
+
+
 def plain_head_weight(head: nn.Module) -> Tensor | None:
     """The (vocab, n_embd) weight of an LM head that is exactly an nn.Linear without bias holding a plain tensor,
-    which callers may multiply with directly; None for any other head (a tensor-parallel or FSDP DTensor, LoRA or
-    int8 layers), which must run as its own module. Exact types avoid importing torch.distributed here to
-    recognize a DTensor."""
-    if type(head) is nn.Linear and head.bias is None and type(head.weight) in (Tensor, nn.Parameter):
+    which callers may multiply with directly; None for any other head (a DTensor, LoRA or int8 layers), which
+    must run as its own module."""
+    if type(head) is nn.Linear and head.bias is None and is_plain(head.weight):
         return head.weight
     return None
 

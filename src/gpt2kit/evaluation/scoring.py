@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..losses import scratch_buffer
-from ..model import GPT2LMHeadModel, plain_head_weight
+from ..model import GPT2LMHeadModel, is_plain, plain_head_weight
 from ..quantization import PackedLinear
 from ..tokenizer import GPT2Tokenizer
 
@@ -106,7 +106,7 @@ def scored_rows(model: nn.Module, inputs: Tensor, spans: list[tuple[int, int]]) 
     only: with a stride smaller than the window most positions are context, and the LM head (a vocab-wide
     matmul) is most of a small model's work. Other models, and a GPT-2 sharded by FSDP (its root module gathers
     the weights in its own forward) or tensor parallelism (DTensor weights), return logits for every position."""
-    if type(model) is GPT2LMHeadModel and all(type(p) in (Tensor, nn.Parameter) for p in model.parameters()):
+    if type(model) is GPT2LMHeadModel and all(map(is_plain, model.parameters())):
         hidden, head = model.transformer(inputs), _lm_head(model)
     else:
         hidden, head = model(inputs).logits, nn.Identity()

@@ -574,7 +574,8 @@ class Trainer:
         summary = {
             "steps": self.step, "steps_this_run": self.step - start_step, "tokens_seen": self.tokens_seen,
             "train_seconds": round(train_time, 2), "wall_seconds": round(time.perf_counter() - started, 2),
-            "allocator": allocator_in_use(), "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None, **final_eval,
+            "allocator": allocator_in_use(),
+            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None, **final_eval,
             "checkpoint": str(self.last_checkpoint), "final_model": str(final_dir),
             "metrics": str(logger.path),
         }
