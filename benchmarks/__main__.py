@@ -11,8 +11,8 @@ GPT2TokenizerFast), training tokens/s and MFU, decode tokens/s and time to first
 (vs lm-evaluation-harness), preprocessing MB/s (1 vs 2 workers), serving requests/s (vs `transformers serve`),
 and llama.cpp when `llama_cpp` is importable. Each benchmark call runs in a fresh process, with both sides of
 its rows in that process, alternating them where the section script does, and records the peak memory while it
-ran: the process's resident memory (RSS, children included) on a CPU, the CUDA allocator's peak on a GPU. One table is printed; all rows go
-to a JSON file.
+ran: the process's resident memory (RSS, children included) on a CPU, the CUDA allocator's peak on a GPU. One
+table is printed; all rows go to a JSON file.
 
 On a CUDA GPU (--device, default when there is one) the model sections (hardware, train, decode, eval) run on
 the GPU with clocks that wait for it; tokenizer and preprocessing are CPU work on any machine; the CPU-only

@@ -1,6 +1,8 @@
 """Generation against transformers' generate() and logits processors on the same random weights, plus
 cache/no-cache equality, seeded sampling, stop strings and byte-correct streaming."""
 
+import collections
+
 import pytest
 import torch
 import transformers
@@ -12,8 +14,9 @@ from transformers.generation import logits_process as hf_proc
 from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.model import CausalLMOutput
 from gpt2kit.generation import (
-    GenerationConfig, TextStreamDecoder, generate, keep_top_k, keep_top_p, penalize_repetition, scale_temperature,
-    stream_generate, truncate_at_stop,
+    GenerationConfig, Sampler, TextStreamDecoder, bias_logits, generate, keep_top_k, keep_top_p,
+    parse_logit_bias, penalize_frequency_presence, penalize_repetition, scale_temperature, stream_generate,
+    truncate_at_stop,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,7 +104,8 @@ def test_greedy_with_repetition_penalty_matches_transformers(hf_pair):
     assert not torch.equal(out, ours.generate(ids, max_new_tokens=30, eos_token_id=[]))
 
 
-@pytest.mark.parametrize("options", [{}, {"repetition_penalty": 1.3}, {"do_sample": True, "seed": 3, "top_k": 20}])
+@pytest.mark.parametrize("options", [{}, {"repetition_penalty": 1.3}, {"do_sample": True, "seed": 3, "top_k": 20},
+                                     {"frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": {7: 3.0}}])
 def test_cached_decoding_equals_full_recomputation(hf_pair, options):
     _, ours = hf_pair
     ids, mask = left_padded(PROMPTS, pad=0)
@@ -141,6 +145,8 @@ def fixed_logits():
     (keep_top_p(1e-6), hf_proc.TopPLogitsWarper(1e-6)),
     (penalize_repetition(1.3), hf_proc.RepetitionPenaltyLogitsProcessor(1.3)),
     (penalize_repetition(0.8), hf_proc.RepetitionPenaltyLogitsProcessor(0.8)),
+    (bias_logits({3: 2.0, 7: -100.0, 511: 0.5}),
+     hf_proc.SequenceBiasLogitsProcessor([[[3], 2.0], [[7], -100.0], [[511], 0.5]])),
 ])
 def test_processor_matches_transformers(ours, theirs):
     history, scores = fixed_logits()
@@ -168,6 +174,46 @@ def test_repetition_penalty_ignores_padding():
     history, scores = fixed_logits()
     padded = torch.cat([torch.full((4, 3), -1), history], dim=1)  # -1 marks left padding
     assert torch.equal(penalize_repetition(1.3)(padded, scores.clone()), penalize_repetition(1.3)(history, scores))
+
+
+def test_frequency_and_presence_penalties_follow_openais_formula():
+    history, scores = fixed_logits()
+    history = torch.cat([history, history[:, :4], history[:, 1:2]], dim=1)  # tokens seen 1, 2 and 3 times
+    padded = torch.cat([torch.full((4, 3), -1), history], dim=1)  # -1 marks padding: never counted
+    got = penalize_frequency_presence(0.7, -0.4)(padded, scores.clone())
+    expected = scores.clone()
+    for row, tokens in enumerate(history.tolist()):
+        for token, count in collections.Counter(tokens).items():
+            expected[row, token] -= 0.7 * count - 0.4
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("step, chosen", [(1, 5), (3, 6)])
+def test_frequency_penalty_counts_generated_tokens_only(step, chosen):
+    """History [5, 5, 6]: after one generated token (6), token 5 is the prompt's and keeps its lead; with all
+    three generated, 5 loses twice the penalty and 6 wins."""
+    sampler = Sampler(GenerationConfig(frequency_penalty=0.5), GPT2Config(vocab_size=VOCAB))
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 5], logits[0, 6] = 1.0, 0.8
+    assert sampler(logits, torch.tensor([[5, 5, 6]]), step).tolist() == [chosen]
+
+
+def test_logit_bias_forces_and_bans_tokens(hf_pair):
+    _, ours = hf_pair
+    ids = torch.tensor([PROMPTS[0]])
+    forced = ours.generate(ids, max_new_tokens=8, eos_token_id=[], logit_bias={42: 100.0})
+    assert forced[0, len(PROMPTS[0]):].tolist() == [42] * 8
+    plain = ours.generate(ids, max_new_tokens=8, eos_token_id=[])
+    first = int(plain[0, len(PROMPTS[0])])
+    banned = ours.generate(ids, max_new_tokens=8, eos_token_id=[], logit_bias={first: -100.0})
+    assert first not in banned[0, len(PROMPTS[0]):].tolist()
+
+
+def test_parse_logit_bias():
+    assert parse_logit_bias("50256=-100,198=2.5") == {50256: -100.0, 198: 2.5}
+    for bad in ("50256", "x=1", "1=y", ""):
+        with pytest.raises(ValueError, match="expected TOKEN_ID=BIAS"):
+            parse_logit_bias(bad)
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------
@@ -225,6 +271,11 @@ def test_num_return_sequences_repeats_each_prompt(hf_pair):
     (dict(nucleus=0.9), "unknown generation option"),
     (dict(stop=["x"]), "need the tokenizer"),
     (dict(seed=1, generator=torch.Generator()), "either seed or generator"),
+    (dict(frequency_penalty=2.5), "frequency_penalty must be in \\[-2, 2\\]"),
+    (dict(presence_penalty=-3), "presence_penalty must be in \\[-2, 2\\]"),
+    (dict(logit_bias={1: 150.0}), "logit_bias must map token ids"),
+    (dict(logit_bias={"1": 1.0}), "logit_bias must map token ids"),
+    (dict(logit_bias={VOCAB: 1.0}), f"token id {VOCAB}, beyond the vocabulary of {VOCAB} ids"),
 ])
 def test_bad_options_raise_clear_errors(hf_pair, kwargs, message):
     _, ours = hf_pair

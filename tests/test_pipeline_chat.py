@@ -125,6 +125,29 @@ def test_generate_command_errors_are_one_line(model_dir, capsys):
     assert captured.err.count("\n") == 1
 
 
+def test_generate_command_penalty_and_logit_bias_flags(pipe, model_dir, capsys):
+    args = ["generate", "--model", str(model_dir), "--prompt", PROMPTS[2], "--max-new-tokens", "12",
+            "--frequency-penalty", "1.5", "--presence-penalty", "0.5", "--logit-bias", "11=4,13=-100"]
+    assert main(args) == 0
+    expected = pipe(PROMPTS[2], max_new_tokens=12, frequency_penalty=1.5, presence_penalty=0.5,
+                    logit_bias={11: 4.0, 13: -100.0})[0]["generated_text"]
+    assert capsys.readouterr().out == expected + "\n"
+    assert expected != pipe(PROMPTS[2], max_new_tokens=12)[0]["generated_text"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", str(model_dir), "--prompt", "hi", "--logit-bias", "11"])
+    assert exit_.value.code == 2
+    assert "argument --logit-bias: logit bias '11': expected TOKEN_ID=BIAS" in capsys.readouterr().err
+
+
+def test_chat_sets_penalties_and_logit_bias(pipe, model_dir):
+    script = ("/set logit_bias 11=100\nHi\n/set logit_bias 9999=1\n/set logit_bias none\n"
+              "/set presence_penalty 0.5\n/set frequency_penalty 3\n")
+    out = chat_in_process(model_dir, script, do_sample=False, max_new_tokens=6).splitlines()
+    assert out == ["[logit_bias = {11: 100.0}]", pipe.tokenizer.decode([11] * 6).strip(),
+                   "[error: logit_bias names token id 9999, beyond the vocabulary of 512 ids]", "[logit_bias = None]",
+                   "[presence_penalty = 0.5]", "[error: frequency_penalty must be in [-2, 2] (0 disables it)]"]
+
+
 def test_chat_through_a_pipe(model_dir):
     script = "Hello there\n/set temperature 0.5\n/set top_k nope\n/set\nHow are you?\n/reset\n/quit\nnever read\n"
     result = subprocess.run([sys.executable, "-m", "gpt2kit", "chat", "--model", str(model_dir), "--max-new-tokens",

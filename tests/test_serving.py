@@ -101,6 +101,15 @@ def test_seeded_sampling_equals_library_sampling(client, pipe):
                                               seed=7)
 
 
+def test_penalties_and_logit_bias_equal_library_generation(client, pipe):
+    response = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=20, temperature=0,
+                                         frequency_penalty=1.5, presence_penalty=0.5, logit_bias={"11": 4, "13": -100})
+    expected = greedy(pipe, PROMPTS[2], 20, frequency_penalty=1.5, presence_penalty=0.5,
+                      logit_bias={11: 4.0, 13: -100.0})
+    assert response.choices[0].text == expected
+    assert expected != greedy(pipe, PROMPTS[2], 20)
+
+
 def test_token_prompts_and_prompt_lists(client, pipe, server):
     ids = server.tokenizer.encode(PROMPTS[2])
     by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=10, temperature=0)
@@ -192,7 +201,8 @@ def test_max_tokens_zero_with_echo_scores_the_prompt(client):
 
 
 # ---- concurrency --------------------------------------------------------------------------------------------
-REQUESTS = [dict(prompt=p, max_tokens=8 + 5 * i, temperature=0) for i, p in enumerate(PROMPTS)] + [
+REQUESTS = [dict(prompt=p, max_tokens=8 + 5 * i, temperature=0) for i, p in enumerate(PROMPTS[:-1])] + [
+    dict(prompt=PROMPTS[-1], max_tokens=12, temperature=0, frequency_penalty=2, logit_bias={"11": 3}),
     dict(prompt="Jack", max_tokens=20, temperature=1.2, top_p=0.7, seed=3),
     dict(prompt="It was", max_tokens=15, temperature=0.5, seed=4, stop=["e"]),
 ]
@@ -260,7 +270,13 @@ BAD = {
     "empty stop string": (dict(stop=[""]), 400, "stop"),
     "five stop strings": (dict(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     "logprobs too many": (dict(logprobs=6), 400, "logprobs"),
-    "unsupported penalty": (dict(frequency_penalty=0.5), 400, "frequency_penalty"),
+    "frequency_penalty out of range": (dict(frequency_penalty=2.5), 400, "frequency_penalty"),
+    "presence_penalty out of range": (dict(presence_penalty=-3), 400, "presence_penalty"),
+    "logit_bias key not a token id": (dict(logit_bias={"x": 1}), 400, "logit_bias"),
+    "logit_bias value out of range": (dict(logit_bias={"5": 101}), 400, "logit_bias"),
+    "logit_bias beyond the vocabulary": (dict(logit_bias={"512": 1}), 400, "logit_bias"),
+    "logit_bias too long": (dict(logit_bias={str(t): 1 for t in range(301)}), 400, "logit_bias"),
+    "unsupported suffix": (dict(suffix="x"), 400, "suffix"),
     "unknown model": (dict(model="gpt-4"), 404, "model"),
 }
 

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .generation import GenerationConfig, stream_generate
+from .generation import GenerationConfig, parse_logit_bias, stream_generate
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer, text_defaults
 from .tokenizer import GPT2Tokenizer
@@ -35,6 +35,7 @@ def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 SETTINGS: dict[str, Callable[[str], Any]] = {
     "temperature": float, "top_k": _optional(int), "top_p": _optional(float), "repetition_penalty": float,
+    "frequency_penalty": float, "presence_penalty": float, "logit_bias": _optional(parse_logit_bias),
     "max_new_tokens": int, "min_new_tokens": int, "do_sample": _parse_bool, "seed": _optional(int),
 }
 
@@ -52,6 +53,7 @@ class ChatSession:
         if config.max_new_tokens >= self.model.config.n_positions:
             raise ValueError(f"max_new_tokens ({config.max_new_tokens}) leaves no room for the conversation in "
                              f"the context of {self.model.config.n_positions} positions")
+        config.check_vocabulary(self.model.config.vocab_size)
         self.config = config
         # One generator for the whole conversation: a seed makes the conversation reproducible.
         self.generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None

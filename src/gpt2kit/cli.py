@@ -48,7 +48,8 @@ def _info_args(p: argparse.ArgumentParser) -> None:
                    help="also estimate training memory per GPU for this layout (degrees not named are 1)")
     p.add_argument("--micro-batch-size", type=int, default=1, help="memory estimate: sequences per GPU per step")
     p.add_argument("--seq-len", type=int, default=None, help="memory estimate: tokens per sequence (default: context)")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="memory estimate: compute dtype")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16",
+                   help="memory estimate: compute dtype")
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                    help="memory estimate: activation checkpointing of every block (default: on)")
 
@@ -118,6 +119,12 @@ def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--frequency-penalty", type=float, help="OpenAI's, in [-2, 2]: lowers a token's score by this "
+                   "times the number of times it was generated")
+    p.add_argument("--presence-penalty", type=float, help="OpenAI's, in [-2, 2]: lowers the score of every token "
+                   "generated so far by this")
+    p.add_argument("--logit-bias", type=_logit_bias, metavar="ID=BIAS[,ID=BIAS...]", help="add BIAS (-100 to "
+                   "100) to token ID's score every step, e.g. 50256=-100 never ends at <|endoftext|>")
     p.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
     p.add_argument("--seed", type=int)
     p.add_argument("--compile", action="store_true", default=None, help="decode through torch.compile: on a CPU "
@@ -127,7 +134,17 @@ def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 _SAMPLING_FLAGS = ("compile", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                   "repetition_penalty", "stop", "seed", "num_return_sequences")
+                   "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "stop", "seed",
+                   "num_return_sequences")
+
+
+def _logit_bias(text: str) -> dict[int, float]:
+    from .generation import parse_logit_bias
+
+    try:
+        return parse_logit_bias(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _loading_and_sampling(args: argparse.Namespace) -> dict:

@@ -2,9 +2,9 @@
 
 One prefill pass fills a preallocated KVCache (sized for prompt + new tokens) and yields the first token's
 logits; every further step feeds one token per row. Processors are small functions `(input_ids, scores) ->
-scores` in transformers' order: repetition penalty, min-new-tokens EOS suppression, then (sampling only)
-temperature, top-k, top-p. Finished rows keep running with `pad_token_id` (as transformers does) so the batch
-and its cache never need reshaping.
+scores`, applied in this order: repetition penalty, OpenAI's frequency/presence penalties and logit bias,
+min-new-tokens EOS suppression, then (sampling only) temperature, top-k, top-p. Finished rows keep running with
+`pad_token_id` (as transformers does) so the batch and its cache never need reshaping.
 """
 
 from __future__ import annotations
@@ -74,6 +74,29 @@ def penalize_repetition(penalty: float) -> LogitsProcessor:
     return apply
 
 
+def penalize_frequency_presence(frequency: float, presence: float) -> LogitsProcessor:
+    """OpenAI's penalties: a token generated c > 0 times so far loses frequency * c + presence from its score.
+    As in vLLM, only generated tokens count, not the prompt: the Sampler passes this processor the generated
+    tokens alone (it is marked `generated_only`); -1 marks padding."""
+    def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
+        real = input_ids >= 0
+        counts = torch.zeros_like(scores).scatter_add_(1, input_ids.clamp(min=0), real.to(scores.dtype))
+        return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+    apply.generated_only = True
+    return apply
+
+
+def bias_logits(bias: dict[int, float]) -> LogitsProcessor:
+    """OpenAI's logit_bias: each listed token's bias is added to its score (+-100 all but forces or bans it)."""
+    index = torch.tensor(list(bias), dtype=torch.long)
+    values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
+        return scores.index_add(1, index.to(scores.device), values.to(scores.device, scores.dtype).expand(
+            scores.shape[0], -1))
+    return apply
+
+
 def suppress_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
     """Make the given tokens impossible (min_new_tokens uses it on EOS)."""
     index = torch.tensor(list(token_ids), dtype=torch.long)
@@ -96,6 +119,9 @@ class GenerationConfig:
     top_k: int | None = None  # sampling only; None or 0 disables
     top_p: float | None = None  # sampling only; None or 1.0 disables
     repetition_penalty: float = 1.0  # 1.0 disables; applies to greedy decoding too
+    frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]: minus this times a token's count in the generated text
+    presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]: minus this for every token already generated
+    logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> bias in [-100, 100] added to its score
     eos_token_id: int | list[int] | None = None  # None: the model config's; [] never stops at EOS
     pad_token_id: int | None = None  # emitted by finished rows; None: the model config's, else the first EOS
     stop: str | list[str] | None = None  # stop strings (need a tokenizer)
@@ -116,6 +142,12 @@ class GenerationConfig:
             (self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0), "top_k must be an integer >= 0"),
             (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 disables it)"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2] (0 disables it)"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2] (0 disables it)"),
+            (self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+                type(t) is int and t >= 0 and type(b) in (int, float) and -100 <= b <= 100
+                for t, b in self.logit_bias.items())),
+             "logit_bias must map token ids (integers >= 0) to biases in [-100, 100]"),
             (isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1,
              "num_return_sequences must be an integer >= 1"),
             (self.num_return_sequences == 1 or self.sampling,
@@ -139,12 +171,22 @@ class GenerationConfig:
             raise ValueError(f"unknown generation option(s) {unknown}; expected some of {sorted(known)}")
         return dataclasses.replace(self, **options)
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """ValueError if an option names a token id outside a vocabulary of `vocab_size` ids."""
+        beyond = [t for t in self.logit_bias or () if t >= vocab_size]
+        if beyond:
+            raise ValueError(f"logit_bias names token id {beyond[0]}, beyond the vocabulary of {vocab_size} ids")
+
     def processors(self, suppress: Sequence[int] = ()) -> list[LogitsProcessor]:
-        """What every step applies to the scores, in transformers' order; `suppress` lists tokens made
+        """What every step applies to the scores, in order (see the module's docstring); `suppress` lists tokens made
         impossible (EOS during the first min_new_tokens steps)."""
         procs = []
         if self.repetition_penalty != 1.0:
             procs.append(penalize_repetition(self.repetition_penalty))
+        if self.frequency_penalty or self.presence_penalty:
+            procs.append(penalize_frequency_presence(self.frequency_penalty, self.presence_penalty))
+        if self.logit_bias:
+            procs.append(bias_logits(self.logit_bias))
         if suppress:
             procs.append(suppress_tokens(suppress))
         if self.sampling:
@@ -155,6 +197,20 @@ class GenerationConfig:
             if self.top_p is not None and self.top_p < 1.0:
                 procs.append(keep_top_p(self.top_p))
         return procs
+
+
+def parse_logit_bias(text: str) -> dict[int, float]:
+    """`logit_bias` written as text (command line, chat): "TOKEN_ID=BIAS[,TOKEN_ID=BIAS...]", e.g. "50256=-100"."""
+    bias = {}
+    for item in text.split(","):
+        token, sep, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise ValueError(f"logit bias {item.strip()!r}: expected TOKEN_ID=BIAS, e.g. 50256=-100") from None
+        if not sep:
+            raise ValueError(f"logit bias {item.strip()!r}: expected TOKEN_ID=BIAS, e.g. 50256=-100")
+    return bias
 
 
 def _eos_ids(config: GenerationConfig, model_config) -> list[int]:
@@ -182,6 +238,7 @@ class Sampler:
         if config.seed is not None:
             generator = torch.Generator(device or "cpu").manual_seed(config.seed)
         self.generator = generator
+        config.check_vocabulary(model_config.vocab_size)
         self.processors = config.processors()
         self.early_processors = config.processors(suppress=self.eos) if config.min_new_tokens else self.processors
 
@@ -193,7 +250,8 @@ class Sampler:
             return logits.argmax(-1)  # argmax needs no float copy
         scores = logits.float()
         for process in processors:
-            scores = process(history, scores)
+            seen = history[:, history.shape[1] - step:] if getattr(process, "generated_only", False) else history
+            scores = process(seen, scores)
         if self.sampling:
             return torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(1)
         return scores.argmax(-1)

@@ -163,9 +163,15 @@ class CompletionService:
         try:
             base = GenerationConfig(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
                                     top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty or 1.0,
+                                    frequency_penalty=req.frequency_penalty or 0.0,
+                                    presence_penalty=req.presence_penalty or 0.0, logit_bias=req.logit_bias,
                                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
         except ValueError as err:
             raise APIError(400, str(err)) from None
+        try:
+            base.check_vocabulary(self.vocab)
+        except ValueError as err:
+            raise APIError(400, str(err), param="logit_bias") from None
         job = Job(asyncio.get_running_loop())
         for p, prompt in enumerate(ids):
             for j in range(n):

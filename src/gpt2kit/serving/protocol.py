@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..tokenizer import GPT2Tokenizer
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_LOGIT_BIAS = 300  # tokens in one request's logit_bias
 MAX_LOGPROBS = 5  # as OpenAI's completions endpoint
 DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions endpoint
 
@@ -56,11 +57,11 @@ class CompletionRequest(BaseModel):
     user: str | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: Any = None  # checked by _check_logit_bias: token id (a string, as JSON keys are) -> bias
     # Accepted for compatibility at their neutral values only.
     best_of: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -88,15 +89,22 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"expected a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings")
         return stops or None
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: Any) -> dict[int, float] | None:
+        if bias is None:
+            return None
+        if not (isinstance(bias, dict) and len(bias) <= MAX_LOGIT_BIAS
+                and all(isinstance(t, str) and t.isascii() and t.isdecimal() and type(b) in (int, float)
+                        and -100 <= b <= 100 for t, b in bias.items())):
+            raise ValueError(f"expected an object of at most {MAX_LOGIT_BIAS} token ids (as strings, e.g. "
+                             '"50256") mapped to biases from -100 to 100')
+        return {int(t): float(b) for t, b in bias.items()} or None
+
     @model_validator(mode="after")
     def _neutral_only(self) -> CompletionRequest:
         unsupported = [
             ("best_of", self.best_of not in (None, self.n or 1), "best_of must equal n (it is not supported)"),
-            ("frequency_penalty", self.frequency_penalty not in (None, 0),
-             "frequency_penalty is not supported (only 0); repetition_penalty is"),
-            ("presence_penalty", self.presence_penalty not in (None, 0),
-             "presence_penalty is not supported (only 0); repetition_penalty is"),
-            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported (only {})"),
             ("suffix", bool(self.suffix), "suffix (insertion) is not supported"),
         ]
         for param, bad, message in unsupported:

@@ -1,8 +1,8 @@
 """Run configuration: dataclasses for every section of a training YAML, loading, and `--section.key value` overrides.
 
 A run config is one YAML mapping whose top-level keys are the fields of `RunConfig` (task, pet_method, out_dir,
-seed) and its sections (model, data, train, optim, checkpoint, lora, log, sample, parallel). Every key is checked against
-the dataclasses: an unknown or mistyped key is an error that names the key, its file and line.
+seed) and its sections (model, data, train, optim, checkpoint, lora, log, sample, parallel). Every key is checked
+against the dataclasses: an unknown or mistyped key is an error that names the key, its file and line.
 """
 
 from __future__ import annotations
