@@ -16,6 +16,8 @@ import openai
 import pytest
 import torch
 
+from gpt2kit.chat import ChatSession
+from gpt2kit.generation import GenerationConfig
 from gpt2kit.pipeline import TextGenerationPipeline
 
 from .conftest import save_tiny_text_model
@@ -198,6 +200,82 @@ def test_max_tokens_zero_with_echo_scores_the_prompt(client):
     response = client.completions.create(model="tiny", prompt="Jack was", max_tokens=0, echo=True, logprobs=0)
     assert response.choices[0].text == "Jack was" and response.choices[0].finish_reason == "length"
     assert response.usage.completion_tokens == 0
+
+
+# ---- chat completions ---------------------------------------------------------------------------------------
+CONVERSATION = [
+    {"role": "system", "content": "A conversation."},
+    {"role": "user", "content": "Hello there"},
+    {"role": "assistant", "content": "Hi."},
+    {"role": "user", "content": [{"type": "text", "text": "How are "}, {"type": "text", "text": "you?"}]},
+]
+TRANSCRIPT = "A conversation.\nUser: Hello there\nAssistant: Hi.\nUser: How are you?\nAssistant:"
+
+
+def test_chat_completion_continues_the_chat_transcript(client, pipe, server):
+    response = client.chat.completions.create(model="tiny", messages=CONVERSATION, max_tokens=20, temperature=0)
+    assert response.object == "chat.completion" and response.id.startswith("chatcmpl-")
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == greedy(pipe, TRANSCRIPT, 20, stop=["\nUser:"]).lstrip()
+    assert response.usage.prompt_tokens == len(server.tokenizer.encode(TRANSCRIPT))
+    # The same reply as `gpt2kit chat` gives to a first message.
+    session = ChatSession(server.model, server.tokenizer, GenerationConfig(
+        max_new_tokens=12, eos_token_id=server.tokenizer.eos_token_id, pad_token_id=server.tokenizer.pad_token_id))
+    first = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}],
+                                           max_completion_tokens=12, temperature=0)
+    assert first.choices[0].message.content == "".join(session.reply("Hello there"))
+
+
+def test_chat_streaming_equals_the_chat_completion(client):
+    options = dict(model="tiny", messages=CONVERSATION, max_tokens=25, temperature=0.8, seed=5, n=2)
+    full = client.chat.completions.create(**options)
+    chunks = list(client.chat.completions.create(**options, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant" and all(c.delta.role is None for c in mine[1:])
+        assert "".join(c.delta.content or "" for c in mine) == full.choices[index].message.content
+        assert mine[-1].finish_reason == full.choices[index].finish_reason
+        assert all(c.finish_reason is None for c in mine[:-1])
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert full.choices[0].message.content != full.choices[1].message.content  # seeds 5 and 6
+
+
+def test_chat_logprobs_name_tokens_and_their_alternatives(client, server):
+    response = client.chat.completions.create(model="tiny", messages=CONVERSATION, max_tokens=6, temperature=0,
+                                              logprobs=True, top_logprobs=3)
+    entries = response.choices[0].logprobs.content
+    assert len(entries) == response.usage.completion_tokens
+    for entry in entries:
+        assert len(entry.top_logprobs) == 3
+        best = entry.top_logprobs[0]  # greedy: the chosen token is the most likely one
+        assert (best.token, best.bytes) == (entry.token, entry.bytes) and best.logprob == entry.logprob <= 0
+        assert entry.logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+    text = bytes(b for entry in entries for b in entry.bytes).decode("utf-8", errors="replace")
+    assert text.lstrip().startswith(response.choices[0].message.content)
+
+
+BAD_CHAT = {
+    "no messages": (dict(messages=[]), "messages"),
+    "unknown role": (dict(messages=[{"role": "robot", "content": "hi"}]), "messages.0.role"),
+    "content not text": (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+                         "messages.0.content.str"),
+    "top_logprobs without logprobs": (dict(top_logprobs=2), "top_logprobs"),
+    "too many top_logprobs": (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+    "logit_bias beyond the vocabulary": (dict(logit_bias={"512": 1}), "logit_bias"),
+    "tools": (dict(tools=[]), "tools"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CHAT))
+def test_bad_chat_requests_get_openai_errors(server, name):
+    fields, param = BAD_CHAT[name]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
 
 
 # ---- concurrency --------------------------------------------------------------------------------------------

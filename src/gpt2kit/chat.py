@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 import torch
@@ -15,11 +15,23 @@ from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer, text_defaults
 from .tokenizer import GPT2Tokenizer
 
-USER = "User:"
-ASSISTANT = "Assistant:"
+SPEAKERS = {"user": "User:", "assistant": "Assistant:"}
+REPLY_STOP = "\nUser:"  # the model starting the next user turn ends a reply
 CHAT_DEFAULTS = {"max_new_tokens": 128, "do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.95}
 HELP = ("commands: /reset (forget the conversation), /set NAME VALUE (e.g. /set temperature 0.7; /set alone "
         "lists settings), /help, /quit")
+
+
+def format_turn(role: str, content: str) -> str:
+    """One turn of the transcript the model continues: "User: ..." or "Assistant: ..." on a line of its own; any
+    other role (a system message) is written as it is, without a speaker."""
+    speaker = SPEAKERS.get(role)
+    return f"{speaker} {content}\n" if speaker else f"{content}\n"
+
+
+def transcript(turns: Sequence[tuple[str, str]]) -> str:
+    """A conversation of (role, content) turns as the text the model continues, ending with "Assistant:"."""
+    return "".join(format_turn(role, content) for role, content in turns) + SPEAKERS["assistant"]
 
 
 def _parse_bool(text: str) -> bool:
@@ -69,7 +81,7 @@ class ChatSession:
     def prompt_ids(self, message: str) -> list[int]:
         """Recent turns + this message, keeping the newest tokens that leave room for the reply."""
         budget = self.model.config.n_positions - self.config.max_new_tokens
-        ids = self.tokenizer.encode(f"{USER} {message}\n{ASSISTANT}")[-budget:]
+        ids = self.tokenizer.encode(transcript([("user", message)]))[-budget:]
         for turn in reversed(self.turns):
             if len(ids) + len(turn) > budget:
                 break
@@ -79,7 +91,7 @@ class ChatSession:
     def reply(self, message: str) -> Iterator[str]:
         """Stream the assistant's reply; the exchange joins the history when the reply is complete."""
         pieces = []
-        stop = [f"\n{USER}", *(self.config.stop or [])]
+        stop = [REPLY_STOP, *(self.config.stop or [])]
         config = self.config.replace(seed=None, stop=stop)
         for piece in stream_generate(self.model, self.tokenizer, self.prompt_ids(message), config,
                                      generator=self.generator):
@@ -89,7 +101,8 @@ class ChatSession:
                     continue
             pieces.append(piece)
             yield piece
-        self.turns.append(self.tokenizer.encode(f"{USER} {message}\n{ASSISTANT} {''.join(pieces)}\n"))
+        exchange = format_turn("user", message) + format_turn("assistant", "".join(pieces))
+        self.turns.append(self.tokenizer.encode(exchange))
 
 
 def _read_lines(stdin: TextIO, interactive: bool) -> Iterator[str]:

@@ -1,4 +1,5 @@
-"""The HTTP server: OpenAI-compatible /v1/completions and /v1/models, /health, and the playground page at /.
+"""The HTTP server: OpenAI-compatible /v1/completions, /v1/chat/completions and /v1/models, /health, and the
+playground page at /.
 
 Every route but /health needs the API key when one is set: `Authorization: Bearer KEY` (what OpenAI clients
 send) or HTTP Basic auth with KEY as the password (what a browser sends after asking for it on /). Bodies are
@@ -34,9 +35,13 @@ from ..model import GPT2LMHeadModel
 from ..quantization import describe_weights
 from ..tokenizer import GPT2Tokenizer
 from .config import ServerConfig
-from .protocol import DEFAULT_MAX_TOKENS, APIError, CompletionRequest, LogprobsBuilder, error_body, parse_request
+from .protocol import (
+    DEFAULT_MAX_TOKENS, APIError, ChatCompletionRequest, ChatFormat, CompletionFormat, CompletionRequest, error_body,
+    parse_request,
+)
 from .scheduler import BatchScheduler, ErrorEvent, FinishEvent, Job, PromptLogprobsEvent, QueueFull, TokenEvent
 
+ResponseFormat = CompletionFormat | ChatFormat
 logger = logging.getLogger("gpt2kit.serving")
 
 API_KEY_ENV = "GPT2KIT_API_KEY"
@@ -186,12 +191,13 @@ class CompletionService:
         return job, ids, texts
 
     # ---- job events -> choice updates ---------------------------------------------------------------------
-    async def updates(self, req: CompletionRequest, job: Job, texts: list[str]
+    async def updates(self, req: CompletionRequest, job: Job, texts: list[str], form: ResponseFormat
                       ) -> AsyncIterator[tuple[int, str, dict | None, str | None]]:
         """(choice index, new text, logprobs of the new tokens or None, finish reason or None) until every
-        choice has finished; the echoed prompt comes first."""
+        choice has finished; the echoed prompt comes first. `form` shapes the text and the logprobs."""
         n = req.n or 1
-        builders = {s.index: LogprobsBuilder(self.tokenizer) for s in job.sequences} if req.logprobs is not None else {}
+        builders = ({s.index: form.logprobs_builder(self.tokenizer) for s in job.sequences}
+                    if req.logprobs is not None else {})
         if req.echo and req.logprobs is None:
             for seq in job.sequences:
                 yield seq.index, texts[seq.index // n], None, None
@@ -206,54 +212,64 @@ class CompletionService:
                 yield event.index, texts[event.index // n], delta, None
             elif isinstance(event, TokenEvent):
                 delta = builders[event.index].add(event.token_id, event.logprob, event.top) if builders else None
-                if event.text or delta:
-                    yield event.index, event.text, delta, None
+                text = form.piece(event.index, event.text)
+                if text or delta:
+                    yield event.index, text, delta, None
             elif isinstance(event, FinishEvent):
                 job.completion_tokens += event.completion_tokens
                 remaining -= 1
-                yield event.index, event.text, None, event.reason
+                yield event.index, form.piece(event.index, event.text), None, event.reason
 
     def usage(self, job: Job, ids: list[list[int]]) -> dict[str, int]:
         prompt_tokens = sum(map(len, ids))
         return {"prompt_tokens": prompt_tokens, "completion_tokens": job.completion_tokens,
                 "total_tokens": prompt_tokens + job.completion_tokens}
 
-    def _envelope(self, completion_id: str, created: int, choices: list[dict]) -> dict[str, Any]:
-        return {"id": completion_id, "object": "text_completion", "created": created, "model": self.model_name,
+    def _envelope(self, completion_id: str, created: int, object: str, choices: list[dict]) -> dict[str, Any]:
+        return {"id": completion_id, "object": object, "created": created, "model": self.model_name,
                 "choices": choices}
 
-    async def complete(self, req: CompletionRequest, job: Job, ids: list[list[int]], texts: list[str]) -> dict:
-        choices = {s.index: {"text": "", "index": s.index, "logprobs": None, "finish_reason": None}
-                   for s in job.sequences}
+    async def complete(self, req: CompletionRequest, job: Job, ids: list[list[int]], texts: list[str],
+                       form: ResponseFormat) -> dict:
+        parts: dict[int, list[str]] = {s.index: [] for s in job.sequences}
         logprobs: dict[int, list[dict]] = {}
-        async for index, text, delta, finish in self.updates(req, job, texts):
-            choices[index]["text"] += text
+        finished: dict[int, str] = {}
+        async for index, text, delta, finish in self.updates(req, job, texts, form):
+            parts[index].append(text)
             if delta:
                 logprobs.setdefault(index, []).append(delta)
             if finish:
-                choices[index]["finish_reason"] = finish
-        for index, deltas in logprobs.items():
-            choices[index]["logprobs"] = _merge(deltas)
-        body = self._envelope(f"cmpl-{uuid.uuid4().hex}", int(time.time()), [choices[i] for i in sorted(choices)])
+                finished[index] = finish
+        choices = [form.choice(i, "".join(parts[i]), _merge(logprobs[i]) if i in logprobs else None, finished.get(i))
+                   for i in sorted(parts)]
+        body = self._envelope(f"{form.id_prefix}{uuid.uuid4().hex}", int(time.time()), form.object, choices)
         body["usage"] = self.usage(job, ids)
         return body
 
-    async def stream(self, req: CompletionRequest, job: Job, ids: list[list[int]], texts: list[str]
-                     ) -> AsyncIterator[str]:
+    async def stream(self, req: CompletionRequest, job: Job, ids: list[list[int]], texts: list[str],
+                     form: ResponseFormat) -> AsyncIterator[str]:
         """Server-Sent Events in OpenAI's format, ending with `data: [DONE]`."""
-        completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        completion_id, created = f"{form.id_prefix}{uuid.uuid4().hex}", int(time.time())
         try:
             try:
-                async for index, text, delta, finish in self.updates(req, job, texts):
-                    choice = {"text": text, "index": index, "logprobs": delta, "finish_reason": finish}
-                    yield _sse(self._envelope(completion_id, created, [choice]))
+                async for index, text, delta, finish in self.updates(req, job, texts, form):
+                    choice = form.chunk_choice(index, text, delta, finish)
+                    yield _sse(self._envelope(completion_id, created, form.chunk_object, [choice]))
                 if req.stream_options and req.stream_options.include_usage:
-                    yield _sse({**self._envelope(completion_id, created, []), "usage": self.usage(job, ids)})
+                    yield _sse({**self._envelope(completion_id, created, form.chunk_object, []),
+                                "usage": self.usage(job, ids)})
             except APIError as err:
                 yield _sse(err.body())
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()  # the client left early (or we are done): free its rows
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting or numbers
+        raise APIError(400, "the request body is not valid JSON") from None
 
 
 def _merge(deltas: list[dict]) -> dict:
@@ -324,21 +340,24 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
             raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
         return service.card
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        try:
-            data = json.loads(await request.body())
-        except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting or numbers
-            raise APIError(400, "the request body is not valid JSON") from None
-        req = parse_request(data)
+    async def respond(req: CompletionRequest, form: ResponseFormat) -> Response:
         job, ids, texts = await service.submit(req)
         if req.stream:
-            return StreamingResponse(service.stream(req, job, ids, texts), media_type="text/event-stream",
+            return StreamingResponse(service.stream(req, job, ids, texts, form), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            return JSONResponse(await service.complete(req, job, ids, texts))
+            return JSONResponse(await service.complete(req, job, ids, texts, form))
         finally:
             job.cancel()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await respond(parse_request(await _json_body(request)), CompletionFormat())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        chat = parse_request(await _json_body(request), ChatCompletionRequest)
+        return await respond(chat.to_completion(), ChatFormat())
 
     app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     return app

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..chat import REPLY_STOP, transcript
 from ..tokenizer import GPT2Tokenizer
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_LOGIT_BIAS = 300  # tokens in one request's logit_bias
 MAX_LOGPROBS = 5  # as OpenAI's completions endpoint
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat completions endpoint
 DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions endpoint
+
+
+RequestT = TypeVar("RequestT", bound="SamplingRequest")
 
 
 class APIError(Exception):
@@ -36,14 +41,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions. OpenAI's fields, plus top_k and repetition_penalty (as vLLM offers them).
-    Fields gpt2kit cannot honour are accepted only at their neutral value, so no option is silently ignored."""
+class SamplingRequest(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share: OpenAI's, plus top_k and repetition_penalty (as
+    vLLM offers them). Unknown fields are refused, so no option is silently ignored."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    prompt: Any = Field(...)  # checked by _check_prompt for a clear message
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
@@ -52,31 +56,12 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: Any = None  # checked by _check_stop
     seed: int | None = None
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    echo: bool | None = None
     user: str | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logit_bias: Any = None  # checked by _check_logit_bias: token id (a string, as JSON keys are) -> bias
-    # Accepted for compatibility at their neutral values only.
-    best_of: int | None = None
-    suffix: str | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _check_prompt(cls, prompt: Any) -> str | list[str] | list[int] | list[list[int]]:
-        def token_list(value: Any) -> bool:
-            return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
-
-        if isinstance(prompt, str) or token_list(prompt):
-            return prompt
-        if isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
-                                                    or all(token_list(p) for p in prompt)):
-            return prompt
-        raise ValueError("expected a string, a non-empty list of strings, a non-empty list of token ids, or a "
-                         "non-empty list of non-empty lists of token ids")
 
     @field_validator("stop")
     @classmethod
@@ -101,6 +86,31 @@ class CompletionRequest(BaseModel):
                              '"50256") mapped to biases from -100 to 100')
         return {int(t): float(b) for t, b in bias.items()} or None
 
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions. Fields gpt2kit cannot honour are accepted only at their neutral value."""
+
+    prompt: Any = Field(...)  # checked by _check_prompt for a clear message
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool | None = None
+    # Accepted for compatibility at their neutral values only.
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, prompt: Any) -> str | list[str] | list[int] | list[list[int]]:
+        def token_list(value: Any) -> bool:
+            return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+        if isinstance(prompt, str) or token_list(prompt):
+            return prompt
+        if isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
+                                                    or all(token_list(p) for p in prompt)):
+            return prompt
+        raise ValueError("expected a string, a non-empty list of strings, a non-empty list of token ids, or a "
+                         "non-empty list of non-empty lists of token ids")
+
     @model_validator(mode="after")
     def _neutral_only(self) -> CompletionRequest:
         unsupported = [
@@ -118,12 +128,55 @@ class CompletionRequest(BaseModel):
         return [p] if isinstance(p, str) or (p and type(p[0]) is int) else p
 
 
-def parse_request(data: Any) -> CompletionRequest:
-    """Validate a decoded JSON body; the first problem becomes one 400 error naming the field."""
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None  # accepted and ignored, as `user` is
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions. The messages become the "User: ... / Assistant: ..." transcript of
+    `gpt2kit chat` (a system message as plain text), which the model continues; the reply ends at EOS, at the
+    model starting the next user turn, or at a stop string."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        return self
+
+    def to_completion(self) -> CompletionRequest:
+        """The same request as a completion of the transcript (already validated: built without checks)."""
+        shared = {name: getattr(self, name) for name in SamplingRequest.model_fields}
+        if self.max_completion_tokens is not None:
+            shared["max_tokens"] = self.max_completion_tokens
+        shared["stop"] = [REPLY_STOP, *(self.stop or [])]
+        prompt = transcript([(m.role, m.text()) for m in self.messages])
+        return CompletionRequest.model_construct(**shared, prompt=prompt, echo=False,
+                                                 logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+
+
+def parse_request(data: Any, schema: type[RequestT] = CompletionRequest) -> RequestT:
+    """Validate a decoded JSON body against `schema`; the first problem becomes one 400 error naming the field."""
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        return CompletionRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
@@ -147,19 +200,15 @@ def token_text(tokenizer: GPT2Tokenizer, token_id: int) -> str:
 
 
 class LogprobsBuilder:
-    """The legacy completions `logprobs` object of one choice: tokens, their log-probabilities, the top
-    alternatives and each token's character offset in the choice's text."""
+    """The legacy completions `logprobs` object of one choice, a token at a time: tokens, their
+    log-probabilities, the top alternatives and each token's character offset in the choice's text."""
 
-    def __init__(self, tokenizer: GPT2Tokenizer, offset: int = 0) -> None:
+    def __init__(self, tokenizer: GPT2Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.offset = offset
-        self.tokens: list[str] = []
-        self.token_logprobs: list[float | None] = []
-        self.top_logprobs: list[dict[str, float] | None] = []
-        self.text_offset: list[int] = []
+        self.offset = 0
 
     def add(self, token_id: int, logprob: float | None, top: list[tuple[int, float]] | None) -> dict[str, list]:
-        """Append one token; returns the object for just this token (a streamed chunk's logprobs)."""
+        """One token's part of the object (a streamed chunk's logprobs); the parts concatenate to the whole."""
         text = token_text(self.tokenizer, token_id)
         if top is not None and logprob is not None:
             top = [*top, (token_id, logprob)]  # as OpenAI: the chosen token is always among the alternatives
@@ -167,10 +216,66 @@ class LogprobsBuilder:
                  "top_logprobs": [None if top is None else {token_text(self.tokenizer, t): lp for t, lp in top}],
                  "text_offset": [self.offset]}
         self.offset += len(text)
-        for key, values in entry.items():
-            getattr(self, key).extend(values)
         return entry
 
-    def to_dict(self) -> dict[str, list]:
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
-                "text_offset": self.text_offset}
+
+class ChatLogprobsBuilder:
+    """The chat `logprobs` object of one choice: {"content": [one entry per token, with its top alternatives]}."""
+
+    def __init__(self, tokenizer: GPT2Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def _token(self, token_id: int, logprob: float | None) -> dict[str, Any]:
+        return {"token": token_text(self.tokenizer, token_id), "logprob": logprob,
+                "bytes": list(self.tokenizer.decode_bytes([token_id]))}
+
+    def add(self, token_id: int, logprob: float | None, top: list[tuple[int, float]] | None) -> dict[str, list]:
+        """One token's entry, as the object of a streamed chunk."""
+        return {"content": [{**self._token(token_id, logprob),
+                             "top_logprobs": [self._token(t, lp) for t, lp in top or ()]}]}
+
+
+class CompletionFormat:
+    """How /v1/completions writes a response: `text` choices, the legacy logprobs object."""
+
+    id_prefix, object, chunk_object = "cmpl-", "text_completion", "text_completion"
+    logprobs_builder = LogprobsBuilder
+
+    def piece(self, index: int, text: str) -> str:
+        return text
+
+    def choice(self, index: int, text: str, logprobs: dict | None, finish: str | None) -> dict[str, Any]:
+        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
+
+    chunk_choice = choice
+
+
+class ChatFormat:
+    """How /v1/chat/completions writes a response: an assistant `message` per choice (`delta`s when streamed,
+    the first one naming the role). The reply is what the model wrote after "Assistant:", without the leading
+    space, as `gpt2kit chat` shows it. One instance per response: it remembers which replies have begun."""
+
+    id_prefix, object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
+    logprobs_builder = ChatLogprobsBuilder
+
+    def __init__(self) -> None:
+        self.begun: set[int] = set()  # choices whose reply has shown a non-space character
+        self.announced: set[int] = set()  # choices whose first chunk (with the role) was written
+
+    def piece(self, index: int, text: str) -> str:
+        if index not in self.begun:
+            text = text.lstrip()
+            if text:
+                self.begun.add(index)
+        return text
+
+    def choice(self, index: int, text: str, logprobs: dict | None, finish: str | None) -> dict[str, Any]:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish}
+
+    def chunk_choice(self, index: int, text: str, logprobs: dict | None, finish: str | None) -> dict[str, Any]:
+        delta: dict[str, str] = {"content": text} if text or index not in self.announced else {}
+        if index not in self.announced:
+            self.announced.add(index)
+            delta = {"role": "assistant", **delta}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
