@@ -6,7 +6,7 @@ INSTALL = $(PYTHON) -m pip install -q "torch==2.13.0" && $(PYTHON) -m pip instal
 .PHONY: install install-dev demo test bench
 
 install:
-	$(INSTALL) ".[serve,onnx,lora]"
+	$(INSTALL) ".[serve,onnx,lora,gguf]"
 
 install-dev:
 	$(INSTALL) ".[dev]"

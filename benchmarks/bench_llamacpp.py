@@ -1,7 +1,7 @@
 """Decode speed of gpt2kit against llama.cpp (through llama-cpp-python) on identical random weights.
 
-Builds the same random GPT-2 model as bench_generate.py (seed 0), converts it to GGUF files with the `gguf`
-package (architecture "gpt2": f32, f16, and q8_0 made by llama.cpp's own quantizer from the f32 file), and times
+Builds the same random GPT-2 model as bench_generate.py (seed 0), writes it as GGUF files with gpt2kit's exporter
+(`gpt2kit export gguf`: f32 and f16; q8_0 made by llama.cpp's own quantizer from the f32 file), and times
 batch-1 greedy decoding: time to first token (prefill + first token) and tokens/s after the first, best of
 --repeats runs after a warm-up, the sides alternating. Pairs: gpt2kit's weight-only int8 model, eager and through
 the compiled decode step (`generate --compile`), against llama.cpp q8_0 (transformers in float32 runs beside the
@@ -26,16 +26,13 @@ import argparse
 import ctypes
 import importlib.util
 import logging
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from gpt2kit import GPT2LMHeadModel
-from gpt2kit.files import read_json
-from gpt2kit.tokenizer import ASSETS, ENDOFTEXT
+from gpt2kit.gguf import export_gguf
 
 if __package__:
     from . import bench_generate
@@ -47,92 +44,9 @@ INSTALL = ("CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-b
 # llama.cpp file kind -> the gpt2kit formats it is compared with (bench_generate's names).
 PAIRS = {"q8_0": ("int8", "int8-compiled"), "f16": ("bf16", "bf16-compiled"), "f32": ("fp32-packed", "fp32-compiled")}
 
-# gpt2kit (= HF) parameter names -> llama.cpp's GPT-2 tensor names (gguf.TENSOR_NAMES for MODEL_ARCH.GPT2).
-_TOP = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
-        "lm_head": "output"}
-_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
-          "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-_BLOCK_NAME = re.compile(r"transformer\.h\.(\d+)\.(.+)")
-
-
 def missing() -> list[str]:
     """The optional packages this benchmark needs that are not importable."""
     return [name for name in ("llama_cpp", "gguf") if importlib.util.find_spec(name) is None]
-
-
-def gguf_tensor_name(name: str) -> str:
-    """llama.cpp's GPT-2 tensor name of a gpt2kit parameter, e.g. transformer.h.3.attn.c_attn.weight ->
-    blk.3.attn_qkv.weight. gpt2kit's Linear weights are (out, in), the orientation GGUF stores (ne0 = in), so
-    tensors need no transposing (HF's Conv1D checkpoints do)."""
-    module, _, kind = name.rpartition(".")
-    if kind not in ("weight", "bias"):
-        raise ValueError(f"{name}: not a weight or bias")
-    if module in _TOP:
-        return f"{_TOP[module]}.{kind}"
-    match = _BLOCK_NAME.fullmatch(module)
-    if match and match.group(2) in _BLOCK:
-        return f"blk.{match.group(1)}.{_BLOCK[match.group(2)]}.{kind}"
-    raise ValueError(f"{name}: no GGUF GPT-2 tensor for this parameter")
-
-
-def gpt2_vocab() -> tuple[list[str], list[int], list[str]]:
-    """GPT-2's vocabulary as GGUF stores it: tokens in id order (byte-level BPE strings, as in encoder.json),
-    token types (1 normal, 3 control for <|endoftext|>), and the merges ("left right", in merge order)."""
-    encoder = read_json(ASSETS / "encoder.json")
-    tokens = [""] * len(encoder)
-    for token, index in encoder.items():
-        tokens[index] = token
-    if "" in tokens:
-        raise ValueError("encoder.json ids are not contiguous")
-    types = [3 if token == ENDOFTEXT else 1 for token in tokens]
-    lines = (ASSETS / "vocab.bpe").read_text(encoding="utf-8").split("\n")
-    merges = [line for line in lines[1:] if line]  # line 1 is "#version: 0.2"
-    return tokens, types, merges
-
-
-def write_gguf(model: GPT2LMHeadModel, path: str | Path, kind: str = "f32") -> Path:
-    """Write a GPT-2 model with GPT-2's vocabulary as a GGUF file llama.cpp loads (kind f32 or f16: matrices in
-    that type, norms and biases in f32 as llama.cpp requires)."""
-    import gguf
-    import numpy as np
-
-    config = model.config
-    tokens, types, merges = gpt2_vocab()
-    if config.vocab_size != len(tokens):
-        raise ValueError(f"vocab_size {config.vocab_size} is not GPT-2's {len(tokens)}; only GPT-2's vocabulary "
-                         "is written")
-    arch = gguf.MODEL_ARCH.GPT2
-    known = {gguf.TENSOR_NAMES[t].format(bid=b) for t in gguf.MODEL_TENSORS[arch] for b in range(config.n_layer)}
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name("gpt2kit")
-    writer.add_context_length(config.n_positions)
-    writer.add_embedding_length(config.n_embd)
-    writer.add_block_count(config.n_layer)
-    writer.add_feed_forward_length(config.mlp_dim)
-    writer.add_head_count(config.n_head)
-    writer.add_layer_norm_eps(config.layer_norm_epsilon)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16}[kind])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
-    head, embedding = model.lm_head.weight, model.transformer.wte.weight
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and head.data_ptr() == embedding.data_ptr():
-            continue  # tied: llama.cpp uses token_embd when output.weight is absent
-        target = gguf_tensor_name(name)
-        if target.rpartition(".")[0] not in known:
-            raise ValueError(f"{target}: not a tensor of gguf's GPT-2 architecture")
-        data = tensor.detach().float().contiguous().numpy()
-        writer.add_tensor(target, data.astype(np.float16) if kind == "f16" and data.ndim == 2 else data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return Path(path)
 
 
 def quantize_gguf(source: str | Path, target: str | Path, kind: str = "q8_0") -> Path:
@@ -199,10 +113,10 @@ def run(shape: str = "gpt2", kinds: str = "q8_0,f16,f32", prompt_len: int = 32, 
             reference = ours_fp32(ids).logits[0, -1].numpy()
         files = Path(gguf_dir) if gguf_dir else Path(tmp)
         files.mkdir(parents=True, exist_ok=True)
-        paths = {"f32": write_gguf(ours_fp32, files / f"{shape}-f32.gguf", "f32")}
+        paths = {"f32": export_gguf(ours_fp32, files / f"{shape}-f32.gguf", dtype="f32", overwrite=True)}
         for kind in kinds.split(","):
             if kind == "f16":
-                paths[kind] = write_gguf(ours_fp32, files / f"{shape}-f16.gguf", "f16")
+                paths[kind] = export_gguf(ours_fp32, files / f"{shape}-f16.gguf", dtype="f16", overwrite=True)
             elif kind != "f32":
                 paths[kind] = quantize_gguf(paths["f32"], files / f"{shape}-{kind}.gguf", kind)
         for kind in kinds.split(","):

@@ -367,12 +367,25 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     onnx.add_argument("--output", required=True, help="directory to write (appears only when complete)")
     onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (default: %(default)s)")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    gguf = sub.add_parser("gguf", help="one GGUF file (weights + tokenizer) for llama.cpp, Ollama, LM Studio")
+    gguf.add_argument("--model", required=True, help="HF-format model directory or local HF cache name")
+    gguf.add_argument("--output", required=True, help="file to write, e.g. model.gguf (appears only when complete)")
+    gguf.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
+                      help="matrices in float32, float16 or llama.cpp's 8-bit q8_0 (default: %(default)s)")
+    gguf.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the model's)")
+    gguf.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def _export(args: argparse.Namespace) -> None:
-    from .export import export_onnx
+    if args.export_format == "gguf":
+        from .gguf import export_gguf
 
-    out = export_onnx(args.model, args.output, opset=args.opset, overwrite=args.overwrite)
+        out = export_gguf(args.model, args.output, tokenizer=args.tokenizer, dtype=args.dtype,
+                          overwrite=args.overwrite)
+    else:
+        from .export import export_onnx
+
+        out = export_onnx(args.model, args.output, opset=args.opset, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 
@@ -391,9 +404,10 @@ COMMANDS: dict[str, tuple[str, Command]] = {
                   (_tokenizer_args, _tokenizer)),
     "eval": ("evaluate: WikiText/text perplexity, LAMBADA accuracy, classification accuracy; JSON report",
              (_eval_args, _eval)),
-    "serve": ("OpenAI-compatible HTTP server (/v1/completions, streaming, batching) + playground page at /",
+    "serve": ("OpenAI-compatible HTTP server (completions, chat, streaming, batching) + playground page at /",
               (_serve_args, _serve)),
-    "export": ("export a model: onnx (prefill + decode graphs with KV cache)", (_export_args, _export)),
+    "export": ("export a model: onnx (prefill + decode graphs with KV cache), gguf (llama.cpp)",
+               (_export_args, _export)),
 }
 
 

@@ -284,6 +284,11 @@ class GPT2Tokenizer:
     def __len__(self) -> int:
         return self.encoding.n_vocab
 
+    @property
+    def split_pattern(self) -> str:
+        """The regex that splits text into pieces before BPE (GPT2_PATTERN for GPT-2 and ByteLevel vocabularies)."""
+        return self.encoding._pat_str
+
     def encode(self, text: str, *, allowed_special: str | set[str] = ()) -> list[int]:
         """Token ids of `text`. Special-token text is ordinary text unless listed in `allowed_special`."""
         if not allowed_special:

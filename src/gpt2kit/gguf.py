@@ -1,0 +1,168 @@
+"""GGUF export: one file that llama.cpp (and what is built on it: llama-cpp-python, Ollama, LM Studio) loads.
+
+The file holds llama.cpp's `gpt2` architecture: the hyperparameters, the byte-level BPE vocabulary (tokens in
+id order as GPT-2's byte-to-unicode strings, token types, merges) and the tensors under llama.cpp's GPT-2
+names. The merges are recovered from the tokenizer's ranks (each token's bytes merged with the lower-ranked
+merges until two parts are left), which reproduces GPT-2's `vocab.bpe` exactly and works the same for a
+vocabulary trained with `gpt2kit tokenizer train`. Written with the `gguf` package (llama.cpp's own writer):
+f32, f16 (matrices in f16, norms and biases in f32 as llama.cpp requires) or q8_0 (matrices in llama.cpp's
+8-bit blocks of 32, the position embedding kept in f32 as llama.cpp's quantizer does).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .model import GPT2LMHeadModel
+from .quantization import is_inference_only
+from .tokenizer import GPT2_PATTERN, GPT2Tokenizer, byte_to_unicode
+
+GGUF_TYPES = ("f32", "f16", "q8_0")
+Q8_0_BLOCK = 32  # values per q8_0 block: a row must hold whole blocks
+
+# gpt2kit (= HF) parameter names -> llama.cpp's GPT-2 tensor names (gguf.TENSOR_NAMES for MODEL_ARCH.GPT2).
+_TOP = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd", "transformer.ln_f": "output_norm",
+        "lm_head": "output"}
+_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+          "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+_BLOCK_NAME = re.compile(r"transformer\.h\.(\d+)\.(.+)")
+_NORMAL, _CONTROL, _UNUSED = 1, 3, 5  # llama.cpp's token types
+
+
+def gguf_tensor_name(name: str) -> str:
+    """llama.cpp's GPT-2 tensor name of a gpt2kit parameter, e.g. transformer.h.3.attn.c_attn.weight ->
+    blk.3.attn_qkv.weight. gpt2kit's Linear weights are (out, in), the orientation GGUF stores (ne0 = in), so
+    tensors need no transposing (HF's Conv1D checkpoints do)."""
+    module, _, kind = name.rpartition(".")
+    if kind not in ("weight", "bias"):
+        raise ValueError(f"{name}: not a weight or bias")
+    if module in _TOP:
+        return f"{_TOP[module]}.{kind}"
+    match = _BLOCK_NAME.fullmatch(module)
+    if match and match.group(2) in _BLOCK:
+        return f"blk.{match.group(1)}.{_BLOCK[match.group(2)]}.{kind}"
+    raise ValueError(f"{name}: no GGUF GPT-2 tensor for this parameter")
+
+
+def _split_in_two(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
+    """The merge that made `token`: its bytes merged, lowest rank first, with the merges ranked below it."""
+    limit = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        rank, at = min((ranks.get(parts[i] + parts[i + 1], limit), i) for i in range(len(parts) - 1))
+        if rank >= limit:
+            break
+        parts[at:at + 2] = [parts[at] + parts[at + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"token {token!r} (id {limit}) is not the merge of two lower-ranked tokens; GGUF needs a "
+                         "byte-level BPE whose ids follow merge order")
+    return parts[0], parts[1]
+
+
+def gguf_vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """The tokenizer as GGUF's `gpt2` tokenizer model stores it: `vocab_size` tokens in id order (special tokens
+    as their text, control type; ids beyond the tokenizer's as unused `[PAD<id>]` entries), their types, and the
+    merges ("left right", in merge order)."""
+    if tokenizer.split_pattern != GPT2_PATTERN:
+        raise ValueError("GGUF export writes GPT-2's pre-tokenizer; this tokenizer splits text with another pattern")
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
+                         f"{vocab_size}")
+    to_text = byte_to_unicode()
+    encoding = tokenizer.encoding
+    specials = {encoding.encode_single_token(text): text for text in encoding.special_tokens_set}
+    tokens, types, ranks = [], [], {}
+    for token_id in range(tokenizer.vocab_size):
+        if token_id in specials:
+            tokens.append(specials[token_id])
+            types.append(_CONTROL)
+            continue
+        try:
+            data = encoding.decode_single_token_bytes(token_id)
+        except KeyError:
+            raise ValueError(f"the tokenizer has no token {token_id}; GGUF needs ids without gaps") from None
+        tokens.append("".join(to_text[b] for b in data))
+        types.append(_NORMAL)
+        ranks[data] = token_id
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    types += [_UNUSED] * (vocab_size - len(types))
+    merges = []
+    for token in sorted((t for t in ranks if len(t) > 1), key=ranks.__getitem__):
+        left, right = _split_in_two(ranks, token)
+        merges.append("".join(to_text[b] for b in left) + " " + "".join(to_text[b] for b in right))
+    return tokens, types, merges
+
+
+def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.PathLike, *,
+                tokenizer: str | os.PathLike | GPT2Tokenizer | None = None, dtype: str = "f16",
+                overwrite: bool = False) -> Path:
+    """Write `model` (an HF-format directory, a local HF cache name, or a GPT2LMHeadModel) and its tokenizer (the
+    one given, else the model directory's vocabulary, else GPT-2's) as one GGUF file of `dtype` f32, f16 or q8_0.
+    The file appears only when complete."""
+    import gguf
+
+    from .pipeline import load_model_and_tokenizer
+
+    if dtype not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF dtype {dtype!r}; expected one of {', '.join(GGUF_TYPES)}")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer)
+    if is_inference_only(lm):
+        raise ValueError("GGUF export needs the float weights: export the model before quantizing or packing it")
+    config = lm.config
+    if dtype == "q8_0" and config.n_embd % Q8_0_BLOCK:
+        raise ValueError(f"q8_0 stores rows in blocks of {Q8_0_BLOCK}; n_embd {config.n_embd} is not a multiple")
+    tokens, types, merges = gguf_vocabulary(tok, config.vocab_size)
+    arch = gguf.MODEL_ARCH.GPT2
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        writer.add_name(output.stem)
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_block_count(config.n_layer)
+        writer.add_feed_forward_length(config.mlp_dim)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+        writer.add_file_type(file_type)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(tok.bos_token_id)
+        writer.add_eos_token_id(tok.eos_token_id)
+        writer.add_add_bos_token(False)  # GPT-2 text starts without one, as in transformers
+        tied = lm.lm_head.weight is lm.transformer.wte.weight
+        state = {k: v for k, v in lm.state_dict().items() if not (tied and k == "lm_head.weight")}
+        for name, tensor in tqdm(state.items(), desc=f"export gguf {dtype}", unit="tensor"):
+            target = gguf_tensor_name(name)
+            data = tensor.detach().to(torch.float32, copy=True).cpu().numpy()
+            if data.ndim == 2 and dtype == "f16":
+                writer.add_tensor(target, data.astype("float16"))
+            elif data.ndim == 2 and dtype == "q8_0" and not target.startswith("position_embd"):
+                qtype = gguf.GGMLQuantizationType.Q8_0
+                writer.add_tensor(target, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            else:  # norms and biases stay f32 (llama.cpp adds them in f32)
+                writer.add_tensor(target, data)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return output

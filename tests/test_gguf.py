@@ -1,0 +1,151 @@
+"""GGUF export, read back with the `gguf` package's reader: llama.cpp's GPT-2 tensor names and shapes, the
+weights in f32 / f16 / q8_0, and the vocabulary (GPT-2's own merges recovered exactly; a trained BPE's too)."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+from gpt2kit.cli import main
+from gpt2kit.gguf import export_gguf, gguf_tensor_name, gguf_vocabulary
+from gpt2kit.quantization import quantize_int8
+from gpt2kit.tokenizer import ASSETS
+
+from .conftest import save_tiny_text_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONFIG = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64)
+
+
+@pytest.fixture(scope="module")
+def gpt2_vocab_model():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(**CONFIG)).eval()  # GPT-2's 50257 tokens
+
+
+def read(path):
+    reader = gguf.GGUFReader(path)
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    return fields, {t.name: t for t in reader.tensors}
+
+
+def llama_shapes(config, vocab):
+    """The (ne0, ne1) shapes llama.cpp's GPT-2 loader creates, by GGUF tensor name."""
+    d, ff = config.n_embd, config.mlp_dim
+    shapes = {"token_embd.weight": (d, vocab), "position_embd.weight": (d, config.n_positions),
+              "output_norm.weight": (d,), "output_norm.bias": (d,)}
+    for i in range(config.n_layer):
+        shapes.update({f"blk.{i}.attn_norm.weight": (d,), f"blk.{i}.attn_norm.bias": (d,),
+                       f"blk.{i}.attn_qkv.weight": (d, 3 * d), f"blk.{i}.attn_qkv.bias": (3 * d,),
+                       f"blk.{i}.attn_output.weight": (d, d), f"blk.{i}.attn_output.bias": (d,),
+                       f"blk.{i}.ffn_norm.weight": (d,), f"blk.{i}.ffn_norm.bias": (d,),
+                       f"blk.{i}.ffn_up.weight": (d, ff), f"blk.{i}.ffn_up.bias": (ff,),
+                       f"blk.{i}.ffn_down.weight": (ff, d), f"blk.{i}.ffn_down.bias": (d,)})
+    return shapes
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_tensors_have_llama_cpp_names_shapes_and_the_weights(gpt2_vocab_model, tmp_path, dtype):
+    model = gpt2_vocab_model
+    fields, tensors = read(export_gguf(model, tmp_path / "m.gguf", dtype=dtype))
+    assert fields["general.architecture"] == "gpt2"
+    assert fields["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7}[dtype]
+    assert {k: fields[f"gpt2.{k}"] for k in ("context_length", "embedding_length", "block_count",
+                                             "feed_forward_length", "attention.head_count")} == {
+        "context_length": 64, "embedding_length": 64, "block_count": 2, "feed_forward_length": 256,
+        "attention.head_count": 4}
+    assert fields["gpt2.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
+    # The LM head is tied to the token embedding: llama.cpp then reads token_embd for the output.
+    expected = llama_shapes(model.config, 50257)
+    assert {name: tuple(int(n) for n in t.shape) for name, t in tensors.items()} == expected
+    for name, param in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        weight = param.numpy()
+        tensor = tensors[gguf_tensor_name(name)]
+        if weight.ndim == 1 or dtype == "f32" or (dtype == "q8_0" and name == "transformer.wpe.weight"):
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+            np.testing.assert_array_equal(np.asarray(tensor.data).reshape(weight.shape), weight)
+        elif dtype == "f16":
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F16
+            np.testing.assert_array_equal(np.asarray(tensor.data).reshape(weight.shape), weight.astype(np.float16))
+        else:  # q8_0: blocks of 32 int8 values times a float16 step (absmax / 127)
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(weight.shape)
+            step = np.abs(weight).reshape(-1, 32).max(1, keepdims=True) / 127
+            error = np.abs(values - weight).reshape(-1, 32)
+            # Half a step of rounding, plus up to 127 times the float16 rounding of the step (2**-11 relative).
+            assert (error <= step * (0.5 + 127 * 2**-11) + 1e-7).all()
+            assert error.mean() < 0.3 * step.mean()
+
+
+def test_untied_head_is_written_as_output(tmp_path):
+    model = GPT2LMHeadModel(GPT2Config(**CONFIG, tie_word_embeddings=False))
+    _, tensors = read(export_gguf(model, tmp_path / "m.gguf", dtype="f32"))
+    assert tuple(int(n) for n in tensors["output.weight"].shape) == (64, 50257)
+    np.testing.assert_array_equal(np.asarray(tensors["output.weight"].data), model.lm_head.weight.detach().numpy())
+
+
+def test_gpt2_vocabulary_and_merges_are_openais_files(gpt2_vocab_model, tmp_path):
+    fields, _ = read(export_gguf(gpt2_vocab_model, tmp_path / "m.gguf"))
+    encoder = json.loads((ASSETS / "encoder.json").read_text(encoding="utf-8"))
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.ggml.tokens"] == sorted(encoder, key=encoder.get)
+    merges = [line for line in (ASSETS / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:] if line]
+    assert fields["tokenizer.ggml.merges"] == merges
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[50256] == 3 and set(types[:50256]) == {1}  # <|endoftext|> is a control token
+    assert fields["tokenizer.ggml.bos_token_id"] == fields["tokenizer.ggml.eos_token_id"] == 50256
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+
+
+def test_a_trained_vocabulary_and_a_padded_one(tmp_path):
+    model_dir = save_tiny_text_model(tmp_path / "model")
+    fields, tensors = read(export_gguf(model_dir, tmp_path / "m.gguf", dtype="f16"))
+    spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    assert fields["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    assert fields["tokenizer.ggml.merges"] == merges
+    assert fields["tokenizer.ggml.token_type"][0] == 3  # the trained vocabulary's <|endoftext|> is id 0
+    assert tuple(int(n) for n in tensors["token_embd.weight"].shape) == (64, 512)
+    # A model whose vocabulary is padded beyond the tokenizer's gets unused placeholder tokens.
+    tokens, types, _ = gguf_vocabulary(GPT2Tokenizer.gpt2(), 50304)
+    assert tokens[50257:] == [f"[PAD{i}]" for i in range(50257, 50304)] and set(types[50257:]) == {5}
+
+
+def test_errors_and_nothing_half_written(gpt2_vocab_model, tmp_path, monkeypatch):
+    target = tmp_path / "m.gguf"
+    export_gguf(gpt2_vocab_model, target, dtype="f32")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_gguf(gpt2_vocab_model, target)
+    with pytest.raises(ValueError, match="unknown GGUF dtype 'q4_0'"):
+        export_gguf(gpt2_vocab_model, tmp_path / "x.gguf", dtype="q4_0")
+    with pytest.raises(ValueError, match="needs the float weights"):
+        export_gguf(quantize_int8(GPT2LMHeadModel(GPT2Config(**CONFIG))), tmp_path / "x.gguf")
+    ranks = GPT2Tokenizer.gpt2().encoding._mergeable_ranks
+    other = tiktoken.Encoding("other", pat_str=r"\S+|\s+", mergeable_ranks=ranks,
+                              special_tokens={"<|endoftext|>": 50256})
+    with pytest.raises(ValueError, match="another pattern"):
+        export_gguf(gpt2_vocab_model, tmp_path / "x.gguf", tokenizer=GPT2Tokenizer(other, source=("gpt2",)))
+
+    def crash(self):
+        raise OSError("disk full")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_gguf(gpt2_vocab_model, target, dtype="f16", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # the old file, untouched; no temp file
+    assert read(target)[0]["general.file_type"] == 0
+
+
+def test_export_gguf_command(tmp_path, capsys):
+    model_dir = save_tiny_text_model(tmp_path / "model")
+    assert main(["export", "gguf", "--model", str(model_dir), "--output", str(tmp_path / "m.gguf"),
+                 "--dtype", "q8_0"]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'm.gguf'}\n"
+    fields, tensors = read(tmp_path / "m.gguf")
+    assert fields["general.file_type"] == 7 and len(tensors) == 4 + 12 * 2
