@@ -48,6 +48,17 @@ def llama_shapes(config, vocab):
     return shapes
 
 
+def test_parameter_names_map_to_llama_cpp_names():
+    names = {n: gguf_tensor_name(n) for n in GPT2LMHeadModel(GPT2Config(**CONFIG)).state_dict()}
+    assert names["transformer.h.1.attn.c_attn.bias"] == "blk.1.attn_qkv.bias"
+    assert names["transformer.h.1.mlp.c_proj.bias"] == "blk.1.ffn_down.bias"
+    assert names["lm_head.weight"] == "output.weight"  # written only when untied
+    assert len(set(names.values())) == len(names) == 4 + 12 * 2 + 1
+    for bad in ("transformer.h.0.attn.masked_bias", "transformer.h.0.attn.c_attn.scale", "transformer.h.0.x.weight"):
+        with pytest.raises(ValueError, match=bad):
+            gguf_tensor_name(bad)
+
+
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
 def test_tensors_have_llama_cpp_names_shapes_and_the_weights(gpt2_vocab_model, tmp_path, dtype):
     model = gpt2_vocab_model

@@ -141,28 +141,6 @@ def test_benchmark_table_rows_and_targets():
     assert [line[0] for line in table([{**rows[2], "allocator": "tcmalloc"}], hw)] == ["train"]
 
 
-def test_llama_cpp_gguf_names_and_vocabulary_need_neither_llama_cpp_nor_gguf(tiny_config):
-    from benchmarks.bench_llamacpp import gguf_tensor_name, gpt2_vocab
-
-    names = {n: gguf_tensor_name(n) for n in GPT2LMHeadModel(tiny_config).state_dict()}
-    assert names["transformer.wte.weight"] == "token_embd.weight"
-    assert names["transformer.wpe.weight"] == "position_embd.weight"
-    assert names["transformer.h.1.attn.c_attn.bias"] == "blk.1.attn_qkv.bias"
-    assert names["transformer.h.0.attn.c_proj.weight"] == "blk.0.attn_output.weight"
-    assert names["transformer.h.1.mlp.c_fc.weight"] == "blk.1.ffn_up.weight"
-    assert names["transformer.h.1.mlp.c_proj.bias"] == "blk.1.ffn_down.bias"
-    assert names["transformer.h.0.ln_2.weight"] == "blk.0.ffn_norm.weight"
-    assert names["transformer.ln_f.bias"] == "output_norm.bias"
-    assert names["lm_head.weight"] == "output.weight"  # written only when untied
-    assert len(set(names.values())) == len(names) == 4 + 12 * tiny_config.n_layer + 1
-    with pytest.raises(ValueError):
-        gguf_tensor_name("transformer.h.0.attn.masked_bias")
-    tokens, types, merges = gpt2_vocab()
-    assert len(tokens) == len(types) == 50257 and len(merges) == 50000
-    assert tokens[50256] == "<|endoftext|>" and types[50256] == 3 and set(types[:50256]) == {1}
-    assert tokens[220] == "\u0120" and merges[0] == "\u0120 t"  # byte-level strings, as llama.cpp's GPT-2 BPE reads
-
-
 def test_compiled_training_step_matches_eager(tiny_config):
     """train.compile's fast path: the compiled model's fused loss and gradients equal eager's."""
     torch.manual_seed(0)
