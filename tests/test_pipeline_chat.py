@@ -68,6 +68,20 @@ def test_pipeline_stop_string_cuts_the_text(pipe):
     assert streamed == cut
 
 
+def test_pipeline_chat_input_continues_the_transcript(pipe):
+    conversation = [{"role": "system", "content": "A chat."}, {"role": "user", "content": "Hello there"}]
+    reply = pipe("A chat.\nUser: Hello there\nAssistant:", max_new_tokens=10, stop=["\nUser:"],
+                 return_full_text=False)[0]["generated_text"].lstrip()
+    assert reply
+    assert pipe(conversation, max_new_tokens=10) == [
+        {"generated_text": [*conversation, {"role": "assistant", "content": reply}]}]
+    batch = pipe([conversation, [{"role": "user", "content": "Hi"}]], max_new_tokens=10, return_full_text=False)
+    session = ChatSession(pipe.model, pipe.tokenizer, pipe.config.replace(max_new_tokens=10))
+    assert batch == [[{"generated_text": reply}], [{"generated_text": "".join(session.reply("Hi"))}]]
+    with pytest.raises(ValueError, match="conversation 0, message 1: expected"):
+        pipe([{"role": "user", "content": "Hi"}, {"role": "user"}])
+
+
 def test_empty_prompt_starts_from_endoftext(pipe):
     assert pipe("", max_new_tokens=5)[0]["generated_text"] == pipe.tokenizer.decode(
         pipe.model.generate(torch.tensor([[0]]), max_new_tokens=5, eos_token_id=0)[0, 1:].tolist()).split(

@@ -1,37 +1,24 @@
-"""Interactive chat with a GPT-2 model: a "User: ... / Assistant: ..." transcript, streamed replies, history
-trimmed to the context window, and /reset, /set, /help, /quit commands. Works the same on a pipe."""
+"""Interactive chat with a GPT-2 model: the conversation's transcript (gpt2kit.conversation), streamed replies,
+history trimmed to the context window, and /reset, /set, /help, /quit commands. Works the same on a pipe."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import torch
 
+from .conversation import REPLY_STOP, format_turn, transcript
 from .generation import GenerationConfig, parse_logit_bias, stream_generate
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer, text_defaults
 from .tokenizer import GPT2Tokenizer
 
-SPEAKERS = {"user": "User:", "assistant": "Assistant:"}
-REPLY_STOP = "\nUser:"  # the model starting the next user turn ends a reply
 CHAT_DEFAULTS = {"max_new_tokens": 128, "do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.95}
 HELP = ("commands: /reset (forget the conversation), /set NAME VALUE (e.g. /set temperature 0.7; /set alone "
         "lists settings), /help, /quit")
-
-
-def format_turn(role: str, content: str) -> str:
-    """One turn of the transcript the model continues: "User: ..." or "Assistant: ..." on a line of its own; any
-    other role (a system message) is written as it is, without a speaker."""
-    speaker = SPEAKERS.get(role)
-    return f"{speaker} {content}\n" if speaker else f"{content}\n"
-
-
-def transcript(turns: Sequence[tuple[str, str]]) -> str:
-    """A conversation of (role, content) turns as the text the model continues, ending with "Assistant:"."""
-    return "".join(format_turn(role, content) for role, content in turns) + SPEAKERS["assistant"]
 
 
 def _parse_bool(text: str) -> bool:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
 from . import quantization
 from .checkpoint import resolve_model_dir
 from .config import PRESETS, GPT2Config
+from .conversation import REPLY_STOP, transcript
 from .generation import (
     GenerationConfig,
     TokenGenerator,
@@ -93,6 +94,13 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
     return lm, tok
 
 
+Conversation = Sequence[dict[str, str]]  # [{"role": "user", "content": "..."}, ...]
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
 class TextGenerationPipeline:
     """Call with a string (-> list of {"generated_text"}, one per returned sequence) or a list of strings
     (-> one such list per string). Keyword arguments are GenerationConfig fields. In text, the tokenizer
@@ -102,9 +110,13 @@ class TextGenerationPipeline:
         self.model, self.tokenizer = model, tokenizer
         self.config = GenerationConfig().replace(**{**text_defaults(tokenizer), **defaults})
 
-    def __call__(self, text_inputs: str | Sequence[str], *, return_full_text: bool = True, batch_size: int = 8,
-                 generator: torch.Generator | None = None,
-                 **options) -> list[dict[str, str]] | list[list[dict[str, str]]]:
+    def __call__(self, text_inputs: str | Sequence[str] | Conversation | Sequence[Conversation], *,
+                 return_full_text: bool = True, batch_size: int = 8, generator: torch.Generator | None = None,
+                 **options) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        if _is_conversation(text_inputs) or (
+                isinstance(text_inputs, list) and text_inputs and all(map(_is_conversation, text_inputs))):
+            return self._chat(text_inputs, return_full_text=return_full_text, batch_size=batch_size,
+                              generator=generator, **options)
         config = self.config.replace(**options)
         prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
         n = config.num_return_sequences
@@ -121,6 +133,30 @@ class TextGenerationPipeline:
                 prefix = prompt if return_full_text else ""
                 results.append([{"generated_text": prefix + text} for text in texts[i * n:(i + 1) * n]])
         return results[0] if isinstance(text_inputs, str) else results
+
+    def _chat(self, conversations: Conversation | Sequence[Conversation], *, return_full_text: bool,
+              batch_size: int, generator: torch.Generator | None,
+              **options) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        """Chat input, as transformers' pipeline takes it: the reply continues the conversation's transcript
+        (gpt2kit.conversation). With return_full_text, generated_text is the conversation plus the assistant's
+        message; without, the reply's text."""
+        single = _is_conversation(conversations)
+        batch = [conversations] if single else list(conversations)
+        prompts = []
+        for c, conversation in enumerate(batch):
+            for m, message in enumerate(conversation):
+                if not (isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+                    raise ValueError(f"conversation {c}, message {m}: expected {{'role': str, 'content': str}}, "
+                                     f"got {message!r}")
+            prompts.append(transcript([(message["role"], message["content"]) for message in conversation]))
+        stop = [REPLY_STOP, *(self.config.replace(**options).stop or [])]
+        outputs = self(prompts, return_full_text=False, batch_size=batch_size, generator=generator,
+                       **{**options, "stop": stop})
+        results = [[{"generated_text": [*conversation, {"role": "assistant", "content": reply}]
+                     if return_full_text else reply}
+                    for reply in (out["generated_text"].lstrip() for out in outs)]
+                   for conversation, outs in zip(batch, outputs, strict=True)]
+        return results[0] if single else results
 
     def stream(self, prompt: str, *, generator: torch.Generator | None = None, **options) -> Iterator[str]:
         """The continuation of one prompt as text pieces while it is generated."""

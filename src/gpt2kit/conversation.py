@@ -1,0 +1,26 @@
+"""The chat transcript: how a conversation becomes text a GPT-2 model continues.
+
+GPT-2 has no chat template, so `gpt2kit chat`, the server's /v1/chat/completions and the pipeline's chat input
+all write a conversation the same way: one line per turn, "User: ..." and "Assistant: ...", a system message as
+plain text, ending with "Assistant:" for the model to continue. A reply ends where the model starts the next
+user line (REPLY_STOP) and is shown without its leading space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+SPEAKERS = {"user": "User:", "assistant": "Assistant:"}
+REPLY_STOP = "\nUser:"  # the model starting the next user turn ends a reply
+
+
+def format_turn(role: str, content: str) -> str:
+    """One turn: "User: ..." or "Assistant: ..." on a line of its own; any other role (a system message) is
+    written as it is, without a speaker."""
+    speaker = SPEAKERS.get(role)
+    return f"{speaker} {content}\n" if speaker else f"{content}\n"
+
+
+def transcript(turns: Sequence[tuple[str, str]]) -> str:
+    """A conversation of (role, content) turns as the text the model continues, ending with "Assistant:"."""
+    return "".join(format_turn(role, content) for role, content in turns) + SPEAKERS["assistant"]
