@@ -77,6 +77,42 @@ def test_page_streams_a_completion_and_can_stop(browser, model_dir):
         page.close()
 
 
+def expected_reply(url: str, messages: list[dict]) -> str:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    response = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+    return response.choices[0].message.content
+
+
+def test_page_chats_over_the_chat_completions_api(browser, model_dir):
+    with LiveServer(model_dir) as live:
+        page = browser.new_page()
+        page.goto(live.url + "/")
+        page.wait_for_function("() => document.querySelector('#model-name').textContent === 'tiny'")
+        page.check("input[name=mode][value=chat]")
+        assert page.is_visible("#chat") and page.is_visible("#system") and not page.is_visible("#output")
+        page.fill("#max-tokens", "20")
+        page.fill("#temperature", "0")
+        page.fill("#system", "A short conversation.")
+        sent = []
+        for message in ("Hello there", "How are you?"):
+            page.fill("#prompt", message)
+            page.click("#generate")
+            page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('done')",
+                                   timeout=30_000)
+            assert page.input_value("#prompt") == ""
+            sent.append({"role": "user", "content": message})
+            reply = page.text_content("#chat .turn.assistant:last-child .content")
+            assert reply == expected_reply(live.url, [{"role": "system", "content": "A short conversation."}, *sent])
+            sent.append({"role": "assistant", "content": reply})
+        roles = page.eval_on_selector_all("#chat .turn .role", "nodes => nodes.map(n => n.textContent)")
+        assert roles == ["User:", "Assistant:", "User:", "Assistant:"]
+        page.click("#reset")
+        assert page.eval_on_selector_all("#chat .turn", "nodes => nodes.length") == 0
+        page.check("input[name=mode][value=completion]")
+        assert page.is_visible("#output") and not page.is_visible("#chat")
+        page.close()
+
+
 def test_page_behind_an_api_key(browser, model_dir):
     with LiveServer(model_dir, api_key="s3cret") as live:
         context = browser.new_context(http_credentials={"username": "me", "password": "s3cret"})
