@@ -1,6 +1,7 @@
 """HF-format directories in and out: round trips, layouts, and one clear error per kind of bad input."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import transformers
 from gpt2kit import GPT2LMHeadModel, GPT2Model
 from gpt2kit.checkpoint import CheckpointError, convert, load_state_dict, parse_size
 from gpt2kit.cli import main
+from gpt2kit.files import atomic_write_text
 
 SHAPE = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=300, bos_token_id=0, eos_token_id=0)
 
@@ -150,3 +152,16 @@ def test_parse_size():
     assert parse_size(5) == 5
     with pytest.raises(ValueError, match="cannot read size"):
         parse_size("lots")
+
+
+def test_atomic_outputs_get_the_permissions_open_and_mkdir_give(tmp_path, tiny_config):
+    """Outputs are built as temporary siblings (which tempfile makes private) and renamed: the result must be
+    as readable as any file the user writes, e.g. for a service account that serves the model."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    model_dir = tmp_path / "model"
+    GPT2LMHeadModel(tiny_config).save_pretrained(model_dir)
+    text = atomic_write_text(tmp_path / "notes.txt", "hi")
+    assert model_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+    for path in [text, *model_dir.iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path

@@ -2,6 +2,7 @@
 weights in f32 / f16 / q8_0, and the vocabulary (GPT-2's own merges recovered exactly; a trained BPE's too)."""
 
 import json
+import os
 
 import gguf
 import numpy as np
@@ -151,6 +152,9 @@ def test_errors_and_nothing_half_written(gpt2_vocab_model, tmp_path, monkeypatch
         export_gguf(gpt2_vocab_model, target, dtype="f16", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # the old file, untouched; no temp file
     assert read(target)[0]["general.file_type"] == 0
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes
 
 
 def test_export_gguf_command(tmp_path, capsys):

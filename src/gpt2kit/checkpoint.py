@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import PRESETS, GPT2Config
-from .files import replace_directory
+from .files import replace_directory, staging_directory
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -237,7 +236,7 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = staging_directory(directory)
     try:
         shards = list(_shards(state, parse_size(max_shard_size))) if max_shard_size else [state]
         if weights_format == "safetensors":

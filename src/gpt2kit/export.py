@@ -19,7 +19,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from .checkpoint import CONFIG_NAME, load_config, resolve_model_dir
 from .config import GPT2Config
+from .files import replace_directory, staging_directory
 from .model import CausalLMOutput, GPT2LMHeadModel, KVCache, positions_from_mask
 from .quantization import is_inference_only
 
@@ -134,7 +134,7 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
     was_training = lm.training
     wrapper = KVCacheLM(lm.eval())
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    tmp = staging_directory(output_dir)
     try:
         with torch.no_grad():
             for name in tqdm([PREFILL_NAME, DECODE_NAME], desc="export onnx", unit="graph"):
@@ -147,9 +147,7 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
         info = {"format": "gpt2kit-onnx", "opset": opset, "dtype": "float32", "graphs": [PREFILL_NAME, DECODE_NAME],
                 "cache_layout": "(n_layer, batch, n_head, length, head_dim)"}
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
+        replace_directory(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,15 +20,36 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def staging_file(target: str | os.PathLike) -> Path:
+    """A new, empty hidden sibling of `target` to write it in before a rename, with the permissions open() would
+    give `target` (tempfile makes its files private, 0600, and the rename would keep that)."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return Path(tmp)
+
+
+def staging_directory(target: str | os.PathLike) -> Path:
+    """A new hidden sibling directory of `target` to build it in, then hand to replace_directory."""
+    target = Path(target)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` through a hidden temporary sibling and a rename: a reader sees the old
     file or the whole new one, never half of it. Creates the parent directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = staging_file(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,8 +59,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Make the finished directory `staging` (a sibling of `target`) become `target`. An existing `target`
-    is moved aside first and deleted only after the rename, so `target` is never a half-written directory."""
+    is moved aside first and deleted only after the rename, so `target` is never a half-written directory.
+    Everything in it gets the permissions mkdir() and open() give under the umask: tempfile's directories and
+    some writers' files (safetensors) are private otherwise, unreadable to, e.g., a service serving the model."""
     staging, target = Path(staging), Path(target)
+    umask = _umask()
+    for root, _, files in os.walk(staging):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
     old = None
     if target.is_symlink() or target.is_file() or (target.is_dir() and any(target.iterdir())):
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .files import staging_file
 from .model import GPT2LMHeadModel
 from .quantization import is_inference_only
 from .tokenizer import GPT2_PATTERN, GPT2Tokenizer, byte_to_unicode
@@ -125,8 +125,7 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-    os.close(fd)
+    tmp = staging_file(output)
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_name(output.stem)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
+from ..files import replace_directory, staging_directory
 from .config import LoraArgs
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -72,14 +72,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = staging_directory(directory)
     try:
         save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         model.peft_config["default"].save_pretrained(str(tmp))
         (tmp / MODEL_CONFIG_NAME).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
+        replace_directory(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
