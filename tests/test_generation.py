@@ -214,6 +214,8 @@ def test_parse_logit_bias():
     for bad in ("50256", "x=1", "1=y", ""):
         with pytest.raises(ValueError, match="expected TOKEN_ID=BIAS"):
             parse_logit_bias(bad)
+    with pytest.raises(ValueError, match="token id 5 is given twice"):
+        parse_logit_bias("5=1,5=-2")
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------
@@ -271,8 +273,10 @@ def test_num_return_sequences_repeats_each_prompt(hf_pair):
     (dict(nucleus=0.9), "unknown generation option"),
     (dict(stop=["x"]), "need the tokenizer"),
     (dict(seed=1, generator=torch.Generator()), "either seed or generator"),
-    (dict(frequency_penalty=2.5), "frequency_penalty must be in \\[-2, 2\\]"),
-    (dict(presence_penalty=-3), "presence_penalty must be in \\[-2, 2\\]"),
+    (dict(frequency_penalty=2.5), "frequency_penalty must be a number in \\[-2, 2\\]"),
+    (dict(frequency_penalty="1"), "frequency_penalty must be a number"),
+    (dict(presence_penalty=-3), "presence_penalty must be a number in \\[-2, 2\\]"),
+    (dict(presence_penalty=True), "presence_penalty must be a number"),
     (dict(logit_bias={1: 150.0}), "logit_bias must map token ids"),
     (dict(logit_bias={"1": 1.0}), "logit_bias must map token ids"),
     (dict(logit_bias={VOCAB: 1.0}), f"token id {VOCAB}, beyond the vocabulary of {VOCAB} ids"),

@@ -95,6 +95,15 @@ def test_tensors_have_llama_cpp_names_shapes_and_the_weights(gpt2_vocab_model, t
             assert error.mean() < 0.3 * step.mean()
 
 
+def test_q8_0_keeps_matrices_whose_rows_are_not_whole_blocks_in_f16(tmp_path):
+    model = GPT2LMHeadModel(GPT2Config(**CONFIG, n_inner=80))  # ffn_down's rows hold 80 values: 2.5 blocks
+    _, tensors = read(export_gguf(model, tmp_path / "m.gguf", dtype="q8_0"))
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    np.testing.assert_array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data),
+                                  model.transformer.h[1].mlp.c_proj.weight.detach().numpy().astype(np.float16))
+
+
 def test_untied_head_is_written_as_output(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(**CONFIG, tie_word_embeddings=False))
     _, tensors = read(export_gguf(model, tmp_path / "m.gguf", dtype="f32"))

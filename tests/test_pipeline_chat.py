@@ -78,8 +78,12 @@ def test_pipeline_chat_input_continues_the_transcript(pipe):
     batch = pipe([conversation, [{"role": "user", "content": "Hi"}]], max_new_tokens=10, return_full_text=False)
     session = ChatSession(pipe.model, pipe.tokenizer, pipe.config.replace(max_new_tokens=10))
     assert batch == [[{"generated_text": reply}], [{"generated_text": "".join(session.reply("Hi"))}]]
-    with pytest.raises(ValueError, match="conversation 0, message 1: expected"):
-        pipe([{"role": "user", "content": "Hi"}, {"role": "user"}])
+    for bad, message in [([{"role": "user", "content": "Hi"}, {"role": "user"}], "conversation 0, message 1"),
+                         ([{"role": "tool", "content": "Hi"}], "conversation 0, message 0"),
+                         ([conversation, []], "conversation 1: expected a non-empty list"),
+                         ([conversation, "Hi"], "conversation 1: expected a non-empty list")]:
+        with pytest.raises(ValueError, match=message):
+            pipe(bad)
 
 
 def test_empty_prompt_starts_from_endoftext(pipe):
@@ -159,7 +163,7 @@ def test_chat_sets_penalties_and_logit_bias(pipe, model_dir):
     out = chat_in_process(model_dir, script, do_sample=False, max_new_tokens=6).splitlines()
     assert out == ["[logit_bias = {11: 100.0}]", pipe.tokenizer.decode([11] * 6).strip(),
                    "[error: logit_bias names token id 9999, beyond the vocabulary of 512 ids]", "[logit_bias = None]",
-                   "[presence_penalty = 0.5]", "[error: frequency_penalty must be in [-2, 2] (0 disables it)]"]
+                   "[presence_penalty = 0.5]", "[error: frequency_penalty must be a number in [-2, 2] (0 disables it)]"]
 
 
 def test_chat_through_a_pipe(model_dir):

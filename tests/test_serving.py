@@ -260,7 +260,12 @@ BAD_CHAT = {
     "no messages": (dict(messages=[]), "messages"),
     "unknown role": (dict(messages=[{"role": "robot", "content": "hi"}]), "messages.0.role"),
     "content not text": (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-                         "messages.0.content.str"),
+                         "messages.0.content"),
+    "content missing": (dict(messages=[{"role": "user"}]), "messages.0.content"),
+    "both token limits": (dict(max_completion_tokens=4), "max_completion_tokens"),
+    "max_completion_tokens over the limit": (dict(max_tokens=None, max_completion_tokens=10_000),
+                                             "max_completion_tokens"),
+    "conversation too long": (dict(messages=[{"role": "user", "content": "word " * 200}]), "messages"),
     "top_logprobs without logprobs": (dict(top_logprobs=2), "top_logprobs"),
     "too many top_logprobs": (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
     "logit_bias beyond the vocabulary": (dict(logit_bias={"512": 1}), "logit_bias"),
@@ -272,10 +277,23 @@ BAD_CHAT = {
 def test_bad_chat_requests_get_openai_errors(server, name):
     fields, param = BAD_CHAT[name]
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields}
+    body = {k: v for k, v in body.items() if v is not None}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    assert "prompt" not in error["message"] and "max_tokens" not in error["message"].replace(
+        "max_tokens, not both", "")  # the client's names, not the completion's they are turned into
+
+
+def test_chat_reply_may_fill_the_context_by_default(client, server):
+    """No token limit: like OpenAI's chat endpoint, the reply may use what the conversation leaves (16 tokens is
+    the completions endpoint's default)."""
+    long = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                          temperature=0, logit_bias={str(server.tokenizer.eos_token_id): -100},
+                                          stop=None, frequency_penalty=-2)
+    assert long.usage.completion_tokens > 16
+    assert long.usage.prompt_tokens + long.usage.completion_tokens <= server.model.config.n_positions
 
 
 # ---- concurrency --------------------------------------------------------------------------------------------
@@ -354,6 +372,7 @@ BAD = {
     "logit_bias value out of range": (dict(logit_bias={"5": 101}), 400, "logit_bias"),
     "logit_bias beyond the vocabulary": (dict(logit_bias={"512": 1}), 400, "logit_bias"),
     "logit_bias too long": (dict(logit_bias={str(t): 1 for t in range(301)}), 400, "logit_bias"),
+    "logit_bias id twice": (dict(logit_bias={"5": 1, "05": -100}), 400, "logit_bias"),
     "unsupported suffix": (dict(suffix="x"), 400, "suffix"),
     "unknown model": (dict(model="gpt-4"), 404, "model"),
 }

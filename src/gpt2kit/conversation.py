@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+ROLES = ("system", "developer", "user", "assistant")  # OpenAI's message roles that carry text
 SPEAKERS = {"user": "User:", "assistant": "Assistant:"}
 REPLY_STOP = "\nUser:"  # the model starting the next user turn ends a reply
 
 
 def format_turn(role: str, content: str) -> str:
-    """One turn: "User: ..." or "Assistant: ..." on a line of its own; any other role (a system message) is
+    """One turn: "User: ..." or "Assistant: ..." on a line of its own; a system (or developer) message is
     written as it is, without a speaker."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
     speaker = SPEAKERS.get(role)
     return f"{speaker} {content}\n" if speaker else f"{content}\n"
 

@@ -142,8 +142,10 @@ class GenerationConfig:
             (self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0), "top_k must be an integer >= 0"),
             (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 disables it)"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2] (0 disables it)"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2] (0 disables it)"),
+            (type(self.frequency_penalty) in (int, float) and -2 <= self.frequency_penalty <= 2,
+             "frequency_penalty must be a number in [-2, 2] (0 disables it)"),
+            (type(self.presence_penalty) in (int, float) and -2 <= self.presence_penalty <= 2,
+             "presence_penalty must be a number in [-2, 2] (0 disables it)"),
             (self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
                 type(t) is int and t >= 0 and type(b) in (int, float) and -100 <= b <= 100
                 for t, b in self.logit_bias.items())),
@@ -205,11 +207,14 @@ def parse_logit_bias(text: str) -> dict[int, float]:
     for item in text.split(","):
         token, sep, value = item.partition("=")
         try:
-            bias[int(token)] = float(value)
+            token_id, token_bias = int(token), float(value)
         except ValueError:
-            raise ValueError(f"logit bias {item.strip()!r}: expected TOKEN_ID=BIAS, e.g. 50256=-100") from None
-        if not sep:
+            token_id = token_bias = None
+        if not sep or token_id is None:
             raise ValueError(f"logit bias {item.strip()!r}: expected TOKEN_ID=BIAS, e.g. 50256=-100")
+        if token_id in bias:
+            raise ValueError(f"logit bias: token id {token_id} is given twice")
+        bias[token_id] = token_bias
     return bias
 
 
@@ -521,7 +526,8 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
     """Prompt + new tokens, (B * num_return_sequences, prompt_len + steps) with each prompt's rows together.
 
     Options are GenerationConfig's fields (max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
-    top_p, repetition_penalty, eos_token_id, pad_token_id, stop, seed, num_return_sequences, use_cache, compile).
+    top_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias, eos_token_id, pad_token_id, stop,
+    seed, num_return_sequences, use_cache, compile).
     Batched prompts must be left-padded with `attention_mask`; each row then generates exactly as alone.
     Generation ends when every row has met EOS or a stop string, or after max_new_tokens; finished rows are
     filled with pad_token_id. Stop strings need `tokenizer`; the returned tokens include the one completing

@@ -6,7 +6,8 @@ names. The merges are recovered from the tokenizer's ranks (each token's bytes m
 merges until two parts are left), which reproduces GPT-2's `vocab.bpe` exactly and works the same for a
 vocabulary trained with `gpt2kit tokenizer train`. Written with the `gguf` package (llama.cpp's own writer):
 f32, f16 (matrices in f16, norms and biases in f32 as llama.cpp requires) or q8_0 (matrices in llama.cpp's
-8-bit blocks of 32, the position embedding kept in f32 as llama.cpp's quantizer does).
+8-bit blocks of 32; the position embedding kept in f32 as llama.cpp's quantizer does, and a matrix whose rows
+are not whole blocks in f16).
 """
 
 from __future__ import annotations
@@ -118,8 +119,6 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
     if is_inference_only(lm):
         raise ValueError("GGUF export needs the float weights: export the model before quantizing or packing it")
     config = lm.config
-    if dtype == "q8_0" and config.n_embd % Q8_0_BLOCK:
-        raise ValueError(f"q8_0 stores rows in blocks of {Q8_0_BLOCK}; n_embd {config.n_embd} is not a multiple")
     tokens, types, merges = gguf_vocabulary(tok, config.vocab_size)
     arch = gguf.MODEL_ARCH.GPT2
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -149,13 +148,14 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         for name, tensor in tqdm(state.items(), desc=f"export gguf {dtype}", unit="tensor"):
             target = gguf_tensor_name(name)
             data = tensor.detach().to(torch.float32, copy=True).cpu().numpy()
-            if data.ndim == 2 and dtype == "f16":
-                writer.add_tensor(target, data.astype("float16"))
-            elif data.ndim == 2 and dtype == "q8_0" and not target.startswith("position_embd"):
+            # Norms and biases stay f32 (llama.cpp adds them in f32); so does q8_0's position embedding.
+            if data.ndim == 1 or dtype == "f32" or (dtype == "q8_0" and target.startswith("position_embd")):
+                writer.add_tensor(target, data)
+            elif dtype == "q8_0" and data.shape[1] % Q8_0_BLOCK == 0:
                 qtype = gguf.GGMLQuantizationType.Q8_0
                 writer.add_tensor(target, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-            else:  # norms and biases stay f32 (llama.cpp adds them in f32)
-                writer.add_tensor(target, data)
+            else:  # f16, and q8_0's matrices whose rows are not whole blocks (as llama.cpp does)
+                writer.add_tensor(target, data.astype("float16"))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -12,7 +12,7 @@ import torch
 from . import quantization
 from .checkpoint import resolve_model_dir
 from .config import PRESETS, GPT2Config
-from .conversation import REPLY_STOP, transcript
+from .conversation import REPLY_STOP, ROLES, transcript
 from .generation import (
     GenerationConfig,
     TokenGenerator,
@@ -97,8 +97,9 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
 Conversation = Sequence[dict[str, str]]  # [{"role": "user", "content": "..."}, ...]
 
 
-def _is_conversation(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+def _is_chat(text_inputs: Any) -> bool:
+    """Messages rather than text: a list holding dicts (one conversation) or lists (a batch of them)."""
+    return isinstance(text_inputs, list) and any(isinstance(item, (dict, list)) for item in text_inputs)
 
 
 class TextGenerationPipeline:
@@ -113,8 +114,7 @@ class TextGenerationPipeline:
     def __call__(self, text_inputs: str | Sequence[str] | Conversation | Sequence[Conversation], *,
                  return_full_text: bool = True, batch_size: int = 8, generator: torch.Generator | None = None,
                  **options) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
-        if _is_conversation(text_inputs) or (
-                isinstance(text_inputs, list) and text_inputs and all(map(_is_conversation, text_inputs))):
+        if _is_chat(text_inputs):
             return self._chat(text_inputs, return_full_text=return_full_text, batch_size=batch_size,
                               generator=generator, **options)
         config = self.config.replace(**options)
@@ -140,14 +140,17 @@ class TextGenerationPipeline:
         """Chat input, as transformers' pipeline takes it: the reply continues the conversation's transcript
         (gpt2kit.conversation). With return_full_text, generated_text is the conversation plus the assistant's
         message; without, the reply's text."""
-        single = _is_conversation(conversations)
+        single = isinstance(conversations[0], dict)
         batch = [conversations] if single else list(conversations)
         prompts = []
         for c, conversation in enumerate(batch):
+            if not (isinstance(conversation, list) and conversation):
+                raise ValueError(f"conversation {c}: expected a non-empty list of messages, got {conversation!r}")
             for m, message in enumerate(conversation):
-                if not (isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
-                    raise ValueError(f"conversation {c}, message {m}: expected {{'role': str, 'content': str}}, "
-                                     f"got {message!r}")
+                if not (isinstance(message, dict) and message.get("role") in ROLES
+                        and isinstance(message.get("content"), str)):
+                    raise ValueError(f"conversation {c}, message {m}: expected {{'role': one of {', '.join(ROLES)}, "
+                                     f"'content': str}}, got {message!r}")
             prompts.append(transcript([(message["role"], message["content"]) for message in conversation]))
         stop = [REPLY_STOP, *(self.config.replace(**options).stop or [])]
         outputs = self(prompts, return_full_text=False, batch_size=batch_size, generator=generator,

@@ -148,21 +148,27 @@ class CompletionService:
         if len(prompts) * n > self.config.max_choices:
             raise APIError(400, f"{len(prompts)} prompt(s) x n={n} asks for {len(prompts) * n} completions; at most "
                            f"{self.config.max_choices} per request", param="n")
-        max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        if max_tokens > self.max_tokens:
-            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {self.max_tokens}",
-                           param="max_tokens")
+        max_tokens, max_tokens_param = req.max_tokens, req._max_tokens_param
+        if max_tokens is None and not req._max_tokens_fill_context:
+            max_tokens = DEFAULT_MAX_TOKENS
+        if max_tokens is not None and max_tokens > self.max_tokens:
+            raise APIError(400, f"{max_tokens_param} is {max_tokens}; this server allows at most {self.max_tokens}",
+                           param=max_tokens_param)
         # Tokenizing a large body takes a while: keep the event loop free.
         ids = await run_in_threadpool(self._prompt_ids, prompts)
+        chat = req._prompt_param == "messages"
         for i, prompt in enumerate(ids):
+            what = "the conversation (as a transcript)" if chat else f"prompt {i}"
             if len(prompt) > self.max_prompt_tokens:
-                raise APIError(400, f"prompt {i} has {len(prompt)} tokens; this server accepts at most "
-                               f"{self.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
+                raise APIError(400, f"{what} has {len(prompt)} tokens; this server accepts at most "
+                               f"{self.max_prompt_tokens}", param=req._prompt_param, code="context_length_exceeded")
+            if max_tokens is None:  # a chat reply may use what the conversation leaves of the context
+                max_tokens = min(self.max_tokens, self.context - len(prompt))
             if len(prompt) + max_tokens > self.context:
                 raise APIError(400, f"this model's maximum context length is {self.context} tokens, however you "
-                               f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in prompt {i}; "
-                               f"{max_tokens} for the completion); shorten the prompt or lower max_tokens",
-                               param="max_tokens", code="context_length_exceeded")
+                               f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in {what}; "
+                               f"{max_tokens} for the completion); shorten the {req._prompt_param} or lower "
+                               f"{max_tokens_param}", param=max_tokens_param, code="context_length_exceeded")
         texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
         temperature = 1.0 if req.temperature is None else req.temperature
         try:

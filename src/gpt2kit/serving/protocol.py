@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from ..conversation import REPLY_STOP, transcript
+from ..conversation import REPLY_STOP, ROLES, transcript
 from ..tokenizer import GPT2Tokenizer
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -84,7 +84,10 @@ class SamplingRequest(BaseModel):
                         and -100 <= b <= 100 for t, b in bias.items())):
             raise ValueError(f"expected an object of at most {MAX_LOGIT_BIAS} token ids (as strings, e.g. "
                              '"50256") mapped to biases from -100 to 100')
-        return {int(t): float(b) for t, b in bias.items()} or None
+        ids = {int(t): float(b) for t, b in bias.items()}
+        if len(ids) < len(bias):
+            raise ValueError("a token id is given twice (e.g. as \"5\" and \"05\")")
+        return ids or None
 
 
 class CompletionRequest(SamplingRequest):
@@ -96,6 +99,11 @@ class CompletionRequest(SamplingRequest):
     # Accepted for compatibility at their neutral values only.
     best_of: int | None = None
     suffix: str | None = None
+    # Set by a chat request made into a completion: what errors call its fields, and that an unset max_tokens
+    # means whatever fits in the context (OpenAI's chat default) rather than DEFAULT_MAX_TOKENS.
+    _prompt_param: str = PrivateAttr("prompt")
+    _max_tokens_param: str = PrivateAttr("max_tokens")
+    _max_tokens_fill_context: bool = PrivateAttr(False)
 
     @field_validator("prompt")
     @classmethod
@@ -128,20 +136,29 @@ class CompletionRequest(SamplingRequest):
         return [p] if isinstance(p, str) or (p and type(p[0]) is int) else p
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: str
+    content: Any  # checked by _check_content: text, or a list of {"type": "text", "text": ...} parts
     name: str | None = None  # accepted and ignored, as `user` is
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+    @field_validator("role")
+    @classmethod
+    def _check_role(cls, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"expected one of {', '.join(map(repr, ROLES))}")
+        return role
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, content: Any) -> str:
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list) and all(
+                isinstance(part, dict) and part.keys() == {"type", "text"} and part["type"] == "text"
+                and isinstance(part["text"], str) for part in content):
+            return "".join(part["text"] for part in content)
+        raise ValueError('expected a string or a list of {"type": "text", "text": "..."} parts (only text)')
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -155,9 +172,12 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     @model_validator(mode="after")
-    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+    def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise APIError(400, "give max_completion_tokens or its older name max_tokens, not both",
+                           param="max_completion_tokens")
         return self
 
     def to_completion(self) -> CompletionRequest:
@@ -166,9 +186,13 @@ class ChatCompletionRequest(SamplingRequest):
         if self.max_completion_tokens is not None:
             shared["max_tokens"] = self.max_completion_tokens
         shared["stop"] = [REPLY_STOP, *(self.stop or [])]
-        prompt = transcript([(m.role, m.text()) for m in self.messages])
-        return CompletionRequest.model_construct(**shared, prompt=prompt, echo=False,
-                                                 logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+        prompt = transcript([(m.role, m.content) for m in self.messages])
+        completion = CompletionRequest.model_construct(
+            **shared, prompt=prompt, echo=False, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+        completion._prompt_param = "messages"
+        completion._max_tokens_param = "max_tokens" if self.max_tokens is not None else "max_completion_tokens"
+        completion._max_tokens_fill_context = True
+        return completion
 
 
 def parse_request(data: Any, schema: type[RequestT] = CompletionRequest) -> RequestT:
