@@ -401,5 +401,13 @@ def test_stream_decoder_equals_whole_decoding(gpt2_tok, text, stop, garbage, who
     ids = gpt2_tok.encode(text) if whole_tokens else byte_tokens(gpt2_tok, text)
     ids += [gpt2_tok.encoding.encode_single_token(bytes([b])) for b in garbage]
     decoder = TextStreamDecoder(gpt2_tok, stop)
-    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
-    assert "".join(pieces) == truncate_at_stop(gpt2_tok.decode(ids), stop)[0]
+    pieces, starts = [], []
+    for i in ids:
+        starts.append(decoder.decoded)  # where each token's text starts, as the server's logprobs use it
+        pieces.append(decoder.push(i))
+        assert decoder.released == len("".join(pieces)) <= decoder.decoded
+    pieces.append(decoder.flush())
+    whole, stopped = truncate_at_stop(gpt2_tok.decode(ids), stop)
+    assert "".join(pieces) == whole and decoder.released == len(whole)
+    if not stopped:
+        assert starts == sorted(starts) and decoder.decoded == len(whole)

@@ -159,6 +159,28 @@ def test_stop_strings_cut_the_text(client, pipe):
     assert "".join(c.choices[0].text for c in chunks) == expected and chunks[-1].choices[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_cover_the_returned_text_only(client, pipe, stream):
+    """Tokens that only spelled a stop string are not listed; every listed token's text begins in the text."""
+    text = greedy(pipe, PROMPTS[0], 40, eos_token_id=[])
+    inside = next(text[i:i + 3] for i in range(1, len(text)) if text.index(text[i:i + 3]) > 0)
+    options = dict(model="tiny", prompt=PROMPTS[0], max_tokens=40, temperature=0, logprobs=1)
+    for stops, expected in ((None, text), ([inside], text[:text.index(inside)]), ([text[:3]], "")):
+        response = client.completions.create(**options, stop=stops, stream=stream)
+        chunks = list(response) if stream else [response]
+        tokens = [t for c in chunks for t in (c.choices[0].logprobs.tokens if c.choices[0].logprobs else [])]
+        offsets = [o for c in chunks for o in (c.choices[0].logprobs.text_offset if c.choices[0].logprobs else [])]
+        assert "".join(c.choices[0].text for c in chunks) == expected
+        assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+        spelled = "".join(tokens)
+        if not expected:  # the stop string starts the text: no token shows
+            assert tokens == []
+        elif stops is None:
+            assert spelled == expected and len(tokens) == 40
+        else:  # the last listed token starts before the cut
+            assert spelled.startswith(expected) and len(spelled) - len(tokens[-1]) < len(expected)
+
+
 def test_n_choices_each_with_its_own_seed(client):
     response = client.completions.create(model="tiny", prompt=["Jack", "It"], max_tokens=12, temperature=1.0, n=3,
                                          seed=100)
@@ -254,6 +276,7 @@ def test_chat_logprobs_name_tokens_and_their_alternatives(client, server):
         assert entry.logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
     text = bytes(b for entry in entries for b in entry.bytes).decode("utf-8", errors="replace")
     assert text.lstrip().startswith(response.choices[0].message.content)
+    assert "\nUser:" not in text  # the tokens of the next turn's start are not listed
 
 
 BAD_CHAT = {

@@ -551,6 +551,8 @@ class TextStreamDecoder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
         self.stopped = False
+        self.decoded = 0  # characters decoded so far, held or not: where the next token's text starts
+        self.released = 0  # characters returned so far
 
     def push(self, token_id: int) -> str:
         """The text that became final with this token ("" while a character or a possible stop is pending)."""
@@ -562,11 +564,18 @@ class TextStreamDecoder:
         """Everything still held (an unfinished character decodes as U+FFFD)."""
         if self.stopped:
             return ""
-        text = self._emit(self._utf8.decode(b"", final=True))
-        text, self._held = text + self._held, ""
+        text = self._emit(self._utf8.decode(b"", final=True)) + self._held
+        self.released += len(self._held)
+        self._held = ""
         return text
 
     def _emit(self, new_text: str) -> str:
+        self.decoded += len(new_text)
+        text = self._cut(new_text)
+        self.released += len(text)
+        return text
+
+    def _cut(self, new_text: str) -> str:
         text, self.stopped = truncate_at_stop(self._held + new_text, self.stop)
         if self.stopped:
             self._held = ""

@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -213,18 +213,18 @@ class CompletionService:
             if isinstance(event, ErrorEvent):
                 raise APIError(500, event.message, type="server_error")
             if isinstance(event, PromptLogprobsEvent):
-                delta = _merge([builders[event.index].add(t, lp, top)
-                                for t, lp, top in zip(event.token_ids, event.logprobs, event.top, strict=True)])
-                yield event.index, texts[event.index // n], delta, None
+                scored = zip(event.token_ids, event.logprobs, event.top, strict=True)
+                yield event.index, texts[event.index // n], _logprobs(builders, event.index, scored), None
             elif isinstance(event, TokenEvent):
-                delta = builders[event.index].add(event.token_id, event.logprob, event.top) if builders else None
+                delta = _logprobs(builders, event.index, event.scored)
                 text = form.piece(event.index, event.text)
                 if text or delta:
                     yield event.index, text, delta, None
             elif isinstance(event, FinishEvent):
                 job.completion_tokens += event.completion_tokens
                 remaining -= 1
-                yield event.index, form.piece(event.index, event.text), None, event.reason
+                delta = _logprobs(builders, event.index, event.scored)
+                yield event.index, form.piece(event.index, event.text), delta, event.reason
 
     def usage(self, job: Job, ids: list[list[int]]) -> dict[str, int]:
         prompt_tokens = sum(map(len, ids))
@@ -276,6 +276,13 @@ async def _json_body(request: Request) -> Any:
         return json.loads(await request.body())
     except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting or numbers
         raise APIError(400, "the request body is not valid JSON") from None
+
+
+def _logprobs(builders: dict, index: int, scored: Iterable[tuple]) -> dict | None:
+    """The logprobs object for these (token id, log-probability, top alternatives) of choice `index`; None when
+    the request asked for none or there are none."""
+    deltas = [builders[index].add(*entry) for entry in scored] if builders else []
+    return _merge(deltas) if deltas else None
 
 
 def _merge(deltas: list[dict]) -> dict:

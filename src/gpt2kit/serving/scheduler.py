@@ -42,14 +42,18 @@ class QueueFull(Exception):
 
 
 # ---- events sent to the request handler ---------------------------------------------------------------------
+ScoredToken = tuple[int, float, list[tuple[int, float]]]  # token id, its log-probability, the top alternatives
+
+
 @dataclass
 class TokenEvent:
-    """A generated token of choice `index` and the text it completed ("" while text is held back)."""
+    """A generated token of choice `index` and the text it completed ("" while text is held back). `scored`:
+    the log-probabilities (when asked for) of the tokens whose text has now begun to show: a token's entry waits
+    with its text, and tokens that only spelled a stop string never get one."""
     index: int
     token_id: int
     text: str
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
+    scored: list[ScoredToken] = field(default_factory=list)
 
 
 @dataclass
@@ -63,11 +67,13 @@ class PromptLogprobsEvent:
 
 @dataclass
 class FinishEvent:
-    """Choice `index` is complete: `text` is what was still held back, `reason` "stop" or "length"."""
+    """Choice `index` is complete: `text` is what was still held back (with the `scored` tokens that spelled it),
+    `reason` "stop" or "length"."""
     index: int
     reason: str
     text: str
     completion_tokens: int
+    scored: list[ScoredToken] = field(default_factory=list)
 
 
 @dataclass
@@ -118,6 +124,18 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     sampler: Sampler | None = None  # made by the worker when the row joins the batch
     history: Tensor | None = None  # prompt + generated, for processors that look back (repetition penalty)
+    pending: list[tuple[int, ScoredToken]] = field(default_factory=list)  # (where its text starts, entry)
+
+    def release_scored(self, *, final: bool = False) -> list[ScoredToken]:
+        """The pending log-probability entries whose token's text has begun to show (all of them when the
+        whole text has been sent); the others wait, and are dropped if a stop string cuts the text first."""
+        if final:
+            ready, self.pending = [entry for _, entry in self.pending], []
+            return ready
+        shown = self.decoder.released
+        ready = [entry for start, entry in self.pending if start < shown]
+        self.pending = [(start, entry) for start, entry in self.pending if start >= shown]
+        return ready
 
     @property
     def max_tokens(self) -> int:
@@ -304,19 +322,21 @@ class BatchScheduler:
         seq.generated.append(token)
         seq.history[0, len(seq.prompt) + step] = token
         if token in seq.sampler.eos:
-            seq.job.emit(FinishEvent(seq.index, "stop", seq.decoder.flush(), len(seq.generated)))
+            text = seq.decoder.flush()
+            seq.job.emit(FinishEvent(seq.index, "stop", text, len(seq.generated), seq.release_scored(final=True)))
             return True
-        logprob = top = None
         if seq.logprobs is not None:
             logprobs = logits.float().log_softmax(-1)
-            logprob = float(logprobs[token])
             top = _top(logprobs, seq.logprobs) if seq.logprobs else []
-        seq.job.emit(TokenEvent(seq.index, token, seq.decoder.push(token), logprob, top))
-        if seq.decoder.stopped:
+            seq.pending.append((seq.decoder.decoded, (token, float(logprobs[token]), top)))
+        text = seq.decoder.push(token)
+        seq.job.emit(TokenEvent(seq.index, token, text, seq.release_scored()))
+        if seq.decoder.stopped:  # the tokens still pending only spelled the stop string
             seq.job.emit(FinishEvent(seq.index, "stop", "", len(seq.generated)))
             return True
         if len(seq.generated) == seq.max_tokens:
-            seq.job.emit(FinishEvent(seq.index, "length", seq.decoder.flush(), len(seq.generated)))
+            text = seq.decoder.flush()
+            seq.job.emit(FinishEvent(seq.index, "length", text, len(seq.generated), seq.release_scored(final=True)))
             return True
         return False
 
