@@ -432,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.allocator != "system":
             restart_with_allocator(args.allocator, sys.argv[1:] if argv is None else argv)
         return COMMANDS[args.command][1][1](args) or 0
-    except (CheckpointError, ValueError, FileNotFoundError, OSError) as err:
-        # One clear line for bad input; tracebacks are for bugs.
+    except (CheckpointError, ValueError, FileNotFoundError, OSError, ImportError) as err:
+        # One clear line for bad input or a missing optional package; tracebacks are for bugs.
         print(f"gpt2kit {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .files import staging_file
 from .model import GPT2LMHeadModel
+from .pipeline import load_model_and_tokenizer
 from .quantization import is_inference_only
 from .tokenizer import GPT2_PATTERN, GPT2Tokenizer, byte_to_unicode
 
@@ -106,10 +107,10 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
     """Write `model` (an HF-format directory, a local HF cache name, or a GPT2LMHeadModel) and its tokenizer (the
     one given, else the model directory's vocabulary, else GPT-2's) as one GGUF file of `dtype` f32, f16 or q8_0.
     The file appears only when complete."""
-    import gguf
-
-    from .pipeline import load_model_and_tokenizer
-
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("GGUF export needs the gguf package: pip install 'gpt2kit[gguf]'") from None
     if dtype not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; expected one of {', '.join(GGUF_TYPES)}")
     output = Path(output)
