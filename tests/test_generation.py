@@ -14,9 +14,9 @@ from transformers.generation import logits_process as hf_proc
 from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.model import CausalLMOutput
 from gpt2kit.generation import (
-    GenerationConfig, Sampler, TextStreamDecoder, bias_logits, generate, keep_top_k, keep_top_p,
-    parse_logit_bias, penalize_frequency_presence, penalize_repetition, scale_temperature, stream_generate,
-    truncate_at_stop,
+    GenerationConfig, Sampler, TextStreamDecoder, ban_repeated_ngrams, bias_logits, generate, keep_min_p,
+    keep_top_k, keep_top_p, parse_logit_bias, penalize_frequency_presence, penalize_repetition, scale_temperature,
+    stream_generate, truncate_at_stop,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,17 +95,28 @@ def test_min_new_tokens_matches_transformers(hf_pair):
     assert out.shape[1] - ids.shape[1] >= 5 and eos not in out[0, 2:6].tolist()
 
 
-def test_greedy_with_repetition_penalty_matches_transformers(hf_pair):
+@pytest.mark.parametrize("options", [{"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 2}])
+def test_greedy_with_a_processor_matches_transformers(hf_pair, options):
     hf, ours = hf_pair
     ids = torch.tensor([PROMPTS[0]])
-    ref = hf_greedy(hf, ids, max_new_tokens=30, repetition_penalty=1.5, eos_token_id=None)
-    out = ours.generate(ids, max_new_tokens=30, repetition_penalty=1.5, eos_token_id=[])
+    ref = hf_greedy(hf, ids, max_new_tokens=40, eos_token_id=None, **options)
+    out = ours.generate(ids, max_new_tokens=40, eos_token_id=[], **options)
     assert torch.equal(out, ref)
-    assert not torch.equal(out, ours.generate(ids, max_new_tokens=30, eos_token_id=[]))
+    assert not torch.equal(out, ours.generate(ids, max_new_tokens=40, eos_token_id=[]))
+    if "no_repeat_ngram_size" in options:
+        pairs = list(zip(out[0].tolist(), out[0, 1:].tolist()))
+        assert len(set(pairs)) == len(pairs)  # no 2-gram twice
+
+
+def test_ngram_ban_ignores_padding():
+    history, scores = fixed_logits()
+    padded = torch.cat([torch.full((4, 3), -1), history], dim=1)
+    assert torch.equal(ban_repeated_ngrams(2)(padded, scores.clone()), ban_repeated_ngrams(2)(history, scores))
 
 
 @pytest.mark.parametrize("options", [{}, {"repetition_penalty": 1.3}, {"do_sample": True, "seed": 3, "top_k": 20},
-                                     {"frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": {7: 3.0}}])
+                                     {"frequency_penalty": 1.5, "presence_penalty": 0.5, "logit_bias": {7: 3.0}},
+                                     {"no_repeat_ngram_size": 2}, {"do_sample": True, "seed": 4, "min_p": 0.2}])
 def test_cached_decoding_equals_full_recomputation(hf_pair, options):
     _, ours = hf_pair
     ids, mask = left_padded(PROMPTS, pad=0)
@@ -145,6 +156,10 @@ def fixed_logits():
     (keep_top_p(1e-6), hf_proc.TopPLogitsWarper(1e-6)),
     (penalize_repetition(1.3), hf_proc.RepetitionPenaltyLogitsProcessor(1.3)),
     (penalize_repetition(0.8), hf_proc.RepetitionPenaltyLogitsProcessor(0.8)),
+    (keep_min_p(0.05), hf_proc.MinPLogitsWarper(0.05)),
+    (keep_min_p(0.5), hf_proc.MinPLogitsWarper(0.5)),
+    (ban_repeated_ngrams(1), hf_proc.NoRepeatNGramLogitsProcessor(1)),
+    (ban_repeated_ngrams(2), hf_proc.NoRepeatNGramLogitsProcessor(2)),
     (bias_logits({3: 2.0, 7: -100.0, 511: 0.5}),
      hf_proc.SequenceBiasLogitsProcessor([[[3], 2.0], [[7], -100.0], [[511], 0.5]])),
 ])
@@ -160,10 +175,12 @@ def test_processor_matches_transformers(ours, theirs):
 
 def test_processor_chain_matches_transformers():
     history, scores = fixed_logits()
-    config = GenerationConfig(do_sample=True, temperature=0.8, top_k=40, top_p=0.85, repetition_penalty=1.2)
+    config = GenerationConfig(do_sample=True, temperature=0.8, top_k=40, top_p=0.85, min_p=0.05,
+                              repetition_penalty=1.2, no_repeat_ngram_size=1)
     theirs = transformers.LogitsProcessorList([
-        hf_proc.RepetitionPenaltyLogitsProcessor(1.2), hf_proc.TemperatureLogitsWarper(0.8),
-        hf_proc.TopKLogitsWarper(40), hf_proc.TopPLogitsWarper(0.85)])
+        hf_proc.RepetitionPenaltyLogitsProcessor(1.2), hf_proc.NoRepeatNGramLogitsProcessor(1),
+        hf_proc.TemperatureLogitsWarper(0.8), hf_proc.TopKLogitsWarper(40), hf_proc.TopPLogitsWarper(0.85),
+        hf_proc.MinPLogitsWarper(0.05)])
     got = scores.clone()
     for process in config.processors():
         got = process(history, got)
@@ -277,6 +294,8 @@ def test_num_return_sequences_repeats_each_prompt(hf_pair):
     (dict(frequency_penalty="1"), "frequency_penalty must be a number"),
     (dict(presence_penalty=-3), "presence_penalty must be a number in \\[-2, 2\\]"),
     (dict(presence_penalty=True), "presence_penalty must be a number"),
+    (dict(min_p=1.5), "min_p must be in \\[0, 1\\]"),
+    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0"),
     (dict(logit_bias={1: 150.0}), "logit_bias must map token ids"),
     (dict(logit_bias={"1": 1.0}), "logit_bias must map token ids"),
     (dict(logit_bias={VOCAB: 1.0}), f"token id {VOCAB}, beyond the vocabulary of {VOCAB} ids"),

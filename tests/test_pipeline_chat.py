@@ -121,9 +121,9 @@ def test_generate_command_streams_the_pipeline_text(pipe, model_dir, capsys):
 def test_generate_command_reads_the_prompt_from_stdin(pipe, model_dir, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPTS[0]))
     args = ["generate", "--model", str(model_dir), "--max-new-tokens", "9", "--do-sample", "--top-p", "0.9",
-            "--temperature", "0.8", "--seed", "4", "--completion-only"]
+            "--temperature", "0.8", "--min-p", "0.1", "--seed", "4", "--completion-only"]
     assert main(args) == 0
-    expected = pipe(PROMPTS[0], max_new_tokens=9, do_sample=True, top_p=0.9, temperature=0.8, seed=4,
+    expected = pipe(PROMPTS[0], max_new_tokens=9, do_sample=True, top_p=0.9, temperature=0.8, min_p=0.1, seed=4,
                     return_full_text=False)
     assert capsys.readouterr().out == expected[0]["generated_text"] + "\n"
 
@@ -145,10 +145,11 @@ def test_generate_command_errors_are_one_line(model_dir, capsys):
 
 def test_generate_command_penalty_and_logit_bias_flags(pipe, model_dir, capsys):
     args = ["generate", "--model", str(model_dir), "--prompt", PROMPTS[2], "--max-new-tokens", "12",
-            "--frequency-penalty", "1.5", "--presence-penalty", "0.5", "--logit-bias", "11=4,13=-100"]
+            "--frequency-penalty", "1.5", "--presence-penalty", "0.5", "--logit-bias", "11=4,13=-100",
+            "--no-repeat-ngram-size", "3"]
     assert main(args) == 0
     expected = pipe(PROMPTS[2], max_new_tokens=12, frequency_penalty=1.5, presence_penalty=0.5,
-                    logit_bias={11: 4.0, 13: -100.0})[0]["generated_text"]
+                    logit_bias={11: 4.0, 13: -100.0}, no_repeat_ngram_size=3)[0]["generated_text"]
     assert capsys.readouterr().out == expected + "\n"
     assert expected != pipe(PROMPTS[2], max_new_tokens=12)[0]["generated_text"]
     with pytest.raises(SystemExit) as exit_:

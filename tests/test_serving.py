@@ -101,6 +101,9 @@ def test_seeded_sampling_equals_library_sampling(client, pipe):
                                          top_p=0.9, seed=7)
     assert response.choices[0].text == greedy(pipe, PROMPTS[1], 25, do_sample=True, temperature=0.9, top_p=0.9,
                                               seed=7)
+    min_p = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=25, temperature=1.5, seed=7,
+                                      extra_body={"min_p": 0.5})
+    assert min_p.choices[0].text == greedy(pipe, PROMPTS[1], 25, do_sample=True, temperature=1.5, min_p=0.5, seed=7)
 
 
 def test_penalties_and_logit_bias_equal_library_generation(client, pipe):
@@ -396,6 +399,7 @@ BAD = {
     "logit_bias beyond the vocabulary": (dict(logit_bias={"512": 1}), 400, "logit_bias"),
     "logit_bias too long": (dict(logit_bias={str(t): 1 for t in range(301)}), 400, "logit_bias"),
     "logit_bias id twice": (dict(logit_bias={"5": 1, "05": -100}), 400, "logit_bias"),
+    "min_p out of range": (dict(extra_body={"min_p": 1.5}), 400, "min_p"),
     "unsupported suffix": (dict(suffix="x"), 400, "suffix"),
     "unknown model": (dict(model="gpt-4"), 404, "model"),
 }

@@ -118,7 +118,9 @@ def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float, help="sampling: keep tokens at least this times as likely as the top one")
     p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--no-repeat-ngram-size", type=int, metavar="N", help="never repeat an N-gram (greedy too)")
     p.add_argument("--frequency-penalty", type=float, help="OpenAI's, in [-2, 2]: lowers a token's score by this "
                    "times the number of times it was generated")
     p.add_argument("--presence-penalty", type=float, help="OpenAI's, in [-2, 2]: lowers the score of every token "
@@ -134,8 +136,8 @@ def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 _SAMPLING_FLAGS = ("compile", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                   "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "stop", "seed",
-                   "num_return_sequences")
+                   "min_p", "repetition_penalty", "no_repeat_ngram_size", "frequency_penalty", "presence_penalty",
+                   "logit_bias", "stop", "seed", "num_return_sequences")
 
 
 def _logit_bias(text: str) -> dict[int, float]:

@@ -2,9 +2,9 @@
 
 One prefill pass fills a preallocated KVCache (sized for prompt + new tokens) and yields the first token's
 logits; every further step feeds one token per row. Processors are small functions `(input_ids, scores) ->
-scores`, applied in this order: repetition penalty, OpenAI's frequency/presence penalties and logit bias,
-min-new-tokens EOS suppression, then (sampling only) temperature, top-k, top-p. Finished rows keep running with
-`pad_token_id` (as transformers does) so the batch and its cache never need reshaping.
+scores`, applied in this order: repetition penalty, no-repeat n-grams, OpenAI's frequency/presence penalties
+and logit bias, min-new-tokens EOS suppression, then (sampling only) temperature, top-k, top-p, min-p. Finished
+rows keep running with `pad_token_id` (as transformers does) so the batch and its cache never need reshaping.
 """
 
 from __future__ import annotations
@@ -54,6 +54,32 @@ def keep_top_p(p: float) -> LogitsProcessor:
         remove_sorted[:, -1] = False  # the most likely token always stays
         remove = remove_sorted.scatter(1, order, remove_sorted)
         return scores.masked_fill(remove, float("-inf"))
+    return apply
+
+
+def keep_min_p(p: float) -> LogitsProcessor:
+    """min-p filtering: keep the tokens at least p times as likely as the most likely one."""
+    def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
+        probs = scores.softmax(-1)
+        # The most likely token always passes (p <= 1), so at least one token stays.
+        return scores.masked_fill(probs < p * probs.amax(-1, keepdim=True), float("-inf"))
+    return apply
+
+
+def ban_repeated_ngrams(n: int) -> LogitsProcessor:
+    """No n-gram twice: a token that would complete an n-gram already in the row (prompt or generated; padding
+    excluded) is made impossible."""
+    def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
+        if input_ids.shape[1] < n:
+            return scores
+        windows = input_ids.unfold(1, n, 1)  # (B, W, n): every n-gram of the row
+        prefix = input_ids[:, input_ids.shape[1] - n + 1:]  # what the next token would follow
+        seen = (windows[:, :, :-1] == prefix[:, None, :]).all(-1) & (windows >= 0).all(-1) & (prefix >= 0).all(
+            -1, keepdim=True)
+        rows, at = seen.nonzero(as_tuple=True)
+        banned = torch.zeros_like(scores, dtype=torch.bool)
+        banned[rows, windows[rows, at, -1]] = True
+        return scores.masked_fill(banned, float("-inf"))
     return apply
 
 
@@ -118,7 +144,9 @@ class GenerationConfig:
     temperature: float = 1.0  # sampling only; 0 means greedy
     top_k: int | None = None  # sampling only; None or 0 disables
     top_p: float | None = None  # sampling only; None or 1.0 disables
+    min_p: float | None = None  # sampling only: keep tokens at least min_p times the top one's probability
     repetition_penalty: float = 1.0  # 1.0 disables; applies to greedy decoding too
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size appears twice in a row (greedy too)
     frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]: minus this times a token's count in the generated text
     presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]: minus this for every token already generated
     logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> bias in [-100, 100] added to its score
@@ -141,6 +169,9 @@ class GenerationConfig:
             (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
             (self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0), "top_k must be an integer >= 0"),
             (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1] (0 or None disables it)"),
+            (type(self.no_repeat_ngram_size) is int and self.no_repeat_ngram_size >= 0,
+             "no_repeat_ngram_size must be an integer >= 0 (0 disables it)"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 disables it)"),
             (type(self.frequency_penalty) in (int, float) and -2 <= self.frequency_penalty <= 2,
              "frequency_penalty must be a number in [-2, 2] (0 disables it)"),
@@ -185,6 +216,8 @@ class GenerationConfig:
         procs = []
         if self.repetition_penalty != 1.0:
             procs.append(penalize_repetition(self.repetition_penalty))
+        if self.no_repeat_ngram_size:
+            procs.append(ban_repeated_ngrams(self.no_repeat_ngram_size))
         if self.frequency_penalty or self.presence_penalty:
             procs.append(penalize_frequency_presence(self.frequency_penalty, self.presence_penalty))
         if self.logit_bias:
@@ -198,6 +231,8 @@ class GenerationConfig:
                 procs.append(keep_top_k(self.top_k))
             if self.top_p is not None and self.top_p < 1.0:
                 procs.append(keep_top_p(self.top_p))
+            if self.min_p:
+                procs.append(keep_min_p(self.min_p))
         return procs
 
 
@@ -526,8 +561,8 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
     """Prompt + new tokens, (B * num_return_sequences, prompt_len + steps) with each prompt's rows together.
 
     Options are GenerationConfig's fields (max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
-    top_p, repetition_penalty, frequency_penalty, presence_penalty, logit_bias, eos_token_id, pad_token_id, stop,
-    seed, num_return_sequences, use_cache, compile).
+    top_p, min_p, repetition_penalty, no_repeat_ngram_size, frequency_penalty, presence_penalty, logit_bias,
+    eos_token_id, pad_token_id, stop, seed, num_return_sequences, use_cache, compile).
     Batched prompts must be left-padded with `attention_mask`; each row then generates exactly as alone.
     Generation ends when every row has met EOS or a stop string, or after max_new_tokens; finished rows are
     filled with pad_token_id. Stop strings need `tokenizer`; the returned tokens include the one completing

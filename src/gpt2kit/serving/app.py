@@ -173,7 +173,8 @@ class CompletionService:
         temperature = 1.0 if req.temperature is None else req.temperature
         try:
             base = GenerationConfig(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
-                                    top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty or 1.0,
+                                    top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                                    repetition_penalty=req.repetition_penalty or 1.0,
                                     frequency_penalty=req.frequency_penalty or 0.0,
                                     presence_penalty=req.presence_penalty or 0.0, logit_bias=req.logit_bias,
                                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)

@@ -42,8 +42,8 @@ class StreamOptions(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """The fields /v1/completions and /v1/chat/completions share: OpenAI's, plus top_k and repetition_penalty (as
-    vLLM offers them). Unknown fields are refused, so no option is silently ignored."""
+    """The fields /v1/completions and /v1/chat/completions share: OpenAI's, plus top_k, min_p and
+    repetition_penalty (as vLLM offers them). Unknown fields are refused, so no option is silently ignored."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -58,6 +58,7 @@ class SamplingRequest(BaseModel):
     seed: int | None = None
     user: str | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
