@@ -19,6 +19,23 @@ def _deterministic():
     yield
 
 
+HF_VOCAB = 512  # the vocabulary of hf_pair's models; its last id is EOS
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A random transformers GPT-2 (2 layers, vocabulary HF_VOCAB) and the same weights loaded through gpt2kit."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=HF_VOCAB,
+                                     bos_token_id=HF_VOCAB - 1, eos_token_id=HF_VOCAB - 1)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    path = tmp_path_factory.mktemp("hf") / "model"
+    hf.save_pretrained(path)
+    return hf, GPT2LMHeadModel.from_pretrained(path)
+
+
 @pytest.fixture
 def tiny_config() -> GPT2Config:
     """Two layers, small vocab: fast enough for any test."""

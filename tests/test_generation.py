@@ -19,21 +19,11 @@ from gpt2kit.generation import (
     stream_generate, truncate_at_stop,
 )
 
+from .conftest import HF_VOCAB
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-VOCAB = 512
+VOCAB = HF_VOCAB
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [100, 200], [3, 4, 5, 6]]
-
-
-@pytest.fixture(scope="module")
-def hf_pair(tmp_path_factory):
-    """A random transformers GPT-2 and the same weights loaded through gpt2kit."""
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=VOCAB,
-                                     bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
-    hf = transformers.GPT2LMHeadModel(config).eval()
-    path = tmp_path_factory.mktemp("hf") / "model"
-    hf.save_pretrained(path)
-    return hf, GPT2LMHeadModel.from_pretrained(path)
 
 
 def left_padded(prompts, pad):

@@ -137,7 +137,7 @@ def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
 
 _SAMPLING_FLAGS = ("compile", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                    "min_p", "repetition_penalty", "no_repeat_ngram_size", "frequency_penalty", "presence_penalty",
-                   "logit_bias", "stop", "seed", "num_return_sequences")
+                   "logit_bias", "stop", "seed", "num_return_sequences", "num_beams", "length_penalty")
 
 
 def _logit_bias(text: str) -> dict[int, float]:
@@ -159,6 +159,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     _model_and_sampling_args(p)
     p.add_argument("--prompt", default=None, help="text to continue; default: read standard input")
     p.add_argument("--num-return-sequences", type=int)
+    p.add_argument("--num-beams", type=int, help="beam search with this many beams (deterministic; the text is "
+                   "printed when done, not streamed)")
+    p.add_argument("--length-penalty", type=float, help="beam search: scores are log-probability / length ** this")
     p.add_argument("--completion-only", action="store_true", help="print only the generated continuation")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="onnx: run a directory written "
                    "by `gpt2kit export onnx` (given as --model) in onnxruntime")

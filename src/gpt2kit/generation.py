@@ -154,7 +154,10 @@ class GenerationConfig:
     pad_token_id: int | None = None  # emitted by finished rows; None: the model config's, else the first EOS
     stop: str | list[str] | None = None  # stop strings (need a tokenizer)
     seed: int | None = None  # seeds a private generator: same seed, same samples
-    num_return_sequences: int = 1  # rows per prompt (sampling only), returned consecutively
+    num_return_sequences: int = 1  # rows per prompt (sampling, or the best beams), returned consecutively
+    num_beams: int = 1  # > 1: beam search (deterministic; see gpt2kit.beam_search)
+    length_penalty: float = 1.0  # beam search: a finished beam's score is its log-probability / length ** this
+    early_stopping: bool | str = False  # beam search: True, False or "never", as in transformers
     use_cache: bool = True  # False recomputes the whole sequence every step (slow; a reference)
     compile: bool = False  # decode steps through torch.compile (static shapes; see _compiled_decode_step)
 
@@ -183,8 +186,16 @@ class GenerationConfig:
              "logit_bias must map token ids (integers >= 0) to biases in [-100, 100]"),
             (isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1,
              "num_return_sequences must be an integer >= 1"),
-            (self.num_return_sequences == 1 or self.sampling,
-             "num_return_sequences > 1 needs do_sample=True with temperature > 0 (greedy rows would be identical)"),
+            (type(self.num_beams) is int and self.num_beams >= 1, "num_beams must be an integer >= 1"),
+            (self.num_return_sequences == 1 or self.sampling or self.num_return_sequences <= self.num_beams > 1,
+             "num_return_sequences > 1 needs do_sample=True with temperature > 0 (greedy rows would be identical), "
+             "or beam search with num_beams >= num_return_sequences"),
+            (self.num_beams == 1 or not self.sampling, "beam search is deterministic here: do_sample=True (beam "
+             "sampling) is not supported; use num_beams=1 to sample"),
+            (self.num_beams == 1 or not (self.stop or self.compile),
+             "beam search supports neither stop strings nor compile=True"),
+            (type(self.length_penalty) in (int, float), "length_penalty must be a number"),
+            (self.early_stopping in (True, False, "never"), "early_stopping must be True, False or 'never'"),
             (not self.stop or all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (self.use_cache or not self.compile, "compile=True needs use_cache=True (it compiles the cached step)"),
         ]
@@ -253,7 +264,8 @@ def parse_logit_bias(text: str) -> dict[int, float]:
     return bias
 
 
-def _eos_ids(config: GenerationConfig, model_config) -> list[int]:
+def eos_token_ids(config: GenerationConfig, model_config) -> list[int]:
+    """The ids that end a row: the config's eos_token_id, else the model config's (none: [])."""
     eos = model_config.eos_token_id if config.eos_token_id is None else config.eos_token_id
     if eos is None:
         return []
@@ -272,7 +284,7 @@ class Sampler:
             raise ValueError("pass either seed or generator, not both")
         self.config = config
         self.sampling = config.sampling
-        self.eos = _eos_ids(config, model_config)
+        self.eos = eos_token_ids(config, model_config)
         pad = config.pad_token_id if config.pad_token_id is not None else model_config.pad_token_id
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
         if config.seed is not None:
@@ -366,6 +378,9 @@ class TokenGenerator:
             raise ValueError("compile=True cannot compile oneDNN-packed weights: use one or the other")
         if config.stop and tokenizer is None:
             raise ValueError("stop strings need the tokenizer: generate(..., stop=[...], tokenizer=tokenizer)")
+        if config.num_beams > 1:
+            raise ValueError("beam search (num_beams > 1) chooses whole sequences at the end: call generate() or the "
+                             "pipeline; it does not stream")
         prompt_len = input_ids.shape[1]
         total = prompt_len + config.max_new_tokens
         if total > model_config.n_positions:
@@ -426,7 +441,7 @@ class TokenGenerator:
         """Prompt + the tokens generated so far, (B * num_return_sequences, prompt_len + steps)."""
         return self.tokens[:, :self.prompt_len + self.steps]
 
-    def _logits(self, end: int) -> Tensor:
+    def next_logits(self, end: int) -> Tensor:
         """Logits (B, V) for the token after position `end - 1`, feeding what the cache has not seen yet."""
         mask = self.attention_mask[:, :end] if self.attention_mask is not None else None
         if self.cache is None:
@@ -440,6 +455,17 @@ class TokenGenerator:
             self.positions = self.positions + 1
         return self.model(self.tokens[:, start:end], mask, positions, past_key_values=self.cache,
                           logits_to_keep=1).logits[:, -1]
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep (and repeat) rows by index, KV cache included: how beam search moves its beams."""
+        aliased = self.history is self.tokens
+        self.tokens = self.tokens.index_select(0, rows)
+        self.history = self.tokens if aliased else self.history.index_select(0, rows)
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask.index_select(0, rows)
+            self.positions = self.positions.index_select(0, rows)
+        if self.cache is not None:
+            self.cache.reorder(rows)
 
     def _static_logits(self, index: int) -> Tensor:
         """Logits (B, V) after the token at `index`, through the compiled static-shape step."""
@@ -479,7 +505,7 @@ class TokenGenerator:
         eos = torch.tensor(self.eos, device=self.tokens.device) if self.eos else None
         done = torch.zeros(self.tokens.shape[0], dtype=torch.bool, device=self.tokens.device)
         for step in range(config.max_new_tokens):
-            next_tokens = self.sampler(self._logits(P + step), self.history[:, :P + step], step)
+            next_tokens = self.sampler(self.next_logits(P + step), self.history[:, :P + step], step)
             if step:
                 next_tokens.masked_fill_(done, self.pad)  # finished rows emit padding
             self.tokens[:, P + step] = next_tokens
@@ -562,13 +588,18 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
 
     Options are GenerationConfig's fields (max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
     top_p, min_p, repetition_penalty, no_repeat_ngram_size, frequency_penalty, presence_penalty, logit_bias,
-    eos_token_id, pad_token_id, stop, seed, num_return_sequences, use_cache, compile).
+    eos_token_id, pad_token_id, stop, seed, num_return_sequences, num_beams, length_penalty, early_stopping,
+    use_cache, compile).
     Batched prompts must be left-padded with `attention_mask`; each row then generates exactly as alone.
     Generation ends when every row has met EOS or a stop string, or after max_new_tokens; finished rows are
     filled with pad_token_id. Stop strings need `tokenizer`; the returned tokens include the one completing
-    the stop string (text helpers cut the text before it)."""
-    run = TokenGenerator(model, input_ids, attention_mask, config, tokenizer=tokenizer, generator=generator,
-                         **options)
+    the stop string (text helpers cut the text before it). num_beams > 1 runs beam search instead."""
+    config = (config or GenerationConfig()).replace(**options)
+    if config.num_beams > 1:
+        from .beam_search import beam_search  # it builds on TokenGenerator
+
+        return beam_search(model, input_ids, attention_mask, config)
+    run = TokenGenerator(model, input_ids, attention_mask, config, tokenizer=tokenizer, generator=generator)
     for _ in run:
         pass
     return run.sequences()
@@ -667,10 +698,10 @@ def _stream_text(run: TokenGenerator, decoder: TextStreamDecoder) -> Iterator[st
         yield tail
 
 
-def decode_completions(tokenizer: GPT2Tokenizer, sequences: Tensor, prompt_len: int, eos_token_ids: Sequence[int],
+def decode_completions(tokenizer: GPT2Tokenizer, sequences: Tensor, prompt_len: int, eos_ids: Sequence[int],
                        stop: Sequence[str] | None = None) -> list[str]:
     """Text of each row's new tokens: up to the first EOS, cut before the first stop string."""
-    eos = set(eos_token_ids)
+    eos = set(eos_ids)
     texts = []
     for row in sequences[:, prompt_len:].tolist():
         end = next((i for i, t in enumerate(row) if t in eos), len(row))

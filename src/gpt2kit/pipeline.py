@@ -15,9 +15,10 @@ from .config import PRESETS, GPT2Config
 from .conversation import REPLY_STOP, ROLES, transcript
 from .generation import (
     GenerationConfig,
-    TokenGenerator,
     decode_completions,
     encode_prompt,
+    eos_token_ids,
+    generate,
     left_pad,
     stream_generate,
 )
@@ -124,11 +125,10 @@ class TextGenerationPipeline:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             input_ids, attention_mask = self._left_padded(chunk)
-            run = TokenGenerator(self.model, input_ids, attention_mask, config, tokenizer=self.tokenizer,
+            sequences = generate(self.model, input_ids, attention_mask, config, tokenizer=self.tokenizer,
                                  generator=generator)
-            for _ in run:
-                pass
-            texts = decode_completions(self.tokenizer, run.sequences(), input_ids.shape[1], run.eos, config.stop)
+            texts = decode_completions(self.tokenizer, sequences, input_ids.shape[1],
+                                       eos_token_ids(config, self.model.config), config.stop)
             for i, prompt in enumerate(chunk):
                 prefix = prompt if return_full_text else ""
                 results.append([{"generated_text": prefix + text} for text in texts[i * n:(i + 1) * n]])
@@ -193,8 +193,11 @@ def generate_text(model: str | os.PathLike, prompt: str, *, tokenizer: str | os.
     sequence is also written there piece by piece as it is generated (the `gpt2kit generate` command)."""
     pipe = pipeline("text_generation", model, tokenizer=tokenizer, dtype=dtype, device=device,
                     random_init=random_init, backend=backend, quantize=quantize, pack_weights=pack_weights)
-    if stream_to is None or options.get("num_return_sequences", 1) != 1:
-        return [r["generated_text"] for r in pipe(prompt, return_full_text=return_full_text, **options)]
+    if stream_to is None or options.get("num_return_sequences", 1) != 1 or options.get("num_beams", 1) > 1:
+        texts = [r["generated_text"] for r in pipe(prompt, return_full_text=return_full_text, **options)]
+        if stream_to is not None and len(texts) == 1:  # beam search: the text is known only at the end
+            stream_to.write(texts[0])
+        return texts
     stream = pipe.stream(prompt, **options)  # checks the options before anything is written
     pieces = [prompt] if return_full_text else []
     if pieces:
