@@ -25,12 +25,12 @@ def likely(hf_pair):
 
 
 def both(hf_pair, ids, mask, eos, **options):
+    """Both models' beam search; eos None means the models' own EOS id (VOCAB - 1) on both sides."""
     hf, ours = hf_pair
     with torch.no_grad():
         theirs = hf.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids), do_sample=False,
                              max_new_tokens=25, eos_token_id=eos, pad_token_id=VOCAB - 1, **options)
-    mine = ours.generate(ids, mask, max_new_tokens=25, eos_token_id=[] if eos is None else eos,
-                         pad_token_id=VOCAB - 1, **options)
+    mine = ours.generate(ids, mask, max_new_tokens=25, eos_token_id=eos, pad_token_id=VOCAB - 1, **options)
     return theirs, mine
 
 
@@ -42,9 +42,9 @@ def both(hf_pair, ids, mask, eos, **options):
     dict(num_beams=4, num_return_sequences=3),
     dict(num_beams=2, repetition_penalty=1.3, min_new_tokens=5, no_repeat_ngram_size=2),
 ])
-@pytest.mark.parametrize("eos", ["none", "third", "first", "two"])
+@pytest.mark.parametrize("eos", ["model's", "third", "first", "two"])
 def test_beam_search_matches_transformers(hf_pair, likely, options, eos):
-    eos_id = {"none": None, "third": likely[1], "first": likely[0], "two": [likely[1], likely[2]]}[eos]
+    eos_id = {"model's": None, "third": likely[1], "first": likely[0], "two": [likely[1], likely[2]]}[eos]
     theirs, mine = both(hf_pair, torch.tensor([PROMPT]), None, eos_id, **options)
     assert torch.equal(mine, theirs)
 
@@ -90,10 +90,20 @@ def test_beam_search_scores_at_least_greedy(hf_pair):
     (dict(num_beams=2, num_return_sequences=3), "num_beams >= num_return_sequences"),
     (dict(num_beams=0), "num_beams must be an integer >= 1"),
     (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be"),
+    (dict(num_beams=2, early_stopping=1), "early_stopping must be"),
+    (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number"),
 ])
 def test_bad_beam_options(options, message):
     with pytest.raises(ValueError, match=message):
         GenerationConfig(**options)
+
+
+def test_bad_inputs_are_named_as_given(hf_pair):
+    ours = hf_pair[1]
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 7\), input_ids \(1, 7\)"):
+        ours.generate(torch.tensor([PROMPT]), torch.ones(2, 7, dtype=torch.long), num_beams=3)
+    with pytest.raises(ValueError, match="input_ids must be a LongTensor"):
+        ours.generate([PROMPT], num_beams=3)
 
 
 def test_pipeline_and_command_run_beam_search(tmp_path, capsys):
@@ -112,3 +122,5 @@ def test_pipeline_and_command_run_beam_search(tmp_path, capsys):
     assert capsys.readouterr().out == expected + "\n"
     with pytest.raises(ValueError, match="does not stream"):
         list(pipe.stream("I had", num_beams=2))
+    with pytest.raises(ValueError, match="chat input ends each reply at a stop string"):
+        pipe([{"role": "user", "content": "Hi"}], num_beams=2)

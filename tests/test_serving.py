@@ -19,6 +19,8 @@ import torch
 from gpt2kit.chat import ChatSession
 from gpt2kit.generation import GenerationConfig
 from gpt2kit.pipeline import TextGenerationPipeline
+from gpt2kit.serving.protocol import LogprobsBuilder
+from gpt2kit.tokenizer import GPT2Tokenizer
 
 from .conftest import save_tiny_text_model
 from .live_server import LiveServer
@@ -219,6 +221,16 @@ def test_echo_and_logprobs_match_the_model(client, server):
         assert 2 <= len(lp.top_logprobs[i]) <= 3
         assert max(lp.top_logprobs[i].values()) == pytest.approx(float(reference[i - 1].max()), abs=1e-4)
     assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+
+
+def test_text_offsets_count_characters_not_token_strings():
+    """A character split over byte tokens moves the offset once, when it is complete."""
+    tok = GPT2Tokenizer.gpt2()
+    ids = [tok.encoding.encode_single_token(bytes([b])) for b in "é!".encode()]
+    builder = LogprobsBuilder(tok)
+    entries = [builder.add(i, -1.0, None) for i in ids]
+    assert [e["text_offset"][0] for e in entries] == [0, 0, 1]
+    assert entries[0]["tokens"] == ["bytes:\\xc3"]
 
 
 def test_max_tokens_zero_with_echo_scores_the_prompt(client):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .generation import GenerationConfig, TokenGenerator
+from .generation import GenerationConfig, TokenGenerator, check_prompts
 from .model import GPT2LMHeadModel
 
 _NEVER = -1.0e9  # the score of what must not be chosen (transformers' value, so that ties break alike)
@@ -30,6 +30,7 @@ def beam_search(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tenso
                 config: GenerationConfig) -> Tensor:
     """The best `num_return_sequences` hypotheses of each prompt, best first: (B * num_return_sequences,
     prompt_len + the longest one's new tokens), shorter ones filled with pad_token_id after their EOS."""
+    attention_mask = check_prompts(input_ids, attention_mask, model.config.vocab_size)  # before repeating them
     beams, batch, prompt_len = config.num_beams, input_ids.shape[0], input_ids.shape[1]
     rows = input_ids.repeat_interleave(beams, 0)
     mask = attention_mask.repeat_interleave(beams, 0) if attention_mask is not None else None

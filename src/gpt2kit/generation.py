@@ -13,6 +13,7 @@ import codecs
 import contextlib
 import dataclasses
 import functools
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -194,8 +195,10 @@ class GenerationConfig:
              "sampling) is not supported; use num_beams=1 to sample"),
             (self.num_beams == 1 or not (self.stop or self.compile),
              "beam search supports neither stop strings nor compile=True"),
-            (type(self.length_penalty) in (int, float), "length_penalty must be a number"),
-            (self.early_stopping in (True, False, "never"), "early_stopping must be True, False or 'never'"),
+            (type(self.length_penalty) in (int, float) and math.isfinite(self.length_penalty),
+             "length_penalty must be a finite number"),
+            (type(self.early_stopping) is bool or self.early_stopping == "never",
+             "early_stopping must be True, False or 'never'"),
             (not self.stop or all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (self.use_cache or not self.compile, "compile=True needs use_cache=True (it compiles the cached step)"),
         ]
@@ -344,6 +347,30 @@ def _placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return (param.device, param.dtype) if param is not None else (model.device, model.dtype)
 
 
+def check_prompts(input_ids: Tensor, attention_mask: Tensor | None, vocab_size: int) -> Tensor | None:
+    """ValueError unless input_ids is a (batch, length) LongTensor of ids in the vocabulary with a matching,
+    left-padding mask; returns the mask as 0/1 longs, or None when nothing is padding."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError("input_ids must be a LongTensor of shape (batch, prompt_length)")
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token (GPT-2 starts texts with its "
+                         "<|endoftext|> token)")
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
+        raise ValueError(f"input_ids hold token ids outside the model's vocabulary [0, {vocab_size})")
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(getattr(attention_mask, 'shape', ()))}, input_ids "
+                         f"{tuple(input_ids.shape)}")
+    real = attention_mask.bool()
+    if bool((real[:, :-1] & ~real[:, 1:]).any()):
+        raise ValueError("attention_mask has padding after real tokens: pad prompts on the left for "
+                         "generation, e.g. tokenizer(texts, padding=True, padding_side='left')")
+    if not bool(real[:, -1].all()):
+        raise ValueError("attention_mask has a row without any real token")
+    return None if bool(real.all()) else real.long()
+
+
 class TokenGenerator:
     """Iterate to get each step's new tokens, one per row (B * num_return_sequences,); `sequences()` then
     holds prompt + new tokens. Arguments are checked when it is built, before any model call."""
@@ -354,24 +381,7 @@ class TokenGenerator:
         config = (config or GenerationConfig()).replace(**options)
         model_config = model.config
         device, dtype = _placement(model)
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError("input_ids must be a LongTensor of shape (batch, prompt_length)")
-        if input_ids.shape[1] == 0:
-            raise ValueError("the prompt is empty: give at least one token (GPT-2 starts texts with its "
-                             "<|endoftext|> token)")
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= model_config.vocab_size:
-            raise ValueError(f"input_ids hold token ids outside the model's vocabulary [0, {model_config.vocab_size})")
-        if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
-                                 f"{tuple(input_ids.shape)}")
-            real = attention_mask.bool()
-            if bool((real[:, :-1] & ~real[:, 1:]).any()):
-                raise ValueError("attention_mask has padding after real tokens: pad prompts on the left for "
-                                 "generation, e.g. tokenizer(texts, padding=True, padding_side='left')")
-            if not bool(real[:, -1].all()):
-                raise ValueError("attention_mask has a row without any real token")
-            attention_mask = None if bool(real.all()) else real.long()
+        attention_mask = check_prompts(input_ids, attention_mask, model_config.vocab_size)
         if config.compile and not isinstance(model, GPT2LMHeadModel):
             raise ValueError(f"compile=True needs a GPT2LMHeadModel, not {type(model).__name__}")
         if config.compile and any(isinstance(m, PackedLinear) for m in model.modules()):

@@ -152,7 +152,11 @@ class TextGenerationPipeline:
                     raise ValueError(f"conversation {c}, message {m}: expected {{'role': one of {', '.join(ROLES)}, "
                                      f"'content': str}}, got {message!r}")
             prompts.append(transcript([(message["role"], message["content"]) for message in conversation]))
-        stop = [REPLY_STOP, *(self.config.replace(**options).stop or [])]
+        config = self.config.replace(**options)
+        if config.num_beams > 1:
+            raise ValueError("chat input ends each reply at a stop string (the next 'User:' line), which beam search "
+                             "does not support: use num_beams=1")
+        stop = [REPLY_STOP, *(config.stop or [])]
         outputs = self(prompts, return_full_text=False, batch_size=batch_size, generator=generator,
                        **{**options, "stop": stop})
         results = [[{"generated_text": [*conversation, {"role": "assistant", "content": reply}]

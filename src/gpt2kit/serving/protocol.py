@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -230,17 +231,18 @@ class LogprobsBuilder:
 
     def __init__(self, tokenizer: GPT2Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.offset = 0
+        self.offset = 0  # characters of the choice's text before the next token
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token_id: int, logprob: float | None, top: list[tuple[int, float]] | None) -> dict[str, list]:
-        """One token's part of the object (a streamed chunk's logprobs); the parts concatenate to the whole."""
-        text = token_text(self.tokenizer, token_id)
+        """One token's part of the object (a streamed chunk's logprobs); the parts concatenate to the whole.
+        `text_offset` counts characters of the text, so a character split over tokens moves it once."""
         if top is not None and logprob is not None:
             top = [*top, (token_id, logprob)]  # as OpenAI: the chosen token is always among the alternatives
-        entry = {"tokens": [text], "token_logprobs": [logprob],
+        entry = {"tokens": [token_text(self.tokenizer, token_id)], "token_logprobs": [logprob],
                  "top_logprobs": [None if top is None else {token_text(self.tokenizer, t): lp for t, lp in top}],
                  "text_offset": [self.offset]}
-        self.offset += len(text)
+        self.offset += len(self._utf8.decode(self.tokenizer.decode_bytes([token_id])))
         return entry
 
 
