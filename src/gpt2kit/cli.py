@@ -397,7 +397,7 @@ def _export(args: argparse.Namespace) -> None:
 COMMANDS: dict[str, tuple[str, Command]] = {
     "info": ("print a model's shape and parameter count", (_info_args, _info)),
     "convert": ("convert HF weights between .bin and safetensors, shard or merge", (_convert_args, _convert)),
-    "generate": ("continue a prompt (streamed), greedy or sampled", (_generate_args, _generate)),
+    "generate": ("continue a prompt (streamed), greedy, sampled or by beam search", (_generate_args, _generate)),
     "chat": ("interactive chat that streams replies; /reset, /set NAME VALUE, /quit", (_chat_args, _chat)),
     "train": ("pretrain from a YAML config: gpt2kit train --config FILE [--section.key value]",
               (_train_args, _train)),
