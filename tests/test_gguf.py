@@ -16,7 +16,7 @@ from gpt2kit.gguf import export_gguf, gguf_tensor_name, gguf_vocabulary
 from gpt2kit.quantization import quantize_int8
 from gpt2kit.tokenizer import ASSETS
 
-from .conftest import save_tiny_text_model
+from .conftest import REPO, save_tiny_text_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64)
@@ -137,6 +137,23 @@ def test_a_trained_vocabulary_and_a_padded_one(tmp_path):
     # A model whose vocabulary is padded beyond the tokenizer's gets unused placeholder tokens.
     tokens, types, _ = gguf_vocabulary(GPT2Tokenizer.gpt2(), 50304)
     assert tokens[50257:] == [f"[PAD{i}]" for i in range(50257, 50304)] and set(types[50257:]) == {5}
+
+
+def test_cl100k_vocabulary_with_its_gaps(tmp_path):
+    """cl100k_base (bundled in examples/): llama.cpp's "llama-bpe" split pattern, and its unused ids as padding."""
+    tok = GPT2Tokenizer.from_file(REPO / "examples" / "data" / "cl100k" / "cl100k_base.tiktoken")
+    model = GPT2LMHeadModel(GPT2Config(**CONFIG, vocab_size=100352, bos_token_id=100257, eos_token_id=100257))
+    fields, _ = read(export_gguf(model, tmp_path / "m.gguf", tokenizer=tok, dtype="f32"))
+    tokens, types, merges = (fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "token_type", "merges"))
+    assert fields["tokenizer.ggml.pre"] == "llama-bpe" and len(tokens) == len(types) == 100352
+    assert tokens[100257] == "<|endoftext|>" and types[100257] == 3 and types[100276] == 3
+    assert tokens[100261:100276] == [f"[PAD{i}]" for i in range(100261, 100276)] and types[100261] == 5
+    assert len(merges) == 100256 - 256  # every token but the 256 bytes is one merge
+    ids = {t: i for i, t in enumerate(tokens)}
+    for merge in merges[::997]:  # each merge joins two lower-ranked tokens into the next one
+        left, right = merge.split(" ")
+        assert max(ids[left], ids[right]) < ids[left + right]
+    assert [ids[left + right] for left, right in (m.split(" ") for m in merges[:500])] == list(range(256, 756))
 
 
 def test_errors_and_nothing_half_written(gpt2_vocab_model, tmp_path, monkeypatch):

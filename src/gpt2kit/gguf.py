@@ -1,13 +1,13 @@
 """GGUF export: one file that llama.cpp (and what is built on it: llama-cpp-python, Ollama, LM Studio) loads.
 
 The file holds llama.cpp's `gpt2` architecture: the hyperparameters, the byte-level BPE vocabulary (tokens in
-id order as GPT-2's byte-to-unicode strings, token types, merges) and the tensors under llama.cpp's GPT-2
-names. The merges are recovered from the tokenizer's ranks (each token's bytes merged with the lower-ranked
-merges until two parts are left), which reproduces GPT-2's `vocab.bpe` exactly and works the same for a
-vocabulary trained with `gpt2kit tokenizer train`. Written with the `gguf` package (llama.cpp's own writer):
-f32, f16 (matrices in f16, norms and biases in f32 as llama.cpp requires) or q8_0 (matrices in llama.cpp's
-8-bit blocks of 32; the position embedding kept in f32 as llama.cpp's quantizer does, and a matrix whose rows
-are not whole blocks in f16).
+id order as GPT-2's byte-to-unicode strings, token types, merges, the split pattern's name) and the tensors
+under llama.cpp's GPT-2 names. The merges are recovered from the tokenizer's ranks (each token's bytes merged
+with the lower-ranked merges until two parts are left), which reproduces GPT-2's `vocab.bpe` exactly and works
+the same for a vocabulary trained with `gpt2kit tokenizer train` or for cl100k_base. Written with the `gguf`
+package (llama.cpp's own writer): f32, f16 (matrices in f16, norms and biases in f32 as llama.cpp requires) or
+q8_0 (matrices in llama.cpp's 8-bit blocks of 32; the position embedding kept in f32 as llama.cpp's quantizer
+does, and a matrix whose rows are not whole blocks in f16).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .files import staging_file
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer
 from .quantization import is_inference_only
-from .tokenizer import GPT2_PATTERN, GPT2Tokenizer, byte_to_unicode
+from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, GPT2Tokenizer, byte_to_unicode
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 Q8_0_BLOCK = 32  # values per q8_0 block: a row must hold whole blocks
@@ -67,12 +67,20 @@ def _split_in_two(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
     return parts[0], parts[1]
 
 
+def gguf_pre_tokenizer(tokenizer: GPT2Tokenizer) -> str:
+    """llama.cpp's name for the tokenizer's split pattern: "gpt-2", or "llama-bpe" for cl100k's (Llama 3 splits
+    text with the same expression)."""
+    names = {GPT2_PATTERN: "gpt-2", CL100K_PATTERN: "llama-bpe"}
+    if tokenizer.split_pattern not in names:
+        raise ValueError("GGUF export knows GPT-2's and cl100k's pre-tokenizers; this tokenizer splits text with "
+                         "another pattern")
+    return names[tokenizer.split_pattern]
+
+
 def gguf_vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """The tokenizer as GGUF's `gpt2` tokenizer model stores it: `vocab_size` tokens in id order (special tokens
-    as their text, control type; ids beyond the tokenizer's as unused `[PAD<id>]` entries), their types, and the
-    merges ("left right", in merge order)."""
-    if tokenizer.split_pattern != GPT2_PATTERN:
-        raise ValueError("GGUF export writes GPT-2's pre-tokenizer; this tokenizer splits text with another pattern")
+    as their text, control type; ids the tokenizer lacks, inside its range like cl100k's or beyond it, as unused
+    `[PAD<id>]` entries), their types, and the merges ("left right", in merge order)."""
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
                          f"{vocab_size}")
@@ -87,8 +95,10 @@ def gguf_vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str
             continue
         try:
             data = encoding.decode_single_token_bytes(token_id)
-        except KeyError:
-            raise ValueError(f"the tokenizer has no token {token_id}; GGUF needs ids without gaps") from None
+        except KeyError:  # a gap in the ids
+            tokens.append(f"[PAD{token_id}]")
+            types.append(_UNUSED)
+            continue
         tokens.append("".join(to_text[b] for b in data))
         types.append(_NORMAL)
         ranks[data] = token_id
@@ -120,6 +130,7 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
     if is_inference_only(lm):
         raise ValueError("GGUF export needs the float weights: export the model before quantizing or packing it")
     config = lm.config
+    gguf_pre_tokenizer(tok)  # checked before anything is computed or written
     tokens, types, merges = gguf_vocabulary(tok, config.vocab_size)
     arch = gguf.MODEL_ARCH.GPT2
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -137,7 +148,7 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         writer.add_layer_norm_eps(config.layer_norm_epsilon)
         writer.add_file_type(file_type)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
+        writer.add_tokenizer_pre(gguf_pre_tokenizer(tok))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
