@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gpt2kit.chat import ChatSession
-from gpt2kit.generation import GenerationConfig
+from gpt2kit.generation import GenerationConfig, generate
 from gpt2kit.pipeline import TextGenerationPipeline
 from gpt2kit.serving.protocol import LogprobsBuilder
 from gpt2kit.tokenizer import GPT2Tokenizer
@@ -115,6 +115,27 @@ def test_penalties_and_logit_bias_equal_library_generation(client, pipe):
                       logit_bias={11: 4.0, 13: -100.0})
     assert response.choices[0].text == expected
     assert expected != greedy(pipe, PROMPTS[2], 20)
+
+
+def test_best_of_returns_the_candidates_of_highest_mean_logprob(client, server):
+    tok, model = server.tokenizer, server.model
+    ids = tok.encode(PROMPTS[1])
+    response = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=1.0, seed=3, n=2,
+                                         best_of=4)
+    candidates, tokens = [], 0
+    for j in range(4):  # the library's samples with the seeds the server gives candidates 0-3
+        out = generate(model, torch.tensor([ids]), max_new_tokens=8, do_sample=True, seed=3 + j,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        new = out[:out.index(tok.eos_token_id) + 1] if tok.eos_token_id in out else out
+        with torch.no_grad():
+            logp = model(torch.tensor([ids + new])).logits[0].float().log_softmax(-1)
+        mean = float(logp[torch.arange(len(ids) - 1, len(ids) - 1 + len(new)), new].mean())
+        candidates.append((-mean, j, tok.decode([t for t in new if t != tok.eos_token_id])))
+        tokens += len(new)
+    best = sorted(candidates)[:2]
+    assert best[0][0] < best[1][0] - 1e-4  # a clear ranking
+    assert [(c.index, c.text) for c in response.choices] == [(0, best[0][2]), (1, best[1][2])]
+    assert response.usage.completion_tokens == tokens  # every candidate was generated
 
 
 def test_token_prompts_and_prompt_lists(client, pipe, server):
@@ -413,6 +434,9 @@ BAD = {
     "logit_bias id twice": (dict(logit_bias={"5": 1, "05": -100}), 400, "logit_bias"),
     "min_p out of range": (dict(extra_body={"min_p": 1.5}), 400, "min_p"),
     "unsupported suffix": (dict(suffix="x"), 400, "suffix"),
+    "best_of below n": (dict(n=2, best_of=1), 400, "best_of"),
+    "best_of streamed": (dict(best_of=2, stream=True), 400, "best_of"),
+    "best_of over the choice limit": (dict(best_of=9), 400, "best_of"),
     "unknown model": (dict(model="gpt-4"), 404, "model"),
 }
 

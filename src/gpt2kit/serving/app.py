@@ -143,11 +143,12 @@ class CompletionService:
         if req.model not in (None, self.model_name):
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
-        n = req.n or 1
+        k = req.candidates()  # sequences per prompt: n, or best_of to choose the n best from
         prompts = req.prompts()
-        if len(prompts) * n > self.config.max_choices:
-            raise APIError(400, f"{len(prompts)} prompt(s) x n={n} asks for {len(prompts) * n} completions; at most "
-                           f"{self.config.max_choices} per request", param="n")
+        if len(prompts) * k > self.config.max_choices:
+            what, param = (f"best_of={k}", "best_of") if k > (req.n or 1) else (f"n={k}", "n")
+            raise APIError(400, f"{len(prompts)} prompt(s) x {what} asks for {len(prompts) * k} completions; at "
+                           f"most {self.config.max_choices} per request", param=param)
         max_tokens, max_tokens_param = req.max_tokens, req._max_tokens_param
         if max_tokens is None and not req._max_tokens_fill_context:
             max_tokens = DEFAULT_MAX_TOKENS
@@ -186,11 +187,12 @@ class CompletionService:
             raise APIError(400, str(err), param="logit_bias") from None
         job = Job(asyncio.get_running_loop())
         for p, prompt in enumerate(ids):
-            for j in range(n):
+            for j in range(k):
                 # Choice j of every prompt draws from seed + j: a prompt's result does not depend on the others.
                 seed = None if req.seed is None else req.seed + j
-                job.add(p * n + j, prompt, base.replace(seed=seed), TextStreamDecoder(self.tokenizer, req.stop),
-                        logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None)
+                job.add(p * k + j, prompt, base.replace(seed=seed), TextStreamDecoder(self.tokenizer, req.stop),
+                        logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
+                        ranked=k > (req.n or 1))
         try:
             self.scheduler.submit(job)
         except QueueFull as err:
@@ -202,12 +204,12 @@ class CompletionService:
                       ) -> AsyncIterator[tuple[int, str, dict | None, str | None]]:
         """(choice index, new text, logprobs of the new tokens or None, finish reason or None) until every
         choice has finished; the echoed prompt comes first. `form` shapes the text and the logprobs."""
-        n = req.n or 1
+        k = req.candidates()
         builders = ({s.index: form.logprobs_builder(self.tokenizer) for s in job.sequences}
                     if req.logprobs is not None else {})
         if req.echo and req.logprobs is None:
             for seq in job.sequences:
-                yield seq.index, texts[seq.index // n], None, None
+                yield seq.index, texts[seq.index // k], None, None
         remaining = len(job.sequences)
         while remaining:
             event = await job.events.get()
@@ -215,7 +217,7 @@ class CompletionService:
                 raise APIError(500, event.message, type="server_error")
             if isinstance(event, PromptLogprobsEvent):
                 scored = zip(event.token_ids, event.logprobs, event.top, strict=True)
-                yield event.index, texts[event.index // n], _logprobs(builders, event.index, scored), None
+                yield event.index, texts[event.index // k], _logprobs(builders, event.index, scored), None
             elif isinstance(event, TokenEvent):
                 delta = _logprobs(builders, event.index, event.scored)
                 text = form.piece(event.index, event.text)
@@ -223,6 +225,8 @@ class CompletionService:
                     yield event.index, text, delta, None
             elif isinstance(event, FinishEvent):
                 job.completion_tokens += event.completion_tokens
+                if event.mean_logprob is not None:
+                    job.mean_logprobs[event.index] = event.mean_logprob
                 remaining -= 1
                 delta = _logprobs(builders, event.index, event.scored)
                 yield event.index, form.piece(event.index, event.text), delta, event.reason
@@ -247,8 +251,12 @@ class CompletionService:
                 logprobs.setdefault(index, []).append(delta)
             if finish:
                 finished[index] = finish
-        choices = [form.choice(i, "".join(parts[i]), _merge(logprobs[i]) if i in logprobs else None, finished.get(i))
-                   for i in sorted(parts)]
+        order, k, n = sorted(parts), req.candidates(), req.n or 1
+        if k > n:  # best_of: each prompt's n candidates of highest mean log-probability per token, best first
+            order = [i for start in range(0, len(order), k)
+                     for i in sorted(range(start, start + k), key=lambda i: -job.mean_logprobs.get(i, 0.0))[:n]]
+        choices = [form.choice(c, "".join(parts[i]), _merge(logprobs[i]) if i in logprobs else None, finished.get(i))
+                   for c, i in enumerate(order)]
         body = self._envelope(f"{form.id_prefix}{uuid.uuid4().hex}", int(time.time()), form.object, choices)
         body["usage"] = self.usage(job, ids)
         return body

@@ -98,8 +98,8 @@ class CompletionRequest(SamplingRequest):
     prompt: Any = Field(...)  # checked by _check_prompt for a clear message
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool | None = None
-    # Accepted for compatibility at their neutral values only.
-    best_of: int | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None  # sample this many per prompt, return the n best
+    # Accepted for compatibility at its neutral value only.
     suffix: str | None = None
     # Set by a chat request made into a completion: what errors call its fields, and that an unset max_tokens
     # means whatever fits in the context (OpenAI's chat default) rather than DEFAULT_MAX_TOKENS.
@@ -124,13 +124,19 @@ class CompletionRequest(SamplingRequest):
     @model_validator(mode="after")
     def _neutral_only(self) -> CompletionRequest:
         unsupported = [
-            ("best_of", self.best_of not in (None, self.n or 1), "best_of must equal n (it is not supported)"),
+            ("best_of", self.best_of is not None and self.best_of < (self.n or 1), "best_of must be at least n"),
+            ("best_of", bool(self.stream) and self.candidates() > (self.n or 1),
+             "best_of greater than n cannot be streamed: the best choices are known only at the end"),
             ("suffix", bool(self.suffix), "suffix (insertion) is not supported"),
         ]
         for param, bad, message in unsupported:
             if bad:
                 raise APIError(400, message, param=param)
         return self
+
+    def candidates(self) -> int:
+        """Sequences generated per prompt: best_of, which is at least n."""
+        return max(self.n or 1, self.best_of or 1)
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of texts or of token lists."""

@@ -74,6 +74,7 @@ class FinishEvent:
     text: str
     completion_tokens: int
     scored: list[ScoredToken] = field(default_factory=list)
+    mean_logprob: float | None = None  # of the generated tokens, EOS included (when the sequence was ranked)
 
 
 @dataclass
@@ -94,11 +95,13 @@ class Job:
         self.sequences: list[Sequence] = []
         self.cancelled = False  # set by the handler (client gone); the worker drops the rows
         self.completion_tokens = 0  # counted by the handler as choices finish
+        self.mean_logprobs: dict[int, float] = {}  # of ranked choices (best_of), kept by the handler
 
     def add(self, index: int, prompt: list[int], config: GenerationConfig, decoder: TextStreamDecoder, *,
-            logprobs: int | None = None, prompt_logprobs: bool = False) -> None:
-        """Queue choice `index`: `prompt` continued under `config`, its text cut by `decoder`."""
-        self.sequences.append(Sequence(self, index, prompt, config, decoder, logprobs, prompt_logprobs))
+            logprobs: int | None = None, prompt_logprobs: bool = False, ranked: bool = False) -> None:
+        """Queue choice `index`: `prompt` continued under `config`, its text cut by `decoder`; `ranked` adds up
+        its tokens' log-probabilities for the FinishEvent (best_of)."""
+        self.sequences.append(Sequence(self, index, prompt, config, decoder, logprobs, prompt_logprobs, ranked))
 
     def emit(self, event: Event) -> None:
         """Thread-safe: hand an event to the handler's event loop."""
@@ -121,6 +124,8 @@ class Sequence:
     decoder: TextStreamDecoder
     logprobs: int | None  # None: no logprobs; k: the chosen token's and the top k
     prompt_logprobs: bool
+    ranked: bool = False  # sum the generated tokens' log-probabilities (best_of picks by their mean)
+    logprob_sum: float = 0.0
     generated: list[int] = field(default_factory=list)
     sampler: Sampler | None = None  # made by the worker when the row joins the batch
     history: Tensor | None = None  # prompt + generated, for processors that look back (repetition penalty)
@@ -321,22 +326,27 @@ class BatchScheduler:
         token = int(seq.sampler(logits[None], history, step)[0])
         seq.generated.append(token)
         seq.history[0, len(seq.prompt) + step] = token
+        logprobs = logits.float().log_softmax(-1) if seq.logprobs is not None or seq.ranked else None
+        if seq.ranked:
+            seq.logprob_sum += float(logprobs[token])
+        mean = seq.logprob_sum / len(seq.generated) if seq.ranked else None
         if token in seq.sampler.eos:
             text = seq.decoder.flush()
-            seq.job.emit(FinishEvent(seq.index, "stop", text, len(seq.generated), seq.release_scored(final=True)))
+            seq.job.emit(FinishEvent(seq.index, "stop", text, len(seq.generated), seq.release_scored(final=True),
+                                     mean))
             return True
         if seq.logprobs is not None:
-            logprobs = logits.float().log_softmax(-1)
             top = _top(logprobs, seq.logprobs) if seq.logprobs else []
             seq.pending.append((seq.decoder.decoded, (token, float(logprobs[token]), top)))
         text = seq.decoder.push(token)
         seq.job.emit(TokenEvent(seq.index, token, text, seq.release_scored()))
         if seq.decoder.stopped:  # the tokens still pending only spelled the stop string
-            seq.job.emit(FinishEvent(seq.index, "stop", "", len(seq.generated)))
+            seq.job.emit(FinishEvent(seq.index, "stop", "", len(seq.generated), mean_logprob=mean))
             return True
         if len(seq.generated) == seq.max_tokens:
             text = seq.decoder.flush()
-            seq.job.emit(FinishEvent(seq.index, "length", text, len(seq.generated), seq.release_scored(final=True)))
+            seq.job.emit(FinishEvent(seq.index, "length", text, len(seq.generated), seq.release_scored(final=True),
+                                     mean))
             return True
         return False
 
