@@ -86,6 +86,21 @@ def test_pipeline_chat_input_continues_the_transcript(pipe):
             pipe(bad)
 
 
+def test_apply_chat_template_writes_the_chat_transcript(pipe):
+    tok = pipe.tokenizer
+    messages = [{"role": "system", "content": "A chat."}, {"role": "user", "content": "Hello there"}]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text == "A chat.\nUser: Hello there\nAssistant:"
+    assert tok.apply_chat_template(messages) == tok.encode(text)
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False) == text.removesuffix(
+        "Assistant:")
+    reply = pipe(messages, max_new_tokens=10, return_full_text=False)[0]["generated_text"]
+    continued = pipe(text, max_new_tokens=10, stop=["\nUser:"], return_full_text=False)[0]["generated_text"]
+    assert reply == continued.lstrip()
+    with pytest.raises(ValueError, match="message 1: expected"):
+        tok.apply_chat_template([messages[0], {"role": "tool", "content": "x"}])
+
+
 def test_empty_prompt_starts_from_endoftext(pipe):
     assert pipe("", max_new_tokens=5)[0]["generated_text"] == pipe.tokenizer.decode(
         pipe.model.generate(torch.tensor([[0]]), max_new_tokens=5, eos_token_id=0)[0, 1:].tolist()).split(

@@ -24,6 +24,19 @@ def format_turn(role: str, content: str) -> str:
     return f"{speaker} {content}\n" if speaker else f"{content}\n"
 
 
-def transcript(turns: Sequence[tuple[str, str]]) -> str:
-    """A conversation of (role, content) turns as the text the model continues, ending with "Assistant:"."""
-    return "".join(format_turn(role, content) for role, content in turns) + SPEAKERS["assistant"]
+def transcript(turns: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True) -> str:
+    """A conversation of (role, content) turns as the text the model continues, ending with "Assistant:" (unless
+    add_generation_prompt is False: then it ends after the last turn's line)."""
+    text = "".join(format_turn(role, content) for role, content in turns)
+    return text + SPEAKERS["assistant"] if add_generation_prompt else text
+
+
+def turns_of(messages: Sequence[dict[str, str]]) -> list[tuple[str, str]]:
+    """(role, content) turns of OpenAI/transformers-style messages; ValueError naming the first bad one."""
+    turns = []
+    for m, message in enumerate(messages):
+        if not (isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)):
+            raise ValueError(f"message {m}: expected {{'role': one of {', '.join(ROLES)}, 'content': str}}, got "
+                             f"{message!r}")
+        turns.append((message["role"], message["content"]))
+    return turns

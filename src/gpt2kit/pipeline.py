@@ -12,7 +12,7 @@ import torch
 from . import quantization
 from .checkpoint import resolve_model_dir
 from .config import PRESETS, GPT2Config
-from .conversation import REPLY_STOP, ROLES, transcript
+from .conversation import REPLY_STOP, transcript, turns_of
 from .generation import (
     GenerationConfig,
     decode_completions,
@@ -146,12 +146,10 @@ class TextGenerationPipeline:
         for c, conversation in enumerate(batch):
             if not (isinstance(conversation, list) and conversation):
                 raise ValueError(f"conversation {c}: expected a non-empty list of messages, got {conversation!r}")
-            for m, message in enumerate(conversation):
-                if not (isinstance(message, dict) and message.get("role") in ROLES
-                        and isinstance(message.get("content"), str)):
-                    raise ValueError(f"conversation {c}, message {m}: expected {{'role': one of {', '.join(ROLES)}, "
-                                     f"'content': str}}, got {message!r}")
-            prompts.append(transcript([(message["role"], message["content"]) for message in conversation]))
+            try:
+                prompts.append(transcript(turns_of(conversation)))
+            except ValueError as err:
+                raise ValueError(f"conversation {c}, {err}") from None
         config = self.config.replace(**options)
         if config.num_beams > 1:
             raise ValueError("chat input ends each reply at a stop string (the next 'User:' line), which beam search "

@@ -21,6 +21,7 @@ from typing import Any
 
 import tiktoken
 
+from .conversation import transcript, turns_of
 from .files import read_json, sha256_file
 
 ASSETS = Path(__file__).parent / "assets" / "gpt2"
@@ -313,6 +314,13 @@ class GPT2Tokenizer:
             special = {self.encoding.encode_single_token(t) for t in self.encoding.special_tokens_set}
             ids = [i for i in ids if i not in special]
         return self.encoding.decode(ids, errors="replace")
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], *, tokenize: bool = True,
+                            add_generation_prompt: bool = True) -> list[int] | str:
+        """transformers' call for chat prompts. GPT-2 has no chat template of its own: this writes the transcript
+        that `gpt2kit chat`, the server and the pipeline use (gpt2kit.conversation), as ids or as text."""
+        text = transcript(turns_of(messages), add_generation_prompt=add_generation_prompt)
+        return self.encode(text) if tokenize else text
 
     def batch_decode(self, sequences: Iterable[Iterable[int]], *, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
