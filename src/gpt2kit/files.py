@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +28,24 @@ def _umask() -> int:
     return mask
 
 
-def staging_file(target: str | os.PathLike) -> Path:
-    """A new, empty hidden sibling of `target` to write it in before a rename, with the permissions open() would
-    give `target` (tempfile makes its files private, 0600, and the rename would keep that)."""
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A hidden temporary sibling of `path` to write in the `with` block; it becomes `path` by a rename when the
+    block ends, or is removed if it raises: a reader sees the old file or the whole new one, never half of it.
+    It gets the permissions open() would give `path` (tempfile makes its files private, 0600, and the rename
+    would keep that). Creates the parent directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
-    return Path(tmp)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def staging_directory(target: str | os.PathLike) -> Path:
@@ -43,18 +55,10 @@ def staging_directory(target: str | os.PathLike) -> Path:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` through a hidden temporary sibling and a rename: a reader sees the old
-    file or the whole new one, never half of it. Creates the parent directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_file(path)
-    try:
+    """Write `text` (UTF-8) to `path` atomically (see atomic_file)."""
+    with atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> Path:

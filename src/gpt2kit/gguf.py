@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .files import staging_file
+from .files import atomic_file
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer
 from .quantization import is_inference_only
@@ -135,9 +135,7 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
     arch = gguf.MODEL_ARCH.GPT2
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_file(output)
-    try:
+    with atomic_file(output) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_name(output.stem)
         writer.add_context_length(config.n_positions)
@@ -172,8 +170,4 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return output

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..config import GPT2Config
+from ..files import atomic_write_text
 from .parallel import ParallelConfig, ParallelConfigError, launched_world_size
 
 TASKS = ("text_generation", "text_classification")
@@ -388,8 +389,4 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[tuple[str
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically), so every run records exactly what it ran."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))

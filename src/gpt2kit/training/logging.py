@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..config import GPT2Config
+from ..files import atomic_file, atomic_write_text
 
 # Dense peak TFLOP/s (no sparsity) by GPU name fragment: (bf16/fp16 tensor cores, fp32).
 GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
@@ -93,10 +94,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     if measured > known.get(key, 0.0):
         known[key] = measured
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, cache)
+            atomic_write_text(cache, json.dumps(known, indent=1))
         except OSError:
             pass  # an unwritable cache only costs a re-measurement next time
     return float(known[key]), f"best measured {dtype} matmul on {torch.get_num_threads()} CPU threads"
@@ -117,9 +115,7 @@ class MetricsLogger:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -183,8 +179,7 @@ def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike, ti
     ax.legend()
     fig.tight_layout()
     out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.stem}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(out_path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, out_path)
     return out_path
