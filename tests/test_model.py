@@ -175,3 +175,21 @@ def test_config_json_round_trip(tmp_path, tiny_config):
     path.write_text(__import__("json").dumps(tiny_config.to_hf_dict()))
     assert GPT2Config.from_json_file(path).to_dict() == {**tiny_config.to_dict(), "architectures": ["GPT2LMHeadModel"],
                                                        "model_type": "gpt2"}
+
+
+@pytest.mark.parametrize("rows", [[2, 0, 0, 1], [3, 1]])
+def test_kv_cache_reorder_keeps_and_repeats_rows(tiny_config, rows):
+    """As many rows as before (beam search) reorders the written positions in place; fewer rows (finished
+    sequences dropped) makes a smaller cache. Either way row i holds what row rows[i] held."""
+    cache = KVCache(tiny_config, batch_size=4, max_length=10)
+    shape = (4, tiny_config.n_head, 6, tiny_config.head_dim)
+    k, v = torch.randn(shape), torch.randn(shape)
+    for layer in range(tiny_config.n_layer):
+        cache.update(layer, k, v)
+    cache.length = 6
+    before = cache.keys.clone(), cache.values.clone()
+    index = torch.tensor(rows)
+    cache.reorder(index)
+    assert cache.batch_size == len(rows) and cache.length == 6
+    torch.testing.assert_close(cache.keys[:, :, :, :6], before[0][:, index, :, :6], rtol=0, atol=0)
+    torch.testing.assert_close(cache.values[:, :, :, :6], before[1][:, index, :, :6], rtol=0, atol=0)

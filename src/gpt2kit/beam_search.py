@@ -39,15 +39,14 @@ def beam_search(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tenso
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     keep = max(2, 1 + len(eos)) * beams  # enough continuations that num_beams stay open if the best ones end
     offered = torch.arange(keep, device=device) < beams  # only the best num_beams may become finished
-    processors = config.processors()
-    early_processors = config.processors(suppress=eos) if config.min_new_tokens else processors
     offsets = torch.arange(batch, device=device)[:, None] * beams
 
-    running = run.tokens.new_full((batch, beams, max_length), run.pad)
-    running[:, :, :prompt_len] = rows.view(batch, beams, prompt_len)
+    # The generator's rows hold the running beams, each prompt's `beams` rows together; after its last token a
+    # hypothesis is padding.
+    run.tokens[:, prompt_len:] = run.pad
     running_scores = torch.zeros(batch, beams, device=device)
     running_scores[:, 1:] = _NEVER  # the beams start as copies: only the first may expand at step 0
-    finished = running.clone()
+    finished = run.tokens.view(batch, beams, max_length).clone()
     finished_scores = torch.full((batch, beams), _NEVER, device=device)
     finished_lengths = torch.zeros(batch, beams, dtype=torch.long, device=device)
     is_finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
@@ -59,27 +58,24 @@ def beam_search(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tenso
         with torch.no_grad():
             for step in range(config.max_new_tokens):
                 cur = prompt_len + step
-                log_probs = run.next_logits(cur).float().log_softmax(-1)
-                history = run.history[:, :cur]
-                for process in early_processors if step < config.min_new_tokens else processors:
-                    seen = history[:, prompt_len:] if getattr(process, "generated_only", False) else history
-                    log_probs = process(seen, log_probs)
+                log_probs = run.sampler.process(run.next_logits(cur).float().log_softmax(-1), run.history[:, :cur],
+                                                step)
                 vocab = log_probs.shape[-1]
                 scores = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
                 top_scores, top_index = scores.topk(keep)
                 source, tokens = top_index // vocab, top_index % vocab
-                candidates = _gather(running, source)
+                candidates = _gather(run.tokens.view(batch, beams, max_length), source)
                 candidates[:, :, cur] = tokens
                 ends = torch.isin(tokens, eos_ids) | (cur + 1 >= max_length)
 
                 # The best candidates that do not end run on.
                 open_scores = top_scores + ends.float() * _NEVER
                 best_open = open_scores.topk(beams).indices
-                running, running_scores = _gather(candidates, best_open), _gather(open_scores, best_open)
-                run.reorder((_gather(source, best_open) + offsets).view(-1))
-                run.tokens[:, :cur + 1] = running.view(batch * beams, max_length)[:, :cur + 1]
+                running_scores = _gather(open_scores, best_open)
+                run.reorder((_gather(source, best_open) + offsets).view(-1))  # rows (and cache) follow their beams
+                run.tokens[:, cur] = _gather(tokens, best_open).view(-1)
                 if run.history is not run.tokens:
-                    run.history[:, prompt_len:cur + 1] = run.tokens[:, prompt_len:cur + 1]
+                    run.history[:, cur] = run.tokens[:, cur]
 
                 # Candidates that end join the finished hypotheses if they score among the best.
                 just_finished = ends & offered

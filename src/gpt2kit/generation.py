@@ -297,16 +297,23 @@ class Sampler:
         self.processors = config.processors()
         self.early_processors = config.processors(suppress=self.eos) if config.min_new_tokens else self.processors
 
+    def _processors(self, step: int) -> list[LogitsProcessor]:
+        return self.early_processors if step < self.config.min_new_tokens else self.processors
+
+    def process(self, scores: Tensor, history: Tensor, step: int) -> Tensor:
+        """`scores` (B, V) float after this step's processors; `history` and `step` as for __call__. Processors
+        marked `generated_only` see the generated tokens alone."""
+        for process in self._processors(step):
+            seen = history[:, history.shape[1] - step:] if getattr(process, "generated_only", False) else history
+            scores = process(seen, scores)
+        return scores
+
     def __call__(self, logits: Tensor, history: Tensor, step: int) -> Tensor:
         """Next token of each row (B,) from `logits` (B, V), the tokens so far `history` (B, L; -1 at padding)
         and `step`, the number of tokens generated before this one."""
-        processors = self.early_processors if step < self.config.min_new_tokens else self.processors
-        if not processors and not self.sampling:
+        if not self._processors(step) and not self.sampling:
             return logits.argmax(-1)  # argmax needs no float copy
-        scores = logits.float()
-        for process in processors:
-            seen = history[:, history.shape[1] - step:] if getattr(process, "generated_only", False) else history
-            scores = process(seen, scores)
+        scores = self.process(logits.float(), history, step)
         if self.sampling:
             return torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(1)
         return scores.argmax(-1)

@@ -57,7 +57,13 @@ class KVCache:
         return self.keys[layer], self.values[layer]
 
     def reorder(self, index: Tensor) -> None:
-        """Keep (and repeat) batch rows by index, e.g. to drop finished sequences."""
+        """Keep (and repeat) batch rows by index, e.g. to drop finished sequences or follow beams. With as many
+        rows as before, in place and over the written positions only (beam search does it every step)."""
+        if index.numel() == self.batch_size:
+            end = self.length
+            self.keys[:, :, :, :end] = self.keys[:, index, :, :end]
+            self.values[:, :, :, :end] = self.values[:, index, :, :end]
+            return
         self.keys = self.keys.index_select(1, index)
         self.values = self.values.index_select(1, index)
 
