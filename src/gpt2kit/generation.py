@@ -188,7 +188,8 @@ class GenerationConfig:
             (isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1,
              "num_return_sequences must be an integer >= 1"),
             (type(self.num_beams) is int and self.num_beams >= 1, "num_beams must be an integer >= 1"),
-            (self.num_return_sequences == 1 or self.sampling or self.num_return_sequences <= self.num_beams > 1,
+            (self.num_return_sequences == 1 or self.sampling
+             or (self.num_beams > 1 and self.num_return_sequences <= self.num_beams),
              "num_return_sequences > 1 needs do_sample=True with temperature > 0 (greedy rows would be identical), "
              "or beam search with num_beams >= num_return_sequences"),
             (self.num_beams == 1 or not self.sampling, "beam search is deterministic here: do_sample=True (beam "
