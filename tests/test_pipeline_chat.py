@@ -11,6 +11,7 @@ import torch
 from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.chat import ChatSession, chat
 from gpt2kit.cli import main
+from gpt2kit.conversation import ReplyStart
 from gpt2kit.generation import GenerationConfig
 from gpt2kit.pipeline import load_model_and_tokenizer, pipeline
 
@@ -99,6 +100,11 @@ def test_apply_chat_template_writes_the_chat_transcript(pipe):
     assert reply == continued.lstrip()
     with pytest.raises(ValueError, match="message 1: expected"):
         tok.apply_chat_template([messages[0], {"role": "tool", "content": "x"}])
+
+
+def test_reply_start_drops_only_the_leading_whitespace_of_a_streamed_reply():
+    start = ReplyStart()
+    assert [start(p) for p in [" ", "\n", "  Hi", " there", " ", "\n"]] == ["", "", "Hi", " there", " ", "\n"]
 
 
 def test_empty_prompt_starts_from_endoftext(pipe):

@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .conversation import REPLY_STOP, format_turn, transcript
+from .conversation import REPLY_STOP, ReplyStart, format_turn, transcript
 from .generation import GenerationConfig, parse_logit_bias, stream_generate
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer, text_defaults
@@ -81,14 +81,12 @@ class ChatSession:
         pieces = []
         stop = [REPLY_STOP, *(self.config.stop or [])]
         config = self.config.replace(seed=None, stop=stop)
+        start = ReplyStart()
         for piece in stream_generate(self.model, self.tokenizer, self.prompt_ids(message), config,
                                      generator=self.generator):
-            if not pieces:
-                piece = piece.lstrip()
-                if not piece:
-                    continue
-            pieces.append(piece)
-            yield piece
+            if piece := start(piece):
+                pieces.append(piece)
+                yield piece
         exchange = format_turn("user", message) + format_turn("assistant", "".join(pieces))
         self.turns.append(self.tokenizer.encode(exchange))
 

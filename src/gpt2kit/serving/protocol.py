@@ -7,7 +7,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from ..conversation import REPLY_STOP, ROLES, transcript
+from ..conversation import REPLY_STOP, ROLES, ReplyStart, transcript
 from ..tokenizer import GPT2Tokenizer
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -292,15 +292,11 @@ class ChatFormat:
     logprobs_builder = ChatLogprobsBuilder
 
     def __init__(self) -> None:
-        self.begun: set[int] = set()  # choices whose reply has shown a non-space character
+        self.starts: dict[int, ReplyStart] = {}  # per choice: its reply's leading space is dropped
         self.announced: set[int] = set()  # choices whose first chunk (with the role) was written
 
     def piece(self, index: int, text: str) -> str:
-        if index not in self.begun:
-            text = text.lstrip()
-            if text:
-                self.begun.add(index)
-        return text
+        return self.starts.setdefault(index, ReplyStart())(text)
 
     def choice(self, index: int, text: str, logprobs: dict | None, finish: str | None) -> dict[str, Any]:
         return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
