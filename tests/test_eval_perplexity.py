@@ -1,6 +1,7 @@
 """Perplexity: hand-computed values on models with known probabilities, window/stride semantics checked
 token by token against a naive reference, batch-size invariance, and padding that is never scored."""
 
+import dataclasses
 import math
 import re
 from types import SimpleNamespace
@@ -230,3 +231,39 @@ def test_dropout_is_off_during_evaluation_and_the_mode_restored(tiny_config, sma
     first = evaluate_perplexity(model, small_tokenizer, [TEXT], progress=False)
     second = evaluate_perplexity(model, small_tokenizer, [TEXT], progress=False)
     assert first["nll"] == second["nll"] and model.training
+
+
+def test_scores_over_the_tokenizer_vocabulary_of_a_padded_head(tiny_config):
+    """A model vocabulary that is not a multiple of 128 (the head multiplies with zero rows appended) and larger
+    than the tokenizer's: log-probabilities, greedy and restricted greedy hits are over the tokenizer's tokens
+    only, as a float64 log-softmax of the model's own logits says."""
+    from gpt2kit.evaluation.scoring import Window, score_windows
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(dataclasses.replace(tiny_config, vocab_size=601)).eval()
+    vocab = 500
+    disallowed = torch.zeros(vocab, dtype=torch.bool)
+    disallowed[::3] = True
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, vocab, (8,), generator=generator).tolist()
+    with torch.no_grad():  # continue with greedy, restricted greedy and random tokens, so that all kinds of hit occur
+        for step in range(40):
+            logits = model(torch.tensor([tokens])).logits[0, -1, :vocab]
+            choices = (logits.argmax(), logits.masked_fill(disallowed, -math.inf).argmax(),
+                       torch.randint(0, vocab, (), generator=generator))
+            tokens.append(int(choices[step % 3]))
+    windows = [Window(tokens[:n], n_scored=n - 1 - n // 3) for n in (48, 17, 29)]
+    scores = score_windows(model, windows, vocab_size=vocab, batch_size=2, greedy=True, disallowed=disallowed,
+                           progress=False)
+    hits = restricted_hits = 0
+    for window, score in zip(windows, scores, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([window.tokens[:-1]])).logits[0, -window.n_scored:, :vocab].double()
+        targets = torch.tensor(window.tokens[-window.n_scored:])
+        expected = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        torch.testing.assert_close(score.logprobs, expected, rtol=0, atol=1e-5)
+        assert torch.equal(score.greedy, logits.argmax(-1) == targets)
+        assert torch.equal(score.restricted_greedy, logits.masked_fill(disallowed, -math.inf).argmax(-1) == targets)
+        hits += int(score.greedy.sum())
+        restricted_hits += int((score.restricted_greedy & ~score.greedy).sum())
+    assert hits > 5 and restricted_hits > 2
