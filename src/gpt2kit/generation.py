@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -594,6 +595,8 @@ def _compile_options(model: GPT2LMHeadModel, device_type: str) -> contextlib.Abs
     if _frozen_weights.get(model, version) != version:
         torch._dynamo.reset()  # frozen copies of the old weights: compile again (dynamo guards on identity only)
     _frozen_weights[model] = version
+    # Autotuning's own code calls a deprecated storage API; the warning is torch's internals, nothing to act on.
+    warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning, r"torch\._inductor\.")
     # Autotuning would print a table of its timings to stderr for every matrix product.
     return torch._inductor.config.patch(freezing=True, max_autotune=True, autotune_num_choices_displayed=0,
                                         max_autotune_report_choices_stats=False)
