@@ -114,11 +114,11 @@ def scored_rows(model: nn.Module, inputs: Tensor, spans: list[tuple[int, int]]) 
 
 
 def _lm_head(model: GPT2LMHeadModel) -> Callable[[Tensor], Tensor]:
-    """hidden rows -> logits. A plain LM head's product (see plain_head_weight) goes into a scratch block (see
-    ROWS_PER_CHUNK), so the logits it returns are valid until the next call (and the head until the fused loss
-    or another head pads a weight). A head packed by pack_weights still
-    has its float weight in the tied embedding; any other head (int8, an untied packed one, a DTensor) runs as
-    its own module."""
+    """hidden rows -> logits. A plain LM head's product (see plain_head_weight) runs on the padded vocabulary
+    (the extra columns are 0; _score_rows masks them) and goes into a scratch block (see ROWS_PER_CHUNK), so the
+    logits it returns are valid until the next call, and the head until the fused loss or another head pads a
+    weight. A head packed by pack_weights still has its float weight in the tied embedding; any other head (int8,
+    an untied packed one, a DTensor) runs as its own module."""
     head = model.lm_head
     weight = plain_head_weight(head)
     if isinstance(head, PackedLinear) and model.config.tie_word_embeddings:
