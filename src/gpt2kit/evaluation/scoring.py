@@ -100,17 +100,15 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def scored_rows(model: nn.Module, inputs: Tensor, spans: list[tuple[int, int]]) -> tuple[Tensor, Callable]:
-    """The rows at positions [start, end) of each input row, concatenated, and the function that turns them
-    into logits. For a GPT2LMHeadModel the rows are hidden states and the LM head runs on those positions
-    only: with a stride smaller than the window most positions are context, and the LM head (a vocab-wide
-    matmul) is most of a small model's work. Other models, and a GPT-2 sharded by FSDP (its root module gathers
-    the weights in its own forward) or tensor parallelism (DTensor weights), return logits for every position."""
+def scoring_head(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """For a GPT2LMHeadModel, the function that turns hidden states into logits (see _lm_head), so the model runs
+    without its head and the head runs on the scored positions only: with a stride smaller than the window most
+    positions are context, and the LM head (a vocab-wide matmul) is most of a small model's work. None for
+    other models, and for a GPT-2 sharded by FSDP (its root module gathers the weights in its own forward) or
+    tensor parallelism (DTensor weights): they return logits for every position."""
     if type(model) is GPT2LMHeadModel and all(map(is_plain, model.parameters())):
-        hidden, head = model.transformer(inputs), _lm_head(model)
-    else:
-        hidden, head = model(inputs).logits, nn.Identity()
-    return torch.cat([hidden[row, start:end] for row, (start, end) in enumerate(spans)]), head
+        return _lm_head(model)
+    return None
 
 
 def _lm_head(model: GPT2LMHeadModel) -> Callable[[Tensor], Tensor]:
@@ -174,7 +172,7 @@ def score_windows(model: nn.Module, windows: Sequence[Window], *, vocab_size: in
                   desc: str = "scoring", progress: bool = True) -> list[WindowScore]:
     """Score each window; the result is in the order of `windows` and does not depend on `batch_size`.
 
-    Logits are sliced to `vocab_size` (the tokenizer's), so vocabulary padding added for speed is never a
+    Logits past `vocab_size` (the tokenizer's) are masked out, so vocabulary padding added for speed is never a
     candidate. `greedy=True` also reports whether each target is the argmax; `disallowed` (bool, vocab_size)
     yields `restricted_greedy`: whether the target is the argmax once the disallowed tokens are removed.
 
@@ -191,6 +189,7 @@ def score_windows(model: nn.Module, windows: Sequence[Window], *, vocab_size: in
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].tokens))
     scores: list[WindowScore | None] = [None] * len(windows)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    head = scoring_head(model)  # once: it pads the head's weight
     with eval_mode(model):
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
             inputs = torch.full((len(batch), len(windows[batch[0]].tokens) - 1), pad_token_id, dtype=torch.long)
@@ -200,9 +199,12 @@ def score_windows(model: nn.Module, windows: Sequence[Window], *, vocab_size: in
                 inputs[row, :len(tokens) - 1] = torch.tensor(tokens[:-1])
                 spans.append((len(tokens) - 1 - n, len(tokens) - 1))
                 targets += tokens[-n:]
-            rows, head = scored_rows(model, inputs.to(device), spans)
-            logprobs, hits, restricted = _score_rows(rows, head, torch.tensor(targets, device=device),
-                                                     vocab_size=vocab_size, greedy=greedy, disallowed=disallowed)
+            inputs = inputs.to(device)
+            out = model(inputs).logits if head is None else model.transformer(inputs)
+            rows = torch.cat([out[row, start:end] for row, (start, end) in enumerate(spans)])
+            logprobs, hits, restricted = _score_rows(
+                rows, head or nn.Identity(), torch.tensor(targets, device=device), vocab_size=vocab_size,
+                greedy=greedy, disallowed=disallowed)
             offset = 0
             for i in batch:
                 own = slice(offset, offset + windows[i].n_scored)
