@@ -117,7 +117,7 @@ def test_penalties_and_logit_bias_equal_library_generation(client, pipe):
     assert expected != greedy(pipe, PROMPTS[2], 20)
 
 
-def test_best_of_returns_the_candidates_of_highest_mean_logprob(client, server):
+def test_best_of_returns_the_candidates_of_highest_mean_logprob(client, pipe, server):
     tok, model = server.tokenizer, server.model
     ids = tok.encode(PROMPTS[1])
     response = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=1.0, seed=3, n=2,
@@ -136,6 +136,10 @@ def test_best_of_returns_the_candidates_of_highest_mean_logprob(client, server):
     assert best[0][0] < best[1][0] - 1e-4  # a clear ranking
     assert [(c.index, c.text) for c in response.choices] == [(0, best[0][2]), (1, best[1][2])]
     assert response.usage.completion_tokens == tokens  # every candidate was generated
+    # Greedy candidates would all be the same sequence: only n are generated.
+    greedy_best = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=0, best_of=4)
+    assert [c.text for c in greedy_best.choices] == [greedy(pipe, PROMPTS[1], 8)]
+    assert greedy_best.usage.completion_tokens == len(tok.encode(greedy_best.choices[0].text))
 
 
 def test_token_prompts_and_prompt_lists(client, pipe, server):

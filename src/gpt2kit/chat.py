@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .conversation import REPLY_STOP, ReplyStart, format_turn, transcript
+from .conversation import ReplyStart, format_turn, reply_stops, transcript
 from .generation import GenerationConfig, parse_logit_bias, stream_generate
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer, text_defaults
@@ -79,7 +79,7 @@ class ChatSession:
     def reply(self, message: str) -> Iterator[str]:
         """Stream the assistant's reply; the exchange joins the history when the reply is complete."""
         pieces = []
-        stop = [REPLY_STOP, *(self.config.stop or [])]
+        stop = reply_stops(self.config.stop)
         config = self.config.replace(seed=None, stop=stop)
         start = ReplyStart()
         for piece in stream_generate(self.model, self.tokenizer, self.prompt_ids(message), config,

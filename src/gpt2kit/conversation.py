@@ -15,6 +15,11 @@ SPEAKERS = {"user": "User:", "assistant": "Assistant:"}
 REPLY_STOP = "\nUser:"  # the model starting the next user turn ends a reply
 
 
+def reply_stops(stop: Sequence[str] | None) -> list[str]:
+    """The stop strings that end a reply: the model starting the next user turn, then the caller's own."""
+    return [REPLY_STOP, *(stop or [])]
+
+
 def format_turn(role: str, content: str) -> str:
     """One turn: "User: ..." or "Assistant: ..." on a line of its own; a system (or developer) message is
     written as it is, without a speaker."""

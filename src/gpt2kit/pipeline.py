@@ -12,7 +12,7 @@ import torch
 from . import quantization
 from .checkpoint import resolve_model_dir
 from .config import PRESETS, GPT2Config
-from .conversation import REPLY_STOP, transcript, turns_of
+from .conversation import reply_stops, transcript, turns_of
 from .generation import (
     GenerationConfig,
     decode_completions,
@@ -154,7 +154,7 @@ class TextGenerationPipeline:
         if config.num_beams > 1:
             raise ValueError("chat input ends each reply at a stop string (the next 'User:' line), which beam search "
                              "does not support: use num_beams=1")
-        stop = [REPLY_STOP, *(config.stop or [])]
+        stop = reply_stops(config.stop)
         outputs = self(prompts, return_full_text=False, batch_size=batch_size, generator=generator,
                        **{**options, "stop": stop})
         results = [[{"generated_text": [*conversation, {"role": "assistant", "content": reply}]

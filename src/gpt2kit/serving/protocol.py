@@ -7,7 +7,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from ..conversation import REPLY_STOP, ROLES, ReplyStart, transcript
+from ..conversation import ROLES, ReplyStart, reply_stops, transcript
 from ..tokenizer import GPT2Tokenizer
 
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -135,8 +135,9 @@ class CompletionRequest(SamplingRequest):
         return self
 
     def candidates(self) -> int:
-        """Sequences generated per prompt: best_of, which is at least n."""
-        return max(self.n or 1, self.best_of or 1)
+        """Sequences generated per prompt: best_of, which is at least n; just n under greedy decoding (temperature
+        0), where every candidate would be the same sequence."""
+        return self.n or 1 if self.temperature == 0 else max(self.n or 1, self.best_of or 1)
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of texts or of token lists."""
@@ -193,7 +194,7 @@ class ChatCompletionRequest(SamplingRequest):
         shared = {name: getattr(self, name) for name in SamplingRequest.model_fields}
         if self.max_completion_tokens is not None:
             shared["max_tokens"] = self.max_completion_tokens
-        shared["stop"] = [REPLY_STOP, *(self.stop or [])]
+        shared["stop"] = reply_stops(self.stop)
         prompt = transcript([(m.role, m.content) for m in self.messages])
         completion = CompletionRequest.model_construct(
             **shared, prompt=prompt, echo=False, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
