@@ -177,7 +177,7 @@ def test_config_json_round_trip(tmp_path, tiny_config):
                                                        "model_type": "gpt2"}
 
 
-@pytest.mark.parametrize("rows", [[2, 0, 0, 1], [3, 1]])
+@pytest.mark.parametrize("rows", [[2, 0, 0, 1], [0, 0, 2, 1], [0, 1, 2, 3], [3, 1]])
 def test_kv_cache_reorder_keeps_and_repeats_rows(tiny_config, rows):
     """As many rows as before (beam search) reorders the written positions in place; fewer rows (finished
     sequences dropped) makes a smaller cache. Either way row i holds what row rows[i] held."""

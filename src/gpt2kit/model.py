@@ -58,11 +58,14 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep (and repeat) batch rows by index, e.g. to drop finished sequences or follow beams. With as many
-        rows as before, in place and over the written positions only (beam search does it every step)."""
+        rows as before, in place: only the rows that change, over the written positions only (beam search does
+        it every step, and most beams usually keep their own row)."""
         if index.numel() == self.batch_size:
-            end = self.length
-            self.keys[:, :, :, :end] = self.keys[:, index, :, :end]
-            self.values[:, :, :, :end] = self.values[:, index, :, :end]
+            moved = (index != torch.arange(len(index), device=index.device)).nonzero().squeeze(1)
+            if len(moved):
+                end = self.length
+                self.keys[:, moved, :, :end] = self.keys[:, index[moved], :, :end]
+                self.values[:, moved, :, :end] = self.values[:, index[moved], :, :end]
             return
         self.keys = self.keys.index_select(1, index)
         self.values = self.values.index_select(1, index)
