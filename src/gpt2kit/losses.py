@@ -126,10 +126,9 @@ def scratch_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, device
     return buffer
 
 
-def padded_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """A (vocab x n_embd) LM-head weight in `dtype` with zero rows appended up to padded_vocab_size: the weight
-    itself when it needs neither, else one copy into a scratch buffer, valid until the next call (the fused loss
-    and evaluation use it within one call)."""
+def _padded(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """weight in `dtype` with zero rows appended up to padded_vocab_size: the weight itself when it needs
+    neither, else one copy into a scratch buffer (the result lives only inside one call of the loss)."""
     vocab, size = weight.shape[0], padded_vocab_size(weight.shape[0])
     if size == vocab and weight.dtype == dtype:
         return weight
@@ -160,7 +159,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden = hidden.to(dtype)
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         vocab = weight.shape[0]
-        weight = padded_weight(weight, dtype)
+        weight = _padded(weight, dtype)
         valid, n_valid, targets = _scored(targets)
         scale = valid / n_valid.clamp(min=1)  # (N, 1) float32: 1/n_valid, 0 for ignored rows
         grad_hidden = torch.empty_like(hidden, dtype=hidden_dtype) if want_hidden else None

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..losses import padded_weight, scratch_buffer
+from ..losses import padded_vocab_size, scratch_buffer
 from ..model import GPT2LMHeadModel, is_plain, plain_head_weight
 from ..quantization import PackedLinear
 from ..tokenizer import GPT2Tokenizer
@@ -114,9 +114,8 @@ def scoring_head(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
 def _lm_head(model: GPT2LMHeadModel) -> Callable[[Tensor], Tensor]:
     """hidden rows -> logits. A plain LM head's product (see plain_head_weight) runs on the padded vocabulary
     (the extra columns are 0; _score_rows masks them) and goes into a scratch block (see ROWS_PER_CHUNK), so the
-    logits it returns are valid until the next call, and the head until the fused loss or another head pads a
-    weight. A head packed by pack_weights still has its float weight in the tied embedding; any other head (int8,
-    an untied packed one, a DTensor) runs as its own module."""
+    logits it returns are valid until the next call. A head packed by pack_weights still has its float weight in
+    the tied embedding; any other head (int8, an untied packed one, a DTensor) runs as its own module."""
     head = model.lm_head
     weight = plain_head_weight(head)
     if isinstance(head, PackedLinear) and model.config.tie_word_embeddings:
@@ -126,7 +125,8 @@ def _lm_head(model: GPT2LMHeadModel) -> Callable[[Tensor], Tensor]:
 
     # The product runs on the vocabulary padded with zero rows (as the fused training loss does): MKL's float32
     # GEMM ran 1024 x 256 x 50257 at 106 GFLOP/s on the benchmark CPU and 50304 columns at 181.
-    padded = padded_weight(weight, weight.dtype)
+    extra = padded_vocab_size(len(weight)) - len(weight)
+    padded = nn.functional.pad(weight, (0, 0, 0, extra)) if extra else weight
 
     def logits(rows: Tensor) -> Tensor:
         # One block of ROWS_PER_CHUNK rows serves every chunk, the last one too (untouched pages cost nothing).
