@@ -580,6 +580,13 @@ def _compiled_decode_step(device_type: str) -> Callable[..., Tensor]:
 _frozen_weights: weakref.WeakKeyDictionary[GPT2LMHeadModel, int] = weakref.WeakKeyDictionary()
 
 
+@functools.cache
+def _ignore_autotuning_storage_warning() -> None:
+    """Autotuning's own code calls a deprecated storage API: torch's internals, nothing for a user to act on.
+    One filter, added once, for that warning from torch._inductor only."""
+    warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning, r"torch\._inductor\.")
+
+
 def _compile_options(model: GPT2LMHeadModel, device_type: str) -> contextlib.AbstractContextManager:
     """Inductor settings for compiling the decode step. On a CPU: the weights become constants of the compiled
     step (`freezing`), which lets inductor pre-pack them once and benchmark its own CPU matrix kernels against
@@ -595,8 +602,7 @@ def _compile_options(model: GPT2LMHeadModel, device_type: str) -> contextlib.Abs
     if _frozen_weights.get(model, version) != version:
         torch._dynamo.reset()  # frozen copies of the old weights: compile again (dynamo guards on identity only)
     _frozen_weights[model] = version
-    # Autotuning's own code calls a deprecated storage API; the warning is torch's internals, nothing to act on.
-    warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning, r"torch\._inductor\.")
+    _ignore_autotuning_storage_warning()
     # Autotuning would print a table of its timings to stderr for every matrix product.
     return torch._inductor.config.patch(freezing=True, max_autotune=True, autotune_num_choices_displayed=0,
                                         max_autotune_report_choices_stats=False)
