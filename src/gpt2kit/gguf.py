@@ -130,7 +130,7 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
     if is_inference_only(lm):
         raise ValueError("GGUF export needs the float weights: export the model before quantizing or packing it")
     config = lm.config
-    gguf_pre_tokenizer(tok)  # checked before anything is computed or written
+    pre_tokenizer = gguf_pre_tokenizer(tok)  # checked before anything is computed or written
     tokens, types, merges = gguf_vocabulary(tok, config.vocab_size)
     arch = gguf.MODEL_ARCH.GPT2
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -146,7 +146,7 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         writer.add_layer_norm_eps(config.layer_norm_epsilon)
         writer.add_file_type(file_type)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(gguf_pre_tokenizer(tok))
+        writer.add_tokenizer_pre(pre_tokenizer)
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
@@ -157,7 +157,7 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         state = {k: v for k, v in lm.state_dict().items() if not (tied and k == "lm_head.weight")}
         for name, tensor in tqdm(state.items(), desc=f"export gguf {dtype}", unit="tensor"):
             target = gguf_tensor_name(name)
-            data = tensor.detach().to(torch.float32, copy=True).cpu().numpy()
+            data = tensor.detach().float().cpu().numpy()  # no copy of a float32 CPU weight: written before return
             # Norms and biases stay f32 (llama.cpp adds them in f32); so does q8_0's position embedding.
             if data.ndim == 1 or dtype == "f32" or (dtype == "q8_0" and target.startswith("position_embd")):
                 writer.add_tensor(target, data)
