@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from gpt2kit.allocator import ALLOCATORS, preload_allocator
+from gpt2kit.files import atomic_write_text
 
 from . import bench_eval, bench_generate, bench_train
 from .devices import default_device
@@ -246,11 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                 row["section"] = "llama.cpp"
 
     print_report(rows, hw, device)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_name(f".{args.json.name}.tmp")
-    tmp.write_text(json.dumps({"platform": platform_line(device), "argv": sys.argv[1:], "hardware": hw, "rows": rows,
-                               "table": table(rows, hw)}, indent=1, default=str))
-    os.replace(tmp, args.json)
+    atomic_write_text(args.json, json.dumps({"platform": platform_line(device), "argv": sys.argv[1:], "hardware": hw,
+                                             "rows": rows, "table": table(rows, hw)}, indent=1, default=str))
     print(f"benchmarks done in {time.perf_counter() - started:.0f} s; rows written to {args.json}")
 
 

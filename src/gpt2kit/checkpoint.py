@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import PRESETS, GPT2Config
-from .files import replace_directory, staging_directory
+from .files import atomic_directory
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -235,9 +234,7 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_directory(directory)
-    try:
+    with atomic_directory(directory) as tmp:
         shards = list(_shards(state, parse_size(max_shard_size))) if max_shard_size else [state]
         if weights_format == "safetensors":
             single, index_name, suffix = SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, "safetensors"
@@ -258,10 +255,6 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
             (tmp / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-        replace_directory(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .checkpoint import CONFIG_NAME, load_config, resolve_model_dir
 from .config import GPT2Config
-from .files import replace_directory, staging_directory
+from .files import atomic_directory
 from .model import CausalLMOutput, GPT2LMHeadModel, KVCache, positions_from_mask
 from .quantization import is_inference_only
 
@@ -133,24 +133,19 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
         lm = copy.deepcopy(lm).float().cpu()  # the caller's model keeps its dtype and device
     was_training = lm.training
     wrapper = KVCacheLM(lm.eval())
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_directory(output_dir)
     try:
-        with torch.no_grad():
-            for name in tqdm([PREFILL_NAME, DECODE_NAME], desc="export onnx", unit="graph"):
-                _export_graph(wrapper, tmp / name, lm.config, with_past=name == DECODE_NAME, opset=opset)
-        (tmp / CONFIG_NAME).write_text(json.dumps(lm.config.to_hf_dict(), indent=2) + "\n")
-        if source_dir is not None:
-            for path in [*(source_dir / n for n in _TOKENIZER_FILES), *source_dir.glob("*.tiktoken")]:
-                if path.is_file():
-                    shutil.copyfile(path, tmp / path.name)
-        info = {"format": "gpt2kit-onnx", "opset": opset, "dtype": "float32", "graphs": [PREFILL_NAME, DECODE_NAME],
-                "cache_layout": "(n_layer, batch, n_head, length, head_dim)"}
-        (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-        replace_directory(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(output_dir) as tmp:
+            with torch.no_grad():
+                for name in tqdm([PREFILL_NAME, DECODE_NAME], desc="export onnx", unit="graph"):
+                    _export_graph(wrapper, tmp / name, lm.config, with_past=name == DECODE_NAME, opset=opset)
+            (tmp / CONFIG_NAME).write_text(json.dumps(lm.config.to_hf_dict(), indent=2) + "\n")
+            if source_dir is not None:
+                for path in [*(source_dir / n for n in _TOKENIZER_FILES), *source_dir.glob("*.tiktoken")]:
+                    if path.is_file():
+                        shutil.copyfile(path, tmp / path.name)
+            info = {"format": "gpt2kit-onnx", "opset": opset, "dtype": "float32", "graphs": [PREFILL_NAME, DECODE_NAME],
+                    "cache_layout": "(n_layer, batch, n_head, length, head_dim)"}
+            (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
     finally:
         lm.train(was_training)
     return output_dir

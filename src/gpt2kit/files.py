@@ -23,6 +23,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _umask() -> int:
+    """The process's umask, read on Linux without setting it (setting it to read it back races with other
+    threads creating files meanwhile)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -48,10 +54,19 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def staging_directory(target: str | os.PathLike) -> Path:
-    """A new hidden sibling directory of `target` to build it in, then hand to replace_directory."""
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """A new hidden sibling directory of `target` to fill in the `with` block; it replaces `target` (see
+    replace_directory) when the block ends, or is removed if it raises. Creates the parent directory."""
     target = Path(target)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        replace_directory(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

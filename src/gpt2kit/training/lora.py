@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..files import replace_directory, staging_directory
+from ..files import atomic_directory
 from .config import LoraArgs
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -71,16 +71,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_directory(directory)
-    try:
+    with atomic_directory(directory) as tmp:
         save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         model.peft_config["default"].save_pretrained(str(tmp))
         (tmp / MODEL_CONFIG_NAME).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-        replace_directory(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
