@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .generation import GenerationConfig, TokenGenerator, check_prompts
-from .model import GPT2LMHeadModel
+from .model import GPT2LMHeadModel, eval_mode
 
 _NEVER = -1.0e9  # the score of what must not be chosen (transformers' value, so that ties break alike)
 
@@ -52,54 +52,50 @@ def beam_search(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tenso
     is_finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for step in range(config.max_new_tokens):
-                cur = prompt_len + step
-                log_probs = run.sampler.process(run.next_logits(cur).float().log_softmax(-1), run.history[:, :cur],
-                                                step)
-                vocab = log_probs.shape[-1]
-                scores = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
-                top_scores, top_index = scores.topk(keep)
-                source, tokens = top_index // vocab, top_index % vocab
-                candidates = _gather(run.tokens.view(batch, beams, max_length), source)
-                candidates[:, :, cur] = tokens
-                ends = torch.isin(tokens, eos_ids) | (cur + 1 >= max_length)
+    with eval_mode(model), torch.no_grad():
+        for step in range(config.max_new_tokens):
+            cur = prompt_len + step
+            log_probs = run.sampler.process(run.next_logits(cur).float().log_softmax(-1), run.history[:, :cur],
+                                            step)
+            vocab = log_probs.shape[-1]
+            scores = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
+            top_scores, top_index = scores.topk(keep)
+            source, tokens = top_index // vocab, top_index % vocab
+            candidates = _gather(run.tokens.view(batch, beams, max_length), source)
+            candidates[:, :, cur] = tokens
+            ends = torch.isin(tokens, eos_ids) | (cur + 1 >= max_length)
 
-                # The best candidates that do not end run on.
-                open_scores = top_scores + ends.float() * _NEVER
-                best_open = open_scores.topk(beams).indices
-                running_scores = _gather(open_scores, best_open)
-                run.reorder((_gather(source, best_open) + offsets).view(-1))  # rows (and cache) follow their beams
-                run.tokens[:, cur] = _gather(tokens, best_open).view(-1)
-                if run.history is not run.tokens:
-                    run.history[:, cur] = run.tokens[:, cur]
+            # The best candidates that do not end run on.
+            open_scores = top_scores + ends.float() * _NEVER
+            best_open = open_scores.topk(beams).indices
+            running_scores = _gather(open_scores, best_open)
+            run.reorder((_gather(source, best_open) + offsets).view(-1))  # rows (and cache) follow their beams
+            run.tokens[:, cur] = _gather(tokens, best_open).view(-1)
+            if run.history is not run.tokens:
+                run.history[:, cur] = run.tokens[:, cur]
 
-                # Candidates that end join the finished hypotheses if they score among the best.
-                just_finished = ends & offered
-                normalized = top_scores / ((step + 1) ** config.length_penalty)
-                full = is_finished.all(-1, keepdim=True) & (config.early_stopping is True)
-                normalized = normalized + (full | ~improvable | ~just_finished).float() * _NEVER
-                best = torch.cat([finished_scores, normalized], 1).topk(beams).indices
-                finished = _gather(torch.cat([finished, candidates], 1), best)
-                finished_scores = _gather(torch.cat([finished_scores, normalized], 1), best)
-                lengths = torch.full_like(tokens, step + 1)
-                finished_lengths = _gather(torch.cat([finished_lengths, lengths], 1), best)
-                is_finished = _gather(torch.cat([is_finished, just_finished], 1), best)
+            # Candidates that end join the finished hypotheses if they score among the best.
+            just_finished = ends & offered
+            normalized = top_scores / ((step + 1) ** config.length_penalty)
+            full = is_finished.all(-1, keepdim=True) & (config.early_stopping is True)
+            normalized = normalized + (full | ~improvable | ~just_finished).float() * _NEVER
+            best = torch.cat([finished_scores, normalized], 1).topk(beams).indices
+            finished = _gather(torch.cat([finished, candidates], 1), best)
+            finished_scores = _gather(torch.cat([finished_scores, normalized], 1), best)
+            lengths = torch.full_like(tokens, step + 1)
+            finished_lengths = _gather(torch.cat([finished_lengths, lengths], 1), best)
+            is_finished = _gather(torch.cat([is_finished, just_finished], 1), best)
 
-                # Could a running beam still beat the worst finished one?
-                bound = max_length - prompt_len if config.early_stopping == "never" and config.length_penalty > 0 \
-                    else step + 1
-                best_running = running_scores[:, :1] / (bound ** config.length_penalty)
-                worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, _NEVER)
-                improvable &= (best_running > worst_finished).any(-1, keepdim=True)
-                if not bool(improvable.any()) or bool(ends.all()) or (
-                        config.early_stopping is True and bool(is_finished.all())):
-                    break
-    finally:
-        model.train(was_training)
+            # Could a running beam still beat the worst finished one?
+            bound = max_length - prompt_len if config.early_stopping == "never" and config.length_penalty > 0 \
+                else step + 1
+            best_running = running_scores[:, :1] / (bound ** config.length_penalty)
+            worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, _NEVER)
+            improvable &= (best_running > worst_finished).any(-1, keepdim=True)
+            # (Every candidate ends only at the last position: `keep` leaves non-EOS continuations.)
+            done = ~improvable.any() | (is_finished.all() if config.early_stopping is True else False)
+            if bool(done):  # one host sync per step
+                break
     n = config.num_return_sequences
     lengths = finished_lengths[:, :n].reshape(-1)
     return finished[:, :n].reshape(batch * n, max_length)[:, :prompt_len + int(lengths.max())]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .checkpoint import CONFIG_NAME, load_config, resolve_model_dir
 from .config import GPT2Config
 from .files import atomic_directory
-from .model import CausalLMOutput, GPT2LMHeadModel, KVCache, positions_from_mask
+from .model import CausalLMOutput, GPT2LMHeadModel, KVCache, eval_mode, positions_from_mask
 from .quantization import is_inference_only
 
 PREFILL_NAME = "prefill.onnx"
@@ -131,23 +131,19 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
     param = next(lm.parameters())
     if param.dtype != torch.float32 or param.device.type != "cpu":
         lm = copy.deepcopy(lm).float().cpu()  # the caller's model keeps its dtype and device
-    was_training = lm.training
-    wrapper = KVCacheLM(lm.eval())
-    try:
-        with atomic_directory(output_dir) as tmp:
-            with torch.no_grad():
-                for name in tqdm([PREFILL_NAME, DECODE_NAME], desc="export onnx", unit="graph"):
-                    _export_graph(wrapper, tmp / name, lm.config, with_past=name == DECODE_NAME, opset=opset)
-            (tmp / CONFIG_NAME).write_text(json.dumps(lm.config.to_hf_dict(), indent=2) + "\n")
-            if source_dir is not None:
-                for path in [*(source_dir / n for n in _TOKENIZER_FILES), *source_dir.glob("*.tiktoken")]:
-                    if path.is_file():
-                        shutil.copyfile(path, tmp / path.name)
-            info = {"format": "gpt2kit-onnx", "opset": opset, "dtype": "float32", "graphs": [PREFILL_NAME, DECODE_NAME],
-                    "cache_layout": "(n_layer, batch, n_head, length, head_dim)"}
-            (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-    finally:
-        lm.train(was_training)
+    wrapper = KVCacheLM(lm)
+    with eval_mode(lm), atomic_directory(output_dir) as tmp:
+        with torch.no_grad():
+            for name in tqdm([PREFILL_NAME, DECODE_NAME], desc="export onnx", unit="graph"):
+                _export_graph(wrapper, tmp / name, lm.config, with_past=name == DECODE_NAME, opset=opset)
+        (tmp / CONFIG_NAME).write_text(json.dumps(lm.config.to_hf_dict(), indent=2) + "\n")
+        if source_dir is not None:
+            for path in [*(source_dir / n for n in _TOKENIZER_FILES), *source_dir.glob("*.tiktoken")]:
+                if path.is_file():
+                    shutil.copyfile(path, tmp / path.name)
+        info = {"format": "gpt2kit-onnx", "opset": opset, "dtype": "float32", "graphs": [PREFILL_NAME, DECODE_NAME],
+                "cache_layout": "(n_layer, batch, n_head, length, head_dim)"}
+        (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return output_dir
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .model import GPT2LMHeadModel, KVCache
+from .model import GPT2LMHeadModel, KVCache, eval_mode
 from .quantization import PackedLinear
 from .tokenizer import GPT2Tokenizer
 
@@ -504,17 +504,15 @@ class TokenGenerator:
         if self.started:
             raise RuntimeError("a TokenGenerator generates once: build a new one to generate again")
         self.started = True
-        was_training = self.model.training
-        self.model.eval()
         between_steps = False  # True when decoding ended or the caller stopped it, not a step's error
         try:
-            yield from self._decode()
+            with eval_mode(self.model):
+                yield from self._decode()
             between_steps = True
         except GeneratorExit:
             between_steps = True
             raise
         finally:
-            self.model.train(was_training)
             if between_steps and self.compiled_step is not None:
                 _hand_back_cache(self.model, self.cache)
 

@@ -16,7 +16,6 @@ import os
 import re
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .files import atomic_file

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -246,6 +248,18 @@ class CausalLMOutput:
     logits: Tensor | None  # None when the loss was fused with the LM head (return_logits=False)
     loss: Tensor | None = None
     past_key_values: KVCache | None = None
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off while generating, scoring or exporting (a Trainer may pass its model mid-training); the
+    model's mode is restored afterwards, also after an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def is_plain(tensor: Tensor) -> bool:

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..data import ClassificationDataset, collate
+from ..model import eval_mode
 from ..tokenizer import GPT2Tokenizer
-from .scoring import eval_mode, model_device, resolve_max_length
+from .scoring import model_device, resolve_max_length
 
 DEFINITIONS = {
     "accuracy": "correct predictions / examples; prediction = argmax of the classifier's logits, read at each "

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..losses import padded_vocab_size, scratch_buffer
-from ..model import GPT2LMHeadModel, is_plain, plain_head_weight
+from ..model import GPT2LMHeadModel, eval_mode, is_plain, plain_head_weight
 from ..quantization import PackedLinear
 from ..tokenizer import GPT2Tokenizer
 
@@ -87,17 +86,6 @@ def read_jsonl(path: str | os.PathLike, key: str) -> list[tuple[int, str]]:
             raise ValueError(f"{path}:{n}: expected an object with a string field {key!r}")
         rows.append((n, record[key]))
     return rows
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off while evaluating (a Trainer may pass its model mid-training), restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def scoring_head(model: nn.Module) -> Callable[[Tensor], Tensor] | None:

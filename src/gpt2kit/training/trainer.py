@@ -45,7 +45,7 @@ from ..allocator import allocator_in_use
 from ..checkpoint import CheckpointError, hf_to_gpt2kit, load_config, load_state_dict, save_pretrained
 from ..config import PRESETS, GPT2Config
 from ..files import replace_directory
-from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
+from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
 from ..tokenizer import GPT2Tokenizer
 from . import lora as lora_lib
 from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, prune_checkpoints,
@@ -608,21 +608,19 @@ class Trainer:
     def _evaluate_dataset(self, dataset: Dataset, max_batches: int | None = None) -> dict[str, float]:
         """Mean loss over the scored targets (or examples) of `dataset`, in order; accuracy for classification."""
         model = self.forward_model if self.forward_model is not None else self.model
-        was_training = self.model.training
-        self.model.eval()
         loader = self._loader(dataset, batch_size=self.config.train.micro_batch_size)
         loss_sum, count, correct = 0.0, 0, 0
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            with self._autocast():
-                out = self._forward(batch, model)
-            weight = self._loss_weight(batch)
-            loss_sum += float(out.loss) * weight
-            count += weight
-            if "labels" in batch:
-                correct += int((out.logits.argmax(-1).cpu() == batch["labels"]).sum())
-        self.model.train(was_training)
+        with eval_mode(self.model):
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                with self._autocast():
+                    out = self._forward(batch, model)
+                weight = self._loss_weight(batch)
+                loss_sum += float(out.loss) * weight
+                count += weight
+                if "labels" in batch:
+                    correct += int((out.logits.argmax(-1).cpu() == batch["labels"]).sum())
         result = {"val_loss": loss_sum / max(count, 1)}
         if self.config.task == "text_classification":
             result["val_accuracy"] = correct / max(count, 1)
