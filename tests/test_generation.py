@@ -3,6 +3,7 @@ cache/no-cache equality, seeded sampling, stop strings and byte-correct streamin
 
 import collections
 
+import numpy
 import pytest
 import torch
 import transformers
@@ -203,6 +204,16 @@ def test_frequency_penalty_counts_generated_tokens_only(step, chosen):
     logits = torch.zeros(1, VOCAB)
     logits[0, 5], logits[0, 6] = 1.0, 0.8
     assert sampler(logits, torch.tensor([[5, 5, 6]]), step).tolist() == [chosen]
+
+
+def test_eos_and_pad_ids_must_lie_in_the_vocabulary():
+    model_config = GPT2Config(vocab_size=VOCAB)  # its own EOS, GPT-2's 50256, lies past it and is left out
+    assert Sampler(GenerationConfig(), model_config).eos == []
+    assert Sampler(GenerationConfig(eos_token_id=numpy.int64(7)), model_config).eos == [7]
+    for options, name in (({"pad_token_id": VOCAB}, "pad_token_id"), ({"pad_token_id": -1}, "pad_token_id"),
+                          ({"eos_token_id": [3, VOCAB + 88]}, "eos_token_id"), ({"eos_token_id": -5}, "eos_token_id")):
+        with pytest.raises(ValueError, match=f"{name} -?\\d+ is outside the model's vocabulary \\[0, {VOCAB}\\)"):
+            Sampler(GenerationConfig(**options), model_config)
 
 
 def test_logit_bias_forces_and_bans_tokens(hf_pair):

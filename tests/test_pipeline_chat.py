@@ -126,6 +126,23 @@ def test_pipeline_errors(model_dir, tmp_path):
         pipeline("text-generation", model=str(model_dir))("x " * 80, max_new_tokens=20)
 
 
+def test_text_generation_never_emits_ids_the_tokenizer_cannot_decode(tmp_path):
+    """A model vocabulary padded past the tokenizer's (as nanoGPT pads 50257 to 50304): the extra ids are
+    suppressed, so streaming, stop strings and decoding never meet an id they cannot turn into text."""
+    tok = GPT2Tokenizer.gpt2()
+    assert tok.unused_ids(50257) == [] and tok.unused_ids(50260) == [50257, 50258, 50259]
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50260, n_positions=64))
+    padded = pipeline("text_generation", model=lm, tokenizer=tok)
+    forced = {50258: 100.0}  # the bias alone would make the padded id every sample
+    texts = padded("Jack", max_new_tokens=6, do_sample=True, seed=0, logit_bias=forced, stop=["zzz"])
+    assert isinstance(texts[0]["generated_text"], str)
+    assert "".join(padded.stream("Jack", max_new_tokens=6, logit_bias=forced)) == padded(
+        "Jack", max_new_tokens=6, logit_bias=forced)[0]["generated_text"][len("Jack"):]
+    session = ChatSession(lm, tok, padded.config.replace(max_new_tokens=4, logit_bias=forced))
+    assert isinstance("".join(session.reply("hello")), str)
+
+
 def test_random_init_preset_is_deterministic():
     a, tok = load_model_and_tokenizer("gpt2-tiny", random_init=True)
     b, _ = load_model_and_tokenizer("gpt2-tiny", random_init=True)

@@ -26,16 +26,19 @@ from .conftest import save_tiny_text_model
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 40])  # the int8 kernel up to 16 rows, dequantized matmul above
-def test_int8_linear_computes_with_its_dequantized_weight(rows):
-    linear = torch.nn.Linear(96, 80)
+# Input widths the int8 kernel takes (multiples of 16) and ones it must not be given (wrong sums or a crash).
+@pytest.mark.parametrize("in_features", [96, 40, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_linear_computes_with_its_dequantized_weight(rows, in_features, dtype):
+    linear = torch.nn.Linear(in_features, 80).to(dtype)
     layer = Int8Linear(linear.weight, linear.bias)
-    x = torch.randn(rows, 96)
+    x = torch.randn(rows, in_features, dtype=dtype)
     expected = F.linear(x.bfloat16().double(), layer.dequantized().double(), layer.bias.double())
     out = layer(x)
     assert out.dtype == x.dtype and out.shape == (rows, 80)
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
     # Three dimensions (batch, tokens, features) as in the model.
-    torch.testing.assert_close(layer(x.view(1, rows, 96)), out.view(1, rows, 80), rtol=0, atol=0)
+    torch.testing.assert_close(layer(x.view(1, rows, in_features)), out.view(1, rows, 80), rtol=0, atol=0)
 
 
 def test_int8_weights_are_within_half_a_step_of_the_originals():
@@ -140,6 +143,14 @@ def test_a_quantized_model_cast_to_bf16_and_back_still_runs(tiny_model):
             assert q(ids[:1, :1]).logits.dtype == dtype and q(ids).logits.dtype == dtype
     assert q.lm_head.weight.dtype == torch.int8
     torch.testing.assert_close(q(ids).logits, ref, rtol=0.05, atol=0.05)
+
+
+def test_an_int8_float16_model_generates_what_its_bf16_twin_does(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    runs = [generate(quantize_int8(copy.deepcopy(tiny_model).to(dtype)), ids, max_new_tokens=8)
+            for dtype in (torch.float16, torch.bfloat16)]
+    assert runs[0].shape == (1, 13)
+    assert (runs[0] == runs[1]).float().mean() >= 0.75  # float16 and bf16 round the activations differently
 
 
 def test_server_serves_an_int8_model(tmp_path):

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import torch
 
 from .conversation import ReplyStart, format_turn, reply_stops, transcript
-from .generation import GenerationConfig, parse_logit_bias, stream_generate
+from .generation import GenerationConfig, model_placement, parse_logit_bias, stream_generate
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer, text_defaults
 from .tokenizer import GPT2Tokenizer
@@ -56,7 +56,8 @@ class ChatSession:
         config.check_vocabulary(self.model.config.vocab_size)
         self.config = config
         # One generator for the whole conversation: a seed makes the conversation reproducible.
-        self.generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+        device, _ = model_placement(self.model)  # sampling draws on the logits' device
+        self.generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
 
     def set(self, name: str, value: str) -> None:
         if name not in SETTINGS:
@@ -115,7 +116,8 @@ def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.Path
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
                                        random_init=random_init, quantize=quantize,
                                        pack_weights=pack_weights)
-    session = ChatSession(lm, tok, GenerationConfig().replace(**{**CHAT_DEFAULTS, **text_defaults(tok), **options}))
+    defaults = {**CHAT_DEFAULTS, **text_defaults(tok, lm.config.vocab_size)}
+    session = ChatSession(lm, tok, GenerationConfig().replace(**{**defaults, **options}))
     interactive = stdin.isatty() and stdin is sys.stdin
     if interactive:
         print(f"chatting with {model} ({HELP})", file=stdout)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import operator
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -152,6 +153,7 @@ class GenerationConfig:
     frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]: minus this times a token's count in the generated text
     presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]: minus this for every token already generated
     logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> bias in [-100, 100] added to its score
+    suppress_tokens: list[int] | None = None  # never generated (text pipelines: ids their tokenizer cannot decode)
     eos_token_id: int | list[int] | None = None  # None: the model config's; [] never stops at EOS
     pad_token_id: int | None = None  # emitted by finished rows; None: the model config's, else the first EOS
     stop: str | list[str] | None = None  # stop strings (need a tokenizer)
@@ -186,6 +188,8 @@ class GenerationConfig:
                 type(t) is int and t >= 0 and type(b) in (int, float) and -100 <= b <= 100
                 for t, b in self.logit_bias.items())),
              "logit_bias must map token ids (integers >= 0) to biases in [-100, 100]"),
+            (self.suppress_tokens is None or all(type(t) is int and t >= 0 for t in self.suppress_tokens),
+             "suppress_tokens must be a list of token ids (integers >= 0)"),
             (isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1,
              "num_return_sequences must be an integer >= 1"),
             (type(self.num_beams) is int and self.num_beams >= 1, "num_beams must be an integer >= 1"),
@@ -222,14 +226,16 @@ class GenerationConfig:
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """ValueError if an option names a token id outside a vocabulary of `vocab_size` ids."""
-        beyond = [t for t in self.logit_bias or () if t >= vocab_size]
-        if beyond:
-            raise ValueError(f"logit_bias names token id {beyond[0]}, beyond the vocabulary of {vocab_size} ids")
+        for name, ids in (("logit_bias", self.logit_bias), ("suppress_tokens", self.suppress_tokens)):
+            beyond = [t for t in ids or () if t >= vocab_size]
+            if beyond:
+                raise ValueError(f"{name} names token id {beyond[0]}, beyond the vocabulary of {vocab_size} ids")
 
     def processors(self, suppress: Sequence[int] = ()) -> list[LogitsProcessor]:
         """What every step applies to the scores, in order (see the module's docstring); `suppress` lists tokens made
-        impossible (EOS during the first min_new_tokens steps)."""
+        impossible besides suppress_tokens (EOS during the first min_new_tokens steps)."""
         procs = []
+        suppress = [*(self.suppress_tokens or ()), *suppress]
         if self.repetition_penalty != 1.0:
             procs.append(penalize_repetition(self.repetition_penalty))
         if self.no_repeat_ngram_size:
@@ -274,7 +280,10 @@ def eos_token_ids(config: GenerationConfig, model_config) -> list[int]:
     eos = model_config.eos_token_id if config.eos_token_id is None else config.eos_token_id
     if eos is None:
         return []
-    return [eos] if isinstance(eos, int) else list(eos)
+    try:
+        return [operator.index(eos)]  # one id: an int, a numpy or 0-d torch integer
+    except TypeError:
+        return [operator.index(t) for t in eos]
 
 
 # ---- one step's choice ----------------------------------------------------------------------------------------
@@ -289,13 +298,23 @@ class Sampler:
             raise ValueError("pass either seed or generator, not both")
         self.config = config
         self.sampling = config.sampling
-        self.eos = eos_token_ids(config, model_config)
+        vocab = model_config.vocab_size
+        given = {"eos_token_id": [] if config.eos_token_id is None else eos_token_ids(config, model_config),
+                 "pad_token_id": [] if config.pad_token_id is None else [config.pad_token_id]}
+        for name, ids in given.items():
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"{name} {bad} is outside the model's vocabulary [0, {vocab})")
+        # A model config's ids past its vocabulary (a small test model with GPT-2's 50256, say) can never be
+        # generated, and padding with one would fail in the embedding: they are left out.
+        self.eos = [t for t in eos_token_ids(config, model_config) if t < vocab]
         pad = config.pad_token_id if config.pad_token_id is not None else model_config.pad_token_id
+        pad = pad if pad is not None and 0 <= pad < vocab else None
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)
         if config.seed is not None:
             generator = torch.Generator(device or "cpu").manual_seed(config.seed)
         self.generator = generator
-        config.check_vocabulary(model_config.vocab_size)
+        config.check_vocabulary(vocab)
         self.processors = config.processors()
         self.early_processors = config.processors(suppress=self.eos) if config.min_new_tokens else self.processors
 
@@ -349,7 +368,7 @@ class _StopStringMatcher:
 
 
 # ---- the decode loop ----------------------------------------------------------------------------------------
-def _placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+def model_placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and dtype for the cache and buffers: the weights'. A model whose network runs outside PyTorch
     (gpt2kit.export.OnnxLMHeadModel) has no parameters and names them as attributes."""
     param = next(model.parameters(), None)
@@ -389,7 +408,7 @@ class TokenGenerator:
                  generator: torch.Generator | None = None, **options) -> None:
         config = (config or GenerationConfig()).replace(**options)
         model_config = model.config
-        device, dtype = _placement(model)
+        device, dtype = model_placement(model)
         attention_mask = check_prompts(input_ids, attention_mask, model_config.vocab_size)
         if config.compile and not isinstance(model, GPT2LMHeadModel):
             raise ValueError(f"compile=True needs a GPT2LMHeadModel, not {type(model).__name__}")

@@ -37,9 +37,11 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def text_defaults(tokenizer: GPT2Tokenizer) -> dict[str, int]:
-    """Generation options for text in, text out: the tokenizer's EOS ends a text."""
-    return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+def text_defaults(tokenizer: GPT2Tokenizer, vocab_size: int) -> dict[str, Any]:
+    """Generation options for text in, text out with a model of `vocab_size` ids: the tokenizer's EOS ends a text,
+    and ids the tokenizer cannot decode are never generated."""
+    return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "suppress_tokens": tokenizer.unused_ids(vocab_size) or None}
 
 
 def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
@@ -110,7 +112,8 @@ class TextGenerationPipeline:
 
     def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, **defaults) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.config = GenerationConfig().replace(**{**text_defaults(tokenizer), **defaults})
+        text = text_defaults(tokenizer, model.config.vocab_size)
+        self.config = GenerationConfig().replace(**{**text, **defaults})
 
     def __call__(self, text_inputs: str | Sequence[str] | Conversation | Sequence[Conversation], *,
                  return_full_text: bool = True, batch_size: int = 8, generator: torch.Generator | None = None,

@@ -30,6 +30,8 @@ from .model import MLP
 # the product is compute-bound and one bf16 matmul on the converted weights is faster (2x at 32 rows).
 _INT8_KERNEL_MAX_ROWS = 16
 _COMPUTE_DTYPE = torch.bfloat16  # what the int8 kernel multiplies in (its scales and inputs share this dtype)
+# The CPU kernel reads the input features in blocks of 16: other widths give wrong sums or crash (torch 2.13).
+_INT8_KERNEL_IN_MULTIPLE = 16
 
 
 class Int8Linear(nn.Module):
@@ -54,17 +56,19 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Few tensor ops per call: at batch 1 this wrapper runs 49 times per GPT-2 token.
         scale = self.scale.to(_COMPUTE_DTYPE)  # a no-op unless the model was cast after quantizing
-        if x.device.type == "cpu" and x.numel() <= _INT8_KERNEL_MAX_ROWS * self.in_features:
+        if (x.device.type == "cpu" and x.numel() <= _INT8_KERNEL_MAX_ROWS * self.in_features
+                and self.in_features % _INT8_KERNEL_IN_MULTIPLE == 0):
             inputs = x.reshape(-1, self.in_features).to(_COMPUTE_DTYPE).contiguous()
             y = torch._weight_int8pack_mm(inputs, self.weight, scale).view(*x.shape[:-1], self.out_features)
-            # Adding the bias (in the model's dtype) also casts the bf16 product back to that dtype.
-            return y.to(x.dtype) if self.bias is None else torch.add(self.bias, y)
+            # Adding the bias (in the model's dtype) also casts the bf16 product back to float32 or bf16; float16
+            # and bf16 promote to float32, hence the final cast (a no-op otherwise).
+            return (y if self.bias is None else torch.add(self.bias, y)).to(x.dtype)
         # The scale is per output row, so it can multiply the product instead of the weight: int8 values are
         # exact in bf16, the conversion is one cheap pass, and q * scale is never rounded to bf16.
         y = F.linear(x.to(_COMPUTE_DTYPE), self.weight.to(_COMPUTE_DTYPE))
         if self.bias is None:
             return (y * scale).to(x.dtype)
-        return torch.addcmul(self.bias, y, scale)  # in the bias's dtype: one rounding of y * scale + bias
+        return torch.addcmul(self.bias, y, scale).to(x.dtype)  # one rounding of y * scale + bias, then x's dtype
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8, compute=bf16"

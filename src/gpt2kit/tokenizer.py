@@ -304,6 +304,12 @@ class GPT2Tokenizer:
         return self.encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed_special,
                                           disallowed_special=())
 
+    def unused_ids(self, vocab_size: int) -> list[int]:
+        """The ids below `vocab_size` this tokenizer cannot decode: past its vocabulary (a model's vocabulary padded
+        to a multiple of 64, say) or holes in it (cl100k_base has some). Text generation never samples them."""
+        known = set(self.encoding._mergeable_ranks.values()) | set(self.encoding._special_tokens.values())
+        return [i for i in range(vocab_size) if i not in known]
+
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.encoding.decode_bytes(list(ids))
 

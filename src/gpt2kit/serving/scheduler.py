@@ -26,8 +26,8 @@ from ..generation import (
     GenerationConfig,
     Sampler,
     TextStreamDecoder,
-    _placement,
     left_pad,
+    model_placement,
 )
 from ..model import GPT2LMHeadModel, KVCache
 from ..tokenizer import GPT2Tokenizer
@@ -163,7 +163,7 @@ class BatchScheduler:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = model.config
-        self.device, self.dtype = _placement(model)
+        self.device, self.dtype = model_placement(model)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self._pending: deque[Sequence] = deque()
         self._waiting_jobs: dict[int, int] = {}  # id(job) -> its sequences not yet admitted
