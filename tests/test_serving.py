@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -61,7 +62,7 @@ class Gate:
 
     def __enter__(self):
         def gated(seqs):
-            self.held = len(seqs)
+            self.held, self.seqs = len(seqs), seqs
             self.waiting.set()
             self.opened.wait(timeout=60)
             return self.prefill(seqs)
@@ -264,6 +265,25 @@ def test_max_tokens_zero_with_echo_scores_the_prompt(client):
     assert response.usage.completion_tokens == 0
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy(client, pipe):
+    response = client.completions.create(model="tiny", prompt="Jack", max_tokens=8, temperature=1e-40, seed=3)
+    assert response.choices[0].text == greedy(pipe, "Jack", 8)
+
+
+def test_a_non_streamed_request_whose_client_left_stops_generating(model_dir):
+    with LiveServer(model_dir) as live, Gate(live.scheduler) as gate:
+        body = json.dumps({"prompt": "Jack", "max_tokens": 120, "temperature": 0})
+        with socket.create_connection(("127.0.0.1", live.port)) as conn:
+            conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+            gate.waiting.wait(timeout=30)  # the worker holds the request before its prefill
+        (seq,) = gate.seqs
+        wait_for(lambda: seq.job.cancelled)  # the client is gone
+        gate.opened.set()
+        wait_for(lambda: not live.scheduler.rows)
+        assert len(seq.generated) <= 1  # the prefill's token at most, not 120
+
+
 # ---- chat completions ---------------------------------------------------------------------------------------
 CONVERSATION = [
     {"role": "system", "content": "A conversation."},
@@ -428,6 +448,9 @@ BAD = {
     "too many choices": (dict(n=5, prompt=["a", "b"]), 400, "n"),
     "empty stop string": (dict(stop=[""]), 400, "stop"),
     "five stop strings": (dict(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    "stop string too long": (dict(stop=["ab" * 129]), 400, "stop"),
+    "seed beyond 64 bits": (dict(seed=2**64), 400, "seed"),
+    "repetition_penalty that overflows": (dict(extra_body={"repetition_penalty": 1e-40}), 400, "repetition_penalty"),
     "logprobs too many": (dict(logprobs=6), 400, "logprobs"),
     "frequency_penalty out of range": (dict(frequency_penalty=2.5), 400, "frequency_penalty"),
     "presence_penalty out of range": (dict(presence_penalty=-3), 400, "presence_penalty"),

@@ -8,6 +8,7 @@ import torch
 
 from gpt2kit.generation import GenerationConfig, TextStreamDecoder, generate
 from gpt2kit.pipeline import load_model_and_tokenizer
+from gpt2kit.serving import scheduler as scheduler_module
 from gpt2kit.serving.scheduler import BatchScheduler, FinishEvent, Job, QueueFull, TokenEvent
 
 from .conftest import save_tiny_text_model
@@ -111,3 +112,64 @@ def test_full_queue_is_refused(model_and_tokenizer, loop):
         scheduler.submit(make_job(loop, model, tokenizer, [1, 2], dict(max_new_tokens=3)))
     scheduler.step()  # one request moves into the batch: there is room again
     scheduler.submit(make_job(loop, model, tokenizer, [1, 2], dict(max_new_tokens=3)))
+
+
+def test_a_request_whose_sampling_fails_does_not_fail_the_others(model_and_tokenizer, loop):
+    """A penalty this extreme turns scores into infinities and the draw fails: that request gets an error, the
+    row decoded beside it goes on as alone."""
+    model, tokenizer = model_and_tokenizer
+    scheduler = BatchScheduler(model, tokenizer)
+    good = make_job(loop, model, tokenizer, [5, 6, 7], dict(max_new_tokens=10))
+    bad = make_job(loop, model, tokenizer, [5, 6, 7, 8], dict(max_new_tokens=10, do_sample=True,
+                                                              repetition_penalty=1e-40))
+    scheduler.submit(good)
+    scheduler.step()
+    scheduler.submit(bad)
+    while scheduler.rows or scheduler.queued_requests:
+        scheduler.step()
+    assert [type(e).__name__ for e in events(loop, bad)] == ["ErrorEvent"]
+    tokens = [e.token_id for e in events(loop, good) if isinstance(e, TokenEvent)]
+    assert tokens == alone(model, [5, 6, 7], dict(max_new_tokens=10))
+
+
+def test_rows_joining_beside_a_finished_longer_prompt_keep_to_the_context(model_and_tokenizer, loop):
+    """A prompt that only asks for its log-probabilities ends in the prefill; the short row prefilled with it must
+    not keep the long one's padding, or it would run past the model's context."""
+    model, tokenizer = model_and_tokenizer
+    context = model.config.n_positions
+    scheduler = BatchScheduler(model, tokenizer)
+    scoring = Job(loop)
+    scoring.add(0, [5] * (context - 8), GenerationConfig(max_new_tokens=0), TextStreamDecoder(tokenizer),
+                prompt_logprobs=True)
+    short = make_job(loop, model, tokenizer, [9, 10], dict(max_new_tokens=context - 2))
+    scheduler.submit(scoring)
+    scheduler.submit(short)
+    while scheduler.rows or scheduler.queued_requests:
+        scheduler.step()
+    tokens = [e.token_id for e in events(loop, short) if isinstance(e, TokenEvent)]
+    assert tokens == alone(model, [9, 10], dict(max_new_tokens=context - 2))
+
+
+def test_prompt_logprobs_computed_in_chunks_equal_a_plain_forward(model_and_tokenizer, loop, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(scheduler_module, "PROMPT_LOGPROBS_CHUNK", 3)  # 11 positions: chunks of 3, 3, 3, 2
+    prompt = torch.randint(1, 512, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    scheduler = BatchScheduler(model, tokenizer)
+    jobs = []
+    for logprobs in (0, 2):
+        jobs.append(Job(loop))
+        jobs[-1].add(0, prompt, GenerationConfig(max_new_tokens=0), TextStreamDecoder(tokenizer),
+                     logprobs=logprobs, prompt_logprobs=True)
+        scheduler.submit(jobs[-1])
+    scheduler.step()
+    with torch.no_grad():
+        reference = model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    for job, k in zip(jobs, (0, 2)):
+        (scored, _) = events(loop, job)
+        assert scored.logprobs[0] is None and scored.top[0] is None
+        expected = reference[torch.arange(11), torch.tensor(prompt[1:])]
+        torch.testing.assert_close(torch.tensor(scored.logprobs[1:]), expected, rtol=0, atol=1e-5)
+        assert all(len(top) == k for top in scored.top[1:])
+        if k:
+            assert [ids for ids, _ in (zip(*top) for top in scored.top[1:])] == [
+                tuple(row.topk(2).indices.tolist()) for row in reference[:11]]

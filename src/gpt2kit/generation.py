@@ -137,6 +137,11 @@ def suppress_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
 
 
 # ---- options ------------------------------------------------------------------------------------------------
+# Sampling below this temperature is greedy decoding (as in vLLM): dividing by a smaller one can overflow the
+# scores to infinities, whose softmax is NaN.
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass
 class GenerationConfig:
     """Every generation option; `generate(..., **options)` overrides these defaults field by field."""
@@ -144,7 +149,7 @@ class GenerationConfig:
     max_new_tokens: int = 20
     min_new_tokens: int = 0  # EOS is suppressed until this many tokens exist (stop strings still apply)
     do_sample: bool = False  # False: greedy (argmax); True: sample from the processed distribution
-    temperature: float = 1.0  # sampling only; 0 means greedy
+    temperature: float = 1.0  # sampling only; 0 (or below GREEDY_TEMPERATURE) means greedy
     top_k: int | None = None  # sampling only; None or 0 disables
     top_p: float | None = None  # sampling only; None or 1.0 disables
     min_p: float | None = None  # sampling only: keep tokens at least min_p times the top one's probability
@@ -214,7 +219,7 @@ class GenerationConfig:
 
     @property
     def sampling(self) -> bool:
-        return self.do_sample and self.temperature > 0
+        return self.do_sample and self.temperature >= GREEDY_TEMPERATURE
 
     def replace(self, **options) -> GenerationConfig:
         """A copy with some fields changed; an unknown name is a ValueError listing the known ones."""

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationConfig, TextStreamDecoder, encode_prompt
 from ..model import GPT2LMHeadModel
+from ..pipeline import text_defaults
 from ..quantization import describe_weights
 from ..tokenizer import GPT2Tokenizer
 from .config import ServerConfig
@@ -46,6 +47,7 @@ logger = logging.getLogger("gpt2kit.serving")
 
 API_KEY_ENV = "GPT2KIT_API_KEY"
 OPEN_PATHS = frozenset({"/health"})
+DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streamed request checks that its client is still there
 PLAYGROUND_PATH = "/"
 # The page is self-contained: the policy lets it load nothing from anywhere else.
 PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
@@ -113,7 +115,9 @@ class CompletionService:
         self.context = model.config.n_positions
         self.max_prompt_tokens = config.max_prompt_tokens or self.context - 1
         self.max_tokens = config.max_tokens or self.context - 1
-        self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)
+        self.vocab = model.config.vocab_size  # load_model_and_tokenizer refuses a tokenizer with more ids
+        self.text_options = text_defaults(tokenizer, self.vocab)  # EOS, padding, ids without text suppressed
+        self.unused = frozenset(self.text_options["suppress_tokens"] or ())
         self.scheduler = BatchScheduler(model, tokenizer, max_batch_size=config.max_batch_size,
                                         max_queue=config.max_queue)
         self.card = self._model_card(int(time.time()))
@@ -133,10 +137,10 @@ class CompletionService:
         if isinstance(prompts[0], str):
             return [encode_prompt(self.tokenizer, p) for p in prompts]
         for i, ids in enumerate(prompts):
-            bad = next((t for t in ids if not 0 <= t < self.vocab), None)
+            bad = next((t for t in ids if not 0 <= t < self.vocab or t in self.unused), None)
             if bad is not None:
-                raise APIError(400, f"prompt {i} holds token id {bad}, outside the vocabulary [0, {self.vocab})",
-                               param="prompt")
+                where = "an id the tokenizer has no text for" if 0 <= bad < self.vocab else "outside the vocabulary"
+                raise APIError(400, f"prompt {i} holds token id {bad}, {where} [0, {self.vocab})", param="prompt")
         return prompts
 
     async def submit(self, req: CompletionRequest) -> tuple[Job, list[list[int]], list[str]]:
@@ -178,7 +182,7 @@ class CompletionService:
                                     repetition_penalty=req.repetition_penalty or 1.0,
                                     frequency_penalty=req.frequency_penalty or 0.0,
                                     presence_penalty=req.presence_penalty or 0.0, logit_bias=req.logit_bias,
-                                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+                                    **self.text_options)
         except ValueError as err:
             raise APIError(400, str(err)) from None
         try:
@@ -344,9 +348,11 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
         return _json_error(500, error_body("internal server error", type="server_error"))
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "queued_requests": service.scheduler.queued_requests,
-                "running_rows": len(service.scheduler.rows)}
+    async def health() -> JSONResponse:
+        alive = service.scheduler.running  # the batching worker: without it no request would ever finish
+        return JSONResponse({"status": "ok" if alive else "error",
+                             "queued_requests": service.scheduler.queued_requests,
+                             "running_rows": len(service.scheduler.rows)}, status_code=200 if alive else 503)
 
     @app.get(PLAYGROUND_PATH, response_class=HTMLResponse)
     async def playground() -> Response:
@@ -362,27 +368,36 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
             raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
         return service.card
 
-    async def respond(req: CompletionRequest, form: ResponseFormat) -> Response:
+    async def respond(request: Request, req: CompletionRequest, form: ResponseFormat) -> Response:
         job, ids, texts = await service.submit(req)
-        if req.stream:
+        if req.stream:  # a closed stream cancels the job (see CompletionService.stream)
             return StreamingResponse(service.stream(req, job, ids, texts, form), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.create_task(_cancel_when_disconnected(request, job))
         try:
             return JSONResponse(await service.complete(req, job, ids, texts, form))
         finally:
+            watcher.cancel()
             job.cancel()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await respond(parse_request(await _json_body(request)), CompletionFormat())
+        return await respond(request, parse_request(await _json_body(request)), CompletionFormat())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         chat = parse_request(await _json_body(request), ChatCompletionRequest)
-        return await respond(chat.to_completion(), ChatFormat())
+        return await respond(request, chat.to_completion(), ChatFormat())
 
     app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     return app
+
+
+async def _cancel_when_disconnected(request: Request, job: Job) -> None:
+    """Cancel a non-streamed request's job once its client has gone: nobody would read its rows."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+    job.cancel()
 
 
 def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,

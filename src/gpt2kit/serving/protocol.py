@@ -8,9 +8,11 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..conversation import ROLES, ReplyStart, reply_stops, transcript
+from ..generation import GREEDY_TEMPERATURE
 from ..tokenizer import GPT2Tokenizer
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_LENGTH = 256  # characters per stop string: the text held back while it might be one stays short
 MAX_LOGIT_BIAS = 300  # tokens in one request's logit_bias
 MAX_LOGPROBS = 5  # as OpenAI's completions endpoint
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat completions endpoint
@@ -56,11 +58,11 @@ class SamplingRequest(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: Any = None  # checked by _check_stop
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-2**63, le=2**63 - 1)] | None = None  # what torch.Generator takes (plus n - 1)
     user: str | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=100)] | None = None  # beyond: scores overflow
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logit_bias: Any = None  # checked by _check_logit_bias: token id (a string, as JSON keys are) -> bias
@@ -72,8 +74,9 @@ class SamplingRequest(BaseModel):
         if stops is None:
             return None
         if not (isinstance(stops, list) and len(stops) <= MAX_STOP_STRINGS
-                and all(isinstance(s, str) and s for s in stops)):
-            raise ValueError(f"expected a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings")
+                and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stops)):
+            raise ValueError(f"expected a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings, "
+                             f"each at most {MAX_STOP_LENGTH} characters")
         return stops or None
 
     @field_validator("logit_bias")
@@ -136,8 +139,9 @@ class CompletionRequest(SamplingRequest):
 
     def candidates(self) -> int:
         """Sequences generated per prompt: best_of, which is at least n; just n under greedy decoding (temperature
-        0), where every candidate would be the same sequence."""
-        return self.n or 1 if self.temperature == 0 else max(self.n or 1, self.best_of or 1)
+        0, or below GREEDY_TEMPERATURE), where every candidate would be the same sequence."""
+        greedy = self.temperature is not None and self.temperature < GREEDY_TEMPERATURE
+        return self.n or 1 if greedy else max(self.n or 1, self.best_of or 1)
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompt as a list of texts or of token lists."""

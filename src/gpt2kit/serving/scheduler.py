@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,7 @@ from ..tokenizer import GPT2Tokenizer
 logger = logging.getLogger(__name__)
 
 CACHE_HEADROOM = 64  # positions allocated beyond the current need, so the cache rarely grows
+PROMPT_LOGPROBS_CHUNK = 256  # prompt positions whose logits exist at once when echoing logprobs
 
 
 class QueueFull(Exception):
@@ -196,6 +197,11 @@ class BatchScheduler:
         self._waiting_jobs.clear()
 
     @property
+    def running(self) -> bool:
+        """Whether the worker thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queued_requests(self) -> int:
         return len(self._waiting_jobs)
 
@@ -203,6 +209,9 @@ class BatchScheduler:
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
+            if len(self._waiting_jobs) >= self.max_queue:  # requests whose clients left make room first
+                self._pending = deque(s for s in self._pending if not s.job.cancelled)
+                self._waiting_jobs = dict(Counter(id(s.job) for s in self._pending))
             if len(self._waiting_jobs) >= self.max_queue:
                 raise QueueFull(f"the server is busy: {self.max_queue} requests are already queued")
             self._waiting_jobs[id(job)] = len(job.sequences)
@@ -223,20 +232,25 @@ class BatchScheduler:
     def step(self) -> None:
         """One round: admit queued sequences, prefill them together, advance every row by one token. The
         worker thread runs this in a loop; without `start()`, a caller can drive the batch step by step."""
-        self._drop_cancelled()
-        with self._wake:
-            admitted = self._admit()
+        admitted = []
         try:
+            self._drop_cancelled()
+            with self._wake:
+                admitted = self._admit()
             if admitted:
                 self._prefill(admitted)
             if self.rows:
                 self._decode_step()
         except Exception as err:  # a bug must not kill the worker: fail the requests involved, go on
-            logger.exception("batch step failed")
             for job in {id(s.job): s.job for s in [*admitted, *self.rows]}.values():
-                job.emit(ErrorEvent(f"generation failed: {type(err).__name__}: {err}"))
-                job.cancel()
+                self._fail(job, err)
             self._reset()
+
+    @staticmethod
+    def _fail(job: Job, err: Exception) -> None:
+        logger.error("generation failed", exc_info=err)
+        job.emit(ErrorEvent(f"generation failed: {type(err).__name__}: {err}"))
+        job.cancel()
 
     def _admit(self) -> list[Sequence]:
         """Queued sequences that fit into the batch (called with the lock held)."""
@@ -260,33 +274,44 @@ class BatchScheduler:
         width = max(len(s.prompt) for s in seqs)
         ids, mask = left_pad([s.prompt for s in seqs], self.tokenizer.pad_token_id, self.device)
         cache = KVCache(self.config, len(seqs), width, dtype=self.dtype, device=self.device)
-        want_prompt = any(s.prompt_logprobs for s in seqs)
-        logits = self.model(ids, mask, past_key_values=cache, logits_to_keep=0 if want_prompt else 1).logits
+        # The LM head runs on the last position of every row, and on the prompt of a row that echoes its
+        # log-probabilities only, a chunk at a time: (rows x prompt x vocabulary) logits would be gigabytes.
+        hidden = self.model.transformer(ids, mask, past_key_values=cache)
+        logits = self.model.lm_head(hidden[:, -1])
         joining = []
         for row, seq in enumerate(seqs):
-            seq.sampler = Sampler(seq.config, self.config, device=self.device)
-            seq.history = torch.empty(1, len(seq.prompt) + seq.max_tokens, dtype=torch.long, device=self.device)
-            seq.history[0, :len(seq.prompt)] = ids[row, width - len(seq.prompt):]
-            if seq.prompt_logprobs:
-                self._emit_prompt_logprobs(seq, logits[row, width - len(seq.prompt):])
-            if seq.max_tokens == 0:
-                seq.job.emit(FinishEvent(seq.index, "length", seq.decoder.flush(), 0))
-            elif not self._advance(seq, logits[row, -1]):
-                joining.append(row)
+            try:  # options that fail (a sampler that cannot be built, say) fail their own request only
+                seq.sampler = Sampler(seq.config, self.config, device=self.device)
+                seq.history = torch.empty(1, len(seq.prompt) + seq.max_tokens, dtype=torch.long, device=self.device)
+                seq.history[0, :len(seq.prompt)] = ids[row, width - len(seq.prompt):]
+                if seq.prompt_logprobs:
+                    self._emit_prompt_logprobs(seq, hidden[row, width - len(seq.prompt):])
+                if seq.max_tokens == 0:
+                    seq.job.emit(FinishEvent(seq.index, "length", seq.decoder.flush(), 0))
+                elif not self._advance(seq, logits[row]):
+                    joining.append(row)
+            except Exception as err:
+                self._fail(seq.job, err)
         if joining:
             self._join([seqs[r] for r in joining], cache, mask, torch.tensor(joining, device=self.device))
 
-    def _emit_prompt_logprobs(self, seq: Sequence, logits: Tensor) -> None:
-        logprobs = logits[:-1].float().log_softmax(-1)  # position j predicts prompt token j + 1
-        targets = torch.tensor(seq.prompt[1:], device=logprobs.device)
-        chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist() if len(targets) else []
-        top = [_top(row, seq.logprobs) if seq.logprobs else [] for row in logprobs]
+    def _emit_prompt_logprobs(self, seq: Sequence, hidden: Tensor) -> None:
+        chosen, top = [], []
+        targets = torch.tensor(seq.prompt[1:], device=hidden.device)
+        for start in range(0, len(targets), PROMPT_LOGPROBS_CHUNK):  # position j predicts prompt token j + 1
+            logprobs = self.model.lm_head(hidden[start:start + PROMPT_LOGPROBS_CHUNK]).float().log_softmax(-1)
+            logprobs = logprobs[:len(targets) - start]
+            chosen += logprobs.gather(1, targets[start:start + len(logprobs), None]).squeeze(1).tolist()
+            top += [_top(row, seq.logprobs) if seq.logprobs else [] for row in logprobs]
         seq.job.emit(PromptLogprobsEvent(seq.index, seq.prompt, [None, *chosen], [None, *top]))
 
     def _join(self, seqs: list[Sequence], cache: KVCache, mask: Tensor, rows: Tensor) -> None:
-        """Add prefilled rows to the batch, right-aligning old and new histories in one cache."""
+        """Add prefilled rows to the batch, right-aligning old and new histories in one cache. Leading positions
+        that are padding in every joining row (the prefill was as wide as a prompt that has already finished)
+        are left out."""
         new_mask = mask[rows]
-        new_len = cache.length
+        lead = int((new_mask.cumsum(1) == 0).sum(1).min())
+        new_mask, new_len = new_mask[:, lead:], cache.length - lead
         old_len = self.cache.length if self.cache is not None else 0
         length = max(old_len, new_len)
         B_old, B_new = len(self.rows), len(seqs)
@@ -297,8 +322,8 @@ class BatchScheduler:
             merged.keys[:, :B_old, :, length - old_len:length] = self.cache.keys[:, :, :, :old_len]
             merged.values[:, :B_old, :, length - old_len:length] = self.cache.values[:, :, :, :old_len]
             merged_mask[:B_old, length - old_len:] = self.mask
-        merged.keys[:, B_old:, :, length - new_len:length] = cache.keys[:, rows, :, :new_len]
-        merged.values[:, B_old:, :, length - new_len:length] = cache.values[:, rows, :, :new_len]
+        merged.keys[:, B_old:, :, length - new_len:length] = cache.keys[:, rows, :, lead:cache.length]
+        merged.values[:, B_old:, :, length - new_len:length] = cache.values[:, rows, :, lead:cache.length]
         merged_mask[B_old:, length - new_len:] = new_mask
         merged.length = length
         new_last = torch.tensor([s.generated[-1] for s in seqs], device=self.device)
@@ -315,9 +340,17 @@ class BatchScheduler:
         positions = self.mask.sum(1, keepdim=True) - 1
         logits = self.model(self.last_tokens[:, None], self.mask, positions, past_key_values=self.cache,
                             logits_to_keep=1).logits[:, -1]
-        finished = [self._advance(seq, logits[row]) for row, seq in enumerate(self.rows)]
+        finished = [self._advance_or_fail(seq, logits[row]) for row, seq in enumerate(self.rows)]
         self.last_tokens = torch.tensor([s.generated[-1] for s in self.rows], device=self.device)
         self._keep([row for row, done in enumerate(finished) if not done])
+
+    def _advance_or_fail(self, seq: Sequence, logits: Tensor) -> bool:
+        """_advance, failing only seq's request if its options break its step."""
+        try:
+            return self._advance(seq, logits)
+        except Exception as err:
+            self._fail(seq.job, err)
+            return True
 
     def _advance(self, seq: Sequence, logits: Tensor) -> bool:
         """Choose seq's next token from its logits (V,), send the events; True when the sequence is done."""
