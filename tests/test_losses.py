@@ -308,3 +308,25 @@ def test_an_empty_batch_and_fp16_weights():
     linear_cross_entropy(hidden, weight, torch.zeros(rows, dtype=torch.long), chunk_rows=1024).backward()
     assert torch.isfinite(weight.grad).all()
     torch.testing.assert_close(weight.grad[0].float(), torch.full((C,), -30.0 * (1 - 1 / V)), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_float16_chunk_whose_weight_gradient_passes_float16s_range(autocast):
+    """3000 rows of one target with a hidden channel at 40: the chunk's g.T @ x sums to about -120000, past
+    float16's 65504. The product is scaled by a power of two and the gradient comes out finite and right."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3000, C) * 0.1
+    hidden[:, 3] = 40
+    targets = torch.full((3000,), 7)
+    weight = torch.randn(V, C) * 0.02
+    reference = weight.double().requires_grad_()
+    F.cross_entropy(hidden.half().double() @ reference.T, targets).backward()
+    if autocast:  # float32 weights, float16 matmuls
+        w = weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            linear_cross_entropy(hidden, w, targets).backward()
+    else:
+        w = weight.half().requires_grad_()
+        linear_cross_entropy(hidden.half(), w, targets).backward()
+    assert torch.isfinite(w.grad).all()
+    torch.testing.assert_close(w.grad.double(), reference.grad, rtol=2e-2, atol=2e-2)

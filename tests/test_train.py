@@ -290,3 +290,27 @@ def test_instruction_finetune_masks_the_prompt(tmp_path):
 def test_finetune_needs_weights(tmp_path):
     with pytest.raises(ValueError, match="finetune needs pretrained weights"):
         Trainer(args=run_config(tmp_path), train_dataset=Sequences()).finetune()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"n_head": 3}, r"model.config: n_embd \(64\) must be divisible by n_head \(3\)"),
+    ({"n_layer": "2"}, r"model.config: n_layer must be an integer >= 1, got '2'"),
+    ({"activation_function": "relu"}, r"model.config: activation_function 'relu' is not supported"),
+])
+def test_model_config_overrides_are_checked_as_a_new_config(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(args=run_config(tmp_path, model={"config": {**TINY, **overrides}}), train_dataset=Sequences()).train()
+
+
+def test_a_new_run_in_an_old_out_dir_replaces_its_later_checkpoints(tmp_path, capsys):
+    """An earlier, longer run left checkpoints past this run's steps: they go at the start, so keep_last never
+    deletes what this run writes and --resume auto cannot pick up the other run."""
+    save = {"save_interval": 2, "keep_last": 2}
+    Trainer(args=run_config(tmp_path, train={"max_steps": 8}, checkpoint=save), train_dataset=Sequences()).train()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000006", "step-00000008"]
+    trainer = Trainer(args=run_config(tmp_path, train={"max_steps": 4}, optim={"lr": 1e-3}, checkpoint=save),
+                      train_dataset=Sequences())
+    trainer.train()
+    assert "removed 2 checkpoint(s) past step 0 left by an earlier run" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002", "step-00000004"]
+    assert trainer.last_checkpoint.is_dir()

@@ -48,6 +48,9 @@ def test_yaml_and_overrides(tmp_path):
                                                    r"'n_layer'\?"),
     ("optim:\n  lr: 1e-3\n  min_lr: 1e-2\n", [], r"optim.min_lr: must lie in \[0, lr"),
     ("train: [\n", [], r"not valid YAML"),
+    ("train:\n  grad_clip: -1.0\n", [], r"train.grad_clip: must be positive \(null disables clipping\)"),
+    ("train:\n  eval_batches: 0\n", [], r"train.eval_batches: must be at least 1, got 0"),
+    ("checkpoint:\n  keep_last: 0\n", [], r"checkpoint.keep_last: must be at least 1, got 0"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -140,6 +140,8 @@ def test_lora_text_classification_trains_and_merges(tmp_path, base_dir):
     assert main(["lora", "merge", "--adapter", str(final), "--output", str(tmp_path / "merged")]) == 0
     merged = GPT2ForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert merged.config.id2label == {0: "even", 1: "odd"}
+    # The pad id finds each row's last real token when no mask is given: the merge keeps the trained one.
+    assert merged.config.pad_token_id == trainer.model.config.pad_token_id is not None
     x = Sequences(4).data[:, :-1]
     trainer.model.eval()
     with torch.no_grad():

@@ -168,11 +168,10 @@ def load_config(model_dir: str | os.PathLike) -> GPT2Config:
 def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu", **config_overrides) -> M:
     model_dir = resolve_model_dir(name_or_path)
-    config = load_config(model_dir)
-    for key, value in config_overrides.items():
-        if not hasattr(config, key):
-            raise CheckpointError(f"unknown config field {key!r}")
-        setattr(config, key, value)
+    try:
+        config = load_config(model_dir).replace(**config_overrides)
+    except ValueError as err:
+        raise CheckpointError(f"{model_dir}: {err}") from None
     state = load_state_dict(model_dir)
     with torch.device("meta"):
         model = cls(config)  # no memory, no init: every tensor comes from the checkpoint

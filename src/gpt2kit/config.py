@@ -49,6 +49,14 @@ class GPT2Config:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown HF keys, written back unchanged
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "num_labels"):
+            value = getattr(self, name)
+            if not (type(value) is int and value >= 1) and not (name == "n_inner" and value is None):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            value = getattr(self, name)
+            if not (type(value) in (int, float) and 0 <= value < 1):
+                raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -60,6 +68,14 @@ class GPT2Config:
         if self.id2label is not None:
             self.id2label = {int(k): v for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
+
+    def replace(self, **overrides: Any) -> GPT2Config:
+        """A copy with some fields changed, checked as a new config is; an unknown name is a ValueError."""
+        known = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown model field(s) {unknown}; expected some of {sorted(known)}")
+        return dataclasses.replace(self, **overrides)
 
     @property
     def head_dim(self) -> int:
@@ -121,7 +137,7 @@ class GPT2Config:
         """A named preset (see PRESETS), optionally with fields overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
+        return PRESETS[name].replace(**overrides)
 
 
 PRESETS: dict[str, GPT2Config] = {

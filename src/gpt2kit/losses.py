@@ -8,6 +8,7 @@ a weighted sum of micro-batch losses even at weight 0).
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -28,6 +29,7 @@ SLICE_ELEMENTS = 2 ** 23
 # odd matrix sizes fall off the GEMM kernels' fast tiles (measured here: the float32 LM-head matmuls of a training
 # step 25 % faster; nanoGPT reports the same on GPUs). The padding exists only inside the loss.
 VOCAB_MULTIPLE = 128
+FLOAT16_PRODUCT_LIMIT = 2.0 ** 14  # a float16 chunk product stays below this bound (float16's max is 65504)
 
 
 def _scored(targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -200,15 +202,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_weight = (torch.mm(logits[:, :vocab].T, x) if grad_weight is None
                                        else grad_weight.addmm_(logits[:, :vocab].T, x))
                     else:
-                        product = torch.mm(logits.T, x,
+                        shift = _float16_shift(x) if dtype == torch.float16 else 1.0
+                        product = torch.mm(logits.T, x.mul_(shift) if shift != 1.0 else x,
                                            out=scratch_buffer("product", weight.shape, dtype, device))[:vocab]
                         if grad_weight is None:
-                            grad_weight = product.to(torch.float32)
+                            grad_weight = product.to(torch.float32).div_(shift)
                         elif device_type == "cpu":
                             upcast = scratch_buffer("upcast", product.shape, torch.float32, device)
-                            grad_weight += upcast.copy_(product)
+                            grad_weight.add_(upcast.copy_(product), alpha=1 / shift)
                         else:
-                            grad_weight += product
+                            grad_weight.add_(product, alpha=1 / shift)
         # The weight gradient is a tensor of its own, never a view of a scratch buffer: autograd may keep it as the
         # parameter's .grad, and the tied embedding lookup adds into it. 1/n_valid is applied in backward, except
         # for low-precision weights: their float32 sum is averaged before rounding, as it could exceed fp16's range.
@@ -233,6 +236,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if ctx.tied is not None:  # the token lookup's backward adds its part and returns the sum
                 ctx.tied.grad, grad_weight = grad_weight, None
         return None if grad_hidden is None else grad_hidden.mul_(grad_output), grad_weight, None, None, None
+
+
+def _float16_shift(x: Tensor) -> float:
+    """A power of two (exact to multiply by and to divide out) that keeps the float16 product g.T @ x in range:
+    g's elements lie in [-1, 1], so each element of the product is at most rows x max|x| in magnitude. Many rows
+    of one token with large hidden states would otherwise overflow it to inf, outside GradScaler's loss scale."""
+    bound = x.shape[0] * float(x.abs().amax())
+    if bound <= FLOAT16_PRODUCT_LIMIT or not math.isfinite(bound):  # non-finite inputs: nothing to save
+        return 1.0
+    return 2.0 ** -math.ceil(math.log2(bound / FLOAT16_PRODUCT_LIMIT))
 
 
 class TiedEmbeddingGradient:

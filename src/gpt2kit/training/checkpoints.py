@@ -72,7 +72,8 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int | None) -> None:
     """Remove what a run killed while saving left behind, and all but the newest `keep_last` complete ones."""
     root = Path(out_dir) / CHECKPOINTS_DIR
-    for pattern in (".step-*.partial-*", ".step-*.old-*"):  # half-written, or set aside while being replaced
+    # Half-written (the checkpoint, or a LoRA adapter staged beside it), or set aside while being replaced.
+    for pattern in (".step-*.partial-*", "..step-*.partial-*", ".step-*.old-*"):
         for stale in root.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)
     if keep_last is None:
@@ -80,6 +81,15 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int | None) -> None
     complete = [p for p in list_checkpoints(out_dir) if (p / COMPLETE_NAME).is_file()]
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_checkpoints_after(out_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Remove the checkpoints past `step`, which an earlier run left in out_dir: a run starting at `step`
+    writes its own, and keeping them would let pruning or `--resume auto` mix the two runs. Returns them."""
+    stale = [p for p in list_checkpoints(out_dir) if int(p.name[5:]) > step]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def find_resume_checkpoint(out_dir: str | os.PathLike, resume: str) -> Path | None:

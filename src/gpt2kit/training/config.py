@@ -165,9 +165,12 @@ class RunConfig:
         for key, value in [("train.max_steps", t.max_steps), ("train.micro_batch_size", t.micro_batch_size),
                            ("train.global_batch_tokens", t.global_batch_tokens),
                            ("train.global_batch_size", t.global_batch_size), ("lora.rank", self.lora.rank),
-                           ("train.log_interval", t.log_interval)]:
+                           ("train.log_interval", t.log_interval), ("train.eval_batches", t.eval_batches),
+                           ("checkpoint.keep_last", self.checkpoint.keep_last)]:
             if value is not None and value < 1:
                 raise bad(key, f"must be at least 1, got {value}")
+        if t.grad_clip is not None and not t.grad_clip > 0:  # a negative limit would flip the gradients' sign
+            raise bad("train.grad_clip", f"must be positive (null disables clipping), got {t.grad_clip}")
         if t.epochs is not None and t.epochs <= 0:
             raise bad("train.epochs", f"must be positive, got {t.epochs}")
         if not 0 <= self.data.val_fraction < 1:

@@ -122,8 +122,9 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     if str(config.task_type).endswith("SEQ_CLS"):
         from .trainer import load_classifier  # a fresh head; the adapter directory holds the trained one
 
-        labels = GPT2Config.from_json_file(Path(adapter_dir) / MODEL_CONFIG_NAME).id2label
-        model = load_classifier(base, num_labels=len(labels), id2label=labels)
+        trained = GPT2Config.from_json_file(Path(adapter_dir) / MODEL_CONFIG_NAME)
+        model = load_classifier(base, num_labels=trained.num_labels, id2label=trained.id2label,
+                                pad_token_id=trained.pad_token_id)  # the row's last token is found by it
     else:
         model = GPT2LMHeadModel.from_pretrained(base)
     wrapper = LoraModel(model, config, "default")

@@ -49,7 +49,7 @@ from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
 from ..tokenizer import GPT2Tokenizer
 from . import lora as lora_lib
 from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, prune_checkpoints,
-                          write_manifest)
+                          remove_checkpoints_after, write_manifest)
 from .config import RunConfig, load_config as load_run_config, save_config
 from .distributed_checkpoint import (gather_full_state, load_distributed_checkpoint, load_full_state,
                                      save_distributed_checkpoint)
@@ -85,9 +85,7 @@ def load_classifier(model_dir: str | os.PathLike, *, num_labels: int, id2label: 
     """A GPT2ForSequenceClassification whose transformer comes from an HF directory (an LM or a classifier).
     The `score` head is kept when the directory has one of the right size, else freshly initialised."""
     model_dir = Path(model_dir)
-    config = load_config(model_dir)
-    for key, value in config_overrides.items():
-        setattr(config, key, value)
+    config = load_config(model_dir).replace(**config_overrides)
     _set_labels(config, num_labels, id2label)
     model = GPT2ForSequenceClassification(config)
     state = hf_to_gpt2kit(load_state_dict(model_dir), model)
@@ -314,9 +312,10 @@ class Trainer:
         else:
             raise ValueError(f"model.name: {m.name!r} is neither a preset ({', '.join(PRESETS)}) nor a model "
                              "directory")
-        for key, value in m.config.items():
-            setattr(config, key, value)
-        return config
+        try:
+            return config.replace(**m.config)
+        except ValueError as err:
+            raise ValueError(f"model.config: {err}") from None
 
     def _build_model(self, weights: str | None) -> nn.Module:
         """The raw model: `weights` (an HF dir) loaded, or random initialisation from the config."""
@@ -521,6 +520,10 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             save_config(c, self.out_dir / "config.yaml")
+            stale = remove_checkpoints_after(self.out_dir, self.step)
+            if stale:
+                print(f"removed {len(stale)} checkpoint(s) past step {self.step} left by an earlier run in "
+                      f"{self.out_dir / CHECKPOINTS_DIR} ({stale[0].name} to {stale[-1].name})", file=sys.stderr)
         logger = MetricsLogger(self.out_dir, tensorboard=c.log.tensorboard, resume_step=self.step,
                                enabled=self.is_main)
         peak, peak_source = peak_flops(self.device, torch.bfloat16 if self.precision != "fp32" else torch.float32)
