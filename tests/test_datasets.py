@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -79,6 +80,13 @@ def test_dataset_errors(verdict_dirs, tmp_path):
         PretrainingDataset(one, 10**6)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         PretrainingDataset(tmp_path, 8)
+    assert len(PretrainingDataset(one, 8).tokens(5, 5)) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(one, copy)
+    shard = sorted(copy.glob("train-*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # an interrupted copy
+    with pytest.raises(DataError, match=rf"{shard.name}: 100 bytes, but meta.json records \d+ tokens"):
+        PretrainingDataset(copy, 8)
 
 
 # ---- ResumableSampler ----------------------------------------------------------------------------------------
@@ -187,6 +195,7 @@ def test_imdb_style_csv_with_label_map(tmp_path, tok):
     ("bad.csv", '"5","title","text"\n', "agnews", r"bad.csv:1: label '5' is not an integer in 1..4"),
     ("bad.csv", "words,stars\nhi,1\n", "csv", r"bad.csv:1: no text column"),
     ("bad.csv", "text,label\n,1\n", "csv", r"bad.csv:2: empty text"),
+    ("bad.csv", "text,label\ngood,1\nfine,\nbad,0\n", "csv", r"bad.csv:3: empty label"),
 ])
 def test_classification_errors(tmp_path, tok, name, content, fmt, message):
     path = tmp_path / name

@@ -107,6 +107,18 @@ def test_jsonl_and_zst_round_trip(tmp_path, tok):
     source = read_meta(tmp_path / "b")["sources"][0]
     assert source["sha256"] == hashlib.sha256(packed.read_bytes()).hexdigest()
     assert source["bytes"] == packed.stat().st_size and source["documents"] == 300
+    # Several frames (as `cat a.zst b.zst` or a parallel compressor writes) read as one text.
+    half = len(plain.read_bytes()) // 2
+    frames = tmp_path / "frames.jsonl.zst"
+    frames.write_bytes(b"".join(zstandard.ZstdCompressor().compress(part) for part in (
+        plain.read_bytes()[:half], plain.read_bytes()[half:])))
+    run(frames, tmp_path / "c", chunk_bytes=10_000)
+    assert split_tokens(tmp_path / "c").tobytes() == split_tokens(tmp_path / "a").tobytes()
+    # A truncated download is an error, not a shorter corpus.
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(packed.read_bytes()[:int(packed.stat().st_size * 0.9)])
+    with pytest.raises(DataError, match=r"cut.jsonl.zst: the zstandard stream ends inside a frame"):
+        run(cut, tmp_path / "d", chunk_bytes=10_000)
 
 
 def test_special_token_text_is_not_a_control_token(tmp_path, tok):
@@ -235,6 +247,7 @@ def test_invalid_utf8(tmp_path, tok):
     (b'{"text": "ok"}\n\n{"body": "x", "id": 1}\n', r"c.jsonl:3: no 'text' field \(fields: body, id\).*--text-key"),
     (b'{"text": 5}\n', r"c.jsonl:1: field 'text' is int, expected a string"),
     (b'["text"]\n', r"c.jsonl:1: expected a JSON object"),
+    (b'[\n  {"text": "a"}\n]\n', r"c.jsonl:1: malformed JSON.*expects JSON Lines \(one object per line\)"),
     (b'{"text": "ok"}\n{"text": "caf\xc3"}\n', r"c.jsonl:2: invalid UTF-8 at byte offset 28"),
 ])
 def test_bad_jsonl(tmp_path, content, message):

@@ -1,5 +1,6 @@
 """GPT2Tokenizer against OpenAI's encoding (tiktoken's own loader) and the `tokenizers` library."""
 
+import base64
 import json
 import pickle
 
@@ -12,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from gpt2kit import GPT2Tokenizer
-from gpt2kit.tokenizer import ASSETS, TokenizerError
+from gpt2kit.tokenizer import ASSETS, TokenizerError, train_bpe
 
 from .conftest import DATA
 
@@ -100,6 +101,7 @@ def test_call_pads_truncates_and_returns_tensors(tok):
     assert tok("one two three four", truncation=True, max_length=2)["input_ids"] == tok.encode("one two")
     assert tok("one two three four", truncation=True, max_length=2, padding_side="left")["input_ids"] == \
         tok.encode(" three four")
+    assert tok("one two", truncation=True, max_length=0, padding_side="left")["input_ids"] == []
     fixed = tok("Hi", padding="max_length", max_length=4)
     assert fixed == {"input_ids": [17250, 50256, 50256, 50256], "attention_mask": [1, 0, 0, 0]}
     with pytest.raises(ValueError, match="padding=True"):
@@ -120,6 +122,29 @@ def test_cl100k_rank_file_for_chinese():
     assert cl100k.decode(ids) == text
     assert len(ids) < len(GPT2Tokenizer.gpt2().encode(text))  # the point of using it for Chinese
     assert cl100k.encode("hello world") == [15339, 1917]  # cl100k's published ids
+
+
+def test_openai_rank_files_by_name_and_other_rank_files(tmp_path, tok):
+    """OpenAI's rank files are known by name (GPT-2's ranks saved as r50k_base.tiktoken give GPT-2's ids and
+    its <|endoftext|>); another file's end-of-text id follows its highest rank, gaps included."""
+    ranks = tok.encoding._mergeable_ranks
+    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in ranks.items()]
+    (tmp_path / "r50k_base.tiktoken").write_text("\n".join(lines) + "\n")
+    r50k = GPT2Tokenizer.from_file(tmp_path / "r50k_base.tiktoken")
+    text = "In 2023123 we  said:\n\n  it's done " + corpus_samples()["shakespeare"][:5000]
+    assert r50k.encode(text) == tok.encode(text) and r50k.eos_token_id == 50256
+    gapped = [f"{base64.b64encode(bytes([b])).decode()} {b if b < 200 else b + 10}" for b in range(256)]
+    (tmp_path / "gapped.tiktoken").write_text("\n".join(gapped) + "\n")
+    other = GPT2Tokenizer.from_file(tmp_path / "gapped.tiktoken")
+    assert other.eos_token_id == 266 and other.decode([other.eos_token_id]) == "<|endoftext|>"
+    assert other.unused_ids(267) == list(range(200, 210))
+
+
+def test_a_vocabulary_rewritten_in_place_is_read_again(tmp_path):
+    texts = [corpus_samples()["shakespeare"][:50000]]
+    assert train_bpe([], 300, tmp_path, texts=texts).vocab_size == 300
+    assert train_bpe([], 400, tmp_path, texts=texts).vocab_size == 400  # same path, new file
+    assert GPT2Tokenizer.from_file(tmp_path).vocab_size == 400
 
 
 def test_tokenizer_json_and_vocab_merges_dirs(tmp_path, tok, hf_tokenizers):

@@ -80,3 +80,16 @@ def test_training_errors(tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
         train_tokenizer(tmp_path / "bad.jsonl", tmp_path / "out", vocab_size=500)
     assert not (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_a_vocabulary_that_fails_the_check_is_never_written(tmp_path, monkeypatch):
+    """The engines' cross-check runs before the file is put in place: a rejected vocabulary leaves no
+    tokenizer.json for a later run to reuse, and an earlier good one stays."""
+    corpus = DATA / "the-verdict" / "the-verdict.txt"
+    good = train_tokenizer(corpus, tmp_path, vocab_size=400, progress=False)
+    monkeypatch.setattr(GPT2Tokenizer, "encode", lambda self, text, **kw: [0])  # a disagreeing engine
+    with pytest.raises(DataError, match="disagree"):
+        train_tokenizer(corpus, tmp_path, vocab_size=600, progress=False)
+    monkeypatch.undo()
+    assert GPT2Tokenizer.from_file(tmp_path).vocab_size == good.vocab_size == 400
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no staging folder left

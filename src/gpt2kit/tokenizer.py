@@ -29,10 +29,18 @@ ENDOFTEXT = "<|endoftext|>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
                   r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
-# Special tokens of the OpenAI rank files, which (as published) hold only the mergeable ranks.
+O200K_PATTERN = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""", r"""\s+"""])
+# Special tokens and split patterns of OpenAI's rank files, which (as published) hold only the mergeable ranks.
+# Another .tiktoken file gets cl100k_base's pattern and <|endoftext|> after its highest rank.
 _TIKTOKEN_SPECIALS = {
-    "cl100k_base": ({"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+    "r50k_base": ({ENDOFTEXT: 50256}, GPT2_PATTERN),
+    "p50k_base": ({ENDOFTEXT: 50256}, GPT2_PATTERN),
+    "cl100k_base": ({ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
                      "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}, CL100K_PATTERN),
+    "o200k_base": ({ENDOFTEXT: 199999, "<|endofprompt|>": 200018}, O200K_PATTERN),
 }
 _BUNDLED_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
@@ -94,8 +102,22 @@ def _ranks_from_vocab(vocab: dict[str, int], merges: Iterable[str | Sequence[str
     return ranks
 
 
-@functools.cache
-def _gpt2_encoding(encoder_json: str, vocab_bpe: str, verify: bool) -> tiktoken.Encoding:
+def _stamp(*paths: str) -> tuple:
+    """Part of a loaded vocabulary's cache key: a file rewritten since it was read (a tokenizer retrained into
+    the same directory) is read again."""
+    stamps = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps.append(None)  # the loader reports the missing file
+        else:
+            stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(stamps)
+
+
+@functools.lru_cache(maxsize=32)
+def _gpt2_encoding(encoder_json: str, vocab_bpe: str, verify: bool, stamp: tuple) -> tiktoken.Encoding:
     encoder_path, merges_path = Path(encoder_json), Path(vocab_bpe)
     if verify:
         for path in (encoder_path, merges_path):
@@ -129,8 +151,8 @@ def _pattern_of(pre_tokenizer: dict[str, Any] | None, source: Path) -> str:
     raise TokenizerError(f"{source}: pre_tokenizer {kind!r} is not a byte-level split gpt2kit can run")
 
 
-@functools.cache
-def _tokenizer_json_encoding(path: str) -> tiktoken.Encoding:
+@functools.lru_cache(maxsize=32)
+def _tokenizer_json_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
     source = Path(path)
     spec = _read_json(source)
     model = spec.get("model", {})
@@ -144,8 +166,8 @@ def _tokenizer_json_encoding(path: str) -> tiktoken.Encoding:
                              mergeable_ranks=ranks, special_tokens=specials)
 
 
-@functools.cache
-def _tiktoken_file_encoding(path: str) -> tiktoken.Encoding:
+@functools.lru_cache(maxsize=32)
+def _tiktoken_file_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
     import base64
     source = Path(path)
     ranks = {}
@@ -161,7 +183,8 @@ def _tiktoken_file_encoding(path: str) -> tiktoken.Encoding:
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
             raise TokenizerError(f"{source}:{n}: expected 'base64-token rank'") from None
-    specials, pattern = _TIKTOKEN_SPECIALS.get(source.stem, ({ENDOFTEXT: len(ranks)}, CL100K_PATTERN))
+    specials, pattern = _TIKTOKEN_SPECIALS.get(source.stem, ({ENDOFTEXT: max(ranks.values(), default=-1) + 1},
+                                                             CL100K_PATTERN))
     return tiktoken.Encoding(source.stem, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
 
 
@@ -246,13 +269,13 @@ class GPT2Tokenizer:
     def _from_source(cls, source: tuple[str, ...]) -> GPT2Tokenizer:
         kind = source[0]
         if kind == "gpt2":
-            encoding = _gpt2_encoding(str(ASSETS / "encoder.json"), str(ASSETS / "vocab.bpe"), True)
+            encoding = _gpt2_encoding(str(ASSETS / "encoder.json"), str(ASSETS / "vocab.bpe"), True, ())
         elif kind == "bpe":
-            encoding = _gpt2_encoding(source[1], source[2], False)
+            encoding = _gpt2_encoding(source[1], source[2], False, _stamp(source[1], source[2]))
         elif kind == "tokenizer.json":
-            encoding = _tokenizer_json_encoding(source[1])
+            encoding = _tokenizer_json_encoding(source[1], _stamp(source[1]))
         else:
-            encoding = _tiktoken_file_encoding(source[1])
+            encoding = _tiktoken_file_encoding(source[1], _stamp(source[1]))
         eos = ENDOFTEXT if ENDOFTEXT in encoding.special_tokens_set else min(encoding.special_tokens_set, default="")
         if not eos:
             raise TokenizerError(f"{source[-1]}: the vocabulary has no special token to use as end of text")
@@ -348,7 +371,10 @@ class GPT2Tokenizer:
         if truncation:
             if max_length is None:
                 raise ValueError("truncation=True needs max_length")
-            ids = [row[-max_length:] if side == "left" else row[:max_length] for row in ids]
+            if max_length < 0:
+                raise ValueError(f"max_length must be >= 0, got {max_length}")
+            ids = [row[len(row) - max_length:] if side == "left" and len(row) > max_length else row[:max_length]
+                   for row in ids]
         if padding == "max_length":
             if max_length is None:
                 raise ValueError("padding='max_length' needs max_length")

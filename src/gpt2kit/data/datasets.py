@@ -66,6 +66,12 @@ class PretrainingDataset(Dataset):
         info = self.meta["splits"][split]
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self._files = [self.path / shard["file"] for shard in info["shards"]]
+        for file, shard in zip(self._files, info["shards"]):  # a truncated copy would give short windows
+            size = file.stat().st_size if file.is_file() else None
+            if size != shard["tokens"] * self.dtype.itemsize:
+                found = "missing" if size is None else f"{size} bytes"
+                raise DataError(f"{file}: {found}, but meta.json records {shard['tokens']} tokens "
+                                f"({shard['tokens'] * self.dtype.itemsize} bytes); copy the whole directory again")
         self._starts = [0]  # token offset at which each shard starts
         for shard in info["shards"]:
             self._starts.append(self._starts[-1] + shard["tokens"])
@@ -99,7 +105,9 @@ class PretrainingDataset(Dataset):
             end = min(stop, self._starts[k + 1])
             parts.append(shards[k][start - self._starts[k]:end - self._starts[k]])
             start, k = end, k + 1
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=self.dtype)
 
     def document_offsets(self) -> np.ndarray:
         """Start offset of every document in the split's token stream, then the total (int64, length docs+1)."""
@@ -252,6 +260,9 @@ class ClassificationDataset(Dataset):
         self.path, self.format = path, fmt
         examples = _read_examples(path, fmt)
         raw_labels = [label.strip() for _, _, label in examples]
+        for (line, _, _), label in zip(examples, raw_labels):
+            if not label:  # would otherwise make the labels strings and renumber every class
+                raise DataError(f"{path}:{line}: empty label")
         numeric = all(label.lstrip("-").isdigit() for label in raw_labels)
         names = list(label_names) if label_names is not None else None
         offset = 1 if fmt == "agnews" else 0  # AG News numbers its classes from 1

@@ -230,6 +230,36 @@ class _HashingReader:
         return len(block)
 
 
+class _ZstdFrames:
+    """Decompresses a file of concatenated zstandard frames. Unlike zstandard's stream_reader, a file that ends
+    inside a frame (a truncated download) is an error instead of a silently shorter text."""
+
+    def __init__(self, raw: _HashingReader, path: Path) -> None:
+        self.raw, self.path = raw, path
+        self.frame = zstandard.ZstdDecompressor().decompressobj()
+        self.in_frame = False  # some of the current frame's bytes have been fed
+
+    def read(self, n: int) -> bytes:
+        """Some decompressed bytes (about n, possibly more); b"" only at the end of the file."""
+        while True:
+            block = self.raw.read(max(n // 4, 1 << 16))
+            if not block:
+                if self.in_frame:
+                    raise DataError(f"{self.path}: the zstandard stream ends inside a frame (a truncated file?)")
+                return b""
+            out = []
+            while block:
+                out.append(self.frame.decompress(block))
+                self.in_frame = True
+                block = b""
+                if self.frame.eof:  # a frame ended: what follows starts the next one
+                    block, self.frame = self.frame.unused_data, zstandard.ZstdDecompressor().decompressobj()
+                    self.in_frame = False
+            data = b"".join(out)
+            if data:
+                return data
+
+
 def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
     """Cut one file into chunks of `chunk_bytes` to 2x that, longer only where no cut point is near (a JSON
     line is never cut; other text is searched up to MAX_SEARCH_BYTES for a safe cut).
@@ -243,10 +273,7 @@ def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
     with raw:
         hashed = _HashingReader(raw, source)
-        if compressed:
-            reader = zstandard.ZstdDecompressor().stream_reader(hashed, read_across_frames=True)
-        else:
-            reader = hashed
+        reader = _ZstdFrames(hashed, path) if compressed else hashed
         buf, offset, line, starts_doc, eof, want = b"", 0, 1, True, False, 2 * chunk_bytes
         while True:
             try:
@@ -279,8 +306,6 @@ def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
             ends_doc = boundary or (eof and not buf)
             yield Chunk(str(path), fmt, data, offset, line, starts_doc, ends_doc, compressed)
             offset, line, starts_doc, want = offset + cut, line + data.count(b"\n"), ends_doc, 2 * chunk_bytes
-        if compressed and hashed.read(1):
-            raise DataError(f"{path}: data after the end of the zstandard stream")
     source.sha256 = source._hash.hexdigest()
 
 
@@ -323,7 +348,9 @@ def _jsonl_pieces(chunk: Chunk, text_key: str, errors: str) -> tuple[list[str], 
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
+            hint = ("; this reader expects JSON Lines (one object per line), not a JSON array"
+                    if line.lstrip().startswith("[") else "")
+            raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno}){hint}") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with a {text_key!r} field, got {type(record).__name__}")
         if text_key not in record:

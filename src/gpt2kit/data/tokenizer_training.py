@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,17 +41,24 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
             documents += 1
             yield text
 
-    tokenizer = train_bpe([], vocab_size, output_dir, min_frequency=min_frequency, texts=texts())
-    reference = Tokenizer.from_file(str(Path(output_dir) / "tokenizer.json"))
-    reference.encode_special_tokens = True  # gpt2kit's encode treats "<|endoftext|>" in text as text too
-    checked = 0
-    for text in iter_texts(resolve_inputs(inputs, format), text_key=text_key, errors=errors):
-        if checked >= CHECK_BYTES:
-            break
-        checked += len(text.encode("utf-8"))
-        if tokenizer.encode(text) != reference.encode(text).ids:
-            raise DataError(f"{output_dir}/tokenizer.json: tiktoken and HF tokenizers disagree on {text[:60]!r}; "
-                            "please report this with the corpus")
+    # Trained and checked in a hidden folder: only a vocabulary that passed the check becomes tokenizer.json
+    # (a run that reuses an existing one must never find a rejected or half-written file).
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=output) as staging:
+        trained = train_bpe([], vocab_size, staging, min_frequency=min_frequency, texts=texts())
+        reference = Tokenizer.from_file(str(Path(staging) / "tokenizer.json"))
+        reference.encode_special_tokens = True  # gpt2kit's encode treats "<|endoftext|>" in text as text too
+        checked = 0
+        for text in iter_texts(resolve_inputs(inputs, format), text_key=text_key, errors=errors):
+            if checked >= CHECK_BYTES:
+                break
+            checked += len(text.encode("utf-8"))
+            if trained.encode(text) != reference.encode(text).ids:
+                raise DataError(f"{output}/tokenizer.json: tiktoken and HF tokenizers disagree on {text[:60]!r}; "
+                                "please report this with the corpus (nothing was written)")
+        os.replace(Path(staging) / "tokenizer.json", output / "tokenizer.json")
+    tokenizer = GPT2Tokenizer.from_file(output / "tokenizer.json")
     if progress:
         n_bytes = sum(s.bytes for s in sources)
         print(f"trained a byte-level BPE vocabulary of {tokenizer.vocab_size:,} tokens on {len(sources)} file(s), "
