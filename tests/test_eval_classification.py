@@ -68,3 +68,23 @@ def test_class_count_mismatch_is_one_clear_error(classifier):
     with pytest.raises(ValueError, match=r"test.csv: 4 classes \(World, Sports, Business, Sci/Tech\) but the "
                                          r"model has 2 outputs"):
         evaluate_classification(classifier, GPT2Tokenizer.gpt2(), DATA / "ag_news" / "test.csv", progress=False)
+
+
+def test_the_models_label_names_decide_its_output_order(tmp_path):
+    """A classifier trained with id2label {0: positive, 1: negative}: the data's string labels map through it,
+    not through their sorted order (which would swap them)."""
+    tok = GPT2Tokenizer.gpt2()
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=32, id2label={0: "positive", 1: "negative"},
+                        pad_token_id=tok.pad_token_id)
+    model = GPT2ForSequenceClassification(config)
+    with torch.no_grad():
+        model.score.weight.zero_()
+        model.score.weight[0] = 1.0  # the hidden state is layer-normed with weight 1: row 0 scores >= 0
+        model.transformer.ln_f.bias.fill_(1.0)  # every logit 0 but output 0's, positive: predicts "positive"
+    data = tmp_path / "pos.csv"
+    data.write_text("text,label\ngreat,positive\nlovely,positive\nawful,negative\n")
+    result = evaluate_classification(model, tok, data, progress=False)
+    assert result["accuracy"] == pytest.approx(2 / 3)
+    small = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=1000))
+    with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model only 1000"):
+        evaluate_classification(small, tok, data, progress=False)

@@ -223,6 +223,23 @@ def test_bad_input_is_one_clear_error(tmp_path, gpt2_tokenizer):
     small = ContextFreeLM(torch.zeros(512), n_positions=8)
     with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model only 512"):
         evaluate_perplexity(small, gpt2_tokenizer, [TEXT])
+    with pytest.raises(ValueError, match="stride must be an integer >= 1"):
+        evaluate_perplexity(model, gpt2_tokenizer, [TEXT], stride=0)
+    with pytest.raises(ValueError, match="limit must be an integer >= 0"):
+        evaluate_perplexity(model, gpt2_tokenizer, [TEXT, TEXT], limit=-1)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9\nna\u00efve".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt:1: invalid UTF-8 at byte offset 3"):
+        evaluate_perplexity(model, gpt2_tokenizer, latin1)
+
+
+def test_perplexity_past_floats_range_is_inf(gpt2_tokenizer):
+    """A bad model on a text with few whitespace words (Chinese, say): NLL per word above 709 nats."""
+    logits = torch.full((gpt2_tokenizer.vocab_size,), -1000.0)
+    logits[0] = 0.0  # token 0 takes all the probability; every other token costs 1000 nats
+    result = evaluate_perplexity(ContextFreeLM(logits, n_positions=8), gpt2_tokenizer, ["\u4e2d\u6587" * 5],
+                                 progress=False)
+    assert result["word_perplexity"] == math.inf and math.isfinite(result["bits_per_byte"])
 
 
 def test_dropout_is_off_during_evaluation_and_the_mode_restored(tiny_config, small_tokenizer):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..data import ClassificationDataset, collate
 from ..model import eval_mode
 from ..tokenizer import GPT2Tokenizer
-from .scoring import model_device, resolve_max_length
+from .scoring import check_limit, check_vocab, model_device, resolve_max_length
 
 DEFINITIONS = {
     "accuracy": "correct predictions / examples; prediction = argmax of the classifier's logits, read at each "
@@ -71,7 +71,12 @@ def evaluate_classification(model: nn.Module, tokenizer: GPT2Tokenizer,
                             label_names: Sequence[str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Classify every example of `data` (a file ClassificationDataset reads, or the dataset itself) and score
     the predictions with `classification_metrics`. max_length defaults to the model's context."""
+    check_vocab(model, tokenizer)
+    check_limit(limit)
     max_length = resolve_max_length(model, max_length)
+    names = [model.config.id2label[i] for i in sorted(model.config.id2label or {})]
+    if label_names is None and names != [str(i) for i in range(len(names))]:
+        label_names = names  # the classes the model was trained on, in its output order
     if not isinstance(data, ClassificationDataset):
         data = ClassificationDataset(data, tokenizer, format=format, max_length=max_length,
                                      label_names=label_names)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..tokenizer import GPT2Tokenizer
-from .scoring import Window, check_vocab, read_jsonl, resolve_max_length, score_windows
+from .scoring import Window, check_limit, check_vocab, read_jsonl, resolve_max_length, score_windows
 
 DEFINITIONS = {
     "acc": "fraction of passages whose whole last word (target = ' ' + text after the last space) is the greedy "
@@ -97,6 +97,7 @@ def evaluate_lambada(model: nn.Module, tokenizer: GPT2Tokenizer, data: str | os.
     stop_word_filter adds `acc_stop_word_filter` (with `stop_words`, default scikit-learn's English list).
     Returns the metrics plus counts and settings."""
     passages = read_lambada(data) if isinstance(data, (str, os.PathLike)) else list(data)
+    check_limit(limit)
     if limit is not None:
         passages = passages[:limit]
     if not passages:

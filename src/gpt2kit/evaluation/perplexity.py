@@ -29,7 +29,8 @@ from typing import Any
 from torch import nn
 
 from ..tokenizer import GPT2Tokenizer
-from .scoring import Window, check_vocab, read_jsonl, resolve_max_length, score_windows
+from .scoring import (Window, check_limit, check_vocab, read_jsonl, read_text, resolve_max_length,
+                      score_windows)
 
 FORMATS = ("auto", "wikitext", "text", "jsonl")
 
@@ -113,9 +114,9 @@ def read_documents(path: str | os.PathLike, *, format: str = "auto", text_key: s
         raise FileNotFoundError(f"{path}: data file not found")
     kind = resolve_format(path, format)
     if kind == "wikitext":
-        return split_wikitext_articles(path.read_text(encoding="utf-8"))
+        return split_wikitext_articles(read_text(path))
     if kind == "text":
-        return [path.read_text(encoding="utf-8")]
+        return [read_text(path)]
     return [document for _, document in read_jsonl(path, text_key)]
 
 
@@ -138,11 +139,16 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
+def _exp(x: float) -> float:
+    """exp, inf past float's range (a random model's perplexity per whitespace word of Chinese text, say)."""
+    return math.exp(x) if x < 709 else math.inf
+
+
 def perplexity_metrics(nll: float, tokens: int, words: int, n_bytes: int) -> dict[str, float]:
     return {
-        "token_perplexity": math.exp(nll / tokens),
-        "word_perplexity": math.exp(nll / words),
-        "byte_perplexity": math.exp(nll / n_bytes),
+        "token_perplexity": _exp(nll / tokens),
+        "word_perplexity": _exp(nll / words),
+        "byte_perplexity": _exp(nll / n_bytes),
         "bits_per_byte": nll / n_bytes / math.log(2),
     }
 
@@ -165,6 +171,9 @@ def evaluate_perplexity(model: nn.Module, tokenizer: GPT2Tokenizer,
         is_wikitext = resolve_format(path, format) == "wikitext"
     else:
         documents, is_wikitext = list(data), format == "wikitext"
+    check_limit(limit)
+    if stride is not None and not (type(stride) is int and stride >= 1):
+        raise ValueError(f"stride must be an integer >= 1 (scored tokens per window), got {stride!r}")
     if limit is not None:
         documents = documents[:limit]
     if not documents:
