@@ -69,6 +69,13 @@ def test_whole_word_must_be_greedy_and_perplexity_is_per_passage(tok):
                               batch_size=2, progress=False)
     assert result["correct"] == 1 and result["acc"] == pytest.approx(1 / 3)
     assert result["correct_stop_word_filter"] == 2
+    # A name whose first token is a stop word's (" All" of " Allie"): greedy, so right with the filter too;
+    # "the" as the target is a stop word and always wrong with it.
+    al, lie = ids(tok, " Allie")
+    waved = BigramLM({ids(tok, " at")[0]: {al: 4.0}, al: {lie: 4.0}}, tok.vocab_size)
+    named = evaluate_lambada(waved, tok, ["She waved at Allie", "She waved at the"], stop_word_filter=True,
+                             stop_words=["all", "the", "at"], progress=False)
+    assert tok.decode([al]) == " All" and named["correct"] == 1 and named["correct_stop_word_filter"] == 1
 
     V = tok.vocab_size
     z1 = math.log(V - 1 + math.exp(4))  # rows after " Mr" and " B"

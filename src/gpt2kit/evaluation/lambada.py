@@ -11,7 +11,8 @@ Definitions (those of lm-evaluation-harness's `lambada_openai` task):
 - acc_stop_word_filter (optional, an approximation of the GPT-2 paper's "stop-word filter"): as acc, but the
   argmax for the target's first token is taken over the vocabulary without stop-word tokens (tokens whose
   text, stripped and lower-cased, is in the stop-word list), so the model may not answer "the" or "him"
-  where a content word ends the sentence. A target that is itself a stop word then always counts as wrong.
+  where a content word ends the sentence. The target's own first token always competes (the first token of
+  "Allie" is " All"); a target that is itself a stop word always counts as wrong.
 """
 
 from __future__ import annotations
@@ -104,16 +105,19 @@ def evaluate_lambada(model: nn.Module, tokenizer: GPT2Tokenizer, data: str | os.
         raise ValueError("no passages to evaluate")
     check_vocab(model, tokenizer)
     max_length = resolve_max_length(model, max_length)
-    windows = []
+    windows, target_words = [], []
     for n, text in enumerate(passages):
-        context_ids, target_ids = encode_target(tokenizer, *split_last_word(text))
+        context, target = split_last_word(text)
+        target_words.append(target.strip().lower())
+        context_ids, target_ids = encode_target(tokenizer, context, target)
         if not 1 <= len(target_ids) <= max_length:
             raise ValueError(f"passage {n + 1}: the last word has {len(target_ids)} tokens; "
                              f"1..{max_length} (max_length) are supported")
         windows.append(Window((context_ids + target_ids)[-(max_length + 1):], len(target_ids)))
-    disallowed = None
+    disallowed, words = None, frozenset()
     if stop_word_filter:
-        disallowed = stop_word_tokens(tokenizer, default_stop_words() if stop_words is None else stop_words)
+        words = frozenset(w.strip().lower() for w in (default_stop_words() if stop_words is None else stop_words))
+        disallowed = stop_word_tokens(tokenizer, words)
     scores = score_windows(model, windows, vocab_size=tokenizer.vocab_size, batch_size=batch_size,
                            pad_token_id=tokenizer.pad_token_id, greedy=True, disallowed=disallowed, desc="lambada",
                            progress=progress)
@@ -128,7 +132,9 @@ def evaluate_lambada(model: nn.Module, tokenizer: GPT2Tokenizer, data: str | os.
         "max_length": max_length,
     }
     if stop_word_filter:
-        # The restriction applies to the first target token; later tokens continue the same word.
-        filtered = sum(bool(s.restricted_greedy[0] and s.greedy[1:].all()) for s in scores)
+        # The restriction applies to the first target token; later tokens continue the same word. A target whose
+        # first token is a stop word's ("All" of "Allie") still competes; a stop-word target is always wrong.
+        filtered = sum(bool(s.restricted_greedy[0] and s.greedy[1:].all()) and word not in words
+                       for s, word in zip(scores, target_words))
         results.update(acc_stop_word_filter=filtered / len(scores), correct_stop_word_filter=filtered)
     return results

@@ -47,7 +47,7 @@ class Window:
 class WindowScore:
     logprobs: Tensor  # (n_scored,) float64: log p(target | its left context), natural log
     greedy: Tensor | None = None  # (n_scored,) bool: the target is the argmax over the vocabulary
-    restricted_greedy: Tensor | None = None  # (n_scored,) bool: ... the argmax over the allowed tokens only
+    restricted_greedy: Tensor | None = None  # (n_scored,) bool: target logit >= every allowed token's
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -159,8 +159,8 @@ def _score_rows(rows: Tensor, head: Callable, targets: Tensor, *, vocab_size: in
         chosen = logits.gather(-1, target[:, None]).squeeze(-1)
         if greedy:
             hits.append(logits.argmax(-1) == target)
-        if disallowed is not None:
-            restricted.append(logits.masked_fill(disallowed, float("-inf")).argmax(-1) == target)
+        if disallowed is not None:  # the target competes even if disallowed (its word may not be; see lambada)
+            restricted.append(chosen >= logits.masked_fill(disallowed, float("-inf")).amax(-1))
         # log-sum-exp in place (the chunk's logits are not read again), as torch.logsumexp computes it. Not
         # F.cross_entropy: on CPU its float32 log-softmax sums the vocabulary with a bias (about 1e-6 nats per
         # token at GPT-2's 50257).
@@ -179,7 +179,7 @@ def score_windows(model: nn.Module, windows: Sequence[Window], *, vocab_size: in
 
     Logits past `vocab_size` (the tokenizer's) are masked out, so vocabulary padding added for speed is never a
     candidate. `greedy=True` also reports whether each target is the argmax; `disallowed` (bool, vocab_size)
-    yields `restricted_greedy`: whether the target is the argmax once the disallowed tokens are removed.
+    yields `restricted_greedy`: whether the target is the argmax once the other disallowed tokens are removed.
 
     Rows are right-padded and the model is called without an attention mask: in a causal model a real token
     never attends to the padding after it, so padded rows give the logits each window gives alone, on SDPA's
