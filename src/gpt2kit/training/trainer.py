@@ -651,9 +651,10 @@ class Trainer:
         ids = torch.tensor([tokenizer.encode(s.prompt)], device=self.device)
         self.model.eval()
         # A tensor-parallel rank holds some of the heads; the KV cache is sized for all of them.
+        text_options = text_defaults(tokenizer, self.model.config.vocab_size)
         out = generate(self.model, ids, max_new_tokens=s.max_new_tokens, do_sample=True,
                        temperature=s.temperature, top_k=s.top_k, seed=self.config.seed,
-                       use_cache=self.parallel.config.tensor == 1, **text_defaults(tokenizer))
+                       use_cache=self.parallel.config.tensor == 1, **text_options)
         text = tokenizer.decode(out[0].tolist(), skip_special_tokens=True)  # ends at EOS, not with it
         if self.is_main:
             print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
