@@ -4,6 +4,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import openai
 import pytest
 import torch
 
+from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.chat import ChatSession
 from gpt2kit.generation import GenerationConfig, generate
 from gpt2kit.pipeline import TextGenerationPipeline
@@ -268,6 +270,25 @@ def test_max_tokens_zero_with_echo_scores_the_prompt(client):
 def test_a_temperature_too_small_to_divide_by_is_greedy(client, pipe):
     response = client.completions.create(model="tiny", prompt="Jack", max_tokens=8, temperature=1e-40, seed=3)
     assert response.choices[0].text == greedy(pipe, "Jack", 8)
+
+
+def test_a_padded_model_vocabulary_never_reaches_the_text(model_dir, tmp_path):
+    """A model with 8 ids past its 512-token tokenizer: prompts may not name them, and sampling never picks them
+    (a bias of +100 would otherwise make every token one)."""
+    padded = tmp_path / "padded"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=520)).save_pretrained(padded)
+    shutil.copy(model_dir / "tokenizer.json", padded / "tokenizer.json")
+    with LiveServer(padded) as live:
+        url = f"{live.url}/v1/completions"
+        refused = httpx.post(url, json={"prompt": [1, 515], "max_tokens": 2}, timeout=60)
+        assert refused.status_code == 400 and "no text for" in refused.json()["error"]["message"]
+        body = {"prompt": "Jack", "max_tokens": 6, "seed": 1, "logit_bias": {"515": 100}, "logprobs": 0}
+        response = httpx.post(url, json=body, timeout=60)
+        assert response.status_code == 200
+        assert all(t is not None for t in response.json()["choices"][0]["logprobs"]["token_logprobs"])
+        live.scheduler.stop()  # the batching worker is gone: the health check says so
+        health = httpx.get(f"{live.url}/health", timeout=60)
+        assert health.status_code == 503 and health.json()["status"] == "error"
 
 
 def test_a_non_streamed_request_whose_client_left_stops_generating(model_dir):

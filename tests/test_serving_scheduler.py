@@ -114,6 +114,16 @@ def test_full_queue_is_refused(model_and_tokenizer, loop):
     scheduler.submit(make_job(loop, model, tokenizer, [1, 2], dict(max_new_tokens=3)))
 
 
+def test_queued_requests_whose_clients_left_make_room(model_and_tokenizer, loop):
+    model, tokenizer = model_and_tokenizer
+    scheduler = BatchScheduler(model, tokenizer, max_batch_size=1, max_queue=1)
+    gone = make_job(loop, model, tokenizer, [1, 2], dict(max_new_tokens=3))
+    scheduler.submit(gone)
+    gone.cancel()
+    scheduler.submit(make_job(loop, model, tokenizer, [1, 2], dict(max_new_tokens=3)))
+    assert scheduler.queued_requests == 1
+
+
 def test_a_request_whose_sampling_fails_does_not_fail_the_others(model_and_tokenizer, loop):
     """A penalty this extreme turns scores into infinities and the draw fails: that request gets an error, the
     row decoded beside it goes on as alone."""
