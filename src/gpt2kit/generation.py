@@ -304,15 +304,15 @@ class Sampler:
         self.config = config
         self.sampling = config.sampling
         vocab = model_config.vocab_size
-        given = {"eos_token_id": [] if config.eos_token_id is None else eos_token_ids(config, model_config),
-                 "pad_token_id": [] if config.pad_token_id is None else [config.pad_token_id]}
-        for name, ids in given.items():
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ValueError(f"{name} {bad} is outside the model's vocabulary [0, {vocab})")
+        eos = eos_token_ids(config, model_config)
+        given = [*(("eos_token_id", t) for t in eos if config.eos_token_id is not None),
+                 *([("pad_token_id", config.pad_token_id)] if config.pad_token_id is not None else [])]
+        bad = next(((name, t) for name, t in given if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{bad[0]} {bad[1]} is outside the model's vocabulary [0, {vocab})")
         # A model config's ids past its vocabulary (a small test model with GPT-2's 50256, say) can never be
         # generated, and padding with one would fail in the embedding: they are left out.
-        self.eos = [t for t in eos_token_ids(config, model_config) if t < vocab]
+        self.eos = [t for t in eos if 0 <= t < vocab]
         pad = config.pad_token_id if config.pad_token_id is not None else model_config.pad_token_id
         pad = pad if pad is not None and 0 <= pad < vocab else None
         self.pad = pad if pad is not None else (self.eos[0] if self.eos else 0)

@@ -60,8 +60,7 @@ class Int8Linear(nn.Module):
                 and self.in_features % _INT8_KERNEL_IN_MULTIPLE == 0):
             inputs = x.reshape(-1, self.in_features).to(_COMPUTE_DTYPE).contiguous()
             y = torch._weight_int8pack_mm(inputs, self.weight, scale).view(*x.shape[:-1], self.out_features)
-            # Adding the bias (in the model's dtype) also casts the bf16 product back to float32 or bf16; float16
-            # and bf16 promote to float32, hence the final cast (a no-op otherwise).
+            # The bias add promotes bf16 to the model's dtype (float16 + bf16 to float32, hence the cast).
             return (y if self.bias is None else torch.add(self.bias, y)).to(x.dtype)
         # The scale is per output row, so it can multiply the product instead of the weight: int8 values are
         # exact in bf16, the conversion is one cheap pass, and q * scale is never rounded to bf16.

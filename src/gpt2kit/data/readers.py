@@ -242,20 +242,17 @@ class _ZstdFrames:
     def read(self, n: int) -> bytes:
         """Some decompressed bytes (about n, possibly more); b"" only at the end of the file."""
         while True:
-            block = self.raw.read(max(n // 4, 1 << 16))
+            block = self.raw.read(max(n // 4, 1 << 16))  # text compresses about 4x
             if not block:
                 if self.in_frame:
                     raise DataError(f"{self.path}: the zstandard stream ends inside a frame (a truncated file?)")
                 return b""
-            out = []
-            while block:
-                out.append(self.frame.decompress(block))
-                self.in_frame = True
-                block = b""
-                if self.frame.eof:  # a frame ended: what follows starts the next one
-                    block, self.frame = self.frame.unused_data, zstandard.ZstdDecompressor().decompressobj()
-                    self.in_frame = False
-            data = b"".join(out)
+            data, self.in_frame = self.frame.decompress(block), True
+            while self.frame.eof:  # a frame ended: the rest of the block starts the next one
+                rest, self.frame = self.frame.unused_data, zstandard.ZstdDecompressor().decompressobj()
+                self.in_frame = bool(rest)
+                if rest:
+                    data += self.frame.decompress(rest)
             if data:
                 return data
 

@@ -70,13 +70,9 @@ def encode_target(tokenizer: GPT2Tokenizer, context: str, target: str) -> tuple[
 def stop_word_tokens(tokenizer: GPT2Tokenizer, stop_words: Iterable[str]) -> Tensor:
     """Boolean mask over the vocabulary: True where a token's text, stripped and lower-cased, is a stop word."""
     words = {w.strip().lower() for w in stop_words}
-    flags = []
-    for i in range(tokenizer.vocab_size):
-        try:
-            flags.append(tokenizer.decode([i]).strip().lower() in words)
-        except KeyError:  # an unused id between special tokens (e.g. in cl100k_base)
-            flags.append(False)
-    return torch.tensor(flags)
+    unused = set(tokenizer.unused_ids(tokenizer.vocab_size))  # holes between special tokens (cl100k_base)
+    return torch.tensor([i not in unused and tokenizer.decode([i]).strip().lower() in words
+                         for i in range(tokenizer.vocab_size)])
 
 
 def default_stop_words() -> frozenset[str]:

@@ -139,8 +139,9 @@ class CompletionService:
         for i, ids in enumerate(prompts):
             bad = next((t for t in ids if not 0 <= t < self.vocab or t in self.unused), None)
             if bad is not None:
-                where = "an id the tokenizer has no text for" if 0 <= bad < self.vocab else "outside the vocabulary"
-                raise APIError(400, f"prompt {i} holds token id {bad}, {where} [0, {self.vocab})", param="prompt")
+                why = ("which the tokenizer has no text for" if 0 <= bad < self.vocab
+                       else f"outside the vocabulary [0, {self.vocab})")
+                raise APIError(400, f"prompt {i} holds token id {bad}, {why}", param="prompt")
         return prompts
 
     async def submit(self, req: CompletionRequest) -> tuple[Job, list[list[int]], list[str]]:

@@ -148,6 +148,11 @@ class Sequence:
         return self.config.max_new_tokens
 
 
+def _leading_padding(mask: Tensor) -> int:
+    """How many leading positions are padding in every row of a (rows, positions) 0/1 mask."""
+    return int((mask.cumsum(1) == 0).sum(1).min())
+
+
 def _top(logprobs: Tensor, k: int) -> list[tuple[int, float]]:
     values, ids = logprobs.topk(k)
     return list(zip(ids.tolist(), values.tolist(), strict=True))
@@ -299,9 +304,9 @@ class BatchScheduler:
         chosen, top = [], []
         targets = torch.tensor(seq.prompt[1:], device=hidden.device)
         for start in range(0, len(targets), PROMPT_LOGPROBS_CHUNK):  # position j predicts prompt token j + 1
-            logprobs = self.model.lm_head(hidden[start:start + PROMPT_LOGPROBS_CHUNK]).float().log_softmax(-1)
-            logprobs = logprobs[:len(targets) - start]
-            chosen += logprobs.gather(1, targets[start:start + len(logprobs), None]).squeeze(1).tolist()
+            rows = slice(start, start + PROMPT_LOGPROBS_CHUNK)
+            logprobs = self.model.lm_head(hidden[:-1][rows]).float().log_softmax(-1)
+            chosen += logprobs.gather(1, targets[rows, None]).squeeze(1).tolist()
             top += [_top(row, seq.logprobs) if seq.logprobs else [] for row in logprobs]
         seq.job.emit(PromptLogprobsEvent(seq.index, seq.prompt, [None, *chosen], [None, *top]))
 
@@ -309,9 +314,8 @@ class BatchScheduler:
         """Add prefilled rows to the batch, right-aligning old and new histories in one cache. Leading positions
         that are padding in every joining row (the prefill was as wide as a prompt that has already finished)
         are left out."""
-        new_mask = mask[rows]
-        lead = int((new_mask.cumsum(1) == 0).sum(1).min())
-        new_mask, new_len = new_mask[:, lead:], cache.length - lead
+        lead = _leading_padding(mask[rows])
+        new_mask, new_len = mask[rows, lead:], cache.length - lead
         old_len = self.cache.length if self.cache is not None else 0
         length = max(old_len, new_len)
         B_old, B_new = len(self.rows), len(seqs)
@@ -398,7 +402,7 @@ class BatchScheduler:
         self.rows = [self.rows[r] for r in rows]
         self.cache.reorder(index)
         self.mask, self.last_tokens = self.mask[index], self.last_tokens[index]
-        lead = int((self.mask.cumsum(1) == 0).sum(1).min())
+        lead = _leading_padding(self.mask)
         if lead:
             self._move_cache(start=lead, capacity=self.cache.max_length - lead)
 
