@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from gpt2kit import GPT2Tokenizer, cli
 from gpt2kit.data import DataError, PretrainingDataset, preprocess, read_meta
-from gpt2kit.data.preprocess import is_validation
+from gpt2kit.data.preprocess import is_validation, output_is_current
 from gpt2kit.data.readers import is_safe_cut
 
 from .conftest import DATA, REPO
@@ -329,6 +329,23 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, tok):
         run(VERDICT, other, overwrite=True)
     assert (other / "notes.txt").read_text() == "keep me"
 
+
+
+def test_output_is_current_compares_settings_tokenizer_and_input_files(tmp_path):
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "out"
+    corpus.write_text(VERDICT.read_text())
+    assert not output_is_current(out, corpus)
+    preprocess(corpus, out, workers=1, progress=False)
+    assert output_is_current(out, corpus) and output_is_current(out, [corpus], tokenizer="gpt2")
+    for changed in ({"format": "paragraphs"}, {"text_key": "body"}, {"val_fraction": 0.5}, {"append_eos": False},
+                    {"errors": "replace"}, {"tokenizer": str(tmp_path / "other.json")}):
+        assert not output_is_current(out, corpus, **changed), changed
+    assert not output_is_current(out, [corpus, VERDICT])
+    with corpus.open("a") as f:
+        f.write("more")
+    assert not output_is_current(out, corpus)
+    corpus.unlink()
+    assert not output_is_current(out, corpus)
 
 def _start(tmp_path, big, out, workers):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from gpt2kit import GPT2Tokenizer, cli
 from gpt2kit.data import DataError, PretrainingDataset, load_tokenizer, preprocess
-from gpt2kit.data.tokenizer_training import train_tokenizer
+from gpt2kit.data.tokenizer_training import RECORD_FILE, tokenizer_is_current, train_tokenizer
 
 from .conftest import DATA
 
@@ -92,4 +92,21 @@ def test_a_vocabulary_that_fails_the_check_is_never_written(tmp_path, monkeypatc
         train_tokenizer(corpus, tmp_path, vocab_size=600, progress=False)
     monkeypatch.undo()
     assert GPT2Tokenizer.from_file(tmp_path).vocab_size == good.vocab_size == 400
-    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no staging folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", RECORD_FILE]  # no staging folder left
+    assert tokenizer_is_current(tmp_path, corpus, vocab_size=400)  # the record is still the good vocabulary's
+
+
+def test_tokenizer_is_current_compares_settings_and_input_files(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((DATA / "the-verdict" / "the-verdict.txt").read_text())
+    out = tmp_path / "tok"
+    assert not tokenizer_is_current(out, corpus, vocab_size=300)
+    train_tokenizer(corpus, out, vocab_size=300, progress=False)
+    assert tokenizer_is_current(out, corpus, vocab_size=300)
+    assert not tokenizer_is_current(out, corpus, vocab_size=301)
+    assert not tokenizer_is_current(out, corpus, vocab_size=300, min_frequency=3)
+    with corpus.open("a") as f:
+        f.write("more text")
+    assert not tokenizer_is_current(out, corpus, vocab_size=300)
+    (out / RECORD_FILE).unlink()  # a tokenizer.json the user put there is theirs: always current
+    assert tokenizer_is_current(out, corpus, vocab_size=999)

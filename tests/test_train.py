@@ -314,3 +314,34 @@ def test_a_new_run_in_an_old_out_dir_replaces_its_later_checkpoints(tmp_path, ca
     assert "removed 2 checkpoint(s) past step 0 left by an earlier run" in capsys.readouterr().err
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000002", "step-00000004"]
     assert trainer.last_checkpoint.is_dir()
+
+
+def test_cached_tokenizer_and_token_data_follow_the_config(tmp_path, capsys):
+    """out_dir/data and a trained tokenizer are reused only while what built them is unchanged: a new vocabulary
+    size retrains the tokenizer and re-tokenizes; other training text re-tokenizes; an unchanged rerun reuses."""
+    from gpt2kit.data import read_meta
+
+    text = (Path(__file__).parent.parent / "examples" / "data" / "the-verdict" / "the-verdict.txt").read_text()
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text(text[:len(text) // 2])
+    second.write_text(text[len(text) // 2:])
+
+    def run(corpus: Path, vocab_size: int) -> dict:
+        config = run_config(tmp_path, model={"name": "gpt2-tiny", "config": {**TINY, "vocab_size": 512}},
+                            train={"max_steps": 1, "micro_batch_size": 2},
+                            data={"train": str(corpus), "seq_len": 16, "tokenizer": str(tmp_path / "tok"),
+                                  "tokenizer_vocab_size": vocab_size})
+        Trainer(args=config).train()
+        return read_meta(tmp_path / "run" / "data")
+
+    meta = run(first, 300)
+    assert (meta["tokenizer"]["vocab_size"], meta["sources"][0]["path"]) == (300, str(first))
+    stamp = (tmp_path / "run" / "data" / "meta.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run(first, 300) == meta and (tmp_path / "run" / "data" / "meta.json").stat().st_mtime_ns == stamp
+    assert "tokenizing again" not in capsys.readouterr().err
+    meta = run(first, 400)
+    assert meta["tokenizer"]["vocab_size"] == 400 and "tokenizing again" in capsys.readouterr().err
+    meta = run(second, 400)
+    record = json.loads((tmp_path / "tok" / "tokenizer_training.json").read_text())
+    assert meta["sources"][0]["path"] == record["inputs"][0][0] == str(second)

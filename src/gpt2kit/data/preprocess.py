@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from ..files import replace_directory
 from ..tokenizer import GPT2Tokenizer
-from .datasets import FORMAT_NAME, META_FILE
-from .readers import Chunk, DataError, Source, chunk_pieces, iter_chunks, resolve_inputs
+from .datasets import FORMAT_NAME, META_FILE, read_meta
+from .readers import Chunk, DataError, Source, chunk_pieces, file_sizes, iter_chunks, resolve_inputs
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: ~0.1 s of tokenizing, so IPC is cheap and 2+ workers stay busy
 DEFAULT_SHARD_TOKENS = 1 << 30  # 2 GiB shards of uint16
@@ -324,6 +324,23 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
     if progress:
         print(format_summary(summary))
     return summary
+
+
+def output_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLike | Sequence[str | os.PathLike], *,
+                      format: str = "auto", text_key: str = "text", tokenizer: str | os.PathLike = "gpt2",
+                      append_eos: bool = True, val_fraction: float = 0.0, errors: str = "strict") -> bool:
+    """Whether `output_dir` holds what `preprocess` would write for these arguments now: the same settings and
+    the same input files (paths and sizes; contents are not re-read), so a cached output may be reused."""
+    try:
+        meta = read_meta(output_dir)
+        sources = resolve_inputs(inputs, format)
+    except (OSError, ValueError):  # DataError is a ValueError
+        return False
+    settings = {"input_format": format, "text_key": text_key, "append_eos": append_eos,
+                "val_fraction": val_fraction, "errors": errors}
+    return (all(meta.get(key) == value for key, value in settings.items())
+            and meta["tokenizer"].get("source") == str(tokenizer)
+            and [[s["path"], s["bytes"]] for s in meta["sources"]] == file_sizes(sources))
 
 
 def format_summary(summary: dict[str, Any]) -> str:

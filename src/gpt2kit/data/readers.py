@@ -112,6 +112,12 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], form
     return [Source(p, detect_format(p) if format == "auto" else format) for p in unique]
 
 
+def file_sizes(sources: Sequence[Source]) -> list[list]:
+    """[path, size on disk] of each input: what an output built from them records, to be rebuilt when they
+    change (a file that cannot be read has size None)."""
+    return [[str(s.path), s.path.stat().st_size if s.path.is_file() else None] for s in sources]
+
+
 # ---- cutting files into chunks --------------------------------------------------------------------------------
 def _char_at(buf: bytes, p: int) -> str | None:
     """The character starting at byte p, or None (end of buffer, or not valid UTF-8)."""

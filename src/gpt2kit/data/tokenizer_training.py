@@ -4,6 +4,7 @@ spends 2-3 tokens per character on), read with the same readers as `preprocess`.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import tempfile
 import time
@@ -11,9 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..tokenizer import GPT2Tokenizer, train_bpe
-from .readers import DataError, iter_texts, resolve_inputs
+from ..files import atomic_write_text
+from .readers import DataError, file_sizes, iter_texts, resolve_inputs
 
 CHECK_BYTES = 1 << 20  # text re-encoded with both engines after training
+RECORD_FILE = "tokenizer_training.json"  # what tokenizer.json was trained with, beside it
 
 
 def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike, *,
@@ -28,6 +31,7 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
     from tokenizers import Tokenizer
 
     sources = resolve_inputs(inputs, format)
+    record = _record(sources, vocab_size, format, text_key, min_frequency, errors)
     started = time.perf_counter()
     stream = iter_texts(sources, text_key=text_key, errors=errors)
     first = next(stream, None)
@@ -58,6 +62,8 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
                 raise DataError(f"{output}/tokenizer.json: tiktoken and HF tokenizers disagree on {text[:60]!r}; "
                                 "please report this with the corpus (nothing was written)")
         os.replace(Path(staging) / "tokenizer.json", output / "tokenizer.json")
+    # Recorded after tokenizer.json: a crash in between leaves an older record, which only makes the next run retrain.
+    atomic_write_text(output / RECORD_FILE, json.dumps(record, indent=2) + "\n")
     tokenizer = GPT2Tokenizer.from_file(output / "tokenizer.json")
     if progress:
         n_bytes = sum(s.bytes for s in sources)
@@ -65,3 +71,27 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
               f"{n_bytes / 1e6:,.1f} MB, {documents:,} documents in {time.perf_counter() - started:.1f}s "
               f"-> {Path(output_dir) / 'tokenizer.json'}")
     return tokenizer
+
+
+def tokenizer_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLike | Sequence[str | os.PathLike], *,
+                         vocab_size: int, format: str = "auto", text_key: str = "text", min_frequency: int = 2,
+                         errors: str = "strict") -> bool:
+    """Whether `output_dir/tokenizer.json` is what `train_tokenizer` would train with these arguments now
+    (same settings, input paths and sizes). A tokenizer.json that `train_tokenizer` did not write (no record
+    beside it) is the user's own and counts as current."""
+    output = Path(output_dir)
+    if not (output / "tokenizer.json").is_file():
+        return False
+    if not (output / RECORD_FILE).is_file():
+        return True
+    try:
+        recorded = json.loads((output / RECORD_FILE).read_text(encoding="utf-8"))
+        sources = resolve_inputs(inputs, format)
+    except (OSError, ValueError):
+        return False
+    return recorded == _record(sources, vocab_size, format, text_key, min_frequency, errors)
+
+
+def _record(sources, vocab_size: int, format: str, text_key: str, min_frequency: int, errors: str) -> dict:
+    return {"vocab_size": vocab_size, "min_frequency": min_frequency, "format": format, "text_key": text_key,
+            "errors": errors, "inputs": file_sizes(sources)}

@@ -143,6 +143,7 @@ class Trainer:
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.tokenizer = tokenizer
+        self._vocabulary_changed = False  # set once this run trains the tokenizer or tokenizes the training text
         # Under torchrun: join the job (one GPU per local rank); alone: rank 0 of 1 on the chosen device.
         self.parallel = init_distributed(config.parallel, device=self._pick_device(config.train.device))
         self.device = self.parallel.device
@@ -203,16 +204,19 @@ class Trainer:
         `tokenizer` into out_dir/<name> (reused on later runs and on resume)."""
         if (Path(path) / "meta.json").is_file():
             return Path(path)
-        target = self.out_dir / name
-        if (target / "meta.json").is_file():
-            return target
         if not Path(path).exists():
             raise FileNotFoundError(f"data: {path} not found")
-        from ..data.preprocess import preprocess  # imported here: only raw-text runs need it
+        from ..data.preprocess import output_is_current, preprocess  # imported here: only raw-text runs need it
 
-        d = self.config.data
-        preprocess([path], target, format=d.format, text_key=d.text_key, tokenizer=tokenizer,
-                   val_fraction=val_fraction)
+        d, target = self.config.data, self.out_dir / name
+        settings = dict(format=d.format, text_key=d.text_key, tokenizer=tokenizer, val_fraction=val_fraction)
+        if not self._vocabulary_changed and output_is_current(target, [path], **settings):
+            return target
+        if (target / "meta.json").is_file():
+            print(f"{target}: the data settings, the tokenizer or the input files changed; tokenizing again",
+                  file=sys.stderr)
+        preprocess([path], target, overwrite=True, **settings)
+        self._vocabulary_changed = True  # validation text follows the training data's (possibly new) tokenizer
         return target
 
     def _tokenizer_source(self) -> str:
@@ -226,18 +230,20 @@ class Trainer:
         return next((s for s in sources if s and any((Path(s) / f).is_file() for f in _TOKENIZER_FILES)), "gpt2")
 
     def _train_tokenizer(self) -> None:
-        """Train a byte-level BPE tokenizer on the training text (once; `data.tokenizer` is where it goes)."""
-        from ..data.tokenizer_training import train_tokenizer
+        """Train a byte-level BPE tokenizer on the training text into `data.tokenizer`; reused by later runs
+        while the vocabulary size and the training files stay the same."""
+        from ..data.tokenizer_training import tokenizer_is_current, train_tokenizer
 
         d = self.config.data
         if d.tokenizer is None:
             raise ValueError("data.tokenizer: name the directory the trained tokenizer goes to")
-        if (Path(d.tokenizer) / "tokenizer.json").is_file():
-            return
         if d.train is None:
             raise ValueError("data.tokenizer_vocab_size: no data.train to train the tokenizer on")
-        train_tokenizer([d.train], d.tokenizer, vocab_size=d.tokenizer_vocab_size, format=d.format,
-                        text_key=d.text_key)
+        settings = dict(vocab_size=d.tokenizer_vocab_size, format=d.format, text_key=d.text_key)
+        if tokenizer_is_current(d.tokenizer, [d.train], **settings):
+            return
+        train_tokenizer([d.train], d.tokenizer, **settings)
+        self._vocabulary_changed = True  # token data cached in out_dir came from the old vocabulary
 
     def _get_tokenizer(self) -> GPT2Tokenizer:
         if self.tokenizer is None:
