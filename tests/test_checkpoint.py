@@ -165,3 +165,69 @@ def test_atomic_outputs_get_the_permissions_open_and_mkdir_give(tmp_path, tiny_c
     assert model_dir.stat().st_mode & 0o777 == 0o777 & ~umask
     for path in [text, *model_dir.iterdir()]:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_save_keeps_the_directorys_other_files_and_drops_old_weights(tmp_path, hf_model):
+    """Like transformers' save_pretrained: a tokenizer, a README or a folder beside the model stay (with their
+    permissions); weights of an earlier layout (shards, .bin) go, so the loader cannot find stale ones."""
+    from gpt2kit import GPT2Tokenizer
+
+    model_dir = tmp_path / "m"
+    convert_source = tmp_path / "hf"
+    hf_model.save_pretrained(convert_source)
+    convert(convert_source, model_dir, weights_format="bin", max_shard_size="100KB")
+    GPT2Tokenizer.gpt2().save_pretrained(model_dir)
+    (model_dir / "README.md").write_text("my notes")
+    (model_dir / "README.md").chmod(0o600)
+    (model_dir / "runs").mkdir()
+    (model_dir / "runs" / "log.txt").write_text("log")
+    GPT2LMHeadModel.from_pretrained(model_dir).save_pretrained(model_dir)
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "README.md", "config.json", "merges.txt", "model.safetensors", "runs", "tokenizer_config.json", "vocab.json"]
+    assert (model_dir / "README.md").read_text() == "my notes" and (model_dir / "README.md").stat().st_mode & 0o777 == 0o600
+    assert (model_dir / "runs" / "log.txt").read_text() == "log"
+    assert GPT2Tokenizer.from_pretrained(model_dir).encode("hello world") == GPT2Tokenizer.gpt2().encode("hello world")
+    assert same(logits(transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval(), IDS), logits(hf_model, IDS))
+
+
+def test_config_dtype_follows_the_saved_tensors(tmp_path):
+    """A bf16 checkpoint loaded as float32 and saved must not keep `dtype: bfloat16`: transformers would load the
+    float32 weights rounded to bf16."""
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE)).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    ours = GPT2LMHeadModel.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    with torch.no_grad():
+        ours.transformer.wte.weight.add_(1e-4)  # float32 detail bf16 cannot hold
+    ours.save_pretrained(tmp_path / "fp32")
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+    again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "fp32")
+    assert again.transformer.wte.weight.dtype == torch.float32
+    assert torch.equal(again.transformer.wte.weight, ours.transformer.wte.weight)
+
+
+def test_label_count_survives_without_label_names(tmp_path):
+    from gpt2kit import GPT2Config, GPT2ForSequenceClassification
+
+    model = GPT2ForSequenceClassification(GPT2Config(**SHAPE, num_labels=3))
+    model.save_pretrained(tmp_path / "cls")
+    assert GPT2ForSequenceClassification.from_pretrained(tmp_path / "cls").config.num_labels == 3
+    hf = transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path / "cls")
+    assert hf.config.num_labels == 3 and torch.equal(hf.score.weight, model.score.weight)
+
+
+def test_legacy_pytorch_bin_format_loads(tmp_path, hf_model):
+    """torch's pre-1.6 (non-zip) format, still found in older hub uploads, cannot be memory-mapped: read it whole,
+    still with weights_only."""
+    (tmp_path / "old").mkdir()
+    hf_model.config.save_pretrained(tmp_path / "old")
+    torch.save(hf_model.state_dict(), tmp_path / "old" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert same(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "old"), IDS), logits(hf_model, IDS))
+
+
+def test_gpt2model_skips_an_untied_lm_head(tmp_path):
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE, tie_word_embeddings=False)).eval()
+    hf.save_pretrained(tmp_path / "untied")
+    with torch.no_grad():
+        assert same(GPT2Model.from_pretrained(tmp_path / "untied")(IDS),
+                    hf.transformer(IDS).last_hidden_state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +28,8 @@ BIN_NAME = "pytorch_model.bin"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 
 _CONV1D_WEIGHTS = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# What write_hf_directory owns in a model directory (replaced on every save; any other file stays).
+_MODEL_FILE = re.compile(r"config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 _HF_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")  # causal-mask buffers in old HF checkpoints
 
 M = TypeVar("M", bound=nn.Module)
@@ -84,7 +87,8 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only: a .bin is a pickle and must never run code from the file.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # mmap needs torch's zip format; older files (torch < 1.6, some hub uploads) are read whole.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # torch raises many types for bad pickles; report them all the same way
         raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):
@@ -126,11 +130,12 @@ def load_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 # ---- HF <-> gpt2kit names -----------------------------------------------------------------------------------
 def hf_to_gpt2kit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Map an HF GPT-2 state dict (LM head, sequence classification or bare GPT2Model) onto `model`'s names."""
-    has_transformer = any(k.startswith("transformer.") for k in model.state_dict())
+    names = model.state_dict().keys()
+    has_transformer = any(k.startswith("transformer.") for k in names)
     out = {}
     for key, tensor in state.items():
-        if _HF_BUFFERS.search(key):
-            continue
+        if _HF_BUFFERS.search(key) or (key.startswith(("lm_head.", "score.")) and key not in names):
+            continue  # a head this model does not have, as transformers skips it (an LM file into GPT2Model)
         if has_transformer and not key.startswith(("transformer.", "lm_head.", "score.")):
             key = "transformer." + key  # a bare GPT2Model checkpoint
         elif not has_transformer:
@@ -233,7 +238,8 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    # The directory's other files (tokenizer, README, ...) stay, as with transformers; old weights do not.
+    with atomic_directory(directory, keep=lambda name: not _MODEL_FILE.fullmatch(name)) as tmp:
         shards = list(_shards(state, parse_size(max_shard_size))) if max_shard_size else [state]
         if weights_format == "safetensors":
             single, index_name, suffix = SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, "safetensors"
@@ -253,7 +259,13 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
             total = sum(t.numel() * t.element_size() for t in state.values())
             (tmp / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        values = config.to_hf_dict()
+        dtypes = [t.dtype for t in state.values() if t.is_floating_point()]
+        if dtypes:  # what the tensors are now, not what the source directory said (transformers loads as this)
+            values["dtype"] = str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")
+            if "torch_dtype" in values:
+                values["torch_dtype"] = values["dtype"]
+        (tmp / CONFIG_NAME).write_text(json.dumps(values, indent=2) + "\n")
     return directory
 
 

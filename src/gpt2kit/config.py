@@ -114,7 +114,8 @@ class GPT2Config:
         if values["id2label"] is None:
             values.pop("id2label")
             values.pop("label2id")
-        values.pop("num_labels")  # HF derives it from id2label
+        else:
+            values.pop("num_labels")  # HF derives it from id2label
         values.update(model_type="gpt2", n_ctx=self.n_positions)
         values.setdefault("architectures", ["GPT2LMHeadModel"])
         return values

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +55,16 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, *, keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """A new hidden sibling directory of `target` to fill in the `with` block; it replaces `target` (see
-    replace_directory) when the block ends, or is removed if it raises. Creates the parent directory."""
+    replace_directory, and `keep` there) when the block ends, or is removed if it raises. Creates the parent
+    directory."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        replace_directory(tmp, target)
+        replace_directory(tmp, target, keep=keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -76,17 +77,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+def replace_directory(staging: str | os.PathLike, target: str | os.PathLike, *,
+                      keep: Callable[[str], bool] | None = None) -> Path:
     """Make the finished directory `staging` (a sibling of `target`) become `target`. An existing `target`
     is moved aside first and deleted only after the rename, so `target` is never a half-written directory.
-    Everything in it gets the permissions mkdir() and open() give under the umask: tempfile's directories and
-    some writers' files (safetensors) are private otherwise, unreadable to, e.g., a service serving the model."""
+    Everything written in it gets the permissions mkdir() and open() give under the umask: tempfile's
+    directories and some writers' files (safetensors) are private otherwise, unreadable to, e.g., a service
+    serving the model. `keep(name)`: the entries of the old `target` to carry into the new one (hard links,
+    permissions unchanged) when `staging` has none of that name."""
     staging, target = Path(staging), Path(target)
     umask = _umask()
     for root, _, files in os.walk(staging):
         os.chmod(root, 0o777 & ~umask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
+    if keep is not None and target.is_dir() and not target.is_symlink():
+        for entry in target.iterdir():
+            if keep(entry.name) and not os.path.lexists(staging / entry.name):
+                _link_tree(entry, staging / entry.name)
     old = None
     if target.is_symlink() or target.is_file() or (target.is_dir() and any(target.iterdir())):
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -98,6 +106,22 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> 
         else:
             old.unlink()
     return target
+
+
+def _link_tree(source: Path, destination: Path) -> None:
+    """A copy of a file, link or directory tree made of hard links (copies where linking is refused)."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, destination, symlinks=True, copy_function=link)
+    elif source.is_symlink():
+        os.symlink(os.readlink(source), destination)
+    else:
+        link(str(source), str(destination))
 
 
 def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError) -> Any:
