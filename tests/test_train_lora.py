@@ -13,6 +13,7 @@ from gpt2kit.cli import main
 from gpt2kit.training import Trainer, load_config
 from gpt2kit.training.logging import read_metrics
 from gpt2kit.training.checkpoints import list_checkpoints
+from gpt2kit.training.lora import save_adapter
 
 TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=64, bos_token_id=63, eos_token_id=63)
 QUIET = {"progress": False, "tensorboard": False, "plot": False}
@@ -85,6 +86,11 @@ def test_only_adapters_train_and_save_alone_and_merge_preserves_outputs(tmp_path
         plain = GPT2LMHeadModel.from_pretrained(base_dir)
         assert not torch.allclose(plain(x).logits, merged(x).logits, atol=1e-3)  # the adapters did something
     assert set(merged.state_dict()) == set(plain.state_dict())
+
+    (final / "notes.md").write_text("mine")  # saving again replaces the adapter files only
+    save_adapter(model, final)
+    assert (final / "notes.md").read_text() == "mine"
+    assert load_weight_file(final / "adapter_model.safetensors").keys() == adapter.keys()
 
 
 def test_adapters_load_into_transformers_gpt2_with_peft(tmp_path, base_dir):

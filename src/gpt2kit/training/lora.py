@@ -67,11 +67,13 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write only the adapter weights, their config and the model's config to `directory` (atomically)."""
+    """Write only the adapter weights, their config and the model's config to `directory` (atomically; other
+    files already there stay, as with peft)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    owned = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, MODEL_CONFIG_NAME)
+    with atomic_directory(directory, keep=lambda name: name not in owned) as tmp:
         save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         model.peft_config["default"].save_pretrained(str(tmp))
         (tmp / MODEL_CONFIG_NAME).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
