@@ -184,7 +184,8 @@ def test_save_keeps_the_directorys_other_files_and_drops_old_weights(tmp_path, h
     GPT2LMHeadModel.from_pretrained(model_dir).save_pretrained(model_dir)
     assert sorted(p.name for p in model_dir.iterdir()) == [
         "README.md", "config.json", "merges.txt", "model.safetensors", "runs", "tokenizer_config.json", "vocab.json"]
-    assert (model_dir / "README.md").read_text() == "my notes" and (model_dir / "README.md").stat().st_mode & 0o777 == 0o600
+    assert (model_dir / "README.md").read_text() == "my notes"
+    assert (model_dir / "README.md").stat().st_mode & 0o777 == 0o600
     assert (model_dir / "runs" / "log.txt").read_text() == "log"
     assert GPT2Tokenizer.from_pretrained(model_dir).encode("hello world") == GPT2Tokenizer.gpt2().encode("hello world")
     assert same(logits(transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval(), IDS), logits(hf_model, IDS))

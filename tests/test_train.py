@@ -294,7 +294,8 @@ def test_finetune_needs_weights(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     ({"n_head": 3}, r"model.config: n_embd \(64\) must be divisible by n_head \(3\)"),
-    ({"n_layer": "2"}, r"model.config: n_layer must be an integer >= 1, got '2'"),
+    ({"n_layer": 0}, r"model.config: n_layer must be an integer >= 1, got 0"),
+    ({"n_layer": "two"}, r"config: model.config.n_layer: expected int, got 'two'"),
     ({"activation_function": "relu"}, r"model.config: activation_function 'relu' is not supported"),
 ])
 def test_model_config_overrides_are_checked_as_a_new_config(tmp_path, overrides, message):
@@ -345,3 +346,18 @@ def test_cached_tokenizer_and_token_data_follow_the_config(tmp_path, capsys):
     meta = run(second, 400)
     record = json.loads((tmp_path / "tok" / "tokenizer_training.json").read_text())
     assert meta["sources"][0]["path"] == record["inputs"][0][0] == str(second)
+
+
+def test_lengths_are_checked_before_any_work_and_the_sample_fits_the_context(tmp_path, corpus):
+    model = {"name": "gpt2-tiny", "config": {**TINY, "vocab_size": 320}}
+    too_long = run_config(tmp_path, model=model, data={"train": str(corpus), "seq_len": 64})
+    with pytest.raises(ValueError, match=r"data.seq_len: 64 is longer than the model's context \(n_positions=32\)"):
+        Trainer(args=too_long).train()
+    assert not (tmp_path / "run").exists()
+    prompt = run_config(tmp_path, model=model, data={"train": str(corpus)}, sample={"prompt": "I had " * 40})
+    with pytest.raises(ValueError, match=r"sample.prompt: \d+ tokens leave no room in the model's context of 32"):
+        Trainer(args=prompt).train()
+    config = run_config(tmp_path, model=model, data={"train": str(corpus)}, train={"max_steps": 1},
+                        sample={"prompt": "I had", "max_new_tokens": 500})  # more than the context holds
+    summary = Trainer(args=config).train()
+    assert summary["sample"].startswith("I had")

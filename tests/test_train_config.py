@@ -51,10 +51,43 @@ def test_yaml_and_overrides(tmp_path):
     ("train:\n  grad_clip: -1.0\n", [], r"train.grad_clip: must be positive \(null disables clipping\)"),
     ("train:\n  eval_batches: 0\n", [], r"train.eval_batches: must be at least 1, got 0"),
     ("checkpoint:\n  keep_last: 0\n", [], r"checkpoint.keep_last: must be at least 1, got 0"),
+    # checks of values and combinations name the line too
+    ("train:\n  precision: bf17\n", [], r"run.yaml:2: train.precision: expected fp32, bf16"),
+    ("optim:\n  lr: 1.0e-3\ntrain:\n  max_steps: 5\noptim:\n  eps: 0\n", [],
+     r"run.yaml:5: optim: given twice \(first on line 1\)"),
+    ("train:\n  max_steps: 5\n  max_steps: 7\n", [], r"run.yaml:3: train.max_steps: given twice"),
+    ("optim:\n  weight_decay: -5\n", [], r"run.yaml:2: optim.weight_decay: must not be negative"),
+    ("optim:\n  warmup_steps: -3\n", [], r"optim.warmup_steps: must be at least 0"),
+    ("optim:\n  decay_steps: 0\n", [], r"optim.decay_steps: must be at least 1"),
+    ("optim:\n  eps: -1\n", [], r"optim.eps: must be positive"),
+    ("optim:\n  betas: [2, 3]\n", [], r"optim.betas: must lie in \[0, 1\)"),
+    ("train:\n  max_steps: 10\noptim:\n  warmup_steps: 20\n", [], r"run.yaml:4: optim.warmup_steps: 20 is longer"),
+    ("data:\n  seq_len: 0\n", [], r"data.seq_len: must be at least 1"),
+    ("data:\n  num_workers: -1\n", [], r"data.num_workers: must be at least 0"),
+    ("train:\n  eval_interval: -1\n", [], r"train.eval_interval: must be at least 0"),
+    ("checkpoint:\n  save_interval: -1\n", [], r"checkpoint.save_interval: must be at least 0"),
+    ("lora:\n  dropout: 2\n", [], r"lora.dropout: must lie in \[0, 1\)"),
+    ("sample:\n  temperature: -1\n", [], r"sample.temperature: must not be negative"),
+    ("model:\n  config:\n    resid_pdrop: 1e-1x\n", [], r"run.yaml:3: model.config.resid_pdrop: expected float"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text), overrides)
+
+
+def test_model_config_values_get_their_gpt2config_types(tmp_path):
+    """PyYAML reads 1e-5 (no dot) as a string; model.config values are typed like GPT2Config's fields."""
+    path = write(tmp_path, "model:\n  config:\n    layer_norm_epsilon: 1e-5\n    n_layer: 2.0\n")
+    config = load_config(path, parse_overrides(["--model.config.resid_pdrop", "1e-1"]))
+    assert config.model.config == {"layer_norm_epsilon": 1e-5, "n_layer": 2, "resid_pdrop": 0.1}
+    assert all(type(v) is t for v, t in zip(config.model.config.values(), (float, int, float)))
+
+
+def test_a_config_that_is_not_utf8_is_one_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"train:\n  max_steps: 10\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:3: not UTF-8 text \(byte 28\)"):
+        load_config(path)
 
 
 def test_override_syntax_errors():

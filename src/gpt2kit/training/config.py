@@ -139,9 +139,10 @@ class RunConfig:
     sample: SampleArgs = field(default_factory=SampleArgs)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # torchrun layout (docs/distributed.md)
 
-    def validate(self, source: str = "config") -> None:
+    def validate(self, source: str = "config", lines: dict[str, int] | None = None) -> None:
+        """Check values and their combinations; `lines` (key path -> line in `source`) locates the errors."""
         def bad(key: str, message: str) -> ConfigError:
-            return ConfigError(f"{source}: {key}: {message}")
+            return ConfigError(f"{_locate(source, lines or {}, key)}: {message}")
 
         if self.task not in TASKS:
             raise bad("task", f"expected one of {', '.join(TASKS)}, got {self.task!r}")
@@ -162,35 +163,66 @@ class RunConfig:
             raise bad("optim.warmup_rate", f"must lie in [0, 1), got {o.warmup_rate}")
         if o.warmup_rate and o.warmup_steps is not None:
             raise bad("optim.warmup_rate", "give only one of optim.warmup_steps and optim.warmup_rate")
-        for key, value in [("train.max_steps", t.max_steps), ("train.micro_batch_size", t.micro_batch_size),
-                           ("train.global_batch_tokens", t.global_batch_tokens),
-                           ("train.global_batch_size", t.global_batch_size), ("lora.rank", self.lora.rank),
-                           ("train.log_interval", t.log_interval), ("train.eval_batches", t.eval_batches),
-                           ("checkpoint.keep_last", self.checkpoint.keep_last)]:
-            if value is not None and value < 1:
-                raise bad(key, f"must be at least 1, got {value}")
-        if t.grad_clip is not None and not t.grad_clip > 0:  # a negative limit would flip the gradients' sign
-            raise bad("train.grad_clip", f"must be positive (null disables clipping), got {t.grad_clip}")
-        if t.epochs is not None and t.epochs <= 0:
-            raise bad("train.epochs", f"must be positive, got {t.epochs}")
-        if not 0 <= self.data.val_fraction < 1:
-            raise bad("data.val_fraction", f"must lie in [0, 1), got {self.data.val_fraction}")
+        d, lora, sample = self.data, self.lora, self.sample
+        for key, value, least in [
+                ("train.max_steps", t.max_steps, 1), ("train.micro_batch_size", t.micro_batch_size, 1),
+                ("train.global_batch_tokens", t.global_batch_tokens, 1),
+                ("train.global_batch_size", t.global_batch_size, 1), ("train.log_interval", t.log_interval, 1),
+                ("train.eval_batches", t.eval_batches, 1), ("train.eval_interval", t.eval_interval, 0),
+                ("checkpoint.keep_last", self.checkpoint.keep_last, 1),
+                ("checkpoint.save_interval", self.checkpoint.save_interval, 0),
+                ("optim.warmup_steps", o.warmup_steps, 0), ("optim.decay_steps", o.decay_steps, 1),
+                ("data.seq_len", d.seq_len, 1), ("data.max_length", d.max_length, 1),
+                ("data.num_workers", d.num_workers, 0), ("data.tokenizer_vocab_size", d.tokenizer_vocab_size, 257),
+                ("lora.rank", lora.rank, 1), ("sample.max_new_tokens", sample.max_new_tokens, 1),
+                ("sample.top_k", sample.top_k, 1)]:
+            if value is not None and value < least:
+                raise bad(key, f"must be at least {least}, got {value}")
+        for key, value in [("train.grad_clip", t.grad_clip), ("train.epochs", t.epochs), ("optim.lr", o.lr),
+                           ("optim.eps", o.eps), ("lora.alpha", lora.alpha)]:
+            if value is not None and not value > 0:  # a negative grad_clip would flip the gradients' sign
+                raise bad(key, f"must be positive{' (null disables clipping)' * (key == 'train.grad_clip')}, "
+                               f"got {value}")
+        for key, value in [("optim.weight_decay", o.weight_decay), ("sample.temperature", sample.temperature)]:
+            if value < 0:
+                raise bad(key, f"must not be negative, got {value}")
+        for key, value in [("data.val_fraction", d.val_fraction), ("lora.dropout", lora.dropout),
+                           ("optim.betas", o.betas[0]), ("optim.betas", o.betas[1])]:
+            if not 0 <= value < 1:
+                raise bad(key, f"must lie in [0, 1), got {value}")
+        decay_steps = o.decay_steps or t.max_steps
+        if o.warmup_steps and decay_steps and o.warmup_steps > decay_steps:
+            raise bad("optim.warmup_steps", f"{o.warmup_steps} is longer than the {decay_steps} decay steps "
+                                            "(optim.decay_steps, default train.max_steps)")
         try:
             layout = self.parallel.resolve(launched_world_size())  # under torchrun: this job's processes
         except ParallelConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
         if self.pet_method == "lora" and layout.shards_model:
             raise bad("parallel", "LoRA trains a few adapter weights: use data parallelism (DDP), not shard/tensor")
-        known = {f.name for f in dataclasses.fields(GPT2Config)} - {"extra"}
-        for key in self.model.config:
-            if key not in known:
-                raise bad(f"model.config.{key}", f"not a GPT2Config field{_suggest(key, known)}")
+        hints = _model_config_hints()
+        for key, value in self.model.config.items():
+            if key not in hints:
+                raise bad(f"model.config.{key}", f"not a GPT2Config field{_suggest(key, hints)}")
+            self.model.config[key] = _coerce(value, hints[key], _locate(source, lines or {}, f"model.config.{key}"))
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
 
 # ---- building from mappings ---------------------------------------------------------------------------------
+def _locate(source: str, lines: dict[str, int], key: str) -> str:
+    """"file:line: key" for error messages ("file: key" for a key that is not in the file, e.g. an override)."""
+    line = lines.get(key)
+    return f"{source}:{line}: {key}" if line else f"{source}: {key}"
+
+
+def _model_config_hints() -> dict[str, Any]:
+    """GPT2Config field -> type, for `model.config` overrides."""
+    hints = typing.get_type_hints(GPT2Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(GPT2Config) if f.name != "extra"}
+
+
 def _plain(value: Any) -> Any:
     """Tuples become lists so the dict is YAML/JSON friendly."""
     if isinstance(value, dict):
@@ -273,8 +305,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
 def _build(cls: type, values: Any, prefix: str, lines: dict[str, int], source: str) -> Any:
     def where(key: str) -> str:
-        line = lines.get(key)
-        return f"{source}:{line}: {key}" if line else f"{source}: {key}"
+        return _locate(source, lines, key)
 
     if not isinstance(values, dict):
         raise ConfigError(f"{where(prefix.rstrip('.') or '(top level)')}: expected a mapping, got {values!r}")
@@ -294,15 +325,22 @@ def _build(cls: type, values: Any, prefix: str, lines: dict[str, int], source: s
     return cls(**kwargs)
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """1-based line of every key path ("train.max_steps") in a YAML document, for error messages."""
+def _key_lines(text: str, source: str) -> dict[str, int]:
+    """1-based line of every key path ("train.max_steps") in a YAML document, for error messages. A key given
+    twice in one mapping is an error (YAML would silently keep the last)."""
     lines: dict[str, int] = {}
 
     def walk(node: yaml.Node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
             for key_node, value_node in node.value:
                 path = f"{prefix}{key_node.value}"
-                lines[path] = key_node.start_mark.line + 1
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise ConfigError(f"{source}:{line}: {path}: given twice (first on line {lines[path]}); "
+                                      "merge the two")
+                seen.add(key_node.value)
+                lines[path] = line
                 walk(value_node, f"{path}.")
 
     try:
@@ -370,13 +408,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[tuple[str
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: config file not found") from None
+        except UnicodeDecodeError as err:
+            line = path.read_bytes()[:err.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {err.start})") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        lines = _key_lines(text)
+        lines = _key_lines(text, source)
     for key, value in values.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
@@ -386,7 +427,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[tuple[str
         set_override(data, key, raw)
         lines.pop(key, None)
     config = _build(RunConfig, data, "", lines, source)
-    config.validate(source)
+    config.validate(source, lines)
     return config
 
 

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from ..allocator import allocator_in_use
 from ..checkpoint import CheckpointError, hf_to_gpt2kit, load_config, load_state_dict, save_pretrained
 from ..config import PRESETS, GPT2Config
-from ..files import replace_directory
+from ..files import atomic_write_text, replace_directory
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
 from ..tokenizer import GPT2Tokenizer
 from . import lora as lora_lib
@@ -253,6 +253,10 @@ class Trainer:
     def _load_datasets(self) -> None:
         d, kind = self.config.data, self._kind
         train, val = self._datasets["train"], self._datasets["val"]
+        context = self._model_config().n_positions
+        for key, length in (("data.seq_len", d.seq_len), ("data.max_length", d.max_length)):
+            if length is not None and length > context:  # checked before any tokenizing or checkpoint cleanup
+                raise ValueError(f"{key}: {length} is longer than the model's context (n_positions={context})")
         if kind == "pretrain":
             from ..data import PretrainingDataset, load_tokenizer, read_meta
 
@@ -383,6 +387,10 @@ class Trainer:
         self._load_datasets()
         if self._datasets["train"] is None:
             raise ValueError("data.train: no training data given")
+        if c.task == "text_generation" and c.sample.prompt:  # found now, not after the whole run
+            context, prompt = self._model_config().n_positions, len(self._get_tokenizer().encode(c.sample.prompt))
+            if prompt >= context:
+                raise ValueError(f"sample.prompt: {prompt} tokens leave no room in the model's context of {context}")
         self.model = self._build_model(weights)
         if c.pet_method == "lora":
             base = weights or (c.model.name if Path(c.model.name).is_dir() else None)
@@ -595,7 +603,7 @@ class Trainer:
                 plot = plot_losses(logger.path, self.out_dir / "loss.png",
                                    title=f"{self.config.model.name}, {self.out_dir.name}")
                 summary["loss_plot"] = str(plot) if plot else None
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+            atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
             print(self._summary_line(summary), file=sys.stderr)
         return summary
 
@@ -658,7 +666,8 @@ class Trainer:
         self.model.eval()
         # A tensor-parallel rank holds some of the heads; the KV cache is sized for all of them.
         text_options = text_defaults(tokenizer, self.model.config.vocab_size)
-        out = generate(self.model, ids, max_new_tokens=s.max_new_tokens, do_sample=True,
+        room = self.model.config.n_positions - ids.shape[1]  # a sample as long as the context allows
+        out = generate(self.model, ids, max_new_tokens=min(s.max_new_tokens, room), do_sample=True,
                        temperature=s.temperature, top_k=s.top_k, seed=self.config.seed,
                        use_cache=self.parallel.config.tensor == 1, **text_options)
         text = tokenizer.decode(out[0].tolist(), skip_special_tokens=True)  # ends at EOS, not with it
