@@ -231,6 +231,21 @@ def test_logs_tensorboard_jsonl_and_loss_plot(tmp_path):
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_val_loss"] == min(r["val_loss"] for r in records if "val_loss" in r)
+    events = tensorboard_scalars(run / "tensorboard")
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu", "val/loss",
+            "val/ppl"} <= set(events)  # the tags docs/training.md lists
+    assert events["train/loss"] == [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+    config = run_config(tmp_path, train={"max_steps": 4}, log={"tensorboard": True, "plot": False})
+    Trainer(args=config, train_dataset=Sequences()).train()  # afresh in the same out_dir: the old curve goes
+    assert tensorboard_scalars(run / "tensorboard")["train/loss"] == [1, 2, 3, 4]
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, list[int]]:
+    """Tag -> steps, as TensorBoard shows them (events of a purged run left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory)).Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def _sentiment_file(path: Path, n: int, seed: int) -> Path:

@@ -119,9 +119,10 @@ class MetricsLogger:
         self._file = self.path.open("a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            # purge_step hides events an interrupted run wrote after the checkpoint we resume from.
+            # purge_step hides events an interrupted run wrote after the checkpoint we resume from, and all
+            # events of an earlier run in this out_dir when starting afresh (as metrics.jsonl is trimmed).
             self.writer = SummaryWriter(str(self.out_dir / "tensorboard"),
-                                        purge_step=resume_step + 1 if resume_step else None)
+                                        purge_step=resume_step + 1 if resume_step else 0)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if self._file is None:
@@ -132,13 +133,23 @@ class MetricsLogger:
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(key.replace("_", "/", 1) if "/" not in key else key, value, step)
+                    self.writer.add_scalar(tensorboard_tag(key), value, step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def tensorboard_tag(key: str) -> str:
+    """metrics.jsonl key -> TensorBoard tag: val_loss -> val/loss, train_loss -> train/loss, lr -> train/lr."""
+    if "/" in key:
+        return key
+    for split in ("train", "val"):
+        if key.startswith(f"{split}_"):
+            return f"{split}/{key.removeprefix(split + '_')}"
+    return f"train/{key}"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
