@@ -235,6 +235,12 @@ def test_chat_greedy_reply_equals_generation_from_the_transcript(pipe, model_dir
     assert out == reply[0]["generated_text"].lstrip() + "\n"
 
 
+def test_chat_defaults_fit_a_small_context(model_dir):
+    """The default reply length (128) is more than this 96-position model holds: half the context is used."""
+    out = chat_in_process(model_dir, "Hi\n/set\n", seed=0)
+    assert "max_new_tokens = 48," in out and not out.startswith("[error")
+
+
 def test_chat_history_stays_within_the_context(pipe):
     config = GenerationConfig(max_new_tokens=10)
     session = ChatSession(pipe.model, pipe.tokenizer, config)

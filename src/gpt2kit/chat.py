@@ -116,7 +116,9 @@ def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.Path
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
                                        random_init=random_init, quantize=quantize,
                                        pack_weights=pack_weights)
-    defaults = {**CHAT_DEFAULTS, **text_defaults(tok, lm.config.vocab_size)}
+    # A small model's context (the demo's is 128) keeps half of it for the conversation.
+    reply_tokens = min(CHAT_DEFAULTS["max_new_tokens"], lm.config.n_positions // 2)
+    defaults = {**CHAT_DEFAULTS, "max_new_tokens": reply_tokens, **text_defaults(tok, lm.config.vocab_size)}
     session = ChatSession(lm, tok, GenerationConfig().replace(**{**defaults, **options}))
     interactive = stdin.isatty() and stdin is sys.stdin
     if interactive:
