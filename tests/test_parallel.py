@@ -371,6 +371,37 @@ def test_memory_estimate_of_the_large_configs():
     assert big.activations == pytest.approx(64 * 1024 * 8192 * 34 + 2 * 1024 * 8192 * 2)
 
 
+def documented_memory_rows() -> list[tuple[str, list[str]]]:
+    """(file, cells) of every memory table row in README.md and docs/distributed.md."""
+    rows = []
+    for doc in ("README.md", "docs/distributed.md"):
+        for line in (Path(__file__).resolve().parents[1] / doc).read_text().splitlines():
+            if line.startswith("| gpt2-") and "x" in line:
+                rows.append((doc, [cell.strip() for cell in line.strip("|").split("|")]))
+    return rows
+
+
+def test_documented_memory_tables_match_the_estimate():
+    """The tables are what `gpt2kit info --parallel` prints (micro-batch 1, bf16, recompute unless 'off')."""
+    from gpt2kit.training.memory import GIB
+
+    rows = documented_memory_rows()
+    assert len(rows) == 16
+    context = {}
+    for doc, cells in rows:
+        name = cells[0].split()[0]
+        context.setdefault(name, int(cells[0].split("(")[1].split()[0]) if "tokens" in cells[0] else None)
+        data, shard, tensor = map(int, cells[2].rsplit("(", 1)[1].rstrip(")").split("x"))
+        estimate = estimate_memory(GPT2Config.from_name(name), ParallelConfig(data=data, shard=shard, tensor=tensor),
+                                   seq_len=context[name], recompute=cells[3] != "off")
+        values = [f"{value / GIB:.1f}" for _, value in estimate.rows()]
+        if len(cells) == 4:  # README: model, GPUs, layout, total
+            assert cells[3] == values[-1], (doc, cells)
+        else:
+            assert cells[4] == f"{estimate.parameters / 1e9:.2f} B", (doc, cells)
+            assert cells[5:-1] + [cells[-1].strip("*")] == values, (doc, cells)
+
+
 def test_info_prints_the_memory_table(capsys):
     from gpt2kit.cli import main
 
