@@ -346,6 +346,30 @@ def test_a_rank_that_cannot_load_fails_every_rank_quickly(job):
         assert "no-such-dcp" in errors["missing"][1]
 
 
+def _stalled_peer_job(rank: int, out: Path) -> None:
+    """Four ranks as data 2 x shard 2, parallel.timeout = 2 s; rank 1 never joins rank 0's all-reduce on their
+    shard group (a group of the mesh, smaller than the job). Rank 1 lives on for 8 s: without the timeout rank 0
+    would wait until then."""
+    state = init_distributed(ParallelConfig(data=2, shard=2, timeout=2), device="cpu")
+    if rank == 0:
+        started = time.monotonic()
+        try:
+            torch.distributed.all_reduce(torch.ones(1), group=state.mesh["shard"].get_group())
+            outcome = "completed"
+        except RuntimeError as err:
+            outcome = f"failed: {err}"
+        torch.save({"outcome": outcome, "seconds": time.monotonic() - started}, out / "stalled.pt")
+    else:
+        time.sleep(8)
+
+
+def test_the_timeout_bounds_collectives_on_the_mesh_groups(tmp_path):
+    """A mesh's groups are created by torch with its default timeout (30 min for gloo); parallel.timeout must
+    apply to them too, or a stalled peer hangs HSDP/TP collectives for half an hour."""
+    result = load(run_job(_stalled_peer_job, 4, tmp_path) / "stalled.pt")
+    assert result["outcome"].startswith("failed") and result["seconds"] < 6, result
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_memory_estimate_counts_the_parameters_each_rank_holds(job, layout):
     estimate = estimate_memory(tiny_lm_config(), LAYOUTS[layout].resolve(WORLD), seq_len=SEQ)

@@ -181,8 +181,11 @@ def init_distributed(config: ParallelConfig | None = None, *, device: str | torc
                                 timeout=timedelta(seconds=config.timeout),
                                 device_id=device if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # no public way for a mesh's groups
 
     mesh = init_device_mesh(device.type, (config.data, config.shard, config.tensor), mesh_dim_names=MESH_DIMS)
+    for name in MESH_DIMS:  # the mesh's own groups get torch's default timeout (30 min gloo, 10 min NCCL)
+        _set_pg_timeout(timedelta(seconds=config.timeout), mesh[name].get_group())
     return ParallelState(config, device, rank=rank, world_size=world_size, local_rank=local_rank, mesh=mesh)
 
 
