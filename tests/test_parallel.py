@@ -426,6 +426,18 @@ def test_documented_memory_tables_match_the_estimate():
             assert cells[5:-1] + [cells[-1].strip("*")] == values, (doc, cells)
 
 
+def test_fsdp_beside_tensor_parallel_needs_a_width_the_shards_divide():
+    from gpt2kit.training.parallel import check_tensor_parallel
+
+    config = tiny_lm_config()  # n_embd 64
+    check_tensor_parallel(config, 2, shard=4)
+    check_tensor_parallel(config, 1, shard=3)  # FSDP alone shards unevenly without trouble
+    with pytest.raises(ParallelConfigError, match=r"parallel.shard = 3 must divide the model's n_embd \(64\)"):
+        check_tensor_parallel(config, 2, shard=3)
+    with pytest.raises(ParallelConfigError, match="parallel.shard = 5 must divide"):
+        estimate_memory(GPT2Config.from_name("gpt2"), ParallelConfig(data=1, shard=5, tensor=2))
+
+
 def test_info_prints_the_memory_table(capsys):
     from gpt2kit.cli import main
 

@@ -94,7 +94,7 @@ def estimate_memory(config: GPT2Config, parallel: ParallelConfig, *, micro_batch
     if min(parallel.data, parallel.shard, parallel.tensor) < 1:
         raise ValueError("estimate_memory needs resolved degrees (no -1): call ParallelConfig.resolve(world_size)")
     t, shard = parallel.tensor, parallel.shard
-    check_tensor_parallel(config, t)
+    check_tensor_parallel(config, t, shard)
     s = seq_len or config.n_positions
     b, h, v, layers = micro_batch_size, config.n_embd, config.vocab_size, config.n_layer
     act = 4 if precision == "fp32" else 2

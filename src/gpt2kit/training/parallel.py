@@ -258,11 +258,15 @@ def _replicate_remaining(model: nn.Module, mesh) -> None:
             distribute_module(module, mesh, input_fn=inputs_to_dtensor, output_fn=output_to_local)
 
 
-def check_tensor_parallel(config, degree: int) -> None:
-    """ParallelConfigError unless the model's heads, width and MLP split evenly over `degree` ranks."""
+def check_tensor_parallel(config, degree: int, shard: int = 1) -> None:
+    """ParallelConfigError unless the model's heads, width and MLP split evenly over `degree` ranks, and, with
+    FSDP beside tensor parallelism (`shard` ranks), the width over `shard` too (see _fsdp_placement)."""
     for name, value in (("n_head", config.n_head), ("n_embd", config.n_embd), ("MLP width", config.mlp_dim)):
         if value % degree:
             raise ParallelConfigError(f"parallel.tensor = {degree} must divide the model's {name} ({value})")
+    if degree > 1 and config.n_embd % shard:
+        raise ParallelConfigError(f"parallel.shard = {shard} must divide the model's n_embd ({config.n_embd}) "
+                                  "with tensor parallelism: FSDP splits the fused q/k/v weight along its input")
 
 
 def apply_tensor_parallel(model: nn.Module, mesh) -> nn.Module:
@@ -329,6 +333,7 @@ def parallelize(model: nn.Module, state: ParallelState, *, recompute: bool = Fal
         return model
     c, mesh = state.config, state.mesh
     if c.tensor > 1:
+        check_tensor_parallel(model.config, c.tensor, c.shard)
         apply_tensor_parallel(model, mesh["tensor"])
     if c.shard > 1 or (c.tensor > 1 and c.data > 1):
         # Replicas of a tensor-parallel model use FSDP2's replicate dimension (shard groups of one if shard == 1).
