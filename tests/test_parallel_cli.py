@@ -25,13 +25,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
-def torchrun(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node 2 -m gpt2kit ARGS`; on timeout the launcher and its workers
-    (one process group) are killed and the test fails."""
+def torchrun(*args: str, timeout: float = 180, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m gpt2kit ARGS` (with `stdin` piped in); on timeout the
+    launcher and its workers (one process group) are killed and the test fails."""
     process = subprocess.Popen([*TORCHRUN, "-m", "gpt2kit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=ENV, start_new_session=True)
+                               stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE, text=True, env=ENV,
+                               start_new_session=True)
     try:
-        stdout, stderr = process.communicate(timeout=timeout)
+        stdout, stderr = process.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
@@ -53,10 +54,20 @@ def test_tensor_parallel_generate_equals_one_process(lm_dir):
     prompt = "The distributed engine"
     expected = generate_text(lm_dir, prompt, max_new_tokens=16, do_sample=False)[0]
     assert len(set(expected[len(prompt):].split())) > 4  # not one repeated token: a real comparison
-    result = torchrun("generate", "--model", str(lm_dir), "--tensor-parallel", "2", "--prompt", prompt,
-                      "--max-new-tokens", "16", "--no-do-sample")
+    result = torchrun("generate", "--model", str(lm_dir), "--tensor-parallel", "2", "--max-new-tokens", "16",
+                      "--no-do-sample", stdin=prompt)  # the documented default: the prompt on standard input
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == expected + "\n"  # printed once: by rank 0 only
+
+
+def test_tensor_parallel_sampling_without_a_seed_draws_the_same_tokens_on_every_rank(lm_dir):
+    """Each rank samples from the same all-reduced logits: with different random streams the ranks' rows part
+    ways, and the rank that reaches EOS first leaves the other waiting in a collective (an EOS bias makes the
+    early stop likely)."""
+    result = torchrun("generate", "--model", str(lm_dir), "--tensor-parallel", "2", "--prompt", "The engine",
+                      "--max-new-tokens", "60", "--do-sample", "--logit-bias", "50256=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("The engine")
 
 
 def test_tensor_parallel_generate_needs_matching_processes(lm_dir):
@@ -131,6 +142,32 @@ def test_two_processes_train_like_one(tmp_path, corpus, single, layout, parallel
         resumed = tmp_path / "tp-resumed"
         run("train", write_config(tmp_path, corpus, "tp-resumed"), resume=str(checkpoint))
         assert_same_run(resumed, single, range(4, STEPS + 1))
+
+
+PREDICT_AFTER_TRAINING = """
+import json
+import sys
+import torch.distributed as dist
+from gpt2kit.training import Trainer, load_config
+trainer = Trainer(args=load_config(sys.argv[1], [("train.max_steps", "1"), ("optim.warmup_steps", "0"),
+                                                    ("sample.prompt", "null")]))
+trainer.train()
+texts = trainer.predict(["I had", "The"], max_new_tokens=6, do_sample=True)
+(trainer.out_dir / f"predict-rank{dist.get_rank()}.json").write_text(json.dumps(texts))
+"""
+
+
+def test_predict_after_tensor_parallel_training(tmp_path, corpus):
+    """A tensor-parallel rank holds some of the heads: predict runs without the KV cache (sized for all) and
+    samples with rank 0's seed, so both ranks return the same texts."""
+    config = write_config(tmp_path, corpus, "tp-predict", data=1, tensor=-1)
+    script = tmp_path / "predict.py"
+    script.write_text(PREDICT_AFTER_TRAINING)
+    result = subprocess.run([*TORCHRUN, str(script), str(config)], capture_output=True, text=True, env=ENV,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    texts = [json.loads((tmp_path / "tp-predict" / f"predict-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert texts[0] == texts[1] and len(texts[0]) == 2, texts
 
 
 def test_fsdp_resumes_a_single_process_checkpoint(tmp_path, corpus, single):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -174,7 +175,9 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.prompt is None and sys.stdin.isatty():
         raise ValueError("give --prompt TEXT or pipe the prompt on standard input")
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    # Under torchrun only rank 0 reads standard input (the ranks share it); it sends the prompt to the others.
+    reads_stdin = args.tensor_parallel == 1 or os.environ.get("RANK", "0") == "0"
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read() if reads_stdin else None
     if args.tensor_parallel > 1:
         from .training.parallel import generate_tensor_parallel
 

@@ -191,7 +191,7 @@ class RunConfig:
             if not 0 <= value < 1:
                 raise bad(key, f"must lie in [0, 1), got {value}")
         decay_steps = o.decay_steps or t.max_steps
-        if o.warmup_steps and decay_steps and o.warmup_steps > decay_steps:
+        if o.decay != "constant" and o.warmup_steps and decay_steps and o.warmup_steps > decay_steps:
             raise bad("optim.warmup_steps", f"{o.warmup_steps} is longer than the {decay_steps} decay steps "
                                             "(optim.decay_steps, default train.max_steps)")
         try:

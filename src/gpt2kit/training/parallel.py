@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -443,13 +444,13 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     return model.eval()
 
 
-def generate_tensor_parallel(model: str | os.PathLike, prompt: str, *, tensor_parallel: int,
+def generate_tensor_parallel(model: str | os.PathLike, prompt: str | None, *, tensor_parallel: int,
                              tokenizer: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                              device: str | torch.device | None = None, return_full_text: bool = True,
                              stream_to=None, **options) -> list[str] | None:
     """`torchrun --nproc-per-node T -m gpt2kit generate --tensor-parallel T ...`: every rank loads its shard of
     the HF directory and runs the same decoding (identical logits on every rank, so identical tokens); rank 0
-    streams and returns the texts, the other ranks return None."""
+    streams and returns the texts, the other ranks return None. Rank 0's `prompt` is used (others may pass None)."""
     from ..checkpoint import CheckpointError, resolve_model_dir
     from ..pipeline import generate_text, parse_dtype
     from ..tokenizer import has_tokenizer_files
@@ -469,6 +470,11 @@ def generate_tensor_parallel(model: str | os.PathLike, prompt: str, *, tensor_pa
     raise_if_any_rank_failed(error, f"loading {model} for tensor-parallel generation", CheckpointError)
     if tokenizer is None and has_tokenizer_files(model_dir):
         tokenizer = model_dir
+    # The ranks must decode the same rows with the same draws: rank 0's prompt (only it reads standard input)
+    # and, for an unseeded sample, rank 0's seed.
+    prompt = state.broadcast(prompt)
+    if options.get("seed") is None:
+        options["seed"] = state.broadcast(random.randrange(2 ** 63))
     texts = generate_text(lm, prompt, tokenizer=tokenizer, return_full_text=return_full_text,
                           stream_to=stream_to if state.is_main else None, **options)
     return texts if state.is_main else None

@@ -657,23 +657,31 @@ class Trainer:
         return result
 
     def _sample(self) -> str:
-        from ..generation import generate
-        from ..pipeline import text_defaults
-
         s = self.config.sample
-        tokenizer = self._get_tokenizer()
-        ids = torch.tensor([tokenizer.encode(s.prompt)], device=self.device)
-        self.model.eval()
-        # A tensor-parallel rank holds some of the heads; the KV cache is sized for all of them.
-        text_options = text_defaults(tokenizer, self.model.config.vocab_size)
-        room = self.model.config.n_positions - ids.shape[1]  # a sample as long as the context allows
-        out = generate(self.model, ids, max_new_tokens=min(s.max_new_tokens, room), do_sample=True,
-                       temperature=s.temperature, top_k=s.top_k, seed=self.config.seed,
-                       use_cache=self.parallel.config.tensor == 1, **text_options)
-        text = tokenizer.decode(out[0].tolist(), skip_special_tokens=True)  # ends at EOS, not with it
+        room = self.model.config.n_positions - len(self._get_tokenizer().encode(s.prompt))
+        text = self._continue(s.prompt, max_new_tokens=min(s.max_new_tokens, room), do_sample=True,  # fits the context
+                              temperature=s.temperature, top_k=s.top_k, seed=self.config.seed, full_text=True)
         if self.is_main:
             print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
         return text
+
+    def _continue(self, text: str, *, full_text: bool = False, **options: Any) -> str:
+        """The model's continuation of `text` (with `text` in front if `full_text`), ending at EOS; ids the
+        tokenizer cannot decode are never drawn. Under tensor parallelism every rank must draw the same tokens:
+        an unseeded sample gets rank 0's seed, and the KV cache is off (it is sized for all the heads, a rank
+        holds some)."""
+        from ..generation import generate
+        from ..pipeline import text_defaults
+
+        tokenizer = self._get_tokenizer()
+        tensor_parallel = self.parallel.config.tensor > 1
+        if tensor_parallel and options.get("seed") is None:
+            options["seed"] = self.parallel.broadcast(random.randrange(2 ** 63))
+        ids = torch.tensor([tokenizer.encode(text)], device=self.device)
+        self.model.eval()
+        out = generate(self.model, ids, use_cache=not tensor_parallel,
+                       **{**text_defaults(tokenizer, self.model.config.vocab_size), **options})
+        return tokenizer.decode(out[0, 0 if full_text else ids.shape[1]:].tolist(), skip_special_tokens=True)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def _save_model_files(self, directory: Path) -> None:
@@ -893,15 +901,8 @@ class Trainer:
                                 attention_mask=batch["attention_mask"].to(self.device)).logits
             id2label = self.model.config.id2label or {}
             return [id2label.get(int(i), str(int(i))) for i in logits.argmax(-1)]
-        from ..generation import generate
-
         options = {"max_new_tokens": self.config.sample.max_new_tokens, **generation_options}
-        results = []
-        for text in texts:
-            ids = torch.tensor([self.tokenizer.encode(text)], device=self.device)
-            out = generate(self.model, ids, **options)
-            results.append(self.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
-        return results
+        return [self._continue(text, **options) for text in texts]
 
 
 def run(mode: str, config_path: str | os.PathLike | None, overrides: list[tuple[str, str]] | None = None,
