@@ -144,6 +144,31 @@ def test_two_processes_train_like_one(tmp_path, corpus, single, layout, parallel
         assert_same_run(resumed, single, range(4, STEPS + 1))
 
 
+def test_data_parallel_classification_counts_every_ranks_tokens(tmp_path):
+    """Padded rows: each rank has its own number of real tokens, so tokens (and tokens_seen, tokens/s, MFU) are
+    summed over the ranks, not rank 0's count times the ranks."""
+    import random
+
+    rng = random.Random(0)
+    words = "the movie was very good bad".split()
+    lines = ["sentence\tlabel"] + [f"{' '.join(rng.choices(words, k=rng.randint(2, 12)))}\t{rng.randint(0, 1)}"
+                                    for _ in range(32)]
+    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+    config = {"task": "text_classification", "seed": 3,
+              "model": {"name": "gpt2-tiny", "config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32,
+                                                        "resid_pdrop": 0.0, "attn_pdrop": 0.0, "embd_pdrop": 0.0}},
+              "data": {"train": str(tmp_path / "train.tsv"), "format": "sst2"},
+              "train": {"max_steps": 3, "micro_batch_size": 2, "global_batch_size": 8},
+              "optim": {"warmup_steps": 0}, "log": {"progress": False, "plot": False, "tensorboard": False}}
+    for name in ("single", "ddp"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**config, "out_dir": str(tmp_path / name)}))
+    run("train", tmp_path / "single.yaml")
+    result = torchrun("train", "--config", str(tmp_path / "ddp.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(tmp_path / "ddp", "tokens") == losses(tmp_path / "single", "tokens")
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+
+
 PREDICT_AFTER_TRAINING = """
 import json
 import sys

@@ -522,7 +522,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches) * self.world_size
+        # Over all data-parallel ranks: with padding (classification, instructions) their counts differ.
+        tokens = int(self.parallel.all_reduce_sum(sum(b["attention_mask"].sum() for b in micro_batches)))
         self.tokens_seen += tokens
         width = max(b["input_ids"].shape[1] for b in micro_batches)
         return {"train_loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens": tokens, "seq_len": width}
