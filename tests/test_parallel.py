@@ -457,6 +457,15 @@ def test_dcp_conversion_errors_name_the_problem(job, tmp_path):
     with pytest.raises(CheckpointError, match=r"does not hold the weights .*config.json describes .*Missing key in "
                                               r"checkpoint state_dict: model.transformer.h.2"):
         dcp_to_pretrained(job / "tp-dcp", tmp_path / "out", config=tmp_path)
+    narrower = tiny_lm_config()
+    narrower.n_layer = 1  # DCP loads only the tensors asked for: the checkpoint's second layer must not be lost
+    (tmp_path / "config.json").write_text(json.dumps(narrower.to_hf_dict()))
+    with pytest.raises(CheckpointError, match=r"holds weights that .*config.json has no place for \(transformer.h.1"):
+        dcp_to_pretrained(job / "tp-dcp", tmp_path / "out", config=tmp_path)
+    model = GPT2LMHeadModel(narrower)
+    with pytest.raises(CheckpointError, match=r"holds weights the model has no place for \(transformer.h.1"):
+        load_distributed_checkpoint(job / "tp-dcp", model)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- degrees -------------------------------------------------------------------------------------------------

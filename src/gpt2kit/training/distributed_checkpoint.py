@@ -156,6 +156,10 @@ def load_distributed_checkpoint(directory: str | os.PathLike, model: nn.Module,
         missing = CheckpointError(f"{directory}: not a distributed checkpoint (no {METADATA_NAME})")
     raise_if_any_rank_failed(missing, "loading a distributed checkpoint", CheckpointError)
     original = _training_state(model, optimizer)
+    extra = _unexpected_tensors(directory, original["model"])
+    mismatch = CheckpointError(f"{directory}: holds weights the model has no place for ({', '.join(extra[:5])}); "
+                               "was it saved from a larger model config?") if extra else None
+    raise_if_any_rank_failed(mismatch, "loading a distributed checkpoint", CheckpointError)
     storable = _map_tree(original, _to_storable)
     try:
         with _single_process_quiet():
@@ -187,6 +191,16 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights:
                "param_groups": [{**group, "params": [order[index] for index in group["params"]]}
                                 for group in optimizer_state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def _unexpected_tensors(directory: Path, model_state: dict[str, Any]) -> list[str]:
+    """Model tensors in the checkpoint with no place in `model_state`: DCP loads only what it is asked for, so a
+    larger model's checkpoint would otherwise load silently (a missing tensor is an error already)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return sorted(key.removeprefix("model.") for key in saved
+                  if key.startswith("model.") and key.removeprefix("model.") not in model_state)
 
 
 def _failures(err) -> str:
@@ -245,6 +259,9 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, output: str | os.PathLike, *,
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     state = {"model": model.state_dict()}
+    extra = _unexpected_tensors(dcp_dir, state["model"])
+    if extra:
+        raise CheckpointError(f"{dcp_dir}: holds weights that {config_path} has no place for ({', '.join(extra[:5])})")
     try:
         with _single_process_quiet():
             load(state, checkpoint_id=dcp_dir, no_dist=True)
