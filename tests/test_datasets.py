@@ -144,6 +144,26 @@ def test_sampler_ranks_are_disjoint_and_equal(num_samples, world_size):
         ResumableSampler(10, rank=2, world_size=2)
 
 
+@pytest.mark.parametrize("num_samples", [38, 40, 47])
+def test_each_step_holds_the_same_samples_on_any_number_of_ranks(num_samples):
+    """An epoch keeps its first floor(n / B) x B samples (B = global batch): a step never straddles two epochs,
+    and the ranks' slices of step k together are step k of one process."""
+    batch, steps = 8, []
+    for world_size in (1, 2, 4):
+        ranks = [ResumableSampler(num_samples, seed=5, rank=r, world_size=world_size, batch_size=batch)
+                 for r in range(world_size)]
+        share = batch // world_size
+        orders = [list(s) for s in ranks]
+        assert {len(order) for order in orders} == {num_samples // batch * share}
+        steps.append([sorted(i for order in orders for i in order[k * share:(k + 1) * share])
+                      for k in range(num_samples // batch)])
+    assert steps[0] == steps[1] == steps[2]
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        ResumableSampler(40, world_size=3, batch_size=8)
+    with pytest.raises(ValueError, match="fewer than one batch of 48"):
+        ResumableSampler(num_samples, batch_size=48)
+
+
 # ---- ClassificationDataset -----------------------------------------------------------------------------------
 def _label_counts(ds):
     return np.bincount(ds.labels).tolist()

@@ -144,21 +144,23 @@ def test_two_processes_train_like_one(tmp_path, corpus, single, layout, parallel
         assert_same_run(resumed, single, range(4, STEPS + 1))
 
 
-def test_data_parallel_classification_counts_every_ranks_tokens(tmp_path):
+def test_data_parallel_classification_is_the_single_process_run(tmp_path):
     """Padded rows: each rank has its own number of real tokens, so tokens (and tokens_seen, tokens/s, MFU) are
-    summed over the ranks, not rank 0's count times the ranks."""
+    summed over the ranks, not rank 0's count times the ranks. 38 examples in steps of 8: each epoch uses 32,
+    so steps 5-6 of the second epoch hold the same examples however many ranks there are (a rank's DataLoader
+    dropped its odd last example while one process used it)."""
     import random
 
     rng = random.Random(0)
     words = "the movie was very good bad".split()
     lines = ["sentence\tlabel"] + [f"{' '.join(rng.choices(words, k=rng.randint(2, 12)))}\t{rng.randint(0, 1)}"
-                                    for _ in range(32)]
+                                    for _ in range(38)]
     (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
     config = {"task": "text_classification", "seed": 3,
               "model": {"name": "gpt2-tiny", "config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32,
                                                         "resid_pdrop": 0.0, "attn_pdrop": 0.0, "embd_pdrop": 0.0}},
               "data": {"train": str(tmp_path / "train.tsv"), "format": "sst2"},
-              "train": {"max_steps": 3, "micro_batch_size": 2, "global_batch_size": 8},
+              "train": {"max_steps": 6, "micro_batch_size": 2, "global_batch_size": 8},
               "optim": {"warmup_steps": 0}, "log": {"progress": False, "plot": False, "tensorboard": False}}
     for name in ("single", "ddp"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**config, "out_dir": str(tmp_path / name)}))

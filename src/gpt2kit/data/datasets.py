@@ -124,21 +124,25 @@ class PretrainingDataset(Dataset):
 class ResumableSampler(Sampler[int]):
     """Deterministic order over `num_samples` items whose whole state is (seed, epoch, position).
 
-    The permutation of an epoch depends only on (seed, epoch); with `world_size` ranks, rank r takes
-    positions r, r + W, r + 2W, ... of it, so ranks are disjoint and equally long (the last
-    num_samples % world_size items of the permutation are dropped). `position` counts this rank's samples
-    already consumed; the trainer reports them with `advance(n)` because DataLoader prefetching means the
-    sampler cannot tell what was consumed from what was merely fetched.
+    The permutation of an epoch depends only on (seed, epoch). An epoch uses its first floor(n / B) x B items,
+    B = `batch_size`, the global batch of one optimizer step (a multiple of `world_size`): steps never straddle
+    two epochs, so any number of ranks puts the same items in each step. With `world_size` ranks, rank r takes
+    positions r, r + W, r + 2W, ... of those, so ranks are disjoint and equally long. `position` counts this
+    rank's samples already consumed; the trainer reports them with `advance(n)` because DataLoader prefetching
+    means the sampler cannot tell what was consumed from what was merely fetched.
     """
 
     def __init__(self, num_samples: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, batch_size: int | None = None) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if num_samples < world_size:
-            raise ValueError(f"{num_samples} samples cannot be split over {world_size} ranks")
+        batch_size = world_size if batch_size is None else batch_size
+        if batch_size < 1 or batch_size % world_size:
+            raise ValueError(f"batch_size must be a positive multiple of world_size ({world_size}), got {batch_size}")
+        if num_samples < batch_size:
+            raise ValueError(f"{num_samples} samples are fewer than one batch of {batch_size}")
         self.num_samples, self.shuffle, self.rank, self.world_size = num_samples, shuffle, rank, world_size
-        self.per_rank = num_samples // world_size
+        self.per_rank = num_samples // batch_size * batch_size // world_size
         self.seed, self.epoch, self.position = seed, 0, 0
 
     def set_epoch(self, epoch: int, position: int = 0) -> None:

@@ -408,7 +408,7 @@ class Trainer:
 
         train = self._datasets["train"]
         self.sampler = ResumableSampler(len(train), seed=c.seed, shuffle=True, rank=self.rank,
-                                        world_size=self.world_size)
+                                        world_size=self.world_size, batch_size=self.global_batch)
         self.train_loader = self._loader(train, self.sampler, batch_size=c.train.micro_batch_size)
         self._batches = None
 
@@ -440,11 +440,11 @@ class Trainer:
         if accum < 1 or rest:
             raise ValueError(f"train: {what} must be a positive multiple of {unit}")
         self.grad_accum = accum
-        per_rank = len(train) // self.world_size
-        if per_rank < t.micro_batch_size:
-            raise ValueError(f"data.train: {len(train)} examples, fewer than one micro-batch of "
-                             f"{t.micro_batch_size} per device")
-        self.steps_per_epoch = max(1, (per_rank // t.micro_batch_size) // accum)
+        self.global_batch = per_micro * accum  # examples per optimizer step
+        if len(train) < self.global_batch:
+            raise ValueError(f"data.train: {len(train)} examples, fewer than one optimizer step's batch of "
+                             f"{self.global_batch} (micro-batch x accumulation x devices); lower the batch size")
+        self.steps_per_epoch = len(train) // self.global_batch  # each epoch's last partial batch is left out
         self.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
 
     # ---- the loop -----------------------------------------------------------------------------------------
