@@ -191,6 +191,16 @@ def test_save_keeps_the_directorys_other_files_and_drops_old_weights(tmp_path, h
     assert same(logits(transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval(), IDS), logits(hf_model, IDS))
 
 
+def test_save_through_a_symlink_replaces_the_directory_it_points_to(tmp_path, tiny_model):
+    real, link = tmp_path / "real", tmp_path / "link"
+    tiny_model.save_pretrained(real)
+    (real / "tokenizer.json").write_text("{}")
+    link.symlink_to(real, target_is_directory=True)
+    tiny_model.save_pretrained(link)
+    assert link.is_symlink() and (link / "tokenizer.json").read_text() == "{}"
+    assert sorted(p.name for p in real.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
 def test_config_dtype_follows_the_saved_tensors(tmp_path):
     """A bf16 checkpoint loaded as float32 and saved must not keep `dtype: bfloat16`: transformers would load the
     float32 weights rounded to bf16."""

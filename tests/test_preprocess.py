@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt2kit import GPT2Tokenizer, cli
+from gpt2kit.tokenizer import train_bpe
 from gpt2kit.data import DataError, PretrainingDataset, preprocess, read_meta
 from gpt2kit.data.preprocess import is_validation, output_is_current
 from gpt2kit.data.readers import is_safe_cut
@@ -341,6 +342,12 @@ def test_output_is_current_compares_settings_tokenizer_and_input_files(tmp_path)
                     {"errors": "replace"}, {"tokenizer": str(tmp_path / "other.json")}):
         assert not output_is_current(out, corpus, **changed), changed
     assert not output_is_current(out, [corpus, VERDICT])
+    tokenizer = tmp_path / "tok"
+    train_bpe([corpus], 300, tokenizer)
+    preprocess(corpus, out, workers=1, progress=False, tokenizer=tokenizer, overwrite=True)
+    assert output_is_current(out, corpus, tokenizer=tokenizer)
+    train_bpe([corpus], 310, tokenizer)  # another vocabulary at the same path
+    assert not output_is_current(out, corpus, tokenizer=tokenizer)
     with corpus.open("a") as f:
         f.write("more")
     assert not output_is_current(out, corpus)

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.checkpoint import gpt2kit_to_hf
+from gpt2kit.data.tokenizer_training import train_tokenizer
 from gpt2kit.training import Trainer, TrainingDiverged, load_config
 from gpt2kit.training.logging import flops_per_token, peak_flops, read_metrics
 from gpt2kit.training.optim import build_optimizer, lr_at, param_groups
@@ -361,6 +362,22 @@ def test_cached_tokenizer_and_token_data_follow_the_config(tmp_path, capsys):
     meta = run(second, 400)
     record = json.loads((tmp_path / "tok" / "tokenizer_training.json").read_text())
     assert meta["sources"][0]["path"] == record["inputs"][0][0] == str(second)
+    # A run stopped after retraining the tokenizer, before tokenizing: the next one sees the new vocabulary's
+    # contents differ from what out_dir/data was made with.
+    train_tokenizer([second], tmp_path / "tok", vocab_size=350, progress=False)
+    assert run(second, 350)["tokenizer"]["vocab_size"] == 350
+
+
+def test_resume_continues_when_the_checkpoint_position_is_past_this_runs_epoch(tmp_path):
+    """10 examples in steps of 2 consumed a whole epoch (position 10); resumed with steps of 4 an epoch is 8
+    examples: the run goes on with the next epoch instead of refusing the position."""
+    save = {"save_interval": 5}
+    Trainer(args=run_config(tmp_path, train={"max_steps": 5, "micro_batch_size": 2}, checkpoint=save),
+            train_dataset=Sequences(10)).train()
+    config = run_config(tmp_path, train={"max_steps": 7, "micro_batch_size": 2, "global_batch_size": 4})
+    trainer = Trainer(args=config, train_dataset=Sequences(10))
+    assert trainer.train(resume="auto")["steps"] == 7
+    assert trainer.sampler.epoch == 1
 
 
 def test_lengths_are_checked_before_any_work_and_the_sample_fits_the_context(tmp_path, corpus):
@@ -374,5 +391,7 @@ def test_lengths_are_checked_before_any_work_and_the_sample_fits_the_context(tmp
         Trainer(args=prompt).train()
     config = run_config(tmp_path, model=model, data={"train": str(corpus)}, train={"max_steps": 1},
                         sample={"prompt": "I had", "max_new_tokens": 500})  # more than the context holds
-    summary = Trainer(args=config).train()
-    assert summary["sample"].startswith("I had")
+    trainer = Trainer(args=config)
+    assert trainer.train()["sample"].startswith("I had")
+    cached, uncached = (trainer.predict(["I had", "The"], max_new_tokens=3, use_cache=flag) for flag in (True, False))
+    assert cached == uncached and len(cached) == 2

@@ -61,7 +61,7 @@ def test_yaml_and_overrides(tmp_path):
     ("optim:\n  decay_steps: 0\n", [], r"optim.decay_steps: must be at least 1"),
     ("optim:\n  eps: -1\n", [], r"optim.eps: must be positive"),
     ("optim:\n  betas: [2, 3]\n", [], r"optim.betas: must lie in \[0, 1\)"),
-    ("train:\n  max_steps: 10\noptim:\n  warmup_steps: 20\n", [], r"run.yaml:4: optim.warmup_steps: 20 is longer"),
+    ("train:\n  max_steps: 10\noptim:\n  warmup_steps: 20\n", [], r"run.yaml:4: optim.warmup_steps: 20 warmup steps are longer than the 10 decay"),
     ("data:\n  seq_len: 0\n", [], r"data.seq_len: must be at least 1"),
     ("data:\n  num_workers: -1\n", [], r"data.num_workers: must be at least 0"),
     ("train:\n  eval_interval: -1\n", [], r"train.eval_interval: must be at least 0"),
@@ -81,6 +81,23 @@ def test_model_config_values_get_their_gpt2config_types(tmp_path):
     config = load_config(path, parse_overrides(["--model.config.resid_pdrop", "1e-1"]))
     assert config.model.config == {"layer_norm_epsilon": 1e-5, "n_layer": 2, "resid_pdrop": 0.1}
     assert all(type(v) is t for v, t in zip(config.model.config.values(), (float, int, float)))
+
+
+def test_a_warmup_longer_than_an_epochs_long_decay_fails_when_the_schedule_is_built(tmp_path):
+    import torch
+
+    from gpt2kit.training.optim import build_scheduler
+
+    config = load_config(write(tmp_path, "train:\n  epochs: 1\noptim:\n  warmup_steps: 20\n"))  # steps unknown yet
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    with pytest.raises(ValueError, match="optim.warmup_steps: 20 warmup steps are longer than the 12 decay steps"):
+        build_scheduler(optimizer, config.optim, max_steps=12)
+    build_scheduler(optimizer, config.optim, max_steps=20)
+
+
+def test_limits_that_mean_off_stay_valid(tmp_path):
+    config = load_config(write(tmp_path, "sample:\n  top_k: 0\n"), parse_overrides(["--train.grad_clip", "null"]))
+    assert config.sample.top_k == 0 and config.train.grad_clip is None
 
 
 def test_a_config_that_is_not_utf8_is_one_error(tmp_path):

@@ -58,8 +58,10 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_directory(target: str | os.PathLike, *, keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """A new hidden sibling directory of `target` to fill in the `with` block; it replaces `target` (see
     replace_directory, and `keep` there) when the block ends, or is removed if it raises. Creates the parent
-    directory."""
+    directory. A symlink to a directory stays: the directory it points to is replaced."""
     target = Path(target)
+    if target.is_symlink() and target.is_dir():
+        target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

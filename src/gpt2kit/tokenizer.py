@@ -12,6 +12,7 @@ append `eos_token_id` yourself to separate documents.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -283,6 +284,13 @@ class GPT2Tokenizer:
 
     def __reduce__(self):
         return (_rebuild, (self._source, self.pad_token_id, self.padding_side))
+
+    def fingerprint(self) -> str:
+        """sha256 over the contents of the vocabulary files this tokenizer was read from: what an output made with
+        it records, to tell later whether a tokenizer at the same path is still the same one."""
+        kind = self._source[0]
+        files = [ASSETS / "encoder.json", ASSETS / "vocab.bpe"] if kind == "gpt2" else self._source[1:]
+        return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Copy the vocabulary files next to a model (GPT-2 style as vocab.json + merges.txt, which HF loads)."""

@@ -229,7 +229,8 @@ def _alive(pid: int) -> bool:
 def _tokenizer_spec(tokenizer: str | os.PathLike, loaded: GPT2Tokenizer, staging: Path) -> dict[str, Any]:
     """How `load_tokenizer` rebuilds it: the bundled GPT-2 by name, anything else from a copy in the output."""
     spec: dict[str, Any] = {"source": str(tokenizer), "vocab_size": loaded.vocab_size,
-                            "eos_token_id": loaded.eos_token_id, "eos_token": loaded.eos_token}
+                            "eos_token_id": loaded.eos_token_id, "eos_token": loaded.eos_token,
+                            "fingerprint": loaded.fingerprint()}
     if not Path(tokenizer).exists() and str(tokenizer).removeprefix("openai-community/") in GPT2_NAMES:
         return {"name": "gpt2", **spec}
     loaded.save_pretrained(staging / "tokenizer")
@@ -329,17 +330,20 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
 def output_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLike | Sequence[str | os.PathLike], *,
                       format: str = "auto", text_key: str = "text", tokenizer: str | os.PathLike = "gpt2",
                       append_eos: bool = True, val_fraction: float = 0.0, errors: str = "strict") -> bool:
-    """Whether `output_dir` holds what `preprocess` would write for these arguments now: the same settings and
-    the same input files (paths and sizes; contents are not re-read), so a cached output may be reused."""
+    """Whether `output_dir` holds what `preprocess` would write for these arguments now: the same settings, the
+    same tokenizer (by the contents of its files, see GPT2Tokenizer.fingerprint) and the same input files (paths
+    and sizes; their contents are not re-read), so a cached output may be reused."""
     try:
         meta = read_meta(output_dir)
         sources = resolve_inputs(inputs, format)
-    except (OSError, ValueError):  # DataError is a ValueError
+        fingerprint = GPT2Tokenizer.from_pretrained(tokenizer).fingerprint()
+    except (OSError, ValueError):  # DataError and TokenizerError are ValueErrors
         return False
     settings = {"input_format": format, "text_key": text_key, "append_eos": append_eos,
                 "val_fraction": val_fraction, "errors": errors}
     return (all(meta.get(key) == value for key, value in settings.items())
             and meta["tokenizer"].get("source") == str(tokenizer)
+            and meta["tokenizer"].get("fingerprint") == fingerprint
             and [[s["path"], s["bytes"]] for s in meta["sources"]] == file_sizes(sources))
 
 

@@ -88,6 +88,14 @@ class OptimArgs:
     decay: str = "cosine"  # cosine | linear | constant
     decay_steps: int | None = None  # steps until min_lr (warmup included); default max_steps
 
+    def warmup_for(self, decay_steps: int) -> int:
+        """Warmup steps of a schedule decaying over `decay_steps`; ValueError if the warmup would not fit."""
+        warmup = self.warmup_steps if self.warmup_steps is not None else int(self.warmup_rate * decay_steps)
+        if warmup > decay_steps and self.decay != "constant":
+            raise ValueError(f"{warmup} warmup steps are longer than the {decay_steps} decay steps "
+                             "(optim.decay_steps, default train.max_steps)")
+        return warmup
+
 
 @dataclass
 class CheckpointArgs:
@@ -175,7 +183,7 @@ class RunConfig:
                 ("data.seq_len", d.seq_len, 1), ("data.max_length", d.max_length, 1),
                 ("data.num_workers", d.num_workers, 0), ("data.tokenizer_vocab_size", d.tokenizer_vocab_size, 257),
                 ("lora.rank", lora.rank, 1), ("sample.max_new_tokens", sample.max_new_tokens, 1),
-                ("sample.top_k", sample.top_k, 1)]:
+                ("sample.top_k", sample.top_k, 0)]:
             if value is not None and value < least:
                 raise bad(key, f"must be at least {least}, got {value}")
         for key, value in [("train.grad_clip", t.grad_clip), ("train.epochs", t.epochs), ("optim.lr", o.lr),
@@ -190,10 +198,11 @@ class RunConfig:
                            ("optim.betas", o.betas[0]), ("optim.betas", o.betas[1])]:
             if not 0 <= value < 1:
                 raise bad(key, f"must lie in [0, 1), got {value}")
-        decay_steps = o.decay_steps or t.max_steps
-        if o.decay != "constant" and o.warmup_steps and decay_steps and o.warmup_steps > decay_steps:
-            raise bad("optim.warmup_steps", f"{o.warmup_steps} is longer than the {decay_steps} decay steps "
-                                            "(optim.decay_steps, default train.max_steps)")
+        if o.decay_steps or t.max_steps:  # known before the data is read (unlike an epochs-long run's)
+            try:
+                o.warmup_for(o.decay_steps or t.max_steps)
+            except ValueError as err:
+                raise bad("optim.warmup_steps", str(err)) from None
         try:
             layout = self.parallel.resolve(launched_world_size())  # under torchrun: this job's processes
         except ParallelConfigError as err:

@@ -60,9 +60,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: OptimArgs, max_steps
                     ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR following `lr_at`; its state (step count) goes into checkpoints like the optimizer's."""
     decay_steps = args.decay_steps or max_steps
-    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_rate * decay_steps)
-    if warmup > decay_steps and args.decay != "constant":
-        raise ValueError(f"optim: warmup ({warmup} steps) is longer than decay_steps ({decay_steps})")
+    try:
+        warmup = args.warmup_for(decay_steps)
+    except ValueError as err:
+        raise ValueError(f"optim.warmup_steps: {err}") from None
     schedule = partial(_ratio, base_lr=args.lr, lr=args.lr, min_lr=args.min_lr, warmup_steps=warmup,
                        decay_steps=decay_steps, decay=args.decay)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

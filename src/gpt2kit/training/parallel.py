@@ -146,6 +146,11 @@ class ParallelState:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def shared_seed(self, seed: int | None) -> int:
+        """Collective: rank 0's `seed` (drawn there when None) on every rank, so ranks that must sample the same
+        tokens (tensor parallelism) draw the same random numbers."""
+        return self.broadcast(random.randrange(2 ** 63) if seed is None else seed)
+
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum of `value` over the data-parallel ranks (tensor-parallel ranks hold equal copies: counted once)."""
         if not self.distributed:
@@ -473,8 +478,7 @@ def generate_tensor_parallel(model: str | os.PathLike, prompt: str | None, *, te
     # The ranks must decode the same rows with the same draws: rank 0's prompt (only it reads standard input)
     # and, for an unseeded sample, rank 0's seed.
     prompt = state.broadcast(prompt)
-    if options.get("seed") is None:
-        options["seed"] = state.broadcast(random.randrange(2 ** 63))
+    options["seed"] = state.shared_seed(options.get("seed"))
     texts = generate_text(lm, prompt, tokenizer=tokenizer, return_full_text=return_full_text,
                           stream_to=stream_to if state.is_main else None, **options)
     return texts if state.is_main else None

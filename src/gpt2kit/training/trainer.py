@@ -143,7 +143,6 @@ class Trainer:
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.tokenizer = tokenizer
-        self._vocabulary_changed = False  # set once this run trains the tokenizer or tokenizes the training text
         # Under torchrun: join the job (one GPU per local rank); alone: rank 0 of 1 on the chosen device.
         self.parallel = init_distributed(config.parallel, device=self._pick_device(config.train.device))
         self.device = self.parallel.device
@@ -210,13 +209,12 @@ class Trainer:
 
         d, target = self.config.data, self.out_dir / name
         settings = dict(format=d.format, text_key=d.text_key, tokenizer=tokenizer, val_fraction=val_fraction)
-        if not self._vocabulary_changed and output_is_current(target, [path], **settings):
+        if output_is_current(target, [path], **settings):
             return target
         if (target / "meta.json").is_file():
             print(f"{target}: the data settings, the tokenizer or the input files changed; tokenizing again",
                   file=sys.stderr)
         preprocess([path], target, overwrite=True, **settings)
-        self._vocabulary_changed = True  # validation text follows the training data's (possibly new) tokenizer
         return target
 
     def _tokenizer_source(self) -> str:
@@ -243,7 +241,6 @@ class Trainer:
         if tokenizer_is_current(d.tokenizer, [d.train], **settings):
             return
         train_tokenizer([d.train], d.tokenizer, **settings)
-        self._vocabulary_changed = True  # token data cached in out_dir came from the old vocabulary
 
     def _get_tokenizer(self) -> GPT2Tokenizer:
         if self.tokenizer is None:
@@ -523,7 +520,8 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         # Over all data-parallel ranks: with padding (classification, instructions) their counts differ.
-        tokens = int(self.parallel.all_reduce_sum(sum(b["attention_mask"].sum() for b in micro_batches)))
+        local = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        tokens = int(self.parallel.all_reduce_sum(torch.tensor(local, device=self.device)))  # NCCL: device tensors
         self.tokens_seen += tokens
         width = max(b["input_ids"].shape[1] for b in micro_batches)
         return {"train_loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens": tokens, "seq_len": width}
@@ -675,13 +673,12 @@ class Trainer:
         from ..pipeline import text_defaults
 
         tokenizer = self._get_tokenizer()
-        tensor_parallel = self.parallel.config.tensor > 1
-        if tensor_parallel and options.get("seed") is None:
-            options["seed"] = self.parallel.broadcast(random.randrange(2 ** 63))
+        options = {**text_defaults(tokenizer, self.model.config.vocab_size), **options}
+        if self.parallel.config.tensor > 1:  # every rank of the group calls this (the model is sharded)
+            options.update(seed=self.parallel.shared_seed(options.get("seed")), use_cache=False)
         ids = torch.tensor([tokenizer.encode(text)], device=self.device)
         self.model.eval()
-        out = generate(self.model, ids, use_cache=not tensor_parallel,
-                       **{**text_defaults(tokenizer, self.model.config.vocab_size), **options})
+        out = generate(self.model, ids, **options)
         return tokenizer.decode(out[0, 0 if full_text else ids.shape[1]:].tolist(), skip_special_tokens=True)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
@@ -811,7 +808,9 @@ class Trainer:
     def _sampler_state(self, state: dict[str, Any], path: Path) -> dict[str, int]:
         """The sampler state for this run's data-parallel size. Ranks consume the epoch's permutation in
         interleaved slices, so after `position` samples per rank on W ranks exactly its first position x W
-        samples are used, whatever W was: the position carries over when that number divides evenly."""
+        samples are used, whatever W was: the position carries over when that number divides evenly. A position
+        at or past this run's epoch (a checkpoint from another world size or an older version, whose epochs kept
+        more samples) continues with the next epoch."""
         sampler = dict(state["sampler"])
         saved = state.get("world_size", 1)
         if saved != self.world_size:
@@ -820,6 +819,8 @@ class Trainer:
                 raise CheckpointError(f"{path}: {consumed} samples of the epoch were consumed on {saved} data-parallel"
                                       f" ranks, which {self.world_size} ranks cannot split evenly")
             sampler["position"] = consumed // self.world_size
+        if sampler["position"] >= self.sampler.per_rank:  # the epoch's whole steps are done (its tail is skipped)
+            sampler.update(epoch=sampler["epoch"] + 1, position=0)
         return sampler
 
     # ---- public API ---------------------------------------------------------------------------------------
