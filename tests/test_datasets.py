@@ -208,6 +208,20 @@ def test_imdb_style_csv_with_label_map(tmp_path, tok):
     assert ClassificationDataset(numeric, tok).num_labels == 3
 
 
+def test_headered_tsv_with_its_own_labels_and_files_with_a_byte_order_mark(tmp_path, tok):
+    strings = tmp_path / "strings.tsv"
+    strings.write_text("text\tlabel\ngood film\tpositive\nbad film\tnegative\n")
+    assert ClassificationDataset(strings, tok).id2label == {0: "negative", 1: "positive"}
+    five = tmp_path / "five.tsv"
+    five.write_text("sentence\tlabel\n" + "".join(f"review {i}\t{i}\n" for i in range(5)))
+    assert ClassificationDataset(five, tok).num_labels == 5
+    sst2 = DATA / "glue" / "SST-2" / "dev.tsv"  # as a spreadsheet's "CSV UTF-8" export writes it: BOM first
+    (tmp_path / "bom.tsv").write_bytes(b"\xef\xbb\xbf" + sst2.read_bytes())
+    assert ClassificationDataset(tmp_path / "bom.tsv", tok).input_ids == ClassificationDataset(sst2, tok).input_ids
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(RECORDS).encode())
+    assert len(InstructionDataset(tmp_path / "bom.json", tok, max_length=64)) == len(RECORDS)
+
+
 @pytest.mark.parametrize("name,content,fmt,message", [
     ("bad.tsv", "sentence\tlabel\ngood movie\t1\nbad movie\tx\n", "sst2",
      r"bad.tsv:3: label 'x' is not an integer in 0..1"),

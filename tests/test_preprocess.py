@@ -217,7 +217,8 @@ def test_meta_contents(tmp_path):
     run([VERDICT, WIKI], out, shard_tokens=50_000)
     meta = read_meta(out)
     assert meta["dtype"] == "uint16" and meta["tokenizer"] == {
-        "name": "gpt2", "source": "gpt2", "vocab_size": 50257, "eos_token_id": 50256, "eos_token": "<|endoftext|>"}
+        "name": "gpt2", "source": "gpt2", "vocab_size": 50257, "eos_token_id": 50256, "eos_token": "<|endoftext|>",
+        "fingerprint": GPT2Tokenizer.gpt2().fingerprint()}
     train = meta["splits"]["train"]
     assert [s["tokens"] for s in train["shards"][:-1]] == [50_000] * (len(train["shards"]) - 1)
     assert sum(s["tokens"] for s in train["shards"]) == train["tokens"] == meta["tokens"]

@@ -268,6 +268,8 @@ def _sentiment_file(path: Path, n: int, seed: int) -> Path:
 
 def test_text_classification_learns_an_easy_task(tmp_path):
     train = _sentiment_file(tmp_path / "train.tsv", 256, seed=0)
+    with train.open("a") as f:  # longer than the context: cut to it (data.max_length defaults to n_positions)
+        f.write("the movie was " + "great " * 50 + "\t1\n")
     dev = _sentiment_file(tmp_path / "dev.tsv", 64, seed=1)
     config = run_config(tmp_path, task="text_classification",
                         model={"config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32}},
@@ -277,6 +279,9 @@ def test_text_classification_learns_an_easy_task(tmp_path):
     summary = trainer.train()
     assert summary["val_accuracy"] >= 0.9, summary
     assert trainer.predict(["the movie was wonderful", "the plot was terrible"]) == ["positive", "negative"]
+    # Texts are prepared as in training: stripped (not classified on a trailing space) and cut to the context.
+    assert trainer.predict(["the movie was wonderful  "]) == trainer.predict(["the movie was wonderful"])
+    assert len(trainer.predict(["the plot was terrible " * 20])) == 1
     final = tmp_path / "run" / "final"
     assert json.loads((final / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
     assert Trainer(task="text_classification", model=str(final)).evaluate(dev)["val_accuracy"] == \

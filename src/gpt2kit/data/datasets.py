@@ -52,7 +52,8 @@ class PretrainingDataset(Dataset):
 
     Item i covers tokens [i*seq_len, (i+1)*seq_len]; `input_ids` is its first seq_len tokens and `targets`
     its last seq_len (already aligned: targets[t] follows input_ids[t]), so every token after the first is a
-    target exactly once. Windows run across document boundaries (the EOS between documents is in the stream).
+    target at most once (all but the last (n - 1) mod seq_len, which fill no whole window). Windows run across
+    document boundaries (the EOS between documents is in the stream).
     """
 
     def __init__(self, path: str | os.PathLike, seq_len: int, split: str = "train") -> None:
@@ -188,7 +189,7 @@ _LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category")
 
 def _sniff_format(path: Path) -> str:
     """sst2 / cola / agnews / csv from the suffix and the first line."""
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheet exports begin with a BOM
         first = f.readline()
     if path.suffix == ".tsv":
         fields = first.rstrip("\r\n").split("\t")
@@ -212,7 +213,7 @@ def _pick_column(header: list[str], wanted: Sequence[str], what: str, path: Path
 def _read_examples(path: Path, fmt: str) -> list[tuple[int, str, str]]:
     """(line number, text, raw label) per example."""
     examples = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         if fmt in ("sst2", "cola"):
             rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         else:
@@ -237,8 +238,8 @@ def _read_examples(path: Path, fmt: str) -> list[tuple[int, str, str]]:
                 examples.append((line, row[3].strip(), row[1]))
             elif fmt == "agnews":  # class 1-4, title, description
                 examples.append((line, f"{row[1].strip()} {row[2].strip()}", row[0]))
-            else:  # SST-2 sentences end with a space, which would be the token the classifier pools
-                examples.append((line, row[text_col].strip(), row[label_col]))
+            else:
+                examples.append((line, row[text_col], row[label_col]))
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
@@ -267,16 +268,20 @@ class ClassificationDataset(Dataset):
         for (line, _, _), label in zip(examples, raw_labels):
             if not label:  # would otherwise make the labels strings and renumber every class
                 raise DataError(f"{path}:{line}: empty label")
-        numeric = all(label.lstrip("-").isdigit() for label in raw_labels)
+        integers = [label.lstrip("-").isdigit() for label in raw_labels]
+        numeric = all(integers)
         names = list(label_names) if label_names is not None else None
         offset = 1 if fmt == "agnews" else 0  # AG News numbers its classes from 1
         if fmt == "agnews" and names is None:
             classes = path.with_name("classes.txt")
             names = ([c.strip() for c in classes.read_text(encoding="utf-8").splitlines() if c.strip()]
                      if classes.is_file() else list(AG_NEWS_CLASSES))
-        if fmt in _KNOWN_NAMES or numeric:  # integer labels are ids
-            ids = [int(label) - offset if label.lstrip("-").isdigit() else -1 for label in raw_labels]
-            names = names or list(_KNOWN_NAMES.get(fmt, [])) or [str(i) for i in range(max(ids) + 1)]
+        known = _KNOWN_NAMES.get(fmt)
+        if fmt == "sst2" and not set(raw_labels) <= {"0", "1"} and (numeric or not any(integers)):
+            known = None  # another headered TSV: its own labels (more classes, or names), like a CSV's
+        if known or any(integers):  # integer labels are ids; a word among them is an error below
+            ids = [int(label) - offset if is_int else -1 for label, is_int in zip(raw_labels, integers)]
+            names = names or list(known or []) or [str(i) for i in range(max(ids) + 1)]
             expected = f"an integer in {offset}..{len(names) - 1 + offset}"
         else:  # string labels map to ids by their position in label_names, else sorted
             names = names or sorted(set(raw_labels))
@@ -293,15 +298,21 @@ class ClassificationDataset(Dataset):
         self.label2id = {name: i for i, name in self.id2label.items()}
         self.num_labels = len(names)
         self.labels = ids
-        self.input_ids = tokenizer.encode_batch([text for _, text, _ in examples])
-        if max_length is not None:
-            self.input_ids = [row[:max_length] for row in self.input_ids]
+        self.input_ids = encode_classification_texts(tokenizer, [text for _, text, _ in examples], max_length)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"input_ids": torch.tensor(self.input_ids[index], dtype=torch.long), "labels": self.labels[index]}
+
+
+def encode_classification_texts(tokenizer: GPT2Tokenizer, texts: Sequence[str], max_length: int | None
+                                ) -> list[list[int]]:
+    """How a classification text becomes ids, in training and prediction alike: stripped (SST-2 sentences end
+    with a space, which would be the token the classifier pools), encoded, cut to `max_length` tokens."""
+    rows = tokenizer.encode_batch([text.strip() for text in texts])
+    return rows if max_length is None else [row[:max_length] for row in rows]
 
 
 # ---- instructions -------------------------------------------------------------------------------------------
@@ -322,7 +333,7 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(location, record) from a JSON list or JSON lines."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: invalid UTF-8 at byte offset {err.start}") from None
     if text.lstrip().startswith("["):
@@ -350,7 +361,7 @@ class InstructionDataset(Dataset):
     Each example is prompt + output + EOS, returned shifted: `input_ids` = sequence[:-1], `targets` =
     sequence[1:] with every target inside the prompt set to -100, so the loss covers the response and its
     EOS only. Sequences longer than `max_length + 1` tokens are cut at the end; examples whose prompt alone
-    fills `max_length` have nothing to learn and are left out (counted in `.skipped`).
+    is longer than `max_length` have nothing to learn and are left out (counted in `.skipped`).
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer: GPT2Tokenizer, *, max_length: int) -> None:

@@ -278,20 +278,24 @@ class Trainer:
 
             if train is None and d.train is not None:
                 train = ClassificationDataset(d.train, self._get_tokenizer(), format=d.format,
-                                              max_length=d.max_length)
+                                              max_length=self._max_length())
             if val is None and d.val is not None:
                 names = list(train.id2label.values()) if hasattr(train, "id2label") else None
-                val = ClassificationDataset(d.val, self._get_tokenizer(), format=d.format, max_length=d.max_length,
-                                            label_names=names)
+                val = ClassificationDataset(d.val, self._get_tokenizer(), format=d.format,
+                                            max_length=self._max_length(), label_names=names)
         else:
             from ..data import InstructionDataset
 
-            max_length = d.max_length or self._model_config().n_positions
+            max_length = self._max_length()
             if train is None and d.train is not None:
                 train = InstructionDataset(d.train, self._get_tokenizer(), max_length=max_length)
             if val is None and d.val is not None:
                 val = InstructionDataset(d.val, self._get_tokenizer(), max_length=max_length)
         self._datasets = {"train": train, "val": val}
+
+    def _max_length(self) -> int:
+        """Classification / instruction examples are cut to data.max_length, by default the model's context."""
+        return self.config.data.max_length or self._model_config().n_positions
 
     def _collate(self):
         from ..data import collate
@@ -896,9 +900,10 @@ class Trainer:
         self.model.eval()
         if self.config.task == "text_classification":
             from ..data import collate
+            from ..data.datasets import encode_classification_texts
 
-            batch = collate([{"input_ids": torch.tensor(ids)} for ids in self.tokenizer.encode_batch(texts)],
-                            self.tokenizer.pad_token_id)
+            rows = encode_classification_texts(self.tokenizer, texts, self._max_length())  # as in training
+            batch = collate([{"input_ids": torch.tensor(ids)} for ids in rows], self.tokenizer.pad_token_id)
             logits = self.model(batch["input_ids"].to(self.device),
                                 attention_mask=batch["attention_mask"].to(self.device)).logits
             id2label = self.model.config.id2label or {}
