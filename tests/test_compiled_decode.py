@@ -93,6 +93,14 @@ def test_prompts_of_other_lengths_reuse_the_compiled_step(tiny_model):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.fixture
+def sharp_model(tiny_config) -> GPT2LMHeadModel:
+    """Wide initial weights: attention is far from uniform, so a step that read another cache (or none) would
+    pick other tokens (with the default 0.02 the tokens barely depend on the cache)."""
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(tiny_config.replace(initializer_range=0.5)).eval()
+
+
 def test_a_finished_generator_hands_its_zeroed_cache_to_the_next_and_running_ones_keep_their_own(tiny_model):
     ids, mask = PADDED
 
@@ -122,6 +130,18 @@ def test_a_finished_generator_hands_its_zeroed_cache_to_the_next_and_running_one
     assert torch.equal(torch.cat([ids, torch.stack(list(again)).T], 1), eager)
     with pytest.raises(RuntimeError, match="generates once"):
         next(iter(again))
+
+
+def test_a_new_cache_is_read_by_the_already_compiled_step(sharp_model):
+    """The CPU step is compiled with freezing: a cache it took as a constant would be read by every later
+    generator of the same shape, whatever cache that generator holds."""
+    from gpt2kit import generation
+
+    ids, _ = BATCH_1
+    eager = generate(sharp_model, ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    for _ in range(2):
+        generation._spare_caches.clear()  # each run allocates its own cache
+        assert torch.equal(generate(sharp_model, ids, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True), eager)
 
 
 def test_a_model_made_in_inference_mode_compiles(tiny_config):

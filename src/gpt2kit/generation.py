@@ -475,10 +475,13 @@ class TokenGenerator:
             self.cache_index = torch.zeros(1, dtype=torch.long, device=device)
             if attention_mask is None:
                 self.positions = torch.full((batch, 1), prompt_len, device=device)
-            # The cache is written in place by the step: a fixed address lets CUDA graphs keep it (and a new
-            # generator's cache only re-records the graph, it does not recompile).
-            torch._dynamo.mark_static_address(self.cache.keys)
-            torch._dynamo.mark_static_address(self.cache.values)
+            if device.type == "cuda":
+                # The cache is written in place by the step: a fixed address lets CUDA graphs keep it (and a new
+                # generator's cache only re-records the graph, it does not recompile). Not on a CPU: there the
+                # step is compiled with freezing, which would make a static cache a constant of the compiled
+                # code, so that a later generator's own cache was ignored.
+                torch._dynamo.mark_static_address(self.cache.keys)
+                torch._dynamo.mark_static_address(self.cache.values)
 
     def sequences(self) -> Tensor:
         """Prompt + the tokens generated so far, (B * num_return_sequences, prompt_len + steps)."""
