@@ -165,11 +165,16 @@ def test_processor_matches_transformers(ours, theirs):
 
 
 def test_processor_chain_matches_transformers():
+    """All of them at once, in transformers' order: the bias lands on a token the repetition penalty then scales."""
     history, scores = fixed_logits()
+    seen, other = int(history[0, 0]), int(history[1, 0])
     config = GenerationConfig(do_sample=True, temperature=0.8, top_k=40, top_p=0.85, min_p=0.05,
-                              repetition_penalty=1.2, no_repeat_ngram_size=1)
+                              repetition_penalty=1.2, no_repeat_ngram_size=3, logit_bias={seen: 6.0},
+                              suppress_tokens=[other])
     theirs = transformers.LogitsProcessorList([
-        hf_proc.RepetitionPenaltyLogitsProcessor(1.2), hf_proc.NoRepeatNGramLogitsProcessor(1),
+        hf_proc.SequenceBiasLogitsProcessor([[[seen], 6.0]]),
+        hf_proc.RepetitionPenaltyLogitsProcessor(1.2), hf_proc.NoRepeatNGramLogitsProcessor(3),
+        hf_proc.SuppressTokensLogitsProcessor([other]),
         hf_proc.TemperatureLogitsWarper(0.8), hf_proc.TopKLogitsWarper(40), hf_proc.TopPLogitsWarper(0.85),
         hf_proc.MinPLogitsWarper(0.05)])
     got = scores.clone()

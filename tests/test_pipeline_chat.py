@@ -141,6 +141,11 @@ def test_text_generation_never_emits_ids_the_tokenizer_cannot_decode(tmp_path):
         "Jack", max_new_tokens=6, logit_bias=forced)[0]["generated_text"][len("Jack"):]
     session = ChatSession(lm, tok, padded.config.replace(max_new_tokens=4, logit_bias=forced))
     assert isinstance("".join(session.reply("hello")), str)
+    # A caller's own suppress_tokens add to the undecodable ids; they do not replace them.
+    assert padded.config.replace().suppress_tokens == [50257, 50258, 50259]
+    mine = padded("Jack", max_new_tokens=6, logit_bias=forced, suppress_tokens=[11])[0]["generated_text"]
+    assert "".join(padded.stream("Jack", max_new_tokens=6, logit_bias=forced, suppress_tokens=[11])) == \
+        mine[len("Jack"):] and "," not in mine[len("Jack"):]
 
 
 def test_random_init_preset_is_deterministic():

@@ -13,7 +13,7 @@ import torch
 from .conversation import ReplyStart, format_turn, reply_stops, transcript
 from .generation import GenerationConfig, model_placement, parse_logit_bias, stream_generate
 from .model import GPT2LMHeadModel
-from .pipeline import load_model_and_tokenizer, text_defaults
+from .pipeline import load_model_and_tokenizer, text_options
 from .tokenizer import GPT2Tokenizer
 
 CHAT_DEFAULTS = {"max_new_tokens": 128, "do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.95}
@@ -118,8 +118,8 @@ def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.Path
                                        pack_weights=pack_weights)
     # A small model's context (the demo's is 128) keeps half of it for the conversation.
     reply_tokens = min(CHAT_DEFAULTS["max_new_tokens"], lm.config.n_positions // 2)
-    defaults = {**CHAT_DEFAULTS, "max_new_tokens": reply_tokens, **text_defaults(tok, lm.config.vocab_size)}
-    session = ChatSession(lm, tok, GenerationConfig().replace(**{**defaults, **options}))
+    options = text_options(tok, lm.config.vocab_size, {**CHAT_DEFAULTS, "max_new_tokens": reply_tokens, **options})
+    session = ChatSession(lm, tok, GenerationConfig().replace(**options))
     interactive = stdin.isatty() and stdin is sys.stdin
     if interactive:
         print(f"chatting with {model} ({HELP})", file=stdout)

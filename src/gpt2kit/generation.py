@@ -2,8 +2,9 @@
 
 One prefill pass fills a preallocated KVCache (sized for prompt + new tokens) and yields the first token's
 logits; every further step feeds one token per row. Processors are small functions `(input_ids, scores) ->
-scores`, applied in this order: repetition penalty, no-repeat n-grams, OpenAI's frequency/presence penalties
-and logit bias, min-new-tokens EOS suppression, then (sampling only) temperature, top-k, top-p, min-p. Finished
+scores`, applied in this order: logit bias, repetition penalty, no-repeat n-grams, OpenAI's frequency/presence
+penalties, suppressed tokens and min-new-tokens EOS suppression, then (sampling only) temperature, top-k, top-p,
+min-p. Finished
 rows keep running with `pad_token_id` (as transformers does) so the batch and its cache never need reshaping.
 """
 
@@ -241,14 +242,14 @@ class GenerationConfig:
         impossible besides suppress_tokens (EOS during the first min_new_tokens steps)."""
         procs = []
         suppress = [*(self.suppress_tokens or ()), *suppress]
+        if self.logit_bias:  # first, as transformers' SequenceBiasLogitsProcessor
+            procs.append(bias_logits(self.logit_bias))
         if self.repetition_penalty != 1.0:
             procs.append(penalize_repetition(self.repetition_penalty))
         if self.no_repeat_ngram_size:
             procs.append(ban_repeated_ngrams(self.no_repeat_ngram_size))
         if self.frequency_penalty or self.presence_penalty:
             procs.append(penalize_frequency_presence(self.frequency_penalty, self.presence_penalty))
-        if self.logit_bias:
-            procs.append(bias_logits(self.logit_bias))
         if suppress:
             procs.append(suppress_tokens(suppress))
         if self.sampling:

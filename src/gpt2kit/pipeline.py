@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,11 +37,15 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def text_defaults(tokenizer: GPT2Tokenizer, vocab_size: int) -> dict[str, Any]:
-    """Generation options for text in, text out with a model of `vocab_size` ids: the tokenizer's EOS ends a text,
-    and ids the tokenizer cannot decode are never generated."""
-    return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-            "suppress_tokens": tokenizer.unused_ids(vocab_size) or None}
+def text_options(tokenizer: GPT2Tokenizer, vocab_size: int, options: Mapping[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Generation options for text in, text out with a model of `vocab_size` ids: `options` over the tokenizer's
+    EOS (which ends a text) and padding; ids the tokenizer cannot decode are never generated, whatever
+    `options` say (their suppress_tokens add to those ids)."""
+    options = dict(options or {})
+    suppress = sorted({*(options.pop("suppress_tokens", None) or ()), *tokenizer.unused_ids(vocab_size)})
+    return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, **options,
+            "suppress_tokens": suppress or None}
 
 
 def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
@@ -111,9 +115,16 @@ class TextGenerationPipeline:
     decides what ends a text: EOS and padding default to its ids rather than the model config's."""
 
     def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, **defaults) -> None:
-        self.model, self.tokenizer = model, tokenizer
-        text = text_defaults(tokenizer, model.config.vocab_size)
-        self.config = GenerationConfig().replace(**{**text, **defaults})
+        self.model, self.tokenizer, self.defaults = model, tokenizer, defaults
+
+    @property
+    def config(self) -> GenerationConfig:
+        """What a call without options generates with."""
+        return self._config({})
+
+    def _config(self, options: dict[str, Any]) -> GenerationConfig:
+        return GenerationConfig().replace(**text_options(self.tokenizer, self.model.config.vocab_size,
+                                                         {**self.defaults, **options}))
 
     def __call__(self, text_inputs: str | Sequence[str] | Conversation | Sequence[Conversation], *,
                  return_full_text: bool = True, batch_size: int = 8, generator: torch.Generator | None = None,
@@ -121,7 +132,7 @@ class TextGenerationPipeline:
         if _is_chat(text_inputs):
             return self._chat(text_inputs, return_full_text=return_full_text, batch_size=batch_size,
                               generator=generator, **options)
-        config = self.config.replace(**options)
+        config = self._config(options)
         prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
         n = config.num_return_sequences
         results = []
@@ -153,7 +164,7 @@ class TextGenerationPipeline:
                 prompts.append(transcript(turns_of(conversation)))
             except ValueError as err:
                 raise ValueError(f"conversation {c}, {err}") from None
-        config = self.config.replace(**options)
+        config = self._config(options)
         if config.num_beams > 1:
             raise ValueError("chat input ends each reply at a stop string (the next 'User:' line), which beam search "
                              "does not support: use num_beams=1")
@@ -168,7 +179,7 @@ class TextGenerationPipeline:
 
     def stream(self, prompt: str, *, generator: torch.Generator | None = None, **options) -> Iterator[str]:
         """The continuation of one prompt as text pieces while it is generated."""
-        return stream_generate(self.model, self.tokenizer, prompt, self.config.replace(**options),
+        return stream_generate(self.model, self.tokenizer, prompt, self._config(options),
                                generator=generator)
 
     def _left_padded(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..generation import GenerationConfig, TextStreamDecoder, encode_prompt
 from ..model import GPT2LMHeadModel
-from ..pipeline import text_defaults
+from ..pipeline import text_options
 from ..quantization import describe_weights
 from ..tokenizer import GPT2Tokenizer
 from .config import ServerConfig
@@ -116,7 +116,7 @@ class CompletionService:
         self.max_prompt_tokens = config.max_prompt_tokens or self.context - 1
         self.max_tokens = config.max_tokens or self.context - 1
         self.vocab = model.config.vocab_size  # load_model_and_tokenizer refuses a tokenizer with more ids
-        self.text_options = text_defaults(tokenizer, self.vocab)  # EOS, padding, ids without text suppressed
+        self.text_options = text_options(tokenizer, self.vocab)  # EOS, padding, ids without text suppressed
         self.unused = frozenset(self.text_options["suppress_tokens"] or ())
         self.scheduler = BatchScheduler(model, tokenizer, max_batch_size=config.max_batch_size,
                                         max_queue=config.max_queue)

@@ -674,10 +674,10 @@ class Trainer:
         an unseeded sample gets rank 0's seed, and the KV cache is off (it is sized for all the heads, a rank
         holds some)."""
         from ..generation import generate
-        from ..pipeline import text_defaults
+        from ..pipeline import text_options
 
         tokenizer = self._get_tokenizer()
-        options = {**text_defaults(tokenizer, self.model.config.vocab_size), **options}
+        options = text_options(tokenizer, self.model.config.vocab_size, options)
         if self.parallel.config.tensor > 1:  # every rank of the group calls this (the model is sharded)
             options.update(seed=self.parallel.shared_seed(options.get("seed")), use_cache=False)
         ids = torch.tensor([tokenizer.encode(text)], device=self.device)
