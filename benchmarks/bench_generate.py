@@ -140,6 +140,12 @@ def best_of_interleaved(repeats, ours, hf, ids, new_tokens, compiled=False):
     return [(min(r[0] for r in side), min(r[1] for r in side), side[0][2]) for side in runs.values()]
 
 
+def kv_cache_bytes(config: GPT2Config, positions: int, itemsize: int) -> int:
+    """Bytes of keys and values one row's decode step reads from a cache of `positions` (batch 1: beside the
+    weights, the rest of the bandwidth bound; 8 % of it for GPT-2 small after a 512-token prompt)."""
+    return 2 * config.n_layer * positions * config.n_embd * itemsize
+
+
 def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes: str = "1,8", prompt_len: int = 32,
         new_tokens: int = 64, repeats: int = 3, device: torch.device | str | None = None) -> list[dict]:
     """One row per shape x dtype x batch: TTFT and decode tokens/s of both sides, greedy tokens compared.
@@ -175,6 +181,8 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes
                              "ours_tok_s": decoded / o_decode, "peer_tok_s": decoded / h_decode,
                              "ratio": h_decode / o_decode, "ttft_ratio": h_ttft / o_ttft,
                              "weight_bytes": n_params * dtype.itemsize,
+                             "cache_bytes": kv_cache_bytes(config, prompt_len + new_tokens // 2,
+                                                           2 if base == "bf16" else 4),
                              "same_tokens": bool(torch.equal(o_out, h_out))})
     return rows
 

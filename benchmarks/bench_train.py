@@ -35,25 +35,27 @@ SHAPES = {  # name: (preset, default seq_len, default batch); the shapes the per
 }
 
 
-def build_models(preset: str, seq_len: int, device: torch.device):
+def build_models(preset: str, seq_len: int, device: torch.device, sides: str = "both"):
+    """(config, gpt2kit model, transformers model) of a shape; with `sides` "ours" or "peer" the other is None
+    (never built: its memory stays out of a one-sided measurement)."""
     import transformers
 
     config = GPT2Config.from_name(preset, n_positions=max(seq_len, 256), resid_pdrop=0.0, embd_pdrop=0.0,
                                   attn_pdrop=0.0)
     torch.manual_seed(0)
-    ours = GPT2LMHeadModel(config).to(device).train()
+    ours = GPT2LMHeadModel(config).to(device).train() if sides != "peer" else None
     hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf_dict().items()
                                            if k not in ("architectures", "model_type")})
-    theirs = transformers.GPT2LMHeadModel(hf_config).to(device).train()
+    theirs = transformers.GPT2LMHeadModel(hf_config).to(device).train() if sides != "ours" else None
     return config, ours, theirs
 
 
 def time_training(runs: list[tuple[torch.nn.Module, object, torch.Tensor]], *, precision: str, steps: int,
                   warmup: int, device: torch.device) -> tuple[list[float], list[int]]:
     """Median seconds per optimizer step of each (model, loss function, batch), and the peak memory (bytes, see
-    PeakMemory) during its steps. The models take turns step by step, so load from other processes on a shared
-    machine hits both alike; both stay in memory throughout, so the difference of the peaks is the difference of
-    their step's memory."""
+    PeakMemory) during its timed steps (not the warm-up, which may compile). The models take turns step by step,
+    so load from other processes on a shared machine hits both alike. Every model in `runs` is resident during
+    every step: a side's own memory is measured with it alone (run(..., sides=...))."""
     optimizers = [build_optimizer(model, OptimArgs(lr=1e-4)) for model, _, _ in runs]
     times: list[list[float]] = [[] for _ in runs]
     peaks = [0] * len(runs)
@@ -71,7 +73,7 @@ def time_training(runs: list[tuple[torch.nn.Module, object, torch.Tensor]], *, p
             synchronize(device)
             if i >= warmup:
                 record.append(time.perf_counter() - start)
-            peaks[side] = max(peaks[side], memory.peak)
+                peaks[side] = max(peaks[side], memory.peak)
     return [statistics.median(t) for t in times], peaks
 
 
@@ -85,36 +87,43 @@ def theirs_loss(model, batch):
 
 def run(shapes: str = "tiny,gpt2", precisions: str = "fp32,bf16", seq_len: int | None = None,
         batch_size: int | None = None, steps: int = 3, warmup: int = 1, compiled: bool = False,
-        device: torch.device | str | None = None) -> list[dict]:
+        device: torch.device | str | None = None, sides: str = "both") -> list[dict]:
     """One row per shape x precision: tokens/s and MFU of both sides, ratio = gpt2kit / transformers.
     `compiled` runs gpt2kit's model through torch.compile (what `train.compile: true` does; transformers stays
     eager, as its own Trainer runs by default); the first two steps, which compile, are not timed. `device`
-    defaults to the GPU when there is one."""
+    defaults to the GPU when there is one. `sides` "ours" or "peer": that side alone, for its memory (a row of
+    {"side", "step_mem_mb"} per shape x precision; run it in a fresh process, as the suite does)."""
     device = torch.device(device) if device else default_device()
     enable_tf32(device)  # as gpt2kit's Trainer does on a GPU; process-wide, so both sides get it
     rows = []
     for shape in shapes.split(","):
         preset, default_seq, default_batch = SHAPES[shape]
         seq, batch_n = seq_len or default_seq, batch_size or default_batch
-        config, ours, theirs = build_models(preset, seq, device)
-        model = torch.compile(ours) if compiled else ours
+        config, ours, theirs = build_models(preset, seq, device, sides)
+        model = torch.compile(ours) if compiled and ours is not None else ours
         batch = torch.randint(0, config.vocab_size, (batch_n, seq + 1), generator=torch.Generator().manual_seed(0))
         batch = batch.to(device)
+        if sides != "both":
+            run_ = (model, ours_loss, batch) if sides == "ours" else (theirs, theirs_loss, batch[:, :seq])
+            for precision in precisions.split(","):
+                _, (memory,) = time_training([run_], precision=precision, steps=steps,
+                                             warmup=max(warmup, 2) if compiled else warmup, device=device)
+                rows.append({"shape": shape, "precision": precision, "side": sides, "step_mem_mb": memory / 1e6})
+            continue
         tokens = batch_n * seq
         matmul_params = ours.num_parameters() - ours.transformer.wpe.weight.numel()
         flops = flops_per_token(config, matmul_params, seq) * tokens
         for precision in precisions.split(","):
             peak, _ = peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
             # Both forward seq positions: ours with aligned targets, HF with labels it shifts itself.
-            (t_ours, t_theirs), (m_ours, m_theirs) = time_training(
+            (t_ours, t_theirs), _ = time_training(
                 [(model, ours_loss, batch), (theirs, theirs_loss, batch[:, :seq])], precision=precision,
                 steps=steps, warmup=max(warmup, 2) if compiled else warmup, device=device)
             rows.append({"device": device.type, "shape": shape, "precision": precision, "compiled": compiled,
                          "batch": batch_n, "seq_len": seq,
                          "ours_tok_s": tokens / t_ours, "peer_tok_s": tokens / t_theirs,
                          "ours_mfu": flops / t_ours / peak, "peer_mfu": flops / t_theirs / peak,
-                         "peak_flops": peak, "bound_tok_s": peak / (flops / tokens), "ratio": t_theirs / t_ours,
-                         "ours_step_mem_mb": m_ours / 1e6, "peer_step_mem_mb": m_theirs / 1e6})
+                         "peak_flops": peak, "bound_tok_s": peak / (flops / tokens), "ratio": t_theirs / t_ours})
     return rows
 
 

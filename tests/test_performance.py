@@ -120,7 +120,8 @@ def test_benchmark_table_rows_and_targets():
     hw = {"fp32_flops": 1e11, "bf16_flops": 4e11, "bandwidth": 2e10}
     decode_row = {"section": "decode", "shape": "gpt2", "dtype": "int8", "peer_dtype": "fp32", "batch": 1,
                   "prompt_len": 32, "ours_tok_s": 30.0, "peer_tok_s": 10.0, "ratio": 3.0, "ours_ttft_s": 0.1,
-                  "peer_ttft_s": 0.2, "ttft_ratio": 2.0, "weight_bytes": 7.5e8, "peak_rss_mb": 900.0}
+                  "peer_ttft_s": 0.2, "ttft_ratio": 2.0, "weight_bytes": 7.5e8, "cache_bytes": 0.0,
+                  "peak_rss_mb": 900.0}
     rows = [decode_row, {**decode_row, "dtype": "fp32", "weight_bytes": 5e8},
             {"section": "train", "shape": "tiny", "precision": "bf16", "batch": 4, "seq_len": 256, "ours_tok_s": 900.0,
              "peer_tok_s": 600.0, "ratio": 1.5, "bound_tok_s": 3000.0, "peak_flops": 2e11,
@@ -134,11 +135,14 @@ def test_benchmark_table_rows_and_targets():
     # Same-dtype rows report the bandwidth bound (GB/s over weight bytes), no ratio target.
     assert fp32_decode[6] is None and fp32_decode[7] == pytest.approx(40.0) and fp32_decode[8] == 0.75
     assert fp32_ttft[6] is None
-    # The row's own peak (2e11) was measured under load: the bound uses the run's better one (4e11).
+    # The row's cache reads count too: 5e8 weight bytes + 5e8 of keys and values halve the bound.
+    assert table([{**rows[1], "cache_bytes": 5e8}], hw)[0][7] == pytest.approx(20.0)
+    # The bound is at this run's measured peak (4e11), not the row's own (2e11, gpt2kit's cached best), either way.
     assert train[6] == 2.0 and train[7] == pytest.approx(6000.0) and train[8] == pytest.approx(0.15)
+    assert table(rows[2:], {**hw, "bf16_flops": 1e11})[0][7] == pytest.approx(1500.0)
     assert train_memory[5] == 1.5 and train_memory[6] == 1.0
-    # Under a preloaded allocator that keeps freed memory the per-side peaks are not comparable: no memory row.
-    assert [line[0] for line in table([{**rows[2], "allocator": "tcmalloc"}], hw)] == ["train"]
+    # The memory row needs both sides measured alone.
+    assert [line[0] for line in table([{k: v for k, v in rows[2].items() if "mem" not in k}], hw)] == ["train"]
 
 
 def test_compiled_training_step_matches_eager(tiny_config):
@@ -174,7 +178,10 @@ def test_benchmarks_take_a_device_and_refuse_cpu_only_formats_elsewhere():
                      warmup=0, device="cpu")
     assert rows == [row] and row["peak_mem_mb"] > 0 and row["memory"] == "rss"
     assert row["allocator"] == allocator_in_use()  # the measuring process inherits this one's environment
-    assert row["device"] == "cpu" and row["ours_tok_s"] > 0 and row["ours_step_mem_mb"] > 0
+    assert row["device"] == "cpu" and row["ours_tok_s"] > 0
+    (alone,) = measure([], torch.device("cpu"), bench_train.run, "tiny", "fp32", seq_len=16, batch_size=1, steps=1,
+                       warmup=0, device="cpu", sides="peer")  # a side's memory: that side alone in a process
+    assert alone["side"] == "peer" and alone["step_mem_mb"] > 0
     with pytest.raises(ValueError, match="int8-compiled, fp32-packed: CPU-only"):
         bench_generate.run("tiny", "fp32,int8-compiled,fp32-packed", device="cuda")
     with pytest.raises(ValueError, match="packed weights are a CPU layout"):
@@ -261,3 +268,14 @@ def test_nested_gpu_peak_memory_blocks_keep_the_enclosing_peak(monkeypatch):
             allocate(100)
         allocate(200)
     assert step.peak == 300 and row.peak == 900
+
+
+def test_a_serve_ratio_needs_the_same_work_on_both_sides():
+    from benchmarks.__main__ import table
+
+    ok = {"errors": [], "first_text": " the", "req_s": 4.0}
+    row = {"section": "serve", "results": {"gpt2kit": ok, "transformers-cb": {**ok, "req_s": 2.0}}}
+    assert [line[1:6:4] for line in table([row], None)] == [("req/s vs transformers-cb", 2.0)]
+    row["results"]["transformers-cb"].update(errors=["ReadTimeout"], first_text=" a")
+    (line,) = table([row], None)
+    assert line[1] == "req/s vs transformers-cb (transformers-cb 1 errors, different greedy text)" and line[5] is None
