@@ -93,6 +93,8 @@ def run(shapes: str = "tiny,gpt2", precisions: str = "fp32,bf16", seq_len: int |
     eager, as its own Trainer runs by default); the first two steps, which compile, are not timed. `device`
     defaults to the GPU when there is one. `sides` "ours" or "peer": that side alone, for its memory (a row of
     {"side", "step_mem_mb"} per shape x precision; run it in a fresh process, as the suite does)."""
+    if sides not in ("both", "ours", "peer"):
+        raise ValueError(f"sides must be both, ours or peer, got {sides!r}")
     device = torch.device(device) if device else default_device()
     enable_tf32(device)  # as gpt2kit's Trainer does on a GPU; process-wide, so both sides get it
     rows = []

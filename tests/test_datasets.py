@@ -206,6 +206,9 @@ def test_imdb_style_csv_with_label_map(tmp_path, tok):
     numeric = tmp_path / "numeric.csv"
     numeric.write_text("text,label\ngood,1\nbad,0\nmeh,2\n")
     assert ClassificationDataset(numeric, tok).num_labels == 3
+    mixed = tmp_path / "mixed.csv"  # words among numbers: every label is a name
+    mixed.write_text("text,label\ngood,1\nbad,0\nmeh,neutral\n")
+    assert ClassificationDataset(mixed, tok, label_names=["0", "1", "neutral"]).labels == [1, 0, 2]
 
 
 def test_headered_tsv_with_its_own_labels_and_files_with_a_byte_order_mark(tmp_path, tok):
@@ -220,6 +223,9 @@ def test_headered_tsv_with_its_own_labels_and_files_with_a_byte_order_mark(tmp_p
     assert ClassificationDataset(tmp_path / "bom.tsv", tok).input_ids == ClassificationDataset(sst2, tok).input_ids
     (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(RECORDS).encode())
     assert len(InstructionDataset(tmp_path / "bom.json", tok, max_length=64)) == len(RECORDS)
+    (tmp_path / "bad.json").write_bytes(b"\xef\xbb\xbf[\xff]")  # the offset counts the BOM: byte 4 of the file
+    with pytest.raises(DataError, match="invalid UTF-8 at byte offset 4"):
+        InstructionDataset(tmp_path / "bad.json", tok, max_length=64)
 
 
 @pytest.mark.parametrize("name,content,fmt,message", [

@@ -124,6 +124,8 @@ def test_pipeline_errors(model_dir, tmp_path):
         load_model_and_tokenizer(str(model_dir), random_init=True)
     with pytest.raises(ValueError, match="n_positions"):
         pipeline("text-generation", model=str(model_dir))("x " * 80, max_new_tokens=20)
+    with pytest.raises(ValueError, match="temperature"):  # a bad default fails when the pipeline is made
+        pipeline("text_generation", model=str(model_dir), temperature=-1.0)
 
 
 def test_text_generation_never_emits_ids_the_tokenizer_cannot_decode(tmp_path):

@@ -282,6 +282,8 @@ def test_text_classification_learns_an_easy_task(tmp_path):
     # Texts are prepared as in training: stripped (not classified on a trailing space) and cut to the context.
     assert trainer.predict(["the movie was wonderful  "]) == trainer.predict(["the movie was wonderful"])
     assert len(trainer.predict(["the plot was terrible " * 20])) == 1
+    with pytest.raises(ValueError, match="text 1 is empty"):
+        trainer.predict(["fine", "   "])
     final = tmp_path / "run" / "final"
     assert json.loads((final / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
     assert Trainer(task="text_classification", model=str(final)).evaluate(dev)["val_accuracy"] == \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -116,11 +117,16 @@ class TextGenerationPipeline:
 
     def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, **defaults) -> None:
         self.model, self.tokenizer, self.defaults = model, tokenizer, defaults
+        self._config({})  # bad defaults are an error now, not at the first call
 
     @property
     def config(self) -> GenerationConfig:
         """What a call without options generates with."""
         return self._config({})
+
+    @config.setter
+    def config(self, config: GenerationConfig) -> None:
+        self.defaults = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
     def _config(self, options: dict[str, Any]) -> GenerationConfig:
         return GenerationConfig().replace(**text_options(self.tokenizer, self.model.config.vocab_size,

@@ -8,6 +8,7 @@ whole state is (seed, epoch, position), which is what exact resume after an inte
 from __future__ import annotations
 
 import bisect
+import codecs
 import csv
 import json
 import os
@@ -279,7 +280,7 @@ class ClassificationDataset(Dataset):
         known = _KNOWN_NAMES.get(fmt)
         if fmt == "sst2" and not set(raw_labels) <= {"0", "1"} and (numeric or not any(integers)):
             known = None  # another headered TSV: its own labels (more classes, or names), like a CSV's
-        if known or any(integers):  # integer labels are ids; a word among them is an error below
+        if known or numeric:  # integer labels are ids (in SST-2/CoLA/AG News a word among them is an error below)
             ids = [int(label) - offset if is_int else -1 for label, is_int in zip(raw_labels, integers)]
             names = names or list(known or []) or [str(i) for i in range(max(ids) + 1)]
             expected = f"an integer in {offset}..{len(names) - 1 + offset}"
@@ -311,7 +312,11 @@ def encode_classification_texts(tokenizer: GPT2Tokenizer, texts: Sequence[str], 
                                 ) -> list[list[int]]:
     """How a classification text becomes ids, in training and prediction alike: stripped (SST-2 sentences end
     with a space, which would be the token the classifier pools), encoded, cut to `max_length` tokens."""
-    rows = tokenizer.encode_batch([text.strip() for text in texts])
+    texts = [text.strip() for text in texts]
+    empty = next((i for i, text in enumerate(texts) if not text), None)
+    if empty is not None:  # nothing to pool: the classifier reads the last real token
+        raise ValueError(f"text {empty} is empty (only whitespace); a classifier needs at least one token")
+    rows = tokenizer.encode_batch(texts)
     return rows if max_length is None else [row[:max_length] for row in rows]
 
 
@@ -332,10 +337,12 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(location, record) from a JSON list or JSON lines."""
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # spreadsheet and editor exports
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = raw[bom:].decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: invalid UTF-8 at byte offset {err.start}") from None
+        raise DataError(f"{path}: invalid UTF-8 at byte offset {err.start + bom}") from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
