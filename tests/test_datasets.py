@@ -236,10 +236,12 @@ def test_headered_tsv_with_its_own_labels_and_files_with_a_byte_order_mark(tmp_p
     ("bad.csv", "words,stars\nhi,1\n", "csv", r"bad.csv:1: no text column"),
     ("bad.csv", "text,label\n,1\n", "csv", r"bad.csv:2: empty text"),
     ("bad.csv", "text,label\ngood,1\nfine,\nbad,0\n", "csv", r"bad.csv:3: empty label"),
+    ("bad.tsv", "sentence\tlabel\ngood\t1\nbad\t--1\n", "sst2", r"bad.tsv:3: label '--1' is not an integer in 0..1"),
+    ("bad.tsv", b"sentence\tlabel\ngood\t1\ncaf\xe9\t0\n", "sst2", r"bad.tsv:3: invalid UTF-8 at byte offset 25"),
 ])
 def test_classification_errors(tmp_path, tok, name, content, fmt, message):
     path = tmp_path / name
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(DataError, match=message):
         ClassificationDataset(path, tok, format=fmt)
 

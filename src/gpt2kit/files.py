@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -124,6 +125,22 @@ def _link_tree(source: Path, destination: Path) -> None:
         os.symlink(os.readlink(source), destination)
     else:
         link(str(source), str(destination))
+
+
+def read_utf8(path: str | os.PathLike, *, error: type[Exception] = ValueError, newlines: bool = True) -> str:
+    """A UTF-8 file's text without a leading byte-order mark (spreadsheet and editor exports write one).
+    Invalid UTF-8 raises `error` naming the file, line and byte offset. `newlines`: \r\n and \r become \n,
+    as Path.read_text does (the csv module wants them kept)."""
+    path = Path(path)
+    data = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = start + err.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise error(f"{path}:{line}: invalid UTF-8 at byte offset {offset} ({data[offset:offset + 4]!r}...)") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n") if newlines else text
 
 
 def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError) -> Any:

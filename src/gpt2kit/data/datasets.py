@@ -8,10 +8,11 @@ whole state is (seed, epoch, position), which is what exact resume after an inte
 from __future__ import annotations
 
 import bisect
-import codecs
 import csv
+import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..files import read_json
+from ..files import read_json, read_utf8
 from ..tokenizer import GPT2Tokenizer
 from .readers import DataError
 
@@ -188,10 +189,9 @@ _TEXT_COLUMNS = ("text", "sentence", "review", "content", "document")
 _LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category")
 
 
-def _sniff_format(path: Path) -> str:
-    """sst2 / cola / agnews / csv from the suffix and the first line."""
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheet exports begin with a BOM
-        first = f.readline()
+def _sniff_format(path: Path, text: str) -> str:
+    """sst2 / cola / agnews / csv from the suffix and the first line of the file's `text`."""
+    first = text.splitlines()[0] if text else ""
     if path.suffix == ".tsv":
         fields = first.rstrip("\r\n").split("\t")
         if len(fields) == 4 and fields[1] in ("0", "1"):
@@ -211,10 +211,10 @@ def _pick_column(header: list[str], wanted: Sequence[str], what: str, path: Path
     raise DataError(f"{path}:1: no {what} column in header {header}; expected one of {', '.join(wanted)}")
 
 
-def _read_examples(path: Path, fmt: str) -> list[tuple[int, str, str]]:
-    """(line number, text, raw label) per example."""
+def _read_examples(path: Path, fmt: str, text: str) -> list[tuple[int, str, str]]:
+    """(line number, text, raw label) per example of the file's `text`."""
     examples = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with io.StringIO(text, newline="") as f:
         if fmt in ("sst2", "cola"):
             rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         else:
@@ -260,16 +260,17 @@ class ClassificationDataset(Dataset):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: classification file not found")
-        fmt = _sniff_format(path) if format == "auto" else format
+        text = read_utf8(path, error=DataError, newlines=False)  # the csv module reads quoted newlines itself
+        fmt = _sniff_format(path, text) if format == "auto" else format
         if fmt not in ("sst2", "cola", "agnews", "csv"):
             raise ValueError(f"format must be auto, sst2, cola, agnews or csv, got {format!r}")
         self.path, self.format = path, fmt
-        examples = _read_examples(path, fmt)
+        examples = _read_examples(path, fmt, text)
         raw_labels = [label.strip() for _, _, label in examples]
         for (line, _, _), label in zip(examples, raw_labels):
             if not label:  # would otherwise make the labels strings and renumber every class
                 raise DataError(f"{path}:{line}: empty label")
-        integers = [label.lstrip("-").isdigit() for label in raw_labels]
+        integers = [re.fullmatch(r"-?[0-9]+", label) is not None for label in raw_labels]
         numeric = all(integers)
         names = list(label_names) if label_names is not None else None
         offset = 1 if fmt == "agnews" else 0  # AG News numbers its classes from 1
@@ -337,12 +338,7 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(location, record) from a JSON list or JSON lines."""
-    raw = path.read_bytes()
-    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # spreadsheet and editor exports
-    try:
-        text = raw[bom:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: invalid UTF-8 at byte offset {err.start + bom}") from None
+    text = read_utf8(path, error=DataError)
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)

@@ -28,9 +28,9 @@ from typing import Any
 
 from torch import nn
 
+from ..files import read_utf8
 from ..tokenizer import GPT2Tokenizer
-from .scoring import (Window, check_limit, check_vocab, read_jsonl, read_text, resolve_max_length,
-                      score_windows)
+from .scoring import Window, check_limit, check_vocab, read_jsonl, resolve_max_length, score_windows
 
 FORMATS = ("auto", "wikitext", "text", "jsonl")
 
@@ -114,9 +114,9 @@ def read_documents(path: str | os.PathLike, *, format: str = "auto", text_key: s
         raise FileNotFoundError(f"{path}: data file not found")
     kind = resolve_format(path, format)
     if kind == "wikitext":
-        return split_wikitext_articles(read_text(path))
+        return split_wikitext_articles(read_utf8(path))
     if kind == "text":
-        return [read_text(path)]
+        return [read_utf8(path)]
     return [document for _, document in read_jsonl(path, text_key)]
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..files import read_utf8
 from ..losses import padded_vocab_size, scratch_buffer
 from ..model import GPT2LMHeadModel, eval_mode, is_plain, plain_head_weight
 from ..quantization import PackedLinear
@@ -69,18 +70,6 @@ def check_vocab(model: nn.Module, tokenizer: GPT2Tokenizer) -> None:
                          f"{model.config.vocab_size} (config.vocab_size): they do not belong together")
 
 
-def read_text(path: Path) -> str:
-    """A UTF-8 file's text with newlines translated as Path.read_text does; invalid UTF-8 is a ValueError naming
-    the file, line and byte."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ValueError(f"{path}:{line}: invalid UTF-8 at byte offset {err.start} "
-                         f"({data[err.start:err.start + 4]!r}...); evaluation data must be UTF-8") from None
-
-
 def check_limit(limit: int | None) -> None:
     if limit is not None and not (type(limit) is int and limit >= 0):
         raise ValueError(f"limit must be an integer >= 0 (the first N items), got {limit!r}")
@@ -92,7 +81,7 @@ def read_jsonl(path: str | os.PathLike, key: str) -> list[tuple[int, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found")
     rows = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
+    for n, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
