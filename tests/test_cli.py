@@ -33,3 +33,29 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no model directory" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, capsys):
+    from gpt2kit.cli import main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    cases = [
+        (["convert", "--input", str(tiny_model_dir), "--output", str(notes)], "exists and is not a directory"),
+        (["convert", "--input", str(tiny_model_dir), "--output", str(tiny_model_dir)],
+         "already exists; pass --overwrite"),
+        (["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--device", "blah"], "'blah': not a device"),
+        (["info", "gpt2", "--parallel", "data=2", "--seq-len", "-5"], "--seq-len must be at least 1"),
+    ]
+    if not __import__("torch").cuda.is_available():
+        cases.append((["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--device", "cuda"],
+                      "no CUDA GPU"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.strip().count("\n") == 0, err
+    assert notes.read_text() == "mine"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "README.md").write_text("keep")
+    assert main(["convert", "--input", str(tiny_model_dir), "--output", str(tmp_path / "out"), "--overwrite"]) == 0
+    assert (tmp_path / "out" / "README.md").read_text() == "keep"

@@ -60,6 +60,7 @@ def test_yaml_and_overrides(tmp_path):
     ("optim:\n  warmup_steps: -3\n", [], r"optim.warmup_steps: must be at least 0"),
     ("optim:\n  decay_steps: 0\n", [], r"optim.decay_steps: must be at least 1"),
     ("optim:\n  eps: -1\n", [], r"optim.eps: must be positive"),
+    ("optim:\n  lr: -1\n", [], r"run.yaml:2: optim.lr: must be positive, got -1.0"),
     ("optim:\n  betas: [2, 3]\n", [], r"optim.betas: must lie in \[0, 1\)"),
     ("train:\n  max_steps: 10\noptim:\n  warmup_steps: 20\n", [],
      r"run.yaml:4: optim.warmup_steps: 20 warmup steps are longer than the 10 decay"),

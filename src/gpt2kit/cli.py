@@ -56,6 +56,9 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
+    for flag, value in (("--micro-batch-size", args.micro_batch_size), ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     print(model_summary(args.model))
     if args.parallel is not None:
         from .training.memory import memory_report
@@ -71,6 +74,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     source.add_argument("--from-dcp", metavar="DIR", help="a distributed (DCP) checkpoint written by any number of "
                         "ranks in any layout: merge its model weights into one HF directory, on one process")
     p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors", dest="weights_format")
     p.add_argument("--max-shard-size", default=None, help="shard the weights, e.g. 2GB; default: one file")
     p.add_argument("--config", default=None, help="--from-dcp: config.json or model directory describing the "
@@ -78,6 +82,13 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output}: exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise ValueError(f"--output {output}: already exists; pass --overwrite to replace its model files")
+    if args.input and output.resolve() == Path(args.input).resolve():
+        raise ValueError("--output must differ from --input")
     if args.from_dcp:
         from .training.distributed_checkpoint import dcp_to_pretrained
 

@@ -89,6 +89,8 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike, *,
     serving the model. `keep(name)`: the entries of the old `target` to carry into the new one (hard links,
     permissions unchanged) when `staging` has none of that name."""
     staging, target = Path(staging), Path(target)
+    if target.is_file() and not target.is_symlink():  # never replace a user's file by a directory
+        raise FileExistsError(f"{target}: exists and is not a directory")
     umask = _umask()
     for root, _, files in os.walk(staging):
         os.chmod(root, 0o777 & ~umask)

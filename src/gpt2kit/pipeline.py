@@ -38,6 +38,17 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def parse_device(device: torch.device | str) -> torch.device:
+    """A torch device this machine has; anything else is one ValueError naming it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: not a device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: this machine (or this torch build) has no CUDA GPU; use cpu")
+    return device
+
+
 def text_options(tokenizer: GPT2Tokenizer, vocab_size: int, options: Mapping[str, Any] | None = None
                  ) -> dict[str, Any]:
     """Generation options for text in, text out with a model of `vocab_size` ids: `options` over the tokenizer's
@@ -66,6 +77,7 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
         raise ValueError(f"unknown backend {backend!r}; expected 'torch' or 'onnx'")
     if quantize not in (None, "int8"):
         raise ValueError(f"unknown quantize {quantize!r}; expected 'int8'")
+    device = parse_device(device)
     if quantize and backend != "torch":
         raise ValueError("quantize='int8' applies to the torch backend")
     if pack_weights and (quantize or backend != "torch" or str(device) != "cpu"):

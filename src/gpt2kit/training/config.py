@@ -165,6 +165,8 @@ class RunConfig:
             raise bad("train.precision", f"expected fp32, bf16, fp16 or auto, got {t.precision!r}")
         if o.decay not in ("cosine", "linear", "constant"):
             raise bad("optim.decay", f"expected cosine, linear or constant, got {o.decay!r}")
+        if not o.lr > 0:
+            raise bad("optim.lr", f"must be positive, got {o.lr}")
         if not 0 <= o.min_lr <= o.lr:
             raise bad("optim.min_lr", f"must lie in [0, lr={o.lr}], got {o.min_lr}")
         if not 0 <= o.warmup_rate < 1:
@@ -186,7 +188,7 @@ class RunConfig:
                 ("sample.top_k", sample.top_k, 0)]:
             if value is not None and value < least:
                 raise bad(key, f"must be at least {least}, got {value}")
-        for key, value in [("train.grad_clip", t.grad_clip), ("train.epochs", t.epochs), ("optim.lr", o.lr),
+        for key, value in [("train.grad_clip", t.grad_clip), ("train.epochs", t.epochs),
                            ("optim.eps", o.eps), ("lora.alpha", lora.alpha)]:
             if value is not None and not value > 0:  # a negative grad_clip would flip the gradients' sign
                 raise bad(key, f"must be positive{' (null disables clipping)' * (key == 'train.grad_clip')}, "
