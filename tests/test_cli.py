@@ -46,6 +46,8 @@ def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, 
          "already exists; pass --overwrite"),
         (["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--device", "blah"], "'blah': not a device"),
         (["info", "gpt2", "--parallel", "data=2", "--seq-len", "-5"], "--seq-len must be at least 1"),
+        (["export", "onnx", "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"), "--opset", "3"],
+         "opset must be in 13..20"),
     ]
     if not __import__("torch").cuda.is_available():
         cases.append((["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--device", "cuda"],

@@ -47,7 +47,7 @@ def test_yaml_and_overrides(tmp_path):
     ("model:\n  config:\n    n_layers: 2\n", [], r"model.config.n_layers: not a GPT2Config field; did you mean "
                                                    r"'n_layer'\?"),
     ("optim:\n  lr: 1e-3\n  min_lr: 1e-2\n", [], r"optim.min_lr: must lie in \[0, lr"),
-    ("train: [\n", [], r"not valid YAML"),
+    ("train:\n  max_steps: 10\n  lr: [1\n", [], r"run.yaml:4:1: not valid YAML: expected ',' or ']'"),
     ("train:\n  grad_clip: -1.0\n", [], r"train.grad_clip: must be positive \(null disables clipping\)"),
     ("train:\n  eval_batches: 0\n", [], r"train.eval_batches: must be at least 1, got 0"),
     ("checkpoint:\n  keep_last: 0\n", [], r"checkpoint.keep_last: must be at least 1, got 0"),

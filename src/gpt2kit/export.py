@@ -36,6 +36,8 @@ PREFILL_NAME = "prefill.onnx"
 DECODE_NAME = "decode.onnx"
 EXPORT_INFO_NAME = "onnx_export.json"
 DEFAULT_OPSET = 17
+# Opsets the graphs export at: 13 has every operator used, 20 is the TorchScript exporter's newest.
+MIN_OPSET, MAX_OPSET = 13, 20
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe",
                     "tokenizer_config.json")
 
@@ -117,6 +119,8 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
     """Write prefill.onnx + decode.onnx (fp32), config.json and the tokenizer files into `output_dir`.
 
     `model` is an HF-format directory or a GPT2LMHeadModel. The directory appears only when complete."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")

@@ -16,6 +16,7 @@ from ..files import atomic_write_text
 from .readers import DataError, file_sizes, iter_texts, resolve_inputs
 
 CHECK_BYTES = 1 << 20  # text re-encoded with both engines after training
+MIN_VOCAB_SIZE = 257
 RECORD_FILE = "tokenizer_training.json"  # what tokenizer.json was trained with, beside it
 
 
@@ -30,6 +31,8 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
     and any difference is an error."""
     from tokenizers import Tokenizer
 
+    if vocab_size < MIN_VOCAB_SIZE:  # checked before anything is written
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + <|endoftext|>), got {vocab_size}")
     sources = resolve_inputs(inputs, format)
     record = _record(sources, vocab_size, format, text_key, min_frequency, errors)
     started = time.perf_counter()
