@@ -402,3 +402,8 @@ def test_lengths_are_checked_before_any_work_and_the_sample_fits_the_context(tmp
     assert trainer.train()["sample"].startswith("I had")
     cached, uncached = (trainer.predict(["I had", "The"], max_new_tokens=3, use_cache=flag) for flag in (True, False))
     assert cached == uncached and len(cached) == 2
+
+
+def test_a_device_this_machine_lacks_is_one_error_naming_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"train.device: device 'blah': not a device; expected cpu, cuda or cuda:N"):
+        Trainer(args=run_config(tmp_path, train={"device": "blah"}), train_dataset=Sequences())

@@ -160,10 +160,12 @@ class Trainer:
     def _pick_device(name: str) -> torch.device:
         if name == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("train.device: cuda requested but no CUDA device is available")
-        return device
+        from ..pipeline import parse_device
+
+        try:
+            return parse_device(name)
+        except ValueError as err:
+            raise ValueError(f"train.device: {err}") from None
 
     def _pick_precision(self, name: str) -> str:
         if name == "auto":
@@ -479,16 +481,25 @@ class Trainer:
             return int((batch["targets"] != -100).sum())
         return len(batch["labels"])
 
-    def backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    def _step_counts(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
+        """(scored targets, real tokens) of the step's micro-batches on all data-parallel ranks: one all-reduce
+        (the ranks' counts differ when rows are padded)."""
+        local = [sum(self._loss_weight(b) for b in micro_batches),
+                 sum(int(b["attention_mask"].sum()) for b in micro_batches)]
+        if not self.parallel.distributed:
+            return local[0], local[1]
+        total, tokens = self.parallel.all_reduce_sum(torch.tensor(local, device=self.device)).tolist()  # NCCL: device
+        return int(total), int(tokens)
+
+    def backward(self, micro_batches: list[dict[str, torch.Tensor]], total: int | None = None) -> torch.Tensor:
         """Forward and backward over the micro-batches of one step. Each mean loss is weighted by its batch's
         share of all scored targets (examples for classification), so the accumulated gradient equals that of
-        the micro-batches' union as one batch. Returns that union's mean loss."""
+        the micro-batches' union as one batch. Returns that union's mean loss. `total`: the step's scored
+        targets on all ranks when already counted (train_step counts them with its tokens, in one all-reduce)."""
         weights = [self._loss_weight(b) for b in micro_batches]
         # The step's scored targets on all data-parallel ranks; DDP / FSDP average gradients over those ranks,
         # so each rank's share is scaled back up by their number.
-        total = sum(weights)
-        if self.parallel.distributed:
-            total = int(self.parallel.all_reduce_sum(torch.tensor(total, device=self.device)))
+        total = self._step_counts(micro_batches)[0] if total is None else total
         if total == 0:
             raise ValueError(f"step {self.step + 1}: the batch has no scored tokens (all targets are -100)")
         loss_sum = torch.zeros((), device=self.device)
@@ -503,7 +514,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `grad_accum` micro-batches; returns its metrics."""
         micro_batches = [self._next_batch() for _ in range(self.grad_accum)]
-        loss_sum = self.backward(micro_batches)
+        total, tokens = self._step_counts(micro_batches)
+        loss_sum = self.backward(micro_batches, total)
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad_norm_(self._params, self.config.train.grad_clip or float("inf"))
         # One device-to-host copy for both numbers, not one sync each.
@@ -523,9 +535,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        # Over all data-parallel ranks: with padding (classification, instructions) their counts differ.
-        local = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        tokens = int(self.parallel.all_reduce_sum(torch.tensor(local, device=self.device)))  # NCCL: device tensors
         self.tokens_seen += tokens
         width = max(b["input_ids"].shape[1] for b in micro_batches)
         return {"train_loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens": tokens, "seq_len": width}
