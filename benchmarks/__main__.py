@@ -19,9 +19,9 @@ the GPU with clocks that wait for it; tokenizer and preprocessing are CPU work o
 formats (int8 kernels, oneDNN packing) and the CPU peers (llama.cpp, `transformers serve` on CPU) are left out.
 
 ratio = gpt2kit / peer, > 1 means gpt2kit is faster (for memory: peer / gpt2kit, > 1 means gpt2kit uses
-less). "bound" is what the hardware allows: tokens/s at the measured matmul peak for training, tokens/s at the
-measured memory bandwidth for batch-1 decode (every weight read once per token). "target" is the factor this
-project aims for.
+less). "bound" is what the hardware allows: tokens/s at the measured matmul peak for training and evaluation,
+1/TTFT at that peak for the prompt's prefill, tokens/s at the measured memory bandwidth for batch-1 decode (every
+weight and the row's cached keys and values read once per token). "target" is the factor this project aims for.
 """
 
 from __future__ import annotations
@@ -95,12 +95,15 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
             bound = hw["bandwidth"] / (r["weight_bytes"] + r["cache_bytes"]) if hw and r["batch"] == 1 else None
             add("decode", case, "tok/s", r["ours_tok_s"], r["peer_tok_s"], r["ratio"],
                 (3.0 if r["batch"] == 1 else 2.0) if int8 else None, bound, rss)
+            # The prefill's arithmetic at the matmul peak of the dtype it multiplies in.
+            prefill = hw[f"{r['compute_dtype']}_flops"] / r["prefill_flops"] if hw and "prefill_flops" in r else None
             add("TTFT", case, "1/s", 1 / r["ours_ttft_s"], 1 / r["peer_ttft_s"], r["ttft_ratio"],
-                1.5 if fast else None, rss=rss)
+                1.5 if fast else None, prefill, rss)
         elif r["section"] == "eval":
             packed = " packed" if r.get("packed") else ""
             add("eval", f"{r['task']} {r['shape']}{packed} vs lm-eval HF", "tok/s", r["tokens"] / r["ours_s"],
-                r["tokens"] / r["peer_s"], r["ratio"], 2.0, rss=rss)
+                r["tokens"] / r["peer_s"], r["ratio"], 2.0,
+                r["tokens"] * hw["fp32_flops"] / r["flops"] if hw and "flops" in r else None, rss)
         elif r["section"] == "preprocess":
             loop, *ours = r["rows"]
             for o in ours:

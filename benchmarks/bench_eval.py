@@ -27,7 +27,7 @@ from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.evaluation import evaluate_lambada, evaluate_perplexity
 from gpt2kit.evaluation.harness import run_lm_eval
 from gpt2kit.quantization import pack_weights
-from gpt2kit.training.logging import synchronize
+from gpt2kit.training.logging import forward_flops, synchronize
 
 if __package__:
     from .devices import default_device
@@ -41,6 +41,14 @@ SHAPES = {
     "tiny": GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=256),
     "gpt2": GPT2Config.from_name("gpt2"),
 }
+
+
+def wikitext_flops(config: GPT2Config, result: dict) -> float:
+    """The least arithmetic of a perplexity evaluation (see evaluate_perplexity's result): the blocks at every
+    window position, the LM head at each scored token. Attention counts windows of the mean length, which by
+    convexity is no more than the windows' own pairs."""
+    mean = result["forward_tokens"] / result["windows"]
+    return forward_flops(config, result["forward_tokens"], result["tokens"], result["forward_tokens"] * (mean + 1) / 2)
 
 
 def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: int = 8,
@@ -92,6 +100,7 @@ def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: in
         theirs, theirs_s = timed(lambda: run_theirs("wikitext", WIKITEXT, articles))
         rows.append({"device": device.type, "task": "wikitext", "shape": shape, "packed": packed, "limit": articles,
                      "tokens": ours["tokens"], "windows": ours["windows"], "ours_s": ours_s, "peer_s": theirs_s,
+                     "flops": wikitext_flops(config, ours),
                      "ratio": theirs_s / ours_s,
                      "metrics": {m: (ours[m], v) for m, v in theirs.items()}})
         if lambada:

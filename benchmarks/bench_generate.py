@@ -30,7 +30,7 @@ from transformers.generation.streamers import BaseStreamer
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.generation import TokenGenerator
 from gpt2kit.quantization import pack_weights, quantize_int8
-from gpt2kit.training.logging import synchronize
+from gpt2kit.training.logging import forward_flops, synchronize
 
 if __package__:
     from .devices import default_device
@@ -183,6 +183,12 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes
                              "weight_bytes": n_params * dtype.itemsize,
                              "cache_bytes": kv_cache_bytes(config, prompt_len + new_tokens // 2,
                                                            2 if base == "bf16" else 4),
+                             # Time to first token is bound by the prefill's arithmetic: the prompt through the
+                             # blocks, the LM head at each row's last position, in the matmuls' dtype (int8's
+                             # prefill multiplies in bf16).
+                             "prefill_flops": forward_flops(config, batch * prompt_len, batch,
+                                                            batch * prompt_len * (prompt_len + 1) / 2),
+                             "compute_dtype": "fp32" if dtype == torch.float32 else "bf16",
                              "same_tokens": bool(torch.equal(o_out, h_out))})
     return rows
 

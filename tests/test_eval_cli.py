@@ -70,6 +70,8 @@ def test_errors_are_one_line(lm_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(lm_dir), "--task", "lambada", "--data", str(tmp_path / "nope.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope.jsonl: data file not found" in err
+    assert main(["eval", "--model", str(lm_dir), "--task", "wikitext", "--data", str(tmp_path)]) == 2
+    assert f"{tmp_path}: data file is a directory, not a file" in capsys.readouterr().err
     assert main(["eval", "--model", str(lm_dir), "--task", "wikitext", "--stride", "64",
                  "--data", str(DATA / "wikitext-2" / "wiki.test.raw")]) == 2
     assert "stride must be between 1 and max_length (32)" in capsys.readouterr().err
@@ -81,3 +83,30 @@ def test_report_write_is_atomic(tmp_path):
     with pytest.raises(TypeError):
         write_report({"a": object()}, path)  # fails halfway through serialising
     assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    # File-system errors name the report's path, never the hidden temporary beside it.
+    with pytest.raises(IsADirectoryError, match=f"^{tmp_path}: is a directory; expected the path of a file"):
+        write_report({"a": 1}, tmp_path)
+    with pytest.raises(NotADirectoryError, match=f"^{path / 'sub' / 'x.json'}: {path} is a file, not a directory"):
+        write_report({"a": 1}, path / "sub" / "x.json")
+
+
+
+def test_a_write_error_names_the_target(tmp_path, monkeypatch):
+    import tempfile
+
+    def refuse(prefix, suffix, dir):
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}abc{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(PermissionError, match=r"r.json: cannot write in .* \(Permission denied\)$") as caught:
+        write_report({"a": 1}, tmp_path / "r.json")
+    assert ".tmp" not in str(caught.value)
+
+
+def test_a_bad_output_path_fails_before_the_evaluation(lm_dir, tmp_path, capsys, monkeypatch):
+    import gpt2kit.evaluation.runner as runner
+
+    monkeypatch.setattr(runner.perplexity, "evaluate_perplexity", lambda *a, **k: pytest.fail("evaluated"))
+    assert main(["eval", "--model", str(lm_dir), "--task", "wikitext", "--output", str(tmp_path),
+                 "--data", str(DATA / "wikitext-2" / "wiki.test.raw")]) == 2
+    assert f"{tmp_path}: is a directory; expected the path of a file to write" in capsys.readouterr().err

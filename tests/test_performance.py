@@ -143,6 +143,31 @@ def test_benchmark_table_rows_and_targets():
     assert train_memory[5] == 1.5 and train_memory[6] == 1.0
     # The memory row needs both sides measured alone.
     assert [line[0] for line in table([{k: v for k, v in rows[2].items() if "mem" not in k}], hw)] == ["train"]
+    # Prefill and evaluation are held to their arithmetic at the matmul peak of the dtype they multiply in.
+    prefill = {**decode_row, "prefill_flops": 2e10, "compute_dtype": "bf16"}
+    assert table([prefill], hw)[1][7] == pytest.approx(20.0) and table([prefill], hw)[1][8] == pytest.approx(0.5)
+    eval_row = {"section": "eval", "task": "wikitext", "shape": "tiny", "tokens": 1000, "ours_s": 2.0,
+                "peer_s": 5.0, "ratio": 2.5, "flops": 1e11}
+    (line,) = table([eval_row], hw)
+    assert line[5:9] == (2.5, 2.0, pytest.approx(1000.0), pytest.approx(0.5))
+
+
+def test_forward_flops_count_every_matmul_of_a_forward_pass():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gpt2kit.training.logging import forward_flops
+
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=300)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 300, (3, 16))
+    # The math backend multiplies whole (T x T) score matrices, so attention counts 3 x 16 x 16 pairs.
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(ids)
+    assert counter.get_total_flops() == forward_flops(config, 3 * 16, 3 * 16, 3 * 16 * 16)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model.transformer(ids)
+    assert counter.get_total_flops() == forward_flops(config, 3 * 16, 0, 3 * 16 * 16)
 
 
 def test_compiled_training_step_matches_eager(tiny_config):

@@ -271,6 +271,8 @@ def test_empty_and_missing_and_unreadable_inputs(tmp_path, monkeypatch):
         run(tmp_path / "emptydir", out)
     with pytest.raises(FileNotFoundError, match="nope.txt: no such file"):
         run(tmp_path / "nope.txt", out)
+    with pytest.raises(ValueError, match="chunk_bytes must be a positive integer, got 0"):
+        run(tmp_path / "empty.txt", out, chunk_bytes=0)
     with pytest.raises(FileNotFoundError, match=r"\*.jsonl\.zst: no file matches"):
         run(tmp_path / "*.jsonl.zst", out)
     os.symlink(tmp_path / "gone.txt", tmp_path / "link.txt")

@@ -35,21 +35,39 @@ def _umask() -> int:
     return mask
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """`path` as a Path if a file can be written there as far as its name goes: an error names it when it is a
+    directory or below a file (checked before long work, so the work is not lost at the end)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory; expected the path of a file to write")
+    parent = next(p for p in path.parents if p.exists())
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{path}: {parent} is a file, not a directory")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """A hidden temporary sibling of `path` to write in the `with` block; it becomes `path` by a rename when the
     block ends, or is removed if it raises: a reader sees the old file or the whole new one, never half of it.
     It gets the permissions open() would give `path` (tempfile makes its files private, 0600, and the rename
-    would keep that). Creates the parent directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    would keep that). Creates the parent directory. Errors of the file system name `path`, not the temporary."""
+    path = check_output_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise type(err)(err.errno, f"{path}: cannot write in {path.parent} ({err.strerror})") from None
     os.close(fd)
     tmp = Path(name)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise type(err)(err.errno, f"{path}: cannot replace it ({err.strerror})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -127,6 +145,16 @@ def _link_tree(source: Path, destination: Path) -> None:
         os.symlink(os.readlink(source), destination)
     else:
         link(str(source), str(destination))
+
+
+def require_file(path: str | os.PathLike, kind: str) -> Path:
+    """`path` as a Path when it is a file; else FileNotFoundError naming it as the `kind` ("data file", ...) and
+    saying whether it is missing or a directory."""
+    path = Path(path)
+    if not path.is_file():
+        found = "is a directory, not a file" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"{path}: {kind} {found}")
+    return path
 
 
 def read_utf8(path: str | os.PathLike, *, error: type[Exception] = ValueError, newlines: bool = True) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..files import read_json, read_utf8
+from ..files import read_json, read_utf8, require_file
 from ..tokenizer import GPT2Tokenizer
 from .readers import DataError
 
@@ -257,9 +257,7 @@ class ClassificationDataset(Dataset):
 
     def __init__(self, path: str | os.PathLike, tokenizer: GPT2Tokenizer, *, format: str = "auto",
                  max_length: int | None = None, label_names: Sequence[str] | None = None) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: classification file not found")
+        path = require_file(path, "classification file")
         text = read_utf8(path, error=DataError, newlines=False)  # the csv module reads quoted newlines itself
         fmt = _sniff_format(path, text) if format == "auto" else format
         if fmt not in ("sst2", "cola", "agnews", "csv"):
@@ -368,9 +366,7 @@ class InstructionDataset(Dataset):
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer: GPT2Tokenizer, *, max_length: int) -> None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: instruction file not found")
+        path = require_file(path, "instruction file")
         self.examples: list[tuple[list[int], int]] = []  # (token ids, prompt length)
         self.skipped = 0
         for where, record in _read_records(path):

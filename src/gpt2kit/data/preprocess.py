@@ -259,8 +259,9 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
     if errors not in ("strict", "replace"):
         raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
     workers = available_cpus() if workers is None else workers
-    if workers < 1 or chunk_bytes < 1 or shard_tokens < 1:
-        raise ValueError("workers, chunk_bytes and shard_tokens must be positive")
+    for name, value in (("workers", workers), ("chunk_bytes", chunk_bytes), ("shard_tokens", shard_tokens)):
+        if value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
     sources = resolve_inputs(inputs, format)
     tok = GPT2Tokenizer.from_pretrained(tokenizer)
     dtype = np.dtype("<u2" if tok.vocab_size <= 1 << 16 else "<u4")

@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from ..files import read_utf8
+from ..files import read_utf8, require_file
 from ..tokenizer import GPT2Tokenizer
 from .scoring import Window, check_limit, check_vocab, read_jsonl, resolve_max_length, score_windows
 
@@ -109,9 +109,7 @@ def resolve_format(path: Path, format: str) -> str:
 
 def read_documents(path: str | os.PathLike, *, format: str = "auto", text_key: str = "text") -> list[str]:
     """The documents of a file: WikiText articles, one JSON object per line (`text_key`), or the whole file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: data file not found")
+    path = require_file(path, "data file")
     kind = resolve_format(path, format)
     if kind == "wikitext":
         return split_wikitext_articles(read_utf8(path))

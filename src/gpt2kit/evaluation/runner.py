@@ -13,7 +13,7 @@ import torch
 import gpt2kit
 
 from ..checkpoint import resolve_model_dir
-from ..files import sha256_file
+from ..files import check_output_file, require_file, sha256_file
 from ..model import GPT2ForSequenceClassification
 from ..pipeline import load_model_and_tokenizer, parse_dtype
 from ..tokenizer import GPT2Tokenizer, tokenizer_for
@@ -43,8 +43,9 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
     `random_init` evaluates a preset with seeded random weights (for smoke tests and benchmarks)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    if not Path(data).is_file():
-        raise FileNotFoundError(f"{data}: data file not found")
+    require_file(data, "data file")
+    if output is not None:
+        check_output_file(output)
     started = datetime.now(timezone.utc)
     start = time.perf_counter()
     if task == "classification":

@@ -11,13 +11,12 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..files import read_utf8
+from ..files import read_utf8, require_file
 from ..losses import padded_vocab_size, scratch_buffer
 from ..model import GPT2LMHeadModel, eval_mode, is_plain, plain_head_weight
 from ..quantization import PackedLinear
@@ -77,9 +76,7 @@ def check_limit(limit: int | None) -> None:
 
 def read_jsonl(path: str | os.PathLike, key: str) -> list[tuple[int, str]]:
     """(line number, text under `key`) for each non-blank line of a JSON-lines file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: data file not found")
+    path = require_file(path, "data file")
     rows = []
     for n, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():

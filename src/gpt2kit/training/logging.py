@@ -34,6 +34,16 @@ def flops_per_token(config: GPT2Config, matmul_params: int, seq_len: int) -> flo
     return 6.0 * matmul_params + 12.0 * config.n_layer * config.n_embd * seq_len
 
 
+def forward_flops(config: GPT2Config, positions: int, head_rows: int, attention_pairs: float) -> float:
+    """Matmul FLOPs of an inference forward pass: the blocks' projections at `positions` token positions, the LM
+    head at `head_rows` of them, attention's two products over `attention_pairs` (query, key) pairs (a causal
+    window of T tokens has T(T+1)/2). The least arithmetic any implementation does, so the time it takes at the
+    matmul peak bounds the speed of prefill and evaluation."""
+    d = config.n_embd
+    return (24.0 * config.n_layer * d * d * positions + 2.0 * config.vocab_size * d * head_rows
+            + 4.0 * config.n_layer * d * attention_pairs)
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
