@@ -70,6 +70,12 @@ def test_class_count_mismatch_is_one_clear_error(classifier):
         evaluate_classification(classifier, GPT2Tokenizer.gpt2(), DATA / "ag_news" / "test.csv", progress=False)
 
 
+def test_no_examples_is_one_clear_error(classifier):
+    with pytest.raises(ValueError, match=r"dev.tsv: no examples to evaluate"):
+        evaluate_classification(classifier, GPT2Tokenizer.gpt2(), DATA / "glue" / "SST-2" / "dev.tsv", limit=0,
+                                progress=False)
+
+
 def test_the_models_label_names_decide_its_output_order(tmp_path):
     """A classifier trained with id2label {0: positive, 1: negative}: the data's string labels map through it,
     not through their sorted order (which would swap them)."""

@@ -77,6 +77,36 @@ def test_errors_are_one_line(lm_dir, tmp_path, capsys):
     assert "stride must be between 1 and max_length (32)" in capsys.readouterr().err
 
 
+def test_options_the_task_has_no_use_for_and_unknown_devices_are_errors(lm_dir, tmp_path, capsys):
+    lambada = ["--task", "lambada", "--data", str(DATA / "lambada" / "lambada_test.jsonl")]
+    for extra, message in ((["--stride", "8"], "stride does not apply to the lambada task"),
+                           (["--format", "jsonl"], "format does not apply to the lambada task"),
+                           (["--no-detokenize"], "detokenize does not apply to the lambada task")):
+        assert main(["eval", "--model", str(lm_dir), *lambada, *extra]) == 2
+        assert message in capsys.readouterr().err
+    wikitext = ["--task", "wikitext", "--data", str(DATA / "wikitext-2" / "wiki.test.raw")]
+    assert main(["eval", "--model", str(lm_dir), *wikitext, "--stop-word-filter"]) == 2
+    assert "stop_word_filter does not apply to the wikitext task" in capsys.readouterr().err
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64)).save_pretrained(
+        tmp_path / "clf")
+    assert main(["eval", "--model", str(tmp_path / "clf"), "--task", "classification", "--device", "bogus",
+                 "--data", str(DATA / "glue" / "SST-2" / "dev.tsv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "device 'bogus': not a device" in err
+
+
+def test_an_infinite_perplexity_is_standard_json(tmp_path):
+    report = {"results": {"word_perplexity": float("inf"), "nested": [float("-inf"), float("nan"), 1.5]}}
+    text = write_report(report, tmp_path / "r.json").read_text()
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    assert json.loads(text, parse_constant=refuse)["results"] == {"word_perplexity": "inf",
+                                                                  "nested": ["-inf", "nan", 1.5]}
+
+
 def test_report_write_is_atomic(tmp_path):
     path = tmp_path / "r.json"
     write_report({"a": 1}, path)

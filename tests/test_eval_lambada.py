@@ -118,3 +118,26 @@ def test_bad_lines_name_file_and_line(tmp_path, tok):
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"lambada.jsonl:1: not valid JSON"):
         read_lambada(path)
+    # JSON strings may hold U+2028, U+2029 and U+0085 raw: they are not line breaks of JSON Lines.
+    path.write_text(json.dumps({"text": "one\u2028two three"}, ensure_ascii=False) + "\n"
+                    + json.dumps({"text": "next\x85line here"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_lambada(path) == ["one\u2028two three", "next\x85line here"]
+
+
+def test_a_word_too_long_for_the_window_names_its_line(tmp_path, tok):
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("\n" + json.dumps({"text": "a b"}) + "\n\n" + json.dumps({"text": "so " + "x" * 400}) + "\n")
+    model = BigramLM({}, tok.vocab_size, n_positions=16)
+    with pytest.raises(ValueError, match=r"lambada.jsonl:4: the last word has \d+ tokens; 1..16"):
+        evaluate_lambada(model, tok, path, progress=False)
+    with pytest.raises(ValueError, match=r"^passage 2: the last word"):
+        evaluate_lambada(model, tok, ["a b", "so " + "x" * 400], progress=False)
+    with pytest.raises(ValueError, match=r"lambada.jsonl: no passages to evaluate"):
+        evaluate_lambada(model, tok, path, limit=0, progress=False)
+
+
+def test_perplexity_past_floats_range_is_inf(tok):
+    """Every target token costs 1000 nats: the mean per word is past exp's range, which gives inf, no error."""
+    model = BigramLM({i: {0: 1000.0} for i in range(tok.vocab_size)}, tok.vocab_size)
+    result = evaluate_lambada(model, tok, ["He looked at Harlin"], progress=False)
+    assert result["perplexity"] == math.inf and result["target_token_perplexity"] == math.inf

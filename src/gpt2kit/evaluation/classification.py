@@ -23,8 +23,8 @@ DEFINITIONS = {
                 "text's last token (texts longer than max_length keep their first max_length tokens)",
     "matthews_correlation": "Matthews correlation of predictions and labels (GLUE's CoLA metric); with more than "
                             "two classes the multi-class form R_K of Gorodkin (2004), as "
-                            "sklearn.metrics.matthews_corrcoef; 0 when a row or column of the confusion matrix "
-                            "is all zeros",
+                            "sklearn.metrics.matthews_corrcoef; 0 when every label or every prediction is "
+                            "one class",
     "per_class": "for each label: support (examples with that label), predicted (examples predicted as it), "
                  "correct, recall = correct / support, precision = correct / predicted",
     "confusion_matrix": "confusion_matrix[true label][predicted label] = number of examples",
@@ -84,6 +84,8 @@ def evaluate_classification(model: nn.Module, tokenizer: GPT2Tokenizer,
         raise ValueError(f"{data.path}: {data.num_labels} classes ({', '.join(data.id2label.values())}) but the "
                          f"model has {model.config.num_labels} outputs (config.num_labels)")
     examples = Subset(data, range(min(limit, len(data)))) if limit is not None else data
+    if not len(examples):
+        raise ValueError(f"{data.path}: no examples to evaluate")
     loader = DataLoader(examples, batch_size=batch_size, collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
     device = model_device(model)
     labels, predictions = [], []

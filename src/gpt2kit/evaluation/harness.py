@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..files import read_utf8
 from .perplexity import read_documents
 
 # Task name here -> (lm-eval's task file, its metrics).
@@ -31,7 +32,7 @@ def _write_task(workdir: Path, task: str, data: Path, limit: int | None) -> str:
     if task == "wikitext":
         rows = [json.dumps({"page": page}) for page in read_documents(data, format="wikitext")]
     else:
-        rows = [line for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [line for line in read_utf8(data).split("\n") if line.strip()]  # as read_jsonl splits
     data = workdir / f"{task}.jsonl"
     data.write_text("".join(row + "\n" for row in rows[:limit]), encoding="utf-8")
     name = f"gpt2kit_local_{task}"

@@ -17,7 +17,6 @@ Definitions (those of lm-evaluation-harness's `lambada_openai` task):
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -26,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..tokenizer import GPT2Tokenizer
-from .scoring import Window, check_limit, check_vocab, read_jsonl, resolve_max_length, score_windows
+from .scoring import (Window, check_limit, check_vocab, exp_or_inf, read_jsonl, resolve_max_length,
+                      score_windows)
 
 DEFINITIONS = {
     "acc": "fraction of passages whose whole last word (target = ' ' + text after the last space) is the greedy "
@@ -41,11 +41,16 @@ DEFINITIONS = {
 
 def read_lambada(path: str | os.PathLike) -> list[str]:
     """The passages of OpenAI's LAMBADA jsonl: one {"text": ...} object per line."""
+    return [text for _, text in _located_passages(path)]
+
+
+def _located_passages(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """("file:line", passage) for each passage of a LAMBADA jsonl, so errors can point at it."""
     passages = []
     for n, text in read_jsonl(path, "text"):
         if not text.strip():
             raise ValueError(f"{path}:{n}: empty passage")
-        passages.append(text)
+        passages.append((f"{path}:{n}", text))
     return passages
 
 
@@ -93,21 +98,24 @@ def evaluate_lambada(model: nn.Module, tokenizer: GPT2Tokenizer, data: str | os.
 
     stop_word_filter adds `acc_stop_word_filter` (with `stop_words`, default scikit-learn's English list).
     Returns the metrics plus counts and settings."""
-    passages = read_lambada(data) if isinstance(data, (str, os.PathLike)) else list(data)
+    if isinstance(data, (str, os.PathLike)):
+        passages = _located_passages(data)
+    else:
+        passages = [(f"passage {n}", text) for n, text in enumerate(data, 1)]
     check_limit(limit)
     if limit is not None:
         passages = passages[:limit]
     if not passages:
-        raise ValueError("no passages to evaluate")
+        raise ValueError(f"{data if isinstance(data, (str, os.PathLike)) else 'data'}: no passages to evaluate")
     check_vocab(model, tokenizer)
     max_length = resolve_max_length(model, max_length)
     windows, target_words = [], []
-    for n, text in enumerate(passages):
+    for where, text in passages:
         context, target = split_last_word(text)
         target_words.append(target.strip().lower())
         context_ids, target_ids = encode_target(tokenizer, context, target)
         if not 1 <= len(target_ids) <= max_length:
-            raise ValueError(f"passage {n + 1}: the last word has {len(target_ids)} tokens; "
+            raise ValueError(f"{where}: the last word has {len(target_ids)} tokens; "
                              f"1..{max_length} (max_length) are supported")
         windows.append(Window((context_ids + target_ids)[-(max_length + 1):], len(target_ids)))
     disallowed, words = None, frozenset()
@@ -122,8 +130,8 @@ def evaluate_lambada(model: nn.Module, tokenizer: GPT2Tokenizer, data: str | os.
     n_target_tokens = sum(len(s.logprobs) for s in scores)
     results: dict[str, Any] = {
         "acc": correct / len(scores),
-        "perplexity": math.exp(-sum(word_logprobs) / len(scores)),
-        "target_token_perplexity": math.exp(-sum(word_logprobs) / n_target_tokens),
+        "perplexity": exp_or_inf(-sum(word_logprobs) / len(scores)),
+        "target_token_perplexity": exp_or_inf(-sum(word_logprobs) / n_target_tokens),
         "passages": len(scores), "correct": correct, "target_tokens": n_target_tokens,
         "max_length": max_length,
     }

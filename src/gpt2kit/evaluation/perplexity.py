@@ -30,7 +30,8 @@ from torch import nn
 
 from ..files import read_utf8, require_file
 from ..tokenizer import GPT2Tokenizer
-from .scoring import Window, check_limit, check_vocab, read_jsonl, resolve_max_length, score_windows
+from .scoring import (Window, check_limit, check_vocab, exp_or_inf, read_jsonl, resolve_max_length,
+                      score_windows)
 
 FORMATS = ("auto", "wikitext", "text", "jsonl")
 
@@ -137,16 +138,11 @@ def count_words(text: str) -> int:
     return len(re.split(r"\s+", text))
 
 
-def _exp(x: float) -> float:
-    """exp, inf past float's range (a random model's perplexity per whitespace word of Chinese text, say)."""
-    return math.exp(x) if x < 709 else math.inf
-
-
 def perplexity_metrics(nll: float, tokens: int, words: int, n_bytes: int) -> dict[str, float]:
     return {
-        "token_perplexity": _exp(nll / tokens),
-        "word_perplexity": _exp(nll / words),
-        "byte_perplexity": _exp(nll / n_bytes),
+        "token_perplexity": exp_or_inf(nll / tokens),
+        "word_perplexity": exp_or_inf(nll / words),
+        "byte_perplexity": exp_or_inf(nll / n_bytes),
         "bits_per_byte": nll / n_bytes / math.log(2),
     }
 

@@ -15,7 +15,7 @@ import gpt2kit
 from ..checkpoint import resolve_model_dir
 from ..files import check_output_file, require_file, sha256_file
 from ..model import GPT2ForSequenceClassification
-from ..pipeline import load_model_and_tokenizer, parse_dtype
+from ..pipeline import load_model_and_tokenizer, parse_device, parse_dtype
 from ..tokenizer import GPT2Tokenizer, tokenizer_for
 from . import classification, lambada, perplexity
 from .report import summary_line, write_report
@@ -27,7 +27,7 @@ def load_classifier(model: str | os.PathLike, tokenizer: str | os.PathLike | Non
                     dtype: torch.dtype | None = None) -> tuple[GPT2ForSequenceClassification, GPT2Tokenizer]:
     """A finetuned classifier and its tokenizer (given, else the model directory's, else GPT-2's)."""
     model_dir = resolve_model_dir(model)
-    classifier = GPT2ForSequenceClassification.from_pretrained(model_dir, device=device, dtype=dtype)
+    classifier = GPT2ForSequenceClassification.from_pretrained(model_dir, device=parse_device(device), dtype=dtype)
     return classifier, tokenizer_for(model_dir, tokenizer)
 
 
@@ -43,6 +43,14 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
     `random_init` evaluates a preset with seeded random weights (for smoke tests and benchmarks)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    # A setting the task has no use for is a mistake to point out, not to drop silently.
+    ignored = {"stride": stride is not None and task not in ("wikitext", "perplexity"),
+               "detokenize": detokenize is not None and task not in ("wikitext", "perplexity"),
+               "format": format != "auto" and task == "lambada",
+               "stop_word_filter": stop_word_filter and task != "lambada"}
+    for name, given in ignored.items():
+        if given:
+            raise ValueError(f"{name} does not apply to the {task} task")
     require_file(data, "data file")
     if output is not None:
         check_output_file(output)

@@ -8,6 +8,7 @@ to a full context; a LAMBADA example is one window that scores the target word's
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,11 @@ def check_vocab(model: nn.Module, tokenizer: GPT2Tokenizer) -> None:
                          f"{model.config.vocab_size} (config.vocab_size): they do not belong together")
 
 
+def exp_or_inf(x: float) -> float:
+    """exp, inf past float's range (a random model's perplexity per whitespace word of Chinese text, say)."""
+    return math.exp(x) if x < 709 else math.inf
+
+
 def check_limit(limit: int | None) -> None:
     if limit is not None and not (type(limit) is int and limit >= 0):
         raise ValueError(f"limit must be an integer >= 0 (the first N items), got {limit!r}")
@@ -78,7 +84,8 @@ def read_jsonl(path: str | os.PathLike, key: str) -> list[tuple[int, str]]:
     """(line number, text under `key`) for each non-blank line of a JSON-lines file."""
     path = require_file(path, "data file")
     rows = []
-    for n, line in enumerate(read_utf8(path).splitlines(), 1):
+    # "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085, which JSON strings may hold raw.
+    for n, line in enumerate(read_utf8(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
