@@ -21,7 +21,8 @@ import torch
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.chat import ChatSession
 from gpt2kit.generation import GenerationConfig, generate
-from gpt2kit.pipeline import TextGenerationPipeline
+from gpt2kit.pipeline import TextGenerationPipeline, load_model_and_tokenizer
+from gpt2kit.serving import ServerConfig, create_app
 from gpt2kit.serving.protocol import LogprobsBuilder
 from gpt2kit.tokenizer import GPT2Tokenizer
 
@@ -261,6 +262,20 @@ def test_text_offsets_count_characters_not_token_strings():
     assert entries[0]["tokens"] == ["bytes:\\xc3"]
 
 
+def test_an_echo_is_the_prompt_as_the_model_read_it(client, server):
+    """The echoed text and the logprobs' tokens agree: an empty prompt is <|endoftext|>, a lone surrogate (valid
+    JSON, not valid Unicode) is U+FFFD."""
+    eos = server.tokenizer.decode([server.tokenizer.eos_token_id])
+    response = client.completions.create(model="tiny", prompt="", max_tokens=2, echo=True, logprobs=0)
+    lp = response.choices[0].logprobs
+    assert response.choices[0].text.startswith(eos) and lp.tokens[0] == eos and lp.text_offset[1] == len(eos)
+    raw = b'{"model": "tiny", "prompt": "Jack \\ud800", "max_tokens": 2, "echo": true}'
+    response = httpx.post(f"{server.url}/v1/completions", content=raw, timeout=60)
+    assert response.status_code == 200 and response.json()["choices"][0]["text"].startswith("Jack \ufffd")
+    streamed = httpx.post(f"{server.url}/v1/completions", content=raw[:-1] + b', "stream": true}', timeout=60)
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+
+
 def test_max_tokens_zero_with_echo_scores_the_prompt(client):
     response = client.completions.create(model="tiny", prompt="Jack was", max_tokens=0, echo=True, logprobs=0)
     assert response.choices[0].text == "Jack was" and response.choices[0].finish_reason == "length"
@@ -293,6 +308,16 @@ def test_a_padded_model_vocabulary_never_reaches_the_text(model_dir, tmp_path):
 
 def test_a_non_streamed_request_whose_client_left_stops_generating(model_dir):
     with LiveServer(model_dir) as live, Gate(live.scheduler) as gate:
+        service, ended = live.app.state.service, threading.Event()
+        complete = service.complete
+
+        async def watched_complete(*args):
+            try:
+                return await complete(*args)
+            finally:
+                ended.set()
+
+        service.complete = watched_complete
         body = json.dumps({"prompt": "Jack", "max_tokens": 120, "temperature": 0})
         with socket.create_connection(("127.0.0.1", live.port)) as conn:
             conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -303,6 +328,7 @@ def test_a_non_streamed_request_whose_client_left_stops_generating(model_dir):
         gate.opened.set()
         wait_for(lambda: not live.scheduler.rows)
         assert len(seq.generated) <= 1  # the prefill's token at most, not 120
+        assert ended.wait(timeout=30)  # and its handler is gone too, not waiting for events that never come
 
 
 # ---- chat completions ---------------------------------------------------------------------------------------
@@ -486,6 +512,7 @@ BAD = {
     "best_of streamed": (dict(best_of=2, stream=True), 400, "best_of"),
     "best_of over the choice limit": (dict(best_of=9), 400, "best_of"),
     "unknown model": (dict(model="gpt-4"), 404, "model"),
+    "stream_options without a stream": (dict(stream_options={"include_usage": True}), 400, "stream_options"),
 }
 
 
@@ -558,6 +585,20 @@ def test_api_key_is_required_everywhere_but_health(model_dir):
         basic = "Basic " + base64.b64encode(b"user:s3cret").decode()
         assert httpx.get(f"{live.url}/", headers={"Authorization": basic}).status_code == 200
         assert httpx.get(f"{live.url}/v1/models", headers={"Authorization": "Bearer s3cre"}).status_code == 401
+
+
+def test_server_limits_are_checked_when_the_app_is_made(model_dir):
+    with pytest.raises(ValueError, match="api_key must be printable ASCII"):
+        ServerConfig(api_key="cl\u00e9")
+    with pytest.raises(ValueError, match="api_key must be printable ASCII"):
+        ServerConfig(api_key="")
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    context = model.config.n_positions
+    with pytest.raises(ValueError, match=f"max_prompt_tokens is {context}; the model's context holds {context} "
+                                         f"tokens, so at most {context - 1}"):
+        create_app(model, tokenizer, ServerConfig(max_prompt_tokens=context))
+    with pytest.raises(ValueError, match=f"max_tokens is {context + 5}"):
+        create_app(model, tokenizer, ServerConfig(max_tokens=context + 5))
 
 
 # ---- the command --------------------------------------------------------------------------------------------

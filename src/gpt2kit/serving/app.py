@@ -113,6 +113,10 @@ class CompletionService:
     def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerConfig, model_name: str):
         self.model, self.tokenizer, self.config, self.model_name = model, tokenizer, config, model_name
         self.context = model.config.n_positions
+        for name in ("max_prompt_tokens", "max_tokens"):
+            if (getattr(config, name) or 0) >= self.context:
+                raise ValueError(f"{name} is {getattr(config, name)}; the model's context holds {self.context} "
+                                 f"tokens, so at most {self.context - 1}")
         self.max_prompt_tokens = config.max_prompt_tokens or self.context - 1
         self.max_tokens = config.max_tokens or self.context - 1
         self.vocab = model.config.vocab_size  # load_model_and_tokenizer refuses a tokenizer with more ids
@@ -175,7 +179,9 @@ class CompletionService:
                                f"requested {len(prompt) + max_tokens} tokens ({len(prompt)} in {what}; "
                                f"{max_tokens} for the completion); shorten the {req._prompt_param} or lower "
                                f"{max_tokens_param}", param=max_tokens_param, code="context_length_exceeded")
-        texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
+        # An echo is the prompt as the model read it, so its text and its tokens' logprobs agree (an empty prompt
+        # is <|endoftext|>, a lone surrogate U+FFFD).
+        texts = [self.tokenizer.decode(p) if req.echo else "" for p in ids]
         temperature = 1.0 if req.temperature is None else req.temperature
         try:
             base = GenerationConfig(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature,
@@ -374,11 +380,17 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
         if req.stream:  # a closed stream cancels the job (see CompletionService.stream)
             return StreamingResponse(service.stream(req, job, ids, texts, form), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.create_task(_cancel_when_disconnected(request, job))
+        # The job ends when its client leaves, and so does this handler: nothing would read its response.
+        completion = asyncio.create_task(service.complete(req, job, ids, texts, form))
+        disconnected = asyncio.create_task(_disconnect(request))
         try:
-            return JSONResponse(await service.complete(req, job, ids, texts, form))
+            await asyncio.wait((completion, disconnected), return_when=asyncio.FIRST_COMPLETED)
+            if completion.done():
+                return JSONResponse(completion.result())
+            return Response(status_code=499)  # nginx's "client closed request"
         finally:
-            watcher.cancel()
+            completion.cancel()
+            disconnected.cancel()
             job.cancel()
 
     @app.post("/v1/completions")
@@ -394,11 +406,10 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
     return app
 
 
-async def _cancel_when_disconnected(request: Request, job: Job) -> None:
-    """Cancel a non-streamed request's job once its client has gone: nobody would read its rows."""
+async def _disconnect(request: Request) -> None:
+    """Return once the client of a non-streamed request has gone."""
     while not await request.is_disconnected():
         await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-    job.cancel()
 
 
 def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,

@@ -28,5 +28,9 @@ class ServerConfig:
         for name in ("max_prompt_tokens", "max_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.api_key is not None and not (self.api_key and self.api_key.isascii() and self.api_key.isprintable()
+                                             and self.api_key == self.api_key.strip()):
+            # HTTP header values are ASCII in practice; clients send other characters in differing encodings.
+            raise ValueError("api_key must be printable ASCII without surrounding spaces")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")

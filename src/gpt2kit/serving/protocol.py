@@ -67,6 +67,12 @@ class SamplingRequest(BaseModel):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logit_bias: Any = None  # checked by _check_logit_bias: token id (a string, as JSON keys are) -> bias
 
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self) -> SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        return self
+
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, stop: Any) -> list[str] | None:
