@@ -132,3 +132,57 @@ def test_export_and_generate_commands(model_dir, tmp_path, capsys):
     assert "no prefill.onnx; write an ONNX model directory with `gpt2kit export onnx" in capsys.readouterr().err
     assert main([*common, "--model", str(out), "--backend", "onnx", "--dtype", "bf16"]) == 2
     assert "float32 on the CPU" in capsys.readouterr().err
+
+
+def test_each_graph_stores_each_weight_once(exported, model):
+    """The tied embedding is the LM head's weight: constant folding must not add a transposed copy of it."""
+    parameters = sum(p.numel() for p in model.parameters()) * 4
+    for name in (PREFILL_NAME, DECODE_NAME):
+        stored = sum(onnx.numpy_helper.to_array(t).nbytes for t in onnx.load(str(exported / name)).graph.initializer)
+        assert stored <= parameters, (name, stored, parameters)
+
+
+def test_a_graph_with_external_weights_is_gathered_into_one_data_file(exported, tmp_path):
+    """What the exporter writes past 2 GB (one file per weight, named after it), placed as <graph>.onnx.data."""
+    from gpt2kit.export import place_graph
+
+    staging = tmp_path / ".prefill-export"
+    staging.mkdir()
+    graph = onnx.load(str(exported / PREFILL_NAME))
+    onnx.save_model(graph, str(staging / PREFILL_NAME), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(list(staging.iterdir())) > 2
+    place_graph(staging, tmp_path / PREFILL_NAME)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [PREFILL_NAME, f"{PREFILL_NAME}.data"]
+    ids = np.array([[5, 6, 7]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(3)[None]}
+    expected = ort.InferenceSession(str(exported / PREFILL_NAME)).run(["logits"], feeds)[0]
+    got = ort.InferenceSession(str(tmp_path / PREFILL_NAME)).run(["logits"], feeds)[0]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_short_context_exports_and_matches_pytorch(tmp_path):
+    from gpt2kit import GPT2Config
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=4, vocab_size=64)).eval()
+    onnx_model = OnnxLMHeadModel(export_onnx(model, tmp_path / "short"))
+    ids = torch.tensor([[1, 2]])
+    assert torch.equal(generate(onnx_model, ids, max_new_tokens=2), generate(model, ids, max_new_tokens=2))
+    with torch.no_grad():  # int32 ids work as in PyTorch
+        torch.testing.assert_close(onnx_model(ids.int()).logits, model(ids.int()).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_exports_that_would_lose_the_model_or_misread_it_are_refused(model_dir, tmp_path):
+    from gpt2kit import GPT2Config, GPT2ForSequenceClassification
+
+    with pytest.raises(ValueError, match="the output would replace the model being exported"):
+        export_onnx(model_dir, model_dir.parent, overwrite=True)
+    assert (model_dir / "model.safetensors").is_file()
+    GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=16)).save_pretrained(
+        tmp_path / "clf")
+    with pytest.raises(ValueError, match="a sequence-classification checkpoint"):
+        export_onnx(tmp_path / "clf", tmp_path / "out")
+    with pytest.raises(TypeError, match="only a GPT2LMHeadModel .* got GPT2ForSequenceClassification"):
+        export_onnx(GPT2ForSequenceClassification.from_pretrained(tmp_path / "clf"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

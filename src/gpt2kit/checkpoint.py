@@ -178,6 +178,10 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: tor
     except ValueError as err:
         raise CheckpointError(f"{model_dir}: {err}") from None
     state = load_state_dict(model_dir)
+    if cls.__name__ == "GPT2LMHeadModel" and "score.weight" in state:
+        # Its head scores classes; as a language model it would predict with the bare embedding, silently.
+        raise CheckpointError(f"{model_dir}: a sequence-classification checkpoint (it has score.weight, no LM head); "
+                              f"load it with GPT2ForSequenceClassification")
     with torch.device("meta"):
         model = cls(config)  # no memory, no init: every tensor comes from the checkpoint
     state = hf_to_gpt2kit(state, model)

@@ -80,7 +80,9 @@ class KVCacheLM(nn.Module):
             attn = scores.masked_fill(blocked, float("-inf")).softmax(-1) @ v
             x = x + block.attn.c_proj(attn.transpose(1, 2).reshape(B, T, -1))
             x = x + block.mlp(block.ln_2(x))
-        logits = self.model.lm_head(transformer.ln_f(x))
+        # As an einsum over the head's (vocab, n_embd) weight, not lm_head(...): constant folding would store a
+        # transposed copy of the (tied) embedding for the MatMul beside the original, 154 MB for GPT-2 small.
+        logits = torch.einsum("btc,vc->btv", transformer.ln_f(x), self.model.lm_head.weight)
         return logits, torch.stack(presents_k), torch.stack(presents_v)
 
 
@@ -99,7 +101,11 @@ def _example_inputs(config: GPT2Config, batch: int, length: int, past: int) -> d
 
 
 def _export_graph(wrapper: KVCacheLM, path: Path, config: GPT2Config, *, with_past: bool, opset: int) -> None:
-    inputs = _example_inputs(config, batch=2, length=3, past=4 if with_past else 0)
+    # Traced at small lengths the context allows (the axes are dynamic; past and sequence differ in the decode
+    # graph so that neither is taken for the other).
+    n = config.n_positions
+    length = min(3, n - 1) if with_past else min(3, n)
+    inputs = _example_inputs(config, batch=2, length=length, past=min(4, n - length) if with_past else 0)
     dynamic_axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
                     "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
                     "present_keys": {1: "batch", 3: "total"}, "present_values": {1: "batch", 3: "total"}}
@@ -109,9 +115,28 @@ def _export_graph(wrapper: KVCacheLM, path: Path, config: GPT2Config, *, with_pa
         # The TorchScript exporter announces its deprecation on every call; the graphs it writes are what we test.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(wrapper, tuple(inputs.values()), str(path), input_names=list(inputs),
+        # Into a directory of its own: past 2 GB the exporter writes each weight to a file named after it, and
+        # generated names (onnx::MatMul_262) mean different weights in the two graphs.
+        staging = path.parent / f".{path.stem}-export"
+        staging.mkdir()
+        torch.onnx.export(wrapper, tuple(inputs.values()), str(staging / path.name), input_names=list(inputs),
                           output_names=["logits", "present_keys", "present_values"], dynamic_axes=dynamic_axes,
                           opset_version=opset, dynamo=False, do_constant_folding=True)
+    place_graph(staging, path)
+
+
+def place_graph(staging: Path, path: Path) -> None:
+    """Move the graph exported into `staging` to `path`: as it is when it is one file, else with its weights
+    gathered into one `<name>.data` file beside it (a graph over 2 GB keeps its weights outside the protobuf)."""
+    if [p.name for p in staging.iterdir()] == [path.name]:
+        (staging / path.name).replace(path)
+    else:
+        import onnx
+
+        graph = onnx.load(str(staging / path.name))  # with its external weights
+        onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data")
+    shutil.rmtree(staging)
 
 
 def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os.PathLike, *,
@@ -127,9 +152,15 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
     source_dir = None
     if isinstance(model, GPT2LMHeadModel):
         lm = model
-    else:
+    elif isinstance(model, (str, os.PathLike)):
         source_dir = resolve_model_dir(model)
+        if output_dir.resolve() in (source_dir.resolve(), *source_dir.resolve().parents):
+            raise ValueError(f"{output_dir}: the output would replace the model being exported ({source_dir})")
         lm = GPT2LMHeadModel.from_pretrained(source_dir)
+    else:
+        raise TypeError(f"only a GPT2LMHeadModel (or its directory) exports to ONNX, got {type(model).__name__}")
+    if lm.config.n_positions < 2:
+        raise ValueError("ONNX export needs a context (n_positions) of at least 2: the decode graph reads a cache")
     if is_inference_only(lm):
         raise ValueError("ONNX export needs the float weights: export the model before quantizing or packing it")
     param = next(lm.parameters())
@@ -191,7 +222,7 @@ class OnnxLMHeadModel(nn.Module):
             attention_mask = torch.ones(B, past + T, dtype=torch.long)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, past:]
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask.long(),
+        feeds = {"input_ids": input_ids.long(), "attention_mask": attention_mask.long(),
                  "position_ids": position_ids.long().expand(B, T)}
         session = self.prefill
         if past:
