@@ -159,3 +159,65 @@ def test_unknown_target_module_is_an_error(tmp_path, base_dir):
     config.lora.target_modules = ["q_proj"]
     with pytest.raises(ValueError, match="q_proj"):
         Trainer(args=config, train_dataset=Sequences()).finetune()
+
+
+def test_the_adapter_names_the_weights_it_was_trained_on(tmp_path, base_dir, monkeypatch):
+    """train() starts from random weights: its adapter names no base, so merging asks for one instead of folding
+    the adapters into weights they never saw. finetune() records the base as an absolute path."""
+    Trainer(args=lora_config(tmp_path, base_dir, "random", max_steps=2), train_dataset=Sequences()).train()
+    adapter = json.loads((tmp_path / "random" / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] is None
+    assert main(["lora", "merge", "--adapter", str(tmp_path / "random" / "final"),
+                 "--output", str(tmp_path / "merged")]) == 2
+    monkeypatch.chdir(tmp_path)
+    Trainer(args=lora_config(tmp_path, Path("base"), "tuned", max_steps=2), train_dataset=Sequences()).finetune()
+    adapter = json.loads((tmp_path / "tuned" / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(base_dir.resolve())
+
+
+def test_the_tied_head_is_no_lora_target(tmp_path, base_dir):
+    config = lora_config(tmp_path, base_dir)
+    config.lora.target_modules = ["c_attn", "lm_head"]
+    with pytest.raises(ValueError, match=r"\['lm_head'\] is the tied embedding"):
+        Trainer(args=config, train_dataset=Sequences()).finetune()
+
+
+def test_an_adapter_of_another_rank_is_one_clear_error(tmp_path, base_dir, capsys):
+    Trainer(args=lora_config(tmp_path, base_dir, max_steps=2), train_dataset=Sequences()).finetune()
+    config = lora_config(tmp_path, base_dir)
+    config.lora.rank = 2
+    trainer = Trainer(args=config, train_dataset=Sequences())
+    trainer._setup(weights=str(base_dir))
+    from gpt2kit.training.lora import load_adapter_weights
+
+    with pytest.raises(ValueError, match=r"final: adapter weights do not fit the model \(size mismatch .*lora.rank"):
+        load_adapter_weights(trainer.model, tmp_path / "run" / "final")
+
+
+def test_peft_adapters_merge_from_bin_files_and_without_gpt2kit_config(tmp_path, base_dir):
+    """peft's own layouts: adapter_model.bin (safe_serialization=False), and a SEQ_CLS adapter made on
+    transformers' GPT-2, whose label count is its saved head's rows."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2ForSequenceClassification as HFClassifier
+    from transformers import GPT2LMHeadModel as HFGPT2LMHeadModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft notes that Conv1D needs fan_in_fan_out and sets it
+        lm = get_peft_model(HFGPT2LMHeadModel.from_pretrained(base_dir),
+                            LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+        lm.save_pretrained(tmp_path / "bin", safe_serialization=False)
+        classifier = HFClassifier.from_pretrained(base_dir, num_labels=3, pad_token_id=63)
+        cls = get_peft_model(classifier, LoraConfig(r=4, target_modules=["c_attn"], task_type="SEQ_CLS",
+                                                    init_lora_weights=False))
+        cls.save_pretrained(tmp_path / "cls")
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file()
+    x = Sequences(2).data[:, :-1]
+    for name, peft_model, loader in (("bin", lm, GPT2LMHeadModel), ("cls", cls, GPT2ForSequenceClassification)):
+        assert main(["lora", "merge", "--adapter", str(tmp_path / name), "--base", str(base_dir),
+                     "--output", str(tmp_path / f"{name}-merged")]) == 0
+        merged = loader.from_pretrained(tmp_path / f"{name}-merged")
+        peft_model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x).logits, peft_model(x).logits, rtol=1e-4, atol=1e-5)

@@ -19,6 +19,7 @@ from .config import LoraArgs
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_BIN_NAME = "adapter_model.bin"  # what peft writes with safe_serialization=False
 MODEL_CONFIG_NAME = "model_config.json"  # the adapted model's GPT2Config (labels of a classifier, vocab)
 _PREFIX = "base_model.model."  # what PeftModel puts in front of module names
 
@@ -50,6 +51,11 @@ def apply_lora(model: nn.Module, config) -> nn.Module:
     if missing:
         raise ValueError(f"lora.target_modules: no module named {missing} in the model (GPT-2 projections are "
                          "c_attn, attn.c_proj, c_fc, mlp.c_proj)")
+    tied = [t for t in config.target_modules if t.split(".")[-1] in ("lm_head", "wte")]
+    if tied and getattr(model.config, "tie_word_embeddings", False):
+        # The head and the embedding are one weight: a merged update would change the input embedding too.
+        raise ValueError(f"lora.target_modules: {tied} is the tied embedding, which LoRA cannot adapt on one side "
+                         "only; target the projections (c_attn, attn.c_proj, c_fc, mlp.c_proj)")
     LoraModel(model, config, "default")  # injects into `model` itself
     return model
 
@@ -94,13 +100,26 @@ def read_adapter_config(directory: str | os.PathLike):
     return peft.LoraConfig.from_pretrained(str(directory))
 
 
-def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Load saved adapter weights into a model that `apply_lora` already prepared."""
+def read_adapter_weights(directory: str | os.PathLike) -> dict:
+    """An adapter's saved tensors: adapter_model.safetensors, else peft's pickle-free-loaded adapter_model.bin."""
     from ..checkpoint import load_weight_file
 
+    directory = Path(directory)
+    bin_path = directory / ADAPTER_BIN_NAME
+    return load_weight_file(bin_path if bin_path.exists() and not (directory / ADAPTER_WEIGHTS_NAME).exists()
+                            else directory / ADAPTER_WEIGHTS_NAME)
+
+
+def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Load saved adapter weights into a model that `apply_lora` already prepared."""
     peft = _peft()
-    state = load_weight_file(Path(directory) / ADAPTER_WEIGHTS_NAME)
-    result = peft.set_peft_model_state_dict(model, {k.removeprefix(_PREFIX): v for k, v in state.items()})
+    state = read_adapter_weights(directory)
+    try:
+        result = peft.set_peft_model_state_dict(model, {k.removeprefix(_PREFIX): v for k, v in state.items()})
+    except RuntimeError as err:  # shapes that differ: another rank, or another base model's width
+        mismatch = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise ValueError(f"{directory}: adapter weights do not fit the model ({mismatch}); was it trained with "
+                         f"another lora.rank or base model?") from None
     missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
     if result.unexpected_keys or missing:
         raise ValueError(f"{directory}: adapter weights do not fit the model: missing {missing[:4]}, "
@@ -124,9 +143,15 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     if str(config.task_type).endswith("SEQ_CLS"):
         from .trainer import load_classifier  # a fresh head; the adapter directory holds the trained one
 
-        trained = GPT2Config.from_json_file(Path(adapter_dir) / MODEL_CONFIG_NAME)
-        model = load_classifier(base, num_labels=trained.num_labels, id2label=trained.id2label,
-                                pad_token_id=trained.pad_token_id)  # the row's last token is found by it
+        if (Path(adapter_dir) / MODEL_CONFIG_NAME).exists():
+            trained = GPT2Config.from_json_file(Path(adapter_dir) / MODEL_CONFIG_NAME)
+            model = load_classifier(base, num_labels=trained.num_labels, id2label=trained.id2label,
+                                    pad_token_id=trained.pad_token_id)  # the row's last token is found by it
+        else:  # an adapter peft made on transformers' model: the saved head's rows are the classes
+            head = next((t for k, t in read_adapter_weights(adapter_dir).items() if k.endswith("score.weight")), None)
+            if head is None:
+                raise ValueError(f"{adapter_dir}: a sequence-classification adapter without its score head")
+            model = load_classifier(base, num_labels=head.shape[0])
     else:
         model = GPT2LMHeadModel.from_pretrained(base)
     wrapper = LoraModel(model, config, "default")

@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..allocator import allocator_in_use
-from ..checkpoint import CheckpointError, hf_to_gpt2kit, load_config, load_state_dict, save_pretrained
+from ..checkpoint import (CheckpointError, hf_to_gpt2kit, load_config, load_state_dict, resolve_model_dir,
+                          save_pretrained)
 from ..config import PRESETS, GPT2Config
 from ..files import atomic_write_text, replace_directory
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
@@ -396,7 +397,9 @@ class Trainer:
                 raise ValueError(f"sample.prompt: {prompt} tokens leave no room in the model's context of {context}")
         self.model = self._build_model(weights)
         if c.pet_method == "lora":
-            base = weights or (c.model.name if Path(c.model.name).is_dir() else None)
+            # The adapters' base is the weights they were trained on: none for a random start (merging then
+            # needs an explicit base), an absolute path so the adapter merges from any directory.
+            base = str(resolve_model_dir(weights).resolve()) if weights and self._model_arg is None else None
             self._lora_config = lora_lib.lora_config(c.lora, task=c.task, base_model=base)
             lora_lib.apply_lora(self.model, self._lora_config)
         enable_tf32(self.device)
@@ -845,13 +848,15 @@ class Trainer:
     def finetune(self, finetune_checkpoint: str | os.PathLike | None = None,
                  resume: str | None = None) -> dict[str, Any]:
         """Train starting from pretrained weights: `finetune_checkpoint`, else model.checkpoint, else model.name
-        when it is a directory. With pet_method "lora" only the adapters train."""
+        when it is a directory or a name in the local HF cache. With pet_method "lora" only the adapters train."""
         weights = finetune_checkpoint or self.config.model.checkpoint
         if weights is None and self._model_arg is None:
-            if not Path(self.config.model.name).is_dir():
-                raise ValueError(f"finetune needs pretrained weights: model.name {self.config.model.name!r} is a "
-                                 "preset; pass finetune_checkpoint or set model.checkpoint to a model directory")
-            weights = self.config.model.name
+            try:  # a model directory or a name in the local HF cache
+                weights = resolve_model_dir(self.config.model.name)
+            except CheckpointError:
+                raise ValueError(f"finetune needs pretrained weights: model.name {self.config.model.name!r} is "
+                                 "neither a model directory nor in the local HF cache; pass finetune_checkpoint or "
+                                 "set model.checkpoint to a model directory") from None
         self._setup(weights=str(weights) if weights is not None else None)
         return self._run(resume or self.config.checkpoint.resume)
 
