@@ -59,6 +59,36 @@ def test_pipeline_sampling_options_and_return_sequences(pipe):
     assert len(second) == 2 and all(r["generated_text"].startswith("b") for r in second)
 
 
+def test_a_seed_gives_one_random_stream_per_call_whatever_the_batch_size(pipe):
+    """Seeding each batch gave prompts batch_size apart the same samples."""
+    options = dict(max_new_tokens=8, do_sample=True, seed=0, return_full_text=False)
+    texts = {size: [r[0]["generated_text"] for r in pipe(["Jack"] * 6, batch_size=size, **options)]
+             for size in (2, 6)}
+    assert texts[2][:2] != texts[2][2:4]
+    assert len(set(texts[6])) > 1
+    assert texts[2] == [r[0]["generated_text"] for r in pipe(["Jack"] * 6, batch_size=2, **options)]
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            pipe(["Jack"], batch_size=bad)
+
+
+def test_a_conversation_ending_with_the_assistant_continues_its_message(pipe):
+    """As transformers' pipeline (continue_final_message defaults to whether the last message is the assistant's):
+    the text ends where the message ends and the reply is appended to it."""
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I"}]
+    continued = pipe("User: Hi\nAssistant: Hello, I", max_new_tokens=6, stop=["\nUser:"],
+                     return_full_text=False)[0]["generated_text"]
+    assert pipe(conversation, max_new_tokens=6) == [
+        {"generated_text": [conversation[0], {"role": "assistant", "content": "Hello, I" + continued}]}]
+    assert pipe(conversation, max_new_tokens=6, return_full_text=False) == [{"generated_text": continued}]
+    fresh = pipe(conversation, max_new_tokens=6, continue_final_message=False)[0]["generated_text"]
+    assert fresh[:2] == conversation and fresh[2]["role"] == "assistant"
+    with pytest.raises(ValueError, match="continue_final_message needs it to end with an assistant message"):
+        pipe(conversation[:1], continue_final_message=True)
+    with pytest.raises(ValueError, match="continue_final_message is for chat input"):
+        pipe("Jack", continue_final_message=True)
+
+
 def test_pipeline_stop_string_cuts_the_text(pipe):
     full = pipe(PROMPTS[2], max_new_tokens=30, return_full_text=False)[0]["generated_text"]
     stop = full[8:11]
@@ -171,6 +201,23 @@ def test_generate_command_reads_the_prompt_from_stdin(pipe, model_dir, capsys, m
     expected = pipe(PROMPTS[0], max_new_tokens=9, do_sample=True, top_p=0.9, temperature=0.8, min_p=0.1, seed=4,
                     return_full_text=False)
     assert capsys.readouterr().out == expected[0]["generated_text"] + "\n"
+
+
+def test_closed_standard_input_is_one_line_error(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)
+    assert main(["generate", "--model", str(model_dir)]) == 2
+    assert "give --prompt TEXT or pipe the prompt on standard input" in capsys.readouterr().err
+    assert main(["chat", "--model", str(model_dir)]) == 2
+    assert "no standard input to read messages from" in capsys.readouterr().err
+
+
+def test_chat_replaces_bad_bytes_and_goes_on(model_dir):
+    script = b"Hello\n\xff\xfe bad\nSecond\n/quit\n"
+    result = subprocess.run([sys.executable, "-m", "gpt2kit", "chat", "--model", str(model_dir), "--max-new-tokens",
+                             "3", "--seed", "0"], input=script, capture_output=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8:strict"})
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.decode().strip().splitlines()) == 3  # one reply per message
 
 
 def test_generate_command_prints_several_sequences(model_dir, capsys):

@@ -113,6 +113,10 @@ def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.Path
     """Read messages (one per line) until /quit or end of input; stream each reply. `options` are
     GenerationConfig fields over the chat defaults (sampling, temperature 0.7, top-k 50, top-p 0.95)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if stdin is None:  # started with standard input closed
+        raise ValueError("no standard input to read messages from")
+    if stdin is sys.stdin and hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="replace")  # a line of bad bytes becomes U+FFFD instead of ending the session
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
                                        random_init=random_init, quantize=quantize,
                                        pack_weights=pack_weights)

@@ -184,7 +184,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from .pipeline import generate_text
 
-    if args.prompt is None and sys.stdin.isatty():
+    if args.prompt is None and (sys.stdin is None or sys.stdin.isatty()):
         raise ValueError("give --prompt TEXT or pipe the prompt on standard input")
     # Under torchrun only rank 0 reads standard input (the ranks share it); it sends the prompt to the others.
     reads_stdin = args.tensor_parallel == 1 or os.environ.get("RANK", "0") == "0"

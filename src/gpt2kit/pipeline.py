@@ -21,6 +21,7 @@ from .generation import (
     eos_token_ids,
     generate,
     left_pad,
+    model_placement,
     stream_generate,
 )
 from .model import GPT2LMHeadModel
@@ -146,11 +147,21 @@ class TextGenerationPipeline:
 
     def __call__(self, text_inputs: str | Sequence[str] | Conversation | Sequence[Conversation], *,
                  return_full_text: bool = True, batch_size: int = 8, generator: torch.Generator | None = None,
+                 continue_final_message: bool | None = None,
                  **options) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        if not (type(batch_size) is int and batch_size >= 1):
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if _is_chat(text_inputs):
             return self._chat(text_inputs, return_full_text=return_full_text, batch_size=batch_size,
-                              generator=generator, **options)
+                              generator=generator, continue_final_message=continue_final_message, **options)
+        if continue_final_message is not None:
+            raise ValueError("continue_final_message is for chat input (a list of messages)")
         config = self._config(options)
+        if config.seed is not None and generator is None:
+            # One random stream for the whole call: seeding each batch would give prompts batch_size apart the
+            # same draws, and make the samples depend on batch_size.
+            generator = torch.Generator(model_placement(self.model)[0]).manual_seed(config.seed)
+            config = config.replace(seed=None)
         prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
         n = config.num_return_sequences
         results = []
@@ -167,21 +178,30 @@ class TextGenerationPipeline:
         return results[0] if isinstance(text_inputs, str) else results
 
     def _chat(self, conversations: Conversation | Sequence[Conversation], *, return_full_text: bool,
-              batch_size: int, generator: torch.Generator | None,
+              batch_size: int, generator: torch.Generator | None, continue_final_message: bool | None,
               **options) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """Chat input, as transformers' pipeline takes it: the reply continues the conversation's transcript
         (gpt2kit.conversation). With return_full_text, generated_text is the conversation plus the assistant's
-        message; without, the reply's text."""
+        message; without, the reply's text. A conversation ending with an assistant message has that message
+        continued (continue_final_message, by default whether the last message is the assistant's)."""
         single = isinstance(conversations[0], dict)
         batch = [conversations] if single else list(conversations)
-        prompts = []
+        prompts, continued = [], []
         for c, conversation in enumerate(batch):
             if not (isinstance(conversation, list) and conversation):
                 raise ValueError(f"conversation {c}: expected a non-empty list of messages, got {conversation!r}")
             try:
-                prompts.append(transcript(turns_of(conversation)))
+                turns = turns_of(conversation)
             except ValueError as err:
                 raise ValueError(f"conversation {c}, {err}") from None
+            last_is_reply = turns[-1][0] == "assistant"
+            if continue_final_message and not last_is_reply:
+                raise ValueError(f"conversation {c}: continue_final_message needs it to end with an assistant "
+                                 "message")
+            continued.append(last_is_reply if continue_final_message is None else continue_final_message)
+            # A continued message ends the text where it ends: no newline, no new "Assistant:".
+            prompts.append(transcript(turns, add_generation_prompt=False).removesuffix("\n")
+                           if continued[-1] else transcript(turns))
         config = self._config(options)
         if config.num_beams > 1:
             raise ValueError("chat input ends each reply at a stop string (the next 'User:' line), which beam search "
@@ -189,10 +209,13 @@ class TextGenerationPipeline:
         stop = reply_stops(config.stop)
         outputs = self(prompts, return_full_text=False, batch_size=batch_size, generator=generator,
                        **{**options, "stop": stop})
-        results = [[{"generated_text": [*conversation, {"role": "assistant", "content": reply}]
-                     if return_full_text else reply}
-                    for reply in (out["generated_text"].lstrip() for out in outs)]
-                   for conversation, outs in zip(batch, outputs, strict=True)]
+        results = []
+        for conversation, outs, extends in zip(batch, outputs, continued, strict=True):
+            # A new reply drops the space after "Assistant:"; a continued message keeps what it generated.
+            replies = [out["generated_text"] if extends else out["generated_text"].lstrip() for out in outs]
+            head, last = (conversation[:-1], conversation[-1]["content"]) if extends else (conversation, "")
+            results.append([{"generated_text": [*head, {"role": "assistant", "content": last + reply}]
+                             if return_full_text else reply} for reply in replies])
         return results[0] if single else results
 
     def stream(self, prompt: str, *, generator: torch.Generator | None = None, **options) -> Iterator[str]:
