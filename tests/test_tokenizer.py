@@ -171,3 +171,133 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerError, match="no tokenizer files"):
         GPT2Tokenizer.from_pretrained(tmp_path / "empty")
+
+
+# ---- save_pretrained: what it writes reloads, in gpt2kit and in transformers, to the same ids -------------------
+SAVE_TEXTS = ["hello world", "| and ([docs/performance.md](docs/performance.md#x)). 133.5 \n",
+              "\u4e2d\u6587\u7684\u4f8b\u5b50\uff0c\u6d4b\u8bd5\u3002\r\n\n  x  ", "I'LL   don't 12345 \U0001F469\u200d\U0001F467"]
+
+
+def assert_reloads_to_the_same_ids(tok, directory):
+    import transformers
+
+    auto = transformers.AutoTokenizer.from_pretrained(directory)
+    back = GPT2Tokenizer.from_file(directory)
+    for text in SAVE_TEXTS:
+        assert auto(text)["input_ids"] == back.encode(text) == tok.encode(text), text
+    assert back.eos_token == auto.eos_token == tok.eos_token
+
+
+def test_a_rank_file_saves_as_a_tokenizer_json_transformers_loads(tmp_path):
+    cl100k = GPT2Tokenizer.from_file(DATA / "cl100k" / "cl100k_base.tiktoken")
+    cl100k.save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert_reloads_to_the_same_ids(cl100k, tmp_path / "saved")
+    # The split pattern is cl100k's, not GPT-2's: transformers must not rebuild a ByteLevel pre-tokenizer.
+    # Saved under another name, it is saved back as tokenizer.json; saving into its own directory is a no-op.
+    (tmp_path / "saved" / "tokenizer.json").rename(tmp_path / "my_tok.json")
+    renamed = GPT2Tokenizer.from_file(tmp_path / "my_tok.json")
+    renamed.save_pretrained(tmp_path / "again")
+    assert_reloads_to_the_same_ids(cl100k, tmp_path / "again")
+    GPT2Tokenizer.from_file(tmp_path / "again").save_pretrained(tmp_path / "again")
+    assert_reloads_to_the_same_ids(cl100k, tmp_path / "again")
+
+
+def test_a_save_replaces_the_vocabulary_an_earlier_save_left(tmp_path):
+    texts = ["some text to train on, over and over"] * 50
+    trained = train_bpe([], 300, tmp_path / "trained", texts=texts, progress=False)
+    GPT2Tokenizer.gpt2().save_pretrained(tmp_path / "model")
+    trained.save_pretrained(tmp_path / "model")
+    assert GPT2Tokenizer.from_file(tmp_path / "model").vocab_size == trained.vocab_size < 50257
+    assert not (tmp_path / "model" / "vocab.json").exists()
+    GPT2Tokenizer.gpt2().save_pretrained(tmp_path / "model")
+    assert GPT2Tokenizer.from_file(tmp_path / "model").vocab_size == 50257
+    GPT2Tokenizer.from_file(tmp_path / "model").save_pretrained(tmp_path / "model")  # into its own files
+
+
+def test_a_directory_with_tokenizer_json_and_vocab_files_reads_tokenizer_json(tmp_path):
+    """HF model repositories ship both; tokenizer.json holds the split pattern and the added tokens."""
+    cl100k = GPT2Tokenizer.from_file(DATA / "cl100k" / "cl100k_base.tiktoken")
+    cl100k.save_pretrained(tmp_path)
+    GPT2Tokenizer.gpt2().save_pretrained(tmp_path / "gpt2")
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "gpt2" / name).rename(tmp_path / name)
+    assert GPT2Tokenizer.from_file(tmp_path).split_pattern == cl100k.split_pattern
+
+
+def test_the_end_of_text_token_of_other_vocabularies(tmp_path):
+    trained = train_bpe([], 300, tmp_path, texts=["abc abd"] * 20, special_tokens=["<|eos|>", "<pad>"],
+                        progress=False)
+    assert trained.eos_token == "<|eos|>"
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["added_tokens"] = [{**spec["added_tokens"][0], "content": "<|begin_of_text|>", "id": 0},
+                            {**spec["added_tokens"][1], "content": "<|end_of_text|>", "id": 1}]
+    for token in ("<|eos|>", "<pad>"):
+        spec["model"]["vocab"][{"<|eos|>": "<|begin_of_text|>", "<pad>": "<|end_of_text|>"}[token]] = \
+            spec["model"]["vocab"].pop(token)
+    (tmp_path / "llama.json").write_text(json.dumps(spec))
+    assert GPT2Tokenizer.from_file(tmp_path / "llama.json").eos_token == "<|end_of_text|>"
+
+
+def _spec(tmp_path, **changes):
+    spec = json.loads((tmp_path / "base" / "tokenizer.json").read_text())
+    for path, value in changes.items():
+        target = spec
+        *parents, last = path.split("__")
+        for key in parents:
+            target = target[key]
+        target[last] = value
+    return spec
+
+
+@pytest.mark.parametrize("change, message", [
+    ("top_list", r"bad.json: model type None"),
+    ("no_vocab", r"bad.json: model.vocab must be an object"),
+    ("added_without_content", r"bad.json: added_tokens\[0\] must be an object with a string content"),
+    ("three_part_merge", r"bad.json: merge 1 is 'a b c'; expected two tokens"),
+    ("metaspace_token", r"bad.json: token '\u2581a' is not in GPT-2's byte-level alphabet"),
+    ("normalizer", r"bad.json: normalizer 'NFKC': gpt2kit runs tokenizers without a normalizer"),
+    ("prefix_space", r"bad.json: pre_tokenizer: add_prefix_space is true"),
+    ("plain_added_token", r"bad.json: added_tokens \['<\|user\|>'\] are not special"),
+    ("missing_bytes", r"bad.json: model.vocab lacks 1 of the 256 single-byte tokens"),
+    ("unmerged_token", r"bad.json: 1 multi-byte tokens are made by no merge while ignore_merges is false"),
+])
+def test_tokenizer_json_settings_gpt2kit_cannot_run_are_refused(tmp_path, change, message):
+    train_bpe([], 300, tmp_path / "base", texts=["abc abd xyz"] * 20, progress=False)
+    spec = _spec(tmp_path)
+    vocab = spec["model"]["vocab"]
+    if change == "top_list":
+        spec = [spec]
+    elif change == "no_vocab":
+        del spec["model"]["vocab"]
+    elif change == "added_without_content":
+        del spec["added_tokens"][0]["content"]
+    elif change == "three_part_merge":
+        spec["model"]["merges"] = ["a b c"]
+    elif change == "metaspace_token":
+        vocab["\u2581a"] = len(vocab)
+    elif change == "normalizer":
+        spec["normalizer"] = {"type": "NFKC"}
+    elif change == "prefix_space":
+        spec["pre_tokenizer"]["add_prefix_space"] = True
+    elif change == "plain_added_token":
+        spec["added_tokens"].append({**spec["added_tokens"][0], "content": "<|user|>", "id": len(vocab),
+                                     "special": False})
+    elif change == "missing_bytes":
+        del vocab["x"]
+    else:
+        vocab["zzz"] = len(vocab)
+    (tmp_path / "bad.json").write_text(json.dumps(spec))
+    with pytest.raises(TokenizerError, match=message):
+        GPT2Tokenizer.from_file(tmp_path / "bad.json")
+
+
+def test_training_input_mistakes_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="nothing to train on"):
+        train_bpe([], 300, tmp_path)
+    with pytest.raises(ValueError, match="special_tokens: give at least one"):
+        train_bpe([], 300, tmp_path / "none", texts=["abc"], special_tokens=())
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 ok\n".encode("latin-1"))
+    with pytest.raises(TokenizerError, match=r"latin1.txt:1: invalid UTF-8 at byte offset 3"):
+        train_bpe([tmp_path / "latin1.txt"], 300, tmp_path / "out", progress=False)

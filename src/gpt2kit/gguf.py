@@ -51,21 +51,6 @@ def gguf_tensor_name(name: str) -> str:
     raise ValueError(f"{name}: no GGUF GPT-2 tensor for this parameter")
 
 
-def _split_in_two(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
-    """The merge that made `token`: its bytes merged, lowest rank first, with the merges ranked below it."""
-    limit = ranks[token]
-    parts = [bytes([b]) for b in token]
-    while len(parts) > 2:
-        rank, at = min((ranks.get(parts[i] + parts[i + 1], limit), i) for i in range(len(parts) - 1))
-        if rank >= limit:
-            break
-        parts[at:at + 2] = [parts[at] + parts[at + 1]]
-    if len(parts) != 2:
-        raise ValueError(f"token {token!r} (id {limit}) is not the merge of two lower-ranked tokens; GGUF needs a "
-                         "byte-level BPE whose ids follow merge order")
-    return parts[0], parts[1]
-
-
 def gguf_pre_tokenizer(tokenizer: GPT2Tokenizer) -> str:
     """llama.cpp's name for the tokenizer's split pattern: "gpt-2", or "llama-bpe" for cl100k's (Llama 3 splits
     text with the same expression)."""
@@ -86,7 +71,7 @@ def gguf_vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str
     to_text = byte_to_unicode()
     encoding = tokenizer.encoding
     specials = {encoding.encode_single_token(text): text for text in encoding.special_tokens_set}
-    tokens, types, ranks = [], [], {}
+    tokens, types = [], []
     for token_id in range(tokenizer.vocab_size):
         if token_id in specials:
             tokens.append(specials[token_id])
@@ -100,13 +85,10 @@ def gguf_vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str
             continue
         tokens.append("".join(to_text[b] for b in data))
         types.append(_NORMAL)
-        ranks[data] = token_id
     tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
     types += [_UNUSED] * (vocab_size - len(types))
-    merges = []
-    for token in sorted((t for t in ranks if len(t) > 1), key=ranks.__getitem__):
-        left, right = _split_in_two(ranks, token)
-        merges.append("".join(to_text[b] for b in left) + " " + "".join(to_text[b] for b in right))
+    merges = ["".join(to_text[b] for b in left) + " " + "".join(to_text[b] for b in right)
+              for left, right in tokenizer.bpe_merges()]
     return tokens, types, merges
 
 

@@ -23,10 +23,12 @@ from typing import Any
 import tiktoken
 
 from .conversation import transcript, turns_of
-from .files import read_json, sha256_file
+from .files import atomic_write_text, read_json, read_utf8, sha256_file
 
 ASSETS = Path(__file__).parent / "assets" / "gpt2"
 ENDOFTEXT = "<|endoftext|>"
+# End-of-text tokens of other vocabularies, in the order they are looked for when <|endoftext|> is absent.
+EOS_NAMES = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<|eot_id|>", "<|im_end|>", "<eos>", "<|eos|>")
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
                   r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
@@ -72,12 +74,28 @@ def _unicode_to_byte() -> dict[str, int]:
     return {c: b for b, c in byte_to_unicode().items()}
 
 
-def _token_bytes(token: str) -> bytes:
+def _token_bytes(token: str, source: Path) -> bytes:
     to_byte = _unicode_to_byte()  # built once: this runs for every vocabulary entry
     try:
         return bytes(to_byte[c] for c in token)
-    except KeyError as err:
-        raise TokenizerError(f"token {token!r} is not in GPT-2's byte-level alphabet (char {err})") from None
+    except (KeyError, TypeError):
+        raise TokenizerError(f"{source}: token {token!r} is not in GPT-2's byte-level alphabet; expected a "
+                             "byte-level BPE vocabulary") from None
+
+
+def _split_in_two(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
+    """The merge that made `token`: its bytes merged, lowest rank first, with the merges ranked below it."""
+    limit = ranks[token]
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        rank, at = min((ranks.get(parts[i] + parts[i + 1], limit), i) for i in range(len(parts) - 1))
+        if rank >= limit:
+            break
+        parts[at:at + 2] = [parts[at] + parts[at + 1]]
+    if len(parts) != 2:
+        raise TokenizerError(f"token {token!r} (id {limit}) is not the merge of two lower-ranked tokens; a "
+                             "byte-level BPE whose ids follow merge order is needed")
+    return parts[0], parts[1]
 
 
 def _read_json(path: Path) -> Any:
@@ -91,11 +109,14 @@ def _ranks_from_vocab(vocab: dict[str, int], merges: Iterable[str | Sequence[str
                       source: Path) -> dict[bytes, int]:
     """tiktoken ranks from a byte-level BPE vocab + merge list. tiktoken merges the pair whose result has the
     lowest rank, so ranks (= ids) must grow in merge order; that holds for GPT-2 and for BPE-trained vocabs."""
-    ranks = {_token_bytes(tok): i for tok, i in vocab.items() if tok not in specials}
+    ranks = {_token_bytes(tok, source): i for tok, i in vocab.items() if tok not in specials}
     last = -1
     for n, merge in enumerate(merges, 1):
-        left, right = merge.split(" ") if isinstance(merge, str) else merge
-        rank = ranks.get(_token_bytes(left) + _token_bytes(right))
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise TokenizerError(f"{source}: merge {n} is {merge!r}; expected two tokens (\"a b\" or [\"a\", \"b\"])")
+        left, right = pair
+        rank = ranks.get(_token_bytes(left, source) + _token_bytes(right, source))
         if rank is None or rank <= last:
             raise TokenizerError(f"{source}: merge {n} ({left!r} {right!r}) does not follow the vocabulary's id order;"
                                  " only byte-level BPE vocabularies whose ids follow merge order are supported")
@@ -140,29 +161,60 @@ def _pattern_of(pre_tokenizer: dict[str, Any] | None, source: Path) -> str:
     """The split regex of a byte-level pre-tokenizer in tokenizer.json."""
     if pre_tokenizer is None:
         raise TokenizerError(f"{source}: no pre_tokenizer; expected a byte-level BPE tokenizer")
-    kind = pre_tokenizer.get("type")
-    if kind == "ByteLevel" and pre_tokenizer.get("use_regex", True):
-        return GPT2_PATTERN
-    if kind == "Sequence":
-        for part in pre_tokenizer["pretokenizers"]:
-            if part.get("type") == "Split" and "Regex" in part.get("pattern", {}):
-                return part["pattern"]["Regex"]
-            if part.get("type") == "ByteLevel" and part.get("use_regex", True):
-                return GPT2_PATTERN
-    raise TokenizerError(f"{source}: pre_tokenizer {kind!r} is not a byte-level split gpt2kit can run")
+    parts = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    if any(isinstance(part, dict) and part.get("add_prefix_space") for part in parts):
+        raise TokenizerError(f"{source}: pre_tokenizer: add_prefix_space is true (a space before the text); "
+                             "gpt2kit runs tokenizers without it")
+    for part in parts:
+        if not isinstance(part, dict):
+            break
+        if part.get("type") == "Split" and "Regex" in part.get("pattern", {}):
+            return part["pattern"]["Regex"]
+        if part.get("type") == "ByteLevel" and part.get("use_regex", True):
+            return GPT2_PATTERN
+    raise TokenizerError(f"{source}: pre_tokenizer {pre_tokenizer.get('type')!r} is not a byte-level split gpt2kit "
+                         "can run")
 
 
 @functools.lru_cache(maxsize=32)
 def _tokenizer_json_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
     source = Path(path)
     spec = _read_json(source)
-    model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise TokenizerError(f"{source}: model type {model.get('type')!r}; gpt2kit runs byte-level BPE only")
-    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special", True)}
-    if ENDOFTEXT in model["vocab"]:
-        specials.setdefault(ENDOFTEXT, model["vocab"][ENDOFTEXT])  # GPT-2's vocab lists it as a plain entry
-    ranks = _ranks_from_vocab(model["vocab"], model.get("merges", []), set(specials), source)
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise TokenizerError(f"{source}: model type {kind!r}; gpt2kit runs byte-level BPE only")
+    vocab, merges, added = model.get("vocab"), model.get("merges", []), spec.get("added_tokens") or []
+    if not (isinstance(vocab, dict) and all(type(i) is int for i in vocab.values())):
+        raise TokenizerError(f"{source}: model.vocab must be an object of token -> id")
+    if not isinstance(merges, list):
+        raise TokenizerError(f"{source}: model.merges must be a list")
+    for n, token in enumerate(added if isinstance(added, list) else [None]):
+        if not (isinstance(token, dict) and isinstance(token.get("content"), str) and type(token.get("id")) is int):
+            raise TokenizerError(f"{source}: added_tokens[{n}] must be an object with a string content and an id")
+    # Settings tiktoken cannot reproduce are refused, not ignored: the ids would differ from transformers'.
+    if spec.get("normalizer") is not None:
+        raise TokenizerError(f"{source}: normalizer {spec['normalizer'].get('type')!r}: gpt2kit runs tokenizers "
+                             "without a normalizer")
+    plain = [t["content"] for t in added if not t.get("special", True)]
+    if plain:
+        raise TokenizerError(f"{source}: added_tokens {plain[:3]} are not special; gpt2kit runs added tokens only "
+                             "as special tokens")
+    specials = {t["content"]: t["id"] for t in added}
+    if ENDOFTEXT in vocab:
+        specials.setdefault(ENDOFTEXT, vocab[ENDOFTEXT])  # GPT-2's vocab lists it as a plain entry
+    ranks = _ranks_from_vocab(vocab, merges, set(specials), source)
+    missing = 256 - sum(len(token) == 1 for token in ranks)
+    if missing:
+        raise TokenizerError(f"{source}: model.vocab lacks {missing} of the 256 single-byte tokens that byte-level "
+                             "BPE needs to encode any text")
+    if not model.get("ignore_merges", False):
+        # transformers then builds every token from the merges; tiktoken takes a piece that is in the vocabulary
+        # whole, so a token no merge makes would be emitted by gpt2kit only.
+        made = len(ranks) - 256 - len(merges)
+        if made > 0:
+            raise TokenizerError(f"{source}: {made} multi-byte tokens are made by no merge while ignore_merges is "
+                                 "false; gpt2kit needs every token to come from a merge (or ignore_merges: true)")
     return tiktoken.Encoding(source.stem, pat_str=_pattern_of(spec.get("pre_tokenizer"), source),
                              mergeable_ranks=ranks, special_tokens=specials)
 
@@ -240,11 +292,13 @@ class GPT2Tokenizer:
         or `vocab.json`+`merges.txt` / `encoder.json`+`vocab.bpe`."""
         path = Path(path)
         if path.is_dir():
+            # tokenizer.json first: beside vocab.json + merges.txt (as HF model repositories ship them) it also
+            # holds the split pattern and the added special tokens.
+            if (path / "tokenizer.json").exists():
+                return cls._from_source(("tokenizer.json", str(path / "tokenizer.json")))
             for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
                 if (path / vocab).exists() and (path / merges).exists():
                     return cls._from_source(("bpe", str(path / vocab), str(path / merges)))
-            if (path / "tokenizer.json").exists():
-                return cls._from_source(("tokenizer.json", str(path / "tokenizer.json")))
             found = sorted(path.glob("*.tiktoken"))
             if found:
                 return cls._from_source(("tiktoken", str(found[0])))
@@ -277,9 +331,12 @@ class GPT2Tokenizer:
             encoding = _tokenizer_json_encoding(source[1], _stamp(source[1]))
         else:
             encoding = _tiktoken_file_encoding(source[1], _stamp(source[1]))
-        eos = ENDOFTEXT if ENDOFTEXT in encoding.special_tokens_set else min(encoding.special_tokens_set, default="")
-        if not eos:
+        specials = encoding._special_tokens
+        known = [name for name in EOS_NAMES if name in specials]
+        if not specials:
             raise TokenizerError(f"{source[-1]}: the vocabulary has no special token to use as end of text")
+        # A known end-of-text name, else the first special token (a trained vocabulary lists it first).
+        eos = known[0] if known else min(specials, key=specials.__getitem__)
         return cls(encoding, source=source, eos_token=eos)
 
     def __reduce__(self):
@@ -293,20 +350,70 @@ class GPT2Tokenizer:
         return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Copy the vocabulary files next to a model (GPT-2 style as vocab.json + merges.txt, which HF loads)."""
+        """Write the vocabulary next to a model, in files `from_file(directory)` and transformers' AutoTokenizer
+        both load to the same ids: GPT-2 style vocab.json + merges.txt for GPT-2 vocabularies, else tokenizer.json
+        (a rank file is converted to one). Vocabulary files of another format left in the directory by an earlier
+        save are removed: a loader would read them instead."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         kind = self._source[0]
         if kind in ("gpt2", "bpe"):
             vocab, merges = ((ASSETS / "encoder.json", ASSETS / "vocab.bpe") if kind == "gpt2"
                              else map(Path, self._source[1:]))
-            shutil.copyfile(vocab, directory / "vocab.json")
-            shutil.copyfile(merges, directory / "merges.txt")
+            written = {"vocab.json": vocab, "merges.txt": merges}
         else:
-            shutil.copyfile(self._source[1], directory / Path(self._source[1]).name)
-        config = {"tokenizer_class": "GPT2Tokenizer", "eos_token": self.eos_token, "bos_token": self.eos_token,
-                  "unk_token": self.eos_token, "model_max_length": 1024, "add_prefix_space": False}
+            written = {"tokenizer.json": Path(self._source[1]) if kind == "tokenizer.json" else None}
+        for name in ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe"):
+            if name not in written:
+                (directory / name).unlink(missing_ok=True)
+        for stale in directory.glob("*.tiktoken"):
+            stale.unlink()
+        for name, source in written.items():
+            target = directory / name
+            if source is None:
+                atomic_write_text(target, json.dumps(self.to_tokenizer_json(), ensure_ascii=False) + "\n")
+            elif not (target.exists() and os.path.samefile(source, target)):
+                shutil.copyfile(source, target)
+        # GPT2Tokenizer rebuilds a ByteLevel pre-tokenizer in transformers; any other split needs the fast class,
+        # which reads tokenizer.json as it is.
+        config = {"tokenizer_class": "GPT2Tokenizer" if kind in ("gpt2", "bpe") else "PreTrainedTokenizerFast",
+                  "eos_token": self.eos_token, "bos_token": self.eos_token, "unk_token": self.eos_token,
+                  "model_max_length": 1024, "add_prefix_space": False}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def bpe_merges(self) -> list[tuple[bytes, bytes]]:
+        """The merges of this vocabulary in merge order, recovered from its ranks (tiktoken keeps no merge list):
+        each multi-byte token split into the two lower-ranked tokens that BPE joins to make it."""
+        ranks = self.encoding._mergeable_ranks
+        return [_split_in_two(ranks, token) for token in sorted((t for t in ranks if len(t) > 1), key=ranks.get)]
+
+    def to_tokenizer_json(self) -> dict[str, Any]:
+        """This vocabulary as a HuggingFace `tokenizers` file: byte-level BPE after this tokenizer's split pattern,
+        special tokens as added tokens, and ignore_merges (a piece found in the vocabulary is one token, as
+        tiktoken encodes)."""
+        to_text = byte_to_unicode()
+
+        def text(data: bytes) -> str:
+            return "".join(to_text[b] for b in data)
+
+        ranks = self.encoding._mergeable_ranks
+        specials = self.encoding._special_tokens
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for t, i in sorted(specials.items(),
+                                                                                       key=lambda x: x[1])],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": self.split_pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {text(t): i for t, i in sorted(ranks.items(), key=lambda x: x[1])},
+                      "merges": [[text(left), text(right)] for left, right in self.bpe_merges()]},
+        }
 
     # ---- encoding -----------------------------------------------------------------------------------------
     @property
@@ -422,12 +529,16 @@ def _rebuild(source: tuple[str, ...], pad_token_id: int, padding_side: str) -> G
 
 def train_bpe(files: Sequence[str | os.PathLike], vocab_size: int, output_dir: str | os.PathLike, *,
               min_frequency: int = 2, special_tokens: Sequence[str] = (ENDOFTEXT,),
-              texts: Iterable[str] | None = None) -> GPT2Tokenizer:
+              texts: Iterable[str] | None = None, progress: bool = True) -> GPT2Tokenizer:
     """Train a byte-level BPE vocabulary (GPT-2's pre-tokenizer and alphabet) on text files, or on `texts`
     (pass files=[]), with HF `tokenizers`; writes `tokenizer.json` to `output_dir` and returns it as a
-    GPT2Tokenizer."""
+    GPT2Tokenizer. The first special token is the end of text unless another is named <|endoftext|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    if texts is None and not files:
+        raise ValueError("nothing to train on: give training files or texts")
+    if not special_tokens:
+        raise ValueError("special_tokens: give at least one, the end-of-text token")
     for f in files:
         if not Path(f).is_file():
             raise TokenizerError(f"{f}: training file not found")
@@ -436,13 +547,20 @@ def train_bpe(files: Sequence[str | os.PathLike], vocab_size: int, output_dir: s
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=True,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=progress,
                                   special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     if texts is not None:
         tokenizer.train_from_iterator(texts, trainer)
     else:
-        tokenizer.train([str(f) for f in files], trainer)
+        try:
+            tokenizer.train([str(f) for f in files], trainer)
+        except Exception as err:  # the Rust side says only "stream did not contain valid UTF-8"
+            if "UTF-8" not in str(err):
+                raise
+            for f in files:
+                read_utf8(f, error=TokenizerError)  # names the file, line and byte
+            raise
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = output_dir / "tokenizer.json.tmp"

@@ -53,7 +53,7 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=output) as staging:
-        trained = train_bpe([], vocab_size, staging, min_frequency=min_frequency, texts=texts())
+        trained = train_bpe([], vocab_size, staging, min_frequency=min_frequency, texts=texts(), progress=progress)
         reference = Tokenizer.from_file(str(Path(staging) / "tokenizer.json"))
         reference.encode_special_tokens = True  # gpt2kit's encode treats "<|endoftext|>" in text as text too
         checked = 0
