@@ -396,3 +396,52 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, sig):
         assert list(tmp_path.glob(".out.tmp-*"))
         run(VERDICT, out)
         assert not list(tmp_path.glob(".out.tmp-*")) and len(documents(out)) == 1
+
+
+@pytest.mark.parametrize("text", ["\n\nHello there.\n\nSecond paragraph.\n", "\n\n\u00a0\n\nfoo bar\n",
+                                  "  \r\n\r\n  Title words\r\n\r\nNext one here.\r\n"])
+def test_leading_blank_lines_tokenize_alike_for_any_chunk_size(tmp_path, text):
+    path = tmp_path / "p.txt"
+    path.write_bytes(text.encode())
+    outputs = []
+    for chunk_bytes in (1, 2, 3, 5, 8, 1 << 20):
+        out = tmp_path / f"out-{chunk_bytes}"
+        run(path, out, format="paragraphs", chunk_bytes=chunk_bytes)
+        outputs.append((split_tokens(out).tolist(), read_meta(out)["documents"]))
+    assert all(o == outputs[-1] for o in outputs), outputs
+
+
+def test_inputs_are_files_once_and_never_the_output(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Some words to read.")
+    monkeypatch.chdir(tmp_path)
+    summary = run(["corpus/a.txt", corpus / "a.txt", "corpus/../corpus/a.txt"], tmp_path / "o1")
+    assert summary["files"] == 1 and summary["documents"] == 1
+    first = run(corpus, corpus / "out", format="text", errors="replace")
+    again = run(corpus, corpus / "out", format="text", errors="replace", overwrite=True)
+    assert first["files"] == again["files"] == 1 and first["tokens"] == again["tokens"]
+    assert output_is_current(corpus / "out", corpus, format="text", errors="replace")
+
+
+def test_a_symlinked_output_fills_the_directory_it_points_to(tmp_path):
+    (tmp_path / "big").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "big")
+    run(VERDICT, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "big" / "meta.json").is_file()
+
+
+def test_a_highly_compressed_zst_is_read_in_chunks(tmp_path):
+    from gpt2kit.data.readers import Source, iter_chunks
+
+    record = b'{"text": "the same words again and again"}\n'
+    path = tmp_path / "rep.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(record * 200_000))
+    chunks = list(iter_chunks(Source(path, "jsonl"), 1 << 16))
+    assert max(len(c.data) for c in chunks) <= 3 * (1 << 16)
+    assert b"".join(c.data for c in chunks) == record * 200_000
+
+
+def test_the_validation_share_is_exact_in_decimal():
+    assert is_validation(np.arange(100), 0.57).sum() == 57
+    assert is_validation(np.arange(1000), 0.1).sum() == 100

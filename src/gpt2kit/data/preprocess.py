@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,11 @@ def _close_durably(file) -> None:
 def is_validation(document_ids: np.ndarray, fraction: float) -> np.ndarray:
     """Document i goes to "val" when floor((i+1) f) > floor(i f): exactly floor(n f) of the first n documents,
     evenly spread, decided by position alone."""
-    return np.floor((document_ids + 1) * fraction) > np.floor(document_ids * fraction)
+    # In integers: 0.57 is 0.56999... as a float, and 100 x 0.57 would floor to 56.
+    exact = Fraction(fraction).limit_denominator(1_000_000)
+    p, q = exact.numerator, exact.denominator
+    ids = document_ids.astype(np.int64)
+    return (ids + 1) * p // q > ids * p // q
 
 
 class _Router:
@@ -262,10 +267,12 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
     for name, value in (("workers", workers), ("chunk_bytes", chunk_bytes), ("shard_tokens", shard_tokens)):
         if value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
-    sources = resolve_inputs(inputs, format)
+    output = Path(output_dir)
+    if output.is_symlink() and output.is_dir():
+        output = output.resolve()  # the directory it points to is replaced; the link stays
+    sources = resolve_inputs(inputs, format, exclude=output)
     tok = GPT2Tokenizer.from_pretrained(tokenizer)
     dtype = np.dtype("<u2" if tok.vocab_size <= 1 << 16 else "<u4")
-    output = Path(output_dir)
     staging = _prepare_output(output, overwrite)
     started = time.perf_counter()
     try:
@@ -277,9 +284,11 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
                    dynamic_ncols=True)
 
         def chunks() -> Iterator[tuple[tuple[Source, int], Chunk]]:
+            finished = 0  # bytes of the sources read to the end
             for source in sources:
                 for chunk in iter_chunks(source, chunk_bytes):
-                    yield (source, sum(s.bytes for s in sources)), chunk  # bytes read so far, for the bar
+                    yield (source, finished + source.bytes), chunk  # bytes read so far, for the bar
+                finished += source.bytes
 
         init_args = (tok, dtype.str, append_eos, text_key, errors)
         with bar:
@@ -336,7 +345,7 @@ def output_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLike |
     and sizes; their contents are not re-read), so a cached output may be reused."""
     try:
         meta = read_meta(output_dir)
-        sources = resolve_inputs(inputs, format)
+        sources = resolve_inputs(inputs, format, exclude=output_dir)
         fingerprint = GPT2Tokenizer.from_pretrained(tokenizer).fingerprint()
     except (OSError, ValueError):  # DataError and TokenizerError are ValueErrors
         return False

@@ -32,6 +32,7 @@ _SUFFIX_FORMATS = {".txt": "text", ".text": "text", ".tokens": "wikitext", ".raw
                    ".json": "jsonl"}
 # Document boundaries, as byte patterns so the main process (cutting) and workers (splitting) agree exactly.
 _WIKITEXT_TITLE = re.compile(rb"^(?= = [^=\n][^\n]* = *\r?\n)", re.MULTILINE)  # at the start of ` = Title = `
+_BLANK = b" \t\n\r\f\v"  # the whitespace of the paragraph rule (not str.strip's: a no-break space is text)
 _PARAGRAPH_END = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+(?=[ \t\r\f\v]*[^ \t\n\r\f\v])")  # boundary at the match end
 _SPACE_BETWEEN_LETTERS = re.compile(rb"(?<=[A-Za-z]) (?=[A-Za-z])")
 MAX_SEARCH_BYTES = 1 << 26  # a document with no safe cut in 64 MiB is cut anyway (tokens may differ there)
@@ -76,11 +77,14 @@ def _known_suffix(path: Path) -> bool:
     return Path(path.name.lower().removesuffix(".zst")).suffix in _SUFFIX_FORMATS
 
 
-def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], format: str = "auto") -> list[Source]:
-    """Files from paths, directories (recursively, sorted) and globs, in the order given, without repeats.
+def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], format: str = "auto", *,
+                   exclude: str | os.PathLike | None = None) -> list[Source]:
+    """Files from paths, directories (recursively, sorted) and globs, in the order given, without repeats (a
+    file named twice, by any path, is read once).
 
     In a directory, format "auto" takes only files with a known suffix (.txt .text .tokens .raw .jsonl .json,
-    optionally .zst); an explicit format takes every file. Hidden files and folders are skipped."""
+    optionally .zst); an explicit format takes every file. Hidden files and folders are skipped, and so is
+    everything under `exclude` (an output directory inside an input directory)."""
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"format must be auto or one of {', '.join(FORMATS)}, got {format!r}")
     if isinstance(inputs, (str, os.PathLike)):
@@ -108,8 +112,15 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], form
             files.extend(found)
         else:
             raise FileNotFoundError(f"{item}: no such file or directory")
-    unique = list(dict.fromkeys(files))
-    return [Source(p, detect_format(p) if format == "auto" else format) for p in unique]
+    unique: dict[Path, Path] = {}
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    for path in files:
+        real = path.resolve()
+        if excluded is None or (real != excluded and excluded not in real.parents):
+            unique.setdefault(real, path)
+    if files and not unique:
+        raise FileNotFoundError(f"{', '.join(map(str, inputs))}: no input files outside the output {exclude}")
+    return [Source(p, detect_format(p) if format == "auto" else format) for p in unique.values()]
 
 
 def file_sizes(sources: Sequence[Source]) -> list[list]:
@@ -244,9 +255,17 @@ class _ZstdFrames:
         self.raw, self.path = raw, path
         self.frame = zstandard.ZstdDecompressor().decompressobj()
         self.in_frame = False  # some of the current frame's bytes have been fed
+        self.pending, self.at = b"", 0  # decompressed bytes not yet returned: a block can expand a lot
 
     def read(self, n: int) -> bytes:
-        """Some decompressed bytes (about n, possibly more); b"" only at the end of the file."""
+        """Up to n decompressed bytes; b"" only at the end of the file."""
+        if self.at == len(self.pending):
+            self.pending, self.at = self._decompress_block(n), 0
+        data = self.pending[self.at:self.at + n]
+        self.at += len(data)
+        return data
+
+    def _decompress_block(self, n: int) -> bytes:
         while True:
             block = self.raw.read(max(n // 4, 1 << 16))  # text compresses about 4x
             if not block:
@@ -285,16 +304,25 @@ def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
                     eof = not block
                     buf += block
             except zstandard.ZstdError as err:
-                raise DataError(f"{path}: not a valid zstandard stream at or before decompressed byte "
+                raise DataError(f"{path}: not a valid zstandard stream at or after decompressed byte "
                                 f"{offset + len(buf)} ({err})") from None
             except OSError as err:
                 raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
             if not buf:
                 break
-            if eof and len(buf) <= chunk_bytes:
+            start = chunk_bytes
+            if offset == 0:
+                # The blank lines a file starts with belong to its first document: a cut among or right after
+                # them would tokenize them apart from it.
+                lead = len(buf) - len(buf.lstrip(_BLANK))
+                if lead == len(buf) and not eof:
+                    want = len(buf) + chunk_bytes
+                    continue
+                start = max(start, lead + 1)
+            if eof and len(buf) <= start:
                 cut, boundary = len(buf), True
             else:
-                cut, boundary = _find_cut(buf, fmt, chunk_bytes)
+                cut, boundary = _find_cut(buf, fmt, start)
                 if cut is None:
                     if eof:
                         cut, boundary = len(buf), True
@@ -304,8 +332,6 @@ def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
                     else:  # pathological: 64 MiB without a newline or a space between letters
                         cut, boundary = _char_boundary(buf, len(buf) - 1) or len(buf), False
             data, buf = buf[:cut], buf[cut:]
-            if offset == 0 and boundary and not data.decode("utf-8", "replace").strip():
-                boundary = False  # blank lines before a file's first document belong to it (as in chunk_pieces)
             ends_doc = boundary or (eof and not buf)
             yield Chunk(str(path), fmt, data, offset, line, starts_doc, ends_doc, compressed)
             offset, line, starts_doc, want = offset + cut, line + data.count(b"\n"), ends_doc, 2 * chunk_bytes
@@ -334,7 +360,7 @@ def chunk_pieces(chunk: Chunk, *, text_key: str = "text", errors: str = "strict"
         return _jsonl_pieces(chunk, text_key, errors)
     cuts = [0, *document_boundaries(chunk.data, chunk.format), len(chunk.data)]
     texts = [_decode(chunk, chunk.data[a:b], a, errors) for a, b in zip(cuts, cuts[1:]) if b > a]
-    if chunk.offset == 0 and len(texts) > 1 and not texts[0].strip():
+    if chunk.offset == 0 and len(texts) > 1 and not texts[0].strip(_BLANK.decode()):
         texts[:2] = [texts[0] + texts[1]]  # blank lines before a file's first title/paragraph join it
     ends = [True] * len(texts)
     if texts and not chunk.ends_doc:
