@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,13 @@ from torch.utils.data import Dataset
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.checkpoint import gpt2kit_to_hf
 from gpt2kit.data.tokenizer_training import train_tokenizer
+from gpt2kit.tokenizer import train_bpe
 from gpt2kit.training import Trainer, TrainingDiverged, load_config
 from gpt2kit.training.logging import flops_per_token, peak_flops, read_metrics
 from gpt2kit.training.optim import build_optimizer, lr_at, param_groups
 from gpt2kit.training.checkpoints import list_checkpoints, verify_checkpoint
+
+from .conftest import DATA
 
 TINY = {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32, "vocab_size": 64}
 QUIET = {"progress": False, "tensorboard": False, "plot": False}
@@ -407,3 +411,74 @@ def test_lengths_are_checked_before_any_work_and_the_sample_fits_the_context(tmp
 def test_a_device_this_machine_lacks_is_one_error_naming_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"train.device: device 'blah': not a device; expected cpu, cuda or cuda:N"):
         Trainer(args=run_config(tmp_path, train={"device": "blah"}), train_dataset=Sequences())
+
+
+def test_a_resumed_run_uses_its_configs_optimizer_settings(tmp_path):
+    """lr, weight_decay, betas and eps come from the resumed run's config, at its schedule's rate for the step."""
+    first = run_config(tmp_path, train={"max_steps": 4}, checkpoint={"save_interval": 2},
+                       optim={"lr": 1e-3, "decay": "linear", "min_lr": 0.0})
+    Trainer(args=first, train_dataset=Sequences()).train()
+    for checkpoint in list_checkpoints(tmp_path / "run")[1:]:
+        shutil.rmtree(checkpoint)  # resume from step 2
+    second = run_config(tmp_path, train={"max_steps": 8}, checkpoint={"save_interval": 2},
+                        optim={"lr": 2e-3, "decay": "linear", "min_lr": 0.0, "weight_decay": 0.05,
+                               "betas": [0.8, 0.9], "eps": 1e-6})
+    trainer = Trainer(args=second, train_dataset=Sequences())
+    trainer.train(resume="auto")
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r and r["step"] > 2]
+    assert lrs == pytest.approx([lr_at(s, lr=2e-3, min_lr=0.0, warmup_steps=0, decay_steps=8, decay="linear")
+                                 for s in range(2, 8)])
+    groups = trainer.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in groups)
+
+
+def test_a_finished_run_resumed_logs_its_final_evaluation_once(tmp_path):
+    config = run_config(tmp_path, train={"max_steps": 4, "eval_interval": 2}, checkpoint={"save_interval": 2})
+    summary = Trainer(args=config, train_dataset=Sequences(), eval_dataset=Sequences(16, seed=1)).train()
+    state = json.loads((list_checkpoints(tmp_path / "run")[-1] / "training_state" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["best_val_loss"] == pytest.approx(summary["best_val_loss"])
+    Trainer(args=config, train_dataset=Sequences(), eval_dataset=Sequences(16, seed=1)).train(resume="auto")
+    evaluated = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert evaluated == [0, 2, 4]
+
+
+class Ragged(Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        ids = torch.arange(4 + i % 3) % 64
+        return {"input_ids": ids, "targets": ids}
+
+
+def test_padding_of_a_small_vocabulary_stays_inside_it(tmp_path):
+    """The caller's data set with a 64-token model: GPT-2's pad id 50256 would fail in the embedding."""
+    Trainer(args=run_config(tmp_path, train={"max_steps": 2, "micro_batch_size": 4}), train_dataset=Ragged()).train()
+
+
+def test_mfu_counts_an_untied_head_once(tmp_path):
+    trainer = Trainer(args=run_config(tmp_path, model={"config": {**TINY, "tie_word_embeddings": False}}),
+                      train_dataset=Sequences())
+    trainer._setup(weights=None)
+    model = trainer.model
+    assert trainer._matmul_params() == (model.num_parameters() - model.transformer.wpe.weight.numel()
+                                        - model.transformer.wte.weight.numel())
+
+
+def test_data_mistakes_name_their_key_before_any_work(tmp_path):
+    from gpt2kit.data import preprocess
+
+    text = DATA / "the-verdict" / "the-verdict.txt"
+    with pytest.raises(ValueError, match=r"data.format: expected auto or one of .* for text_generation, got 'sst2'"):
+        run_config(tmp_path, data={"format": "sst2"})
+    with pytest.raises(FileNotFoundError, match="data.val: .*nope.txt not found"):
+        Trainer(args=run_config(tmp_path, data={"train": str(text), "val": str(tmp_path / "nope.txt")})).train()
+    assert not (tmp_path / "run" / "data").exists()
+    trained = train_bpe([text], 300, tmp_path / "tok", progress=False)
+    preprocess(text, tmp_path / "small", tokenizer=str(tmp_path / "tok" / "tokenizer.json"), progress=False)
+    preprocess(text, tmp_path / "gpt2", progress=False)
+    config = run_config(tmp_path, data={"train": str(tmp_path / "small"), "val": str(tmp_path / "gpt2")},
+                        model={"config": {**TINY, "vocab_size": trained.vocab_size}})
+    with pytest.raises(ValueError, match="data.val: .*gpt2 was tokenized with another tokenizer"):
+        Trainer(args=config).train()

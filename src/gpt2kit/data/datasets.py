@@ -184,6 +184,7 @@ class ResumableSampler(Sampler[int]):
 
 # ---- classification -----------------------------------------------------------------------------------------
 AG_NEWS_CLASSES = ("World", "Sports", "Business", "Sci/Tech")
+CLASSIFICATION_FORMATS = ("sst2", "cola", "agnews", "csv")
 _KNOWN_NAMES = {"sst2": ("negative", "positive"), "cola": ("unacceptable", "acceptable"), "agnews": AG_NEWS_CLASSES}
 _TEXT_COLUMNS = ("text", "sentence", "review", "content", "document")
 _LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category")
@@ -260,8 +261,8 @@ class ClassificationDataset(Dataset):
         path = require_file(path, "classification file")
         text = read_utf8(path, error=DataError, newlines=False)  # the csv module reads quoted newlines itself
         fmt = _sniff_format(path, text) if format == "auto" else format
-        if fmt not in ("sst2", "cola", "agnews", "csv"):
-            raise ValueError(f"format must be auto, sst2, cola, agnews or csv, got {format!r}")
+        if fmt not in CLASSIFICATION_FORMATS:
+            raise ValueError(f"format must be auto or one of {', '.join(CLASSIFICATION_FORMATS)}, got {format!r}")
         self.path, self.format = path, fmt
         examples = _read_examples(path, fmt, text)
         raw_labels = [label.strip() for _, _, label in examples]

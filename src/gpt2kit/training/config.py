@@ -174,6 +174,13 @@ class RunConfig:
         if o.warmup_rate and o.warmup_steps is not None:
             raise bad("optim.warmup_rate", "give only one of optim.warmup_steps and optim.warmup_rate")
         d, lora, sample = self.data, self.lora, self.sample
+        from ..data.datasets import CLASSIFICATION_FORMATS
+        from ..data.readers import FORMATS
+
+        formats = CLASSIFICATION_FORMATS if self.task == "text_classification" else (*FORMATS, "alpaca")
+        if d.format != "auto" and d.format not in formats:
+            raise bad("data.format", f"expected auto or one of {', '.join(formats)} for {self.task}, got "
+                                     f"{d.format!r}")
         for key, value, least in [
                 ("train.max_steps", t.max_steps, 1), ("train.micro_batch_size", t.micro_batch_size, 1),
                 ("train.global_batch_tokens", t.global_batch_tokens, 1),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -67,3 +69,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: OptimArgs, max_steps
     schedule = partial(_ratio, base_lr=args.lr, lr=args.lr, min_lr=args.min_lr, warmup_steps=warmup,
                        decay_steps=decay_steps, decay=args.decay)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+@contextmanager
+def configured_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
+                               ) -> Iterator[None]:
+    """Loading a checkpoint's optimizer and scheduler state inside this block restores their step counts and
+    moments but keeps the hyperparameters they were built with from the config: a run resumed with a new
+    optim.lr, weight_decay, betas or eps uses them, at its schedule's learning rate for the restored step."""
+    kept = [{k: g[k] for k in ("betas", "eps", "weight_decay", "initial_lr") if k in g}
+            for g in optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
+    yield
+    scheduler.base_lrs = base_lrs
+    for group, values, base, factor in zip(optimizer.param_groups, kept, base_lrs, scheduler.lr_lambdas):
+        group.update(values)
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

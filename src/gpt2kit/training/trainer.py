@@ -55,7 +55,7 @@ from .config import RunConfig, load_config as load_run_config, save_config
 from .distributed_checkpoint import (gather_full_state, load_distributed_checkpoint, load_full_state,
                                      save_distributed_checkpoint)
 from .logging import MetricsLogger, flops_per_token, peak_flops, plot_losses
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, configured_hyperparameters
 from .parallel import clip_grad_norm_, grad_sync, init_distributed, parallelize, raise_if_any_rank_failed
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
@@ -206,8 +206,6 @@ class Trainer:
         `tokenizer` into out_dir/<name> (reused on later runs and on resume)."""
         if (Path(path) / "meta.json").is_file():
             return Path(path)
-        if not Path(path).exists():
-            raise FileNotFoundError(f"data: {path} not found")
         from ..data.preprocess import output_is_current, preprocess  # imported here: only raw-text runs need it
 
         d, target = self.config.data, self.out_dir / name
@@ -240,6 +238,9 @@ class Trainer:
             raise ValueError("data.tokenizer: name the directory the trained tokenizer goes to")
         if d.train is None:
             raise ValueError("data.tokenizer_vocab_size: no data.train to train the tokenizer on")
+        if (Path(d.train) / "meta.json").is_file():
+            raise ValueError(f"data.tokenizer_vocab_size: data.train {d.train} is already tokenized; a tokenizer "
+                             "is trained on raw text")
         settings = dict(vocab_size=d.tokenizer_vocab_size, format=d.format, text_key=d.text_key)
         if tokenizer_is_current(d.tokenizer, [d.train], **settings):
             return
@@ -257,6 +258,10 @@ class Trainer:
         for key, length in (("data.seq_len", d.seq_len), ("data.max_length", d.max_length)):
             if length is not None and length > context:  # checked before any tokenizing or checkpoint cleanup
                 raise ValueError(f"{key}: {length} is longer than the model's context (n_positions={context})")
+        for key, path in (("data.train", d.train if train is None else None),
+                          ("data.val", d.val if val is None else None)):
+            if path is not None and not Path(path).exists():  # before any tokenizing
+                raise FileNotFoundError(f"{key}: {path} not found")
         if kind == "pretrain":
             from ..data import PretrainingDataset, load_tokenizer, read_meta
 
@@ -274,6 +279,12 @@ class Trainer:
                     val = PretrainingDataset(train_dir, seq_len, "val")
             if val is None and d.val is not None:
                 val_dir = self._corpus_dir(d.val, "data-val", 0.0, tokenizer or self._tokenizer_source())
+                expected = (read_meta(train_dir)["tokenizer"] if tokenizer else
+                            {"fingerprint": self._get_tokenizer().fingerprint()}).get("fingerprint")
+                found = read_meta(val_dir)["tokenizer"].get("fingerprint")
+                if expected and found and expected != found:  # its ids would index another vocabulary
+                    raise ValueError(f"data.val: {val_dir} was tokenized with another tokenizer than the training "
+                                     f"data (tokenizer fingerprints {found[:12]} and {expected[:12]})")
                 splits = read_meta(val_dir)["splits"]
                 val = PretrainingDataset(val_dir, seq_len, "val" if "val" in splits else "train")
         elif kind == "classification":
@@ -303,7 +314,11 @@ class Trainer:
     def _collate(self):
         from ..data import collate
 
-        return partial(collate, pad_token_id=self._get_tokenizer().pad_token_id)
+        # Padding is masked and never scored, but it is looked up: an id the model lacks (GPT-2's 50256 beside a
+        # small vocabulary of the caller's data set) would fail in the embedding.
+        pad = self._get_tokenizer().pad_token_id
+        vocab = (self.model.config if self.model is not None else self._model_config()).vocab_size
+        return partial(collate, pad_token_id=pad if pad < vocab else 0)
 
     def _loader(self, dataset: Dataset, sampler=None, *, batch_size: int) -> DataLoader:
         # A private generator: the DataLoader must not draw from the global RNG, whose state is part of
@@ -380,8 +395,8 @@ class Trainer:
         model = self.model
         n = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
         n -= model.transformer.wpe.weight.numel()
-        if not isinstance(model, GPT2LMHeadModel):
-            n -= model.transformer.wte.weight.numel()
+        if getattr(getattr(model, "lm_head", None), "weight", None) is not model.transformer.wte.weight:
+            n -= model.transformer.wte.weight.numel()  # an untied head is counted as its own weight
         return n
 
     # ---- setup --------------------------------------------------------------------------------------------
@@ -593,12 +608,16 @@ class Trainer:
                                     tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
                 if c.train.eval_interval and self.step % c.train.eval_interval == 0 and self.step < self.max_steps:
                     self._log_eval(logger, c.train.eval_batches)
-                if c.checkpoint.save_interval and self.step % c.checkpoint.save_interval == 0:
+                # The last step's checkpoint is written after the final evaluation, below, so that it holds it.
+                if c.checkpoint.save_interval and self.step % c.checkpoint.save_interval == 0 \
+                        and self.step < self.max_steps:
                     self._save_checkpoint()
         finally:
             if bar is not None:
                 bar.close()
-        final_eval = self._log_eval(logger, None) if self._datasets["val"] is not None else {}
+        # A finished run resumed trains nothing: its final evaluation is in the log already.
+        final_eval = (self._log_eval(logger, None, log=self.step > start_step)
+                      if self._datasets["val"] is not None else {})
         if not self.last_checkpoint or self.last_checkpoint.name != f"step-{self.step:08d}":
             self._save_checkpoint()
         final_dir = self._save_final()
@@ -660,9 +679,9 @@ class Trainer:
             result["val_ppl"] = math.exp(min(result["val_loss"], 700.0))
         return result
 
-    def _log_eval(self, logger: MetricsLogger, max_batches: int | None) -> dict[str, float]:
+    def _log_eval(self, logger: MetricsLogger, max_batches: int | None, log: bool = True) -> dict[str, float]:
         result = self._evaluate_dataset(self._datasets["val"], max_batches) if self._datasets["val"] else {}
-        if result:
+        if result and log:
             self.best_val_loss = min(self.best_val_loss, result["val_loss"])
             logger.log(self.step, result)
             if self.is_main:
@@ -792,21 +811,22 @@ class Trainer:
                                   f"{self.config.pet_method!r}")
         # weights_only: only tensors and plain containers, never code from the file.
         tensors = torch.load(path / STATE_DIR / "state.pt", map_location="cpu", weights_only=True)
-        if (path / STATE_DIR / DCP_DIR).is_dir():  # saved sharded: loads into any layout, this one included
-            load_distributed_checkpoint(path / STATE_DIR / DCP_DIR, self.model, self.optimizer)
-        elif self.config.pet_method == "lora":
-            lora_lib.load_adapter_weights(self.model, path)
-            self.optimizer.load_state_dict(tensors["optimizer"])
-        elif self._sharded:  # saved whole (one process or DDP), resumed sharded: each rank keeps its part
-            load_full_state(self.model, self.optimizer, hf_to_gpt2kit(load_state_dict(path), self.model),
-                            tensors["optimizer"])
-        else:
-            weights = hf_to_gpt2kit(load_state_dict(path), self.model)
-            self.model.load_state_dict(weights, strict=True)
-            if hasattr(self.model, "tie_weights"):
-                self.model.tie_weights()
-            self.optimizer.load_state_dict(tensors["optimizer"])
-        self.scheduler.load_state_dict(tensors["scheduler"])
+        with configured_hyperparameters(self.optimizer, self.scheduler):
+            if (path / STATE_DIR / DCP_DIR).is_dir():  # saved sharded: loads into any layout, this one included
+                load_distributed_checkpoint(path / STATE_DIR / DCP_DIR, self.model, self.optimizer)
+            elif self.config.pet_method == "lora":
+                lora_lib.load_adapter_weights(self.model, path)
+                self.optimizer.load_state_dict(tensors["optimizer"])
+            elif self._sharded:  # saved whole (one process or DDP), resumed sharded: each rank keeps its part
+                load_full_state(self.model, self.optimizer, hf_to_gpt2kit(load_state_dict(path), self.model),
+                                tensors["optimizer"])
+            else:
+                weights = hf_to_gpt2kit(load_state_dict(path), self.model)
+                self.model.load_state_dict(weights, strict=True)
+                if hasattr(self.model, "tie_weights"):
+                    self.model.tie_weights()
+                self.optimizer.load_state_dict(tensors["optimizer"])
+            self.scheduler.load_state_dict(tensors["scheduler"])
         self.scaler.load_state_dict(tensors["scaler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
