@@ -482,3 +482,17 @@ def test_data_mistakes_name_their_key_before_any_work(tmp_path):
                         model={"config": {**TINY, "vocab_size": trained.vocab_size}})
     with pytest.raises(ValueError, match="data.val: .*gpt2 was tokenized with another tokenizer"):
         Trainer(args=config).train()
+
+
+def test_finetune_checkpoint_brings_its_own_tokenizer_and_architecture(tmp_path):
+    """finetune(finetune_checkpoint=DIR) reads DIR's vocabulary and config, as model.checkpoint: DIR does."""
+    text = DATA / "the-verdict" / "the-verdict.txt"
+    tokenizer = train_bpe([text], 300, tmp_path / "base", progress=False)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=32,
+                               vocab_size=tokenizer.vocab_size)).save_pretrained(tmp_path / "base")
+    config = run_config(tmp_path, data={"train": str(text), "seq_len": 32}, train={"max_steps": 2},
+                        model={"config": {}})
+    trainer = Trainer(args=config)
+    trainer.finetune(finetune_checkpoint=tmp_path / "base")
+    assert trainer.tokenizer.vocab_size == tokenizer.vocab_size
+    assert trainer.model.config.n_layer == 1

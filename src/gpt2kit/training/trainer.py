@@ -128,6 +128,7 @@ class Trainer:
         if out_dir is not None:
             config.out_dir = str(out_dir)
         self._model_arg = None
+        self._weights: str | None = None  # the pretrained directory finetune starts from
         if isinstance(model, nn.Module):
             self._model_arg = model
         elif model is not None:
@@ -225,7 +226,7 @@ class Trainer:
             self._train_tokenizer()
         if d.tokenizer is not None:
             return d.tokenizer
-        sources = [self.config.model.checkpoint, self.config.model.name]
+        sources = [self._weights, self.config.model.checkpoint, self.config.model.name]
         return next((s for s in sources if s and any((Path(s) / f).is_file() for f in _TOKENIZER_FILES)), "gpt2")
 
     def _train_tokenizer(self) -> None:
@@ -334,7 +335,9 @@ class Trainer:
         m = self.config.model
         if self._model_arg is not None:
             return self._model_arg.config
-        if m.name in PRESETS:
+        if self._weights is not None:  # finetuning: the architecture of the weights it starts from
+            config = load_config(self._weights)
+        elif m.name in PRESETS:
             config = GPT2Config.from_name(m.name)
         elif Path(m.name).is_dir():
             config = load_config(m.name)
@@ -877,7 +880,8 @@ class Trainer:
                 raise ValueError(f"finetune needs pretrained weights: model.name {self.config.model.name!r} is "
                                  "neither a model directory nor in the local HF cache; pass finetune_checkpoint or "
                                  "set model.checkpoint to a model directory") from None
-        self._setup(weights=str(weights) if weights is not None else None)
+        self._weights = str(weights) if weights is not None else None
+        self._setup(weights=self._weights)
         return self._run(resume or self.config.checkpoint.resume)
 
     def _ensure_model(self) -> None:
