@@ -304,3 +304,31 @@ def test_a_serve_ratio_needs_the_same_work_on_both_sides():
     row["results"]["transformers-cb"].update(errors=["ReadTimeout"], first_text=" a")
     (line,) = table([row], None)
     assert line[1] == "req/s vs transformers-cb (transformers-cb 1 errors, different greedy text)" and line[5] is None
+
+
+def test_a_mask_built_for_a_cached_chunk_is_on_the_queries_device():
+    """Without a padding mask, a multi-token forward after a cache builds its mask: on the model's device (a GPU),
+    not torch's default."""
+    mask, is_causal = build_attention_mask(None, past=2, T=3, device=torch.device("meta"))
+    assert mask.device.type == "meta" and mask.shape == (1, 1, 3, 5) and not is_causal
+
+
+def test_gpu_peaks_for_mfu(monkeypatch):
+    """float32 on TF32 tensor cores is measured, not read from the datasheet's fp32 column; GPUs before Ampere
+    only emulate bf16, so `precision: auto` takes fp16 there."""
+    from types import SimpleNamespace
+
+    import gpt2kit.training.logging as logging_module
+    from gpt2kit.training.trainer import Trainer
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
+    monkeypatch.setattr(logging_module, "measure_matmul_peak", lambda *a, **k: 1.23e14)
+    assert logging_module.peak_flops(cuda, torch.float32) == (19.5e12, "NVIDIA A100-SXM4-40GB datasheet")
+    assert logging_module.peak_flops(cuda, torch.bfloat16)[0] == 312e12
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert logging_module.peak_flops(cuda, torch.float32) == (1.23e14, "NVIDIA A100-SXM4-40GB measured matmul")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    for capability, has_bf16 in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert Trainer._cuda_has_bf16(SimpleNamespace(device=cuda)) is has_bf16

@@ -138,10 +138,12 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def build_attention_mask(attention_mask: Tensor | None, past: int, T: int) -> tuple[Tensor | None, bool]:
+def build_attention_mask(attention_mask: Tensor | None, past: int, T: int,
+                         device: torch.device | None = None) -> tuple[Tensor | None, bool]:
     """(mask, is_causal) for SDPA. A boolean (B, 1, T, past+T) mask is built only when padding or a cache
     needs it; otherwise SDPA's fused causal path is used. Each query may always see itself, so padded rows
-    never become fully masked (which would give NaN); their outputs are never used."""
+    never become fully masked (which would give NaN); their outputs are never used. `device`: where a mask
+    built without `attention_mask` goes (the queries' device)."""
     if attention_mask is None or bool(attention_mask.all()):
         if past == 0:
             return None, True
@@ -154,7 +156,7 @@ def build_attention_mask(attention_mask: Tensor | None, past: int, T: int) -> tu
         allowed = attention_mask[:, None, None, :S].to(torch.bool, copy=True)  # copy: the caller's mask stays
         allowed[..., -1] = True
         return allowed, False
-    device = attention_mask.device if attention_mask is not None else None
+    device = attention_mask.device if attention_mask is not None else device  # the queries' (a GPU's)
     q_pos = torch.arange(past, S, device=device).view(T, 1)
     k_pos = torch.arange(S, device=device).view(1, S)
     allowed = (k_pos <= q_pos).unsqueeze(0)  # (1, T, S)
@@ -232,7 +234,7 @@ class GPT2Model(GPT2PreTrainedModel):
                 position_ids = positions_from_mask(attention_mask)[:, past:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
-        attn_mask, is_causal = build_attention_mask(attention_mask, past, T)
+        attn_mask, is_causal = build_attention_mask(attention_mask, past, T, input_ids.device)
 
         tokens = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         x = self.drop(tokens + self.wpe(position_ids))

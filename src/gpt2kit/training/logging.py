@@ -25,7 +25,7 @@ GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "H100 SXM": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.0, 67.0), "H200": (989.0, 67.0),
     "A100": (312.0, 19.5), "A800": (312.0, 19.5), "L40S": (362.0, 91.6), "L40": (181.0, 90.5), "L4": (121.0, 30.3),
     "A10G": (70.0, 31.2), "A10": (125.0, 31.2), "A6000": (154.8, 38.7), "V100": (125.0, 15.7), "T4": (65.0, 8.1),
-    "RTX 4090": (165.2, 82.6), "RTX 3090": (71.0, 35.6),
+    "RTX 4090": (165.2, 82.6), "RTX 3090": (35.6, 35.6),
 }
 
 
@@ -88,10 +88,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     low_precision = dtype in (torch.bfloat16, torch.float16)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
+        tf32 = not low_precision and torch.get_float32_matmul_precision() != "highest"
         for fragment, (tensor_core, fp32) in GPU_PEAK_TFLOPS.items():
-            if fragment in name:
+            if fragment in name and not tf32:  # float32 on TF32 tensor cores: measured below
                 return (tensor_core if low_precision else fp32) * 1e12, f"{name} datasheet"
-        # Unknown GPU: measure like on a CPU rather than guess.
+        # An unknown GPU, or float32 on TF32 tensor cores: measure like on a CPU rather than guess.
         return measure_matmul_peak(dtype, size=4096, device=device), f"{name} measured matmul"
     key = f"{_cpu_name()}|{torch.get_num_threads()} threads|{dtype}|torch {torch.__version__}"
     cache = _cache_file()

@@ -177,6 +177,8 @@ def init_distributed(config: ParallelConfig | None = None, *, device: str | torc
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if world_size == 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # cuda:N: what torch's own defaults (pin-memory thread) run on
         return ParallelState(config, device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":

@@ -172,11 +172,16 @@ class Trainer:
     def _pick_precision(self, name: str) -> str:
         if name == "auto":
             if self.device.type == "cuda":
-                return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+                return "bf16" if self._cuda_has_bf16() else "fp16"
             return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-        if name == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if name == "bf16" and self.device.type == "cuda" and not self._cuda_has_bf16():
             raise ValueError("train.precision: this GPU has no bf16; use fp16")
         return name
+
+    def _cuda_has_bf16(self) -> bool:
+        # Without emulation: torch's default also says yes on V100 and T4, which only emulate bf16 (slowly).
+        return torch.cuda.is_bf16_supported(including_emulation=False) and \
+            torch.cuda.get_device_capability(self.device) >= (8, 0)
 
     @property
     def is_main(self) -> bool:
@@ -713,7 +718,11 @@ class Trainer:
         tokenizer = self._get_tokenizer()
         options = text_options(tokenizer, self.model.config.vocab_size, options)
         if self.parallel.config.tensor > 1:  # every rank of the group calls this (the model is sharded)
-            options.update(seed=self.parallel.shared_seed(options.get("seed")), use_cache=False)
+            options.update(seed=self.parallel.shared_seed(options.get("seed")))
+        if self._sharded:
+            # No KV cache: its size and dtype come from the local shards (a TP rank holds some of the heads,
+            # FSDP's bf16 compute writes bf16 keys beside float32 shards).
+            options.update(use_cache=False)
         ids = torch.tensor([tokenizer.encode(text)], device=self.device)
         self.model.eval()
         out = generate(self.model, ids, **options)
@@ -734,8 +743,10 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         np_state = np.random.get_state()
         rng["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":
+            # This process's GPU only: every rank is seeded alike and draws alike, so rank 0's state is each
+            # rank's, and a resume may see another number of GPUs.
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         tensors = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng}
         if not self._sharded:  # a sharded optimizer goes into the distributed checkpoint instead
             tensors["optimizer"] = self.optimizer.state_dict()
@@ -840,8 +851,9 @@ class Trainer:
         random.setstate(rng["python"])
         kind, keys, *rest = rng["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "cuda" in rng and self.device.type == "cuda":
+            state = rng["cuda"]  # older checkpoints hold one state per visible GPU
+            torch.cuda.set_rng_state(state[0] if isinstance(state, (list, tuple)) else state, self.device)
         self.last_checkpoint = path
 
     def _sampler_state(self, state: dict[str, Any], path: Path) -> dict[str, int]:
