@@ -78,6 +78,10 @@ def test_a_second_generator_reuses_the_compiled_step_and_new_weights_are_seen(ti
     changed = eager_tokens(other)
     assert not torch.equal(changed, before)
     assert torch.equal(tokens(other), changed)
+    # An edit through .data bumps no version counter: the weights' sums still change.
+    for p in other.parameters():
+        p.data.mul_(0.5)
+    assert torch.equal(tokens(other), eager_tokens(other))
     assert torch.equal(tokens(tiny_model), first)
 
 
@@ -150,6 +154,24 @@ def test_a_model_made_in_inference_mode_compiles(tiny_config):
     ids, mask = BATCH_1
     eager = generate(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
     assert torch.equal(generate(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True), eager)
+    with torch.inference_mode():  # new weights copied in place, where no version counter sees it
+        model.load_state_dict(GPT2LMHeadModel(tiny_config).state_dict())
+    eager = generate(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    assert torch.equal(generate(model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True), eager)
+
+
+def test_the_compiled_step_may_hold_many_shapes(tiny_model):
+    """Every model, batch size, dtype and cache length is an entry of the one compiled function; dynamo's default
+    of 8 would be a hard error at the ninth."""
+    from contextlib import ExitStack
+
+    from gpt2kit.generation import RECOMPILE_LIMIT
+
+    run = TokenGenerator(tiny_model, *BATCH_1, max_new_tokens=NEW_TOKENS, compile=True)
+    with ExitStack() as stack:
+        for option in run.compile_options:
+            stack.enter_context(option)
+        assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT > 8
 
 
 def test_compile_needs_the_cache(tiny_model):

@@ -231,3 +231,21 @@ def test_cli_generate_compiled_equals_eager_and_refuses_packed_weights(tmp_path)
     assert compiled.stdout == int8.stdout and eager.stdout.startswith("Hello")
     refused = subprocess.run([*base, "--compile", "--pack-weights"], capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "packed" in refused.stderr
+
+
+def test_a_packed_model_refuses_what_it_cannot_do():
+    """Copying, saving and casting an opaque oneDNN weight failed deep inside torch, and state_dict silently left
+    the packed weights out: each is one clear error."""
+    import io
+    import pickle
+
+    from gpt2kit import GPT2Config
+
+    model = pack_weights(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=16,
+                                                    vocab_size=64)).eval())
+    for attempt, what in ((lambda: copy.deepcopy(model), "copied"), (lambda: pickle.dumps(model), "pickled"),
+                          (lambda: torch.save(model, io.BytesIO()), "pickled"), (model.state_dict, "saved"),
+                          (lambda: model.to(torch.bfloat16), "moved or cast")):
+        with pytest.raises(ValueError, match=f"a oneDNN-packed model cannot be {what}"):
+            attempt()
+    assert model.float().to("cpu") is model  # what changes nothing is allowed

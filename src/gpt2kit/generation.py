@@ -519,7 +519,9 @@ class TokenGenerator:
         self.step_mask[:, :, :, index] = True
         self.cache_index.fill_(index)
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
-        with self.compile_options:  # read when the step (re)compiles, which happens inside this call
+        with contextlib.ExitStack() as options:  # read when the step (re)compiles, which happens inside this call
+            for option in self.compile_options:
+                options.enter_context(option)
             # A contiguous copy: the slice's strides depend on the prompt length, and dynamo guards on strides.
             token = self.tokens[:, index:index + 1].clone(memory_format=torch.contiguous_format)
             logits = self.compiled_step(self.model, token, self.positions, self.cache_index, self.step_mask,
@@ -602,8 +604,20 @@ def _compiled_decode_step(device_type: str) -> Callable[..., Tensor]:
                          mode="reduce-overhead" if device_type == "cuda" else None)
 
 
-# Per model: the version counters of its weights when its CPU decode step was compiled with them as constants.
-_frozen_weights: weakref.WeakKeyDictionary[GPT2LMHeadModel, int] = weakref.WeakKeyDictionary()
+# Per model: a fingerprint of its weights when its CPU decode step was compiled with them as constants.
+_frozen_weights: weakref.WeakKeyDictionary[GPT2LMHeadModel, tuple] = weakref.WeakKeyDictionary()
+# Compiled entries the one decode-step function may hold: each model, batch size, dtype and cache length is one,
+# and dynamo's default of 8 would be a hard error (fullgraph) at the ninth.
+RECOMPILE_LIMIT = 64
+
+
+def _weights_fingerprint(model: torch.nn.Module) -> tuple:
+    """What changes when a weight does: its address, dtype and version counter (an in-place update outside
+    inference mode), and its sum, for edits that move neither (through `.data`, or under inference mode, whose
+    tensors keep no version). One reduction per tensor: about 15 ms for GPT-2 small."""
+    return tuple((t.data_ptr(), t.dtype, None if t.is_inference() else t._version,
+                  float(t.detach().sum(dtype=torch.float64)))
+                 for t in (*model.parameters(), *model.buffers()))
 
 
 @functools.cache
@@ -613,25 +627,25 @@ def _ignore_autotuning_storage_warning() -> None:
     warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning, r"torch\._inductor\.")
 
 
-def _compile_options(model: GPT2LMHeadModel, device_type: str) -> contextlib.AbstractContextManager:
+def _compile_options(model: GPT2LMHeadModel, device_type: str) -> list[contextlib.AbstractContextManager]:
     """Inductor settings for compiling the decode step. On a CPU: the weights become constants of the compiled
     step (`freezing`), which lets inductor pre-pack them once and benchmark its own CPU matrix kernels against
     the library ones (`max_autotune`). GPT-2 small, batch 1, on the benchmark CPU: int8 51 -> 129 tokens/s,
     float32 22 -> 55 (either setting alone: about 10 %). The price: a second copy of the weights, about a
     minute of compiling for GPT-2 small, and weights changed in place after compiling would not be seen, so
-    such a change (an optimizer step, load_state_dict) is detected here and drops the compiled code."""
+    such a change (an optimizer step, load_state_dict, an edit through .data) is detected here and drops the
+    compiled code."""
+    limit = torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit))
     if device_type != "cpu":
-        return contextlib.nullcontext()
-    # Inference tensors (made under torch.inference_mode) keep no version counter; outside that mode they
-    # cannot be changed in place at all.
-    version = sum(t._version for t in (*model.parameters(), *model.buffers()) if not t.is_inference())
-    if _frozen_weights.get(model, version) != version:
+        return [limit]
+    fingerprint = _weights_fingerprint(model)
+    if _frozen_weights.get(model, fingerprint) != fingerprint:
         torch._dynamo.reset()  # frozen copies of the old weights: compile again (dynamo guards on identity only)
-    _frozen_weights[model] = version
+    _frozen_weights[model] = fingerprint
     _ignore_autotuning_storage_warning()
     # Autotuning would print a table of its timings to stderr for every matrix product.
-    return torch._inductor.config.patch(freezing=True, max_autotune=True, autotune_num_choices_displayed=0,
-                                        max_autotune_report_choices_stats=False)
+    return [limit, torch._inductor.config.patch(freezing=True, max_autotune=True, autotune_num_choices_displayed=0,
+                                                max_autotune_report_choices_stats=False)]
 
 
 def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor | None = None,

@@ -93,6 +93,7 @@ class PackedLinear(nn.Module):
                              f"{weight.device}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # laid out for one row per step
+        self.packed_dtype = weight.dtype
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.gelu: str | None = None  # set by fuse_gelu: the GELU applied to the product, "tanh" or "none"
 
@@ -107,6 +108,25 @@ class PackedLinear(nn.Module):
         if self.gelu is None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "gelu", [], self.gelu)
+
+    # The packed weight is an opaque oneDNN tensor: copying, saving or casting it would fail deep inside torch
+    # (or, for state_dict, silently leave the weight out), so each is refused here with the way out.
+    _REFUSAL = "a oneDNN-packed model cannot be {}: do it before pack_weights (pack last)"
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.empty(0, dtype=self.packed_dtype))
+        if probe.dtype != self.packed_dtype or probe.device.type != "cpu":
+            raise ValueError(self._REFUSAL.format(f"moved or cast (to {probe.dtype} on {probe.device})"))
+        return self
+
+    def __deepcopy__(self, memo):
+        raise ValueError(self._REFUSAL.format("copied"))
+
+    def __reduce_ex__(self, protocol):
+        raise ValueError(self._REFUSAL.format("pickled or saved"))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise ValueError(self._REFUSAL.format("saved (its state_dict would lack the packed weights)"))
 
     def extra_repr(self) -> str:
         fused = "" if self.gelu is None else f", then GELU ({self.gelu})"
