@@ -445,3 +445,9 @@ def test_a_highly_compressed_zst_is_read_in_chunks(tmp_path):
 def test_the_validation_share_is_exact_in_decimal():
     assert is_validation(np.arange(100), 0.57).sum() == 57
     assert is_validation(np.arange(1000), 0.1).sum() == 100
+
+
+def test_a_byte_order_mark_before_json_lines_is_skipped(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n')
+    assert run(path, tmp_path / "out")["documents"] == 2

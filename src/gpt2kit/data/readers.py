@@ -370,7 +370,10 @@ def chunk_pieces(chunk: Chunk, *, text_key: str = "text", errors: str = "strict"
 
 def _jsonl_pieces(chunk: Chunk, text_key: str, errors: str) -> tuple[list[str], list[bool], int]:
     texts, skipped = [], 0
-    for n, line in enumerate(_decode(chunk, chunk.data, 0, errors).split("\n")):
+    decoded = _decode(chunk, chunk.data, 0, errors)
+    if chunk.offset == 0:
+        decoded = decoded.removeprefix("\ufeff")  # a byte-order mark some editors and exports write first
+    for n, line in enumerate(decoded.split("\n")):
         if not line.strip():
             continue
         where = f"{chunk.source}:{chunk.line + n}"
