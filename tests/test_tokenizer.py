@@ -222,7 +222,7 @@ def test_a_directory_with_tokenizer_json_and_vocab_files_reads_tokenizer_json(tm
     GPT2Tokenizer.gpt2().save_pretrained(tmp_path / "gpt2")
     for name in ("vocab.json", "merges.txt"):
         (tmp_path / "gpt2" / name).rename(tmp_path / name)
-    assert GPT2Tokenizer.from_file(tmp_path).split_pattern == cl100k.split_pattern
+    assert GPT2Tokenizer.from_file(tmp_path).fingerprint() == cl100k.fingerprint()
 
 
 def test_the_end_of_text_token_of_other_vocabularies(tmp_path):
@@ -301,3 +301,21 @@ def test_training_input_mistakes_are_clear(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 ok\n".encode("latin-1"))
     with pytest.raises(TokenizerError, match=r"latin1.txt:1: invalid UTF-8 at byte offset 3"):
         train_bpe([tmp_path / "latin1.txt"], 300, tmp_path / "out", progress=False)
+
+
+def test_a_converted_rank_file_is_the_same_tokenizer_to_transformers_and_to_itself(tmp_path):
+    """Long digit runs split in threes in both engines (Oniguruma reads "{1,3}+" otherwise); the fingerprint
+    follows the ids, not the file format; saving next to the rank file it was read from keeps that file."""
+    import shutil
+
+    import transformers
+
+    shutil.copy(DATA / "cl100k" / "cl100k_base.tiktoken", tmp_path / "cl100k_base.tiktoken")
+    cl100k = GPT2Tokenizer.from_file(tmp_path)
+    cl100k.save_pretrained(tmp_path)
+    assert (tmp_path / "cl100k_base.tiktoken").is_file() and pickle.loads(pickle.dumps(cl100k)).vocab_size > 0
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in (" 4096 and 1234567 items", "year 20250101"):
+        assert auto(text)["input_ids"] == cl100k.encode(text)
+    assert GPT2Tokenizer.from_file(tmp_path / "tokenizer.json").fingerprint() == cl100k.fingerprint()
+    assert GPT2Tokenizer.gpt2().fingerprint() != cl100k.fingerprint()

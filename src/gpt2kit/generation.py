@@ -614,7 +614,7 @@ RECOMPILE_LIMIT = 64
 def _weights_fingerprint(model: torch.nn.Module) -> tuple:
     """What changes when a weight does: its address, dtype and version counter (an in-place update outside
     inference mode), and its sum, for edits that move neither (through `.data`, or under inference mode, whose
-    tensors keep no version). One reduction per tensor: about 15 ms for GPT-2 small."""
+    tensors keep no version). One reduction per tensor: about 150 ms for GPT-2 small, once per generate call."""
     return tuple((t.data_ptr(), t.dtype, None if t.is_inference() else t._version,
                   float(t.detach().sum(dtype=torch.float64)))
                  for t in (*model.parameters(), *model.buffers()))
@@ -635,7 +635,8 @@ def _compile_options(model: GPT2LMHeadModel, device_type: str) -> list[contextli
     minute of compiling for GPT-2 small, and weights changed in place after compiling would not be seen, so
     such a change (an optimizer step, load_state_dict, an edit through .data) is detected here and drops the
     compiled code."""
-    limit = torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit))
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.7
+    limit = torch._dynamo.config.patch(**{name: max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, name))})
     if device_type != "cpu":
         return [limit]
     fingerprint = _weights_fingerprint(model)

@@ -83,6 +83,12 @@ def _token_bytes(token: str, source: Path) -> bytes:
                              "byte-level BPE vocabulary") from None
 
 
+def _portable_pattern(pattern: str) -> str:
+    """`pattern` as HF tokenizers' Oniguruma reads it the way tiktoken does: Oniguruma takes cl100k's possessive
+    "\\p{N}{1,3}+" for "one or more runs of 1-3 digits"; as a whole alternative, "{1,3}" splits alike in both."""
+    return pattern.replace("{1,3}+", "{1,3}")
+
+
 def _split_in_two(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
     """The merge that made `token`: its bytes merged, lowest rank first, with the merges ranked below it."""
     limit = ranks[token]
@@ -161,14 +167,18 @@ def _pattern_of(pre_tokenizer: dict[str, Any] | None, source: Path) -> str:
     """The split regex of a byte-level pre-tokenizer in tokenizer.json."""
     if pre_tokenizer is None:
         raise TokenizerError(f"{source}: no pre_tokenizer; expected a byte-level BPE tokenizer")
-    parts = pre_tokenizer.get("pretokenizers", []) if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    if not isinstance(pre_tokenizer, dict):
+        raise TokenizerError(f"{source}: pre_tokenizer must be an object, got {pre_tokenizer!r}")
+    parts = pre_tokenizer.get("pretokenizers") if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
+    if not isinstance(parts, list):
+        raise TokenizerError(f"{source}: pre_tokenizer.pretokenizers must be a list")
     if any(isinstance(part, dict) and part.get("add_prefix_space") for part in parts):
         raise TokenizerError(f"{source}: pre_tokenizer: add_prefix_space is true (a space before the text); "
                              "gpt2kit runs tokenizers without it")
     for part in parts:
         if not isinstance(part, dict):
             break
-        if part.get("type") == "Split" and "Regex" in part.get("pattern", {}):
+        if part.get("type") == "Split" and isinstance(part.get("pattern"), dict) and "Regex" in part["pattern"]:
             return part["pattern"]["Regex"]
         if part.get("type") == "ByteLevel" and part.get("use_regex", True):
             return GPT2_PATTERN
@@ -194,7 +204,9 @@ def _tokenizer_json_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
             raise TokenizerError(f"{source}: added_tokens[{n}] must be an object with a string content and an id")
     # Settings tiktoken cannot reproduce are refused, not ignored: the ids would differ from transformers'.
     if spec.get("normalizer") is not None:
-        raise TokenizerError(f"{source}: normalizer {spec['normalizer'].get('type')!r}: gpt2kit runs tokenizers "
+        normalizer = spec["normalizer"]
+        kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+        raise TokenizerError(f"{source}: normalizer {kind!r}: gpt2kit runs tokenizers "
                              "without a normalizer")
     plain = [t["content"] for t in added if not t.get("special", True)]
     if plain:
@@ -343,11 +355,15 @@ class GPT2Tokenizer:
         return (_rebuild, (self._source, self.pad_token_id, self.padding_side))
 
     def fingerprint(self) -> str:
-        """sha256 over the contents of the vocabulary files this tokenizer was read from: what an output made with
-        it records, to tell later whether a tokenizer at the same path is still the same one."""
-        kind = self._source[0]
-        files = [ASSETS / "encoder.json", ASSETS / "vocab.bpe"] if kind == "gpt2" else self._source[1:]
-        return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
+        """sha256 of what decides the ids: the split pattern, the special tokens and the ranks, whatever file
+        format they were read from (a rank file and the tokenizer.json save_pretrained converts it to agree).
+        What an output made with it records, to tell later whether a tokenizer is still the same one."""
+        parts = [_portable_pattern(self.split_pattern).encode(), b"\0specials"]
+        parts += [f"{i}:{t}\0".encode() for t, i in sorted(self.encoding._special_tokens.items(), key=lambda x: x[1])]
+        parts.append(b"\0ranks")
+        for token, rank in sorted(self.encoding._mergeable_ranks.items(), key=lambda x: x[1]):
+            parts.append(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
+        return hashlib.sha256(b"".join(parts)).hexdigest()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the vocabulary next to a model, in files `from_file(directory)` and transformers' AutoTokenizer
@@ -366,8 +382,10 @@ class GPT2Tokenizer:
         for name in ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe"):
             if name not in written:
                 (directory / name).unlink(missing_ok=True)
+        own = {Path(f).resolve() for f in self._source[1:]}  # files this tokenizer still reads (pickling)
         for stale in directory.glob("*.tiktoken"):
-            stale.unlink()
+            if stale.resolve() not in own:
+                stale.unlink()
         for name, source in written.items():
             target = directory / name
             if source is None:
@@ -405,7 +423,8 @@ class GPT2Tokenizer:
                                                                                        key=lambda x: x[1])],
             "normalizer": None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": self.split_pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "Split", "pattern": {"Regex": _portable_pattern(self.split_pattern)},
+                 "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
             "post_processor": None,
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},

@@ -19,7 +19,6 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -156,11 +155,13 @@ def _close_durably(file) -> None:
 def is_validation(document_ids: np.ndarray, fraction: float) -> np.ndarray:
     """Document i goes to "val" when floor((i+1) f) > floor(i f): exactly floor(n f) of the first n documents,
     evenly spread, decided by position alone."""
-    # In integers: 0.57 is 0.56999... as a float, and 100 x 0.57 would floor to 56.
-    exact = Fraction(fraction).limit_denominator(1_000_000)
-    p, q = exact.numerator, exact.denominator
-    ids = document_ids.astype(np.int64)
-    return (ids + 1) * p // q > ids * p // q
+    # 0.57 is 0.56999... as a float, and 100 x 0.57 would floor to 56: products a rounding error below an integer
+    # are lifted to it (a decimal's exact product is never that close below one).
+    def floor(x: np.ndarray) -> np.ndarray:
+        return np.floor(x * (1 + 1e-12))
+
+    ids = document_ids.astype(np.float64)
+    return floor((ids + 1) * fraction) > floor(ids * fraction)
 
 
 class _Router:

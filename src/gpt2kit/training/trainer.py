@@ -616,10 +616,8 @@ class Trainer:
                                     tok_s=f"{tokens_per_sec:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
                 if c.train.eval_interval and self.step % c.train.eval_interval == 0 and self.step < self.max_steps:
                     self._log_eval(logger, c.train.eval_batches)
-                # The last step's checkpoint is written after the final evaluation, below, so that it holds it.
-                if c.checkpoint.save_interval and self.step % c.checkpoint.save_interval == 0 \
-                        and self.step < self.max_steps:
-                    self._save_checkpoint()
+                if c.checkpoint.save_interval and self.step % c.checkpoint.save_interval == 0:
+                    self._save_checkpoint()  # before the final evaluation too: a crash there loses no training
         finally:
             if bar is not None:
                 bar.close()
@@ -892,7 +890,7 @@ class Trainer:
                 raise ValueError(f"finetune needs pretrained weights: model.name {self.config.model.name!r} is "
                                  "neither a model directory nor in the local HF cache; pass finetune_checkpoint or "
                                  "set model.checkpoint to a model directory") from None
-        self._weights = str(weights) if weights is not None else None
+        self._weights = str(resolve_model_dir(weights)) if weights is not None else None  # a dir or HF cache name
         self._setup(weights=self._weights)
         return self._run(resume or self.config.checkpoint.resume)
 
