@@ -445,6 +445,8 @@ def test_a_highly_compressed_zst_is_read_in_chunks(tmp_path):
 def test_the_validation_share_is_exact_in_decimal():
     assert is_validation(np.arange(100), 0.57).sum() == 57
     assert is_validation(np.arange(1000), 0.1).sum() == 100
+    assert is_validation(np.arange(10_000_000), 4e-7).sum() == 4
+    assert is_validation(np.arange(10_000_000), 1.5e-6).sum() == 15
 
 
 def test_a_byte_order_mark_before_json_lines_is_skipped(tmp_path):
