@@ -328,7 +328,6 @@ def test_gpu_peaks_for_mfu(monkeypatch):
     assert logging_module.peak_flops(cuda, torch.bfloat16)[0] == 312e12
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
     assert logging_module.peak_flops(cuda, torch.float32) == (1.23e14, "NVIDIA A100-SXM4-40GB measured matmul")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     for capability, has_bf16 in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert Trainer._cuda_has_bf16(SimpleNamespace(device=cuda)) is has_bf16

@@ -179,9 +179,9 @@ class Trainer:
         return name
 
     def _cuda_has_bf16(self) -> bool:
-        # Without emulation: torch's default also says yes on V100 and T4, which only emulate bf16 (slowly).
-        return torch.cuda.is_bf16_supported(including_emulation=False) and \
-            torch.cuda.get_device_capability(self.device) >= (8, 0)
+        # Ampere or newer, for this run's GPU: torch.cuda.is_bf16_supported asks about the current device, and
+        # by default says yes on V100 and T4, which only emulate bf16 (slowly).
+        return torch.cuda.get_device_capability(self.device) >= (8, 0)
 
     @property
     def is_main(self) -> bool:
@@ -285,8 +285,8 @@ class Trainer:
                     val = PretrainingDataset(train_dir, seq_len, "val")
             if val is None and d.val is not None:
                 val_dir = self._corpus_dir(d.val, "data-val", 0.0, tokenizer or self._tokenizer_source())
-                expected = (read_meta(train_dir)["tokenizer"] if tokenizer else
-                            {"fingerprint": self._get_tokenizer().fingerprint()}).get("fingerprint")
+                expected = (read_meta(train_dir)["tokenizer"].get("fingerprint") if tokenizer
+                            else self._get_tokenizer().fingerprint())
                 found = read_meta(val_dir)["tokenizer"].get("fingerprint")
                 if expected and found and expected != found:  # its ids would index another vocabulary
                     raise ValueError(f"data.val: {val_dir} was tokenized with another tokenizer than the training "
@@ -422,7 +422,7 @@ class Trainer:
         if c.pet_method == "lora":
             # The adapters' base is the weights they were trained on: none for a random start (merging then
             # needs an explicit base), an absolute path so the adapter merges from any directory.
-            base = str(resolve_model_dir(weights).resolve()) if weights and self._model_arg is None else None
+            base = str(Path(weights).resolve()) if weights and self._model_arg is None else None
             self._lora_config = lora_lib.lora_config(c.lora, task=c.task, base_model=base)
             lora_lib.apply_lora(self.model, self._lora_config)
         enable_tf32(self.device)
