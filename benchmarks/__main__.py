@@ -100,8 +100,8 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
             add("TTFT", case, "1/s", 1 / r["ours_ttft_s"], 1 / r["peer_ttft_s"], r["ttft_ratio"],
                 1.5 if fast else None, prefill, rss)
         elif r["section"] == "eval":
-            packed = " packed" if r.get("packed") else ""
-            add("eval", f"{r['task']} {r['shape']}{packed} vs lm-eval HF", "tok/s", r["tokens"] / r["ours_s"],
+            fast = " packed" * bool(r.get("packed")) + " compiled" * bool(r.get("compile"))
+            add("eval", f"{r['task']} {r['shape']}{fast} vs lm-eval HF", "tok/s", r["tokens"] / r["ours_s"],
                 r["tokens"] / r["peer_s"], r["ratio"], 2.0,
                 r["tokens"] * hw["fp32_flops"] / r["flops"] if hw and "flops" in r else None, rss)
         elif r["section"] == "preprocess":

@@ -2,10 +2,11 @@
 
 Both sides evaluate the same WikiText-2 test articles with disjoint windows of the model's context (lm-eval's
 `wikitext` task definition, its task file included unchanged and pointed at the local file) at the same batch
-size, in float32 (gpt2kit's weights oneDNN-packed, as `gpt2kit eval --pack-weights` runs; --no-pack for
-plain nn.Linear). Timed: reading, detokenizing, tokenizing and scoring (not model loading or imports), after
-one untimed warm-up of each side on the first article (first calls pay one-time costs: thread pools, regex
-compilation, the task's dataset build). tokens/s = document tokens scored / seconds. The script also prints
+size, in float32 (gpt2kit's weights oneDNN-packed and its log-sum-exp compiled, as `gpt2kit eval
+--pack-weights --compile` runs; --no-pack for plain nn.Linear, --no-compile for the eager log-sum-exp). Timed:
+reading, detokenizing, tokenizing and scoring (not model loading or imports), after one untimed warm-up of each
+side on the first article (first calls pay one-time costs: torch.compile, thread pools, regex compilation, the
+task's dataset build). tokens/s = document tokens scored / seconds. The script also prints
 both tools' metrics and their relative difference, and with --lambada N does the same for LAMBADA
 (lambada_openai) on the first N passages. On a CUDA GPU (--device, the default when there is one) both
 sides run there, with plain weights (packing is a CPU layout), and the clocks wait for the GPU.
@@ -52,10 +53,10 @@ def wikitext_flops(config: GPT2Config, result: dict) -> float:
 
 
 def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: int = 8,
-        packed: bool = True, device: torch.device | str = "cpu") -> list[dict]:
+        packed: bool = True, compile: bool = True, device: torch.device | str = "cpu") -> list[dict]:
     """WikiText (and, with lambada > 0, LAMBADA) rows: seconds, tokens/s and metrics of both sides. `packed`
     evaluates gpt2kit's model with oneDNN-packed float32 weights (`gpt2kit eval --pack-weights`, CPU only),
-    else as is."""
+    else as is; `compile` its log-sum-exp through torch.compile (`gpt2kit eval --compile`)."""
     from lm_eval.models.huggingface import HFLM
 
     device = torch.device(device)
@@ -93,21 +94,24 @@ def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: in
             finally:
                 lm_eval.evaluator.add_env_info, lm_eval.evaluator.get_git_commit_hash = saved
 
-        evaluate_perplexity(model, tokenizer, WIKITEXT, limit=1, batch_size=batch_size, progress=False)
+        evaluate_perplexity(model, tokenizer, WIKITEXT, limit=1, batch_size=batch_size, compile=compile,
+                            progress=False)
         run_theirs("wikitext", WIKITEXT, 1)
         ours, ours_s = timed(lambda: evaluate_perplexity(model, tokenizer, WIKITEXT, limit=articles,
-                                                         batch_size=batch_size, progress=False))
+                                                         batch_size=batch_size, compile=compile, progress=False))
         theirs, theirs_s = timed(lambda: run_theirs("wikitext", WIKITEXT, articles))
-        rows.append({"device": device.type, "task": "wikitext", "shape": shape, "packed": packed, "limit": articles,
+        rows.append({"device": device.type, "task": "wikitext", "shape": shape, "packed": packed, "compile": compile,
+                     "limit": articles,
                      "tokens": ours["tokens"], "windows": ours["windows"], "ours_s": ours_s, "peer_s": theirs_s,
                      "flops": wikitext_flops(config, ours),
                      "ratio": theirs_s / ours_s,
                      "metrics": {m: (ours[m], v) for m, v in theirs.items()}})
         if lambada:
             ours, ours_s = timed(lambda: evaluate_lambada(model, tokenizer, LAMBADA, limit=lambada,
-                                                          batch_size=batch_size, progress=False))
+                                                          batch_size=batch_size, compile=compile, progress=False))
             theirs, theirs_s = timed(lambda: run_theirs("lambada", LAMBADA, lambada))
-            rows.append({"device": device.type, "task": "lambada", "shape": shape, "packed": packed, "limit": lambada,
+            rows.append({"device": device.type, "task": "lambada", "shape": shape, "packed": packed,
+                         "compile": compile, "limit": lambada,
                          "ours_s": ours_s, "peer_s": theirs_s, "ratio": theirs_s / ours_s,
                          "metrics": {m: (ours[m], v) for m, v in theirs.items()}})
     return rows
@@ -120,6 +124,7 @@ def main() -> None:
     parser.add_argument("--lambada", type=int, default=0, help="also compare on the first N LAMBADA passages")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-pack", action="store_true", help="evaluate gpt2kit without --pack-weights")
+    parser.add_argument("--no-compile", action="store_true", help="evaluate gpt2kit without --compile")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else default_device()
@@ -128,7 +133,7 @@ def main() -> None:
     print(f"model: {args.shape} (random weights, context {config.n_positions}), float32, batch size "
           f"{args.batch_size}, {device}, torch threads {torch.get_num_threads()}")
     for r in run(args.shape, args.articles, args.lambada, args.batch_size, not args.no_pack and device.type == "cpu",
-                 device):
+                 not args.no_compile, device):
         if r["task"] == "wikitext":
             print(f"\nWikiText-2 test, {r['limit']} articles, {r['tokens']:,} tokens, {r['windows']} windows")
             print(f"{'':18}{'gpt2kit':>14}{'lm-eval':>14}{'ratio':>10}")

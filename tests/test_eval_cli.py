@@ -33,6 +33,7 @@ def test_perplexity_report_matches_the_python_api(lm_dir, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert printed[-2] == report["summary"] and printed[-1] == f"wrote {out}"
     assert report["summary"].startswith("perplexity: token_perplexity ")
+    assert report["settings"]["compile"] is False
     assert report["data"]["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     assert set(report["definitions"]) >= {"token_perplexity", "word_perplexity", "bits_per_byte", "windows"}
     assert report["results"]["stride"] == 16 and report["results"]["max_length"] == 32
@@ -41,6 +42,11 @@ def test_perplexity_report_matches_the_python_api(lm_dir, tmp_path, capsys):
     expected = evaluate_perplexity(model, GPT2Tokenizer.gpt2(), data, stride=16, progress=False)
     assert report["results"]["word_perplexity"] == pytest.approx(expected["word_perplexity"], rel=1e-6)
     assert not list(out.parent.glob("*.tmp"))
+    assert main(["eval", "--model", str(lm_dir), "--task", "perplexity", "--data", str(data), "--stride", "16",
+                 "--batch-size", "3", "--compile", "--output", str(out)]) == 0
+    compiled = json.loads(out.read_text())
+    assert compiled["settings"]["compile"] is True
+    assert compiled["results"]["word_perplexity"] == pytest.approx(expected["word_perplexity"], rel=1e-6)
 
 
 def test_wikitext_and_lambada_tasks(lm_dir, capsys):
@@ -90,6 +96,9 @@ def test_options_the_task_has_no_use_for_and_unknown_devices_are_errors(lm_dir, 
     torch.manual_seed(0)
     GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64)).save_pretrained(
         tmp_path / "clf")
+    assert main(["eval", "--model", str(tmp_path / "clf"), "--task", "classification", "--compile",
+                 "--data", str(DATA / "glue" / "SST-2" / "dev.tsv")]) == 2
+    assert "compile does not apply to the classification task" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "clf"), "--task", "classification", "--device", "bogus",
                  "--data", str(DATA / "glue" / "SST-2" / "dev.tsv")]) == 2
     err = capsys.readouterr().err.strip()

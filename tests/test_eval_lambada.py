@@ -102,6 +102,7 @@ def test_results_do_not_depend_on_batch_size(tok):
     model = GPT2LMHeadModel(config).eval()
     passages = read_lambada(DATA / "lambada" / "lambada_test.jsonl")[:6]
     runs = [evaluate_lambada(model, tok, passages, batch_size=b, progress=False) for b in (1, 4, 6)]
+    runs.append(evaluate_lambada(model, tok, passages, batch_size=4, compile=True, progress=False))
     for run in runs[1:]:
         assert run["perplexity"] == pytest.approx(runs[0]["perplexity"], rel=1e-6)
         assert run["correct"] == runs[0]["correct"]

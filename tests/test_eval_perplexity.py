@@ -286,3 +286,36 @@ def test_scores_over_the_tokenizer_vocabulary_of_a_padded_head(tiny_config):
         hits += int(score.greedy.sum())
         restricted_hits += int((score.restricted_greedy & ~score.greedy).sum())
     assert hits > 5 and restricted_hits > 2
+
+
+def test_compiled_log_sum_exp_sums_in_float64(gpt2_tokenizer):
+    """`compile=True` on a peaked distribution over GPT-2's vocabulary (a few large logits and a long tail, as a
+    trained LM has), where a float32 sum of the exponentials loses the tail (compiled, it is off by 2e-6 here):
+    each log-probability is float64's to 2e-7, and the eager path's to 5e-6."""
+    from gpt2kit.evaluation.scoring import Window, score_windows
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = gpt2_tokenizer.vocab_size
+    rank = torch.randperm(vocab, generator=generator) + 1
+    logits = torch.randn(vocab, generator=generator) * 3 - rank.float().log()
+    model = ContextFreeLM(logits, n_positions=64)
+    tokens = torch.randint(0, vocab, (64,), generator=generator).tolist()
+    expected = logits.double().log_softmax(-1)[tokens[1:]]
+    for compile, atol in ((True, 2e-7), (False, 5e-6)):
+        scores = score_windows(model, [Window(tokens, 63)], vocab_size=vocab, compile=compile, progress=False)
+        assert scores[0].logprobs.dtype == torch.float64
+        torch.testing.assert_close(scores[0].logprobs, expected, rtol=0, atol=atol)
+
+
+def test_compiled_evaluation_matches_the_token_by_token_reference(tiny_config, small_tokenizer):
+    model = GPT2LMHeadModel(tiny_config).eval()
+    text = "Robert Boulter is an English film, television and theatre actor."
+    tokens = small_tokenizer.encode(text)
+    with torch.no_grad():
+        expected = naive_nll(model, tokens, small_tokenizer.eos_token_id, 16, 5)
+    compiled = evaluate_perplexity(model, small_tokenizer, [text], max_length=16, stride=5, batch_size=3,
+                                   compile=True, progress=False)
+    eager = evaluate_perplexity(model, small_tokenizer, [text], max_length=16, stride=5, batch_size=3,
+                                progress=False)
+    assert compiled["nll"] == pytest.approx(expected, rel=1e-5)
+    assert compiled["nll"] == pytest.approx(eager["nll"], rel=1e-6)

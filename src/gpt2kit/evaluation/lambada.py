@@ -93,11 +93,12 @@ def default_stop_words() -> frozenset[str]:
 def evaluate_lambada(model: nn.Module, tokenizer: GPT2Tokenizer, data: str | os.PathLike | Sequence[str], *,
                      max_length: int | None = None, batch_size: int = 8, stop_word_filter: bool = False,
                      stop_words: Iterable[str] | None = None, limit: int | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     compile: bool = False, progress: bool = True) -> dict[str, Any]:
     """Last-word accuracy and target perplexity on LAMBADA passages: a jsonl path or a list of passages.
 
-    stop_word_filter adds `acc_stop_word_filter` (with `stop_words`, default scikit-learn's English list).
-    Returns the metrics plus counts and settings."""
+    stop_word_filter adds `acc_stop_word_filter` (with `stop_words`, default scikit-learn's English list);
+    compile: the log-sum-exp over the vocabulary through torch.compile (see score_windows). Returns the metrics
+    plus counts and settings."""
     if isinstance(data, (str, os.PathLike)):
         passages = _located_passages(data)
     else:
@@ -124,7 +125,7 @@ def evaluate_lambada(model: nn.Module, tokenizer: GPT2Tokenizer, data: str | os.
         disallowed = stop_word_tokens(tokenizer, words)
     scores = score_windows(model, windows, vocab_size=tokenizer.vocab_size, batch_size=batch_size,
                            pad_token_id=tokenizer.pad_token_id, greedy=True, disallowed=disallowed, desc="lambada",
-                           progress=progress)
+                           progress=progress, compile=compile)
     word_logprobs = [float(s.logprobs.sum()) for s in scores]
     correct = sum(bool(s.greedy.all()) for s in scores)
     n_target_tokens = sum(len(s.logprobs) for s in scores)

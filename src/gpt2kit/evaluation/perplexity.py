@@ -151,14 +151,15 @@ def evaluate_perplexity(model: nn.Module, tokenizer: GPT2Tokenizer,
                         data: str | os.PathLike | Sequence[str], *, max_length: int | None = None,
                         stride: int | None = None, batch_size: int = 8, format: str = "auto",
                         detokenize: bool | None = None, text_key: str = "text", limit: int | None = None,
-                        progress: bool = True) -> dict[str, Any]:
+                        compile: bool = False, progress: bool = True) -> dict[str, Any]:
     """Token, word and byte perplexity of `model` on `data`: a file path (WikiText .raw/.tokens, .jsonl or
     plain text; see `read_documents`) or a list of document strings.
 
     max_length: window size in tokens (default: the model's context, `config.n_positions`); stride: scored
     tokens per window after the first (default: max_length, i.e. disjoint windows); detokenize: apply
     `wikitext_detokenize` before tokenizing (default: on for WikiText files only); limit: the first N
-    documents only. Returns the metrics plus the counts and settings they came from."""
+    documents only; compile: the log-sum-exp over the vocabulary through torch.compile (see score_windows).
+    Returns the metrics plus the counts and settings they came from."""
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         documents = read_documents(path, format=format, text_key=text_key)
@@ -183,7 +184,8 @@ def evaluate_perplexity(model: nn.Module, tokenizer: GPT2Tokenizer,
                for window in document_windows(tokens, prefix_token_id=tokenizer.eos_token_id,
                                               max_length=max_length, stride=stride)]
     scores = score_windows(model, windows, vocab_size=tokenizer.vocab_size, batch_size=batch_size,
-                           pad_token_id=tokenizer.pad_token_id, desc="perplexity", progress=progress)
+                           pad_token_id=tokenizer.pad_token_id, desc="perplexity", progress=progress,
+                           compile=compile)
     nll = -sum(float(s.logprobs.sum()) for s in scores)
     n_tokens = sum(len(t) for t in token_lists)
     if n_tokens == 0:

@@ -36,7 +36,8 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
              stride: int | None = None, batch_size: int = 8, format: str = "auto", detokenize: bool | None = None,
              stop_word_filter: bool = False, limit: int | None = None, output: str | os.PathLike | None = None,
              device: str = "cpu", dtype: torch.dtype | str | None = None, random_init: bool = False,
-             quantize: str | None = None, pack_weights: bool = False, progress: bool = True) -> dict[str, Any]:
+             quantize: str | None = None, pack_weights: bool = False, compile: bool = False,
+             progress: bool = True) -> dict[str, Any]:
     """Run `task` (wikitext | perplexity | lambada | classification) and return its report (written to
     `output` as JSON when given). `wikitext` is `perplexity` with WikiText's article split and detokenizer.
     The tokenizer is `tokenizer` if given, else the model directory's vocabulary files, else GPT-2's;
@@ -47,7 +48,8 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
     ignored = {"stride": stride is not None and task not in ("wikitext", "perplexity"),
                "detokenize": detokenize is not None and task not in ("wikitext", "perplexity"),
                "format": format != "auto" and task == "lambada",
-               "stop_word_filter": stop_word_filter and task != "lambada"}
+               "stop_word_filter": stop_word_filter and task != "lambada",
+               "compile": compile and task == "classification"}
     for name, given in ignored.items():
         if given:
             raise ValueError(f"{name} does not apply to the {task} task")
@@ -71,19 +73,20 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
         settings = {"format": perplexity.resolve_format(Path(data), format)}
         results = perplexity.evaluate_perplexity(net, tok, data, max_length=max_length, stride=stride,
                                                  batch_size=batch_size, format=format, detokenize=detokenize,
-                                                 limit=limit, progress=progress)
+                                                 limit=limit, compile=compile, progress=progress)
         definitions = perplexity.DEFINITIONS
     elif task == "lambada":
         settings = {"stop_word_filter": stop_word_filter}
         results = lambada.evaluate_lambada(net, tok, data, max_length=max_length, batch_size=batch_size,
-                                           stop_word_filter=stop_word_filter, limit=limit, progress=progress)
+                                           stop_word_filter=stop_word_filter, limit=limit, compile=compile,
+                                           progress=progress)
         definitions = lambada.DEFINITIONS
     else:
         settings = {"format": format}
         results = classification.evaluate_classification(net, tok, data, format=format, max_length=max_length,
                                                          batch_size=batch_size, limit=limit, progress=progress)
         definitions = classification.DEFINITIONS
-    settings.update(batch_size=batch_size, limit=limit, device=device,
+    settings.update(batch_size=batch_size, limit=limit, device=device, compile=compile,
                     dtype=str(next(net.parameters()).dtype).removeprefix("torch."))
     report = {
         "task": task,

@@ -7,6 +7,7 @@ to a full context; a LAMBADA example is one window that scores the target word's
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -135,10 +136,36 @@ def _lm_head(model: GPT2LMHeadModel) -> Callable[[Tensor], Tensor]:
     return logits
 
 
+def _log_sum_exp_in_place(logits: Tensor) -> Tensor:
+    """log sum exp over each row, as torch.logsumexp computes it, overwriting `logits` (a chunk's logits are not
+    read again, and temporaries that size are page-faulted in afresh). Not F.cross_entropy: on CPU its float32
+    log-softmax loses the vocabulary's small terms to the large ones (about 1e-6 nats per token of bias on
+    peaked distributions at GPT-2's 50257)."""
+    peak = logits.amax(-1, keepdim=True)
+    return logits.sub_(peak).exp_().sum(-1).log_().add_(peak.squeeze(-1))
+
+
+def _log_sum_exp_float64_sum(logits: Tensor) -> Tensor:
+    """log sum exp over each row in float64: float32 exponentials summed in float64. As one compiled kernel it
+    reads each row from memory once (the second pass finds it in cache) and writes nothing: 2.5x faster than
+    _log_sum_exp_in_place's four passes over memory. Summed in float32, inductor's kernel loses the small terms
+    as log-softmax does; float64 keeps them."""
+    peak = logits.amax(-1, keepdim=True)
+    return (logits - peak).exp().double().sum(-1).log() + peak.squeeze(-1)
+
+
+@functools.cache
+def _compiled_log_sum_exp() -> Callable[[Tensor], Tensor]:
+    """Made on first use (torch.compile's import costs about 1 s); it compiles on its first call (3-12 s), then
+    again only for a new dtype or device: row and vocabulary counts are dynamic."""
+    return torch.compile(_log_sum_exp_float64_sum, dynamic=True)
+
+
 def _score_rows(rows: Tensor, head: Callable, targets: Tensor, *, vocab_size: int, greedy: bool,
-                disallowed: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                disallowed: Tensor | None, compile: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Per scored row: log p(target) (float64), whether it is the argmax, and the restricted argmax — computed
-    ROWS_PER_CHUNK rows at a time so the (rows, vocab) logits stay bounded in memory."""
+    ROWS_PER_CHUNK rows at a time so the (rows, vocab) logits stay bounded in memory. `compile`: the log-sum-exp
+    runs as one compiled kernel (see _log_sum_exp_float64_sum)."""
     logprobs, hits, restricted = [], [], []
     for start in range(0, len(rows), ROWS_PER_CHUNK):
         logits = head(rows[start:start + ROWS_PER_CHUNK]).float()
@@ -154,12 +181,7 @@ def _score_rows(rows: Tensor, head: Callable, targets: Tensor, *, vocab_size: in
             hits.append(logits.argmax(-1) == target)
         if disallowed is not None:  # the target competes even if disallowed (its word may not be; see lambada)
             restricted.append(chosen >= logits.masked_fill(disallowed, float("-inf")).amax(-1))
-        # log-sum-exp in place (the chunk's logits are not read again), as torch.logsumexp computes it. Not
-        # F.cross_entropy: on CPU its float32 log-softmax sums the vocabulary with a bias (about 1e-6 nats per
-        # token at GPT-2's 50257).
-        peak = logits.amax(-1, keepdim=True)
-        log_total = logits.sub_(peak).exp_().sum(-1).log_().add_(peak.squeeze(-1))
-        logprobs.append(chosen - log_total)
+        logprobs.append(chosen - (_compiled_log_sum_exp()(logits) if compile else _log_sum_exp_in_place(logits)))
     return (torch.cat(logprobs).double().cpu(), torch.cat(hits).cpu() if greedy else None,
             torch.cat(restricted).cpu() if disallowed is not None else None)
 
@@ -167,7 +189,7 @@ def _score_rows(rows: Tensor, head: Callable, targets: Tensor, *, vocab_size: in
 @torch.inference_mode()
 def score_windows(model: nn.Module, windows: Sequence[Window], *, vocab_size: int, batch_size: int = 8,
                   pad_token_id: int = 0, greedy: bool = False, disallowed: Tensor | None = None,
-                  desc: str = "scoring", progress: bool = True) -> list[WindowScore]:
+                  desc: str = "scoring", progress: bool = True, compile: bool = False) -> list[WindowScore]:
     """Score each window; the result is in the order of `windows` and does not depend on `batch_size`.
 
     Logits past `vocab_size` (the tokenizer's) are masked out, so vocabulary padding added for speed is never a
@@ -177,6 +199,10 @@ def score_windows(model: nn.Module, windows: Sequence[Window], *, vocab_size: in
     Rows are right-padded and the model is called without an attention mask: in a causal model a real token
     never attends to the padding after it, so padded rows give the logits each window gives alone, on SDPA's
     fused causal path. Padding positions are never scored.
+
+    `compile=True` runs the log-sum-exp over the vocabulary through torch.compile: it compiles for 3-12 s on
+    first use, then scores up to 1.15x faster where the vocabulary dominates (a small model on CPU), and sums
+    each row in float64.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -202,7 +228,7 @@ def score_windows(model: nn.Module, windows: Sequence[Window], *, vocab_size: in
             rows = torch.cat([out[row, start:end] for row, (start, end) in enumerate(spans)])
             logprobs, hits, restricted = _score_rows(
                 rows, head or nn.Identity(), torch.tensor(targets, device=device), vocab_size=vocab_size,
-                greedy=greedy, disallowed=disallowed)
+                greedy=greedy, disallowed=disallowed, compile=compile)
             offset = 0
             for i in batch:
                 own = slice(offset, offset + windows[i].n_scored)
