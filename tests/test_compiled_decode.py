@@ -85,6 +85,38 @@ def test_a_second_generator_reuses_the_compiled_step_and_new_weights_are_seen(ti
     assert torch.equal(tokens(tiny_model), first)
 
 
+
+def test_the_weight_fingerprint_samples_a_loaded_models_transposed_weights_where_they_are(tiny_model_dir):
+    """A loaded HF checkpoint's Conv1D weights are transposed views. The fingerprint sums the same evenly spaced
+    elements as for a contiguous weight without copying it (a reshape copied every weight on each generate call:
+    100 ms of GPT-2 small's first token), and an edit through .data still changes it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gpt2kit.generation import _FINGERPRINT_SAMPLES, _weights_fingerprint
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
+    weights = list(model.parameters())
+    transposed = [i for i, p in enumerate(weights) if not p.is_contiguous()]
+    assert transposed  # c_attn, c_proj, c_fc
+    with Ops() as ops:
+        before = _weights_fingerprint(model)
+    assert not ops.names & {"clone", "copy_", "_to_copy", "contiguous"}
+    for i in transposed:
+        step = max(1, weights[i].numel() // _FINGERPRINT_SAMPLES)
+        expected = float(weights[i].detach().contiguous().view(-1)[::step].sum(dtype=torch.float64))
+        assert before[i][3] == pytest.approx(expected, rel=1e-12)
+    weights[transposed[0]].data[0, 0] += 1.0  # the first element is always sampled
+    assert _weights_fingerprint(model)[transposed[0]][3] != before[transposed[0]][3]
+
 def test_prompts_of_other_lengths_reuse_the_compiled_step(tiny_model):
     ids = BATCH_1[0]
     generate(tiny_model, ids, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True)
