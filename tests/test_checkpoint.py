@@ -131,7 +131,8 @@ def test_bad_inputs_give_one_clear_error(tmp_path, tiny_model, capsys):
         GPT2LMHeadModel.from_pretrained(tmp_path / "empty")
 
     assert main(["info", "gpt3"]) == 2
-    assert "neither a preset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no model directory or local HF cache entry for 'gpt3'" in err and "(presets: gpt2, " in err
 
 
 def test_bin_files_are_never_unpickled_with_code(tmp_path, tiny_model):
@@ -242,3 +243,115 @@ def test_gpt2model_skips_an_untied_lm_head(tmp_path):
     with torch.no_grad():
         assert same(GPT2Model.from_pretrained(tmp_path / "untied")(IDS),
                     hf.transformer(IDS).last_hidden_state)
+
+
+def test_a_directory_with_several_layouts_is_read_in_transformers_order(tmp_path, hf_model):
+    """A hub repo given safetensors beside its .bin shards: transformers reads model.safetensors, so must we."""
+    hf_model.save_pretrained(tmp_path / "m")
+    other = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE)).eval()
+    other.save_pretrained(tmp_path / "other")
+    convert(tmp_path / "other", tmp_path / "bin", weights_format="bin", max_shard_size="100KB")
+    for f in (tmp_path / "bin").glob("pytorch_model*"):
+        f.rename(tmp_path / "m" / f.name)
+    assert (tmp_path / "m" / "pytorch_model.bin.index.json").exists()
+    expected = logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval(), IDS)
+    assert same(expected, logits(hf_model, IDS)) and not same(expected, logits(other, IDS))
+    assert same(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "m"), IDS), expected)
+
+
+def test_a_malformed_shard_index_is_one_clear_error(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    index = tmp_path / "m" / "model.safetensors.index.json"
+    for weight_map in ([], {"transformer.wte.weight": None}):
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError, match="weight_map must map tensor names to shard file names"):
+            load_state_dict(tmp_path / "m")
+
+
+def test_the_cache_snapshot_is_the_one_refs_main_names(tmp_path, monkeypatch, hf_model):
+    repo = tmp_path / "xdg" / "huggingface" / "hub" / "models--openai-community--gpt2"
+    hf_model.save_pretrained(repo / "snapshots" / "aaa")
+    newer = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE)).eval()
+    newer.save_pretrained(repo / "snapshots" / "bbb")  # modified last, but not what main names
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("aaa")
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # huggingface_hub's default cache is under it
+    assert same(logits(GPT2LMHeadModel.from_pretrained("gpt2"), IDS), logits(hf_model, IDS))
+    (repo / "refs" / "main").unlink()
+    assert same(logits(GPT2LMHeadModel.from_pretrained("gpt2"), IDS), logits(newer, IDS))  # no ref: the newest
+
+
+def test_config_aliases_mean_their_fields(tmp_path, hf_model):
+    """transformers reads num_attention_heads (and the other generic names) as n_head: so must we, or the
+    weights load with the wrong number of heads and no shape to tell."""
+    hf_model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config["num_attention_heads"] = config.pop("n_head")
+    config["hidden_size"] = config.pop("n_embd")
+    path.write_text(json.dumps(config))
+    ours = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+    assert (ours.config.n_head, ours.config.n_embd) == (4, 64)
+    assert "num_attention_heads" not in ours.config.to_hf_dict()
+    assert same(logits(ours, IDS), logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "m"), IDS))
+    path.write_text(json.dumps({**config, "n_head": 8}))
+    with pytest.raises(CheckpointError, match=r"num_attention_heads \(4\) and n_head \(8\) disagree"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+
+
+def test_weights_load_in_the_dtype_transformers_gives_them(tmp_path, hf_model):
+    """config.json's dtype decides when it names one; a file of mixed dtypes becomes one dtype; a file of integer
+    weights is an error naming the tensor."""
+    hf_model.to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    for named in ("float32", "float16"):
+        path.write_text(json.dumps({**config, "dtype": named}))
+        expected = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "m").dtype
+        assert expected == getattr(torch, named)
+        assert GPT2LMHeadModel.from_pretrained(tmp_path / "m").transformer.wte.weight.dtype == expected
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+
+    from safetensors.torch import load_file, save_file
+    path.write_text(json.dumps({k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}))
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(weights)
+    save_file({**state, "transformer.ln_f.weight": state["transformer.ln_f.weight"].float()}, weights)
+    mixed = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+    assert {p.dtype for p in mixed.parameters()} == {torch.bfloat16}
+    mixed(IDS)  # one dtype: the forward runs
+    save_file({**state, "transformer.ln_f.weight": state["transformer.ln_f.weight"].long()}, weights)
+    with pytest.raises(CheckpointError, match="transformer.ln_f.weight is torch.int64, expected floating-point"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+
+
+def test_a_tied_checkpoint_may_store_its_one_matrix_as_the_lm_head(tmp_path, hf_model):
+    from safetensors.torch import load_file, save_file
+
+    hf_model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(weights)
+    state["lm_head.weight"] = state.pop("transformer.wte.weight")
+    save_file(state, weights, metadata={"format": "pt"})
+    assert same(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "m"), IDS), logits(hf_model, IDS))
+
+
+def test_info_reads_cache_names_and_says_whether_the_head_is_tied(tmp_path, monkeypatch, capsys):
+    from gpt2kit import GPT2Config
+
+    GPT2LMHeadModel(GPT2Config(**SHAPE, tie_word_embeddings=False)).save_pretrained(
+        tmp_path / "hub" / "models--someone--untied" / "snapshots" / "abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(["info", "someone/untied"]) == 0
+    out = capsys.readouterr().out
+    assert "separate from wte" in out and f"{2 * 300 * 64 + 64 * 64:,}" not in out
+    assert main(["info", "gpt2"]) == 0 and "tied to wte" in capsys.readouterr().out
+
+
+def test_a_missing_config_names_the_directory_once(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(CheckpointError) as err:
+        GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+    assert str(err.value).count(str(tmp_path / "m")) == 1

@@ -193,3 +193,15 @@ def test_kv_cache_reorder_keeps_and_repeats_rows(tiny_config, rows):
     assert cache.batch_size == len(rows) and cache.length == 6
     torch.testing.assert_close(cache.keys[:, :, :, :6], before[0][:, index, :, :6], rtol=0, atol=0)
     torch.testing.assert_close(cache.values[:, :, :, :6], before[1][:, index, :, :6], rtol=0, atol=0)
+
+
+def test_a_cache_of_another_dtype_is_one_clear_error(tiny_config):
+    model = GPT2LMHeadModel(tiny_config).eval().to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"KV cache holds torch.float32 but the model computes in torch.bfloat16"):
+        model(torch.tensor([[1, 2, 3]]), past_key_values=KVCache(tiny_config, 1, 8))
+
+
+def test_layer_norm_epsilon_must_be_a_positive_number():
+    for bad in ("x", 0, -1e-5, None):
+        with pytest.raises(ValueError, match="layer_norm_epsilon must be a number > 0"):
+            GPT2Config(layer_norm_epsilon=bad)

@@ -41,15 +41,33 @@ class CheckpointError(ValueError):
 
 # ---- locating a model ---------------------------------------------------------------------------------------
 def hf_cache_dirs() -> list[Path]:
-    """Where a local HuggingFace hub cache may live, in the order HF itself resolves it."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return [Path(os.environ["HF_HUB_CACHE"])]
-    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return [hf_home / "hub"]
+    """Where the local HuggingFace hub cache lives, resolved as huggingface_hub does: HF_HUB_CACHE, else the
+    older HUGGINGFACE_HUB_CACHE, else HF_HOME/hub, HF_HOME defaulting to $XDG_CACHE_HOME/huggingface
+    (~/.cache/huggingface); "~" and $VARIABLES in them expanded."""
+    def expand(value: str) -> Path:
+        return Path(os.path.expandvars(os.path.expanduser(value)))
+
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return [expand(os.environ[variable])]
+    xdg_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return [expand(os.environ.get("HF_HOME") or os.path.join(xdg_cache, "huggingface")) / "hub"]
+
+
+def _cached_snapshot(repo: Path) -> Path | None:
+    """The snapshot of a cached repo that its refs/main names, as huggingface_hub picks it; else the newest."""
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        named = repo / "snapshots" / ref.read_text().strip()
+        if (named / CONFIG_NAME).exists():
+            return named
+    candidates = sorted((d for d in (repo / "snapshots").glob("*") if (d / CONFIG_NAME).exists()),
+                        key=lambda d: d.stat().st_mtime)
+    return candidates[-1] if candidates else None
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """An existing directory, or the newest snapshot of `name` in the local HF cache. Never the network."""
+    """An existing directory, or the snapshot of `name` in the local HF cache. Never the network."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
@@ -60,12 +78,11 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     searched = []
     for cache in hf_cache_dirs():
         for repo_id in repo_ids:
-            snapshots = cache / f"models--{repo_id.replace('/', '--')}" / "snapshots"
-            searched.append(str(snapshots))
-            candidates = sorted((d for d in snapshots.glob("*") if (d / CONFIG_NAME).exists()),
-                                key=lambda d: d.stat().st_mtime)
-            if candidates:
-                return candidates[-1]
+            repo = cache / f"models--{repo_id.replace('/', '--')}"
+            searched.append(str(repo / "snapshots"))
+            snapshot = _cached_snapshot(repo)
+            if snapshot is not None:
+                return snapshot
     hint = (f" ('{name}' is a preset: build it with GPT2LMHeadModel(GPT2Config.from_name('{name}')) for random "
             "weights)") if name in PRESETS else ""
     raise CheckpointError(
@@ -103,26 +120,31 @@ def load_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _load_safetensors(path) if path.suffix == ".safetensors" else _load_bin(path)
 
 
+def _load_shards(index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({type(err).__name__}: {err})") from None
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+        raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(load_weight_file(index_path.parent / shard))
+    missing = set(weight_map) - set(state)
+    if missing:
+        raise CheckpointError(f"{index_path}: tensors listed but absent from the shards: {sorted(missing)[:5]}")
+    return state
+
+
 def load_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF-format directory, whatever the layout (single file, shards, .bin or safetensors)."""
+    """Every tensor of an HF-format directory, whatever the layout (single file, shards, .bin or safetensors).
+    A directory holding several layouts (a hub repo given safetensors beside its .bin files) is read in
+    transformers' order: safetensors before pickles, a single file before shards."""
     model_dir = Path(model_dir)
-    for index_name in (SAFETENSORS_INDEX_NAME, BIN_INDEX_NAME):
-        index_path = model_dir / index_name
-        if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{index_path}: not a valid shard index ({err})") from None
-            state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                state.update(load_weight_file(model_dir / shard))
-            missing = set(weight_map) - set(state)
-            if missing:
-                raise CheckpointError(f"{index_path}: tensors listed but absent from the shards: {sorted(missing)[:5]}")
-            return state
-    for name in (SAFETENSORS_NAME, BIN_NAME):
-        if (model_dir / name).exists():
-            return load_weight_file(model_dir / name)
+    for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, BIN_NAME, BIN_INDEX_NAME):
+        path = model_dir / name
+        if path.exists():
+            return _load_shards(path) if name.endswith(".index.json") else load_weight_file(path)
     raise CheckpointError(f"{model_dir}: no weights found (expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
                           f"{BIN_NAME} or {BIN_INDEX_NAME})")
 
@@ -143,8 +165,12 @@ def hf_to_gpt2kit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
         if _CONV1D_WEIGHTS.search(key):
             tensor = tensor.t()
         out[key] = tensor
-    if "lm_head.weight" in model.state_dict() and model.config.tie_word_embeddings and "transformer.wte.weight" in out:
-        out["lm_head.weight"] = out["transformer.wte.weight"]  # HF re-ties the head too, whatever the file holds
+    if model.config.tie_word_embeddings and has_transformer:
+        # One matrix, stored under either name: HF ties the head to the embedding whichever the file holds.
+        if "transformer.wte.weight" not in out and "lm_head.weight" in state:
+            out["transformer.wte.weight"] = state["lm_head.weight"]
+        if "lm_head.weight" in names and "transformer.wte.weight" in out:
+            out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
 
 
@@ -167,14 +193,32 @@ def load_config(model_dir: str | os.PathLike) -> GPT2Config:
     path = Path(model_dir) / CONFIG_NAME
     if not path.exists():
         raise CheckpointError(f"{model_dir}: no {CONFIG_NAME} (an HF-format model directory needs one)")
-    return GPT2Config.from_json_file(path)
+    try:
+        return GPT2Config.from_json_file(path)
+    except ValueError as err:  # its messages name the file
+        raise CheckpointError(str(err)) from None
+
+
+def checkpoint_dtype(config: GPT2Config, state: dict[str, torch.Tensor], source: Path) -> torch.dtype | None:
+    """The dtype transformers gives a checkpoint's weights: config.json's `dtype` (`torch_dtype` before
+    transformers 4.56) when it names one; else one dtype for all, the most common of the file's floating
+    tensors when they differ (a model computes in one dtype); None when the file has one already."""
+    named = config.extra.get("dtype") or config.extra.get("torch_dtype")
+    if isinstance(named, str) and named != "auto":
+        dtype = getattr(torch, named, None)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise CheckpointError(f"{source / CONFIG_NAME}: dtype {named!r} is not a floating-point torch dtype")
+        return dtype
+    dtypes = [t.dtype for t in state.values() if t.is_floating_point()]
+    return max(set(dtypes), key=dtypes.count) if len(set(dtypes)) > 1 else None
 
 
 def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu", **config_overrides) -> M:
     model_dir = resolve_model_dir(name_or_path)
+    config = load_config(model_dir)
     try:
-        config = load_config(model_dir).replace(**config_overrides)
+        config = config.replace(**config_overrides)
     except ValueError as err:
         raise CheckpointError(f"{model_dir}: {err}") from None
     state = load_state_dict(model_dir)
@@ -191,7 +235,7 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: tor
     model.load_state_dict(state, strict=True, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    model.to(device=device, dtype=dtype)
+    model.to(device=device, dtype=dtype or checkpoint_dtype(config, state, model_dir))
     return model.eval()
 
 
@@ -206,6 +250,8 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path)
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, config.json implies "
                                   f"{tuple(expected[key].shape)}")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: {key} is {tensor.dtype}, expected floating-point weights")
 
 
 # ---- writing ------------------------------------------------------------------------------------------------

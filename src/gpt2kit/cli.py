@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .allocator import ALLOCATORS, restart_with_allocator
-from .checkpoint import CheckpointError, convert, load_config
+from .checkpoint import CheckpointError, convert, load_config, resolve_model_dir
 from .config import PRESETS, GPT2Config
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]
@@ -23,10 +23,11 @@ def model_summary(name_or_path: str) -> str:
 
     if name_or_path in PRESETS:
         config = GPT2Config.from_name(name_or_path)
-    elif Path(name_or_path).is_dir():
-        config = load_config(name_or_path)
     else:
-        raise ValueError(f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory")
+        try:
+            config = load_config(resolve_model_dir(name_or_path))
+        except CheckpointError as err:
+            raise CheckpointError(f"{err} (presets: {', '.join(PRESETS)})") from None
     with torch.device("meta"):
         n_params = GPT2LMHeadModel(config).num_parameters()
     return "\n".join([
@@ -37,7 +38,8 @@ def model_summary(name_or_path: str) -> str:
         f"mlp          {config.mlp_dim}",
         f"context      {config.n_positions}",
         f"vocab        {config.vocab_size}",
-        f"parameters   {n_params:,} ({n_params / 1e6:,.1f}M, LM head tied to wte)",
+        f"parameters   {n_params:,} ({n_params / 1e6:,.1f}M, LM head "
+        f"{'tied to wte' if config.tie_word_embeddings else 'separate from wte'})",
         f"fp32 / bf16  {n_params * 4 / 2**30:,.2f} GiB / {n_params * 2 / 2**30:,.2f} GiB of weights",
     ])
 

@@ -17,6 +17,10 @@ _HF_BOOKKEEPING_KEYS = {
     "use_cache", "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "n_ctx",
     "add_cross_attention", "problem_type", "gradient_checkpointing", "_attn_implementation_autoset",
 }
+# The generic names HF's GPT2Config also accepts for its fields (its attribute_map), and n_ctx, GPT-2's first
+# name for the context.
+_HF_ALIASES = {"hidden_size": "n_embd", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer",
+               "max_position_embeddings": "n_positions", "n_ctx": "n_positions"}
 
 
 @dataclass
@@ -57,6 +61,8 @@ class GPT2Config:
             value = getattr(self, name)
             if not (type(value) in (int, float) and 0 <= value < 1):
                 raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+        if not (type(self.layer_norm_epsilon) in (int, float) and self.layer_norm_epsilon > 0):
+            raise ValueError(f"layer_norm_epsilon must be a number > 0, got {self.layer_norm_epsilon!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -95,13 +101,16 @@ class GPT2Config:
         for key, value in values.items():
             if key in known:
                 kwargs[key] = value
-            elif key in _HF_BOOKKEEPING_KEYS or not strict:
+            elif key in _HF_BOOKKEEPING_KEYS or key in _HF_ALIASES or not strict:
                 extra[key] = value
             else:
                 raise ValueError(f"{source}: unknown model field {key!r}; expected one of {sorted(known)}")
-        if "n_ctx" in values and "n_positions" not in values:
-            kwargs["n_positions"] = values["n_ctx"]
-        extra.pop("n_ctx", None)
+        # An alias means its field: left in `extra`, a num_attention_heads would be ignored and the heads wrong.
+        for alias, name in _HF_ALIASES.items():
+            if alias in extra:
+                value = extra.pop(alias)
+                if kwargs.setdefault(name, value) != value and alias != "n_ctx":
+                    raise ValueError(f"{source}: {alias} ({value!r}) and {name} ({kwargs[name]!r}) disagree")
         return cls(**kwargs, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
