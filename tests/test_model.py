@@ -125,6 +125,31 @@ def test_sequence_classification_matches_transformers(tmp_path):
     assert abs(ref.loss.item() - out.loss.item()) <= 1e-5
 
 
+
+@pytest.mark.parametrize("problem_type,num_labels,labels", [
+    (None, 1, torch.tensor([0.5, -1.0, 2.0])), (None, 3, torch.tensor([0, 2, 1])),
+    (None, 3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+    ("regression", 3, torch.tensor([[0.5, 1.0, -1.0], [0.0, 2.0, 1.0], [1.0, 1.0, 1.0]])),
+    ("single_label_classification", 3, torch.tensor([2, 0, 1])),
+    ("multi_label_classification", 3, torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 1.0]]))])
+def test_classification_loss_follows_the_problem_type_as_transformers(tmp_path, problem_type, num_labels, labels):
+    shape = SHAPES[0]
+    hf, ours = hf_pair(tmp_path, shape, cls=transformers.GPT2ForSequenceClassification,
+                       ours=GPT2ForSequenceClassification, num_labels=num_labels, pad_token_id=1,
+                       **({"problem_type": problem_type} if problem_type else {}))
+    ids = torch.randint(2, shape["vocab_size"], (3, 9))
+    with torch.no_grad():
+        ref, out = hf(ids, labels=labels), ours(ids, labels=labels)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), abs=1e-5)
+
+
+def test_an_unknown_problem_type_is_an_error(tmp_path):
+    hf, ours = hf_pair(tmp_path, SHAPES[0], cls=transformers.GPT2ForSequenceClassification,
+                       ours=GPT2ForSequenceClassification, num_labels=2, pad_token_id=1)
+    ours.config.extra["problem_type"] = "ranking"
+    with pytest.raises(ValueError, match="problem_type must be one of regression, single_label_classification"):
+        ours(torch.tensor([[3, 4]]), labels=torch.tensor([1]))
+
 def test_lm_head_is_tied_and_init_follows_gpt2(tiny_config):
     config = GPT2Config(**{**tiny_config.to_dict(), "n_layer": 8, "n_embd": 128})
     model = GPT2LMHeadModel(config)

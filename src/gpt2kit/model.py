@@ -362,6 +362,24 @@ class SequenceClassifierOutput:
     loss: Tensor | None = None
 
 
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def classification_loss(logits: Tensor, labels: Tensor, problem_type: str | None) -> Tensor:
+    """transformers' sequence-classification loss. config.json's `problem_type` picks it; without one, one label
+    is regression, integer labels are single-label classes and float labels a multi-label target."""
+    if problem_type is None:
+        problem_type = ("regression" if logits.shape[-1] == 1 else "single_label_classification"
+                        if not labels.is_floating_point() else "multi_label_classification")
+    if problem_type == "regression":
+        return F.mse_loss(logits.squeeze(-1).float() if logits.shape[-1] == 1 else logits.float(), labels.float())
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits.float(), labels.view(-1))
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    raise ValueError(f"problem_type must be one of {', '.join(PROBLEM_TYPES)}, got {problem_type!r}")
+
+
 class GPT2ForSequenceClassification(GPT2PreTrainedModel):
     """GPT-2 with a linear classifier on the hidden state of each row's last real (non-pad) token."""
 
@@ -387,8 +405,5 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         logits = self.score(hidden[torch.arange(B, device=input_ids.device), last])
         loss = None
         if labels is not None:
-            if self.config.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
-            else:
-                loss = F.cross_entropy(logits.float(), labels)
+            loss = classification_loss(logits, labels, self.config.extra.get("problem_type"))
         return SequenceClassifierOutput(logits=logits, loss=loss)
