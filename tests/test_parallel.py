@@ -191,8 +191,31 @@ def scenario_classifier(state: ParallelState, out: Path) -> None:
         torch.save(results, out / "classifier.pt")
 
 
+def scenario_tensor_parallel_loading(state: ParallelState, out: Path) -> None:
+    """`generate --tensor-parallel`'s loader: a bf16 checkpoint stays bf16 (its logits are the single-process
+    model's), a classification checkpoint is refused as load_pretrained refuses it, and checkpoint hashing is
+    shared by the ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from gpt2kit.training.checkpoints import hash_files
+    from gpt2kit.training.parallel import load_tensor_parallel
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = load_tensor_parallel(out / "bf16-lm", mesh)
+    ids = batches()[0, 0, :2, :-1]
+    result = {"dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+              "logits": model(ids).logits.detach().float(),
+              "hashed": hash_files(out / "bf16-lm", state.rank, WORLD)}
+    try:
+        load_tensor_parallel(out / "classifier", mesh)
+        result["classifier"] = None
+    except CheckpointError as err:
+        result["classifier"] = str(err)
+    torch.save(result, out / f"tp-loading-rank{state.rank}.pt")
+
+
 SCENARIOS = [scenario_train_layouts, scenario_evaluate_layouts, scenario_reshard_fsdp_into_tp, scenario_failed_load,
-             scenario_classifier]
+             scenario_classifier, scenario_tensor_parallel_loading]
 
 
 def _prepare_corrupt_copy(out: Path) -> None:
@@ -203,11 +226,19 @@ def _prepare_corrupt_copy(out: Path) -> None:
         shard.write_bytes(shard.read_bytes()[:100])
 
 
+def _prepare_model_dirs(out: Path) -> None:
+    torch.manual_seed(0)
+    GPT2LMHeadModel(tiny_lm_config()).to(torch.bfloat16).save_pretrained(out / "bf16-lm")
+    fresh_classifier().save_pretrained(out / "classifier")
+
+
 def _two_rank_job(rank: int, out: Path) -> None:
     state = init_distributed(ParallelConfig(timeout=60), device="cpu")
     for scenario in SCENARIOS:
         if scenario is scenario_failed_load and rank == 0:
             _prepare_corrupt_copy(out)
+        if scenario is scenario_tensor_parallel_loading and rank == 0:
+            _prepare_model_dirs(out)
         torch.distributed.barrier()
         scenario(state, out)
 
@@ -488,3 +519,20 @@ def test_parallel_config_fills_the_remaining_ranks():
 def test_parallel_config_errors_name_the_problem(config, world, message):
     with pytest.raises(ParallelConfigError, match=message):
         config.resolve(world)
+
+
+def test_tensor_parallel_loading_keeps_the_checkpoints_dtype_and_refuses_classifiers(job):
+    from gpt2kit.training.checkpoints import hash_files
+
+    ranks = [load(job / f"tp-loading-rank{rank}.pt") for rank in range(WORLD)]
+    single = GPT2LMHeadModel.from_pretrained(job / "bf16-lm")
+    with torch.no_grad():
+        expected = single(batches()[0, 0, :2, :-1]).logits.float()
+    for result in ranks:
+        assert result["dtypes"] == ["torch.bfloat16"]
+        torch.testing.assert_close(result["logits"], expected, rtol=0, atol=0.05)
+        assert "a sequence-classification checkpoint (it has score.weight, no LM head)" in result["classifier"]
+    # The ranks' shares of a directory's hashes are disjoint and together cover every file.
+    shares = [result["hashed"] for result in ranks]
+    assert not set(shares[0]) & set(shares[1]) and all(shares)
+    assert {**shares[0], **shares[1]} == hash_files(job / "bf16-lm")

@@ -168,6 +168,16 @@ def test_corrupted_and_partial_checkpoints_are_detected_and_skipped(corpus, refe
     assert "model.safetensors is corrupted" in err
     with pytest.raises(Exception, match="corrupted"):
         find_resume_checkpoint(run, str(newest))
+    # Ranks share the hashing: the corrupted file is found by the one rank whose share holds it; a size
+    # mismatch by every rank.
+    names = sorted(json.loads((newest / "COMPLETE").read_text())["files"])
+    owner = names.index("model.safetensors") % 2
+    verify_checkpoint(newest, 1 - owner, 2)
+    with pytest.raises(Exception, match="model.safetensors is corrupted"):
+        verify_checkpoint(newest, owner, 2)
+    weights.write_bytes(bytes(data[:-1]))
+    with pytest.raises(Exception, match="model.safetensors has"):
+        verify_checkpoint(newest, 1 - owner, 2)
 
     assert main(["train", "--config", str(tmp_path / "run.yaml"), "--resume", str(newest)]) == 2
     assert "gpt2kit train: error:" in capsys.readouterr().err

@@ -199,6 +199,13 @@ def load_config(model_dir: str | os.PathLike) -> GPT2Config:
         raise CheckpointError(str(err)) from None
 
 
+def classification_checkpoint_error(model_dir: Path) -> CheckpointError:
+    """For a checkpoint with a classification head loaded as a language model: it would predict with the bare
+    embedding, silently."""
+    return CheckpointError(f"{model_dir}: a sequence-classification checkpoint (it has score.weight, no LM head); "
+                           f"load it with GPT2ForSequenceClassification")
+
+
 def checkpoint_dtype(config: GPT2Config, state: dict[str, torch.Tensor], source: Path) -> torch.dtype | None:
     """The dtype transformers gives a checkpoint's weights: config.json's `dtype` (`torch_dtype` before
     transformers 4.56) when it names one; else one dtype for all, the most common of the file's floating
@@ -223,9 +230,7 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: tor
         raise CheckpointError(f"{model_dir}: {err}") from None
     state = load_state_dict(model_dir)
     if cls.__name__ == "GPT2LMHeadModel" and "score.weight" in state:
-        # Its head scores classes; as a language model it would predict with the bare embedding, silently.
-        raise CheckpointError(f"{model_dir}: a sequence-classification checkpoint (it has score.weight, no LM head); "
-                              f"load it with GPT2ForSequenceClassification")
+        raise classification_checkpoint_error(model_dir)
     with torch.device("meta"):
         model = cls(config)  # no memory, no init: every tensor comes from the checkpoint
     state = hf_to_gpt2kit(state, model)

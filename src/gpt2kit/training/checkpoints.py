@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +29,33 @@ DCP_DIR = "dcp"  # in STATE_DIR: model + optimizer of a sharded (FSDP / TP) run
 COMPLETE_NAME = "COMPLETE"
 
 
-def write_manifest(directory: Path, step: int) -> None:
-    """Seal a fully written checkpoint directory: record every file's size and SHA-256, fsync the record."""
-    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file()}
+def hash_files(directory: Path, rank: int = 0, world_size: int = 1) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every `world_size`-th file of a checkpoint directory, from the `rank`-th. The ranks of
+    a sharded run hash its files together: rank 0 alone (624 GB of state for the 52B shape) kept the others
+    waiting in their next collective past its timeout."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != COMPLETE_NAME)
+    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in files[rank::world_size]}
+
+
+def write_manifest(directory: Path, step: int, hashed: dict[str, dict[str, Any]] | None = None) -> None:
+    """Seal a fully written checkpoint directory: record every file's size and SHA-256 (those in `hashed`, from
+    hash_files on each rank, are not read again), fsync the record."""
+    hashed = hashed or {}
+    files = {name: hashed.get(name) or {"size": (directory / name).stat().st_size,
+                                        "sha256": sha256_file(directory / name)}
+             for name in sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())}
     manifest = directory / COMPLETE_NAME
     manifest.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
     with open(manifest) as f:
         os.fsync(f.fileno())
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """The trainer state of a checkpoint directory after checking its COMPLETE manifest (every file present
-    with the recorded size and SHA-256). Raises CheckpointError naming what is wrong."""
+    with the recorded size and SHA-256). Raises CheckpointError naming what is wrong. The ranks of a job may
+    share the hashing: each checks every file's size and the SHA-256 of every `world_size`-th, from the
+    `rank`-th (see hash_files)."""
     path = Path(path)
     manifest_path = path / COMPLETE_NAME
     if not manifest_path.is_file():
@@ -51,13 +66,13 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
-    for name, info in files.items():
+    for i, (name, info) in enumerate(sorted(files.items())):
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
         if file.stat().st_size != info["size"]:
             raise CheckpointError(f"{path}: {name} has {file.stat().st_size} bytes, expected {info['size']}")
-        if sha256_file(file) != info["sha256"]:
+        if i % world_size == rank and sha256_file(file) != info["sha256"]:
             raise CheckpointError(f"{path}: {name} is corrupted (SHA-256 mismatch)")
     return json.loads((path / STATE_DIR / "trainer_state.json").read_text())
 
@@ -92,19 +107,22 @@ def remove_checkpoints_after(out_dir: str | os.PathLike, step: int) -> list[Path
     return stale
 
 
-def find_resume_checkpoint(out_dir: str | os.PathLike, resume: str) -> Path | None:
+def find_resume_checkpoint(out_dir: str | os.PathLike, resume: str,
+                           verify: Callable[[Path], Any] = verify_checkpoint, report: bool = True) -> Path | None:
     """The checkpoint to resume from: a given directory (must be valid) or, for "auto", the newest valid one
-    in out_dir; invalid ones are skipped with a message."""
+    in out_dir; invalid ones are skipped, with a message when `report`. `verify` raises for an invalid one (the
+    ranks of a job pass one that checks together; see verify_checkpoint)."""
     if resume != "auto":
         path = Path(resume)
         if not path.is_dir():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
-        verify_checkpoint(path)
+        verify(path)
         return path
     for path in reversed(list_checkpoints(out_dir)):
         try:
-            verify_checkpoint(path)
+            verify(path)
             return path
         except (CheckpointError, OSError, ValueError) as err:
-            print(f"skipping checkpoint {path}: {err}", file=sys.stderr)
+            if report:
+                print(f"skipping checkpoint {path}: {err}", file=sys.stderr)
     return None

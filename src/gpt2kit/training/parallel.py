@@ -146,6 +146,14 @@ class ParallelState:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` (any picklable object) on every rank, in rank order."""
+        if not self.distributed:
+            return [value]
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def shared_seed(self, seed: int | None) -> int:
         """Collective: rank 0's `seed` (drawn there when None) on every rank, so ranks that must sample the same
         tokens (tensor parallelism) draw the same random numbers."""
@@ -389,10 +397,13 @@ def _hf_tensors(model_dir) -> Iterator[tuple[str, torch.Tensor]]:
     from ..checkpoint import SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME, CheckpointError, load_state_dict
 
     index = model_dir / SAFETENSORS_INDEX_NAME
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (model_dir / SAFETENSORS_NAME).is_file():
+    if (model_dir / SAFETENSORS_NAME).is_file():  # first, as load_state_dict and transformers read it
         files = [SAFETENSORS_NAME]
+    elif index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index}: not a valid shard index ({type(err).__name__}: {err})") from None
     else:
         yield from load_state_dict(model_dir).items()
         return
@@ -413,11 +424,13 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     generation's KV cache holds only the local heads; the model is for inference, not for saving."""
     from torch.distributed.tensor import distribute_tensor
 
-    from ..checkpoint import CheckpointError, hf_to_gpt2kit, load_config, resolve_model_dir
+    from ..checkpoint import (CheckpointError, checkpoint_dtype, classification_checkpoint_error, hf_to_gpt2kit,
+                              load_config, resolve_model_dir)
     from ..model import GPT2LMHeadModel
 
     model_dir = resolve_model_dir(model_dir)
     config = load_config(model_dir)
+    dtype = dtype or checkpoint_dtype(config, {}, model_dir)  # config.json's, else each tensor's own
     degree = mesh.size()
     check_tensor_parallel(config, degree)
     with torch.device("meta"):
@@ -426,6 +439,8 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     targets = dict(model.named_parameters())  # the tied LM head appears once, as transformer.wte.weight
     state: dict[str, torch.Tensor] = {}
     for hf_key, tensor in _hf_tensors(model_dir):
+        if hf_key.startswith("score."):
+            raise classification_checkpoint_error(model_dir)
         for key, value in hf_to_gpt2kit({hf_key: tensor}, model).items():
             if key not in targets:
                 if key == "lm_head.weight" and config.tie_word_embeddings:
@@ -436,7 +451,7 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
                 raise CheckpointError(f"{model_dir}: {key} has shape {tuple(value.shape)}, config.json implies "
                                       f"{tuple(target.shape)}")
             # Every rank has the whole tensor: each keeps its slice, nothing is sent.
-            state[key] = distribute_tensor(value.to(dtype or torch.float32), mesh, target.placements,
+            state[key] = distribute_tensor(value if dtype is None else value.to(dtype), mesh, target.placements,
                                            src_data_rank=None)
     missing = sorted(set(targets) - set(state))
     if missing:

@@ -49,8 +49,8 @@ from ..files import atomic_write_text, replace_directory
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
 from ..tokenizer import GPT2Tokenizer
 from . import lora as lora_lib
-from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, prune_checkpoints,
-                          remove_checkpoints_after, write_manifest)
+from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, hash_files, prune_checkpoints,
+                          remove_checkpoints_after, verify_checkpoint, write_manifest)
 from .config import RunConfig, load_config as load_run_config, save_config
 from .distributed_checkpoint import (gather_full_state, load_distributed_checkpoint, load_full_state,
                                      save_distributed_checkpoint)
@@ -773,10 +773,13 @@ class Trainer:
             (tmp / STATE_DIR).mkdir()
             torch.save(tensors, tmp / STATE_DIR / "state.pt")
             (tmp / STATE_DIR / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        hashed = {}
         if self._sharded:
             save_distributed_checkpoint(tmp / STATE_DIR / DCP_DIR, self.model, self.optimizer)
+            for share in self.parallel.all_gather(hash_files(tmp, self.parallel.rank, self.parallel.world_size)):
+                hashed.update(share)
         if self.is_main:
-            write_manifest(tmp, self.step)
+            write_manifest(tmp, self.step, hashed)
             replace_directory(tmp, final)
             prune_checkpoints(self.out_dir, self.config.checkpoint.keep_last)
         self.last_checkpoint = final
@@ -798,15 +801,24 @@ class Trainer:
         return final
 
     def _resume(self, resume: str) -> None:
-        # Rank 0 picks and verifies the checkpoint (hashing it once, not once per rank) and tells the others.
-        path, error = None, None
-        if self.is_main:
+        def verify_together(path: Path) -> None:
+            # Each rank hashes a share of the files, and a checkpoint is valid when every share is.
+            error = None
             try:
-                path = find_resume_checkpoint(self.out_dir, resume)
+                verify_checkpoint(path, self.parallel.rank, self.parallel.world_size)
             except (CheckpointError, OSError, ValueError) as err:
                 error = err
+            failed = [message for message in self.parallel.all_gather(None if error is None else str(error))
+                      if message is not None]
+            if failed:
+                raise CheckpointError(failed[0])
+
+        path, error = None, None
+        try:
+            path = find_resume_checkpoint(self.out_dir, resume, verify_together, report=self.is_main)
+        except (CheckpointError, OSError, ValueError) as err:
+            error = err
         raise_if_any_rank_failed(error, "finding the checkpoint to resume from", CheckpointError)
-        path = self.parallel.broadcast(path)
         if path is None:
             if self.is_main:
                 print(f"resume: no complete checkpoint in {self.out_dir / CHECKPOINTS_DIR}; starting from step 0",
