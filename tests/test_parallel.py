@@ -536,3 +536,39 @@ def test_tensor_parallel_loading_keeps_the_checkpoints_dtype_and_refuses_classif
     shares = [result["hashed"] for result in ranks]
     assert not set(shares[0]) & set(shares[1]) and all(shares)
     assert {**shares[0], **shares[1]} == hash_files(job / "bf16-lm")
+
+
+def test_tensor_parallel_ranks_draw_their_own_attention_dropout_masks():
+    """Each rank's attention holds its own heads, so its dropout masks are its own; the shared random stream
+    (which the replicated activations' dropout draws from) ends where it would on every rank, and activation
+    checkpointing's replay draws the same masks."""
+    from torch.utils.checkpoint import checkpoint
+
+    from gpt2kit.model import Block
+    from gpt2kit.training.parallel import own_attention_dropout
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, attn_pdrop=0.5, resid_pdrop=0.3)
+    torch.manual_seed(0)
+    weights = Block(config, 0).state_dict()
+    x = torch.randn(2, 8, 32)
+
+    def run(rank: int, recompute: bool = False):
+        block = Block(config, 0)
+        block.load_state_dict(weights)
+        own_attention_dropout(block.attn, rank)
+        torch.manual_seed(1)
+        inputs = x.clone().requires_grad_()
+        forward = (lambda t: block(t, None, True, None))
+        y = checkpoint(forward, inputs, use_reentrant=False) if recompute else forward(inputs)
+        y.sum().backward()
+        return y.detach(), inputs.grad, torch.get_rng_state()
+
+    (y0, grad0, state0), (y1, _, state1) = run(0), run(1)
+    assert not torch.equal(y0, y1) and torch.equal(state0, state1)
+    y0_again, grad0_again, state0_again = run(0, recompute=True)
+    assert torch.equal(y0_again, y0) and torch.equal(grad0_again, grad0) and torch.equal(state0_again, state0)
+    block = Block(config, 0).eval()
+    own_attention_dropout(block.attn, 1)
+    torch.manual_seed(1)
+    block(x, None, True, None)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(1).get_state())  # evaluation draws nothing

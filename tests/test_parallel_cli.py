@@ -197,6 +197,27 @@ def test_predict_after_tensor_parallel_training(tmp_path, corpus):
     assert texts[0] == texts[1] and len(texts[0]) == 2, texts
 
 
+
+def test_tensor_parallel_training_with_dropout_resumes_exactly(tmp_path, corpus):
+    """Attention dropout draws each rank's own masks from a stream derived from the shared one (see
+    own_attention_dropout), so a resumed tensor-parallel run with dropout and recomputation continues the
+    uninterrupted run's losses exactly."""
+    runs = {}
+    for name in ("whole", "resumed"):
+        config = write_config(tmp_path, corpus, name, data=1, tensor=-1)
+        values = yaml.safe_load(config.read_text())
+        values["model"]["config"].update(attn_pdrop=0.2, resid_pdrop=0.1, embd_pdrop=0.1)
+        values["train"]["recompute"] = True
+        config.write_text(yaml.safe_dump(values))
+        runs[name] = config
+    result = torchrun("train", "--config", str(runs["whole"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun("train", "--config", str(runs["resumed"]), "--resume",
+                      str(tmp_path / "whole" / "checkpoints" / "step-00000003"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert set(resumed) == {4, 5, 6} and resumed == {step: whole[step] for step in resumed}  # bit for bit
+
 def test_fsdp_resumes_a_single_process_checkpoint(tmp_path, corpus, single):
     config = write_config(tmp_path, corpus, "fsdp", data=1, shard=-1)
     result = torchrun("train", "--config", str(config), "--resume", str(single / "checkpoints" / "step-00000003"))

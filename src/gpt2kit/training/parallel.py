@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -285,6 +286,36 @@ def check_tensor_parallel(config, degree: int, shard: int = 1) -> None:
                                   "with tensor parallelism: FSDP splits the fused q/k/v weight along its input")
 
 
+def own_attention_dropout(attention: nn.Module, rank: int) -> None:
+    """Give a tensor-parallel rank's attention dropout masks of its own. The rank holds its own heads, and with
+    the one random stream that all ranks share (the replicated activations' dropout must draw the same numbers
+    everywhere) head h of every rank got the same mask. Before each training forward of `attention` its
+    device's default generator is reseeded from its own state and `rank`: a pure function of that state, so
+    activation checkpointing's replay draws the same masks. Before `c_proj` (after the attention's dropout,
+    before the replicated residual dropout) the shared state is put back and advanced by one draw, so the next
+    layer's masks are not this one's."""
+    saved: list[torch.Tensor] = []
+
+    def generator() -> torch.Generator:
+        device = next(attention.parameters()).device
+        return torch.cuda.default_generators[device.index] if device.type == "cuda" else torch.default_generator
+
+    def reseed(module: nn.Module, args: tuple) -> None:
+        if module.training and module.attn_pdrop > 0:
+            shared = generator().get_state()
+            saved[:] = [shared]
+            digest = hashlib.blake2b(shared.numpy().tobytes() + rank.to_bytes(8, "little"), digest_size=8).digest()
+            generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+    def restore(module: nn.Module, args: tuple) -> None:
+        if module.training and saved:  # (a recompute that checkpointing stopped early may leave one behind)
+            generator().set_state(saved.pop())
+            torch.randint(2, (1,), generator=generator(), device=generator().device)
+
+    attention.register_forward_pre_hook(reseed)
+    attention.c_proj.register_forward_pre_hook(restore)
+
+
 def apply_tensor_parallel(model: nn.Module, mesh) -> nn.Module:
     """Shard a GPT2LMHeadModel or GPT2ForSequenceClassification across the 1-D tensor-parallel `mesh`, in place.
     The attention modules' head count is set to the heads of this rank (the model reads it from `n_head`)."""
@@ -303,6 +334,8 @@ def apply_tensor_parallel(model: nn.Module, mesh) -> nn.Module:
         plan[prefix + "mlp.c_fc"] = ColwiseParallel()
         plan[prefix + "mlp.c_proj"] = RowwiseParallel()
         block.attn.n_head = config.n_head // degree
+        if config.attn_pdrop > 0:
+            own_attention_dropout(block.attn, mesh.get_local_rank())
     if hasattr(model, "lm_head"):
         # Vocabulary-parallel head; logits are gathered because the loss and generation run on whole rows.
         plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
