@@ -238,6 +238,11 @@ def test_headered_tsv_with_its_own_labels_and_files_with_a_byte_order_mark(tmp_p
     ("bad.csv", "text,label\ngood,1\nfine,\nbad,0\n", "csv", r"bad.csv:3: empty label"),
     ("bad.tsv", "sentence\tlabel\ngood\t1\nbad\t--1\n", "sst2", r"bad.tsv:3: label '--1' is not an integer in 0..1"),
     ("bad.tsv", b"sentence\tlabel\ngood\t1\ncaf\xe9\t0\n", "sst2", r"bad.tsv:3: invalid UTF-8 at byte offset 25"),
+    # Sorted as words, "10" would come before "2": every class renumbered, silently.
+    ("bad.csv", "text,label\n" + "".join(f"t{i},{i}\n" for i in range(11)) + "oops,N/A\n", "csv",
+     r"bad.csv:13: label 'N/A' is not an integer, but other labels are"),
+    # An error names the first line of a record whose quoted text spans several.
+    ("bad.csv", 'text,label\n"first\nsecond\nthird",\nfoo,1\n', "csv", r"bad.csv:2: empty label"),
 ])
 def test_classification_errors(tmp_path, tok, name, content, fmt, message):
     path = tmp_path / name
@@ -286,6 +291,9 @@ def test_instruction_truncation_and_errors(tmp_path, tok):
         InstructionDataset(path, tok, max_length=64)
     path.write_text('{"instruction": "x", "output": "y"}\n{"instruction": \n')
     with pytest.raises(DataError, match=r"a.json:2: malformed JSON"):
+        InstructionDataset(path, tok, max_length=64)
+    path.write_text(json.dumps(RECORDS[0], indent=1))  # valid JSON, but one record written over several lines
+    with pytest.raises(DataError, match=r"a.json: one JSON object; expected a JSON list of records or JSON lines"):
         InstructionDataset(path, tok, max_length=64)
 
 

@@ -229,8 +229,9 @@ def _read_examples(path: Path, fmt: str, text: str) -> list[tuple[int, str, str]
             width = len(header)
         else:
             width = 4 if fmt == "cola" else 3
+        end = rows.line_num
         for row in rows:
-            line = rows.line_num
+            line, end = end + 1, rows.line_num  # a record's first line (a quoted field may span several)
             if not row:
                 continue
             if len(row) != width:
@@ -280,6 +281,10 @@ class ClassificationDataset(Dataset):
         known = _KNOWN_NAMES.get(fmt)
         if fmt == "sst2" and not set(raw_labels) <= {"0", "1"} and (numeric or not any(integers)):
             known = None  # another headered TSV: its own labels (more classes, or names), like a CSV's
+        if not (known or numeric or names) and any(integers):  # sorted as words, "10" would come before "2"
+            line, label = next((line, label) for (line, _, _), label, is_int in zip(examples, raw_labels, integers)
+                               if not is_int)
+            raise DataError(f"{path}:{line}: label {label!r} is not an integer, but other labels are")
         if known or numeric:  # integer labels are ids (in SST-2/CoLA/AG News a word among them is an error below)
             ids = [int(label) - offset if is_int else -1 for label, is_int in zip(raw_labels, integers)]
             names = names or list(known or []) or [str(i) for i in range(max(ids) + 1)]
@@ -335,6 +340,13 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def _is_one_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """(location, record) from a JSON list or JSON lines."""
     text = read_utf8(path, error=DataError)
@@ -351,6 +363,9 @@ def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
                 try:
                     located.append((f"{path}:{n}", json.loads(line)))
                 except json.JSONDecodeError as err:
+                    if _is_one_object(text):
+                        raise DataError(f"{path}: one JSON object; expected a JSON list of records or JSON lines "
+                                        f"(one object per line)") from None
                     raise DataError(f"{path}:{n}: malformed JSON: {err.msg} (column {err.colno})") from None
     if not located:
         raise DataError(f"{path}: no records")
