@@ -248,4 +248,6 @@ def test_a_packed_model_refuses_what_it_cannot_do():
                           (lambda: model.to(torch.bfloat16), "moved or cast")):
         with pytest.raises(ValueError, match=f"a oneDNN-packed model cannot be {what}"):
             attempt()
+    # The refused cast changed nothing: the embeddings before the first packed layer are still float32.
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model.float().to("cpu") is model  # what changes nothing is allowed

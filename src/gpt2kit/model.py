@@ -188,6 +188,14 @@ class GPT2PreTrainedModel(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
+    def _apply(self, fn, recurse=True):
+        # A layer that cannot follow a move or cast (quantization.PackedLinear) refuses it before any layer moves:
+        # refused halfway, the layers before it would already be cast.
+        for module in self.modules():
+            if module is not self and hasattr(module, "check_apply"):
+                module.check_apply(fn)
+        return super()._apply(fn, recurse)
+
     def num_parameters(self) -> int:
         """Number of distinct parameters (a tied LM head counts once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

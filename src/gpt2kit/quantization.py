@@ -113,10 +113,14 @@ class PackedLinear(nn.Module):
     # (or, for state_dict, silently leave the weight out), so each is refused here with the way out.
     _REFUSAL = "a oneDNN-packed model cannot be {}: do it before pack_weights (pack last)"
 
-    def _apply(self, fn, recurse=True):
+    def check_apply(self, fn) -> None:
+        """Refuse a move or cast (`fn` as nn.Module._apply gets it); the model calls this before moving anything."""
         probe = fn(torch.empty(0, dtype=self.packed_dtype))
         if probe.dtype != self.packed_dtype or probe.device.type != "cpu":
             raise ValueError(self._REFUSAL.format(f"moved or cast (to {probe.dtype} on {probe.device})"))
+
+    def _apply(self, fn, recurse=True):
+        self.check_apply(fn)
         return self
 
     def __deepcopy__(self, memo):
