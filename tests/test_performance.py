@@ -328,6 +328,12 @@ def test_gpu_peaks_for_mfu(monkeypatch):
     assert logging_module.peak_flops(cuda, torch.bfloat16)[0] == 312e12
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
     assert logging_module.peak_flops(cuda, torch.float32) == (1.23e14, "NVIDIA A100-SXM4-40GB measured matmul")
+    # Names match as whole words: an RTX A1000 is no A100, an H100 NVL is measured (its datasheet differs).
+    for name, expected in (("NVIDIA RTX A1000 Laptop GPU", (1.23e14, "NVIDIA RTX A1000 Laptop GPU measured matmul")),
+                           ("NVIDIA H100 NVL", (1.23e14, "NVIDIA H100 NVL measured matmul")),
+                           ("NVIDIA L4", (121e12, "NVIDIA L4 datasheet"))):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert logging_module.peak_flops(cuda, torch.bfloat16) == expected
     for capability, has_bf16 in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert Trainer._cuda_has_bf16(SimpleNamespace(device=cuda)) is has_bf16

@@ -439,6 +439,34 @@ def test_a_finished_run_resumed_logs_its_final_evaluation_once(tmp_path):
     Trainer(args=config, train_dataset=Sequences(), eval_dataset=Sequences(16, seed=1)).train(resume="auto")
     evaluated = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
     assert evaluated == [0, 2, 4]
+    # Killed between its last checkpoint (step 4) and the final evaluation: the resumed run logs it, and the
+    # best validation loss counts it.
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    records = read_metrics(metrics)
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records if not (r["step"] == 4 and "val_loss" in r)))
+    Trainer(args=config, train_dataset=Sequences(), eval_dataset=Sequences(16, seed=1)).train(resume="auto")
+    val = [(r["step"], r["val_loss"]) for r in read_metrics(metrics) if "val_loss" in r]
+    assert [step for step, _ in val] == [0, 2, 4]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best_val_loss"] == min(loss for _, loss in val) <= summary["val_loss"]
+
+
+def test_metrics_are_standard_json_and_a_single_point_is_plotted(tmp_path):
+    from matplotlib.image import imread
+
+    from gpt2kit.training.logging import MetricsLogger, plot_losses
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(1, {"train_loss": 2.5, "grad_norm": float("inf"), "lr": float("nan")})
+    logger.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+    json.loads(line, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    record = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert record["grad_norm"] == float("inf") and record["lr"] != record["lr"] and record["train_loss"] == 2.5
+    image = imread(plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png"))[..., :3]
+    train_colour = torch.tensor([0x1F, 0x77, 0xB4]) / 255 * 0.8 + 0.2  # matplotlib's first colour at alpha 0.8
+    drawn = (torch.from_numpy(image.copy()) - train_colour).abs().max(-1).values < 0.05
+    assert drawn.sum() > 20  # the point's marker (the legend's line alone is not enough)
 
 
 class Ragged(Dataset):

@@ -6,6 +6,7 @@ import codecs
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -181,3 +182,15 @@ def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError) -
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise error(f"{path}: not valid JSON ({err})") from None
+
+
+def standard_json(value: Any) -> Any:
+    """`value` with floats past JSON's range as the strings "inf", "-inf" and "nan": JSON has no literal for them,
+    and Python's `Infinity` extension breaks other readers (browsers, jq)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: standard_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [standard_json(item) for item in value]
+    return value

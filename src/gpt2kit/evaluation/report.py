@@ -7,12 +7,11 @@ number means (definitions), and when and how long it took — enough to reproduc
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, standard_json
 
 # The numbers each task's summary line leads with, in order.
 HEADLINE = {
@@ -59,14 +58,4 @@ def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the report as JSON atomically (temporary file + rename): a reader never sees half a report.
     Numbers past float's range (a perplexity of inf) are the strings "inf", "-inf" or "nan": JSON has no
     literal for them, and Python's `Infinity` extension breaks other readers."""
-    return atomic_write_text(path, json.dumps(_standard_json(report), indent=2, allow_nan=False) + "\n")
-
-
-def _standard_json(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _standard_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_standard_json(item) for item in value]
-    return value
+    return atomic_write_text(path, json.dumps(standard_json(report), indent=2, allow_nan=False) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,14 @@ from typing import Any
 import torch
 
 from ..config import GPT2Config
-from ..files import atomic_file, atomic_write_text
+from ..files import atomic_file, atomic_write_text, standard_json
 
 # Dense peak TFLOP/s (no sparsity) by GPU name fragment: (bf16/fp16 tensor cores, fp32).
-GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
-    "H100 SXM": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.0, 67.0), "H200": (989.0, 67.0),
+# Matched as whole words of torch.cuda.get_device_name ("A100" is not "RTX A1000"), first match wins; None: a
+# variant whose datasheet differs from its family's (H100 NVL), measured like an unknown GPU.
+GPU_PEAK_TFLOPS: dict[str, tuple[float, float] | None] = {
+    "H100 NVL": None, "H100 SXM": (989.0, 67.0), "H100 PCIe": (756.0, 51.0), "H100": (989.0, 67.0),
+    "H200": (989.0, 67.0),
     "A100": (312.0, 19.5), "A800": (312.0, 19.5), "L40S": (362.0, 91.6), "L40": (181.0, 90.5), "L4": (121.0, 30.3),
     "A10G": (70.0, 31.2), "A10": (125.0, 31.2), "A6000": (154.8, 38.7), "V100": (125.0, 15.7), "T4": (65.0, 8.1),
     "RTX 4090": (165.2, 82.6), "RTX 3090": (35.6, 35.6),
@@ -89,9 +93,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         tf32 = not low_precision and torch.get_float32_matmul_precision() != "highest"
-        for fragment, (tensor_core, fp32) in GPU_PEAK_TFLOPS.items():
-            if fragment in name and not tf32:  # float32 on TF32 tensor cores: measured below
-                return (tensor_core if low_precision else fp32) * 1e12, f"{name} datasheet"
+        peaks = next((peaks for fragment, peaks in GPU_PEAK_TFLOPS.items()
+                      if re.search(rf"\b{re.escape(fragment)}\b", name)), None)
+        if peaks is not None and not tf32:  # float32 on TF32 tensor cores: measured below
+            return (peaks[0] if low_precision else peaks[1]) * 1e12, f"{name} datasheet"
         # An unknown GPU, or float32 on TF32 tensor cores: measure like on a CPU rather than guess.
         return measure_matmul_peak(dtype, size=4096, device=device), f"{name} measured matmul"
     key = f"{_cpu_name()}|{torch.get_num_threads()} threads|{dtype}|torch {torch.__version__}"
@@ -126,7 +131,7 @@ class MetricsLogger:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(json_line(r) for r in kept))
         self._file = self.path.open("a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -138,8 +143,7 @@ class MetricsLogger:
     def log(self, step: int, values: dict[str, Any]) -> None:
         if self._file is None:
             return
-        record = {"step": step, **values}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json_line({"step": step, **values}))
         self._file.flush()
         if self.writer is not None:
             for key, value in values.items():
@@ -163,8 +167,19 @@ def tensorboard_tag(key: str) -> str:
     return f"train/{key}"
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """One metrics.jsonl line: standard JSON, a non-finite number (an fp16 overflow step's gradient norm) as the
+    string "inf" or "nan"."""
+    return json.dumps(standard_json(record), allow_nan=False) + "\n"
+
+
+def _number(value: Any) -> Any:
+    return float(value) if value in ("inf", "-inf", "nan") else value
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl file; a torn last line (the process was killed mid-write) is ignored."""
+    """Records of a metrics.jsonl file, "inf" and "nan" read back as floats; a torn last line (the process was
+    killed mid-write) is ignored."""
     records = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -172,8 +187,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         return records
     for line in lines:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            records.append({key: _number(value) for key, value in json.loads(line).items()})
+        except (json.JSONDecodeError, AttributeError):
             continue
     return records
 
@@ -190,8 +205,8 @@ def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike, ti
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1.0, alpha=0.8)
+    if train:  # one point is a marker (a line through one point draws nothing)
+        ax.plot(*zip(*train), "o-" if len(train) == 1 else "-", label="train", linewidth=1.0, alpha=0.8)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5, markersize=4)
     ax.set_xlabel("step")

@@ -45,7 +45,7 @@ from ..allocator import allocator_in_use
 from ..checkpoint import (CheckpointError, hf_to_gpt2kit, load_config, load_state_dict, resolve_model_dir,
                           save_pretrained)
 from ..config import PRESETS, GPT2Config
-from ..files import atomic_write_text, replace_directory
+from ..files import atomic_write_text, replace_directory, standard_json
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
 from ..tokenizer import GPT2Tokenizer
 from . import lora as lora_lib
@@ -54,7 +54,7 @@ from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_check
 from .config import RunConfig, load_config as load_run_config, save_config
 from .distributed_checkpoint import (gather_full_state, load_distributed_checkpoint, load_full_state,
                                      save_distributed_checkpoint)
-from .logging import MetricsLogger, flops_per_token, peak_flops, plot_losses
+from .logging import MetricsLogger, flops_per_token, peak_flops, plot_losses, read_metrics
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters
 from .parallel import clip_grad_norm_, grad_sync, init_distributed, parallelize, raise_if_any_rank_failed
 
@@ -621,8 +621,9 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        # A finished run resumed trains nothing: its final evaluation is in the log already.
-        final_eval = (self._log_eval(logger, None, log=self.step > start_step)
+        # A finished run resumed trains nothing: its final evaluation is in the log already, unless the run stopped
+        # between its last checkpoint and that evaluation.
+        final_eval = (self._log_eval(logger, None, log=self.step > start_step or not self._val_logged(logger))
                       if self._datasets["val"] is not None else {})
         if not self.last_checkpoint or self.last_checkpoint.name != f"step-{self.step:08d}":
             self._save_checkpoint()
@@ -643,7 +644,8 @@ class Trainer:
                 plot = plot_losses(logger.path, self.out_dir / "loss.png",
                                    title=f"{self.config.model.name}, {self.out_dir.name}")
                 summary["loss_plot"] = str(plot) if plot else None
-            atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+            atomic_write_text(self.out_dir / "summary.json",
+                              json.dumps(standard_json(summary), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
             print(self._summary_line(summary), file=sys.stderr)
         return summary
 
@@ -682,13 +684,21 @@ class Trainer:
         if self.config.task == "text_classification":
             result["val_accuracy"] = correct / max(count, 1)
         else:
-            result["val_ppl"] = math.exp(min(result["val_loss"], 700.0))
+            from ..evaluation.scoring import exp_or_inf
+
+            result["val_ppl"] = exp_or_inf(result["val_loss"])
         return result
+
+    def _val_logged(self, logger: MetricsLogger) -> bool:
+        """Whether the metrics log holds a validation record at this step (rank 0 reads it; all ranks agree)."""
+        logged = self.is_main and any(r.get("step") == self.step and "val_loss" in r for r in read_metrics(logger.path))
+        return self.parallel.broadcast(logged)
 
     def _log_eval(self, logger: MetricsLogger, max_batches: int | None, log: bool = True) -> dict[str, float]:
         result = self._evaluate_dataset(self._datasets["val"], max_batches) if self._datasets["val"] else {}
-        if result and log:
+        if result:
             self.best_val_loss = min(self.best_val_loss, result["val_loss"])
+        if result and log:
             logger.log(self.step, result)
             if self.is_main:
                 extra = (f", accuracy {result['val_accuracy']:.2%}" if "val_accuracy" in result
