@@ -251,3 +251,16 @@ def test_a_packed_model_refuses_what_it_cannot_do():
     # The refused cast changed nothing: the embeddings before the first packed layer are still float32.
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model.float().to("cpu") is model  # what changes nothing is allowed
+
+
+@pytest.mark.parametrize("transform", [quantize_int8, pack_weights])
+def test_a_model_with_lora_adapters_is_refused(tiny_model, transform):
+    """peft's adapter layers are nn.Linear too: quantized, the adapters cast the activations to int8 and the logits
+    were silently wrong; packed, the forward crashed."""
+    from peft import LoraConfig
+
+    from gpt2kit.training.lora import apply_lora
+
+    apply_lora(tiny_model, LoraConfig(r=2, target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="the model has LoRA adapters: merge them first"):
+        transform(tiny_model)

@@ -141,6 +141,10 @@ def _replace_linears(model: nn.Module, make_layer: Callable[[nn.Linear], nn.Modu
     """Swap every nn.Linear of the transformer blocks and the LM head for make_layer(linear), in place."""
     if is_inference_only(model):
         raise ValueError("the model's weights are already quantized or packed")
+    if any(".lora_" in name for name, _ in model.named_modules()):
+        # peft's adapter layers are nn.Linear too: quantized, they would cast the activations to int8.
+        raise ValueError("the model has LoRA adapters: merge them first (`gpt2kit lora merge`, or peft's "
+                         "merge_and_unload()), then quantize or pack the merged model")
     targets = [name for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and (name.startswith("transformer.h.") or name == "lm_head")]
     for name in targets:
