@@ -420,10 +420,11 @@ def test_memory_estimate_of_the_large_configs():
     tp = estimate_memory(config, ParallelConfig(data=1, shard=4, tensor=2), seq_len=2048)
     hsdp = estimate_memory(config, ParallelConfig(data=4, shard=8, tensor=1), seq_len=2048)
     assert tp.activations < fsdp.activations and hsdp.total == fsdp.total
-    # Without recompute the 52B config's activations dominate: 64 blocks x s*b*h*(2 + 16*2) bytes.
+    # Without recompute the 52B config's activations dominate: 64 blocks x s*b*h*(2 + 2*4 + 14*2) bytes (masks,
+    # float32 LayerNorm inputs, bf16 rest), the embedding sum and the final LayerNorm's float32 input.
     big = estimate_memory(GPT2Config.from_name("gpt2-52b"), ParallelConfig(data=1, shard=64, tensor=1),
                           recompute=False)
-    assert big.activations == pytest.approx(64 * 1024 * 8192 * 34 + 2 * 1024 * 8192 * 2)
+    assert big.activations == pytest.approx(64 * 1024 * 8192 * 38 + 1024 * 8192 * (2 + 4))
 
 
 def documented_memory_rows() -> list[tuple[str, list[str]]]:
@@ -572,3 +573,30 @@ def test_tensor_parallel_ranks_draw_their_own_attention_dropout_masks():
     torch.manual_seed(1)
     block(x, None, True, None)
     assert torch.equal(torch.get_rng_state(), torch.manual_seed(1).get_state())  # evaluation draws nothing
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_estimate_matches_what_autograd_saves(precision):
+    """Bytes the blocks save for backward (dropout off; weights and autocast's copies of them left out, as the
+    estimate counts them elsewhere) against the estimate: under bf16 autocast the LayerNorm inputs and the
+    residual stream stay float32."""
+    config = GPT2Config(n_layer=4, n_embd=64, n_head=4, n_positions=128, vocab_size=1000, resid_pdrop=0.0,
+                        attn_pdrop=0.0, embd_pdrop=0.0)
+    model = GPT2LMHeadModel(config).train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights and tuple(t.shape) not in weight_shapes:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+            torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        model.transformer(torch.randint(0, 1000, (3, 100)))  # 300 rows: no weight has that shape
+    estimate = estimate_memory(config, ParallelConfig(data=1, shard=1, tensor=1), micro_batch_size=3, seq_len=100,
+                               precision=precision, recompute=False)
+    masks = config.n_layer * 2 * 3 * 100 * 64  # the estimate's two dropout masks per block, absent here
+    assert sum(saved.values()) == pytest.approx(estimate.activations - masks, rel=0.05)  # + small float32 stats

@@ -7,12 +7,16 @@ What each GPU holds, for AdamW training as gpt2kit runs it (training/parallel.py
 - optimizer: AdamW's two float32 moments, sharded like the weights;
 - gathered: FSDP's unsharded working copies, in the compute dtype: the root module (embeddings, final LayerNorm;
   kept gathered through forward and backward), two blocks in flight (the current one and the prefetched one)
-  and the unsharded gradients of one block; with bf16 but without FSDP, autocast's bf16 copies of the matrices;
-- activations: saved for backward over one micro-batch, per block s*b*h*(2 + (4 + 12/t) * a) bytes, where a is
-  2 (bf16) or 4 (fp32) bytes and t the tensor-parallel degree: Korthikanti et al. 2022 ("Reducing Activation
+  and the unsharded gradients of one block; with bf16 but without FSDP, autocast's bf16 copies of the matrices
+  (not the tied head's: the fused loss makes its own, counted under logits);
+- activations: saved for backward over one micro-batch, per block s*b*h*(2 + 2*4 + (2 + 12/t) * a) bytes, where a
+  is 2 (bf16) or 4 (fp32) bytes and t the tensor-parallel degree: Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models", Table 2) without the attention-score terms, which PyTorch's fused
-  scaled_dot_product_attention never stores; 2 bytes are the two dropout masks. With activation checkpointing
-  ("recompute") a block keeps only its input (s*b*h*a) and one block's full set exists at a time during backward;
+  scaled_dot_product_attention never stores; 2 bytes are the two dropout masks, 2*4 the two LayerNorm inputs,
+  which autocast keeps in float32. With activation checkpointing ("recompute") a block keeps only its input, the
+  residual stream (float32 under autocast; bf16 with FSDP's bf16 parameters), and one block's full set exists
+  at a time during backward; beside the blocks, the embedding sum (a bytes) and the final LayerNorm's float32
+  input;
 - logits: without tensor parallelism the LM head is fused into the loss (gpt2kit.losses.linear_cross_entropy):
   one chunk of at most FUSED_CHUNK_BYTES of logits of the padded vocabulary P exists at a time (in the compute
   dtype; in bf16 with a float32 slice of SLICE_ELEMENTS for the softmax), plus P*h*(4 + a) bytes for the head's
@@ -106,17 +110,18 @@ def estimate_memory(config: GPT2Config, parallel: ParallelConfig, *, micro_batch
     root = per_tensor_rank - layers * block
     if shard > 1:
         gathered = (root + 2 * block) * act + block * act
-    elif act == 2:
-        gathered = (split / t) * act  # autocast's bf16 copies of the matrices
+    elif act == 2:  # autocast's bf16 copies of the matrices; without TP the fused loss casts the head itself
+        gathered = (split / t - (v * h if t == 1 else 0)) * act
     else:
         gathered = 0.0
 
-    per_block = s * b * h * (2 + (4 + 12 / t) * act)
+    per_block = s * b * h * (2 + 2 * 4 + (2 + 12 / t) * act)
+    residual = 2 if act == 2 and shard > 1 else 4  # the blocks' input: float32 unless FSDP computes in bf16
     if recompute:
-        activations = layers * s * b * h * act + per_block
+        activations = layers * s * b * h * residual + per_block
     else:
         activations = layers * per_block
-    activations += 2 * s * b * h * act  # embedding sum and final LayerNorm input
+    activations += s * b * h * (act + 4)  # embedding sum and final LayerNorm input
     if t == 1:
         compute = torch.bfloat16 if act == 2 else torch.float32
         padded = padded_vocab_size(v)
