@@ -184,7 +184,8 @@ def test_save_keeps_the_directorys_other_files_and_drops_old_weights(tmp_path, h
     (model_dir / "runs" / "log.txt").write_text("log")
     GPT2LMHeadModel.from_pretrained(model_dir).save_pretrained(model_dir)
     assert sorted(p.name for p in model_dir.iterdir()) == [
-        "README.md", "config.json", "merges.txt", "model.safetensors", "runs", "tokenizer_config.json", "vocab.json"]
+        "README.md", "config.json", "generation_config.json", "merges.txt", "model.safetensors", "runs",
+        "tokenizer_config.json", "vocab.json"]  # generation_config.json: transformers' own, carried by convert
     assert (model_dir / "README.md").read_text() == "my notes"
     assert (model_dir / "README.md").stat().st_mode & 0o777 == 0o600
     assert (model_dir / "runs" / "log.txt").read_text() == "log"
@@ -355,3 +356,24 @@ def test_a_missing_config_names_the_directory_once(tmp_path):
     with pytest.raises(CheckpointError) as err:
         GPT2LMHeadModel.from_pretrained(tmp_path / "m")
     assert str(err.value).count(str(tmp_path / "m")) == 1
+
+
+def test_convert_carries_the_directorys_other_files_and_a_head_only_tied_matrix(tmp_path, hf_model):
+    from safetensors.torch import load_file, save_file
+
+    from gpt2kit import GPT2Tokenizer
+
+    hf_model.save_pretrained(tmp_path / "m")
+    GPT2Tokenizer.gpt2().save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text('{"max_new_tokens": 7}\n')
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(weights)
+    state["lm_head.weight"] = state.pop("transformer.wte.weight")  # the tied matrix stored as the head only
+    save_file(state, weights, metadata={"format": "pt"})
+    convert(tmp_path / "m", tmp_path / "out", max_shard_size="100KB")
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"vocab.json", "merges.txt", "generation_config.json"} <= names and "model.safetensors" not in names
+    assert (tmp_path / "out" / "generation_config.json").read_text() == '{"max_new_tokens": 7}\n'
+    expected = logits(hf_model, IDS)
+    assert same(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "out"), IDS), expected)
+    assert same(logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval(), IDS), expected)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -287,14 +288,19 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str
 
 
 def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: dict[str, torch.Tensor], *,
-                       max_shard_size: int | str | None = None, weights_format: str = "safetensors") -> Path:
+                       max_shard_size: int | str | None = None, weights_format: str = "safetensors",
+                       companions: Path | None = None) -> Path:
     """Write config.json + weights atomically: files go to a temporary sibling folder which then replaces
-    `directory`, so a crash never leaves a directory that looks complete but is not."""
+    `directory`, so a crash never leaves a directory that looks complete but is not. `companions`: a model
+    directory whose other top-level files (tokenizer, generation_config.json, README) are copied in too."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     # The directory's other files (tokenizer, README, ...) stay, as with transformers; old weights do not.
     with atomic_directory(directory, keep=lambda name: not _MODEL_FILE.fullmatch(name)) as tmp:
+        for file in sorted(companions.iterdir()) if companions is not None else []:
+            if file.is_file() and not _MODEL_FILE.fullmatch(file.name):
+                shutil.copyfile(file, tmp / file.name)  # a hub snapshot's symlinks: their contents
         shards = list(_shards(state, parse_size(max_shard_size))) if max_shard_size else [state]
         if weights_format == "safetensors":
             single, index_name, suffix = SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, "safetensors"
@@ -340,10 +346,14 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, weights_format: str = "safetensors",
             max_shard_size: int | str | None = None) -> Path:
-    """Re-write an HF-format directory as safetensors or .bin, sharded or merged (tensors are unchanged)."""
+    """Re-write an HF-format directory as safetensors or .bin, sharded or merged (tensors are unchanged), with
+    its other files (tokenizer, generation_config.json, ...)."""
     src_dir = resolve_model_dir(src)
     config = load_config(src_dir)
     state = {k: v.contiguous() for k, v in load_state_dict(src_dir).items() if not _HF_BUFFERS.search(k)}
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; HF re-ties on load
-    return write_hf_directory(dst, config, state, max_shard_size=max_shard_size, weights_format=weights_format)
+        head = state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; HF re-ties on load
+        if head is not None and not any(k.endswith("wte.weight") for k in state):
+            state["transformer.wte.weight"] = head  # the file's one copy of the tied matrix (see hf_to_gpt2kit)
+    return write_hf_directory(dst, config, state, max_shard_size=max_shard_size, weights_format=weights_format,
+                              companions=src_dir)
