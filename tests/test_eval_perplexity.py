@@ -319,3 +319,10 @@ def test_compiled_evaluation_matches_the_token_by_token_reference(tiny_config, s
                                 progress=False)
     assert compiled["nll"] == pytest.approx(expected, rel=1e-5)
     assert compiled["nll"] == pytest.approx(eager["nll"], rel=1e-6)
+
+
+def test_exp_or_inf_keeps_nan():
+    from gpt2kit.evaluation.scoring import exp_or_inf
+
+    assert exp_or_inf(709.5) == math.inf and exp_or_inf(1.0) == pytest.approx(math.e)
+    assert math.isnan(exp_or_inf(math.nan))

@@ -224,6 +224,27 @@ def test_a_cache_of_another_dtype_is_one_clear_error(tiny_config):
     model = GPT2LMHeadModel(tiny_config).eval().to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"KV cache holds torch.float32 but the model computes in torch.bfloat16"):
         model(torch.tensor([[1, 2, 3]]), past_key_values=KVCache(tiny_config, 1, 8))
+    # Under autocast a float32 model's cache is float32 and its keys bf16: SDPA casts, generation works.
+    from gpt2kit.generation import generate
+
+    float_model = GPT2LMHeadModel(tiny_config).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert generate(float_model, torch.tensor([[1, 2, 3]]), max_new_tokens=3, eos_token_id=[]).shape == (1, 6)
+
+
+def test_finetuning_a_classifier_drops_its_problem_type(tmp_path):
+    """A regression (or multi-label) checkpoint's problem_type would pick the wrong loss for gpt2kit's
+    single-label data: a new label set starts from single-label classification."""
+    from gpt2kit.training.trainer import load_classifier
+
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=64, num_labels=1)
+    config.extra["problem_type"] = "regression"
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    model = load_classifier(tmp_path, num_labels=3)
+    labels = torch.tensor([0, 2, 1, 1])
+    out = model(torch.randint(0, 64, (4, 5)), labels=labels)
+    assert "problem_type" not in model.config.extra
+    assert out.loss.item() == pytest.approx(torch.nn.functional.cross_entropy(out.logits, labels).item())
 
 
 def test_layer_norm_epsilon_must_be_a_positive_number():

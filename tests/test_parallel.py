@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import time
 import traceback
@@ -203,7 +204,9 @@ def scenario_tensor_parallel_loading(state: ParallelState, out: Path) -> None:
     mesh = init_device_mesh("cpu", (WORLD,))
     model = load_tensor_parallel(out / "bf16-lm", mesh)
     ids = batches()[0, 0, :2, :-1]
+    mixed = load_tensor_parallel(out / "mixed-lm", mesh)
     result = {"dtypes": sorted({str(p.dtype) for p in model.parameters()}),
+              "mixed_dtypes": sorted({str(p.dtype) for p in mixed.parameters()}),
               "logits": model(ids).logits.detach().float(),
               "hashed": hash_files(out / "bf16-lm", state.rank, WORLD)}
     try:
@@ -219,8 +222,6 @@ SCENARIOS = [scenario_train_layouts, scenario_evaluate_layouts, scenario_reshard
 
 
 def _prepare_corrupt_copy(out: Path) -> None:
-    import shutil
-
     shutil.copytree(out / "fsdp-dcp", out / "corrupt-dcp")
     for shard in (out / "corrupt-dcp").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
@@ -230,6 +231,16 @@ def _prepare_model_dirs(out: Path) -> None:
     torch.manual_seed(0)
     GPT2LMHeadModel(tiny_lm_config()).to(torch.bfloat16).save_pretrained(out / "bf16-lm")
     fresh_classifier().save_pretrained(out / "classifier")
+    # bf16 matrices beside float32 LayerNorms and biases, no dtype in config.json: loaded as one dtype.
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(out / "bf16-lm", out / "mixed-lm")
+    state = load_file(out / "mixed-lm" / "model.safetensors")
+    save_file({k: v.float() if "ln_" in k or k.endswith(".bias") else v for k, v in state.items()},
+              out / "mixed-lm" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "mixed-lm" / "config.json").read_text())
+    config.pop("dtype", None)
+    (out / "mixed-lm" / "config.json").write_text(json.dumps(config))
 
 
 def _two_rank_job(rank: int, out: Path) -> None:
@@ -531,6 +542,7 @@ def test_tensor_parallel_loading_keeps_the_checkpoints_dtype_and_refuses_classif
         expected = single(batches()[0, 0, :2, :-1]).logits.float()
     for result in ranks:
         assert result["dtypes"] == ["torch.bfloat16"]
+        assert result["mixed_dtypes"] == [str(GPT2LMHeadModel.from_pretrained(job / "mixed-lm").lm_head.weight.dtype)]
         torch.testing.assert_close(result["logits"], expected, rtol=0, atol=0.05)
         assert "a sequence-classification checkpoint (it has score.weight, no LM head)" in result["classifier"]
     # The ranks' shares of a directory's hashes are disjoint and together cover every file.

@@ -42,7 +42,7 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v (batch, n_head, T, head_dim) after the filled part; return all keys/values so far."""
-        if k.dtype != self.keys.dtype:
+        if k.dtype != self.keys.dtype and not torch.is_autocast_enabled(k.device.type):  # autocast: SDPA casts
             raise ValueError(f"the KV cache holds {self.keys.dtype} but the model computes in {k.dtype}: make the "
                              f"cache with KVCache(..., dtype={k.dtype})")
         end = self.length + k.shape[2]

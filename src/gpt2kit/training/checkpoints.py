@@ -107,22 +107,29 @@ def remove_checkpoints_after(out_dir: str | os.PathLike, step: int) -> list[Path
     return stale
 
 
-def find_resume_checkpoint(out_dir: str | os.PathLike, resume: str,
-                           verify: Callable[[Path], Any] = verify_checkpoint, report: bool = True) -> Path | None:
-    """The checkpoint to resume from: a given directory (must be valid) or, for "auto", the newest valid one
-    in out_dir; invalid ones are skipped, with a message when `report`. `verify` raises for an invalid one (the
-    ranks of a job pass one that checks together; see verify_checkpoint)."""
+def resume_candidates(out_dir: str | os.PathLike, resume: str) -> list[Path]:
+    """The checkpoints `resume` may mean, to try in order: the given directory, or for "auto" out_dir's, newest
+    first."""
     if resume != "auto":
         path = Path(resume)
         if not path.is_dir():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
-        verify(path)
-        return path
-    for path in reversed(list_checkpoints(out_dir)):
+        return [path]
+    return list(reversed(list_checkpoints(out_dir)))
+
+
+def find_resume_checkpoint(out_dir: str | os.PathLike, resume: str, verify: Callable[[Path], Any] = verify_checkpoint,
+                           report: bool = True, candidates: list[Path] | None = None) -> Path | None:
+    """The checkpoint to resume from: a given directory (must be valid) or, for "auto", the newest valid one
+    in out_dir; invalid ones are skipped, with a message when `report`. `verify` raises for an invalid one (the
+    ranks of a job pass one that checks together, with rank 0's `candidates`; see verify_checkpoint)."""
+    for path in resume_candidates(out_dir, resume) if candidates is None else candidates:
         try:
             verify(path)
             return path
         except (CheckpointError, OSError, ValueError) as err:
+            if resume != "auto":
+                raise
             if report:
                 print(f"skipping checkpoint {path}: {err}", file=sys.stderr)
     return None

@@ -489,6 +489,9 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     missing = sorted(set(targets) - set(state))
     if missing:
         raise CheckpointError(f"{model_dir}: weights do not match the config: missing {missing[:5]}")
+    common = None if dtype is not None else checkpoint_dtype(config, state, model_dir)
+    if common is not None:  # a file of mixed dtypes: one for all, as load_pretrained gives them
+        state = {key: value.to(common) if value.is_floating_point() else value for key, value in state.items()}
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state, strict=True, assign=True)

@@ -50,7 +50,7 @@ from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
 from ..tokenizer import GPT2Tokenizer
 from . import lora as lora_lib
 from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, hash_files, prune_checkpoints,
-                          remove_checkpoints_after, verify_checkpoint, write_manifest)
+                          remove_checkpoints_after, resume_candidates, verify_checkpoint, write_manifest)
 from .config import RunConfig, load_config as load_run_config, save_config
 from .distributed_checkpoint import (gather_full_state, load_distributed_checkpoint, load_full_state,
                                      save_distributed_checkpoint)
@@ -75,7 +75,10 @@ def enable_tf32(device: torch.device) -> None:
 
 
 def _set_labels(config: GPT2Config, num_labels: int, id2label: dict[int, str] | None) -> None:
-    """A classifier config's label count and names (the label indices as names when none are given)."""
+    """A classifier config's label count and names (the label indices as names when none are given). gpt2kit's
+    classification data has one integer class per example: a problem_type from an earlier training (a regression
+    or multi-label checkpoint) would pick the wrong loss."""
+    config.extra.pop("problem_type", None)
     config.id2label = id2label or {i: str(i) for i in range(num_labels)}
     config.label2id = {v: k for k, v in config.id2label.items()}
     config.num_labels = num_labels
@@ -823,9 +826,19 @@ class Trainer:
             if failed:
                 raise CheckpointError(failed[0])
 
+        # Rank 0 lists the candidates (ranks whose view of a shared file system lags would try others), and all
+        # ranks verify each in turn.
+        candidates, error = None, None
+        if self.is_main:
+            try:
+                candidates = resume_candidates(self.out_dir, resume)
+            except (OSError, ValueError) as err:
+                error = err
+        raise_if_any_rank_failed(error, "finding the checkpoint to resume from", CheckpointError)
         path, error = None, None
         try:
-            path = find_resume_checkpoint(self.out_dir, resume, verify_together, report=self.is_main)
+            path = find_resume_checkpoint(self.out_dir, resume, verify_together, report=self.is_main,
+                                          candidates=self.parallel.broadcast(candidates))
         except (CheckpointError, OSError, ValueError) as err:
             error = err
         raise_if_any_rank_failed(error, "finding the checkpoint to resume from", CheckpointError)
