@@ -314,6 +314,25 @@ def test_instruction_finetune_masks_the_prompt(tmp_path):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_instruction_examples_left_out_are_reported_and_all_left_out_is_an_error(tmp_path, capsys):
+    records = [{"instruction": "Say yes.", "input": "", "output": "yes"}] * 8
+    records[0] = {"instruction": "Say yes. " * 30, "input": "", "output": "yes"}  # a prompt past 48 tokens
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(records))
+    GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny", n_layer=1, n_embd=32, n_head=2, n_positions=64)).save_pretrained(
+        tmp_path / "base")
+    config = run_config(tmp_path, model={"name": str(tmp_path / "base"), "config": {}},
+                        data={"train": str(data), "format": "alpaca", "max_length": 48},
+                        train={"max_steps": 1, "micro_batch_size": 4})
+    Trainer(args=config).finetune()
+    assert "data.train: 1 of 8 examples have a prompt of 48 tokens or more (data.max_length)" in capsys.readouterr().err
+    config = run_config(tmp_path, model={"name": str(tmp_path / "base"), "config": {}},
+                        data={"train": str(data), "format": "alpaca", "max_length": 8},
+                        train={"max_steps": 1, "micro_batch_size": 4})
+    with pytest.raises(ValueError, match="data.train: 8 of 8 examples .* none is left; raise data.max_length"):
+        Trainer(args=config).finetune()
+
+
 def test_finetune_needs_weights(tmp_path):
     with pytest.raises(ValueError, match="finetune needs pretrained weights"):
         Trainer(args=run_config(tmp_path), train_dataset=Sequences()).finetune()

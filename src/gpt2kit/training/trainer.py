@@ -307,14 +307,27 @@ class Trainer:
                 val = ClassificationDataset(d.val, self._get_tokenizer(), format=d.format,
                                             max_length=self._max_length(), label_names=names)
         else:
-            from ..data import InstructionDataset
-
             max_length = self._max_length()
             if train is None and d.train is not None:
-                train = InstructionDataset(d.train, self._get_tokenizer(), max_length=max_length)
+                train = self._instructions("data.train", d.train, max_length)
             if val is None and d.val is not None:
-                val = InstructionDataset(d.val, self._get_tokenizer(), max_length=max_length)
+                val = self._instructions("data.val", d.val, max_length)
         self._datasets = {"train": train, "val": val}
+
+    def _instructions(self, key: str, path: str, max_length: int) -> Dataset:
+        """An InstructionDataset, saying how many examples it leaves out (a prompt of max_length tokens or more
+        leaves nothing to learn) and refusing one that leaves out all."""
+        from ..data import InstructionDataset
+
+        dataset = InstructionDataset(path, self._get_tokenizer(), max_length=max_length)
+        if dataset.skipped:
+            message = (f"{key}: {dataset.skipped} of {dataset.skipped + len(dataset)} examples have a prompt of "
+                       f"{max_length} tokens or more (data.max_length) and are left out")
+            if not len(dataset):
+                raise ValueError(f"{message}: none is left; raise data.max_length (at most the model's context)")
+            if self.is_main:
+                print(message, file=sys.stderr)
+        return dataset
 
     def _max_length(self) -> int:
         """Classification / instruction examples are cut to data.max_length, by default the model's context."""
