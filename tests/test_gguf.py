@@ -165,6 +165,12 @@ def test_errors_and_nothing_half_written(gpt2_vocab_model, tmp_path, monkeypatch
         export_gguf(gpt2_vocab_model, tmp_path / "x.gguf", dtype="q4_0")
     with pytest.raises(ValueError, match="needs the float weights"):
         export_gguf(quantize_int8(GPT2LMHeadModel(GPT2Config(**CONFIG))), tmp_path / "x.gguf")
+    large = GPT2LMHeadModel(GPT2Config(**CONFIG))
+    with torch.no_grad():
+        large.transformer.h[0].mlp.c_fc.weight[0, 0] = 1e5  # past f16's range: it would be written as inf
+    with pytest.raises(ValueError, match=r"c_fc.weight: a value of magnitude 1e\+05 does not fit f16"):
+        export_gguf(large, tmp_path / "x.gguf", dtype="f16")
+    assert not (tmp_path / "x.gguf").exists()
     ranks = GPT2Tokenizer.gpt2().encoding._mergeable_ranks
     other = tiktoken.Encoding("other", pat_str=r"\S+|\s+", mergeable_ranks=ranks,
                               special_tokens={"<|endoftext|>": 50256})

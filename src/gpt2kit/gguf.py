@@ -25,6 +25,7 @@ from .quantization import is_inference_only
 from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, GPT2Tokenizer, byte_to_unicode
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
+F16_MAX = 65504.0  # the largest finite float16
 Q8_0_BLOCK = 32  # values per q8_0 block: a row must hold whole blocks
 
 # gpt2kit (= HF) parameter names -> llama.cpp's GPT-2 tensor names (gguf.TENSOR_NAMES for MODEL_ARCH.GPT2).
@@ -146,6 +147,10 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
                 qtype = gguf.GGMLQuantizationType.Q8_0
                 writer.add_tensor(target, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
             else:  # f16, and q8_0's matrices whose rows are not whole blocks (as llama.cpp does)
+                peak = float(abs(data).max(initial=0.0))
+                if peak > F16_MAX:  # would be written as inf
+                    raise ValueError(f"{name}: a value of magnitude {peak:.4g} does not fit f16 (at most {F16_MAX}); "
+                                     f"export as f32")
                 writer.add_tensor(target, data.astype("float16"))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
