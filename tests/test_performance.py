@@ -337,3 +337,17 @@ def test_gpu_peaks_for_mfu(monkeypatch):
     for capability, has_bf16 in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert Trainer._cuda_has_bf16(SimpleNamespace(device=cuda)) is has_bf16
+
+
+def test_the_allocator_restart_mark_is_not_inherited(monkeypatch):
+    """The restarted process drops its mark, so a child of it (a torchrun worker, a subprocess) asking for an
+    allocator restarts itself instead of failing; a restart that did not load the allocator is still an error."""
+    import gpt2kit.allocator as allocator
+
+    monkeypatch.setenv("GPT2KIT_ALLOCATOR_RESTARTED", "1")
+    monkeypatch.setattr(allocator, "allocator_in_use", lambda: "tcmalloc")
+    allocator.restart_with_allocator("tcmalloc", ["train"])
+    assert "GPT2KIT_ALLOCATOR_RESTARTED" not in os.environ
+    monkeypatch.setenv("GPT2KIT_ALLOCATOR_RESTARTED", "1")
+    with pytest.raises(ValueError, match="--allocator jemalloc: the process was restarted"):
+        allocator.restart_with_allocator("jemalloc", ["train"])

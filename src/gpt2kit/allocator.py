@@ -43,9 +43,11 @@ def preload_allocator(name: str) -> None:
 def restart_with_allocator(name: str, argv: Sequence[str]) -> None:
     """Return if `name` already serves this process; otherwise replace the process by `python -m gpt2kit argv`
     with the allocator preloaded (same pid, so torchrun and shells keep tracking it)."""
+    # The mark is this process's alone: its children (a torchrun worker, a subprocess) choose for themselves.
+    restarted = os.environ.pop(_RESTARTED, None)
     if allocator_in_use() == name:
         return
-    if os.environ.get(_RESTARTED):
+    if restarted:
         raise ValueError(f"--allocator {name}: the process was restarted with LD_PRELOAD="
                          f"{os.environ.get('LD_PRELOAD', '')!r} but {name} is not loaded")
     preload_allocator(name)
