@@ -71,7 +71,9 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
     `backend="onnx"` runs a directory written by `gpt2kit export onnx` in onnxruntime instead.
     `quantize="int8"` loads the weights, then keeps the projections and LM head as int8 with bf16 scales, the
     rest in `dtype` (gpt2kit.quantization): a quarter of float32's bytes per decoded token. `pack_weights=True`
-    keeps the float weights in oneDNN's packed layout instead (CPU): faster products, same precision."""
+    keeps the float weights in oneDNN's packed layout instead (CPU): faster products, same precision. A
+    GPT2LMHeadModel object is used as it is, in its own dtype and device; quantize and pack_weights convert it
+    in place."""
     dtype = parse_dtype(dtype)
     model_dir = None
     if backend not in ("torch", "onnx"):
