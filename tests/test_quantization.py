@@ -264,3 +264,13 @@ def test_a_model_with_lora_adapters_is_refused(tiny_model, transform):
     apply_lora(tiny_model, LoraConfig(r=2, target_modules=["c_attn"]))
     with pytest.raises(ValueError, match="the model has LoRA adapters: merge them first"):
         transform(tiny_model)
+
+
+def test_float_weights_do_not_load_into_an_int8_model(tiny_model):
+    """load_state_dict would copy them into the int8 buffers, truncated to integers, without a word."""
+    float_state = tiny_model.state_dict()
+    quantized = quantize_int8(copy.deepcopy(tiny_model))
+    with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.weight: float weights cannot load into an "
+                                         r"int8 layer"):
+        quantized.load_state_dict(float_state, strict=False)
+    quantized.load_state_dict(quantized.state_dict())  # its own int8 state loads

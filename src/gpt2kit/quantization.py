@@ -69,6 +69,15 @@ class Int8Linear(nn.Module):
             return (y * scale).to(x.dtype)
         return torch.addcmul(self.bias, y, scale).to(x.dtype)  # one rounding of y * scale + bias, then x's dtype
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.is_floating_point():  # copy_ would truncate it to int8, silently
+            raise ValueError(f"{prefix}weight: float weights cannot load into an int8 layer; load them into the "
+                             f"float model, then quantize_int8")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8, compute=bf16"
 
