@@ -17,6 +17,7 @@ import yaml
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.cli import main
 from gpt2kit.pipeline import generate_text
+from gpt2kit.tokenizer import has_tokenizer_files
 from gpt2kit.training import run
 from gpt2kit.training.logging import read_metrics
 
@@ -234,3 +235,4 @@ def test_fsdp_resumes_a_single_process_checkpoint(tmp_path, corpus, single):
                                              "training_state" / "dcp"), "--output", str(merged)]) == 0
     for key, tensor in GPT2LMHeadModel.from_pretrained(merged).state_dict().items():
         assert torch.equal(tensor, final[key]), key
+    assert has_tokenizer_files(merged)  # the run's tokenizer, from the checkpoint directory

@@ -25,6 +25,8 @@ from torch import nn
 from ..checkpoint import CONFIG_NAME, CheckpointError, save_pretrained
 from ..config import GPT2Config
 from ..files import replace_directory
+from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
+from .checkpoints import STATE_DIR
 from .parallel import raise_if_any_rank_failed
 
 METADATA_NAME = ".metadata"
@@ -237,7 +239,8 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, output: str | os.PathLike, *,
                       config: str | os.PathLike | None = None, max_shard_size: int | str | None = None) -> Path:
     """Offline, one process: merge the model part of a DCP checkpoint (any layout, optimizer state ignored) into
     one HF-format directory. The config comes from `config` (a config.json or a model directory), else the
-    config.json written beside the shards or in the parent directory."""
+    config.json written beside the shards or in the parent directory; the tokenizer of a run's checkpoint comes
+    along."""
     from torch.distributed.checkpoint import CheckpointException, load
 
     from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
@@ -269,4 +272,10 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, output: str | os.PathLike, *,
         raise CheckpointError(f"{dcp_dir}: does not hold the weights {config_path} describes "
                               f"({_failures(err)})") from None
     model.load_state_dict(state["model"])
-    return save_pretrained(model, output, max_shard_size=max_shard_size)
+    output = save_pretrained(model, output, max_shard_size=max_shard_size)
+    # A run's checkpoint (step-N/training_state/dcp) keeps the run's tokenizer in step-N: carried along, so the
+    # model directory reads text as the run did.
+    run_checkpoint = dcp_dir.parent.parent
+    if dcp_dir.parent.name == STATE_DIR and has_tokenizer_files(run_checkpoint):
+        GPT2Tokenizer.from_file(run_checkpoint).save_pretrained(output)
+    return output
