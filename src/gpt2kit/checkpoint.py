@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -207,18 +207,27 @@ def classification_checkpoint_error(model_dir: Path) -> CheckpointError:
                            f"load it with GPT2ForSequenceClassification")
 
 
-def checkpoint_dtype(config: GPT2Config, state: dict[str, torch.Tensor], source: Path) -> torch.dtype | None:
-    """The dtype transformers gives a checkpoint's weights: config.json's `dtype` (`torch_dtype` before
-    transformers 4.56) when it names one; else one dtype for all, the most common of the file's floating
-    tensors when they differ (a model computes in one dtype); None when the file has one already."""
+def common_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
+    """The dtype most of the floating-point tensors have (None without any)."""
+    dtypes = [t.dtype for t in tensors if t.is_floating_point()]
+    return max(set(dtypes), key=dtypes.count) if dtypes else None
+
+
+def config_dtype(config: GPT2Config, source: Path) -> torch.dtype | None:
+    """config.json's `dtype` (`torch_dtype` before transformers 4.56) when it names one."""
     named = config.extra.get("dtype") or config.extra.get("torch_dtype")
-    if isinstance(named, str) and named != "auto":
-        dtype = getattr(torch, named, None)
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise CheckpointError(f"{source / CONFIG_NAME}: dtype {named!r} is not a floating-point torch dtype")
-        return dtype
-    dtypes = [t.dtype for t in state.values() if t.is_floating_point()]
-    return max(set(dtypes), key=dtypes.count) if len(set(dtypes)) > 1 else None
+    if not isinstance(named, str) or named == "auto":
+        return None
+    dtype = getattr(torch, named, None)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"{source / CONFIG_NAME}: dtype {named!r} is not a floating-point torch dtype")
+    return dtype
+
+
+def checkpoint_dtype(config: GPT2Config, state: dict[str, torch.Tensor], source: Path) -> torch.dtype | None:
+    """The dtype transformers gives a checkpoint's weights: config.json's when it names one, else the file's,
+    one for all (a model computes in one dtype: a file of several gets its most common)."""
+    return config_dtype(config, source) or common_dtype(state.values())
 
 
 def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -321,9 +330,9 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
             (tmp / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))
         values = config.to_hf_dict()
-        dtypes = [t.dtype for t in state.values() if t.is_floating_point()]
-        if dtypes:  # what the tensors are now, not what the source directory said (transformers loads as this)
-            values["dtype"] = str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")
+        dtype = common_dtype(state.values())
+        if dtype is not None:  # what the tensors are now, not what the source directory said (transformers loads this)
+            values["dtype"] = str(dtype).removeprefix("torch.")
             if "torch_dtype" in values:
                 values["torch_dtype"] = values["dtype"]
         (tmp / CONFIG_NAME).write_text(json.dumps(values, indent=2) + "\n")

@@ -33,18 +33,24 @@ def hash_files(directory: Path, rank: int = 0, world_size: int = 1) -> dict[str,
     """Size and SHA-256 of every `world_size`-th file of a checkpoint directory, from the `rank`-th. The ranks of
     a sharded run hash its files together: rank 0 alone (624 GB of state for the 52B shape) kept the others
     waiting in their next collective past its timeout."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != COMPLETE_NAME)
-    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in files[rank::world_size]}
+    return {name: _record(directory / name) for name in _checkpoint_files(directory)[rank::world_size]}
+
+
+def _checkpoint_files(directory: Path) -> list[str]:
+    """The files a manifest records: every file below `directory` but the manifest, by path."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                  if p.is_file() and p.name != COMPLETE_NAME)
+
+
+def _record(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def write_manifest(directory: Path, step: int, hashed: dict[str, dict[str, Any]] | None = None) -> None:
     """Seal a fully written checkpoint directory: record every file's size and SHA-256 (those in `hashed`, from
     hash_files on each rank, are not read again), fsync the record."""
     hashed = hashed or {}
-    files = {name: hashed.get(name) or {"size": (directory / name).stat().st_size,
-                                        "sha256": sha256_file(directory / name)}
-             for name in sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())}
+    files = {name: hashed.get(name) or _record(directory / name) for name in _checkpoint_files(directory)}
     manifest = directory / COMPLETE_NAME
     manifest.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
     with open(manifest) as f:

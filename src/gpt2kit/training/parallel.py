@@ -302,15 +302,16 @@ def own_attention_dropout(attention: nn.Module, rank: int) -> None:
 
     def reseed(module: nn.Module, args: tuple) -> None:
         if module.training and module.attn_pdrop > 0:
-            shared = generator().get_state()
-            saved[:] = [shared]
-            digest = hashlib.blake2b(shared.numpy().tobytes() + rank.to_bytes(8, "little"), digest_size=8).digest()
-            generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+            gen = generator()
+            saved[:] = [gen.get_state()]
+            digest = hashlib.blake2b(saved[0].numpy().tobytes() + rank.to_bytes(8, "little"), digest_size=8).digest()
+            gen.manual_seed(int.from_bytes(digest, "little") >> 1)
 
     def restore(module: nn.Module, args: tuple) -> None:
         if module.training and saved:  # (a recompute that checkpointing stopped early may leave one behind)
-            generator().set_state(saved.pop())
-            torch.randint(2, (1,), generator=generator(), device=generator().device)
+            gen = generator()
+            gen.set_state(saved.pop())
+            torch.randint(2, (1,), generator=gen, device=gen.device)
 
     attention.register_forward_pre_hook(reseed)
     attention.c_proj.register_forward_pre_hook(restore)
@@ -457,13 +458,13 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     generation's KV cache holds only the local heads; the model is for inference, not for saving."""
     from torch.distributed.tensor import distribute_tensor
 
-    from ..checkpoint import (CheckpointError, checkpoint_dtype, classification_checkpoint_error, hf_to_gpt2kit,
-                              load_config, resolve_model_dir)
+    from ..checkpoint import (CheckpointError, classification_checkpoint_error, common_dtype, config_dtype,
+                              hf_to_gpt2kit, load_config, resolve_model_dir)
     from ..model import GPT2LMHeadModel
 
     model_dir = resolve_model_dir(model_dir)
     config = load_config(model_dir)
-    dtype = dtype or checkpoint_dtype(config, {}, model_dir)  # config.json's, else each tensor's own
+    dtype = dtype or config_dtype(config, model_dir)  # else each tensor's own, unified below
     degree = mesh.size()
     check_tensor_parallel(config, degree)
     with torch.device("meta"):
@@ -489,8 +490,8 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     missing = sorted(set(targets) - set(state))
     if missing:
         raise CheckpointError(f"{model_dir}: weights do not match the config: missing {missing[:5]}")
-    common = None if dtype is not None else checkpoint_dtype(config, state, model_dir)
-    if common is not None:  # a file of mixed dtypes: one for all, as load_pretrained gives them
+    if dtype is None:  # a file of mixed dtypes: one for all, as load_pretrained gives them
+        common = common_dtype(state.values())
         state = {key: value.to(common) if value.is_floating_point() else value for key, value in state.items()}
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"]

@@ -47,7 +47,7 @@ from ..checkpoint import (CheckpointError, hf_to_gpt2kit, load_config, load_stat
 from ..config import PRESETS, GPT2Config
 from ..files import atomic_write_text, replace_directory, standard_json
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
-from ..tokenizer import GPT2Tokenizer
+from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
 from . import lora as lora_lib
 from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, hash_files, prune_checkpoints,
                           remove_checkpoints_after, resume_candidates, verify_checkpoint, write_manifest)
@@ -58,7 +58,6 @@ from .logging import MetricsLogger, flops_per_token, peak_flops, plot_losses, re
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters
 from .parallel import clip_grad_norm_, grad_sync, init_distributed, parallelize, raise_if_any_rank_failed
 
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 
 
 class TrainingDiverged(RuntimeError):
@@ -235,7 +234,7 @@ class Trainer:
         if d.tokenizer is not None:
             return d.tokenizer
         sources = [self._weights, self.config.model.checkpoint, self.config.model.name]
-        return next((s for s in sources if s and any((Path(s) / f).is_file() for f in _TOKENIZER_FILES)), "gpt2")
+        return next((s for s in sources if s and has_tokenizer_files(s)), "gpt2")
 
     def _train_tokenizer(self) -> None:
         """Train a byte-level BPE tokenizer on the training text into `data.tokenizer`; reused by later runs
