@@ -417,6 +417,21 @@ def test_streaming_a_random_model_equals_decoding_its_tokens(hf_pair, gpt2_tok):
     assert "".join(pieces) == gpt2_tok.decode(tokens[0, 3:].tolist())
 
 
+@pytest.mark.parametrize("text, stop, expected", [
+    ("abcd", ["abcd", "bc"], "a"),  # "bc" completes first: generation stops there
+    ("abc", ["bc", "abc"], ""),  # both complete with "c": the longer one is cut
+    ("xaby", ["b", "ab"], "x"),
+    ("plain", ["z"], "plain"),
+])
+def test_text_is_cut_before_the_stop_string_complete_first(gpt2_tok, text, stop, expected):
+    """Overlapping stops: the whole text, the streamed pieces and generation (which stops at the token completing
+    a stop) agree. Cutting at the earliest start gave "" for "abcd", while the stream had stopped at "a"."""
+    assert truncate_at_stop(text, stop) == (expected, expected != text)
+    decoder = TextStreamDecoder(gpt2_tok, stop)
+    pieces = [decoder.push(i) for i in byte_tokens(gpt2_tok, text)] + [decoder.flush()]
+    assert "".join(pieces) == expected
+
+
 @settings(max_examples=60, deadline=None)
 @given(text=st.text(max_size=30), stop=st.lists(st.text(min_size=1, max_size=4), max_size=2),
        garbage=st.binary(max_size=3), whole_tokens=st.booleans())

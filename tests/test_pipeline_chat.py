@@ -59,8 +59,9 @@ def test_pipeline_sampling_options_and_return_sequences(pipe):
     assert len(second) == 2 and all(r["generated_text"].startswith("b") for r in second)
 
 
-def test_a_seed_gives_one_random_stream_per_call_whatever_the_batch_size(pipe):
-    """Seeding each batch gave prompts batch_size apart the same samples."""
+def test_a_seed_gives_one_random_stream_per_call(pipe):
+    """Seeding each batch gave prompts batch_size apart the same samples. The samples depend on batch_size (a
+    batch draws for its rows at once), and a call repeats with the same batch_size."""
     options = dict(max_new_tokens=8, do_sample=True, seed=0, return_full_text=False)
     texts = {size: [r[0]["generated_text"] for r in pipe(["Jack"] * 6, batch_size=size, **options)]
              for size in (2, 6)}

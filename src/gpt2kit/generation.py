@@ -348,9 +348,11 @@ class Sampler:
 
 # ---- stop strings -------------------------------------------------------------------------------------------
 def truncate_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:
-    """Text before the earliest stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stop or ()) if i >= 0), default=-1)
-    return (text, False) if cut < 0 else (text[:cut], True)
+    """Text before the stop string that is complete first, and whether one was found. "First" is where
+    generation stops: the earliest end (of stops ["abcd", "bc"], "bc" in "abcd"), and of stops ending there the
+    longest ("abc" before "bc" in "abc")."""
+    found = [(i + len(s), i) for i, s in ((text.find(s), s) for s in stop or ()) if i >= 0]
+    return (text[:min(found)[1]], True) if found else (text, False)
 
 
 class _StopStringMatcher:

@@ -161,7 +161,7 @@ class TextGenerationPipeline:
         config = self._config(options)
         if config.seed is not None and generator is None:
             # One random stream for the whole call: seeding each batch would give prompts batch_size apart the
-            # same draws, and make the samples depend on batch_size.
+            # same draws. A batch draws for all its rows at once, so the samples still depend on batch_size.
             generator = torch.Generator(model_placement(self.model)[0]).manual_seed(config.seed)
             config = config.replace(seed=None)
         prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
