@@ -12,7 +12,7 @@ import torch
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.cli import main
-from gpt2kit.gguf import export_gguf, gguf_tensor_name, gguf_vocabulary
+from gpt2kit.gguf import export_gguf, gguf_pre_tokenizer, gguf_tensor_name, gguf_vocabulary
 from gpt2kit.quantization import quantize_int8
 from gpt2kit.tokenizer import ASSETS
 
@@ -154,6 +154,9 @@ def test_cl100k_vocabulary_with_its_gaps(tmp_path):
         left, right = merge.split(" ")
         assert max(ids[left], ids[right]) < ids[left + right]
     assert [ids[left + right] for left, right in (m.split(" ") for m in merges[:500])] == list(range(256, 756))
+    # As a checkpoint saves it (tokenizer.json spells the pattern portably): still llama.cpp's "llama-bpe".
+    tok.save_pretrained(tmp_path / "saved")
+    assert gguf_pre_tokenizer(GPT2Tokenizer.from_file(tmp_path / "saved")) == "llama-bpe"
 
 
 def test_errors_and_nothing_half_written(gpt2_vocab_model, tmp_path, monkeypatch):

@@ -108,10 +108,15 @@ def test_call_pads_truncates_and_returns_tensors(tok):
         tok(["Hello world", "Hi"], return_tensors="pt")
 
 
-def test_pickles_for_worker_processes(tok):
+def test_pickles_for_worker_processes(tok, tmp_path):
     clone = pickle.loads(pickle.dumps(tok))
     assert len(pickle.dumps(tok)) < 1000  # rebuilt from its files, not shipped whole
     assert clone.encode("pickled text") == tok.encode("pickled text")
+    trained = train_bpe([], 300, tmp_path, texts=["abc abd"] * 20, special_tokens=["<|eos|>", "<pad>"],
+                        progress=False)
+    chosen = GPT2Tokenizer(trained.encoding, source=trained._source, eos_token="<pad>")
+    clone = pickle.loads(pickle.dumps(chosen))  # the end of text was reset to the vocabulary's default
+    assert (clone.eos_token, clone.eos_token_id) == ("<pad>", 1)
 
 
 def test_cl100k_rank_file_for_chinese():
@@ -168,6 +173,18 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "bad.tiktoken").write_text("not-base64 x\n")
     with pytest.raises(TokenizerError, match=r"bad.tiktoken:1: expected"):
         GPT2Tokenizer.from_file(tmp_path / "bad.tiktoken")
+    # tiktoken's Rust core panicked on these (not an Exception: the CLI printed two tracebacks) or failed later.
+    byte_lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+    for name, lines, message in [
+            ("few", byte_lines[:200], r"few.tiktoken lacks 56 of the 256 single-byte tokens"),
+            ("twice", byte_lines + [byte_lines[7].split()[0] + " 300"], r"twice.tiktoken:257: token b'\\x07' is "
+             "listed twice"),
+            ("same_rank", byte_lines + ["YWI= 5"], r"same_rank.tiktoken:257: rank 5 is also on line 6"),
+            ("negative", ["YWI= -1"] + byte_lines, r"negative.tiktoken:1: rank -1 is negative"),
+            ("blank", [], r"blank.tiktoken lacks 256 of the 256")]:
+        (tmp_path / f"{name}.tiktoken").write_text("\n".join(lines) + "\n")
+        with pytest.raises(TokenizerError, match=message):
+            GPT2Tokenizer.from_file(tmp_path / f"{name}.tiktoken")
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerError, match="no tokenizer files"):
         GPT2Tokenizer.from_pretrained(tmp_path / "empty")
@@ -261,6 +278,10 @@ def _spec(tmp_path, **changes):
     ("plain_added_token", r"bad.json: added_tokens \['<\|user\|>'\] are not special"),
     ("missing_bytes", r"bad.json: model.vocab lacks 1 of the 256 single-byte tokens"),
     ("unmerged_token", r"bad.json: 1 multi-byte tokens are made by no merge while ignore_merges is false"),
+    # A second split, or a split of another kind, were ignored: the ids differed from transformers'.
+    ("split_twice", r"bad.json: pre_tokenizer \[Split, ByteLevel\(use_regex=True\)\] is not a byte-level split"),
+    ("digits", r"bad.json: pre_tokenizer \[Digits, ByteLevel\(use_regex=True\)\] is not"),
+    ("removed", r"bad.json: pre_tokenizer \[Split, ByteLevel\(use_regex=False\)\] is not"),
 ])
 def test_tokenizer_json_settings_gpt2kit_cannot_run_are_refused(tmp_path, change, message):
     train_bpe([], 300, tmp_path / "base", texts=["abc abd xyz"] * 20, progress=False)
@@ -285,6 +306,12 @@ def test_tokenizer_json_settings_gpt2kit_cannot_run_are_refused(tmp_path, change
                                      "special": False})
     elif change == "missing_bytes":
         del vocab["x"]
+    elif change in ("split_twice", "digits", "removed"):
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": change != "removed"}
+        first = ({"type": "Digits", "individual_digits": True} if change == "digits" else
+                 {"type": "Split", "pattern": {"Regex": "\\s+"}, "invert": False,
+                  "behavior": "Removed" if change == "removed" else "Isolated"})
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [first, byte_level]}
     else:
         vocab["zzz"] = len(vocab)
     (tmp_path / "bad.json").write_text(json.dumps(spec))

@@ -22,7 +22,7 @@ from .files import atomic_file
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer
 from .quantization import is_inference_only
-from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, GPT2Tokenizer, byte_to_unicode
+from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, GPT2Tokenizer, portable_pattern, byte_to_unicode
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 F16_MAX = 65504.0  # the largest finite float16
@@ -55,11 +55,13 @@ def gguf_tensor_name(name: str) -> str:
 def gguf_pre_tokenizer(tokenizer: GPT2Tokenizer) -> str:
     """llama.cpp's name for the tokenizer's split pattern: "gpt-2", or "llama-bpe" for cl100k's (Llama 3 splits
     text with the same expression)."""
-    names = {GPT2_PATTERN: "gpt-2", CL100K_PATTERN: "llama-bpe"}
-    if tokenizer.split_pattern not in names:
+    # Compared as tokenizer.json writes them: a saved cl100k tokenizer reads back with the portable spelling.
+    names = {portable_pattern(GPT2_PATTERN): "gpt-2", portable_pattern(CL100K_PATTERN): "llama-bpe"}
+    pattern = portable_pattern(tokenizer.split_pattern)
+    if pattern not in names:
         raise ValueError("GGUF export knows GPT-2's and cl100k's pre-tokenizers; this tokenizer splits text with "
                          "another pattern")
-    return names[tokenizer.split_pattern]
+    return names[pattern]
 
 
 def gguf_vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:

@@ -83,7 +83,7 @@ def _token_bytes(token: str, source: Path) -> bytes:
                              "byte-level BPE vocabulary") from None
 
 
-def _portable_pattern(pattern: str) -> str:
+def portable_pattern(pattern: str) -> str:
     """`pattern` as HF tokenizers' Oniguruma reads it the way tiktoken does: Oniguruma takes cl100k's possessive
     "\\p{N}{1,3}+" for "one or more runs of 1-3 digits"; as a whole alternative, "{1,3}" splits alike in both."""
     return pattern.replace("{1,3}+", "{1,3}")
@@ -163,27 +163,39 @@ def _gpt2_encoding(encoder_json: str, vocab_bpe: str, verify: bool, stamp: tuple
     return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
 
 
+def _require_single_bytes(ranks: dict[bytes, int], where: str) -> None:
+    missing = 256 - sum(len(token) == 1 for token in ranks)
+    if missing:
+        raise TokenizerError(f"{where} lacks {missing} of the 256 single-byte tokens that byte-level BPE needs to "
+                             "encode any text")
+
+
 def _pattern_of(pre_tokenizer: dict[str, Any] | None, source: Path) -> str:
-    """The split regex of a byte-level pre-tokenizer in tokenizer.json."""
+    """The split regex of a byte-level pre-tokenizer in tokenizer.json: GPT-2's ByteLevel (its own regex), or one
+    Split regex ("Isolated" pieces, as tiktoken finds them) followed by a ByteLevel that only maps bytes. Any
+    other step would split the text differently from tiktoken, so it is refused."""
     if pre_tokenizer is None:
         raise TokenizerError(f"{source}: no pre_tokenizer; expected a byte-level BPE tokenizer")
     if not isinstance(pre_tokenizer, dict):
         raise TokenizerError(f"{source}: pre_tokenizer must be an object, got {pre_tokenizer!r}")
     parts = pre_tokenizer.get("pretokenizers") if pre_tokenizer.get("type") == "Sequence" else [pre_tokenizer]
-    if not isinstance(parts, list):
-        raise TokenizerError(f"{source}: pre_tokenizer.pretokenizers must be a list")
-    if any(isinstance(part, dict) and part.get("add_prefix_space") for part in parts):
+    if not (isinstance(parts, list) and all(isinstance(part, dict) for part in parts)):
+        raise TokenizerError(f"{source}: pre_tokenizer.pretokenizers must be a list of objects")
+    if any(part.get("add_prefix_space") for part in parts):
         raise TokenizerError(f"{source}: pre_tokenizer: add_prefix_space is true (a space before the text); "
                              "gpt2kit runs tokenizers without it")
-    for part in parts:
-        if not isinstance(part, dict):
-            break
-        if part.get("type") == "Split" and isinstance(part.get("pattern"), dict) and "Regex" in part["pattern"]:
-            return part["pattern"]["Regex"]
-        if part.get("type") == "ByteLevel" and part.get("use_regex", True):
-            return GPT2_PATTERN
-    raise TokenizerError(f"{source}: pre_tokenizer {pre_tokenizer.get('type')!r} is not a byte-level split gpt2kit "
-                         "can run")
+    kinds = [(part.get("type"), part.get("use_regex", True)) for part in parts]
+    if kinds == [("ByteLevel", True)]:
+        return GPT2_PATTERN
+    split = parts[0]
+    if (kinds == [("Split", True), ("ByteLevel", False)] and isinstance(split.get("pattern"), dict)
+            and isinstance(split["pattern"].get("Regex"), str) and split.get("behavior") == "Isolated"
+            and not split.get("invert", False)):
+        return split["pattern"]["Regex"]
+    steps = ", ".join(f"{kind}" + ("" if kind != "ByteLevel" else f"(use_regex={regex})") for kind, regex in kinds)
+    raise TokenizerError(f"{source}: pre_tokenizer [{steps}] is not a byte-level split gpt2kit can run; expected "
+                         "ByteLevel(use_regex=true), or a Split regex (behavior Isolated) then "
+                         "ByteLevel(use_regex=false)")
 
 
 @functools.lru_cache(maxsize=32)
@@ -216,10 +228,7 @@ def _tokenizer_json_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
     if ENDOFTEXT in vocab:
         specials.setdefault(ENDOFTEXT, vocab[ENDOFTEXT])  # GPT-2's vocab lists it as a plain entry
     ranks = _ranks_from_vocab(vocab, merges, set(specials), source)
-    missing = 256 - sum(len(token) == 1 for token in ranks)
-    if missing:
-        raise TokenizerError(f"{source}: model.vocab lacks {missing} of the 256 single-byte tokens that byte-level "
-                             "BPE needs to encode any text")
+    _require_single_bytes(ranks, f"{source}: model.vocab")
     if not model.get("ignore_merges", False):
         # transformers then builds every token from the merges; tiktoken takes a piece that is in the vocabulary
         # whole, so a token no merge makes would be emitted by gpt2kit only.
@@ -240,14 +249,22 @@ def _tiktoken_file_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
         lines = source.read_bytes().splitlines()
     except FileNotFoundError:
         raise TokenizerError(f"{source}: file not found") from None
+    seen: dict[int, int] = {}  # rank -> line
     for n, line in enumerate(lines, 1):
         if not line:
             continue
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
+            token, rank = base64.b64decode(token, validate=True), int(rank)
         except ValueError:
             raise TokenizerError(f"{source}:{n}: expected 'base64-token rank'") from None
+        # tiktoken's Rust core panics on these (an exception no caller catches), or fails on the first encode.
+        if rank < 0 or rank in seen or token in ranks:
+            what = (f"rank {rank} is negative" if rank < 0 else f"rank {rank} is also on line {seen[rank]}"
+                    if rank in seen else f"token {token!r} is listed twice")
+            raise TokenizerError(f"{source}:{n}: {what}; ranks are distinct ids >= 0")
+        ranks[token], seen[rank] = rank, n
+    _require_single_bytes(ranks, str(source))
     specials, pattern = _TIKTOKEN_SPECIALS.get(source.stem, ({ENDOFTEXT: max(ranks.values(), default=-1) + 1},
                                                              CL100K_PATTERN))
     return tiktoken.Encoding(source.stem, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
@@ -333,7 +350,7 @@ class GPT2Tokenizer:
         return cls.from_file(name_or_path)
 
     @classmethod
-    def _from_source(cls, source: tuple[str, ...]) -> GPT2Tokenizer:
+    def _from_source(cls, source: tuple[str, ...], eos_token: str | None = None) -> GPT2Tokenizer:
         kind = source[0]
         if kind == "gpt2":
             encoding = _gpt2_encoding(str(ASSETS / "encoder.json"), str(ASSETS / "vocab.bpe"), True, ())
@@ -348,17 +365,17 @@ class GPT2Tokenizer:
         if not specials:
             raise TokenizerError(f"{source[-1]}: the vocabulary has no special token to use as end of text")
         # A known end-of-text name, else the first special token (a trained vocabulary lists it first).
-        eos = known[0] if known else min(specials, key=specials.__getitem__)
+        eos = eos_token or (known[0] if known else min(specials, key=specials.__getitem__))
         return cls(encoding, source=source, eos_token=eos)
 
     def __reduce__(self):
-        return (_rebuild, (self._source, self.pad_token_id, self.padding_side))
+        return (_rebuild, (self._source, self.eos_token, self.pad_token_id, self.padding_side))
 
     def fingerprint(self) -> str:
         """sha256 of what decides the ids: the split pattern, the special tokens and the ranks, whatever file
         format they were read from (a rank file and the tokenizer.json save_pretrained converts it to agree).
         What an output made with it records, to tell later whether a tokenizer is still the same one."""
-        parts = [_portable_pattern(self.split_pattern).encode(), b"\0specials"]
+        parts = [portable_pattern(self.split_pattern).encode(), b"\0specials"]
         parts += [f"{i}:{t}\0".encode() for t, i in sorted(self.encoding._special_tokens.items(), key=lambda x: x[1])]
         parts.append(b"\0ranks")
         for token, rank in sorted(self.encoding._mergeable_ranks.items(), key=lambda x: x[1]):
@@ -423,7 +440,7 @@ class GPT2Tokenizer:
                                                                                        key=lambda x: x[1])],
             "normalizer": None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": _portable_pattern(self.split_pattern)},
+                {"type": "Split", "pattern": {"Regex": portable_pattern(self.split_pattern)},
                  "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
             "post_processor": None,
@@ -540,8 +557,8 @@ class GPT2Tokenizer:
         return {"input_ids": ids, "attention_mask": masks}
 
 
-def _rebuild(source: tuple[str, ...], pad_token_id: int, padding_side: str) -> GPT2Tokenizer:
-    tok = GPT2Tokenizer._from_source(source)
+def _rebuild(source: tuple[str, ...], eos_token: str, pad_token_id: int, padding_side: str) -> GPT2Tokenizer:
+    tok = GPT2Tokenizer._from_source(source, eos_token)
     tok.pad_token_id, tok.padding_side = pad_token_id, padding_side
     return tok
 
@@ -551,7 +568,8 @@ def train_bpe(files: Sequence[str | os.PathLike], vocab_size: int, output_dir: s
               texts: Iterable[str] | None = None, progress: bool = True) -> GPT2Tokenizer:
     """Train a byte-level BPE vocabulary (GPT-2's pre-tokenizer and alphabet) on text files, or on `texts`
     (pass files=[]), with HF `tokenizers`; writes `tokenizer.json` to `output_dir` and returns it as a
-    GPT2Tokenizer. The first special token is the end of text unless another is named <|endoftext|>."""
+    GPT2Tokenizer. The end of text is the first special token with a known end-of-text name (EOS_NAMES:
+    <|endoftext|>, </s>, <|im_end|>, ...), else the first special token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if texts is None and not files:
