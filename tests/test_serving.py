@@ -23,6 +23,7 @@ from gpt2kit.chat import ChatSession
 from gpt2kit.generation import GenerationConfig, generate
 from gpt2kit.pipeline import TextGenerationPipeline, load_model_and_tokenizer
 from gpt2kit.serving import ServerConfig, create_app
+from gpt2kit.serving.app import _sse
 from gpt2kit.serving.protocol import LogprobsBuilder
 from gpt2kit.tokenizer import GPT2Tokenizer
 
@@ -476,6 +477,35 @@ def test_full_queue_answers_503(model_dir):
             assert err.value.status_code == 503 and err.value.body["code"] == "server_overloaded"
             gate.opened.set()
             assert first.result().status_code == 200 and second.result().status_code == 200
+
+
+def test_a_request_without_max_tokens_gets_the_default_the_server_allows(model_dir):
+    """The default of 16 was checked as if asked for: a server allowing 8 refused requests that named no limit."""
+    with LiveServer(model_dir, max_tokens=8) as live:
+        no_eos = {str(live.tokenizer.eos_token_id): -100}
+        response = httpx.post(f"{live.url}/v1/completions", json={"prompt": "Jack", "temperature": 0,
+                                                                   "logit_bias": no_eos}, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 8
+        too_many = httpx.post(f"{live.url}/v1/completions", json={"prompt": "Jack", "max_tokens": 9}, timeout=60)
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "max_tokens"
+
+
+def test_top_k_zero_or_minus_one_keeps_every_token(client, pipe):
+    """vLLM's clients send -1 for "off"."""
+    expected = greedy(pipe, PROMPTS[1], 12, do_sample=True, temperature=1.0, seed=4)
+    for off in (0, -1):
+        response = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=1.0,
+                                             seed=4, extra_body={"top_k": off})
+        assert response.choices[0].text == expected
+
+
+def test_events_escape_what_line_readers_take_for_line_breaks():
+    """Raw U+2028 in a streamed text made httpx's iter_lines cut the event's JSON in two."""
+    payload = {"choices": [{"text": "a\u2028b\u2029c\x85d \u4e2d\\\u2028"}]}
+    event = _sse(payload)
+    assert event.splitlines() == [event.removesuffix("\n\n"), ""]  # one line, then the blank line ending it
+    assert json.loads(event.removeprefix("data: ")) == payload and "\u4e2d" in event  # other text stays as is
 
 
 # ---- bad requests -------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ class CompletionService:
                            f"most {self.config.max_choices} per request", param=param)
         max_tokens, max_tokens_param = req.max_tokens, req._max_tokens_param
         if max_tokens is None and not req._max_tokens_fill_context:
-            max_tokens = DEFAULT_MAX_TOKENS
+            max_tokens = min(DEFAULT_MAX_TOKENS, self.max_tokens)  # a default is never refused
         if max_tokens is not None and max_tokens > self.max_tokens:
             raise APIError(400, f"{max_tokens_param} is {max_tokens}; this server allows at most {self.max_tokens}",
                            param=max_tokens_param)
@@ -309,8 +309,13 @@ def _merge(deltas: list[dict]) -> dict:
     return {key: [v for d in deltas for v in d[key]] for key in deltas[0]} if deltas else {}
 
 
+# Escaped in events: many line readers (str.splitlines, httpx's iter_lines) also break lines at these, which would
+# cut an event's JSON in two. In JSON they occur only inside strings, where the escapes mean the same.
+_LINE_BREAKS_TO_ESCAPE = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS_TO_ESCAPE)}\n\n"
 
 
 def _playground_html() -> bytes:

@@ -60,7 +60,7 @@ class SamplingRequest(BaseModel):
     stop: Any = None  # checked by _check_stop
     seed: Annotated[int, Field(ge=-2**63, le=2**63 - 1)] | None = None  # what torch.Generator takes (plus n - 1)
     user: str | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # 0 or -1 (vLLM's "off"): every token
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(ge=0.01, le=100)] | None = None  # beyond: scores overflow
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
@@ -72,6 +72,11 @@ class SamplingRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
         return self
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off(cls, top_k: int | None) -> int | None:
+        return None if top_k in (0, -1) else top_k
 
     @field_validator("stop")
     @classmethod
