@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.checkpoint import gpt2kit_to_hf
+from gpt2kit.data import InstructionDataset
 from gpt2kit.data.tokenizer_training import train_tokenizer
 from gpt2kit.tokenizer import train_bpe
 from gpt2kit.training import Trainer, TrainingDiverged, load_config
@@ -312,6 +313,9 @@ def test_instruction_finetune_masks_the_prompt(tmp_path):
     assert trainer._loss_weight(batch) == 4 * 3
     losses = [r["train_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert losses[-1] < 0.5 * losses[0]
+    # evaluate() on an instruction file scores it as training does (it was read as documents with a "text" key).
+    scored = trainer._evaluate_dataset(InstructionDataset(data, trainer.tokenizer, max_length=64))
+    assert trainer.evaluate(data) == scored
 
 
 def test_instruction_examples_left_out_are_reported_and_all_left_out_is_an_error(tmp_path, capsys):
@@ -325,7 +329,7 @@ def test_instruction_examples_left_out_are_reported_and_all_left_out_is_an_error
                         data={"train": str(data), "format": "alpaca", "max_length": 48},
                         train={"max_steps": 1, "micro_batch_size": 4})
     Trainer(args=config).finetune()
-    assert "data.train: 1 of 8 examples have a prompt of 48 tokens or more (data.max_length)" in capsys.readouterr().err
+    assert "data.train: 1 of 8 examples have a prompt longer than 48 tokens (data.max_length)" in capsys.readouterr().err
     config = run_config(tmp_path, model={"name": str(tmp_path / "base"), "config": {}},
                         data={"train": str(data), "format": "alpaca", "max_length": 8},
                         train={"max_steps": 1, "micro_batch_size": 4})
@@ -527,6 +531,24 @@ def test_data_mistakes_name_their_key_before_any_work(tmp_path):
                         model={"config": {**TINY, "vocab_size": trained.vocab_size}})
     with pytest.raises(ValueError, match="data.val: .*gpt2 was tokenized with another tokenizer"):
         Trainer(args=config).train()
+
+
+@pytest.mark.parametrize("stored", ["bfloat16 weights", "float16 in config.json"])
+def test_finetuning_a_half_precision_checkpoint_trains_float32_weights(tmp_path, stored):
+    """The model loaded in the checkpoint's dtype: a bf16 base trained in bf16 (updates at lr 1e-5 rounded away),
+    and fp16 weights made GradScaler fail to unscale them."""
+    base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=32))
+    if stored == "bfloat16 weights":
+        base.to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "base")
+    if stored != "bfloat16 weights":
+        config_path = tmp_path / "base" / "config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "dtype": "float16"}))
+    config = run_config(tmp_path, data={"train": str(DATA / "the-verdict" / "the-verdict.txt"), "seq_len": 32},
+                        train={"max_steps": 2}, model={"config": {}})
+    trainer = Trainer(args=config)
+    trainer.finetune(finetune_checkpoint=tmp_path / "base")
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
 
 
 def test_finetune_checkpoint_brings_its_own_tokenizer_and_architecture(tmp_path):

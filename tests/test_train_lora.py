@@ -10,7 +10,9 @@ from torch.utils.data import Dataset
 from gpt2kit import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2kit.checkpoint import load_weight_file
 from gpt2kit.cli import main
+from gpt2kit.tokenizer import GPT2Tokenizer, tokenizer_files
 from gpt2kit.training import Trainer, load_config
+from gpt2kit.training.config import ConfigError
 from gpt2kit.training.logging import read_metrics
 from gpt2kit.training.checkpoints import list_checkpoints
 from gpt2kit.training.lora import save_adapter
@@ -156,9 +158,37 @@ def test_lora_text_classification_trains_and_merges(tmp_path, base_dir):
 
 def test_unknown_target_module_is_an_error(tmp_path, base_dir):
     config = lora_config(tmp_path, base_dir)
-    config.lora.target_modules = ["q_proj"]
-    with pytest.raises(ValueError, match="q_proj"):
-        Trainer(args=config, train_dataset=Sequences()).finetune()
+    for targets, message in ((["q_proj"], "q_proj"),
+                             (["attn", "ln_1"], r"\['attn', 'ln_1'\] are not linear layers LoRA can adapt")):
+        config.lora.target_modules = targets  # peft's own errors named neither the key nor the projections
+        with pytest.raises(ValueError, match=message):
+            Trainer(args=config, train_dataset=Sequences()).finetune()
+    with pytest.raises(ConfigError, match="lora.target_modules: expected a non-empty list"):
+        load_config(out_dir=str(tmp_path / "x"), pet_method="lora", lora={"target_modules": []})
+
+
+def test_a_merge_keeps_the_runs_config_and_finds_a_tokenizer(tmp_path, base_dir):
+    """model.config overrides (here LayerNorm's epsilon) were dropped by the merge (other logits); an adapter
+    without tokenizer files takes the base's; merging into the adapter's own directory is refused up front."""
+    GPT2Tokenizer.gpt2().save_pretrained(base_dir)
+    config = lora_config(tmp_path, base_dir, max_steps=2)
+    config.model.config = {"layer_norm_epsilon": 0.5}
+    trainer = Trainer(args=config, train_dataset=Sequences())
+    trainer.finetune()
+    final = tmp_path / "run" / "final"
+    for path in tokenizer_files(final):
+        path.unlink()  # as peft writes an adapter
+    assert main(["lora", "merge", "--adapter", str(final), "--output", str(tmp_path / "merged")]) == 0
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
+    assert merged.config.layer_norm_epsilon == 0.5
+    x = Sequences(2).data[:, :-1]
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, trainer.model(x).logits, rtol=1e-4, atol=1e-5)
+    assert [p.name for p in tokenizer_files(tmp_path / "merged")] == [p.name for p in tokenizer_files(base_dir)]
+    before = sorted(p.name for p in final.iterdir())
+    assert main(["lora", "merge", "--adapter", str(final), "--output", str(final)]) == 2
+    assert sorted(p.name for p in final.iterdir()) == before
 
 
 def test_the_adapter_names_the_weights_it_was_trained_on(tmp_path, base_dir, monkeypatch):

@@ -31,6 +31,7 @@ from .config import GPT2Config
 from .files import atomic_directory
 from .model import CausalLMOutput, GPT2LMHeadModel, KVCache, eval_mode, positions_from_mask
 from .quantization import is_inference_only
+from .tokenizer import tokenizer_files
 
 PREFILL_NAME = "prefill.onnx"
 DECODE_NAME = "decode.onnx"
@@ -38,8 +39,6 @@ EXPORT_INFO_NAME = "onnx_export.json"
 DEFAULT_OPSET = 17
 # Opsets the graphs export at: 13 has every operator used, 20 is the TorchScript exporter's newest.
 MIN_OPSET, MAX_OPSET = 13, 20
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe",
-                    "tokenizer_config.json")
 
 
 class KVCacheLM(nn.Module):
@@ -174,9 +173,8 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
                 _export_graph(wrapper, tmp / name, lm.config, with_past=name == DECODE_NAME, opset=opset)
         (tmp / CONFIG_NAME).write_text(json.dumps(lm.config.to_hf_dict(), indent=2) + "\n")
         if source_dir is not None:
-            for path in [*(source_dir / n for n in _TOKENIZER_FILES), *source_dir.glob("*.tiktoken")]:
-                if path.is_file():
-                    shutil.copyfile(path, tmp / path.name)
+            for path in tokenizer_files(source_dir):
+                shutil.copyfile(path, tmp / path.name)
         info = {"format": "gpt2kit-onnx", "opset": opset, "dtype": "float32", "graphs": [PREFILL_NAME, DECODE_NAME],
                 "cache_layout": "(n_layer, batch, n_head, length, head_dim)"}
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")

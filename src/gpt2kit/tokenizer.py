@@ -270,6 +270,16 @@ def _tiktoken_file_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
     return tiktoken.Encoding(source.stem, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "tokenizer_config.json")
+
+
+def tokenizer_files(directory: str | os.PathLike) -> list[Path]:
+    """The tokenizer files a model directory holds (to copy them along with the model)."""
+    directory = Path(directory)
+    return [p for p in (*(directory / name for name in TOKENIZER_FILES), *sorted(directory.glob("*.tiktoken")))
+            if p.is_file()]
+
+
 def has_tokenizer_files(directory: str | os.PathLike) -> bool:
     """Whether a model directory carries its own vocabulary (as `GPT2Tokenizer.from_file(directory)` reads it)."""
     directory = Path(directory)

@@ -203,6 +203,9 @@ class RunConfig:
         for key, value in [("optim.weight_decay", o.weight_decay), ("sample.temperature", sample.temperature)]:
             if value < 0:
                 raise bad(key, f"must not be negative, got {value}")
+        if not (lora.target_modules and all(isinstance(m, str) and m for m in lora.target_modules)):
+            raise bad("lora.target_modules", f"expected a non-empty list of module names (c_attn, attn.c_proj, c_fc, "
+                                             f"mlp.c_proj), got {lora.target_modules!r}")
         for key, value in [("data.val_fraction", d.val_fraction), ("lora.dropout", lora.dropout),
                            ("optim.betas", o.betas[0]), ("optim.betas", o.betas[1])]:
             if not 0 <= value < 1:

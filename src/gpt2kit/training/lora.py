@@ -46,12 +46,17 @@ def apply_lora(model: nn.Module, config) -> nn.Module:
     from peft.tuners.lora import LoraModel
 
     _peft()
-    missing = [t for t in config.target_modules
-               if not any(name == t or name.endswith(f".{t}") for name, _ in model.named_modules())]
+    matches = {t: [m for name, m in model.named_modules() if name == t or name.endswith(f".{t}")]
+               for t in sorted(config.target_modules)}  # peft keeps them as a set
+    missing = [t for t, found in matches.items() if not found]
     if missing:
         raise ValueError(f"lora.target_modules: no module named {missing} in the model (GPT-2 projections are "
                          "c_attn, attn.c_proj, c_fc, mlp.c_proj)")
-    tied = [t for t in config.target_modules if t.split(".")[-1] in ("lm_head", "wte")]
+    other = [t for t, found in matches.items() if not all(isinstance(m, (nn.Linear, nn.Embedding)) for m in found)]
+    if other:
+        raise ValueError(f"lora.target_modules: {other} are not linear layers LoRA can adapt; target the "
+                         "projections (c_attn, attn.c_proj, c_fc, mlp.c_proj)")
+    tied = [t for t in matches if t.split(".")[-1] in ("lm_head", "wte")]
     if tied and getattr(model.config, "tie_word_embeddings", False):
         # The head and the embedding are one weight: a merged update would change the input embedding too.
         raise ValueError(f"lora.target_modules: {tied} is the tied embedding, which LoRA cannot adapt on one side "
@@ -130,38 +135,49 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
                base_model: str | os.PathLike | None = None) -> Path:
     """Fold LoRA adapters into their base model and save a plain HF-format model directory.
 
-    `base_model` defaults to the directory recorded in the adapter config when it was trained."""
+    `base_model` defaults to the directory recorded in the adapter config when it was trained. The model takes
+    the adapted model's config (model_config.json: the run's overrides, a classifier's labels) and the adapter's
+    tokenizer files, else the base's."""
     from peft.tuners.lora import LoraModel
 
+    from ..checkpoint import resolve_model_dir
     from ..config import GPT2Config
     from ..model import GPT2LMHeadModel
+    from ..tokenizer import tokenizer_files
 
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    if output_dir.resolve() == adapter_dir.resolve():
+        raise ValueError(f"{output_dir}: the output must be another directory than the adapter's")
     config = read_adapter_config(adapter_dir)
     base = base_model or config.base_model_name_or_path
     if not base:
         raise ValueError(f"{adapter_dir}: the adapter config names no base model; pass base_model")
+    base_dir = resolve_model_dir(base)
+    trained = (GPT2Config.from_json_file(adapter_dir / MODEL_CONFIG_NAME)
+               if (adapter_dir / MODEL_CONFIG_NAME).exists() else None)
+    # The run's model.config overrides (a LayerNorm epsilon, dropout, ...) are in it; labels go to the classifier
+    # as its own arguments, other keys (architectures, ...) come from the base.
+    labels = ("extra", "num_labels", "id2label", "label2id")
+    overrides = {k: v for k, v in vars(trained).items() if k not in labels} if trained is not None else {}
     if str(config.task_type).endswith("SEQ_CLS"):
         from .trainer import load_classifier  # a fresh head; the adapter directory holds the trained one
 
-        if (Path(adapter_dir) / MODEL_CONFIG_NAME).exists():
-            trained = GPT2Config.from_json_file(Path(adapter_dir) / MODEL_CONFIG_NAME)
-            model = load_classifier(base, num_labels=trained.num_labels, id2label=trained.id2label,
-                                    pad_token_id=trained.pad_token_id)  # the row's last token is found by it
+        if trained is not None:
+            model = load_classifier(base_dir, num_labels=trained.num_labels, id2label=trained.id2label,
+                                    **overrides)  # pad_token_id among them: the row's last token is found by it
         else:  # an adapter peft made on transformers' model: the saved head's rows are the classes
             head = next((t for k, t in read_adapter_weights(adapter_dir).items() if k.endswith("score.weight")), None)
             if head is None:
                 raise ValueError(f"{adapter_dir}: a sequence-classification adapter without its score head")
-            model = load_classifier(base, num_labels=head.shape[0])
+            model = load_classifier(base_dir, num_labels=head.shape[0])
     else:
-        model = GPT2LMHeadModel.from_pretrained(base)
+        model = GPT2LMHeadModel.from_pretrained(base_dir, **overrides)
     wrapper = LoraModel(model, config, "default")
     load_adapter_weights(model, adapter_dir)
     merged = wrapper.merge_and_unload()
     if hasattr(merged, "tie_weights"):
         merged.tie_weights()
     merged.save_pretrained(output_dir)
-    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
-        if (Path(adapter_dir) / name).exists():
-            shutil.copyfile(Path(adapter_dir) / name, Path(output_dir) / name)
-    return Path(output_dir)
-
+    for path in tokenizer_files(adapter_dir) or tokenizer_files(base_dir):
+        shutil.copyfile(path, output_dir / path.name)
+    return output_dir

@@ -314,14 +314,14 @@ class Trainer:
         self._datasets = {"train": train, "val": val}
 
     def _instructions(self, key: str, path: str, max_length: int) -> Dataset:
-        """An InstructionDataset, saying how many examples it leaves out (a prompt of max_length tokens or more
+        """An InstructionDataset, saying how many examples it leaves out (a prompt longer than max_length tokens
         leaves nothing to learn) and refusing one that leaves out all."""
         from ..data import InstructionDataset
 
         dataset = InstructionDataset(path, self._get_tokenizer(), max_length=max_length)
         if dataset.skipped:
-            message = (f"{key}: {dataset.skipped} of {dataset.skipped + len(dataset)} examples have a prompt of "
-                       f"{max_length} tokens or more (data.max_length) and are left out")
+            message = (f"{key}: {dataset.skipped} of {dataset.skipped + len(dataset)} examples have a prompt longer "
+                       f"than {max_length} tokens (data.max_length) and are left out")
             if not len(dataset):
                 raise ValueError(f"{message}: none is left; raise data.max_length (at most the model's context)")
             if self.is_main:
@@ -393,8 +393,8 @@ class Trainer:
             _set_labels(config, num_labels, id2label)
             config.pad_token_id = tokenizer.pad_token_id
             return GPT2ForSequenceClassification(config)
-        if weights is not None:
-            return GPT2LMHeadModel.from_pretrained(weights, **self.config.model.config)
+        if weights is not None:  # float32 master weights whatever the checkpoint stores: bf16/fp16 is autocast's
+            return GPT2LMHeadModel.from_pretrained(weights, dtype=torch.float32, **self.config.model.config)
         return GPT2LMHeadModel(config)
 
     def _wrap_model(self, model: nn.Module) -> nn.Module:
@@ -958,8 +958,9 @@ class Trainer:
 
     def evaluate(self, eval_dataset: str | os.PathLike | Dataset | None = None) -> dict[str, Any]:
         """Validation metrics of the current (or given directory's) model: loss and perplexity for text
-        generation (a raw text file is scored with gpt2kit.evaluation's document perplexity); for a
-        classification file, gpt2kit.evaluation's accuracy, Matthews correlation and per-class counts."""
+        generation (a raw text file is scored with gpt2kit.evaluation's document perplexity, an instruction file
+        on its responses, as training does); for a classification file, gpt2kit.evaluation's accuracy,
+        Matthews correlation and per-class counts."""
         self._ensure_model()
         data = eval_dataset if eval_dataset is not None else (self._datasets["val"] or self.config.data.val)
         if data is None:
@@ -975,6 +976,8 @@ class Trainer:
                                              max_length=self.config.data.max_length, label_names=labels,
                                              batch_size=self.config.train.micro_batch_size, progress=False)
             return {"val_accuracy": result["accuracy"], **result}
+        if self.config.data.format == "alpaca":  # scored as training scores it: the responses' tokens
+            return self._evaluate_dataset(self._instructions("eval_dataset", data, self._max_length()))
         if (Path(data) / "meta.json").is_file():
             from ..data import PretrainingDataset, read_meta
 
