@@ -91,6 +91,12 @@ def test_the_models_label_names_decide_its_output_order(tmp_path):
     data.write_text("text,label\ngreat,positive\nlovely,positive\nawful,negative\n")
     result = evaluate_classification(model, tok, data, progress=False)
     assert result["accuracy"] == pytest.approx(2 / 3)
+    # A dataset read without the model's names numbers them sorted (negative 0): scored so, accuracy was 1/3.
+    with pytest.raises(ValueError, match=r"pos.csv: the dataset numbers its classes \['negative', 'positive'\], the "
+                                         r"model \['positive', 'negative'\]"):
+        evaluate_classification(model, tok, ClassificationDataset(data, tok), progress=False)
+    named = ClassificationDataset(data, tok, label_names=["positive", "negative"])
+    assert evaluate_classification(model, tok, named, progress=False)["accuracy"] == pytest.approx(2 / 3)
     small = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=1000))
     with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model only 1000"):
         evaluate_classification(small, tok, data, progress=False)

@@ -10,6 +10,7 @@ import torch
 from gpt2kit import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.cli import main
 from gpt2kit.evaluation import evaluate_perplexity, write_report
+from gpt2kit.evaluation.runner import evaluate
 
 from .conftest import DATA
 
@@ -47,12 +48,24 @@ def test_perplexity_report_matches_the_python_api(lm_dir, tmp_path, capsys):
     compiled = json.loads(out.read_text())
     assert compiled["settings"]["compile"] is True
     assert compiled["results"]["word_perplexity"] == pytest.approx(expected["word_perplexity"], rel=1e-6)
+    assert report["settings"]["quantize"] is None and report["settings"]["random_init"] is False
+    # The weights' form is part of the result: an int8 run said float32 and counted a quarter of the parameters.
+    int8 = evaluate("perplexity", lm_dir, data, quantize="int8", progress=False)
+    assert int8["settings"]["quantize"] == "int8" and int8["model"]["parameters"] == model.num_parameters()
 
 
-def test_wikitext_and_lambada_tasks(lm_dir, capsys):
+def test_wikitext_and_lambada_tasks(lm_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(lm_dir), "--task", "wikitext", "--limit", "1",
                  "--data", str(DATA / "wikitext-2" / "wiki.valid.tokens")]) == 0
     assert "documents=1" in capsys.readouterr().out
+    # Articles as JSON lines: read as such (the raw JSON text was scored) and detokenized as WikiText.
+    articles = [" = Title = \n Some text @-@ here .\n", " = Other = \n More ( words ) .\n"]
+    jsonl = tmp_path / "wiki.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": a}) + "\n" for a in articles))
+    report = evaluate("wikitext", lm_dir, jsonl, progress=False)
+    expected = evaluate_perplexity(GPT2LMHeadModel.from_pretrained(lm_dir), GPT2Tokenizer.gpt2(), articles,
+                                   detokenize=True, progress=False)
+    assert report["results"] == expected and report["settings"]["format"] == "jsonl"
     assert main(["eval", "--model", str(lm_dir), "--task", "lambada", "--limit", "4", "--stop-word-filter",
                  "--data", str(DATA / "lambada" / "lambada_test.jsonl")]) == 0
     out = capsys.readouterr().out

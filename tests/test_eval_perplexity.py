@@ -227,6 +227,12 @@ def test_bad_input_is_one_clear_error(tmp_path, gpt2_tokenizer):
         evaluate_perplexity(model, gpt2_tokenizer, [TEXT], stride=0)
     with pytest.raises(ValueError, match="limit must be an integer >= 0"):
         evaluate_perplexity(model, gpt2_tokenizer, [TEXT, TEXT], limit=-1)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=r"empty.txt: the documents contain no tokens"):
+        evaluate_perplexity(model, gpt2_tokenizer, tmp_path / "empty.txt")
+    (tmp_path / "good.jsonl").write_text('{"text": "fine"}\n')
+    with pytest.raises(ValueError, match=r"good.jsonl: no documents to evaluate"):
+        evaluate_perplexity(model, gpt2_tokenizer, tmp_path / "good.jsonl", limit=0)
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9\nna\u00efve".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt:1: invalid UTF-8 at byte offset 3"):

@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 
 from .allocator import ALLOCATORS, restart_with_allocator
 from .checkpoint import CheckpointError, convert, load_config, resolve_model_dir
@@ -28,8 +27,7 @@ def model_summary(name_or_path: str) -> str:
             config = load_config(resolve_model_dir(name_or_path))
         except CheckpointError as err:
             raise CheckpointError(f"{err} (presets: {', '.join(PRESETS)})") from None
-    with torch.device("meta"):
-        n_params = GPT2LMHeadModel(config).num_parameters()
+    n_params = GPT2LMHeadModel.count_parameters(config)
     return "\n".join([
         f"model        {name_or_path}",
         f"layers       {config.n_layer}",

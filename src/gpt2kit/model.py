@@ -201,6 +201,13 @@ class GPT2PreTrainedModel(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     @classmethod
+    def count_parameters(cls, config: GPT2Config) -> int:
+        """num_parameters of this architecture at `config`, counted without allocating any (on the meta device).
+        Also what an int8 or packed model stands for: those layers hold their weights as buffers."""
+        with torch.device("meta"):
+            return cls(config).num_parameters()
+
+    @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device: torch.device | str = "cpu", **config_overrides):
         """Load an HF-format directory (or a model found in the local HF cache; never the network)."""

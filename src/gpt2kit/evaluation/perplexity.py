@@ -160,6 +160,7 @@ def evaluate_perplexity(model: nn.Module, tokenizer: GPT2Tokenizer,
     `wikitext_detokenize` before tokenizing (default: on for WikiText files only); limit: the first N
     documents only; compile: the log-sum-exp over the vocabulary through torch.compile (see score_windows).
     Returns the metrics plus the counts and settings they came from."""
+    source = data if isinstance(data, (str, os.PathLike)) else "data"  # what errors name
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         documents = read_documents(path, format=format, text_key=text_key)
@@ -172,7 +173,7 @@ def evaluate_perplexity(model: nn.Module, tokenizer: GPT2Tokenizer,
     if limit is not None:
         documents = documents[:limit]
     if not documents:
-        raise ValueError("no documents to evaluate")
+        raise ValueError(f"{source}: no documents to evaluate")
     detokenize = is_wikitext if detokenize is None else detokenize
     max_length = resolve_max_length(model, max_length)
     stride = stride or max_length
@@ -189,7 +190,7 @@ def evaluate_perplexity(model: nn.Module, tokenizer: GPT2Tokenizer,
     nll = -sum(float(s.logprobs.sum()) for s in scores)
     n_tokens = sum(len(t) for t in token_lists)
     if n_tokens == 0:
-        raise ValueError("the documents contain no tokens")
+        raise ValueError(f"{source}: the documents contain no tokens")
     words = sum(count_words(d) for d in documents)
     n_bytes = sum(len(d.encode("utf-8")) for d in documents)
     return {

@@ -69,7 +69,9 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
                                             pack_weights=pack_weights)
     if task in ("wikitext", "perplexity"):
         if task == "wikitext" and format == "auto":
-            format = "wikitext"
+            # WikiText's article split, or one article per JSON line; its detokenizer either way.
+            format = "jsonl" if perplexity.resolve_format(Path(data), format) == "jsonl" else "wikitext"
+            detokenize = True if detokenize is None else detokenize
         settings = {"format": perplexity.resolve_format(Path(data), format)}
         results = perplexity.evaluate_perplexity(net, tok, data, max_length=max_length, stride=stride,
                                                  batch_size=batch_size, format=format, detokenize=detokenize,
@@ -87,12 +89,14 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
                                                          batch_size=batch_size, limit=limit, progress=progress)
         definitions = classification.DEFINITIONS
     settings.update(batch_size=batch_size, limit=limit, device=device, compile=compile,
-                    dtype=str(next(net.parameters()).dtype).removeprefix("torch."))
+                    dtype=str(next(net.parameters()).dtype).removeprefix("torch."), quantize=quantize,
+                    pack_weights=pack_weights, random_init=random_init)
     report = {
         "task": task,
         "results": results,
         "definitions": {k: v for k, v in definitions.items() if k in results},
-        "model": {"path": str(model), "parameters": net.num_parameters(), "n_layer": net.config.n_layer,
+        "model": {"path": str(model), "parameters": type(net).count_parameters(net.config),  # int8 ones too
+                  "n_layer": net.config.n_layer,
                   "n_embd": net.config.n_embd, "n_positions": net.config.n_positions,
                   "vocab_size": net.config.vocab_size},
         "tokenizer": {"given": None if tokenizer is None else str(tokenizer), "encoding": tok.encoding.name,
