@@ -20,6 +20,7 @@ from gpt2kit.pipeline import generate_text
 from gpt2kit.tokenizer import has_tokenizer_files
 from gpt2kit.training import run
 from gpt2kit.training.logging import read_metrics
+from .conftest import DATA
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
@@ -83,14 +84,15 @@ def test_tensor_parallel_generate_needs_matching_processes(lm_dir):
 STEPS = 6
 
 
-def write_config(directory: Path, train_dir: Path, name: str, **parallel) -> Path:
+def write_config(directory: Path, train_dir: Path, name: str, raw_data: dict | None = None,
+                 **parallel) -> Path:
     """The same run for any number of processes: 8 sequences of 32 tokens per step (micro-batches of 2 with
     gradient accumulation), fp32, no dropout, a checkpoint every 3 steps."""
     config = {
         "out_dir": str(directory / name), "seed": 7,
         "model": {"name": "gpt2-tiny", "config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32,
                                                   "resid_pdrop": 0.0, "attn_pdrop": 0.0, "embd_pdrop": 0.0}},
-        "data": {"train": str(train_dir), "seq_len": 32},
+        "data": {"train": str(train_dir), "seq_len": 32, **(raw_data or {})},
         "train": {"max_steps": STEPS, "micro_batch_size": 2, "global_batch_tokens": 256, "precision": "fp32",
                   "eval_interval": 3, "eval_batches": 2},
         "optim": {"lr": 3e-3, "warmup_steps": 2},
@@ -126,12 +128,17 @@ def assert_same_run(out_dir: Path, reference: Path, steps: range) -> None:
 
 @pytest.mark.parametrize("layout, parallel", [("ddp", {"data": -1}), ("tp", {"data": 1, "tensor": -1})])
 def test_two_processes_train_like_one(tmp_path, corpus, single, layout, parallel):
-    config = write_config(tmp_path, corpus, layout, **parallel)
+    # Data parallel starts from the raw text the corpus was made of: rank 0 tokenizes it as the corpus was made,
+    # alone (every rank wrote the same directory at once), and the other rank reuses it.
+    raw = {"train": str(DATA / "the-verdict" / "the-verdict.txt"), "format": "paragraphs", "val_fraction": 0.1,
+           "tokenizer": str(corpus.parent / "tokenizer")} if layout == "ddp" else None
+    config = write_config(tmp_path, corpus, layout, raw_data=raw, **parallel)
     result = torchrun("train", "--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / layout
     assert_same_run(out, single, range(1, STEPS + 1))
     assert result.stderr.count("--- sample ---") == 1  # rank 0 prints; the other rank stays quiet
+    assert (result.stdout + result.stderr).count("preprocessed 1 file(s)") == (layout == "ddp")
     assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
     final = GPT2LMHeadModel.from_pretrained(out / "final").state_dict()
     for key, tensor in GPT2LMHeadModel.from_pretrained(single / "final").state_dict().items():

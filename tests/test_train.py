@@ -337,6 +337,22 @@ def test_instruction_examples_left_out_are_reported_and_all_left_out_is_an_error
         Trainer(args=config).finetune()
 
 
+def test_raw_text_with_invalid_utf8_trains_under_data_errors_replace(tmp_path):
+    """The error advised --errors replace, which training had no key for."""
+    text = tmp_path / "latin1.txt"
+    text.write_bytes((DATA / "the-verdict" / "the-verdict.txt").read_bytes()[:4000] + "caf\u00e9\n".encode("latin-1"))
+    model = {"config": {**TINY, "vocab_size": 50257}}  # GPT-2's tokenizer
+    config = run_config(tmp_path, data={"train": str(text), "seq_len": 32}, train={"max_steps": 1}, model=model)
+    with pytest.raises(ValueError, match=r"latin1.txt:\d+: invalid UTF-8 .*training data.errors: replace"):
+        Trainer(args=config).train()
+    config = run_config(tmp_path, data={"train": str(text), "seq_len": 32, "errors": "replace"},
+                        train={"max_steps": 1}, model=model)
+    Trainer(args=config).train()
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 1
+    with pytest.raises(ValueError, match="data.errors: expected strict or replace, got 'ignore'"):
+        run_config(tmp_path, data={"errors": "ignore"})
+
+
 def test_finetune_needs_weights(tmp_path):
     with pytest.raises(ValueError, match="finetune needs pretrained weights"):
         Trainer(args=run_config(tmp_path), train_dataset=Sequences()).finetune()

@@ -52,6 +52,7 @@ class DataArgs:
     seq_len: int | None = None  # pretraining window; default the model's context (n_positions)
     max_length: int | None = None  # txtcls / instruction: truncate examples to this many tokens
     val_fraction: float = 0.0  # share of documents held out as "val" when preprocessing raw text
+    errors: str = "strict"  # raw text: invalid UTF-8 is an error naming file, line and byte; "replace": U+FFFD
     num_workers: int = 0  # DataLoader worker processes
 
 
@@ -178,6 +179,8 @@ class RunConfig:
         from ..data.readers import FORMATS
 
         formats = CLASSIFICATION_FORMATS if self.task == "text_classification" else (*FORMATS, "alpaca")
+        if d.errors not in ("strict", "replace"):
+            raise bad("data.errors", f"expected strict or replace, got {d.errors!r}")
         if d.format != "auto" and d.format not in formats:
             raise bad("data.format", f"expected auto or one of {', '.join(formats)} for {self.task}, got "
                                      f"{d.format!r}")

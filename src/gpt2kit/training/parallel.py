@@ -147,6 +147,27 @@ class ParallelState:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The body runs on rank 0 first, then on the other ranks: work that writes an output they share (raw
+        text tokenized into out_dir, a trained tokenizer) is done once, and the others find it done. The others
+        wait for at most parallel.timeout; an error on rank 0 stops them with one that says so."""
+        if not self.distributed:
+            yield
+            return
+        if not self.is_main:
+            failed = self.broadcast(None)
+            if failed:
+                raise ValueError(f"rank 0 stopped: {failed}")
+            yield
+            return
+        try:
+            yield
+        except BaseException as err:
+            self.broadcast(str(err) or type(err).__name__)
+            raise
+        self.broadcast(None)
+
     def all_gather(self, value: Any) -> list[Any]:
         """Every rank's `value` (any picklable object) on every rank, in rank order."""
         if not self.distributed:

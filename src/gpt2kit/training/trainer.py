@@ -217,7 +217,8 @@ class Trainer:
         from ..data.preprocess import output_is_current, preprocess  # imported here: only raw-text runs need it
 
         d, target = self.config.data, self.out_dir / name
-        settings = dict(format=d.format, text_key=d.text_key, tokenizer=tokenizer, val_fraction=val_fraction)
+        settings = dict(format=d.format, text_key=d.text_key, tokenizer=tokenizer, val_fraction=val_fraction,
+                        errors=d.errors)
         if output_is_current(target, [path], **settings):
             return target
         if (target / "meta.json").is_file():
@@ -249,7 +250,7 @@ class Trainer:
         if (Path(d.train) / "meta.json").is_file():
             raise ValueError(f"data.tokenizer_vocab_size: data.train {d.train} is already tokenized; a tokenizer "
                              "is trained on raw text")
-        settings = dict(vocab_size=d.tokenizer_vocab_size, format=d.format, text_key=d.text_key)
+        settings = dict(vocab_size=d.tokenizer_vocab_size, format=d.format, text_key=d.text_key, errors=d.errors)
         if tokenizer_is_current(d.tokenizer, [d.train], **settings):
             return
         train_tokenizer([d.train], d.tokenizer, **settings)
@@ -271,30 +272,8 @@ class Trainer:
             if path is not None and not Path(path).exists():  # before any tokenizing
                 raise FileNotFoundError(f"{key}: {path} not found")
         if kind == "pretrain":
-            from ..data import PretrainingDataset, load_tokenizer, read_meta
-
-            seq_len = d.seq_len or self._model_config().n_positions
-            tokenizer = None
-            if train is None:
-                if d.train is None:
-                    raise ValueError("data.train: no training data given")
-                train_dir = self._corpus_dir(d.train, "data", d.val_fraction, self._tokenizer_source())
-                spec = read_meta(train_dir)["tokenizer"]  # validation text gets the tokenizer of the training data
-                tokenizer = "gpt2" if spec["name"] == "gpt2" else str(train_dir / spec["file"])
-                self.tokenizer = self.tokenizer or load_tokenizer(train_dir)
-                train = PretrainingDataset(train_dir, seq_len, "train")
-                if val is None and d.val is None and "val" in read_meta(train_dir)["splits"]:
-                    val = PretrainingDataset(train_dir, seq_len, "val")
-            if val is None and d.val is not None:
-                val_dir = self._corpus_dir(d.val, "data-val", 0.0, tokenizer or self._tokenizer_source())
-                expected = (read_meta(train_dir)["tokenizer"].get("fingerprint") if tokenizer
-                            else self._get_tokenizer().fingerprint())
-                found = read_meta(val_dir)["tokenizer"].get("fingerprint")
-                if expected and found and expected != found:  # its ids would index another vocabulary
-                    raise ValueError(f"data.val: {val_dir} was tokenized with another tokenizer than the training "
-                                     f"data (tokenizer fingerprints {found[:12]} and {expected[:12]})")
-                splits = read_meta(val_dir)["splits"]
-                val = PretrainingDataset(val_dir, seq_len, "val" if "val" in splits else "train")
+            with self.parallel.main_first():  # raw text is tokenized (and a tokenizer trained) by rank 0 alone
+                train, val = self._pretraining_datasets(train, val)
         elif kind == "classification":
             from ..data import ClassificationDataset
 
@@ -312,6 +291,36 @@ class Trainer:
             if val is None and d.val is not None:
                 val = self._instructions("data.val", d.val, max_length)
         self._datasets = {"train": train, "val": val}
+
+    def _pretraining_datasets(self, train: Dataset | None, val: Dataset | None) -> tuple[Dataset, Dataset | None]:
+        """Token windows of data.train / data.val: preprocessed directories, or raw text tokenized into out_dir
+        first (reused while its settings, tokenizer and files stay the same)."""
+        from ..data import PretrainingDataset, load_tokenizer, read_meta
+
+        d = self.config.data
+        seq_len = d.seq_len or self._model_config().n_positions
+        tokenizer = None
+        if train is None:
+            if d.train is None:
+                raise ValueError("data.train: no training data given")
+            train_dir = self._corpus_dir(d.train, "data", d.val_fraction, self._tokenizer_source())
+            spec = read_meta(train_dir)["tokenizer"]  # validation text gets the tokenizer of the training data
+            tokenizer = "gpt2" if spec["name"] == "gpt2" else str(train_dir / spec["file"])
+            self.tokenizer = self.tokenizer or load_tokenizer(train_dir)
+            train = PretrainingDataset(train_dir, seq_len, "train")
+            if val is None and d.val is None and "val" in read_meta(train_dir)["splits"]:
+                val = PretrainingDataset(train_dir, seq_len, "val")
+        if val is None and d.val is not None:
+            val_dir = self._corpus_dir(d.val, "data-val", 0.0, tokenizer or self._tokenizer_source())
+            expected = (read_meta(train_dir)["tokenizer"].get("fingerprint") if tokenizer
+                        else self._get_tokenizer().fingerprint())
+            found = read_meta(val_dir)["tokenizer"].get("fingerprint")
+            if expected and found and expected != found:  # its ids would index another vocabulary
+                raise ValueError(f"data.val: {val_dir} was tokenized with another tokenizer than the training "
+                                 f"data (tokenizer fingerprints {found[:12]} and {expected[:12]})")
+            splits = read_meta(val_dir)["splits"]
+            val = PretrainingDataset(val_dir, seq_len, "val" if "val" in splits else "train")
+        return train, val
 
     def _instructions(self, key: str, path: str, max_length: int) -> Dataset:
         """An InstructionDataset, saying how many examples it leaves out (a prompt longer than max_length tokens
