@@ -36,16 +36,27 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
 
 
 def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, capsys):
+    from gpt2kit import GPT2Tokenizer
     from gpt2kit.cli import main
 
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
+    GPT2Tokenizer.gpt2().save_pretrained(tmp_path / "vocab")  # a model directory's vocabulary, say
     cases = [
         (["convert", "--input", str(tiny_model_dir), "--output", str(notes)], "exists and is not a directory"),
         (["convert", "--input", str(tiny_model_dir), "--output", str(tiny_model_dir)],
          "already exists; pass --overwrite"),
         (["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--device", "blah"], "'blah': not a device"),
         (["info", "gpt2", "--parallel", "data=2", "--seq-len", "-5"], "--seq-len must be at least 1"),
+        # Found before the summary is printed; an estimate past the context, or options without --parallel, were
+        # accepted (or ignored) silently.
+        (["info", "gpt2", "--parallel", "shard=x"], "shard=x"),
+        (["info", "gpt2", "--parallel", "data=1", "--seq-len", "5000"], "seq_len 5000 is longer than the model's"),
+        (["info", "gpt2", "--seq-len", "64", "--no-recompute"], "--seq-len, --recompute: options of the memory"),
+        (["convert", "--input", str(tiny_model_dir), "--output", str(tmp_path / "s"), "--max-shard-size", "0"],
+         "size '0' is less than one byte"),
+        (["tokenizer", "train", "--input", str(notes), "--vocab-size", "300", "--output", str(tmp_path / "vocab")],
+         "already holds a vocabulary; pass --overwrite"),
         (["export", "onnx", "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"), "--opset", "3"],
          "opset must be in 13..20"),
     ]
@@ -61,3 +72,24 @@ def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, 
     (tmp_path / "out" / "README.md").write_text("keep")
     assert main(["convert", "--input", str(tiny_model_dir), "--output", str(tmp_path / "out"), "--overwrite"]) == 0
     assert (tmp_path / "out" / "README.md").read_text() == "keep"
+
+
+def test_a_mistyped_flag_shows_its_commands_usage(capsys):
+    from gpt2kit.cli import main
+
+    try:
+        main(["generate", "--model", "gpt2-tiny", "--promt", "hi"])
+    except SystemExit as exit:
+        assert exit.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: gpt2kit generate ") and "error: unrecognized arguments: --promt hi" in err
+
+
+def test_a_closed_pipe_ends_generation_quietly():
+    """`| head` closing the pipe was reported as an error (exit 2)."""
+    process = subprocess.Popen([sys.executable, "-m", "gpt2kit", "generate", "--model", "gpt2-tiny", "--random-init",
+                                "--prompt", "ROMEO:", "--max-new-tokens", "200", "--do-sample"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.read(10)  # streamed: the tokens after these meet a closed pipe
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141 and "error" not in process.stderr.read()

@@ -20,6 +20,7 @@ import torch
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.chat import ChatSession
+from gpt2kit.cli import main
 from gpt2kit.generation import GenerationConfig, generate
 from gpt2kit.pipeline import TextGenerationPipeline, load_model_and_tokenizer
 from gpt2kit.serving import ServerConfig, create_app
@@ -632,6 +633,15 @@ def test_server_limits_are_checked_when_the_app_is_made(model_dir):
 
 
 # ---- the command --------------------------------------------------------------------------------------------
+def test_a_port_in_use_is_one_error_before_the_model_loads(tmp_path, capsys):
+    """uvicorn reported it (exit 3) after the whole model had loaded."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        missing = tmp_path / "no-model"  # never loaded: the port is checked first
+        assert main(["serve", "--model", str(missing), "--port", str(port)]) == 2
+    assert f"gpt2kit serve: error: cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+
+
 def test_serve_command_binds_loopback_and_reads_the_key_from_the_environment(model_dir):
     env = {**os.environ, "GPT2KIT_API_KEY": "from-env"}
     process = subprocess.Popen([sys.executable, "-m", "gpt2kit", "serve", "--model", str(model_dir), "--port", "0"],

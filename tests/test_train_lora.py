@@ -169,7 +169,8 @@ def test_unknown_target_module_is_an_error(tmp_path, base_dir):
 
 def test_a_merge_keeps_the_runs_config_and_finds_a_tokenizer(tmp_path, base_dir):
     """model.config overrides (here LayerNorm's epsilon) were dropped by the merge (other logits); an adapter
-    without tokenizer files takes the base's; merging into the adapter's own directory is refused up front."""
+    without tokenizer files takes the base's; the adapter's and the base's directories are never written, another
+    non-empty one only with --overwrite."""
     GPT2Tokenizer.gpt2().save_pretrained(base_dir)
     config = lora_config(tmp_path, base_dir, max_steps=2)
     config.model.config = {"layer_norm_epsilon": 0.5}
@@ -186,9 +187,12 @@ def test_a_merge_keeps_the_runs_config_and_finds_a_tokenizer(tmp_path, base_dir)
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, trainer.model(x).logits, rtol=1e-4, atol=1e-5)
     assert [p.name for p in tokenizer_files(tmp_path / "merged")] == [p.name for p in tokenizer_files(base_dir)]
-    before = sorted(p.name for p in final.iterdir())
-    assert main(["lora", "merge", "--adapter", str(final), "--output", str(final)]) == 2
-    assert sorted(p.name for p in final.iterdir()) == before
+    before = {d: sorted(p.name for p in d.iterdir()) for d in (final, base_dir)}
+    for output in (final, base_dir):  # the base's weights were replaced silently
+        assert main(["lora", "merge", "--adapter", str(final), "--output", str(output), "--overwrite"]) == 2
+    assert {d: sorted(p.name for p in d.iterdir()) for d in (final, base_dir)} == before
+    assert main(["lora", "merge", "--adapter", str(final), "--output", str(tmp_path / "merged")]) == 2  # not empty
+    assert main(["lora", "merge", "--adapter", str(final), "--output", str(tmp_path / "merged"), "--overwrite"]) == 0
 
 
 def test_the_adapter_names_the_weights_it_was_trained_on(tmp_path, base_dir, monkeypatch):

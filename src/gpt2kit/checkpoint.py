@@ -279,7 +279,10 @@ def parse_size(size: int | str) -> int:
         raise ValueError(f"cannot read size {size!r}; expected e.g. 2GB, 500MB or a number of bytes")
     number, unit, binary = match.groups()
     base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+    size_bytes = int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+    if size_bytes < 1:  # 0 would put every tensor in a shard of its own
+        raise ValueError(f"size {size!r} is less than one byte")
+    return size_bytes
 
 
 def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-
 
 from .allocator import ALLOCATORS, restart_with_allocator
 from .checkpoint import CheckpointError, convert, load_config, resolve_model_dir
@@ -47,24 +47,35 @@ def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or an HF-format model directory")
     p.add_argument("--parallel", default=None, metavar="data=N,shard=N,tensor=N",
                    help="also estimate training memory per GPU for this layout (degrees not named are 1)")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="memory estimate: sequences per GPU per step")
+    # Defaults None: given without --parallel they would be silently ignored, so that is an error.
+    p.add_argument("--micro-batch-size", type=int, default=None, help="memory estimate: sequences per GPU per "
+                   "step (default: 1)")
     p.add_argument("--seq-len", type=int, default=None, help="memory estimate: tokens per sequence (default: context)")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16",
-                   help="memory estimate: compute dtype")
-    p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="memory estimate: compute dtype (default: bf16)")
+    p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
                    help="memory estimate: activation checkpointing of every block (default: on)")
 
 
 def _info(args: argparse.Namespace) -> None:
-    for flag, value in (("--micro-batch-size", args.micro_batch_size), ("--seq-len", args.seq_len)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    print(model_summary(args.model))
-    if args.parallel is not None:
+    estimate_flags = {"--micro-batch-size": args.micro_batch_size, "--seq-len": args.seq_len,
+                      "--precision": args.precision, "--recompute": args.recompute}
+    for flag in ("--micro-batch-size", "--seq-len"):
+        if estimate_flags[flag] is not None and estimate_flags[flag] < 1:
+            raise ValueError(f"{flag} must be at least 1, got {estimate_flags[flag]}")
+    given = [flag for flag, value in estimate_flags.items() if value is not None]
+    if args.parallel is None and given:
+        raise ValueError(f"{', '.join(given)}: options of the memory estimate; add --parallel (e.g. --parallel data=1)")
+    report = None
+    if args.parallel is not None:  # before anything is printed: a bad option is the only output
         from .training.memory import memory_report
 
-        print(memory_report(args.model, args.parallel, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
-                            precision=args.precision, recompute=args.recompute))
+        report = memory_report(args.model, args.parallel, micro_batch_size=args.micro_batch_size or 1,
+                               seq_len=args.seq_len, precision=args.precision or "bf16",
+                               recompute=args.recompute is not False)
+    print(model_summary(args.model))
+    if report is not None:
+        print(report)
 
 
 # ---- convert ------------------------------------------------------------------------------------------------
@@ -116,7 +127,7 @@ def _model_loading_args(p: argparse.ArgumentParser, model_help: str = "HF-format
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8: weight-only int8 projections and LM "
                    "head, multiplied in bf16 (about 3x faster batch-1 decoding on a CPU than float32)")
     p.add_argument("--pack-weights", action="store_true", help="keep the float weights in oneDNN's packed layout "
-                   "(CPU; about 1.6x faster float32 decoding, same precision)")
+                   "(CPU; about 1.7x faster float32 decoding, same precision)")
     p.add_argument("--device", default="cpu")
 
 
@@ -247,12 +258,13 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     merge.add_argument("--adapter", required=True, help="adapter directory written by a LoRA finetune")
     merge.add_argument("--output", required=True, help="model directory to write")
     merge.add_argument("--base", default=None, help="base model directory; default: the one the adapter names")
+    merge.add_argument("--overwrite", action="store_true", help="write into an --output that is not empty")
 
 
 def _lora(args: argparse.Namespace) -> None:
     from .training.lora import merge_lora
 
-    print(f"wrote {merge_lora(args.adapter, args.output, base_model=args.base)}")
+    print(f"wrote {merge_lora(args.adapter, args.output, base_model=args.base, overwrite=args.overwrite)}")
 
 
 # ---- preprocess / tokenizer ---------------------------------------------------------------------------------
@@ -297,11 +309,15 @@ def _tokenizer_args(p: argparse.ArgumentParser) -> None:
     train.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, incl. 256 bytes")
     train.add_argument("--output", required=True, help="directory for tokenizer.json")
     train.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to be merged")
+    train.add_argument("--overwrite", action="store_true", help="replace a vocabulary --output already holds")
 
 
 def _tokenizer(args: argparse.Namespace) -> None:
     from .data.tokenizer_training import train_tokenizer
+    from .tokenizer import has_tokenizer_files
 
+    if has_tokenizer_files(args.output) and not args.overwrite:  # e.g. a model's, whose ids it decides
+        raise ValueError(f"--output {args.output}: already holds a vocabulary; pass --overwrite to replace it")
     train_tokenizer(args.input, args.output, vocab_size=args.vocab_size, format=args.format, text_key=args.text_key,
                     min_frequency=args.min_frequency, errors=args.errors)
 
@@ -439,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "restarts itself with the library preloaded): faster CPU training")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, (add_args, _)) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(command_parser=command)  # its own usage for its own mistakes
+        add_args(command)
     return parser
 
 
@@ -448,11 +466,16 @@ def main(argv: list[str] | None = None) -> int:
     # Commands that take --section.key value config overrides receive the flags argparse does not know.
     args, args.overrides = parser.parse_known_args(argv)
     if args.overrides and not getattr(args, "accepts_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
+        args.command_parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
     try:
         if args.allocator != "system":
             restart_with_allocator(args.allocator, sys.argv[1:] if argv is None else argv)
         return COMMANDS[args.command][1][1](args) or 0
+    except BrokenPipeError:
+        # The reader went away (`gpt2kit generate ... | head`): stop quietly, as a killed writer does, and keep
+        # the interpreter's final flush from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (CheckpointError, ValueError, FileNotFoundError, OSError, ImportError) as err:
         # One clear line for bad input or a missing optional package; tracebacks are for bugs.
         print(f"gpt2kit {args.command}: error: {err}", file=sys.stderr)

@@ -197,7 +197,7 @@ class OnnxLMHeadModel(nn.Module):
         for name in (CONFIG_NAME, PREFILL_NAME, DECODE_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory}: no {name}; write an ONNX model directory with "
-                                        f"`gpt2kit export onnx --model MODEL --output {directory}`")
+                                        "`gpt2kit export onnx --model MODEL --output ONNX_DIR` and pass ONNX_DIR")
         self.directory = directory
         self.config = load_config(directory)
         options = ort.SessionOptions()

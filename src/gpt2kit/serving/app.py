@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -429,6 +430,7 @@ def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = Non
     if options.get("api_key") is None:
         options["api_key"] = os.environ.get(API_KEY_ENV) or None
     config = ServerConfig(**options)
+    _check_port(config.host, config.port)  # before the model loads: a taken port fails at once
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
                                        random_init=random_init, quantize=quantize,
                                        pack_weights=pack_weights)
@@ -437,3 +439,13 @@ def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = Non
                        config.host)
     app = create_app(lm, tok, config, model_name=os.path.basename(os.path.normpath(str(model))))
     uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def _check_port(host: str, port: int) -> None:
+    """One clear error when host:port cannot be listened on (taken, or not this machine's address). uvicorn
+    binds it again right after; it would say so only once the model had loaded, and exit with its own code."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        socket.create_server((host, port), family=family).close()
+    except OSError as err:
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None

@@ -132,12 +132,13 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
 
 
 def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
-               base_model: str | os.PathLike | None = None) -> Path:
+               base_model: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Fold LoRA adapters into their base model and save a plain HF-format model directory.
 
     `base_model` defaults to the directory recorded in the adapter config when it was trained. The model takes
     the adapted model's config (model_config.json: the run's overrides, a classifier's labels) and the adapter's
-    tokenizer files, else the base's."""
+    tokenizer files, else the base's. A non-empty `output_dir` is written into only with `overwrite`; the
+    adapter's and the base's own directories never."""
     from peft.tuners.lora import LoraModel
 
     from ..checkpoint import resolve_model_dir
@@ -146,13 +147,16 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     from ..tokenizer import tokenizer_files
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    if output_dir.resolve() == adapter_dir.resolve():
-        raise ValueError(f"{output_dir}: the output must be another directory than the adapter's")
     config = read_adapter_config(adapter_dir)
     base = base_model or config.base_model_name_or_path
     if not base:
         raise ValueError(f"{adapter_dir}: the adapter config names no base model; pass base_model")
     base_dir = resolve_model_dir(base)
+    if output_dir.resolve() in (adapter_dir.resolve(), base_dir.resolve()):
+        raise ValueError(f"{output_dir}: the output must be another directory than the adapter's and the base's")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ValueError(f"{output_dir}: already exists and is not empty; pass overwrite (--overwrite) to write "
+                         "the merged model into it")
     trained = (GPT2Config.from_json_file(adapter_dir / MODEL_CONFIG_NAME)
                if (adapter_dir / MODEL_CONFIG_NAME).exists() else None)
     # The run's model.config overrides (a LayerNorm epsilon, dropout, ...) are in it; labels go to the classifier

@@ -97,6 +97,8 @@ def estimate_memory(config: GPT2Config, parallel: ParallelConfig, *, micro_batch
         raise ValueError(f"precision must be bf16, fp16 or fp32, got {precision!r}")
     if min(parallel.data, parallel.shard, parallel.tensor) < 1:
         raise ValueError("estimate_memory needs resolved degrees (no -1): call ParallelConfig.resolve(world_size)")
+    if seq_len is not None and seq_len > config.n_positions:
+        raise ValueError(f"seq_len {seq_len} is longer than the model's context (n_positions={config.n_positions})")
     t, shard = parallel.tensor, parallel.shard
     check_tensor_parallel(config, t, shard)
     s = seq_len or config.n_positions
@@ -162,12 +164,10 @@ def parse_degrees(text: str) -> ParallelConfig:
 def memory_report(model: str, parallel: str, *, micro_batch_size: int = 1, seq_len: int | None = None,
                   precision: str = "bf16", recompute: bool = True) -> str:
     """`gpt2kit info MODEL --parallel shard=8,tensor=2`: the per-GPU memory table of a preset or model directory."""
-    from pathlib import Path
-
-    from ..checkpoint import load_config
+    from ..checkpoint import load_config, resolve_model_dir
     from ..config import PRESETS
 
-    config = GPT2Config.from_name(model) if model in PRESETS else load_config(Path(model))
+    config = GPT2Config.from_name(model) if model in PRESETS else load_config(resolve_model_dir(model))
     degrees = parse_degrees(parallel)
     estimate = estimate_memory(config, degrees, micro_batch_size=micro_batch_size, seq_len=seq_len,
                                precision=precision, recompute=recompute)
