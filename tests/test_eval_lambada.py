@@ -106,6 +106,15 @@ def test_results_do_not_depend_on_batch_size(tok):
     for run in runs[1:]:
         assert run["perplexity"] == pytest.approx(runs[0]["perplexity"], rel=1e-6)
         assert run["correct"] == runs[0]["correct"]
+    # With right answers among them (a random model gets none): every third passage's last word is planted.
+    table = {}
+    for passage in passages[::3]:
+        context, target = encode_target(tok, *split_last_word(passage))
+        for current, following in zip([context[-1], *target], target):
+            table.setdefault(current, {})[following] = 9.0
+    planted = BigramLM(table, tok.vocab_size)
+    counts = {b: evaluate_lambada(planted, tok, passages, batch_size=b, progress=False)["correct"] for b in (1, 4, 6)}
+    assert counts == {1: 2, 4: 2, 6: 2}
 
 
 def test_bad_lines_name_file_and_line(tmp_path, tok):
