@@ -153,6 +153,9 @@ def test_parse_size():
     assert parse_size(5) == 5
     with pytest.raises(ValueError, match="cannot read size"):
         parse_size("lots")
+    for nothing in ("0", 0, -1):  # one shard per tensor
+        with pytest.raises(ValueError, match="less than one byte"):
+            parse_size(nothing)
 
 
 def test_atomic_outputs_get_the_permissions_open_and_mkdir_give(tmp_path, tiny_config):

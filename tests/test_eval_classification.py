@@ -97,6 +97,10 @@ def test_the_models_label_names_decide_its_output_order(tmp_path):
         evaluate_classification(model, tok, ClassificationDataset(data, tok), progress=False)
     named = ClassificationDataset(data, tok, label_names=["positive", "negative"])
     assert evaluate_classification(model, tok, named, progress=False)["accuracy"] == pytest.approx(2 / 3)
+    # Integer labels are the file's own ids whatever the names: nothing to swap, so no refusal.
+    (tmp_path / "ids.csv").write_text("text,label\ngreat,0\nlovely,0\nawful,1\n")
+    by_ids = ClassificationDataset(tmp_path / "ids.csv", tok, label_names=["negative", "positive"])
+    assert evaluate_classification(model, tok, by_ids, progress=False)["accuracy"] == pytest.approx(2 / 3)
     small = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=1000))
     with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model only 1000"):
         evaluate_classification(small, tok, data, progress=False)

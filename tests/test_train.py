@@ -329,7 +329,8 @@ def test_instruction_examples_left_out_are_reported_and_all_left_out_is_an_error
                         data={"train": str(data), "format": "alpaca", "max_length": 48},
                         train={"max_steps": 1, "micro_batch_size": 4})
     Trainer(args=config).finetune()
-    assert "data.train: 1 of 8 examples have a prompt longer than 48 tokens (data.max_length)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "data.train: 1 of 8 examples have a prompt longer than 48 tokens (data.max_length)" in err
     config = run_config(tmp_path, model={"name": str(tmp_path / "base"), "config": {}},
                         data={"train": str(data), "format": "alpaca", "max_length": 8},
                         train={"max_steps": 1, "micro_batch_size": 4})

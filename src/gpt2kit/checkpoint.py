@@ -273,6 +273,8 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path)
 def parse_size(size: int | str) -> int:
     """'2GB', '500MB', '10KiB' or a byte count."""
     if isinstance(size, int):
+        if size < 1:
+            raise ValueError(f"size {size!r} is less than one byte")
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size, re.IGNORECASE)
     if not match:

@@ -113,7 +113,8 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
     if tok.vocab_size > lm.config.vocab_size:
         where = f"{model_dir}: " if model_dir is not None else ""
         raise ValueError(f"{where}the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                         f"{lm.config.vocab_size}; save the model's tokenizer beside it or pass one (tokenizer=, --tokenizer)")
+                         f"{lm.config.vocab_size}; save the model's tokenizer beside it or pass one "
+                         "(tokenizer=, --tokenizer)")
     return lm, tok
 
 

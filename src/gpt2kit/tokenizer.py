@@ -597,7 +597,7 @@ def train_bpe(files: Sequence[str | os.PathLike], vocab_size: int, output_dir: s
     tokenizer.decoder = decoders.ByteLevel()
     # tokenizers draws its bar on stdout; into a pipe or file it writes only blank lines.
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  show_progress=progress and sys.stdout.isatty(),
+                                  show_progress=progress and sys.stdout is not None and sys.stdout.isatty(),
                                   special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     if texts is not None:

@@ -304,6 +304,7 @@ class ClassificationDataset(Dataset):
         self.label2id = {name: i for i, name in self.id2label.items()}
         self.num_labels = len(names)
         self.labels = ids
+        self.string_labels = not (known or numeric)  # ids from names (label_names' order), not the file's integers
         self.input_ids = encode_classification_texts(tokenizer, [text for _, text, _ in examples], max_length)
 
     def __len__(self) -> int:

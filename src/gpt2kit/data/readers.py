@@ -349,7 +349,8 @@ def _decode(chunk: Chunk, data: bytes, start: int, errors: str) -> str:
         where = "decompressed byte" if chunk.compressed else "byte"
         raise DataError(f"{chunk.source}:{line}: invalid UTF-8 at {where} "
                         f"offset {chunk.offset + at} ({chunk.data[at:at + 4]!r}...); the file must be UTF-8, or "
-                        "pass errors='replace' (preprocess --errors replace; training data.errors: replace) to substitute U+FFFD") from None
+                        "pass errors='replace' (preprocess --errors replace; training data.errors: replace) to "
+                        "substitute U+FFFD") from None
 
 
 def chunk_pieces(chunk: Chunk, *, text_key: str = "text", errors: str = "strict") -> tuple[list[str], list[bool], int]:

@@ -80,8 +80,9 @@ def evaluate_classification(model: nn.Module, tokenizer: GPT2Tokenizer,
     if not isinstance(data, ClassificationDataset):
         data = ClassificationDataset(data, tokenizer, format=format, max_length=max_length,
                                      label_names=label_names)
-    elif label_names is not None and [data.id2label[i] for i in range(data.num_labels)] != list(label_names):
-        # A dataset numbers its classes itself: under other numbers every prediction would be scored wrongly.
+    elif (label_names is not None and data.string_labels
+          and [data.id2label[i] for i in range(data.num_labels)] != list(label_names)):
+        # String labels are numbered by the dataset: under other numbers every prediction would be scored wrongly.
         raise ValueError(f"{data.path}: the dataset numbers its classes {list(data.id2label.values())}, the model "
                          f"{list(label_names)}; read it with label_names={list(label_names)}")
     if data.num_labels != model.config.num_labels:
