@@ -253,11 +253,13 @@ def test_generate_command_penalty_and_logit_bias_flags(pipe, model_dir, capsys):
 
 def test_chat_sets_penalties_and_logit_bias(pipe, model_dir):
     script = ("/set logit_bias 11=100\nHi\n/set logit_bias 9999=1\n/set logit_bias none\n"
-              "/set presence_penalty 0.5\n/set frequency_penalty 3\n")
+              "/set presence_penalty 0.5\n/set frequency_penalty 3\n/set seed 99999999999999999999\n/set top_k 7\n")
     out = chat_in_process(model_dir, script, do_sample=False, max_new_tokens=6).splitlines()
+    # A refused seed was kept anyway, and every /set after it then failed on it.
     assert out == ["[logit_bias = {11: 100.0}]", pipe.tokenizer.decode([11] * 6).strip(),
                    "[error: logit_bias names token id 9999, beyond the vocabulary of 512 ids]", "[logit_bias = None]",
-                   "[presence_penalty = 0.5]", "[error: frequency_penalty must be a number in [-2, 2] (0 disables it)]"]
+                   "[presence_penalty = 0.5]", "[error: frequency_penalty must be a number in [-2, 2] (0 disables it)]",
+                   "[error: seed 99999999999999999999 is out of range for torch.Generator]", "[top_k = 7]"]
 
 
 def test_chat_through_a_pipe(model_dir):
