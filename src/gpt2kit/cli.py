@@ -12,6 +12,7 @@ from pathlib import Path
 from .allocator import ALLOCATORS, restart_with_allocator
 from .checkpoint import CheckpointError, convert, load_config, resolve_model_dir
 from .config import PRESETS, GPT2Config
+from .files import check_output_directory
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]
 
@@ -93,11 +94,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output {output}: exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
-        raise ValueError(f"--output {output}: already exists; pass --overwrite to replace its model files")
+    output = check_output_directory(args.output, overwrite=args.overwrite)
     if args.input and output.resolve() == Path(args.input).resolve():
         raise ValueError("--output must differ from --input")
     if args.from_dcp:

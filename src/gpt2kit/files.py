@@ -36,6 +36,16 @@ def _umask() -> int:
     return mask
 
 
+def check_output_directory(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """`path` as a Path if a model directory may be written there: new, empty, or non-empty with `overwrite`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"{path}: already exists; pass --overwrite (overwrite=True) to write into it")
+    return path
+
+
 def check_output_file(path: str | os.PathLike) -> Path:
     """`path` as a Path if a file can be written there as far as its name goes: an error names it when it is a
     directory or below a file (checked before long work, so the work is not lost at the end)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..files import atomic_directory
+from ..files import atomic_directory, check_output_directory
 from .config import LoraArgs
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -154,9 +154,7 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     base_dir = resolve_model_dir(base)
     if output_dir.resolve() in (adapter_dir.resolve(), base_dir.resolve()):
         raise ValueError(f"{output_dir}: the output must be another directory than the adapter's and the base's")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"{output_dir}: already exists and is not empty; pass overwrite (--overwrite) to write "
-                         "the merged model into it")
+    check_output_directory(output_dir, overwrite=overwrite)
     trained = (GPT2Config.from_json_file(adapter_dir / MODEL_CONFIG_NAME)
                if (adapter_dir / MODEL_CONFIG_NAME).exists() else None)
     # The run's model.config overrides (a LayerNorm epsilon, dropout, ...) are in it; labels go to the classifier
