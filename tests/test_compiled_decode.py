@@ -209,3 +209,36 @@ def test_the_compiled_step_may_hold_many_shapes(tiny_model):
 def test_compile_needs_the_cache(tiny_model):
     with pytest.raises(ValueError, match="compile=True needs use_cache=True"):
         generate(tiny_model, BATCH_1[0], compile=True, use_cache=False)
+
+
+def test_a_spare_cache_made_in_inference_mode_is_not_reused_outside_it(tiny_model):
+    ids, mask = BATCH_1
+    eager = generate(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    with torch.inference_mode():  # its cache holds inference tensors, which only inference mode may write
+        assert torch.equal(generate(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[],
+                                    compile=True), eager)
+    assert torch.equal(generate(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True),
+                       eager)
+
+
+def test_a_deleted_models_compiled_steps_and_frozen_weights_are_freed(tiny_config):
+    """Each model's CPU step holds a frozen copy of its weights; kept after the model is gone, they would leak
+    and fill the compiled function's entries up to RECOMPILE_LIMIT."""
+    import gc
+    import weakref
+
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    ids, _ = BATCH_1
+    weights = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(tiny_config).eval()
+        eager = generate(model, ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+        assert torch.equal(generate(model, ids, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True), eager)
+        weights.append(weakref.ref(model.transformer.wte.weight))
+        del model
+        gc.collect()
+    # Freed when the next model compiles: the first two models' weights are gone, and one entry is left.
+    assert [weight() is None for weight in weights] == [True, True, False]
+    assert len(_debug_get_cache_entry_list(GPT2LMHeadModel.decode_step.__code__)) == 1

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import math
 import operator
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -581,7 +582,9 @@ def _take_spare_cache(model: GPT2LMHeadModel, batch: int, length: int, dtype: to
     """The model's spare cache if it has this shape, dtype and device (each cache has one user at a time: a
     generator running beside another gets a new one), else a new zeroed cache."""
     cache = _spare_caches.pop(model, None)
-    if (cache is not None and cache.batch_size == batch and cache.max_length == length
+    # A cache made under torch.inference_mode holds inference tensors, which can't be written outside it.
+    usable_here = cache is not None and (not cache.keys.is_inference() or torch.is_inference_mode_enabled())
+    if (usable_here and cache.batch_size == batch and cache.max_length == length
             and cache.keys.dtype == dtype and cache.keys.device == device):
         cache.length = 0
         return cache
@@ -608,6 +611,10 @@ def _compiled_decode_step(device_type: str) -> Callable[..., Tensor]:
 
 # Per model: a fingerprint of its weights when its CPU decode step was compiled with them as constants.
 _frozen_weights: weakref.WeakKeyDictionary[GPT2LMHeadModel, tuple] = weakref.WeakKeyDictionary()
+# The models whose decode step is compiled, and how many were added: fewer alive than added means one was deleted,
+# and dynamo's entries for it (with its frozen weights) would stay, and count toward RECOMPILE_LIMIT, for good.
+_compiled_models: weakref.WeakSet[GPT2LMHeadModel] = weakref.WeakSet()
+_compiled_models_added = 0
 # Compiled entries the one decode-step function may hold: each model, batch size, dtype and cache length is one,
 # and dynamo's default of 8 would be a hard error (fullgraph) at the ninth.
 RECOMPILE_LIMIT = 64
@@ -639,6 +646,16 @@ def _ignore_autotuning_storage_warning() -> None:
     warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning, r"torch\._inductor\.")
 
 
+def _drop_compiled_code() -> None:
+    """Forget every compiled function of the process, and free the weights frozen into them: torch._dynamo.reset
+    alone leaves inductor's generated modules (whose globals hold those weights) in its module cache and in
+    sys.modules for good."""
+    torch._dynamo.reset()
+    for module in torch._inductor.codecache.PyCodeCache.modules:
+        sys.modules.pop(module.__name__, None)
+    torch._inductor.codecache.PyCodeCache.cache_clear()
+
+
 def _compile_options(model: GPT2LMHeadModel, device_type: str) -> list[contextlib.AbstractContextManager]:
     """Inductor settings for compiling the decode step. On a CPU: the weights become constants of the compiled
     step (`freezing`), which lets inductor pre-pack them once and benchmark its own CPU matrix kernels against
@@ -647,13 +664,20 @@ def _compile_options(model: GPT2LMHeadModel, device_type: str) -> list[contextli
     minute of compiling for GPT-2 small, and weights changed in place after compiling would not be seen, so
     such a change (an optimizer step, load_state_dict, an edit through .data) is detected here and drops the
     compiled code."""
+    global _compiled_models_added
+    if len(_compiled_models) < _compiled_models_added:
+        _drop_compiled_code()  # a deleted model's steps; the live models' steps compile again when next used
+        _compiled_models_added = len(_compiled_models)
+    if model not in _compiled_models:
+        _compiled_models.add(model)
+        _compiled_models_added += 1
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.7
     limit = torch._dynamo.config.patch(**{name: max(RECOMPILE_LIMIT, getattr(torch._dynamo.config, name))})
     if device_type != "cpu":
         return [limit]
     fingerprint = _weights_fingerprint(model)
     if _frozen_weights.get(model, fingerprint) != fingerprint:
-        torch._dynamo.reset()  # frozen copies of the old weights: compile again (dynamo guards on identity only)
+        _drop_compiled_code()  # frozen copies of the old weights: compile again (dynamo guards on identity only)
     _frozen_weights[model] = fingerprint
     _ignore_autotuning_storage_warning()
     # Autotuning would print a table of its timings to stderr for every matrix product.
