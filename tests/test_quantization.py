@@ -192,7 +192,7 @@ def test_packed_weights_compute_what_nn_linear_computes(tiny_model, dtype):
 
 def test_pack_weights_option(tmp_path):
     model_dir = save_tiny_text_model(tmp_path / "m")
-    model, tokenizer = load_model_and_tokenizer(model_dir, pack_weights=True)
+    model, tokenizer = load_model_and_tokenizer(model_dir, pack_weights=True, device="cpu:0")  # "cpu" by its index
     assert describe_weights(model) == "float32, oneDNN-packed"
     reference, _ = load_model_and_tokenizer(model_dir)
     options = dict(max_new_tokens=8, do_sample=False, return_full_text=False)

@@ -47,7 +47,8 @@ def parse_device(device: torch.device | str) -> torch.device:
         raise ValueError(f"device {device!r}: not a device; expected cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: this machine (or this torch build) has no CUDA GPU; use cpu")
-    return device
+    # The CPU is one device: "cpu:0" is "cpu", which is also what tensors put there report.
+    return torch.device("cpu") if device.type == "cpu" else device
 
 
 def text_options(tokenizer: GPT2Tokenizer, vocab_size: int, options: Mapping[str, Any] | None = None
@@ -83,14 +84,14 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
     device = parse_device(device)
     if quantize and backend != "torch":
         raise ValueError("quantize='int8' applies to the torch backend")
-    if pack_weights and (quantize or backend != "torch" or str(device) != "cpu"):
+    if pack_weights and (quantize or backend != "torch" or device.type != "cpu"):
         raise ValueError("pack_weights applies to float weights of the torch backend on the CPU (not with quantize)")
     if isinstance(model, GPT2LMHeadModel):
         lm = model
     elif backend == "onnx":
         from .export import OnnxLMHeadModel
 
-        if random_init or dtype not in (None, torch.float32) or str(device) != "cpu":
+        if random_init or dtype not in (None, torch.float32) or device.type != "cpu":
             raise ValueError("the onnx backend runs an exported directory in float32 on the CPU; random_init, "
                              "dtype and device do not apply")
         model_dir = Path(model)
