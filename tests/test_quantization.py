@@ -248,6 +248,11 @@ def test_a_packed_model_refuses_what_it_cannot_do():
                           (lambda: model.to(torch.bfloat16), "moved or cast")):
         with pytest.raises(ValueError, match=f"a oneDNN-packed model cannot be {what}"):
             attempt()
+    state, wte = GPT2LMHeadModel(model.config).state_dict(), model.transformer.wte.weight.clone()
+    with pytest.raises(ValueError, match="transformer.h.0.attn.c_attn.weight: a oneDNN-packed model cannot be "
+                                         "loaded into"):
+        model.load_state_dict(state, strict=False)  # it loaded the biases only, a hybrid of two models
+    assert torch.equal(model.transformer.wte.weight, wte)  # refused before anything loaded
     # The refused cast changed nothing: the embeddings before the first packed layer are still float32.
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert model.float().to("cpu") is model  # what changes nothing is allowed
@@ -268,9 +273,10 @@ def test_a_model_with_lora_adapters_is_refused(tiny_model, transform):
 
 def test_float_weights_do_not_load_into_an_int8_model(tiny_model):
     """load_state_dict would copy them into the int8 buffers, truncated to integers, without a word."""
-    float_state = tiny_model.state_dict()
+    float_state = GPT2LMHeadModel(tiny_model.config).state_dict()  # other random weights
     quantized = quantize_int8(copy.deepcopy(tiny_model))
     with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.weight: float weights cannot load into an "
                                          r"int8 layer"):
         quantized.load_state_dict(float_state, strict=False)
+    assert torch.equal(quantized.transformer.wte.weight, tiny_model.transformer.wte.weight)  # refused before loading
     quantized.load_state_dict(quantized.state_dict())  # its own int8 state loads

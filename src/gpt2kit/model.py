@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +196,14 @@ class GPT2PreTrainedModel(nn.Module):
             if module is not self and hasattr(module, "check_apply"):
                 module.check_apply(fn)
         return super()._apply(fn, recurse)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        # Likewise for loading: a layer that cannot take what it is given (quantization's int8 and packed layers)
+        # refuses before any layer loads.
+        for name, module in self.named_modules():
+            if hasattr(module, "check_load"):
+                module.check_load(state_dict, f"{name}.")
+        return super().load_state_dict(state_dict, strict, assign)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (a tied LM head counts once)."""

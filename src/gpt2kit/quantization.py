@@ -18,7 +18,7 @@ bf16; tests bound it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -69,14 +69,13 @@ class Int8Linear(nn.Module):
             return (y * scale).to(x.dtype)
         return torch.addcmul(self.bias, y, scale).to(x.dtype)  # one rounding of y * scale + bias, then x's dtype
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def check_load(self, state_dict: Mapping[str, Tensor], prefix: str) -> None:
+        """Refuse float weights (the model calls this before loading anything): copy_ would truncate them to
+        int8, silently."""
         weight = state_dict.get(prefix + "weight")
-        if weight is not None and weight.is_floating_point():  # copy_ would truncate it to int8, silently
+        if weight is not None and weight.is_floating_point():
             raise ValueError(f"{prefix}weight: float weights cannot load into an int8 layer; load them into the "
                              f"float model, then quantize_int8")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8, compute=bf16"
@@ -140,6 +139,12 @@ class PackedLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         raise ValueError(self._REFUSAL.format("saved (its state_dict would lack the packed weights)"))
+
+    def check_load(self, state_dict: Mapping[str, Tensor], prefix: str) -> None:
+        """Refuse any load (the model calls this before loading anything): the weight has no place to load into,
+        and with strict=False only the bias would load, a hybrid of two models."""
+        if prefix + "weight" in state_dict or prefix + "bias" in state_dict:
+            raise ValueError(f"{prefix}weight: " + self._REFUSAL.format("loaded into"))
 
     def extra_repr(self) -> str:
         fused = "" if self.gelu is None else f", then GELU ({self.gelu})"
