@@ -25,6 +25,8 @@ import torch.multiprocessing as mp
 
 from gpt2kit import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 from gpt2kit.checkpoint import CheckpointError
+from gpt2kit.generation import generate
+from gpt2kit.quantization import pack_weights, quantize_int8
 from gpt2kit.training.distributed_checkpoint import (dcp_to_pretrained, gather_full_state,
                                                      load_distributed_checkpoint, save_distributed_checkpoint)
 from gpt2kit.training.memory import estimate_memory
@@ -214,6 +216,15 @@ def scenario_tensor_parallel_loading(state: ParallelState, out: Path) -> None:
         result["classifier"] = None
     except CheckpointError as err:
         result["classifier"] = str(err)
+    # What needs weights held whole is refused by name (it failed deep inside torch).
+    result["refusals"] = []
+    for attempt in (lambda: quantize_int8(model), lambda: pack_weights(model),
+                    lambda: generate(model, ids, max_new_tokens=2, compile=True)):
+        try:
+            attempt()
+            result["refusals"].append(None)
+        except ValueError as err:
+            result["refusals"].append(str(err))
     torch.save(result, out / f"tp-loading-rank{state.rank}.pt")
 
 
@@ -545,6 +556,10 @@ def test_tensor_parallel_loading_keeps_the_checkpoints_dtype_and_refuses_classif
         assert result["mixed_dtypes"] == [str(GPT2LMHeadModel.from_pretrained(job / "mixed-lm").lm_head.weight.dtype)]
         torch.testing.assert_close(result["logits"], expected, rtol=0, atol=0.05)
         assert "a sequence-classification checkpoint (it has score.weight, no LM head)" in result["classifier"]
+        assert [refusal and refusal.split(":")[0] for refusal in result["refusals"]] == [
+            "the model is sharded (tensor parallel or FSDP", "the model is sharded (tensor parallel or FSDP",
+            "compile=True decodes a model held whole by one process; a sharded (tensor-parallel, DTensor) model "
+            "decodes eagerly"]
     # The ranks' shares of a directory's hashes are disjoint and together cover every file.
     shares = [result["hashed"] for result in ranks]
     assert not set(shares[0]) & set(shares[1]) and all(shares)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .model import GPT2LMHeadModel, KVCache, eval_mode
+from .model import GPT2LMHeadModel, KVCache, eval_mode, is_plain
 from .quantization import PackedLinear
 from .tokenizer import GPT2Tokenizer
 
@@ -423,6 +423,9 @@ class TokenGenerator:
             raise ValueError(f"compile=True needs a GPT2LMHeadModel, not {type(model).__name__}")
         if config.compile and any(isinstance(m, PackedLinear) for m in model.modules()):
             raise ValueError("compile=True cannot compile oneDNN-packed weights: use one or the other")
+        if config.compile and not all(is_plain(p) for p in model.parameters()):
+            raise ValueError("compile=True decodes a model held whole by one process; a sharded (tensor-parallel, "
+                             "DTensor) model decodes eagerly")
         if config.stop and tokenizer is None:
             raise ValueError("stop strings need the tokenizer: generate(..., stop=[...], tokenizer=tokenizer)")
         if config.num_beams > 1:

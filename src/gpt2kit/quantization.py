@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import MLP
+from .model import MLP, is_plain
 
 # Up to this many rows (batch x new tokens) the fused int8 kernel wins: it reads 1 byte per weight. Above it
 # the product is compute-bound and one bf16 matmul on the converted weights is faster (2x at 32 rows).
@@ -155,6 +155,9 @@ def _replace_linears(model: nn.Module, make_layer: Callable[[nn.Linear], nn.Modu
     """Swap every nn.Linear of the transformer blocks and the LM head for make_layer(linear), in place."""
     if is_inference_only(model):
         raise ValueError("the model's weights are already quantized or packed")
+    if not all(is_plain(p) for p in model.parameters()):
+        raise ValueError("the model is sharded (tensor parallel or FSDP: DTensor weights): quantize or pack a model "
+                         "held whole by one process")
     if any(".lora_" in name for name, _ in model.named_modules()):
         # peft's adapter layers are nn.Linear too: quantized, they would cast the activations to int8.
         raise ValueError("the model has LoRA adapters: merge them first (`gpt2kit lora merge`, or peft's "
