@@ -314,3 +314,67 @@ def test_chat_history_stays_within_the_context(pipe):
     assert session.prompt_ids("next") == pipe.tokenizer.encode("User: next\nAssistant:")
     with pytest.raises(ValueError, match="leaves no room"):
         session.set("max_new_tokens", "96")
+
+
+def test_ctrl_c_stops_the_reply_and_the_session_goes_on(model_dir, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) during a reply used to end the session; now it ends the reply, which the history
+    does not keep, and the next message is answered as if it came first."""
+    from gpt2kit import chat as chat_module
+
+    real_stream = chat_module.stream_generate
+    calls = []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(None)
+        for i, piece in enumerate(real_stream(*args, **kwargs)):
+            if len(calls) == 1 and i == 2:
+                raise KeyboardInterrupt
+            yield piece
+
+    monkeypatch.setattr(chat_module, "stream_generate", interrupted_once)
+    try:
+        out = chat_in_process(model_dir, "Hi\nHello there\n", do_sample=False, max_new_tokens=8)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C during a reply ended the session")
+    first, second = out.splitlines()
+    assert first.endswith(" [stopped: this exchange is not kept]")
+    monkeypatch.setattr(chat_module, "stream_generate", real_stream)
+    assert second + "\n" == chat_in_process(model_dir, "Hello there\n", do_sample=False, max_new_tokens=8)
+
+
+def test_an_interactive_chat_edits_lines_and_ends_on_ctrl_c(model_dir):
+    """On a terminal, input has readline's line editing (here: the left arrow), and Ctrl-C at the prompt ends the
+    session cleanly."""
+    import pty
+    import select
+    import signal
+    import time
+
+    pytest.importorskip("readline")
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "gpt2kit", "chat", "--model", str(model_dir)],
+                               stdin=terminal, stdout=terminal, stderr=subprocess.PIPE,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"})
+    os.close(terminal)
+    output, seen = b"", 0
+
+    def read_until(marker: bytes) -> None:
+        """Read the terminal until `marker` appears after what the last call found."""
+        nonlocal output, seen
+        deadline = time.monotonic() + 120
+        while marker not in output[seen:]:
+            assert time.monotonic() < deadline and process.poll() is None, output
+            if select.select([controller], [], [], 0.1)[0]:
+                output += os.read(controller, 4096)
+        seen = output.index(marker, seen) + len(marker)
+
+    try:
+        read_until(b"> ")
+        os.write(controller, b"/set top_k 5\x1b[D1\r")  # the left arrow moves back: the 1 lands before the 5
+        read_until(b"[top_k = 15]")
+        read_until(b"> ")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+    finally:
+        process.kill()
+        os.close(controller)

@@ -18,7 +18,7 @@ from .tokenizer import GPT2Tokenizer
 
 CHAT_DEFAULTS = {"max_new_tokens": 128, "do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.95}
 HELP = ("commands: /reset (forget the conversation), /set NAME VALUE (e.g. /set temperature 0.7; /set alone "
-        "lists settings), /help, /quit")
+        "lists settings), /help, /quit; Ctrl-C stops a reply")
 
 
 def _parse_bool(text: str) -> bool:
@@ -97,11 +97,17 @@ class ChatSession:
 
 
 def _read_lines(stdin: TextIO, interactive: bool) -> Iterator[str]:
+    if interactive:
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+        except ImportError:  # not on every platform
+            pass
     while True:
         if interactive:
             try:
                 yield input("> ")
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt ends the session
+                print()
                 return
         else:
             line = stdin.readline()
@@ -154,8 +160,13 @@ def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.Path
                 print(f"[{HELP}]", file=stdout)
             stdout.flush()
             continue
-        for piece in session.reply(message):
-            stdout.write(piece)
-            stdout.flush()
+        reply = session.reply(message)
+        try:
+            for piece in reply:
+                stdout.write(piece)
+                stdout.flush()
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the session
+            reply.close()
+            stdout.write(" [stopped: this exchange is not kept]")
         stdout.write("\n")
         stdout.flush()
