@@ -1,5 +1,6 @@
 """The playground page at /, driven in headless Debian chromium through Playwright."""
 
+import json
 from pathlib import Path
 
 import openai
@@ -74,6 +75,17 @@ def test_page_streams_a_completion_and_can_stop(browser, model_dir):
         page.click("#generate")
         page.wait_for_function("() => document.querySelector('#status').className === 'error'", timeout=30_000)
         assert "temperature" in page.text_content("#status")
+
+        # What the field cannot hold as a number is an error, not the default; integers go out as typed.
+        page.fill("#temperature", "1e999")
+        page.click("#generate")
+        assert page.text_content("#status") == "temperature: not a number"
+        page.fill("#temperature", "0")
+        page.fill("#seed", "9007199254740993")  # 2^53 + 1: a JavaScript number would round it to 2^53
+        with page.expect_request("**/v1/completions") as request:
+            page.click("#generate")
+        assert json.loads(request.value.post_data)["seed"] == 2**53 + 1
+        page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('done')")
         page.close()
 
 
@@ -108,6 +120,26 @@ def test_page_chats_over_the_chat_completions_api(browser, model_dir):
         assert roles == ["User:", "Assistant:", "User:", "Assistant:"]
         page.click("#reset")
         assert page.eval_on_selector_all("#chat .turn", "nodes => nodes.length") == 0
+
+        # New chat while a request is in flight drops it: the request is aborted, and its failure (a refused
+        # temperature) neither shows nor takes back a message of the new chat (it threw a JS error).
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.fill("#temperature", "5")
+        page.fill("#prompt", "dropped")
+        with page.expect_event("requestfailed"):
+            page.evaluate("() => { document.querySelector('#generate').click(); "
+                          "document.querySelector('#reset').click(); }")
+        assert page.eval_on_selector_all("#chat .turn", "nodes => nodes.length") == 0
+        assert page.text_content("#status") == "" and page.is_enabled("#generate") and not page.is_enabled("#stop")
+        page.fill("#temperature", "0")
+        page.fill("#prompt", "Hello there")
+        page.click("#generate")
+        page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('done')")
+        reply = page.text_content("#chat .turn.assistant:last-child .content")
+        assert reply == expected_reply(live.url, [{"role": "system", "content": "A short conversation."},
+                                                  {"role": "user", "content": "Hello there"}])
+        assert errors == []
         page.check("input[name=mode][value=completion]")
         assert page.is_visible("#output") and not page.is_visible("#chat")
         page.close()
