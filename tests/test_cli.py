@@ -1,5 +1,6 @@
 """The console script itself: installed, helpful, and failing with one clear line."""
 
+import os
 import subprocess
 import sys
 
@@ -93,3 +94,14 @@ def test_a_closed_pipe_ends_generation_quietly():
     assert process.stdout.read(10)  # streamed: the tokens after these meet a closed pipe
     process.stdout.close()
     assert process.wait(timeout=120) == 141 and "error" not in process.stderr.read()
+
+
+def test_buffered_output_into_a_closed_pipe_ends_quietly():
+    """Output buffered for a pipe (`gpt2kit info | true`) met the closed pipe at interpreter exit: a traceback
+    and exit 120."""
+    process = subprocess.Popen([sys.executable, "-m", "gpt2kit", "info", "gpt2-tiny"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
+    process.stdout.close()  # before the command has printed anything (it imports torch first)
+    assert process.wait(timeout=120) == 141, process.stderr.read()
+    assert process.stderr.read() == ""

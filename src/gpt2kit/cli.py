@@ -467,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.allocator != "system":
             restart_with_allocator(args.allocator, sys.argv[1:] if argv is None else argv)
-        return COMMANDS[args.command][1][1](args) or 0
+        status = COMMANDS[args.command][1][1](args) or 0
+        sys.stdout.flush()  # output still buffered for a pipe meets a closed one here, not at interpreter exit
+        return status
     except BrokenPipeError:
         # The reader went away (`gpt2kit generate ... | head`): stop quietly, as a killed writer does, and keep
         # the interpreter's final flush from failing again.
