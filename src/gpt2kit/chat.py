@@ -3,6 +3,7 @@ history trimmed to the context window, and /reset, /set, /help, /quit commands. 
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -99,7 +100,7 @@ class ChatSession:
 def _read_lines(stdin: TextIO, interactive: bool) -> Iterator[str]:
     if interactive:
         try:
-            import readline  # noqa: F401  (importing it gives input() line editing and history)
+            importlib.import_module("readline")  # loaded, it gives input() line editing and history
         except ImportError:  # not on every platform
             pass
     while True:
