@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from gpt2kit.cli import main
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gpt2kit", *args], capture_output=True, text=True, timeout=120)
@@ -38,7 +42,6 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
 
 def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, capsys):
     from gpt2kit import GPT2Tokenizer
-    from gpt2kit.cli import main
 
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
@@ -76,7 +79,6 @@ def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, 
 
 
 def test_a_mistyped_flag_shows_its_commands_usage(capsys):
-    from gpt2kit.cli import main
 
     try:
         main(["generate", "--model", "gpt2-tiny", "--promt", "hi"])
@@ -84,6 +86,17 @@ def test_a_mistyped_flag_shows_its_commands_usage(capsys):
         assert exit.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: gpt2kit generate ") and "error: unrecognized arguments: --promt hi" in err
+
+
+@pytest.mark.parametrize("argv", [["lora", "merge", "--adapter", "a", "--output", "o"],
+                                  ["tokenizer", "train", "--input", "x", "--vocab-size", "300", "--output", "o"],
+                                  ["export", "gguf", "--model", "m", "--output", "o.gguf"]])
+def test_a_mistyped_flag_of_a_two_level_command_shows_that_commands_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--bogus"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: gpt2kit {argv[0]} {argv[1]} ") and "unrecognized arguments: --bogus" in err
 
 
 def test_a_closed_pipe_ends_generation_quietly():

@@ -249,9 +249,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_action(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    """The parser of a two-level command's second word (`lora merge`), with its own usage for its own mistakes."""
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(command_parser=parser)
+    return parser
+
+
 def _lora_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
-    merge = sub.add_parser("merge", help="fold LoRA adapters into their base model; write a plain model dir")
+    merge = _add_action(sub, "merge", "fold LoRA adapters into their base model; write a plain model dir")
     merge.add_argument("--adapter", required=True, help="adapter directory written by a LoRA finetune")
     merge.add_argument("--output", required=True, help="model directory to write")
     merge.add_argument("--base", default=None, help="base model directory; default: the one the adapter names")
@@ -301,7 +308,7 @@ def _preprocess(args: argparse.Namespace) -> None:
 
 def _tokenizer_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
-    train = sub.add_parser("train", help="train a byte-level BPE vocabulary on a corpus; writes DIR/tokenizer.json")
+    train = _add_action(sub, "train", "train a byte-level BPE vocabulary on a corpus; writes DIR/tokenizer.json")
     _input_format_args(train)
     train.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, incl. 256 bytes")
     train.add_argument("--output", required=True, help="directory for tokenizer.json")
@@ -396,12 +403,12 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     from .export import DEFAULT_OPSET
 
     sub = p.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
-    onnx = sub.add_parser("onnx", help="prefill + decode graphs with KV cache inputs/outputs, for onnxruntime")
+    onnx = _add_action(sub, "onnx", "prefill + decode graphs with KV cache inputs/outputs, for onnxruntime")
     onnx.add_argument("--model", required=True, help="HF-format model directory or local HF cache name")
     onnx.add_argument("--output", required=True, help="directory to write (appears only when complete)")
     onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (default: %(default)s)")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    gguf = sub.add_parser("gguf", help="one GGUF file (weights + tokenizer) for llama.cpp, Ollama, LM Studio")
+    gguf = _add_action(sub, "gguf", "one GGUF file (weights + tokenizer) for llama.cpp, Ollama, LM Studio")
     gguf.add_argument("--model", required=True, help="HF-format model directory or local HF cache name")
     gguf.add_argument("--output", required=True, help="file to write, e.g. model.gguf (appears only when complete)")
     gguf.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
