@@ -432,6 +432,18 @@ def test_memory_estimate_counts_the_parameters_each_rank_holds(job, layout):
     assert estimate.optimizer == 8 * estimate.parameters
 
 
+@pytest.mark.parametrize("tensor", [1, 2])
+def test_memory_estimate_splits_an_untied_head_like_a_tied_one(tensor):
+    """Tensor parallelism splits an untied LM head by vocabulary rows, as it splits the embedding: it was counted
+    whole on every rank. Autocast copies the head (the fused loss does without TP), never the embedding."""
+    tied = tiny_lm_config()
+    untied = tied.replace(tie_word_embeddings=False)
+    layout = ParallelConfig(tensor=tensor).resolve(tensor)
+    a, b = (estimate_memory(config, layout, seq_len=SEQ) for config in (tied, untied))
+    assert b.parameters - a.parameters == tied.vocab_size * tied.n_embd / tensor
+    assert b.gathered == a.gathered
+
+
 def test_memory_estimate_of_the_large_configs():
     config = GPT2Config.from_name("gpt2-13b")
     with torch.device("meta"):

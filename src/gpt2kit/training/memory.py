@@ -2,13 +2,14 @@
 
 What each GPU holds, for AdamW training as gpt2kit runs it (training/parallel.py):
 - weights: float32 master weights of this rank's shard (tensor parallel splits the matrices, the token embedding
-  and the tied head; FSDP/HSDP splits everything over `shard`; DDP keeps a full copy);
+  and the LM head, tied or not; FSDP/HSDP splits everything over `shard`; DDP keeps a full copy);
 - gradients: float32, sharded like the weights;
 - optimizer: AdamW's two float32 moments, sharded like the weights;
 - gathered: FSDP's unsharded working copies, in the compute dtype: the root module (embeddings, final LayerNorm;
   kept gathered through forward and backward), two blocks in flight (the current one and the prefetched one)
   and the unsharded gradients of one block; with bf16 but without FSDP, autocast's bf16 copies of the matrices
-  (not the tied head's: the fused loss makes its own, counted under logits);
+  (not of an untied embedding, which is only looked up, and without tensor parallelism not of the head: the
+  fused loss makes its own, counted under logits);
 - activations: saved for backward over one micro-batch, per block s*b*h*(2 + 2*4 + (2 + 12/t) * a) bytes, where a
   is 2 (bf16) or 4 (fp32) bytes and t the tensor-parallel degree: Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models", Table 2) without the attention-score terms, which PyTorch's fused
@@ -40,7 +41,7 @@ from .parallel import ParallelConfig, check_tensor_parallel
 GIB = 2**30
 # Parameters split by tensor parallelism (see apply_tensor_parallel); the rest are replicated on its ranks.
 _TENSOR_PARALLEL = re.compile(r"(attn\.c_attn\.weight|attn\.c_proj\.weight|mlp\.c_fc\.(weight|bias)|"
-                              r"mlp\.c_proj\.weight|transformer\.wte\.weight)$")
+                              r"mlp\.c_proj\.weight|transformer\.wte\.weight|lm_head\.weight)$")
 
 
 @dataclass
@@ -112,8 +113,10 @@ def estimate_memory(config: GPT2Config, parallel: ParallelConfig, *, micro_batch
     root = per_tensor_rank - layers * block
     if shard > 1:
         gathered = (root + 2 * block) * act + block * act
-    elif act == 2:  # autocast's bf16 copies of the matrices; without TP the fused loss casts the head itself
-        gathered = (split / t - (v * h if t == 1 else 0)) * act
+    elif act == 2:
+        # autocast's bf16 copies of the matrices: not of an untied embedding (only looked up), and not of the head
+        # without TP (the fused loss casts it itself)
+        gathered = (split - (0 if config.tie_word_embeddings else v * h) - (v * h if t == 1 else 0)) / t * act
     else:
         gathered = 0.0
 
