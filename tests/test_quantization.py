@@ -252,6 +252,8 @@ def test_a_packed_model_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="transformer.h.0.attn.c_attn.weight: a oneDNN-packed model cannot be "
                                          "loaded into"):
         model.load_state_dict(state, strict=False)  # it loaded the biases only, a hybrid of two models
+    with pytest.raises(ValueError, match="a oneDNN-packed model cannot be loaded into"):
+        model.lm_head.load_state_dict({"weight": state["lm_head.weight"]}, strict=False)
     assert torch.equal(model.transformer.wte.weight, wte)  # refused before anything loaded
     # The refused cast changed nothing: the embeddings before the first packed layer are still float32.
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -279,4 +281,10 @@ def test_float_weights_do_not_load_into_an_int8_model(tiny_model):
                                          r"int8 layer"):
         quantized.load_state_dict(float_state, strict=False)
     assert torch.equal(quantized.transformer.wte.weight, tiny_model.transformer.wte.weight)  # refused before loading
+    # Also when the load starts below the model (a block) or above it (a wrapper).
+    with pytest.raises(ValueError, match="float weights cannot load into an int8 layer"):
+        quantized.transformer.h[0].load_state_dict(tiny_model.transformer.h[0].state_dict(), strict=False)
+    with pytest.raises(ValueError, match="float weights cannot load into an int8 layer"):
+        torch.nn.ModuleDict({"m": quantized}).load_state_dict({f"m.{k}": v for k, v in float_state.items()},
+                                                              strict=False)
     quantized.load_state_dict(quantized.state_dict())  # its own int8 state loads

@@ -77,6 +77,10 @@ class Int8Linear(nn.Module):
             raise ValueError(f"{prefix}weight: float weights cannot load into an int8 layer; load them into the "
                              f"float model, then quantize_int8")
 
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        self.check_load(state_dict, prefix)  # also when the load starts at a block or a wrapper, not the model
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8, compute=bf16"
 
@@ -145,6 +149,10 @@ class PackedLinear(nn.Module):
         and with strict=False only the bias would load, a hybrid of two models."""
         if prefix + "weight" in state_dict or prefix + "bias" in state_dict:
             raise ValueError(f"{prefix}weight: " + self._REFUSAL.format("loaded into"))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        self.check_load(state_dict, prefix)  # also when the load starts at a block or a wrapper, not the model
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         fused = "" if self.gelu is None else f", then GELU ({self.gelu})"
