@@ -34,7 +34,20 @@ _COMPUTE_DTYPE = torch.bfloat16  # what the int8 kernel multiplies in (its scale
 _INT8_KERNEL_IN_MULTIPLE = 16
 
 
-class Int8Linear(nn.Module):
+class InferenceLinear(nn.Module):
+    """What int8 and packed layers share: weights in a form only inference reads, which float weights cannot load
+    into. The model calls check_load on every such layer before it loads anything; the layer calls it too, for a
+    load that starts at a block or at a wrapper of the model."""
+
+    def check_load(self, state_dict: Mapping[str, Tensor], prefix: str) -> None:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        self.check_load(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+class Int8Linear(InferenceLinear):
     """y = x @ (q * scale).T + bias with q int8 (out, in) and scale (out,): the product in bf16, the result and
     the bias in x's dtype."""
 
@@ -70,16 +83,11 @@ class Int8Linear(nn.Module):
         return torch.addcmul(self.bias, y, scale).to(x.dtype)  # one rounding of y * scale + bias, then x's dtype
 
     def check_load(self, state_dict: Mapping[str, Tensor], prefix: str) -> None:
-        """Refuse float weights (the model calls this before loading anything): copy_ would truncate them to
-        int8, silently."""
+        """Refuse float weights: copy_ would truncate them to int8, silently."""
         weight = state_dict.get(prefix + "weight")
         if weight is not None and weight.is_floating_point():
             raise ValueError(f"{prefix}weight: float weights cannot load into an int8 layer; load them into the "
                              f"float model, then quantize_int8")
-
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        self.check_load(state_dict, prefix)  # also when the load starts at a block or a wrapper, not the model
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=int8, compute=bf16"
@@ -92,7 +100,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return _replace_linears(model, lambda linear: Int8Linear(linear.weight, linear.bias))
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(InferenceLinear):
     """nn.Linear for CPU inference with its weight reordered once into oneDNN's layout. The packed weight is an
     opaque tensor, kept outside the module's parameters and buffers: the layer cannot be moved, cast, copied or
     saved (pack last, after choosing device and dtype)."""
@@ -145,14 +153,10 @@ class PackedLinear(nn.Module):
         raise ValueError(self._REFUSAL.format("saved (its state_dict would lack the packed weights)"))
 
     def check_load(self, state_dict: Mapping[str, Tensor], prefix: str) -> None:
-        """Refuse any load (the model calls this before loading anything): the weight has no place to load into,
-        and with strict=False only the bias would load, a hybrid of two models."""
+        """Refuse any load: the weight has no place to load into, and with strict=False only the bias would
+        load, a hybrid of two models."""
         if prefix + "weight" in state_dict or prefix + "bias" in state_dict:
             raise ValueError(f"{prefix}weight: " + self._REFUSAL.format("loaded into"))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        self.check_load(state_dict, prefix)  # also when the load starts at a block or a wrapper, not the model
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         fused = "" if self.gelu is None else f", then GELU ({self.gelu})"
@@ -203,4 +207,4 @@ def describe_weights(model: nn.Module) -> str:
 
 def is_inference_only(model: nn.Module) -> bool:
     """True when some weights are int8 or packed: the model can run, not train, save or export."""
-    return any(isinstance(m, (Int8Linear, PackedLinear)) for m in model.modules())
+    return any(isinstance(m, InferenceLinear) for m in model.modules())
