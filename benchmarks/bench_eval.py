@@ -18,6 +18,9 @@ sides run there, with plain weights (packing is a CPU layout), and the clocks wa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -89,8 +92,12 @@ def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: in
             saved = lm_eval.evaluator.add_env_info, lm_eval.evaluator.get_git_commit_hash
             lm_eval.evaluator.add_env_info, lm_eval.evaluator.get_git_commit_hash = (lambda results: None,
                                                                                      lambda: None)
+            # Its task-file warnings and the progress bars of datasets and of its requests would fill the
+            # suite's table; an error still raises.
+            logging.getLogger("lm_eval").setLevel(logging.ERROR)
             try:
-                return run_lm_eval(hflm, {task: path}, Path(tmp) / task, limits={task: limit})[task]
+                with contextlib.redirect_stderr(io.StringIO()):
+                    return run_lm_eval(hflm, {task: path}, Path(tmp) / task, limits={task: limit})[task]
             finally:
                 lm_eval.evaluator.add_env_info, lm_eval.evaluator.get_git_commit_hash = saved
 
