@@ -534,6 +534,67 @@ def test_dcp_conversion_errors_name_the_problem(job, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+class _RunsCode:
+    """Unpickling this runs code: a crafted checkpoint's way in."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _single_process_checkpoint(directory: Path):
+    model = fresh_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(batches()[0, 0], labels=batches()[0, 0]).loss.backward()
+    optimizer.step()
+    save_distributed_checkpoint(directory, model, optimizer)
+    return model, optimizer
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_loading_never_runs_code_a_checkpoint_carries(tmp_path):
+    import pickle
+
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optimizer = _single_process_checkpoint(tmp_path / "good")
+    reloaded = fresh_model()
+    reloaded_optimizer = torch.optim.AdamW(reloaded.parameters(), lr=5.0)
+    load_distributed_checkpoint(tmp_path / "good", reloaded, reloaded_optimizer)  # the safe path still loads
+    assert reloaded_optimizer.param_groups[0]["lr"] == 1e-3
+    assert reloaded_optimizer.param_groups[0]["betas"] == optimizer.param_groups[0]["betas"]
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil-metadata"
+    shutil.copytree(tmp_path / "good", evil)
+    (evil / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(CheckpointError, match=r"\.metadata: not readable .*Path.touch.* not part of DCP's metadata"):
+        load_distributed_checkpoint(evil, fresh_model())
+    with pytest.raises(CheckpointError, match="not part of DCP's metadata"):
+        dcp_to_pretrained(evil, tmp_path / "out")
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tmp_path / "good", truncated)
+    (truncated / ".metadata").write_bytes((tmp_path / "good" / ".metadata").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"\.metadata: not readable"):
+        dcp_to_pretrained(truncated, tmp_path / "out")
+    (truncated / ".metadata").write_bytes(pickle.dumps(3))
+    with pytest.raises(CheckpointError, match="holds a int, not a distributed checkpoint's metadata"):
+        dcp_to_pretrained(truncated, tmp_path / "out")
+
+    # A non-tensor value (an optimizer setting) that runs code when torch.load unpickles it without weights_only.
+    model_state, optim_state = get_state_dict(model, optimizer)
+    optim_state["param_groups"][0]["lr"] = _RunsCode(marker)
+    save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp_path / "evil-value", no_dist=True)
+    with pytest.raises(CheckpointError, match="loading the distributed checkpoint failed"):
+        load_distributed_checkpoint(tmp_path / "evil-value", reloaded, reloaded_optimizer)
+    assert not marker.exists()
+
+
 # ---- degrees -------------------------------------------------------------------------------------------------
 def test_parallel_config_fills_the_remaining_ranks():
     assert ParallelConfig().resolve(8) == ParallelConfig(data=8, shard=1, tensor=1)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
-from gpt2kit.checkpoint import gpt2kit_to_hf
+from gpt2kit.checkpoint import CheckpointError, gpt2kit_to_hf
 from gpt2kit.data import InstructionDataset
 from gpt2kit.data.tokenizer_training import train_tokenizer
 from gpt2kit.tokenizer import train_bpe
@@ -471,6 +471,22 @@ def test_a_resumed_run_uses_its_configs_optimizer_settings(tmp_path):
     groups = trainer.optimizer.param_groups
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
     assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in groups)
+
+
+def test_resuming_with_another_model_shape_or_precision(tmp_path):
+    config = run_config(tmp_path, train={"max_steps": 2}, checkpoint={"save_interval": 2})
+    Trainer(args=config, train_dataset=Sequences()).train()
+    wider = run_config(tmp_path, model={"name": "gpt2-tiny", "config": {**TINY, "n_layer": 3, "n_embd": 32}},
+                       train={"max_steps": 4})
+    with pytest.raises(CheckpointError, match=r"step-00000002: saved from another model shape than this run's "
+                                              r"\(n_layer 2 -> 3, n_embd 64 -> 32, mlp_dim 256 -> 128\)"):
+        Trainer(args=wider, train_dataset=Sequences()).train(resume="auto")
+    # Saved without fp16, its GradScaler state is empty: an fp16 run (or precision auto picking fp16 on an older
+    # GPU) resumes with a fresh scaler.
+    fp16 = run_config(tmp_path, train={"max_steps": 4, "precision": "fp16"})
+    trainer = Trainer(args=fp16, train_dataset=Sequences())
+    assert trainer.train(resume="auto")["steps"] == 4
+    assert trainer.scaler.is_enabled()
 
 
 def test_a_finished_run_resumed_logs_its_final_evaluation_once(tmp_path):

@@ -71,6 +71,15 @@ def test_yaml_and_overrides(tmp_path):
     ("lora:\n  dropout: 2\n", [], r"lora.dropout: must lie in \[0, 1\)"),
     ("sample:\n  temperature: -1\n", [], r"sample.temperature: must not be negative"),
     ("model:\n  config:\n    resid_pdrop: 1e-1x\n", [], r"run.yaml:3: model.config.resid_pdrop: expected float"),
+    # Not finite: .inf epochs ended in an OverflowError, a NaN weight decay in a diverged loss.
+    ("train:\n  max_steps: null\n  epochs: .inf\n", [], r"run.yaml:3: train.epochs: expected a finite number"),
+    ("optim:\n  weight_decay: .nan\n", [], r"run.yaml:2: optim.weight_decay: expected a finite number"),
+    ("train:\n  max_steps: 5\n", [("sample.temperature", "nan")], r"sample.temperature: expected a finite"),
+    ("train:\n  max_steps: 5\n", [("optim.lr", "inf")], r"optim.lr: expected a finite number, got 'inf'"),
+    ("model:\n  config:\n    resid_pdrop: .nan\n", [], r"run.yaml:3: model.config.resid_pdrop: expected a finite"),
+    ("seed: -5\n", [], r"run.yaml:1: seed: must lie in \[0, 2\*\*32\), got -5"),
+    ("out_dir: ''\n", [], r"run.yaml:1: out_dir: must not be empty"),
+    ("data:\n  train: ' '\n", [], r"run.yaml:2: data.train: must not be empty \(null leaves it unset\)"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from gpt2kit.checkpoint import load_state_dict
+from gpt2kit.checkpoint import CheckpointError, load_state_dict
 from gpt2kit.cli import main
 from gpt2kit.training import Trainer, load_config
 from gpt2kit.training.logging import read_metrics
@@ -181,6 +181,10 @@ def test_corrupted_and_partial_checkpoints_are_detected_and_skipped(corpus, refe
 
     assert main(["train", "--config", str(tmp_path / "run.yaml"), "--resume", str(newest)]) == 2
     assert "gpt2kit train: error:" in capsys.readouterr().err
+    # A manifest of the right JSON but the wrong shape is unreadable like any other (it raised AttributeError).
+    (newest / "COMPLETE").write_text('{"step": 40, "files": []}')
+    with pytest.raises(CheckpointError, match=r'COMPLETE: unreadable manifest \("files" must map each file'):
+        verify_checkpoint(newest)
 
 
 def test_resume_auto_without_checkpoints_starts_fresh(corpus, tmp_path):

@@ -70,7 +70,10 @@ def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world_size: int = 
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        if not (isinstance(files, dict) and all(isinstance(info, dict) and isinstance(info.get("size"), int)
+                                                and isinstance(info.get("sha256"), str) for info in files.values())):
+            raise TypeError('"files" must map each file to its {"size", "sha256"}')
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
     for i, (name, info) in enumerate(sorted(files.items())):
         file = path / name

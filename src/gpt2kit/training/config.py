@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -157,6 +158,14 @@ class RunConfig:
             raise bad("task", f"expected one of {', '.join(TASKS)}, got {self.task!r}")
         if self.pet_method not in ("none", "lora"):
             raise bad("pet_method", f"expected none or lora, got {self.pet_method!r}")
+        if not 0 <= self.seed < 2 ** 32:  # what NumPy's generator takes
+            raise bad("seed", f"must lie in [0, 2**32), got {self.seed}")
+        for key, value in [("out_dir", self.out_dir), ("model.name", self.model.name),
+                           ("model.checkpoint", self.model.checkpoint), ("data.train", self.data.train),
+                           ("data.val", self.data.val), ("data.tokenizer", self.data.tokenizer),
+                           ("checkpoint.resume", self.checkpoint.resume)]:
+            if value is not None and not value.strip():  # "" would mean the current directory
+                raise bad(key, "must not be empty (null leaves it unset)" if key != "out_dir" else "must not be empty")
         t, o = self.train, self.optim
         if t.max_steps is not None and t.epochs is not None:
             raise bad("train.max_steps", "give only one of train.max_steps and train.epochs")
@@ -299,13 +308,18 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ValueError:
                 pass
     elif annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # PyYAML reads 1e-3 (no dot) as a string
+                number = float(value)  # PyYAML reads 1e-3 (no dot) as a string
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf / .nan in YAML, "inf" on the command line
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            return number
     elif annotation is str:
         if isinstance(value, str):
             return value

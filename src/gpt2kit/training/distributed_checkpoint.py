@@ -5,13 +5,20 @@ A DCP directory holds `.metadata` + `__<rank>_<n>.distcp` files with the model's
 state under the keys of `torch.distributed.checkpoint.state_dict.get_state_dict` (parameter names, whatever the
 wrapping), plus the model's `config.json`, so `dcp_to_pretrained` can turn it into an HF directory offline.
 DCP needs a filesystem every rank sees (one machine, or a shared/NFS path across nodes).
+
+DCP stores its `.metadata` as a pickle and non-tensor values (the optimizer's hyper-parameters) through
+torch.save, and torch reads them back with plain `pickle.load` / `torch.load(weights_only=False)`, which would
+run code a crafted checkpoint carries. Loading here goes through `_SafeReader` and `_SafeLoadPlanner` instead:
+the metadata may name DCP's own metadata classes and nothing else, and values load with `weights_only=True`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
 from ..checkpoint import CONFIG_NAME, CheckpointError, save_pretrained
 from ..config import GPT2Config
@@ -101,6 +109,72 @@ def _restore_layout(loaded, original):
     return loaded if placements is None else loaded.redistribute(placements=original.placements)
 
 
+# ---- reading without running a checkpoint's code --------------------------------------------------------------
+class _MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds DCP's metadata (dataclasses of torch.distributed.checkpoint, sizes, dtypes, paths) and refuses
+    every other global, e.g. os.system in a crafted file."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata",)
+    NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+             ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+             ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self.MODULES or (module, name) in self.NAMES or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which is not part of DCP's metadata")
+
+
+def read_metadata(directory: Path):
+    """The Metadata of the DCP checkpoint in `directory`, read without running code; CheckpointError when it is
+    truncated, corrupt or refers to anything but DCP's metadata classes."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = directory / METADATA_NAME
+    try:
+        with open(path, "rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+    except OSError:
+        raise
+    except Exception as err:  # a damaged pickle fails in many ways (EOFError, UnpicklingError, KeyError, ...)
+        raise CheckpointError(f"{path}: not readable as a distributed checkpoint's metadata "
+                              f"({type(err).__name__}: {err})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not a distributed checkpoint's metadata")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        metadata = read_metadata(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        # DefaultLoadPlanner.load_bytes with weights_only=True: these are plain numbers, strings and tuples.
+        data = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._nested_dict import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], data)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = data
+
+
+def _load(state: dict[str, Any], directory: Path, *, no_dist: bool) -> None:
+    from torch.distributed.checkpoint import load
+
+    with _single_process_quiet():
+        load(state, storage_reader=_SafeReader(directory), planner=_SafeLoadPlanner(), no_dist=no_dist)
+
+
 # ---- save / load ---------------------------------------------------------------------------------------------
 def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
@@ -149,7 +223,7 @@ def load_distributed_checkpoint(directory: str | os.PathLike, model: nn.Module,
                                 optimizer: torch.optim.Optimizer | None = None) -> None:
     """Collective: load a DCP checkpoint into `model` (and `optimizer`), whatever layout either was saved or is
     now in. A rank that cannot read its part makes every rank raise CheckpointError (DCP gathers the errors)."""
-    from torch.distributed.checkpoint import CheckpointException, load
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     directory = Path(directory)
@@ -164,8 +238,7 @@ def load_distributed_checkpoint(directory: str | os.PathLike, model: nn.Module,
     raise_if_any_rank_failed(mismatch, "loading a distributed checkpoint", CheckpointError)
     storable = _map_tree(original, _to_storable)
     try:
-        with _single_process_quiet():
-            load(storable, checkpoint_id=directory, no_dist=not _distributed())
+        _load(storable, directory, no_dist=not _distributed())
     except CheckpointException as err:
         raise CheckpointError(f"{directory}: loading the distributed checkpoint failed ({_failures(err)})") from None
     restored = {section: _map_tree_pair(storable[section], original[section]) for section in original}
@@ -198,9 +271,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights:
 def _unexpected_tensors(directory: Path, model_state: dict[str, Any]) -> list[str]:
     """Model tensors in the checkpoint with no place in `model_state`: DCP loads only what it is asked for, so a
     larger model's checkpoint would otherwise load silently (a missing tensor is an error already)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    saved = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    saved = read_metadata(directory).state_dict_metadata
     return sorted(key.removeprefix("model.") for key in saved
                   if key.startswith("model.") and key.removeprefix("model.") not in model_state)
 
@@ -241,7 +312,7 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, output: str | os.PathLike, *,
     one HF-format directory. The config comes from `config` (a config.json or a model directory), else the
     config.json written beside the shards or in the parent directory; the tokenizer of a run's checkpoint comes
     along."""
-    from torch.distributed.checkpoint import CheckpointException, load
+    from torch.distributed.checkpoint import CheckpointException
 
     from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
 
@@ -266,8 +337,7 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, output: str | os.PathLike, *,
     if extra:
         raise CheckpointError(f"{dcp_dir}: holds weights that {config_path} has no place for ({', '.join(extra[:5])})")
     try:
-        with _single_process_quiet():
-            load(state, checkpoint_id=dcp_dir, no_dist=True)
+        _load(state, dcp_dir, no_dist=True)
     except CheckpointException as err:  # e.g. a tensor the config implies but the checkpoint lacks
         raise CheckpointError(f"{dcp_dir}: does not hold the weights {config_path} describes "
                               f"({_failures(err)})") from None

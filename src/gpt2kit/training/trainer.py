@@ -53,11 +53,15 @@ from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_check
                           remove_checkpoints_after, resume_candidates, verify_checkpoint, write_manifest)
 from .config import RunConfig, load_config as load_run_config, save_config
 from .distributed_checkpoint import (gather_full_state, load_distributed_checkpoint, load_full_state,
-                                     save_distributed_checkpoint)
+                                     save_distributed_checkpoint, unwrap)
 from .logging import MetricsLogger, flops_per_token, peak_flops, plot_losses, read_metrics
 from .optim import build_optimizer, build_scheduler, configured_hyperparameters
 from .parallel import clip_grad_norm_, grad_sync, init_distributed, parallelize, raise_if_any_rank_failed
 
+
+
+# The config fields that decide the weights' shapes.
+SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "mlp_dim", "n_positions", "vocab_size", "tie_word_embeddings")
 
 
 class TrainingDiverged(RuntimeError):
@@ -885,17 +889,19 @@ class Trainer:
             elif self.config.pet_method == "lora":
                 lora_lib.load_adapter_weights(self.model, path)
                 self.optimizer.load_state_dict(tensors["optimizer"])
-            elif self._sharded:  # saved whole (one process or DDP), resumed sharded: each rank keeps its part
-                load_full_state(self.model, self.optimizer, hf_to_gpt2kit(load_state_dict(path), self.model),
-                                tensors["optimizer"])
-            else:
+            else:  # saved whole, by one process or DDP
+                self._check_saved_shape(path)
                 weights = hf_to_gpt2kit(load_state_dict(path), self.model)
-                self.model.load_state_dict(weights, strict=True)
-                if hasattr(self.model, "tie_weights"):
-                    self.model.tie_weights()
-                self.optimizer.load_state_dict(tensors["optimizer"])
+                if self._sharded:  # resumed sharded: each rank keeps its part
+                    load_full_state(self.model, self.optimizer, weights, tensors["optimizer"])
+                else:
+                    self.model.load_state_dict(weights, strict=True)
+                    if hasattr(self.model, "tie_weights"):
+                        self.model.tie_weights()
+                    self.optimizer.load_state_dict(tensors["optimizer"])
             self.scheduler.load_state_dict(tensors["scheduler"])
-        self.scaler.load_state_dict(tensors["scaler"])
+        if tensors["scaler"]:  # empty when saved without fp16 (a disabled scaler): this run's fresh one stays
+            self.scaler.load_state_dict(tensors["scaler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         self.sampler.load_state_dict(self._sampler_state(state, path))
@@ -909,6 +915,18 @@ class Trainer:
             state = rng["cuda"]  # older checkpoints hold one state per visible GPU
             torch.cuda.set_rng_state(state[0] if isinstance(state, (list, tuple)) else state, self.device)
         self.last_checkpoint = path
+
+    def _check_saved_shape(self, path: Path) -> None:
+        """One error naming what changed when the run's model config no longer matches the checkpoint's (its
+        weights would fail to load with torch's list of every mismatched tensor)."""
+        model = unwrap(self.model)
+        saved, ours = load_config(path), model.config
+        fields = SHAPE_FIELDS + (("num_labels",) if isinstance(model, GPT2ForSequenceClassification) else ())
+        changed = [f"{name} {getattr(saved, name)} -> {getattr(ours, name)}" for name in fields
+                   if getattr(saved, name) != getattr(ours, name)]
+        if changed:
+            raise CheckpointError(f"{path}: saved from another model shape than this run's ({', '.join(changed)}); "
+                                  f"resume with the model config it was trained with, or use a new out_dir")
 
     def _sampler_state(self, state: dict[str, Any], path: Path) -> dict[str, int]:
         """The sampler state for this run's data-parallel size. Ranks consume the epoch's permutation in
