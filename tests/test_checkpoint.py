@@ -322,10 +322,14 @@ def test_weights_load_in_the_dtype_transformers_gives_them(tmp_path, hf_model):
     path.write_text(json.dumps({k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}))
     weights = tmp_path / "m" / "model.safetensors"
     state = load_file(weights)
-    save_file({**state, "transformer.ln_f.weight": state["transformer.ln_f.weight"].float()}, weights)
-    mixed = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
-    assert {p.dtype for p in mixed.parameters()} == {torch.bfloat16}
-    mixed(IDS)  # one dtype: the forward runs
+    # transformers takes the first floating-point tensor's dtype, by sorted name (not the file's byte order).
+    for name, dtype in (("transformer.ln_f.weight", torch.bfloat16),
+                        ("transformer.h.0.attn.c_attn.bias", torch.float32)):
+        save_file({**state, name: state[name].float()}, weights)
+        assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "m").dtype == dtype
+        mixed = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+        assert {p.dtype for p in mixed.parameters()} == {dtype}
+        mixed(IDS)  # one dtype: the forward runs
     save_file({**state, "transformer.ln_f.weight": state["transformer.ln_f.weight"].long()}, weights)
     with pytest.raises(CheckpointError, match="transformer.ln_f.weight is torch.int64, expected floating-point"):
         GPT2LMHeadModel.from_pretrained(tmp_path / "m")
@@ -380,3 +384,101 @@ def test_convert_carries_the_directorys_other_files_and_a_head_only_tied_matrix(
     expected = logits(hf_model, IDS)
     assert same(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "out"), IDS), expected)
     assert same(logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval(), IDS), expected)
+
+
+def test_a_tied_config_with_a_different_head_in_the_file_loads_untied_like_transformers(tmp_path, hf_model):
+    from safetensors.torch import load_file, save_file
+
+    hf_model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(weights)
+    state["lm_head.weight"] = torch.randn_like(state["transformer.wte.weight"])  # config.json still says tied
+    save_file(state, weights, metadata={"format": "pt"})
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval()
+    with pytest.warns(UserWarning, match="ties the LM head to the token embedding, but the weights hold an "
+                                         "lm_head.weight of their own; loaded untied"):
+        ours = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+    assert same(logits(ours, IDS), logits(theirs, IDS))
+    convert(tmp_path / "m", tmp_path / "out")  # keeps the head (it dropped it, and the logits changed)
+    assert same(logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval(), IDS),
+                logits(theirs, IDS))
+
+
+def test_config_copies_never_share_their_dicts_with_the_presets(tmp_path):
+    from gpt2kit import GPT2Config, GPT2ForSequenceClassification
+    from gpt2kit.config import PRESETS
+
+    config = GPT2Config.from_name("gpt2-tiny")
+    assert config.extra is not PRESETS["gpt2-tiny"].extra
+    GPT2ForSequenceClassification(GPT2Config.from_name("gpt2-tiny")).save_pretrained(tmp_path / "cls")
+    GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny")).save_pretrained(tmp_path / "lm")  # was saved as a classifier
+    assert json.loads((tmp_path / "lm" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    labelled = GPT2Config(**SHAPE, id2label={0: "neg", 1: "pos"})
+    assert labelled.replace(n_layer=1).id2label is not labelled.id2label
+    with pytest.raises(ValueError, match="num_labels=4 but id2label names 2 classes"):
+        labelled.replace(num_labels=4)  # it was ignored
+    assert labelled.replace(num_labels=4, id2label=None, label2id=None).num_labels == 4
+
+
+def test_config_json_errors_name_the_file(tmp_path, hf_model, capsys):
+    hf_model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    for change, message in (({"n_head": 5}, r"config.json: n_embd \(64\) must be divisible by n_head \(5\)"),
+                            ({"id2label": ["a", "b"]}, "config.json: id2label must map class ids to names")):
+        path.write_text(json.dumps({**config, **change}))
+        with pytest.raises(CheckpointError, match=message):
+            GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+        assert main(["convert", "--input", str(tmp_path / "m"), "--output", str(tmp_path / "out")]) == 2
+        assert "config.json: " in capsys.readouterr().err
+
+
+def test_convert_edge_cases(tmp_path, hf_model, monkeypatch):
+    import stat
+
+    # A .bin holding more than weights, e.g. a training checkpoint: one error naming the entry.
+    (tmp_path / "ckpt").mkdir()
+    hf_model.config.save_pretrained(tmp_path / "ckpt")
+    torch.save({"model": hf_model.state_dict(), "step": 10}, tmp_path / "ckpt" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: 'model' holds a OrderedDict, not a tensor"):
+        convert(tmp_path / "ckpt", tmp_path / "out")
+    # An untied head stored as a view of the embedding's memory (safetensors refuses shared tensors).
+    hf_model.config.tie_word_embeddings = False
+    hf_model.config.save_pretrained(tmp_path / "ckpt")
+    state = dict(hf_model.state_dict())
+    state["lm_head.weight"] = state["transformer.wte.weight"][:]
+    torch.save(state, tmp_path / "ckpt" / "pytorch_model.bin")
+    convert(tmp_path / "ckpt", tmp_path / "out")
+    assert same(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "out"), IDS), logits(hf_model, IDS))
+    # convert keeps the dtype the model loads in (config.json's), and the tensors as they are.
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    convert(tmp_path / "ckpt", tmp_path / "out", weights_format="bin")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float16"
+    assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").dtype == torch.float16
+    # An existing output directory keeps its mode; "." works; a leftover set-aside directory blocks nothing.
+    os.chmod(tmp_path / "out", 0o2750)
+    (tmp_path / f".out.old-{os.getpid()}").mkdir()
+    (tmp_path / f".out.old-{os.getpid()}" / "x").write_text("left by a killed run with this pid")
+    convert(tmp_path / "ckpt", tmp_path / "out")
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o2750
+    monkeypatch.chdir(tmp_path / "out")
+    convert(tmp_path / "ckpt", ".")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_info_counts_a_classifiers_head(tmp_path, capsys):
+    from gpt2kit import GPT2Config, GPT2ForSequenceClassification
+
+    model = GPT2ForSequenceClassification(GPT2Config(**SHAPE, num_labels=3))
+    model.save_pretrained(tmp_path / "cls")
+    assert main(["info", str(tmp_path / "cls")]) == 0
+    out = capsys.readouterr().out
+    assert f"{model.num_parameters():,}" in out and "classification head of 3 labels" in out
+
+
+def test_a_shard_index_that_is_not_utf8_is_one_clear_error(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    (tmp_path / "m" / "model.safetensors.index.json").write_bytes(b'{"weight_map": "\xff"}')
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: not valid JSON"):
+        load_state_dict(tmp_path / "m")

@@ -11,16 +11,17 @@ import json
 import os
 import re
 import shutil
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from .config import PRESETS, GPT2Config
-from .files import atomic_directory
+from .files import atomic_directory, read_json
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -97,9 +98,10 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    return {key: state[key] for key in sorted(state)}  # the order transformers lists them in (see state_dtype)
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -111,6 +113,10 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):  # e.g. a training checkpoint {"model": {...}, "step": 10}
+            raise CheckpointError(f"{path}: {key!r} holds a {type(value).__name__}, not a tensor; expected a model's "
+                                  "state dict (names -> tensors)")
     return state
 
 
@@ -123,8 +129,8 @@ def load_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _load_shards(index_path: Path) -> dict[str, torch.Tensor]:
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        weight_map = read_json(index_path, error=CheckpointError)["weight_map"]
+    except (KeyError, TypeError) as err:
         raise CheckpointError(f"{index_path}: not a valid shard index ({type(err).__name__}: {err})") from None
     if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
         raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard file names")
@@ -175,6 +181,14 @@ def hf_to_gpt2kit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
     return out
 
 
+def has_separate_head(state: dict[str, torch.Tensor]) -> bool:
+    """Whether an HF state dict holds an LM head that differs from its token embedding: transformers then keeps
+    the two apart whatever config.json's tie_word_embeddings says (tied files store one of them, or equal ones)."""
+    head = state.get("lm_head.weight")
+    wte = state.get("transformer.wte.weight", state.get("wte.weight"))
+    return head is not None and wte is not None and not (head.shape == wte.shape and torch.equal(head, wte))
+
+
 def gpt2kit_to_hf(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """State dict in HF's layout: Conv1D weights transposed, the tied LM head left out (HF re-ties it).
     `state` replaces model.state_dict(), e.g. full weights gathered from a sharded model."""
@@ -207,10 +221,11 @@ def classification_checkpoint_error(model_dir: Path) -> CheckpointError:
                            f"load it with GPT2ForSequenceClassification")
 
 
-def common_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
-    """The dtype most of the floating-point tensors have (None without any)."""
-    dtypes = [t.dtype for t in tensors if t.is_floating_point()]
-    return max(set(dtypes), key=dtypes.count) if dtypes else None
+def state_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor (None without any): what transformers takes for a file's
+    dtype, in the order load_state_dict lists the tensors (a .bin's own order; safetensors sorted by name, shard
+    after shard)."""
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
 def config_dtype(config: GPT2Config, source: Path) -> torch.dtype | None:
@@ -226,8 +241,8 @@ def config_dtype(config: GPT2Config, source: Path) -> torch.dtype | None:
 
 def checkpoint_dtype(config: GPT2Config, state: dict[str, torch.Tensor], source: Path) -> torch.dtype | None:
     """The dtype transformers gives a checkpoint's weights: config.json's when it names one, else the file's,
-    one for all (a model computes in one dtype: a file of several gets its most common)."""
-    return config_dtype(config, source) or common_dtype(state.values())
+    one for all (a model computes in one dtype: a file of several gets its first tensor's)."""
+    return config_dtype(config, source) or state_dtype(state.values())
 
 
 def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -241,6 +256,10 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: tor
     state = load_state_dict(model_dir)
     if cls.__name__ == "GPT2LMHeadModel" and "score.weight" in state:
         raise classification_checkpoint_error(model_dir)
+    if config.tie_word_embeddings and has_separate_head(state):
+        warnings.warn(f"{model_dir}: config.json ties the LM head to the token embedding, but the weights hold an "
+                      f"lm_head.weight of their own; loaded untied, as transformers does", stacklevel=3)
+        config = config.replace(tie_word_embeddings=False)
     with torch.device("meta"):
         model = cls(config)  # no memory, no init: every tensor comes from the checkpoint
     state = hf_to_gpt2kit(state, model)
@@ -301,12 +320,27 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str
         yield shard
 
 
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with tensors that share memory with an earlier one copied: safetensors refuses shared tensors
+    (e.g. an untied head a .bin file stored as a view of the embedding)."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if pointer in seen and tensor.numel() else tensor
+        seen.add(pointer)
+    return out
+
+
 def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: dict[str, torch.Tensor], *,
                        max_shard_size: int | str | None = None, weights_format: str = "safetensors",
-                       companions: Path | None = None) -> Path:
+                       companions: Path | None = None, record_dtype: bool = True,
+                       tokenizer: Any = None) -> Path:
     """Write config.json + weights atomically: files go to a temporary sibling folder which then replaces
     `directory`, so a crash never leaves a directory that looks complete but is not. `companions`: a model
-    directory whose other top-level files (tokenizer, generation_config.json, README) are copied in too."""
+    directory whose other top-level files (tokenizer, generation_config.json, README) are copied in too;
+    `tokenizer` (a GPT2Tokenizer) is saved in as well. `record_dtype`: config.json's dtype becomes the
+    tensors' (else it stays what `config` says)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -315,6 +349,9 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
         for file in sorted(companions.iterdir()) if companions is not None else []:
             if file.is_file() and not _MODEL_FILE.fullmatch(file.name):
                 shutil.copyfile(file, tmp / file.name)  # a hub snapshot's symlinks: their contents
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        state = _unshared(state) if weights_format == "safetensors" else state
         shards = list(_shards(state, parse_size(max_shard_size))) if max_shard_size else [state]
         if weights_format == "safetensors":
             single, index_name, suffix = SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, "safetensors"
@@ -335,7 +372,7 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
             (tmp / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2))
         values = config.to_hf_dict()
-        dtype = common_dtype(state.values())
+        dtype = state_dtype(state.values()) if record_dtype else None
         if dtype is not None:  # what the tensors are now, not what the source directory said (transformers loads this)
             values["dtype"] = str(dtype).removeprefix("torch.")
             if "torch_dtype" in values:
@@ -345,8 +382,9 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard_size: int | str | None = None,
-                    state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write `model` (or `state`, its weights gathered elsewhere) as an HF-format directory."""
+                    state: dict[str, torch.Tensor] | None = None, tokenizer: Any = None) -> Path:
+    """Write `model` (or `state`, its weights gathered elsewhere) as an HF-format directory, with `tokenizer`'s
+    files when one is given (in the same atomic write)."""
     from .model import GPT2ForSequenceClassification
     from .quantization import is_inference_only
 
@@ -354,8 +392,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
         raise ValueError("an int8-quantized or packed model is for inference only; save the model it was made from")
     config = model.config
     if isinstance(model, GPT2ForSequenceClassification):  # isinstance: FSDP subclasses the model in place
-        config.extra["architectures"] = ["GPT2ForSequenceClassification"]
-    return write_hf_directory(directory, config, gpt2kit_to_hf(model, state), max_shard_size=max_shard_size)
+        config = config.replace(extra={**config.extra, "architectures": ["GPT2ForSequenceClassification"]})
+    return write_hf_directory(directory, config, gpt2kit_to_hf(model, state), max_shard_size=max_shard_size,
+                              tokenizer=tokenizer)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, weights_format: str = "safetensors",
@@ -365,9 +404,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, weights_format: s
     src_dir = resolve_model_dir(src)
     config = load_config(src_dir)
     state = {k: v.contiguous() for k, v in load_state_dict(src_dir).items() if not _HF_BUFFERS.search(k)}
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and not has_separate_head(state):  # a separate head is kept, as loading does
         head = state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; HF re-ties on load
         if head is not None and not any(k.endswith("wte.weight") for k in state):
             state["transformer.wte.weight"] = head  # the file's one copy of the tied matrix (see hf_to_gpt2kit)
     return write_hf_directory(dst, config, state, max_shard_size=max_shard_size, weights_format=weights_format,
-                              companions=src_dir)
+                              companions=src_dir, record_dtype=False)  # the tensors and the dtype they load in

@@ -19,7 +19,7 @@ Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Na
 
 def model_summary(name_or_path: str) -> str:
     """Shape and exact parameter count of a preset or an HF directory, computed on the meta device."""
-    from .model import GPT2LMHeadModel
+    from .model import GPT2ForSequenceClassification, GPT2LMHeadModel
 
     if name_or_path in PRESETS:
         config = GPT2Config.from_name(name_or_path)
@@ -28,7 +28,10 @@ def model_summary(name_or_path: str) -> str:
             config = load_config(resolve_model_dir(name_or_path))
         except CheckpointError as err:
             raise CheckpointError(f"{err} (presets: {', '.join(PRESETS)})") from None
-    n_params = GPT2LMHeadModel.count_parameters(config)
+    classifier = "GPT2ForSequenceClassification" in (config.extra.get("architectures") or [])
+    n_params = (GPT2ForSequenceClassification if classifier else GPT2LMHeadModel).count_parameters(config)
+    head = (f"classification head of {config.num_labels} labels" if classifier else
+            f"LM head {'tied to wte' if config.tie_word_embeddings else 'separate from wte'}")
     return "\n".join([
         f"model        {name_or_path}",
         f"layers       {config.n_layer}",
@@ -37,8 +40,7 @@ def model_summary(name_or_path: str) -> str:
         f"mlp          {config.mlp_dim}",
         f"context      {config.n_positions}",
         f"vocab        {config.vocab_size}",
-        f"parameters   {n_params:,} ({n_params / 1e6:,.1f}M, LM head "
-        f"{'tied to wte' if config.tie_word_embeddings else 'separate from wte'})",
+        f"parameters   {n_params:,} ({n_params / 1e6:,.1f}M, {head})",
         f"fp32 / bf16  {n_params * 4 / 2**30:,.2f} GiB / {n_params * 2 / 2**30:,.2f} GiB of weights",
     ])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -72,16 +73,27 @@ class GPT2Config:
         if self.scale_attn_by_inverse_layer_idx or self.reorder_and_upcast_attn or not self.scale_attn_weights:
             raise ValueError("only standard GPT-2 attention scaling (1/sqrt(head_dim)) is supported")
         if self.id2label is not None:
-            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            if not isinstance(self.id2label, dict):
+                raise ValueError(f"id2label must map class ids to names, got {self.id2label!r}")
+            try:
+                self.id2label = {int(k): v for k, v in self.id2label.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"id2label's keys must be class ids (integers), got {list(self.id2label)}") from None
             self.num_labels = len(self.id2label)
 
     def replace(self, **overrides: Any) -> GPT2Config:
         """A copy with some fields changed, checked as a new config is; an unknown name is a ValueError."""
-        known = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"unknown model field(s) {unknown}; expected some of {sorted(known)}")
-        return dataclasses.replace(self, **overrides)
+            raise ValueError(f"unknown model field(s) {unknown}; expected some of {sorted(known - {'extra'})}")
+        labels = self.id2label if "id2label" not in overrides else overrides["id2label"]
+        if "num_labels" in overrides and labels is not None and overrides["num_labels"] != len(labels):
+            raise ValueError(f"num_labels={overrides['num_labels']} but id2label names {len(labels)} classes; "
+                             f"give id2label=None with it, or new id2label")
+        # Deep copies: a copy must never share the mutable extra/label dicts with its original (a preset's).
+        copies = {name: copy.deepcopy(getattr(self, name)) for name in ("extra", "id2label", "label2id")}
+        return dataclasses.replace(self, **{**copies, **overrides})
 
     @property
     def head_dim(self) -> int:
@@ -111,7 +123,10 @@ class GPT2Config:
                 value = extra.pop(alias)
                 if kwargs.setdefault(name, value) != value and alias != "n_ctx":
                     raise ValueError(f"{source}: {alias} ({value!r}) and {name} ({kwargs[name]!r}) disagree")
-        return cls(**kwargs, extra=extra)
+        try:
+            return cls(**kwargs, extra=extra)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

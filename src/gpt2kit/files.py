@@ -9,7 +9,9 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -89,7 +91,7 @@ def atomic_directory(target: str | os.PathLike, *, keep: Callable[[str], bool] |
     """A new hidden sibling directory of `target` to fill in the `with` block; it replaces `target` (see
     replace_directory, and `keep` there) when the block ends, or is removed if it raises. Creates the parent
     directory. A symlink to a directory stays: the directory it points to is replaced."""
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "." and ".." have no name to make a sibling of
     if target.is_symlink() and target.is_dir():
         target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -115,9 +117,10 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike, *,
     is moved aside first and deleted only after the rename, so `target` is never a half-written directory.
     Everything written in it gets the permissions mkdir() and open() give under the umask: tempfile's
     directories and some writers' files (safetensors) are private otherwise, unreadable to, e.g., a service
-    serving the model. `keep(name)`: the entries of the old `target` to carry into the new one (hard links,
-    permissions unchanged) when `staging` has none of that name."""
-    staging, target = Path(staging), Path(target)
+    serving the model. An existing `target` directory passes its own mode on (a private directory stays private).
+    `keep(name)`: the entries of the old `target` to carry into the new one (hard links, permissions unchanged)
+    when `staging` has none of that name."""
+    staging, target = Path(os.path.abspath(staging)), Path(os.path.abspath(target))
     if target.is_file() and not target.is_symlink():  # never replace a user's file by a directory
         raise FileExistsError(f"{target}: exists and is not a directory")
     umask = _umask()
@@ -125,13 +128,16 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike, *,
         os.chmod(root, 0o777 & ~umask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
+    if target.is_dir():
+        os.chmod(staging, stat.S_IMODE(target.stat().st_mode))
     if keep is not None and target.is_dir() and not target.is_symlink():
         for entry in target.iterdir():
             if keep(entry.name) and not os.path.lexists(staging / entry.name):
                 _link_tree(entry, staging / entry.name)
     old = None
     if target.is_symlink() or target.is_file() or (target.is_dir() and any(target.iterdir())):
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        # A unique name: one left behind by a killed process (in a container, often the same pid) never blocks.
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
     os.replace(staging, target)  # replaces an empty directory too
     if old is not None:

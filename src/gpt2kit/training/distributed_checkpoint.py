@@ -342,10 +342,10 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, output: str | os.PathLike, *,
         raise CheckpointError(f"{dcp_dir}: does not hold the weights {config_path} describes "
                               f"({_failures(err)})") from None
     model.load_state_dict(state["model"])
-    output = save_pretrained(model, output, max_shard_size=max_shard_size)
-    # A run's checkpoint (step-N/training_state/dcp) keeps the run's tokenizer in step-N: carried along, so the
-    # model directory reads text as the run did.
+    # A run's checkpoint (step-N/training_state/dcp) keeps the run's tokenizer in step-N: carried along (in the
+    # same atomic write), so the model directory reads text as the run did.
     run_checkpoint = dcp_dir.parent.parent
+    tokenizer = None
     if dcp_dir.parent.name == STATE_DIR and has_tokenizer_files(run_checkpoint):
-        GPT2Tokenizer.from_file(run_checkpoint).save_pretrained(output)
-    return output
+        tokenizer = GPT2Tokenizer.from_file(run_checkpoint)
+    return save_pretrained(model, output, max_shard_size=max_shard_size, tokenizer=tokenizer)

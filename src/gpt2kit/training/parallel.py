@@ -479,7 +479,7 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     generation's KV cache holds only the local heads; the model is for inference, not for saving."""
     from torch.distributed.tensor import distribute_tensor
 
-    from ..checkpoint import (CheckpointError, classification_checkpoint_error, common_dtype, config_dtype,
+    from ..checkpoint import (CheckpointError, classification_checkpoint_error, config_dtype, state_dtype,
                               hf_to_gpt2kit, load_config, resolve_model_dir)
     from ..model import GPT2LMHeadModel
 
@@ -512,7 +512,7 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     if missing:
         raise CheckpointError(f"{model_dir}: weights do not match the config: missing {missing[:5]}")
     if dtype is None:  # a file of mixed dtypes: one for all, as load_pretrained gives them
-        common = common_dtype(state.values())
+        common = state_dtype(state.values())
         state = {key: value.to(common) if value.is_floating_point() else value for key, value in state.items()}
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"]

@@ -963,7 +963,8 @@ class Trainer:
             except CheckpointError:
                 raise ValueError(f"finetune needs pretrained weights: model.name {self.config.model.name!r} is "
                                  "neither a model directory nor in the local HF cache; set model.name or "
-                                 "model.checkpoint to a model directory (Python: or pass finetune_checkpoint)") from None
+                                 "model.checkpoint to a model directory (Python: or pass finetune_checkpoint)"
+                                 ) from None
         self._weights = str(resolve_model_dir(weights)) if weights is not None else None  # a dir or HF cache name
         self._setup(weights=self._weights)
         return self._run(resume or self.config.checkpoint.resume)
