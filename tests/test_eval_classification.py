@@ -104,3 +104,27 @@ def test_the_models_label_names_decide_its_output_order(tmp_path):
     small = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=1000))
     with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model only 1000"):
         evaluate_classification(small, tok, data, progress=False)
+
+
+def test_a_file_without_the_last_class_is_scored_by_the_models_classes(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64,
+                                                     num_labels=3)).eval()
+    data = tmp_path / "two.CSV"
+    data.write_text("text,label\ngood film,0\nbad film,1\nfine,1\n")
+    result = evaluate_classification(model, GPT2Tokenizer.gpt2(), data, progress=False)  # "2 classes" before
+    assert result["labels"] == ["0", "1", "2"] and result["examples"] == 3
+    data.write_text("text,label\ngood film,0\nbad film,3\n")
+    with pytest.raises(ValueError, match=r"two.CSV:3: label '3' is not an integer in 0..2"):
+        evaluate_classification(model, GPT2Tokenizer.gpt2(), data, progress=False)
+
+
+def test_long_fields_and_upper_case_suffixes(tmp_path):
+    tok = GPT2Tokenizer.gpt2()
+    long = tmp_path / "long.csv"
+    long.write_text('text,label\n"' + "a " * 100_000 + '",1\nshort,0\n')  # past the csv module's 128 KiB
+    data = ClassificationDataset(long, tok, max_length=8)
+    assert data.labels == [1, 0] and len(data.input_ids[0]) == 8
+    tsv = tmp_path / "x.TSV"
+    tsv.write_text("sentence\tlabel\nit is good\t1\nit is bad\t0\n")
+    assert ClassificationDataset(tsv, tok).format == "sst2"

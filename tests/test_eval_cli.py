@@ -66,6 +66,8 @@ def test_wikitext_and_lambada_tasks(lm_dir, tmp_path, capsys):
     expected = evaluate_perplexity(GPT2LMHeadModel.from_pretrained(lm_dir), GPT2Tokenizer.gpt2(), articles,
                                    detokenize=True, progress=False)
     assert report["results"] == expected and report["settings"]["format"] == "jsonl"
+    assert evaluate("wikitext", lm_dir, jsonl, format="jsonl", progress=False)["results"] == expected  # the task's
+    # detokenizer whatever --format says (it was skipped when a format was given)
     assert main(["eval", "--model", str(lm_dir), "--task", "lambada", "--limit", "4", "--stop-word-filter",
                  "--data", str(DATA / "lambada" / "lambada_test.jsonl")]) == 0
     out = capsys.readouterr().out

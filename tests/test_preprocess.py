@@ -351,6 +351,12 @@ def test_output_is_current_compares_settings_tokenizer_and_input_files(tmp_path)
     assert output_is_current(out, corpus, tokenizer=tokenizer)
     train_bpe([corpus], 310, tokenizer)  # another vocabulary at the same path
     assert not output_is_current(out, corpus, tokenizer=tokenizer)
+    preprocess(corpus, out, workers=1, progress=False, overwrite=True)
+    text = corpus.read_text()
+    os.utime(corpus, ns=(0, 0))  # touched or copied: same contents, so the output still holds (one hash)
+    assert output_is_current(out, corpus)
+    corpus.write_text(text.swapcase())  # an edit that keeps the size was reused before
+    assert corpus.stat().st_size == len(text.encode()) and not output_is_current(out, corpus)
     with corpus.open("a") as f:
         f.write("more")
     assert not output_is_current(out, corpus)

@@ -106,8 +106,25 @@ def test_tokenizer_is_current_compares_settings_and_input_files(tmp_path):
     assert tokenizer_is_current(out, corpus, vocab_size=300)
     assert not tokenizer_is_current(out, corpus, vocab_size=301)
     assert not tokenizer_is_current(out, corpus, vocab_size=300, min_frequency=3)
+    text = corpus.read_text()
+    corpus.write_text(text.swapcase())  # same size, other text
+    assert not tokenizer_is_current(out, corpus, vocab_size=300)
+    corpus.write_text(text)  # back to the trained text: its time moved, its contents did not
+    assert tokenizer_is_current(out, corpus, vocab_size=300)
     with corpus.open("a") as f:
         f.write("more text")
     assert not tokenizer_is_current(out, corpus, vocab_size=300)
     (out / RECORD_FILE).unlink()  # a tokenizer.json the user put there is theirs: always current
     assert tokenizer_is_current(out, corpus, vocab_size=999)
+
+
+def test_an_output_inside_the_input_directory_is_never_read_as_input(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text((DATA / "the-verdict" / "the-verdict.txt").read_text())
+    first = train_tokenizer(corpus, corpus / "tok", vocab_size=300, progress=False)
+    assert tokenizer_is_current(corpus / "tok", corpus, vocab_size=300)
+    again = train_tokenizer(corpus, corpus / "tok", vocab_size=300, progress=False)  # it read tok/*.json: an error
+    assert again.encode("The Verdict") == first.encode("The Verdict")
+    assert [i["path"] for i in json.loads((corpus / "tok" / RECORD_FILE).read_text())["inputs"]] == [
+        str(corpus / "a.txt")]

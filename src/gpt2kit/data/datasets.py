@@ -193,7 +193,7 @@ _LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category")
 def _sniff_format(path: Path, text: str) -> str:
     """sst2 / cola / agnews / csv from the suffix and the first line of the file's `text`."""
     first = text.splitlines()[0] if text else ""
-    if path.suffix == ".tsv":
+    if path.suffix.lower() == ".tsv":
         fields = first.rstrip("\r\n").split("\t")
         if len(fields) == 4 and fields[1] in ("0", "1"):
             return "cola"
@@ -214,6 +214,19 @@ def _pick_column(header: list[str], wanted: Sequence[str], what: str, path: Path
 
 def _read_examples(path: Path, fmt: str, text: str) -> list[tuple[int, str, str]]:
     """(line number, text, raw label) per example of the file's `text`."""
+    # The csv module refuses fields above 128 KiB by default (a long document's text): no field is longer than
+    # the file, so that is the limit while this file is read.
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, min(len(text), 2 ** 31 - 1)))
+    try:
+        return _parse_examples(path, fmt, text)
+    except csv.Error as err:  # not a ValueError
+        raise DataError(f"{path}: not readable as {fmt} ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _parse_examples(path: Path, fmt: str, text: str) -> list[tuple[int, str, str]]:
     examples = []
     with io.StringIO(text, newline="") as f:
         if fmt in ("sst2", "cola"):
@@ -255,10 +268,13 @@ class ClassificationDataset(Dataset):
     "agnews" (csv, no header: class 1-4, title, description; labels become 0-3 and the text is
     "title description"), "csv" (header with a text column and a label column, e.g. IMDB's review,sentiment).
     Integer labels are used as ids; string labels map to ids through `label_names` (their order), or sorted.
+    `num_labels`: with integer labels and no names, the number of classes (a model's outputs; default the
+    largest label + 1, which a file lacking the last class would undercount).
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer: GPT2Tokenizer, *, format: str = "auto",
-                 max_length: int | None = None, label_names: Sequence[str] | None = None) -> None:
+                 max_length: int | None = None, label_names: Sequence[str] | None = None,
+                 num_labels: int | None = None) -> None:
         path = require_file(path, "classification file")
         text = read_utf8(path, error=DataError, newlines=False)  # the csv module reads quoted newlines itself
         fmt = _sniff_format(path, text) if format == "auto" else format
@@ -287,7 +303,7 @@ class ClassificationDataset(Dataset):
             raise DataError(f"{path}:{line}: label {label!r} is not an integer, but other labels are")
         if known or numeric:  # integer labels are ids (in SST-2/CoLA/AG News a word among them is an error below)
             ids = [int(label) - offset if is_int else -1 for label, is_int in zip(raw_labels, integers)]
-            names = names or list(known or []) or [str(i) for i in range(max(ids) + 1)]
+            names = names or list(known or []) or [str(i) for i in range(num_labels or max(ids) + 1)]
             expected = f"an integer in {offset}..{len(names) - 1 + offset}"
         else:  # string labels map to ids by their position in label_names, else sorted
             names = names or sorted(set(raw_labels))

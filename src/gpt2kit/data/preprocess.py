@@ -28,7 +28,8 @@ from tqdm import tqdm
 from ..files import replace_directory
 from ..tokenizer import GPT2Tokenizer
 from .datasets import FORMAT_NAME, META_FILE, read_meta
-from .readers import Chunk, DataError, Source, chunk_pieces, file_sizes, iter_chunks, resolve_inputs
+from .readers import (Chunk, DataError, Source, chunk_pieces, file_stamp, inputs_unchanged, iter_chunks,
+                      resolve_inputs)
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: ~0.1 s of tokenizing, so IPC is cheap and 2+ workers stay busy
 DEFAULT_SHARD_TOKENS = 1 << 30  # 2 GiB shards of uint16
@@ -272,6 +273,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
     if output.is_symlink() and output.is_dir():
         output = output.resolve()  # the directory it points to is replaced; the link stays
     sources = resolve_inputs(inputs, format, exclude=output)
+    stamps = [file_stamp(s.path) for s in sources]  # before reading: an edit while it runs makes the output stale
     tok = GPT2Tokenizer.from_pretrained(tokenizer)
     dtype = np.dtype("<u2" if tok.vocab_size <= 1 << 16 else "<u4")
     staging = _prepare_output(output, overwrite)
@@ -317,7 +319,8 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
             "documents": n_docs, "tokens": n_tokens, "skipped_empty_records": skipped,
             "splits": results,
             "sources": [{"path": str(s.path), "format": s.format, "bytes": s.bytes, "sha256": s.sha256,
-                         "documents": s.documents, "tokens": s.tokens} for s in sources],
+                         "mtime_ns": stamp["mtime_ns"], "documents": s.documents, "tokens": s.tokens}
+                        for s, stamp in zip(sources, stamps)],
         }
         meta_file = open(staging / META_FILE, "w", encoding="utf-8")
         meta_file.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
@@ -342,8 +345,8 @@ def output_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLike |
                       format: str = "auto", text_key: str = "text", tokenizer: str | os.PathLike = "gpt2",
                       append_eos: bool = True, val_fraction: float = 0.0, errors: str = "strict") -> bool:
     """Whether `output_dir` holds what `preprocess` would write for these arguments now: the same settings, the
-    same tokenizer (by the contents of its files, see GPT2Tokenizer.fingerprint) and the same input files (paths
-    and sizes; their contents are not re-read), so a cached output may be reused."""
+    same tokenizer (by the contents of its files, see GPT2Tokenizer.fingerprint) and the same input files (paths,
+    sizes, and modification times or else contents, see inputs_unchanged), so a cached output may be reused."""
     try:
         meta = read_meta(output_dir)
         sources = resolve_inputs(inputs, format, exclude=output_dir)
@@ -355,7 +358,7 @@ def output_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLike |
     return (all(meta.get(key) == value for key, value in settings.items())
             and meta["tokenizer"].get("source") == str(tokenizer)
             and meta["tokenizer"].get("fingerprint") == fingerprint
-            and [[s["path"], s["bytes"]] for s in meta["sources"]] == file_sizes(sources))
+            and inputs_unchanged(meta["sources"], sources))
 
 
 def format_summary(summary: dict[str, Any]) -> str:

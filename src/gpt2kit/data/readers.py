@@ -27,6 +27,8 @@ from typing import Any
 
 import zstandard
 
+from ..files import sha256_file
+
 FORMATS = ("text", "paragraphs", "wikitext", "jsonl")
 _SUFFIX_FORMATS = {".txt": "text", ".text": "text", ".tokens": "wikitext", ".raw": "wikitext", ".jsonl": "jsonl",
                    ".json": "jsonl"}
@@ -123,10 +125,25 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], form
     return [Source(p, detect_format(p) if format == "auto" else format) for p in unique.values()]
 
 
-def file_sizes(sources: Sequence[Source]) -> list[list]:
-    """[path, size on disk] of each input: what an output built from them records, to be rebuilt when they
-    change (a file that cannot be read has size None)."""
-    return [[str(s.path), s.path.stat().st_size if s.path.is_file() else None] for s in sources]
+def file_stamp(path: Path) -> dict[str, Any]:
+    """{"path", "bytes", "mtime_ns"} of an input file as it is now (None for one that cannot be read): what an
+    output built from it records, to be rebuilt when it changes (see inputs_unchanged)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return {"path": str(path), "bytes": None, "mtime_ns": None}
+    return {"path": str(path), "bytes": info.st_size, "mtime_ns": info.st_mtime_ns}
+
+
+def inputs_unchanged(recorded: Sequence[dict[str, Any]], sources: Sequence[Source]) -> bool:
+    """Whether `sources` are the input files `recorded` (dicts with path, bytes, mtime_ns and sha256): the same
+    paths and sizes, and each either not modified since or, when its time moved (an edit of the same size, a
+    copy, a touch), still of the recorded SHA-256."""
+    now = [file_stamp(s.path) for s in sources]
+    if [[r.get("path"), r.get("bytes")] for r in recorded] != [[n["path"], n["bytes"]] for n in now]:
+        return False
+    return all(r.get("mtime_ns") == n["mtime_ns"] or r.get("sha256") == sha256_file(n["path"])
+               for r, n in zip(recorded, now))
 
 
 # ---- cutting files into chunks --------------------------------------------------------------------------------

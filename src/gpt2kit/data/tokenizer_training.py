@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..tokenizer import GPT2Tokenizer, train_bpe
-from ..files import atomic_write_text
-from .readers import DataError, file_sizes, iter_texts, resolve_inputs
+from ..files import atomic_write_text, sha256_file
+from .readers import DataError, file_stamp, inputs_unchanged, iter_texts, resolve_inputs
 
 CHECK_BYTES = 1 << 20  # text re-encoded with both engines after training
 MIN_VOCAB_SIZE = 257
@@ -33,8 +33,10 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
 
     if vocab_size < MIN_VOCAB_SIZE:  # checked before anything is written
         raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + <|endoftext|>), got {vocab_size}")
-    sources = resolve_inputs(inputs, format)
-    record = _record(sources, vocab_size, format, text_key, min_frequency, errors)
+    output = Path(output_dir)
+    sources = resolve_inputs(inputs, format, exclude=output)  # never its own output, inside an input directory
+    record = {**_settings(vocab_size, format, text_key, min_frequency, errors),
+              "inputs": [{**file_stamp(s.path), "sha256": sha256_file(s.path)} for s in sources]}
     started = time.perf_counter()
     stream = iter_texts(sources, text_key=text_key, errors=errors)
     first = next(stream, None)
@@ -50,14 +52,13 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
 
     # Trained and checked in a hidden folder: only a vocabulary that passed the check becomes tokenizer.json
     # (a run that reuses an existing one must never find a rejected or half-written file).
-    output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=output) as staging:
         trained = train_bpe([], vocab_size, staging, min_frequency=min_frequency, texts=texts(), progress=progress)
         reference = Tokenizer.from_file(str(Path(staging) / "tokenizer.json"))
         reference.encode_special_tokens = True  # gpt2kit's encode treats "<|endoftext|>" in text as text too
         checked = 0
-        for text in iter_texts(resolve_inputs(inputs, format), text_key=text_key, errors=errors):
+        for text in iter_texts(resolve_inputs(inputs, format, exclude=output), text_key=text_key, errors=errors):
             if checked >= CHECK_BYTES:
                 break
             checked += len(text.encode("utf-8"))
@@ -80,8 +81,8 @@ def tokenizer_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLik
                          vocab_size: int, format: str = "auto", text_key: str = "text", min_frequency: int = 2,
                          errors: str = "strict") -> bool:
     """Whether `output_dir/tokenizer.json` is what `train_tokenizer` would train with these arguments now
-    (same settings, input paths and sizes). A tokenizer.json that `train_tokenizer` did not write (no record
-    beside it) is the user's own and counts as current."""
+    (same settings; same input paths, sizes, and modification times or else contents). A tokenizer.json that
+    `train_tokenizer` did not write (no record beside it) is the user's own and counts as current."""
     output = Path(output_dir)
     if not (output / "tokenizer.json").is_file():
         return False
@@ -89,12 +90,15 @@ def tokenizer_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLik
         return True
     try:
         recorded = json.loads((output / RECORD_FILE).read_text(encoding="utf-8"))
-        sources = resolve_inputs(inputs, format)
+        sources = resolve_inputs(inputs, format, exclude=output)
+        settings = _settings(vocab_size, format, text_key, min_frequency, errors)
+        return (isinstance(recorded, dict) and all(recorded.get(key) == value for key, value in settings.items())
+                and isinstance(recorded.get("inputs"), list) and all(isinstance(r, dict) for r in recorded["inputs"])
+                and inputs_unchanged(recorded["inputs"], sources))
     except (OSError, ValueError):
         return False
-    return recorded == _record(sources, vocab_size, format, text_key, min_frequency, errors)
 
 
-def _record(sources, vocab_size: int, format: str, text_key: str, min_frequency: int, errors: str) -> dict:
+def _settings(vocab_size: int, format: str, text_key: str, min_frequency: int, errors: str) -> dict:
     return {"vocab_size": vocab_size, "min_frequency": min_frequency, "format": format, "text_key": text_key,
-            "errors": errors, "inputs": file_sizes(sources)}
+            "errors": errors}

@@ -79,7 +79,7 @@ def evaluate_classification(model: nn.Module, tokenizer: GPT2Tokenizer,
         label_names = names  # the classes the model was trained on, in its output order
     if not isinstance(data, ClassificationDataset):
         data = ClassificationDataset(data, tokenizer, format=format, max_length=max_length,
-                                     label_names=label_names)
+                                     label_names=label_names, num_labels=model.config.num_labels)
     elif (label_names is not None and data.string_labels
           and [data.id2label[i] for i in range(data.num_labels)] != list(label_names)):
         # String labels are numbered by the dataset: under other numbers every prediction would be scored wrongly.

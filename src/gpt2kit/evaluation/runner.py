@@ -68,9 +68,11 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
                                             random_init=random_init, quantize=quantize,
                                             pack_weights=pack_weights)
     if task in ("wikitext", "perplexity"):
-        if task == "wikitext" and format == "auto":
-            # WikiText's article split, or one article per JSON line; its detokenizer either way.
-            format = "jsonl" if perplexity.resolve_format(Path(data), format) == "jsonl" else "wikitext"
+        if task == "wikitext":
+            # WikiText's article split, or one article per JSON line; its detokenizer either way (whatever
+            # --format says: the task's definition).
+            if format == "auto":
+                format = "jsonl" if perplexity.resolve_format(Path(data), format) == "jsonl" else "wikitext"
             detokenize = True if detokenize is None else detokenize
         settings = {"format": perplexity.resolve_format(Path(data), format)}
         results = perplexity.evaluate_perplexity(net, tok, data, max_length=max_length, stride=stride,
