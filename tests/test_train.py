@@ -412,7 +412,7 @@ def test_cached_tokenizer_and_token_data_follow_the_config(tmp_path, capsys):
     assert meta["tokenizer"]["vocab_size"] == 400 and "tokenizing again" in capsys.readouterr().err
     meta = run(second, 400)
     record = json.loads((tmp_path / "tok" / "tokenizer_training.json").read_text())
-    assert meta["sources"][0]["path"] == record["inputs"][0][0] == str(second)
+    assert meta["sources"][0]["path"] == record["inputs"][0]["path"] == str(second)
     # A run stopped after retraining the tokenizer, before tokenizing: the next one sees the new vocabulary's
     # contents differ from what out_dir/data was made with.
     train_tokenizer([second], tmp_path / "tok", vocab_size=350, progress=False)

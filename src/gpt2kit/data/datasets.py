@@ -292,7 +292,7 @@ class ClassificationDataset(Dataset):
         offset = 1 if fmt == "agnews" else 0  # AG News numbers its classes from 1
         if fmt == "agnews" and names is None:
             classes = path.with_name("classes.txt")
-            names = ([c.strip() for c in classes.read_text(encoding="utf-8").splitlines() if c.strip()]
+            names = ([c.strip() for c in read_utf8(classes, error=DataError).splitlines() if c.strip()]
                      if classes.is_file() else list(AG_NEWS_CLASSES))
         known = _KNOWN_NAMES.get(fmt)
         if fmt == "sst2" and not set(raw_labels) <= {"0", "1"} and (numeric or not any(integers)):

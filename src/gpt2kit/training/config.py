@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from ..config import GPT2Config
+from ..config import PRESETS, GPT2Config
 from ..files import atomic_write_text
 from .parallel import ParallelConfig, ParallelConfigError, launched_world_size
 
@@ -229,8 +230,9 @@ class RunConfig:
                 raise bad("optim.warmup_steps", str(err)) from None
         try:
             layout = self.parallel.resolve(launched_world_size())  # under torchrun: this job's processes
-        except ParallelConfigError as err:
-            raise ConfigError(f"{source}: {err}") from None
+        except ParallelConfigError as err:  # its message starts with the key: "parallel.data must be ..."
+            key = re.match(r"parallel(\.\w+)?", str(err)).group(0)
+            raise bad(key, str(err).removeprefix(key).lstrip(" :=")) from None
         if self.pet_method == "lora" and layout.shards_model:
             raise bad("parallel", "LoRA trains a few adapter weights: use data parallelism (DDP), not shard/tensor")
         hints = _model_config_hints()
@@ -238,6 +240,11 @@ class RunConfig:
             if key not in hints:
                 raise bad(f"model.config.{key}", f"not a GPT2Config field{_suggest(key, hints)}")
             self.model.config[key] = _coerce(value, hints[key], _locate(source, lines or {}, f"model.config.{key}"))
+        if self.model.name in PRESETS and self.model.checkpoint is None:  # else the config is read from a directory
+            try:
+                GPT2Config.from_name(self.model.name, **self.model.config)
+            except ValueError as err:  # e.g. n_layer 0, or an n_embd the heads do not divide
+                raise bad("model.config", str(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
