@@ -462,9 +462,24 @@ def test_convert_edge_cases(tmp_path, hf_model, monkeypatch):
     (tmp_path / f".out.old-{os.getpid()}" / "x").write_text("left by a killed run with this pid")
     convert(tmp_path / "ckpt", tmp_path / "out")
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o2750
+    # The current directory (or one above it) would be replaced under the process and its shell: refused.
     monkeypatch.chdir(tmp_path / "out")
-    convert(tmp_path / "ckpt", ".")
+    for target in (".", ".."):
+        with pytest.raises(ValueError, match="is the current directory or one above it"):
+            convert(tmp_path / "ckpt", target)
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_tokenizer_saved_with_the_model_replaces_other_vocabulary_files(tmp_path, tiny_model):
+    from gpt2kit import GPT2Tokenizer
+    from gpt2kit.checkpoint import save_pretrained
+    from gpt2kit.tokenizer import train_bpe
+
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat " * 50)
+    small = train_bpe([tmp_path / "corpus.txt"], 300, tmp_path / "small")
+    small.save_pretrained(tmp_path / "out")  # an earlier export: tokenizer.json of 300 ids
+    save_pretrained(tiny_model.float(), tmp_path / "out", tokenizer=GPT2Tokenizer.gpt2())  # as the DCP merge does
+    assert GPT2Tokenizer.from_file(tmp_path / "out").vocab_size == 50257
 
 
 def test_info_counts_a_classifiers_head(tmp_path, capsys):

@@ -207,9 +207,11 @@ def scenario_tensor_parallel_loading(state: ParallelState, out: Path) -> None:
     model = load_tensor_parallel(out / "bf16-lm", mesh)
     ids = batches()[0, 0, :2, :-1]
     mixed = load_tensor_parallel(out / "mixed-lm", mesh)
+    separate = load_tensor_parallel(out / "separate-head", mesh)
     result = {"dtypes": sorted({str(p.dtype) for p in model.parameters()}),
               "mixed_dtypes": sorted({str(p.dtype) for p in mixed.parameters()}),
               "logits": model(ids).logits.detach().float(),
+              "separate_logits": separate(ids).logits.detach(),
               "hashed": hash_files(out / "bf16-lm", state.rank, WORLD)}
     try:
         load_tensor_parallel(out / "classifier", mesh)
@@ -252,6 +254,11 @@ def _prepare_model_dirs(out: Path) -> None:
     config = json.loads((out / "mixed-lm" / "config.json").read_text())
     config.pop("dtype", None)
     (out / "mixed-lm" / "config.json").write_text(json.dumps(config))
+    # config.json ties the head, the file holds a different one: loaded untied, as transformers loads it.
+    fresh_model().save_pretrained(out / "separate-head")
+    state = load_file(out / "separate-head" / "model.safetensors")
+    state["lm_head.weight"] = torch.randn_like(state["transformer.wte.weight"])
+    save_file(state, out / "separate-head" / "model.safetensors", metadata={"format": "pt"})
 
 
 def _two_rank_job(rank: int, out: Path) -> None:
@@ -577,6 +584,16 @@ def test_dcp_loading_never_runs_code_a_checkpoint_carries(tmp_path):
     with pytest.raises(CheckpointError, match="not part of DCP's metadata"):
         dcp_to_pretrained(evil, tmp_path / "out")
 
+    # Protocol 4 resolves dotted names: "os.makedirs" inside an admitted module (which imports os) must not pass.
+    def text(value: str) -> bytes:
+        return b"\x8c" + bytes([len(value.encode())]) + value.encode()  # SHORT_BINUNICODE
+
+    call = (b"\x80\x04" + text("torch.distributed.checkpoint.metadata") + text("os.makedirs") + b"\x93"
+            + text(str(marker)) + b"\x85R.")  # STACK_GLOBAL, then makedirs((marker,))
+    (evil / ".metadata").write_bytes(call)
+    with pytest.raises(CheckpointError, match=r"refers to torch.distributed.checkpoint.metadata.os.makedirs"):
+        dcp_to_pretrained(evil, tmp_path / "out")
+
     truncated = tmp_path / "truncated"
     shutil.copytree(tmp_path / "good", truncated)
     (truncated / ".metadata").write_bytes((tmp_path / "good" / ".metadata").read_bytes()[:100])
@@ -624,7 +641,12 @@ def test_tensor_parallel_loading_keeps_the_checkpoints_dtype_and_refuses_classif
     single = GPT2LMHeadModel.from_pretrained(job / "bf16-lm")
     with torch.no_grad():
         expected = single(batches()[0, 0, :2, :-1]).logits.float()
+    with pytest.warns(UserWarning, match="loaded untied"):
+        separate = GPT2LMHeadModel.from_pretrained(job / "separate-head")
+    with torch.no_grad():
+        separate_logits = separate(batches()[0, 0, :2, :-1]).logits
     for result in ranks:
+        torch.testing.assert_close(result["separate_logits"], separate_logits, rtol=1e-5, atol=1e-5)
         assert result["dtypes"] == ["torch.bfloat16"]
         assert result["mixed_dtypes"] == [str(GPT2LMHeadModel.from_pretrained(job / "mixed-lm").lm_head.weight.dtype)]
         torch.testing.assert_close(result["logits"], expected, rtol=0, atol=0.05)

@@ -355,6 +355,11 @@ def test_output_is_current_compares_settings_tokenizer_and_input_files(tmp_path)
     text = corpus.read_text()
     os.utime(corpus, ns=(0, 0))  # touched or copied: same contents, so the output still holds (one hash)
     assert output_is_current(out, corpus)
+    assert read_meta(out)["sources"][0]["mtime_ns"] == 0  # written back: the next check hashes nothing
+    meta = read_meta(out)
+    del meta["sources"][0]["mtime_ns"]  # a meta.json of the previous version: checked by its hash
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert output_is_current(out, corpus) and read_meta(out)["sources"][0]["mtime_ns"] == 0
     corpus.write_text(text.swapcase())  # an edit that keeps the size was reused before
     assert corpus.stat().st_size == len(text.encode()) and not output_is_current(out, corpus)
     with corpus.open("a") as f:

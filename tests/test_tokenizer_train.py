@@ -118,6 +118,29 @@ def test_tokenizer_is_current_compares_settings_and_input_files(tmp_path):
     assert tokenizer_is_current(out, corpus, vocab_size=999)
 
 
+def test_records_of_the_previous_version_and_moved_times_are_checked_once(tmp_path, monkeypatch):
+    import os
+
+    from gpt2kit.data import readers
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((DATA / "the-verdict" / "the-verdict.txt").read_text())
+    train_tokenizer(corpus, tmp_path / "tok", vocab_size=300, progress=False)
+    record = json.loads((tmp_path / "tok" / RECORD_FILE).read_text())
+    assert record["inputs"][0]["sha256"] == readers.sha256_file(corpus)  # taken while training read it
+    calls = []
+    real = readers.sha256_file
+    monkeypatch.setattr(readers, "sha256_file", lambda path: calls.append(path) or real(path))
+    os.utime(corpus, ns=(0, 0))
+    assert tokenizer_is_current(tmp_path / "tok", corpus, vocab_size=300) and len(calls) == 1
+    assert tokenizer_is_current(tmp_path / "tok", corpus, vocab_size=300) and len(calls) == 1  # time written back
+    # A record of the previous version ([path, size]) is current by path and size, and gets a time and hash.
+    record["inputs"] = [[str(corpus), corpus.stat().st_size]]
+    (tmp_path / "tok" / RECORD_FILE).write_text(json.dumps(record))
+    assert tokenizer_is_current(tmp_path / "tok", corpus, vocab_size=300) and len(calls) == 2
+    assert json.loads((tmp_path / "tok" / RECORD_FILE).read_text())["inputs"][0]["sha256"] == real(corpus)
+
+
 def test_an_output_inside_the_input_directory_is_never_read_as_input(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -128,3 +151,6 @@ def test_an_output_inside_the_input_directory_is_never_read_as_input(tmp_path):
     assert again.encode("The Verdict") == first.encode("The Verdict")
     assert [i["path"] for i in json.loads((corpus / "tok" / RECORD_FILE).read_text())["inputs"]] == [
         str(corpus / "a.txt")]
+    # A corpus file inside the output directory, named explicitly, is read (it was refused as inside the output).
+    train_tokenizer(corpus / "a.txt", corpus, vocab_size=300, progress=False)
+    assert tokenizer_is_current(corpus, corpus / "a.txt", vocab_size=300)

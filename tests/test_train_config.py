@@ -158,3 +158,7 @@ def test_the_configs_the_issue_asks_for_exist():
     assert (lora.pet_method, lora.lora.rank, lora.lora.alpha, lora.lora.dropout) == ("lora", 64, 128, 0.1)
     assert (lora.optim.lr, lora.optim.min_lr, lora.optim.betas, lora.optim.eps, lora.optim.weight_decay) == \
         (1e-3, 1e-4, (0.9, 0.95), 1e-8, 0.1)
+
+
+def test_a_config_built_in_python_may_hold_paths(tmp_path):
+    RunConfig(out_dir=tmp_path / "run").validate()  # Path values: they were .strip()ped

@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import PRESETS, GPT2Config
 from .files import atomic_directory, read_json
+from .tokenizer import is_tokenizer_file
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -189,6 +190,16 @@ def has_separate_head(state: dict[str, torch.Tensor]) -> bool:
     return head is not None and wte is not None and not (head.shape == wte.shape and torch.equal(head, wte))
 
 
+def untied_if_separate(config: GPT2Config, state: dict[str, torch.Tensor], model_dir: Path) -> GPT2Config:
+    """`config` untied (with a warning) when it ties the head but `state` holds a separate one (has_separate_head):
+    the model transformers loads from such a directory."""
+    if config.tie_word_embeddings and has_separate_head(state):
+        warnings.warn(f"{model_dir}: config.json ties the LM head to the token embedding, but the weights hold an "
+                      f"lm_head.weight of their own; loaded untied, as transformers does", stacklevel=4)
+        return config.replace(tie_word_embeddings=False)
+    return config
+
+
 def gpt2kit_to_hf(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """State dict in HF's layout: Conv1D weights transposed, the tied LM head left out (HF re-ties it).
     `state` replaces model.state_dict(), e.g. full weights gathered from a sharded model."""
@@ -256,10 +267,7 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: tor
     state = load_state_dict(model_dir)
     if cls.__name__ == "GPT2LMHeadModel" and "score.weight" in state:
         raise classification_checkpoint_error(model_dir)
-    if config.tie_word_embeddings and has_separate_head(state):
-        warnings.warn(f"{model_dir}: config.json ties the LM head to the token embedding, but the weights hold an "
-                      f"lm_head.weight of their own; loaded untied, as transformers does", stacklevel=3)
-        config = config.replace(tie_word_embeddings=False)
+    config = untied_if_separate(config, state, model_dir)
     with torch.device("meta"):
         model = cls(config)  # no memory, no init: every tensor comes from the checkpoint
     state = hf_to_gpt2kit(state, model)
@@ -344,8 +352,12 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    # The directory's other files (tokenizer, README, ...) stay, as with transformers; old weights do not.
-    with atomic_directory(directory, keep=lambda name: not _MODEL_FILE.fullmatch(name)) as tmp:
+    # The directory's other files (tokenizer, README, ...) stay, as with transformers; old weights do not, nor old
+    # vocabulary files when a tokenizer is written (a loader would read a stale tokenizer.json first).
+    def keep(name: str) -> bool:
+        return not (_MODEL_FILE.fullmatch(name) or tokenizer is not None and is_tokenizer_file(name))
+
+    with atomic_directory(directory, keep=keep) as tmp:
         for file in sorted(companions.iterdir()) if companions is not None else []:
             if file.is_file() and not _MODEL_FILE.fullmatch(file.name):
                 shutil.copyfile(file, tmp / file.name)  # a hub snapshot's symlinks: their contents

@@ -94,6 +94,11 @@ def atomic_directory(target: str | os.PathLike, *, keep: Callable[[str], bool] |
     target = Path(os.path.abspath(target))  # "." and ".." have no name to make a sibling of
     if target.is_symlink() and target.is_dir():
         target = target.resolve()
+    cwd = Path.cwd()
+    if target.resolve() == cwd or target.resolve() in cwd.parents:
+        # The new directory replaces the old one, which the process (and its shell) would be left standing in.
+        raise ValueError(f"{target}: is the current directory or one above it, which writing replaces; write to "
+                         "a directory below it (e.g. ./model)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -274,6 +274,11 @@ def _tiktoken_file_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "tokenizer_config.json")
 
 
+def is_tokenizer_file(name: str) -> bool:
+    """Whether a file of this name in a model directory is part of a tokenizer (see tokenizer_files)."""
+    return name in TOKENIZER_FILES or name.endswith(".tiktoken")
+
+
 def tokenizer_files(directory: str | os.PathLike) -> list[Path]:
     """The tokenizer files a model directory holds (to copy them along with the model)."""
     directory = Path(directory)

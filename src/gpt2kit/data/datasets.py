@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -212,18 +213,23 @@ def _pick_column(header: list[str], wanted: Sequence[str], what: str, path: Path
     raise DataError(f"{path}:1: no {what} column in header {header}; expected one of {', '.join(wanted)}")
 
 
+_CSV_LIMIT_LOCK = threading.Lock()
+
+
 def _read_examples(path: Path, fmt: str, text: str) -> list[tuple[int, str, str]]:
     """(line number, text, raw label) per example of the file's `text`."""
     # The csv module refuses fields above 128 KiB by default (a long document's text): no field is longer than
     # the file, so that is the limit while this file is read.
-    limit = csv.field_size_limit()
-    csv.field_size_limit(max(limit, min(len(text), 2 ** 31 - 1)))
-    try:
-        return _parse_examples(path, fmt, text)
-    except csv.Error as err:  # not a ValueError
-        raise DataError(f"{path}: not readable as {fmt} ({err})") from None
-    finally:
-        csv.field_size_limit(limit)
+    # The limit is process-wide: readers in other threads take turns.
+    with _CSV_LIMIT_LOCK:
+        limit = csv.field_size_limit()
+        csv.field_size_limit(max(limit, min(len(text), 2 ** 31 - 1)))
+        try:
+            return _parse_examples(path, fmt, text)
+        except csv.Error as err:  # not a ValueError
+            raise DataError(f"{path}: not readable as {fmt} ({err})") from None
+        finally:
+            csv.field_size_limit(limit)
 
 
 def _parse_examples(path: Path, fmt: str, text: str) -> list[tuple[int, str, str]]:

@@ -10,6 +10,7 @@ The directory appears only when complete: it is built as a hidden sibling `.NAME
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,10 +26,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ..files import replace_directory
+from ..files import atomic_write_text, replace_directory
 from ..tokenizer import GPT2Tokenizer
 from .datasets import FORMAT_NAME, META_FILE, read_meta
-from .readers import (Chunk, DataError, Source, chunk_pieces, file_stamp, inputs_unchanged, iter_chunks,
+from .readers import (Chunk, DataError, Source, chunk_pieces, current_inputs, file_stamp, iter_chunks,
                       resolve_inputs)
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: ~0.1 s of tokenizing, so IPC is cheap and 2+ workers stay busy
@@ -351,14 +352,20 @@ def output_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLike |
         meta = read_meta(output_dir)
         sources = resolve_inputs(inputs, format, exclude=output_dir)
         fingerprint = GPT2Tokenizer.from_pretrained(tokenizer).fingerprint()
+        settings = {"input_format": format, "text_key": text_key, "append_eos": append_eos,
+                    "val_fraction": val_fraction, "errors": errors}
+        if not (all(meta.get(key) == value for key, value in settings.items())
+                and meta["tokenizer"].get("source") == str(tokenizer)
+                and meta["tokenizer"].get("fingerprint") == fingerprint):
+            return False
+        records = current_inputs(meta["sources"], sources)
     except (OSError, ValueError):  # DataError and TokenizerError are ValueErrors
         return False
-    settings = {"input_format": format, "text_key": text_key, "append_eos": append_eos,
-                "val_fraction": val_fraction, "errors": errors}
-    return (all(meta.get(key) == value for key, value in settings.items())
-            and meta["tokenizer"].get("source") == str(tokenizer)
-            and meta["tokenizer"].get("fingerprint") == fingerprint
-            and inputs_unchanged(meta["sources"], sources))
+    if records is not None and records != meta["sources"]:
+        with contextlib.suppress(OSError):  # a read-only output is still current; it is just checked again
+            atomic_write_text(Path(output_dir) / META_FILE,
+                              json.dumps({**meta, "sources": records}, indent=2, ensure_ascii=False) + "\n")
+    return records is not None
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -135,15 +135,24 @@ def file_stamp(path: Path) -> dict[str, Any]:
     return {"path": str(path), "bytes": info.st_size, "mtime_ns": info.st_mtime_ns}
 
 
-def inputs_unchanged(recorded: Sequence[dict[str, Any]], sources: Sequence[Source]) -> bool:
-    """Whether `sources` are the input files `recorded` (dicts with path, bytes, mtime_ns and sha256): the same
-    paths and sizes, and each either not modified since or, when its time moved (an edit of the same size, a
-    copy, a touch), still of the recorded SHA-256."""
+def current_inputs(recorded: Sequence[dict[str, Any]], sources: Sequence[Source]) -> list[dict[str, Any]] | None:
+    """The records of `sources` when they are the input files `recorded` (dicts with path and bytes, and
+    mtime_ns and sha256 where known), else None: the same paths and sizes, and each either not modified since
+    or, when its time moved (an edit of the same size, a copy, a touch), still of the recorded SHA-256. Those
+    come back with the new time (and a record of an older version, path and size only, with its hash): the caller
+    writes them back, so the next check hashes nothing. OSError when a file cannot be read."""
     now = [file_stamp(s.path) for s in sources]
     if [[r.get("path"), r.get("bytes")] for r in recorded] != [[n["path"], n["bytes"]] for n in now]:
-        return False
-    return all(r.get("mtime_ns") == n["mtime_ns"] or r.get("sha256") == sha256_file(n["path"])
-               for r, n in zip(recorded, now))
+        return None
+    records = []
+    for record, stamp in zip(recorded, now):
+        if record.get("mtime_ns") != stamp["mtime_ns"]:
+            digest = sha256_file(stamp["path"])
+            if "sha256" in record and record["sha256"] != digest:
+                return None
+            record = {**record, "mtime_ns": stamp["mtime_ns"], "sha256": digest}
+        records.append(record)
+    return records
 
 
 # ---- cutting files into chunks --------------------------------------------------------------------------------

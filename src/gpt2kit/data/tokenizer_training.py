@@ -3,6 +3,7 @@ spends 2-3 tokens per character on), read with the same readers as `preprocess`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -12,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..tokenizer import GPT2Tokenizer, train_bpe
-from ..files import atomic_write_text, sha256_file
-from .readers import DataError, file_stamp, inputs_unchanged, iter_texts, resolve_inputs
+from ..files import atomic_write_text
+from .readers import DataError, current_inputs, file_stamp, iter_texts, resolve_inputs
 
 CHECK_BYTES = 1 << 20  # text re-encoded with both engines after training
 MIN_VOCAB_SIZE = 257
@@ -34,9 +35,8 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
     if vocab_size < MIN_VOCAB_SIZE:  # checked before anything is written
         raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + <|endoftext|>), got {vocab_size}")
     output = Path(output_dir)
-    sources = resolve_inputs(inputs, format, exclude=output)  # never its own output, inside an input directory
-    record = {**_settings(vocab_size, format, text_key, min_frequency, errors),
-              "inputs": [{**file_stamp(s.path), "sha256": sha256_file(s.path)} for s in sources]}
+    sources = _inputs(inputs, format, output)
+    stamps = [file_stamp(s.path) for s in sources]  # before reading: an edit meanwhile makes the record stale
     started = time.perf_counter()
     stream = iter_texts(sources, text_key=text_key, errors=errors)
     first = next(stream, None)
@@ -58,7 +58,7 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
         reference = Tokenizer.from_file(str(Path(staging) / "tokenizer.json"))
         reference.encode_special_tokens = True  # gpt2kit's encode treats "<|endoftext|>" in text as text too
         checked = 0
-        for text in iter_texts(resolve_inputs(inputs, format, exclude=output), text_key=text_key, errors=errors):
+        for text in iter_texts(_inputs(inputs, format, output), text_key=text_key, errors=errors):
             if checked >= CHECK_BYTES:
                 break
             checked += len(text.encode("utf-8"))
@@ -67,6 +67,9 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
                                 "please report this with the corpus (nothing was written)")
         os.replace(Path(staging) / "tokenizer.json", output / "tokenizer.json")
     # Recorded after tokenizer.json: a crash in between leaves an older record, which only makes the next run retrain.
+    # Each source's SHA-256 was taken as training read it.
+    record = {**_settings(vocab_size, format, text_key, min_frequency, errors),
+              "inputs": [{**stamp, "sha256": source.sha256} for source, stamp in zip(sources, stamps)]}
     atomic_write_text(output / RECORD_FILE, json.dumps(record, indent=2) + "\n")
     tokenizer = GPT2Tokenizer.from_file(output / "tokenizer.json")
     if progress:
@@ -90,13 +93,28 @@ def tokenizer_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLik
         return True
     try:
         recorded = json.loads((output / RECORD_FILE).read_text(encoding="utf-8"))
-        sources = resolve_inputs(inputs, format, exclude=output)
         settings = _settings(vocab_size, format, text_key, min_frequency, errors)
-        return (isinstance(recorded, dict) and all(recorded.get(key) == value for key, value in settings.items())
-                and isinstance(recorded.get("inputs"), list) and all(isinstance(r, dict) for r in recorded["inputs"])
-                and inputs_unchanged(recorded["inputs"], sources))
+        if not (isinstance(recorded, dict) and all(recorded.get(key) == value for key, value in settings.items())
+                and isinstance(recorded.get("inputs"), list)):
+            return False
+        # Records of an older version are [path, size] pairs: compared as such, then written back with hashes.
+        known = [{"path": r[0], "bytes": r[1]} if isinstance(r, list) and len(r) == 2 else r
+                 for r in recorded["inputs"]]
+        if not all(isinstance(r, dict) for r in known):
+            return False
+        records = current_inputs(known, _inputs(inputs, format, output))
     except (OSError, ValueError):
         return False
+    if records is not None and records != recorded["inputs"]:
+        with contextlib.suppress(OSError):
+            atomic_write_text(output / RECORD_FILE, json.dumps({**recorded, "inputs": records}, indent=2) + "\n")
+    return records is not None
+
+
+def _inputs(inputs, format: str, output: Path) -> list:
+    """The input files, less this tokenizer's own (an output directory may sit among the inputs, or be one)."""
+    own = {(output / name).resolve() for name in ("tokenizer.json", RECORD_FILE)}
+    return [s for s in resolve_inputs(inputs, format) if s.path.resolve() not in own]
 
 
 def _settings(vocab_size: int, format: str, text_key: str, min_frequency: int, errors: str) -> dict:

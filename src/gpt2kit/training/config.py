@@ -165,7 +165,7 @@ class RunConfig:
                            ("model.checkpoint", self.model.checkpoint), ("data.train", self.data.train),
                            ("data.val", self.data.val), ("data.tokenizer", self.data.tokenizer),
                            ("checkpoint.resume", self.checkpoint.resume)]:
-            if value is not None and not value.strip():  # "" would mean the current directory
+            if value is not None and not str(value).strip():  # "" would mean the current directory
                 raise bad(key, "must not be empty (null leaves it unset)" if key != "out_dir" else "must not be empty")
         t, o = self.train, self.optim
         if t.max_steps is not None and t.epochs is not None:

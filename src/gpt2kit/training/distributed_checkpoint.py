@@ -112,16 +112,19 @@ def _restore_layout(loaded, original):
 # ---- reading without running a checkpoint's code --------------------------------------------------------------
 class _MetadataUnpickler(pickle.Unpickler):
     """Rebuilds DCP's metadata (dataclasses of torch.distributed.checkpoint, sizes, dtypes, paths) and refuses
-    every other global, e.g. os.system in a crafted file."""
+    every other global, e.g. os.system in a crafted file. Names are exact: a dotted one ("os.system" looked up in
+    a module that imports os) is refused too."""
 
-    MODULES = ("torch.distributed.checkpoint.metadata",)
-    NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-             ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-             ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+    NAMES = {("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in self.MODULES or (module, name) in self.NAMES or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in self.NAMES or (
+                module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refers to {module}.{name}, which is not part of DCP's metadata")
 

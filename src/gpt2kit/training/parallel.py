@@ -444,9 +444,9 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> torc
 
 
 # ---- tensor-parallel inference -------------------------------------------------------------------------------
-def _hf_tensors(model_dir) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(model_dir, only: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of an HF directory one tensor at a time, so a rank never holds the whole model (safetensors;
-    .bin files are pickles that load whole)."""
+    .bin files are pickles that load whole); `only`: just these names."""
     from safetensors import SafetensorError, safe_open
 
     from ..checkpoint import SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME, CheckpointError, load_state_dict
@@ -460,13 +460,14 @@ def _hf_tensors(model_dir) -> Iterator[tuple[str, torch.Tensor]]:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{index}: not a valid shard index ({type(err).__name__}: {err})") from None
     else:
-        yield from load_state_dict(model_dir).items()
+        yield from ((key, value) for key, value in load_state_dict(model_dir).items() if only is None or key in only)
         return
     for name in files:
         try:
             with safe_open(str(model_dir / name), framework="pt") as handle:
                 for key in handle.keys():
-                    yield key, handle.get_tensor(key)
+                    if only is None or key in only:
+                        yield key, handle.get_tensor(key)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{model_dir / name}: not a readable safetensors file ({err})") from None
 
@@ -479,12 +480,15 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     generation's KV cache holds only the local heads; the model is for inference, not for saving."""
     from torch.distributed.tensor import distribute_tensor
 
-    from ..checkpoint import (CheckpointError, classification_checkpoint_error, config_dtype, state_dtype,
-                              hf_to_gpt2kit, load_config, resolve_model_dir)
+    from ..checkpoint import (CheckpointError, classification_checkpoint_error, config_dtype, hf_to_gpt2kit,
+                              load_config, resolve_model_dir, state_dtype, untied_if_separate)
     from ..model import GPT2LMHeadModel
 
     model_dir = resolve_model_dir(model_dir)
     config = load_config(model_dir)
+    if config.tie_word_embeddings:  # a separate head in the file unties it, as in load_pretrained
+        heads = dict(_hf_tensors(model_dir, only={"lm_head.weight", "transformer.wte.weight", "wte.weight"}))
+        config = untied_if_separate(config, heads, model_dir)
     dtype = dtype or config_dtype(config, model_dir)  # else each tensor's own, unified below
     degree = mesh.size()
     check_tensor_parallel(config, degree)
