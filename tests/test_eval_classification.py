@@ -128,3 +128,13 @@ def test_long_fields_and_upper_case_suffixes(tmp_path):
     tsv = tmp_path / "x.TSV"
     tsv.write_text("sentence\tlabel\nit is good\t1\nit is bad\t0\n")
     assert ClassificationDataset(tsv, tok).format == "sst2"
+
+
+def test_a_format_with_fixed_classes_is_refused_for_a_model_of_another_count(tmp_path):
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64,
+                        id2label={0: "World", 1: "Sports", 2: "Business", 3: "Sci/Tech"})
+    model = GPT2ForSequenceClassification(config).eval()
+    with pytest.raises(ValueError, match=r"dev.tsv: sst2 has 2 classes \(negative, positive\), but it is read for 4 "
+                                         r"\(World, Sports, Business, Sci/Tech: the model's labels"):
+        evaluate_classification(model, GPT2Tokenizer.gpt2(), DATA / "glue" / "SST-2" / "dev.tsv", limit=4,
+                                progress=False)  # it scored SST-2's labels as World and Sports

@@ -596,3 +596,16 @@ def test_finetune_checkpoint_brings_its_own_tokenizer_and_architecture(tmp_path)
     trainer.finetune(finetune_checkpoint=tmp_path / "base")
     assert trainer.tokenizer.vocab_size == tokenizer.vocab_size
     assert trainer.model.config.n_layer == 1
+
+
+def test_evaluating_token_data_of_another_tokenizer_is_one_error(tmp_path):
+    from gpt2kit.data import preprocess
+
+    Trainer(args=run_config(tmp_path, train={"max_steps": 1}), train_dataset=Sequences()).train()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Some text to score. " * 40)
+    preprocess(corpus, tmp_path / "gpt2-tokens", workers=1, progress=False)  # GPT-2's 50257 ids; the model has 64
+    trainer = Trainer(task="text_generation", model=str(tmp_path / "run" / "final"))
+    with pytest.raises(ValueError, match=r"evaluate: .*gpt2-tokens was tokenized with another tokenizer than the "
+                                         r"model's"):
+        trainer.evaluate(str(tmp_path / "gpt2-tokens"))  # an IndexError deep in the embedding before

@@ -40,7 +40,7 @@ def test_yaml_and_overrides(tmp_path):
     ("train:\n  max_steps: ten\n", [], r"run.yaml:2: train.max_steps: expected int, got 'ten'"),
     ("optim:\n  betas: [0.9]\n", [], r"optim.betas: expected tuple\[float, float\]"),
     ("train: 5\n", [], r"train: expected a mapping"),
-    ("train:\n  max_steps: 10\n", [("train.micro_batch", "4")], r"train.micro_batch: unknown key"),
+    ("train:\n  max_steps: 10\n", [("train.micro_batch", "4")], r"^command line: --train.micro_batch: unknown key"),
     ("train:\n  max_steps: 10\n", [("train.precision", "fp8")], r"train.precision: expected fp32, bf16"),
     ("train:\n  max_steps: 10\n  epochs: 1\n", [], r"give only one of train.max_steps and train.epochs"),
     ("task: summarize\n", [], r"task: expected one of text_generation, text_classification"),

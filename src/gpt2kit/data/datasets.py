@@ -303,6 +303,11 @@ class ClassificationDataset(Dataset):
         known = _KNOWN_NAMES.get(fmt)
         if fmt == "sst2" and not set(raw_labels) <= {"0", "1"} and (numeric or not any(integers)):
             known = None  # another headered TSV: its own labels (more classes, or names), like a CSV's
+        if known and label_names is not None and len(label_names) != len(known):
+            # A format with fixed classes read for other ones (e.g. a 4-class model's names on SST-2).
+            raise DataError(f"{path}: {fmt} has {len(known)} classes ({', '.join(known)}), but it is read for "
+                            f"{len(label_names)} ({', '.join(map(str, label_names))}: the model's labels, or "
+                            f"label_names)")
         if not (known or numeric or names) and any(integers):  # sorted as words, "10" would come before "2"
             line, label = next((line, label) for (line, _, _), label, is_int in zip(examples, raw_labels, integers)
                                if not is_int)

@@ -251,9 +251,15 @@ class RunConfig:
 
 
 # ---- building from mappings ---------------------------------------------------------------------------------
+COMMAND_LINE = 0  # the "line" of a key given as a --section.key override
+
+
 def _locate(source: str, lines: dict[str, int], key: str) -> str:
-    """"file:line: key" for error messages ("file: key" for a key that is not in the file, e.g. an override)."""
+    """"file:line: key" for error messages ("file: key" for a key that is not in the file, "command line: --key"
+    for an override)."""
     line = lines.get(key)
+    if line == COMMAND_LINE:
+        return f"command line: --{key}"
     return f"{source}:{line}: {key}" if line else f"{source}: {key}"
 
 
@@ -473,7 +479,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[tuple[str
             data[key] = value
     for key, raw in overrides or []:
         set_override(data, key, raw)
-        lines.pop(key, None)
+        lines[key] = COMMAND_LINE
     config = _build(RunConfig, data, "", lines, source)
     config.validate(source, lines)
     return config

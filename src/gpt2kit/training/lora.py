@@ -150,7 +150,8 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     config = read_adapter_config(adapter_dir)
     base = base_model or config.base_model_name_or_path
     if not base:
-        raise ValueError(f"{adapter_dir}: the adapter config names no base model; pass base_model")
+        raise ValueError(f"{adapter_dir}: the adapter config names no base model; pass the model it was trained on "
+                         "(--base DIR, base_model=)")
     base_dir = resolve_model_dir(base)
     if output_dir.resolve() in (adapter_dir.resolve(), base_dir.resolve()):
         raise ValueError(f"{output_dir}: the output must be another directory than the adapter's and the base's")

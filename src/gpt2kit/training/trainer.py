@@ -1009,7 +1009,13 @@ class Trainer:
         if (Path(data) / "meta.json").is_file():
             from ..data import PretrainingDataset, read_meta
 
-            split = "val" if "val" in read_meta(data)["splits"] else "train"
+            meta = read_meta(data)
+            found, expected = meta["tokenizer"].get("fingerprint"), self.tokenizer.fingerprint()
+            vocab = meta["tokenizer"].get("vocab_size") or 0
+            if (found and found != expected) or vocab > self.model.config.vocab_size:  # ids of another vocabulary
+                raise ValueError(f"evaluate: {data} was tokenized with another tokenizer than the model's "
+                                 f"({vocab} tokens; the model has {self.model.config.vocab_size})")
+            split = "val" if "val" in meta["splits"] else "train"
             seq_len = self.config.data.seq_len or self.model.config.n_positions
             return self._evaluate_dataset(PretrainingDataset(data, seq_len, split))
         from ..evaluation.perplexity import FORMATS, evaluate_perplexity
