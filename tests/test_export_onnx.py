@@ -165,6 +165,14 @@ def test_a_short_context_exports_and_matches_pytorch(tmp_path):
         torch.testing.assert_close(onnx_model(ids.int()).logits, model(ids.int()).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_exporting_leaves_the_callers_random_stream_alone(model, tmp_path):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    export_onnx(model, tmp_path / "onnx")  # its traced example inputs were drawn from the global generator
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_exports_that_would_lose_the_model_or_misread_it_are_refused(model_dir, tmp_path):
     from gpt2kit import GPT2Config, GPT2ForSequenceClassification
 

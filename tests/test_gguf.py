@@ -199,3 +199,16 @@ def test_export_gguf_command(tmp_path, capsys):
     assert capsys.readouterr().out == f"wrote {tmp_path / 'm.gguf'}\n"
     fields, tensors = read(tmp_path / "m.gguf")
     assert fields["general.file_type"] == 7 and len(tensors) == 4 + 12 * 2
+
+
+def test_an_export_never_replaces_the_models_own_files(tmp_path):
+    from gpt2kit import GPT2ForSequenceClassification
+
+    GPT2LMHeadModel(GPT2Config(**CONFIG)).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="would replace a file of the model being exported"):
+        export_gguf(tmp_path / "m", tmp_path / "m" / "model.safetensors", overwrite=True)
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "m")  # the weights are still there
+    export_gguf(tmp_path / "m", tmp_path / "m" / "model.gguf", dtype="f32")  # beside them is fine
+    classifier = GPT2ForSequenceClassification(GPT2Config(**CONFIG))
+    with pytest.raises(TypeError, match="only a GPT2LMHeadModel .* got GPT2ForSequenceClassification"):
+        export_gguf(classifier, tmp_path / "c.gguf")

@@ -190,6 +190,11 @@ def has_separate_head(state: dict[str, torch.Tensor]) -> bool:
     return head is not None and wte is not None and not (head.shape == wte.shape and torch.equal(head, wte))
 
 
+def is_model_file(name: str) -> bool:
+    """Whether a file of this name in a model directory is its config or (a shard of) its weights."""
+    return _MODEL_FILE.fullmatch(name) is not None
+
+
 def untied_if_separate(config: GPT2Config, state: dict[str, torch.Tensor], model_dir: Path) -> GPT2Config:
     """`config` untied (with a warning) when it ties the head but `state` holds a separate one (has_separate_head):
     the model transformers loads from such a directory."""
@@ -355,11 +360,11 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
     # The directory's other files (tokenizer, README, ...) stay, as with transformers; old weights do not, nor old
     # vocabulary files when a tokenizer is written (a loader would read a stale tokenizer.json first).
     def keep(name: str) -> bool:
-        return not (_MODEL_FILE.fullmatch(name) or tokenizer is not None and is_tokenizer_file(name))
+        return not (is_model_file(name) or tokenizer is not None and is_tokenizer_file(name))
 
     with atomic_directory(directory, keep=keep) as tmp:
         for file in sorted(companions.iterdir()) if companions is not None else []:
-            if file.is_file() and not _MODEL_FILE.fullmatch(file.name):
+            if file.is_file() and not is_model_file(file.name):
                 shutil.copyfile(file, tmp / file.name)  # a hub snapshot's symlinks: their contents
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

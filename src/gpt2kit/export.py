@@ -87,16 +87,18 @@ class KVCacheLM(nn.Module):
 
 
 def _example_inputs(config: GPT2Config, batch: int, length: int, past: int) -> dict[str, Tensor]:
-    """Inputs of the traced example: left padding in row 0 so the masking path is exercised."""
+    """Inputs of the traced example: left padding in row 0 so the masking path is exercised. Drawn from a
+    generator of their own: exporting never moves the caller's random stream."""
+    generator = torch.Generator().manual_seed(0)
     total = past + length
     mask = torch.ones(batch, total, dtype=torch.long)
     mask[0, :1] = 0
-    inputs = {"input_ids": torch.randint(0, config.vocab_size, (batch, length)), "attention_mask": mask,
-              "position_ids": positions_from_mask(mask)[:, past:]}
+    inputs = {"input_ids": torch.randint(0, config.vocab_size, (batch, length), generator=generator),
+              "attention_mask": mask, "position_ids": positions_from_mask(mask)[:, past:]}
     if past:
         shape = (config.n_layer, batch, config.n_head, past, config.head_dim)
-        inputs["past_keys"] = torch.randn(shape)
-        inputs["past_values"] = torch.randn(shape)
+        inputs["past_keys"] = torch.randn(shape, generator=generator)
+        inputs["past_values"] = torch.randn(shape, generator=generator)
     return inputs
 
 

@@ -18,11 +18,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .checkpoint import is_model_file, resolve_model_dir
 from .files import atomic_file
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer
 from .quantization import is_inference_only
-from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, GPT2Tokenizer, portable_pattern, byte_to_unicode
+from .tokenizer import (CL100K_PATTERN, GPT2_PATTERN, GPT2Tokenizer, byte_to_unicode, is_tokenizer_file,
+                        portable_pattern)
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 F16_MAX = 65504.0  # the largest finite float16
@@ -110,6 +112,13 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    if isinstance(model, (str, os.PathLike)):
+        source_dir = resolve_model_dir(model).resolve()
+        if output.resolve().parent == source_dir and (is_model_file(output.name) or is_tokenizer_file(output.name)):
+            raise ValueError(f"{output}: would replace a file of the model being exported ({source_dir}); "
+                             "name the GGUF file otherwise (e.g. model.gguf)")
+    elif not isinstance(model, GPT2LMHeadModel):
+        raise TypeError(f"only a GPT2LMHeadModel (or its directory) exports to GGUF, got {type(model).__name__}")
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer)
     if is_inference_only(lm):
         raise ValueError("GGUF export needs the float weights: export the model before quantizing or packing it")
