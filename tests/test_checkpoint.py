@@ -497,3 +497,19 @@ def test_a_shard_index_that_is_not_utf8_is_one_clear_error(tmp_path, hf_model):
     (tmp_path / "m" / "model.safetensors.index.json").write_bytes(b'{"weight_map": "\xff"}')
     with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: not valid JSON"):
         load_state_dict(tmp_path / "m")
+
+
+def test_saved_files_reach_the_disk_before_their_names_are_published(tmp_path, tiny_model, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    tiny_model.save_pretrained(tmp_path / "m")
+    published = events.index(("replace", str(tmp_path / "m")))
+    synced = [path for kind, path in events[:published] if kind == "fsync"]
+    assert any(path.endswith("model.safetensors") for path in synced)
+    assert any(path.endswith("config.json") for path in synced)
+    atomic_write_text(tmp_path / "report.json", "{}")
+    published = events.index(("replace", str(tmp_path / "report.json")))
+    assert events[published - 1][0] == "fsync" and ".report.json." in events[published - 1][1]

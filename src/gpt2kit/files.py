@@ -60,6 +60,21 @@ def check_output_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries, to disk (a file system that cannot sync a directory is
+    left as it is)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """A hidden temporary sibling of `path` to write in the `with` block; it becomes `path` by a rename when the
@@ -77,10 +92,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
+        fsync_path(tmp)  # on disk before the name points at it: a power cut cannot publish a torn file
         try:
             os.replace(tmp, path)
         except OSError as err:
             raise type(err)(err.errno, f"{path}: cannot replace it ({err.strerror})") from None
+        fsync_path(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -129,10 +146,12 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike, *,
     if target.is_file() and not target.is_symlink():  # never replace a user's file by a directory
         raise FileExistsError(f"{target}: exists and is not a directory")
     umask = _umask()
-    for root, _, files in os.walk(staging):
-        os.chmod(root, 0o777 & ~umask)
+    for root, _, files in os.walk(staging, topdown=False):  # on disk before the rename publishes them
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
+            fsync_path(os.path.join(root, name))
+        os.chmod(root, 0o777 & ~umask)
+        fsync_path(root)
     if target.is_dir():
         os.chmod(staging, stat.S_IMODE(target.stat().st_mode))
     if keep is not None and target.is_dir() and not target.is_symlink():
@@ -145,6 +164,7 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike, *,
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
     os.replace(staging, target)  # replaces an empty directory too
+    fsync_path(target.parent)
     if old is not None:
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old)
