@@ -609,3 +609,37 @@ def test_evaluating_token_data_of_another_tokenizer_is_one_error(tmp_path):
     with pytest.raises(ValueError, match=r"evaluate: .*gpt2-tokens was tokenized with another tokenizer than the "
                                          r"model's"):
         trainer.evaluate(str(tmp_path / "gpt2-tokens"))  # an IndexError deep in the embedding before
+
+
+def test_best_val_loss_counts_whole_set_evaluations_only(tmp_path, monkeypatch):
+    """A periodic evaluation of eval_batches scores a subset, whose loss is not comparable with the whole set's."""
+    def fake(self, dataset, max_batches=None):  # the subset looks better than the whole set
+        return {"val_loss": 0.5 if max_batches else 2.0, "val_ppl": 1.0}
+
+    monkeypatch.setattr(Trainer, "_evaluate_dataset", fake)
+    config = run_config(tmp_path, train={"max_steps": 4, "eval_interval": 2, "eval_batches": 1})
+    summary = Trainer(args=config, train_dataset=Sequences(), eval_dataset=Sequences(16, seed=1)).train()
+    assert summary["best_val_loss"] == 2.0  # it was 0.5
+
+
+class Unscored(Sequences):
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "targets": torch.full((self.seq_len,), -100)}
+
+
+def test_validation_data_without_scored_targets_is_an_error(tmp_path):
+    config = run_config(tmp_path, train={"max_steps": 1})
+    with pytest.raises(ValueError, match="the validation data has no scored targets"):  # it scored a perfect 0
+        Trainer(args=config, train_dataset=Sequences(), eval_dataset=Unscored(16)).train()
+
+
+def test_predict_fits_the_context_and_a_failed_sample_keeps_the_summary(tmp_path):
+    config = run_config(tmp_path, train={"max_steps": 1}, log={**QUIET, "plot": True}, sample={"prompt": "Hello"})
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):  # GPT-2's EOS, a 64-token model
+        Trainer(args=config, train_dataset=Sequences()).train()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
+    assert (tmp_path / "run" / "loss.png").is_file()
+    small = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=8))  # GPT-2's vocabulary
+    small.save_pretrained(tmp_path / "small")
+    [text] = Trainer(task="text_generation", model=str(tmp_path / "small")).predict("Hello world")  # 100 > 8
+    assert isinstance(text, str)

@@ -665,17 +665,22 @@ class Trainer:
             "checkpoint": str(self.last_checkpoint), "final_model": str(final_dir),
             "metrics": str(logger.path),
         }
+        if self.is_main and c.log.plot:
+            plot = plot_losses(logger.path, self.out_dir / "loss.png",
+                               title=f"{self.config.model.name}, {self.out_dir.name}")
+            summary["loss_plot"] = str(plot) if plot else None
+        self._write_summary(summary)  # before the sample: a sample that fails loses neither summary nor plot
         if c.task == "text_generation" and c.sample.prompt and (self.is_main or self._sharded):
             summary["sample"] = self._sample()  # a sharded model needs every rank for each forward
+            self._write_summary(summary)
         if self.is_main:
-            if c.log.plot:
-                plot = plot_losses(logger.path, self.out_dir / "loss.png",
-                                   title=f"{self.config.model.name}, {self.out_dir.name}")
-                summary["loss_plot"] = str(plot) if plot else None
-            atomic_write_text(self.out_dir / "summary.json",
-                              json.dumps(standard_json(summary), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
             print(self._summary_line(summary), file=sys.stderr)
         return summary
+
+    def _write_summary(self, summary: dict[str, Any]) -> None:
+        if self.is_main:
+            atomic_write_text(self.out_dir / "summary.json",
+                              json.dumps(standard_json(summary), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
     @staticmethod
     def _summary_line(s: dict[str, Any]) -> str:
@@ -708,9 +713,11 @@ class Trainer:
                 count += weight
                 if "labels" in batch:
                     correct += int((out.logits.argmax(-1).cpu() == batch["labels"]).sum())
-        result = {"val_loss": loss_sum / max(count, 1)}
+        if not count:  # training refuses such data too; a loss of 0 would read as a perfect score
+            raise ValueError("the validation data has no scored targets (every target is ignored, -100)")
+        result = {"val_loss": loss_sum / count}
         if self.config.task == "text_classification":
-            result["val_accuracy"] = correct / max(count, 1)
+            result["val_accuracy"] = correct / count
         else:
             from ..evaluation.scoring import exp_or_inf
 
@@ -724,7 +731,7 @@ class Trainer:
 
     def _log_eval(self, logger: MetricsLogger, max_batches: int | None, log: bool = True) -> dict[str, float]:
         result = self._evaluate_dataset(self._datasets["val"], max_batches) if self._datasets["val"] else {}
-        if result:
+        if result and max_batches is None:  # a periodic evaluation of eval_batches scores a subset: not comparable
             self.best_val_loss = min(self.best_val_loss, result["val_loss"])
         if result and log:
             logger.log(self.step, result)
@@ -734,10 +741,15 @@ class Trainer:
                 tqdm.write(f"step {self.step}: val loss {result['val_loss']:.4f}{extra}", file=sys.stderr)
         return result
 
+    def _room(self, text: str) -> int:
+        """sample.max_new_tokens, cut to the room the model's context leaves after `text` (a text that fills the
+        context keeps it whole, for generate's error saying so)."""
+        room = self.model.config.n_positions - len(self._get_tokenizer().encode(text))
+        return min(self.config.sample.max_new_tokens, room) if room > 0 else self.config.sample.max_new_tokens
+
     def _sample(self) -> str:
         s = self.config.sample
-        room = self.model.config.n_positions - len(self._get_tokenizer().encode(s.prompt))
-        text = self._continue(s.prompt, max_new_tokens=min(s.max_new_tokens, room), do_sample=True,  # fits the context
+        text = self._continue(s.prompt, max_new_tokens=self._room(s.prompt), do_sample=True,
                               temperature=s.temperature, top_k=s.top_k, seed=self.config.seed, full_text=True)
         if self.is_main:
             print(f"--- sample ---\n{text}\n--------------", file=sys.stderr)
@@ -1040,8 +1052,7 @@ class Trainer:
                                 attention_mask=batch["attention_mask"].to(self.device)).logits
             id2label = self.model.config.id2label or {}
             return [id2label.get(int(i), str(int(i))) for i in logits.argmax(-1)]
-        options = {"max_new_tokens": self.config.sample.max_new_tokens, **generation_options}
-        return [self._continue(text, **options) for text in texts]
+        return [self._continue(text, **{"max_new_tokens": self._room(text), **generation_options}) for text in texts]
 
 
 def run(mode: str, config_path: str | os.PathLike | None, overrides: list[tuple[str, str]] | None = None,
