@@ -660,3 +660,36 @@ def test_serve_command_binds_loopback_and_reads_the_key_from_the_environment(mod
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+def test_stopping_the_server_ends_requests_in_flight_with_the_shutdown_error(tmp_path):
+    """Ctrl-C used to let uvicorn cancel the connections mid-reply (a cut stream, a plain-text 500) while the
+    worker went on generating; now the worker stops first and every reply ends properly."""
+    model_dir = save_tiny_text_model(tmp_path / "long", n_positions=2048)
+    process = subprocess.Popen([sys.executable, "-m", "gpt2kit", "serve", "--model", str(model_dir), "--port", "0"],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        url = next(m.group(1) for line in process.stderr
+                   if (m := re.search(r"Uvicorn running on (http://\S+)", line)))
+        body = {"prompt": "The", "max_tokens": 2000, "stream": True, "logit_bias": {"0": -100}}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            assert json.loads(first[6:])["choices"]
+            process.send_signal(signal.SIGINT)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["error"]["message"] == "the server is shutting down"
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_an_app_served_without_its_lifespan_answers_503(model_dir):
+    from fastapi.testclient import TestClient
+
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    client = TestClient(create_app(model, tokenizer))  # outside a with block: no lifespan, no worker
+    response = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+    assert response.status_code == 503 and "lifespan" in response.json()["error"]["message"]  # it hung

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
@@ -277,12 +278,14 @@ class CompletionService:
                      form: ResponseFormat) -> AsyncIterator[str]:
         """Server-Sent Events in OpenAI's format, ending with `data: [DONE]`."""
         completion_id, created = f"{form.id_prefix}{uuid.uuid4().hex}", int(time.time())
+        usage = bool(req.stream_options and req.stream_options.include_usage)
         try:
             try:
                 async for index, text, delta, finish in self.updates(req, job, texts, form):
                     choice = form.chunk_choice(index, text, delta, finish)
-                    yield _sse(self._envelope(completion_id, created, form.chunk_object, [choice]))
-                if req.stream_options and req.stream_options.include_usage:
+                    chunk = self._envelope(completion_id, created, form.chunk_object, [choice])
+                    yield _sse({**chunk, "usage": None} if usage else chunk)  # as OpenAI's chunks carry it
+                if usage:
                     yield _sse({**self._envelope(completion_id, created, form.chunk_object, []),
                                 "usage": self.usage(job, ids)})
             except APIError as err:
@@ -438,7 +441,20 @@ def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = Non
         logger.warning("serving on %s without an API key: anyone who can reach this address can use the model",
                        config.host)
     app = create_app(lm, tok, config, model_name=os.path.basename(os.path.normpath(str(model))))
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5)
+    scheduler = app.state.service.scheduler
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Ctrl-C / SIGTERM: the batching worker stops first, so every request in flight ends with the
+            # shutdown error (a JSON 503, or an error event and [DONE] in a stream) while its connection is open;
+            # uvicorn would otherwise cancel the connections mid-reply and only then stop the worker.
+            scheduler.stop()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                                   timeout_graceful_shutdown=5))
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the captured Ctrl-C again once it has stopped
+        server.run()
 
 
 def _check_port(host: str, port: int) -> None:

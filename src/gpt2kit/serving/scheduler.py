@@ -190,6 +190,8 @@ class BatchScheduler:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the worker (after its current step) and end every request in flight or queued with the shutdown
+        error. Safe to call twice (on the exit signal, then at the app's shutdown)."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -214,6 +216,8 @@ class BatchScheduler:
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
+            if not self.running:  # e.g. an ASGI host that skipped the app's lifespan: nothing would answer
+                raise QueueFull("the batching worker is not running (the app's lifespan was not started)")
             if len(self._waiting_jobs) >= self.max_queue:  # requests whose clients left make room first
                 self._pending = deque(s for s in self._pending if not s.job.cancelled)
                 self._waiting_jobs = dict(Counter(id(s.job) for s in self._pending))
