@@ -305,6 +305,15 @@ def test_num_return_sequences_repeats_each_prompt(hf_pair):
     (dict(logit_bias={1: 150.0}), "logit_bias must map token ids"),
     (dict(logit_bias={"1": 1.0}), "logit_bias must map token ids"),
     (dict(logit_bias={VOCAB: 1.0}), f"token id {VOCAB}, beyond the vocabulary of {VOCAB} ids"),
+    # each failed deep inside torch (NaN probabilities, a TypeError, an overflow) or was silently taken
+    (dict(do_sample=True, temperature=float("inf"), min_new_tokens=2), "temperature must be a finite number"),
+    (dict(do_sample=True, repetition_penalty=1e-40), "repetition_penalty must be a number in \\[0.001, 1000\\]"),
+    (dict(temperature="0.7"), "temperature must be a number"),
+    (dict(top_p="0.9"), "top_p must be a number or None"),
+    (dict(do_sample="false"), "do_sample must be True or False"),
+    (dict(stop=5), "stop must be a string or a list of strings"),
+    (dict(seed=2 ** 70), "seed must be an integer that fits 64 bits"),
+    (dict(seed=1.5), "seed must be an integer"),
 ])
 def test_bad_options_raise_clear_errors(hf_pair, kwargs, message):
     _, ours = hf_pair
@@ -451,3 +460,39 @@ def test_stream_decoder_equals_whole_decoding(gpt2_tok, text, stop, garbage, who
     assert "".join(pieces) == whole and decoder.released == len(whole)
     if not stopped:
         assert starts == sorted(starts) and decoder.decoded == len(whole)
+
+
+def test_a_padded_vocabulary_never_streams_an_id_the_tokenizer_lacks():
+    from gpt2kit.generation import stream_generate
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=256, vocab_size=50304)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[50257:] += 5.0  # the padding rows are the likeliest tokens
+    tokenizer = GPT2Tokenizer.gpt2()
+    text = "".join(stream_generate(model, tokenizer, "Hi", max_new_tokens=40, do_sample=True, seed=2))  # KeyError
+    ids = generate(model, torch.tensor([tokenizer.encode("Hi")]), max_new_tokens=40, do_sample=True, seed=2,
+                   stop=["zzz"], tokenizer=tokenizer)
+    assert int(ids.max()) < 50257 and isinstance(text, str)
+
+
+def test_interleaved_generators_keep_dropout_off_and_the_models_mode(hf_pair):
+    """Each generator used to switch the model to eval mode for its whole life and back at its end: one finishing
+    first turned dropout on under the other, which then left the model in eval mode."""
+    from gpt2kit.generation import TokenGenerator
+
+    _, ours = hf_pair
+    ours.transformer.drop.p = 0.5  # dropout that would change the tokens
+    try:
+        alone = ours.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=8)
+        ours.train()
+        first = iter(TokenGenerator(ours, torch.tensor([PROMPTS[0]]), max_new_tokens=3))
+        second = TokenGenerator(ours, torch.tensor([PROMPTS[1]]), max_new_tokens=8)
+        steps = iter(second)
+        next(first), next(steps)
+        list(first)  # the first ends while the second goes on
+        list(steps)
+        assert torch.equal(second.sequences(), alone) and ours.training
+    finally:
+        ours.transformer.drop.p = 0.0
+        ours.eval()

@@ -195,7 +195,7 @@ def test_generate_command_streams_the_pipeline_text(pipe, model_dir, capsys):
 
 
 def test_generate_command_reads_the_prompt_from_stdin(pipe, model_dir, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPTS[0]))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPTS[0] + "\n"))  # as echo sends it: the newline ends the line
     args = ["generate", "--model", str(model_dir), "--max-new-tokens", "9", "--do-sample", "--top-p", "0.9",
             "--temperature", "0.8", "--min-p", "0.1", "--seed", "4", "--completion-only"]
     assert main(args) == 0
@@ -259,7 +259,8 @@ def test_chat_sets_penalties_and_logit_bias(pipe, model_dir):
     assert out == ["[logit_bias = {11: 100.0}]", pipe.tokenizer.decode([11] * 6).strip(),
                    "[error: logit_bias names token id 9999, beyond the vocabulary of 512 ids]", "[logit_bias = None]",
                    "[presence_penalty = 0.5]", "[error: frequency_penalty must be a number in [-2, 2] (0 disables it)]",
-                   "[error: seed 99999999999999999999 is out of range for torch.Generator]", "[top_k = 7]"]
+                   "[error: seed must be an integer that fits 64 bits (torch.Generator's range), got "
+                   "99999999999999999999]", "[top_k = 7]"]
 
 
 def test_chat_through_a_pipe(model_dir):

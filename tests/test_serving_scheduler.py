@@ -125,13 +125,13 @@ def test_queued_requests_whose_clients_left_make_room(model_and_tokenizer, loop)
 
 
 def test_a_request_whose_sampling_fails_does_not_fail_the_others(model_and_tokenizer, loop):
-    """A penalty this extreme turns scores into infinities and the draw fails: that request gets an error, the
-    row decoded beside it goes on as alone."""
+    """Every token suppressed leaves nothing to draw and the draw fails: that request gets an error, the row
+    decoded beside it goes on as alone."""
     model, tokenizer = model_and_tokenizer
     scheduler = BatchScheduler(model, tokenizer)
     good = make_job(loop, model, tokenizer, [5, 6, 7], dict(max_new_tokens=10))
     bad = make_job(loop, model, tokenizer, [5, 6, 7, 8], dict(max_new_tokens=10, do_sample=True,
-                                                              repetition_penalty=1e-40))
+                                                              suppress_tokens=list(range(model.config.vocab_size))))
     scheduler.submit(good)
     scheduler.step()
     scheduler.submit(bad)

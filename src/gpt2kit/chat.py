@@ -55,13 +55,10 @@ class ChatSession:
             raise ValueError(f"max_new_tokens ({config.max_new_tokens}) leaves no room for the conversation in "
                              f"the context of {self.model.config.n_positions} positions")
         config.check_vocabulary(self.model.config.vocab_size)
-        # One generator for the whole conversation: a seed makes the conversation reproducible. Seeded before the
-        # config is kept, so a seed torch refuses leaves the settings as they were.
+        # One generator for the whole conversation: a seed makes the conversation reproducible (GenerationConfig
+        # has checked that torch takes it).
         device, _ = model_placement(self.model)  # sampling draws on the logits' device
-        try:
-            generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
-        except (RuntimeError, ValueError):
-            raise ValueError(f"seed {config.seed} is out of range for torch.Generator") from None
+        generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
         self.config, self.generator = config, generator
 
     def set(self, name: str, value: str) -> None:

@@ -198,7 +198,8 @@ def _generate(args: argparse.Namespace) -> None:
         raise ValueError("give --prompt TEXT or pipe the prompt on standard input")
     # Under torchrun only rank 0 reads standard input (the ranks share it); it sends the prompt to the others.
     reads_stdin = args.tensor_parallel == 1 or os.environ.get("RANK", "0") == "0"
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read() if reads_stdin else None
+    # One trailing newline is the line's end (echo, a file's last line), not part of the prompt.
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n") if reads_stdin else None
     if args.tensor_parallel > 1:
         from .training.parallel import generate_tensor_parallel
 

@@ -175,18 +175,32 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        number = (int, float)
+        types = [  # first: the value checks below compare and combine these
+            (type(self.do_sample) is bool, "do_sample must be True or False"),
+            (type(self.temperature) in number, "temperature must be a number"),
+            (self.top_p is None or type(self.top_p) in number, "top_p must be a number or None"),
+            (self.stop is None or isinstance(self.stop, (list, tuple)), "stop must be a string or a list of strings"),
+            (self.seed is None or (type(self.seed) is int and -2 ** 63 <= self.seed < 2 ** 64),
+             f"seed must be an integer that fits 64 bits (torch.Generator's range), got {self.seed!r}"),
+        ]
+        for ok, message in types:
+            if not ok:
+                raise ValueError(message)
         checks = [
             (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
              "max_new_tokens must be an integer >= 0"),
             (isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens,
              f"min_new_tokens must be an integer between 0 and max_new_tokens ({self.max_new_tokens})"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
+            (0 <= self.temperature < math.inf, "temperature must be a finite number >= 0 (0 means greedy)"),
             (self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0), "top_k must be an integer >= 0"),
             (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1] (0 or None disables it)"),
+            (self.min_p is None or (type(self.min_p) in number and 0 <= self.min_p <= 1),
+             "min_p must be in [0, 1] (0 or None disables it)"),
             (type(self.no_repeat_ngram_size) is int and self.no_repeat_ngram_size >= 0,
              "no_repeat_ngram_size must be an integer >= 0 (0 disables it)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1.0 disables it)"),
+            (type(self.repetition_penalty) in (int, float) and 1e-3 <= self.repetition_penalty <= 1e3,
+             "repetition_penalty must be a number in [0.001, 1000] (1.0 disables it)"),
             (type(self.frequency_penalty) in (int, float) and -2 <= self.frequency_penalty <= 2,
              "frequency_penalty must be a number in [-2, 2] (0 disables it)"),
             (type(self.presence_penalty) in (int, float) and -2 <= self.presence_penalty <= 2,
@@ -428,6 +442,10 @@ class TokenGenerator:
                              "DTensor) model decodes eagerly")
         if config.stop and tokenizer is None:
             raise ValueError("stop strings need the tokenizer: generate(..., stop=[...], tokenizer=tokenizer)")
+        if tokenizer is not None:  # its text is read back: ids it cannot decode (a padded vocabulary) never come
+            unused = tokenizer.unused_ids(model_config.vocab_size)
+            if unused:
+                config = config.replace(suppress_tokens=sorted({*(config.suppress_tokens or ()), *unused}))
         if config.num_beams > 1:
             raise ValueError("beam search (num_beams > 1) chooses whole sequences at the end: call generate() or the "
                              "pipeline; it does not stream")
@@ -495,7 +513,13 @@ class TokenGenerator:
         return self.tokens[:, :self.prompt_len + self.steps]
 
     def next_logits(self, end: int) -> Tensor:
-        """Logits (B, V) for the token after position `end - 1`, feeding what the cache has not seen yet."""
+        """Logits (B, V) for the token after position `end - 1`, feeding what the cache has not seen yet. Dropout
+        is off for this call only: generators may interleave, and one outliving another must not leave the model
+        in the wrong mode."""
+        with eval_mode(self.model):
+            return self._next_logits(end)
+
+    def _next_logits(self, end: int) -> Tensor:
         mask = self.attention_mask[:, :end] if self.attention_mask is not None else None
         if self.cache is None:
             return self.model(self.tokens[:, :end], mask, logits_to_keep=1).logits[:, -1]
@@ -542,8 +566,7 @@ class TokenGenerator:
         self.started = True
         between_steps = False  # True when decoding ended or the caller stopped it, not a step's error
         try:
-            with eval_mode(self.model):
-                yield from self._decode()
+            yield from self._decode()
             between_steps = True
         except GeneratorExit:
             between_steps = True
@@ -785,7 +808,7 @@ def stream_generate(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, prompt: st
         raise ValueError("stream_generate produces one sequence; use generate for num_return_sequences > 1")
     ids = torch.tensor([encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)])
     # Stop strings are found on the text side here, where the streamer cuts the text.
-    run = TokenGenerator(model, ids, config=config.replace(stop=None), generator=generator)
+    run = TokenGenerator(model, ids, config=config.replace(stop=None), tokenizer=tokenizer, generator=generator)
     return _stream_text(run, TextStreamDecoder(tokenizer, config.stop))
 
 

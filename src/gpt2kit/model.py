@@ -282,7 +282,11 @@ class CausalLMOutput:
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Dropout off while generating, scoring or exporting (a Trainer may pass its model mid-training); the
-    model's mode is restored afterwards, also after an error."""
+    model's mode is restored afterwards, also after an error. Nothing to do (and no walk over the modules, which
+    a decode step would pay every token) for a model already in eval mode."""
+    if not model.training:
+        yield
+        return
     was_training = model.training
     model.eval()
     try:

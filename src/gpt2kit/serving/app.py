@@ -206,6 +206,9 @@ class CompletionService:
                 job.add(p * k + j, prompt, base.replace(seed=seed), TextStreamDecoder(self.tokenizer, req.stop),
                         logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
                         ranked=k > (req.n or 1))
+        if not self.scheduler.running:  # e.g. an ASGI host that skipped the app's lifespan: nothing would answer
+            raise APIError(503, "the batching worker is not running (the app's lifespan was not started)",
+                           type="server_error")
         try:
             self.scheduler.submit(job)
         except QueueFull as err:

@@ -216,8 +216,6 @@ class BatchScheduler:
         with self._wake:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if not self.running:  # e.g. an ASGI host that skipped the app's lifespan: nothing would answer
-                raise QueueFull("the batching worker is not running (the app's lifespan was not started)")
             if len(self._waiting_jobs) >= self.max_queue:  # requests whose clients left make room first
                 self._pending = deque(s for s in self._pending if not s.job.cancelled)
                 self._waiting_jobs = dict(Counter(id(s.job) for s in self._pending))
