@@ -138,3 +138,10 @@ def test_a_format_with_fixed_classes_is_refused_for_a_model_of_another_count(tmp
                                          r"\(World, Sports, Business, Sci/Tech: the model's labels"):
         evaluate_classification(model, GPT2Tokenizer.gpt2(), DATA / "glue" / "SST-2" / "dev.tsv", limit=4,
                                 progress=False)  # it scored SST-2's labels as World and Sports
+
+
+def test_a_dev_tsv_lacking_a_class_of_a_numbered_three_class_set_is_read(tmp_path):
+    dev = tmp_path / "dev.tsv"  # labels 0/1 only: sniffed like SST-2, but read for the training set's 3 classes
+    dev.write_text("sentence\tlabel\ngood\t0\nbad\t1\n")
+    data = ClassificationDataset(dev, GPT2Tokenizer.gpt2(), label_names=["0", "1", "2"])
+    assert data.num_labels == 3 and data.labels == [0, 1]

@@ -171,6 +171,8 @@ def test_exporting_leaves_the_callers_random_stream_alone(model, tmp_path):
     torch.manual_seed(0)
     export_onnx(model, tmp_path / "onnx")  # its traced example inputs were drawn from the global generator
     assert torch.equal(torch.rand(3), expected)
+    # The exporter restores its wrapper's (training) mode onto the wrapped model: the caller's mode comes back.
+    assert not model.training
 
 
 def test_exports_that_would_lose_the_model_or_misread_it_are_refused(model_dir, tmp_path):

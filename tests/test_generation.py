@@ -496,3 +496,19 @@ def test_interleaved_generators_keep_dropout_off_and_the_models_mode(hf_pair):
     finally:
         ours.transformer.drop.p = 0.0
         ours.eval()
+
+
+def test_numpy_scalars_are_numbers_and_a_given_tokenizer_also_binds_beam_search(hf_pair):
+    from gpt2kit.generation import GenerationConfig
+
+    config = GenerationConfig(do_sample=numpy.bool_(True), temperature=numpy.float64(0.7), top_p=numpy.float32(0.9),
+                              repetition_penalty=numpy.float64(1.2))
+    assert config.sampling
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50304)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[50300] += 5.0  # a padding row is the likeliest token
+    tokenizer = GPT2Tokenizer.gpt2()
+    assert tokenizer.unused_ids(50304) is tokenizer.unused_ids(50304)  # computed once per size
+    ids = generate(model, torch.tensor([tokenizer.encode("Hi")]), max_new_tokens=3, num_beams=2, tokenizer=tokenizer)
+    assert int(ids.max()) < 50257

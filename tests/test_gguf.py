@@ -209,6 +209,12 @@ def test_an_export_never_replaces_the_models_own_files(tmp_path):
         export_gguf(tmp_path / "m", tmp_path / "m" / "model.safetensors", overwrite=True)
     assert GPT2LMHeadModel.from_pretrained(tmp_path / "m")  # the weights are still there
     export_gguf(tmp_path / "m", tmp_path / "m" / "model.gguf", dtype="f32")  # beside them is fine
+    # An HF cache snapshot links its files to blobs elsewhere: still the model's own file.
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "m" / "model.safetensors").rename(tmp_path / "blobs" / "abc")
+    (tmp_path / "m" / "model.safetensors").symlink_to(tmp_path / "blobs" / "abc")
+    with pytest.raises(ValueError, match="would replace a file of the model being exported"):
+        export_gguf(tmp_path / "m", tmp_path / "m" / "model.safetensors", overwrite=True)
     classifier = GPT2ForSequenceClassification(GPT2Config(**CONFIG))
     with pytest.raises(TypeError, match="only a GPT2LMHeadModel .* got GPT2ForSequenceClassification"):
         export_gguf(classifier, tmp_path / "c.gguf")

@@ -693,3 +693,8 @@ def test_an_app_served_without_its_lifespan_answers_503(model_dir):
     client = TestClient(create_app(model, tokenizer))  # outside a with block: no lifespan, no worker
     response = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
     assert response.status_code == 503 and "lifespan" in response.json()["error"]["message"]  # it hung
+    app = create_app(model, tokenizer)
+    with TestClient(app) as client:
+        app.state.service.scheduler.stop()  # what the exit signal does first
+        response = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+        assert response.status_code == 503 and response.json()["error"]["message"] == "the server is shutting down"

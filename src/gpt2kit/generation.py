@@ -15,12 +15,14 @@ import contextlib
 import dataclasses
 import functools
 import math
+import numbers
 import operator
 import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -175,11 +177,13 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        number = (int, float)
+        def number(value: Any) -> bool:  # NumPy scalars too
+            return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
         types = [  # first: the value checks below compare and combine these
-            (type(self.do_sample) is bool, "do_sample must be True or False"),
-            (type(self.temperature) in number, "temperature must be a number"),
-            (self.top_p is None or type(self.top_p) in number, "top_p must be a number or None"),
+            (self.do_sample in (True, False), "do_sample must be True or False"),  # a string was truthy
+            (number(self.temperature), "temperature must be a number"),
+            (self.top_p is None or number(self.top_p), "top_p must be a number or None"),
             (self.stop is None or isinstance(self.stop, (list, tuple)), "stop must be a string or a list of strings"),
             (self.seed is None or (type(self.seed) is int and -2 ** 63 <= self.seed < 2 ** 64),
              f"seed must be an integer that fits 64 bits (torch.Generator's range), got {self.seed!r}"),
@@ -195,11 +199,11 @@ class GenerationConfig:
             (0 <= self.temperature < math.inf, "temperature must be a finite number >= 0 (0 means greedy)"),
             (self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0), "top_k must be an integer >= 0"),
             (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.min_p is None or (type(self.min_p) in number and 0 <= self.min_p <= 1),
+            (self.min_p is None or (number(self.min_p) and 0 <= self.min_p <= 1),
              "min_p must be in [0, 1] (0 or None disables it)"),
             (type(self.no_repeat_ngram_size) is int and self.no_repeat_ngram_size >= 0,
              "no_repeat_ngram_size must be an integer >= 0 (0 disables it)"),
-            (type(self.repetition_penalty) in (int, float) and 1e-3 <= self.repetition_penalty <= 1e3,
+            (number(self.repetition_penalty) and 1e-3 <= self.repetition_penalty <= 1e3,
              "repetition_penalty must be a number in [0.001, 1000] (1.0 disables it)"),
             (type(self.frequency_penalty) in (int, float) and -2 <= self.frequency_penalty <= 2,
              "frequency_penalty must be a number in [-2, 2] (0 disables it)"),
@@ -443,9 +447,7 @@ class TokenGenerator:
         if config.stop and tokenizer is None:
             raise ValueError("stop strings need the tokenizer: generate(..., stop=[...], tokenizer=tokenizer)")
         if tokenizer is not None:  # its text is read back: ids it cannot decode (a padded vocabulary) never come
-            unused = tokenizer.unused_ids(model_config.vocab_size)
-            if unused:
-                config = config.replace(suppress_tokens=sorted({*(config.suppress_tokens or ()), *unused}))
+            config = with_unused_suppressed(config, tokenizer, model_config.vocab_size)
         if config.num_beams > 1:
             raise ValueError("beam search (num_beams > 1) chooses whole sequences at the end: call generate() or the "
                              "pipeline; it does not stream")
@@ -516,6 +518,8 @@ class TokenGenerator:
         """Logits (B, V) for the token after position `end - 1`, feeding what the cache has not seen yet. Dropout
         is off for this call only: generators may interleave, and one outliving another must not leave the model
         in the wrong mode."""
+        if not self.model.training:  # the usual case: no walk over the modules every token
+            return self._next_logits(end)
         with eval_mode(self.model):
             return self._next_logits(end)
 
@@ -711,6 +715,14 @@ def _compile_options(model: GPT2LMHeadModel, device_type: str) -> list[contextli
                                                 max_autotune_report_choices_stats=False)]
 
 
+def with_unused_suppressed(config: GenerationConfig, tokenizer: GPT2Tokenizer, vocab_size: int) -> GenerationConfig:
+    """`config` with the ids below `vocab_size` that `tokenizer` cannot decode among its suppress_tokens."""
+    unused = tokenizer.unused_ids(vocab_size)
+    if not unused or set(unused) <= set(config.suppress_tokens or ()):
+        return config
+    return config.replace(suppress_tokens=sorted({*(config.suppress_tokens or ()), *unused}))
+
+
 def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor | None = None,
              config: GenerationConfig | None = None, *, tokenizer: GPT2Tokenizer | None = None,
              generator: torch.Generator | None = None, **options) -> Tensor:
@@ -728,6 +740,8 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
     if config.num_beams > 1:
         from .beam_search import beam_search  # it builds on TokenGenerator
 
+        if tokenizer is not None:
+            config = with_unused_suppressed(config, tokenizer, model.config.vocab_size)
         return beam_search(model, input_ids, attention_mask, config)
     run = TokenGenerator(model, input_ids, attention_mask, config, tokenizer=tokenizer, generator=generator)
     for _ in run:

@@ -114,7 +114,9 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     if isinstance(model, (str, os.PathLike)):
         source_dir = resolve_model_dir(model).resolve()
-        if output.resolve().parent == source_dir and (is_model_file(output.name) or is_tokenizer_file(output.name)):
+        # The directory holding the output's name, not the file it may link to (an HF cache snapshot's blobs).
+        if (Path(os.path.abspath(output)).parent.resolve() == source_dir
+                and (is_model_file(output.name) or is_tokenizer_file(output.name))):
             raise ValueError(f"{output}: would replace a file of the model being exported ({source_dir}); "
                              "name the GGUF file otherwise (e.g. model.gguf)")
     elif not isinstance(model, GPT2LMHeadModel):

@@ -282,11 +282,8 @@ class CausalLMOutput:
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Dropout off while generating, scoring or exporting (a Trainer may pass its model mid-training); the
-    model's mode is restored afterwards, also after an error. Nothing to do (and no walk over the modules, which
-    a decode step would pay every token) for a model already in eval mode."""
-    if not model.training:
-        yield
-        return
+    model's mode is restored afterwards, also after an error (and also when something inside changed it: the ONNX
+    exporter restores its wrapper's training mode onto the wrapped model)."""
     was_training = model.training
     model.eval()
     try:

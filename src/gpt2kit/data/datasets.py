@@ -303,8 +303,10 @@ class ClassificationDataset(Dataset):
         known = _KNOWN_NAMES.get(fmt)
         if fmt == "sst2" and not set(raw_labels) <= {"0", "1"} and (numeric or not any(integers)):
             known = None  # another headered TSV: its own labels (more classes, or names), like a CSV's
-        if known and label_names is not None and len(label_names) != len(known):
-            # A format with fixed classes read for other ones (e.g. a 4-class model's names on SST-2).
+        default_names = label_names is not None and list(label_names) == [str(i) for i in range(len(label_names))]
+        if known and label_names is not None and len(label_names) != len(known) and not default_names:
+            # A format with fixed classes read for other named ones (e.g. a 4-class AG News model on SST-2). Names
+            # 0, 1, 2, ... are another headered TSV's classes, of which a small dev set may lack some.
             raise DataError(f"{path}: {fmt} has {len(known)} classes ({', '.join(known)}), but it is read for "
                             f"{len(label_names)} ({', '.join(map(str, label_names))}: the model's labels, or "
                             f"label_names)")

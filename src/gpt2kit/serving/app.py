@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -206,8 +207,9 @@ class CompletionService:
                 job.add(p * k + j, prompt, base.replace(seed=seed), TextStreamDecoder(self.tokenizer, req.stop),
                         logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
                         ranked=k > (req.n or 1))
-        if not self.scheduler.running:  # e.g. an ASGI host that skipped the app's lifespan: nothing would answer
-            raise APIError(503, "the batching worker is not running (the app's lifespan was not started)",
+        if not self.scheduler.running:  # shutting down, or an ASGI host that skipped the app's lifespan
+            raise APIError(503, "the server is shutting down" if self.scheduler.stopping else
+                           "the batching worker is not running (the app's lifespan was not started)",
                            type="server_error")
         try:
             self.scheduler.submit(job)
@@ -450,8 +452,10 @@ def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = Non
         def handle_exit(self, sig, frame) -> None:
             # Ctrl-C / SIGTERM: the batching worker stops first, so every request in flight ends with the
             # shutdown error (a JSON 503, or an error event and [DONE] in a stream) while its connection is open;
-            # uvicorn would otherwise cancel the connections mid-reply and only then stop the worker.
-            scheduler.stop()
+            # uvicorn would otherwise cancel the connections mid-reply and only then stop the worker. On a thread
+            # of its own: this handler may interrupt the event loop's thread inside the scheduler's lock, which
+            # stop() (joining the worker, which waits for that lock) must never wait on here.
+            threading.Thread(target=scheduler.stop, name="gpt2kit-stop", daemon=True).start()
             super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,

@@ -191,17 +191,23 @@ class BatchScheduler:
 
     def stop(self) -> None:
         """Stop the worker (after its current step) and end every request in flight or queued with the shutdown
-        error. Safe to call twice (on the exit signal, then at the app's shutdown)."""
+        error. Safe to call twice, also at once from two threads (the exit signal's and the app's shutdown)."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
-        for seq in [*self.rows, *self._pending]:
-            seq.job.emit(ErrorEvent("the server is shutting down"))
-        self._reset()
-        self._pending.clear()
-        self._waiting_jobs.clear()
+        with self._wake:
+            for seq in [*self.rows, *self._pending]:
+                seq.job.emit(ErrorEvent("the server is shutting down"))
+            self._reset()
+            self._pending.clear()
+            self._waiting_jobs.clear()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether stop() has been called (the server is shutting down)."""
+        return self._stopping
 
     @property
     def running(self) -> bool:
