@@ -494,7 +494,7 @@ class GPT2Tokenizer:
         return self.encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed_special,
                                           disallowed_special=())
 
-    def unused_ids(self, vocab_size: int) -> tuple[int, ...]:
+    def unused_ids(self, vocab_size: int) -> list[int]:
         """The ids below `vocab_size` this tokenizer cannot decode: past its vocabulary (a model's vocabulary padded
         to a multiple of 64, say) or holes in it (cl100k_base has some). Text generation never samples them.
         Kept per size: every generate call with a tokenizer asks (5 ms for GPT-2's vocabulary)."""
@@ -502,7 +502,7 @@ class GPT2Tokenizer:
         if vocab_size not in cache:
             known = set(self.encoding._mergeable_ranks.values()) | set(self.encoding._special_tokens.values())
             cache[vocab_size] = tuple(i for i in range(vocab_size) if i not in known)
-        return cache[vocab_size]
+        return list(cache[vocab_size])
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.encoding.decode_bytes(list(ids))
