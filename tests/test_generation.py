@@ -511,3 +511,13 @@ def test_numpy_scalars_are_numbers_and_a_given_tokenizer_also_binds_beam_search(
     tokenizer = GPT2Tokenizer.gpt2()
     ids = generate(model, torch.tensor([tokenizer.encode("Hi")]), max_new_tokens=3, num_beams=2, tokenizer=tokenizer)
     assert int(ids.max()) < 50257
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text("ab ", max_size=12), st.lists(st.text("ab ", min_size=1, max_size=8), max_size=3))
+def test_held_length_is_the_longest_end_that_could_grow_into_a_stop_string(text, stop):
+    from gpt2kit.generation import held_length
+
+    expected = max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
+                   default=0)
+    assert held_length(text, stop) == expected

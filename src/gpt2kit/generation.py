@@ -790,11 +790,27 @@ class TextStreamDecoder:
         if self.stopped:
             self._held = ""
             return text
-        # Hold back the longest end of the text that could still grow into a stop string.
-        hold = max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
-                    if text.endswith(s[:n])), default=0)
+        hold = held_length(text, self.stop)
         self._held = text[len(text) - hold:] if hold else ""
         return text[:len(text) - hold]
+
+
+def held_length(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is a proper start of a stop string (it could still grow into
+    one). Only starts ending in text's last character can be one, so each stop string is searched for those
+    (rfind) instead of comparing all its starts: long stop strings cost the server's decoder per token and row."""
+    best = 0
+    for s in stop:
+        n = min(len(s) - 1, len(text))
+        while n > best:
+            n = s.rfind(text[-1], 0, n) + 1  # the longest start of s, up to n characters, ending like text
+            if n <= best:
+                break
+            if text.endswith(s[:n]):
+                best = n
+                break
+            n -= 1
+    return best
 
 
 def encode_prompt(tokenizer: GPT2Tokenizer, prompt: str) -> list[int]:
