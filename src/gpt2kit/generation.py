@@ -177,7 +177,7 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        def number(value: Any) -> bool:  # NumPy scalars too
+        def number(value: Any) -> bool:  # NumPy scalars too; not bool, not str
             return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
         types = [  # first: the value checks below compare and combine these
@@ -205,12 +205,12 @@ class GenerationConfig:
              "no_repeat_ngram_size must be an integer >= 0 (0 disables it)"),
             (number(self.repetition_penalty) and 1e-3 <= self.repetition_penalty <= 1e3,
              "repetition_penalty must be a number in [0.001, 1000] (1.0 disables it)"),
-            (type(self.frequency_penalty) in (int, float) and -2 <= self.frequency_penalty <= 2,
+            (number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
              "frequency_penalty must be a number in [-2, 2] (0 disables it)"),
-            (type(self.presence_penalty) in (int, float) and -2 <= self.presence_penalty <= 2,
+            (number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              "presence_penalty must be a number in [-2, 2] (0 disables it)"),
             (self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
-                type(t) is int and t >= 0 and type(b) in (int, float) and -100 <= b <= 100
+                type(t) is int and t >= 0 and number(b) and -100 <= b <= 100
                 for t, b in self.logit_bias.items())),
              "logit_bias must map token ids (integers >= 0) to biases in [-100, 100]"),
             (self.suppress_tokens is None or all(type(t) is int and t >= 0 for t in self.suppress_tokens),
@@ -226,7 +226,7 @@ class GenerationConfig:
              "sampling) is not supported; use num_beams=1 to sample"),
             (self.num_beams == 1 or not (self.stop or self.compile),
              "beam search supports neither stop strings nor compile=True"),
-            (type(self.length_penalty) in (int, float) and math.isfinite(self.length_penalty),
+            (number(self.length_penalty) and math.isfinite(self.length_penalty),
              "length_penalty must be a finite number"),
             (type(self.early_stopping) is bool or self.early_stopping == "never",
              "early_stopping must be True, False or 'never'"),

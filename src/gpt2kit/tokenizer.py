@@ -324,6 +324,7 @@ class GPT2Tokenizer:
         self.bos_token_id = self.eos_token_id  # GPT-2 uses <|endoftext|> for both
         self.pad_token_id = self.eos_token_id if pad_token_id is None else pad_token_id
         self.padding_side = "right"
+        self._unused_ids: dict[int, tuple[int, ...]] = {}  # per vocabulary size, see unused_ids
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -498,11 +499,10 @@ class GPT2Tokenizer:
         """The ids below `vocab_size` this tokenizer cannot decode: past its vocabulary (a model's vocabulary padded
         to a multiple of 64, say) or holes in it (cl100k_base has some). Text generation never samples them.
         Kept per size: every generate call with a tokenizer asks (5 ms for GPT-2's vocabulary)."""
-        cache = self.__dict__.setdefault("_unused_ids", {})
-        if vocab_size not in cache:
+        if vocab_size not in self._unused_ids:
             known = set(self.encoding._mergeable_ranks.values()) | set(self.encoding._special_tokens.values())
-            cache[vocab_size] = tuple(i for i in range(vocab_size) if i not in known)
-        return list(cache[vocab_size])
+            self._unused_ids[vocab_size] = tuple(i for i in range(vocab_size) if i not in known)
+        return list(self._unused_ids[vocab_size])
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.encoding.decode_bytes(list(ids))

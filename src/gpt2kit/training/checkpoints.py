@@ -48,13 +48,11 @@ def _record(path: Path) -> dict[str, Any]:
 
 def write_manifest(directory: Path, step: int, hashed: dict[str, dict[str, Any]] | None = None) -> None:
     """Seal a fully written checkpoint directory: record every file's size and SHA-256 (those in `hashed`, from
-    hash_files on each rank, are not read again), fsync the record."""
+    hash_files on each rank, are not read again). The directory is then published with files.replace_directory,
+    which flushes every file, the record too, to disk first."""
     hashed = hashed or {}
     files = {name: hashed.get(name) or _record(directory / name) for name in _checkpoint_files(directory)}
-    manifest = directory / COMPLETE_NAME
-    manifest.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
-    with open(manifest) as f:
-        os.fsync(f.fileno())
+    (directory / COMPLETE_NAME).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
 
 
 def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
