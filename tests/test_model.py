@@ -127,7 +127,8 @@ def test_sequence_classification_matches_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("problem_type,num_labels,labels", [
-    (None, 1, torch.tensor([0.5, -1.0, 2.0])), (None, 3, torch.tensor([0, 2, 1])),
+    (None, 1, torch.tensor([0.5, -1.0, 2.0])), (None, 1, torch.tensor([[0.5], [-1.0], [2.0]])),
+    (None, 3, torch.tensor([0, 2, 1])),
     (None, 3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
     ("regression", 3, torch.tensor([[0.5, 1.0, -1.0], [0.0, 2.0, 1.0], [1.0, 1.0, 1.0]])),
     ("single_label_classification", 3, torch.tensor([2, 0, 1])),

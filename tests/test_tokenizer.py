@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from gpt2kit import GPT2Tokenizer
-from gpt2kit.tokenizer import ASSETS, TokenizerError, train_bpe
+from gpt2kit.tokenizer import ASSETS, TokenizerError, byte_to_unicode, train_bpe
 
 from .conftest import DATA
 
@@ -203,6 +203,9 @@ def assert_reloads_to_the_same_ids(tok, directory):
     for text in SAVE_TEXTS:
         assert auto(text)["input_ids"] == back.encode(text) == tok.encode(text), text
     assert back.eos_token == auto.eos_token == tok.eos_token
+    # Special tokens keep their ids (tokenizers renumbered cl100k's, which sit in gaps of the vocabulary).
+    specials = "x" + "y".join(sorted(tok.encoding.special_tokens_set))
+    assert auto(specials)["input_ids"] == tok.encode(specials, allowed_special="all")
 
 
 def test_a_rank_file_saves_as_a_tokenizer_json_transformers_loads(tmp_path):
@@ -276,8 +279,17 @@ def _spec(tmp_path, **changes):
     ("normalizer", r"bad.json: normalizer 'NFKC': gpt2kit runs tokenizers without a normalizer"),
     ("prefix_space", r"bad.json: pre_tokenizer: add_prefix_space is true"),
     ("plain_added_token", r"bad.json: added_tokens \['<\|user\|>'\] are not special"),
-    ("missing_bytes", r"bad.json: model.vocab lacks 1 of the 256 single-byte tokens"),
+    ("missing_bytes", r"bad.json: the vocabulary lacks 1 of the 256 single-byte tokens"),
     ("unmerged_token", r"bad.json: 1 multi-byte tokens are made by no merge while ignore_merges is false"),
+    # tokenizers ignored these (a BOS token went missing) or tiktoken panicked / overflowed on them.
+    ("bos_post_processor", r"bad.json: post_processor 'TemplateProcessing' adds tokens around the text"),
+    ("bert_post_processor", r"bad.json: post_processor 'BertProcessing' adds tokens"),
+    ("shared_id", r"bad.json: tokens b'a' and b'b' share id \d+; ids must be distinct"),
+    ("special_on_a_token", r"bad.json: tokens b'a' and '<\|endoftext\|>' share id"),
+    ("huge_id", r"bad.json: token '<\|endoftext\|>' has id 4294967296; ids must lie in \[0, 4294967296\)"),
+    ("negative_id", r"bad.json: token '<\|endoftext\|>' has id -1"),
+    ("added_twice", r"bad.json: added_tokens lists '<\|endoftext\|>' more than once"),
+    ("bad_regex", r"bad.json: split pattern '\(ab': Parsing error"),
     # A second split, or a split of another kind, were ignored: the ids differed from transformers'.
     ("split_twice", r"bad.json: pre_tokenizer \[Split, ByteLevel\(use_regex=True\)\] is not a byte-level split"),
     ("digits", r"bad.json: pre_tokenizer \[Digits, ByteLevel\(use_regex=True\)\] is not"),
@@ -306,6 +318,23 @@ def test_tokenizer_json_settings_gpt2kit_cannot_run_are_refused(tmp_path, change
                                      "special": False})
     elif change == "missing_bytes":
         del vocab["x"]
+    elif change in ("bos_post_processor", "bert_post_processor"):
+        spec["post_processor"] = (
+            {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                                                      {"Sequence": {"id": "A", "type_id": 0}}], "pair": [],
+             "special_tokens": {}} if change == "bos_post_processor" else {"type": "BertProcessing"})
+    elif change == "shared_id":
+        vocab["a"] = vocab["b"]
+    elif change == "special_on_a_token":
+        spec["added_tokens"][0]["id"] = vocab["a"]
+    elif change in ("huge_id", "negative_id"):
+        spec["added_tokens"][0]["id"] = 2 ** 32 if change == "huge_id" else -1
+    elif change == "added_twice":
+        spec["added_tokens"].append({**spec["added_tokens"][0], "id": len(vocab)})
+    elif change == "bad_regex":
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(ab"}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
     elif change in ("split_twice", "digits", "removed"):
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": change != "removed"}
         first = ({"type": "Digits", "individual_digits": True} if change == "digits" else
@@ -319,12 +348,84 @@ def test_tokenizer_json_settings_gpt2kit_cannot_run_are_refused(tmp_path, change
         GPT2Tokenizer.from_file(tmp_path / "bad.json")
 
 
+def test_post_processors_that_add_nothing_are_accepted(tmp_path):
+    """transformers saves GPT-2 with a TemplateProcessing of the text alone; hub files carry a ByteLevel one."""
+    train_bpe([], 300, tmp_path / "base", texts=["abc abd xyz"] * 20, progress=False)
+    text_alone = {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                  "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                  "special_tokens": {}}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    for n, processor in enumerate([text_alone, byte_level, {"type": "Sequence", "processors": [byte_level]}]):
+        (tmp_path / f"ok{n}.json").write_text(json.dumps(_spec(tmp_path, post_processor=processor)))
+        assert GPT2Tokenizer.from_file(tmp_path / f"ok{n}.json").encode("abc abd") == \
+            Tokenizer.from_file(str(tmp_path / f"ok{n}.json")).encode("abc abd").ids
+
+
+def test_merges_tiktoken_would_make_otherwise_are_refused(tmp_path):
+    """tiktoken joins any adjacent pair whose result is a token, transformers only listed pairs: with merges
+    (b c), (a b), (ab c), transformers encodes "abc" as [a, bc] and tiktoken would join a + bc into abc."""
+    to_text = byte_to_unicode()
+    vocab = {"<|endoftext|>": 0, **{to_text[b]: b + 1 for b in range(256)}, "bc": 257, "ab": 258, "abc": 259}
+    train_bpe([], 300, tmp_path / "base", texts=["abc abd xyz"] * 20, progress=False)
+    spec = _spec(tmp_path, model__vocab=vocab, model__merges=[["b", "c"], ["a", "b"], ["ab", "c"]],
+                 model__ignore_merges=False)
+    spec["added_tokens"] = [{**spec["added_tokens"][0], "id": 0}]
+    (tmp_path / "bad.json").write_text(json.dumps(spec))
+    assert Tokenizer.from_file(str(tmp_path / "bad.json")).encode("abc").ids == [98, 257]
+    with pytest.raises(TokenizerError, match=r"bad.json: merge 3 \('ab c'\) makes a token that tiktoken would "
+                                             r"build from 'a bc'"):
+        GPT2Tokenizer.from_file(tmp_path / "bad.json")
+
+
+def test_vocab_and_merges_files_are_checked_like_tokenizer_json(tmp_path):
+    """vocab.json + merges.txt from elsewhere: a missing byte made tiktoken panic on encode, a token no merge
+    makes was emitted whole where transformers splits it."""
+    vocab = json.loads((ASSETS / "encoder.json").read_text())
+    merges = (ASSETS / "vocab.bpe").read_text()
+    for name, change, message in [
+            ("no_byte", lambda v: v.pop("z"), r"no_byte/merges.txt: the vocabulary lacks 1 of the 256"),
+            ("unmerged", lambda v: v.update({"\u0120zzzzq": len(v)}),
+             r"unmerged/merges.txt: 1 multi-byte tokens are made by no merge \(in vocab.json \+ merges.txt\)")]:
+        edited = dict(vocab)
+        change(edited)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vocab.json").write_text(json.dumps(edited))
+        (tmp_path / name / "merges.txt").write_text(merges)
+        with pytest.raises(TokenizerError, match=message):
+            GPT2Tokenizer.from_file(tmp_path / name)
+
+
+def test_saving_into_the_directory_of_its_own_encoder_files_keeps_them(tmp_path):
+    for name in ("encoder.json", "vocab.bpe"):
+        (tmp_path / name).write_bytes((ASSETS / name).read_bytes())
+    tok = GPT2Tokenizer.from_file(tmp_path)
+    tok.save_pretrained(tmp_path)  # deleted encoder.json before copying from it
+    assert {"encoder.json", "vocab.bpe", "vocab.json", "merges.txt"} <= {p.name for p in tmp_path.iterdir()}
+    assert GPT2Tokenizer.from_file(tmp_path).fingerprint() == GPT2Tokenizer.gpt2().fingerprint()
+    assert pickle.loads(pickle.dumps(tok)).encode("still readable") == tok.encode("still readable")
+
+
+def test_ids_outside_the_vocabulary_are_named(tok):
+    for bad in (-1, 50257, 2 ** 40):
+        with pytest.raises(ValueError, match=f"cannot decode id {bad}: it is not in the vocabulary of 'gpt2'"):
+            tok.decode([10, bad])
+        with pytest.raises(ValueError, match=f"cannot decode id {bad}"):
+            tok.decode_bytes([bad])
+    empty = tok([], padding=True, return_tensors="pt")
+    assert empty["input_ids"].shape == empty["attention_mask"].shape == (0, 0)
+
+
 def test_training_input_mistakes_are_clear(tmp_path):
     with pytest.raises(ValueError, match="nothing to train on"):
         train_bpe([], 300, tmp_path)
     with pytest.raises(ValueError, match="special_tokens: give at least one"):
         train_bpe([], 300, tmp_path / "none", texts=["abc"], special_tokens=())
     assert not (tmp_path / "none").exists()
+    for options, message in [({"min_frequency": -1}, "min_frequency must be >= 0"),
+                             ({"vocab_size": 2 ** 40}, "vocab_size must be at least 257 .* and below 4294967296")]:
+        with pytest.raises(ValueError, match=message):  # tokenizers overflowed on these, after mkdir
+            train_bpe([], **{"vocab_size": 300, **options}, output_dir=tmp_path / "none", texts=["abc"])
+        assert not (tmp_path / "none").exists()
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 ok\n".encode("latin-1"))
     with pytest.raises(TokenizerError, match=r"latin1.txt:1: invalid UTF-8 at byte offset 3"):
         train_bpe([tmp_path / "latin1.txt"], 300, tmp_path / "out", progress=False)

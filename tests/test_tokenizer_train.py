@@ -74,7 +74,7 @@ def test_training_errors(tmp_path):
     with pytest.raises(DataError, match="no text in the input"):
         train_tokenizer(tmp_path / "empty.jsonl", tmp_path / "out", vocab_size=500)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(ValueError, match="vocab_size must be at least 257"):
+    with pytest.raises(ValueError, match="vocab_size must be at least 257 "):
         train_tokenizer(DATA / "the-verdict" / "the-verdict.txt", tmp_path / "out", vocab_size=100)
     assert not (tmp_path / "out").exists()  # nothing written for a request that could never succeed
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": \n')

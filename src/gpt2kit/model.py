@@ -397,7 +397,9 @@ def classification_loss(logits: Tensor, labels: Tensor, problem_type: str | None
         problem_type = ("regression" if logits.shape[-1] == 1 else "single_label_classification"
                         if not labels.is_floating_point() else "multi_label_classification")
     if problem_type == "regression":
-        return F.mse_loss(logits.squeeze(-1).float() if logits.shape[-1] == 1 else logits.float(), labels.float())
+        if logits.shape[-1] == 1:  # labels (B,) or (B, 1) alike, as transformers squeezes both
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float().reshape(logits.shape[:-1]))
+        return F.mse_loss(logits.float(), labels.float())
     if problem_type == "single_label_classification":
         return F.cross_entropy(logits.float(), labels.view(-1))
     if problem_type == "multi_label_classification":

@@ -46,6 +46,7 @@ _TIKTOKEN_SPECIALS = {
                      "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}, CL100K_PATTERN),
     "o200k_base": ({ENDOFTEXT: 199999, "<|endofprompt|>": 200018}, O200K_PATTERN),
 }
+MAX_ID = 2 ** 32  # tiktoken stores ids as unsigned 32-bit integers
 _BUNDLED_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -113,21 +114,38 @@ def _read_json(path: Path) -> Any:
 
 
 def _ranks_from_vocab(vocab: dict[str, int], merges: Iterable[str | Sequence[str]], specials: set[str],
-                      source: Path) -> dict[bytes, int]:
+                      source: Path, trusted: bool = False) -> dict[bytes, int]:
     """tiktoken ranks from a byte-level BPE vocab + merge list. tiktoken merges the pair whose result has the
-    lowest rank, so ranks (= ids) must grow in merge order; that holds for GPT-2 and for BPE-trained vocabs."""
+    lowest rank, so ranks (= ids) must grow in merge order; that holds for GPT-2 and for BPE-trained vocabs.
+    `trusted` files (the bundled GPT-2 ones, checked by hash) skip the check that every merge is the one
+    tiktoken makes (about 10 microseconds per merge)."""
     ranks = {_token_bytes(tok, source): i for tok, i in vocab.items() if tok not in specials}
+    _require_distinct_ids(ranks, {}, source)  # before the merges: a shared id would pass for merge order
     last = -1
+    pairs = []
     for n, merge in enumerate(merges, 1):
         pair = merge.split(" ") if isinstance(merge, str) else merge
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
             raise TokenizerError(f"{source}: merge {n} is {merge!r}; expected two tokens (\"a b\" or [\"a\", \"b\"])")
-        left, right = pair
-        rank = ranks.get(_token_bytes(left, source) + _token_bytes(right, source))
+        left, right = _token_bytes(pair[0], source), _token_bytes(pair[1], source)
+        rank = ranks.get(left + right)
         if rank is None or rank <= last:
-            raise TokenizerError(f"{source}: merge {n} ({left!r} {right!r}) does not follow the vocabulary's id order;"
-                                 " only byte-level BPE vocabularies whose ids follow merge order are supported")
+            raise TokenizerError(f"{source}: merge {n} ({pair[0]!r} {pair[1]!r}) does not follow the vocabulary's id "
+                                 "order; only byte-level BPE vocabularies whose ids follow merge order are supported")
         last = rank
+        pairs.append((left, right))
+    _require_single_bytes(ranks, f"{source}: the vocabulary")
+    if trusted:
+        return ranks
+    # transformers joins only listed pairs, tiktoken any adjacent pair whose result is a token (lowest rank
+    # first): the two agree when tiktoken, run on a token's own bytes, builds it from its listed merge.
+    for n, (left, right) in enumerate(pairs, 1):
+        made = _split_in_two(ranks, left + right)
+        if made != (left, right):
+            to_text = byte_to_unicode()
+            shown = [" ".join("".join(to_text[b] for b in part) for part in pair) for pair in ((left, right), made)]
+            raise TokenizerError(f"{source}: merge {n} ({shown[0]!r}) makes a token that tiktoken would build from "
+                                 f"{shown[1]!r}; the ids would differ from transformers'")
     return ranks
 
 
@@ -160,8 +178,10 @@ def _gpt2_encoding(encoder_json: str, vocab_bpe: str, verify: bool, stamp: tuple
         raise TokenizerError(f"{merges_path}: file not found") from None
     merges = [line for line in merge_lines[1:] if line]  # line 1 is "#version: 0.2"
     specials = {ENDOFTEXT: encoder[ENDOFTEXT]} if ENDOFTEXT in encoder else {}
-    ranks = _ranks_from_vocab(encoder, merges, set(specials), merges_path)
-    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    ranks = _ranks_from_vocab(encoder, merges, set(specials), merges_path, trusted=verify)
+    if not verify:  # transformers builds every token of vocab.json + merges.txt from the merges
+        _require_merged(ranks, merges, merges_path, f" (in {encoder_path.name} + {merges_path.name})")
+    return _encoding("gpt2", GPT2_PATTERN, ranks, specials, encoder_path)
 
 
 def _require_single_bytes(ranks: dict[bytes, int], where: str) -> None:
@@ -169,6 +189,36 @@ def _require_single_bytes(ranks: dict[bytes, int], where: str) -> None:
     if missing:
         raise TokenizerError(f"{where} lacks {missing} of the 256 single-byte tokens that byte-level BPE needs to "
                              "encode any text")
+
+
+def _require_merged(ranks: dict[bytes, int], merges: Sequence[Any], source: Path, context: str) -> None:
+    """transformers builds every multi-byte token from the merges; tiktoken takes a piece found in the vocabulary
+    whole, so a token no merge makes would be emitted by gpt2kit only."""
+    made = len(ranks) - 256 - len(merges)
+    if made > 0:
+        raise TokenizerError(f"{source}: {made} multi-byte tokens are made by no merge{context}; gpt2kit needs "
+                             "every token to come from a merge")
+
+
+def _require_distinct_ids(ranks: dict[bytes, int], specials: dict[str, int], source: Path) -> None:
+    """Ids tiktoken can hold: integers in [0, 2**32), no two tokens (ordinary or special) sharing one."""
+    owner: dict[int, str] = {}
+    for token, i in [*((repr(t), i) for t, i in ranks.items()), *((repr(t), i) for t, i in specials.items())]:
+        if not 0 <= i < MAX_ID:
+            raise TokenizerError(f"{source}: token {token} has id {i}; ids must lie in [0, {MAX_ID})")
+        if i in owner:
+            raise TokenizerError(f"{source}: tokens {owner[i]} and {token} share id {i}; ids must be distinct")
+        owner[i] = token
+
+
+def _encoding(name: str, pattern: str, ranks: dict[bytes, int], specials: dict[str, int],
+              source: Path) -> tiktoken.Encoding:
+    """The tiktoken encoding of checked ranks and special tokens; errors name `source`."""
+    _require_distinct_ids(ranks, specials, source)
+    try:
+        return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    except ValueError as err:  # the split regex does not compile
+        raise TokenizerError(f"{source}: split pattern {pattern!r}: {err}") from None
 
 
 def _pattern_of(pre_tokenizer: dict[str, Any] | None, source: Path) -> str:
@@ -199,6 +249,22 @@ def _pattern_of(pre_tokenizer: dict[str, Any] | None, source: Path) -> str:
                          "ByteLevel(use_regex=false)")
 
 
+def _adds_tokens(processor: Any) -> bool:
+    """Whether a tokenizer.json post_processor puts tokens around an encoded text (BOS, [CLS], ...); a ByteLevel
+    one only trims offsets, and transformers saves GPT-2 with a TemplateProcessing of the text alone."""
+    if processor is None:
+        return False
+    kind = processor.get("type") if isinstance(processor, dict) else None
+    if kind == "Sequence":
+        steps = processor.get("processors")
+        return not isinstance(steps, list) or any(_adds_tokens(step) for step in steps)
+    if kind == "TemplateProcessing":
+        single = processor.get("single")
+        return not isinstance(single, list) or any(not (isinstance(piece, dict) and set(piece) == {"Sequence"})
+                                                   for piece in single)
+    return kind != "ByteLevel"
+
+
 @functools.lru_cache(maxsize=32)
 def _tokenizer_json_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
     source = Path(path)
@@ -221,24 +287,24 @@ def _tokenizer_json_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
         kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
         raise TokenizerError(f"{source}: normalizer {kind!r}: gpt2kit runs tokenizers "
                              "without a normalizer")
+    if _adds_tokens(spec.get("post_processor")):
+        kind = spec["post_processor"].get("type") if isinstance(spec["post_processor"], dict) else None
+        raise TokenizerError(f"{source}: post_processor {kind!r} adds tokens around the text; gpt2kit runs "
+                             "tokenizers without added tokens")
     plain = [t["content"] for t in added if not t.get("special", True)]
     if plain:
         raise TokenizerError(f"{source}: added_tokens {plain[:3]} are not special; gpt2kit runs added tokens only "
                              "as special tokens")
     specials = {t["content"]: t["id"] for t in added}
+    if len(specials) < len(added):
+        twice = next(t["content"] for n, t in enumerate(added) if t["content"] in [u["content"] for u in added[:n]])
+        raise TokenizerError(f"{source}: added_tokens lists {twice!r} more than once")
     if ENDOFTEXT in vocab:
         specials.setdefault(ENDOFTEXT, vocab[ENDOFTEXT])  # GPT-2's vocab lists it as a plain entry
     ranks = _ranks_from_vocab(vocab, merges, set(specials), source)
-    _require_single_bytes(ranks, f"{source}: model.vocab")
     if not model.get("ignore_merges", False):
-        # transformers then builds every token from the merges; tiktoken takes a piece that is in the vocabulary
-        # whole, so a token no merge makes would be emitted by gpt2kit only.
-        made = len(ranks) - 256 - len(merges)
-        if made > 0:
-            raise TokenizerError(f"{source}: {made} multi-byte tokens are made by no merge while ignore_merges is "
-                                 "false; gpt2kit needs every token to come from a merge (or ignore_merges: true)")
-    return tiktoken.Encoding(source.stem, pat_str=_pattern_of(spec.get("pre_tokenizer"), source),
-                             mergeable_ranks=ranks, special_tokens=specials)
+        _require_merged(ranks, merges, source, " while ignore_merges is false (true takes a piece found whole)")
+    return _encoding(source.stem, _pattern_of(spec.get("pre_tokenizer"), source), ranks, specials, source)
 
 
 @functools.lru_cache(maxsize=32)
@@ -268,7 +334,7 @@ def _tiktoken_file_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
     _require_single_bytes(ranks, str(source))
     specials, pattern = _TIKTOKEN_SPECIALS.get(source.stem, ({ENDOFTEXT: max(ranks.values(), default=-1) + 1},
                                                              CL100K_PATTERN))
-    return tiktoken.Encoding(source.stem, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    return _encoding(source.stem, pattern, ranks, specials, source)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "tokenizer_config.json")
@@ -413,13 +479,13 @@ class GPT2Tokenizer:
             written = {"vocab.json": vocab, "merges.txt": merges}
         else:
             written = {"tokenizer.json": Path(self._source[1]) if kind == "tokenizer.json" else None}
-        for name in ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe"):
-            if name not in written:
-                (directory / name).unlink(missing_ok=True)
-        own = {Path(f).resolve() for f in self._source[1:]}  # files this tokenizer still reads (pickling)
-        for stale in directory.glob("*.tiktoken"):
-            if stale.resolve() not in own:
-                stale.unlink()
+        # Files this tokenizer still reads (to copy from, and when pickled) are never removed.
+        own = {Path(f).resolve() for f in self._source[1:]}
+        stale = [directory / name for name in ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json",
+                                               "vocab.bpe") if name not in written]
+        for path in [*stale, *directory.glob("*.tiktoken")]:
+            if path.exists() and path.resolve() not in own:
+                path.unlink()
         for name, source in written.items():
             target = directory / name
             if source is None:
@@ -464,7 +530,9 @@ class GPT2Tokenizer:
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                      "vocab": {text(t): i for t, i in sorted(ranks.items(), key=lambda x: x[1])},
+                      # The special tokens too: tokenizers numbers an added token that the vocabulary lacks
+                      # after the vocabulary's last id, whatever id it is given (cl100k's specials sit in gaps).
+                      "vocab": {**{text(t): i for t, i in sorted(ranks.items(), key=lambda x: x[1])}, **specials},
                       "merges": [[text(left), text(right)] for left, right in self.bpe_merges()]},
         }
 
@@ -505,15 +573,35 @@ class GPT2Tokenizer:
         return list(self._unused_ids[vocab_size])
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return self.encoding.decode_bytes(list(ids))
+        ids = [int(i) for i in ids]
+        try:
+            return self.encoding.decode_bytes(ids)
+        except (KeyError, OverflowError):
+            raise self._unknown_id(ids) from None
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; bytes that do not form complete UTF-8 characters become U+FFFD."""
+        """Text of `ids`; bytes that do not form complete UTF-8 characters become U+FFFD. An id that is not in
+        the vocabulary is a ValueError naming it."""
         ids = [int(i) for i in ids]
         if skip_special_tokens:
             special = {self.encoding.encode_single_token(t) for t in self.encoding.special_tokens_set}
             ids = [i for i in ids if i not in special]
-        return self.encoding.decode(ids, errors="replace")
+        try:
+            return self.encoding.decode(ids, errors="replace")
+        except (KeyError, OverflowError):  # raised by tiktoken for ids it has no token for
+            raise self._unknown_id(ids) from None
+
+    def _unknown_id(self, ids: list[int]) -> ValueError:
+        def known(i: int) -> bool:
+            try:
+                self.encoding.decode_single_token_bytes(i)
+            except (KeyError, OverflowError):
+                return False
+            return True
+
+        bad = next((i for i in ids if not known(i)), None)
+        return ValueError(f"cannot decode id {bad}: it is not in the vocabulary of {self.encoding.name!r} "
+                          f"({self.encoding.n_vocab} ids, see unused_ids for its gaps)")
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, tokenize: bool = True,
                             add_generation_prompt: bool = True) -> list[int] | str:
@@ -568,8 +656,9 @@ class GPT2Tokenizer:
             import torch
             if width is None and len({len(row) for row in ids}) > 1:
                 raise ValueError("texts have different lengths: pass padding=True to return tensors")
-            return {"input_ids": torch.tensor(ids, dtype=torch.long).reshape(len(ids), -1),
-                    "attention_mask": torch.tensor(masks, dtype=torch.long).reshape(len(ids), -1)}
+            shape = (len(ids), len(ids[0]) if ids else 0)
+            return {"input_ids": torch.tensor(ids, dtype=torch.long).reshape(shape),
+                    "attention_mask": torch.tensor(masks, dtype=torch.long).reshape(shape)}
         if return_tensors is not None:
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
         if single:
@@ -581,6 +670,17 @@ def _rebuild(source: tuple[str, ...], eos_token: str, pad_token_id: int, padding
     tok = GPT2Tokenizer._from_source(source, eos_token)
     tok.pad_token_id, tok.padding_side = pad_token_id, padding_side
     return tok
+
+
+def check_training_sizes(vocab_size: int, min_frequency: int, special_tokens: int = 1) -> None:
+    """ValueError unless BPE training can make a vocabulary of `vocab_size` ids (256 bytes, the special tokens
+    and merges, within tiktoken's 32-bit ids) and `min_frequency` is a count (>= 0)."""
+    least = 256 + special_tokens
+    if not least <= vocab_size < MAX_ID:
+        raise ValueError(f"vocab_size must be at least {least} (256 bytes + {special_tokens} special token"
+                         f"{'s' * (special_tokens != 1)}) and below {MAX_ID}, got {vocab_size}")
+    if min_frequency < 0:
+        raise ValueError(f"min_frequency must be >= 0 (pairs seen fewer times are not merged), got {min_frequency}")
 
 
 def train_bpe(files: Sequence[str | os.PathLike], vocab_size: int, output_dir: str | os.PathLike, *,
@@ -599,8 +699,7 @@ def train_bpe(files: Sequence[str | os.PathLike], vocab_size: int, output_dir: s
     for f in files:
         if not Path(f).is_file():
             raise TokenizerError(f"{f}: training file not found")
-    if vocab_size < 256 + len(special_tokens):
-        raise ValueError(f"vocab_size must be at least {256 + len(special_tokens)} (bytes + special tokens)")
+    check_training_sizes(vocab_size, min_frequency, len(special_tokens))
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

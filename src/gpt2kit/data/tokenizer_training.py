@@ -12,12 +12,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..tokenizer import GPT2Tokenizer, train_bpe
+from ..tokenizer import GPT2Tokenizer, check_training_sizes, train_bpe
 from ..files import atomic_write_text
 from .readers import DataError, current_inputs, file_stamp, iter_texts, resolve_inputs
 
 CHECK_BYTES = 1 << 20  # text re-encoded with both engines after training
-MIN_VOCAB_SIZE = 257
 RECORD_FILE = "tokenizer_training.json"  # what tokenizer.json was trained with, beside it
 
 
@@ -32,8 +31,7 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
     and any difference is an error."""
     from tokenizers import Tokenizer
 
-    if vocab_size < MIN_VOCAB_SIZE:  # checked before anything is written
-        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + <|endoftext|>), got {vocab_size}")
+    check_training_sizes(vocab_size, min_frequency)  # before anything is written
     output = Path(output_dir)
     sources = _inputs(inputs, format, output)
     stamps = [file_stamp(s.path) for s in sources]  # before reading: an edit meanwhile makes the record stale
