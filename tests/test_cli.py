@@ -3,10 +3,13 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from gpt2kit.cli import main
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_shakespeare.yaml")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -63,6 +66,19 @@ def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, 
          "already holds a vocabulary; pass --overwrite"),
         (["export", "onnx", "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"), "--opset", "3"],
          "opset must be in 13..20"),
+        # Each of these was a raw errno, pointed at the wrong place, was silently taken, or came after the work.
+        (["info", "gpt2", "--parallel", "shard=2,shard=4"], "shard is given twice"),
+        (["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--tensor-parallel", "0"],
+         "--tensor-parallel must be at least 1"),
+        (["tokenizer", "train", "--input", str(notes), "--vocab-size", "300", "--output", str(notes / "sub")],
+         f"{notes / 'sub'}: cannot be created: {notes} exists and is not a directory"),
+        (["preprocess", "--input", str(notes), "--output", str(notes / "sub")],
+         f"{notes}: exists and is not a directory"),
+        (["train", "--config", str(tmp_path)], "is a directory; expected a YAML run config"),
+        (["train", "--config", CONFIG, "--model.config.n_positions", "0"],
+         "command line: --model.config.n_positions: n_positions must be"),
+        (["train", "--config", CONFIG, "--out_dir", str(tmp_path / "run"), "--resume",
+          str(tmp_path / "nope")], "no such checkpoint directory"),
     ]
     if not __import__("torch").cuda.is_available():
         cases.append((["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--device", "cuda"],
@@ -71,11 +87,21 @@ def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, 
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.strip().count("\n") == 0, err
-    assert notes.read_text() == "mine"
+    assert notes.read_text() == "mine" and not (tmp_path / "run").exists()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "README.md").write_text("keep")
     assert main(["convert", "--input", str(tiny_model_dir), "--output", str(tmp_path / "out"), "--overwrite"]) == 0
     assert (tmp_path / "out" / "README.md").read_text() == "keep"
+
+
+def test_preprocess_refuses_the_current_directory_before_any_work(tmp_path, monkeypatch, capsys):
+    """It tokenized everything, then moved the directory the shell stood in aside and failed."""
+    (tmp_path / "in.txt").write_text("some text\n")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["preprocess", "--input", str(tmp_path / "in.txt"), "--output", "."]) == 2
+    assert "is the current directory or one above it" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "in.txt"] and not any((tmp_path / "here").iterdir())
 
 
 def test_a_mistyped_flag_shows_its_commands_usage(capsys):

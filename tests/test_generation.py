@@ -314,6 +314,12 @@ def test_num_return_sequences_repeats_each_prompt(hf_pair):
     (dict(stop=5), "stop must be a string or a list of strings"),
     (dict(seed=2 ** 70), "seed must be an integer that fits 64 bits"),
     (dict(seed=1.5), "seed must be an integer"),
+    # a TypeError from the range checks below the type checks
+    (dict(max_new_tokens=None), "max_new_tokens must be an integer, got None"),
+    (dict(max_new_tokens="5"), "max_new_tokens must be an integer, got '5'"),
+    (dict(min_new_tokens=None), "min_new_tokens must be an integer, got None"),
+    (dict(num_beams="2"), "num_beams must be an integer, got '2'"),
+    (dict(num_return_sequences=None), "num_return_sequences must be an integer, got None"),
 ])
 def test_bad_options_raise_clear_errors(hf_pair, kwargs, message):
     _, ours = hf_pair

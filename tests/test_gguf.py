@@ -164,6 +164,8 @@ def test_errors_and_nothing_half_written(gpt2_vocab_model, tmp_path, monkeypatch
     export_gguf(gpt2_vocab_model, target, dtype="f32")
     with pytest.raises(FileExistsError, match="overwrite"):
         export_gguf(gpt2_vocab_model, target)
+    with pytest.raises(IsADirectoryError, match="is a directory; expected the path of a file"):
+        export_gguf(gpt2_vocab_model, tmp_path, overwrite=True)  # failed after writing, under another name
     with pytest.raises(ValueError, match="unknown GGUF dtype 'q4_0'"):
         export_gguf(gpt2_vocab_model, tmp_path / "x.gguf", dtype="q4_0")
     with pytest.raises(ValueError, match="needs the float weights"):

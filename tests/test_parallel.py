@@ -62,9 +62,10 @@ def batches() -> torch.Tensor:
     return step.expand(STEPS, *step.shape)
 
 
-def train(state: ParallelState, *, recompute: bool = False):
+def train(state: ParallelState, *, recompute: bool = False, held: list[int] | None = None):
     """A few AdamW steps with gradient accumulation on this rank's rows; returns (model, optimizer, losses,
-    grad norms) with the losses averaged over the data-parallel ranks."""
+    grad norms) with the losses averaged over the data-parallel ranks. `held` receives the gradient elements
+    this rank holds in .grad after each unsynchronised micro-step."""
     model = fresh_model()
     forward = parallelize(model, state, recompute=recompute)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
@@ -78,6 +79,9 @@ def train(state: ParallelState, *, recompute: bool = False):
             with grad_sync(forward, enabled=i == MICRO_STEPS - 1):
                 loss = forward(ids[:, :-1], targets=ids[:, 1:]).loss / MICRO_STEPS
                 loss.backward()
+            if held is not None and i < MICRO_STEPS - 1:
+                held.append(sum(getattr(p.grad, "_local_tensor", p.grad).numel() for p in model.parameters()
+                                if p.grad is not None))
             total += loss.detach()
         norms.append(float(clip_grad_norm_(model.parameters(), 1.0)))
         optimizer.step()
@@ -91,7 +95,8 @@ def scenario_train_layouts(state: ParallelState, out: Path) -> None:
     """DDP, FSDP (with activation checkpointing) and TP training; FSDP and TP save DCP checkpoints."""
     for name, config in LAYOUTS.items():
         layout = init_distributed(config, device="cpu")
-        model, optimizer, losses, norms = train(layout, recompute=name == "fsdp")
+        held: list[int] = []
+        model, optimizer, losses, norms = train(layout, recompute=name == "fsdp", held=held)
         full = gather_full_state(model)
         if name in ("fsdp", "tp"):
             save_distributed_checkpoint(out / f"{name}-dcp", model, optimizer)
@@ -99,8 +104,8 @@ def scenario_train_layouts(state: ParallelState, out: Path) -> None:
         counts = [None] * WORLD
         torch.distributed.all_gather_object(counts, local)
         if state.is_main:
-            torch.save({"losses": losses, "norms": norms, "state": full, "local_parameters": counts},
-                       out / f"{name}.pt")
+            torch.save({"losses": losses, "norms": norms, "state": full, "local_parameters": counts,
+                        "held_gradients": held}, out / f"{name}.pt")
 
 
 def windows_nll(model: torch.nn.Module) -> float:
@@ -140,11 +145,12 @@ def scenario_reshard_fsdp_into_tp(state: ParallelState, out: Path) -> None:
 
 
 def scenario_failed_load(state: ParallelState, out: Path) -> None:
-    """Rank 1 is pointed at a missing checkpoint, then at one with a corrupted shard: every rank must raise a
-    clear error quickly instead of waiting for the others."""
+    """Rank 1 is pointed at a missing checkpoint, then at one with a corrupted shard, then at one with damaged
+    metadata: every rank must raise a clear error quickly instead of waiting for the others."""
     errors = {}
     for case, path in (("missing", out / ("fsdp-dcp" if state.rank == 0 else "no-such-dcp")),
-                       ("corrupt", out / ("fsdp-dcp" if state.rank == 0 else "corrupt-dcp"))):
+                       ("corrupt", out / ("fsdp-dcp" if state.rank == 0 else "corrupt-dcp")),
+                       ("metadata", out / ("fsdp-dcp" if state.rank == 0 else "bad-metadata-dcp"))):
         model = GPT2LMHeadModel(tiny_lm_config())
         parallelize(model, state)
         started = time.monotonic()
@@ -238,6 +244,8 @@ def _prepare_corrupt_copy(out: Path) -> None:
     shutil.copytree(out / "fsdp-dcp", out / "corrupt-dcp")
     for shard in (out / "corrupt-dcp").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
+    shutil.copytree(out / "fsdp-dcp", out / "bad-metadata-dcp")
+    (out / "bad-metadata-dcp" / ".metadata").write_bytes(b"not a pickle")
 
 
 def _prepare_model_dirs(out: Path) -> None:
@@ -397,7 +405,7 @@ def test_dcp_converts_offline_to_a_pretrained_directory(job, tmp_path, capsys):
 def test_a_rank_that_cannot_load_fails_every_rank_quickly(job):
     for rank in range(WORLD):
         errors = load(job / f"failed-load-rank{rank}.pt")
-        for case in ("missing", "corrupt"):
+        for case in ("missing", "corrupt", "metadata"):
             assert errors[case] is not None, f"rank {rank} loaded a {case} checkpoint"
             name, message, seconds = errors[case]
             assert name in ("CheckpointError", "RuntimeError"), message
@@ -439,6 +447,14 @@ def test_memory_estimate_counts_the_parameters_each_rank_holds(job, layout):
     assert estimate.optimizer == 8 * estimate.parameters
 
 
+def test_fsdp_accumulates_sharded_gradients_between_micro_steps(job):
+    """Without gradient sync FSDP2 kept every parameter's whole gradient on each rank (outside .grad) until the
+    last micro-step: 13B over 8 ranks held 48 GiB of gradients where the estimate counts 6. Reduce-scattered on
+    every micro-step, each rank's .grad holds its shard from the first one on."""
+    result = load(job / "fsdp.pt")
+    assert result["held_gradients"] == [result["local_parameters"][0]] * STEPS
+
+
 @pytest.mark.parametrize("tensor", [1, 2])
 def test_memory_estimate_splits_an_untied_head_like_a_tied_one(tensor):
     """Tensor parallelism splits an untied LM head by vocabulary rows, as it splits the embedding: it was counted
@@ -466,6 +482,12 @@ def test_memory_estimate_of_the_large_configs():
     big = estimate_memory(GPT2Config.from_name("gpt2-52b"), ParallelConfig(data=1, shard=64, tensor=1),
                           recompute=False)
     assert big.activations == pytest.approx(64 * 1024 * 8192 * 38 + 1024 * 8192 * (2 + 4))
+    # fp16 runs leave FSDP's param_dtype unset (the trainer sets bf16 only): float32 gathered copies and a
+    # float32 residual stream under recompute, where bf16 has bf16 ones.
+    bf16, fp16 = (estimate_memory(config, ParallelConfig(data=1, shard=8, tensor=1), seq_len=2048,
+                                  precision=precision) for precision in ("bf16", "fp16"))
+    assert fp16.gathered > bf16.gathered
+    assert fp16.activations - bf16.activations == config.n_layer * 2048 * config.n_embd * 2
 
 
 def documented_memory_rows() -> list[tuple[str, list[str]]]:
@@ -558,6 +580,26 @@ def _single_process_checkpoint(directory: Path):
     optimizer.step()
     save_distributed_checkpoint(directory, model, optimizer)
     return model, optimizer
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_metadata_with_paths_of_any_python_loads(tmp_path):
+    """DCP keeps the checkpoint's path in .metadata, and Python 3.13 pickles pathlib's classes as
+    pathlib._local.PosixPath: metadata saved there must load, on any Python."""
+    import pathlib
+    import pickle
+
+    model, _ = _single_process_checkpoint(tmp_path / "good")
+    metadata_file = tmp_path / "good" / ".metadata"
+    metadata = pickle.loads(metadata_file.read_bytes())  # the test's own file
+    assert isinstance(metadata.storage_meta.checkpoint_id, pathlib.PosixPath)
+    # Protocol 2 names globals as text lines ("c" module "\n" name "\n"), which can be renamed in place.
+    as_on_313 = pickle.dumps(metadata, protocol=2).replace(b"cpathlib\nPosixPath\n", b"cpathlib._local\nPosixPath\n")
+    assert b"pathlib._local" in as_on_313
+    metadata_file.write_bytes(as_on_313)
+    reloaded = fresh_model()
+    load_distributed_checkpoint(tmp_path / "good", reloaded)
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

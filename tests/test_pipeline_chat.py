@@ -157,6 +157,23 @@ def test_pipeline_errors(model_dir, tmp_path):
         pipeline("text-generation", model=str(model_dir))("x " * 80, max_new_tokens=20)
     with pytest.raises(ValueError, match="temperature"):  # a bad default fails when the pipeline is made
         pipeline("text_generation", model=str(model_dir), temperature=-1.0)
+    with pytest.raises(ValueError, match="return_full_text must be True or False, got 'no'"):
+        pipeline("text_generation", model=str(model_dir), return_full_text="no")
+    pipe = pipeline("text_generation", model=str(model_dir))
+    for bad in (5, None, ["a", 3]):  # TypeErrors from deep inside before
+        with pytest.raises(ValueError, match=r"expected a string, a list of strings, or chat messages .* got "):
+            pipe(bad)
+
+
+def test_pipeline_level_call_options_are_defaults_of_every_call(pipe, model_dir):
+    """As in transformers, return_full_text and batch_size may be given when the pipeline is made."""
+    replies = pipeline("text_generation", model=str(model_dir), return_full_text=False, batch_size=2,
+                       max_new_tokens=6)
+    assert replies(PROMPTS) == pipe(PROMPTS, max_new_tokens=6, return_full_text=False)
+    assert replies(PROMPTS[0], return_full_text=True) == pipe(PROMPTS[0], max_new_tokens=6)
+    # a conversation may come as a tuple of messages
+    conversation = ({"role": "user", "content": "Who is there?"},)
+    assert replies(conversation) == pipe(list(conversation), max_new_tokens=6, return_full_text=False)
 
 
 def test_text_generation_never_emits_ids_the_tokenizer_cannot_decode(tmp_path):
@@ -374,8 +391,17 @@ def test_an_interactive_chat_edits_lines_and_ends_on_ctrl_c(model_dir):
         os.write(controller, b"/set top_k 5\x1b[D1\r")  # the left arrow moves back: the 1 lands before the 5
         read_until(b"[top_k = 15]")
         read_until(b"> ")
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0, process.stderr.read()
+        # readline prints the prompt before it waits for input: a signal that lands in between only sets Python's
+        # flag, and the wait does not see it until a key or another signal arrives (a race of this test's, which
+        # sends the signal the moment the prompt shows). So it is sent again while the process lives.
+        for _ in range(30):
+            process.send_signal(signal.SIGINT)
+            try:
+                assert process.wait(timeout=2) == 0, process.stderr.read()
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        assert process.poll() == 0
     finally:
         process.kill()
         os.close(controller)

@@ -360,10 +360,10 @@ def test_finetune_needs_weights(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"n_head": 3}, r"model.config: n_embd \(64\) must be divisible by n_head \(3\)"),
-    ({"n_layer": 0}, r"model.config: n_layer must be an integer >= 1, got 0"),
+    ({"n_head": 3}, r"model.config.n_embd: n_embd \(64\) must be divisible by n_head \(3\)"),
+    ({"n_layer": 0}, r"model.config.n_layer: n_layer must be an integer >= 1, got 0"),
     ({"n_layer": "two"}, r"config: model.config.n_layer: expected int, got 'two'"),
-    ({"activation_function": "relu"}, r"model.config: activation_function 'relu' is not supported"),
+    ({"activation_function": "relu"}, r"model.config.activation_function: activation_function 'relu' is not"),
 ])
 def test_model_config_overrides_are_checked_as_a_new_config(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

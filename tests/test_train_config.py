@@ -80,8 +80,9 @@ def test_yaml_and_overrides(tmp_path):
     ("seed: -5\n", [], r"run.yaml:1: seed: must lie in \[0, 2\*\*32\), got -5"),
     # found when the file is read, not when the trainer builds the model; with their lines
     ("model:\n  name: gpt2-tiny\n  config:\n    n_layer: 0\n", [],
-     r"run.yaml:3: model.config: n_layer must be an integer >= 1, got 0"),
-    ("model:\n  config:\n    n_head: 5\n", [], r"run.yaml:2: model.config: n_embd \(256\) must be divisible by n_head"),
+     r"run.yaml:4: model.config.n_layer: n_layer must be an integer >= 1, got 0"),
+    ("model:\n  config:\n    n_head: 5\n", [],
+     r"run.yaml:3: model.config.n_head: n_embd \(256\) must be divisible by n_head"),
     ("parallel:\n  data: 0\n", [], r"run.yaml:2: parallel.data: must be a positive integer or -1, got 0"),
     ("out_dir: ''\n", [], r"run.yaml:1: out_dir: must not be empty"),
     ("data:\n  train: ' '\n", [], r"run.yaml:2: data.train: must not be empty \(null leaves it unset\)"),

@@ -217,3 +217,13 @@ def test_training_under_tcmalloc_gives_the_same_run(corpus, reference, tmp_path)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["allocator"] == "tcmalloc"
     assert json.loads((reference / "summary.json").read_text())["allocator"] == allocator_in_use()  # this process's
     assert_same_run(tmp_path / "run", reference)
+
+
+def test_resuming_from_a_folder_inside_a_checkpoint_names_the_checkpoint(tmp_path):
+    from gpt2kit.training.checkpoints import COMPLETE_NAME
+
+    (tmp_path / "step-00000010" / "training_state").mkdir(parents=True)
+    (tmp_path / "step-00000010" / COMPLETE_NAME).write_text("{}")
+    with pytest.raises(CheckpointError, match=r"training_state: a part of the checkpoint .*step-00000010; resume "
+                                              r"from .*step-00000010$"):
+        verify_checkpoint(tmp_path / "step-00000010" / "training_state")

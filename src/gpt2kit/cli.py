@@ -194,6 +194,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from .pipeline import generate_text
 
+    if args.tensor_parallel < 1:
+        raise ValueError(f"--tensor-parallel must be at least 1 (1: one process), got {args.tensor_parallel}")
     if args.prompt is None and (sys.stdin is None or sys.stdin.isatty()):
         raise ValueError("give --prompt TEXT or pipe the prompt on standard input")
     # Under torchrun only rank 0 reads standard input (the ranks share it); it sends the prompt to the others.

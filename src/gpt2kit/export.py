@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .checkpoint import CONFIG_NAME, load_config, resolve_model_dir
 from .config import GPT2Config
-from .files import atomic_directory
+from .files import atomic_directory, check_output_directory
 from .model import CausalLMOutput, GPT2LMHeadModel, KVCache, eval_mode, positions_from_mask
 from .quantization import is_inference_only
 from .tokenizer import tokenizer_files
@@ -148,9 +148,7 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
     `model` is an HF-format directory or a GPT2LMHeadModel. The directory appears only when complete."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    output_dir = check_output_directory(output_dir, overwrite=overwrite)  # before the export's minutes of work
     source_dir = None
     if isinstance(model, GPT2LMHeadModel):
         lm = model

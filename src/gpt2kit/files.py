@@ -103,6 +103,26 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def make_directories(directory: str | os.PathLike, error: type[Exception] = ValueError) -> None:
+    """mkdir -p, with one `error` naming the file in the way instead of errno 17/20 naming only a path."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), directory)
+        where = "" if blocker == directory else f" cannot be created: {blocker}"
+        raise error(f"{directory}:{where} exists and is not a directory") from None
+
+
+def refuse_current_directory(target: str | os.PathLike) -> None:
+    """ValueError when `target` is the working directory or one above it: a directory written atomically
+    replaces the old one, which the process (and its shell) would be left standing in."""
+    target, cwd = Path(target).resolve(), Path.cwd()
+    if target == cwd or target in cwd.parents:
+        raise ValueError(f"{target}: is the current directory or one above it, which writing replaces; write to "
+                         "a directory below it (e.g. ./model)")
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, *, keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """A new hidden sibling directory of `target` to fill in the `with` block; it replaces `target` (see
@@ -111,11 +131,7 @@ def atomic_directory(target: str | os.PathLike, *, keep: Callable[[str], bool] |
     target = Path(os.path.abspath(target))  # "." and ".." have no name to make a sibling of
     if target.is_symlink() and target.is_dir():
         target = target.resolve()
-    cwd = Path.cwd()
-    if target.resolve() == cwd or target.resolve() in cwd.parents:
-        # The new directory replaces the old one, which the process (and its shell) would be left standing in.
-        raise ValueError(f"{target}: is the current directory or one above it, which writing replaces; write to "
-                         "a directory below it (e.g. ./model)")
+    refuse_current_directory(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

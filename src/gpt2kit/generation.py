@@ -180,8 +180,16 @@ class GenerationConfig:
         def number(value: Any) -> bool:  # NumPy scalars too; not bool, not str
             return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
+        def integer(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         types = [  # first: the value checks below compare and combine these
             (self.do_sample in (True, False), "do_sample must be True or False"),  # a string was truthy
+            (integer(self.max_new_tokens), f"max_new_tokens must be an integer, got {self.max_new_tokens!r}"),
+            (integer(self.min_new_tokens), f"min_new_tokens must be an integer, got {self.min_new_tokens!r}"),
+            (integer(self.num_return_sequences),
+             f"num_return_sequences must be an integer, got {self.num_return_sequences!r}"),
+            (integer(self.num_beams), f"num_beams must be an integer, got {self.num_beams!r}"),
             (number(self.temperature), "temperature must be a number"),
             (self.top_p is None or number(self.top_p), "top_p must be a number or None"),
             (self.stop is None or isinstance(self.stop, (list, tuple)), "stop must be a string or a list of strings"),
@@ -192,9 +200,8 @@ class GenerationConfig:
             if not ok:
                 raise ValueError(message)
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
-             "max_new_tokens must be an integer >= 0"),
-            (isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens,
+            (self.max_new_tokens >= 0, "max_new_tokens must be an integer >= 0"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens,
              f"min_new_tokens must be an integer between 0 and max_new_tokens ({self.max_new_tokens})"),
             (0 <= self.temperature < math.inf, "temperature must be a finite number >= 0 (0 means greedy)"),
             (self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0), "top_k must be an integer >= 0"),
@@ -215,9 +222,8 @@ class GenerationConfig:
              "logit_bias must map token ids (integers >= 0) to biases in [-100, 100]"),
             (self.suppress_tokens is None or all(type(t) is int and t >= 0 for t in self.suppress_tokens),
              "suppress_tokens must be a list of token ids (integers >= 0)"),
-            (isinstance(self.num_return_sequences, int) and self.num_return_sequences >= 1,
-             "num_return_sequences must be an integer >= 1"),
-            (type(self.num_beams) is int and self.num_beams >= 1, "num_beams must be an integer >= 1"),
+            (self.num_return_sequences >= 1, "num_return_sequences must be an integer >= 1"),
+            (self.num_beams >= 1, "num_beams must be an integer >= 1"),
             (self.num_return_sequences == 1 or self.sampling
              or (self.num_beams > 1 and self.num_return_sequences <= self.num_beams),
              "num_return_sequences > 1 needs do_sample=True with temperature > 0 (greedy rows would be identical), "

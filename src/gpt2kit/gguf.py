@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .checkpoint import is_model_file, resolve_model_dir
-from .files import atomic_file
+from .files import atomic_file, check_output_file
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer
 from .quantization import is_inference_only
@@ -109,7 +109,7 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         raise ImportError("GGUF export needs the gguf package: pip install 'gpt2kit[gguf]'") from None
     if dtype not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; expected one of {', '.join(GGUF_TYPES)}")
-    output = Path(output)
+    output = check_output_file(output)  # a directory, or a path below a file, is never worth --overwrite
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     if isinstance(model, (str, os.PathLike)):

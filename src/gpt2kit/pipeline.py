@@ -123,17 +123,29 @@ Conversation = Sequence[dict[str, str]]  # [{"role": "user", "content": "..."}, 
 
 
 def _is_chat(text_inputs: Any) -> bool:
-    """Messages rather than text: a list holding dicts (one conversation) or lists (a batch of them)."""
-    return isinstance(text_inputs, list) and any(isinstance(item, (dict, list)) for item in text_inputs)
+    """Messages rather than text: a list (or tuple) holding dicts (one conversation) or lists (a batch)."""
+    return isinstance(text_inputs, (list, tuple)) and any(isinstance(item, (dict, list, tuple))
+                                                          for item in text_inputs)
+
+
+def _check_call_options(return_full_text: Any, batch_size: Any) -> None:
+    if return_full_text not in (True, False):
+        raise ValueError(f"return_full_text must be True or False, got {return_full_text!r}")
+    if not (type(batch_size) is int and batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 class TextGenerationPipeline:
     """Call with a string (-> list of {"generated_text"}, one per returned sequence) or a list of strings
-    (-> one such list per string). Keyword arguments are GenerationConfig fields. In text, the tokenizer
-    decides what ends a text: EOS and padding default to its ids rather than the model config's."""
+    (-> one such list per string). Keyword arguments are GenerationConfig fields, and `return_full_text` and
+    `batch_size` (given here, the defaults of every call, as in transformers). In text, the tokenizer decides
+    what ends a text: EOS and padding default to its ids rather than the model config's."""
 
-    def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, **defaults) -> None:
+    def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, *, return_full_text: bool = True,
+                 batch_size: int = 8, **defaults) -> None:
         self.model, self.tokenizer, self.defaults = model, tokenizer, defaults
+        _check_call_options(return_full_text, batch_size)
+        self.return_full_text, self.batch_size = return_full_text, batch_size
         self._config({})  # bad defaults are an error now, not at the first call
 
     @property
@@ -150,11 +162,12 @@ class TextGenerationPipeline:
                                                          {**self.defaults, **options}))
 
     def __call__(self, text_inputs: str | Sequence[str] | Conversation | Sequence[Conversation], *,
-                 return_full_text: bool = True, batch_size: int = 8, generator: torch.Generator | None = None,
-                 continue_final_message: bool | None = None,
+                 return_full_text: bool | None = None, batch_size: int | None = None,
+                 generator: torch.Generator | None = None, continue_final_message: bool | None = None,
                  **options) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
-        if not (type(batch_size) is int and batch_size >= 1):
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        return_full_text = self.return_full_text if return_full_text is None else return_full_text
+        batch_size = self.batch_size if batch_size is None else batch_size
+        _check_call_options(return_full_text, batch_size)
         if _is_chat(text_inputs):
             return self._chat(text_inputs, return_full_text=return_full_text, batch_size=batch_size,
                               generator=generator, continue_final_message=continue_final_message, **options)
@@ -166,7 +179,11 @@ class TextGenerationPipeline:
             # same draws. A batch draws for all its rows at once, so the samples still depend on batch_size.
             generator = torch.Generator(model_placement(self.model)[0]).manual_seed(config.seed)
             config = config.replace(seed=None)
-        prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
+        prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs) \
+            if isinstance(text_inputs, (list, tuple)) else None
+        if prompts is None or not all(isinstance(prompt, str) for prompt in prompts):
+            raise ValueError("expected a string, a list of strings, or chat messages (a list of {'role': ..., "
+                             f"'content': ...}} dicts, or a list of such lists), got {text_inputs!r:.100}")
         n = config.num_return_sequences
         results = []
         for start in range(0, len(prompts), batch_size):
@@ -192,7 +209,7 @@ class TextGenerationPipeline:
         batch = [conversations] if single else list(conversations)
         prompts, continued = [], []
         for c, conversation in enumerate(batch):
-            if not (isinstance(conversation, list) and conversation):
+            if not (isinstance(conversation, (list, tuple)) and conversation):
                 raise ValueError(f"conversation {c}: expected a non-empty list of messages, got {conversation!r}")
             try:
                 turns = turns_of(conversation)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..tokenizer import GPT2Tokenizer, check_training_sizes, train_bpe
-from ..files import atomic_write_text
+from ..files import atomic_write_text, make_directories
 from .readers import DataError, current_inputs, file_stamp, iter_texts, resolve_inputs
 
 CHECK_BYTES = 1 << 20  # text re-encoded with both engines after training
@@ -50,7 +50,7 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
 
     # Trained and checked in a hidden folder: only a vocabulary that passed the check becomes tokenizer.json
     # (a run that reuses an existing one must never find a rejected or half-written file).
-    output.mkdir(parents=True, exist_ok=True)
+    make_directories(output, DataError)
     with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=output) as staging:
         trained = train_bpe([], vocab_size, staging, min_frequency=min_frequency, texts=texts(), progress=progress)
         reference = Tokenizer.from_file(str(Path(staging) / "tokenizer.json"))

@@ -63,6 +63,8 @@ def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world_size: int = 
     path = Path(path)
     manifest_path = path / COMPLETE_NAME
     if not manifest_path.is_file():
+        if (path.parent / COMPLETE_NAME).is_file():  # a folder inside a checkpoint was given
+            raise CheckpointError(f"{path}: a part of the checkpoint {path.parent}; resume from {path.parent}")
         raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE_NAME} marker; the run was probably "
                               "interrupted while saving)")
     try:

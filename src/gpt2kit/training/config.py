@@ -244,7 +244,11 @@ class RunConfig:
             try:
                 GPT2Config.from_name(self.model.name, **self.model.config)
             except ValueError as err:  # e.g. n_layer 0, or an n_embd the heads do not divide
-                raise bad("model.config", str(err)) from None
+                # Blame a field the message names, one from the command line first, else the section.
+                named = sorted((f"model.config.{key}" for key in self.model.config
+                                if re.search(rf"\b{key}\b", str(err))),
+                               key=lambda name: (lines or {}).get(name) != COMMAND_LINE)
+                raise bad(named[0] if named else "model.config", str(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -459,6 +463,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[tuple[str
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory; expected a YAML run config (e.g. configs/tiny_shakespeare.yaml)"
+                              ) from None
         except UnicodeDecodeError as err:
             line = path.read_bytes()[:err.start].count(b"\n") + 1
             raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {err.start})") from None

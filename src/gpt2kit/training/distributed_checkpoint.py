@@ -119,13 +119,15 @@ class _MetadataUnpickler(pickle.Unpickler):
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
         "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-        ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+        ("torch.serialization", "_get_layout")} | {  # paths: Python 3.13 pickles them from pathlib._local
+        (module, name) for module in ("pathlib", "pathlib._local")
+        for name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")}
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.NAMES or (
                 module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
+            # pathlib re-exports its classes on every Python; pathlib._local exists from 3.13 on only
+            return super().find_class("pathlib" if module == "pathlib._local" else module, name)
         raise pickle.UnpicklingError(f"refers to {module}.{name}, which is not part of DCP's metadata")
 
 
@@ -235,9 +237,12 @@ def load_distributed_checkpoint(directory: str | os.PathLike, model: nn.Module,
         missing = CheckpointError(f"{directory}: not a distributed checkpoint (no {METADATA_NAME})")
     raise_if_any_rank_failed(missing, "loading a distributed checkpoint", CheckpointError)
     original = _training_state(model, optimizer)
-    extra = _unexpected_tensors(directory, original["model"])
-    mismatch = CheckpointError(f"{directory}: holds weights the model has no place for ({', '.join(extra[:5])}); "
-                               "was it saved from a larger model config?") if extra else None
+    try:  # every rank reads the metadata; one that cannot must not leave the others waiting in a collective
+        extra = _unexpected_tensors(directory, original["model"])
+        mismatch = CheckpointError(f"{directory}: holds weights the model has no place for ({', '.join(extra[:5])})"
+                                   "; was it saved from a larger model config?") if extra else None
+    except (CheckpointError, OSError) as err:
+        mismatch = err
     raise_if_any_rank_failed(mismatch, "loading a distributed checkpoint", CheckpointError)
     storable = _map_tree(original, _to_storable)
     try:

@@ -5,9 +5,10 @@ What each GPU holds, for AdamW training as gpt2kit runs it (training/parallel.py
   and the LM head, tied or not; FSDP/HSDP splits everything over `shard`; DDP keeps a full copy);
 - gradients: float32, sharded like the weights;
 - optimizer: AdamW's two float32 moments, sharded like the weights;
-- gathered: FSDP's unsharded working copies, in the compute dtype: the root module (embeddings, final LayerNorm;
-  kept gathered through forward and backward), two blocks in flight (the current one and the prefetched one)
-  and the unsharded gradients of one block; with bf16 but without FSDP, autocast's bf16 copies of the matrices
+- gathered: FSDP's unsharded working copies, in bf16 with bf16 (FSDP's param_dtype), else float32: the root
+  module (embeddings, final LayerNorm; kept gathered through forward and backward), two blocks in flight (the
+  current one and the prefetched one), and the unsharded gradients of one block in the compute dtype; with bf16
+  but without FSDP, autocast's bf16 copies of the matrices
   (not of an untied embedding, which is only looked up, and without tensor parallelism not of the head: the
   fused loss makes its own, counted under logits);
 - activations: saved for backward over one micro-batch, per block s*b*h*(2 + 2*4 + (2 + 12/t) * a) bytes, where a
@@ -15,7 +16,8 @@ What each GPU holds, for AdamW training as gpt2kit runs it (training/parallel.py
   Recomputation in Large Transformer Models", Table 2) without the attention-score terms, which PyTorch's fused
   scaled_dot_product_attention never stores; 2 bytes are the two dropout masks, 2*4 the two LayerNorm inputs,
   which autocast keeps in float32. With activation checkpointing ("recompute") a block keeps only its input, the
-  residual stream (float32 under autocast; bf16 with FSDP's bf16 parameters), and one block's full set exists
+  residual stream (float32 under autocast; bf16 with FSDP's bf16 parameters, which fp16 runs do not use: the
+  trainer sets FSDP's param_dtype for bf16 only), and one block's full set exists
   at a time during backward; beside the blocks, the embedding sum (a bytes) and the final LayerNorm's float32
   input;
 - logits: without tensor parallelism the LM head is fused into the loss (gpt2kit.losses.linear_cross_entropy):
@@ -111,8 +113,9 @@ def estimate_memory(config: GPT2Config, parallel: ParallelConfig, *, micro_batch
     local = per_tensor_rank / shard
     block = block_split / t + block_replicated
     root = per_tensor_rank - layers * block
+    fsdp_bytes = 2 if precision == "bf16" else 4  # FSDP gathers bf16 (param_dtype) for bf16 only
     if shard > 1:
-        gathered = (root + 2 * block) * act + block * act
+        gathered = (root + 2 * block) * fsdp_bytes + block * act
     elif act == 2:
         # autocast's bf16 copies of the matrices: not of an untied embedding (only looked up), and not of the head
         # without TP (the fused loss casts it itself)
@@ -121,7 +124,7 @@ def estimate_memory(config: GPT2Config, parallel: ParallelConfig, *, micro_batch
         gathered = 0.0
 
     per_block = s * b * h * (2 + 2 * 4 + (2 + 12 / t) * act)
-    residual = 2 if act == 2 and shard > 1 else 4  # the blocks' input: float32 unless FSDP computes in bf16
+    residual = 2 if fsdp_bytes == 2 and shard > 1 else 4  # the blocks' input: float32 unless FSDP computes in bf16
     if recompute:
         activations = layers * s * b * h * residual + per_block
     else:
@@ -154,12 +157,15 @@ def format_memory_estimate(name: str, estimate: MemoryEstimate) -> str:
 
 def parse_degrees(text: str) -> ParallelConfig:
     """'shard=8,tensor=2' -> ParallelConfig(data=1, shard=8, tensor=2); degrees not named are 1."""
-    degrees = {"data": 1, "shard": 1, "tensor": 1}
+    degrees, given = {"data": 1, "shard": 1, "tensor": 1}, set()
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
         if key.strip() not in degrees or not value.strip().isdigit() or int(value) < 1:
             raise ValueError(f"--parallel {text!r}: expected comma-separated data=N, shard=N, tensor=N with N >= 1, "
                              f"got {item!r}")
+        if key.strip() in given:
+            raise ValueError(f"--parallel {text!r}: {key.strip()} is given twice")
+        given.add(key.strip())
         degrees[key.strip()] = int(value)
     return ParallelConfig(**degrees)
 

@@ -1060,6 +1060,8 @@ def run(mode: str, config_path: str | os.PathLike | None, overrides: list[tuple[
     """`gpt2kit train|finetune --config FILE [--section.key value ...] [--resume auto|PATH]`."""
     config = load_run_config(config_path, overrides)
     if resume is not None:
+        if resume != "auto":  # a missing --resume PATH is an error before tokenizing or preprocessing
+            resume_candidates(config.out_dir, resume)
         config.checkpoint.resume = resume
     trainer = Trainer(args=config)
     return trainer.train() if mode == "train" else trainer.finetune()
