@@ -27,11 +27,14 @@ weight and the row's cached keys and values read once per token). "target" is th
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -71,6 +74,8 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
 
     for r in rows:
         rss = r.get("peak_mem_mb")
+        if r.get("skipped"):  # listed under the table
+            continue
         if r["section"] == "tokenizer":
             add("tokenizer", "encode 1 thread vs GPT2TokenizerFast", "MB/s", r["ours_mb_s"], r["peer_mb_s"],
                 r["ratio"], rss=rss)
@@ -93,8 +98,10 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
             case = f"{r['shape']} {r['dtype']} b{r['batch']} p{r['prompt_len']} vs transformers {r['peer_dtype']}"
             # Every weight and the row's keys and values (at the average cache length) read once per token.
             bound = hw["bandwidth"] / (r["weight_bytes"] + r["cache_bytes"]) if hw and r["batch"] == 1 else None
-            add("decode", case, "tok/s", r["ours_tok_s"], r["peer_tok_s"], r["ratio"],
-                (3.0 if r["batch"] == 1 else 2.0) if int8 else None, bound, rss)
+            # Float32 paths produce transformers' greedy tokens: a ratio stands only when they did.
+            differs = r["dtype"].removesuffix("-compiled") in ("fp32", "fp32-packed") and not r["same_tokens"]
+            add("decode", case + " (other tokens)" * differs, "tok/s", r["ours_tok_s"], r["peer_tok_s"],
+                None if differs else r["ratio"], (3.0 if r["batch"] == 1 else 2.0) if int8 else None, bound, rss)
             # The prefill's arithmetic at the matmul peak of the dtype it multiplies in.
             prefill = hw[f"{r['compute_dtype']}_flops"] / r["prefill_flops"] if hw and "prefill_flops" in r else None
             add("TTFT", case, "1/s", 1 / r["ours_ttft_s"], 1 / r["peer_ttft_s"], r["ttft_ratio"],
@@ -113,10 +120,10 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
                 add("preprocess", f"{ours[-1]['workers']} vs {ours[0]['workers']} worker(s) scaling", "x",
                     ours[0]["seconds"] / ours[-1]["seconds"], 1.0, ours[0]["seconds"] / ours[-1]["seconds"], 1.8,
                     rss=rss)
-        elif r["section"] == "llama.cpp" and not r.get("skipped"):
+        elif r["section"] == "llama.cpp":
             # The issue's target: gpt2kit int8 ahead of llama.cpp q8_0 at batch 1; the float rows have none.
             case = f"{r['shape']} {r['dtype']} b{r['batch']} p{r['prompt_len']} vs llama.cpp {r['peer_dtype']}"
-            bound = hw["bandwidth"] / r["weight_bytes"] if hw else None
+            bound = hw["bandwidth"] / (r["weight_bytes"] + r.get("cache_bytes", 0)) if hw else None
             add("llama.cpp", case, "tok/s", r["ours_tok_s"], r["peer_tok_s"], r["ratio"],
                 1.0 if r["peer_dtype"] == "q8_0" else None, bound, rss)
             add("TTFT", case, "1/s", 1 / r["ours_ttft_s"], 1 / r["peer_ttft_s"], r["ttft_ratio"], rss=rss)
@@ -145,7 +152,7 @@ def print_report(rows: list[dict], hw: dict | None, device: torch.device) -> Non
             f"{'bound':>9} {'of bound':>8} {'peak MB':>7}")
     print(head + "\n" + "-" * len(head))
     for area, case, unit, ours, peer, ratio, target, bound, share, rss in table(rows, hw):
-        mark = "" if target is None else (" " if ratio >= target else "<")
+        mark = "" if target is None or ratio is None else (" " if ratio >= target else "<")
         shown = "-" if ratio is None else f"{ratio:.2f}"  # no ratio where the two sides' work differed
         print(f"{area:<10} {case:<44} {unit:>5} {ours:>9.4g} {peer:>9.4g} {shown:>6} "
               f"{f'{mark}{target:.1f}x' if target else '':>6} {f'{bound:.4g}' if bound else '':>9} "
@@ -156,6 +163,19 @@ def print_report(rows: list[dict], hw: dict | None, device: torch.device) -> Non
     print("ratio = gpt2kit / peer (> 1: gpt2kit faster); '<' marks a ratio below its target; bound = hardware "
           "limit in the row's unit; TTFT shown as 1/seconds; peak MB = process RSS (CPU rows) or CUDA allocator "
           "peak (GPU rows)")
+
+
+def peer_versions() -> dict[str, str]:
+    """Versions of gpt2kit's peers that are installed (the JSON records what a table was measured against)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("transformers", "lm_eval", "llama_cpp_python", "tiktoken", "gpt2kit"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def platform_line(device: torch.device) -> str:
@@ -194,14 +214,33 @@ def main(argv: list[str] | None = None) -> None:
     configure_process(args.threads, device)  # each measuring process repeats this
     rows: list[dict] = []
     hw = None
-    started = time.perf_counter()
+    started, began = time.perf_counter(), datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+    def save() -> None:
+        """The rows so far, written after every section: a later failure or interruption loses nothing."""
+        atomic_write_text(args.json, json.dumps({
+            "platform": platform_line(device), "argv": sys.argv[1:], "started": began,
+            "seconds": round(time.perf_counter() - started, 1), "versions": peer_versions(), "hardware": hw,
+            "rows": rows, "table": table(rows, hw)}, indent=1, default=str))
+
+    @contextlib.contextmanager
+    def section(name: str) -> Iterator[None]:
+        try:
+            yield
+        except (Exception, SystemExit) as error:  # a missing peer or a mismatch: the other sections still count
+            rows.append({"section": name, "skipped": f"failed: {type(error).__name__}: {error}"})
+            print(f"{name}: failed: {type(error).__name__}: {error}", flush=True)
+        save()
+
     print(platform_line(device), flush=True)
     if "hardware" in only:
-        hw = measure(rows, device, hardware, device)
-        print(f"hardware: fp32 {hw['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {hw['bf16_flops'] / 1e9:.0f} GFLOP/s, "
-              f"{hw['bandwidth'] / 1e9:.1f} GB/s", flush=True)
+        with section("hardware"):
+            hw = measure(rows, device, hardware, device)
+            print(f"hardware: fp32 {hw['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {hw['bf16_flops'] / 1e9:.0f} "
+                  f"GFLOP/s, {hw['bandwidth'] / 1e9:.1f} GB/s", flush=True)
     if "tokenizer" in only:
-        measure(rows, cpu, tokenizer_speed)
+        with section("tokenizer"):
+            measure(rows, cpu, tokenizer_speed)
     if "train" in only:
         # (shape, batch, sequence length); a GPU gets GPT-2 small at llm.c's sequence length in every run.
         shapes = ([("tiny", 16, None), ("gpt2", 8, 1024)] if gpu else
@@ -210,16 +249,19 @@ def main(argv: list[str] | None = None) -> None:
             # bf16 once more with gpt2kit compiled (train.compile), the faster way to train on a CPU.
             for precision, compiled in (("fp32", False), ("bf16", False), ("bf16", True)):
                 print(f"train {shape} {precision}{' compiled' if compiled else ''} ...", flush=True)
-                for row in measure(rows, device, bench_train.run, shape, precision, seq_len, batch,
-                                   steps=5 if shape == "tiny" or gpu else 3, compiled=compiled, device=device):
-                    row["section"] = "train"
-                    # Each side's memory in a process of its own: beside the other model and its optimizer state,
-                    # either side's peak would include the other's memory.
-                    for side, key in (("ours", "ours_step_mem_mb"), ("peer", "peer_step_mem_mb")):
-                        alone: list[dict] = []
-                        measure(alone, device, bench_train.run, shape, precision, seq_len, batch, steps=2,
-                                compiled=compiled, device=device, sides=side)
-                        row[key] = alone[0]["step_mem_mb"]
+                with section("train"):
+                    for row in measure(rows, device, bench_train.run, shape, precision, seq_len, batch,
+                                       steps=5 if shape == "tiny" or gpu else 3, compiled=compiled, device=device):
+                        row["section"] = "train"
+                        if args.allocator != "system":  # a preloaded allocator's footprint is not the peer's
+                            continue
+                        # Each side's memory in a process of its own: beside the other model and its optimizer
+                        # state, either side's peak would include the other's memory.
+                        for side, key in (("ours", "ours_step_mem_mb"), ("peer", "peer_step_mem_mb")):
+                            alone: list[dict] = []
+                            measure(alone, device, bench_train.run, shape, precision, seq_len, batch, steps=2,
+                                    compiled=compiled, device=device, sides=side)
+                            row[key] = alone[0]["step_mem_mb"]
     if "decode" in only:
         # (shape, prompt length, dtypes, batch sizes): GPT-2 small is where the targets are stated.
         # Compiled rows compile in their untimed warm-up (about a minute per dtype and batch size).
@@ -231,22 +273,26 @@ def main(argv: list[str] | None = None) -> None:
             cases = [("gpt2", 32, "fp32,bf16,fp32-compiled,bf16-compiled", "1,8"), ("gpt2", 512, "bf16", "1,8")]
         for shape, prompt, dtypes, batches in cases:
             print(f"decode {shape} {dtypes} batch {batches} prompt {prompt} ...", flush=True)
-            for row in measure(rows, device, bench_generate.run, shape, dtypes, batches, prompt_len=prompt,
-                               new_tokens=64, repeats=3, device=device):
-                row["section"] = "decode"
+            with section("decode"):
+                for row in measure(rows, device, bench_generate.run, shape, dtypes, batches, prompt_len=prompt,
+                                   new_tokens=64, repeats=3, device=device):
+                    row["section"] = "decode"
     if "eval" in only:
         print("eval ...", flush=True)
-        for row in measure(rows, device, bench_eval.run, "gpt2" if args.full or gpu else "tiny",
-                           articles=8 if args.full else 2, packed=not gpu, device=device):
-            row["section"] = "eval"
+        with section("eval"):
+            for row in measure(rows, device, bench_eval.run, "gpt2" if args.full or gpu else "tiny",
+                               articles=8 if args.full else 2, packed=not gpu, device=device):
+                row["section"] = "eval"
     if "preprocess" in only:
         print("preprocess ...", flush=True)
-        measure(rows, cpu, preprocess_scaling, 128.0 if args.full else 64.0)
+        with section("preprocess"):
+            measure(rows, cpu, preprocess_scaling, 128.0 if args.full else 64.0)
     if "serve" in only and gpu:
         rows.append({"section": "serve", "skipped": "the serving peer (`transformers serve`) runs on the CPU here; "
                      "run benchmarks/bench_serve.py for it"})
     elif "serve" in only:
-        measure(rows, cpu, serving, args.full)
+        with section("serve"):
+            measure(rows, cpu, serving, args.full)
     if "llama.cpp" in only:
         skipped = ({"section": "llama.cpp", "skipped": "compared on a CPU (python -m benchmarks --device cpu)"}
                    if gpu else llama_cpp_status())
@@ -257,15 +303,14 @@ def main(argv: list[str] | None = None) -> None:
 
             # GPT-2 small, batch 1: gpt2kit int8 vs q8_0 (with transformers fp32 beside), bf16 vs f16, fp32 vs f32.
             print("llama.cpp gpt2 q8_0,f16,f32 batch 1 prompt 32 ...", flush=True)
-            for row in measure(rows, cpu, bench_llamacpp.run, "gpt2", "q8_0,f16,f32", prompt_len=32, new_tokens=64,
-                               repeats=3):
-                row["section"] = "llama.cpp"
+            with section("llama.cpp"):
+                for row in measure(rows, cpu, bench_llamacpp.run, "gpt2", "q8_0,f16,f32", prompt_len=32,
+                                   new_tokens=64, repeats=3):
+                    row["section"] = "llama.cpp"
 
     print_report(rows, hw, device)
-    atomic_write_text(args.json, json.dumps({"platform": platform_line(device), "argv": sys.argv[1:], "hardware": hw,
-                                             "rows": rows, "table": table(rows, hw)}, indent=1, default=str))
+    save()
     print(f"benchmarks done in {time.perf_counter() - started:.0f} s; rows written to {args.json}")
-
 
 if __name__ == "__main__":
     main()

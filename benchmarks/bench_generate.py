@@ -87,9 +87,12 @@ def time_hf(model, ids, new_tokens):
     clock = _Clock(ids.device)
     synchronize(ids.device)
     start = time.perf_counter()
+    # No end-of-text token, as gpt2kit's side runs (eos_token_id=[]): every step picks the same argmax, with no
+    # logits processor either side (min_new_tokens would ban the token on this side only).
+    model.generation_config.eos_token_id = None
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=clock)
+                             do_sample=False, pad_token_id=0, streamer=clock)
     synchronize(ids.device)
     end = time.perf_counter()
     return clock.first - start, end - clock.first, out

@@ -145,6 +145,8 @@ def run(shape: str = "gpt2", kinds: str = "q8_0,f16,f32", prompt_len: int = 32, 
                        "peer_ttft_s": p_ttft, "ours_tok_s": decoded / o_decode, "peer_tok_s": decoded / p_decode,
                        "ratio": p_decode / o_decode, "ttft_ratio": p_ttft / o_ttft,
                        "weight_bytes": n_params * bench_generate.DTYPES[base].itemsize,
+                       "cache_bytes": bench_generate.kv_cache_bytes(config, prompt_len + new_tokens // 2,
+                                                                    2 if base == "bf16" else 4),
                        "gguf_bytes": paths[kind].stat().st_size,
                        "same_tokens": o_out[0, prompt_len:].tolist() == p_out, "peer_logits_max_diff": logits_diff}
                 if hf is not None:

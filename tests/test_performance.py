@@ -121,7 +121,7 @@ def test_benchmark_table_rows_and_targets():
     decode_row = {"section": "decode", "shape": "gpt2", "dtype": "int8", "peer_dtype": "fp32", "batch": 1,
                   "prompt_len": 32, "ours_tok_s": 30.0, "peer_tok_s": 10.0, "ratio": 3.0, "ours_ttft_s": 0.1,
                   "peer_ttft_s": 0.2, "ttft_ratio": 2.0, "weight_bytes": 7.5e8, "cache_bytes": 0.0,
-                  "peak_rss_mb": 900.0}
+                  "peak_rss_mb": 900.0, "same_tokens": True}
     rows = [decode_row, {**decode_row, "dtype": "fp32", "weight_bytes": 5e8},
             {"section": "train", "shape": "tiny", "precision": "bf16", "batch": 4, "seq_len": 256, "ours_tok_s": 900.0,
              "peer_tok_s": 600.0, "ratio": 1.5, "bound_tok_s": 3000.0, "peak_flops": 2e11,
@@ -150,6 +150,29 @@ def test_benchmark_table_rows_and_targets():
                 "peer_s": 5.0, "ratio": 2.5, "flops": 1e11}
     (line,) = table([eval_row], hw)
     assert line[5:9] == (2.5, 2.0, pytest.approx(1000.0), pytest.approx(0.5))
+    # A float32 path that produced other tokens than transformers did other work: no ratio (int8 may differ).
+    other = table([{**rows[1], "same_tokens": False}, {**decode_row, "same_tokens": False}], hw)
+    assert other[0][1] == "gpt2 fp32 b1 p32 vs transformers fp32 (other tokens)" and other[0][5] is None
+    assert other[2][5] == 3.0
+    # A section that failed or was skipped is listed under the table, not in it.
+    assert table([{"section": "train", "skipped": "failed: ModuleNotFoundError: lm_eval"}], hw) == []
+
+
+def test_the_decode_peers_run_the_same_greedy_rule():
+    """transformers was given min_new_tokens, which bans the end-of-text token on its side only: with that
+    token the greedy choice, the two sides generated different tokens (and the peer paid a logits processor)."""
+    import benchmarks.bench_generate as bench_generate
+
+    config = bench_generate.SHAPES["tiny"]
+    hf, ours = bench_generate.random_models(GPT2Config(**{**config.to_dict(), "n_layer": 1}))
+    ids = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = ours.transformer(ids)[0, -1]
+        for model in (hf, ours):  # tied heads: end of text becomes the greedy choice in both
+            model.transformer.wte.weight[50256] = 50 * hidden / hidden.norm()
+    *_, ours_out = bench_generate.time_ours(ours, ids, 6)
+    *_, hf_out = bench_generate.time_hf(hf, ids, 6)
+    assert ours_out[0, 8:].tolist() == hf_out[0, 8:].tolist() == [50256] * 6
 
 
 def test_forward_flops_count_every_matmul_of_a_forward_pass():
