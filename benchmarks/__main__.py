@@ -87,7 +87,7 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
                 r["ours_tok_s"], r["peer_tok_s"], r["ratio"], 2.0 if r["precision"] == "bf16" else 1.2,
                 r["bound_tok_s"] * peak / r["peak_flops"], rss)
             # Each side's peak RSS during its timed steps, each in a process training it alone.
-            if "ours_step_mem_mb" in r:
+            if "ours_step_mem_mb" in r and "peer_step_mem_mb" in r:
                 add("train mem", f"{name} step peak mem (peer/ours)", "MB", r["ours_step_mem_mb"],
                     r["peer_step_mem_mb"], r["peer_step_mem_mb"] / r["ours_step_mem_mb"], 1.0, rss=rss)
         elif r["section"] == "decode":
@@ -257,11 +257,11 @@ def main(argv: list[str] | None = None) -> None:
                             continue
                         # Each side's memory in a process of its own: beside the other model and its optimizer
                         # state, either side's peak would include the other's memory.
-                        for side, key in (("ours", "ours_step_mem_mb"), ("peer", "peer_step_mem_mb")):
-                            alone: list[dict] = []
+                        alone: list[dict] = []
+                        for side in ("ours", "peer"):
                             measure(alone, device, bench_train.run, shape, precision, seq_len, batch, steps=2,
                                     compiled=compiled, device=device, sides=side)
-                            row[key] = alone[0]["step_mem_mb"]
+                        row["ours_step_mem_mb"], row["peer_step_mem_mb"] = (a["step_mem_mb"] for a in alone)
     if "decode" in only:
         # (shape, prompt length, dtypes, batch sizes): GPT-2 small is where the targets are stated.
         # Compiled rows compile in their untimed warm-up (about a minute per dtype and batch size).

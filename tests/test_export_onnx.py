@@ -115,7 +115,7 @@ def test_export_and_generate_commands(model_dir, tmp_path, capsys):
     assert main(["export", "onnx", "--model", str(model_dir), "--output", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out}"
     assert main(["export", "onnx", "--model", str(model_dir), "--output", str(out)]) == 2
-    assert "already exists; pass --overwrite (overwrite=True)" in capsys.readouterr().err
+    assert "already exists; pass --overwrite (overwrite=True) to replace it" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("x")  # --overwrite would not help: said before the export runs
     assert main(["export", "onnx", "--model", str(model_dir), "--output", str(tmp_path / "a-file")]) == 2
     assert "a-file: exists and is not a directory" in capsys.readouterr().err

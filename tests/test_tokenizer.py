@@ -280,7 +280,8 @@ def _spec(tmp_path, **changes):
     ("prefix_space", r"bad.json: pre_tokenizer: add_prefix_space is true"),
     ("plain_added_token", r"bad.json: added_tokens \['<\|user\|>'\] are not special"),
     ("missing_bytes", r"bad.json: the vocabulary lacks 1 of the 256 single-byte tokens"),
-    ("unmerged_token", r"bad.json: 1 multi-byte tokens are made by no merge while ignore_merges is false"),
+    ("unmerged_token", r"bad.json: 1 multi-byte tokens \(e.g. b'zzz'\) are made by no merge while ignore_merges is "
+     "false"),
     # tokenizers ignored these (a BOS token went missing) or tiktoken panicked / overflowed on them.
     ("bos_post_processor", r"bad.json: post_processor 'TemplateProcessing' adds tokens around the text"),
     ("bert_post_processor", r"bad.json: post_processor 'BertProcessing' adds tokens"),
@@ -385,7 +386,8 @@ def test_vocab_and_merges_files_are_checked_like_tokenizer_json(tmp_path):
     for name, change, message in [
             ("no_byte", lambda v: v.pop("z"), r"no_byte/merges.txt: the vocabulary lacks 1 of the 256"),
             ("unmerged", lambda v: v.update({"\u0120zzzzq": len(v)}),
-             r"unmerged/merges.txt: 1 multi-byte tokens are made by no merge \(in vocab.json \+ merges.txt\)")]:
+             r"unmerged/merges.txt: 1 multi-byte tokens \(e.g. b' zzzzq'\) are made by no merge \(in vocab.json \+ "
+             r"merges.txt\)")]:
         edited = dict(vocab)
         change(edited)
         (tmp_path / name).mkdir()
@@ -393,6 +395,30 @@ def test_vocab_and_merges_files_are_checked_like_tokenizer_json(tmp_path):
         (tmp_path / name / "merges.txt").write_text(merges)
         with pytest.raises(TokenizerError, match=message):
             GPT2Tokenizer.from_file(tmp_path / name)
+
+
+def test_unmerged_tokens_the_split_never_leaves_whole_are_accepted(tmp_path, monkeypatch):
+    """tokenizers' ByteLevelBPETokenizer lists extra special tokens (here "<|pad|>") in vocab.json with no merge:
+    GPT-2's split cuts such text into "<|", "pad", "|>", so tiktoken never emits the token and the ids equal
+    transformers'. Copies of the bundled files are trusted by hash, as the bundled ones are."""
+    import transformers
+
+    import gpt2kit.tokenizer as tokenizer_module
+
+    vocab = json.loads((ASSETS / "encoder.json").read_text())
+    vocab["<|pad|>"] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_bytes((ASSETS / "vocab.bpe").read_bytes())
+    text = "a <|pad|> b<|pad|>"
+    assert GPT2Tokenizer.from_file(tmp_path).encode(text) == \
+        transformers.GPT2TokenizerFast.from_pretrained(tmp_path)(text)["input_ids"]
+
+    def no_merge_check(*args):
+        raise AssertionError("a copy of the bundled files was checked merge by merge")
+
+    monkeypatch.setattr(tokenizer_module, "_split_in_two", no_merge_check)
+    GPT2Tokenizer.gpt2().save_pretrained(tmp_path / "copy")
+    assert GPT2Tokenizer.from_file(tmp_path / "copy").fingerprint() == GPT2Tokenizer.gpt2().fingerprint()
 
 
 def test_saving_into_the_directory_of_its_own_encoder_files_keeps_them(tmp_path):

@@ -148,7 +148,7 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
     `model` is an HF-format directory or a GPT2LMHeadModel. The directory appears only when complete."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
-    output_dir = check_output_directory(output_dir, overwrite=overwrite)  # before the export's minutes of work
+    output_dir = check_output_directory(output_dir, overwrite=overwrite, replaces=True)  # before the export runs
     source_dir = None
     if isinstance(model, GPT2LMHeadModel):
         lm = model

@@ -38,13 +38,15 @@ def _umask() -> int:
     return mask
 
 
-def check_output_directory(path: str | os.PathLike, *, overwrite: bool) -> Path:
-    """`path` as a Path if a model directory may be written there: new, empty, or non-empty with `overwrite`."""
+def check_output_directory(path: str | os.PathLike, *, overwrite: bool, replaces: bool = False) -> Path:
+    """`path` as a Path if a model directory may be written there: new, empty, or non-empty with `overwrite`
+    (which writes into it, or with `replaces` replaces it whole)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"{path}: already exists; pass --overwrite (overwrite=True) to write into it")
+        raise ValueError(f"{path}: already exists; pass --overwrite (overwrite=True) to "
+                         f"{'replace it (its other files go)' if replaces else 'write into it'}")
     return path
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -128,6 +128,10 @@ def _is_chat(text_inputs: Any) -> bool:
                                                           for item in text_inputs)
 
 
+_BAD_INPUT = ("expected a string, a list of strings, or chat messages (a list of {'role': ..., 'content': ...} "
+              "dicts, or a list of such lists)")
+
+
 def _check_call_options(return_full_text: Any, batch_size: Any) -> None:
     if return_full_text not in (True, False):
         raise ValueError(f"return_full_text must be True or False, got {return_full_text!r}")
@@ -141,11 +145,12 @@ class TextGenerationPipeline:
     `batch_size` (given here, the defaults of every call, as in transformers). In text, the tokenizer decides
     what ends a text: EOS and padding default to its ids rather than the model config's."""
 
-    def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, *, return_full_text: bool = True,
-                 batch_size: int = 8, **defaults) -> None:
+    def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, *, return_full_text: bool | None = None,
+                 batch_size: int | None = None, **defaults) -> None:
         self.model, self.tokenizer, self.defaults = model, tokenizer, defaults
-        _check_call_options(return_full_text, batch_size)
-        self.return_full_text, self.batch_size = return_full_text, batch_size
+        self.return_full_text = True if return_full_text is None else return_full_text
+        self.batch_size = 8 if batch_size is None else batch_size
+        _check_call_options(self.return_full_text, self.batch_size)
         self._config({})  # bad defaults are an error now, not at the first call
 
     @property
@@ -168,6 +173,10 @@ class TextGenerationPipeline:
         return_full_text = self.return_full_text if return_full_text is None else return_full_text
         batch_size = self.batch_size if batch_size is None else batch_size
         _check_call_options(return_full_text, batch_size)
+        if not isinstance(text_inputs, (str, list, tuple)):  # a generator or array of prompts or conversations
+            if isinstance(text_inputs, (dict, bytes)) or not isinstance(text_inputs, Iterable):
+                raise ValueError(_BAD_INPUT + f", got {text_inputs!r:.100}")
+            text_inputs = list(text_inputs)
         if _is_chat(text_inputs):
             return self._chat(text_inputs, return_full_text=return_full_text, batch_size=batch_size,
                               generator=generator, continue_final_message=continue_final_message, **options)
@@ -179,11 +188,9 @@ class TextGenerationPipeline:
             # same draws. A batch draws for all its rows at once, so the samples still depend on batch_size.
             generator = torch.Generator(model_placement(self.model)[0]).manual_seed(config.seed)
             config = config.replace(seed=None)
-        prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs) \
-            if isinstance(text_inputs, (list, tuple)) else None
-        if prompts is None or not all(isinstance(prompt, str) for prompt in prompts):
-            raise ValueError("expected a string, a list of strings, or chat messages (a list of {'role': ..., "
-                             f"'content': ...}} dicts, or a list of such lists), got {text_inputs!r:.100}")
+        prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
+        if not all(isinstance(prompt, str) for prompt in prompts):
+            raise ValueError(_BAD_INPUT + f", got {text_inputs!r:.100}")
         n = config.num_return_sequences
         results = []
         for start in range(0, len(prompts), batch_size):

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import regex
 import tiktoken
 
 from .conversation import transcript, turns_of
@@ -114,11 +115,11 @@ def _read_json(path: Path) -> Any:
 
 
 def _ranks_from_vocab(vocab: dict[str, int], merges: Iterable[str | Sequence[str]], specials: set[str],
-                      source: Path, trusted: bool = False) -> dict[bytes, int]:
+                      source: Path, trusted: bool = False) -> tuple[dict[bytes, int], set[bytes]]:
     """tiktoken ranks from a byte-level BPE vocab + merge list. tiktoken merges the pair whose result has the
     lowest rank, so ranks (= ids) must grow in merge order; that holds for GPT-2 and for BPE-trained vocabs.
     `trusted` files (the bundled GPT-2 ones, checked by hash) skip the check that every merge is the one
-    tiktoken makes (about 10 microseconds per merge)."""
+    tiktoken makes (about 10 microseconds per merge). Returns the ranks and the tokens the merges make."""
     ranks = {_token_bytes(tok, source): i for tok, i in vocab.items() if tok not in specials}
     _require_distinct_ids(ranks, {}, source)  # before the merges: a shared id would pass for merge order
     last = -1
@@ -135,18 +136,19 @@ def _ranks_from_vocab(vocab: dict[str, int], merges: Iterable[str | Sequence[str
         last = rank
         pairs.append((left, right))
     _require_single_bytes(ranks, f"{source}: the vocabulary")
+    made = {left + right for left, right in pairs}
     if trusted:
-        return ranks
+        return ranks, made
     # transformers joins only listed pairs, tiktoken any adjacent pair whose result is a token (lowest rank
     # first): the two agree when tiktoken, run on a token's own bytes, builds it from its listed merge.
     for n, (left, right) in enumerate(pairs, 1):
-        made = _split_in_two(ranks, left + right)
-        if made != (left, right):
+        built = _split_in_two(ranks, left + right)
+        if built != (left, right):
             to_text = byte_to_unicode()
-            shown = [" ".join("".join(to_text[b] for b in part) for part in pair) for pair in ((left, right), made)]
+            shown = [" ".join("".join(to_text[b] for b in part) for part in pair) for pair in ((left, right), built)]
             raise TokenizerError(f"{source}: merge {n} ({shown[0]!r}) makes a token that tiktoken would build from "
                                  f"{shown[1]!r}; the ids would differ from transformers'")
-    return ranks
+    return ranks, made
 
 
 def _stamp(*paths: str) -> tuple:
@@ -178,9 +180,12 @@ def _gpt2_encoding(encoder_json: str, vocab_bpe: str, verify: bool, stamp: tuple
         raise TokenizerError(f"{merges_path}: file not found") from None
     merges = [line for line in merge_lines[1:] if line]  # line 1 is "#version: 0.2"
     specials = {ENDOFTEXT: encoder[ENDOFTEXT]} if ENDOFTEXT in encoder else {}
-    ranks = _ranks_from_vocab(encoder, merges, set(specials), merges_path, trusted=verify)
-    if not verify:  # transformers builds every token of vocab.json + merges.txt from the merges
-        _require_merged(ranks, merges, merges_path, f" (in {encoder_path.name} + {merges_path.name})")
+    # Copies of the bundled files (a model directory gpt2kit saved) are trusted as the bundled ones are.
+    trusted = verify or all(sha256_file(path) == _BUNDLED_SHA256[name]
+                            for path, name in ((encoder_path, "encoder.json"), (merges_path, "vocab.bpe")))
+    ranks, made = _ranks_from_vocab(encoder, merges, set(specials), merges_path, trusted=trusted)
+    if not trusted:  # transformers builds every token of vocab.json + merges.txt from the merges
+        _require_merged(ranks, made, GPT2_PATTERN, merges_path, f" (in {encoder_path.name} + {merges_path.name})")
     return _encoding("gpt2", GPT2_PATTERN, ranks, specials, encoder_path)
 
 
@@ -191,13 +196,21 @@ def _require_single_bytes(ranks: dict[bytes, int], where: str) -> None:
                              "encode any text")
 
 
-def _require_merged(ranks: dict[bytes, int], merges: Sequence[Any], source: Path, context: str) -> None:
+def _require_merged(ranks: dict[bytes, int], made: set[bytes], pattern: str, source: Path, context: str) -> None:
     """transformers builds every multi-byte token from the merges; tiktoken takes a piece found in the vocabulary
-    whole, so a token no merge makes would be emitted by gpt2kit only."""
-    made = len(ranks) - 256 - len(merges)
-    if made > 0:
-        raise TokenizerError(f"{source}: {made} multi-byte tokens are made by no merge{context}; gpt2kit needs "
-                             "every token to come from a merge")
+    whole, so a token no merge makes would be emitted by gpt2kit only. Tokens the split pattern never leaves
+    whole (e.g. "<|pad|>", split into "<|", "pad", "|>") cannot be emitted, so they do not count."""
+    def one_piece(token: bytes) -> bool:
+        try:
+            text = token.decode("utf-8")
+        except UnicodeDecodeError:  # part of a character: it could sit inside any piece
+            return True
+        return regex.findall(pattern, text) == [text]
+
+    unmerged = [token for token in ranks if len(token) > 1 and token not in made and one_piece(token)]
+    if unmerged:
+        raise TokenizerError(f"{source}: {len(unmerged)} multi-byte tokens (e.g. {unmerged[0]!r}) are made by no "
+                             f"merge{context}; gpt2kit needs every token that text can produce to come from a merge")
 
 
 def _require_distinct_ids(ranks: dict[bytes, int], specials: dict[str, int], source: Path) -> None:
@@ -301,10 +314,11 @@ def _tokenizer_json_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
         raise TokenizerError(f"{source}: added_tokens lists {twice!r} more than once")
     if ENDOFTEXT in vocab:
         specials.setdefault(ENDOFTEXT, vocab[ENDOFTEXT])  # GPT-2's vocab lists it as a plain entry
-    ranks = _ranks_from_vocab(vocab, merges, set(specials), source)
+    ranks, made = _ranks_from_vocab(vocab, merges, set(specials), source)
+    pattern = _pattern_of(spec.get("pre_tokenizer"), source)
     if not model.get("ignore_merges", False):
-        _require_merged(ranks, merges, source, " while ignore_merges is false (true takes a piece found whole)")
-    return _encoding(source.stem, _pattern_of(spec.get("pre_tokenizer"), source), ranks, specials, source)
+        _require_merged(ranks, made, pattern, source, " while ignore_merges is false (true takes a piece found whole)")
+    return _encoding(source.stem, pattern, ranks, specials, source)
 
 
 @functools.lru_cache(maxsize=32)

@@ -7,7 +7,7 @@ What each GPU holds, for AdamW training as gpt2kit runs it (training/parallel.py
 - optimizer: AdamW's two float32 moments, sharded like the weights;
 - gathered: FSDP's unsharded working copies, in bf16 with bf16 (FSDP's param_dtype), else float32: the root
   module (embeddings, final LayerNorm; kept gathered through forward and backward), two blocks in flight (the
-  current one and the prefetched one), and the unsharded gradients of one block in the compute dtype; with bf16
+  current one and the prefetched one), and the unsharded gradients of one block, in the same dtype; with bf16
   but without FSDP, autocast's bf16 copies of the matrices
   (not of an untied embedding, which is only looked up, and without tensor parallelism not of the head: the
   fused loss makes its own, counted under logits);
@@ -115,7 +115,7 @@ def estimate_memory(config: GPT2Config, parallel: ParallelConfig, *, micro_batch
     root = per_tensor_rank - layers * block
     fsdp_bytes = 2 if precision == "bf16" else 4  # FSDP gathers bf16 (param_dtype) for bf16 only
     if shard > 1:
-        gathered = (root + 2 * block) * fsdp_bytes + block * act
+        gathered = (root + 3 * block) * fsdp_bytes  # the block's unsharded gradients are in the param dtype too
     elif act == 2:
         # autocast's bf16 copies of the matrices: not of an untied embedding (only looked up), and not of the head
         # without TP (the fused loss casts it itself)
