@@ -59,9 +59,9 @@ def wikitext_flops(config: GPT2Config, result: dict) -> float:
 def run(shape: str = "tiny", articles: int = 4, lambada: int = 0, batch_size: int = 8,
         packed: bool = True, compile: bool = True, device: torch.device | str = "cpu", repeats: int = 3) -> list[dict]:
     """WikiText (and, with lambada > 0, LAMBADA) rows: seconds (WikiText: the best of `repeats` alternating runs
-    of each side), tokens/s and metrics of both sides. `packed`
-    evaluates gpt2kit's model with oneDNN-packed float32 weights (`gpt2kit eval --pack-weights`, CPU only),
-    else as is; `compile` its log-sum-exp through torch.compile (`gpt2kit eval --compile`)."""
+    of each side), tokens/s and metrics of both sides. `packed` evaluates gpt2kit's model with oneDNN-packed
+    float32 weights (`gpt2kit eval --pack-weights`, CPU only), else as is; `compile` its log-sum-exp through
+    torch.compile (`gpt2kit eval --compile`)."""
     from lm_eval.models.huggingface import HFLM
 
     device = torch.device(device)

@@ -116,13 +116,18 @@ def make_directories(directory: str | os.PathLike, error: type[Exception] = Valu
         raise error(f"{directory}:{where} exists and is not a directory") from None
 
 
-def refuse_current_directory(target: str | os.PathLike) -> None:
-    """ValueError when `target` is the working directory or one above it: a directory written atomically
-    replaces the old one, which the process (and its shell) would be left standing in."""
-    target, cwd = Path(target).resolve(), Path.cwd()
-    if target == cwd or target in cwd.parents:
+def replaced_directory(target: str | os.PathLike) -> Path:
+    """The directory that writing `target` atomically replaces: absolute ("." and ".." have no name to make a
+    sibling of), the one a symlink points to (the link stays). ValueError for the working directory or one above
+    it, which the process (and its shell) would be left standing in."""
+    target = Path(os.path.abspath(target))
+    if target.is_symlink() and target.is_dir():
+        target = target.resolve()
+    cwd = Path.cwd()
+    if target.resolve() == cwd or target.resolve() in cwd.parents:
         raise ValueError(f"{target}: is the current directory or one above it, which writing replaces; write to "
                          "a directory below it (e.g. ./model)")
+    return target
 
 
 @contextlib.contextmanager
@@ -130,11 +135,8 @@ def atomic_directory(target: str | os.PathLike, *, keep: Callable[[str], bool] |
     """A new hidden sibling directory of `target` to fill in the `with` block; it replaces `target` (see
     replace_directory, and `keep` there) when the block ends, or is removed if it raises. Creates the parent
     directory. A symlink to a directory stays: the directory it points to is replaced."""
-    target = Path(os.path.abspath(target))  # "." and ".." have no name to make a sibling of
-    if target.is_symlink() and target.is_dir():
-        target = target.resolve()
-    refuse_current_directory(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = replaced_directory(target)
+    make_directories(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp

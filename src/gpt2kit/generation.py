@@ -177,6 +177,7 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+
         def number(value: Any) -> bool:  # NumPy scalars too; not bool, not str
             return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -193,7 +194,7 @@ class GenerationConfig:
             (number(self.temperature), "temperature must be a number"),
             (self.top_p is None or number(self.top_p), "top_p must be a number or None"),
             (self.stop is None or isinstance(self.stop, (list, tuple)), "stop must be a string or a list of strings"),
-            (self.seed is None or (type(self.seed) is int and -2 ** 63 <= self.seed < 2 ** 64),
+            (self.seed is None or (integer(self.seed) and -2 ** 63 <= self.seed < 2 ** 64),
              f"seed must be an integer that fits 64 bits (torch.Generator's range), got {self.seed!r}"),
         ]
         for ok, message in types:
@@ -204,11 +205,11 @@ class GenerationConfig:
             (0 <= self.min_new_tokens <= self.max_new_tokens,
              f"min_new_tokens must be an integer between 0 and max_new_tokens ({self.max_new_tokens})"),
             (0 <= self.temperature < math.inf, "temperature must be a finite number >= 0 (0 means greedy)"),
-            (self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0), "top_k must be an integer >= 0"),
+            (self.top_k is None or (integer(self.top_k) and self.top_k >= 0), "top_k must be an integer >= 0"),
             (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.min_p is None or (number(self.min_p) and 0 <= self.min_p <= 1),
              "min_p must be in [0, 1] (0 or None disables it)"),
-            (type(self.no_repeat_ngram_size) is int and self.no_repeat_ngram_size >= 0,
+            (integer(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
              "no_repeat_ngram_size must be an integer >= 0 (0 disables it)"),
             (number(self.repetition_penalty) and 1e-3 <= self.repetition_penalty <= 1e3,
              "repetition_penalty must be a number in [0.001, 1000] (1.0 disables it)"),
@@ -217,10 +218,10 @@ class GenerationConfig:
             (number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              "presence_penalty must be a number in [-2, 2] (0 disables it)"),
             (self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
-                type(t) is int and t >= 0 and number(b) and -100 <= b <= 100
+                integer(t) and t >= 0 and number(b) and -100 <= b <= 100
                 for t, b in self.logit_bias.items())),
              "logit_bias must map token ids (integers >= 0) to biases in [-100, 100]"),
-            (self.suppress_tokens is None or all(type(t) is int and t >= 0 for t in self.suppress_tokens),
+            (self.suppress_tokens is None or all(integer(t) and t >= 0 for t in self.suppress_tokens),
              "suppress_tokens must be a list of token ids (integers >= 0)"),
             (self.num_return_sequences >= 1, "num_return_sequences must be an integer >= 1"),
             (self.num_beams >= 1, "num_beams must be an integer >= 1"),

@@ -168,11 +168,14 @@ def _stamp(*paths: str) -> tuple:
 @functools.lru_cache(maxsize=32)
 def _gpt2_encoding(encoder_json: str, vocab_bpe: str, verify: bool, stamp: tuple) -> tiktoken.Encoding:
     encoder_path, merges_path = Path(encoder_json), Path(vocab_bpe)
-    if verify:
-        for path in (encoder_path, merges_path):
-            digest = sha256_file(path)
-            if digest != _BUNDLED_SHA256[path.name]:
-                raise TokenizerError(f"{path}: sha256 {digest} differs from OpenAI's GPT-2 file; reinstall gpt2kit")
+    # The bundled files must be OpenAI's; copies of them (a model directory gpt2kit saved) are trusted alike.
+    for path, name in ((encoder_path, "encoder.json"), (merges_path, "vocab.bpe")):
+        digest = sha256_file(path) if path.is_file() else None  # a missing file is reported when it is read
+        trusted = digest == _BUNDLED_SHA256[name]
+        if verify and not trusted:
+            raise TokenizerError(f"{path}: sha256 {digest} differs from OpenAI's GPT-2 file; reinstall gpt2kit")
+        if not trusted:
+            break
     encoder = _read_json(encoder_path)
     try:
         merge_lines = merges_path.read_text(encoding="utf-8").split("\n")
@@ -180,9 +183,6 @@ def _gpt2_encoding(encoder_json: str, vocab_bpe: str, verify: bool, stamp: tuple
         raise TokenizerError(f"{merges_path}: file not found") from None
     merges = [line for line in merge_lines[1:] if line]  # line 1 is "#version: 0.2"
     specials = {ENDOFTEXT: encoder[ENDOFTEXT]} if ENDOFTEXT in encoder else {}
-    # Copies of the bundled files (a model directory gpt2kit saved) are trusted as the bundled ones are.
-    trusted = verify or all(sha256_file(path) == _BUNDLED_SHA256[name]
-                            for path, name in ((encoder_path, "encoder.json"), (merges_path, "vocab.bpe")))
     ranks, made = _ranks_from_vocab(encoder, merges, set(specials), merges_path, trusted=trusted)
     if not trusted:  # transformers builds every token of vocab.json + merges.txt from the merges
         _require_merged(ranks, made, GPT2_PATTERN, merges_path, f" (in {encoder_path.name} + {merges_path.name})")
@@ -215,6 +215,9 @@ def _require_merged(ranks: dict[bytes, int], made: set[bytes], pattern: str, sou
 
 def _require_distinct_ids(ranks: dict[bytes, int], specials: dict[str, int], source: Path) -> None:
     """Ids tiktoken can hold: integers in [0, 2**32), no two tokens (ordinary or special) sharing one."""
+    ids = [*ranks.values(), *specials.values()]
+    if not ids or (len(set(ids)) == len(ids) and 0 <= min(ids) and max(ids) < MAX_ID):
+        return  # every load passes here; the loop below only finds the token to name
     owner: dict[int, str] = {}
     for token, i in [*((repr(t), i) for t, i in ranks.items()), *((repr(t), i) for t, i in specials.items())]:
         if not 0 <= i < MAX_ID:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ..files import atomic_write_text, make_directories, refuse_current_directory, replace_directory
+from ..files import atomic_write_text, make_directories, replace_directory, replaced_directory
 from ..tokenizer import GPT2Tokenizer
 from .datasets import FORMAT_NAME, META_FILE, read_meta
 from .readers import (Chunk, DataError, Source, chunk_pieces, current_inputs, file_stamp, iter_chunks,
@@ -263,10 +263,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
     for name, value in (("workers", workers), ("chunk_bytes", chunk_bytes), ("shard_tokens", shard_tokens)):
         if value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
-    output = Path(os.path.abspath(output_dir))  # "." has no name to make a staging sibling of
-    if output.is_symlink() and output.is_dir():
-        output = output.resolve()  # the directory it points to is replaced; the link stays
-    refuse_current_directory(output)  # before any work
+    output = replaced_directory(output_dir)  # before any work
     sources = resolve_inputs(inputs, format, exclude=output)
     stamps = [file_stamp(s.path) for s in sources]  # before reading: an edit while it runs makes the output stale
     tok = GPT2Tokenizer.from_pretrained(tokenizer)
