@@ -307,6 +307,16 @@ def chat_in_process(model_dir, text, **options):
     return stdout.getvalue()
 
 
+def test_chat_set_continues_the_random_stream_and_set_seed_restarts_it(model_dir):
+    """/set of another option used to re-seed: the next reply repeated the session's first draws."""
+    fresh = chat_in_process(model_dir, "Hi\n/reset\nHi\n", seed=0, max_new_tokens=12).split("\n")
+    assert fresh[0] != fresh[2]  # the second reply draws further along the stream
+    unchanged = chat_in_process(model_dir, "Hi\n/reset\n/set temperature 0.7\nHi\n", seed=0, max_new_tokens=12)
+    assert unchanged.split("\n") == [fresh[0], fresh[1], "[temperature = 0.7]", fresh[2], ""]
+    reseeded = chat_in_process(model_dir, "Hi\n/reset\n/set seed 0\nHi\n", seed=0, max_new_tokens=12)
+    assert reseeded.split("\n") == [fresh[0], fresh[1], "[seed = 0]", fresh[0], ""]
+
+
 def test_chat_greedy_reply_equals_generation_from_the_transcript(pipe, model_dir):
     out = chat_in_process(model_dir, "Hi\n", do_sample=False, max_new_tokens=10)
     reply = pipe("User: Hi\nAssistant:", max_new_tokens=10, stop=["\nUser:"], return_full_text=False)

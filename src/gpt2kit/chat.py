@@ -48,23 +48,25 @@ class ChatSession:
         self.model, self.tokenizer = model, tokenizer
         self.turns: list[list[int]] = []
         self.config = config
-        self.set_config(config)
+        self.set_config(config, reseed=True)
 
-    def set_config(self, config: GenerationConfig) -> None:
+    def set_config(self, config: GenerationConfig, reseed: bool = False) -> None:
+        """Use `config` for the following replies; the random stream restarts only with `reseed` (a new seed)."""
         if config.max_new_tokens >= self.model.config.n_positions:
             raise ValueError(f"max_new_tokens ({config.max_new_tokens}) leaves no room for the conversation in "
                              f"the context of {self.model.config.n_positions} positions")
         config.check_vocabulary(self.model.config.vocab_size)
         # One generator for the whole conversation: a seed makes the conversation reproducible (GenerationConfig
-        # has checked that torch takes it).
-        device, _ = model_placement(self.model)  # sampling draws on the logits' device
-        generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
-        self.config, self.generator = config, generator
+        # has checked that torch takes it), and changing another setting must not rewind it to the first draws.
+        if reseed:
+            device, _ = model_placement(self.model)  # sampling draws on the logits' device
+            self.generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
+        self.config = config
 
     def set(self, name: str, value: str) -> None:
         if name not in SETTINGS:
             raise ValueError(f"unknown setting {name!r}; settable: {', '.join(SETTINGS)}")
-        self.set_config(self.config.replace(**{name: SETTINGS[name](value)}))
+        self.set_config(self.config.replace(**{name: SETTINGS[name](value)}), reseed=name == "seed")
 
     def reset(self) -> None:
         self.turns = []
