@@ -164,3 +164,9 @@ def test_a_bad_output_path_fails_before_the_evaluation(lm_dir, tmp_path, capsys,
     assert main(["eval", "--model", str(lm_dir), "--task", "wikitext", "--output", str(tmp_path),
                  "--data", str(DATA / "wikitext-2" / "wiki.test.raw")]) == 2
     assert f"{tmp_path}: is a directory; expected the path of a file to write" in capsys.readouterr().err
+    data = tmp_path / "text.txt"
+    data.write_text("Some text to score.\n", encoding="utf-8")
+    assert main(["eval", "--model", str(lm_dir), "--task", "perplexity", "--data", str(data),
+                 "--output", str(tmp_path / "." / "text.txt")]) == 2
+    assert "is the data file: the report would replace it" in capsys.readouterr().err
+    assert data.read_text(encoding="utf-8") == "Some text to score.\n"

@@ -327,8 +327,20 @@ def test_compiled_evaluation_matches_the_token_by_token_reference(tiny_config, s
     assert compiled["nll"] == pytest.approx(eager["nll"], rel=1e-6)
 
 
-def test_exp_or_inf_keeps_nan():
+def test_exp_or_inf_is_inf_only_past_floats_range_and_keeps_nan():
     from gpt2kit.evaluation.scoring import exp_or_inf
 
-    assert exp_or_inf(709.5) == math.inf and exp_or_inf(1.0) == pytest.approx(math.e)
+    assert exp_or_inf(709.5) == math.exp(709.5) and exp_or_inf(1.0) == pytest.approx(math.e)
+    assert exp_or_inf(709.8) == math.inf and exp_or_inf(math.inf) == math.inf
     assert math.isnan(exp_or_inf(math.nan))
+
+
+def test_the_format_is_read_off_the_suffix_in_any_case(tmp_path):
+    """An upper-case WIKI.TEST.RAW or X.JSONL was scored as one plain text, braces and headings included."""
+    wiki = (DATA / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8")[:20000]
+    lines = '{"text": "one"}\n{"text": "two"}\n'
+    for name, text in [("wiki.test.raw", wiki), ("x.jsonl", lines)]:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        (tmp_path / name.upper()).write_text(text, encoding="utf-8")
+        expected = read_documents(tmp_path / name)
+        assert len(expected) > 1 and read_documents(tmp_path / name.upper()) == expected

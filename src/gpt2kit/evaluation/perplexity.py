@@ -8,8 +8,10 @@ Definitions (the same as lm-evaluation-harness's `wikitext` task when stride = m
   input tokens that ends right before the chunk's last token, so each scored token sees the most left
   context the window allows (at least max_length - stride + 1 tokens once the document is that long). With
   stride = max_length the chunks are disjoint windows, except that the last, shorter chunk still gets a
-  full-length window (as lm-evaluation-harness does). HuggingFace's perplexity guide instead starts windows at
-  multiples of the stride and does not score the first token, so its last window may see less context.
+  full-length window (as lm-evaluation-harness does). HuggingFace's perplexity guide instead counts the scored
+  token inside its max_length (each token sees one token less context), starts windows at multiples of the
+  stride and does not score the first token: gpt2kit at max_length L equals the guide at L + 1 on
+  `<|endoftext|>` + the text when stride = 1; larger strides also differ in the last window's context.
 - NLL is the sum over scored tokens of -ln p(token | context). token_perplexity = exp(NLL / tokens),
   word_perplexity = exp(NLL / words), byte_perplexity = exp(NLL / bytes), bits_per_byte = NLL / bytes / ln 2.
   Words and bytes are counted on each document's source text *before* detokenization (UTF-8 bytes; words as
@@ -103,9 +105,10 @@ def resolve_format(path: Path, format: str) -> str:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if format != "auto":
         return format
-    if path.suffix in (".tokens", ".raw"):
+    suffix = path.suffix.lower()  # as preprocess reads names: WIKI.TEST.RAW is WikiText too
+    if suffix in (".tokens", ".raw"):
         return "wikitext"
-    return "jsonl" if path.suffix == ".jsonl" else "text"
+    return "jsonl" if suffix == ".jsonl" else "text"
 
 
 def read_documents(path: str | os.PathLike, *, format: str = "auto", text_key: str = "text") -> list[str]:

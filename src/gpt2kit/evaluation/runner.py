@@ -54,8 +54,8 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
         if given:
             raise ValueError(f"{name} does not apply to the {task} task")
     require_file(data, "data file")
-    if output is not None:
-        check_output_file(output)
+    if output is not None and check_output_file(output).resolve() == Path(data).resolve():
+        raise ValueError(f"output {output} is the data file: the report would replace it")
     started = datetime.now(timezone.utc)
     start = time.perf_counter()
     if task == "classification":

@@ -73,7 +73,10 @@ def check_vocab(model: nn.Module, tokenizer: GPT2Tokenizer) -> None:
 
 def exp_or_inf(x: float) -> float:
     """exp, inf past float's range (a random model's perplexity per whitespace word of Chinese text, say)."""
-    return math.inf if x >= 709 else math.exp(x)  # nan stays nan
+    try:
+        return math.exp(x)  # nan stays nan
+    except OverflowError:
+        return math.inf
 
 
 def check_limit(limit: int | None) -> None:
