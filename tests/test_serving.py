@@ -262,6 +262,13 @@ def test_text_offsets_count_characters_not_token_strings():
     entries = [builder.add(i, -1.0, None) for i in ids]
     assert [e["text_offset"][0] for e in entries] == [0, 0, 1]
     assert entries[0]["tokens"] == ["bytes:\\xc3"]
+    # A byte that never becomes a character is a U+FFFD before the next token, which starts after it.
+    builder = LogprobsBuilder(tok)
+    ids = [tok.encoding.encode_single_token(b"\xf0"), *tok.encode("ing"), tok.encoding.encode_single_token(b"\xe2"),
+           *tok.encode("€!")]
+    offsets = [builder.add(i, -1.0, None)["text_offset"][0] for i in ids]
+    assert tok.decode(ids) == "\ufffding\ufffd€!" and len(ids) == 5
+    assert offsets == [0, 1, 4, 5, 6]  # were [0, 0, 4, 4, 6]: each token after a lone byte started on its U+FFFD
 
 
 def test_an_echo_is_the_prompt_as_the_model_read_it(client, server):
@@ -303,6 +310,21 @@ def test_a_padded_model_vocabulary_never_reaches_the_text(model_dir, tmp_path):
         response = httpx.post(url, json=body, timeout=60)
         assert response.status_code == 200
         assert all(t is not None for t in response.json()["choices"][0]["logprobs"]["token_logprobs"])
+        # The alternatives a request's logprobs list leave them out too: naming one was a 500 (a cut stream).
+        body = {"prompt": "I had always thought Jack Gisburn rather a cheap genius", "max_tokens": 40, "logprobs": 5,
+                "echo": True, "temperature": 0}
+        response = httpx.post(url, json=body, timeout=60)
+        assert response.status_code == 200
+        top = [alternatives for alternatives in response.json()["choices"][0]["logprobs"]["top_logprobs"][1:]]
+        assert len(top) > 40 and all(len(alternatives) >= 5 for alternatives in top)
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 30, "logprobs": True,
+                "top_logprobs": 20, "seed": 3, "stream": True}
+        with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=chat, timeout=60) as streamed:
+            events = [line[6:] for line in streamed.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+        entries = [entry for e in events[:-1] for choice in json.loads(e)["choices"] if choice["logprobs"]
+                   for entry in choice["logprobs"]["content"]]
+        assert len(entries) > 20 and all(len(entry["top_logprobs"]) == 20 for entry in entries)
         live.scheduler.stop()  # the batching worker is gone: the health check says so
         health = httpx.get(f"{live.url}/health", timeout=60)
         assert health.status_code == 503 and health.json()["status"] == "error"
@@ -684,6 +706,40 @@ def test_stopping_the_server_ends_requests_in_flight_with_the_shutdown_error(tmp
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_stream_that_fails_inside_ends_with_an_error_event(model_dir):
+    """An unexpected error after the stream started cut the connection (no error event, no [DONE])."""
+    with LiveServer(model_dir) as live:
+        async def broken(*args):
+            yield 0, "Hello", None, None
+            raise RuntimeError("a bug")
+
+        live.app.state.service.updates = broken
+        body = {"prompt": "Jack", "max_tokens": 5, "stream": True}
+        with httpx.stream("POST", f"{live.url}/v1/completions", json=body, timeout=60) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[0])["choices"][0]["text"] == "Hello" and events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["message"] == "internal server error"
+
+
+def test_requests_in_flight_at_shutdown_get_503(model_dir):
+    """A non-streamed request running or queued when the server stops gets 503, as one arriving after (was 500)."""
+    with LiveServer(model_dir) as live, Gate(live.scheduler) as gate, ThreadPoolExecutor(2) as pool:
+        body = {"prompt": "Jack", "max_tokens": 50, "n": 2}
+        replies = [pool.submit(httpx.post, f"{live.url}/v1/completions", json=body, timeout=60) for _ in range(2)]
+        gate.waiting.wait(timeout=30)
+        wait_for(lambda: len(live.scheduler._pending) + gate.held == 4)  # both requests arrived
+        stopping = threading.Thread(target=live.scheduler.stop)
+        stopping.start()
+        wait_for(lambda: live.scheduler.stopping)
+        gate.opened.set()
+        stopping.join(timeout=30)
+        for reply in replies:
+            response = reply.result(timeout=30)
+            assert response.status_code == 503
+            assert response.json()["error"] == {"message": "the server is shutting down", "type": "server_error",
+                                                "param": None, "code": None}
 
 
 def test_an_app_served_without_its_lifespan_answers_503(model_dir):

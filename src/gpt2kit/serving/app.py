@@ -232,7 +232,7 @@ class CompletionService:
         while remaining:
             event = await job.events.get()
             if isinstance(event, ErrorEvent):
-                raise APIError(500, event.message, type="server_error")
+                raise APIError(event.status, event.message, type="server_error")
             if isinstance(event, PromptLogprobsEvent):
                 scored = zip(event.token_ids, event.logprobs, event.top, strict=True)
                 yield event.index, texts[event.index // k], _logprobs(builders, event.index, scored), None
@@ -295,6 +295,9 @@ class CompletionService:
                                 "usage": self.usage(job, ids)})
             except APIError as err:
                 yield _sse(err.body())
+            except Exception:  # a bug: the client still gets an error event and the end of the stream
+                logger.exception("unhandled error in a stream")
+                yield _sse(error_body("internal server error", type="server_error"))
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()  # the client left early (or we are done): free its rows

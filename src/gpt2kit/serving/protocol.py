@@ -261,11 +261,21 @@ class LogprobsBuilder:
         `text_offset` counts characters of the text, so a character split over tokens moves it once."""
         if top is not None and logprob is not None:
             top = [*top, (token_id, logprob)]  # as OpenAI: the chosen token is always among the alternatives
+        data = self.tokenizer.decode_bytes([token_id])
         entry = {"tokens": [token_text(self.tokenizer, token_id)], "token_logprobs": [logprob],
                  "top_logprobs": [None if top is None else {token_text(self.tokenizer, t): lp for t, lp in top}],
-                 "text_offset": [self.offset]}
-        self.offset += len(self._utf8.decode(self.tokenizer.decode_bytes([token_id])))
+                 "text_offset": [self.offset + self._pending_characters(data[:1])]}
+        self.offset += len(self._utf8.decode(data))
         return entry
+
+    def _pending_characters(self, first_byte: bytes) -> int:
+        """Characters that bytes still pending from earlier tokens become before this token: none when its first
+        byte continues their character (an "é" split over two tokens starts before the second), else their
+        replacement characters (a lone b"\xf0" is one "\ufffd", and the next token starts after it)."""
+        joined = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        joined.setstate(self._utf8.getstate())
+        alone = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return max(0, len(joined.decode(first_byte)) - len(alone.decode(first_byte)))
 
 
 class ChatLogprobsBuilder:

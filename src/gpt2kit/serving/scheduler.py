@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class FinishEvent:
 @dataclass
 class ErrorEvent:
     message: str
+    status: int = 500  # the HTTP status a request that has not started streaming gets
 
 
 Event = TokenEvent | PromptLogprobsEvent | FinishEvent | ErrorEvent
@@ -153,9 +155,6 @@ def _leading_padding(mask: Tensor) -> int:
     return int((mask.cumsum(1) == 0).sum(1).min())
 
 
-def _top(logprobs: Tensor, k: int) -> list[tuple[int, float]]:
-    values, ids = logprobs.topk(k)
-    return list(zip(ids.tolist(), values.tolist(), strict=True))
 
 
 # ---- the scheduler ------------------------------------------------------------------------------------------
@@ -170,6 +169,10 @@ class BatchScheduler:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = model.config
         self.device, self.dtype = model_placement(model)
+        # Ids the tokenizer has no text for (a vocabulary padded to 50304, cl100k's gaps) are never generated and
+        # cannot be named, so they are left out of the alternatives a request's logprobs list.
+        self.textless_ids = torch.tensor(tokenizer.unused_ids(self.config.vocab_size), dtype=torch.long,
+                                         device=self.device)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self._pending: deque[Sequence] = deque()
         self._waiting_jobs: dict[int, int] = {}  # id(job) -> its sequences not yet admitted
@@ -182,6 +185,13 @@ class BatchScheduler:
         self.mask: Tensor | None = None
         self.last_tokens: Tensor | None = None
         self.max_rows_seen = 0  # the most sequences in flight at once so far (for tests and metrics)
+
+    def _top(self, logprobs: Tensor, k: int) -> list[tuple[int, float]]:
+        """The k most likely ids that have text, with their log-probabilities."""
+        if len(self.textless_ids):
+            logprobs = logprobs.index_fill(-1, self.textless_ids, -math.inf)
+        values, ids = logprobs.topk(k)
+        return list(zip(ids.tolist(), values.tolist(), strict=True))
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -199,7 +209,7 @@ class BatchScheduler:
             self._thread.join()
         with self._wake:
             for seq in [*self.rows, *self._pending]:
-                seq.job.emit(ErrorEvent("the server is shutting down"))
+                seq.job.emit(ErrorEvent("the server is shutting down", status=503))
             self._reset()
             self._pending.clear()
             self._waiting_jobs.clear()
@@ -315,7 +325,7 @@ class BatchScheduler:
             rows = slice(start, start + PROMPT_LOGPROBS_CHUNK)
             logprobs = self.model.lm_head(hidden[:-1][rows]).float().log_softmax(-1)
             chosen += logprobs.gather(1, targets[rows, None]).squeeze(1).tolist()
-            top += [_top(row, seq.logprobs) if seq.logprobs else [] for row in logprobs]
+            top += [self._top(row, seq.logprobs) if seq.logprobs else [] for row in logprobs]
         seq.job.emit(PromptLogprobsEvent(seq.index, seq.prompt, [None, *chosen], [None, *top]))
 
     def _join(self, seqs: list[Sequence], cache: KVCache, mask: Tensor, rows: Tensor) -> None:
@@ -381,7 +391,7 @@ class BatchScheduler:
                                      mean))
             return True
         if seq.logprobs is not None:
-            top = _top(logprobs, seq.logprobs) if seq.logprobs else []
+            top = self._top(logprobs, seq.logprobs) if seq.logprobs else []
             seq.pending.append((seq.decoder.decoded, (token, float(logprobs[token]), top)))
         text = seq.decoder.push(token)
         seq.job.emit(TokenEvent(seq.index, token, text, seq.release_scored()))
