@@ -221,6 +221,17 @@ def test_a_spare_cache_made_in_inference_mode_is_not_reused_outside_it(tiny_mode
                        eager)
 
 
+def test_a_generator_started_in_inference_mode_closes_outside_it(tiny_model):
+    """Handing its cache back wrote inference tensors outside inference mode: close() raised RuntimeError."""
+    ids, mask = BATCH_1
+    with torch.inference_mode():
+        steps = iter(TokenGenerator(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True))
+        first = [next(steps), next(steps)]
+    steps.close()
+    eager = generate(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
+    assert torch.equal(torch.stack(first, 1), eager[:, ids.shape[1]:ids.shape[1] + 2])
+
+
 def test_a_deleted_models_compiled_steps_and_frozen_weights_are_freed(tiny_config):
     """Each model's CPU step holds a frozen copy of its weights; kept after the model is gone, they would leak
     and fill the compiled function's entries up to RECOMPILE_LIMIT."""

@@ -99,6 +99,19 @@ def test_int8_greedy_decoding_matches_float32(tiny_model):
                                generate(model, prompts, mask, max_new_tokens=24, eos_token_id=[]), rtol=0, atol=0)
 
 
+def test_compiled_int8_decoding_of_a_width_the_kernel_cannot_take():
+    """Width 40 keeps the LM head off the int8 kernel; under torch.compile inductor rewrote its bf16
+    `product * scale` into that kernel anyway, and two rows crashed the process (SIGSEGV)."""
+    from gpt2kit import GPT2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=40, n_head=4, n_positions=32, vocab_size=64, initializer_range=0.5)
+    q = quantize_int8(GPT2LMHeadModel(config))
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    eager = generate(q, ids, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(generate(q, ids, max_new_tokens=8, eos_token_id=[], compile=True), eager)
+
+
 def test_quantize_option_loads_an_int8_model(tmp_path):
     model_dir = save_tiny_text_model(tmp_path / "m")
     model, tokenizer = load_model_and_tokenizer(model_dir, quantize="int8")

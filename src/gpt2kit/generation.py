@@ -631,9 +631,11 @@ def _take_spare_cache(model: GPT2LMHeadModel, batch: int, length: int, dtype: to
 def _hand_back_cache(model: GPT2LMHeadModel, cache: KVCache) -> None:
     """Keep a finished generator's cache for the model's next one. The compiled step attends over every
     position, unwritten ones masked out; a masked position's weight is 0, but 0 x inf or NaN (from a diverged
-    run) is NaN, so the written part is zeroed again."""
-    cache.keys[:, :, :, :cache.length].zero_()
-    cache.values[:, :, :, :cache.length].zero_()
+    run) is NaN, so the written part is zeroed again (inside inference mode when the cache was made there: a
+    generator closed after leaving that block could not write it otherwise)."""
+    with torch.inference_mode(cache.keys.is_inference()):
+        cache.keys[:, :, :, :cache.length].zero_()
+        cache.values[:, :, :, :cache.length].zero_()
     _spare_caches[model] = cache
 
 

@@ -12,8 +12,8 @@ becomes the first projection's oneDNN post-op.
 `quantize_int8` stores each projection and the LM head as int8 with one scale per output row (symmetric, round
 to nearest); the matrix products run in bf16 on those weights, everything else (embeddings, LayerNorms,
 biases, the residual stream, attention and the KV cache) keeps the model's dtype. The difference from float32
-is the rounding of the weights (at most half a step, |w|max/254 of the row) and of the products' inputs to
-bf16; tests bound it.
+is the rounding of the weights (at most half a step, |w|max/254 of the row), of the products' inputs to bf16
+and, for up to 16 rows (the fused kernel), of the products to bf16; tests bound it.
 """
 
 from __future__ import annotations
@@ -79,7 +79,9 @@ class Int8Linear(InferenceLinear):
         # exact in bf16, the conversion is one cheap pass, and q * scale is never rounded to bf16.
         y = F.linear(x.to(_COMPUTE_DTYPE), self.weight.to(_COMPUTE_DTYPE))
         if self.bias is None:
-            return (y * scale).to(x.dtype)
+            # Scaled in float32: inductor rewrites a bf16 `y * scale` into the int8 kernel above, even for the
+            # widths it crashes on.
+            return (y.float() * scale.float()).to(x.dtype)
         return torch.addcmul(self.bias, y, scale).to(x.dtype)  # one rounding of y * scale + bias, then x's dtype
 
     def check_load(self, state_dict: Mapping[str, Tensor], prefix: str) -> None:
