@@ -13,7 +13,7 @@ from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.checkpoint import CheckpointError, gpt2kit_to_hf
 from gpt2kit.data import InstructionDataset
 from gpt2kit.data.tokenizer_training import train_tokenizer
-from gpt2kit.tokenizer import train_bpe
+from gpt2kit.tokenizer import GPT2Tokenizer, train_bpe
 from gpt2kit.training import Trainer, TrainingDiverged, load_config
 from gpt2kit.training.logging import flops_per_token, peak_flops, read_metrics
 from gpt2kit.training.optim import build_optimizer, lr_at, param_groups
@@ -596,6 +596,37 @@ def test_finetune_checkpoint_brings_its_own_tokenizer_and_architecture(tmp_path)
     trainer.finetune(finetune_checkpoint=tmp_path / "base")
     assert trainer.tokenizer.vocab_size == tokenizer.vocab_size
     assert trainer.model.config.n_layer == 1
+
+
+def test_finetuning_on_token_data_of_another_tokenizer_is_one_error(tmp_path):
+    """GPT-2-vocabulary weights finetuned on shards of a 300-token BPE trained silently and saved that BPE as the
+    model's tokenizer; token data of the model's own tokenizer, or with no tokenizer named anywhere, still train."""
+    from gpt2kit.data import preprocess
+
+    text = DATA / "the-verdict" / "the-verdict.txt"
+    train_bpe([text], 300, tmp_path / "tok", progress=False)
+    preprocess(text, tmp_path / "small", tokenizer=str(tmp_path / "tok" / "tokenizer.json"), progress=False)
+    preprocess(text, tmp_path / "gpt2", progress=False)
+    base = tmp_path / "base"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=32)).save_pretrained(base)
+    GPT2Tokenizer.gpt2().save_pretrained(base)
+    for data, refused in [("small", True), ("gpt2", False)]:
+        config = run_config(tmp_path, data={"train": str(tmp_path / data), "seq_len": 32}, train={"max_steps": 1},
+                            model={"config": {}}, out_dir=str(tmp_path / f"run-{data}"))
+        trainer = Trainer(args=config)
+        if refused:
+            with pytest.raises(ValueError, match=r"data.train: .*small was tokenized with another tokenizer than "
+                                                 r"the model's \(.*base\)"):
+                trainer.finetune(finetune_checkpoint=base)
+        else:
+            trainer.finetune(finetune_checkpoint=base)
+            assert trainer.tokenizer.vocab_size == 50257
+    # A preset trained from scratch takes the data's tokenizer, as before.
+    trainer = Trainer(args=run_config(tmp_path, data={"train": str(tmp_path / "small"), "seq_len": 32},
+                                      train={"max_steps": 1}, model={"name": "gpt2-tiny", "config": {}},
+                                      out_dir=str(tmp_path / "run-preset")))
+    trainer.train()
+    assert trainer.tokenizer.vocab_size == 300 and trainer.model.config.vocab_size == 300
 
 
 def test_evaluating_token_data_of_another_tokenizer_is_one_error(tmp_path):

@@ -233,13 +233,17 @@ class Trainer:
 
     def _tokenizer_source(self) -> str:
         """data.tokenizer (trained first when asked); unset: the model directory's tokenizer, else GPT-2's."""
-        d = self.config.data
-        if d.tokenizer_vocab_size is not None:
+        if self.config.data.tokenizer_vocab_size is not None:
             self._train_tokenizer()
-        if d.tokenizer is not None:
-            return d.tokenizer
+        return self._named_tokenizer() or "gpt2"
+
+    def _named_tokenizer(self) -> str | None:
+        """The tokenizer the configuration names: data.tokenizer, else the vocabulary files of the model directory
+        (None when neither says: GPT-2's, or for preprocessed data, the tokenizer that data was made with)."""
+        if self.config.data.tokenizer is not None:
+            return self.config.data.tokenizer
         sources = [self._weights, self.config.model.checkpoint, self.config.model.name]
-        return next((s for s in sources if s and has_tokenizer_files(s)), "gpt2")
+        return next((s for s in sources if s and has_tokenizer_files(s)), None)
 
     def _train_tokenizer(self) -> None:
         """Train a byte-level BPE tokenizer on the training text into `data.tokenizer`; reused by later runs
@@ -310,7 +314,13 @@ class Trainer:
             train_dir = self._corpus_dir(d.train, "data", d.val_fraction, self._tokenizer_source())
             spec = read_meta(train_dir)["tokenizer"]  # validation text gets the tokenizer of the training data
             tokenizer = "gpt2" if spec["name"] == "gpt2" else str(train_dir / spec["file"])
-            self.tokenizer = self.tokenizer or load_tokenizer(train_dir)
+            if self.tokenizer is None and self._named_tokenizer() is None:
+                self.tokenizer = load_tokenizer(train_dir)
+            elif spec.get("fingerprint") not in (None, self._get_tokenizer().fingerprint()):
+                # Ids of another vocabulary: finetuning would run, and save that vocabulary beside the weights.
+                raise ValueError(f"data.train: {train_dir} was tokenized with another tokenizer than the model's "
+                                 f"({self._named_tokenizer() or 'the one given'}); preprocess the text with that "
+                                 "tokenizer (preprocess --tokenizer)")
             train = PretrainingDataset(train_dir, seq_len, "train")
             if val is None and d.val is None and "val" in read_meta(train_dir)["splits"]:
                 val = PretrainingDataset(train_dir, seq_len, "val")
