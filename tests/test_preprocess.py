@@ -251,6 +251,8 @@ def test_invalid_utf8(tmp_path, tok):
     (b'["text"]\n', r"c.jsonl:1: expected a JSON object"),
     (b'[\n  {"text": "a"}\n]\n', r"c.jsonl:1: malformed JSON.*expects JSON Lines \(one object per line\)"),
     (b'{"text": "ok"}\n{"text": "caf\xc3"}\n', r"c.jsonl:2: invalid UTF-8 at byte offset 28"),
+    pytest.param(b'{"text": "ok"}\n{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+                 r"c.jsonl:2: JSON nested too deeply", id="deep"),
 ])
 def test_bad_jsonl(tmp_path, content, message):
     path, out = tmp_path / "c.jsonl", tmp_path / "out"
@@ -464,3 +466,64 @@ def test_a_byte_order_mark_before_json_lines_is_skipped(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n')
     assert run(path, tmp_path / "out")["documents"] == 2
+
+
+@pytest.mark.parametrize("fmt,text", [("text", "Hello world.\n"), ("paragraphs", "\n\nFirst para.\n\nSecond.\n"),
+                                      ("wikitext", "\n = Title = \n\nSome text .\n = Next = \n\nMore .\n")])
+def test_a_byte_order_mark_is_not_text_in_any_format(tmp_path, fmt, text):
+    """The mark was tokenized (three byte tokens), and before blank lines it made a document of its own."""
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text(text, encoding="utf-8")
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    expected = run(plain, tmp_path / "plain", format=fmt)
+    for chunk_bytes in (1, 4, 1 << 20):
+        assert run(marked, tmp_path / f"marked-{chunk_bytes}", format=fmt, chunk_bytes=chunk_bytes)["documents"] \
+            == expected["documents"]
+        assert split_tokens(tmp_path / f"marked-{chunk_bytes}").tolist() == split_tokens(tmp_path / "plain").tolist()
+
+
+def test_chunks_found_after_long_runs_without_a_cut_tokenize_alike(tmp_path):
+    """The search for a cut resumes near the end of what it searched (it rescanned from the start: quadratic);
+    cuts found that way must still split the text where GPT-2's and cl100k's tokens do not change."""
+    import random
+
+    from gpt2kit.data.readers import Source, iter_chunks
+
+    encodings = [GPT2Tokenizer.gpt2().encoding, GPT2Tokenizer.from_file(CL100K).encoding]
+    pieces = ["\u4e2d\u6587\u3002\r\n", "\u5b57\r\n", "\r\n", "x\ny", "\n z", "ab cd", " ", "\u00e9\r\n"]
+    rng, path, cut_inside = random.Random(0), tmp_path / "t.txt", 0
+    for _ in range(40):
+        text = "".join(rng.choices(pieces, weights=[30, 30, 5, 1, 1, 1, 3, 5], k=rng.randint(20, 200)))
+        path.write_text(text, encoding="utf-8", newline="")
+        for chunk_bytes in (1, 3, 8, 16, 64):
+            chunks = [c.data.decode() for c in iter_chunks(Source(path, "text"), chunk_bytes)]
+            assert "".join(chunks) == text
+            cut_inside += len(chunks) - 1
+            for enc in encodings:
+                assert [t for c in chunks for t in enc.encode_ordinary(c)] == enc.encode_ordinary(text)
+    assert cut_inside > 100  # the texts were cut, not read whole
+
+
+def test_a_lone_surrogate_escape_in_json_lines_is_u_fffd(tmp_path, tok):
+    """tiktoken encoded it as U+FFFD already; training a tokenizer on it failed (the tokenizers library refuses
+    it) with a message naming no file."""
+    from gpt2kit.data.tokenizer_training import train_tokenizer
+
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "hello world hello world"}\n{"text": "bad \\ud800 x \\ud83d\\ude00"}\n')
+    run(path, tmp_path / "out")
+    assert documents(tmp_path / "out")[1].tolist() == tok.encode("bad \ufffd x \U0001f600") + [tok.eos_token_id]
+    trained = train_tokenizer([path], tmp_path / "tok", vocab_size=300, progress=False)
+    assert trained.decode(trained.encode("bad \ufffd x")) == "bad \ufffd x"
+
+
+def _die(chunk):
+    os._exit(1)
+
+
+def test_a_worker_that_dies_is_one_error_and_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules["gpt2kit.data.preprocess"], "_encode_chunk", _die)  # the module, not the function
+    out = tmp_path / "out"
+    with pytest.raises(ChildProcessError, match="a tokenizing worker process died"):
+        run(VERDICT, out, workers=2, chunk_bytes=4096)
+    assert_nothing_written(tmp_path, out)

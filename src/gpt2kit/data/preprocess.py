@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,9 @@ def _encoded_chunks(chunks: Iterator[tuple[Any, Chunk]], workers: int, init_args
         while pending:
             tag, future = pending.popleft()
             yield tag, future.result()
+    except BrokenProcessPool:
+        raise ChildProcessError("a tokenizing worker process died (killed, or out of memory?); nothing was "
+                                "written") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

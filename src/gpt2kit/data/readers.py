@@ -37,7 +37,10 @@ _WIKITEXT_TITLE = re.compile(rb"^(?= = [^=\n][^\n]* = *\r?\n)", re.MULTILINE)  #
 _BLANK = b" \t\n\r\f\v"  # the whitespace of the paragraph rule (not str.strip's: a no-break space is text)
 _PARAGRAPH_END = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+(?=[ \t\r\f\v]*[^ \t\n\r\f\v])")  # boundary at the match end
 _SPACE_BETWEEN_LETTERS = re.compile(rb"(?<=[A-Za-z]) (?=[A-Za-z])")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: a JSON "\ud800" escape alone decodes to one
 MAX_SEARCH_BYTES = 1 << 26  # a document with no safe cut in 64 MiB is cut anyway (tokens may differ there)
+_CUT_LOOKAHEAD = 16  # bytes past a position that decide whether it is a cut (two characters: see is_safe_cut)
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, which some editors and exports write first: not text
 
 
 class DataError(ValueError):
@@ -323,6 +326,7 @@ def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
         hashed = _HashingReader(raw, source)
         reader = _ZstdFrames(hashed, path) if compressed else hashed
         buf, offset, line, starts_doc, eof, want = b"", 0, 1, True, False, 2 * chunk_bytes
+        searched = 0  # where the next search for a cut may start: before it, the last one found none
         while True:
             try:
                 while not eof and len(buf) < want:
@@ -338,9 +342,9 @@ def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
                 break
             start = chunk_bytes
             if offset == 0:
-                # The blank lines a file starts with belong to its first document: a cut among or right after
-                # them would tokenize them apart from it.
-                lead = len(buf) - len(buf.lstrip(_BLANK))
+                # The blank lines a file starts with (after a byte-order mark) belong to its first document: a
+                # cut among or right after them would tokenize them apart from it.
+                lead = len(buf) - len(buf[len(_BOM) if buf.startswith(_BOM) else 0:].lstrip(_BLANK))
                 if lead == len(buf) and not eof:
                     want = len(buf) + chunk_bytes
                     continue
@@ -348,16 +352,20 @@ def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
             if eof and len(buf) <= start:
                 cut, boundary = len(buf), True
             else:
-                cut, boundary = _find_cut(buf, fmt, start)
+                cut, boundary = _find_cut(buf, fmt, max(start, searched))
                 if cut is None:
                     if eof:
                         cut, boundary = len(buf), True
                     elif fmt == "jsonl" or len(buf) < MAX_SEARCH_BYTES:  # read on (a JSON line must be whole)
+                        # The next search starts at the last line that more bytes could change (a cut's rules
+                        # look a few characters ahead), not at `start` again: that made long runs without a
+                        # cut (CJK text with CRLF endings has none) quadratic.
+                        searched = buf.rfind(b"\n", 0, max(len(buf) - _CUT_LOOKAHEAD, 0)) + 1
                         want = len(buf) + chunk_bytes
                         continue
                     else:  # pathological: 64 MiB without a newline or a space between letters
                         cut, boundary = _char_boundary(buf, len(buf) - 1) or len(buf), False
-            data, buf = buf[:cut], buf[cut:]
+            data, buf, searched = buf[:cut], buf[cut:], 0
             ends_doc = boundary or (eof and not buf)
             yield Chunk(str(path), fmt, data, offset, line, starts_doc, ends_doc, compressed)
             offset, line, starts_doc, want = offset + cut, line + data.count(b"\n"), ends_doc, 2 * chunk_bytes
@@ -385,7 +393,8 @@ def chunk_pieces(chunk: Chunk, *, text_key: str = "text", errors: str = "strict"
     Each piece is a whole document or part of one; ends_doc[i] says whether the document ends with piece i."""
     if chunk.format == "jsonl":
         return _jsonl_pieces(chunk, text_key, errors)
-    cuts = [0, *document_boundaries(chunk.data, chunk.format), len(chunk.data)]
+    first = len(_BOM) if chunk.offset == 0 and chunk.data.startswith(_BOM) else 0
+    cuts = [first, *(p for p in document_boundaries(chunk.data, chunk.format) if p > first), len(chunk.data)]
     texts = [_decode(chunk, chunk.data[a:b], a, errors) for a, b in zip(cuts, cuts[1:]) if b > a]
     if chunk.offset == 0 and len(texts) > 1 and not texts[0].strip(_BLANK.decode()):
         texts[:2] = [texts[0] + texts[1]]  # blank lines before a file's first title/paragraph join it
@@ -399,7 +408,7 @@ def _jsonl_pieces(chunk: Chunk, text_key: str, errors: str) -> tuple[list[str], 
     texts, skipped = [], 0
     decoded = _decode(chunk, chunk.data, 0, errors)
     if chunk.offset == 0:
-        decoded = decoded.removeprefix("\ufeff")  # a byte-order mark some editors and exports write first
+        decoded = decoded.removeprefix("\ufeff")  # a byte-order mark (_BOM)
     for n, line in enumerate(decoded.split("\n")):
         if not line.strip():
             continue
@@ -410,6 +419,8 @@ def _jsonl_pieces(chunk: Chunk, text_key: str, errors: str) -> tuple[list[str], 
             hint = ("; this reader expects JSON Lines (one object per line), not a JSON array"
                     if line.lstrip().startswith("[") else "")
             raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno}){hint}") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply to read") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with a {text_key!r} field, got {type(record).__name__}")
         if text_key not in record:
@@ -418,6 +429,10 @@ def _jsonl_pieces(chunk: Chunk, text_key: str, errors: str) -> tuple[list[str], 
         text = record[text_key]
         if not isinstance(text, str):
             raise DataError(f"{where}: field {text_key!r} is {type(text).__name__}, expected a string")
+        if "\\u" in line and _SURROGATE.search(text):
+            # A lone surrogate escape ("\ud800") is no character: U+FFFD, as tiktoken encodes it (the tokenizers
+            # library, which trains vocabularies, cannot take it at all).
+            text = _SURROGATE.sub("\ufffd", text)
         if text:
             texts.append(text)
         else:
