@@ -1,12 +1,14 @@
 """GPT2Tokenizer against OpenAI's encoding (tiktoken's own loader) and the `tokenizers` library."""
 
 import base64
+import copy
 import json
 import pickle
 
 import pytest
 import tiktoken
 import tiktoken.load
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -99,13 +101,103 @@ def test_call_pads_truncates_and_returns_tensors(tok):
     assert left["input_ids"].tolist() == [[15496, 995], [50256, 17250]]
     assert left["attention_mask"].tolist() == [[1, 1], [0, 1]]
     assert tok("one two three four", truncation=True, max_length=2)["input_ids"] == tok.encode("one two")
+    # Left padding keeps the first tokens too (it used to keep the last ones): truncation_side decides.
     assert tok("one two three four", truncation=True, max_length=2, padding_side="left")["input_ids"] == \
+        tok.encode("one two")
+    assert tok("one two three four", truncation=True, max_length=2, truncation_side="left")["input_ids"] == \
         tok.encode(" three four")
-    assert tok("one two", truncation=True, max_length=0, padding_side="left")["input_ids"] == []
+    assert tok("one two", truncation=True, max_length=0, truncation_side="left")["input_ids"] == []
     fixed = tok("Hi", padding="max_length", max_length=4)
     assert fixed == {"input_ids": [17250, 50256, 50256, 50256], "attention_mask": [1, 0, 0, 0]}
     with pytest.raises(ValueError, match="padding=True"):
         tok(["Hello world", "Hi"], return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tmp_path_factory):
+    """transformers' GPT2TokenizerFast on the bundled files, padding with EOS as GPT-2 users set it up."""
+    from transformers import GPT2TokenizerFast
+
+    directory = tmp_path_factory.mktemp("hf-gpt2")
+    GPT2Tokenizer.gpt2().save_pretrained(directory)
+    reference = GPT2TokenizerFast.from_pretrained(directory)
+    reference.pad_token = reference.eos_token
+    return reference
+
+
+CALLS = [dict(padding=padding, truncation=truncation, max_length=max_length, padding_side=side,
+              pad_to_multiple_of=multiple)
+         for padding in (False, True, "longest", "max_length", "do_not_pad")
+         for truncation in (None, True, False, "longest_first", "do_not_truncate")
+         for max_length in (None, 0, 2, 5)
+         for side in ("left", "right") for multiple in (None, 4)
+         if not (padding == "max_length" and max_length is None)]  # 1024 columns: checked once below
+
+
+def test_calls_encode_as_transformers_does(tok, hf_tok):
+    """Every combination of padding, truncation, max_length, sides and pad_to_multiple_of gives transformers'
+    ids and masks (left padding once implied left truncation; max_length alone did not truncate)."""
+    import warnings
+
+    texts = ["one two three four five six", "a", "", "Hello world, \u4e2d\u6587 \U0001f600!"]
+    ours = copy.copy(tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers warns of max_length without truncation
+        for cut in ("left", "right"):  # transformers reads truncation_side off the tokenizer only
+            ours.truncation_side = hf_tok.truncation_side = cut
+            for options in CALLS:
+                for batch in (texts, texts[0]):
+                    try:
+                        expected = dict(hf_tok(batch, **options))
+                    except ValueError:  # a truncation length that is no multiple of pad_to_multiple_of
+                        with pytest.raises(ValueError, match="not a multiple of pad_to_multiple_of"):
+                            ours(batch, **options)
+                        continue
+                    assert dict(ours(batch, **options)) == dict(tok(batch, **options, truncation_side=cut)) \
+                        == expected, (cut, options)
+        hf_tok.truncation_side = "right"
+        assert dict(tok(texts, padding="max_length")) == dict(hf_tok(texts, padding="max_length"))
+        assert dict(tok(texts[0] * 300, truncation=True)) == dict(hf_tok(texts[0] * 300, truncation=True))
+    enc = tok(texts, padding=True, return_attention_mask=False, add_special_tokens=False, return_tensors="np")
+    ref = hf_tok(texts, padding=True, return_attention_mask=False, add_special_tokens=False, return_tensors="np")
+    assert list(enc) == list(ref) == ["input_ids"] and (enc.input_ids == ref.input_ids).all()
+    with pytest.raises(ValueError, match="truncation must be"):
+        tok("a", truncation="only_second")
+
+
+def test_transformers_names_for_tokens_and_the_batch(tok, hf_tok):
+    assert tok.get_vocab() == hf_tok.get_vocab()
+    text = " world h\u00e9llo \u4e2d"  # (transformers reads "<|endoftext|>" in text as the token; gpt2kit never)
+    assert tok.tokenize(text) == hf_tok.tokenize(text)
+    ids = tok.encode(text) + [tok.eos_token_id]
+    assert tok.convert_ids_to_tokens(ids) == hf_tok.convert_ids_to_tokens(ids)
+    assert tok.convert_ids_to_tokens(ids[0]) == hf_tok.convert_ids_to_tokens(ids[0])
+    tokens = ["\u0120world", "<|endoftext|>", "no such token"]
+    assert tok.convert_tokens_to_ids(tokens) == hf_tok.convert_tokens_to_ids(tokens) == [995, 50256, 50256]
+    assert tok.convert_tokens_to_ids("\u0120world") == 995
+    for name in ("eos_token", "bos_token", "unk_token", "eos_token_id", "bos_token_id", "unk_token_id",
+                 "all_special_tokens", "all_special_ids", "model_max_length"):
+        assert getattr(tok, name) == getattr(hf_tok, name), name
+    assert tok.pad_token == hf_tok.pad_token and tok.decode(15496) == hf_tok.decode(15496) == "Hello"
+    assert tok.decode(torch.tensor(15496)) == "Hello" and tok.decode(ids, clean_up_tokenization_spaces=True)
+    custom = copy.copy(tok)
+    custom.pad_token = "!"
+    assert custom.pad_token_id == 0 and custom(["a b", "a"], padding=True)["input_ids"][1] == [64, 0]
+    with pytest.raises(ValueError, match="not a token"):
+        custom.pad_token = "<|pad|>"
+    batch = tok(["Hello world", "Hi"], padding=True, return_tensors="pt").to("cpu")
+    assert batch.input_ids.tolist() == batch["input_ids"].tolist() and batch.attention_mask.shape == (2, 2)
+    with pytest.raises(AttributeError, match="keys: input_ids, attention_mask"):
+        batch.token_type_ids
+
+
+def test_model_max_length_and_sides_survive_saving_and_pickling(tok, tmp_path):
+    custom = copy.copy(tok)
+    custom.model_max_length, custom.truncation_side = 2048, "left"
+    custom.save_pretrained(tmp_path)
+    assert GPT2Tokenizer.from_file(tmp_path).model_max_length == 2048
+    clone = pickle.loads(pickle.dumps(custom))
+    assert (clone.model_max_length, clone.truncation_side) == (2048, "left")
 
 
 def test_pickles_for_worker_processes(tok, tmp_path):

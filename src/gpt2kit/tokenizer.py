@@ -29,6 +29,7 @@ from .files import atomic_write_text, read_json, read_utf8, sha256_file
 
 ASSETS = Path(__file__).parent / "assets" / "gpt2"
 ENDOFTEXT = "<|endoftext|>"
+GPT2_CONTEXT = 1024  # positions of the released GPT-2 models: the tokenizer's default model_max_length
 # End-of-text tokens of other vocabularies, in the order they are looked for when <|endoftext|> is absent.
 EOS_NAMES = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<|eot_id|>", "<|im_end|>", "<eos>", "<|eos|>")
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -392,7 +393,8 @@ def tokenizer_for(model_dir: str | os.PathLike | None,
 class GPT2Tokenizer:
     """Byte-level BPE tokenizer with a HuggingFace-like call interface.
 
-    `tok("text", return_tensors="pt")` -> {"input_ids", "attention_mask"}; `encode`/`decode` for plain lists.
+    `tok("text", return_tensors="pt")` -> BatchEncoding {"input_ids", "attention_mask"} with transformers' padding and
+    truncation rules; `encode`/`decode` for plain lists.
     GPT-2 has no pad token: padding uses `pad_token_id` (the EOS id unless set) under attention_mask 0.
     """
 
@@ -404,10 +406,17 @@ class GPT2Tokenizer:
             raise TokenizerError(f"EOS token {eos_token!r} is not a special token of {encoding.name!r}")
         self.eos_token = eos_token
         self.eos_token_id = encoding.encode_single_token(eos_token)
-        self.bos_token_id = self.eos_token_id  # GPT-2 uses <|endoftext|> for both
+        # GPT-2 uses <|endoftext|> as BOS and UNK too (byte-level BPE never needs an unknown token).
+        self.bos_token, self.bos_token_id = self.eos_token, self.eos_token_id
+        self.unk_token, self.unk_token_id = self.eos_token, self.eos_token_id
         self.pad_token_id = self.eos_token_id if pad_token_id is None else pad_token_id
         self.padding_side = "right"
+        self.truncation_side = "right"
+        # What truncation=True and padding="max_length" use without a max_length: GPT-2's context, as the
+        # tokenizer_config.json that save_pretrained writes (and the Hub's gpt2) says.
+        self.model_max_length = GPT2_CONTEXT
         self._unused_ids: dict[int, tuple[int, ...]] = {}  # per vocabulary size, see unused_ids
+        self._vocab: dict[str, int] | None = None  # get_vocab, built once
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -421,17 +430,9 @@ class GPT2Tokenizer:
         or `vocab.json`+`merges.txt` / `encoder.json`+`vocab.bpe`."""
         path = Path(path)
         if path.is_dir():
-            # tokenizer.json first: beside vocab.json + merges.txt (as HF model repositories ship them) it also
-            # holds the split pattern and the added special tokens.
-            if (path / "tokenizer.json").exists():
-                return cls._from_source(("tokenizer.json", str(path / "tokenizer.json")))
-            for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
-                if (path / vocab).exists() and (path / merges).exists():
-                    return cls._from_source(("bpe", str(path / vocab), str(path / merges)))
-            found = sorted(path.glob("*.tiktoken"))
-            if found:
-                return cls._from_source(("tiktoken", str(found[0])))
-            raise TokenizerError(f"{path}: no tokenizer files (tokenizer.json, *.tiktoken, vocab.json+merges.txt)")
+            tokenizer = cls._from_directory(path)
+            tokenizer.model_max_length = _model_max_length(path / "tokenizer_config.json", tokenizer.model_max_length)
+            return tokenizer
         if not path.exists():
             raise TokenizerError(f"{path}: tokenizer file not found")
         if path.suffix == ".json":
@@ -439,6 +440,20 @@ class GPT2Tokenizer:
         if path.suffix == ".tiktoken":
             return cls._from_source(("tiktoken", str(path)))
         raise TokenizerError(f"{path}: unknown tokenizer format (expected tokenizer.json or .tiktoken)")
+
+    @classmethod
+    def _from_directory(cls, path: Path) -> GPT2Tokenizer:
+        # tokenizer.json first: beside vocab.json + merges.txt (as HF model repositories ship them) it also holds
+        # the split pattern and the added special tokens.
+        if (path / "tokenizer.json").exists():
+            return cls._from_source(("tokenizer.json", str(path / "tokenizer.json")))
+        for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+            if (path / vocab).exists() and (path / merges).exists():
+                return cls._from_source(("bpe", str(path / vocab), str(path / merges)))
+        found = sorted(path.glob("*.tiktoken"))
+        if found:
+            return cls._from_source(("tiktoken", str(found[0])))
+        raise TokenizerError(f"{path}: no tokenizer files (tokenizer.json, *.tiktoken, vocab.json+merges.txt)")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = "gpt2") -> GPT2Tokenizer:
@@ -469,7 +484,8 @@ class GPT2Tokenizer:
         return cls(encoding, source=source, eos_token=eos)
 
     def __reduce__(self):
-        return (_rebuild, (self._source, self.eos_token, self.pad_token_id, self.padding_side))
+        return (_rebuild, (self._source, self.eos_token, self.pad_token_id, self.padding_side, self.truncation_side,
+                           self.model_max_length))
 
     def fingerprint(self) -> str:
         """sha256 of what decides the ids: the split pattern, the special tokens and the ranks, whatever file
@@ -513,7 +529,7 @@ class GPT2Tokenizer:
         # which reads tokenizer.json as it is.
         config = {"tokenizer_class": "GPT2Tokenizer" if kind in ("gpt2", "bpe") else "PreTrainedTokenizerFast",
                   "eos_token": self.eos_token, "bos_token": self.eos_token, "unk_token": self.eos_token,
-                  "model_max_length": 1024, "add_prefix_space": False}
+                  "model_max_length": self.model_max_length, "add_prefix_space": False}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def bpe_merges(self) -> list[tuple[bytes, bytes]]:
@@ -566,8 +582,10 @@ class GPT2Tokenizer:
         """The regex that splits text into pieces before BPE (GPT2_PATTERN for GPT-2 and ByteLevel vocabularies)."""
         return self.encoding._pat_str
 
-    def encode(self, text: str, *, allowed_special: str | set[str] = ()) -> list[int]:
-        """Token ids of `text`. Special-token text is ordinary text unless listed in `allowed_special`."""
+    def encode(self, text: str, *, allowed_special: str | set[str] = (), add_special_tokens: bool = True
+               ) -> list[int]:
+        """Token ids of `text`. Special-token text is ordinary text unless listed in `allowed_special`.
+        `add_special_tokens` is transformers' option: GPT-2's tokenizer adds none either way."""
         if not allowed_special:
             return self.encoding.encode_ordinary(text)
         return self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
@@ -596,12 +614,14 @@ class GPT2Tokenizer:
         except (KeyError, OverflowError):
             raise self._unknown_id(ids) from None
 
-    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; bytes that do not form complete UTF-8 characters become U+FFFD. An id that is not in
-        the vocabulary is a ValueError naming it."""
-        ids = [int(i) for i in ids]
+    def decode(self, ids: int | Iterable[int], *, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool = False) -> str:
+        """Text of `ids` (or of one id); bytes that do not form complete UTF-8 characters become U+FFFD. An id that
+        is not in the vocabulary is a ValueError naming it. `clean_up_tokenization_spaces` is accepted and, as in
+        transformers 5 for BPE tokenizers, never applied: it would delete spaces the text has."""
+        ids = [int(ids)] if isinstance(ids, int) or getattr(ids, "ndim", None) == 0 else [int(i) for i in ids]
         if skip_special_tokens:
-            special = {self.encoding.encode_single_token(t) for t in self.encoding.special_tokens_set}
+            special = set(self.all_special_ids)
             ids = [i for i in ids if i not in special]
         try:
             return self.encoding.decode(ids, errors="replace")
@@ -627,40 +647,103 @@ class GPT2Tokenizer:
         text = transcript(turns_of(messages), add_generation_prompt=add_generation_prompt)
         return self.encode(text) if tokenize else text
 
-    def batch_decode(self, sequences: Iterable[Iterable[int]], *, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(self, sequences: Iterable[Iterable[int]], *, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool = False) -> list[str]:
         return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
 
-    def __call__(self, text: str | Sequence[str], *, padding: bool | str = False, truncation: bool = False,
-                 max_length: int | None = None, padding_side: str | None = None,
-                 return_tensors: str | None = None, allowed_special: str | set[str] = ()) -> dict[str, Any]:
-        """HF-style batch encoding: {"input_ids", "attention_mask"}, lists or (return_tensors="pt") tensors.
+    # ---- transformers' names for tokens as strings (byte-level: " world" is "Ġworld") --------------------------
+    @property
+    def pad_token(self) -> str:
+        return self.convert_ids_to_tokens(self.pad_token_id)
 
-        padding: False, True/"longest", or "max_length"; truncation keeps the first `max_length` tokens
-        (the last ones when padding_side is "left", so a prompt keeps its end)."""
+    @pad_token.setter
+    def pad_token(self, token: str) -> None:
+        """`tok.pad_token = tok.eos_token`, the usual line for GPT-2 (whose pad_token_id is already the EOS id)."""
+        if token not in self.get_vocab():
+            raise ValueError(f"pad_token {token!r} is not a token of this vocabulary")
+        self.pad_token_id = self.get_vocab()[token]
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return sorted(self.encoding.special_tokens_set, key=self.encoding.encode_single_token)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.encoding.encode_single_token(t) for t in self.all_special_tokens]
+
+    def get_vocab(self) -> dict[str, int]:
+        """Every token as vocab.json spells it (bytes through GPT-2's byte-to-character map), special tokens as
+        their text, with its id."""
+        if self._vocab is None:
+            to_text = byte_to_unicode()
+            self._vocab = {"".join(to_text[b] for b in token): i for token, i in self.encoding._mergeable_ranks.items()}
+            self._vocab.update(self.encoding._special_tokens)
+        return self._vocab
+
+    def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | list[str]:
+        to_text, specials = byte_to_unicode(), {i: t for t, i in self.encoding._special_tokens.items()}
+
+        def token(i: int) -> str:
+            return specials[i] if i in specials else "".join(to_text[b] for b in self.decode_bytes([i]))
+
+        if isinstance(ids, int) or getattr(ids, "ndim", None) == 0:
+            return token(int(ids))
+        return [token(int(i)) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | list[int]:
+        """Ids of tokens spelled as get_vocab spells them; a string that is no token gives unk_token_id, as in
+        transformers."""
+        vocab = self.get_vocab()
+        if isinstance(tokens, str):
+            return vocab.get(tokens, self.unk_token_id)
+        return [vocab.get(t, self.unk_token_id) for t in tokens]
+
+    def tokenize(self, text: str) -> list[str]:
+        return self.convert_ids_to_tokens(self.encode(text))
+
+    def __call__(self, text: str | Sequence[str], *, padding: bool | str = False,
+                 truncation: bool | str | None = None, max_length: int | None = None,
+                 padding_side: str | None = None, truncation_side: str | None = None,
+                 pad_to_multiple_of: int | None = None, return_tensors: str | None = None,
+                 return_attention_mask: bool = True, add_special_tokens: bool = True,
+                 allowed_special: str | set[str] = ()) -> BatchEncoding:
+        """transformers-style encoding: {"input_ids", "attention_mask"} as lists, or as tensors ("pt" or "np"),
+        with transformers' rules:
+        - padding: False/"do_not_pad", True/"longest" or "max_length" (rows longer than max_length stay long),
+          widths rounded up to `pad_to_multiple_of`, on `padding_side` (default: the attribute, "right");
+        - truncation: True/"longest_first"/"only_first" keep max_length tokens, from `truncation_side` (default:
+          the attribute, "right": the first tokens stay); unset, a max_length without padding truncates;
+        - max_length defaults to model_max_length where truncation or "max_length" padding needs one;
+        - add_special_tokens is accepted: GPT-2's tokenizer adds none."""
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         side = padding_side or self.padding_side
-        if side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        cut_side = truncation_side or self.truncation_side
+        for name, value in (("padding_side", side), ("truncation_side", cut_side)):
+            if value not in ("left", "right"):
+                raise ValueError(f"{name} must be 'left' or 'right', got {value!r}")
+        if padding not in (False, True, "do_not_pad", "longest", "max_length"):
+            raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
+        if max_length is not None and max_length < 0:
+            raise ValueError(f"max_length must be >= 0, got {max_length}")
         ids = self.encode_batch(texts, allowed_special=allowed_special) if len(texts) > 1 else \
             [self.encode(t, allowed_special=allowed_special) for t in texts]
-        if truncation:
-            if max_length is None:
-                raise ValueError("truncation=True needs max_length")
-            if max_length < 0:
-                raise ValueError(f"max_length must be >= 0, got {max_length}")
-            ids = [row[len(row) - max_length:] if side == "left" and len(row) > max_length else row[:max_length]
+        truncating = _truncates(truncation, max_length, padding)
+        if (truncating and padding not in (False, "do_not_pad") and pad_to_multiple_of and max_length is not None
+                and max_length % pad_to_multiple_of):
+            raise ValueError(f"truncation and padding are both on, but the truncation length ({max_length}) is not a "
+                             f"multiple of pad_to_multiple_of ({pad_to_multiple_of})")
+        if truncating:
+            limit = self.model_max_length if max_length is None else max_length
+            ids = [row[len(row) - limit:] if cut_side == "left" and len(row) > limit else row[:limit]
                    for row in ids]
+        width = None
         if padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
-            width = max_length
+            width = self.model_max_length if max_length is None else max_length
         elif padding in (True, "longest"):
             width = max((len(row) for row in ids), default=0)
-        elif padding is False or padding == "do_not_pad":
-            width = None
-        else:
-            raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
+        if width is not None and pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
         masks = [[1] * len(row) for row in ids]
         if width is not None:
             for i, row in enumerate(ids):
@@ -669,24 +752,77 @@ class GPT2Tokenizer:
                     ids[i], masks[i] = [self.pad_token_id] * pad + row, [0] * pad + masks[i]
                 else:
                     ids[i], masks[i] = row + [self.pad_token_id] * pad, masks[i] + [0] * pad
-        if return_tensors == "pt":
-            import torch
-            if width is None and len({len(row) for row in ids}) > 1:
-                raise ValueError("texts have different lengths: pass padding=True to return tensors")
-            shape = (len(ids), len(ids[0]) if ids else 0)
-            return {"input_ids": torch.tensor(ids, dtype=torch.long).reshape(shape),
-                    "attention_mask": torch.tensor(masks, dtype=torch.long).reshape(shape)}
         if return_tensors is not None:
-            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
-        if single:
-            return {"input_ids": ids[0], "attention_mask": masks[0]}
-        return {"input_ids": ids, "attention_mask": masks}
+            ids, masks = _as_arrays(ids, masks, return_tensors)
+        elif single:
+            ids, masks = ids[0], masks[0]
+        return BatchEncoding({"input_ids": ids, "attention_mask": masks} if return_attention_mask else
+                             {"input_ids": ids})
 
 
-def _rebuild(source: tuple[str, ...], eos_token: str, pad_token_id: int, padding_side: str) -> GPT2Tokenizer:
+def _as_arrays(ids: list[list[int]], masks: list[list[int]], kind: str) -> tuple[Any, Any]:
+    """(batch, length) int64 tensors ("pt") or NumPy arrays ("np") of padded rows."""
+    if kind not in ("pt", "np"):
+        raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {kind!r}")
+    if len({len(row) for row in ids}) > 1:
+        raise ValueError("texts have different lengths: pass padding=True to return tensors")
+    import numpy as np
+
+    shape = (len(ids), len(ids[0]) if ids else 0)
+    arrays = [np.array(rows, dtype=np.int64).reshape(shape) for rows in (ids, masks)]
+    if kind == "np":
+        return arrays[0], arrays[1]
+    import torch
+
+    return torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1])
+
+
+def _rebuild(source: tuple[str, ...], eos_token: str, pad_token_id: int, padding_side: str, truncation_side: str,
+             model_max_length: int) -> GPT2Tokenizer:
     tok = GPT2Tokenizer._from_source(source, eos_token)
-    tok.pad_token_id, tok.padding_side = pad_token_id, padding_side
+    tok.pad_token_id, tok.padding_side, tok.truncation_side = pad_token_id, padding_side, truncation_side
+    tok.model_max_length = model_max_length
     return tok
+
+
+def _model_max_length(config_file: Path, default: int) -> int:
+    """tokenizer_config.json's model_max_length when it holds a positive integer (transformers' "no limit" of
+    1e30 included), else `default`."""
+    try:
+        value = json.loads(config_file.read_text(encoding="utf-8")).get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        return default
+    return value if type(value) is int and value > 0 else default
+
+
+def _truncates(truncation: bool | str | None, max_length: int | None, padding: bool | str) -> bool:
+    """transformers' rule: truncation=True or a strategy name truncates; unset, a max_length without padding does."""
+    if truncation is None:
+        return max_length is not None and padding is False
+    if truncation in (True, "longest_first", "only_first"):
+        return True
+    if truncation in (False, "do_not_truncate"):
+        return False
+    raise ValueError(f"truncation must be True, False, 'longest_first', 'only_first' or 'do_not_truncate', "
+                     f"got {truncation!r}")
+
+
+class BatchEncoding(dict):
+    """What a tokenizer call returns: a dict of input_ids / attention_mask that also reads as attributes
+    (`enc.input_ids`) and moves its tensors with `.to(device)`, as transformers' BatchEncoding does."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"BatchEncoding has no {name!r}; keys: {', '.join(self)}") from None
+
+    def to(self, device: Any) -> BatchEncoding:
+        """Move every tensor to `device` (in place, returning self, as transformers' does)."""
+        for key, value in self.items():
+            if hasattr(value, "to"):
+                self[key] = value.to(device)
+        return self
 
 
 def check_training_sizes(vocab_size: int, min_frequency: int, special_tokens: int = 1) -> None:
