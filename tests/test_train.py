@@ -99,12 +99,18 @@ class Ragged(Dataset):
         return self.items[i]
 
 
-def test_fp16_with_grad_scaler_trains_and_saves_the_scaler(tmp_path):
-    """The path GPUs without bf16 take (fp16 autocast + GradScaler) runs on the CPU too, so it is tested here."""
+def test_fp16_with_grad_scaler_trains_and_saves_the_scaler(tmp_path, monkeypatch):
+    """The path GPUs without bf16 take (fp16 autocast + GradScaler) runs on the CPU too, so it is tested here.
+    Its MFU is taken against a float16 peak (it was bf16's: inflated where bf16 is emulated)."""
+    import gpt2kit.training.trainer as trainer_module
+
+    peaks = []
+    monkeypatch.setattr(trainer_module, "peak_flops", lambda device, dtype: peaks.append(dtype) or (1e9, "test"))
     config = run_config(tmp_path, train={"max_steps": 30, "precision": "fp16"},
                         checkpoint={"save_interval": 30})
     trainer = Trainer(args=config, train_dataset=Sequences())
     trainer.train()
+    assert peaks == [torch.float16]
     losses = [r["train_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train_loss" in r]
     assert trainer.precision == "fp16" and trainer.scaler.is_enabled()
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
@@ -537,6 +543,15 @@ class Ragged(Dataset):
 def test_padding_of_a_small_vocabulary_stays_inside_it(tmp_path):
     """The caller's data set with a 64-token model: GPT-2's pad id 50256 would fail in the embedding."""
     Trainer(args=run_config(tmp_path, train={"max_steps": 2, "micro_batch_size": 4}), train_dataset=Ragged()).train()
+
+
+@pytest.mark.parametrize("epochs, steps", [(0.07, 7), (0.28, 28), (1, 100), (0.071, 8)])
+def test_epochs_count_steps_in_exact_decimals(tmp_path, epochs, steps):
+    """0.07 x 100 is 7.000000000000001 in floats: its ceiling made an 8th step (and a longer decay)."""
+    config = run_config(tmp_path, train={"max_steps": None, "epochs": epochs, "micro_batch_size": 8})
+    trainer = Trainer(args=config, train_dataset=Sequences(800))
+    trainer._setup(weights=None)
+    assert trainer.steps_per_epoch == 100 and trainer.max_steps == steps
 
 
 def test_mfu_counts_an_untied_head_once(tmp_path):

@@ -42,6 +42,11 @@ def test_yaml_and_overrides(tmp_path):
     ("train: 5\n", [], r"train: expected a mapping"),
     ("train:\n  max_steps: 10\n", [("train.micro_batch", "4")], r"^command line: --train.micro_batch: unknown key"),
     ("train:\n  max_steps: 10\n", [("train.precision", "fp8")], r"train.precision: expected fp32, bf16"),
+    # A mapping given whole on the command line: its keys were blamed on the file's lines of the keys it replaced.
+    ("model:\n  config:\n    n_positions: 128\n", [("model.config", "{n_positions: abc}")],
+     r"^command line: --model.config: model.config.n_positions: expected int, got 'abc'"),
+    ("train:\n  max_steps: 10\n", [("train", "{max_steps: ten}")],
+     r"^command line: --train: train.max_steps: expected int"),
     ("train:\n  max_steps: 10\n  epochs: 1\n", [], r"give only one of train.max_steps and train.epochs"),
     ("task: summarize\n", [], r"task: expected one of text_generation, text_classification"),
     ("model:\n  config:\n    n_layers: 2\n", [], r"model.config.n_layers: not a GPT2Config field; did you mean "

@@ -192,7 +192,28 @@ def test_a_merge_keeps_the_runs_config_and_finds_a_tokenizer(tmp_path, base_dir)
         assert main(["lora", "merge", "--adapter", str(final), "--output", str(output), "--overwrite"]) == 2
     assert {d: sorted(p.name for p in d.iterdir()) for d in (final, base_dir)} == before
     assert main(["lora", "merge", "--adapter", str(final), "--output", str(tmp_path / "merged")]) == 2  # not empty
+    # An earlier merge's tokenizer.json (read before vocab.json + merges.txt) was kept: the wrong vocabulary.
+    from gpt2kit.tokenizer import train_bpe
+
+    train_bpe([], 300, tmp_path / "merged", texts=["abc abd"] * 20, progress=False)
     assert main(["lora", "merge", "--adapter", str(final), "--output", str(tmp_path / "merged"), "--overwrite"]) == 0
+    assert not (tmp_path / "merged" / "tokenizer.json").exists()
+    assert GPT2Tokenizer.from_file(tmp_path / "merged").vocab_size == 50257
+
+
+def test_a_merge_that_fails_writing_its_tokenizer_leaves_no_output(tmp_path, base_dir, monkeypatch):
+    """The tokenizer files were copied in after the model directory was published: a failure left a directory
+    with config and weights but no vocabulary."""
+    GPT2Tokenizer.gpt2().save_pretrained(base_dir)
+    Trainer(args=lora_config(tmp_path, base_dir, max_steps=1), train_dataset=Sequences()).finetune()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(GPT2Tokenizer, "save_pretrained", full_disk)
+    assert main(["lora", "merge", "--adapter", str(tmp_path / "run" / "final"),
+                 "--output", str(tmp_path / "merged")]) == 2
+    assert not (tmp_path / "merged").exists()
 
 
 def test_the_adapter_names_the_weights_it_was_trained_on(tmp_path, base_dir, monkeypatch):

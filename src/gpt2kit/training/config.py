@@ -261,9 +261,12 @@ COMMAND_LINE = 0  # the "line" of a key given as a --section.key override
 def _locate(source: str, lines: dict[str, int], key: str) -> str:
     """"file:line: key" for error messages ("file: key" for a key that is not in the file, "command line: --key"
     for an override)."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):  # the key, or a mapping around it, given whole on the command line
+        given = ".".join(parts[:n])
+        if lines.get(given) == COMMAND_LINE:
+            return f"command line: --{key}" if given == key else f"command line: --{given}: {key}"
     line = lines.get(key)
-    if line == COMMAND_LINE:
-        return f"command line: --{key}"
     return f"{source}:{line}: {key}" if line else f"{source}: {key}"
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from torch import nn
@@ -141,10 +140,10 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     adapter's and the base's own directories never."""
     from peft.tuners.lora import LoraModel
 
-    from ..checkpoint import resolve_model_dir
+    from ..checkpoint import resolve_model_dir, save_pretrained
     from ..config import GPT2Config
     from ..model import GPT2LMHeadModel
-    from ..tokenizer import tokenizer_files
+    from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     config = read_adapter_config(adapter_dir)
@@ -180,7 +179,8 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     merged = wrapper.merge_and_unload()
     if hasattr(merged, "tie_weights"):
         merged.tie_weights()
-    merged.save_pretrained(output_dir)
-    for path in tokenizer_files(adapter_dir) or tokenizer_files(base_dir):
-        shutil.copyfile(path, output_dir / path.name)
+    # The tokenizer goes into the same atomic write, which also drops the vocabulary files of an earlier merge
+    # (a stale tokenizer.json would be read before new vocab.json + merges.txt).
+    source = next((d for d in (adapter_dir, base_dir) if has_tokenizer_files(d)), None)
+    save_pretrained(merged, output_dir, tokenizer=GPT2Tokenizer.from_file(source) if source else None)
     return output_dir

@@ -31,6 +31,7 @@ import random
 import shutil
 import sys
 import time
+from fractions import Fraction
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -512,7 +513,9 @@ class Trainer:
             raise ValueError(f"data.train: {len(train)} examples, fewer than one optimizer step's batch of "
                              f"{self.global_batch} (micro-batch x accumulation x devices); lower the batch size")
         self.steps_per_epoch = len(train) // self.global_batch  # each epoch's last partial batch is left out
-        self.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
+        # Exact decimal arithmetic: 0.07 epochs of 100 steps is 7 steps, where the float product rounds up to 8.
+        self.max_steps = (t.max_steps if t.max_steps is not None else
+                          math.ceil(Fraction(str(t.epochs)) * self.steps_per_epoch))
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, torch.Tensor]:
@@ -616,7 +619,8 @@ class Trainer:
                       f"{self.out_dir / CHECKPOINTS_DIR} ({stale[0].name} to {stale[-1].name})", file=sys.stderr)
         logger = MetricsLogger(self.out_dir, tensorboard=c.log.tensorboard, resume_step=self.step,
                                enabled=self.is_main)
-        peak, peak_source = peak_flops(self.device, torch.bfloat16 if self.precision != "fp32" else torch.float32)
+        peak, peak_source = peak_flops(self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            self.precision, torch.float32))  # the peak of the dtype the matmuls run in
         peak *= self.parallel.world_size
         matmul_params = self._matmul_params()
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
