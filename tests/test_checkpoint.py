@@ -119,8 +119,29 @@ def test_bad_inputs_give_one_clear_error(tmp_path, tiny_model, capsys):
     tiny_model.save_pretrained(tmp_path / "m2")
     config = json.loads((tmp_path / "m2" / "config.json").read_text())
     (tmp_path / "m2" / "config.json").write_text(json.dumps({**config, "n_embd": 128, "n_head": 4}))
-    with pytest.raises(CheckpointError, match=r"c_attn.bias has shape \(192,\), config.json implies \(384,\)"):
+    with pytest.raises(CheckpointError, match=r"m2/model.safetensors: .*c_attn.bias has shape \(192,\), "
+                                              r"config.json implies \(384,\)"):
         GPT2LMHeadModel.from_pretrained(tmp_path / "m2")
+    # The shard that holds the tensor is named (the directory was).
+    tiny_model.save_pretrained(tmp_path / "m3", max_shard_size="100KB")
+    config = json.loads((tmp_path / "m3" / "config.json").read_text())
+    (tmp_path / "m3" / "config.json").write_text(json.dumps({**config, "n_inner": 2 * config["n_embd"]}))
+    index = json.loads((tmp_path / "m3" / "model.safetensors.index.json").read_text())["weight_map"]
+    with pytest.raises(CheckpointError, match=rf"m3/{index['transformer.h.0.mlp.c_fc.bias']}: "
+                                              r"transformer.h.0.mlp.c_fc.bias has shape \(256,\), config.json "
+                                              r"implies \(128,\)"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "m3")
+    # A Conv1D weight's shapes as the file stores them, (in, out): they were shown transposed.
+    from safetensors.torch import load_file, save_file
+
+    tiny_model.save_pretrained(tmp_path / "m4")
+    state = load_file(tmp_path / "m4" / "model.safetensors")
+    state["h.1.mlp.c_proj.weight" if "h.1.mlp.c_proj.weight" in state else "transformer.h.1.mlp.c_proj.weight"] = \
+        torch.zeros(128, 64)
+    save_file(state, tmp_path / "m4" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"m4/model.safetensors: transformer.h.1.mlp.c_proj.weight has shape "
+                                              r"\(128, 64\), config.json implies \(256, 64\)"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "m4")
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
@@ -480,6 +501,53 @@ def test_a_tokenizer_saved_with_the_model_replaces_other_vocabulary_files(tmp_pa
     small.save_pretrained(tmp_path / "out")  # an earlier export: tokenizer.json of 300 ids
     save_pretrained(tiny_model.float(), tmp_path / "out", tokenizer=GPT2Tokenizer.gpt2())  # as the DCP merge does
     assert GPT2Tokenizer.from_file(tmp_path / "out").vocab_size == 50257
+
+
+def test_info_describes_what_loading_the_name_loads(tmp_path, monkeypatch, capsys):
+    """A bare GPT2Model directory has no LM head (it was counted untied); a directory named like a preset is the
+    directory, as from_pretrained and --model read it (info described the preset)."""
+    from gpt2kit import GPT2Config
+
+    bare = GPT2Model(GPT2Config(**SHAPE, tie_word_embeddings=False))
+    bare.save_pretrained(tmp_path / "bare")
+    assert main(["info", str(tmp_path / "bare")]) == 0
+    out = capsys.readouterr().out
+    assert f"{bare.num_parameters():,}" in out and "no LM head" in out
+    GPT2LMHeadModel(GPT2Config(**SHAPE)).save_pretrained(tmp_path / "gpt2-tiny")
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "gpt2-tiny"]) == 0 and "hidden       64\n" in capsys.readouterr().out
+    assert main(["info", "gpt2-tiny", "--parallel", "data=2"]) == 0 and "64" in capsys.readouterr().out
+
+
+def test_convert_replaces_the_outputs_vocabulary_with_the_inputs(tmp_path, hf_model):
+    """An earlier output's tokenizer.json outlived --overwrite beside the input's vocab.json + merges.txt, and
+    loaders read it first: the new weights with the old vocabulary."""
+    from gpt2kit import GPT2Tokenizer
+    from gpt2kit.tokenizer import train_bpe
+
+    hf_model.save_pretrained(tmp_path / "src")
+    GPT2Tokenizer.gpt2().save_pretrained(tmp_path / "src")
+    hf_model.save_pretrained(tmp_path / "out")
+    train_bpe([], 300, tmp_path / "out", texts=["hello world foo bar baz"] * 50, progress=False)
+    convert(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    assert GPT2Tokenizer.from_file(tmp_path / "out").encode("hello world") == [31373, 995]
+
+
+def test_convert_keeps_the_dtype_a_mixed_bin_loads_in(tmp_path, hf_model):
+    """With no dtype in config.json, the first floating tensor in file order decides: a .bin whose first is
+    float16 loaded in float16, its safetensors copy (sorted by name) in float32."""
+    (tmp_path / "mix").mkdir()
+    config = hf_model.config.to_dict()
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (tmp_path / "mix" / "config.json").write_text(json.dumps(config))
+    state = {k: (v.half() if k == "transformer.wte.weight" else v) for k, v in hf_model.state_dict().items()
+             if k != "lm_head.weight"}
+    torch.save(state, tmp_path / "mix" / "pytorch_model.bin")
+    convert(tmp_path / "mix", tmp_path / "out")
+    for directory in ("mix", "out"):
+        assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path / directory).dtype == torch.float16
+        assert next(GPT2LMHeadModel.from_pretrained(tmp_path / directory).parameters()).dtype == torch.float16
 
 
 def test_info_counts_a_classifiers_head(tmp_path, capsys):

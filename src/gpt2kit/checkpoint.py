@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import PRESETS, GPT2Config
 from .files import atomic_directory, read_json
-from .tokenizer import is_tokenizer_file
+from .tokenizer import has_tokenizer_files, is_tokenizer_file
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -230,6 +230,17 @@ def load_config(model_dir: str | os.PathLike) -> GPT2Config:
         raise CheckpointError(str(err)) from None
 
 
+def named_config(name_or_path: str | os.PathLike) -> GPT2Config:
+    """The config of what a name means to from_pretrained and --model: a directory that exists (even one named
+    like a preset), else a preset, else a model in the local HF cache."""
+    if str(name_or_path) in PRESETS and not Path(name_or_path).is_dir():
+        return GPT2Config.from_name(str(name_or_path))
+    try:
+        return load_config(resolve_model_dir(name_or_path))
+    except CheckpointError as err:
+        raise CheckpointError(f"{err} (presets: {', '.join(PRESETS)})") from None
+
+
 def classification_checkpoint_error(model_dir: Path) -> CheckpointError:
     """For a checkpoint with a classification head loaded as a language model: it would predict with the bare
     embedding, silently."""
@@ -295,10 +306,24 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path)
                               f"unexpected {unexpected[:5]}")
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, config.json implies "
-                                  f"{tuple(expected[key].shape)}")
+            # Shapes as the file stores them (HF's Conv1D weights are (in, out)), and the shard that holds it.
+            stored = (lambda shape: tuple(shape)[::-1]) if _CONV1D_WEIGHTS.search(key) else tuple
+            raise CheckpointError(f"{_file_holding(source, key)}: {key} has shape {stored(tensor.shape)}, "
+                                  f"config.json implies {stored(expected[key].shape)}")
         if not tensor.is_floating_point():
             raise CheckpointError(f"{source}: {key} is {tensor.dtype}, expected floating-point weights")
+
+
+def _file_holding(model_dir: Path, key: str) -> Path:
+    """The weight file of `model_dir` that holds `key` (a gpt2kit name: HF's may lack "transformer."), found as
+    load_state_dict found the weights."""
+    loaded = next((name for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, BIN_NAME, BIN_INDEX_NAME)
+                   if (model_dir / name).exists()), None)
+    if loaded is None or not loaded.endswith(".index.json"):
+        return model_dir / loaded if loaded else model_dir
+    weight_map = read_json(model_dir / loaded, error=CheckpointError)["weight_map"]
+    shard = weight_map.get(key) or weight_map.get(key.removeprefix("transformer."))
+    return model_dir / shard if shard else model_dir
 
 
 # ---- writing ------------------------------------------------------------------------------------------------
@@ -358,9 +383,11 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
 
     directory = Path(directory)
     # The directory's other files (tokenizer, README, ...) stay, as with transformers; old weights do not, nor old
-    # vocabulary files when a tokenizer is written (a loader would read a stale tokenizer.json first).
+    # vocabulary files when a tokenizer is written or copied in (a loader would read a stale tokenizer.json first).
+    new_tokenizer = tokenizer is not None or (companions is not None and has_tokenizer_files(companions))
+
     def keep(name: str) -> bool:
-        return not (is_model_file(name) or tokenizer is not None and is_tokenizer_file(name))
+        return not (is_model_file(name) or new_tokenizer and is_tokenizer_file(name))
 
     with atomic_directory(directory, keep=keep) as tmp:
         for file in sorted(companions.iterdir()) if companions is not None else []:
@@ -402,14 +429,15 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
                     state: dict[str, torch.Tensor] | None = None, tokenizer: Any = None) -> Path:
     """Write `model` (or `state`, its weights gathered elsewhere) as an HF-format directory, with `tokenizer`'s
     files when one is given (in the same atomic write)."""
-    from .model import GPT2ForSequenceClassification
+    from .model import GPT2ForSequenceClassification, GPT2Model
     from .quantization import is_inference_only
 
     if is_inference_only(model):
         raise ValueError("an int8-quantized or packed model is for inference only; save the model it was made from")
-    config = model.config
-    if isinstance(model, GPT2ForSequenceClassification):  # isinstance: FSDP subclasses the model in place
-        config = config.replace(extra={**config.extra, "architectures": ["GPT2ForSequenceClassification"]})
+    # The architecture the files hold, as transformers records it (isinstance: FSDP subclasses models in place).
+    architecture = ("GPT2ForSequenceClassification" if isinstance(model, GPT2ForSequenceClassification) else
+                    "GPT2Model" if isinstance(model, GPT2Model) else "GPT2LMHeadModel")
+    config = model.config.replace(extra={**model.config.extra, "architectures": [architecture]})
     return write_hf_directory(directory, config, gpt2kit_to_hf(model, state), max_shard_size=max_shard_size,
                               tokenizer=tokenizer)
 
@@ -420,7 +448,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, weights_format: s
     its other files (tokenizer, generation_config.json, ...)."""
     src_dir = resolve_model_dir(src)
     config = load_config(src_dir)
-    state = {k: v.contiguous() for k, v in load_state_dict(src_dir).items() if not _HF_BUFFERS.search(k)}
+    loaded = load_state_dict(src_dir)
+    dtype = checkpoint_dtype(config, loaded, src_dir)
+    if config_dtype(config, src_dir) is None and dtype is not None:
+        # Named, as the source's file order decided it: the output's order (safetensors sorts by name) may not.
+        config = config.replace(extra={**config.extra, "dtype": str(dtype).removeprefix("torch.")})
+    state = {k: v.contiguous() for k, v in loaded.items() if not _HF_BUFFERS.search(k)}
     if config.tie_word_embeddings and not has_separate_head(state):  # a separate head is kept, as loading does
         head = state.pop("lm_head.weight", None)  # safetensors refuses shared tensors; HF re-ties on load
         if head is not None and not any(k.endswith("wte.weight") for k in state):

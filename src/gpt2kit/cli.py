@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .allocator import ALLOCATORS, restart_with_allocator
-from .checkpoint import CheckpointError, convert, load_config, resolve_model_dir
-from .config import PRESETS, GPT2Config
+from .checkpoint import CheckpointError, convert, named_config
+from .config import PRESETS
 from .files import check_output_directory
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int | None]]
@@ -19,19 +19,18 @@ Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Na
 
 def model_summary(name_or_path: str) -> str:
     """Shape and exact parameter count of a preset or an HF directory, computed on the meta device."""
-    from .model import GPT2ForSequenceClassification, GPT2LMHeadModel
+    from .model import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 
-    if name_or_path in PRESETS:
-        config = GPT2Config.from_name(name_or_path)
+    config = named_config(name_or_path)
+    architectures = config.extra.get("architectures") or []
+    if "GPT2ForSequenceClassification" in architectures:
+        architecture, head = GPT2ForSequenceClassification, f"classification head of {config.num_labels} labels"
+    elif architectures == ["GPT2Model"]:  # the transformer alone, as transformers' GPT2Model loads it
+        architecture, head = GPT2Model, "no LM head"
     else:
-        try:
-            config = load_config(resolve_model_dir(name_or_path))
-        except CheckpointError as err:
-            raise CheckpointError(f"{err} (presets: {', '.join(PRESETS)})") from None
-    classifier = "GPT2ForSequenceClassification" in (config.extra.get("architectures") or [])
-    n_params = (GPT2ForSequenceClassification if classifier else GPT2LMHeadModel).count_parameters(config)
-    head = (f"classification head of {config.num_labels} labels" if classifier else
-            f"LM head {'tied to wte' if config.tie_word_embeddings else 'separate from wte'}")
+        architecture = GPT2LMHeadModel
+        head = f"LM head {'tied to wte' if config.tie_word_embeddings else 'separate from wte'}"
+    n_params = architecture.count_parameters(config)
     return "\n".join([
         f"model        {name_or_path}",
         f"layers       {config.n_layer}",

@@ -173,10 +173,9 @@ def parse_degrees(text: str) -> ParallelConfig:
 def memory_report(model: str, parallel: str, *, micro_batch_size: int = 1, seq_len: int | None = None,
                   precision: str = "bf16", recompute: bool = True) -> str:
     """`gpt2kit info MODEL --parallel shard=8,tensor=2`: the per-GPU memory table of a preset or model directory."""
-    from ..checkpoint import load_config, resolve_model_dir
-    from ..config import PRESETS
+    from ..checkpoint import named_config
 
-    config = GPT2Config.from_name(model) if model in PRESETS else load_config(resolve_model_dir(model))
+    config = named_config(model)
     degrees = parse_degrees(parallel)
     estimate = estimate_memory(config, degrees, micro_batch_size=micro_batch_size, seq_len=seq_len,
                                precision=precision, recompute=recompute)
