@@ -315,6 +315,12 @@ def test_chat_set_continues_the_random_stream_and_set_seed_restarts_it(model_dir
     assert unchanged.split("\n") == [fresh[0], fresh[1], "[temperature = 0.7]", fresh[2], ""]
     reseeded = chat_in_process(model_dir, "Hi\n/reset\n/set seed 0\nHi\n", seed=0, max_new_tokens=12)
     assert reseeded.split("\n") == [fresh[0], fresh[1], "[seed = 0]", fresh[0], ""]
+    # Through the Python API: a config with another seed restarts the stream at that seed.
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    config = GenerationConfig(do_sample=True, max_new_tokens=8, seed=1)
+    changed = ChatSession(model, tokenizer, config)
+    changed.set_config(config.replace(seed=2))
+    assert "".join(changed.reply("Hi")) == "".join(ChatSession(model, tokenizer, config.replace(seed=2)).reply("Hi"))
 
 
 def test_chat_greedy_reply_equals_generation_from_the_transcript(pipe, model_dir):

@@ -157,6 +157,11 @@ def test_calls_encode_as_transformers_does(tok, hf_tok):
                         == expected, (cut, options)
         hf_tok.truncation_side = "right"
         assert dict(tok(texts, padding="max_length")) == dict(hf_tok(texts, padding="max_length"))
+        for padding in (True, "max_length"):  # model_max_length (1024) is the truncation length: no multiple of 3
+            with pytest.raises(ValueError, match="not a multiple of pad_to_multiple_of"):
+                hf_tok(texts, padding=padding, truncation=True, pad_to_multiple_of=3)
+            with pytest.raises(ValueError, match=r"\(1024\) is not a multiple of pad_to_multiple_of"):
+                tok(texts, padding=padding, truncation=True, pad_to_multiple_of=3)
         assert dict(tok(texts[0] * 300, truncation=True)) == dict(hf_tok(texts[0] * 300, truncation=True))
     enc = tok(texts, padding=True, return_attention_mask=False, add_special_tokens=False, return_tensors="np")
     ref = hf_tok(texts, padding=True, return_attention_mask=False, add_special_tokens=False, return_tensors="np")

@@ -636,12 +636,32 @@ def test_finetuning_on_token_data_of_another_tokenizer_is_one_error(tmp_path):
         else:
             trainer.finetune(finetune_checkpoint=base)
             assert trainer.tokenizer.vocab_size == 50257
-    # A preset trained from scratch takes the data's tokenizer, as before.
+    # Random weights take the data's tokenizer, as before: a preset's, and a directory's whose shape train() takes
+    # (its own tokenizer files name no ids these weights have learnt).
     trainer = Trainer(args=run_config(tmp_path, data={"train": str(tmp_path / "small"), "seq_len": 32},
                                       train={"max_steps": 1}, model={"name": "gpt2-tiny", "config": {}},
                                       out_dir=str(tmp_path / "run-preset")))
     trainer.train()
     assert trainer.tokenizer.vocab_size == 300 and trainer.model.config.vocab_size == 300
+    trainer = Trainer(args=run_config(tmp_path, data={"train": str(tmp_path / "small"), "seq_len": 32},
+                                      train={"max_steps": 1}, model={"name": str(base), "config": {}},
+                                      out_dir=str(tmp_path / "run-shape")))
+    trainer.train()
+    assert trainer.tokenizer.vocab_size == 300
+
+
+def test_raw_text_is_tokenized_with_the_tokenizer_object_given(tmp_path):
+    """The text was tokenized with GPT-2's vocabulary whatever tokenizer= said (an IndexError in the embedding)."""
+    text = DATA / "the-verdict" / "the-verdict.txt"
+    trained = train_bpe([text], 300, tmp_path / "tok", progress=False)
+    config = run_config(tmp_path, data={"train": str(text), "seq_len": 32}, train={"max_steps": 1},
+                        model={"config": {**TINY, "vocab_size": 300}})
+    trainer = Trainer(args=config, tokenizer=trained)
+    trainer.train()
+    from gpt2kit.data import read_meta
+
+    assert read_meta(tmp_path / "run" / "data")["tokenizer"]["fingerprint"] == trained.fingerprint()
+    assert trainer.tokenizer is trained
 
 
 def test_evaluating_token_data_of_another_tokenizer_is_one_error(tmp_path):

@@ -51,14 +51,14 @@ class ChatSession:
         self.set_config(config, reseed=True)
 
     def set_config(self, config: GenerationConfig, reseed: bool = False) -> None:
-        """Use `config` for the following replies; the random stream restarts only with `reseed` (a new seed)."""
+        """Use `config` for the following replies; the random stream restarts with a new seed, or with `reseed`."""
         if config.max_new_tokens >= self.model.config.n_positions:
             raise ValueError(f"max_new_tokens ({config.max_new_tokens}) leaves no room for the conversation in "
                              f"the context of {self.model.config.n_positions} positions")
         config.check_vocabulary(self.model.config.vocab_size)
         # One generator for the whole conversation: a seed makes the conversation reproducible (GenerationConfig
         # has checked that torch takes it), and changing another setting must not rewind it to the first draws.
-        if reseed:
+        if reseed or config.seed != self.config.seed:
             device, _ = model_placement(self.model)  # sampling draws on the logits' device
             self.generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
         self.config = config

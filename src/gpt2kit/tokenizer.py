@@ -729,12 +729,11 @@ class GPT2Tokenizer:
         ids = self.encode_batch(texts, allowed_special=allowed_special) if len(texts) > 1 else \
             [self.encode(t, allowed_special=allowed_special) for t in texts]
         truncating = _truncates(truncation, max_length, padding)
-        if (truncating and padding not in (False, "do_not_pad") and pad_to_multiple_of and max_length is not None
-                and max_length % pad_to_multiple_of):
-            raise ValueError(f"truncation and padding are both on, but the truncation length ({max_length}) is not a "
+        limit = self.model_max_length if max_length is None else max_length
+        if truncating and padding not in (False, "do_not_pad") and pad_to_multiple_of and limit % pad_to_multiple_of:
+            raise ValueError(f"truncation and padding are both on, but the truncation length ({limit}) is not a "
                              f"multiple of pad_to_multiple_of ({pad_to_multiple_of})")
         if truncating:
-            limit = self.model_max_length if max_length is None else max_length
             ids = [row[len(row) - limit:] if cut_side == "left" and len(row) > limit else row[:limit]
                    for row in ids]
         width = None

@@ -152,6 +152,7 @@ class Trainer:
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.tokenizer = tokenizer
+        self._given_tokenizer = tokenizer
         # Under torchrun: join the job (one GPU per local rank); alone: rank 0 of 1 on the chosen device.
         self.parallel = init_distributed(config.parallel, device=self._pick_device(config.train.device))
         self.device = self.parallel.device
@@ -233,18 +234,34 @@ class Trainer:
         return target
 
     def _tokenizer_source(self) -> str:
-        """data.tokenizer (trained first when asked); unset: the model directory's tokenizer, else GPT-2's."""
-        if self.config.data.tokenizer_vocab_size is not None:
+        """data.tokenizer (trained first when asked); unset: the tokenizer object given (saved into the run, as
+        preprocessing reads files), else the model directory's tokenizer, else GPT-2's."""
+        d = self.config.data
+        if d.tokenizer_vocab_size is not None:
             self._train_tokenizer()
-        return self._named_tokenizer() or "gpt2"
+        if d.tokenizer is not None:
+            return d.tokenizer
+        if self._given_tokenizer is not None:
+            return str(self._saved_given_tokenizer())
+        sources = [self._weights, self.config.model.checkpoint, self.config.model.name]
+        return next((s for s in sources if s and has_tokenizer_files(s)), "gpt2")
 
-    def _named_tokenizer(self) -> str | None:
-        """The tokenizer the configuration names: data.tokenizer, else the vocabulary files of the model directory
-        (None when neither says: GPT-2's, or for preprocessed data, the tokenizer that data was made with)."""
+    def _saved_given_tokenizer(self) -> Path:
+        target = self.out_dir / "tokenizer"
+        if not (has_tokenizer_files(target) and
+                GPT2Tokenizer.from_file(target).fingerprint() == self._given_tokenizer.fingerprint()):
+            self._given_tokenizer.save_pretrained(target)  # once: later ranks and runs find it current
+        return target
+
+    def _required_tokenizer(self) -> str | None:
+        """The tokenizer token data must have been made with, where the run has one: data.tokenizer, the one given,
+        or that of the weights it finetunes (their embedding rows are its ids). None when random weights name
+        none: they take the data's."""
         if self.config.data.tokenizer is not None:
             return self.config.data.tokenizer
-        sources = [self._weights, self.config.model.checkpoint, self.config.model.name]
-        return next((s for s in sources if s and has_tokenizer_files(s)), None)
+        if self._given_tokenizer is not None:
+            return "the tokenizer given"
+        return self._weights if self._weights is not None and has_tokenizer_files(self._weights) else None
 
     def _train_tokenizer(self) -> None:
         """Train a byte-level BPE tokenizer on the training text into `data.tokenizer`; reused by later runs
@@ -315,13 +332,13 @@ class Trainer:
             train_dir = self._corpus_dir(d.train, "data", d.val_fraction, self._tokenizer_source())
             spec = read_meta(train_dir)["tokenizer"]  # validation text gets the tokenizer of the training data
             tokenizer = "gpt2" if spec["name"] == "gpt2" else str(train_dir / spec["file"])
-            if self.tokenizer is None and self._named_tokenizer() is None:
-                self.tokenizer = load_tokenizer(train_dir)
+            required = self._required_tokenizer()
+            if required is None:
+                self.tokenizer = self.tokenizer or load_tokenizer(train_dir)
             elif spec.get("fingerprint") not in (None, self._get_tokenizer().fingerprint()):
                 # Ids of another vocabulary: finetuning would run, and save that vocabulary beside the weights.
                 raise ValueError(f"data.train: {train_dir} was tokenized with another tokenizer than the model's "
-                                 f"({self._named_tokenizer() or 'the one given'}); preprocess the text with that "
-                                 "tokenizer (preprocess --tokenizer)")
+                                 f"({required}); preprocess the text with that tokenizer (preprocess --tokenizer)")
             train = PretrainingDataset(train_dir, seq_len, "train")
             if val is None and d.val is None and "val" in read_meta(train_dir)["splits"]:
                 val = PretrainingDataset(train_dir, seq_len, "val")
