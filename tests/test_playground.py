@@ -145,6 +145,32 @@ def test_page_chats_over_the_chat_completions_api(browser, model_dir):
         page.close()
 
 
+def test_page_layout_wrapping_and_focus(browser, model_dir):
+    """A form the browser restores (back) with Chat checked showed the Completion layout, and replies went into the
+    hidden chat; a word longer than the box ran off the page; focus was lost after each send."""
+    with LiveServer(model_dir) as live:
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        page.goto(live.url + "/")
+        page.wait_for_function("() => document.querySelector('#model-name').textContent === 'tiny'")
+        page.check("input[name=mode][value=chat]")
+        page.goto(live.url + "/health")
+        page.go_back()
+        page.wait_for_function("() => document.querySelector('#model-name').textContent === 'tiny'")
+        if page.is_checked("input[name=mode][value=chat]"):  # the browser restored the form
+            assert page.is_visible("#chat") and not page.is_visible("#output")
+            assert page.text_content("#generate") == "Send"
+        page.check("input[name=mode][value=completion]")
+        page.fill("#max-tokens", "3")
+        page.fill("#prompt", "a" * 300)  # shown as typed, whether this model's context holds it or not
+        page.click("#generate")
+        page.wait_for_function("() => !document.querySelector('#generate').disabled", timeout=30_000)
+        assert page.evaluate("() => document.querySelector('#output').scrollWidth <= "
+                             "document.querySelector('#output').clientWidth")
+        assert page.evaluate("() => document.activeElement.id") == "prompt"
+        assert page.get_attribute("#status", "role") == "status"
+        page.close()
+
+
 def test_page_behind_an_api_key(browser, model_dir):
     with LiveServer(model_dir, api_key="s3cret") as live:
         context = browser.new_context(http_credentials={"username": "me", "password": "s3cret"})
@@ -156,6 +182,14 @@ def test_page_behind_an_api_key(browser, model_dir):
         context.close()
         from playwright.sync_api import Error as PlaywrightError
 
+        # The key in the address (http://me:KEY@host/): the page's fetches of "/v1/..." carried the credentials in
+        # their URL, which fetch refuses.
+        page = browser.new_page()
+        page.goto(live.url.replace("http://", "http://me:s3cret@") + "/")
+        page.wait_for_function("() => document.querySelector('#model-name').textContent === 'tiny'")
+        generate_in_page(page)
+        assert page.text_content("#completion") == expected_completion(live.url, "s3cret")
+        page.close()
         page = browser.new_page()
         with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):  # no key: refused
             page.goto(live.url + "/")
