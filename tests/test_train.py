@@ -425,6 +425,19 @@ def test_cached_tokenizer_and_token_data_follow_the_config(tmp_path, capsys):
     assert run(second, 350)["tokenizer"]["vocab_size"] == 350
 
 
+def test_a_trained_tokenizer_goes_into_the_run_by_default(tmp_path):
+    """The demo configs named runs/demo/tokenizer: a run given another out_dir retrained the demo's tokenizer."""
+    text = Path(__file__).parent.parent / "examples" / "data" / "the-verdict" / "the-verdict.txt"
+    config = run_config(tmp_path, model={"name": "gpt2-tiny", "config": {**TINY, "vocab_size": 300}},
+                        train={"max_steps": 1, "micro_batch_size": 2}, out_dir=str(tmp_path / "elsewhere"),
+                        data={"train": str(text), "seq_len": 16, "tokenizer_vocab_size": 300})
+    trainer = Trainer(args=config)
+    trainer.train()
+    assert config.data.tokenizer == str(tmp_path / "elsewhere" / "tokenizer")
+    saved = GPT2Tokenizer.from_file(tmp_path / "elsewhere" / "tokenizer")
+    assert saved.vocab_size == 300 and saved.fingerprint() == trainer.tokenizer.fingerprint()
+
+
 def test_resume_continues_when_the_checkpoint_position_is_past_this_runs_epoch(tmp_path):
     """10 examples in steps of 2 consumed a whole epoch (position 10); resumed with steps of 4 an epoch is 8
     examples: the run goes on with the next epoch instead of refusing the position."""

@@ -48,8 +48,8 @@ class DataArgs:
     val: str | None = None  # validation/dev set; pretraining: default the "val" split of `train`
     format: str = "auto"  # preprocess: auto|text|jsonl|wikitext...; txtcls: auto|sst2|cola|agnews|csv; alpaca
     text_key: str = "text"  # jsonl field holding the text
-    tokenizer: str | None = None  # "gpt2", a tokenizer file/dir (or where `tokenizer_vocab_size` writes one);
-    # unset: the one saved in the model directory, else GPT-2's
+    tokenizer: str | None = None  # "gpt2", a tokenizer file/dir (or where `tokenizer_vocab_size` writes one,
+    # default out_dir/tokenizer); unset: the one saved in the model directory, else GPT-2's
     tokenizer_vocab_size: int | None = None  # train a byte-level BPE of this size on `train` first
     seq_len: int | None = None  # pretraining window; default the model's context (n_positions)
     max_length: int | None = None  # txtcls / instruction: truncate examples to this many tokens

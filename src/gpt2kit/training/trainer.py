@@ -149,6 +149,8 @@ class Trainer:
             elif value is not None:
                 setattr(config.data, split, str(value))
         config.validate()
+        if config.data.tokenizer_vocab_size is not None and config.data.tokenizer is None:
+            config.data.tokenizer = str(Path(config.out_dir) / "tokenizer")  # the run's own, wherever out_dir is
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.tokenizer = tokenizer
@@ -264,13 +266,11 @@ class Trainer:
         return self._weights if self._weights is not None and has_tokenizer_files(self._weights) else None
 
     def _train_tokenizer(self) -> None:
-        """Train a byte-level BPE tokenizer on the training text into `data.tokenizer`; reused by later runs
-        while the vocabulary size and the training files stay the same."""
+        """Train a byte-level BPE tokenizer on the training text into `data.tokenizer` (default out_dir/tokenizer);
+        reused by later runs while the vocabulary size and the training files stay the same."""
         from ..data.tokenizer_training import tokenizer_is_current, train_tokenizer
 
         d = self.config.data
-        if d.tokenizer is None:
-            raise ValueError("data.tokenizer: name the directory the trained tokenizer goes to")
         if d.train is None:
             raise ValueError("data.tokenizer_vocab_size: no data.train to train the tokenizer on")
         if (Path(d.train) / "meta.json").is_file():
