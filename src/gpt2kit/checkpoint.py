@@ -148,13 +148,17 @@ def load_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of an HF-format directory, whatever the layout (single file, shards, .bin or safetensors).
     A directory holding several layouts (a hub repo given safetensors beside its .bin files) is read in
     transformers' order: safetensors before pickles, a single file before shards."""
-    model_dir = Path(model_dir)
-    for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, BIN_NAME, BIN_INDEX_NAME):
-        path = model_dir / name
-        if path.exists():
-            return _load_shards(path) if name.endswith(".index.json") else load_weight_file(path)
-    raise CheckpointError(f"{model_dir}: no weights found (expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
-                          f"{BIN_NAME} or {BIN_INDEX_NAME})")
+    path = _weights_path(Path(model_dir))
+    if path is None:
+        raise CheckpointError(f"{model_dir}: no weights found (expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
+                              f"{BIN_NAME} or {BIN_INDEX_NAME})")
+    return _load_shards(path) if path.name.endswith(".index.json") else load_weight_file(path)
+
+
+def _weights_path(model_dir: Path) -> Path | None:
+    """The weight file or shard index a directory is read from, in transformers' order."""
+    return next((model_dir / name for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, BIN_NAME, BIN_INDEX_NAME)
+                 if (model_dir / name).exists()), None)
 
 
 # ---- HF <-> gpt2kit names -----------------------------------------------------------------------------------
@@ -315,13 +319,11 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path)
 
 
 def _file_holding(model_dir: Path, key: str) -> Path:
-    """The weight file of `model_dir` that holds `key` (a gpt2kit name: HF's may lack "transformer."), found as
-    load_state_dict found the weights."""
-    loaded = next((name for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, BIN_NAME, BIN_INDEX_NAME)
-                   if (model_dir / name).exists()), None)
-    if loaded is None or not loaded.endswith(".index.json"):
-        return model_dir / loaded if loaded else model_dir
-    weight_map = read_json(model_dir / loaded, error=CheckpointError)["weight_map"]
+    """The weight file of `model_dir` that holds `key` (a gpt2kit name: HF's may lack "transformer.")."""
+    path = _weights_path(model_dir)
+    if path is None or not path.name.endswith(".index.json"):
+        return path or model_dir
+    weight_map = read_json(path, error=CheckpointError)["weight_map"]
     shard = weight_map.get(key) or weight_map.get(key.removeprefix("transformer."))
     return model_dir / shard if shard else model_dir
 
@@ -449,8 +451,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, weights_format: s
     src_dir = resolve_model_dir(src)
     config = load_config(src_dir)
     loaded = load_state_dict(src_dir)
-    dtype = checkpoint_dtype(config, loaded, src_dir)
-    if config_dtype(config, src_dir) is None and dtype is not None:
+    if config_dtype(config, src_dir) is None and (dtype := state_dtype(loaded.values())) is not None:
         # Named, as the source's file order decided it: the output's order (safetensors sorts by name) may not.
         config = config.replace(extra={**config.extra, "dtype": str(dtype).removeprefix("torch.")})
     state = {k: v.contiguous() for k, v in loaded.items() if not _HF_BUFFERS.search(k)}

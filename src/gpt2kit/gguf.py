@@ -23,8 +23,8 @@ from .files import atomic_file, check_output_file
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer
 from .quantization import is_inference_only
-from .tokenizer import (CL100K_PATTERN, GPT2_PATTERN, GPT2Tokenizer, byte_to_unicode, is_tokenizer_file,
-                        portable_pattern)
+from .tokenizer import (CL100K_PATTERN, GPT2_PATTERN, GPT2Tokenizer, is_tokenizer_file, portable_pattern,
+                        token_string)
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 F16_MAX = 65504.0  # the largest finite float16
@@ -73,7 +73,6 @@ def gguf_vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
                          f"{vocab_size}")
-    to_text = byte_to_unicode()
     encoding = tokenizer.encoding
     specials = {encoding.encode_single_token(text): text for text in encoding.special_tokens_set}
     tokens, types = [], []
@@ -88,12 +87,11 @@ def gguf_vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str
             tokens.append(f"[PAD{token_id}]")
             types.append(_UNUSED)
             continue
-        tokens.append("".join(to_text[b] for b in data))
+        tokens.append(token_string(data))
         types.append(_NORMAL)
     tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
     types += [_UNUSED] * (vocab_size - len(types))
-    merges = ["".join(to_text[b] for b in left) + " " + "".join(to_text[b] for b in right)
-              for left, right in tokenizer.bpe_merges()]
+    merges = [f"{token_string(left)} {token_string(right)}" for left, right in tokenizer.bpe_merges()]
     return tokens, types, merges
 
 

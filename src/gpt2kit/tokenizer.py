@@ -73,6 +73,12 @@ def byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
+def token_string(data: bytes) -> str:
+    """A token's bytes as vocab.json, merges.txt and transformers spell them (" world" is "Ġworld")."""
+    to_text = byte_to_unicode()
+    return "".join(to_text[b] for b in data)
+
+
 @functools.cache
 def _unicode_to_byte() -> dict[str, int]:
     return {c: b for b, c in byte_to_unicode().items()}
@@ -145,8 +151,7 @@ def _ranks_from_vocab(vocab: dict[str, int], merges: Iterable[str | Sequence[str
     for n, (left, right) in enumerate(pairs, 1):
         built = _split_in_two(ranks, left + right)
         if built != (left, right):
-            to_text = byte_to_unicode()
-            shown = [" ".join("".join(to_text[b] for b in part) for part in pair) for pair in ((left, right), built)]
+            shown = [" ".join(token_string(part) for part in pair) for pair in ((left, right), built)]
             raise TokenizerError(f"{source}: merge {n} ({shown[0]!r}) makes a token that tiktoken would build from "
                                  f"{shown[1]!r}; the ids would differ from transformers'")
     return ranks, made
@@ -542,11 +547,6 @@ class GPT2Tokenizer:
         """This vocabulary as a HuggingFace `tokenizers` file: byte-level BPE after this tokenizer's split pattern,
         special tokens as added tokens, and ignore_merges (a piece found in the vocabulary is one token, as
         tiktoken encodes)."""
-        to_text = byte_to_unicode()
-
-        def text(data: bytes) -> str:
-            return "".join(to_text[b] for b in data)
-
         ranks = self.encoding._mergeable_ranks
         specials = self.encoding._special_tokens
         return {
@@ -565,8 +565,9 @@ class GPT2Tokenizer:
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
                       # The special tokens too: tokenizers numbers an added token that the vocabulary lacks
                       # after the vocabulary's last id, whatever id it is given (cl100k's specials sit in gaps).
-                      "vocab": {**{text(t): i for t, i in sorted(ranks.items(), key=lambda x: x[1])}, **specials},
-                      "merges": [[text(left), text(right)] for left, right in self.bpe_merges()]},
+                      "vocab": {**{token_string(t): i for t, i in sorted(ranks.items(), key=lambda x: x[1])},
+                                **specials},
+                      "merges": [[token_string(left), token_string(right)] for left, right in self.bpe_merges()]},
         }
 
     # ---- encoding -----------------------------------------------------------------------------------------
@@ -619,7 +620,7 @@ class GPT2Tokenizer:
         """Text of `ids` (or of one id); bytes that do not form complete UTF-8 characters become U+FFFD. An id that
         is not in the vocabulary is a ValueError naming it. `clean_up_tokenization_spaces` is accepted and, as in
         transformers 5 for BPE tokenizers, never applied: it would delete spaces the text has."""
-        ids = [int(ids)] if isinstance(ids, int) or getattr(ids, "ndim", None) == 0 else [int(i) for i in ids]
+        ids = _id_list(ids)
         if skip_special_tokens:
             special = set(self.all_special_ids)
             ids = [i for i in ids if i not in special]
@@ -675,20 +676,14 @@ class GPT2Tokenizer:
         """Every token as vocab.json spells it (bytes through GPT-2's byte-to-character map), special tokens as
         their text, with its id."""
         if self._vocab is None:
-            to_text = byte_to_unicode()
-            self._vocab = {"".join(to_text[b] for b in token): i for token, i in self.encoding._mergeable_ranks.items()}
+            self._vocab = {token_string(token): i for token, i in self.encoding._mergeable_ranks.items()}
             self._vocab.update(self.encoding._special_tokens)
         return self._vocab
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> str | list[str]:
-        to_text, specials = byte_to_unicode(), {i: t for t, i in self.encoding._special_tokens.items()}
-
-        def token(i: int) -> str:
-            return specials[i] if i in specials else "".join(to_text[b] for b in self.decode_bytes([i]))
-
-        if isinstance(ids, int) or getattr(ids, "ndim", None) == 0:
-            return token(int(ids))
-        return [token(int(i)) for i in ids]
+        specials = {i: t for t, i in self.encoding._special_tokens.items()}
+        tokens = [specials[i] if i in specials else token_string(self.decode_bytes([i])) for i in _id_list(ids)]
+        return tokens[0] if _is_one_id(ids) else tokens
 
     def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | list[int]:
         """Ids of tokens spelled as get_vocab spells them; a string that is no token gives unk_token_id, as in
@@ -757,6 +752,15 @@ class GPT2Tokenizer:
             ids, masks = ids[0], masks[0]
         return BatchEncoding({"input_ids": ids, "attention_mask": masks} if return_attention_mask else
                              {"input_ids": ids})
+
+
+def _is_one_id(ids: Any) -> bool:
+    """An int, a NumPy integer or a 0-d tensor, as transformers' decode takes one id."""
+    return isinstance(ids, int) or getattr(ids, "ndim", None) == 0
+
+
+def _id_list(ids: Any) -> list[int]:
+    return [int(ids)] if _is_one_id(ids) else [int(i) for i in ids]
 
 
 def _as_arrays(ids: list[list[int]], masks: list[list[int]], kind: str) -> tuple[Any, Any]:

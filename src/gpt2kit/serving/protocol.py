@@ -272,8 +272,11 @@ class LogprobsBuilder:
         """Characters that bytes still pending from earlier tokens become before this token: none when its first
         byte continues their character (an "é" split over two tokens starts before the second), else their
         replacement characters (a lone b"\xf0" is one "\ufffd", and the next token starts after it)."""
+        pending = self._utf8.getstate()
+        if not pending[0]:  # the usual case: every earlier byte is part of a character already counted
+            return 0
         joined = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        joined.setstate(self._utf8.getstate())
+        joined.setstate(pending)
         alone = codecs.getincrementaldecoder("utf-8")(errors="replace")
         return max(0, len(joined.decode(first_byte)) - len(alone.decode(first_byte)))
 
