@@ -14,6 +14,8 @@ import threading
 import torch
 from torch import Tensor
 
+from .cpu_matmul import mm, weight_gradient
+
 IGNORE_INDEX = -100
 # Logits per chunk: 32 MiB in float32. Large enough for efficient matmuls; larger float32 blocks are mmapped afresh
 # for every chunk by glibc's malloc on CPU, and page-faulting them in cost more than the softmax itself.
@@ -181,7 +183,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 x = hidden[rows]
-                logits = torch.mm(x, weight.T, out=logits_buffer[:x.shape[0]])
+                logits = mm(x, weight.T, out=logits_buffer[:x.shape[0]])
                 for at in range(0, x.shape[0], slice_rows):
                     part = logits[at:at + slice_rows]
                     chunk_part = slice(start + at, start + at + part.shape[0])
@@ -194,13 +196,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         if low_precision:
                             part.copy_(g)
                 if want_hidden:
-                    grad_hidden[rows] = (logits @ weight) * scale[rows]
+                    grad_hidden[rows] = mm(logits, weight) * scale[rows]
                 if want_weight:
                     # Ignored rows are masked out of the product; padded columns of g are 0.
                     x = x.masked_fill(~valid[rows], 0)
                     if not low_precision:
-                        grad_weight = (torch.mm(logits[:, :vocab].T, x) if grad_weight is None
-                                       else grad_weight.addmm_(logits[:, :vocab].T, x))
+                        product = weight_gradient(logits, x)[:vocab]
+                        grad_weight = product if grad_weight is None else grad_weight.add_(product)
                     else:
                         shift = _float16_shift(x) if dtype == torch.float16 else 1.0
                         product = torch.mm(logits.T, x.mul_(shift) if shift != 1.0 else x,

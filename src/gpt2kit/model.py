@@ -1,7 +1,8 @@
 """GPT-2 in plain PyTorch, readable top to bottom.
 
 Parameter names equal HuggingFace's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...) so checkpoints map 1:1;
-projections are `nn.Linear` (HF stores them as transposed Conv1D; checkpoint.py transposes at the boundary).
+projections are `nn.Linear` (HF stores them as transposed Conv1D; checkpoint.py transposes at the boundary), as
+`cpu_matmul.Linear`, which multiplies float32 through oneDNN on CPUs where that is faster.
 The model knows nothing of ranks, devices or parallelism: training/parallel.py wraps it from outside.
 """
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import GPT2Config
+from .cpu_matmul import Linear
 from .losses import TiedEmbeddingGradient, linear_cross_entropy, lm_loss, tied_embedding
 
 
@@ -82,8 +84,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -112,9 +114,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim)
+        self.c_fc = Linear(config.n_embd, config.mlp_dim)
         self.act = nn.GELU(approximate="tanh")  # GPT-2's weights were trained with this approximation ("gelu_new")
-        self.c_proj = nn.Linear(config.mlp_dim, config.n_embd)
+        self.c_proj = Linear(config.mlp_dim, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -302,7 +304,7 @@ def plain_head_weight(head: nn.Module) -> Tensor | None:
     """The (vocab, n_embd) weight of an LM head that is exactly an nn.Linear without bias holding a plain tensor,
     which callers may multiply with directly; None for any other head (a DTensor, LoRA or int8 layers), which
     must run as its own module."""
-    if type(head) is nn.Linear and head.bias is None and is_plain(head.weight):
+    if type(head) in (nn.Linear, Linear) and head.bias is None and is_plain(head.weight):
         return head.weight
     return None
 
@@ -314,7 +316,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self._init_weights()
 
@@ -414,7 +416,7 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         super().__init__()
         self.config = config
         self.transformer = GPT2Model(config)
-        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.score = Linear(config.n_embd, config.num_labels, bias=False)
         self._init_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,

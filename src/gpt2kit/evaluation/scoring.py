@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..cpu_matmul import mm
 from ..files import read_utf8, require_file
 from ..losses import padded_vocab_size, scratch_buffer
 from ..model import GPT2LMHeadModel, eval_mode, is_plain, plain_head_weight
@@ -134,7 +135,7 @@ def _lm_head(model: GPT2LMHeadModel) -> Callable[[Tensor], Tensor]:
         # One block of ROWS_PER_CHUNK rows serves every chunk, the last one too (untouched pages cost nothing).
         block = scratch_buffer("logits", (max(len(rows), ROWS_PER_CHUNK), len(padded)), weight.dtype,
                                weight.device)
-        return torch.mm(rows, padded.T, out=block[:len(rows)])
+        return mm(rows, padded.T, out=block[:len(rows)])
 
     return logits
 
