@@ -71,6 +71,30 @@ def test_mm_and_weight_gradient_equal_torch_mm(onednn):
         product = weight_gradient(grad, x)
         assert product.is_contiguous()
         torch.testing.assert_close(product, grad.T @ x, rtol=1e-5, atol=1e-5)
+        total = torch.randn(grad.shape[1], x.shape[1])
+        expected = total + grad.T @ x
+        assert weight_gradient(grad, x, add_to=total) is total
+        torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_matrices_with_gaps_between_rows_keep_pytorchs_kernel():
+    """oneDNN takes contiguous matrices and their transposes; a column slice (rows with gaps) sent it to a
+    reference kernel that took minutes at GPT-2's vocabulary."""
+    before = use_onednn_float32()
+    use_onednn_float32(True)
+    try:
+        torch.manual_seed(0)
+        wide, b, x, w = torch.randn(6, 40), torch.randn(30, 8), torch.randn(3, 5, 32), torch.randn(7, 16)
+        a = wide[:, :30]
+        for call, expected in ((lambda: mm(a, b), a @ b), (lambda: mm(b.T, wide[:, :30].T), b.T @ a.T),
+                               (lambda: weight_gradient(a, wide[:, 30:]), a.T @ wide[:, 30:]),
+                               (lambda: linear(x[..., ::2], w), F.linear(x[..., ::2], w))):
+            result = {}
+            assert ONEDNN_OP not in ops_run(lambda: result.update(y=call()))
+            torch.testing.assert_close(result["y"], expected)
+        assert ONEDNN_OP in ops_run(lambda: mm(wide[:, :30].contiguous().T.T, b))  # dense again: oneDNN
+    finally:
+        use_onednn_float32(before)
 
 
 @pytest.mark.parametrize("case", ["bf16", "autocast", "empty"])

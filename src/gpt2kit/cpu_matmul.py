@@ -65,14 +65,26 @@ def use_onednn_float32(enabled: bool | None = None) -> bool:
     return _onednn_float32
 
 
+def is_plain(tensor: Tensor) -> bool:
+    """A tensor that holds all its values here, not a DTensor shard of a tensor-parallel or FSDP model. The exact
+    type avoids importing torch.distributed here to recognize a DTensor."""
+    return type(tensor) in (Tensor, nn.Parameter)
+
+
+def _dense(tensor: Tensor) -> bool:
+    """Contiguous, or a transposed view of a contiguous matrix: oneDNN's fast kernels take these layouts. Rows with
+    gaps (a column slice) send it to a reference kernel that took minutes for one GPT-2-sized product."""
+    return tensor.is_contiguous() or (tensor.dim() == 2 and tensor.T.is_contiguous())
+
+
 def _applies(*tensors: Tensor) -> bool:
-    """oneDNN takes these float32 CPU tensors: plain ones (not DTensors or other subclasses), outside autocast and
-    outside code being traced (torch.compile, torch.export, the ONNX exporter) or watched by a dispatch mode
-    (FlopCounterMode, fake tensors), which should see PyTorch's own ops."""
+    """oneDNN takes these float32 CPU tensors: plain (not DTensors or other subclasses), non-empty and dense (see
+    _dense), outside autocast and outside code being traced (torch.compile, torch.export, the ONNX exporter) or
+    watched by a dispatch mode (FlopCounterMode, fake tensors), which should see PyTorch's own ops."""
     return (_onednn_float32 and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
             and _get_current_dispatch_mode() is None and not torch.is_autocast_enabled("cpu")
-            and all(type(t) in (Tensor, nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu"
-                    and t.numel() > 0 for t in tensors))
+            and all(is_plain(t) and t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() > 0
+                    and _dense(t) for t in tensors))
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -88,15 +100,14 @@ def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.mm(a, b, out=out)
 
 
-def weight_gradient(grad: Tensor, x: Tensor) -> Tensor:
-    """grad.T @ x, contiguous: a linear layer's weight gradient from its output's gradient (rows, out) and its
-    input (rows, in). oneDNN computes the (in, out) product x.T @ grad faster when out >= in (2x at GPT-2's
-    vocabulary), so that one is computed and transposed then."""
+def weight_gradient(grad: Tensor, x: Tensor, add_to: Tensor | None = None) -> Tensor:
+    """grad.T @ x, contiguous, or added into `add_to` (and that returned): a linear layer's weight gradient from
+    its output's gradient (rows, out) and its input (rows, in). oneDNN computes the (in, out) product x.T @ grad
+    faster when out >= in (2x at GPT-2's vocabulary), so that one is computed and read transposed then."""
     if not _applies(grad, x):
-        return grad.T @ x
-    if grad.shape[1] >= x.shape[1]:
-        return onednn_linear(x.T, grad.T).T.contiguous()
-    return onednn_linear(grad.T, x.T)
+        return grad.T @ x if add_to is None else add_to.addmm_(grad.T, x)
+    product = onednn_linear(x.T, grad.T).T if grad.shape[1] >= x.shape[1] else onednn_linear(grad.T, x.T)
+    return product.contiguous() if add_to is None else add_to.add_(product)
 
 
 class _OneDNNLinear(torch.autograd.Function):

@@ -200,9 +200,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_weight:
                     # Ignored rows are masked out of the product; padded columns of g are 0.
                     x = x.masked_fill(~valid[rows], 0)
-                    if not low_precision:
-                        product = weight_gradient(logits, x)[:vocab]
-                        grad_weight = product if grad_weight is None else grad_weight.add_(product)
+                    if not low_precision:  # all padded rows (zero; sliced off below): oneDNN takes whole rows
+                        grad_weight = weight_gradient(logits, x, add_to=grad_weight)
                     else:
                         shift = _float16_shift(x) if dtype == torch.float16 else 1.0
                         product = torch.mm(logits.T, x.mul_(shift) if shift != 1.0 else x,
@@ -214,6 +213,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                             grad_weight.add_(upcast.copy_(product), alpha=1 / shift)
                         else:
                             grad_weight.add_(product, alpha=1 / shift)
+        if grad_weight is not None:
+            grad_weight = grad_weight[:vocab]
         # The weight gradient is a tensor of its own, never a view of a scratch buffer: autograd may keep it as the
         # parameter's .grad, and the tied embedding lookup adds into it. 1/n_valid is applied in backward, except
         # for low-precision weights: their float32 sum is averaged before rounding, as it could exceed fp16's range.

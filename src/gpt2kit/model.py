@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import GPT2Config
-from .cpu_matmul import Linear
+from .cpu_matmul import Linear, is_plain
 from .losses import TiedEmbeddingGradient, linear_cross_entropy, lm_loss, tied_embedding
 
 
@@ -292,12 +292,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-def is_plain(tensor: Tensor) -> bool:
-    """A tensor that holds all its values here, not a DTensor shard of a tensor-parallel or FSDP model. The exact
-    type avoids importing torch.distributed here to recognize a DTensor."""
-    return type(tensor) in (Tensor, nn.Parameter)
 
 
 def plain_head_weight(head: nn.Module) -> Tensor | None:
