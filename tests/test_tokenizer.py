@@ -369,7 +369,7 @@ def _spec(tmp_path, **changes):
 
 @pytest.mark.parametrize("change, message", [
     ("top_list", r"bad.json: model type None"),
-    ("no_vocab", r"bad.json: model.vocab must be an object"),
+    ("no_vocab", r"bad.json: model.vocab must be a JSON object of token -> integer id"),
     ("added_without_content", r"bad.json: added_tokens\[0\] must be an object with a string content"),
     ("three_part_merge", r"bad.json: merge 1 is 'a b c'; expected two tokens"),
     ("metaspace_token", r"bad.json: token '\u2581a' is not in GPT-2's byte-level alphabet"),
@@ -492,6 +492,44 @@ def test_vocab_and_merges_files_are_checked_like_tokenizer_json(tmp_path):
         (tmp_path / name / "merges.txt").write_text(merges)
         with pytest.raises(TokenizerError, match=message):
             GPT2Tokenizer.from_file(tmp_path / name)
+
+
+@pytest.mark.parametrize("vocab, merges, message", [
+    ("[]", "#version: 0.2\n", r"bad/vocab.json: the file must be a JSON object of token -> integer id"),
+    ('{"a": "1"}', "#version: 0.2\n", r"bad/vocab.json: the file must be a JSON object of token -> integer id"),
+    ("{}", b"#version: 0.2\n\xff\n", r"bad/merges.txt: not UTF-8 text"),
+])
+def test_malformed_vocab_and_merges_files_name_the_file(tmp_path, vocab, merges, message):
+    """They crashed with AttributeError / TypeError, or gave a decoding error that named no file."""
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "vocab.json").write_text(vocab)
+    (tmp_path / "bad" / ("merges.txt")).write_bytes(merges if isinstance(merges, bytes) else merges.encode())
+    with pytest.raises(TokenizerError, match=message):
+        GPT2Tokenizer.from_file(tmp_path / "bad")
+
+
+def test_merges_without_a_version_header_keep_their_first_merge(tmp_path):
+    """transformers skips only a "#version" first line; gpt2kit dropped line 1 whatever it held."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "vocab.json").write_bytes((ASSETS / "encoder.json").read_bytes())
+    lines = (ASSETS / "vocab.bpe").read_text().split("\n")
+    assert lines[0].startswith("#version")
+    (tmp_path / "plain" / "merges.txt").write_text("\n".join(lines[1:]))
+    text = " the theory of everything"
+    assert GPT2Tokenizer.from_file(tmp_path / "plain").encode(text) == GPT2Tokenizer.gpt2().encode(text)
+
+
+def test_a_vocab_json_path_loads_with_its_merges(tmp_path):
+    """A path to vocab.json (or encoder.json) is the pair it belongs to; it was read as a tokenizer.json."""
+    (tmp_path / "vocab.json").write_bytes((ASSETS / "encoder.json").read_bytes())
+    with pytest.raises(TokenizerError, match=r"merges.txt: file not found \(vocab.json and merges.txt form a pair"):
+        GPT2Tokenizer.from_file(tmp_path / "vocab.json")
+    (tmp_path / "merges.txt").write_bytes((ASSETS / "vocab.bpe").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text('{"model_max_length": 77}')
+    tokenizer = GPT2Tokenizer.from_file(tmp_path / "vocab.json")
+    assert tokenizer.encode(" Hello world") == GPT2Tokenizer.gpt2().encode(" Hello world")
+    assert tokenizer.model_max_length == 77
+    assert GPT2Tokenizer.from_file(ASSETS / "encoder.json").fingerprint() == GPT2Tokenizer.gpt2().fingerprint()
 
 
 def test_unmerged_tokens_the_split_never_leaves_whole_are_accepted(tmp_path, monkeypatch):

@@ -118,6 +118,25 @@ def test_tokenizer_is_current_compares_settings_and_input_files(tmp_path):
     assert tokenizer_is_current(out, corpus, vocab_size=999)
 
 
+def test_a_retrain_interrupted_before_its_record_is_not_current(tmp_path, monkeypatch):
+    """tokenizer.json is replaced before its record is written: the old record (vocabulary 300) vouched for the
+    new 400-token file when the run stopped in between."""
+    from gpt2kit.data import tokenizer_training
+
+    corpus = DATA / "the-verdict" / "the-verdict.txt"
+    train_tokenizer(corpus, tmp_path, vocab_size=300, progress=False)
+
+    def interrupted(path, text):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer_training, "atomic_write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(corpus, tmp_path, vocab_size=400, progress=False)
+    assert GPT2Tokenizer.from_file(tmp_path).vocab_size == 400
+    assert not tokenizer_is_current(tmp_path, corpus, vocab_size=300)
+    assert not tokenizer_is_current(tmp_path, corpus, vocab_size=400)  # the record is of the other settings
+
+
 def test_records_of_the_previous_version_and_moved_times_are_checked_once(tmp_path, monkeypatch):
     import os
 

@@ -121,6 +121,13 @@ def _read_json(path: Path) -> Any:
         raise TokenizerError(f"{path}: file not found") from None
 
 
+def _vocab_object(vocab: Any, source: Path, what: str) -> dict[str, int]:
+    """`vocab` if it maps token strings to integer ids, else an error naming `source` and `what` holds it."""
+    if not (isinstance(vocab, dict) and all(type(i) is int for i in vocab.values())):
+        raise TokenizerError(f"{source}: {what} must be a JSON object of token -> integer id")
+    return vocab
+
+
 def _ranks_from_vocab(vocab: dict[str, int], merges: Iterable[str | Sequence[str]], specials: set[str],
                       source: Path, trusted: bool = False) -> tuple[dict[bytes, int], set[bytes]]:
     """tiktoken ranks from a byte-level BPE vocab + merge list. tiktoken merges the pair whose result has the
@@ -182,12 +189,15 @@ def _gpt2_encoding(encoder_json: str, vocab_bpe: str, verify: bool, stamp: tuple
             raise TokenizerError(f"{path}: sha256 {digest} differs from OpenAI's GPT-2 file; reinstall gpt2kit")
         if not trusted:
             break
-    encoder = _read_json(encoder_path)
+    encoder = _vocab_object(_read_json(encoder_path), encoder_path, "the file")
     try:
         merge_lines = merges_path.read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
         raise TokenizerError(f"{merges_path}: file not found") from None
-    merges = [line for line in merge_lines[1:] if line]  # line 1 is "#version: 0.2"
+    except UnicodeDecodeError as err:
+        raise TokenizerError(f"{merges_path}: not UTF-8 text ({err})") from None
+    # Optional "#version: 0.2" header, skipped as transformers skips it; every other non-empty line is a merge.
+    merges = [line for n, line in enumerate(merge_lines) if line and not (n == 0 and line.startswith("#version"))]
     specials = {ENDOFTEXT: encoder[ENDOFTEXT]} if ENDOFTEXT in encoder else {}
     ranks, made = _ranks_from_vocab(encoder, merges, set(specials), merges_path, trusted=trusted)
     if not trusted:  # transformers builds every token of vocab.json + merges.txt from the merges
@@ -296,8 +306,7 @@ def _tokenizer_json_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
         kind = model.get("type") if isinstance(model, dict) else None
         raise TokenizerError(f"{source}: model type {kind!r}; gpt2kit runs byte-level BPE only")
     vocab, merges, added = model.get("vocab"), model.get("merges", []), spec.get("added_tokens") or []
-    if not (isinstance(vocab, dict) and all(type(i) is int for i in vocab.values())):
-        raise TokenizerError(f"{source}: model.vocab must be an object of token -> id")
+    vocab = _vocab_object(vocab, source, "model.vocab")
     if not isinstance(merges, list):
         raise TokenizerError(f"{source}: model.merges must be a list")
     for n, token in enumerate(added if isinstance(added, list) else [None]):
@@ -360,6 +369,7 @@ def _tiktoken_file_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
     return _encoding(source.stem, pattern, ranks, specials, source)
 
 
+_BPE_PAIRS = {"vocab.json": "merges.txt", "encoder.json": "vocab.bpe"}  # a vocabulary file -> its merges file
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "tokenizer_config.json")
 
 
@@ -431,12 +441,20 @@ class GPT2Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> GPT2Tokenizer:
-        """A `tokenizer.json` (byte-level BPE), a `.tiktoken` rank file, or a directory holding one of them,
-        or `vocab.json`+`merges.txt` / `encoder.json`+`vocab.bpe`."""
+        """A `tokenizer.json` (byte-level BPE), a `.tiktoken` rank file, `vocab.json` (with `merges.txt` beside it)
+        or `encoder.json` (with `vocab.bpe`), or a directory holding one of them."""
         path = Path(path)
-        if path.is_dir():
-            tokenizer = cls._from_directory(path)
-            tokenizer.model_max_length = _model_max_length(path / "tokenizer_config.json", tokenizer.model_max_length)
+        if path.is_dir() or path.name in _BPE_PAIRS:
+            if path.is_dir():
+                tokenizer = cls._from_directory(path)
+            else:  # one half of a vocabulary + merges pair
+                merges = path.parent / _BPE_PAIRS[path.name]
+                for needed in (path, merges):
+                    if not needed.exists():
+                        raise TokenizerError(f"{needed}: file not found ({path.name} and {merges.name} form a pair)")
+                tokenizer = cls._from_source(("bpe", str(path), str(merges)))
+            config = (path if path.is_dir() else path.parent) / "tokenizer_config.json"
+            tokenizer.model_max_length = _model_max_length(config, tokenizer.model_max_length)
             return tokenizer
         if not path.exists():
             raise TokenizerError(f"{path}: tokenizer file not found")
@@ -444,7 +462,7 @@ class GPT2Tokenizer:
             return cls._from_source(("tokenizer.json", str(path)))
         if path.suffix == ".tiktoken":
             return cls._from_source(("tiktoken", str(path)))
-        raise TokenizerError(f"{path}: unknown tokenizer format (expected tokenizer.json or .tiktoken)")
+        raise TokenizerError(f"{path}: unknown tokenizer format (expected tokenizer.json, vocab.json or .tiktoken)")
 
     @classmethod
     def _from_directory(cls, path: Path) -> GPT2Tokenizer:
@@ -452,7 +470,7 @@ class GPT2Tokenizer:
         # the split pattern and the added special tokens.
         if (path / "tokenizer.json").exists():
             return cls._from_source(("tokenizer.json", str(path / "tokenizer.json")))
-        for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+        for vocab, merges in _BPE_PAIRS.items():
             if (path / vocab).exists() and (path / merges).exists():
                 return cls._from_source(("bpe", str(path / vocab), str(path / merges)))
         found = sorted(path.glob("*.tiktoken"))

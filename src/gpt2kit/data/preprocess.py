@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..files import atomic_write_text, make_directories, replace_directory, replaced_directory
-from ..tokenizer import GPT2Tokenizer
+from ..tokenizer import GPT2Tokenizer, TokenizerError
 from .datasets import FORMAT_NAME, META_FILE, read_meta
 from .readers import (Chunk, DataError, Source, chunk_pieces, current_inputs, file_stamp, iter_chunks,
                       resolve_inputs)
@@ -238,7 +238,10 @@ def _tokenizer_spec(tokenizer: str | os.PathLike, loaded: GPT2Tokenizer, staging
                             "fingerprint": loaded.fingerprint()}
     if not Path(tokenizer).exists() and str(tokenizer).removeprefix("openai-community/") in GPT2_NAMES:
         return {"name": "gpt2", **spec}
-    loaded.save_pretrained(staging / "tokenizer")
+    try:
+        loaded.save_pretrained(staging / "tokenizer")
+    except TokenizerError as err:  # a rank file whose tokens are not all merges of lower-ranked ones
+        raise TokenizerError(f"{tokenizer}: cannot be copied into the output ({err})") from None
     files = sorted(p.name for p in (staging / "tokenizer").iterdir() if p.name != "tokenizer_config.json")
     file = "tokenizer" if "vocab.json" in files else f"tokenizer/{files[0]}"
     return {"name": "file", "file": file, **spec}
@@ -275,6 +278,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
     staging = _prepare_output(output, overwrite)
     started = time.perf_counter()
     try:
+        tokenizer_spec = _tokenizer_spec(tokenizer, tok, staging)  # before the work: saving it can fail
         splits = ("train", "val") if val_fraction else ("train",)
         writers = {split: _SplitWriter(staging, split, dtype, shard_tokens) for split in splits}
         router, skipped = _Router(writers, val_fraction), 0
@@ -310,7 +314,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
                             "at blank lines) or use a larger fraction")
         meta = {
             "format": FORMAT_NAME, "version": 1, "dtype": dtype.name, "byteorder": "little",
-            "tokenizer": _tokenizer_spec(tokenizer, tok, staging), "append_eos": append_eos,
+            "tokenizer": tokenizer_spec, "append_eos": append_eos,
             "input_format": format, "text_key": text_key, "val_fraction": val_fraction, "errors": errors,
             "documents": n_docs, "tokens": n_tokens, "skipped_empty_records": skipped,
             "splits": results,

@@ -252,6 +252,18 @@ def _find_cut(buf: bytes, fmt: str, start: int) -> tuple[int | None, bool]:
     return safe_cut(buf, start), False
 
 
+def _search_resume(buf: bytes, fmt: str) -> int:
+    """Where to search `buf` for a cut again once it has grown, after a search found none in it: a cut's rules
+    look at most _CUT_LOOKAHEAD bytes ahead, except a WikiText title, which needs its whole line; the last line
+    is searched again from its start while it may still become one."""
+    resume = max(len(buf) - _CUT_LOOKAHEAD, 0)
+    if fmt == "wikitext":
+        line_start = buf.rfind(b"\n", 0, resume) + 1
+        if line_start and buf[line_start:line_start + 3] == b" = "[:len(buf) - line_start]:
+            return line_start
+    return resume
+
+
 def _char_boundary(buf: bytes, p: int) -> int:
     while p > 0 and 0x80 <= buf[p] < 0xC0:
         p -= 1
@@ -357,10 +369,9 @@ def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
                     if eof:
                         cut, boundary = len(buf), True
                     elif fmt == "jsonl" or len(buf) < MAX_SEARCH_BYTES:  # read on (a JSON line must be whole)
-                        # The next search starts at the last line that more bytes could change (a cut's rules
-                        # look a few characters ahead), not at `start` again: that made long runs without a
-                        # cut (CJK text with CRLF endings has none) quadratic.
-                        searched = buf.rfind(b"\n", 0, max(len(buf) - _CUT_LOOKAHEAD, 0)) + 1
+                        # The next search starts where more bytes could change its answer, not at `start` again:
+                        # that made long runs without a cut (CJK text with CRLF endings or none) quadratic.
+                        searched = _search_resume(buf, fmt)
                         want = len(buf) + chunk_bytes
                         continue
                     else:  # pathological: 64 MiB without a newline or a space between letters

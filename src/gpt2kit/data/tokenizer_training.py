@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..tokenizer import GPT2Tokenizer, check_training_sizes, train_bpe
-from ..files import atomic_write_text, make_directories
+from ..files import atomic_write_text, make_directories, sha256_file
 from .readers import DataError, current_inputs, file_stamp, iter_texts, resolve_inputs
 
 CHECK_BYTES = 1 << 20  # text re-encoded with both engines after training
@@ -63,10 +63,11 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
             if trained.encode(text) != reference.encode(text).ids:
                 raise DataError(f"{output}/tokenizer.json: tiktoken and HF tokenizers disagree on {text[:60]!r}; "
                                 "please report this with the corpus (nothing was written)")
+        trained_sha256 = sha256_file(Path(staging) / "tokenizer.json")
         os.replace(Path(staging) / "tokenizer.json", output / "tokenizer.json")
-    # Recorded after tokenizer.json: a crash in between leaves an older record, which only makes the next run retrain.
-    # Each source's SHA-256 was taken as training read it.
-    record = {**_settings(vocab_size, format, text_key, min_frequency, errors),
+    # Recorded after tokenizer.json, with its hash: a crash in between leaves an older record, which names another
+    # file and so only makes the next run retrain. Each source's SHA-256 was taken as training read it.
+    record = {**_settings(vocab_size, format, text_key, min_frequency, errors), "tokenizer_sha256": trained_sha256,
               "inputs": [{**stamp, "sha256": source.sha256} for source, stamp in zip(sources, stamps)]}
     atomic_write_text(output / RECORD_FILE, json.dumps(record, indent=2) + "\n")
     tokenizer = GPT2Tokenizer.from_file(output / "tokenizer.json")
@@ -94,6 +95,9 @@ def tokenizer_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLik
         settings = _settings(vocab_size, format, text_key, min_frequency, errors)
         if not (isinstance(recorded, dict) and all(recorded.get(key) == value for key, value in settings.items())
                 and isinstance(recorded.get("inputs"), list)):
+            return False
+        # The record must be of this tokenizer.json (records of older versions carry no hash).
+        if "tokenizer_sha256" in recorded and recorded["tokenizer_sha256"] != sha256_file(output / "tokenizer.json"):
             return False
         # Records of an older version are [path, size] pairs: compared as such, then written back with hashes.
         known = [{"path": r[0], "bytes": r[1]} if isinstance(r, list) and len(r) == 2 else r
