@@ -12,8 +12,7 @@ import torch
 from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.chat import ChatSession, chat
 from gpt2kit.cli import main
-from gpt2kit.conversation import ReplyStart
-from gpt2kit.generation import GenerationConfig
+from gpt2kit.generation import GenerationConfig, TextStreamDecoder
 from gpt2kit.pipeline import load_model_and_tokenizer, pipeline
 
 from .conftest import save_tiny_text_model
@@ -134,9 +133,12 @@ def test_apply_chat_template_writes_the_chat_transcript(pipe):
         tok.apply_chat_template([messages[0], {"role": "tool", "content": "x"}])
 
 
-def test_reply_start_drops_only_the_leading_whitespace_of_a_streamed_reply():
-    start = ReplyStart()
-    assert [start(p) for p in [" ", "\n", "  Hi", " there", " ", "\n"]] == ["", "", "Hi", " there", " ", "\n"]
+def test_a_decoder_that_skips_leading_space_drops_only_that_and_stops_after_it(pipe):
+    tok = pipe.tokenizer
+    ids = [i for piece in [" ", "\n", "  Hi", " there", " ", "\n"] for i in tok.encode(piece)]
+    for stop, expected in ((None, "Hi there \n"), ([" "], "Hi"), (["\n"], "Hi there "), (["Hi"], "")):
+        decoder = TextStreamDecoder(tok, stop, skip_leading_space=True)
+        assert "".join(decoder.push(i) for i in ids) + decoder.flush() == expected
 
 
 def test_empty_prompt_starts_from_endoftext(pipe):

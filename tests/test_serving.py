@@ -21,7 +21,7 @@ import torch
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.chat import ChatSession
 from gpt2kit.cli import main
-from gpt2kit.generation import GenerationConfig, generate
+from gpt2kit.generation import GenerationConfig, generate, truncate_at_stop
 from gpt2kit.pipeline import TextGenerationPipeline, load_model_and_tokenizer
 from gpt2kit.serving import ServerConfig, create_app
 from gpt2kit.serving.app import _sse
@@ -209,8 +209,14 @@ def test_logprobs_cover_the_returned_text_only(client, pipe, stream):
         assert "".join(c.choices[0].text for c in chunks) == expected
         assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
         spelled = "".join(tokens)
-        if not expected:  # the stop string starts the text: no token shows
+        if not expected:  # the stop string starts the text: no token shows, an empty object when whole (not null)
             assert tokens == []
+            if not stream:
+                assert response.choices[0].logprobs.model_dump() == {
+                    "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                chat = client.chat.completions.create(model="tiny", messages=CONVERSATION, max_tokens=3,
+                                                      logprobs=True, logit_bias={"0": 100})
+                assert chat.choices[0].message.content == "" and chat.choices[0].logprobs.content == []
         elif stops is None:
             assert spelled == expected and len(tokens) == 40
         else:  # the last listed token starts before the cut
@@ -363,6 +369,8 @@ CONVERSATION = [
     {"role": "user", "content": [{"type": "text", "text": "How are "}, {"type": "text", "text": "you?"}]},
 ]
 TRANSCRIPT = "A conversation.\nUser: Hello there\nAssistant: Hi.\nUser: How are you?\nAssistant:"
+CONVERSATION_TEXT = [{**m, "content": "".join(p["text"] for p in m["content"])} if isinstance(m["content"], list)
+                     else m for m in CONVERSATION]  # the pipeline's messages hold text
 
 
 def test_chat_completion_continues_the_chat_transcript(client, pipe, server):
@@ -378,6 +386,30 @@ def test_chat_completion_continues_the_chat_transcript(client, pipe, server):
     first = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}],
                                            max_completion_tokens=12, temperature=0)
     assert first.choices[0].message.content == "".join(session.reply("Hello there"))
+
+
+@pytest.mark.parametrize("stop", [" ", "\n", ["\n", " a"]])
+def test_chat_stop_strings_apply_to_the_reply_shown(client, pipe, server, stop):
+    """The reply drops the space after "Assistant:"; a stop string starting with whitespace matched that hidden
+    space and cut every reply to "". Server (whole and streamed), pipeline and `gpt2kit chat` alike."""
+    stops = [stop] if isinstance(stop, str) else stop
+    sampled = dict(max_new_tokens=20, do_sample=True, temperature=1.0, stop=["\nUser:"], return_full_text=False)
+    # A seed whose raw continuation starts with whitespace, the case that broke.
+    seed, raw = next((seed, raw) for seed in range(200)
+                     if (raw := pipe(TRANSCRIPT, seed=seed, **sampled)[0]["generated_text"])[:1].isspace()
+                     and truncate_at_stop(raw.lstrip(), stops)[0])
+    expected = truncate_at_stop(raw.lstrip(), stops)[0]
+    options = dict(model="tiny", messages=CONVERSATION, max_tokens=20, temperature=1.0, seed=seed, stop=stop)
+    assert client.chat.completions.create(**options).choices[0].message.content == expected
+    chunks = list(client.chat.completions.create(**options, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    reply = pipe(CONVERSATION_TEXT, **{**sampled, "seed": seed, "stop": stop})[0]["generated_text"]
+    assert reply == expected
+    session = ChatSession(server.model, server.tokenizer, GenerationConfig(
+        max_new_tokens=20, do_sample=True, eos_token_id=server.tokenizer.eos_token_id,
+        pad_token_id=server.tokenizer.pad_token_id, seed=seed, stop=stop))
+    session.turns = [server.tokenizer.encode(TRANSCRIPT.removesuffix("User: How are you?\nAssistant:"))]
+    assert "".join(session.reply("How are you?")) == expected
 
 
 def test_chat_streaming_equals_the_chat_completion(client):

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .conversation import ReplyStart, format_turn, reply_stops, transcript
+from .conversation import format_turn, reply_stops, transcript
 from .generation import GenerationConfig, model_placement, parse_logit_bias, stream_generate
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer, text_options
@@ -84,14 +84,12 @@ class ChatSession:
     def reply(self, message: str) -> Iterator[str]:
         """Stream the assistant's reply; the exchange joins the history when the reply is complete."""
         pieces = []
-        stop = reply_stops(self.config.stop)
-        config = self.config.replace(seed=None, stop=stop)
-        start = ReplyStart()
+        # The reply (and the search for stop strings) starts after the space that follows "Assistant:".
+        config = self.config.replace(seed=None, stop=reply_stops(self.config.stop), skip_leading_space=True)
         for piece in stream_generate(self.model, self.tokenizer, self.prompt_ids(message), config,
                                      generator=self.generator):
-            if piece := start(piece):
-                pieces.append(piece)
-                yield piece
+            pieces.append(piece)
+            yield piece
         exchange = format_turn("user", message) + format_turn("assistant", "".join(pieces))
         self.turns.append(self.tokenizer.encode(exchange))
 

@@ -3,7 +3,8 @@
 GPT-2 has no chat template, so `gpt2kit chat`, the server's /v1/chat/completions and the pipeline's chat input
 all write a conversation the same way: one line per turn, "User: ..." and "Assistant: ...", a system message as
 plain text, ending with "Assistant:" for the model to continue. A reply ends where the model starts the next
-user line (REPLY_STOP) and is shown without its leading space (ReplyStart).
+user line (REPLY_STOP) and is shown without its leading space (GenerationConfig.skip_leading_space), where its
+stop strings are not looked for.
 """
 
 from __future__ import annotations
@@ -45,17 +46,3 @@ def turns_of(messages: Sequence[dict[str, str]]) -> list[tuple[str, str]]:
                              f"{message!r}")
         turns.append((message["role"], message["content"]))
     return turns
-
-
-class ReplyStart:
-    """Drops the whitespace a reply begins with (the space after "Assistant:") from a reply that arrives in
-    pieces; once a piece has shown a non-space character, pieces pass through unchanged."""
-
-    def __init__(self) -> None:
-        self.begun = False
-
-    def __call__(self, piece: str) -> str:
-        if not self.begun:
-            piece = piece.lstrip()
-            self.begun = bool(piece)
-        return piece

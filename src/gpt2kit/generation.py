@@ -166,6 +166,9 @@ class GenerationConfig:
     eos_token_id: int | list[int] | None = None  # None: the model config's; [] never stops at EOS
     pad_token_id: int | None = None  # emitted by finished rows; None: the model config's, else the first EOS
     stop: str | list[str] | None = None  # stop strings (need a tokenizer)
+    # The text starts at its first non-space character: leading whitespace is neither shown nor searched for stop
+    # strings (a chat reply, after the space that follows "Assistant:").
+    skip_leading_space: bool = False
     seed: int | None = None  # seeds a private generator: same seed, same samples
     num_return_sequences: int = 1  # rows per prompt (sampling, or the best beams), returned consecutively
     num_beams: int = 1  # > 1: beam search (deterministic; see gpt2kit.beam_search)
@@ -186,6 +189,7 @@ class GenerationConfig:
 
         types = [  # first: the value checks below compare and combine these
             (self.do_sample in (True, False), "do_sample must be True or False"),  # a string was truthy
+            (self.skip_leading_space in (True, False), "skip_leading_space must be True or False"),
             (integer(self.max_new_tokens), f"max_new_tokens must be an integer, got {self.max_new_tokens!r}"),
             (integer(self.min_new_tokens), f"min_new_tokens must be an integer, got {self.min_new_tokens!r}"),
             (integer(self.num_return_sequences),
@@ -381,20 +385,30 @@ def truncate_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:
     return (text[:min(found)[1]], True) if found else (text, False)
 
 
+LEADING_SPACE = " \t\n\r\v\f"  # what skip_leading_space drops (ASCII: the same on text and on bytes)
+
+
 class _StopStringMatcher:
     """Finds, per row, the token that completes a stop string. Works on bytes, so a stop string split across
-    tokens (even mid-character) is still seen; keeps only the last few bytes of each row."""
+    tokens (even mid-character) is still seen; keeps only the last few bytes of each row. With
+    `skip_leading_space`, a row's text starts at its first non-space byte."""
 
-    def __init__(self, tokenizer: GPT2Tokenizer, stop: Sequence[str], batch_size: int) -> None:
+    def __init__(self, tokenizer: GPT2Tokenizer, stop: Sequence[str], batch_size: int,
+                 skip_leading_space: bool = False) -> None:
         self.tokenizer = tokenizer
         self.stops = [s.encode("utf-8") for s in stop]
         self.keep = max(map(len, self.stops)) - 1
         self.tails = [b""] * batch_size
+        self.begun = [not skip_leading_space] * batch_size
 
     def matches(self, tokens: list[int]) -> list[int]:
         rows = []
         for row, token in enumerate(tokens):
-            tail = self.tails[row] + self.tokenizer.decode_bytes([token])
+            data = self.tokenizer.decode_bytes([token])
+            if not self.begun[row]:
+                data = data.lstrip(LEADING_SPACE.encode())
+                self.begun[row] = bool(data)
+            tail = self.tails[row] + data
             if any(s in tail for s in self.stops):
                 rows.append(row)
             self.tails[row] = tail[-self.keep:] if self.keep else b""
@@ -474,7 +488,8 @@ class TokenGenerator:
         self.model, self.config, self.prompt_len = model, config, prompt_len
         self.sampler = Sampler(config, model_config, generator, device)
         self.eos, self.pad = self.sampler.eos, self.sampler.pad
-        self.stop_matcher = _StopStringMatcher(tokenizer, config.stop, batch) if config.stop else None
+        self.stop_matcher = (_StopStringMatcher(tokenizer, config.stop, batch, config.skip_leading_space)
+                             if config.stop else None)
 
         # Preallocated buffers: the output, the mask over past + current tokens, the next positions.
         self.tokens = torch.empty(batch, total, dtype=torch.long, device=device)
@@ -741,7 +756,9 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
     top_p, min_p, repetition_penalty, no_repeat_ngram_size, frequency_penalty, presence_penalty, logit_bias,
     eos_token_id, pad_token_id, stop, seed, num_return_sequences, num_beams, length_penalty, early_stopping,
     use_cache, compile).
-    Batched prompts must be left-padded with `attention_mask`; each row then generates exactly as alone.
+    Batched prompts must be left-padded with `attention_mask`; each row then generates as it would alone (exactly
+    so in float32; in lower precision and with int8 weights, products of another row count round differently and
+    a near-tie between two tokens may fall the other way).
     Generation ends when every row has met EOS or a stop string, or after max_new_tokens; finished rows are
     filled with pad_token_id. Stop strings need `tokenizer`; the returned tokens include the one completing
     the stop string (text helpers cut the text before it). num_beams > 1 runs beam search instead."""
@@ -762,11 +779,14 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
 class TextStreamDecoder:
     """Token ids in, text pieces out. Bytes of a character split across tokens are held until the character
     is complete; text that may be the start of a stop string is held until it is clear. The pieces concatenate
-    to `tokenizer.decode(ids)` cut before the first stop string."""
+    to `tokenizer.decode(ids)` cut before the first stop string; with `skip_leading_space`, to that text after
+    its leading whitespace, where stop strings are looked for."""
 
-    def __init__(self, tokenizer: GPT2Tokenizer, stop: Sequence[str] | None = None) -> None:
+    def __init__(self, tokenizer: GPT2Tokenizer, stop: Sequence[str] | None = None, *,
+                 skip_leading_space: bool = False) -> None:
         self.tokenizer = tokenizer
         self.stop = list(stop or ())
+        self.begun = not skip_leading_space  # a character other than leading whitespace has been decoded
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
         self.stopped = False
@@ -789,6 +809,9 @@ class TextStreamDecoder:
         return text
 
     def _emit(self, new_text: str) -> str:
+        if not self.begun:
+            new_text = new_text.lstrip(LEADING_SPACE)
+            self.begun = bool(new_text)
         self.decoded += len(new_text)
         text = self._cut(new_text)
         self.released += len(text)
@@ -848,7 +871,7 @@ def stream_generate(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, prompt: st
     ids = torch.tensor([encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)])
     # Stop strings are found on the text side here, where the streamer cuts the text.
     run = TokenGenerator(model, ids, config=config.replace(stop=None), tokenizer=tokenizer, generator=generator)
-    return _stream_text(run, TextStreamDecoder(tokenizer, config.stop))
+    return _stream_text(run, TextStreamDecoder(tokenizer, config.stop, skip_leading_space=config.skip_leading_space))
 
 
 def _stream_text(run: TokenGenerator, decoder: TextStreamDecoder) -> Iterator[str]:
@@ -868,11 +891,13 @@ def _stream_text(run: TokenGenerator, decoder: TextStreamDecoder) -> Iterator[st
 
 
 def decode_completions(tokenizer: GPT2Tokenizer, sequences: Tensor, prompt_len: int, eos_ids: Sequence[int],
-                       stop: Sequence[str] | None = None) -> list[str]:
-    """Text of each row's new tokens: up to the first EOS, cut before the first stop string."""
+                       stop: Sequence[str] | None = None, skip_leading_space: bool = False) -> list[str]:
+    """Text of each row's new tokens: up to the first EOS, without leading whitespace if `skip_leading_space`,
+    cut before the first stop string."""
     eos = set(eos_ids)
     texts = []
     for row in sequences[:, prompt_len:].tolist():
         end = next((i for i, t in enumerate(row) if t in eos), len(row))
-        texts.append(truncate_at_stop(tokenizer.decode(row[:end]), stop)[0])
+        text = tokenizer.decode(row[:end])
+        texts.append(truncate_at_stop(text.lstrip(LEADING_SPACE) if skip_leading_space else text, stop)[0])
     return texts

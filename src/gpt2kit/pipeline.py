@@ -199,7 +199,8 @@ class TextGenerationPipeline:
             sequences = generate(self.model, input_ids, attention_mask, config, tokenizer=self.tokenizer,
                                  generator=generator)
             texts = decode_completions(self.tokenizer, sequences, input_ids.shape[1],
-                                       eos_token_ids(config, self.model.config), config.stop)
+                                       eos_token_ids(config, self.model.config), config.stop,
+                                       config.skip_leading_space)
             for i, prompt in enumerate(chunk):
                 prefix = prompt if return_full_text else ""
                 results.append([{"generated_text": prefix + text} for text in texts[i * n:(i + 1) * n]])
@@ -235,12 +236,19 @@ class TextGenerationPipeline:
             raise ValueError("chat input ends each reply at a stop string (the next 'User:' line), which beam search "
                              "does not support: use num_beams=1")
         stop = reply_stops(config.stop)
-        outputs = self(prompts, return_full_text=False, batch_size=batch_size, generator=generator,
-                       **{**options, "stop": stop})
+        # A new reply starts after the space that follows "Assistant:" (stop strings too); a continued message keeps
+        # what it generated. The two kinds run apart, in their order.
+        outputs: list[Any] = [None] * len(prompts)
+        for extends in (False, True):
+            rows = [i for i, flag in enumerate(continued) if flag == extends]
+            if rows:
+                outs = self([prompts[i] for i in rows], return_full_text=False, batch_size=batch_size,
+                            generator=generator, **{**options, "stop": stop, "skip_leading_space": not extends})
+                for i, out in zip(rows, outs):
+                    outputs[i] = out
         results = []
         for conversation, outs, extends in zip(batch, outputs, continued, strict=True):
-            # A new reply drops the space after "Assistant:"; a continued message keeps what it generated.
-            replies = [out["generated_text"] if extends else out["generated_text"].lstrip() for out in outs]
+            replies = [out["generated_text"] for out in outs]
             head, last = (conversation[:-1], conversation[-1]["content"]) if extends else (conversation, "")
             results.append([{"generated_text": [*head, {"role": "assistant", "content": last + reply}]
                              if return_full_text else reply} for reply in replies])

@@ -204,7 +204,9 @@ class CompletionService:
             for j in range(k):
                 # Choice j of every prompt draws from seed + j: a prompt's result does not depend on the others.
                 seed = None if req.seed is None else req.seed + j
-                job.add(p * k + j, prompt, base.replace(seed=seed), TextStreamDecoder(self.tokenizer, req.stop),
+                # A chat reply (and its search for stop strings) starts after the space that follows "Assistant:".
+                decoder = TextStreamDecoder(self.tokenizer, req.stop, skip_leading_space=chat)
+                job.add(p * k + j, prompt, base.replace(seed=seed), decoder,
                         logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
                         ranked=k > (req.n or 1))
         if not self.scheduler.running:  # shutting down, or an ASGI host that skipped the app's lifespan
@@ -238,16 +240,15 @@ class CompletionService:
                 yield event.index, texts[event.index // k], _logprobs(builders, event.index, scored), None
             elif isinstance(event, TokenEvent):
                 delta = _logprobs(builders, event.index, event.scored)
-                text = form.piece(event.index, event.text)
-                if text or delta:
-                    yield event.index, text, delta, None
+                if event.text or delta:
+                    yield event.index, event.text, delta, None
             elif isinstance(event, FinishEvent):
                 job.completion_tokens += event.completion_tokens
                 if event.mean_logprob is not None:
                     job.mean_logprobs[event.index] = event.mean_logprob
                 remaining -= 1
                 delta = _logprobs(builders, event.index, event.scored)
-                yield event.index, form.piece(event.index, event.text), delta, event.reason
+                yield event.index, event.text, delta, event.reason
 
     def usage(self, job: Job, ids: list[list[int]]) -> dict[str, int]:
         prompt_tokens = sum(map(len, ids))
@@ -273,8 +274,10 @@ class CompletionService:
         if k > n:  # best_of: each prompt's n candidates of highest mean log-probability per token, best first
             order = [i for start in range(0, len(order), k)
                      for i in sorted(range(start, start + k), key=lambda i: -job.mean_logprobs.get(i, 0.0))[:n]]
-        choices = [form.choice(c, "".join(parts[i]), _merge(logprobs[i]) if i in logprobs else None, finished.get(i))
-                   for c, i in enumerate(order)]
+        # Asked-for logprobs of a choice without tokens (an empty reply) are the empty object, not null.
+        unscored = None if req.logprobs is None else form.no_logprobs
+        choices = [form.choice(c, "".join(parts[i]), _merge(logprobs[i]) if i in logprobs else unscored,
+                               finished.get(i)) for c, i in enumerate(order)]
         body = self._envelope(f"{form.id_prefix}{uuid.uuid4().hex}", int(time.time()), form.object, choices)
         body["usage"] = self.usage(job, ids)
         return body

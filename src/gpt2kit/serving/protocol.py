@@ -7,7 +7,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from ..conversation import ROLES, ReplyStart, reply_stops, transcript
+from ..conversation import ROLES, reply_stops, transcript
 from ..generation import GREEDY_TEMPERATURE
 from ..tokenizer import GPT2Tokenizer
 
@@ -302,9 +302,7 @@ class CompletionFormat:
 
     id_prefix, object, chunk_object = "cmpl-", "text_completion", "text_completion"
     logprobs_builder = LogprobsBuilder
-
-    def piece(self, index: int, text: str) -> str:
-        return text
+    no_logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}  # asked, no token
 
     def choice(self, index: int, text: str, logprobs: dict | None, finish: str | None) -> dict[str, Any]:
         return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
@@ -315,17 +313,15 @@ class CompletionFormat:
 class ChatFormat:
     """How /v1/chat/completions writes a response: an assistant `message` per choice (`delta`s when streamed,
     the first one naming the role). The reply is what the model wrote after "Assistant:", without the leading
-    space, as `gpt2kit chat` shows it. One instance per response: it remembers which replies have begun."""
+    space, as `gpt2kit chat` shows it (the decoder drops it). One instance per response: it remembers which
+    replies have been announced."""
 
     id_prefix, object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
     logprobs_builder = ChatLogprobsBuilder
+    no_logprobs = {"content": []}
 
     def __init__(self) -> None:
-        self.starts: dict[int, ReplyStart] = {}  # per choice: its reply's leading space is dropped
         self.announced: set[int] = set()  # choices whose first chunk (with the role) was written
-
-    def piece(self, index: int, text: str) -> str:
-        return self.starts.setdefault(index, ReplyStart())(text)
 
     def choice(self, index: int, text: str, logprobs: dict | None, finish: str | None) -> dict[str, Any]:
         return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
