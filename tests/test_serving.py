@@ -291,6 +291,18 @@ def test_an_echo_is_the_prompt_as_the_model_read_it(client, server):
     assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
 
 
+def test_an_echo_ending_inside_a_character_keeps_offsets_on_the_text(client, server):
+    """A token prompt ending with the first byte of "é" is echoed with U+FFFD (decoded on its own, as the
+    continuation is): the offsets joined that byte with the generated one, [0, 1, 1, 2] for 'J' + 3 x U+FFFD."""
+    tok = server.tokenizer
+    byte = {b: tok.encoding.encode_single_token(b) for b in (b"J", b"\xc3", b"\xa9")}
+    response = client.completions.create(model="tiny", prompt=[byte[b"J"], byte[b"\xc3"]], max_tokens=2,
+                                         temperature=0, echo=True, logprobs=0, logit_bias={str(byte[b"\xa9"]): 100})
+    choice = response.choices[0]
+    assert choice.text == "J\ufffd\ufffd\ufffd"
+    assert choice.logprobs.text_offset == [0, 1, 2, 3]
+
+
 def test_max_tokens_zero_with_echo_scores_the_prompt(client):
     response = client.completions.create(model="tiny", prompt="Jack was", max_tokens=0, echo=True, logprobs=0)
     assert response.choices[0].text == "Jack was" and response.choices[0].finish_reason == "length"

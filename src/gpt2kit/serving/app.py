@@ -237,7 +237,9 @@ class CompletionService:
                 raise APIError(event.status, event.message, type="server_error")
             if isinstance(event, PromptLogprobsEvent):
                 scored = zip(event.token_ids, event.logprobs, event.top, strict=True)
-                yield event.index, texts[event.index // k], _logprobs(builders, event.index, scored), None
+                delta = _logprobs(builders, event.index, scored)
+                builders[event.index].end_text()  # as the echo was decoded: on its own
+                yield event.index, texts[event.index // k], delta, None
             elif isinstance(event, TokenEvent):
                 delta = _logprobs(builders, event.index, event.scored)
                 if event.text or delta:

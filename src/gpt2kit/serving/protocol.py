@@ -268,6 +268,11 @@ class LogprobsBuilder:
         self.offset += len(self._utf8.decode(data))
         return entry
 
+    def end_text(self) -> None:
+        """The text decoded so far ends here (an echoed prompt, decoded on its own): bytes still pending are its
+        U+FFFD, and the next token starts a new character."""
+        self.offset += len(self._utf8.decode(b"", final=True))
+
     def _pending_characters(self, first_byte: bytes) -> int:
         """Characters that bytes still pending from earlier tokens become before this token: none when its first
         byte continues their character (an "é" split over two tokens starts before the second), else their
