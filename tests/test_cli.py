@@ -79,6 +79,11 @@ def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, 
          "command line: --model.config.n_positions: n_positions must be"),
         (["train", "--config", CONFIG, "--out_dir", str(tmp_path / "run"), "--resume",
           str(tmp_path / "nope")], "no such checkpoint directory"),
+        # These two came after a tokenizer was trained and the data tokenized into out_dir.
+        (["train", "--config", CONFIG, "--out_dir", str(tmp_path / "run"), "--train.max_steps", "null"],
+         "command line: --train.max_steps: give train.max_steps or train.epochs"),
+        (["train", "--config", CONFIG, "--out_dir", str(tmp_path / "run"), "--checkpoint.resume",
+          str(tmp_path / "nope")], f"command line: --checkpoint.resume: no checkpoint directory {tmp_path / 'nope'}"),
     ]
     if not __import__("torch").cuda.is_available():
         cases.append((["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--device", "cuda"],

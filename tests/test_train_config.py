@@ -34,6 +34,23 @@ def test_yaml_and_overrides(tmp_path):
     assert load_config(tmp_path / "saved.yaml") == config
 
 
+def test_a_warmup_rate_counts_steps_as_written():
+    """int(0.29 * 100) is 28: the rate's binary float fell just below the product."""
+    from gpt2kit.training.config import OptimArgs
+
+    assert [OptimArgs(warmup_rate=rate).warmup_for(100) for rate in (0.29, 0.57, 0.03, 0.055)] == [29, 57, 3, 5]
+
+
+def test_text_overrides_are_taken_as_typed(tmp_path):
+    """YAML cut "Chapter #1:" at its comment, and refused "ROMEO:" (a mapping) and 2024-01-01 (a date)."""
+    path = write(tmp_path, "model:\n  name: gpt2-tiny\ntrain:\n  max_steps: 10\nsample:\n  prompt: hi\n")
+    for prompt in ("Chapter #1:", "ROMEO:", "[not a list]", "42"):
+        assert load_config(path, [("sample.prompt", prompt)]).sample.prompt == prompt
+    config = load_config(path, [("out_dir", "2024-01-01"), ("data.tokenizer", "tok #2"), ("sample.prompt", "null")])
+    assert config.out_dir == "2024-01-01" and config.data.tokenizer == "tok #2" and config.sample.prompt is None
+    assert load_config(path, [("train.max_steps", "12")]).train.max_steps == 12  # other fields: still YAML
+
+
 @pytest.mark.parametrize("text, overrides, message", [
     ("train:\n  max_step: 10\n", [], r"run.yaml:2: train.max_step: unknown key; did you mean 'max_steps'\?"),
     ("trian:\n  max_steps: 10\n", [], r"run.yaml:1: trian: unknown key; did you mean 'train'\?"),

@@ -195,6 +195,19 @@ def test_resume_auto_without_checkpoints_starts_fresh(corpus, tmp_path):
     assert summary["steps_this_run"] == 2
 
 
+def test_a_checkpoint_saved_before_the_final_evaluation_records_its_best(corpus, tmp_path):
+    """With save_interval dividing max_steps the last checkpoint is saved before the final whole-set evaluation:
+    its best_val_loss stayed None, and a run continued from it (a larger max_steps) reported a worse loss as its
+    best."""
+    config = load_config(write_config(tmp_path, corpus, "run"), [("train.max_steps", "8"),
+                                                                   ("checkpoint.save_interval", "4")])
+    summary = Trainer(args=config).train()
+    last = list_checkpoints(tmp_path / "run")[-1]
+    assert last.name == "step-00000008" and summary["best_val_loss"] is not None
+    assert verify_checkpoint(last)["best_val_loss"] == summary["best_val_loss"]  # still sealed, now with the best
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # no staging copy left
+
+
 def test_trainer_state_is_plain_json(reference):
     state = json.loads((list_checkpoints(reference)[-1] / "training_state" / "trainer_state.json").read_text())
     assert state["config"]["train"]["max_steps"] == MAX_STEPS

@@ -177,7 +177,7 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike, *,
     if keep is not None and target.is_dir() and not target.is_symlink():
         for entry in target.iterdir():
             if keep(entry.name) and not os.path.lexists(staging / entry.name):
-                _link_tree(entry, staging / entry.name)
+                link_tree(entry, staging / entry.name)
     old = None
     if target.is_symlink() or target.is_file() or (target.is_dir() and any(target.iterdir())):
         # A unique name: one left behind by a killed process (in a container, often the same pid) never blocks.
@@ -193,7 +193,7 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike, *,
     return target
 
 
-def _link_tree(source: Path, destination: Path) -> None:
+def link_tree(source: Path, destination: Path) -> None:
     """A copy of a file, link or directory tree made of hard links (copies where linking is refused)."""
     def link(src: str, dst: str) -> None:
         try:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError
-from ..files import sha256_file
+from ..files import link_tree, replace_directory, sha256_file
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_DIR = "training_state"
@@ -53,6 +53,24 @@ def write_manifest(directory: Path, step: int, hashed: dict[str, dict[str, Any]]
     hashed = hashed or {}
     files = {name: hashed.get(name) or _record(directory / name) for name in _checkpoint_files(directory)}
     (directory / COMPLETE_NAME).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
+
+
+def rewrite_trainer_state(checkpoint: Path, changes: dict[str, Any]) -> None:
+    """Update fields of a sealed checkpoint's trainer_state.json: a copy of the directory made of hard links, the
+    new state and manifest written in it, swapped in whole (the checkpoint stays valid if this is interrupted)."""
+    manifest = json.loads((checkpoint / COMPLETE_NAME).read_text())
+    name = f"{STATE_DIR}/trainer_state.json"
+    state = json.loads((checkpoint / name).read_text())
+    if all(state.get(key) == value for key, value in changes.items()):
+        return
+    staging = checkpoint.parent / f".{checkpoint.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    link_tree(checkpoint, staging)
+    for changed in (name, COMPLETE_NAME):
+        (staging / changed).unlink()  # hard links: writing through them would change the sealed files
+    (staging / name).write_text(json.dumps({**state, **changes}, indent=2) + "\n")
+    write_manifest(staging, manifest["step"], {k: v for k, v in manifest["files"].items() if k != name})
+    replace_directory(staging, checkpoint)
 
 
 def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> dict[str, Any]:

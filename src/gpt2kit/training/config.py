@@ -15,6 +15,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,9 @@ class OptimArgs:
 
     def warmup_for(self, decay_steps: int) -> int:
         """Warmup steps of a schedule decaying over `decay_steps`; ValueError if the warmup would not fit."""
-        warmup = self.warmup_steps if self.warmup_steps is not None else int(self.warmup_rate * decay_steps)
+        # The rate as the decimal it was written as: int(0.29 * 100) is 28 in binary floating point.
+        warmup = (self.warmup_steps if self.warmup_steps is not None
+                  else math.floor(Fraction(str(self.warmup_rate)) * decay_steps))
         if warmup > decay_steps and self.decay != "constant":
             raise ValueError(f"{warmup} warmup steps are longer than the {decay_steps} decay steps "
                              "(optim.decay_steps, default train.max_steps)")
@@ -149,6 +152,17 @@ class RunConfig:
     log: LogArgs = field(default_factory=LogArgs)
     sample: SampleArgs = field(default_factory=SampleArgs)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # torchrun layout (docs/distributed.md)
+
+    def check_training(self, source: str = "config", lines: dict[str, int] | None = None) -> None:
+        """What training needs beyond a valid config (evaluation and prediction need neither): a run length and
+        an existing checkpoint to resume from, checked before any data is tokenized."""
+        t, resume = self.train, self.checkpoint.resume
+        if t.max_steps is None and t.epochs is None:
+            raise ConfigError(f"{_locate(source, lines or {}, 'train.max_steps')}: give train.max_steps or "
+                              "train.epochs (how long to train)")
+        if resume not in (None, "auto") and not Path(resume).is_dir():
+            raise ConfigError(f"{_locate(source, lines or {}, 'checkpoint.resume')}: no checkpoint directory "
+                              f"{resume} (give a checkpoint directory or auto)")
 
     def validate(self, source: str = "config", lines: dict[str, int] | None = None) -> None:
         """Check values and their combinations; `lines` (key path -> line in `source`) locates the errors."""
@@ -410,12 +424,28 @@ def _key_lines(text: str, source: str) -> dict[str, int]:
     return lines
 
 
+def _text_field(dotted_key: str) -> bool:
+    """Whether a key path names a text field of RunConfig (`str` or `str | None`)."""
+    cls: Any = RunConfig
+    for part in dotted_key.split("."):
+        hint = typing.get_type_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if hint is None:
+            return False
+        cls = hint
+    return cls in (str, str | None)
+
+
 def set_override(values: dict[str, Any], dotted_key: str, raw_value: str) -> None:
-    """Apply one `--a.b.c value` override to a nested dict; the value is parsed as YAML (numbers, lists, null)."""
-    try:
-        value = yaml.safe_load(raw_value) if raw_value != "" else ""
-    except yaml.YAMLError:
-        value = raw_value
+    """Apply one `--a.b.c value` override to a nested dict. The value is parsed as YAML (numbers, lists, null),
+    except for a text field, which takes it as typed (YAML would cut "Chapter #1" at its comment, read "ROMEO:" as
+    a mapping and 2024-01-01 as a date); null (or ~) still unsets an optional one."""
+    if _text_field(dotted_key) and raw_value not in ("null", "Null", "NULL", "~"):
+        value: Any = raw_value
+    else:
+        try:
+            value = yaml.safe_load(raw_value) if raw_value != "" else ""
+        except yaml.YAMLError:
+            value = raw_value
     parts = dotted_key.split(".")
     node = values
     for i, part in enumerate(parts[:-1]):
@@ -449,9 +479,10 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[tuple[str, str]] | None = None,
-                **values: Any) -> RunConfig:
-    """Read a YAML run config, apply `--section.key value` overrides and keyword sections, validate.
+def load_config(path: str | os.PathLike | None = None, overrides: list[tuple[str, str]] | None = None, *,
+                training: bool = False, **values: Any) -> RunConfig:
+    """Read a YAML run config, apply `--section.key value` overrides and keyword sections, validate (with
+    `training`, also what a training run needs: RunConfig.check_training).
 
     `load_config("configs/gpt2_small.yaml", [("train.max_steps", "10")])`;
     `load_config(train={"max_steps": 10}, model={"name": "gpt2-tiny"})`.
@@ -492,6 +523,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[tuple[str
         lines[key] = COMMAND_LINE
     config = _build(RunConfig, data, "", lines, source)
     config.validate(source, lines)
+    if training:
+        config.check_training(source, lines)
     return config
 
 

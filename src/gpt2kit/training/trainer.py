@@ -51,7 +51,8 @@ from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
 from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
 from . import lora as lora_lib
 from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, hash_files, prune_checkpoints,
-                          remove_checkpoints_after, resume_candidates, verify_checkpoint, write_manifest)
+                          remove_checkpoints_after, resume_candidates, rewrite_trainer_state, verify_checkpoint,
+                          write_manifest)
 from .config import RunConfig, load_config as load_run_config, save_config
 from .distributed_checkpoint import (gather_full_state, load_distributed_checkpoint, load_full_state,
                                      save_distributed_checkpoint, unwrap)
@@ -520,8 +521,6 @@ class Trainer:
             what, unit = f"global_batch_size ({t.global_batch_size})", f"micro_batch_size x devices = {per_micro}"
         else:
             accum, rest, what, unit = 1, 0, "", ""
-        if t.max_steps is None and t.epochs is None:
-            raise ValueError("train: give train.max_steps or train.epochs")
         if accum < 1 or rest:
             raise ValueError(f"train: {what} must be a positive multiple of {unit}")
         self.grad_accum = accum
@@ -686,13 +685,15 @@ class Trainer:
                       if self._datasets["val"] is not None else {})
         if not self.last_checkpoint or self.last_checkpoint.name != f"step-{self.step:08d}":
             self._save_checkpoint()
+        elif final_eval and self.is_main:  # saved before the final evaluation: a run continued from it knows its best
+            rewrite_trainer_state(self.last_checkpoint, {"best_val_loss": self._recorded_best_val_loss()})
         final_dir = self._save_final()
         logger.close()
         summary = {
             "steps": self.step, "steps_this_run": self.step - start_step, "tokens_seen": self.tokens_seen,
             "train_seconds": round(train_time, 2), "wall_seconds": round(time.perf_counter() - started, 2),
             "allocator": allocator_in_use(),
-            "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None, **final_eval,
+            "best_val_loss": self._recorded_best_val_loss(), **final_eval,
             "checkpoint": str(self.last_checkpoint), "final_model": str(final_dir),
             "metrics": str(logger.path),
         }
@@ -830,10 +831,14 @@ class Trainer:
         if not self._sharded:  # a sharded optimizer goes into the distributed checkpoint instead
             tensors["optimizer"] = self.optimizer.state_dict()
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
-                 "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+                 "best_val_loss": self._recorded_best_val_loss(),
                  "max_steps": self.max_steps, "grad_accum": self.grad_accum, "world_size": self.world_size,
                  "pet_method": self.config.pet_method, "config": self.config.to_dict()}
         return tensors, state
+
+    def _recorded_best_val_loss(self) -> float | None:
+        """best_val_loss as JSON holds it: None before any whole-set evaluation."""
+        return self.best_val_loss if math.isfinite(self.best_val_loss) else None
 
     def _save_checkpoint(self) -> Path:
         """Rank 0 writes the checkpoint; with a sharded model every rank also writes its part of the model and
@@ -992,6 +997,7 @@ class Trainer:
     # ---- public API ---------------------------------------------------------------------------------------
     def train(self, resume: str | None = None) -> dict[str, Any]:
         """Pretrain from randomly initialised weights (or continue: resume="auto" or a checkpoint dir)."""
+        self.config.check_training()  # before any data is tokenized
         self._setup(weights=None)
         return self._run(resume or self.config.checkpoint.resume)
 
@@ -999,6 +1005,7 @@ class Trainer:
                  resume: str | None = None) -> dict[str, Any]:
         """Train starting from pretrained weights: `finetune_checkpoint`, else model.checkpoint, else model.name
         when it is a directory or a name in the local HF cache. With pet_method "lora" only the adapters train."""
+        self.config.check_training()  # before any data is tokenized
         weights = finetune_checkpoint or self.config.model.checkpoint
         if weights is None and self._model_arg is None:
             try:  # a model directory or a name in the local HF cache
@@ -1089,7 +1096,7 @@ class Trainer:
 def run(mode: str, config_path: str | os.PathLike | None, overrides: list[tuple[str, str]] | None = None,
         resume: str | None = None) -> dict[str, Any]:
     """`gpt2kit train|finetune --config FILE [--section.key value ...] [--resume auto|PATH]`."""
-    config = load_run_config(config_path, overrides)
+    config = load_run_config(config_path, overrides, training=True)
     if resume is not None:
         if resume != "auto":  # a missing --resume PATH is an error before tokenizing or preprocessing
             resume_candidates(config.out_dir, resume)
