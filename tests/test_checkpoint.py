@@ -339,6 +339,11 @@ def test_weights_load_in_the_dtype_transformers_gives_them(tmp_path, hf_model):
         assert expected == getattr(torch, named)
         assert GPT2LMHeadModel.from_pretrained(tmp_path / "m").transformer.wte.weight.dtype == expected
     assert GPT2LMHeadModel.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+    # Names as transformers takes them (a TypeError from .to() after every weight was read, before).
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "m", dtype="bfloat16").lm_head.weight.dtype == torch.bfloat16
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "m", dtype="auto").lm_head.weight.dtype == expected
+    with pytest.raises(ValueError, match="unknown dtype 'int8'; expected auto or one of float32"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "nowhere", dtype="int8")  # before the directory is looked for
 
     from safetensors.torch import load_file, save_file
     path.write_text(json.dumps({k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}))

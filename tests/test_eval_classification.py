@@ -106,6 +106,43 @@ def test_the_models_label_names_decide_its_output_order(tmp_path):
         evaluate_classification(small, tok, data, progress=False)
 
 
+def test_a_fixed_class_format_maps_its_labels_to_the_models_classes_by_name(tmp_path):
+    """SST-2's 1 is "positive": a model whose output 0 is "positive" was scored as if 1 meant its output 1, so
+    every class was swapped (AG News alike, against a model with its classes sorted)."""
+    tok = GPT2Tokenizer.gpt2()
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence\tlabel\ngreat\t1\nlovely\t1\nawful\t0\n")
+    for id2label, accuracy in (({0: "positive", 1: "negative"}, 2 / 3), ({0: "NEGATIVE", 1: "POSITIVE"}, 1 / 3)):
+        config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=32, id2label=id2label,
+                            pad_token_id=tok.pad_token_id)
+        model = GPT2ForSequenceClassification(config)
+        with torch.no_grad():  # always output 0, as in the test above
+            model.score.weight.zero_()
+            model.score.weight[0] = 1.0
+            model.transformer.ln_f.bias.fill_(1.0)
+        result = evaluate_classification(model, tok, dev, progress=False)
+        assert result["accuracy"] == pytest.approx(accuracy) and result["labels"] == list(id2label.values())
+    model.config.id2label = {0: "bad", 1: "good"}
+    with pytest.raises(ValueError, match=r"dev.tsv: sst2 labels its classes negative, positive; the model \(or "
+                                         r"label_names\) names bad, good"):
+        evaluate_classification(model, tok, dev, progress=False)
+    ag = ClassificationDataset(DATA / "ag_news" / "test.csv", tok, max_length=8,
+                               label_names=["Business", "Sci/Tech", "Sports", "World"])
+    plain = ClassificationDataset(DATA / "ag_news" / "test.csv", tok, max_length=8)
+    assert [ag.id2label[i] for i in ag.labels[:50]] == [plain.id2label[i] for i in plain.labels[:50]]
+
+
+def test_transformers_default_class_names_name_nothing(tmp_path):
+    """transformers writes LABEL_0, LABEL_1, ... for three or more classes: such a model read a CSV of string labels
+    as if those were its classes ("label 'pos' is not one of ['LABEL_0', ...]")."""
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, num_labels=3,
+                                                     id2label={i: f"LABEL_{i}" for i in range(3)})).eval()
+    data = tmp_path / "three.csv"
+    data.write_text("text,label\ngood,pos\nbad,neg\nso so,mid\n")
+    result = evaluate_classification(model, GPT2Tokenizer.gpt2(), data, progress=False)
+    assert result["labels"] == ["mid", "neg", "pos"] and result["examples"] == 3
+
+
 def test_a_file_without_the_last_class_is_scored_by_the_models_classes(tmp_path):
     torch.manual_seed(0)
     model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64,

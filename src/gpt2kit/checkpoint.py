@@ -276,8 +276,23 @@ def checkpoint_dtype(config: GPT2Config, state: dict[str, torch.Tensor], source:
     return config_dtype(config, source) or state_dtype(state.values())
 
 
-def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name ("bfloat16", "bf16", ...); None and "auto" stay None (the
+    checkpoint's own dtype)."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str = "cpu", **config_overrides) -> M:
+    dtype = parse_dtype(dtype)  # before any weight is read
     model_dir = resolve_model_dir(name_or_path)
     config = load_config(model_dir)
     try:

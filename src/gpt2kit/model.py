@@ -219,9 +219,10 @@ class GPT2PreTrainedModel(nn.Module):
             return cls(config).num_parameters()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                         device: torch.device | str = "cpu", **config_overrides):
-        """Load an HF-format directory (or a model found in the local HF cache; never the network)."""
+        """Load an HF-format directory (or a model found in the local HF cache; never the network). `dtype`: a
+        torch dtype or its name ("bfloat16"); None or "auto" keeps the checkpoint's, as transformers does."""
         from .checkpoint import load_pretrained
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **config_overrides)
 

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import torch
 
 from . import quantization
-from .checkpoint import resolve_model_dir
+from .checkpoint import parse_dtype, resolve_model_dir
 from .config import PRESETS, GPT2Config
 from .conversation import reply_stops, transcript, turns_of
 from .generation import (
@@ -26,18 +26,6 @@ from .generation import (
 )
 from .model import GPT2LMHeadModel
 from .tokenizer import GPT2Tokenizer, tokenizer_for
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
 
 def parse_device(device: torch.device | str) -> torch.device:
     """A torch device this machine has; anything else is one ValueError naming it."""

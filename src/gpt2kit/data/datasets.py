@@ -267,6 +267,25 @@ def _parse_examples(path: Path, fmt: str, text: str) -> list[tuple[int, str, str
     return examples
 
 
+def unnamed_classes(names: Sequence[str]) -> bool:
+    """Class names that name nothing: "0", "1", ... (gpt2kit's default) or "LABEL_0", "LABEL_1", ...
+    (transformers' for three or more classes)."""
+    names = list(names)
+    return names in ([str(i) for i in range(len(names))], [f"LABEL_{i}" for i in range(len(names))])
+
+
+def _ids_by_name(ids: list[int], classes: list[str], names: list[str], where: str) -> list[int]:
+    """Ids of `classes` (a format's fixed classes, in its numbering) as positions among `names` (a model's classes,
+    in its output order), matched by name ignoring case (transformers' models often write NEGATIVE/POSITIVE);
+    -1 stays -1 (out of range, reported by the caller)."""
+    position = {name.casefold(): i for i, name in enumerate(names)}
+    order = [position.get(name.casefold()) for name in classes]
+    if None in order:
+        raise DataError(f"{where} labels its classes {', '.join(classes)}; the model (or label_names) names "
+                        f"{', '.join(names)}: rename the model's classes (config.json id2label) to match")
+    return [order[i] if 0 <= i < len(order) else -1 for i in ids]
+
+
 class ClassificationDataset(Dataset):
     """Sentence classification examples: `{"input_ids": LongTensor[L], "labels": int}`.
 
@@ -296,14 +315,14 @@ class ClassificationDataset(Dataset):
         numeric = all(integers)
         names = list(label_names) if label_names is not None else None
         offset = 1 if fmt == "agnews" else 0  # AG News numbers its classes from 1
-        if fmt == "agnews" and names is None:
-            classes = path.with_name("classes.txt")
-            names = ([c.strip() for c in read_utf8(classes, error=DataError).splitlines() if c.strip()]
-                     if classes.is_file() else list(AG_NEWS_CLASSES))
         known = _KNOWN_NAMES.get(fmt)
+        if fmt == "agnews":
+            classes = path.with_name("classes.txt")
+            known = ([c.strip() for c in read_utf8(classes, error=DataError).splitlines() if c.strip()]
+                     if classes.is_file() else list(AG_NEWS_CLASSES))
         if fmt == "sst2" and not set(raw_labels) <= {"0", "1"} and (numeric or not any(integers)):
             known = None  # another headered TSV: its own labels (more classes, or names), like a CSV's
-        default_names = label_names is not None and list(label_names) == [str(i) for i in range(len(label_names))]
+        default_names = label_names is not None and unnamed_classes(label_names)
         if known and label_names is not None and len(label_names) != len(known) and not default_names:
             # A format with fixed classes read for other named ones (e.g. a 4-class AG News model on SST-2). Names
             # 0, 1, 2, ... are another headered TSV's classes, of which a small dev set may lack some.
@@ -316,8 +335,12 @@ class ClassificationDataset(Dataset):
             raise DataError(f"{path}:{line}: label {label!r} is not an integer, but other labels are")
         if known or numeric:  # integer labels are ids (in SST-2/CoLA/AG News a word among them is an error below)
             ids = [int(label) - offset if is_int else -1 for label, is_int in zip(raw_labels, integers)]
-            names = names or list(known or []) or [str(i) for i in range(num_labels or max(ids) + 1)]
-            expected = f"an integer in {offset}..{len(names) - 1 + offset}"
+            if known and names and not default_names:  # the format's classes, mapped onto the model's by name
+                expected = f"an integer in {offset}..{len(known) - 1 + offset}"
+                ids = _ids_by_name(ids, list(known), names, f"{path}: {fmt}")
+            else:
+                names = names or list(known or []) or [str(i) for i in range(num_labels or max(ids) + 1)]
+                expected = f"an integer in {offset}..{len(names) - 1 + offset}"
         else:  # string labels map to ids by their position in label_names, else sorted
             names = names or sorted(set(raw_labels))
             lookup = {name: i for i, name in enumerate(names)}

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..data import ClassificationDataset, collate
+from ..data.datasets import unnamed_classes
 from ..model import eval_mode
 from ..tokenizer import GPT2Tokenizer
 from .scoring import check_limit, check_vocab, model_device, resolve_max_length
@@ -75,7 +76,7 @@ def evaluate_classification(model: nn.Module, tokenizer: GPT2Tokenizer,
     check_limit(limit)
     max_length = resolve_max_length(model, max_length)
     names = [model.config.id2label[i] for i in sorted(model.config.id2label or {})]
-    if label_names is None and names != [str(i) for i in range(len(names))]:
+    if label_names is None and not unnamed_classes(names):
         label_names = names  # the classes the model was trained on, in its output order
     if not isinstance(data, ClassificationDataset):
         data = ClassificationDataset(data, tokenizer, format=format, max_length=max_length,

@@ -12,10 +12,10 @@ import torch
 
 import gpt2kit
 
-from ..checkpoint import resolve_model_dir
+from ..checkpoint import parse_dtype, resolve_model_dir
 from ..files import check_output_file, require_file, sha256_file
 from ..model import GPT2ForSequenceClassification
-from ..pipeline import load_model_and_tokenizer, parse_device, parse_dtype
+from ..pipeline import load_model_and_tokenizer, parse_device
 from ..tokenizer import GPT2Tokenizer, tokenizer_for
 from . import classification, lambada, perplexity
 from .report import summary_line, write_report

@@ -539,7 +539,8 @@ def generate_tensor_parallel(model: str | os.PathLike, prompt: str | None, *, te
     the HF directory and runs the same decoding (identical logits on every rank, so identical tokens); rank 0
     streams and returns the texts, the other ranks return None. Rank 0's `prompt` is used (others may pass None)."""
     from ..checkpoint import CheckpointError, resolve_model_dir
-    from ..pipeline import generate_text, parse_dtype
+    from ..checkpoint import parse_dtype
+    from ..pipeline import generate_text
     from ..tokenizer import has_tokenizer_files
 
     world = launched_world_size()
