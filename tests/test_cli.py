@@ -79,6 +79,13 @@ def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, 
          "command line: --model.config.n_positions: n_positions must be"),
         (["train", "--config", CONFIG, "--out_dir", str(tmp_path / "run"), "--resume",
           str(tmp_path / "nope")], "no such checkpoint directory"),
+        # Sampling flags without sampling, a length penalty without beams: silently greedy before.
+        (["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--temperature", "0.8", "--top-k", "5"],
+         "--temperature, --top-k only apply when sampling; add --do-sample"),
+        (["chat", "--model", str(tiny_model_dir), "--no-do-sample", "--top-p", "0.5"],
+         "--top-p only apply when sampling"),
+        (["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--length-penalty", "2"],
+         "--length-penalty only applies to beam search"),
         # These two came after a tokenizer was trained and the data tokenized into out_dir.
         (["train", "--config", CONFIG, "--out_dir", str(tmp_path / "run"), "--train.max_steps", "null"],
          "command line: --train.max_steps: give train.max_steps or train.epochs"),
