@@ -152,6 +152,24 @@ def test_two_processes_train_like_one(tmp_path, corpus, single, layout, parallel
         assert_same_run(resumed, single, range(4, STEPS + 1))
 
 
+@pytest.mark.parametrize("layout, parallel", [("tp", {"data": 1, "tensor": -1}), ("fsdp", {"data": 1, "shard": -1})])
+def test_finetuning_a_saved_model_on_two_processes_is_the_one_process_run(tmp_path, corpus, single, layout, parallel):
+    """A model loaded from an HF directory holds its projections as transposed views: FSDP refused them, and
+    tensor parallelism sharded them into gradients of another layout, which fused AdamW applied to the wrong
+    elements (the losses left the one-process run's from step 2)."""
+    def finetune_config(name: str, **layout_options) -> Path:
+        path = write_config(tmp_path, corpus, name, **layout_options)
+        config = yaml.safe_load(path.read_text())
+        config["model"]["name"] = str(single / "final")
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    run("finetune", finetune_config("one"))
+    result = torchrun("finetune", "--config", str(finetune_config(layout, **parallel)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(tmp_path / layout, tmp_path / "one", range(1, STEPS + 1))
+
+
 def test_data_parallel_classification_is_the_single_process_run(tmp_path):
     """Padded rows: each rank has its own number of real tokens, so tokens (and tokens_seen, tokens/s, MFU) are
     summed over the ranks, not rank 0's count times the ranks. 38 examples in steps of 8: each epoch uses 32,

@@ -403,6 +403,14 @@ def parallelize(model: nn.Module, state: ParallelState, *, recompute: bool = Fal
     if not state.distributed:
         return model
     c, mesh = state.config, state.mesh
+    if c.tensor > 1 or c.shard > 1:
+        # A model loaded from an HF directory holds its projections as transposed views of the file's Conv1D
+        # weights: FSDP refuses such parameters, and tensor parallelism shards them into gradients of another
+        # layout than the weights', which the fused optimizer then applies to the wrong elements.
+        with torch.no_grad():
+            for param in model.parameters():
+                if not param.is_contiguous():
+                    param.data = param.data.contiguous()
     if c.tensor > 1:
         check_tensor_parallel(model.config, c.tensor, c.shard)
         apply_tensor_parallel(model, mesh["tensor"])
