@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
+from gpt2kit.checkpoint import CheckpointError
 from gpt2kit.cli import main
 from gpt2kit.pipeline import generate_text
 from gpt2kit.tokenizer import has_tokenizer_files
@@ -150,6 +151,10 @@ def test_two_processes_train_like_one(tmp_path, corpus, single, layout, parallel
         resumed = tmp_path / "tp-resumed"
         run("train", write_config(tmp_path, corpus, "tp-resumed"), resume=str(checkpoint))
         assert_same_run(resumed, single, range(4, STEPS + 1))
+        # A run of another shape is refused, as from a whole checkpoint (the sharded one loaded it silently).
+        with pytest.raises(CheckpointError, match=r"saved from another model shape than this run's \(n_head 4 -> 2"):
+            run("train", write_config(tmp_path, corpus, "tp-other"), [("model.config.n_head", "2")],
+                resume=str(checkpoint))
 
 
 @pytest.mark.parametrize("layout, parallel", [("tp", {"data": 1, "tensor": -1}), ("fsdp", {"data": 1, "shard": -1})])

@@ -842,7 +842,7 @@ class Trainer:
 
     def _save_checkpoint(self) -> Path:
         """Rank 0 writes the checkpoint; with a sharded model every rank also writes its part of the model and
-        optimizer into training_state/dcp (the model directory then holds config and tokenizer only)."""
+        optimizer into training_state/dcp, with config.json (the top level then holds the tokenizer only)."""
         root = self.out_dir / CHECKPOINTS_DIR
         final = root / f"step-{self.step:08d}"
         tmp = root / f".step-{self.step:08d}.partial-{self.parallel.broadcast(os.getpid())}"
@@ -933,6 +933,7 @@ class Trainer:
         tensors = torch.load(path / STATE_DIR / "state.pt", map_location="cpu", weights_only=True)
         with configured_hyperparameters(self.optimizer, self.scheduler):
             if (path / STATE_DIR / DCP_DIR).is_dir():  # saved sharded: loads into any layout, this one included
+                self._check_saved_shape(path / STATE_DIR / DCP_DIR)  # its config.json lies beside the shards
                 load_distributed_checkpoint(path / STATE_DIR / DCP_DIR, self.model, self.optimizer)
             elif self.config.pet_method == "lora":
                 lora_lib.load_adapter_weights(self.model, path)
