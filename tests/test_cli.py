@@ -116,6 +116,17 @@ def test_preprocess_refuses_the_current_directory_before_any_work(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "in.txt"] and not any((tmp_path / "here").iterdir())
 
 
+def test_convert_into_the_current_directory_is_refused_first(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """It said "already exists; pass --overwrite", then refused --overwrite: the working directory is never replaced."""
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "notes.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    assert main(["convert", "--input", str(tiny_model_dir), "--output", "."]) == 2
+    assert "is the current directory or one above it" in capsys.readouterr().err
+    assert [p.name for p in here.iterdir()] == ["notes.txt"]
+
+
 def test_a_mistyped_flag_shows_its_commands_usage(capsys):
 
     try:

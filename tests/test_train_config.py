@@ -151,6 +151,12 @@ def test_override_syntax_errors():
         parse_overrides(["--train.max_steps"])
     with pytest.raises(ConfigError, match="unexpected argument 'max_steps'"):
         parse_overrides(["max_steps", "3"])
+    # The next option was taken as the left-out value, and its value then blamed as unexpected.
+    with pytest.raises(ConfigError, match=r"--train.max_steps: missing value \(the next argument, --optim.lr, is an "):
+        parse_overrides(["--train.max_steps", "--optim.lr", "1e-3"])
+    assert parse_overrides(["--sample.prompt=--x", "--optim.lr", "-1"]) == [("sample.prompt", "--x"), ("optim.lr", "-1")]
+    with pytest.raises(ConfigError, match="a config file is given as --config FILE"):
+        parse_overrides(["configs/tiny_shakespeare.yaml"])
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):

@@ -114,6 +114,12 @@ def test_adapters_load_into_transformers_gpt2_with_peft(tmp_path, base_dir):
         torch.testing.assert_close(hf(x).logits, trainer.model(x).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_train_with_lora_says_it_starts_from_random_weights(tmp_path, base_dir, capsys):
+    """`gpt2kit train` of a LoRA config trained adapters on random weights without a word (finetune was meant)."""
+    Trainer(args=lora_config(tmp_path, base_dir, max_steps=1), train_dataset=Sequences()).train()
+    assert "train starts LoRA from randomly initialised weights; `gpt2kit finetune`" in capsys.readouterr().err
+
+
 def test_lora_resume_is_exact(tmp_path, base_dir):
     whole = Trainer(args=lora_config(tmp_path, base_dir, "whole"), train_dataset=Sequences())
     whole.finetune()

@@ -44,6 +44,8 @@ def check_output_directory(path: str | os.PathLike, *, overwrite: bool, replaces
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory")
+    replaced_directory(path)  # the directory is written whole and swapped in: never the working one (first: not
+    # "pass --overwrite" for a directory that --overwrite would refuse)
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ValueError(f"{path}: already exists; pass --overwrite (overwrite=True) to "
                          f"{'replace it (its other files go)' if replaces else 'write into it'}")

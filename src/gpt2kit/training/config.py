@@ -465,7 +465,8 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+            hint = "; a config file is given as --config FILE" if arg.endswith((".yaml", ".yml")) else ""
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value{hint}")
         key = arg[2:]
         if "=" in key:
             key, value = key.split("=", 1)
@@ -474,6 +475,9 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
             if i + 1 >= len(argv):
                 raise ConfigError(f"--{key}: missing value")
             value = argv[i + 1]
+            if value.startswith("--") and len(value) > 2:  # the value was left out, not a value beginning with --
+                raise ConfigError(f"--{key}: missing value (the next argument, {value}, is an option); a value "
+                                  f"that starts with -- is written --{key}=VALUE")
             i += 2
         pairs.append((key.replace("-", "_"), value))
     return pairs

@@ -999,6 +999,9 @@ class Trainer:
     def train(self, resume: str | None = None) -> dict[str, Any]:
         """Pretrain from randomly initialised weights (or continue: resume="auto" or a checkpoint dir)."""
         self.config.check_training()  # before any data is tokenized
+        if self.config.pet_method == "lora" and self._model_arg is None and self.is_main:
+            print("note: train starts LoRA from randomly initialised weights; `gpt2kit finetune` (Trainer.finetune) "
+                  "adds the adapters to pretrained ones", file=sys.stderr)
         self._setup(weights=None)
         return self._run(resume or self.config.checkpoint.resume)
 
