@@ -754,8 +754,8 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
 
     Options are GenerationConfig's fields (max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
     top_p, min_p, repetition_penalty, no_repeat_ngram_size, frequency_penalty, presence_penalty, logit_bias,
-    eos_token_id, pad_token_id, stop, seed, num_return_sequences, num_beams, length_penalty, early_stopping,
-    use_cache, compile).
+    eos_token_id, pad_token_id, stop, skip_leading_space, seed, num_return_sequences, num_beams, length_penalty,
+    early_stopping, use_cache, compile).
     Batched prompts must be left-padded with `attention_mask`; each row then generates as it would alone (exactly
     so in float32; in lower precision and with int8 weights, products of another row count round differently and
     a near-tie between two tokens may fall the other way).
