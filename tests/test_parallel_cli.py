@@ -155,6 +155,11 @@ def test_two_processes_train_like_one(tmp_path, corpus, single, layout, parallel
         with pytest.raises(CheckpointError, match=r"saved from another model shape than this run's \(n_head 4 -> 2"):
             run("train", write_config(tmp_path, corpus, "tp-other"), [("model.config.n_head", "2")],
                 resume=str(checkpoint))
+        dcp = checkpoint / "training_state" / "dcp"
+        other = tmp_path / "other.json"
+        other.write_text(json.dumps({**json.loads((dcp / "config.json").read_text()), "n_head": 2}))
+        assert main(["convert", "--from-dcp", str(dcp), "--config", str(other), "--output", str(tmp_path / "m")]) == 2
+        assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("layout, parallel", [("tp", {"data": 1, "tensor": -1}), ("fsdp", {"data": 1, "shard": -1})])

@@ -24,6 +24,10 @@ _HF_ALIASES = {"hidden_size": "n_embd", "num_attention_heads": "n_head", "num_hi
                "max_position_embeddings": "n_positions", "n_ctx": "n_positions"}
 
 
+# The config fields that decide the weights' shapes.
+SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "mlp_dim", "n_positions", "vocab_size", "tie_word_embeddings")
+
+
 @dataclass
 class GPT2Config:
     """Shape and regularisation of a GPT-2 network. Field names equal HF's `GPT2Config`."""
@@ -131,6 +135,13 @@ class GPT2Config:
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **values}
+
+    def shape_changes(self, other: GPT2Config, *, classifier: bool = False) -> list[str]:
+        """"field this -> other" for each field deciding the weights' shapes (and a classifier's num_labels)
+        that differs: weights saved under one config load into the other only when this is empty."""
+        fields = SHAPE_FIELDS + (("num_labels",) if classifier else ())
+        return [f"{name} {getattr(self, name)} -> {getattr(other, name)}" for name in fields
+                if getattr(self, name) != getattr(other, name)]
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json HF transformers (and llama.cpp's converter, which needs n_ctx) reads."""

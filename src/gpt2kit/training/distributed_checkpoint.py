@@ -335,6 +335,11 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, output: str | os.PathLike, *,
                               "pass --config")
     model_config = GPT2Config.from_json_file(config_path)
     classifier = "GPT2ForSequenceClassification" in (model_config.extra.get("architectures") or [])
+    if config_path.parent != dcp_dir and (dcp_dir / CONFIG_NAME).is_file():  # a config given for these shards
+        changed = GPT2Config.from_json_file(dcp_dir / CONFIG_NAME).shape_changes(model_config, classifier=classifier)
+        if changed:
+            raise CheckpointError(f"{config_path}: another model shape than the checkpoint's {dcp_dir / CONFIG_NAME} "
+                                  f"({', '.join(changed)}); its weights would load into the wrong places")
     with torch.device("meta"):
         model = (GPT2ForSequenceClassification if classifier else GPT2LMHeadModel)(model_config)
     model.to_empty(device="cpu")  # memory without initialisation: every tensor comes from the checkpoint

@@ -62,10 +62,6 @@ from .parallel import clip_grad_norm_, grad_sync, init_distributed, parallelize,
 
 
 
-# The config fields that decide the weights' shapes.
-SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "mlp_dim", "n_positions", "vocab_size", "tie_word_embeddings")
-
-
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
 
@@ -969,10 +965,8 @@ class Trainer:
         """One error naming what changed when the run's model config no longer matches the checkpoint's (its
         weights would fail to load with torch's list of every mismatched tensor)."""
         model = unwrap(self.model)
-        saved, ours = load_config(path), model.config
-        fields = SHAPE_FIELDS + (("num_labels",) if isinstance(model, GPT2ForSequenceClassification) else ())
-        changed = [f"{name} {getattr(saved, name)} -> {getattr(ours, name)}" for name in fields
-                   if getattr(saved, name) != getattr(ours, name)]
+        changed = load_config(path).shape_changes(model.config,
+                                                  classifier=isinstance(model, GPT2ForSequenceClassification))
         if changed:
             raise CheckpointError(f"{path}: saved from another model shape than this run's ({', '.join(changed)}); "
                                   f"resume with the model config it was trained with, or use a new out_dir")
