@@ -549,14 +549,21 @@ def test_dcp_conversion_errors_name_the_problem(job, tmp_path):
     wider = tiny_lm_config()
     wider.n_layer = 3
     (tmp_path / "config.json").write_text(json.dumps(wider.to_hf_dict()))
+    # The config.json beside the shards says what shape they have.
+    with pytest.raises(CheckpointError, match=r"another model shape than the checkpoint's .*config.json \(n_layer 2 "
+                                              r"-> 3\)"):
+        dcp_to_pretrained(job / "tp-dcp", tmp_path / "out", config=tmp_path)
+    # Without it (shards copied alone), the tensors themselves are checked.
+    bare = tmp_path / "bare"
+    shutil.copytree(job / "tp-dcp", bare, ignore=shutil.ignore_patterns("config.json"))
     with pytest.raises(CheckpointError, match=r"does not hold the weights .*config.json describes .*Missing key in "
                                               r"checkpoint state_dict: model.transformer.h.2"):
-        dcp_to_pretrained(job / "tp-dcp", tmp_path / "out", config=tmp_path)
+        dcp_to_pretrained(bare, tmp_path / "out", config=tmp_path)
     narrower = tiny_lm_config()
     narrower.n_layer = 1  # DCP loads only the tensors asked for: the checkpoint's second layer must not be lost
     (tmp_path / "config.json").write_text(json.dumps(narrower.to_hf_dict()))
     with pytest.raises(CheckpointError, match=r"holds weights that .*config.json has no place for \(transformer.h.1"):
-        dcp_to_pretrained(job / "tp-dcp", tmp_path / "out", config=tmp_path)
+        dcp_to_pretrained(bare, tmp_path / "out", config=tmp_path)
     model = GPT2LMHeadModel(narrower)
     with pytest.raises(CheckpointError, match=r"holds weights the model has no place for \(transformer.h.1"):
         load_distributed_checkpoint(job / "tp-dcp", model)
