@@ -283,8 +283,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A torch dtype from a dtype or its name ("bfloat16", "bf16", ...); None and "auto" stay None (the
     checkpoint's own dtype)."""
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return None if dtype == "auto" else dtype
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]

@@ -444,25 +444,24 @@ class GPT2Tokenizer:
         """A `tokenizer.json` (byte-level BPE), a `.tiktoken` rank file, `vocab.json` (with `merges.txt` beside it)
         or `encoder.json` (with `vocab.bpe`), or a directory holding one of them."""
         path = Path(path)
-        if path.is_dir() or path.name in _BPE_PAIRS:
-            if path.is_dir():
-                tokenizer = cls._from_directory(path)
-            else:  # one half of a vocabulary + merges pair
-                merges = path.parent / _BPE_PAIRS[path.name]
-                for needed in (path, merges):
-                    if not needed.exists():
-                        raise TokenizerError(f"{needed}: file not found ({path.name} and {merges.name} form a pair)")
-                tokenizer = cls._from_source(("bpe", str(path), str(merges)))
-            config = (path if path.is_dir() else path.parent) / "tokenizer_config.json"
-            tokenizer.model_max_length = _model_max_length(config, tokenizer.model_max_length)
-            return tokenizer
-        if not path.exists():
+        if path.is_dir():
+            tokenizer, directory = cls._from_directory(path), path
+        elif path.name in _BPE_PAIRS:  # one half of a vocabulary + merges pair
+            merges = path.parent / _BPE_PAIRS[path.name]
+            for needed in (path, merges):
+                if not needed.exists():
+                    raise TokenizerError(f"{needed}: file not found ({path.name} and {merges.name} form a pair)")
+            tokenizer, directory = cls._from_source(("bpe", str(path), str(merges))), path.parent
+        elif not path.exists():
             raise TokenizerError(f"{path}: tokenizer file not found")
-        if path.suffix == ".json":
+        elif path.suffix == ".json":
             return cls._from_source(("tokenizer.json", str(path)))
-        if path.suffix == ".tiktoken":
+        elif path.suffix == ".tiktoken":
             return cls._from_source(("tiktoken", str(path)))
-        raise TokenizerError(f"{path}: unknown tokenizer format (expected tokenizer.json, vocab.json or .tiktoken)")
+        else:
+            raise TokenizerError(f"{path}: unknown tokenizer format (expected tokenizer.json, vocab.json or .tiktoken)")
+        tokenizer.model_max_length = _model_max_length(directory / "tokenizer_config.json", tokenizer.model_max_length)
+        return tokenizer
 
     @classmethod
     def _from_directory(cls, path: Path) -> GPT2Tokenizer:
