@@ -186,11 +186,15 @@ def test_evaluation_scores_agree_between_the_kernels(tiny_model):
 
 def test_the_choice_follows_the_environment():
     code = "from gpt2kit.cpu_matmul import use_onednn_float32; print(use_onednn_float32())"
-    for setting, expected in (("onednn", "True"), ("default", "False")):
+    for setting, expected in (("onednn", "True"), ("oneDNN", "True"), ("default", "False")):
         env = {**os.environ, "GPT2KIT_FLOAT32_MATMUL": setting}
         result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert result.stdout.strip() == expected, result.stderr
+    # A wrong value fails the command that multiplies, with one line; the import and --help still work.
     env = {**os.environ, "GPT2KIT_FLOAT32_MATMUL": "mkl"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert result.returncode != 0
-    assert "GPT2KIT_FLOAT32_MATMUL must be auto, onednn or default, got 'mkl'" in result.stderr
+    assert subprocess.run([sys.executable, "-m", "gpt2kit", "--help"], env=env, capture_output=True).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "gpt2kit", "generate", "--model", "gpt2-tiny", "--random-init",
+                             "--prompt", "hi", "--max-new-tokens", "1"], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("gpt2kit generate: error: GPT2KIT_FLOAT32_MATMUL must be auto, onednn or "
+                                     "default, got 'mkl'")

@@ -85,6 +85,15 @@ def test_vocabulary_padding_inside_the_loss_is_invisible(vocab):
     torch.testing.assert_close(w.grad, ref_w.grad.float(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("target", [101, 127, -1])  # a padded column (scored -inf), the last one, a negative id
+def test_a_target_outside_the_vocabulary_is_an_error_not_an_infinite_loss(target):
+    hidden, weight = torch.randn(N, C), torch.randn(101, C)
+    targets = torch.randint(0, 101, (N,))
+    targets[5] = target
+    with pytest.raises(ValueError, match=rf"outside the model's vocabulary of 101 ids .*: {target}$"):
+        linear_cross_entropy(hidden, weight, targets)
+
+
 def test_all_targets_ignored_gives_zero_loss_and_gradients_like_lm_loss():
     hidden, weight, _ = inputs()
     targets = torch.full((N,), -100)

@@ -301,3 +301,45 @@ def test_float_weights_do_not_load_into_an_int8_model(tiny_model):
         torch.nn.ModuleDict({"m": quantized}).load_state_dict({f"m.{k}": v for k, v in float_state.items()},
                                                               strict=False)
     quantized.load_state_dict(quantized.state_dict())  # its own int8 state loads
+
+
+def test_an_int8_state_dict_does_not_load_into_a_float_model(tiny_model):
+    """Copied in, the int8 values read as float weights of +-127, the tied embedding's too; with strict=False the
+    load raised nothing at all."""
+    int8_state = quantize_int8(copy.deepcopy(tiny_model)).state_dict()
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"^transformer.h.0.attn.c_attn.weight: torch.int8 weights .* cannot "
+                                             r"load into float weights"):
+            tiny_model.load_state_dict(int8_state, strict=strict)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items())
+
+
+@pytest.mark.parametrize("transform", [quantize_int8, pack_weights])
+def test_int8_and_packed_models_are_not_trained_or_adapted(tiny_model, transform, tmp_path):
+    """Their weights are buffers or opaque tensors: a run changed the embeddings and LayerNorms alone (packed:
+    nothing, with a warning from torch), then failed at its first checkpoint."""
+    from peft import LoraConfig
+
+    from gpt2kit.training import Trainer, load_config
+    from gpt2kit.training.lora import apply_lora
+
+    model = transform(copy.deepcopy(tiny_model))
+    data = [{"input_ids": torch.arange(8), "targets": torch.arange(1, 9)}] * 4
+    config = load_config(out_dir=str(tmp_path / "run"), train={"max_steps": 2, "micro_batch_size": 2},
+                         log={"progress": False, "tensorboard": False, "plot": False})
+    with pytest.raises(ValueError, match="^model: the model's weights are int8-quantized or oneDNN-packed, which "
+                                         "are for inference only"):
+        Trainer(args=config, model=model, train_dataset=data).train()
+    with pytest.raises(ValueError, match="^LoRA: the model's weights are int8-quantized or oneDNN-packed"):
+        apply_lora(model, LoraConfig(r=2, target_modules=["c_attn"]))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("transform", [quantize_int8, pack_weights])
+def test_quantizing_a_model_without_gpt2_projections_is_an_error_not_a_no_op(tiny_model, transform):
+    with pytest.raises(ValueError, match="no GPT-2 projections .* in this GPT2Model: pass the GPT2LMHeadModel"):
+        transform(tiny_model.transformer)
+    with pytest.raises(ValueError, match="in this OptimizedModule"):
+        transform(torch.compile(tiny_model))
+    assert not is_inference_only(tiny_model)

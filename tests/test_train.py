@@ -70,6 +70,18 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_list_of_items_trains_as_the_same_torch_dataset_does(tmp_path):
+    """Any map-style dataset is data (a list, a Hugging Face datasets.Dataset); it was taken for a path."""
+    losses = []
+    for kind, data in (("torch", Sequences(32)), ("list", [Sequences(32)[i] for i in range(32)])):
+        Trainer(args=run_config(tmp_path / kind, train={"max_steps": 3}), train_dataset=data).train()
+        losses.append([r["train_loss"] for r in read_metrics(tmp_path / kind / "run" / "metrics.jsonl")
+                       if "train_loss" in r])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    with pytest.raises(TypeError, match="^eval_dataset: expected a path or a map-style dataset .*, got generator"):
+        Trainer(args=run_config(tmp_path), train_dataset=Sequences(), eval_dataset=(x for x in Sequences()))
+
+
 def trainer_eval_loss(tmp_path) -> float:
     """Validation loss of the weights the trainer starts from (it seeds with the run's seed, then builds)."""
     torch.manual_seed(1234)

@@ -41,7 +41,7 @@ def cpuinfo(field: str) -> str | None:
 
 
 def _default_choice() -> bool:
-    choice = os.environ.get(_ENV, "auto")
+    choice = os.environ.get(_ENV, "auto").strip().lower()
     if choice not in ("auto", "onednn", "default"):
         raise ValueError(f"{_ENV} must be auto, onednn or default, got {choice!r}")
     if not torch.backends.mkldnn.is_available():
@@ -52,7 +52,9 @@ def _default_choice() -> bool:
     return amd and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-_onednn_float32 = _default_choice()
+# Decided at the first float32 product rather than at import: a mistyped environment value is then an error of
+# the command that multiplies, not a traceback of `import gpt2kit` (and of `gpt2kit --help`).
+_onednn_float32: bool | None = None
 
 
 def use_onednn_float32(enabled: bool | None = None) -> bool:
@@ -62,6 +64,8 @@ def use_onednn_float32(enabled: bool | None = None) -> bool:
         if enabled and not torch.backends.mkldnn.is_available():
             raise ValueError("oneDNN float32 products need PyTorch built with oneDNN (mkldnn), which this build lacks")
         _onednn_float32 = enabled
+    elif _onednn_float32 is None:
+        _onednn_float32 = _default_choice()
     return _onednn_float32
 
 
@@ -81,7 +85,7 @@ def _applies(*tensors: Tensor) -> bool:
     """oneDNN takes these float32 CPU tensors: plain (not DTensors or other subclasses), non-empty and dense (see
     _dense), outside autocast and outside code being traced (torch.compile, torch.export, the ONNX exporter) or
     watched by a dispatch mode (FlopCounterMode, fake tensors), which should see PyTorch's own ops."""
-    return (_onednn_float32 and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+    return (not torch.jit.is_tracing() and not torch.compiler.is_compiling() and use_onednn_float32()
             and _get_current_dispatch_mode() is None and not torch.is_autocast_enabled("cpu")
             and all(is_plain(t) and t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() > 0
                     and _dense(t) for t in tensors))

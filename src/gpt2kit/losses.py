@@ -34,8 +34,21 @@ VOCAB_MULTIPLE = 128
 FLOAT16_PRODUCT_LIMIT = 2.0 ** 14  # a float16 chunk product stays below this bound (float16's max is 65504)
 
 
-def _scored(targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _check_targets(targets: Tensor, vocab: int) -> None:
+    """Every target in [0, vocab) or ignored, else one error naming the id (an added special token the model has
+    no row for). The fused loss pads the vocabulary: unchecked, an id just past it would be scored against a -inf
+    column, a loss of inf rather than F.cross_entropy's error. On a GPU the check is queued, not waited for."""
+    outside = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
+    message = f"a target id is outside the model's vocabulary of {vocab} ids (0..{vocab - 1}, or {IGNORE_INDEX})"
+    if targets.device.type != "cpu":
+        torch._assert_async(~outside.any(), message)
+    elif outside.any():
+        raise ValueError(f"{message}: {int(targets[outside][0])}")
+
+
+def _scored(targets: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
     """(valid mask (N, 1), number of valid targets, targets (N, 1) with ignored ones replaced by index 0)."""
+    _check_targets(targets, vocab)
     valid = (targets != IGNORE_INDEX).unsqueeze(1)
     return valid, valid.sum(), targets.unsqueeze(1).masked_fill(~valid, 0)
 
@@ -62,7 +75,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
-        valid, n_valid, targets = _scored(targets)
+        valid, n_valid, targets = _scored(targets, logits.shape[-1])
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         # float32 logits: work directly in the gradient's rows, saving a copy of the chunk.
         in_place = grad is not None and grad.dtype == torch.float32
@@ -164,7 +177,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         vocab = weight.shape[0]
         weight = _padded(weight, dtype)
-        valid, n_valid, targets = _scored(targets)
+        valid, n_valid, targets = _scored(targets, vocab)
         scale = valid / n_valid.clamp(min=1)  # (N, 1) float32: 1/n_valid, 0 for ignored rows
         grad_hidden = torch.empty_like(hidden, dtype=hidden_dtype) if want_hidden else None
         grad_weight = None

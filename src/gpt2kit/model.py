@@ -205,6 +205,13 @@ class GPT2PreTrainedModel(nn.Module):
         for name, module in self.named_modules():
             if hasattr(module, "check_load"):
                 module.check_load(state_dict, f"{name}.")
+        # And float weights refuse an int8 model's integer ones: copied in, they would read as weights of +-127
+        # (a tied head's into the embedding too), with strict=False without any error.
+        own = dict(self.named_parameters(remove_duplicate=False))
+        for key, value in state_dict.items():
+            if key in own and own[key].is_floating_point() and not value.is_floating_point():
+                raise ValueError(f"{key}: {value.dtype} weights (an int8-quantized model's state_dict?) cannot load "
+                                 "into float weights; load the float weights, then quantize_int8")
         return super().load_state_dict(state_dict, strict, assign)
 
     def num_parameters(self) -> int:

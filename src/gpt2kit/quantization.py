@@ -178,6 +178,9 @@ def _replace_linears(model: nn.Module, make_layer: Callable[[nn.Linear], nn.Modu
                          "merge_and_unload()), then quantize or pack the merged model")
     targets = [name for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and (name.startswith("transformer.h.") or name == "lm_head")]
+    if not targets:
+        raise ValueError(f"no GPT-2 projections (transformer.h.*, lm_head) in this {type(model).__name__}: pass the "
+                         "GPT2LMHeadModel itself, not a GPT2Model or a compiled or wrapped model")
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -210,3 +213,11 @@ def describe_weights(model: nn.Module) -> str:
 def is_inference_only(model: nn.Module) -> bool:
     """True when some weights are int8 or packed: the model can run, not train, save or export."""
     return any(isinstance(m, InferenceLinear) for m in model.modules())
+
+
+def check_trainable(model: nn.Module, action: str) -> None:
+    """Refuse to train (or adapt) int8 or packed weights: they are buffers or opaque tensors that no optimizer
+    updates, so a run would change the embeddings and LayerNorms alone and fail at its first checkpoint."""
+    if is_inference_only(model):
+        raise ValueError(f"{action}: the model's weights are int8-quantized or oneDNN-packed, which are for "
+                         "inference only; use the float model (quantize or pack after training)")

@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from ..files import atomic_directory, check_output_directory
+from ..quantization import check_trainable
 from .config import LoraArgs
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -45,6 +46,7 @@ def apply_lora(model: nn.Module, config) -> nn.Module:
     from peft.tuners.lora import LoraModel
 
     _peft()
+    check_trainable(model, "LoRA")
     matches = {t: [m for name, m in model.named_modules() if name == t or name.endswith(f".{t}")]
                for t in sorted(config.target_modules)}  # peft keeps them as a set
     missing = [t for t, found in matches.items() if not found]

@@ -31,6 +31,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
@@ -48,6 +49,7 @@ from ..checkpoint import (CheckpointError, hf_to_gpt2kit, load_config, load_stat
 from ..config import PRESETS, GPT2Config
 from ..files import atomic_write_text, replace_directory, standard_json
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
+from ..quantization import check_trainable
 from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
 from . import lora as lora_lib
 from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, hash_files, prune_checkpoints,
@@ -107,6 +109,13 @@ def load_classifier(model_dir: str | os.PathLike, *, num_labels: int, id2label: 
 
 
 # ---- trainer ------------------------------------------------------------------------------------------------
+def _is_dataset(value: Any) -> bool:
+    """A map-style dataset of gpt2kit.data's items: a torch Dataset, or any sized, indexable object that is not a
+    path (a list of items, a Hugging Face datasets.Dataset of token lists)."""
+    return isinstance(value, Dataset) or (not isinstance(value, (str, bytes, os.PathLike))
+                                          and hasattr(value, "__len__") and hasattr(value, "__getitem__"))
+
+
 class Trainer:
     """Train, finetune, evaluate and predict with a GPT-2 from a run config (see configs/ and docs/training.md).
 
@@ -117,8 +126,8 @@ class Trainer:
     """
 
     def __init__(self, task: str | None = None, model: str | os.PathLike | nn.Module | None = None,
-                 train_dataset: str | os.PathLike | Dataset | None = None,
-                 eval_dataset: str | os.PathLike | Dataset | None = None, *,
+                 train_dataset: str | os.PathLike | Dataset | Sequence | None = None,
+                 eval_dataset: str | os.PathLike | Dataset | Sequence | None = None, *,
                  args: RunConfig | str | os.PathLike | None = None, tokenizer: GPT2Tokenizer | None = None,
                  pet_method: str | None = None, out_dir: str | os.PathLike | None = None) -> None:
         if args is None or isinstance(args, (str, os.PathLike)):
@@ -139,12 +148,15 @@ class Trainer:
             config.model.name = str(model)
         self._datasets: dict[str, Dataset | None] = {"train": None, "val": None}
         # Datasets passed in were tokenized by the caller: the tokenizer then only pads and is saved.
-        self._given_datasets = isinstance(train_dataset, Dataset)
-        for split, value in (("train", train_dataset), ("val", eval_dataset)):
-            if isinstance(value, Dataset):
+        self._given_datasets = _is_dataset(train_dataset)
+        for split, name, value in (("train", "train_dataset", train_dataset), ("val", "eval_dataset", eval_dataset)):
+            if _is_dataset(value):
                 self._datasets[split] = value
-            elif value is not None:
+            elif isinstance(value, (str, os.PathLike)):
                 setattr(config.data, split, str(value))
+            elif value is not None:
+                raise TypeError(f"{name}: expected a path or a map-style dataset (len() and [i]), got "
+                                f"{type(value).__name__}")
         config.validate()
         if config.data.tokenizer_vocab_size is not None and config.data.tokenizer is None:
             config.data.tokenizer = str(Path(config.out_dir) / "tokenizer")  # the run's own, wherever out_dir is
@@ -472,6 +484,7 @@ class Trainer:
             if prompt >= context:
                 raise ValueError(f"sample.prompt: {prompt} tokens leave no room in the model's context of {context}")
         self.model = self._build_model(weights)
+        check_trainable(self.model, "model")
         if c.pet_method == "lora":
             # The adapters' base is the weights they were trained on: none for a random start (merging then
             # needs an explicit base), an absolute path so the adapter merges from any directory.
@@ -1032,7 +1045,7 @@ class Trainer:
         self._get_tokenizer()
         self.model.to(self.device).eval()
 
-    def evaluate(self, eval_dataset: str | os.PathLike | Dataset | None = None) -> dict[str, Any]:
+    def evaluate(self, eval_dataset: str | os.PathLike | Dataset | Sequence | None = None) -> dict[str, Any]:
         """Validation metrics of the current (or given directory's) model: loss and perplexity for text
         generation (a raw text file is scored with gpt2kit.evaluation's document perplexity, an instruction file
         on its responses, as training does); for a classification file, gpt2kit.evaluation's accuracy,
@@ -1041,7 +1054,7 @@ class Trainer:
         data = eval_dataset if eval_dataset is not None else (self._datasets["val"] or self.config.data.val)
         if data is None:
             raise ValueError("evaluate: no evaluation data (eval_dataset or data.val)")
-        if isinstance(data, Dataset):
+        if _is_dataset(data):
             return self._evaluate_dataset(data)
         if self.config.task == "text_classification":
             from ..evaluation.classification import evaluate_classification
