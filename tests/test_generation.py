@@ -51,6 +51,25 @@ def test_greedy_matches_transformers(hf_pair):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_max_length_counts_the_padded_prompt_as_transformers_does(hf_pair, num_beams):
+    hf, ours = hf_pair
+    ids, mask = left_padded(PROMPTS, pad=VOCAB - 1)
+    ref = hf_greedy(hf, ids, mask, max_length=ids.shape[1] + 9, num_beams=num_beams, eos_token_id=None)
+    out = ours.generate(ids, mask, max_length=ids.shape[1] + 9, num_beams=num_beams, eos_token_id=[])
+    assert out.shape == (3, ids.shape[1] + 9) and torch.equal(out, ref)
+    assert torch.equal(out, ours.generate(ids, mask, max_new_tokens=9, num_beams=num_beams, eos_token_id=[]))
+    with pytest.raises(ValueError, match="max_length 6 counts the prompt and new tokens, but the prompt alone has 7"):
+        ours.generate(ids, mask, max_length=6, num_beams=num_beams)
+    with pytest.raises(ValueError, match="give max_new_tokens or max_length .*, not both"):
+        ours.generate(ids, mask, max_length=20, max_new_tokens=5)
+    # The length given last applies: a default of one kind, a call of the other.
+    config = GenerationConfig(max_length=12)
+    assert config.replace(max_new_tokens=3).for_prompt(7).max_new_tokens == 3
+    assert config.for_prompt(7).max_new_tokens == 5
+    assert config.replace(max_length=None).for_prompt(7).max_new_tokens == 20
+
+
 def test_left_padded_batch_matches_transformers_and_rows_stop_independently(hf_pair):
     hf, ours = hf_pair
     ids, mask = left_padded(PROMPTS, pad=VOCAB - 1)

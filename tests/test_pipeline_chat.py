@@ -44,6 +44,16 @@ def test_pipeline_text_equals_generate_then_decode(pipe, model_dir):
     assert pipe(PROMPTS[0], max_new_tokens=15, return_full_text=False) == [{"generated_text": tok.decode(tokens)}]
 
 
+def test_max_length_as_mindformers_passes_it_to_the_pipeline_and_to_each_call(pipe, model_dir):
+    tok = GPT2Tokenizer.from_file(model_dir)
+    n = len(tok.encode(PROMPTS[0]))
+    expected = pipe(PROMPTS[0], max_new_tokens=20 - n)
+    assert pipe(PROMPTS[0], max_length=20) == expected
+    made = pipeline("text_generation", model=str(model_dir), max_length=20)
+    assert made(PROMPTS[0]) == expected
+    assert made(PROMPTS[0], max_new_tokens=3) == pipe(PROMPTS[0], max_new_tokens=3)  # the call's length applies
+
+
 def test_pipeline_batch_equals_each_prompt_alone(pipe):
     batched = pipe(PROMPTS, max_new_tokens=12, batch_size=3)
     assert len(batched) == len(PROMPTS)

@@ -732,5 +732,11 @@ def test_predict_fits_the_context_and_a_failed_sample_keeps_the_summary(tmp_path
     assert (tmp_path / "run" / "loss.png").is_file()
     small = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=8))  # GPT-2's vocabulary
     small.save_pretrained(tmp_path / "small")
-    [text] = Trainer(task="text_generation", model=str(tmp_path / "small")).predict("Hello world")  # 100 > 8
+    trainer = Trainer(task="text_generation", model=str(tmp_path / "small"))
+    [text] = trainer.predict("Hello world")  # sample.max_new_tokens 100 > 8 positions
     assert isinstance(text, str)
+    # MindFormers' names: input_data, and max_length counting the prompt ("Hello world" is 2 tokens).
+    assert trainer.predict(input_data=["Hello world"], max_length=5) == trainer.predict("Hello world",
+                                                                                       max_new_tokens=3)
+    with pytest.raises(ValueError, match="give the texts as inputs .*, once"):
+        trainer.predict("Hello", input_data="world")

@@ -32,6 +32,7 @@ def beam_search(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tenso
     prompt_len + the longest one's new tokens), shorter ones filled with pad_token_id after their EOS."""
     attention_mask = check_prompts(input_ids, attention_mask, model.config.vocab_size)  # before repeating them
     beams, batch, prompt_len = config.num_beams, input_ids.shape[0], input_ids.shape[1]
+    config = config.for_prompt(prompt_len)
     rows = input_ids.repeat_interleave(beams, 0)
     mask = attention_mask.repeat_interleave(beams, 0) if attention_mask is not None else None
     run = TokenGenerator(model, rows, mask, config.replace(num_beams=1, num_return_sequences=1))

@@ -151,6 +151,9 @@ class GenerationConfig:
     """Every generation option; `generate(..., **options)` overrides these defaults field by field."""
 
     max_new_tokens: int = 20
+    # prompt + new tokens (the padded prompt's length counts), as transformers' and MindFormers' max_length: when
+    # set it takes the place of max_new_tokens. Whichever of the two was given last applies.
+    max_length: int | None = None
     min_new_tokens: int = 0  # EOS is suppressed until this many tokens exist (stop strings still apply)
     do_sample: bool = False  # False: greedy (argmax); True: sample from the processed distribution
     temperature: float = 1.0  # sampling only; 0 (or below GREEDY_TEMPERATURE) means greedy
@@ -191,6 +194,8 @@ class GenerationConfig:
             (self.do_sample in (True, False), "do_sample must be True or False"),  # a string was truthy
             (self.skip_leading_space in (True, False), "skip_leading_space must be True or False"),
             (integer(self.max_new_tokens), f"max_new_tokens must be an integer, got {self.max_new_tokens!r}"),
+            (self.max_length is None or integer(self.max_length),
+             f"max_length must be an integer or None, got {self.max_length!r}"),
             (integer(self.min_new_tokens), f"min_new_tokens must be an integer, got {self.min_new_tokens!r}"),
             (integer(self.num_return_sequences),
              f"num_return_sequences must be an integer, got {self.num_return_sequences!r}"),
@@ -206,7 +211,8 @@ class GenerationConfig:
                 raise ValueError(message)
         checks = [
             (self.max_new_tokens >= 0, "max_new_tokens must be an integer >= 0"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens,
+            (self.max_length is None or self.max_length >= 1, "max_length must be an integer >= 1"),
+            (0 <= self.min_new_tokens and (self.max_length is not None or self.min_new_tokens <= self.max_new_tokens),
              f"min_new_tokens must be an integer between 0 and max_new_tokens ({self.max_new_tokens})"),
             (0 <= self.temperature < math.inf, "temperature must be a finite number >= 0 (0 means greedy)"),
             (self.top_k is None or (integer(self.top_k) and self.top_k >= 0), "top_k must be an integer >= 0"),
@@ -258,7 +264,20 @@ class GenerationConfig:
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"unknown generation option(s) {unknown}; expected some of {sorted(known)}")
+        if options.get("max_length") is not None and "max_new_tokens" in options:
+            raise ValueError("give max_new_tokens or max_length (prompt + new tokens), not both")
+        if "max_new_tokens" in options:
+            options.setdefault("max_length", None)  # the length given last applies
         return dataclasses.replace(self, **options)
+
+    def for_prompt(self, prompt_len: int) -> GenerationConfig:
+        """This config for prompts of `prompt_len` tokens: max_length turned into max_new_tokens."""
+        if self.max_length is None:
+            return self
+        if self.max_length < prompt_len:
+            raise ValueError(f"max_length {self.max_length} counts the prompt and new tokens, but the prompt alone "
+                             f"has {prompt_len} tokens; raise it, or give max_new_tokens")
+        return dataclasses.replace(self, max_new_tokens=self.max_length - prompt_len, max_length=None)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """ValueError if an option names a token id outside a vocabulary of `vocab_size` ids."""
@@ -458,6 +477,7 @@ class TokenGenerator:
         model_config = model.config
         device, dtype = model_placement(model)
         attention_mask = check_prompts(input_ids, attention_mask, model_config.vocab_size)
+        config = config.for_prompt(input_ids.shape[1])
         if config.compile and not isinstance(model, GPT2LMHeadModel):
             raise ValueError(f"compile=True needs a GPT2LMHeadModel, not {type(model).__name__}")
         if config.compile and any(isinstance(m, PackedLinear) for m in model.modules()):
@@ -752,7 +772,7 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
              generator: torch.Generator | None = None, **options) -> Tensor:
     """Prompt + new tokens, (B * num_return_sequences, prompt_len + steps) with each prompt's rows together.
 
-    Options are GenerationConfig's fields (max_new_tokens, min_new_tokens, do_sample, temperature, top_k,
+    Options are GenerationConfig's fields (max_new_tokens or max_length, min_new_tokens, do_sample, temperature, top_k,
     top_p, min_p, repetition_penalty, no_repeat_ngram_size, frequency_penalty, presence_penalty, logit_bias,
     eos_token_id, pad_token_id, stop, skip_leading_space, seed, num_return_sequences, num_beams, length_penalty,
     early_stopping, use_cache, compile).

@@ -151,8 +151,11 @@ class TextGenerationPipeline:
         self.defaults = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
     def _config(self, options: dict[str, Any]) -> GenerationConfig:
+        defaults = self.defaults
+        if "max_new_tokens" in options or "max_length" in options:  # a call's length replaces the default one
+            defaults = {k: v for k, v in defaults.items() if k not in ("max_new_tokens", "max_length")}
         return GenerationConfig().replace(**text_options(self.tokenizer, self.model.config.vocab_size,
-                                                         {**self.defaults, **options}))
+                                                         {**defaults, **options}))
 
     def __call__(self, text_inputs: str | Sequence[str] | Conversation | Sequence[Conversation], *,
                  return_full_text: bool | None = None, batch_size: int | None = None,

@@ -1085,9 +1085,13 @@ class Trainer:
         return evaluate_perplexity(self.model, self.tokenizer, data, format=fmt, text_key=self.config.data.text_key)
 
     @torch.no_grad()
-    def predict(self, inputs: str | list[str], **generation_options: Any) -> list[str]:
+    def predict(self, inputs: str | list[str] | None = None, *, input_data: str | list[str] | None = None,
+                **generation_options: Any) -> list[str]:
         """Generated continuations (text generation; options as gpt2kit.generation.generate) or predicted
-        label names (classification) for one text or a list."""
+        label names (classification) for one text or a list; `input_data` is MindFormers' name for `inputs`."""
+        if (inputs is None) == (input_data is None):
+            raise ValueError("predict: give the texts as inputs (or input_data), once")
+        inputs = inputs if input_data is None else input_data
         self._ensure_model()
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         self.model.eval()
@@ -1101,6 +1105,8 @@ class Trainer:
                                 attention_mask=batch["attention_mask"].to(self.device)).logits
             id2label = self.model.config.id2label or {}
             return [id2label.get(int(i), str(int(i))) for i in logits.argmax(-1)]
+        if "max_length" in generation_options:  # prompt + new tokens, checked against the context by generate
+            return [self._continue(text, **generation_options) for text in texts]
         return [self._continue(text, **{"max_new_tokens": self._room(text), **generation_options}) for text in texts]
 
 
