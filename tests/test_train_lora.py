@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from gpt2kit import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
-from gpt2kit.checkpoint import load_weight_file
+from gpt2kit import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
+from gpt2kit.checkpoint import CheckpointError, load_weight_file
 from gpt2kit.cli import main
 from gpt2kit.tokenizer import GPT2Tokenizer, tokenizer_files
 from gpt2kit.training import Trainer, load_config
@@ -88,6 +88,17 @@ def test_only_adapters_train_and_save_alone_and_merge_preserves_outputs(tmp_path
         plain = GPT2LMHeadModel.from_pretrained(base_dir)
         assert not torch.allclose(plain(x).logits, merged(x).logits, atol=1e-3)  # the adapters did something
     assert set(merged.state_dict()) == set(plain.state_dict())
+    # The run's output loads as it is, merged in memory (as PEFT's AutoPeftModel does): the same weights.
+    direct = GPT2LMHeadModel.from_pretrained(final)
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), merged.state_dict().values()))
+    assert all(p.requires_grad for p in direct.parameters())  # trainable, as any loaded model
+    assert torch.equal(GPT2Model.from_pretrained(final).wte.weight, merged.transformer.wte.weight)
+    with pytest.raises(CheckpointError, match="LoRA adapters of a language model, not of a classifier"):
+        GPT2ForSequenceClassification.from_pretrained(final)
+    (final / "model_config.json").rename(final / "elsewhere.json")
+    with pytest.raises(CheckpointError, match="LoRA adapters without the adapted model's model_config.json; fold"):
+        GPT2LMHeadModel.from_pretrained(final)
+    (final / "elsewhere.json").rename(final / "model_config.json")
 
     (final / "notes.md").write_text("mine")  # saving again replaces the adapter files only
     save_adapter(model, final)
@@ -160,6 +171,11 @@ def test_lora_text_classification_trains_and_merges(tmp_path, base_dir):
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, trainer.model(x).logits, rtol=1e-4, atol=1e-5)
+    direct = GPT2ForSequenceClassification.from_pretrained(final)
+    assert direct.config.id2label == merged.config.id2label
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), merged.state_dict().values()))
+    with pytest.raises(CheckpointError, match="LoRA adapters of a classifier, not of a language model"):
+        GPT2LMHeadModel.from_pretrained(final)
 
 
 def test_unknown_target_module_is_an_error(tmp_path, base_dir):

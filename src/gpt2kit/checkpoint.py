@@ -224,8 +224,23 @@ def gpt2kit_to_hf(model: nn.Module, state: dict[str, torch.Tensor] | None = None
 
 
 # ---- loading a model ----------------------------------------------------------------------------------------
+# A LoRA run's output (gpt2kit.training.lora): the adapters, the adapted model's config, no weights of its own.
+ADAPTER_CONFIG_NAME, ADAPTED_CONFIG_NAME = "adapter_config.json", "model_config.json"
+
+
+def is_adapter_dir(model_dir: Path) -> bool:
+    return (model_dir / ADAPTER_CONFIG_NAME).is_file() and not (model_dir / CONFIG_NAME).exists()
+
+
 def load_config(model_dir: str | os.PathLike) -> GPT2Config:
+    """A model directory's config; for LoRA adapters, the config of the model they adapt."""
     path = Path(model_dir) / CONFIG_NAME
+    if is_adapter_dir(Path(model_dir)):
+        path = Path(model_dir) / ADAPTED_CONFIG_NAME
+        if not path.exists():  # an adapter written by peft itself
+            raise CheckpointError(f"{model_dir}: LoRA adapters without the adapted model's {ADAPTED_CONFIG_NAME}; "
+                                  "fold them into their base first: gpt2kit lora merge --adapter DIR --base BASE "
+                                  "--output OUT")
     if not path.exists():
         raise CheckpointError(f"{model_dir}: no {CONFIG_NAME} (an HF-format model directory needs one)")
     try:
@@ -297,6 +312,8 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: tor
     dtype = parse_dtype(dtype)  # before any weight is read
     model_dir = resolve_model_dir(name_or_path)
     config = load_config(model_dir)
+    if is_adapter_dir(model_dir):
+        return _load_adapted(cls, model_dir, dtype=dtype, device=device, **config_overrides)
     try:
         config = config.replace(**config_overrides)
     except ValueError as err:
@@ -316,6 +333,29 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: tor
         model.tie_weights()
     model.to(device=device, dtype=dtype or checkpoint_dtype(config, state, model_dir))
     return model.eval()
+
+
+def _load_adapted(cls: type[M], model_dir: Path, *, dtype: torch.dtype | None,
+                  device: torch.device | str, **config_overrides) -> M:
+    """A LoRA run's output loaded as the model it stands for: its base with the adapters folded in (peft)."""
+    from .training.lora import load_merged
+
+    try:
+        classifier = json.loads((model_dir / ADAPTER_CONFIG_NAME).read_text()).get("task_type") == "SEQ_CLS"
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise CheckpointError(f"{model_dir / ADAPTER_CONFIG_NAME}: not a JSON object ({err})") from None
+    wanted = "classifier" if cls.__name__ == "GPT2ForSequenceClassification" else "language model"
+    if cls.__name__ != "GPT2Model" and classifier != (wanted == "classifier"):
+        raise CheckpointError(f"{model_dir}: LoRA adapters of a {'classifier' if classifier else 'language model'}, "
+                              f"not of a {wanted}: load them with "
+                              f"{'GPT2ForSequenceClassification' if classifier else 'GPT2LMHeadModel'}")
+    try:
+        model = load_merged(model_dir, **config_overrides)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    if cls.__name__ == "GPT2Model":  # the transformer alone, as from a full checkpoint
+        model = model.transformer
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -132,37 +132,38 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
                          f"unexpected {result.unexpected_keys[:4]}")
 
 
-def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
-               base_model: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
-    """Fold LoRA adapters into their base model and save a plain HF-format model directory.
+def _adapter_base(adapter_dir: Path, base_model: str | os.PathLike | None):
+    """The adapter's peft config and its base model's directory: `base_model`, else the one the config records."""
+    from ..checkpoint import resolve_model_dir
 
-    `base_model` defaults to the directory recorded in the adapter config when it was trained. The model takes
-    the adapted model's config (model_config.json: the run's overrides, a classifier's labels) and the adapter's
-    tokenizer files, else the base's. A non-empty `output_dir` is written into only with `overwrite`; the
-    adapter's and the base's own directories never."""
-    from peft.tuners.lora import LoraModel
-
-    from ..checkpoint import resolve_model_dir, save_pretrained
-    from ..config import GPT2Config
-    from ..model import GPT2LMHeadModel
-    from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
-
-    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     config = read_adapter_config(adapter_dir)
     base = base_model or config.base_model_name_or_path
     if not base:
         raise ValueError(f"{adapter_dir}: the adapter config names no base model; pass the model it was trained on "
                          "(--base DIR, base_model=)")
-    base_dir = resolve_model_dir(base)
-    if output_dir.resolve() in (adapter_dir.resolve(), base_dir.resolve()):
-        raise ValueError(f"{output_dir}: the output must be another directory than the adapter's and the base's")
-    check_output_directory(output_dir, overwrite=overwrite)
+    return config, resolve_model_dir(base)
+
+
+def load_merged(adapter_dir: str | os.PathLike, *, base_model: str | os.PathLike | None = None,
+                **config_overrides) -> nn.Module:
+    """The adapted model in memory: its base (`base_model`, else the one recorded at training) with the LoRA
+    adapters folded in, as a plain GPT2LMHeadModel or GPT2ForSequenceClassification in the base's dtype. It takes
+    the adapted model's config (model_config.json: the run's overrides, a classifier's labels), then
+    `config_overrides`."""
+    from peft.tuners.lora import LoraModel
+
+    from ..config import GPT2Config
+    from ..model import GPT2LMHeadModel
+
+    adapter_dir = Path(adapter_dir)
+    config, base_dir = _adapter_base(adapter_dir, base_model)
     trained = (GPT2Config.from_json_file(adapter_dir / MODEL_CONFIG_NAME)
                if (adapter_dir / MODEL_CONFIG_NAME).exists() else None)
     # The run's model.config overrides (a LayerNorm epsilon, dropout, ...) are in it; labels go to the classifier
     # as its own arguments, other keys (architectures, ...) come from the base.
     labels = ("extra", "num_labels", "id2label", "label2id")
     overrides = {k: v for k, v in vars(trained).items() if k not in labels} if trained is not None else {}
+    overrides.update(config_overrides)
     if str(config.task_type).endswith("SEQ_CLS"):
         from .trainer import load_classifier  # a fresh head; the adapter directory holds the trained one
 
@@ -173,7 +174,7 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
             head = next((t for k, t in read_adapter_weights(adapter_dir).items() if k.endswith("score.weight")), None)
             if head is None:
                 raise ValueError(f"{adapter_dir}: a sequence-classification adapter without its score head")
-            model = load_classifier(base_dir, num_labels=head.shape[0])
+            model = load_classifier(base_dir, num_labels=head.shape[0], **overrides)
     else:
         model = GPT2LMHeadModel.from_pretrained(base_dir, **overrides)
     wrapper = LoraModel(model, config, "default")
@@ -181,6 +182,23 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     merged = wrapper.merge_and_unload()
     if hasattr(merged, "tie_weights"):
         merged.tie_weights()
+    return merged.requires_grad_(True).eval()  # peft froze the base; a loaded model trains as any other
+
+
+def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
+               base_model: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Fold LoRA adapters into their base model (`load_merged`) and save a plain HF-format model directory with
+    the adapter's tokenizer files, else the base's. A non-empty `output_dir` is written into only with
+    `overwrite`; the adapter's and the base's own directories never."""
+    from ..checkpoint import save_pretrained
+    from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    _, base_dir = _adapter_base(adapter_dir, base_model)
+    if output_dir.resolve() in (adapter_dir.resolve(), base_dir.resolve()):
+        raise ValueError(f"{output_dir}: the output must be another directory than the adapter's and the base's")
+    check_output_directory(output_dir, overwrite=overwrite)
+    merged = load_merged(adapter_dir, base_model=base_dir)
     # The tokenizer goes into the same atomic write, which also drops the vocabulary files of an earlier merge
     # (a stale tokenizer.json would be read before new vocab.json + merges.txt).
     source = next((d for d in (adapter_dir, base_dir) if has_tokenizer_files(d)), None)
