@@ -587,3 +587,27 @@ def test_saved_files_reach_the_disk_before_their_names_are_published(tmp_path, t
     atomic_write_text(tmp_path / "report.json", "{}")
     published = events.index(("replace", str(tmp_path / "report.json")))
     assert events[published - 1][0] == "fsync" and ".report.json." in events[published - 1][1]
+
+
+def test_attention_variants_load_or_are_refused_by_name(tmp_path):
+    """reorder_and_upcast_attn only changes transformers' rounding in half precision: it loads, with the same
+    logits in float32. The variants that change the function are refused, each naming its field."""
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE, reorder_and_upcast_attn=True)).eval()
+    hf.save_pretrained(tmp_path / "upcast")
+    ours = GPT2LMHeadModel.from_pretrained(tmp_path / "upcast")
+    assert same(logits(ours, IDS), logits(hf, IDS)) and ours.config.reorder_and_upcast_attn
+    ours.save_pretrained(tmp_path / "again")  # and saves back as it came
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["reorder_and_upcast_attn"] is True
+    for field, value in (("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True),
+                         ("add_cross_attention", True)):
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE, **{field: value}))
+        model.save_pretrained(tmp_path / field)
+        with pytest.raises(CheckpointError, match=rf"config.json: {field}={value} \(.*\) is not supported"):
+            GPT2LMHeadModel.from_pretrained(tmp_path / field)
+
+
+def test_a_double_heads_checkpoint_loads_its_language_model_as_transformers_does(tmp_path):
+    hf = transformers.GPT2DoubleHeadsModel(transformers.GPT2Config(**SHAPE)).eval()
+    hf.save_pretrained(tmp_path / "double")
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "double").eval()
+    assert same(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "double"), IDS), logits(reference, IDS))

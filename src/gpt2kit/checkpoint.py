@@ -168,7 +168,8 @@ def hf_to_gpt2kit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
     has_transformer = any(k.startswith("transformer.") for k in names)
     out = {}
     for key, tensor in state.items():
-        if _HF_BUFFERS.search(key) or (key.startswith(("lm_head.", "score.")) and key not in names):
+        if (_HF_BUFFERS.search(key) or key.startswith("multiple_choice_head.")
+                or (key.startswith(("lm_head.", "score.")) and key not in names)):
             continue  # a head this model does not have, as transformers skips it (an LM file into GPT2Model)
         if has_transformer and not key.startswith(("transformer.", "lm_head.", "score.")):
             key = "transformer." + key  # a bare GPT2Model checkpoint

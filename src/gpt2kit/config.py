@@ -74,8 +74,16 @@ class GPT2Config:
             raise ValueError(
                 f"activation_function {self.activation_function!r} is not supported: GPT-2 uses the tanh "
                 "approximation of GELU ('gelu_new')")
-        if self.scale_attn_by_inverse_layer_idx or self.reorder_and_upcast_attn or not self.scale_attn_weights:
-            raise ValueError("only standard GPT-2 attention scaling (1/sqrt(head_dim)) is supported")
+        # reorder_and_upcast_attn is accepted: it only makes transformers compute half-precision attention scores
+        # in float32, which gpt2kit's attention (SDPA, accumulating in float32) does anyway.
+        for name, supported, meaning in (
+                ("scale_attn_weights", True, "scores not divided by sqrt(head_dim)"),
+                ("scale_attn_by_inverse_layer_idx", False, "scores also divided by the layer's number"),
+                ("add_cross_attention", False, "cross-attention blocks of an encoder-decoder model")):
+            value = getattr(self, name) if name != "add_cross_attention" else self.extra.get(name, False)
+            if value != supported:
+                raise ValueError(f"{name}={value} ({meaning}) is not supported: gpt2kit implements GPT-2's "
+                                 f"attention ({name}={supported})")
         if self.id2label is not None:
             if not isinstance(self.id2label, dict):
                 raise ValueError(f"id2label must map class ids to names, got {self.id2label!r}")
