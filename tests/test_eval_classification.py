@@ -10,6 +10,7 @@ import torch
 from gpt2kit import GPT2Config, GPT2ForSequenceClassification, GPT2Tokenizer
 from gpt2kit.data import ClassificationDataset
 from gpt2kit.evaluation import classification_metrics, evaluate_classification
+from gpt2kit.pipeline import pipeline
 
 from .conftest import DATA
 
@@ -182,3 +183,51 @@ def test_a_dev_tsv_lacking_a_class_of_a_numbered_three_class_set_is_read(tmp_pat
     dev.write_text("sentence\tlabel\ngood\t0\nbad\t1\n")
     data = ClassificationDataset(dev, GPT2Tokenizer.gpt2(), label_names=["0", "1", "2"])
     assert data.num_labels == 3 and data.labels == [0, 1]
+
+
+def test_text_classification_pipeline_labels_and_scores_as_transformers_shapes_them(tmp_path):
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, id2label={0: "neg", 1: "neutral", 2: "pos"})
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    model = GPT2ForSequenceClassification.from_pretrained(tmp_path / "clf")
+    tok = GPT2Tokenizer.gpt2()
+    texts = ["a gem of a film", "dull", "  it is what it is "]
+    pipe = pipeline("text-classification", model=str(tmp_path / "clf"))
+    with torch.no_grad():  # each text alone, stripped as training strips it
+        probs = [model(torch.tensor([tok.encode(t.strip())])).logits[0].softmax(-1) for t in texts]
+    expected = [sorted(({"label": config.id2label[i], "score": float(p[i])} for i in range(3)),
+                       key=lambda d: -d["score"]) for p in probs]
+
+    def close(a, b):
+        return a["label"] == b["label"] and a["score"] == pytest.approx(b["score"], abs=1e-6)
+
+    got = pipe(texts, batch_size=2)
+    assert len(got) == 3 and all(close(g, e[0]) for g, e in zip(got, expected))
+    [single] = pipe(texts[0])
+    assert close(single, expected[0][0])
+    everything = pipe(texts[1], top_k=None)
+    assert len(everything) == 3 and all(close(g, e) for g, e in zip(everything, expected[1]))
+    assert [len(labels) for labels in pipe(texts, top_k=2)] == [2, 2, 2]
+    assert sum(d["score"] for d in everything) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1 or None"):
+        pipe(texts, top_k=0)
+    with pytest.raises(ValueError, match="text_classification runs a trained classifier"):
+        pipeline("text_classification", model=str(tmp_path / "clf"), quantize="int8")
+
+
+def test_a_language_model_starts_a_new_head_only_when_given_its_classes(tmp_path):
+    from gpt2kit import GPT2LMHeadModel
+    from gpt2kit.checkpoint import CheckpointError
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64))
+    lm.save_pretrained(tmp_path / "lm")
+    with pytest.raises(CheckpointError, match="no classification head .*pass num_labels= .* to start a new one"):
+        GPT2ForSequenceClassification.from_pretrained(tmp_path / "lm")
+    with pytest.warns(UserWarning, match="score.weight \\(3 classes\\) starts from random values"):
+        model = GPT2ForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3)
+    assert model.score.weight.shape == (3, 16) and 0 < model.score.weight.std() < 0.1
+    assert torch.equal(model.transformer.wte.weight, lm.transformer.wte.weight)
+    with pytest.warns(UserWarning, match="2 classes"):
+        named = GPT2ForSequenceClassification.from_pretrained(tmp_path / "lm", id2label={0: "no", 1: "yes"})
+    assert named.config.num_labels == 2 and named.config.id2label == {0: "no", 1: "yes"}

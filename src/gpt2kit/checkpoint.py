@@ -327,7 +327,14 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: tor
         model = cls(config)  # no memory, no init: every tensor comes from the checkpoint
     state = hf_to_gpt2kit(state, model)
     if cls.__name__ == "GPT2ForSequenceClassification" and "score.weight" not in state:
-        raise CheckpointError(f"{model_dir}: no classification head (score.weight); finetune one first")
+        # A language model under a new head, as transformers starts one; asked for by naming the classes, so that
+        # an LM directory given to classify (eval, pipeline) is an error rather than random predictions.
+        if not {"num_labels", "id2label"} & set(config_overrides):
+            raise CheckpointError(f"{model_dir}: no classification head (score.weight); finetune one first, or pass "
+                                  "num_labels= (or id2label=) to start a new one to train")
+        state["score.weight"] = torch.empty(config.num_labels, config.n_embd).normal_(0, config.initializer_range)
+        warnings.warn(f"{model_dir}: no classification head: score.weight ({config.num_labels} classes) starts from "
+                      "random values; train it before use", stacklevel=3)
     _check_state(model, state, model_dir)
     model.load_state_dict(state, strict=True, assign=True)
     if hasattr(model, "tie_weights"):

@@ -1,4 +1,5 @@
-"""`pipeline("text_generation", model=PATH_OR_NAME)`: strings in, generated strings out."""
+"""`pipeline("text_generation", model=PATH_OR_NAME)`: strings in, generated strings out;
+`pipeline("text_classification", model=DIR)`: strings in, labels and scores out."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .generation import (
     model_placement,
     stream_generate,
 )
-from .model import GPT2LMHeadModel
+from .model import GPT2ForSequenceClassification, GPT2LMHeadModel
 from .tokenizer import GPT2Tokenizer, tokenizer_for
 
 def parse_device(device: torch.device | str) -> torch.device:
@@ -254,14 +255,67 @@ class TextGenerationPipeline:
         return left_pad([encode_prompt(self.tokenizer, p) for p in prompts], self.tokenizer.pad_token_id)
 
 
-def pipeline(task: str, model: str | os.PathLike | GPT2LMHeadModel, *,
+class TextClassificationPipeline:
+    """Call with a string or a list of strings: each text's most likely label and its score, as transformers'
+    pipeline("text-classification") returns them ([{"label", "score"}] for a string, one such dict per text of a
+    list); with `top_k` (None: every label), a list of the top labels per text, best first. Scores are the
+    softmax over the classes (a sigmoid per class for one output or multi-label models). Texts are encoded as
+    training encodes them (gpt2kit.evaluation.classification.classify)."""
+
+    def __init__(self, model: GPT2ForSequenceClassification, tokenizer: GPT2Tokenizer, *,
+                 max_length: int | None = None, batch_size: int = 8) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.batch_size = max_length, batch_size
+        _check_call_options(True, batch_size)
+
+    def __call__(self, inputs: str | Sequence[str], *, top_k: int | None = 1,
+                 batch_size: int | None = None) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        from .evaluation.classification import classify
+
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if not texts or not all(isinstance(text, str) for text in texts):
+            raise ValueError(f"expected a string or a non-empty list of strings, got {inputs!r:.100}")
+        if top_k is not None and not (type(top_k) is int and top_k >= 1):
+            raise ValueError(f"top_k must be an integer >= 1 or None (every label), got {top_k!r}")
+        batch_size = self.batch_size if batch_size is None else batch_size
+        _check_call_options(True, batch_size)
+        logits = classify(self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=batch_size)
+        config = self.model.config
+        multi_label = config.extra.get("problem_type") == "multi_label_classification"
+        scores = logits.sigmoid() if multi_label or logits.shape[-1] == 1 else logits.softmax(-1)
+        names = config.id2label or {}
+        ranked = [[{"label": names.get(i, f"LABEL_{i}"), "score": float(row[i])}
+                   for i in row.argsort(descending=True).tolist()] for row in scores]
+        if top_k == 1:  # transformers' shape: one dict per text
+            return [labels[0] for labels in ranked]
+        ranked = [labels[:top_k] for labels in ranked]
+        return ranked[0] if isinstance(inputs, str) else ranked
+
+
+def pipeline(task: str, model: str | os.PathLike | GPT2LMHeadModel | GPT2ForSequenceClassification, *,
              tokenizer: str | os.PathLike | GPT2Tokenizer | None = None, dtype: torch.dtype | str | None = None,
              device: torch.device | str = "cpu", random_init: bool = False, backend: str = "torch",
-             quantize: str | None = None, pack_weights: bool = False, **defaults) -> TextGenerationPipeline:
+             quantize: str | None = None, pack_weights: bool = False,
+             **defaults) -> TextGenerationPipeline | TextClassificationPipeline:
     """`pipeline("text_generation", model="runs/demo/final")("ROMEO:", max_new_tokens=40)`. `defaults` are
-    generation options every call starts from; `backend="onnx"` runs an exported directory in onnxruntime."""
-    if task.replace("-", "_") != "text_generation":
-        raise ValueError(f"unknown pipeline task {task!r}; expected 'text_generation'")
+    generation options every call starts from; `backend="onnx"` runs an exported directory in onnxruntime.
+    `pipeline("text_classification", model="runs/sst2/final")("a gem of a film")` classifies with a trained
+    classifier (options: max_length, batch_size)."""
+    kind = task.replace("-", "_")
+    if kind == "text_classification":
+        if random_init or backend != "torch" or quantize or pack_weights:
+            raise ValueError("text_classification runs a trained classifier (a directory or a "
+                             "GPT2ForSequenceClassification) with the torch backend: random_init, backend, quantize "
+                             "and pack_weights do not apply")
+        if isinstance(model, GPT2ForSequenceClassification):
+            classifier, model_dir = model, None
+        else:
+            model_dir = resolve_model_dir(model)
+            classifier = GPT2ForSequenceClassification.from_pretrained(model_dir, dtype=parse_dtype(dtype),
+                                                                       device=parse_device(device))
+        return TextClassificationPipeline(classifier, tokenizer_for(model_dir, tokenizer), **defaults)
+    if kind != "text_generation":
+        raise ValueError(f"unknown pipeline task {task!r}; expected 'text_generation' or 'text_classification'")
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
                                        random_init=random_init, backend=backend, quantize=quantize,
                                        pack_weights=pack_weights)

@@ -66,6 +66,25 @@ def classification_metrics(labels: Sequence[int], predictions: Sequence[int],
 
 
 @torch.inference_mode()
+def classify(model: nn.Module, tokenizer: GPT2Tokenizer, texts: Sequence[str], *, max_length: int | None = None,
+             batch_size: int = 8) -> torch.Tensor:
+    """The classifier's logits (len(texts), num_labels) in float32, each text encoded as in training (stripped,
+    cut to max_length tokens, by default the model's context) and read at its last token."""
+    from ..data.datasets import encode_classification_texts
+
+    check_vocab(model, tokenizer)
+    rows = encode_classification_texts(tokenizer, texts, resolve_max_length(model, max_length))
+    device = model_device(model)
+    out = []
+    with eval_mode(model):
+        for start in range(0, len(rows), batch_size):
+            batch = collate([{"input_ids": row} for row in rows[start:start + batch_size]], tokenizer.pad_token_id)
+            out.append(model(batch["input_ids"].to(device),
+                             attention_mask=batch["attention_mask"].to(device)).logits.float().cpu())
+    return torch.cat(out) if out else torch.empty(0, model.config.num_labels)
+
+
+@torch.inference_mode()
 def evaluate_classification(model: nn.Module, tokenizer: GPT2Tokenizer,
                             data: str | os.PathLike | ClassificationDataset, *, format: str = "auto",
                             max_length: int | None = None, batch_size: int = 8, limit: int | None = None,

@@ -1096,13 +1096,10 @@ class Trainer:
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         self.model.eval()
         if self.config.task == "text_classification":
-            from ..data import collate
-            from ..data.datasets import encode_classification_texts
+            from ..evaluation.classification import classify
 
-            rows = encode_classification_texts(self.tokenizer, texts, self._max_length())  # as in training
-            batch = collate([{"input_ids": torch.tensor(ids)} for ids in rows], self.tokenizer.pad_token_id)
-            logits = self.model(batch["input_ids"].to(self.device),
-                                attention_mask=batch["attention_mask"].to(self.device)).logits
+            logits = classify(self.model, self.tokenizer, texts, max_length=self._max_length(),  # as in training
+                              batch_size=self.config.train.micro_batch_size)
             id2label = self.model.config.id2label or {}
             return [id2label.get(int(i), str(int(i))) for i in logits.argmax(-1)]
         if "max_length" in generation_options:  # prompt + new tokens, checked against the context by generate
