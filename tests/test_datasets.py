@@ -298,6 +298,16 @@ def test_instruction_truncation_and_errors(tmp_path, tok):
 
 
 # ---- collate -------------------------------------------------------------------------------------------------
+def test_collate_reads_transformers_causal_lm_items():
+    """labels aligned with input_ids become the next token's targets; an item's padding keeps its mask of 0."""
+    items = [{"input_ids": [5, 6, 7, 0, 0], "labels": [5, 6, 7, -100, -100], "attention_mask": [1, 1, 1, 0, 0]},
+             {"input_ids": [8, 9], "labels": [-100, 9]}]
+    batch = collate(items, pad_token_id=0)
+    assert batch["targets"].tolist() == [[6, 7, -100, -100, -100], [9, -100, -100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+    assert "labels" not in batch
+
+
 def test_collate_all_three(verdict_dirs, tok, tmp_path):
     lm = PretrainingDataset(verdict_dirs[0], 8)
     batch = collate([lm[0], lm[1]], tok.pad_token_id)

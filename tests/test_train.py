@@ -82,6 +82,20 @@ def test_a_list_of_items_trains_as_the_same_torch_dataset_does(tmp_path):
         Trainer(args=run_config(tmp_path), train_dataset=Sequences(), eval_dataset=(x for x in Sequences()))
 
 
+def test_items_in_transformers_causal_lm_form_train_as_shifted_targets(tmp_path):
+    """input_ids + labels (aligned with input_ids, as transformers' data collators write them) + attention_mask:
+    labels were taken for class labels (int() of a sequence)."""
+    rows = Sequences(32).data
+    hf_items = [{"input_ids": row[:-1], "labels": row[:-1].clone(), "attention_mask": torch.ones(16)} for row in rows]
+    ours = [{"input_ids": row[:-1], "targets": torch.cat([row[1:-1], torch.tensor([-100])])} for row in rows]
+    losses = []
+    for kind, data in (("ours", ours), ("hf", hf_items)):
+        Trainer(args=run_config(tmp_path / kind, train={"max_steps": 3}), train_dataset=data).train()
+        losses.append([r["train_loss"] for r in read_metrics(tmp_path / kind / "run" / "metrics.jsonl")
+                       if "train_loss" in r])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
 def trainer_eval_loss(tmp_path) -> float:
     """Validation loss of the weights the trainer starts from (it seeds with the run's seed, then builds)."""
     torch.manual_seed(1234)

@@ -466,19 +466,24 @@ class InstructionDataset(Dataset):
 
 # ---- batching -----------------------------------------------------------------------------------------------
 def collate(batch: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of items into a batch: input_ids (pad id), attention_mask, targets (-100), labels."""
+    """Right-pad a list of items into a batch: input_ids (pad id), attention_mask, targets (-100), labels.
+    Items in transformers' causal-LM form work too: `labels` a sequence aligned with input_ids (-100 where
+    ignored) becomes targets shifted by one, and an item's own attention_mask (0 at its padding) is kept."""
     width = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     out = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "targets" in batch[0]:
+    lm_labels = "targets" not in batch[0] and "labels" in batch[0] and torch.as_tensor(batch[0]["labels"]).dim() == 1
+    if "targets" in batch[0] or lm_labels:
         out["targets"] = torch.full((len(batch), width), -100, dtype=torch.long)
     for i, item in enumerate(batch):
         n = len(item["input_ids"])
         input_ids[i, :n] = torch.as_tensor(item["input_ids"])
-        attention_mask[i, :n] = 1
-        if "targets" in out:
+        attention_mask[i, :n] = torch.as_tensor(item["attention_mask"]) if "attention_mask" in item else 1
+        if lm_labels:  # targets[t] = labels[t + 1]: the token after position t
+            out["targets"][i, :n - 1] = torch.as_tensor(item["labels"])[1:n]
+        elif "targets" in out:
             out["targets"][i, :n] = torch.as_tensor(item["targets"])
-    if "labels" in batch[0]:
+    if "labels" in batch[0] and not lm_labels:
         out["labels"] = torch.tensor([int(item["labels"]) for item in batch], dtype=torch.long)
     return out
