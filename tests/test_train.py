@@ -15,6 +15,7 @@ from gpt2kit.data import InstructionDataset
 from gpt2kit.data.tokenizer_training import train_tokenizer
 from gpt2kit.tokenizer import GPT2Tokenizer, train_bpe
 from gpt2kit.training import Trainer, TrainingDiverged, load_config
+from gpt2kit.training.trainer import held_out
 from gpt2kit.training.logging import flops_per_token, peak_flops, read_metrics
 from gpt2kit.training.optim import build_optimizer, lr_at, param_groups
 from gpt2kit.training.checkpoints import list_checkpoints, verify_checkpoint
@@ -325,6 +326,25 @@ def test_text_classification_learns_an_easy_task(tmp_path):
     assert json.loads((final / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
     assert Trainer(task="text_classification", model=str(final)).evaluate(dev)["val_accuracy"] == \
         pytest.approx(summary["val_accuracy"])
+
+
+def test_val_fraction_holds_out_classification_examples(tmp_path):
+    """It was silently ignored outside pretraining: no validation at all."""
+    train = _sentiment_file(tmp_path / "train.tsv", 40, seed=0)
+    config = run_config(tmp_path, task="text_classification",
+                        model={"config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32}},
+                        data={"train": str(train), "format": "sst2", "val_fraction": 0.25},
+                        train={"max_steps": 2, "micro_batch_size": 8})
+    trainer = Trainer(args=config)
+    summary = trainer.train()
+    train_split, val_split = trainer._datasets["train"], trainer._datasets["val"]
+    assert (len(train_split), len(val_split)) == (30, 10) and "val_accuracy" in summary
+    assert not set(train_split.indices) & set(val_split.indices)
+    assert train_split.id2label == {0: "negative", 1: "positive"}  # the data set's attributes
+    assert held_out(train_split.dataset, 0.25, config.seed)[1].indices == val_split.indices  # seeded
+    config.data.val = str(train)
+    with pytest.raises(ValueError, match="data.val_fraction holds out validation examples when there is no data.val"):
+        Trainer(args=config).train()
 
 
 def test_instruction_finetune_masks_the_prompt(tmp_path):

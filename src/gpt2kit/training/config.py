@@ -54,7 +54,7 @@ class DataArgs:
     tokenizer_vocab_size: int | None = None  # train a byte-level BPE of this size on `train` first
     seq_len: int | None = None  # pretraining window; default the model's context (n_positions)
     max_length: int | None = None  # txtcls / instruction: truncate examples to this many tokens
-    val_fraction: float = 0.0  # share of documents held out as "val" when preprocessing raw text
+    val_fraction: float = 0.0  # share held out as "val": documents of raw text, examples of other data
     errors: str = "strict"  # raw text: invalid UTF-8 is an error naming file, line and byte; "replace": U+FFFD
     num_workers: int = 0  # DataLoader worker processes
 

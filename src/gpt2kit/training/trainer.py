@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..allocator import allocator_in_use
@@ -106,6 +106,29 @@ def load_classifier(model_dir: str | os.PathLike, *, num_labels: int, id2label: 
         raise CheckpointError(f"{model_dir}: weights do not fit GPT2ForSequenceClassification: missing "
                               f"{sorted(set(missing) - {'score.weight'})[:5]}, unexpected {unexpected[:5]}")
     return model
+
+
+class Split(Subset):
+    """Some examples of a data set, with the data set's own attributes (a classifier's num_labels, id2label)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "dataset":  # not set yet: while unpickling in a loader worker
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def held_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(train, val): a seeded random `fraction` of the examples (at least one) held out for validation, the rest
+    for training, each in the data set's order."""
+    n = len(dataset)
+    n_val = max(1, round(n * fraction))
+    if n_val >= n:
+        raise ValueError(f"data.val_fraction: {fraction} of {n} examples leaves none to train on")
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_val]
+    is_val = torch.zeros(n, dtype=torch.bool)
+    is_val[chosen] = True
+    return (Split(dataset, torch.nonzero(~is_val).flatten().tolist()),
+            Split(dataset, torch.nonzero(is_val).flatten().tolist()))
 
 
 # ---- trainer ------------------------------------------------------------------------------------------------
@@ -312,6 +335,9 @@ class Trainer:
         elif kind == "classification":
             from ..data import ClassificationDataset
 
+            if d.val_fraction and (val is not None or d.val is not None):
+                raise ValueError("data.val_fraction holds out validation examples when there is no data.val: give "
+                                 "one of the two")
             if train is None and d.train is not None:
                 train = ClassificationDataset(d.train, self._get_tokenizer(), format=d.format,
                                               max_length=self._max_length())
@@ -320,11 +346,16 @@ class Trainer:
                 val = ClassificationDataset(d.val, self._get_tokenizer(), format=d.format,
                                             max_length=self._max_length(), label_names=names)
         else:
+            if d.val_fraction and (val is not None or d.val is not None):
+                raise ValueError("data.val_fraction holds out validation examples when there is no data.val: give "
+                                 "one of the two")
             max_length = self._max_length()
             if train is None and d.train is not None:
                 train = self._instructions("data.train", d.train, max_length)
             if val is None and d.val is not None:
                 val = self._instructions("data.val", d.val, max_length)
+        if kind != "pretrain" and d.val_fraction and val is None:
+            train, val = held_out(train, d.val_fraction, self.config.seed)
         self._datasets = {"train": train, "val": val}
 
     def _pretraining_datasets(self, train: Dataset | None, val: Dataset | None) -> tuple[Dataset, Dataset | None]:
