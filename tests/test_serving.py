@@ -1,6 +1,8 @@
 """`gpt2kit serve` end to end: the official OpenAI client against a live server on loopback."""
 
+import asyncio
 import base64
+import gc
 import json
 import os
 import re
@@ -21,17 +23,19 @@ import torch
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.chat import ChatSession
 from gpt2kit.cli import main
-from gpt2kit.generation import GenerationConfig, generate, truncate_at_stop
+from gpt2kit.generation import GenerationConfig, TextStreamDecoder, generate, truncate_at_stop
 from gpt2kit.pipeline import TextGenerationPipeline, load_model_and_tokenizer
 from gpt2kit.serving import ServerConfig, create_app
 from gpt2kit.serving.app import _sse
-from gpt2kit.serving.protocol import LogprobsBuilder
+from gpt2kit.serving.protocol import CompletionFormat, LogprobsBuilder, parse_request
+from gpt2kit.serving.scheduler import FinishEvent, Job, TokenEvent
 from gpt2kit.tokenizer import GPT2Tokenizer
 
 from .conftest import save_tiny_text_model
 from .live_server import LiveServer
 
 PROMPTS = ["I had always thought", "Jack", "The fact is, it was a very", "", "It was not", "Mrs. Gisburn said"]
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +262,13 @@ def test_echo_and_logprobs_match_the_model(client, server):
         assert 2 <= len(lp.top_logprobs[i]) <= 3
         assert max(lp.top_logprobs[i].values()) == pytest.approx(float(reference[i - 1].max()), abs=1e-4)
     assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    # The choices of one echoed prompt share one scoring of it: every choice is the single one.
+    three = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, echo=True,
+                                      logprobs=2, n=3)
+    assert [c.text for c in three.choices] == [choice.text] * 3
+    scored = [c.logprobs.token_logprobs[:len(prompt_ids)] for c in three.choices]
+    assert scored == [scored[0]] * 3 and scored[0][1:] == pytest.approx(lp.token_logprobs[1:len(prompt_ids)],
+                                                                        abs=1e-5)
 
 
 def test_text_offsets_count_characters_not_token_strings():
@@ -285,9 +296,10 @@ def test_an_echo_is_the_prompt_as_the_model_read_it(client, server):
     lp = response.choices[0].logprobs
     assert response.choices[0].text.startswith(eos) and lp.tokens[0] == eos and lp.text_offset[1] == len(eos)
     raw = b'{"model": "tiny", "prompt": "Jack \\ud800", "max_tokens": 2, "echo": true}'
-    response = httpx.post(f"{server.url}/v1/completions", content=raw, timeout=60)
+    response = httpx.post(f"{server.url}/v1/completions", content=raw, headers=JSON, timeout=60)
     assert response.status_code == 200 and response.json()["choices"][0]["text"].startswith("Jack \ufffd")
-    streamed = httpx.post(f"{server.url}/v1/completions", content=raw[:-1] + b', "stream": true}', timeout=60)
+    streamed = httpx.post(f"{server.url}/v1/completions", content=raw[:-1] + b', "stream": true}', headers=JSON,
+                          timeout=60)
     assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
 
 
@@ -542,6 +554,7 @@ def test_full_queue_answers_503(model_dir):
             with pytest.raises(openai.APIStatusError) as err:
                 client.completions.create(model="tiny", prompt="Jack", max_tokens=5)
             assert err.value.status_code == 503 and err.value.body["code"] == "server_overloaded"
+            assert err.value.response.headers["retry-after"] == "1"
             gate.opened.set()
             assert first.result().status_code == 200 and second.result().status_code == 200
 
@@ -565,6 +578,37 @@ def test_top_k_zero_or_minus_one_keeps_every_token(client, pipe):
         response = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=1.0,
                                              seed=4, extra_body={"top_k": off})
         assert response.choices[0].text == expected
+
+
+def test_a_stream_lets_the_event_loop_run_between_chunks(server):
+    """Events already queued were written in one burst, the event loop never running between the writes: a client
+    that had closed the connection was noticed only after several writes to it, each logged by asyncio as
+    "socket.send() raised exception."."""
+    service = server.app.state.service
+
+    async def loop_turns_at_each_chunk() -> list[int]:
+        job = Job(asyncio.get_running_loop())
+        job.add(0, [1], GenerationConfig(), TextStreamDecoder(server.tokenizer))
+        for event in (TokenEvent(0, 1, "a"), TokenEvent(0, 1, "b"), FinishEvent(0, "length", "c", 3)):
+            job.events.put_nowait(event)  # all there before the stream starts, as when the worker is ahead
+        turns = 0
+
+        async def count_turns():
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.create_task(count_turns())
+        await asyncio.sleep(0)
+        seen = [turns async for _ in service.stream(parse_request({"prompt": "x", "stream": True}), job, [[1]],
+                                                     [""], CompletionFormat())]
+        counter.cancel()
+        return seen
+
+    seen = asyncio.run(loop_turns_at_each_chunk())
+    assert len(seen) == 4  # three chunks and [DONE]
+    assert all(before < after for before, after in zip(seen, seen[1:])), seen
 
 
 def test_events_escape_what_line_readers_take_for_line_breaks():
@@ -639,7 +683,7 @@ def test_unknown_fields_are_named(client):
     (b"{}", 400),  # no prompt
 ])
 def test_malformed_bodies_never_500(server, body, status):
-    response = httpx.post(f"{server.url}/v1/completions", content=body, timeout=60)
+    response = httpx.post(f"{server.url}/v1/completions", content=body, headers=JSON, timeout=60)
     assert response.status_code == status, response.text
     assert response.json()["error"]["message"]
 
@@ -648,12 +692,38 @@ def test_chunked_body_over_the_limit_is_413(server):
     def chunks():
         for _ in range(30):
             yield b" " * 1000
-    response = httpx.post(f"{server.url}/v1/completions", content=chunks(), timeout=60)
+    response = httpx.post(f"{server.url}/v1/completions", content=chunks(), headers=JSON, timeout=60)
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_post_bodies_must_be_declared_json(server, path):
+    """Any web page could make a loopback server without a key generate: an HTML form may POST a text/plain body
+    that parses as JSON, and browsers send such forms to any site without asking it. A cross-site request with
+    application/json needs a CORS preflight, which the server never grants."""
+    url = f"{server.url}{path}"
+    fields = {"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path else {"prompt": "Jack"}
+    body = json.dumps({**fields, "max_tokens": 2, "user": "="})  # what a form field named '{"prompt": ...' sends
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                         "application/jsonp", None):
+        headers = {"Origin": "http://elsewhere.example", **({"Content-Type": content_type} if content_type else {})}
+        response = httpx.post(url, content=body, headers=headers, timeout=60)
+        assert response.status_code == 415, content_type
+        error = response.json()["error"]
+        assert error["code"] == "unsupported_media_type" and error["type"] == "invalid_request_error"
+        assert error["param"] is None and "Content-Type: application/json" in error["message"]
+    preflight = httpx.options(url, headers={"Origin": "http://elsewhere.example",
+                                            "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    for content_type in ("application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8"):
+        response = httpx.post(url, content=body, headers={"Content-Type": content_type}, timeout=60)
+        assert response.status_code == 200, (content_type, response.text)
 
 
 def test_other_routes(server):
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    head = httpx.head(f"{server.url}/health")  # what many probes send: it was a 405
+    assert head.status_code == 200 and head.content == b""
     models = httpx.get(f"{server.url}/v1/models").json()
     card = models["data"][0]
     assert card["id"] == "tiny" and card["gpt2kit"]["n_layer"] == 2 and card["gpt2kit"]["vocab_size"] == 512
@@ -682,6 +752,20 @@ def test_api_key_is_required_everywhere_but_health(model_dir):
         basic = "Basic " + base64.b64encode(b"user:s3cret").decode()
         assert httpx.get(f"{live.url}/", headers={"Authorization": basic}).status_code == 200
         assert httpx.get(f"{live.url}/v1/models", headers={"Authorization": "Bearer s3cre"}).status_code == 401
+
+
+def test_the_loaded_server_is_out_of_the_garbage_collectors_sight(model_dir):
+    """Python's full collections walked every object of the loaded model and app (about 343 000 with GPT-2's
+    tokenizer), and a body of many small JSON lists sets several off, rejected or not: each such request froze
+    the event loop, and every stream, for up to a second. The app's startup freezes what is loaded by then."""
+    gc.unfreeze()
+    with LiveServer(model_dir) as live:
+        assert gc.get_freeze_count() > 0
+        service = live.app.state.service
+        assert not any(o is service for o in gc.get_objects())  # in the frozen generation, never walked
+        many_lists = json.dumps({"prompt": [[1]] * 2000}).encode()
+        response = httpx.post(f"{live.url}/v1/completions", content=many_lists, headers=JSON, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "n"
 
 
 def test_server_limits_are_checked_when_the_app_is_made(model_dir):

@@ -124,6 +124,49 @@ def test_queued_requests_whose_clients_left_make_room(model_and_tokenizer, loop)
     assert scheduler.queued_requests == 1
 
 
+def test_queued_requests_whose_clients_left_are_not_counted(model_and_tokenizer, loop):
+    """/health reports queued_requests: requests whose clients had left still counted until they reached the batch."""
+    model, tokenizer = model_and_tokenizer
+    scheduler = BatchScheduler(model, tokenizer, max_batch_size=1)
+    jobs = [make_job(loop, model, tokenizer, [1, 2], dict(max_new_tokens=3)) for _ in range(3)]
+    for job in jobs:
+        scheduler.submit(job)
+    jobs[1].cancel()
+    assert scheduler.queued_requests == 2
+    scheduler.step()  # the first request runs; the cancelled one still waits in the queue, uncounted
+    assert scheduler.queued_requests == 1
+
+
+def test_the_choices_of_an_echoed_prompt_share_one_scoring_of_it(model_and_tokenizer, loop):
+    """Echo with logprobs and n choices ran the LM head over the whole prompt once per choice, on the worker
+    that every request waits for (n=64 with 250 prompt tokens held the others about 15 s); now once per prompt,
+    also for choices that join in a later prefill, and every choice gets the same result."""
+    model, tokenizer = model_and_tokenizer
+    prompt = torch.randint(1, 512, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    scheduler = BatchScheduler(model, tokenizer, max_batch_size=2)  # the 4 choices are prefilled 2 at a time
+    job = Job(loop)
+    for index in range(4):
+        job.add(index, prompt, GenerationConfig(max_new_tokens=0), TextStreamDecoder(tokenizer), logprobs=2,
+                prompt_logprobs=True)
+    scheduler.submit(job)
+    head_rows = []  # positions the LM head runs on, per call
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[:-1]))
+    try:
+        while scheduler.queued_requests:
+            scheduler.step()
+    finally:
+        hook.remove()
+    # Each prefill's last position of its 2 rows; the prompt's 11 positions that predict a token once, not 4 times.
+    assert head_rows == [(2,), (11,), (2,)]
+    scored = [e for e in events(loop, job) if not isinstance(e, FinishEvent)]
+    assert [e.index for e in scored] == [0, 1, 2, 3]
+    assert all((e.token_ids, e.logprobs, e.top) == (prompt, scored[0].logprobs, scored[0].top) for e in scored)
+    with torch.no_grad():
+        reference = model(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+    expected = reference[torch.arange(11), torch.tensor(prompt[1:])]
+    torch.testing.assert_close(torch.tensor(scored[0].logprobs[1:]), expected, rtol=0, atol=1e-5)
+
+
 def test_a_request_whose_sampling_fails_does_not_fail_the_others(model_and_tokenizer, loop):
     """Every token suppressed leaves nothing to draw and the draw fails: that request gets an error, the row
     decoded beside it goes on as alone."""

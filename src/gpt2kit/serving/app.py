@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ logger = logging.getLogger("gpt2kit.serving")
 API_KEY_ENV = "GPT2KIT_API_KEY"
 OPEN_PATHS = frozenset({"/health"})
 DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streamed request checks that its client is still there
+RETRY_AFTER_SECONDS = "1"  # what a full queue's 503 asks clients to wait (OpenAI's clients honour it)
 PLAYGROUND_PATH = "/"
 # The page is self-contained: the policy lets it load nothing from anywhere else.
 PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
@@ -216,7 +218,8 @@ class CompletionService:
         try:
             self.scheduler.submit(job)
         except QueueFull as err:
-            raise APIError(503, str(err), type="server_error", code="server_overloaded") from None
+            raise APIError(503, str(err), type="server_error", code="server_overloaded",
+                           headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
         return job, ids, texts
 
     # ---- job events -> choice updates ---------------------------------------------------------------------
@@ -295,6 +298,9 @@ class CompletionService:
                     choice = form.chunk_choice(index, text, delta, finish)
                     chunk = self._envelope(completion_id, created, form.chunk_object, [choice])
                     yield _sse({**chunk, "usage": None} if usage else chunk)  # as OpenAI's chunks carry it
+                    # Queued events come without a pause: let the loop run between two writes, so that a closed
+                    # connection is seen before the next one (asyncio warns of writes to a lost socket).
+                    await asyncio.sleep(0)
                 if usage:
                     yield _sse({**self._envelope(completion_id, created, form.chunk_object, []),
                                 "usage": self.usage(job, ids)})
@@ -309,6 +315,13 @@ class CompletionService:
 
 
 async def _json_body(request: Request) -> Any:
+    # JSON only: an HTML form on any web site may POST text/plain (browsers send it without asking) whose body
+    # parses as JSON; a cross-site application/json request needs a CORS preflight, which this server never grants.
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        sent = f"Content-Type {media_type}" if media_type else "no Content-Type"
+        raise APIError(415, f"send the body as JSON with `Content-Type: application/json` (this request has {sent})",
+                       code="unsupported_media_type")
     try:
         return json.loads(await request.body())
     except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting or numbers
@@ -348,11 +361,16 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # What is loaded now (model, tokenizer, app) lives as long as the server: out of the collector's sight, or
+        # every full collection (a body of many small JSON lists sets some off) walks all of it on the event loop.
+        gc.collect()
+        gc.freeze()
         service.scheduler.start()
         try:
             yield
         finally:
             service.scheduler.stop()
+            gc.unfreeze()  # a program that embeds the app collects its objects again once it stops
 
     # No /docs, /redoc or /openapi.json: every route is listed in docs/serving.md, and each would be one more
     # route to guard.
@@ -361,7 +379,7 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
-        return _json_error(err.status, err.body())
+        return _json_error(err.status, err.body(), err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -376,7 +394,7 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
         logger.exception("unhandled error on %s", request.url.path)
         return _json_error(500, error_body("internal server error", type="server_error"))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # probes often ask with HEAD
     async def health() -> JSONResponse:
         alive = service.scheduler.running  # the batching worker: without it no request would ever finish
         return JSONResponse({"status": "ok" if alive else "error",

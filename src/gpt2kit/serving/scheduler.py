@@ -3,7 +3,9 @@
 A single worker thread owns the model. Each step it admits queued sequences (up to `max_batch_size` rows),
 prefills the new ones together, and then advances every running row by one token in one forward pass. Rows
 are right-aligned in a shared KV cache: a row that joins with a shorter history is left-padded and masked,
-exactly as a left-padded batch is in `gpt2kit.generation`, so every row computes what it would compute alone.
+exactly as a left-padded batch is in `gpt2kit.generation`, so every row computes what it would compute alone up
+to float rounding: products over another batch shape may round differently, which moves log-probabilities in
+their last bits (a few 1e-6) and can change a chosen token only where two candidates are that close to a tie.
 Each row has its own `Sampler` (options and random generator), so no request's parameters reach another.
 
 Results go back as events on each request's asyncio queue; the worker never waits for a client, so a slow
@@ -58,12 +60,16 @@ class TokenEvent:
     scored: list[ScoredToken] = field(default_factory=list)
 
 
+# The log-probabilities of a prompt's tokens and their top alternatives (the first token has neither).
+PromptScores = tuple[list[float | None], list[list[tuple[int, float]] | None]]
+
+
 @dataclass
 class PromptLogprobsEvent:
     """Log-probabilities of the prompt's tokens (echo with logprobs); the first token has none."""
     index: int
     token_ids: list[int]
-    logprobs: list[float | None]
+    logprobs: list[float | None]  # these lists are shared by the events of one prompt's choices: never modified
     top: list[list[tuple[int, float]] | None]
 
 
@@ -99,6 +105,9 @@ class Job:
         self.cancelled = False  # set by the handler (client gone); the worker drops the rows
         self.completion_tokens = 0  # counted by the handler as choices finish
         self.mean_logprobs: dict[int, float] = {}  # of ranked choices (best_of), kept by the handler
+        # (prompt, number of alternatives) -> its scores, kept by the worker: the n choices of an echoed prompt
+        # share one scoring, also when they join the batch in different prefills.
+        self.prompt_scores: dict[tuple[tuple[int, ...], int | None], PromptScores] = {}
 
     def add(self, index: int, prompt: list[int], config: GenerationConfig, decoder: TextStreamDecoder, *,
             logprobs: int | None = None, prompt_logprobs: bool = False, ranked: bool = False) -> None:
@@ -175,7 +184,7 @@ class BatchScheduler:
                                          device=self.device)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self._pending: deque[Sequence] = deque()
-        self._waiting_jobs: dict[int, int] = {}  # id(job) -> its sequences not yet admitted
+        self._waiting_jobs: dict[Job, int] = {}  # job -> its sequences not yet admitted
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -226,7 +235,9 @@ class BatchScheduler:
 
     @property
     def queued_requests(self) -> int:
-        return len(self._waiting_jobs)
+        """Requests waiting for a batch slot, not counting those whose clients left."""
+        with self._wake:  # the worker admits (and removes) jobs meanwhile
+            return sum(not job.cancelled for job in self._waiting_jobs)
 
     def submit(self, job: Job) -> None:
         with self._wake:
@@ -234,10 +245,10 @@ class BatchScheduler:
                 raise QueueFull("the server is shutting down")
             if len(self._waiting_jobs) >= self.max_queue:  # requests whose clients left make room first
                 self._pending = deque(s for s in self._pending if not s.job.cancelled)
-                self._waiting_jobs = dict(Counter(id(s.job) for s in self._pending))
+                self._waiting_jobs = dict(Counter(s.job for s in self._pending))
             if len(self._waiting_jobs) >= self.max_queue:
                 raise QueueFull(f"the server is busy: {self.max_queue} requests are already queued")
-            self._waiting_jobs[id(job)] = len(job.sequences)
+            self._waiting_jobs[job] = len(job.sequences)
             self._pending.extend(job.sequences)
             self._wake.notify()
 
@@ -280,10 +291,9 @@ class BatchScheduler:
         admitted = []
         while self._pending and len(self.rows) + len(admitted) < self.max_batch_size:
             seq = self._pending.popleft()
-            key = id(seq.job)
-            self._waiting_jobs[key] -= 1
-            if not self._waiting_jobs[key]:
-                del self._waiting_jobs[key]
+            self._waiting_jobs[seq.job] -= 1
+            if not self._waiting_jobs[seq.job]:
+                del self._waiting_jobs[seq.job]
             if not seq.job.cancelled:
                 admitted.append(seq)
         return admitted
@@ -319,6 +329,13 @@ class BatchScheduler:
             self._join([seqs[r] for r in joining], cache, mask, torch.tensor(joining, device=self.device))
 
     def _emit_prompt_logprobs(self, seq: Sequence, hidden: Tensor) -> None:
+        key = (tuple(seq.prompt), seq.logprobs)
+        if key not in seq.job.prompt_scores:
+            seq.job.prompt_scores[key] = self._score_prompt(seq, hidden)
+        seq.job.emit(PromptLogprobsEvent(seq.index, seq.prompt, *seq.job.prompt_scores[key]))
+
+    def _score_prompt(self, seq: Sequence, hidden: Tensor) -> PromptScores:
+        """The log-probabilities (and top alternatives) of seq's prompt tokens, from the prompt's hidden states."""
         chosen, top = [], []
         targets = torch.tensor(seq.prompt[1:], device=hidden.device)
         for start in range(0, len(targets), PROMPT_LOGPROBS_CHUNK):  # position j predicts prompt token j + 1
@@ -326,7 +343,7 @@ class BatchScheduler:
             logprobs = self.model.lm_head(hidden[:-1][rows]).float().log_softmax(-1)
             chosen += logprobs.gather(1, targets[rows, None]).squeeze(1).tolist()
             top += [self._top(row, seq.logprobs) if seq.logprobs else [] for row in logprobs]
-        seq.job.emit(PromptLogprobsEvent(seq.index, seq.prompt, [None, *chosen], [None, *top]))
+        return [None, *chosen], [None, *top]
 
     def _join(self, seqs: list[Sequence], cache: KVCache, mask: Tensor, rows: Tensor) -> None:
         """Add prefilled rows to the batch, right-aligning old and new histories in one cache. Leading positions
