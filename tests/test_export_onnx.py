@@ -1,6 +1,8 @@
 """ONNX export: graph interface, logits against PyTorch (fp32, 1e-4), identical greedy tokens, the commands."""
 
 import json
+import shutil
+import sys
 
 import numpy as np
 import onnx
@@ -191,3 +193,101 @@ def test_exports_that_would_lose_the_model_or_misread_it_are_refused(model_dir, 
     with pytest.raises(TypeError, match="only a GPT2LMHeadModel .* got GPT2ForSequenceClassification"):
         export_onnx(GPT2ForSequenceClassification.from_pretrained(tmp_path / "clf"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_without_onnx_or_onnxruntime_the_error_says_what_to_install(model_dir, exported, tmp_path, capsys,
+                                                                    monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as in an install without the [onnx] extra
+    assert main(["export", "onnx", "--model", str(model_dir), "--output", str(tmp_path / "out")]) == 2
+    # One line, said before the model is traced; nothing written, not even a temporary directory.
+    assert capsys.readouterr().err == ("gpt2kit export: error: ONNX export needs the onnx package: "
+                                       "pip install 'gpt2kit[onnx]'\n")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ImportError, match=r"^the onnx backend needs the onnxruntime package: "
+                                          r"pip install 'gpt2kit\[onnx\]'$"):
+        OnnxLMHeadModel(exported)
+
+
+def test_a_corrupt_onnx_directory_is_one_error_naming_the_file(exported, tmp_path, capsys):
+    generate_command = ["generate", "--backend", "onnx", "--prompt", "I had", "--max-new-tokens", "3", "--model"]
+    truncated = shutil.copytree(exported, tmp_path / "truncated")
+    (truncated / PREFILL_NAME).write_bytes((exported / PREFILL_NAME).read_bytes()[:1000])
+    assert main([*generate_command, str(truncated)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpt2kit generate: error: {truncated / PREFILL_NAME}: onnxruntime cannot load it (")
+    assert err.count("\n") == 1
+
+    # A graph whose weights are in a .data file beside it (as past 2 GB), copied without that file.
+    no_data = shutil.copytree(exported, tmp_path / "no-data")
+    onnx.save_model(onnx.load(str(exported / DECODE_NAME)), str(no_data / DECODE_NAME), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=f"{DECODE_NAME}.data")
+    (no_data / f"{DECODE_NAME}.data").unlink()
+    assert main([*generate_command, str(no_data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpt2kit generate: error: {no_data / DECODE_NAME}: onnxruntime cannot load it (")
+    assert f"{DECODE_NAME}.data" in err and err.count("\n") == 1
+
+    swapped = shutil.copytree(exported, tmp_path / "swapped")  # a graph without the cache inputs
+    shutil.copyfile(exported / PREFILL_NAME, swapped / DECODE_NAME)
+    with pytest.raises(ValueError, match=f"{DECODE_NAME}: not a graph of `gpt2kit export onnx` "
+                                         r"\(no past_keys, past_values\)"):
+        OnnxLMHeadModel(swapped)
+
+
+@pytest.mark.parametrize("field, value, graph, tensor", [
+    ("n_layer", 3, PREFILL_NAME, "present_keys"), ("n_head", 2, PREFILL_NAME, "present_keys"),
+    ("n_embd", 96, PREFILL_NAME, "present_keys"), ("vocab_size", 600, PREFILL_NAME, "logits")])
+def test_a_config_json_that_disagrees_with_the_graphs_is_refused(exported, tmp_path, field, value, graph, tensor):
+    directory = shutil.copytree(exported, tmp_path / "mismatched")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError) as error:
+        OnnxLMHeadModel(directory)
+    assert str(error.value).startswith(f"{directory / graph}: {tensor} has shape ")
+    assert f"but {directory / 'config.json'} has {field} {value} " in str(error.value)
+
+
+def test_onnx_forward_checks_its_inputs_as_pytorch_does(exported, model):
+    onnx_model = OnnxLMHeadModel(exported)
+    ids = torch.tensor([[5, 6, 7], [0, 8, 9]])
+
+    def error(module, *args, **kwargs):
+        with pytest.raises(Exception) as info, torch.no_grad():
+            module(*args, **kwargs)
+        return info.type, str(info.value)
+
+    for args, kwargs in [((ids,), {"past_key_values": KVCache(model.config, 2, 2)}),  # no room for 3 positions
+                         ((ids, torch.ones(2, 5, dtype=torch.long)), {})]:  # a mask of 5 positions for 3
+        expected = error(model, *args, **kwargs)
+        assert expected[0] is ValueError and error(onnx_model, *args, **kwargs) == expected
+    # Ids outside the vocabulary: onnxruntime's Gather would count -1 from the end and return logits.
+    for bad in (-1, 512):
+        assert error(model, torch.tensor([[3, bad]]))[0] is IndexError
+        kind, message = error(onnx_model, torch.tensor([[3, bad]]))
+        assert kind is IndexError and message.startswith(f"index out of range: token id {bad} ")
+
+
+def test_the_exported_config_names_the_graphs_dtype(tmp_path):
+    from gpt2kit import GPT2Config
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=8, vocab_size=64))
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    # transformers before 4.56 called it torch_dtype: both are carried over, both must say float32.
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    exported = export_onnx(tmp_path / "bf16", tmp_path / "onnx")
+    config = json.loads((exported / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float32"
+    assert json.loads((export_onnx(model, tmp_path / "onnx2") / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_an_output_that_would_replace_the_model_is_refused_before_already_exists(model_dir, capsys):
+    for output in (model_dir, model_dir.parent):
+        for overwrite in ([], ["--overwrite"]):
+            assert main(["export", "onnx", "--model", str(model_dir), "--output", str(output), *overwrite]) == 2
+            assert capsys.readouterr().err == (f"gpt2kit export: error: {output}: the output would replace the "
+                                               f"model being exported ({model_dir})\n")
+    assert (model_dir / "model.safetensors").is_file()

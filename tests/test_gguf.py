@@ -12,6 +12,7 @@ import torch
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.cli import main
+from gpt2kit.conversation import transcript, turns_of
 from gpt2kit.gguf import export_gguf, gguf_pre_tokenizer, gguf_tensor_name, gguf_vocabulary
 from gpt2kit.quantization import quantize_int8
 from gpt2kit.tokenizer import ASSETS
@@ -220,3 +221,50 @@ def test_an_export_never_replaces_the_models_own_files(tmp_path):
     classifier = GPT2ForSequenceClassification(GPT2Config(**CONFIG))
     with pytest.raises(TypeError, match="only a GPT2LMHeadModel .* got GPT2ForSequenceClassification"):
         export_gguf(classifier, tmp_path / "c.gguf")
+
+
+def test_an_output_that_is_a_model_file_is_refused_before_exists(tmp_path, capsys):
+    GPT2LMHeadModel(GPT2Config(**CONFIG)).save_pretrained(tmp_path / "m")
+    output = tmp_path / "m" / "model.safetensors"
+    for overwrite in ([], ["--overwrite"]):  # --overwrite would not help: not "exists; pass --overwrite"
+        assert main(["export", "gguf", "--model", str(tmp_path / "m"), "--output", str(output), *overwrite]) == 2
+        assert "would replace a file of the model being exported" in capsys.readouterr().err
+
+
+def test_a_model_with_unmerged_lora_adapters_is_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+    from gpt2kit.training.lora import apply_lora
+
+    merge_first = r"merge the LoRA adapters first \(`gpt2kit lora merge`, or peft's merge_and_unload\(\)\)"
+    model = GPT2LMHeadModel(GPT2Config(**CONFIG))
+    apply_lora(model, peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match=merge_first):
+        export_gguf(model, tmp_path / "m.gguf")
+    wrapped = peft.get_peft_model(GPT2LMHeadModel(GPT2Config(**CONFIG)), peft.LoraConfig(r=2, target_modules=["c_fc"]))
+    with pytest.raises(ValueError, match=merge_first):  # peft's own wrapper: the same advice
+        export_gguf(wrapped, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+    _, tensors = read(export_gguf(wrapped.merge_and_unload(), tmp_path / "m.gguf", dtype="f32"))
+    assert len(tensors) == 4 + 12 * 2
+
+
+def test_the_chat_template_writes_gpt2kits_chat_transcript(tmp_path):
+    fields, _ = read(export_gguf(save_tiny_text_model(tmp_path / "model"), tmp_path / "m.gguf", dtype="f32"))
+    template = fields["tokenizer.chat_template"]
+    sandbox = pytest.importorskip("jinja2.sandbox", reason="rendering the chat template needs jinja2 (a dependency "
+                                                           "of transformers)")
+    # How transformers and llama-cpp-python render a chat template.
+    render = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template).render
+    system = {"role": "system", "content": "You are a pirate.\nAnswer briefly."}
+    conversations = [
+        [system, {"role": "user", "content": "Hi {{ there }} 'you' \\n"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+         {"role": "developer", "content": "Be kind."}, {"role": "user", "content": "And then?"}],
+        [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+    ]
+    for messages in conversations:
+        for add_generation_prompt in (True, False):
+            expected = transcript(turns_of(messages), add_generation_prompt=add_generation_prompt)
+            assert render(messages=messages, add_generation_prompt=add_generation_prompt) == expected
+    assert render(messages=conversations[0], add_generation_prompt=True) == (
+        "You are a pirate.\nAnswer briefly.\nUser: Hi {{ there }} 'you' \\n\nAssistant:")

@@ -16,6 +16,7 @@ plain input/output tensors: the preallocated, in-place KVCache of model.py suits
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from .checkpoint import CONFIG_NAME, load_config, resolve_model_dir
 from .config import GPT2Config
 from .files import atomic_directory, check_output_directory
-from .model import CausalLMOutput, GPT2LMHeadModel, KVCache, eval_mode, positions_from_mask
+from .model import CausalLMOutput, GPT2LMHeadModel, KVCache, check_inputs, eval_mode, positions_from_mask
 from .quantization import is_inference_only
 from .tokenizer import tokenizer_files
 
@@ -39,6 +40,7 @@ EXPORT_INFO_NAME = "onnx_export.json"
 DEFAULT_OPSET = 17
 # Opsets the graphs export at: 13 has every operator used, 20 is the TorchScript exporter's newest.
 MIN_OPSET, MAX_OPSET = 13, 20
+INSTALL_HINT = "pip install 'gpt2kit[onnx]'"
 
 
 class KVCacheLM(nn.Module):
@@ -146,19 +148,18 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
     """Write prefill.onnx + decode.onnx (fp32), config.json and the tokenizer files into `output_dir`.
 
     `model` is an HF-format directory or a GPT2LMHeadModel. The directory appears only when complete."""
+    try:  # torch's exporter needs it, but says so only after tracing the whole model
+        importlib.import_module("onnx")
+    except ImportError:
+        raise ImportError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from None
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
-    output_dir = check_output_directory(output_dir, overwrite=overwrite, replaces=True)  # before the export runs
-    source_dir = None
-    if isinstance(model, GPT2LMHeadModel):
-        lm = model
-    elif isinstance(model, (str, os.PathLike)):
-        source_dir = resolve_model_dir(model)
-        if output_dir.resolve() in (source_dir.resolve(), *source_dir.resolve().parents):
-            raise ValueError(f"{output_dir}: the output would replace the model being exported ({source_dir})")
-        lm = GPT2LMHeadModel.from_pretrained(source_dir)
-    else:
+    if not isinstance(model, (GPT2LMHeadModel, str, os.PathLike)):
         raise TypeError(f"only a GPT2LMHeadModel (or its directory) exports to ONNX, got {type(model).__name__}")
+    source_dir = None if isinstance(model, GPT2LMHeadModel) else resolve_model_dir(model)
+    # Before the export runs; the source first, as --overwrite would not help.
+    output_dir = check_output_directory(output_dir, overwrite=overwrite, replaces=True, source=source_dir)
+    lm = model if source_dir is None else GPT2LMHeadModel.from_pretrained(source_dir)
     if lm.config.n_positions < 2:
         raise ValueError("ONNX export needs a context (n_positions) of at least 2: the decode graph reads a cache")
     if is_inference_only(lm):
@@ -171,7 +172,11 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
         with torch.no_grad():
             for name in tqdm([PREFILL_NAME, DECODE_NAME], desc="export onnx", unit="graph"):
                 _export_graph(wrapper, tmp / name, lm.config, with_past=name == DECODE_NAME, opset=opset)
-        (tmp / CONFIG_NAME).write_text(json.dumps(lm.config.to_hf_dict(), indent=2) + "\n")
+        config = lm.config.to_hf_dict()
+        config["dtype"] = "float32"  # the graphs', whatever the source's
+        if "torch_dtype" in config:  # transformers' older name for it
+            config["torch_dtype"] = "float32"
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if source_dir is not None:
             for path in tokenizer_files(source_dir):
                 shutil.copyfile(path, tmp / path.name)
@@ -179,6 +184,26 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
                 "cache_layout": "(n_layer, batch, n_head, length, head_dim)"}
         (tmp / EXPORT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
     return output_dir
+
+
+def _check_graph(shapes: dict[str, list[int | str]], path: Path, config: GPT2Config) -> None:
+    """ValueError naming `path` and config.json's field when the graph's inputs and outputs (`shapes`, by name)
+    are not those `export_onnx` writes for `config`: with another model's config.json the first step would fail
+    with a bare shape error."""
+    caches = ["present_keys", "present_values", *(["past_keys", "past_values"] if path.name == DECODE_NAME else [])]
+    missing = [name for name in ("input_ids", "attention_mask", "position_ids", "logits", *caches)
+               if name not in shapes]
+    if missing:
+        raise ValueError(f"{path}: not a graph of `gpt2kit export onnx` (no {', '.join(missing)})")
+    # The caches are (n_layer, batch, n_head, length, head_dim = n_embd / n_head); logits end in vocab_size.
+    checks = [(name, dim, field, size) for name in caches for dim, field, size in
+              ((0, "n_layer", config.n_layer), (2, "n_head", config.n_head), (4, "n_embd", config.head_dim))]
+    checks.append(("logits", 2, "vocab_size", config.vocab_size))
+    for name, dim, field, size in checks:
+        if shapes[name][dim] != size:
+            raise ValueError(f"{path}: {name} has shape {shapes[name]}, but {path.parent / CONFIG_NAME} has "
+                             f"{field} {getattr(config, field)} (dim {dim} would be {size}): that config.json is "
+                             "not the exported model's")
 
 
 class OnnxLMHeadModel(nn.Module):
@@ -190,8 +215,10 @@ class OnnxLMHeadModel(nn.Module):
     dtype = torch.float32
 
     def __init__(self, directory: str | os.PathLike, *, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ImportError(f"the onnx backend needs the onnxruntime package: {INSTALL_HINT}") from None
         super().__init__()
         directory = Path(directory)
         for name in (CONFIG_NAME, PREFILL_NAME, DECODE_NAME):
@@ -203,9 +230,18 @@ class OnnxLMHeadModel(nn.Module):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.prefill, self.decode = (ort.InferenceSession(str(directory / name), options,
-                                                          providers=["CPUExecutionProvider"])
-                                     for name in (PREFILL_NAME, DECODE_NAME))
+        sessions = []
+        for name in (PREFILL_NAME, DECODE_NAME):
+            try:
+                session = ort.InferenceSession(str(directory / name), options, providers=["CPUExecutionProvider"])
+            except Exception as err:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no other base
+                message = " ".join(str(err).split())
+                raise ValueError(f"{directory / name}: onnxruntime cannot load it ({message}); export the model "
+                                 "again") from None
+            values = (*session.get_inputs(), *session.get_outputs())
+            _check_graph({value.name: value.shape for value in values}, directory / name, self.config)
+            sessions.append(session)
+        self.prefill, self.decode = sessions
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 past_key_values: KVCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
@@ -213,10 +249,11 @@ class OnnxLMHeadModel(nn.Module):
         and the new keys/values are written back into it."""
         cache = past_key_values
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if past + T > self.config.n_positions:  # onnxruntime would only say "index out of bounds"
-            raise ValueError(f"sequence of {past + T} positions exceeds the model's context of "
-                             f"{self.config.n_positions} (n_positions)")
+        past = check_inputs(self.config, input_ids, attention_mask, cache)  # onnxruntime's errors say less
+        outside = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
+        if len(outside):  # as PyTorch's embedding refuses it: onnxruntime's Gather counts a negative id from the end
+            raise IndexError(f"index out of range: token id {int(outside[0])} is not in the vocabulary "
+                             f"(0..{self.config.vocab_size - 1})")
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long)
         if position_ids is None:

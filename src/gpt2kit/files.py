@@ -38,14 +38,18 @@ def _umask() -> int:
     return mask
 
 
-def check_output_directory(path: str | os.PathLike, *, overwrite: bool, replaces: bool = False) -> Path:
+def check_output_directory(path: str | os.PathLike, *, overwrite: bool, replaces: bool = False,
+                           source: Path | None = None) -> Path:
     """`path` as a Path if a model directory may be written there: new, empty, or non-empty with `overwrite`
-    (which writes into it, or with `replaces` replaces it whole)."""
+    (which writes into it, or with `replaces` replaces it whole), and neither `source` (the model directory being
+    exported) nor one of its parents."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory")
     replaced_directory(path)  # the directory is written whole and swapped in: never the working one (first: not
-    # "pass --overwrite" for a directory that --overwrite would refuse)
+    # "pass --overwrite" for a directory that --overwrite would refuse); nor the source, which it would delete
+    if source is not None and path.resolve() in (source.resolve(), *source.resolve().parents):
+        raise ValueError(f"{path}: the output would replace the model being exported ({source})")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ValueError(f"{path}: already exists; pass --overwrite (overwrite=True) to "
                          f"{'replace it (its other files go)' if replaces else 'write into it'}")

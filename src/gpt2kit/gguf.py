@@ -1,13 +1,14 @@
 """GGUF export: one file that llama.cpp (and what is built on it: llama-cpp-python, Ollama, LM Studio) loads.
 
 The file holds llama.cpp's `gpt2` architecture: the hyperparameters, the byte-level BPE vocabulary (tokens in
-id order as GPT-2's byte-to-unicode strings, token types, merges, the split pattern's name) and the tensors
-under llama.cpp's GPT-2 names. The merges are recovered from the tokenizer's ranks (each token's bytes merged
-with the lower-ranked merges until two parts are left), which reproduces GPT-2's `vocab.bpe` exactly and works
-the same for a vocabulary trained with `gpt2kit tokenizer train` or for cl100k_base. Written with the `gguf`
-package (llama.cpp's own writer): f32, f16 (matrices in f16, norms and biases in f32 as llama.cpp requires) or
-q8_0 (matrices in llama.cpp's 8-bit blocks of 32; the position embedding kept in f32 as llama.cpp's quantizer
-does, and a matrix whose rows are not whole blocks in f16).
+id order as GPT-2's byte-to-unicode strings, token types, merges, the split pattern's name), a chat template that
+writes a conversation as `gpt2kit chat` does, and the tensors under llama.cpp's GPT-2 names. The merges are
+recovered from the tokenizer's ranks (each token's bytes merged with the lower-ranked merges until two parts are
+left), which reproduces GPT-2's `vocab.bpe` exactly and works the same for a vocabulary trained with
+`gpt2kit tokenizer train` or for cl100k_base. Written with the `gguf` package (llama.cpp's own writer): f32, f16
+(matrices in f16, norms and biases in f32 as llama.cpp requires) or q8_0 (matrices in llama.cpp's 8-bit blocks of
+32; the position embedding kept in f32 as llama.cpp's quantizer does, and a matrix whose rows are not whole blocks
+in f16).
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ _BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_o
           "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
 _BLOCK_NAME = re.compile(r"transformer\.h\.(\d+)\.(.+)")
 _NORMAL, _CONTROL, _UNUSED = 1, 3, 5  # llama.cpp's token types
+# conversation.transcript as a Jinja chat template (tokenizer.chat_template), so llama.cpp and the tools on it prompt
+# the model as `gpt2kit chat` and the server do: "User: ..." and "Assistant: ..." lines, a system (or developer)
+# message as it is, and "Assistant:" for the model to continue.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + '\\n' }}"
+    "{% else %}{{ message['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
 
 
 def gguf_tensor_name(name: str) -> str:
@@ -107,9 +119,8 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         raise ImportError("GGUF export needs the gguf package: pip install 'gpt2kit[gguf]'") from None
     if dtype not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; expected one of {', '.join(GGUF_TYPES)}")
+    # What --overwrite would not help with is said before "exists; pass --overwrite".
     output = check_output_file(output)  # a directory, or a path below a file, is never worth --overwrite
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     if isinstance(model, (str, os.PathLike)):
         source_dir = resolve_model_dir(model).resolve()
         # The directory holding the output's name, not the file it may link to (an HF cache snapshot's blobs).
@@ -117,8 +128,13 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
                 and (is_model_file(output.name) or is_tokenizer_file(output.name))):
             raise ValueError(f"{output}: would replace a file of the model being exported ({source_dir}); "
                              "name the GGUF file otherwise (e.g. model.gguf)")
+    elif hasattr(model, "peft_config"):  # LoRA layers keep base_layer.weight and the update apart: no GGUF tensors
+        raise ValueError("GGUF export needs a model without LoRA layers: merge the LoRA adapters first "
+                         "(`gpt2kit lora merge`, or peft's merge_and_unload()), then export the merged model")
     elif not isinstance(model, GPT2LMHeadModel):
         raise TypeError(f"only a GPT2LMHeadModel (or its directory) exports to GGUF, got {type(model).__name__}")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer)
     if is_inference_only(lm):
         raise ValueError("GGUF export needs the float weights: export the model before quantizing or packing it")
@@ -146,6 +162,7 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         writer.add_bos_token_id(tok.bos_token_id)
         writer.add_eos_token_id(tok.eos_token_id)
         writer.add_add_bos_token(False)  # GPT-2 text starts without one, as in transformers
+        writer.add_chat_template(CHAT_TEMPLATE)
         tied = lm.lm_head.weight is lm.transformer.wte.weight
         state = {k: v for k, v in lm.state_dict().items() if not (tied and k == "lm_head.weight")}
         for name, tensor in tqdm(state.items(), desc=f"export gguf {dtype}", unit="tensor"):

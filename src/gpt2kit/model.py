@@ -144,6 +144,22 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def check_inputs(config: GPT2Config, input_ids: Tensor, attention_mask: Tensor | None,
+                 past_key_values: KVCache | None) -> int:
+    """Check that the new tokens fit the context and the cache and that `attention_mask` is (batch, past + new);
+    return past, the number of cached positions. Shared with the ONNX backend (export.OnnxLMHeadModel)."""
+    B, T = input_ids.shape
+    past = past_key_values.length if past_key_values is not None else 0
+    if past + T > config.n_positions:
+        raise ValueError(f"sequence of {past + T} positions exceeds the model's context of "
+                         f"{config.n_positions} (n_positions)")
+    if past_key_values is not None and past + T > past_key_values.max_length:
+        raise ValueError(f"KV cache holds {past_key_values.max_length} positions, {past + T} needed")
+    if attention_mask is not None and attention_mask.shape != (B, past + T):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+    return past
+
+
 def build_attention_mask(attention_mask: Tensor | None, past: int, T: int,
                          device: torch.device | None = None) -> tuple[Tensor | None, bool]:
     """(mask, is_causal) for SDPA. A boolean (B, 1, T, past+T) mask is built only when padding or a cache
@@ -257,15 +273,8 @@ class GPT2Model(GPT2PreTrainedModel):
                 past_key_values: KVCache | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
         """`attention_mask` (B, past+T) marks real tokens with 1; it covers cached positions too. `inputs_embeds`
         (B, T, C), when given, replaces the token embeddings wte(input_ids)."""
-        B, T = input_ids.shape
-        past = past_key_values.length if past_key_values is not None else 0
-        if past + T > self.config.n_positions:
-            raise ValueError(f"sequence of {past + T} positions exceeds the model's context of "
-                             f"{self.config.n_positions} (n_positions)")
-        if past_key_values is not None and past + T > past_key_values.max_length:
-            raise ValueError(f"KV cache holds {past_key_values.max_length} positions, {past + T} needed")
-        if attention_mask is not None and attention_mask.shape != (B, past + T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+        T = input_ids.shape[1]
+        past = check_inputs(self.config, input_ids, attention_mask, past_key_values)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask)[:, past:]
