@@ -12,7 +12,7 @@ import torch
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.cli import main
-from gpt2kit.conversation import transcript, turns_of
+from gpt2kit.conversation import ALPACA, PLAIN
 from gpt2kit.gguf import export_gguf, gguf_pre_tokenizer, gguf_tensor_name, gguf_vocabulary
 from gpt2kit.quantization import quantize_int8
 from gpt2kit.tokenizer import ASSETS
@@ -248,23 +248,14 @@ def test_a_model_with_unmerged_lora_adapters_is_refused(tmp_path):
     assert len(tensors) == 4 + 12 * 2
 
 
-def test_the_chat_template_writes_gpt2kits_chat_transcript(tmp_path):
-    fields, _ = read(export_gguf(save_tiny_text_model(tmp_path / "model"), tmp_path / "m.gguf", dtype="f32"))
-    template = fields["tokenizer.chat_template"]
-    sandbox = pytest.importorskip("jinja2.sandbox", reason="rendering the chat template needs jinja2 (a dependency "
-                                                           "of transformers)")
-    # How transformers and llama-cpp-python render a chat template.
-    render = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template).render
-    system = {"role": "system", "content": "You are a pirate.\nAnswer briefly."}
-    conversations = [
-        [system, {"role": "user", "content": "Hi {{ there }} 'you' \\n"}],
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-         {"role": "developer", "content": "Be kind."}, {"role": "user", "content": "And then?"}],
-        [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
-    ]
-    for messages in conversations:
-        for add_generation_prompt in (True, False):
-            expected = transcript(turns_of(messages), add_generation_prompt=add_generation_prompt)
-            assert render(messages=messages, add_generation_prompt=add_generation_prompt) == expected
-    assert render(messages=conversations[0], add_generation_prompt=True) == (
-        "You are a pirate.\nAnswer briefly.\nUser: Hi {{ there }} 'you' \\n\nAssistant:")
+def test_the_chat_template_is_the_models_chat_format(tmp_path):
+    """The file carries the Jinja form of the format gpt2kit writes conversations in (tests/test_conversation.py
+    renders each as transformers and llama-cpp-python do): plain by default, the one the tokenizer records."""
+    model_dir = save_tiny_text_model(tmp_path / "model")
+    fields, _ = read(export_gguf(model_dir, tmp_path / "plain.gguf", dtype="f32"))
+    assert fields["tokenizer.chat_template"] == PLAIN.template
+    tok = GPT2Tokenizer.from_file(model_dir)
+    tok.chat_template = ALPACA.template  # as an instruction finetune saves it
+    tok.save_pretrained(model_dir)
+    fields, _ = read(export_gguf(model_dir, tmp_path / "alpaca.gguf", dtype="f32"))
+    assert fields["tokenizer.chat_template"] == ALPACA.template

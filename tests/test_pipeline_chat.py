@@ -12,7 +12,9 @@ import torch
 from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.chat import ChatSession, chat
 from gpt2kit.cli import main
-from gpt2kit.generation import GenerationConfig, TextStreamDecoder
+from gpt2kit.conversation import ALPACA, ALPACA_PREAMBLE
+from gpt2kit.data.datasets import alpaca_prompt
+from gpt2kit.generation import GenerationConfig, TextStreamDecoder, generate, truncate_at_stop
 from gpt2kit.pipeline import load_model_and_tokenizer, pipeline
 
 from .conftest import save_tiny_text_model
@@ -339,6 +341,28 @@ def test_chat_greedy_reply_equals_generation_from_the_transcript(pipe, model_dir
     out = chat_in_process(model_dir, "Hi\n", do_sample=False, max_new_tokens=10)
     reply = pipe("User: Hi\nAssistant:", max_new_tokens=10, stop=["\nUser:"], return_full_text=False)
     assert out == reply[0]["generated_text"].lstrip() + "\n"
+
+
+def test_chat_in_the_alpaca_format_an_instruction_finetune_saves(model_dir, tmp_path):
+    """Prompts follow the tokenizer's chat format: the Alpaca preamble once, whole exchanges dropped from the
+    front; the reply is not stripped of a leading space and ends at a new instruction."""
+    tok = GPT2Tokenizer.from_file(model_dir)
+    tok.chat_template = ALPACA.template
+    model = GPT2LMHeadModel.from_pretrained(model_dir)
+    session = ChatSession(model, tok, GenerationConfig(max_new_tokens=10, eos_token_id=tok.eos_token_id))
+    assert session.prompt_ids("Hi") == tok.encode(alpaca_prompt("Hi"))
+    session.turns = [("system", "Be brief."), *[("user", "One"), ("assistant", "Two")] * 6]
+    text = tok.decode(session.prompt_ids("Three"))
+    assert text.startswith("Be brief.\n\n### Instruction:\nOne") and ALPACA_PREAMBLE not in text
+    assert text.endswith("### Instruction:\nThree\n\n### Response:\n")
+    assert len(tok.encode(text)) <= model.config.n_positions - 10 and text.count("One") < 6  # trimmed
+    assert text.count("### Instruction:\nOne") == text.count("### Response:\nTwo") >= 1  # whole exchanges
+    session.reset()
+    reply = "".join(session.reply("Hi"))
+    prompt = tok.encode(alpaca_prompt("Hi"))
+    expected = generate(model, torch.tensor([prompt]), max_new_tokens=10, eos_token_id=tok.eos_token_id)
+    assert reply == truncate_at_stop(tok.decode(expected[0, len(prompt):].tolist()).split(tok.eos_token)[0],
+                                     ["### Instruction:"])[0]
 
 
 def test_chat_defaults_fit_a_small_context(model_dir):

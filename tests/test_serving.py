@@ -23,6 +23,8 @@ import torch
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.chat import ChatSession
 from gpt2kit.cli import main
+from gpt2kit.conversation import ALPACA, turns_of
+from gpt2kit.data.datasets import alpaca_prompt
 from gpt2kit.generation import GenerationConfig, TextStreamDecoder, generate, truncate_at_stop
 from gpt2kit.pipeline import TextGenerationPipeline, load_model_and_tokenizer
 from gpt2kit.serving import ServerConfig, create_app
@@ -432,7 +434,7 @@ def test_chat_stop_strings_apply_to_the_reply_shown(client, pipe, server, stop):
     session = ChatSession(server.model, server.tokenizer, GenerationConfig(
         max_new_tokens=20, do_sample=True, eos_token_id=server.tokenizer.eos_token_id,
         pad_token_id=server.tokenizer.pad_token_id, seed=seed, stop=stop))
-    session.turns = [server.tokenizer.encode(TRANSCRIPT.removesuffix("User: How are you?\nAssistant:"))]
+    session.turns = turns_of(CONVERSATION_TEXT[:-1])
     assert "".join(session.reply("How are you?")) == expected
 
 
@@ -882,3 +884,19 @@ def test_an_app_served_without_its_lifespan_answers_503(model_dir):
         app.state.service.scheduler.stop()  # what the exit signal does first
         response = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
         assert response.status_code == 503 and response.json()["error"]["message"] == "the server is shutting down"
+
+
+def test_chat_completions_use_the_models_chat_format(model_dir):
+    """A model whose tokenizer records the Alpaca format (an instruction finetune) is prompted with it, and its
+    reply keeps its first character (no "Assistant:" space to drop)."""
+    from fastapi.testclient import TestClient
+
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    tokenizer.chat_template = ALPACA.template
+    messages = [{"role": "user", "content": "Name a color."}]
+    with TestClient(create_app(model, tokenizer)) as http:
+        response = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 12, "temperature": 0})
+    assert response.status_code == 200, response.text
+    expected = TextGenerationPipeline(model, tokenizer)(alpaca_prompt("Name a color."), max_new_tokens=12,
+                                                        stop=["### Instruction:"], return_full_text=False)
+    assert response.json()["choices"][0]["message"]["content"] == expected[0]["generated_text"]

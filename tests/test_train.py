@@ -11,7 +11,10 @@ from torch.utils.data import Dataset
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.checkpoint import CheckpointError, gpt2kit_to_hf
+from gpt2kit.conversation import ALPACA
 from gpt2kit.data import InstructionDataset
+from gpt2kit.data.datasets import alpaca_prompt
+from gpt2kit.pipeline import pipeline
 from gpt2kit.data.tokenizer_training import train_tokenizer
 from gpt2kit.tokenizer import GPT2Tokenizer, train_bpe
 from gpt2kit.training import Trainer, TrainingDiverged, load_config
@@ -357,7 +360,8 @@ def test_instruction_finetune_masks_the_prompt(tmp_path):
     config = run_config(tmp_path, model={"name": str(tmp_path / "base"), "config": {}},
                         data={"train": str(data), "format": "alpaca", "max_length": 64},
                         train={"max_steps": 20, "micro_batch_size": 4}, optim={"lr": 1e-2})
-    trainer = Trainer(args=config)
+    given = GPT2Tokenizer.gpt2()
+    trainer = Trainer(args=config, tokenizer=given)
     trainer.finetune()
     trainer.sampler.set_epoch(0)
     batch = next(iter(trainer.train_loader))
@@ -368,6 +372,17 @@ def test_instruction_finetune_masks_the_prompt(tmp_path):
     # evaluate() on an instruction file scores it as training does (it was read as documents with a "text" key).
     scored = trainer._evaluate_dataset(InstructionDataset(data, trainer.tokenizer, max_length=64))
     assert trainer.evaluate(data) == scored
+    # The model is saved with the format it learned, so chat prompts it as training did and the reply ends at EOS.
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "tokenizer_config.json").read_text())["chat_template"] == ALPACA.template
+    chat = pipeline("text_generation", model=str(final))
+    prompt = chat.tokenizer.apply_chat_template([{"role": "user", "content": "Repeat the word stone."}],
+                                                tokenize=False)
+    assert prompt == alpaca_prompt("Repeat the word stone.")
+    [reply] = chat([{"role": "user", "content": "Repeat the word stone."}], max_new_tokens=8,
+                   return_full_text=False)
+    assert reply["generated_text"] == chat(prompt, max_new_tokens=8, return_full_text=False)[0]["generated_text"]
+    assert given.chat_template is None  # the caller's tokenizer is left as it was
 
 
 def test_instruction_examples_left_out_are_reported_and_all_left_out_is_an_error(tmp_path, capsys):

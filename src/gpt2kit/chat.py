@@ -11,7 +11,6 @@ from typing import Any, TextIO
 
 import torch
 
-from .conversation import format_turn, reply_stops, transcript
 from .generation import GenerationConfig, model_placement, parse_logit_bias, stream_generate
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer, text_options
@@ -42,11 +41,13 @@ SETTINGS: dict[str, Callable[[str], Any]] = {
 
 
 class ChatSession:
-    """The conversation so far as token ids per turn; each reply sees as many recent turns as fit."""
+    """The conversation so far as (role, content) turns, written in the tokenizer's chat format; each reply sees as
+    many recent exchanges as fit."""
 
     def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: GenerationConfig) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.turns: list[list[int]] = []
+        self.format = tokenizer.chat_format()
+        self.turns: list[tuple[str, str]] = []
         self.config = config
         self.set_config(config, reseed=True)
 
@@ -72,26 +73,33 @@ class ChatSession:
         self.turns = []
 
     def prompt_ids(self, message: str) -> list[int]:
-        """Recent turns + this message, keeping the newest tokens that leave room for the reply."""
+        """The transcript of the leading system messages, the most recent exchanges and this message that leaves
+        room for the reply (without exchanges, cut to its newest tokens, if even that does not)."""
         budget = self.model.config.n_positions - self.config.max_new_tokens
-        ids = self.tokenizer.encode(transcript([("user", message)]))[-budget:]
-        for turn in reversed(self.turns):
-            if len(ids) + len(turn) > budget:
+        n_head = next((i for i, (role, _) in enumerate(self.turns) if role not in ("system", "developer")),
+                      len(self.turns))
+        head, history = self.turns[:n_head], self.turns[n_head:]
+        ids = self.tokenizer.encode(self.format.transcript([*head, ("user", message)]))[-budget:]
+        for start in range(len(history) - 1, -1, -1):
+            if history[start][0] == "assistant":  # whole exchanges only: a history never opens with a reply
+                continue
+            longer = self.tokenizer.encode(self.format.transcript([*head, *history[start:], ("user", message)]))
+            if len(longer) > budget:
                 break
-            ids = turn + ids
+            ids = longer
         return ids
 
     def reply(self, message: str) -> Iterator[str]:
         """Stream the assistant's reply; the exchange joins the history when the reply is complete."""
         pieces = []
-        # The reply (and the search for stop strings) starts after the space that follows "Assistant:".
-        config = self.config.replace(seed=None, stop=reply_stops(self.config.stop), skip_leading_space=True)
+        # A plain transcript's reply (and the search for stop strings) starts after the space after "Assistant:".
+        config = self.config.replace(seed=None, stop=self.format.reply_stops(self.config.stop),
+                                     skip_leading_space=self.format.skip_leading_space)
         for piece in stream_generate(self.model, self.tokenizer, self.prompt_ids(message), config,
                                      generator=self.generator):
             pieces.append(piece)
             yield piece
-        exchange = format_turn("user", message) + format_turn("assistant", "".join(pieces))
-        self.turns.append(self.tokenizer.encode(exchange))
+        self.turns += [("user", message), ("assistant", "".join(pieces))]
 
 
 def _read_lines(stdin: TextIO, interactive: bool) -> Iterator[str]:

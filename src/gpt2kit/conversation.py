@@ -1,40 +1,139 @@
-"""The chat transcript: how a conversation becomes text a GPT-2 model continues.
+"""Chat formats: how a conversation becomes text a GPT-2 model continues, and where its reply ends.
 
-GPT-2 has no chat template, so `gpt2kit chat`, the server's /v1/chat/completions and the pipeline's chat input
-all write a conversation the same way: one line per turn, "User: ..." and "Assistant: ...", a system message as
-plain text, ending with "Assistant:" for the model to continue. A reply ends where the model starts the next
-user line (REPLY_STOP) and is shown without its leading space (GenerationConfig.skip_leading_space), where its
-stop strings are not looked for.
+GPT-2 has no chat template of its own. `gpt2kit chat`, the server's /v1/chat/completions, the pipeline's chat
+input and `apply_chat_template` all write a conversation in the format of the tokenizer's `chat_template`
+(tokenizer_config.json, as transformers keeps it):
+
+- "plain" (no template): one line per turn, "User: ..." and "Assistant: ...", a system message as plain text,
+  ending with "Assistant:" for the model to continue. A reply ends where the model starts the next user line and
+  is shown without its leading space (GenerationConfig.skip_leading_space), where stop strings are not looked for.
+- "alpaca": the instruction format gpt2kit's instruction finetunes train on (data.format: alpaca), which saves it
+  as the model's template: a single question is exactly the training prompt, and the reply ends at EOS.
+- any other Jinja template a model directory brings, rendered as transformers renders it; the reply ends at EOS.
+
+Each known format is also written out as a Jinja template (`ChatFormat.template`): what the tokenizer saves, and
+what a GGUF file carries for llama.cpp, rendering to the same text (tested).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 ROLES = ("system", "developer", "user", "assistant")  # OpenAI's message roles that carry text
-SPEAKERS = {"user": "User:", "assistant": "Assistant:"}
-REPLY_STOP = "\nUser:"  # the model starting the next user turn ends a reply
+Turns = Sequence[tuple[str, str]]  # (role, content)
+
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.")
 
 
-def reply_stops(stop: Sequence[str] | None) -> list[str]:
-    """The stop strings that end a reply: the model starting the next user turn, then the caller's own."""
-    return [REPLY_STOP, *(stop or [])]
+def _plain(turns: Turns, add_generation_prompt: bool) -> str:
+    speakers = {"user": "User: ", "assistant": "Assistant: "}
+    text = "".join(f"{speakers.get(role, '')}{content}\n" for role, content in turns)
+    return text + "Assistant:" if add_generation_prompt else text
 
 
-def format_turn(role: str, content: str) -> str:
-    """One turn: "User: ..." or "Assistant: ..." on a line of its own; a system (or developer) message is
-    written as it is, without a speaker."""
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-    speaker = SPEAKERS.get(role)
-    return f"{speaker} {content}\n" if speaker else f"{content}\n"
+def _alpaca(turns: Turns, add_generation_prompt: bool) -> str:
+    # A system (or developer) message takes the preamble's place; each exchange is an instruction and a response.
+    preamble = next((content for role, content in reversed(turns) if role in ("system", "developer")),
+                    ALPACA_PREAMBLE)
+    headers = {"user": "### Instruction:\n", "assistant": "### Response:\n"}
+    text = preamble + "\n\n" + "".join(f"{headers[role]}{content}\n\n" for role, content in turns if role in headers)
+    return text + "### Response:\n" if add_generation_prompt else text
 
 
-def transcript(turns: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True) -> str:
-    """A conversation of (role, content) turns as the text the model continues, ending with "Assistant:" (unless
-    add_generation_prompt is False: then it ends after the last turn's line)."""
-    text = "".join(format_turn(role, content) for role, content in turns)
-    return text + SPEAKERS["assistant"] if add_generation_prompt else text
+_PLAIN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + '\\n' }}"
+    "{% else %}{{ message['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+_ALPACA_TEMPLATE = (
+    "{% set ns = namespace(preamble='" + ALPACA_PREAMBLE + "') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] in ['system', 'developer'] %}{% set ns.preamble = message['content'] %}{% endif %}"
+    "{% endfor %}"
+    "{{ ns.preamble + '\\n\\n' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + '\\n\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A way to write conversations: `render` makes the text, `template` is the same as Jinja, `stops` end a
+    reply besides EOS, and with `skip_leading_space` the reply begins after a space the format leaves open."""
+
+    name: str
+    template: str
+    render: Callable[[Turns, bool], str]
+    stops: tuple[str, ...] = ()
+    skip_leading_space: bool = False
+
+    def transcript(self, turns: Turns, *, add_generation_prompt: bool = True,
+                   continue_final_message: bool = False) -> str:
+        """The text the model continues: after the last turn, the opening of the assistant's reply (unless
+        add_generation_prompt is False); with continue_final_message, the text ends where the last (assistant)
+        message ends, for the model to carry it on (transformers' rule: cut after that message's content)."""
+        if not continue_final_message:
+            return self.render(turns, add_generation_prompt)
+        # The last message's place, found by a marker in its stead (its own text may be empty, or said before).
+        (role, content), marker = turns[-1], "\ue000gpt2kit-final-message\ue000"
+        text = self.render([*turns[:-1], (role, marker)], False)
+        if marker not in text:
+            raise ValueError("continue_final_message: the chat template does not show the last message")
+        return text[:text.index(marker)] + content
+
+    def reply_stops(self, stop: Sequence[str] | None) -> list[str]:
+        """The stop strings that end a reply: the format's own, then the caller's."""
+        return [*self.stops, *(stop or [])]
+
+
+PLAIN = ChatFormat("plain", _PLAIN_TEMPLATE, _plain, stops=("\nUser:",), skip_leading_space=True)
+ALPACA = ChatFormat("alpaca", _ALPACA_TEMPLATE, _alpaca, stops=("### Instruction:",))
+CHAT_FORMATS = {f.name: f for f in (PLAIN, ALPACA)}
+
+
+def chat_format(template: str | None, **special_tokens: str) -> ChatFormat:
+    """The format of a tokenizer's chat_template: plain without one, a known format by its template, else the
+    template itself, rendered with Jinja (`special_tokens`, such as eos_token, are its variables too)."""
+    if template is None:
+        return PLAIN
+    known = next((f for f in CHAT_FORMATS.values() if f.template == template), None)
+    return known or ChatFormat("jinja", template, _jinja_renderer(template, special_tokens))
+
+
+def _jinja_renderer(template: str, variables: dict[str, str]) -> Callable[[Turns, bool], str]:
+    """Render a model's own chat template as transformers does: a sandboxed Jinja environment that trims blocks,
+    `raise_exception` for the template's own checks."""
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"chat_template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        compiled = env.from_string(template)
+    except TemplateError as err:
+        raise ValueError(f"chat_template is not a valid Jinja template: {err}") from None
+
+    def render(turns: Turns, add_generation_prompt: bool) -> str:
+        messages = [{"role": role, "content": content} for role, content in turns]
+        try:
+            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        except TemplateError as err:
+            raise ValueError(f"chat_template: {err}") from None
+
+    return render
 
 
 def turns_of(messages: Sequence[dict[str, str]]) -> list[tuple[str, str]]:

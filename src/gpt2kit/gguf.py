@@ -1,8 +1,8 @@
 """GGUF export: one file that llama.cpp (and what is built on it: llama-cpp-python, Ollama, LM Studio) loads.
 
 The file holds llama.cpp's `gpt2` architecture: the hyperparameters, the byte-level BPE vocabulary (tokens in
-id order as GPT-2's byte-to-unicode strings, token types, merges, the split pattern's name), a chat template that
-writes a conversation as `gpt2kit chat` does, and the tensors under llama.cpp's GPT-2 names. The merges are
+id order as GPT-2's byte-to-unicode strings, token types, merges, the split pattern's name), the chat template
+`gpt2kit chat` writes conversations with, and the tensors under llama.cpp's GPT-2 names. The merges are
 recovered from the tokenizer's ranks (each token's bytes merged with the lower-ranked merges until two parts are
 left), which reproduces GPT-2's `vocab.bpe` exactly and works the same for a vocabulary trained with
 `gpt2kit tokenizer train` or for cl100k_base. Written with the `gguf` package (llama.cpp's own writer): f32, f16
@@ -38,17 +38,6 @@ _BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_o
           "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
 _BLOCK_NAME = re.compile(r"transformer\.h\.(\d+)\.(.+)")
 _NORMAL, _CONTROL, _UNUSED = 1, 3, 5  # llama.cpp's token types
-# conversation.transcript as a Jinja chat template (tokenizer.chat_template), so llama.cpp and the tools on it prompt
-# the model as `gpt2kit chat` and the server do: "User: ..." and "Assistant: ..." lines, a system (or developer)
-# message as it is, and "Assistant:" for the model to continue.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + '\\n' }}"
-    "{% else %}{{ message['content'] + '\\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
 
 
 def gguf_tensor_name(name: str) -> str:
@@ -162,7 +151,9 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         writer.add_bos_token_id(tok.bos_token_id)
         writer.add_eos_token_id(tok.eos_token_id)
         writer.add_add_bos_token(False)  # GPT-2 text starts without one, as in transformers
-        writer.add_chat_template(CHAT_TEMPLATE)
+        # The model's chat format as Jinja (tokenizer.chat_template), so llama.cpp and the tools on it prompt the
+        # model as `gpt2kit chat` and the server do.
+        writer.add_chat_template(tok.chat_format().template)
         tied = lm.lm_head.weight is lm.transformer.wte.weight
         state = {k: v for k, v in lm.state_dict().items() if not (tied and k == "lm_head.weight")}
         for name, tensor in tqdm(state.items(), desc=f"export gguf {dtype}", unit="tensor"):

@@ -14,7 +14,7 @@ import torch
 from . import quantization
 from .checkpoint import parse_dtype, resolve_model_dir
 from .config import PRESETS, GPT2Config
-from .conversation import reply_stops, transcript, turns_of
+from .conversation import turns_of
 from .generation import (
     GenerationConfig,
     decode_completions,
@@ -207,6 +207,7 @@ class TextGenerationPipeline:
         continued (continue_final_message, by default whether the last message is the assistant's)."""
         single = isinstance(conversations[0], dict)
         batch = [conversations] if single else list(conversations)
+        chat_format = self.tokenizer.chat_format()
         prompts, continued = [], []
         for c, conversation in enumerate(batch):
             if not (isinstance(conversation, (list, tuple)) and conversation):
@@ -221,21 +222,24 @@ class TextGenerationPipeline:
                                  "message")
             continued.append(last_is_reply if continue_final_message is None else continue_final_message)
             # A continued message ends the text where it ends: no newline, no new "Assistant:".
-            prompts.append(transcript(turns, add_generation_prompt=False).removesuffix("\n")
-                           if continued[-1] else transcript(turns))
+            try:
+                prompts.append(chat_format.transcript(turns, continue_final_message=continued[-1]))
+            except ValueError as err:
+                raise ValueError(f"conversation {c}: {err}") from None
         config = self._config(options)
-        if config.num_beams > 1:
-            raise ValueError("chat input ends each reply at a stop string (the next 'User:' line), which beam search "
-                             "does not support: use num_beams=1")
-        stop = reply_stops(config.stop)
-        # A new reply starts after the space that follows "Assistant:" (stop strings too); a continued message keeps
-        # what it generated. The two kinds run apart, in their order.
+        stop = chat_format.reply_stops(config.stop)
+        if config.num_beams > 1 and stop:
+            raise ValueError(f"chat input ends each reply at a stop string ({stop[0]!r}), which beam search does not "
+                             "support: use num_beams=1")
+        # A new plain reply starts after the space that follows "Assistant:" (stop strings too); a continued message
+        # keeps what it generated. The two kinds run apart, in their order.
         outputs: list[Any] = [None] * len(prompts)
         for extends in (False, True):
             rows = [i for i, flag in enumerate(continued) if flag == extends]
             if rows:
+                skip = chat_format.skip_leading_space and not extends
                 outs = self([prompts[i] for i in rows], return_full_text=False, batch_size=batch_size,
-                            generator=generator, **{**options, "stop": stop, "skip_leading_space": not extends})
+                            generator=generator, **{**options, "stop": stop or None, "skip_leading_space": skip})
                 for i, out in zip(rows, outs):
                     outputs[i] = out
         results = []

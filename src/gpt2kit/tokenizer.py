@@ -24,7 +24,7 @@ from typing import Any
 import regex
 import tiktoken
 
-from .conversation import transcript, turns_of
+from .conversation import ChatFormat, chat_format, turns_of
 from .files import atomic_write_text, read_json, read_utf8, sha256_file
 
 ASSETS = Path(__file__).parent / "assets" / "gpt2"
@@ -430,6 +430,9 @@ class GPT2Tokenizer:
         # What truncation=True and padding="max_length" use without a max_length: GPT-2's context, as the
         # tokenizer_config.json that save_pretrained writes (and the Hub's gpt2) says.
         self.model_max_length = GPT2_CONTEXT
+        # How conversations are written (gpt2kit.conversation): None is gpt2kit's plain "User: / Assistant:"
+        # transcript; saved in and read from tokenizer_config.json, as transformers keeps it.
+        self.chat_template: str | None = None
         self._unused_ids: dict[int, tuple[int, ...]] = {}  # per vocabulary size, see unused_ids
         self._vocab: dict[str, int] | None = None  # get_vocab, built once
 
@@ -460,7 +463,11 @@ class GPT2Tokenizer:
             return cls._from_source(("tiktoken", str(path)))
         else:
             raise TokenizerError(f"{path}: unknown tokenizer format (expected tokenizer.json, vocab.json or .tiktoken)")
-        tokenizer.model_max_length = _model_max_length(directory / "tokenizer_config.json", tokenizer.model_max_length)
+        config = _tokenizer_config(directory / "tokenizer_config.json")
+        max_length = config.get("model_max_length")
+        if type(max_length) is int and max_length > 0:  # transformers' "no limit" of 1e30 included
+            tokenizer.model_max_length = max_length
+        tokenizer.chat_template = _chat_template(config.get("chat_template"))
         return tokenizer
 
     @classmethod
@@ -507,7 +514,7 @@ class GPT2Tokenizer:
 
     def __reduce__(self):
         return (_rebuild, (self._source, self.eos_token, self.pad_token_id, self.padding_side, self.truncation_side,
-                           self.model_max_length))
+                           self.model_max_length, self.chat_template))
 
     def fingerprint(self) -> str:
         """sha256 of what decides the ids: the split pattern, the special tokens and the ranks, whatever file
@@ -552,6 +559,8 @@ class GPT2Tokenizer:
         config = {"tokenizer_class": "GPT2Tokenizer" if kind in ("gpt2", "bpe") else "PreTrainedTokenizerFast",
                   "eos_token": self.eos_token, "bos_token": self.eos_token, "unk_token": self.eos_token,
                   "model_max_length": self.model_max_length, "add_prefix_space": False}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def bpe_merges(self) -> list[tuple[bytes, bytes]]:
@@ -658,11 +667,18 @@ class GPT2Tokenizer:
         return ValueError(f"cannot decode id {bad}: it is not in the vocabulary of {self.encoding.name!r} "
                           f"({self.encoding.n_vocab} ids, see unused_ids for its gaps)")
 
+    def chat_format(self) -> ChatFormat:
+        """How this tokenizer's model reads conversations (gpt2kit.conversation: plain, alpaca, or its Jinja
+        chat_template)."""
+        return chat_format(self.chat_template, eos_token=self.eos_token, bos_token=self.bos_token)
+
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, tokenize: bool = True,
-                            add_generation_prompt: bool = True) -> list[int] | str:
-        """transformers' call for chat prompts. GPT-2 has no chat template of its own: this writes the transcript
-        that `gpt2kit chat`, the server and the pipeline use (gpt2kit.conversation), as ids or as text."""
-        text = transcript(turns_of(messages), add_generation_prompt=add_generation_prompt)
+                            add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> list[int] | str:
+        """transformers' call for chat prompts: the transcript that `gpt2kit chat`, the server and the pipeline
+        write (the chat format of `chat_template`, see gpt2kit.conversation), as ids or as text."""
+        text = self.chat_format().transcript(turns_of(messages), add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message)
         return self.encode(text) if tokenize else text
 
     def batch_decode(self, sequences: Iterable[Iterable[int]], *, skip_special_tokens: bool = False,
@@ -798,21 +814,29 @@ def _as_arrays(ids: list[list[int]], masks: list[list[int]], kind: str) -> tuple
 
 
 def _rebuild(source: tuple[str, ...], eos_token: str, pad_token_id: int, padding_side: str, truncation_side: str,
-             model_max_length: int) -> GPT2Tokenizer:
+             model_max_length: int, chat_template: str | None) -> GPT2Tokenizer:
     tok = GPT2Tokenizer._from_source(source, eos_token)
     tok.pad_token_id, tok.padding_side, tok.truncation_side = pad_token_id, padding_side, truncation_side
-    tok.model_max_length = model_max_length
+    tok.model_max_length, tok.chat_template = model_max_length, chat_template
     return tok
 
 
-def _model_max_length(config_file: Path, default: int) -> int:
-    """tokenizer_config.json's model_max_length when it holds a positive integer (transformers' "no limit" of
-    1e30 included), else `default`."""
+def _tokenizer_config(config_file: Path) -> dict[str, Any]:
+    """tokenizer_config.json's values; none when it is missing or unreadable (they only refine the vocabulary's
+    defaults)."""
     try:
-        value = json.loads(config_file.read_text(encoding="utf-8")).get("model_max_length")
-    except (OSError, ValueError, AttributeError):
-        return default
-    return value if type(value) is int and value > 0 else default
+        values = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
+def _chat_template(value: Any) -> str | None:
+    """tokenizer_config.json's chat_template: a Jinja string, or transformers' list of named templates (the one
+    named "default" is the chat template)."""
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    return value if isinstance(value, str) else None
 
 
 def _truncates(truncation: bool | str | None, max_length: int | None, padding: bool | str) -> bool:

@@ -126,6 +126,7 @@ class CompletionService:
         self.max_tokens = config.max_tokens or self.context - 1
         self.vocab = model.config.vocab_size  # load_model_and_tokenizer refuses a tokenizer with more ids
         self.text_options = text_options(tokenizer, self.vocab)  # EOS, padding, ids without text suppressed
+        self.chat_format = tokenizer.chat_format()  # how /v1/chat/completions writes a conversation
         self.unused = frozenset(self.text_options["suppress_tokens"] or ())
         self.scheduler = BatchScheduler(model, tokenizer, max_batch_size=config.max_batch_size,
                                         max_queue=config.max_queue)
@@ -206,8 +207,9 @@ class CompletionService:
             for j in range(k):
                 # Choice j of every prompt draws from seed + j: a prompt's result does not depend on the others.
                 seed = None if req.seed is None else req.seed + j
-                # A chat reply (and its search for stop strings) starts after the space that follows "Assistant:".
-                decoder = TextStreamDecoder(self.tokenizer, req.stop, skip_leading_space=chat)
+                # A plain chat reply (and its search for stop strings) starts after the space after "Assistant:".
+                decoder = TextStreamDecoder(self.tokenizer, req.stop,
+                                            skip_leading_space=chat and self.chat_format.skip_leading_space)
                 job.add(p * k + j, prompt, base.replace(seed=seed), decoder,
                         logprobs=req.logprobs, prompt_logprobs=bool(req.echo) and req.logprobs is not None,
                         ranked=k > (req.n or 1))
@@ -440,7 +442,7 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         chat = parse_request(await _json_body(request), ChatCompletionRequest)
-        return await respond(request, chat.to_completion(), ChatFormat())
+        return await respond(request, chat.to_completion(service.chat_format), ChatFormat())
 
     app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     return app

@@ -7,7 +7,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from ..conversation import ROLES, reply_stops, transcript
+from ..conversation import ROLES, ChatFormat as ConversationFormat
 from ..generation import GREEDY_TEMPERATURE
 from ..tokenizer import GPT2Tokenizer
 
@@ -187,9 +187,10 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    """POST /v1/chat/completions. The messages become the "User: ... / Assistant: ..." transcript of
-    `gpt2kit chat` (a system message as plain text), which the model continues; the reply ends at EOS, at the
-    model starting the next user turn, or at a stop string."""
+    """POST /v1/chat/completions. The messages become the transcript `gpt2kit chat` writes (the tokenizer's chat
+    format: "User: ... / Assistant: ..." unless the model has a chat_template), which the model continues; the
+    reply ends at EOS, where the format ends a reply (the model starting the next user turn), or at a stop
+    string."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=0)] | None = None  # OpenAI's newer name for max_tokens
@@ -205,13 +206,16 @@ class ChatCompletionRequest(SamplingRequest):
                            param="max_completion_tokens")
         return self
 
-    def to_completion(self) -> CompletionRequest:
+    def to_completion(self, chat_format: ConversationFormat) -> CompletionRequest:
         """The same request as a completion of the transcript (already validated: built without checks)."""
         shared = {name: getattr(self, name) for name in SamplingRequest.model_fields}
         if self.max_completion_tokens is not None:
             shared["max_tokens"] = self.max_completion_tokens
-        shared["stop"] = reply_stops(self.stop)
-        prompt = transcript([(m.role, m.content) for m in self.messages])
+        shared["stop"] = chat_format.reply_stops(self.stop)
+        try:
+            prompt = chat_format.transcript([(m.role, m.content) for m in self.messages])
+        except ValueError as err:  # a model's own Jinja template may refuse a conversation
+            raise APIError(400, str(err), param="messages") from None
         completion = CompletionRequest.model_construct(
             **shared, prompt=prompt, echo=False, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
         completion._prompt_param = "messages"

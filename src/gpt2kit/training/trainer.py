@@ -24,6 +24,7 @@ so a crash at any moment leaves either a complete checkpoint or one that is dete
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -47,6 +48,7 @@ from ..allocator import allocator_in_use
 from ..checkpoint import (CheckpointError, hf_to_gpt2kit, load_config, load_state_dict, resolve_model_dir,
                           save_pretrained)
 from ..config import PRESETS, GPT2Config
+from ..conversation import ALPACA
 from ..files import atomic_write_text, replace_directory, standard_json
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
 from ..quantization import check_trainable
@@ -349,6 +351,10 @@ class Trainer:
             if d.val_fraction and (val is not None or d.val is not None):
                 raise ValueError("data.val_fraction holds out validation examples when there is no data.val: give "
                                  "one of the two")
+            # The model learns the Alpaca prompt: its tokenizer records that format (a copy: not the caller's object),
+            # so chat, the server and the pipeline prompt it the same way (gpt2kit.conversation).
+            self.tokenizer = copy.copy(self._get_tokenizer())
+            self.tokenizer.chat_template = ALPACA.template
             max_length = self._max_length()
             if train is None and d.train is not None:
                 train = self._instructions("data.train", d.train, max_length)

@@ -1,0 +1,66 @@
+"""Chat formats: the text each writes, its Jinja form rendering to the same text, and the model's own template."""
+
+import pytest
+import transformers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from gpt2kit import GPT2Tokenizer
+from gpt2kit.conversation import ALPACA, PLAIN, chat_format, turns_of
+from gpt2kit.data.datasets import alpaca_prompt
+
+SYSTEM = {"role": "system", "content": "You are a pirate.\nAnswer briefly."}
+CONVERSATIONS = [
+    [SYSTEM, {"role": "user", "content": "Hi {{ there }} 'you' \\n"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+     {"role": "developer", "content": "Be kind."}, {"role": "user", "content": "And then?"}],
+    [SYSTEM, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+]
+
+
+def test_plain_transcript():
+    assert PLAIN.transcript(turns_of(CONVERSATIONS[0])) == (
+        "You are a pirate.\nAnswer briefly.\nUser: Hi {{ there }} 'you' \\n\nAssistant:")
+    turns = turns_of(CONVERSATIONS[2])
+    assert PLAIN.transcript(turns, add_generation_prompt=False).endswith("User: Hi\nAssistant: Hello.\n")
+    assert PLAIN.transcript(turns, continue_final_message=True).endswith("User: Hi\nAssistant: Hello.")
+    assert PLAIN.transcript([("user", "Hi"), ("assistant", "")], continue_final_message=True) == (
+        "User: Hi\nAssistant: ")
+    assert PLAIN.reply_stops(["!"]) == ["\nUser:", "!"] and PLAIN.skip_leading_space
+
+
+def test_one_alpaca_question_is_the_instruction_finetunes_training_prompt():
+    assert ALPACA.transcript([("user", "Name three colors.")]) == alpaca_prompt("Name three colors.")
+    assert ALPACA.transcript(turns_of(CONVERSATIONS[2]), continue_final_message=True) == (
+        "You are a pirate.\nAnswer briefly.\n\n### Instruction:\nHi\n\n### Response:\nHello.")
+    assert ALPACA.reply_stops(None) == ["### Instruction:"] and not ALPACA.skip_leading_space
+
+
+@pytest.mark.parametrize("fmt", [PLAIN, ALPACA], ids=lambda f: f.name)
+def test_each_formats_jinja_template_renders_its_transcript(fmt):
+    """What the tokenizer saves and a GGUF carries, rendered as transformers and llama-cpp-python render it."""
+    render = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(fmt.template)
+    for messages in CONVERSATIONS:
+        for add_generation_prompt in (True, False):
+            expected = fmt.transcript(turns_of(messages), add_generation_prompt=add_generation_prompt)
+            assert render.render(messages=messages, add_generation_prompt=add_generation_prompt) == expected
+    assert chat_format(fmt.template) is fmt  # a saved template is known again by its text
+
+
+def test_a_models_own_jinja_template_is_rendered_as_transformers_renders_it(tmp_path):
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+              "{% if messages[0]['role'] == 'assistant' %}"
+              "{{ raise_exception('starts with the assistant') }}{% endif %}")
+    tok = GPT2Tokenizer.gpt2()
+    tok.chat_template = chatml
+    tok.save_pretrained(tmp_path)
+    again = GPT2Tokenizer.from_file(tmp_path)
+    assert again.chat_template == chatml and again.chat_format().name == "jinja"
+    text = again.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                  add_generation_prompt=True) == text
+    with pytest.raises(ValueError, match="chat_template: starts with the assistant"):
+        again.apply_chat_template([{"role": "assistant", "content": "Hi"}])
+    assert again.chat_format().reply_stops(None) == []  # the reply ends at EOS
