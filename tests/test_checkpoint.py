@@ -355,7 +355,7 @@ def test_weights_load_in_the_dtype_transformers_gives_them(tmp_path, hf_model):
         save_file({**state, name: state[name].float()}, weights)
         assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "m").dtype == dtype
         mixed = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
-        assert {p.dtype for p in mixed.parameters()} == {dtype}
+        assert {p.dtype for p in mixed.parameters()} == {dtype} and mixed.dtype == dtype
         mixed(IDS)  # one dtype: the forward runs
     save_file({**state, "transformer.ln_f.weight": state["transformer.ln_f.weight"].long()}, weights)
     with pytest.raises(CheckpointError, match="transformer.ln_f.weight is torch.int64, expected floating-point"):
@@ -611,3 +611,12 @@ def test_a_double_heads_checkpoint_loads_its_language_model_as_transformers_does
     hf.save_pretrained(tmp_path / "double")
     reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "double").eval()
     assert same(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "double"), IDS), logits(reference, IDS))
+
+
+def test_transformers_older_torch_dtype_name_and_the_device_and_dtype_properties(tmp_path, hf_model):
+    hf_model.save_pretrained(tmp_path / "m")
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.device == torch.device("cpu")
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "m", torch_dtype="float16").dtype == torch.float16
+    with pytest.raises(ValueError, match="give dtype or its older name torch_dtype, not both"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "m", dtype=torch.float32, torch_dtype=torch.bfloat16)

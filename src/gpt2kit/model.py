@@ -192,6 +192,16 @@ class GPT2PreTrainedModel(nn.Module):
 
     config: GPT2Config
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (transformers' model.device)."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (transformers' model.dtype); int8 or packed layers keep their activations in it."""
+        return next(self.parameters()).dtype
+
     def _init_weights(self) -> None:
         std = self.config.initializer_range
         for module in self.modules():
@@ -243,10 +253,17 @@ class GPT2PreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str = "cpu", **config_overrides):
+                        device: torch.device | str = "cpu", torch_dtype: torch.dtype | str | None = None,
+                        **config_overrides):
         """Load an HF-format directory (or a model found in the local HF cache; never the network). `dtype`: a
-        torch dtype or its name ("bfloat16"); None or "auto" keeps the checkpoint's, as transformers does."""
+        torch dtype or its name ("bfloat16"); None or "auto" keeps the checkpoint's, as transformers does
+        (`torch_dtype` is transformers' older name for it)."""
         from .checkpoint import load_pretrained
+
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise ValueError("give dtype or its older name torch_dtype, not both")
+            dtype = torch_dtype
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **config_overrides)
 
     def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str | None = None) -> None:
