@@ -331,6 +331,33 @@ def test_text_classification_learns_an_easy_task(tmp_path):
         pytest.approx(summary["val_accuracy"])
 
 
+def test_keep_best_keeps_the_model_of_the_lowest_validation_loss(tmp_path, monkeypatch):
+    config = run_config(tmp_path, train={"max_steps": 8, "eval_interval": 2}, checkpoint={"keep_best": True})
+    losses = iter([3.0, 2.0, 2.5, 1.5, 4.0])  # whole-set evaluations at steps 0, 2, 4, 6 and the final one at 8
+    trainer = Trainer(args=config, train_dataset=Sequences(), eval_dataset=Sequences(16, seed=1))
+    saved = {}
+    evaluate = trainer._evaluate_dataset
+
+    def scripted(dataset, max_batches=None):
+        result = {**evaluate(dataset, max_batches), "val_loss": next(losses)}
+        saved[trainer.step] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        return result
+
+    monkeypatch.setattr(trainer, "_evaluate_dataset", scripted)
+    summary = trainer.train()
+    best = tmp_path / "run" / "best"
+    assert summary["best_model"] == str(best) and summary["best_val_loss"] == 1.5
+    assert sorted(saved) == [0, 2, 4, 6, 8]
+    assert json.loads((best / "val_metrics.json").read_text())["step"] == 6
+    reloaded = GPT2LMHeadModel.from_pretrained(best).state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in saved[6].items())
+    assert not torch.equal(GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "final").transformer.wte.weight,
+                           reloaded["transformer.wte.weight"])
+    with pytest.raises(ValueError, match="checkpoint.keep_best: no validation data"):
+        Trainer(args=run_config(tmp_path / "novalidation", checkpoint={"keep_best": True}),
+                train_dataset=Sequences()).train()
+
+
 def test_val_fraction_holds_out_classification_examples(tmp_path):
     """It was silently ignored outside pretraining: no validation at all."""
     train = _sentiment_file(tmp_path / "train.tsv", 40, seed=0)

@@ -108,6 +108,8 @@ class CheckpointArgs:
     save_interval: int = 0  # save every N steps (0: only at the end)
     keep_last: int | None = 3  # keep the newest K checkpoints; null keeps all
     resume: str | None = None  # null | auto (newest complete checkpoint in out_dir) | a checkpoint directory
+    # Also keep the model of the best whole-set evaluation so far in out_dir/best (as final/ is written).
+    keep_best: bool = False
 
 
 @dataclass

@@ -133,6 +133,9 @@ def held_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Split, Split
             Split(dataset, torch.nonzero(is_val).flatten().tolist()))
 
 
+BEST_DIR = "best"  # checkpoint.keep_best: the model of the best whole-set evaluation
+
+
 # ---- trainer ------------------------------------------------------------------------------------------------
 def _is_dataset(value: Any) -> bool:
     """A map-style dataset of gpt2kit.data's items: a torch Dataset, or any sized, indexable object that is not a
@@ -516,6 +519,9 @@ class Trainer:
         self._load_datasets()
         if self._datasets["train"] is None:
             raise ValueError("data.train: no training data given")
+        if c.checkpoint.keep_best and self._datasets["val"] is None:
+            raise ValueError("checkpoint.keep_best: no validation data to choose the best model by (give data.val, "
+                             "data.val_fraction or eval_dataset)")
         if c.task == "text_generation" and c.sample.prompt:  # found now, not after the whole run
             context, prompt = self._model_config().n_positions, len(self._get_tokenizer().encode(c.sample.prompt))
             if prompt >= context:
@@ -733,7 +739,7 @@ class Trainer:
             self._save_checkpoint()
         elif final_eval and self.is_main:  # saved before the final evaluation: a run continued from it knows its best
             rewrite_trainer_state(self.last_checkpoint, {"best_val_loss": self._recorded_best_val_loss()})
-        final_dir = self._save_final()
+        final_dir = self._save_model_dir("final")
         logger.close()
         summary = {
             "steps": self.step, "steps_this_run": self.step - start_step, "tokens_seen": self.tokens_seen,
@@ -741,6 +747,7 @@ class Trainer:
             "allocator": allocator_in_use(),
             "best_val_loss": self._recorded_best_val_loss(), **final_eval,
             "checkpoint": str(self.last_checkpoint), "final_model": str(final_dir),
+            **({"best_model": str(self.out_dir / BEST_DIR)} if c.checkpoint.keep_best else {}),
             "metrics": str(logger.path),
         }
         if self.is_main and c.log.plot:
@@ -810,6 +817,8 @@ class Trainer:
     def _log_eval(self, logger: MetricsLogger, max_batches: int | None, log: bool = True) -> dict[str, float]:
         result = self._evaluate_dataset(self._datasets["val"], max_batches) if self._datasets["val"] else {}
         if result and max_batches is None:  # a periodic evaluation of eval_batches scores a subset: not comparable
+            if result["val_loss"] < self.best_val_loss and self.config.checkpoint.keep_best:
+                self._save_model_dir(BEST_DIR, {"step": self.step, **result})  # every rank: it may gather shards
             self.best_val_loss = min(self.best_val_loss, result["val_loss"])
         if result and log:
             logger.log(self.step, result)
@@ -917,11 +926,13 @@ class Trainer:
         self.last_checkpoint = final
         return final
 
-    def _save_final(self) -> Path:
-        final = self.out_dir / "final"
+    def _save_model_dir(self, name: str, metrics: dict[str, Any] | None = None) -> Path:
+        """The model (or LoRA adapters) and tokenizer in out_dir/<name>, swapped in whole; `metrics` (the
+        evaluation that chose it) beside them in val_metrics.json."""
+        target = self.out_dir / name
         full_state = gather_full_state(self.model) if self._sharded else None  # collective: every rank
         if self.is_main:
-            tmp = self.out_dir / f".final.partial-{os.getpid()}"
+            tmp = self.out_dir / f".{name}.partial-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             if full_state is not None:
                 save_pretrained(self.model, tmp, state=full_state)
@@ -929,8 +940,10 @@ class Trainer:
                     self.tokenizer.save_pretrained(tmp)
             else:
                 self._save_model_files(tmp)
-            replace_directory(tmp, final)
-        return final
+            if metrics is not None:
+                atomic_write_text(tmp / "val_metrics.json", json.dumps(standard_json(metrics), indent=2) + "\n")
+            replace_directory(tmp, target)
+        return target
 
     def _resume(self, resume: str) -> None:
         def verify_together(path: Path) -> None:
