@@ -86,6 +86,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     source.add_argument("--input", help="HF-format model directory (safetensors or .bin, sharded or not)")
     source.add_argument("--from-dcp", metavar="DIR", help="a distributed (DCP) checkpoint written by any number of "
                         "ranks in any layout: merge its model weights into one HF directory, on one process")
+    source.add_argument("--from-nanogpt", metavar="CKPT", help="a nanoGPT checkpoint (out/ckpt.pt, or its out_dir): "
+                        "its model as an HF directory (GPT-2's tokenizer files included for GPT-2's vocabulary)")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors", dest="weights_format")
@@ -98,15 +100,20 @@ def _convert(args: argparse.Namespace) -> None:
     output = check_output_directory(args.output, overwrite=args.overwrite)
     if args.input and output.resolve() == Path(args.input).resolve():
         raise ValueError("--output must differ from --input")
+    if args.config is not None and not args.from_dcp:
+        raise ValueError("--config applies to --from-dcp only")
+    source_flag = "--from-dcp" if args.from_dcp else "--from-nanogpt" if args.from_nanogpt else None
+    if source_flag and args.weights_format != "safetensors":
+        raise ValueError(f"{source_flag} writes safetensors; convert the result with --input to get .bin files")
     if args.from_dcp:
         from .training.distributed_checkpoint import dcp_to_pretrained
 
-        if args.weights_format != "safetensors":
-            raise ValueError("--from-dcp writes safetensors; convert the result with --input to get .bin files")
         out = dcp_to_pretrained(args.from_dcp, args.output, config=args.config, max_shard_size=args.max_shard_size)
+    elif args.from_nanogpt:
+        from .nanogpt import nanogpt_to_pretrained
+
+        out = nanogpt_to_pretrained(args.from_nanogpt, args.output, max_shard_size=args.max_shard_size)
     else:
-        if args.config is not None:
-            raise ValueError("--config applies to --from-dcp only")
         out = convert(args.input, args.output, weights_format=args.weights_format,
                       max_shard_size=args.max_shard_size)
     print(f"wrote {out}")
