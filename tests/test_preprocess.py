@@ -93,6 +93,19 @@ def test_text_file_is_one_document_and_paragraphs_split_at_blank_lines(tmp_path,
     assert not any(tok.eos_token_id in d for d in docs)
 
 
+@pytest.mark.parametrize("name", ["train.csv", "train.TSV", "train.parquet", "train.csv.zst"])
+def test_a_table_is_refused_unless_read_as_text_on_purpose(tmp_path, tok, name):
+    """A csv was trained on as text, header, commas and quotes included; a parquet file failed as bad UTF-8 with
+    advice to replace the bad bytes."""
+    (tmp_path / name).write_bytes(b"text\nhello world\n")
+    with pytest.raises(DataError, match=rf"{re.escape(name)}: a \.\w+ table is not read as text here: write its "
+                                        r"text column as JSON lines"):
+        run(tmp_path / name, tmp_path / "out")
+    if not name.endswith(".zst") and "parquet" not in name:
+        run(tmp_path / name, tmp_path / "out", format="text")  # asked for
+        assert tok.decode(documents(tmp_path / "out")[0].tolist()).startswith("text\nhello")
+
+
 def test_jsonl_and_zst_round_trip(tmp_path, tok):
     lines = LAMBADA.read_text(encoding="utf-8").splitlines()[:300]
     plain = tmp_path / "part.jsonl"

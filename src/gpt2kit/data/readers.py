@@ -73,9 +73,17 @@ class Source:
 
 
 # ---- which files ----------------------------------------------------------------------------------------------
+# Tables: read as text, their headers, delimiters and quoting would be trained on (and parquet's bytes fail).
+_TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".arrow", ".feather")
+
+
 def detect_format(path: Path) -> str:
-    name = path.name.lower().removesuffix(".zst")
-    return _SUFFIX_FORMATS.get(Path(name).suffix, "text")
+    suffix = Path(path.name.lower().removesuffix(".zst")).suffix
+    if suffix in _TABLE_SUFFIXES:
+        raise DataError(f"{path}: a {suffix} table is not read as text here: write its text column as JSON lines "
+                        "(one {\"text\": ...} object per line, .jsonl), or give --format text (data.format: text) "
+                        "to read the file as plain text, header and separators included")
+    return _SUFFIX_FORMATS.get(suffix, "text")
 
 
 def _known_suffix(path: Path) -> bool:
