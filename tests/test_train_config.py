@@ -54,6 +54,11 @@ def test_text_overrides_are_taken_as_typed(tmp_path):
 @pytest.mark.parametrize("text, overrides, message", [
     ("train:\n  max_step: 10\n", [], r"run.yaml:2: train.max_step: unknown key; did you mean 'max_steps'\?"),
     ("trian:\n  max_steps: 10\n", [], r"run.yaml:1: trian: unknown key; did you mean 'train'\?"),
+    # Other trainers' names (nanoGPT, transformers, MindFormers) point at gpt2kit's key.
+    ("train:\n  learning_rate: 0.001\n", [], r"run.yaml:2: train.learning_rate: unknown key; gpt2kit's key for it "
+                                            r"is optim.lr;"),
+    ("", [("load_checkpoint", "x")], r"--load_checkpoint: unknown key; gpt2kit's key for it is model.checkpoint;"),
+    ("", [("block_size", "128")], r"--block_size: unknown key; gpt2kit's key for it is data.seq_len;"),
     ("train:\n  max_steps: ten\n", [], r"run.yaml:2: train.max_steps: expected int, got 'ten'"),
     ("optim:\n  betas: [0.9]\n", [], r"optim.betas: expected tuple\[float, float\]"),
     ("train: 5\n", [], r"train: expected a mapping"),
@@ -191,3 +196,10 @@ def test_the_configs_the_issue_asks_for_exist():
 
 def test_a_config_built_in_python_may_hold_paths(tmp_path):
     RunConfig(out_dir=tmp_path / "run").validate()  # Path values: they were .strip()ped
+
+
+def test_every_peer_name_is_in_the_migration_guide():
+    from gpt2kit.training.config import PEER_KEYS
+
+    guide = (REPO / "docs" / "migrating.md").read_text()
+    assert [name for name in PEER_KEYS if f"`{name}`" not in guide] == []

@@ -301,7 +301,35 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# What other GPT-2 trainers (nanoGPT's train.py, transformers' TrainingArguments and run_clm.py, MindFormers'
+# YAML) call a setting, for an unknown key's error: gpt2kit's key, and how to write it when it is not one value.
+PEER_KEYS = {
+    "learning_rate": "optim.lr", "weight_decay": "optim.weight_decay", "warmup_iters": "optim.warmup_steps",
+    "warmup_steps": "optim.warmup_steps", "warmup_ratio": "optim.warmup_rate", "lr_decay_iters": "optim.decay_steps",
+    "lr_scheduler_type": "optim.decay", "beta1": "optim.betas", "beta2": "optim.betas", "adam_beta1": "optim.betas",
+    "adam_beta2": "optim.betas", "adam_epsilon": "optim.eps", "min_lr": "optim.min_lr",
+    "max_iters": "train.max_steps", "num_train_epochs": "train.epochs", "batch_size": "train.micro_batch_size",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size (= micro_batch_size x accumulation x devices)",
+    "grad_clip": "train.grad_clip", "max_grad_norm": "train.grad_clip", "gradient_checkpointing": "train.recompute",
+    "dtype": "train.precision", "bf16": "train.precision", "fp16": "train.precision", "compile": "train.compile",
+    "eval_iters": "train.eval_batches", "eval_steps": "train.eval_interval", "logging_steps": "train.log_interval",
+    "log_interval": "train.log_interval", "eval_interval": "train.eval_interval",
+    "save_steps": "checkpoint.save_interval", "save_total_limit": "checkpoint.keep_last",
+    "resume_from_checkpoint": "checkpoint.resume", "load_best_model_at_end": "checkpoint.keep_best",
+    "always_save_checkpoint": "checkpoint.keep_best (its opposite)", "init_from": "model.name",
+    "model_name_or_path": "model.name", "load_checkpoint": "model.checkpoint", "output_dir": "out_dir",
+    "block_size": "data.seq_len", "train_file": "data.train", "validation_file": "data.val",
+    "validation_split_percentage": "data.val_fraction (a fraction, not a percentage)",
+    "dataset_text_field": "data.text_key",
+    "n_layer": "model.config.n_layer", "n_head": "model.config.n_head", "n_embd": "model.config.n_embd",
+    "dropout": "model.config.resid_pdrop (and embd_pdrop, attn_pdrop)",
+}
+
+
 def _suggest(key: str, choices: typing.Iterable[str]) -> str:
+    if key in PEER_KEYS:
+        return f"; gpt2kit's key for it is {PEER_KEYS[key]}"
     close = difflib.get_close_matches(key, list(choices), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
