@@ -211,6 +211,26 @@ def test_imdb_style_csv_with_label_map(tmp_path, tok):
     assert ClassificationDataset(mixed, tok, label_names=["0", "1", "neutral"]).labels == [1, 0, 2]
 
 
+def test_text_columns_and_sentence_pairs(tmp_path, tok):
+    """GLUE's pair tasks (RTE, QNLI, MRPC, ...) and files whose text column has another name."""
+    rte = tmp_path / "rte.tsv"
+    rte.write_text("index\tsentence1\tsentence2\tlabel\n0\tA man sleeps. \tSomeone rests.\tentailment\n"
+                   "1\tIt rains.\tIt is dry.\tnot_entailment\n")
+    pairs = ClassificationDataset(rte, tok, text_columns=["sentence1", "sentence2"])
+    assert tok.decode(pairs[0]["input_ids"]) == "A man sleeps.\nSomeone rests."
+    assert pairs.id2label == {0: "entailment", 1: "not_entailment"} and pairs.labels == [0, 1]
+    first = ClassificationDataset(rte, tok, text_columns=["sentence2"])
+    assert tok.decode(first[1]["input_ids"]) == "It is dry."
+    with pytest.raises(DataError, match=r"rte.tsv:1: no text column in header .*; expected one of sentence3"):
+        ClassificationDataset(rte, tok, text_columns=["sentence1", "sentence3"])
+    with pytest.raises(DataError, match="rte.tsv:1: no text column"):  # no column named like a text by default
+        ClassificationDataset(rte, tok)
+    with pytest.raises(DataError, match="text columns are chosen in a file with a header .* not in cola"):
+        ClassificationDataset(DATA / "glue" / "CoLA" / "dev.tsv", tok, text_columns=["sentence"])
+    with pytest.raises(ValueError, match="one column, or the two of a sentence pair"):
+        ClassificationDataset(rte, tok, text_columns=["a", "b", "c"])
+
+
 def test_headered_tsv_with_its_own_labels_and_files_with_a_byte_order_mark(tmp_path, tok):
     strings = tmp_path / "strings.tsv"
     strings.write_text("text\tlabel\ngood film\tpositive\nbad film\tnegative\n")

@@ -11,13 +11,14 @@ from torch.utils.data import Dataset
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.checkpoint import CheckpointError, gpt2kit_to_hf
+from gpt2kit.cli import main
 from gpt2kit.conversation import ALPACA
 from gpt2kit.data import InstructionDataset
 from gpt2kit.data.datasets import alpaca_prompt
 from gpt2kit.pipeline import pipeline
 from gpt2kit.data.tokenizer_training import train_tokenizer
 from gpt2kit.tokenizer import GPT2Tokenizer, train_bpe
-from gpt2kit.training import Trainer, TrainingDiverged, load_config
+from gpt2kit.training import ConfigError, Trainer, TrainingDiverged, load_config
 from gpt2kit.training.trainer import held_out
 from gpt2kit.training.logging import flops_per_token, peak_flops, read_metrics
 from gpt2kit.training.optim import build_optimizer, lr_at, param_groups
@@ -356,6 +357,35 @@ def test_keep_best_keeps_the_model_of_the_lowest_validation_loss(tmp_path, monke
     with pytest.raises(ValueError, match="checkpoint.keep_best: no validation data"):
         Trainer(args=run_config(tmp_path / "novalidation", checkpoint={"keep_best": True}),
                 train_dataset=Sequences()).train()
+
+
+def test_sentence_pairs_train_and_evaluate_by_their_columns(tmp_path):
+    """An RTE-style file: label 1 when the two sentences share their first word."""
+    import random
+
+    rng = random.Random(0)
+    words = "red blue green cat dog sun moon tree rock sea".split()
+    rows = ["index\tpremise\thypothesis\tlabel"]
+    for i in range(160):
+        a, b = rng.sample(words, 2)
+        same = rng.random() < 0.5
+        rows.append(f"{i}\t{a} {rng.choice(words)}\t{a if same else b} {rng.choice(words)}\t{int(same)}")
+    data = tmp_path / "pairs.tsv"
+    data.write_text("\n".join(rows) + "\n")
+    config = run_config(tmp_path, task="text_classification",
+                        model={"config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32}},
+                        data={"train": str(data), "text_key": "premise", "text_pair_key": "hypothesis",
+                              "val_fraction": 0.25},
+                        train={"max_steps": 4, "micro_batch_size": 8})
+    trainer = Trainer(args=config)
+    summary = trainer.train()
+    example = trainer._datasets["train"].dataset[0]["input_ids"]
+    assert "\n" in trainer.tokenizer.decode(example)  # the pair's two sentences, one per line
+    report = main(["eval", "--model", str(tmp_path / "run" / "final"), "--task", "classification", "--data",
+                   str(data), "--text-key", "premise", "--text-pair-key", "hypothesis"])
+    assert report == 0 and "val_accuracy" in summary
+    with pytest.raises(ConfigError, match="data.text_pair_key: sentence pairs are text_classification data"):
+        run_config(tmp_path, data={"text_pair_key": "hypothesis"})
 
 
 def test_val_fraction_holds_out_classification_examples(tmp_path):

@@ -374,6 +374,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="apply the WikiText detokenizer (default: on for WikiText files only)")
     p.add_argument("--stop-word-filter", action="store_true", help="lambada: also report acc_stop_word_filter")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N documents / passages / examples")
+    p.add_argument("--text-key", default=None, help="perplexity/wikitext: a .jsonl document's field (default text); "
+                   "classification: the csv/tsv text column (default: text, sentence, review, content or document)")
+    p.add_argument("--text-pair-key", default=None, help="classification: the column of a sentence pair's second "
+                   "sentence (GLUE's sentence2), with --text-key naming the first")
     p.add_argument("--compile", action="store_true", help="wikitext/perplexity/lambada: the log-sum-exp over the "
                    "vocabulary through torch.compile (compiles 3-12 s first; pays off on long texts)")
 
@@ -385,7 +389,8 @@ def _eval(args: argparse.Namespace) -> None:
                       stride=args.stride, batch_size=args.batch_size, format=args.format,
                       detokenize=args.detokenize, stop_word_filter=args.stop_word_filter, limit=args.limit,
                       output=args.output, device=args.device, dtype=args.dtype, random_init=args.random_init,
-                      quantize=args.quantize, pack_weights=args.pack_weights, compile=args.compile)
+                      quantize=args.quantize, pack_weights=args.pack_weights, compile=args.compile,
+                      text_key=args.text_key, text_pair_key=args.text_pair_key)
     print(format_report(report))
     if args.output:
         print(f"wrote {args.output}")

@@ -216,8 +216,9 @@ def _pick_column(header: list[str], wanted: Sequence[str], what: str, path: Path
 _CSV_LIMIT_LOCK = threading.Lock()
 
 
-def _read_examples(path: Path, fmt: str, text: str) -> list[tuple[int, str, str]]:
-    """(line number, text, raw label) per example of the file's `text`."""
+def _read_examples(path: Path, fmt: str, text: str, columns: Sequence[str] | None) -> list[tuple[int, str, str]]:
+    """(line number, text, raw label) per example of the file's `text`; `columns` names the text column, or the
+    two of a sentence pair, of a file with a header."""
     # The csv module refuses fields above 128 KiB by default (a long document's text): no field is longer than
     # the file, so that is the limit while this file is read.
     # The limit is process-wide: readers in other threads take turns.
@@ -225,14 +226,17 @@ def _read_examples(path: Path, fmt: str, text: str) -> list[tuple[int, str, str]
         limit = csv.field_size_limit()
         csv.field_size_limit(max(limit, min(len(text), 2 ** 31 - 1)))
         try:
-            return _parse_examples(path, fmt, text)
+            return _parse_examples(path, fmt, text, columns)
         except csv.Error as err:  # not a ValueError
             raise DataError(f"{path}: not readable as {fmt} ({err})") from None
         finally:
             csv.field_size_limit(limit)
 
 
-def _parse_examples(path: Path, fmt: str, text: str) -> list[tuple[int, str, str]]:
+def _parse_examples(path: Path, fmt: str, text: str, columns: Sequence[str] | None) -> list[tuple[int, str, str]]:
+    if columns and fmt not in ("sst2", "csv"):
+        raise DataError(f"{path}: text columns are chosen in a file with a header (csv, or a tsv with one), not in "
+                        f"{fmt}'s fixed columns")
     examples = []
     with io.StringIO(text, newline="") as f:
         if fmt in ("sst2", "cola"):
@@ -243,7 +247,8 @@ def _parse_examples(path: Path, fmt: str, text: str) -> list[tuple[int, str, str
             header = next(rows, None)
             if header is None:
                 raise DataError(f"{path}: empty file; expected a header line")
-            text_col = _pick_column(header, _TEXT_COLUMNS, "text", path)
+            text_cols = ([_pick_column(header, (name,), "text", path) for name in columns] if columns
+                         else [_pick_column(header, _TEXT_COLUMNS, "text", path)])
             label_col = _pick_column(header, _LABEL_COLUMNS, "label", path)
             width = len(header)
         else:
@@ -260,8 +265,9 @@ def _parse_examples(path: Path, fmt: str, text: str) -> list[tuple[int, str, str
                 examples.append((line, row[3].strip(), row[1]))
             elif fmt == "agnews":  # class 1-4, title, description
                 examples.append((line, f"{row[1].strip()} {row[2].strip()}", row[0]))
-            else:
-                examples.append((line, row[text_col], row[label_col]))
+            else:  # a sentence pair is one text, its sentences on lines of their own
+                joined = row[text_cols[0]] if len(text_cols) == 1 else "\n".join(row[c].strip() for c in text_cols)
+                examples.append((line, joined, row[label_col]))
     if not examples:
         raise DataError(f"{path}: no examples")
     return examples
@@ -292,6 +298,8 @@ class ClassificationDataset(Dataset):
     Formats: "sst2" (tsv, header `sentence\\tlabel`), "cola" (tsv, no header: source, label, mark, sentence),
     "agnews" (csv, no header: class 1-4, title, description; labels become 0-3 and the text is
     "title description"), "csv" (header with a text column and a label column, e.g. IMDB's review,sentiment).
+    In a file with a header, `text_columns` names the text column, or the two columns of a sentence pair (GLUE's
+    sentence1, sentence2), joined by a newline; by default the first of text, sentence, review, content, document.
     Integer labels are used as ids; string labels map to ids through `label_names` (their order), or sorted.
     `num_labels`: with integer labels and no names, the number of classes (a model's outputs; default the
     largest label + 1, which a file lacking the last class would undercount).
@@ -299,14 +307,16 @@ class ClassificationDataset(Dataset):
 
     def __init__(self, path: str | os.PathLike, tokenizer: GPT2Tokenizer, *, format: str = "auto",
                  max_length: int | None = None, label_names: Sequence[str] | None = None,
-                 num_labels: int | None = None) -> None:
+                 num_labels: int | None = None, text_columns: Sequence[str] | None = None) -> None:
         path = require_file(path, "classification file")
+        if text_columns is not None and not 1 <= len(text_columns) <= 2:
+            raise ValueError(f"text_columns: one column, or the two of a sentence pair, got {list(text_columns)}")
         text = read_utf8(path, error=DataError, newlines=False)  # the csv module reads quoted newlines itself
         fmt = _sniff_format(path, text) if format == "auto" else format
         if fmt not in CLASSIFICATION_FORMATS:
             raise ValueError(f"format must be auto or one of {', '.join(CLASSIFICATION_FORMATS)}, got {format!r}")
         self.path, self.format = path, fmt
-        examples = _read_examples(path, fmt, text)
+        examples = _read_examples(path, fmt, text, text_columns)
         raw_labels = [label.strip() for _, _, label in examples]
         for (line, _, _), label in zip(examples, raw_labels):
             if not label:  # would otherwise make the labels strings and renumber every class

@@ -88,9 +88,11 @@ def classify(model: nn.Module, tokenizer: GPT2Tokenizer, texts: Sequence[str], *
 def evaluate_classification(model: nn.Module, tokenizer: GPT2Tokenizer,
                             data: str | os.PathLike | ClassificationDataset, *, format: str = "auto",
                             max_length: int | None = None, batch_size: int = 8, limit: int | None = None,
-                            label_names: Sequence[str] | None = None, progress: bool = True) -> dict[str, Any]:
+                            label_names: Sequence[str] | None = None, text_columns: Sequence[str] | None = None,
+                            progress: bool = True) -> dict[str, Any]:
     """Classify every example of `data` (a file ClassificationDataset reads, or the dataset itself) and score
-    the predictions with `classification_metrics`. max_length defaults to the model's context."""
+    the predictions with `classification_metrics`. max_length defaults to the model's context; `text_columns`
+    names a headered file's text column (or a sentence pair's two)."""
     check_vocab(model, tokenizer)
     check_limit(limit)
     max_length = resolve_max_length(model, max_length)
@@ -99,7 +101,8 @@ def evaluate_classification(model: nn.Module, tokenizer: GPT2Tokenizer,
         label_names = names  # the classes the model was trained on, in its output order
     if not isinstance(data, ClassificationDataset):
         data = ClassificationDataset(data, tokenizer, format=format, max_length=max_length,
-                                     label_names=label_names, num_labels=model.config.num_labels)
+                                     label_names=label_names, num_labels=model.config.num_labels,
+                                     text_columns=text_columns)
     elif (label_names is not None and data.string_labels
           and [data.id2label[i] for i in range(data.num_labels)] != list(label_names)):
         # String labels are numbered by the dataset: under other numbers every prediction would be scored wrongly.

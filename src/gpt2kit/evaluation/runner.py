@@ -37,11 +37,13 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
              stop_word_filter: bool = False, limit: int | None = None, output: str | os.PathLike | None = None,
              device: str = "cpu", dtype: torch.dtype | str | None = None, random_init: bool = False,
              quantize: str | None = None, pack_weights: bool = False, compile: bool = False,
-             progress: bool = True) -> dict[str, Any]:
+             text_key: str | None = None, text_pair_key: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run `task` (wikitext | perplexity | lambada | classification) and return its report (written to
     `output` as JSON when given). `wikitext` is `perplexity` with WikiText's article split and detokenizer.
     The tokenizer is `tokenizer` if given, else the model directory's vocabulary files, else GPT-2's;
-    `random_init` evaluates a preset with seeded random weights (for smoke tests and benchmarks)."""
+    `random_init` evaluates a preset with seeded random weights (for smoke tests and benchmarks). `text_key`: a
+    JSON-lines document's field (default "text"), or a classification file's text column (default: found by
+    name); `text_pair_key`: the column of a sentence pair's second sentence."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     # A setting the task has no use for is a mistake to point out, not to drop silently.
@@ -49,7 +51,9 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
                "detokenize": detokenize is not None and task not in ("wikitext", "perplexity"),
                "format": format != "auto" and task == "lambada",
                "stop_word_filter": stop_word_filter and task != "lambada",
-               "compile": compile and task == "classification"}
+               "compile": compile and task == "classification",
+               "text_key": text_key is not None and task == "lambada",
+               "text_pair_key": text_pair_key is not None and task != "classification"}
     for name, given in ignored.items():
         if given:
             raise ValueError(f"{name} does not apply to the {task} task")
@@ -77,7 +81,8 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
         settings = {"format": perplexity.resolve_format(Path(data), format)}
         results = perplexity.evaluate_perplexity(net, tok, data, max_length=max_length, stride=stride,
                                                  batch_size=batch_size, format=format, detokenize=detokenize,
-                                                 limit=limit, compile=compile, progress=progress)
+                                                 text_key=text_key or "text", limit=limit, compile=compile,
+                                                 progress=progress)
         definitions = perplexity.DEFINITIONS
     elif task == "lambada":
         settings = {"stop_word_filter": stop_word_filter}
@@ -86,9 +91,13 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
                                            progress=progress)
         definitions = lambada.DEFINITIONS
     else:
-        settings = {"format": format}
+        columns = [c for c in (text_key, text_pair_key) if c is not None] or None
+        if text_pair_key is not None and text_key is None:
+            raise ValueError("text_pair_key needs text_key: the column of the pair's first sentence")
+        settings = {"format": format, "text_columns": columns}
         results = classification.evaluate_classification(net, tok, data, format=format, max_length=max_length,
-                                                         batch_size=batch_size, limit=limit, progress=progress)
+                                                         batch_size=batch_size, limit=limit, text_columns=columns,
+                                                         progress=progress)
         definitions = classification.DEFINITIONS
     settings.update(batch_size=batch_size, limit=limit, device=device, compile=compile,
                     dtype=str(next(net.parameters()).dtype).removeprefix("torch."), quantize=quantize,

@@ -48,7 +48,8 @@ class DataArgs:
     train: str | None = None  # preprocessed dir, or raw text/jsonl/tsv files (preprocessed into out_dir/data)
     val: str | None = None  # validation/dev set; pretraining: default the "val" split of `train`
     format: str = "auto"  # preprocess: auto|text|jsonl|wikitext...; txtcls: auto|sst2|cola|agnews|csv; alpaca
-    text_key: str = "text"  # jsonl field holding the text
+    text_key: str = "text"  # jsonl field holding the text; txtcls: the csv/tsv text column (default: found by name)
+    text_pair_key: str | None = None  # txtcls: the column of a sentence pair's second sentence (GLUE's sentence2)
     tokenizer: str | None = None  # "gpt2", a tokenizer file/dir (or where `tokenizer_vocab_size` writes one,
     # default out_dir/tokenizer); unset: the one saved in the model directory, else GPT-2's
     tokenizer_vocab_size: int | None = None  # train a byte-level BPE of this size on `train` first
@@ -210,6 +211,8 @@ class RunConfig:
         if d.format != "auto" and d.format not in formats:
             raise bad("data.format", f"expected auto or one of {', '.join(formats)} for {self.task}, got "
                                      f"{d.format!r}")
+        if d.text_pair_key is not None and self.task != "text_classification":
+            raise bad("data.text_pair_key", "sentence pairs are text_classification data")
         for key, value, least in [
                 ("train.max_steps", t.max_steps, 1), ("train.micro_batch_size", t.micro_batch_size, 1),
                 ("train.global_batch_tokens", t.global_batch_tokens, 1),

@@ -57,7 +57,7 @@ from . import lora as lora_lib
 from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, hash_files, prune_checkpoints,
                           remove_checkpoints_after, resume_candidates, rewrite_trainer_state, verify_checkpoint,
                           write_manifest)
-from .config import RunConfig, load_config as load_run_config, save_config
+from .config import DataArgs, RunConfig, load_config as load_run_config, save_config
 from .distributed_checkpoint import (gather_full_state, load_distributed_checkpoint, load_full_state,
                                      save_distributed_checkpoint, unwrap)
 from .logging import MetricsLogger, flops_per_token, peak_flops, plot_losses, read_metrics
@@ -345,11 +345,12 @@ class Trainer:
                                  "one of the two")
             if train is None and d.train is not None:
                 train = ClassificationDataset(d.train, self._get_tokenizer(), format=d.format,
-                                              max_length=self._max_length())
+                                              max_length=self._max_length(), text_columns=self._text_columns())
             if val is None and d.val is not None:
                 names = list(train.id2label.values()) if hasattr(train, "id2label") else None
                 val = ClassificationDataset(d.val, self._get_tokenizer(), format=d.format,
-                                            max_length=self._max_length(), label_names=names)
+                                            max_length=self._max_length(), label_names=names,
+                                            text_columns=self._text_columns())
         else:
             if d.val_fraction and (val is not None or d.val is not None):
                 raise ValueError("data.val_fraction holds out validation examples when there is no data.val: give "
@@ -417,6 +418,14 @@ class Trainer:
             if self.is_main:
                 print(message, file=sys.stderr)
         return dataset
+
+    def _text_columns(self) -> list[str] | None:
+        """The classification file's text columns: data.text_key when set (and data.text_pair_key), else found
+        by name."""
+        d = self.config.data
+        if d.text_pair_key is not None:
+            return [d.text_key, d.text_pair_key]
+        return None if d.text_key == DataArgs.text_key else [d.text_key]
 
     def _max_length(self) -> int:
         """Classification / instruction examples are cut to data.max_length, by default the model's context."""
@@ -1112,6 +1121,7 @@ class Trainer:
             # The evaluation suite's code (accuracy, MCC, per-class counts), as `gpt2kit eval` reports it.
             labels = list(self.model.config.id2label.values()) if self.model.config.id2label else None
             result = evaluate_classification(self.model, self.tokenizer, data, format=self.config.data.format,
+                                             text_columns=self._text_columns(),
                                              max_length=self.config.data.max_length, label_names=labels,
                                              batch_size=self.config.train.micro_batch_size, progress=False)
             return {"val_accuracy": result["accuracy"], **result}
