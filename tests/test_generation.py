@@ -546,3 +546,29 @@ def test_held_length_is_the_longest_end_that_could_grow_into_a_stop_string(text,
     expected = max((n for s in stop for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])),
                    default=0)
     assert held_length(text, stop) == expected
+
+
+def test_transformers_streamers_receive_the_prompt_then_each_new_token(capsys):
+    """generate(..., streamer=) as transformers calls a streamer: put(prompt), put(new ids) per step, end()."""
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64)).eval()  # GPT-2's vocabulary
+    tok = GPT2Tokenizer.gpt2()
+    ids = torch.tensor([tok.encode("Once upon a time")])
+
+    class Recorder:
+        def __init__(self):
+            self.calls, self.ended = [], 0
+
+        def put(self, value):
+            self.calls.append(value.tolist())
+
+        def end(self):
+            self.ended += 1
+
+    recorder = Recorder()
+    out = generate(model, ids, max_new_tokens=12, eos_token_id=[], streamer=recorder)
+    assert recorder.calls[0] == ids.tolist() and recorder.ended == 1
+    assert sum(recorder.calls[1:], []) == out[0, ids.shape[1]:].tolist() and len(recorder.calls) == 13
+    model.generate(ids, max_new_tokens=12, eos_token_id=[], streamer=transformers.TextStreamer(tok, skip_prompt=True))
+    assert capsys.readouterr().out == tok.decode(out[0, ids.shape[1]:].tolist()) + "\n"
+    with pytest.raises(ValueError, match="streamer= streams one sequence"):
+        generate(model, ids.repeat(2, 1), max_new_tokens=2, streamer=recorder)

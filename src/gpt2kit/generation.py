@@ -769,7 +769,7 @@ def with_unused_suppressed(config: GenerationConfig, tokenizer: GPT2Tokenizer, v
 
 def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor | None = None,
              config: GenerationConfig | None = None, *, tokenizer: GPT2Tokenizer | None = None,
-             generator: torch.Generator | None = None, **options) -> Tensor:
+             generator: torch.Generator | None = None, streamer: Any = None, **options) -> Tensor:
     """Prompt + new tokens, (B * num_return_sequences, prompt_len + steps) with each prompt's rows together.
 
     Options are GenerationConfig's fields (max_new_tokens or max_length, min_new_tokens, do_sample, temperature, top_k,
@@ -781,8 +781,13 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
     a near-tie between two tokens may fall the other way).
     Generation ends when every row has met EOS or a stop string, or after max_new_tokens; finished rows are
     filled with pad_token_id. Stop strings need `tokenizer`; the returned tokens include the one completing
-    the stop string (text helpers cut the text before it). num_beams > 1 runs beam search instead."""
+    the stop string (text helpers cut the text before it). num_beams > 1 runs beam search instead.
+    `streamer` is transformers' streamer protocol (its TextStreamer, TextIteratorStreamer or an object of your own):
+    `put(prompt ids)`, then `put(new ids)` after each step, then `end()`; one sequence only, as there."""
     config = (config or GenerationConfig()).replace(**options)
+    if streamer is not None and (len(input_ids) != 1 or config.num_return_sequences != 1 or config.num_beams > 1):
+        raise ValueError("streamer= streams one sequence: a batch of one prompt, num_return_sequences=1 and no beam "
+                         "search")
     if config.num_beams > 1:
         from .beam_search import beam_search  # it builds on TokenGenerator
 
@@ -790,8 +795,14 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
             config = with_unused_suppressed(config, tokenizer, model.config.vocab_size)
         return beam_search(model, input_ids, attention_mask, config)
     run = TokenGenerator(model, input_ids, attention_mask, config, tokenizer=tokenizer, generator=generator)
-    for _ in run:
-        pass
+    if streamer is None:
+        for _ in run:
+            pass
+        return run.sequences()
+    streamer.put(input_ids.cpu())
+    for tokens in run:
+        streamer.put(tokens.cpu())
+    streamer.end()
     return run.sequences()
 
 
