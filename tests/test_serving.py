@@ -690,6 +690,13 @@ def test_malformed_bodies_never_500(server, body, status):
     assert response.json()["error"]["message"]
 
 
+def test_a_field_name_that_is_not_text_is_named_as_the_body(server):
+    body = b'{"prompt": "x", "\\ud800": 1}'  # a lone surrogate as a field name
+    response = httpx.post(f"{server.url}/v1/completions", content=body, headers=JSON, timeout=60)
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("invalid request body: ")  # was "invalid value for None"
+
+
 def test_chunked_body_over_the_limit_is_413(server):
     def chunks():
         for _ in range(30):

@@ -238,6 +238,8 @@ def parse_request(data: Any, schema: type[RequestT] = CompletionRequest) -> Requ
             message = f"unrecognized request argument supplied: {param}"
         elif first["type"] == "missing":
             message = f"you must provide a {param!r} parameter"
+        elif param is None:  # about the body itself (a field name pydantic cannot read as text)
+            message = f"invalid request body: {message}"
         else:
             message = f"invalid value for {param!r}: {message}"
         raise APIError(400, message, param=param) from None
