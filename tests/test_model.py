@@ -1,5 +1,6 @@
 """The model against transformers' GPT-2 on random weights, plus its own invariants."""
 
+import copy
 import math
 
 import pytest
@@ -252,3 +253,31 @@ def test_layer_norm_epsilon_must_be_a_positive_number():
     for bad in ("x", 0, -1e-5, None):
         with pytest.raises(ValueError, match="layer_norm_epsilon must be a number > 0"):
             GPT2Config(layer_norm_epsilon=bad)
+
+
+def test_gradient_checkpointing_enable_keeps_gradients_and_saves_less(tiny_config):
+    """transformers' call: the blocks recompute their activations in backward (what train.recompute does)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 33))
+
+    def gradients_and_saved_bytes(model):
+        saved = []
+
+        def pack(tensor):
+            saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        torch.manual_seed(1)  # the same dropout masks (checkpoint() replays them in the recomputation)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids[:, :-1], targets=ids[:, 1:], return_logits=False).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}, sum(saved)
+
+    plain = GPT2LMHeadModel(tiny_config).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable()
+    checkpointed.gradient_checkpointing_enable()  # twice: still one wrapper
+    expected, plain_bytes = gradients_and_saved_bytes(plain)
+    got, checkpointed_bytes = gradients_and_saved_bytes(checkpointed)
+    assert all(torch.allclose(got[n], expected[n], rtol=1e-5, atol=1e-7) for n in expected)
+    assert checkpointed_bytes < plain_bytes / 2
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())  # names unchanged

@@ -13,11 +13,13 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
 from .cpu_matmul import Linear, is_plain
@@ -201,6 +203,16 @@ class GPT2PreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         """The weights' dtype (transformers' model.dtype); int8 or packed layers keep their activations in it."""
         return next(self.parameters()).dtype
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each transformer block's activations in backward instead of storing them (transformers' call;
+        train.recompute in a run config). The block's own forward is wrapped in place, so parameter names and
+        saved checkpoints do not change and FSDP's hooks, which run around the forward, still see the block;
+        dropout masks are reproduced, as checkpoint() replays the RNG state. Enabling it twice changes nothing."""
+        blocks = self.h if isinstance(self, GPT2Model) else self.transformer.h
+        for block in blocks:
+            if not isinstance(block.forward, partial):
+                block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
     def _init_weights(self) -> None:
         std = self.config.initializer_range

@@ -13,8 +13,8 @@ Launch with torchrun. `ParallelConfig(data, shard, tensor)` lays the world's ran
 - data > 1 alone: DDP.
 
 Gradient accumulation synchronises only on the last micro-step (`grad_sync`); activation checkpointing wraps each
-block (`apply_activation_checkpointing`). A single process runs the plain model whatever the degrees say, so the
-same run config works on 1 or K processes.
+block (the model's `gradient_checkpointing_enable`). A single process runs the plain model whatever the degrees
+say, so the same run config works on 1 or K processes.
 """
 
 from __future__ import annotations
@@ -29,13 +29,11 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 MESH_DIMS = ("data", "shard", "tensor")
 
@@ -244,15 +242,6 @@ def raise_if_any_rank_failed(error: BaseException | None, what: str,
 
 
 # ---- activation checkpointing --------------------------------------------------------------------------------
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each transformer block's activations in backward instead of storing them. The block's own
-    forward is wrapped in place, so parameter names (and saved checkpoints) do not change, and FSDP's hooks
-    (which run around the forward) still see the block; dropout masks are reproduced because checkpoint()
-    replays the RNG state."""
-    for block in model.transformer.h:
-        block.forward = partial(activation_checkpoint, block.forward, use_reentrant=False)
-
-
 # ---- tensor parallel -----------------------------------------------------------------------------------------
 def _fused_qkv_style():
     """ColwiseParallel for GPT-2's fused q/k/v projection. A plain column split would hand rank 0 all of q and
@@ -399,7 +388,7 @@ def parallelize(model: nn.Module, state: ParallelState, *, recompute: bool = Fal
     then FSDP2/HSDP or DDP as `state.config` says. FSDP and TP change `model` in place (its parameters become
     DTensors); DDP returns a wrapper around it. The model must already be on `state.device`."""
     if recompute:
-        apply_activation_checkpointing(model)
+        model.gradient_checkpointing_enable()
     if not state.distributed:
         return model
     c, mesh = state.config, state.mesh
