@@ -209,8 +209,8 @@ def test_save_keeps_the_directorys_other_files_and_drops_old_weights(tmp_path, h
     (model_dir / "runs" / "log.txt").write_text("log")
     GPT2LMHeadModel.from_pretrained(model_dir).save_pretrained(model_dir)
     assert sorted(p.name for p in model_dir.iterdir()) == [
-        "README.md", "config.json", "generation_config.json", "merges.txt", "model.safetensors", "runs",
-        "tokenizer_config.json", "vocab.json"]  # generation_config.json: transformers' own, carried by convert
+        "README.md", "chat_template.jinja", "config.json", "generation_config.json", "merges.txt", "model.safetensors",
+        "runs", "tokenizer_config.json", "vocab.json"]  # generation_config.json: transformers' own, carried by convert
     assert (model_dir / "README.md").read_text() == "my notes"
     assert (model_dir / "README.md").stat().st_mode & 0o777 == 0o600
     assert (model_dir / "runs" / "log.txt").read_text() == "log"

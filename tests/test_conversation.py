@@ -1,5 +1,7 @@
 """Chat formats: the text each writes, its Jinja form rendering to the same text, and the model's own template."""
 
+import json
+
 import pytest
 import transformers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -64,3 +66,44 @@ def test_a_models_own_jinja_template_is_rendered_as_transformers_renders_it(tmp_
     with pytest.raises(ValueError, match="chat_template: starts with the assistant"):
         again.apply_chat_template([{"role": "assistant", "content": "Hi"}])
     assert again.chat_format().reply_stops(None) == []  # the reply ends at EOS
+
+
+@pytest.mark.parametrize("fmt", [PLAIN, ALPACA], ids=lambda f: f.name)
+def test_a_saved_tokenizer_prompts_transformers_as_gpt2kit(tmp_path, fmt):
+    """gpt2kit's own formats are saved too (the plain one included): transformers writes the same prompt."""
+    tok = GPT2Tokenizer.gpt2()
+    tok.chat_template = None if fmt is PLAIN else fmt.template
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "chat_template.jinja").read_text() == fmt.template
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for messages in CONVERSATIONS:
+        expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert tok.apply_chat_template(messages, tokenize=False) == expected
+    assert GPT2Tokenizer.from_file(tmp_path).chat_format() is fmt
+
+
+def test_a_model_template_renders_and_tokenizes_as_in_transformers(tmp_path):
+    """Special tokens the template writes are their ids; transformers' tag, functions and tojson are there; the
+    continued final message is cut as transformers cuts it; a template that fails is one ValueError."""
+    template = ("{% for m in messages %}{{ m['role'] | tojson }}: {% if m['role'] == 'assistant' %}{% generation %}"
+                "{{ m['content'] | trim }}{% endgeneration %}{{ eos_token }}{% else %}{{ m['content'] }}{% endif %}"
+                "\n{% endfor %}{% if add_generation_prompt %}\"assistant\": {% endif %}"
+                "{% if strftime_now('%Y') | length != 4 %}{{ raise_exception('no year') }}{% endif %}")
+    tok = GPT2Tokenizer.gpt2()
+    tok.chat_template = template
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "the .jinja file wins"}))
+    ours = GPT2Tokenizer.from_file(tmp_path)
+    assert ours.chat_template == template
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "a < b & 'c' é"}, {"role": "assistant", "content": "Sure, "}]
+    for options in ({"add_generation_prompt": True}, {"continue_final_message": True}):
+        text = ours.apply_chat_template(messages, tokenize=False, **options)
+        assert text == hf.apply_chat_template(messages, tokenize=False, **options)
+        assert ours.apply_chat_template(messages, **options) == hf.apply_chat_template(messages, return_dict=False,
+                                                                                       **options)
+    assert ours.eos_token_id in ours.apply_chat_template(messages)
+    ours.chat_template = "{{ messages[0]['content'] + loop }}"  # a TypeError inside the template
+    with pytest.raises(ValueError, match="^chat_template: "):
+        ours.apply_chat_template(messages)

@@ -208,6 +208,14 @@ def test_text_classification_pipeline_labels_and_scores_as_transformers_shapes_t
     everything = pipe(texts[1], top_k=None)
     assert len(everything) == 3 and all(close(g, e) for g, e in zip(everything, expected[1]))
     assert [len(labels) for labels in pipe(texts, top_k=2)] == [2, 2, 2]
+    assert [len(labels) for labels in pipe(texts, top_k=1)] == [1, 1, 1]  # top_k given: a list per text
+    every = pipeline("text-classification", model=str(tmp_path / "clf"), top_k=None)  # a default of each call
+    assert [len(labels) for labels in every(texts)] == [3, 3, 3]
+    # transformers' sentence pairs: one text, a sentence per line, as training joins a pair.
+    assert pipe({"text": " a gem ", "text_pair": "dull"}) == pipe("a gem\ndull")
+    assert pipe([{"text": "a gem", "text_pair": "dull"}, {"text": "fine"}]) == pipe(["a gem\ndull", "fine"])
+    with pytest.raises(ValueError, match="expected a text or {'text': ..., 'text_pair': ...}"):
+        pipe({"sentence": "a gem"})
     assert sum(d["score"] for d in everything) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="top_k must be an integer >= 1 or None"):
         pipe(texts, top_k=0)

@@ -54,6 +54,10 @@ def test_max_length_as_mindformers_passes_it_to_the_pipeline_and_to_each_call(pi
     made = pipeline("text_generation", model=str(model_dir), max_length=20)
     assert made(PROMPTS[0]) == expected
     assert made(PROMPTS[0], max_new_tokens=3) == pipe(PROMPTS[0], max_new_tokens=3)  # the call's length applies
+    made.config = made.config.replace(temperature=0.5)  # the defaults keep max_length alone
+    assert made(PROMPTS[0]) == expected
+    with pytest.raises(ValueError, match="chat bounds each reply by max_new_tokens"):
+        chat(str(model_dir), max_length=60, stdin=io.StringIO("Hi\n"), stdout=io.StringIO())
 
 
 def test_pipeline_batch_equals_each_prompt_alone(pipe):

@@ -308,7 +308,8 @@ def assert_reloads_to_the_same_ids(tok, directory):
 def test_a_rank_file_saves_as_a_tokenizer_json_transformers_loads(tmp_path):
     cl100k = GPT2Tokenizer.from_file(DATA / "cl100k" / "cl100k_base.tiktoken")
     cl100k.save_pretrained(tmp_path / "saved")
-    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["chat_template.jinja", "tokenizer.json",
+                                                                       "tokenizer_config.json"]
     assert_reloads_to_the_same_ids(cl100k, tmp_path / "saved")
     # The split pattern is cl100k's, not GPT-2's: transformers must not rebuild a ByteLevel pre-tokenizer.
     # Saved under another name, it is saved back as tokenizer.json; saving into its own directory is a no-op.

@@ -79,11 +79,12 @@ class ChatSession:
         n_head = next((i for i, (role, _) in enumerate(self.turns) if role not in ("system", "developer")),
                       len(self.turns))
         head, history = self.turns[:n_head], self.turns[n_head:]
-        ids = self.tokenizer.encode(self.format.transcript([*head, ("user", message)]))[-budget:]
+        ids = self.format.encode(self.tokenizer, self.format.transcript([*head, ("user", message)]))[-budget:]
         for start in range(len(history) - 1, -1, -1):
             if history[start][0] == "assistant":  # whole exchanges only: a history never opens with a reply
                 continue
-            longer = self.tokenizer.encode(self.format.transcript([*head, *history[start:], ("user", message)]))
+            turns = [*head, *history[start:], ("user", message)]
+            longer = self.format.encode(self.tokenizer, self.format.transcript(turns))
             if len(longer) > budget:
                 break
             ids = longer
@@ -133,6 +134,8 @@ def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.Path
         raise ValueError("no standard input to read messages from")
     if stdin is sys.stdin and hasattr(stdin, "reconfigure"):
         stdin.reconfigure(errors="replace")  # a line of bad bytes becomes U+FFFD instead of ending the session
+    if "max_length" in options:  # the conversation grows: each reply's length is what bounds it
+        raise ValueError("chat bounds each reply by max_new_tokens; max_length (prompt + reply) does not apply")
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
                                        random_init=random_init, quantize=quantize,
                                        pack_weights=pack_weights)

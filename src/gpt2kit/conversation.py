@@ -17,8 +17,14 @@ what a GGUF file carries for llama.cpp, rendering to the same text (tested).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .tokenizer import GPT2Tokenizer
 
 ROLES = ("system", "developer", "user", "assistant")  # OpenAI's message roles that carry text
 Turns = Sequence[tuple[str, str]]  # (role, content)
@@ -75,6 +81,14 @@ class ChatFormat:
     render: Callable[[Turns, bool], str]
     stops: tuple[str, ...] = ()
     skip_leading_space: bool = False
+    writes_special_tokens: bool = False  # a model's own template may write eos_token and the like as text
+
+    def encode(self, tokenizer: GPT2Tokenizer, text: str) -> list[int]:
+        """Token ids of a transcript. A model's own template writes special tokens (its eos_token, ...) as text,
+        which become their ids, as transformers tokenizes a rendered template; gpt2kit's formats write none, so
+        "<|endoftext|>" typed in a message stays text. An empty transcript starts from end-of-text."""
+        ids = tokenizer.encode(text, allowed_special="all" if self.writes_special_tokens else ())
+        return ids or [tokenizer.eos_token_id]
 
     def transcript(self, turns: Turns, *, add_generation_prompt: bool = True,
                    continue_final_message: bool = False) -> str:
@@ -83,12 +97,20 @@ class ChatFormat:
         message ends, for the model to carry it on (transformers' rule: cut after that message's content)."""
         if not continue_final_message:
             return self.render(turns, add_generation_prompt)
-        # The last message's place, found by a marker in its stead (its own text may be empty, or said before).
-        (role, content), marker = turns[-1], "\ue000gpt2kit-final-message\ue000"
-        text = self.render([*turns[:-1], (role, marker)], False)
-        if marker not in text:
+        text, content = self.render(turns, False), turns[-1][1]
+        if not content.strip():  # nothing to find: the place of the message, by a marker in its stead
+            marker = "\ue000gpt2kit-final-message\ue000"
+            marked = self.render([*turns[:-1], (turns[-1][0], marker)], False)
+            if marker not in marked:
+                raise ValueError("continue_final_message: the chat template does not show the last message")
+            return marked[:marked.index(marker)] + content
+        # transformers' rule: cut after the last place the message's text appears, keeping its trailing space
+        # unless the template trimmed it.
+        if content.strip() not in text:
             raise ValueError("continue_final_message: the chat template does not show the last message")
-        return text[:text.index(marker)] + content
+        at = text.rindex(content.strip())
+        kept = content.lstrip() if text[at:at + len(content.lstrip())] == content else content.strip()
+        return text[:at + len(kept)]
 
     def reply_stops(self, stop: Sequence[str] | None) -> list[str]:
         """The stop strings that end a reply: the format's own, then the caller's."""
@@ -106,31 +128,47 @@ def chat_format(template: str | None, **special_tokens: str) -> ChatFormat:
     if template is None:
         return PLAIN
     known = next((f for f in CHAT_FORMATS.values() if f.template == template), None)
-    return known or ChatFormat("jinja", template, _jinja_renderer(template, special_tokens))
+    return known or ChatFormat("jinja", template, _jinja_renderer(template, special_tokens),
+                               writes_special_tokens=True)
 
 
 def _jinja_renderer(template: str, variables: dict[str, str]) -> Callable[[Turns, bool], str]:
     """Render a model's own chat template as transformers does: a sandboxed Jinja environment that trims blocks,
-    `raise_exception` for the template's own checks."""
-    from jinja2 import TemplateError
-    from jinja2.ext import loopcontrols
+    with its `raise_exception` and `strftime_now`, a `tojson` that keeps text as it is, and its
+    `{% generation %}` tag (which only marks the assistant's text)."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message: str) -> None:
-        raise ValueError(f"chat_template: {message}")
+    class GenerationTag(Extension):
+        tags = {"generation"}
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.globals["raise_exception"] = raise_exception
+        def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols, GenerationTag])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
         compiled = env.from_string(template)
-    except TemplateError as err:
+    except jinja2.TemplateError as err:
         raise ValueError(f"chat_template is not a valid Jinja template: {err}") from None
 
     def render(turns: Turns, add_generation_prompt: bool) -> str:
         messages = [{"role": role, "content": content} for role, content in turns]
         try:
             return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-        except TemplateError as err:
+        except Exception as err:  # the template is code: any failure of it is the template's, not a crash
             raise ValueError(f"chat_template: {err}") from None
 
     return render

@@ -149,7 +149,9 @@ class TextGenerationPipeline:
 
     @config.setter
     def config(self, config: GenerationConfig) -> None:
-        self.defaults = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        # One of the two lengths: the one the config holds (both given would be an error at every call).
+        unused = "max_new_tokens" if config.max_length is not None else "max_length"
+        self.defaults = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != unused}
 
     def _config(self, options: dict[str, Any]) -> GenerationConfig:
         defaults = self.defaults
@@ -175,28 +177,34 @@ class TextGenerationPipeline:
         if continue_final_message is not None:
             raise ValueError("continue_final_message is for chat input (a list of messages)")
         config = self._config(options)
+        prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
+        if not all(isinstance(prompt, str) for prompt in prompts):
+            raise ValueError(_BAD_INPUT + f", got {text_inputs!r:.100}")
+        continuations = self._complete([encode_prompt(self.tokenizer, p) for p in prompts], config, batch_size,
+                                       generator)
+        results = [[{"generated_text": (prompt if return_full_text else "") + text} for text in texts]
+                   for prompt, texts in zip(prompts, continuations)]
+        return results[0] if isinstance(text_inputs, str) else results
+
+    def _complete(self, rows: list[list[int]], config: GenerationConfig, batch_size: int,
+                  generator: torch.Generator | None) -> list[list[str]]:
+        """The continuations of each prompt's ids (num_return_sequences texts each), batch_size prompts at a time,
+        left-padded."""
         if config.seed is not None and generator is None:
             # One random stream for the whole call: seeding each batch would give prompts batch_size apart the
             # same draws. A batch draws for all its rows at once, so the samples still depend on batch_size.
             generator = torch.Generator(model_placement(self.model)[0]).manual_seed(config.seed)
             config = config.replace(seed=None)
-        prompts = [text_inputs] if isinstance(text_inputs, str) else list(text_inputs)
-        if not all(isinstance(prompt, str) for prompt in prompts):
-            raise ValueError(_BAD_INPUT + f", got {text_inputs!r:.100}")
-        n = config.num_return_sequences
-        results = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            input_ids, attention_mask = self._left_padded(chunk)
+        n, out = config.num_return_sequences, []
+        for start in range(0, len(rows), batch_size):
+            input_ids, attention_mask = left_pad(rows[start:start + batch_size], self.tokenizer.pad_token_id)
             sequences = generate(self.model, input_ids, attention_mask, config, tokenizer=self.tokenizer,
                                  generator=generator)
             texts = decode_completions(self.tokenizer, sequences, input_ids.shape[1],
                                        eos_token_ids(config, self.model.config), config.stop,
                                        config.skip_leading_space)
-            for i, prompt in enumerate(chunk):
-                prefix = prompt if return_full_text else ""
-                results.append([{"generated_text": prefix + text} for text in texts[i * n:(i + 1) * n]])
-        return results[0] if isinstance(text_inputs, str) else results
+            out += [texts[i * n:(i + 1) * n] for i in range(len(input_ids))]
+        return out
 
     def _chat(self, conversations: Conversation | Sequence[Conversation], *, return_full_text: bool,
               batch_size: int, generator: torch.Generator | None, continue_final_message: bool | None,
@@ -238,13 +246,12 @@ class TextGenerationPipeline:
             rows = [i for i, flag in enumerate(continued) if flag == extends]
             if rows:
                 skip = chat_format.skip_leading_space and not extends
-                outs = self([prompts[i] for i in rows], return_full_text=False, batch_size=batch_size,
-                            generator=generator, **{**options, "stop": stop or None, "skip_leading_space": skip})
-                for i, out in zip(rows, outs):
-                    outputs[i] = out
+                group = self._config({**options, "stop": stop or None, "skip_leading_space": skip})
+                ids = [chat_format.encode(self.tokenizer, prompts[i]) for i in rows]
+                for i, replies in zip(rows, self._complete(ids, group, batch_size, generator)):
+                    outputs[i] = replies
         results = []
-        for conversation, outs, extends in zip(batch, outputs, continued, strict=True):
-            replies = [out["generated_text"] for out in outs]
+        for conversation, replies, extends in zip(batch, outputs, continued, strict=True):
             head, last = (conversation[:-1], conversation[-1]["content"]) if extends else (conversation, "")
             results.append([{"generated_text": [*head, {"role": "assistant", "content": last + reply}]
                              if return_full_text else reply} for reply in replies])
@@ -255,32 +262,37 @@ class TextGenerationPipeline:
         return stream_generate(self.model, self.tokenizer, prompt, self._config(options),
                                generator=generator)
 
-    def _left_padded(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return left_pad([encode_prompt(self.tokenizer, p) for p in prompts], self.tokenizer.pad_token_id)
+
+_TOP_LABEL = object()  # top_k not given: transformers' first shape, one dict per text
 
 
 class TextClassificationPipeline:
-    """Call with a string or a list of strings: each text's most likely label and its score, as transformers'
-    pipeline("text-classification") returns them ([{"label", "score"}] for a string, one such dict per text of a
-    list); with `top_k` (None: every label), a list of the top labels per text, best first. Scores are the
-    softmax over the classes (a sigmoid per class for one output or multi-label models). Texts are encoded as
-    training encodes them (gpt2kit.evaluation.classification.classify)."""
+    """Call with a text, a list of texts, or sentence pairs as transformers takes them ({"text", "text_pair"}, or a
+    list of those; the pair is one text, a sentence per line, as training joins it). Returns what transformers'
+    pipeline("text-classification") does: without `top_k`, each text's most likely label and its score
+    ([{"label", "score"}] for one text, one such dict per text of a list); with `top_k` (None: every label), the top
+    labels of each text, best first (a list for one text, a list of lists for several). Scores are the softmax
+    over the classes (a sigmoid per class for one output or multi-label models). Texts are encoded as training
+    encodes them (gpt2kit.evaluation.classification.classify). `top_k` and `batch_size` given here are the
+    defaults of every call."""
 
     def __init__(self, model: GPT2ForSequenceClassification, tokenizer: GPT2Tokenizer, *,
-                 max_length: int | None = None, batch_size: int = 8) -> None:
+                 max_length: int | None = None, batch_size: int = 8, top_k: Any = _TOP_LABEL) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.max_length, self.batch_size = max_length, batch_size
+        self.max_length, self.batch_size, self.top_k = max_length, batch_size, top_k
         _check_call_options(True, batch_size)
+        _check_top_k(top_k)
 
-    def __call__(self, inputs: str | Sequence[str], *, top_k: int | None = 1,
+    def __call__(self, inputs: str | dict[str, str] | Sequence[str | dict[str, str]], *, top_k: Any = _TOP_LABEL,
                  batch_size: int | None = None) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         from .evaluation.classification import classify
 
-        texts = [inputs] if isinstance(inputs, str) else list(inputs)
-        if not texts or not all(isinstance(text, str) for text in texts):
-            raise ValueError(f"expected a string or a non-empty list of strings, got {inputs!r:.100}")
-        if top_k is not None and not (type(top_k) is int and top_k >= 1):
-            raise ValueError(f"top_k must be an integer >= 1 or None (every label), got {top_k!r}")
+        single = isinstance(inputs, (str, dict))
+        texts = [_pair_text(item) for item in ([inputs] if single else list(inputs))]
+        if not texts:
+            raise ValueError("expected a text, a list of texts or {'text', 'text_pair'} pairs, got an empty list")
+        top_k = self.top_k if top_k is _TOP_LABEL else top_k
+        _check_top_k(top_k)
         batch_size = self.batch_size if batch_size is None else batch_size
         _check_call_options(True, batch_size)
         logits = classify(self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=batch_size)
@@ -290,10 +302,25 @@ class TextClassificationPipeline:
         names = config.id2label or {}
         ranked = [[{"label": names.get(i, f"LABEL_{i}"), "score": float(row[i])}
                    for i in row.argsort(descending=True).tolist()] for row in scores]
-        if top_k == 1:  # transformers' shape: one dict per text
+        if top_k is _TOP_LABEL:
             return [labels[0] for labels in ranked]
         ranked = [labels[:top_k] for labels in ranked]
-        return ranked[0] if isinstance(inputs, str) else ranked
+        return ranked[0] if single else ranked
+
+
+def _check_top_k(top_k: Any) -> None:
+    if top_k is not _TOP_LABEL and top_k is not None and not (type(top_k) is int and top_k >= 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None (every label), got {top_k!r}")
+
+
+def _pair_text(item: Any) -> str:
+    """A text to classify: a string, or {"text", "text_pair"} joined a sentence per line as training joins pairs."""
+    if isinstance(item, str):
+        return item
+    if (isinstance(item, dict) and "text" in item and set(item) <= {"text", "text_pair"}
+            and all(isinstance(value, str) for value in item.values())):
+        return item["text"] if "text_pair" not in item else f"{item['text'].strip()}\n{item['text_pair'].strip()}"
+    raise ValueError(f"expected a text or {{'text': ..., 'text_pair': ...}}, got {item!r:.100}")
 
 
 def pipeline(task: str, model: str | os.PathLike | GPT2LMHeadModel | GPT2ForSequenceClassification, *,

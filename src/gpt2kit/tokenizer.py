@@ -24,7 +24,7 @@ from typing import Any
 import regex
 import tiktoken
 
-from .conversation import ChatFormat, chat_format, turns_of
+from .conversation import PLAIN, ChatFormat, chat_format, turns_of
 from .files import atomic_write_text, read_json, read_utf8, sha256_file
 
 ASSETS = Path(__file__).parent / "assets" / "gpt2"
@@ -370,7 +370,9 @@ def _tiktoken_file_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
 
 
 _BPE_PAIRS = {"vocab.json": "merges.txt", "encoder.json": "vocab.bpe"}  # a vocabulary file -> its merges file
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "tokenizer_config.json")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a chat template (read before the config's)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "tokenizer_config.json",
+                   CHAT_TEMPLATE_FILE)
 
 
 def is_tokenizer_file(name: str) -> bool:
@@ -467,7 +469,9 @@ class GPT2Tokenizer:
         max_length = config.get("model_max_length")
         if type(max_length) is int and max_length > 0:  # transformers' "no limit" of 1e30 included
             tokenizer.model_max_length = max_length
-        tokenizer.chat_template = _chat_template(config.get("chat_template"))
+        template_file = directory / CHAT_TEMPLATE_FILE
+        tokenizer.chat_template = (read_utf8(template_file, error=TokenizerError) if template_file.is_file()
+                                   else _chat_template(config.get("chat_template")))
         return tokenizer
 
     @classmethod
@@ -559,9 +563,11 @@ class GPT2Tokenizer:
         config = {"tokenizer_class": "GPT2Tokenizer" if kind in ("gpt2", "bpe") else "PreTrainedTokenizerFast",
                   "eos_token": self.eos_token, "bos_token": self.eos_token, "unk_token": self.eos_token,
                   "model_max_length": self.model_max_length, "add_prefix_space": False}
-        if self.chat_template is not None:
-            config["chat_template"] = self.chat_template
+        # The chat format, gpt2kit's plain one included, so that transformers' apply_chat_template writes what
+        # gpt2kit's chat does: in the config (older transformers) and in its own file (transformers 5 reads it first).
+        config["chat_template"] = PLAIN.template if self.chat_template is None else self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_text(directory / CHAT_TEMPLATE_FILE, config["chat_template"])
 
     def bpe_merges(self) -> list[tuple[bytes, bytes]]:
         """The merges of this vocabulary in merge order, recovered from its ranks (tiktoken keeps no merge list):
@@ -677,9 +683,10 @@ class GPT2Tokenizer:
                             continue_final_message: bool = False) -> list[int] | str:
         """transformers' call for chat prompts: the transcript that `gpt2kit chat`, the server and the pipeline
         write (the chat format of `chat_template`, see gpt2kit.conversation), as ids or as text."""
-        text = self.chat_format().transcript(turns_of(messages), add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message)
-        return self.encode(text) if tokenize else text
+        chat = self.chat_format()
+        text = chat.transcript(turns_of(messages), add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message)
+        return chat.encode(self, text) if tokenize else text
 
     def batch_decode(self, sequences: Iterable[Iterable[int]], *, skip_special_tokens: bool = False,
                      clean_up_tokenization_spaces: bool = False) -> list[str]:

@@ -442,7 +442,7 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         chat = parse_request(await _json_body(request), ChatCompletionRequest)
-        return await respond(request, chat.to_completion(service.chat_format), ChatFormat())
+        return await respond(request, chat.to_completion(service.chat_format, service.tokenizer), ChatFormat())
 
     app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     return app

@@ -206,16 +206,18 @@ class ChatCompletionRequest(SamplingRequest):
                            param="max_completion_tokens")
         return self
 
-    def to_completion(self, chat_format: ConversationFormat) -> CompletionRequest:
-        """The same request as a completion of the transcript (already validated: built without checks)."""
+    def to_completion(self, chat_format: ConversationFormat, tokenizer: GPT2Tokenizer) -> CompletionRequest:
+        """The same request as a completion of the transcript's token ids (already validated: built without
+        checks)."""
         shared = {name: getattr(self, name) for name in SamplingRequest.model_fields}
         if self.max_completion_tokens is not None:
             shared["max_tokens"] = self.max_completion_tokens
         shared["stop"] = chat_format.reply_stops(self.stop)
         try:
-            prompt = chat_format.transcript([(m.role, m.content) for m in self.messages])
+            text = chat_format.transcript([(m.role, m.content) for m in self.messages])
         except ValueError as err:  # a model's own Jinja template may refuse a conversation
             raise APIError(400, str(err), param="messages") from None
+        prompt = chat_format.encode(tokenizer, text)
         completion = CompletionRequest.model_construct(
             **shared, prompt=prompt, echo=False, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
         completion._prompt_param = "messages"
