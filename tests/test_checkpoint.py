@@ -598,6 +598,9 @@ def test_attention_variants_load_or_are_refused_by_name(tmp_path):
     assert same(logits(ours, IDS), logits(hf, IDS)) and ours.config.reorder_and_upcast_attn
     ours.save_pretrained(tmp_path / "again")  # and saves back as it came
     assert json.loads((tmp_path / "again" / "config.json").read_text())["reorder_and_upcast_attn"] is True
+    exact = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE, activation_function="gelu")).eval()
+    exact.save_pretrained(tmp_path / "exact")  # exact GELU, as nanoGPT trains
+    assert same(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "exact"), IDS), logits(exact, IDS))
     for field, value in (("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True),
                          ("add_cross_attention", True)):
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE, **{field: value}))

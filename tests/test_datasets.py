@@ -229,6 +229,10 @@ def test_text_columns_and_sentence_pairs(tmp_path, tok):
         ClassificationDataset(DATA / "glue" / "CoLA" / "dev.tsv", tok, text_columns=["sentence"])
     with pytest.raises(ValueError, match="one column, or the two of a sentence pair"):
         ClassificationDataset(rte, tok, text_columns=["a", "b", "c"])
+    mrpc = tmp_path / "mrpc.tsv"  # GLUE's MRPC: capitals, spaces and '#' in the names, labels under Quality
+    mrpc.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe left.\tHe went away.\n")
+    same = ClassificationDataset(mrpc, tok, text_columns=["#1 String", "#2 string"])
+    assert tok.decode(same[0]["input_ids"]) == "He left.\nHe went away." and same.labels == [1]
 
 
 def test_headered_tsv_with_its_own_labels_and_files_with_a_byte_order_mark(tmp_path, tok):

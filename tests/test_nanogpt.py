@@ -19,7 +19,8 @@ def nanogpt_checkpoint(path, *, bias=True, compiled=True, mask=True):
     nanoGPT's): its state dict (compiled: "_orig_mod." names; older versions: a causal-mask buffer per layer),
     model_args, the optimizer and the run's config."""
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=50304))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=50304,
+                                       activation_function="gelu"))  # nanoGPT's nn.GELU(): exact
     state = model.state_dict()
     if not bias:
         state = {k: v for k, v in state.items() if not k.endswith(".bias")}
@@ -47,6 +48,7 @@ def test_a_nanogpt_checkpoint_converts_to_the_same_network(tmp_path, bias):
         theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
         torch.testing.assert_close(theirs(ids).logits, expected, rtol=1e-4, atol=1e-4)
     assert ours.config.n_positions == 32 and ours.config.tie_word_embeddings
+    assert ours.config.activation_function == "gelu" and theirs.config.activation_function == "gelu"
     assert GPT2Tokenizer.from_file(tmp_path / "hf").vocab_size == 50257  # GPT-2's vocabulary comes along
 
 

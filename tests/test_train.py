@@ -354,6 +354,15 @@ def test_keep_best_keeps_the_model_of_the_lowest_validation_loss(tmp_path, monke
     assert all(torch.equal(reloaded[k], v) for k, v in saved[6].items())
     assert not torch.equal(GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "final").transformer.wte.weight,
                            reloaded["transformer.wte.weight"])
+    # Resumed with keep_best new to it, a run that never beats the best it resumed with names no best/.
+    resumed = tmp_path / "resumed"
+    Trainer(args=run_config(resumed, train={"max_steps": 2}), train_dataset=Sequences(),
+            eval_dataset=Sequences(16, seed=1)).train()
+    config = run_config(resumed, train={"max_steps": 3}, checkpoint={"keep_best": True, "resume": "auto"})
+    trainer = Trainer(args=config, train_dataset=Sequences(), eval_dataset=Sequences(16, seed=1))
+    monkeypatch.setattr(trainer, "_evaluate_dataset", lambda dataset, max_batches=None: {"val_loss": 99.0,
+                                                                                         "val_ppl": 1e43})
+    assert "best_model" not in trainer.train() and not (resumed / "run" / "best").exists()
     with pytest.raises(ValueError, match="checkpoint.keep_best: no validation data"):
         Trainer(args=run_config(tmp_path / "novalidation", checkpoint={"keep_best": True}),
                 train_dataset=Sequences()).train()
@@ -386,6 +395,24 @@ def test_sentence_pairs_train_and_evaluate_by_their_columns(tmp_path):
     assert report == 0 and "val_accuracy" in summary
     with pytest.raises(ConfigError, match="data.text_pair_key: sentence pairs are text_classification data"):
         run_config(tmp_path, data={"text_pair_key": "hypothesis"})
+
+
+def test_val_fraction_holds_out_examples_of_a_dataset_passed_in(tmp_path):
+    config = run_config(tmp_path, train={"max_steps": 2}, data={"val_fraction": 0.25})
+    trainer = Trainer(args=config, train_dataset=Sequences(64))
+    summary = trainer.train()
+    assert (len(trainer._datasets["train"]), len(trainer._datasets["val"])) == (48, 16) and "val_loss" in summary
+
+
+def test_a_tokenizer_trained_for_a_classification_file(tmp_path):
+    """data.tokenizer_vocab_size learns from the file as text (the table refusal of raw corpora broke this)."""
+    train = _sentiment_file(tmp_path / "train.tsv", 40, seed=0)
+    config = run_config(tmp_path, task="text_classification", data={"train": str(train), "tokenizer_vocab_size": 300},
+                        model={"config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32}},
+                        train={"max_steps": 1, "micro_batch_size": 8})
+    trainer = Trainer(args=config)
+    trainer.train()
+    assert trainer.tokenizer.vocab_size == 300
 
 
 def test_val_fraction_holds_out_classification_examples(tmp_path):

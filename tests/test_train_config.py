@@ -59,6 +59,8 @@ def test_text_overrides_are_taken_as_typed(tmp_path):
                                             r"is optim.lr;"),
     ("", [("load_checkpoint", "x")], r"--load_checkpoint: unknown key; gpt2kit's key for it is model.checkpoint;"),
     ("", [("block_size", "128")], r"--block_size: unknown key; gpt2kit's key for it is data.seq_len;"),
+    ("model:\n  config:\n    block_size: 128\n", [], r"model.config.block_size: not a GPT2Config field; gpt2kit's "
+                                                    r"key for it is n_positions"),
     ("train:\n  max_steps: ten\n", [], r"run.yaml:2: train.max_steps: expected int, got 'ten'"),
     ("optim:\n  betas: [0.9]\n", [], r"optim.betas: expected tuple\[float, float\]"),
     ("train: 5\n", [], r"train: expected a mapping"),

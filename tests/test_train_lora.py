@@ -298,3 +298,49 @@ def test_peft_adapters_merge_from_bin_files_and_without_gpt2kit_config(tmp_path,
         peft_model.eval()
         with torch.no_grad():
             torch.testing.assert_close(merged(x).logits, peft_model(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_lora_output_is_a_base_for_classification_and_a_moved_base_is_named(tmp_path, base_dir):
+    Trainer(args=lora_config(tmp_path, base_dir, max_steps=2), train_dataset=Sequences()).finetune()
+    final = tmp_path / "run" / "final"
+    merged = GPT2LMHeadModel.from_pretrained(final)
+    config = lora_config(tmp_path, final, name="cls", max_steps=1)  # a classifier finetuned from the adapted LM
+    config.task, config.pet_method = "text_classification", "none"
+    assert Trainer(args=config, train_dataset=Sequences(classify=True)).finetune()["steps"] == 1
+    # It starts from the adapted weights (a CheckpointError "no weights found" before).
+    assert torch.equal(load_classifier_weights(final), merged.transformer.h[0].attn.c_attn.weight)
+    base_dir.rename(tmp_path / "moved")
+    with pytest.raises(CheckpointError, match=r"LoRA adapters of the base model .*base, which is not found .* pass "
+                                              r"where it is now"):
+        GPT2LMHeadModel.from_pretrained(final)
+    again = GPT2LMHeadModel.from_pretrained(final, base_model=tmp_path / "moved")
+    assert torch.equal(again.transformer.wte.weight, merged.transformer.wte.weight)
+
+
+def load_classifier_weights(directory):
+    from gpt2kit.training.trainer import load_classifier
+
+    return load_classifier(directory, num_labels=2).transformer.h[0].attn.c_attn.weight
+
+
+def test_a_lora_classifier_keeps_its_classes(tmp_path, base_dir):
+    config = lora_config(tmp_path, base_dir, max_steps=2)
+    config.task = "text_classification"
+    Trainer(args=config, train_dataset=Sequences(classify=True)).finetune()
+    final = tmp_path / "run" / "final"
+    assert GPT2ForSequenceClassification.from_pretrained(final, num_labels=2).config.num_labels == 2
+    with pytest.raises(CheckpointError, match=r"trained for the classes \{0: 'even', 1: 'odd'\}; num_labels cannot"):
+        GPT2ForSequenceClassification.from_pretrained(final, num_labels=3)
+
+
+def test_adapters_over_a_bf16_base_merge_in_float32(tmp_path, base_dir):
+    Trainer(args=lora_config(tmp_path, base_dir, max_steps=2), train_dataset=Sequences()).finetune()
+    final = tmp_path / "run" / "final"
+    GPT2LMHeadModel.from_pretrained(base_dir, dtype=torch.bfloat16).save_pretrained(base_dir)
+    assert GPT2LMHeadModel.from_pretrained(final).dtype == torch.bfloat16  # the base's dtype by default
+    merged = GPT2LMHeadModel.from_pretrained(final, dtype="float32")
+    adapter = load_weight_file(final / "adapter_model.safetensors")
+    prefix = "base_model.model.transformer.h.0.attn.c_attn."
+    delta = adapter[prefix + "lora_B.weight"] @ adapter[prefix + "lora_A.weight"] * (8 / 4)  # alpha / rank
+    base = GPT2LMHeadModel.from_pretrained(base_dir).transformer.h[0].attn.c_attn.weight.float()
+    torch.testing.assert_close(merged.transformer.h[0].attn.c_attn.weight, base + delta, rtol=0, atol=1e-6)

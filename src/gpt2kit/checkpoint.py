@@ -358,12 +358,12 @@ def _load_adapted(cls: type[M], model_dir: Path, *, dtype: torch.dtype | None,
                               f"not of a {wanted}: load them with "
                               f"{'GPT2ForSequenceClassification' if classifier else 'GPT2LMHeadModel'}")
     try:
-        model = load_merged(model_dir, **config_overrides)
+        model = load_merged(model_dir, dtype=dtype, **config_overrides)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
     if cls.__name__ == "GPT2Model":  # the transformer alone, as from a full checkpoint
         model = model.transformer
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device).eval()
 
 
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -70,10 +70,10 @@ class GPT2Config:
             raise ValueError(f"layer_norm_epsilon must be a number > 0, got {self.layer_norm_epsilon!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+        if self.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
             raise ValueError(
                 f"activation_function {self.activation_function!r} is not supported: GPT-2 uses the tanh "
-                "approximation of GELU ('gelu_new')")
+                "approximation of GELU ('gelu_new'); exact GELU ('gelu') is supported too")
         # reorder_and_upcast_attn is accepted: it only makes transformers compute half-precision attention scores
         # in float32, which gpt2kit's attention (SDPA, accumulating in float32) does anyway.
         for name, supported, meaning in (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -127,6 +128,9 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer)
     if is_inference_only(lm):
         raise ValueError("GGUF export needs the float weights: export the model before quantizing or packing it")
+    if lm.config.activation_function == "gelu":
+        warnings.warn("the model uses exact GELU (activation_function 'gelu', nanoGPT's); llama.cpp's gpt2 computes "
+                      "its tanh approximation, so its logits will differ slightly from gpt2kit's", stacklevel=2)
     config = lm.config
     pre_tokenizer = gguf_pre_tokenizer(tok)  # checked before anything is computed or written
     tokens, types, merges = gguf_vocabulary(tok, config.vocab_size)

@@ -117,7 +117,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.c_fc = Linear(config.n_embd, config.mlp_dim)
-        self.act = nn.GELU(approximate="tanh")  # GPT-2's weights were trained with this approximation ("gelu_new")
+        # GPT-2's weights were trained with the tanh approximation ("gelu_new"); "gelu" is the exact one (nanoGPT's).
+        self.act = nn.GELU(approximate="none" if config.activation_function == "gelu" else "tanh")
         self.c_proj = Linear(config.mlp_dim, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 

@@ -1,7 +1,7 @@
 """nanoGPT checkpoints in: `out/ckpt.pt` as its train.py saves it, converted to an HF-format directory.
 
 nanoGPT's GPT is GPT-2 with the same parameter names as gpt2kit's model (nn.Linear projections, `transformer.`
-prefix, tied LM head); its `model_args` give the shape. Only the weights are read, with `weights_only=True` (the
+prefix, tied LM head) and exact GELU (`nn.GELU()`, transformers' "gelu"); its `model_args` give the shape. Only the weights are read, with `weights_only=True` (the
 file is a pickle: nothing in it may run code). A model trained without biases (`bias=False`) gets zero biases,
 which compute the same function. A character-level vocabulary (nanoGPT's data/*/meta.pkl, another pickle) is not
 read: pass such a model its tokenizer yourself; a model of GPT-2's vocabulary (50257 ids, or nanoGPT's 50304
@@ -51,7 +51,7 @@ def read_nanogpt(path: str | os.PathLike) -> GPT2LMHeadModel:
     try:
         config = GPT2Config(n_layer=args["n_layer"], n_head=args["n_head"], n_embd=args["n_embd"],
                             n_positions=args["block_size"], vocab_size=args["vocab_size"], resid_pdrop=dropout,
-                            embd_pdrop=dropout, attn_pdrop=dropout)
+                            embd_pdrop=dropout, attn_pdrop=dropout, activation_function="gelu")  # nn.GELU()
     except ValueError as err:
         raise CheckpointError(f"{path}: model_args: {err}") from None
     state = {key.removeprefix(_COMPILED_PREFIX): tensor for key, tensor in checkpoint["model"].items()}

@@ -188,7 +188,8 @@ AG_NEWS_CLASSES = ("World", "Sports", "Business", "Sci/Tech")
 CLASSIFICATION_FORMATS = ("sst2", "cola", "agnews", "csv")
 _KNOWN_NAMES = {"sst2": ("negative", "positive"), "cola": ("unacceptable", "acceptable"), "agnews": AG_NEWS_CLASSES}
 _TEXT_COLUMNS = ("text", "sentence", "review", "content", "document")
-_LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category")
+# GLUE's pair tasks name theirs Quality (MRPC), is_duplicate (QQP) and gold_label (MNLI, SNLI).
+_LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "category", "quality", "is_duplicate", "gold_label")
 
 
 def _sniff_format(path: Path, text: str) -> str:
@@ -206,10 +207,11 @@ def _sniff_format(path: Path, text: str) -> str:
 
 
 def _pick_column(header: list[str], wanted: Sequence[str], what: str, path: Path) -> int:
+    """The first of the `wanted` column names in the header, in any case."""
     lowered = [h.strip().lower() for h in header]
     for name in wanted:
-        if name in lowered:
-            return lowered.index(name)
+        if name.strip().lower() in lowered:
+            return lowered.index(name.strip().lower())
     raise DataError(f"{path}:1: no {what} column in header {header}; expected one of {', '.join(wanted)}")
 
 

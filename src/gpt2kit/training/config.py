@@ -257,7 +257,7 @@ class RunConfig:
         hints = _model_config_hints()
         for key, value in self.model.config.items():
             if key not in hints:
-                raise bad(f"model.config.{key}", f"not a GPT2Config field{_suggest(key, hints)}")
+                raise bad(f"model.config.{key}", f"not a GPT2Config field{_suggest(key, hints, MODEL_PEER_KEYS)}")
             self.model.config[key] = _coerce(value, hints[key], _locate(source, lines or {}, f"model.config.{key}"))
         if self.model.name in PRESETS and self.model.checkpoint is None:  # else the config is read from a directory
             try:
@@ -330,9 +330,13 @@ PEER_KEYS = {
 }
 
 
-def _suggest(key: str, choices: typing.Iterable[str]) -> str:
-    if key in PEER_KEYS:
-        return f"; gpt2kit's key for it is {PEER_KEYS[key]}"
+# The same inside model.config, where nanoGPT's GPTConfig names are model fields.
+MODEL_PEER_KEYS = {"block_size": "n_positions", "dropout": "resid_pdrop (and embd_pdrop, attn_pdrop)"}
+
+
+def _suggest(key: str, choices: typing.Iterable[str], peers: dict[str, str] = PEER_KEYS) -> str:
+    if key in peers:
+        return f"; gpt2kit's key for it is {peers[key]}"
     close = difflib.get_close_matches(key, list(choices), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..files import atomic_directory, check_output_directory
@@ -134,22 +135,27 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
 
 def _adapter_base(adapter_dir: Path, base_model: str | os.PathLike | None):
     """The adapter's peft config and its base model's directory: `base_model`, else the one the config records."""
-    from ..checkpoint import resolve_model_dir
+    from ..checkpoint import CheckpointError, resolve_model_dir
 
     config = read_adapter_config(adapter_dir)
     base = base_model or config.base_model_name_or_path
     if not base:
         raise ValueError(f"{adapter_dir}: the adapter config names no base model; pass the model it was trained on "
                          "(--base DIR, base_model=)")
-    return config, resolve_model_dir(base)
+    try:
+        return config, resolve_model_dir(base)
+    except CheckpointError as err:
+        raise ValueError(f"{adapter_dir}: LoRA adapters of the base model {base}, which is not found ({err}); pass "
+                         "where it is now (gpt2kit lora merge --base DIR, or from_pretrained(..., base_model=DIR))"
+                         ) from None
 
 
 def load_merged(adapter_dir: str | os.PathLike, *, base_model: str | os.PathLike | None = None,
-                **config_overrides) -> nn.Module:
+                dtype: torch.dtype | None = None, **config_overrides) -> nn.Module:
     """The adapted model in memory: its base (`base_model`, else the one recorded at training) with the LoRA
-    adapters folded in, as a plain GPT2LMHeadModel or GPT2ForSequenceClassification in the base's dtype. It takes
-    the adapted model's config (model_config.json: the run's overrides, a classifier's labels), then
-    `config_overrides`."""
+    adapters folded in, as a plain GPT2LMHeadModel or GPT2ForSequenceClassification in `dtype` (default the
+    base's; the merge itself runs in float32). It takes the adapted model's config (model_config.json: the run's
+    overrides, a classifier's labels), then `config_overrides`."""
     from peft.tuners.lora import LoraModel
 
     from ..config import GPT2Config
@@ -163,7 +169,12 @@ def load_merged(adapter_dir: str | os.PathLike, *, base_model: str | os.PathLike
     # as its own arguments, other keys (architectures, ...) come from the base.
     labels = ("extra", "num_labels", "id2label", "label2id")
     overrides = {k: v for k, v in vars(trained).items() if k not in labels} if trained is not None else {}
-    overrides.update(config_overrides)
+    overrides.update({k: v for k, v in config_overrides.items() if k not in labels})
+    asked = {k: config_overrides[k] for k in labels if k in config_overrides}
+    if trained is not None and any(getattr(trained, k) != v for k, v in asked.items()):
+        # Its head was trained with the adapters: other classes would be another model (merge, then start anew).
+        raise ValueError(f"{adapter_dir}: the adapters were trained for the classes {trained.id2label}; "
+                         f"{', '.join(asked)} cannot change them here")
     if str(config.task_type).endswith("SEQ_CLS"):
         from .trainer import load_classifier  # a fresh head; the adapter directory holds the trained one
 
@@ -177,12 +188,13 @@ def load_merged(adapter_dir: str | os.PathLike, *, base_model: str | os.PathLike
             model = load_classifier(base_dir, num_labels=head.shape[0], **overrides)
     else:
         model = GPT2LMHeadModel.from_pretrained(base_dir, **overrides)
-    wrapper = LoraModel(model, config, "default")
+    dtype = dtype or model.dtype
+    wrapper = LoraModel(model.float(), config, "default")  # a low-precision merge would round small updates away
     load_adapter_weights(model, adapter_dir)
     merged = wrapper.merge_and_unload()
     if hasattr(merged, "tie_weights"):
         merged.tie_weights()
-    return merged.requires_grad_(True).eval()  # peft froze the base; a loaded model trains as any other
+    return merged.to(dtype).requires_grad_(True).eval()  # peft froze the base; a loaded model trains as any other
 
 
 def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,

@@ -45,8 +45,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..allocator import allocator_in_use
-from ..checkpoint import (CheckpointError, hf_to_gpt2kit, load_config, load_state_dict, resolve_model_dir,
-                          save_pretrained)
+from ..checkpoint import (CheckpointError, hf_to_gpt2kit, is_adapter_dir, load_config, load_state_dict,
+                          resolve_model_dir, save_pretrained)
 from ..config import PRESETS, GPT2Config
 from ..conversation import ALPACA
 from ..files import atomic_write_text, replace_directory, standard_json
@@ -97,7 +97,10 @@ def load_classifier(model_dir: str | os.PathLike, *, num_labels: int, id2label: 
     config = load_config(model_dir).replace(**config_overrides)
     _set_labels(config, num_labels, id2label)
     model = GPT2ForSequenceClassification(config)
-    state = hf_to_gpt2kit(load_state_dict(model_dir), model)
+    if is_adapter_dir(model_dir):  # a LoRA run's output: the weights of the model it adapts, merged
+        state = lora_lib.load_merged(model_dir).state_dict()
+    else:
+        state = hf_to_gpt2kit(load_state_dict(model_dir), model)
     state.pop("lm_head.weight", None)
     if "score.weight" in state and state["score.weight"].shape[0] != num_labels:
         print(f"{model_dir}: classification head has {state['score.weight'].shape[0]} labels, the data "
@@ -313,7 +316,10 @@ class Trainer:
         if (Path(d.train) / "meta.json").is_file():
             raise ValueError(f"data.tokenizer_vocab_size: data.train {d.train} is already tokenized; a tokenizer "
                              "is trained on raw text")
-        settings = dict(vocab_size=d.tokenizer_vocab_size, format=d.format, text_key=d.text_key, errors=d.errors)
+        # Classification and instruction files are learned from as they are, as text (their formats are not
+        # corpus formats).
+        fmt = d.format if self._kind == "pretrain" else "text"
+        settings = dict(vocab_size=d.tokenizer_vocab_size, format=fmt, text_key=d.text_key, errors=d.errors)
         if tokenizer_is_current(d.tokenizer, [d.train], **settings):
             return
         train_tokenizer([d.train], d.tokenizer, **settings)
@@ -364,7 +370,8 @@ class Trainer:
                 train = self._instructions("data.train", d.train, max_length)
             if val is None and d.val is not None:
                 val = self._instructions("data.val", d.val, max_length)
-        if kind != "pretrain" and d.val_fraction and val is None:
+        # Raw text is split as it is tokenized (by document); examples, and datasets passed in, here.
+        if d.val_fraction and val is None and (kind != "pretrain" or self._given_datasets):
             train, val = held_out(train, d.val_fraction, self.config.seed)
         self._datasets = {"train": train, "val": val}
 
@@ -756,7 +763,9 @@ class Trainer:
             "allocator": allocator_in_use(),
             "best_val_loss": self._recorded_best_val_loss(), **final_eval,
             "checkpoint": str(self.last_checkpoint), "final_model": str(final_dir),
-            **({"best_model": str(self.out_dir / BEST_DIR)} if c.checkpoint.keep_best else {}),
+            # Not when a resumed run, with keep_best new to it, never beat the best it resumed with.
+            **({"best_model": str(self.out_dir / BEST_DIR)} if (self.out_dir / BEST_DIR).is_dir()
+               and c.checkpoint.keep_best else {}),
             "metrics": str(logger.path),
         }
         if self.is_main and c.log.plot:
