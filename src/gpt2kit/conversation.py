@@ -2,7 +2,7 @@
 
 GPT-2 has no chat template of its own. `gpt2kit chat`, the server's /v1/chat/completions, the pipeline's chat
 input and `apply_chat_template` all write a conversation in the format of the tokenizer's `chat_template`
-(tokenizer_config.json, as transformers keeps it):
+(chat_template.jinja or tokenizer_config.json, where transformers keeps it):
 
 - "plain" (no template): one line per turn, "User: ..." and "Assistant: ...", a system message as plain text,
   ending with "Assistant:" for the model to continue. A reply ends where the model starts the next user line and

@@ -676,7 +676,8 @@ class GPT2Tokenizer:
     def chat_format(self) -> ChatFormat:
         """How this tokenizer's model reads conversations (gpt2kit.conversation: plain, alpaca, or its Jinja
         chat_template)."""
-        return chat_format(self.chat_template, eos_token=self.eos_token, bos_token=self.bos_token)
+        return chat_format(self.chat_template, eos_token=self.eos_token, bos_token=self.bos_token,
+                           unk_token=self.unk_token, pad_token=self.pad_token)
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, tokenize: bool = True,
                             add_generation_prompt: bool = True,
