@@ -107,3 +107,18 @@ def test_a_model_template_renders_and_tokenizes_as_in_transformers(tmp_path):
     ours.chat_template = "{{ messages[0]['content'] + loop }}"  # a TypeError inside the template
     with pytest.raises(ValueError, match="^chat_template: "):
         ours.apply_chat_template(messages)
+
+
+@pytest.mark.parametrize("prefill", ["<", "end", "", "Sure, "])
+def test_a_continued_message_ends_where_transformers_ends_it(tmp_path, prefill):
+    """The cut is after the message itself, not at a later place its text recurs (ChatML's closing tags)."""
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if tools is not none %}[TOOLS]{% endif %}")
+    tok = GPT2Tokenizer.gpt2()
+    tok.chat_template = chatml
+    tok.save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": prefill}]
+    ours = tok.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert ours == hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert ours.endswith("assistant\n" + prefill) and "[TOOLS]" not in ours  # tools is none, as there

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+import transformers
 
 from gpt2kit import GPT2Config, GPT2ForSequenceClassification, GPT2Tokenizer
 from gpt2kit.data import ClassificationDataset
@@ -191,6 +192,7 @@ def test_text_classification_pipeline_labels_and_scores_as_transformers_shapes_t
     GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "clf")
     model = GPT2ForSequenceClassification.from_pretrained(tmp_path / "clf")
     tok = GPT2Tokenizer.gpt2()
+    tok.save_pretrained(tmp_path / "clf")  # for transformers' pipeline below
     texts = ["a gem of a film", "dull", "  it is what it is "]
     pipe = pipeline("text-classification", model=str(tmp_path / "clf"))
     with torch.no_grad():  # each text alone, stripped as training strips it
@@ -211,8 +213,15 @@ def test_text_classification_pipeline_labels_and_scores_as_transformers_shapes_t
     assert [len(labels) for labels in pipe(texts, top_k=1)] == [1, 1, 1]  # top_k given: a list per text
     every = pipeline("text-classification", model=str(tmp_path / "clf"), top_k=None)  # a default of each call
     assert [len(labels) for labels in every(texts)] == [3, 3, 3]
+    # Every input shape against transformers' pipeline on the same directory.
+    theirs = {top_k: transformers.pipeline("text-classification", model=str(tmp_path / "clf"), **top_k_option)
+              for top_k, top_k_option in (("unset", {}), ("none", {"top_k": None}))}
+    for item in (texts[0], texts, {"text": "a gem", "text_pair": "dull"}):
+        for call in ({}, {"top_k": 1}, {"top_k": None}):
+            assert shapes(pipe(item, **call)) == shapes(theirs["unset"](item, **call)), (item, call)
+        assert shapes(every(item)) == shapes(theirs["none"](item)), item
     # transformers' sentence pairs: one text, a sentence per line, as training joins a pair.
-    assert pipe({"text": " a gem ", "text_pair": "dull"}) == pipe("a gem\ndull")
+    assert [pipe({"text": " a gem ", "text_pair": "dull"})] == pipe("a gem\ndull")  # one pair: the bare dict
     assert pipe([{"text": "a gem", "text_pair": "dull"}, {"text": "fine"}]) == pipe(["a gem\ndull", "fine"])
     with pytest.raises(ValueError, match="expected a text or {'text': ..., 'text_pair': ...}"):
         pipe({"sentence": "a gem"})
@@ -221,6 +230,13 @@ def test_text_classification_pipeline_labels_and_scores_as_transformers_shapes_t
         pipe(texts, top_k=0)
     with pytest.raises(ValueError, match="text_classification runs a trained classifier"):
         pipeline("text_classification", model=str(tmp_path / "clf"), quantize="int8")
+
+
+def shapes(result):
+    """The nesting of a pipeline's result, labels and scores left out."""
+    if isinstance(result, list):
+        return [shapes(item) for item in result]
+    return sorted(result) if isinstance(result, dict) else type(result).__name__
 
 
 def test_a_language_model_starts_a_new_head_only_when_given_its_classes(tmp_path):

@@ -97,20 +97,15 @@ class ChatFormat:
         message ends, for the model to carry it on (transformers' rule: cut after that message's content)."""
         if not continue_final_message:
             return self.render(turns, add_generation_prompt)
-        text, content = self.render(turns, False), turns[-1][1]
-        if not content.strip():  # nothing to find: the place of the message, by a marker in its stead
-            marker = "\ue000gpt2kit-final-message\ue000"
-            marked = self.render([*turns[:-1], (turns[-1][0], marker)], False)
-            if marker not in marked:
-                raise ValueError("continue_final_message: the chat template does not show the last message")
-            return marked[:marked.index(marker)] + content
-        # transformers' rule: cut after the last place the message's text appears, keeping its trailing space
-        # unless the template trimmed it.
-        if content.strip() not in text:
+        # transformers' rule: a tag after the message's content marks where it ends; a template that trims the
+        # content trims the tag's space too, and the text then ends without trailing whitespace.
+        tag = "CONTINUE_FINAL_MESSAGE_TAG "
+        (role, content) = turns[-1]
+        text = self.render([*turns[:-1], (role, content + tag)], False)
+        if content.strip() not in text or tag.strip() not in text:
             raise ValueError("continue_final_message: the chat template does not show the last message")
-        at = text.rindex(content.strip())
-        kept = content.lstrip() if text[at:at + len(content.lstrip())] == content else content.strip()
-        return text[:at + len(kept)]
+        at = text.rindex(tag.strip())
+        return text[:at] if text[at:at + len(tag)] == tag else text[:at].rstrip()
 
     def reply_stops(self, stop: Sequence[str] | None) -> list[str]:
         """The stop strings that end a reply: the format's own, then the caller's."""
@@ -167,7 +162,8 @@ def _jinja_renderer(template: str, variables: dict[str, str]) -> Callable[[Turns
     def render(turns: Turns, add_generation_prompt: bool) -> str:
         messages = [{"role": role, "content": content} for role, content in turns]
         try:
-            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                   documents=None, **variables)
         except Exception as err:  # the template is code: any failure of it is the template's, not a crash
             raise ValueError(f"chat_template: {err}") from None
 

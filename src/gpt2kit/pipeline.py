@@ -269,9 +269,10 @@ _TOP_LABEL = object()  # top_k not given: transformers' first shape, one dict pe
 class TextClassificationPipeline:
     """Call with a text, a list of texts, or sentence pairs as transformers takes them ({"text", "text_pair"}, or a
     list of those; the pair is one text, a sentence per line, as training joins it). Returns what transformers'
-    pipeline("text-classification") does: without `top_k`, each text's most likely label and its score
-    ([{"label", "score"}] for one text, one such dict per text of a list); with `top_k` (None: every label), the top
-    labels of each text, best first (a list for one text, a list of lists for several). Scores are the softmax
+    pipeline("text-classification") does, shapes included: without `top_k`, each text's most likely label and
+    its score (one such dict per text of a list; [{"label", "score"}] for one text, the bare dict for one pair);
+    with `top_k` (None: every label), the top labels of each text, best first (a list for one text, a list of
+    lists for several; one text with `top_k` given to the pipeline only is wrapped in a list once more, as there). Scores are the softmax
     over the classes (a sigmoid per class for one output or multi-label models). Texts are encoded as training
     encodes them (gpt2kit.evaluation.classification.classify). `top_k` and `batch_size` given here are the
     defaults of every call."""
@@ -291,7 +292,8 @@ class TextClassificationPipeline:
         texts = [_pair_text(item) for item in ([inputs] if single else list(inputs))]
         if not texts:
             raise ValueError("expected a text, a list of texts or {'text', 'text_pair'} pairs, got an empty list")
-        top_k = self.top_k if top_k is _TOP_LABEL else top_k
+        call_top_k = top_k is not _TOP_LABEL
+        top_k = top_k if call_top_k else self.top_k
         _check_top_k(top_k)
         batch_size = self.batch_size if batch_size is None else batch_size
         _check_call_options(True, batch_size)
@@ -302,10 +304,11 @@ class TextClassificationPipeline:
         names = config.id2label or {}
         ranked = [[{"label": names.get(i, f"LABEL_{i}"), "score": float(row[i])}
                    for i in row.argsort(descending=True).tolist()] for row in scores]
-        if top_k is _TOP_LABEL:
-            return [labels[0] for labels in ranked]
-        ranked = [labels[:top_k] for labels in ranked]
-        return ranked[0] if single else ranked
+        results = [labels[0] if top_k is _TOP_LABEL else labels[:top_k] for labels in ranked]
+        if not single:
+            return results
+        # transformers' own quirk: one text without top_k in the call comes back in a list, a pair does not.
+        return [results[0]] if isinstance(inputs, str) and not call_top_k else results[0]
 
 
 def _check_top_k(top_k: Any) -> None:

@@ -677,7 +677,7 @@ class GPT2Tokenizer:
         """How this tokenizer's model reads conversations (gpt2kit.conversation: plain, alpaca, or its Jinja
         chat_template)."""
         return chat_format(self.chat_template, eos_token=self.eos_token, bos_token=self.bos_token,
-                           unk_token=self.unk_token, pad_token=self.pad_token)
+                           unk_token=self.unk_token)
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], *, tokenize: bool = True,
                             add_generation_prompt: bool = True,
