@@ -1,11 +1,11 @@
 """nanoGPT checkpoints in: `out/ckpt.pt` as its train.py saves it, converted to an HF-format directory.
 
 nanoGPT's GPT is GPT-2 with the same parameter names as gpt2kit's model (nn.Linear projections, `transformer.`
-prefix, tied LM head) and exact GELU (`nn.GELU()`, transformers' "gelu"); its `model_args` give the shape. Only the weights are read, with `weights_only=True` (the
-file is a pickle: nothing in it may run code). A model trained without biases (`bias=False`) gets zero biases,
-which compute the same function. A character-level vocabulary (nanoGPT's data/*/meta.pkl, another pickle) is not
-read: pass such a model its tokenizer yourself; a model of GPT-2's vocabulary (50257 ids, or nanoGPT's 50304
-padding) gets the bundled GPT-2 tokenizer files.
+prefix, tied LM head) and exact GELU (`nn.GELU()`, transformers' "gelu"); its `model_args` give the shape. Only
+the weights are read, with `weights_only=True` (the file is a pickle: nothing in it may run code). A model trained
+without biases (`bias=False`) gets zero biases, which compute the same function. A character-level vocabulary
+(nanoGPT's data/*/meta.pkl, another pickle) is not read: pass such a model its tokenizer yourself; a model of
+GPT-2's vocabulary (50257 ids, or nanoGPT's 50304 padding) gets the bundled GPT-2 tokenizer files.
 """
 
 from __future__ import annotations

@@ -272,10 +272,10 @@ class TextClassificationPipeline:
     pipeline("text-classification") does, shapes included: without `top_k`, each text's most likely label and
     its score (one such dict per text of a list; [{"label", "score"}] for one text, the bare dict for one pair);
     with `top_k` (None: every label), the top labels of each text, best first (a list for one text, a list of
-    lists for several; one text with `top_k` given to the pipeline only is wrapped in a list once more, as there). Scores are the softmax
-    over the classes (a sigmoid per class for one output or multi-label models). Texts are encoded as training
-    encodes them (gpt2kit.evaluation.classification.classify). `top_k` and `batch_size` given here are the
-    defaults of every call."""
+    lists for several; one text with `top_k` given to the pipeline only is wrapped in a list once more, as
+    there). Scores are the softmax over the classes (a sigmoid per class for one output or multi-label models).
+    Texts are encoded as training encodes them (gpt2kit.evaluation.classification.classify). `top_k` and
+    `batch_size` given here are the defaults of every call."""
 
     def __init__(self, model: GPT2ForSequenceClassification, tokenizer: GPT2Tokenizer, *,
                  max_length: int | None = None, batch_size: int = 8, top_k: Any = _TOP_LABEL) -> None:
