@@ -402,6 +402,8 @@ def test_val_fraction_holds_out_examples_of_a_dataset_passed_in(tmp_path):
     trainer = Trainer(args=config, train_dataset=Sequences(64))
     summary = trainer.train()
     assert (len(trainer._datasets["train"]), len(trainer._datasets["val"])) == (48, 16) and "val_loss" in summary
+    with pytest.raises(ValueError, match="data.val_fraction holds out validation examples when there is no data.val"):
+        Trainer(args=config, train_dataset=Sequences(64), eval_dataset=Sequences(16, seed=1)).train()
 
 
 def test_a_tokenizer_trained_for_a_classification_file(tmp_path):

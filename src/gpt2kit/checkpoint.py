@@ -225,7 +225,8 @@ def gpt2kit_to_hf(model: nn.Module, state: dict[str, torch.Tensor] | None = None
 
 
 # ---- loading a model ----------------------------------------------------------------------------------------
-# A LoRA run's output (gpt2kit.training.lora): the adapters, the adapted model's config, no weights of its own.
+# A LoRA run's output (gpt2kit.training.lora): the adapters, the adapted model's GPT2Config (a classifier's labels,
+# the run's overrides), no weights of its own.
 ADAPTER_CONFIG_NAME, ADAPTED_CONFIG_NAME = "adapter_config.json", "model_config.json"
 
 

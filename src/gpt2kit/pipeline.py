@@ -108,6 +108,20 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
     return lm, tok
 
 
+def load_classifier_and_tokenizer(model: str | os.PathLike | GPT2ForSequenceClassification, *,
+                                  tokenizer: str | os.PathLike | GPT2Tokenizer | None = None,
+                                  dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
+                                  ) -> tuple[GPT2ForSequenceClassification, GPT2Tokenizer]:
+    """A finetuned classifier (a directory, or the model itself as it is) and its tokenizer: the one given, else
+    the directory's vocabulary files, else GPT-2's."""
+    if isinstance(model, GPT2ForSequenceClassification):
+        return model, tokenizer_for(None, tokenizer)
+    model_dir = resolve_model_dir(model)
+    classifier = GPT2ForSequenceClassification.from_pretrained(model_dir, dtype=parse_dtype(dtype),
+                                                               device=parse_device(device))
+    return classifier, tokenizer_for(model_dir, tokenizer)
+
+
 Conversation = Sequence[dict[str, str]]  # [{"role": "user", "content": "..."}, ...]
 
 
@@ -334,20 +348,15 @@ def pipeline(task: str, model: str | os.PathLike | GPT2LMHeadModel | GPT2ForSequ
     """`pipeline("text_generation", model="runs/demo/final")("ROMEO:", max_new_tokens=40)`. `defaults` are
     generation options every call starts from; `backend="onnx"` runs an exported directory in onnxruntime.
     `pipeline("text_classification", model="runs/sst2/final")("a gem of a film")` classifies with a trained
-    classifier (options: max_length, batch_size)."""
+    classifier (options: max_length, batch_size, top_k)."""
     kind = task.replace("-", "_")
     if kind == "text_classification":
         if random_init or backend != "torch" or quantize or pack_weights:
             raise ValueError("text_classification runs a trained classifier (a directory or a "
                              "GPT2ForSequenceClassification) with the torch backend: random_init, backend, quantize "
                              "and pack_weights do not apply")
-        if isinstance(model, GPT2ForSequenceClassification):
-            classifier, model_dir = model, None
-        else:
-            model_dir = resolve_model_dir(model)
-            classifier = GPT2ForSequenceClassification.from_pretrained(model_dir, dtype=parse_dtype(dtype),
-                                                                       device=parse_device(device))
-        return TextClassificationPipeline(classifier, tokenizer_for(model_dir, tokenizer), **defaults)
+        return TextClassificationPipeline(*load_classifier_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype,
+                                                                         device=device), **defaults)
     if kind != "text_generation":
         raise ValueError(f"unknown pipeline task {task!r}; expected 'text_generation' or 'text_classification'")
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,

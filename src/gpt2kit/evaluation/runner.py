@@ -12,23 +12,12 @@ import torch
 
 import gpt2kit
 
-from ..checkpoint import parse_dtype, resolve_model_dir
 from ..files import check_output_file, require_file, sha256_file
-from ..model import GPT2ForSequenceClassification
-from ..pipeline import load_model_and_tokenizer, parse_device
-from ..tokenizer import GPT2Tokenizer, tokenizer_for
+from ..pipeline import load_classifier_and_tokenizer, load_model_and_tokenizer
 from . import classification, lambada, perplexity
 from .report import summary_line, write_report
 
 TASKS = ("wikitext", "perplexity", "lambada", "classification")
-
-
-def load_classifier(model: str | os.PathLike, tokenizer: str | os.PathLike | None, *, device: str = "cpu",
-                    dtype: torch.dtype | None = None) -> tuple[GPT2ForSequenceClassification, GPT2Tokenizer]:
-    """A finetuned classifier and its tokenizer (given, else the model directory's, else GPT-2's)."""
-    model_dir = resolve_model_dir(model)
-    classifier = GPT2ForSequenceClassification.from_pretrained(model_dir, device=parse_device(device), dtype=dtype)
-    return classifier, tokenizer_for(model_dir, tokenizer)
 
 
 def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
@@ -66,7 +55,7 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
         if random_init or quantize or pack_weights:
             raise ValueError("random_init, quantize and pack_weights are for language-model tasks; classification "
                              "loads a finetuned classifier as it is")
-        net, tok = load_classifier(model, tokenizer, device=device, dtype=parse_dtype(dtype))
+        net, tok = load_classifier_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device)
     else:
         net, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
                                             random_init=random_init, quantize=quantize,

@@ -14,14 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import ADAPTED_CONFIG_NAME, ADAPTER_CONFIG_NAME
 from ..files import atomic_directory, check_output_directory
 from ..quantization import check_trainable
 from .config import LoraArgs
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_BIN_NAME = "adapter_model.bin"  # what peft writes with safe_serialization=False
-MODEL_CONFIG_NAME = "model_config.json"  # the adapted model's GPT2Config (labels of a classifier, vocab)
 _PREFIX = "base_model.model."  # what PeftModel puts in front of module names
 
 
@@ -85,11 +84,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    owned = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, MODEL_CONFIG_NAME)
+    owned = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTED_CONFIG_NAME)
     with atomic_directory(directory, keep=lambda name: name not in owned) as tmp:
         save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         model.peft_config["default"].save_pretrained(str(tmp))
-        (tmp / MODEL_CONFIG_NAME).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+        (tmp / ADAPTED_CONFIG_NAME).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
     return directory
 
 
@@ -163,8 +162,8 @@ def load_merged(adapter_dir: str | os.PathLike, *, base_model: str | os.PathLike
 
     adapter_dir = Path(adapter_dir)
     config, base_dir = _adapter_base(adapter_dir, base_model)
-    trained = (GPT2Config.from_json_file(adapter_dir / MODEL_CONFIG_NAME)
-               if (adapter_dir / MODEL_CONFIG_NAME).exists() else None)
+    trained = (GPT2Config.from_json_file(adapter_dir / ADAPTED_CONFIG_NAME)
+               if (adapter_dir / ADAPTED_CONFIG_NAME).exists() else None)
     # The run's model.config overrides (a LayerNorm epsilon, dropout, ...) are in it; labels go to the classifier
     # as its own arguments, other keys (architectures, ...) come from the base.
     labels = ("extra", "num_labels", "id2label", "label2id")

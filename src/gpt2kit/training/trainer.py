@@ -340,15 +340,17 @@ class Trainer:
                           ("data.val", d.val if val is None else None)):
             if path is not None and not Path(path).exists():  # before any tokenizing
                 raise FileNotFoundError(f"{key}: {path} not found")
+        # Raw text is split as it is tokenized (by document); examples, and datasets passed in, below.
+        held_out_here = d.val_fraction and (kind != "pretrain" or self._given_datasets)
+        if held_out_here and (val is not None or d.val is not None):
+            raise ValueError("data.val_fraction holds out validation examples when there is no data.val: give one "
+                             "of the two")
         if kind == "pretrain":
             with self.parallel.main_first():  # raw text is tokenized (and a tokenizer trained) by rank 0 alone
                 train, val = self._pretraining_datasets(train, val)
         elif kind == "classification":
             from ..data import ClassificationDataset
 
-            if d.val_fraction and (val is not None or d.val is not None):
-                raise ValueError("data.val_fraction holds out validation examples when there is no data.val: give "
-                                 "one of the two")
             if train is None and d.train is not None:
                 train = ClassificationDataset(d.train, self._get_tokenizer(), format=d.format,
                                               max_length=self._max_length(), text_columns=self._text_columns())
@@ -358,9 +360,6 @@ class Trainer:
                                             max_length=self._max_length(), label_names=names,
                                             text_columns=self._text_columns())
         else:
-            if d.val_fraction and (val is not None or d.val is not None):
-                raise ValueError("data.val_fraction holds out validation examples when there is no data.val: give "
-                                 "one of the two")
             # The model learns the Alpaca prompt: its tokenizer records that format (a copy: not the caller's object),
             # so chat, the server and the pipeline prompt it the same way (gpt2kit.conversation).
             self.tokenizer = copy.copy(self._get_tokenizer())
@@ -370,8 +369,7 @@ class Trainer:
                 train = self._instructions("data.train", d.train, max_length)
             if val is None and d.val is not None:
                 val = self._instructions("data.val", d.val, max_length)
-        # Raw text is split as it is tokenized (by document); examples, and datasets passed in, here.
-        if d.val_fraction and val is None and (kind != "pretrain" or self._given_datasets):
+        if held_out_here:
             train, val = held_out(train, d.val_fraction, self.config.seed)
         self._datasets = {"train": train, "val": val}
 
