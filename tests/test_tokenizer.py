@@ -376,7 +376,8 @@ def _spec(tmp_path, **changes):
     ("metaspace_token", r"bad.json: token '\u2581a' is not in GPT-2's byte-level alphabet"),
     ("normalizer", r"bad.json: normalizer 'NFKC': gpt2kit runs tokenizers without a normalizer"),
     ("prefix_space", r"bad.json: pre_tokenizer: add_prefix_space is true"),
-    ("plain_added_token", r"bad.json: added_tokens \['<\|user\|>'\] are not special"),
+    ("stripping_added_token", r"bad.json: added token '<\|user\|>' has rstrip set; gpt2kit matches added tokens "
+     "exactly as written"),
     ("missing_bytes", r"bad.json: the vocabulary lacks 1 of the 256 single-byte tokens"),
     ("unmerged_token", r"bad.json: 1 multi-byte tokens \(e.g. b'zzz'\) are made by no merge while ignore_merges is "
      "false"),
@@ -412,9 +413,9 @@ def test_tokenizer_json_settings_gpt2kit_cannot_run_are_refused(tmp_path, change
         spec["normalizer"] = {"type": "NFKC"}
     elif change == "prefix_space":
         spec["pre_tokenizer"]["add_prefix_space"] = True
-    elif change == "plain_added_token":
+    elif change == "stripping_added_token":
         spec["added_tokens"].append({**spec["added_tokens"][0], "content": "<|user|>", "id": len(vocab),
-                                     "special": False})
+                                     "special": False, "rstrip": True})
     elif change == "missing_bytes":
         del vocab["x"]
     elif change in ("bos_post_processor", "bert_post_processor"):

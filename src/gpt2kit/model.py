@@ -215,6 +215,57 @@ class GPT2PreTrainedModel(nn.Module):
             if not isinstance(block.forward, partial):
                 block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return (self if isinstance(self, GPT2Model) else self.transformer).wte
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        return getattr(self, "lm_head", None)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """transformers' call after tokenizer.add_tokens: the token embedding and an untied LM head get
+        `new_num_tokens` rows (default: as many as now), rounded up to a multiple of `pad_to_multiple_of`, and
+        config.vocab_size follows. Kept rows keep their values. New rows start at the mean of the old ones
+        (`mean_resizing`, transformers' default, which adds noise of 1e-9 times their covariance), so a new token
+        starts out as an average token and the output distribution barely moves; without it they are drawn as the
+        model initialises. Returns the new embedding."""
+        old = self.get_input_embeddings()
+        rows = old.num_embeddings if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of:
+            rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
+        if rows < 1:
+            raise ValueError(f"new_num_tokens must be at least 1, got {rows}")
+        head = self.get_output_embeddings()
+        for module in (old, head):
+            weight = getattr(module, "weight", None) if module is not None else old.weight
+            if not (isinstance(weight, Tensor) and is_plain(weight) and weight.is_floating_point()):
+                raise ValueError("resize_token_embeddings needs float weights held whole; resize before "
+                                 "quantizing or sharding the model")
+        untied_head = head is not None and head.weight is not old.weight
+
+        def resized(weight: Tensor) -> Tensor:
+            new = weight.new_empty(rows, weight.shape[1])
+            kept = min(rows, weight.shape[0])
+            new[:kept] = weight[:kept]
+            if mean_resizing:
+                new[kept:] = weight.float().mean(0).to(weight.dtype)
+            else:
+                nn.init.normal_(new[kept:], mean=0.0, std=self.config.initializer_range)
+            return new
+
+        with torch.no_grad():
+            embedding = nn.Embedding(rows, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+            embedding.weight.copy_(resized(old.weight))
+            (self if isinstance(self, GPT2Model) else self.transformer).wte = embedding
+            if untied_head:
+                self.lm_head = Linear(head.in_features, rows, bias=False, device=head.weight.device,
+                                      dtype=head.weight.dtype)
+                self.lm_head.weight.copy_(resized(head.weight))
+        self.config.vocab_size = rows
+        if head is not None:
+            self.tie_weights()
+        return embedding
+
     def _init_weights(self) -> None:
         std = self.config.initializer_range
         for module in self.modules():

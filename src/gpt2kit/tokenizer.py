@@ -6,7 +6,8 @@ files (encoder.json + vocab.bpe), any tiktoken rank file (e.g. cl100k_base.tikto
 
 Special tokens in raw text: `encode` treats text such as "<|endoftext|>" as ordinary characters, so text from
 users or corpora can never inject a control token. Pass `allowed_special="all"` to map them to their ids, or
-append `eos_token_id` yourself to separate documents.
+append `eos_token_id` yourself to separate documents. Tokens added as ordinary ones (`add_tokens`, transformers'
+call) are matched wherever they occur, as transformers matches them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -298,7 +299,9 @@ def _adds_tokens(processor: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _tokenizer_json_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
+def _tokenizer_json_encoding(path: str, stamp: tuple) -> tuple[tiktoken.Encoding, frozenset[str]]:
+    """The encoding, with every added token among its special tokens, and the added tokens that are not special
+    (transformers' add_tokens): those are matched wherever they appear in a text."""
     source = Path(path)
     spec = _read_json(source)
     model = spec.get("model") if isinstance(spec, dict) else None
@@ -322,10 +325,12 @@ def _tokenizer_json_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
         kind = spec["post_processor"].get("type") if isinstance(spec["post_processor"], dict) else None
         raise TokenizerError(f"{source}: post_processor {kind!r} adds tokens around the text; gpt2kit runs "
                              "tokenizers without added tokens")
-    plain = [t["content"] for t in added if not t.get("special", True)]
-    if plain:
-        raise TokenizerError(f"{source}: added_tokens {plain[:3]} are not special; gpt2kit runs added tokens only "
-                             "as special tokens")
+    plain = frozenset(t["content"] for t in added if not t.get("special", True))
+    for token in added:
+        flags = [flag for flag in ("lstrip", "rstrip", "single_word") if token.get(flag)]
+        if token["content"] in plain and flags:
+            raise TokenizerError(f"{source}: added token {token['content']!r} has {', '.join(flags)} set; gpt2kit "
+                                 "matches added tokens exactly as written")
     specials = {t["content"]: t["id"] for t in added}
     if len(specials) < len(added):
         twice = next(t["content"] for n, t in enumerate(added) if t["content"] in [u["content"] for u in added[:n]])
@@ -336,7 +341,7 @@ def _tokenizer_json_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
     pattern = _pattern_of(spec.get("pre_tokenizer"), source)
     if not model.get("ignore_merges", False):
         _require_merged(ranks, made, pattern, source, " while ignore_merges is false (true takes a piece found whole)")
-    return _encoding(source.stem, pattern, ranks, specials, source)
+    return _encoding(source.stem, pattern, ranks, specials, source), plain
 
 
 @functools.lru_cache(maxsize=32)
@@ -416,9 +421,12 @@ class GPT2Tokenizer:
     """
 
     def __init__(self, encoding: tiktoken.Encoding, *, source: tuple[str, ...], eos_token: str = ENDOFTEXT,
-                 pad_token_id: int | None = None) -> None:
+                 pad_token_id: int | None = None, text_tokens: frozenset[str] = frozenset()) -> None:
         self.encoding = encoding
         self._source = source  # how to rebuild this tokenizer (pickling into worker processes)
+        # Added tokens that are not special (transformers' add_tokens): matched wherever they occur in a text.
+        self._text_tokens = text_tokens
+        self._added: tuple[tuple[str, bool], ...] = ()  # (token, special) added since loading, in id order
         if eos_token not in encoding.special_tokens_set:
             raise TokenizerError(f"EOS token {eos_token!r} is not a special token of {encoding.name!r}")
         self.eos_token = eos_token
@@ -466,6 +474,14 @@ class GPT2Tokenizer:
         else:
             raise TokenizerError(f"{path}: unknown tokenizer format (expected tokenizer.json, vocab.json or .tiktoken)")
         config = _tokenizer_config(directory / "tokenizer_config.json")
+        for role in ("eos_token", "bos_token", "unk_token", "pad_token"):
+            token = config.get(role)
+            token = token.get("content") if isinstance(token, dict) else token  # transformers' AddedToken form
+            if isinstance(token, str):
+                try:
+                    tokenizer._set_role(role, token)
+                except ValueError as err:
+                    raise TokenizerError(f"{directory / 'tokenizer_config.json'}: {err}") from None
         max_length = config.get("model_max_length")
         if type(max_length) is int and max_length > 0:  # transformers' "no limit" of 1e30 included
             tokenizer.model_max_length = max_length
@@ -499,13 +515,13 @@ class GPT2Tokenizer:
 
     @classmethod
     def _from_source(cls, source: tuple[str, ...], eos_token: str | None = None) -> GPT2Tokenizer:
-        kind = source[0]
+        kind, text_tokens = source[0], frozenset()
         if kind == "gpt2":
             encoding = _gpt2_encoding(str(ASSETS / "encoder.json"), str(ASSETS / "vocab.bpe"), True, ())
         elif kind == "bpe":
             encoding = _gpt2_encoding(source[1], source[2], False, _stamp(source[1], source[2]))
         elif kind == "tokenizer.json":
-            encoding = _tokenizer_json_encoding(source[1], _stamp(source[1]))
+            encoding, text_tokens = _tokenizer_json_encoding(source[1], _stamp(source[1]))
         else:
             encoding = _tiktoken_file_encoding(source[1], _stamp(source[1]))
         specials = encoding._special_tokens
@@ -514,11 +530,66 @@ class GPT2Tokenizer:
             raise TokenizerError(f"{source[-1]}: the vocabulary has no special token to use as end of text")
         # A known end-of-text name, else the first special token (a trained vocabulary lists it first).
         eos = eos_token or (known[0] if known else min(specials, key=specials.__getitem__))
-        return cls(encoding, source=source, eos_token=eos)
+        return cls(encoding, source=source, eos_token=eos, text_tokens=text_tokens)
 
     def __reduce__(self):
-        return (_rebuild, (self._source, self.eos_token, self.pad_token_id, self.padding_side, self.truncation_side,
-                           self.model_max_length, self.chat_template))
+        roles = {role: getattr(self, role) for role in ("eos_token", "bos_token", "unk_token")}
+        return (_rebuild, (self._source, self._added, roles, self.pad_token_id, self.padding_side,
+                           self.truncation_side, self.model_max_length, self.chat_template))
+
+    # ---- added tokens (transformers' add_tokens / add_special_tokens) ----------------------------------------
+    def add_tokens(self, new_tokens: str | Sequence[str], special_tokens: bool = False) -> int:
+        """Give the tokens this vocabulary lacks the next ids (from len(tokenizer) on) and return how many were
+        new; then `model.resize_token_embeddings(len(tokenizer))`. As in transformers, an ordinary added token is
+        matched wherever it occurs in a text and kept by decode(skip_special_tokens=True); a special one is
+        dropped by it and, like <|endoftext|>, is text in `encode` unless `allowed_special` names it (see the
+        module's note). save_pretrained writes them into tokenizer.json, which transformers loads alike."""
+        tokens = [new_tokens] if isinstance(new_tokens, str) else list(new_tokens)
+        for token in tokens:
+            if not isinstance(token, str) or not token:
+                raise ValueError(f"added tokens must be non-empty strings, got {token!r}")
+        vocab = self.get_vocab()
+        new = list(dict.fromkeys(t for t in tokens if t not in vocab))
+        if not new:
+            return 0
+        specials = {**self.encoding._special_tokens, **{t: len(self) + n for n, t in enumerate(new)}}
+        self.encoding = tiktoken.Encoding(self.encoding.name, pat_str=self.encoding._pat_str,
+                                          mergeable_ranks=self.encoding._mergeable_ranks, special_tokens=specials)
+        if not special_tokens:
+            self._text_tokens = self._text_tokens | frozenset(new)
+        self._added += tuple((t, special_tokens) for t in new)
+        self._vocab, self._unused_ids = None, {}
+        return len(new)
+
+    def add_special_tokens(self, special_tokens_dict: Mapping[str, Any]) -> int:
+        """transformers' call: {"pad_token": "[PAD]", "additional_special_tokens": ["<|user|>"], ...} adds the
+        tokens this vocabulary lacks as special tokens (see add_tokens) and makes each the named role's token;
+        returns how many were new. Roles: eos_token, bos_token, unk_token, pad_token, and lists under
+        additional_special_tokens (transformers 5: extra_special_tokens)."""
+        roles = ("eos_token", "bos_token", "unk_token", "pad_token")
+        lists = ("additional_special_tokens", "extra_special_tokens")
+        unknown = [key for key in special_tokens_dict if key not in roles + lists]
+        if unknown:
+            raise ValueError(f"add_special_tokens: unknown key {unknown[0]!r}; GPT-2's tokenizer has "
+                             f"{', '.join(roles + lists)}")
+        added = 0
+        for key, value in special_tokens_dict.items():
+            values = [_token_text(v) for v in value] if key in lists else [_token_text(value)]
+            added += self.add_tokens(values, special_tokens=True)
+            if key in roles:
+                self._set_role(key, values[0])
+        return added
+
+    def _set_role(self, role: str, token: str) -> None:
+        """Make `token`, a token of this vocabulary, the eos/bos/unk/pad token (its `<role>_id` follows)."""
+        token_id = self.get_vocab().get(token)
+        if token_id is None:
+            raise ValueError(f"{role} {token!r} is not a token of this vocabulary")
+        if role == "eos_token" and token not in self.encoding.special_tokens_set:
+            raise ValueError(f"eos_token {token!r} is not a special token of this vocabulary")
+        if role != "pad_token":  # pad_token is read from pad_token_id
+            setattr(self, role, token)
+        setattr(self, f"{role}_id", token_id)
 
     def fingerprint(self) -> str:
         """sha256 of what decides the ids: the split pattern, the special tokens and the ranks, whatever file
@@ -539,7 +610,9 @@ class GPT2Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         kind = self._source[0]
-        if kind in ("gpt2", "bpe"):
+        if self._added:  # the source files lack the added tokens: tokenizer.json holds them
+            written: dict[str, Path | None] = {"tokenizer.json": None}
+        elif kind in ("gpt2", "bpe"):
             vocab, merges = ((ASSETS / "encoder.json", ASSETS / "vocab.bpe") if kind == "gpt2"
                              else map(Path, self._source[1:]))
             written = {"vocab.json": vocab, "merges.txt": merges}
@@ -560,9 +633,11 @@ class GPT2Tokenizer:
                 shutil.copyfile(source, target)
         # GPT2Tokenizer rebuilds a ByteLevel pre-tokenizer in transformers; any other split needs the fast class,
         # which reads tokenizer.json as it is.
-        config = {"tokenizer_class": "GPT2Tokenizer" if kind in ("gpt2", "bpe") else "PreTrainedTokenizerFast",
-                  "eos_token": self.eos_token, "bos_token": self.eos_token, "unk_token": self.eos_token,
+        config = {"tokenizer_class": "GPT2Tokenizer" if "vocab.json" in written else "PreTrainedTokenizerFast",
+                  "eos_token": self.eos_token, "bos_token": self.bos_token, "unk_token": self.unk_token,
                   "model_max_length": self.model_max_length, "add_prefix_space": False}
+        if self.pad_token_id != self.eos_token_id:  # GPT-2 pads with EOS unless told otherwise (see __init__)
+            config["pad_token"] = self.pad_token
         # The chat format, gpt2kit's plain one included, so that transformers' apply_chat_template writes what
         # gpt2kit's chat does: in the config (older transformers) and in its own file (transformers 5 reads it first).
         config["chat_template"] = PLAIN.template if self.chat_template is None else self.chat_template
@@ -584,8 +659,8 @@ class GPT2Tokenizer:
         return {
             "version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for t, i in sorted(specials.items(),
-                                                                                       key=lambda x: x[1])],
+                              "normalized": t in self._text_tokens, "special": t not in self._text_tokens}
+                             for t, i in sorted(specials.items(), key=lambda x: x[1])],
             "normalizer": None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": portable_pattern(self.split_pattern)},
@@ -619,16 +694,24 @@ class GPT2Tokenizer:
                ) -> list[int]:
         """Token ids of `text`. Special-token text is ordinary text unless listed in `allowed_special`.
         `add_special_tokens` is transformers' option: GPT-2's tokenizer adds none either way."""
-        if not allowed_special:
+        allowed = self._matched(allowed_special)
+        if not allowed:
             return self.encoding.encode_ordinary(text)
-        return self.encoding.encode(text, allowed_special=allowed_special, disallowed_special=())
+        return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def _matched(self, allowed_special: str | set[str]) -> str | set[str]:
+        """The special tokens an encode call maps to their ids: those allowed, and the ordinary added tokens."""
+        if allowed_special == "all" or not self._text_tokens:
+            return allowed_special
+        return set(allowed_special) | self._text_tokens
 
     def encode_batch(self, texts: Sequence[str], *, allowed_special: str | set[str] = (),
                      num_threads: int = 8) -> list[list[int]]:
         """Encode many texts on a thread pool (tiktoken releases the GIL)."""
-        if not allowed_special:
+        allowed = self._matched(allowed_special)
+        if not allowed:
             return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
-        return self.encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed_special,
+        return self.encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed,
                                           disallowed_special=())
 
     def unused_ids(self, vocab_size: int) -> list[int]:
@@ -701,13 +784,11 @@ class GPT2Tokenizer:
     @pad_token.setter
     def pad_token(self, token: str) -> None:
         """`tok.pad_token = tok.eos_token`, the usual line for GPT-2 (whose pad_token_id is already the EOS id)."""
-        if token not in self.get_vocab():
-            raise ValueError(f"pad_token {token!r} is not a token of this vocabulary")
-        self.pad_token_id = self.get_vocab()[token]
+        self._set_role("pad_token", token)
 
     @property
     def all_special_tokens(self) -> list[str]:
-        return sorted(self.encoding.special_tokens_set, key=self.encoding.encode_single_token)
+        return sorted(self.encoding.special_tokens_set - self._text_tokens, key=self.encoding.encode_single_token)
 
     @property
     def all_special_ids(self) -> list[int]:
@@ -821,9 +902,14 @@ def _as_arrays(ids: list[list[int]], masks: list[list[int]], kind: str) -> tuple
     return torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1])
 
 
-def _rebuild(source: tuple[str, ...], eos_token: str, pad_token_id: int, padding_side: str, truncation_side: str,
-             model_max_length: int, chat_template: str | None) -> GPT2Tokenizer:
-    tok = GPT2Tokenizer._from_source(source, eos_token)
+def _rebuild(source: tuple[str, ...], added: tuple[tuple[str, bool], ...], roles: dict[str, str], pad_token_id: int,
+             padding_side: str, truncation_side: str, model_max_length: int,
+             chat_template: str | None) -> GPT2Tokenizer:
+    tok = GPT2Tokenizer._from_source(source)
+    for token, special in added:
+        tok.add_tokens(token, special_tokens=special)
+    for role, token in roles.items():
+        tok._set_role(role, token)
     tok.pad_token_id, tok.padding_side, tok.truncation_side = pad_token_id, padding_side, truncation_side
     tok.model_max_length, tok.chat_template = model_max_length, chat_template
     return tok
@@ -837,6 +923,14 @@ def _tokenizer_config(config_file: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return values if isinstance(values, dict) else {}
+
+
+def _token_text(value: Any) -> str:
+    """A token given as a string or as transformers' AddedToken (its `content`)."""
+    text = getattr(value, "content", value)
+    if not isinstance(text, str):
+        raise ValueError(f"a token must be a string or an AddedToken, got {value!r}")
+    return text
 
 
 def _chat_template(value: Any) -> str | None:

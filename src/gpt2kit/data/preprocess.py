@@ -71,12 +71,12 @@ def exit_with_parent() -> None:
 def _encode_chunk(chunk: Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(tokens, token count per piece, piece ends its document, empty records skipped)."""
     texts, ends, skipped = chunk_pieces(chunk, text_key=_worker["text_key"], errors=_worker["errors"])
-    encoding, eos = _worker["tokenizer"].encoding, _worker["tokenizer"].eos_token_id
+    encode, eos = _worker["tokenizer"].encode, _worker["tokenizer"].eos_token_id
     ids: list[int] = []
     lengths = np.empty(len(texts), dtype=np.int64)
     for i, (text, end) in enumerate(zip(texts, ends)):
         before = len(ids)
-        ids += encoding.encode_ordinary(text)  # "<|endoftext|>" in a corpus is text, never a control token
+        ids += encode(text)  # "<|endoftext|>" in a corpus is text, never a control token
         if end and _worker["append_eos"]:
             ids.append(eos)
         lengths[i] = len(ids) - before

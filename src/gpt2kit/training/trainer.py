@@ -486,7 +486,8 @@ class Trainer:
             config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
         if tokenizer.vocab_size > config.vocab_size and not self._given_datasets:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {config.vocab_size}"
-                             " (model.config.vocab_size)")
+                             " (model.config.vocab_size); for a tokenizer with added tokens, pass the model after "
+                             "model.resize_token_embeddings(len(tokenizer))")
         if self.config.task == "text_classification":
             train = self._datasets["train"]
             num_labels = getattr(train, "num_labels", config.num_labels)

@@ -1,0 +1,180 @@
+"""Adding tokens to a tokenizer and resizing a model's embeddings to match, as transformers users do to give GPT-2
+a pad token or chat markers: the same ids, files and embeddings as transformers."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+from gpt2kit.data.datasets import read_meta
+from gpt2kit.data.preprocess import preprocess
+from gpt2kit.model import GPT2ForSequenceClassification
+from gpt2kit.quantization import quantize_int8
+from gpt2kit.tokenizer import TokenizerError
+
+TEXT = "hi <|user|> x<code>y hello [PAD] <|endoftext|> and  hello again<code>"
+SPECIALS = {"pad_token": "[PAD]", "additional_special_tokens": ["<|user|>"]}
+ORDINARY = ["<code>", " hello"]
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """gpt2kit's GPT-2 tokenizer and transformers' loaded from its files, both given the same added tokens."""
+    ours = GPT2Tokenizer.gpt2()
+    ours.save_pretrained(tmp_path / "base")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "base")
+    for tok in (ours, theirs):
+        assert tok.add_special_tokens(SPECIALS) == 2
+        assert tok.add_tokens(ORDINARY) == 2
+    return ours, theirs
+
+
+def test_added_tokens_get_transformers_ids(pair):
+    ours, theirs = pair
+    assert len(ours) == len(theirs) == 50261
+    assert (ours.pad_token, ours.pad_token_id) == (theirs.pad_token, theirs.pad_token_id) == ("[PAD]", 50257)
+    assert ours.convert_tokens_to_ids(["<|user|>", "<code>", " hello"]) == [50258, 50259, 50260]
+    # Ordinary added tokens are matched in text as transformers matches them; special ones only when allowed
+    # (gpt2kit's rule for <|endoftext|> too), and then as transformers does by default.
+    assert ours.encode(TEXT, allowed_special="all") == theirs(TEXT)["input_ids"]
+    plain = ours.encode(TEXT)
+    assert plain.count(50259) == 2 and plain.count(50260) == 2 and 50257 not in plain and 50258 not in plain
+    assert ours.decode(plain) == TEXT
+    assert ours(TEXT)["input_ids"] == plain and ours.encode_batch([TEXT, TEXT]) == [plain, plain]
+    ids = theirs(TEXT)["input_ids"]
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+    assert ours.all_special_tokens == ["<|endoftext|>", "[PAD]", "<|user|>"]
+    # Known tokens get no new id ("hello" is in GPT-2's vocabulary; " hello" there is spelled "Ġhello").
+    assert ours.add_tokens(["<code>", "hello", "Ġhello"]) == 0
+    theirs.add_tokens(["<code>", "hello", "Ġhello"])
+    assert len(ours) == len(theirs) == 50261
+
+
+def test_added_tokens_survive_saving_pickling_and_workers(pair, tmp_path):
+    ours, theirs = pair
+    ours.save_pretrained(tmp_path / "ours")
+    assert not (tmp_path / "ours" / "vocab.json").exists()  # GPT-2's files lack the added tokens
+    config = json.loads((tmp_path / "ours" / "tokenizer_config.json").read_text())
+    assert config["pad_token"] == "[PAD]"
+    theirs.save_pretrained(tmp_path / "theirs")
+    for reloaded in (GPT2Tokenizer.from_file(tmp_path / "ours"), GPT2Tokenizer.from_file(tmp_path / "theirs"),
+                     pickle.loads(pickle.dumps(ours))):
+        assert len(reloaded) == 50261 and reloaded.pad_token_id == 50257
+        assert reloaded.encode(TEXT) == ours.encode(TEXT)
+        assert reloaded.encode(TEXT, allowed_special="all") == theirs(TEXT)["input_ids"]
+        assert reloaded.fingerprint() == ours.fingerprint()
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert hf(TEXT)["input_ids"] == theirs(TEXT)["input_ids"] and hf.pad_token == "[PAD]"
+    # Preprocessing encodes in worker processes (the pickled tokenizer): the ordinary added tokens are matched.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    out = tmp_path / "tokens"
+    preprocess(corpus, out, tokenizer=tmp_path / "ours", workers=2, progress=False)
+    meta = read_meta(out)
+    tokens = np.concatenate([np.fromfile(out / shard["file"], dtype=meta["dtype"])
+                             for shard in meta["splits"]["train"]["shards"]])
+    assert tokens.tolist() == ours.encode(TEXT) + [ours.eos_token_id]
+
+
+def test_roles_and_bad_input(tmp_path):
+    tok = GPT2Tokenizer.gpt2()
+    assert tok.add_special_tokens({"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}) == 2
+    assert (tok.eos_token_id, tok.bos_token_id, tok.unk_token_id) == (50257, 50258, 50256)
+    tok.save_pretrained(tmp_path / "t")
+    again = GPT2Tokenizer.from_file(tmp_path / "t")
+    assert (again.eos_token, again.bos_token, again.pad_token_id) == ("<|im_end|>", "<|im_start|>", 50256)
+    with pytest.raises(ValueError, match="unknown key 'sep_token'"):
+        tok.add_special_tokens({"sep_token": "<sep>"})
+    with pytest.raises(ValueError, match="non-empty strings"):
+        tok.add_tokens([""])
+    with pytest.raises(ValueError, match="pad_token 'nope!' is not a token"):
+        tok.pad_token = "nope!"
+    config = tmp_path / "t" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "pad_token": "[nowhere]"}))
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: pad_token '\[nowhere\]' is not a token"):
+        GPT2Tokenizer.from_file(tmp_path / "t")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_token_embeddings_as_transformers(tmp_path, tied):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=300, n_positions=32,
+                                       tie_word_embeddings=tied)).eval()
+    model.save_pretrained(tmp_path / "m")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(0, 300, (2, 12))
+    before = model(ids).logits
+    embedding = model.resize_token_embeddings(310)
+    theirs.resize_token_embeddings(310)
+    assert embedding is model.get_input_embeddings() and model.config.vocab_size == 310
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    assert model.get_output_embeddings().weight.shape == (310, 64)
+    after = model(ids).logits
+    assert torch.equal(after[..., :300], before)  # kept rows keep their values
+    # New rows: the old rows' mean, which transformers samples around with a covariance scaled by 1e-9.
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        torch.testing.assert_close(model.state_dict()[name], theirs.state_dict()[name], atol=1e-4, rtol=0)
+    torch.testing.assert_close(after, theirs(ids).logits, atol=1e-3, rtol=0)
+    # Saved with the new size, it loads back, in gpt2kit and in transformers, to the same logits.
+    model.save_pretrained(tmp_path / "resized")
+    for loaded in (GPT2LMHeadModel.from_pretrained(tmp_path / "resized"),
+                   transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "resized")):
+        torch.testing.assert_close(loaded.eval()(ids).logits, after, atol=1e-5, rtol=1e-5)
+    # Training on a new token reaches its row; rounding up and shrinking are transformers' too.
+    model.train()
+    model(torch.tensor([[305, 1, 2]]), labels=torch.tensor([[305, 1, 2]])).loss.backward()
+    assert model.transformer.wte.weight.grad[305].abs().sum() > 0
+    model.resize_token_embeddings(311, pad_to_multiple_of=64)
+    assert model.config.vocab_size == 320 and model.lm_head.weight.shape[0] == 320
+    model.resize_token_embeddings(200)
+    assert model(ids[ids < 200].view(1, -1)).logits.shape[-1] == 200
+
+
+def test_resize_without_mean_and_for_classifiers_and_refusals():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=16, num_labels=3)
+    classifier = GPT2ForSequenceClassification(config).eval()
+    classifier.resize_token_embeddings(104, mean_resizing=False)
+    new_rows = classifier.transformer.wte.weight[100:]
+    assert classifier.get_output_embeddings() is None and classifier.config.vocab_size == 104
+    assert not torch.allclose(new_rows, new_rows.mean(0).expand_as(new_rows))  # drawn, not one mean row
+    assert classifier(torch.tensor([[103, 5]])).logits.shape == (1, 3)
+    model = quantize_int8(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100,
+                                                     n_positions=16)).eval())
+    with pytest.raises(ValueError, match="resize_token_embeddings needs float weights held whole"):
+        model.resize_token_embeddings(104)
+
+
+def test_training_with_added_tokens_saves_a_model_that_loads_with_them(tmp_path):
+    """The transformers recipe end to end: add tokens, resize, train on text that uses them; the run's final model
+    and tokenizer load together (pipeline) with the new rows trained."""
+    from gpt2kit import Trainer, pipeline
+    from gpt2kit.training.config import load_config
+
+    tok = GPT2Tokenizer.gpt2()
+    tok.add_tokens(["<code>", "</code>"])
+    tok.add_special_tokens({"pad_token": "[PAD]"})
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64))
+    model.resize_token_embeddings(len(tok))
+    start = model.transformer.wte.weight[50257].clone()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"run <code>x = {i}</code> now\n\n" for i in range(64)))
+    config = load_config(out_dir=str(tmp_path / "run"), model={"name": "gpt2-tiny"},
+                         data={"train": str(corpus), "format": "paragraphs", "max_length": 32},
+                         train={"max_steps": 4, "micro_batch_size": 4}, optim={"lr": 1e-2, "warmup_steps": 0},
+                         log={"tensorboard": False, "plot": False, "progress": False})
+    Trainer(model=model, tokenizer=tok, args=config).train()
+    assert not torch.equal(model.transformer.wte.weight[50257], start)  # "<code>" was seen and trained
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "config.json").read_text())["vocab_size"] == 50260
+    generator = pipeline("text_generation", model=str(final))
+    assert len(generator.tokenizer) == 50260 and generator.tokenizer.pad_token == "[PAD]"
+    assert generator.tokenizer.encode("<code>") == [50257]
+    out = generator("run <code>", max_new_tokens=3, do_sample=False, return_full_text=False)
+    assert isinstance(out[0]["generated_text"], str)
