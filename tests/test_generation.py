@@ -118,6 +118,44 @@ def test_greedy_with_a_processor_matches_transformers(hf_pair, options):
         assert len(set(pairs)) == len(pairs)  # no 2-gram twice
 
 
+@pytest.mark.parametrize("options", [{}, {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "min_new_tokens": 2}])
+def test_scores_and_logits_of_each_step_match_transformers(hf_pair, options):
+    """return_dict_in_generate with output_scores / output_logits: the processed scores and the raw logits of
+    every step, and compute_transition_scores of either, as transformers gives them (greedy and processed, a
+    left-padded batch whose rows end at different steps)."""
+    hf, ours = hf_pair
+    ids, mask = left_padded(PROMPTS, pad=VOCAB - 1)
+    eos = int(ours.generate(ids[1:2], mask[1:2], max_new_tokens=3)[0, -1])  # the second row stops early
+    kwargs = dict(max_new_tokens=8, eos_token_id=eos, return_dict_in_generate=True, output_scores=True,
+                  output_logits=True, **options)
+    ref = hf_greedy(hf, ids, mask, **kwargs)
+    out = ours.generate(ids, mask, pad_token_id=VOCAB - 1, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences) and torch.equal(out["sequences"], ref.sequences)
+    assert len(out.scores) == len(out.logits) == len(ref.scores) == out.sequences.shape[1] - ids.shape[1]
+    for mine, theirs in [*zip(out.scores, ref.scores), *zip(out.logits, ref.logits)]:
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    assert torch.isinf(out.scores[0]).any() == bool(options)  # min_new_tokens bans EOS at the first step
+    for normalize in (False, True):
+        for field in ("scores", "logits"):
+            mine = ours.compute_transition_scores(out.sequences, getattr(out, field), normalize_logits=normalize)
+            theirs = hf.compute_transition_scores(ref.sequences, getattr(ref, field), normalize_logits=normalize)
+            torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    # Sampling: the token drawn at each step is one its scores allow; without the flags, the plain tensor.
+    sampled = ours.generate(ids, mask, max_new_tokens=6, eos_token_id=[], do_sample=True, top_k=3, seed=0,
+                            return_dict_in_generate=True, output_scores=True)
+    chosen = ours.compute_transition_scores(sampled.sequences, sampled.scores)
+    assert out.logits is not None and sampled.logits is None and torch.isfinite(chosen).all()
+    assert torch.equal(sampled.sequences, ours.generate(ids, mask, max_new_tokens=6, eos_token_id=[],
+                                                        do_sample=True, top_k=3, seed=0))
+    beams = ours.generate(ids, mask, max_new_tokens=4, num_beams=2, return_dict_in_generate=True)
+    assert torch.equal(beams.sequences, ours.generate(ids, mask, max_new_tokens=4, num_beams=2))
+    with pytest.raises(ValueError, match="not kept by beam search"):
+        ours.generate(ids, mask, max_new_tokens=4, num_beams=2, return_dict_in_generate=True, output_scores=True)
+    with pytest.raises(ValueError, match="returned with return_dict_in_generate=True"):
+        ours.generate(ids, mask, max_new_tokens=4, output_scores=True)
+
+
 def test_ngram_ban_ignores_padding():
     history, scores = fixed_logits()
     padded = torch.cat([torch.full((4, 3), -1), history], dim=1)

@@ -389,7 +389,10 @@ class Sampler:
         and `step`, the number of tokens generated before this one."""
         if not self._processors(step) and not self.sampling:
             return logits.argmax(-1)  # argmax needs no float copy
-        scores = self.process(logits.float(), history, step)
+        return self.pick(self.process(logits.float(), history, step))
+
+    def pick(self, scores: Tensor) -> Tensor:
+        """Next token of each row (B,) from processed scores (B, V): a draw when sampling, else the argmax."""
         if self.sampling:
             return torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(1)
         return scores.argmax(-1)
@@ -472,7 +475,10 @@ class TokenGenerator:
 
     def __init__(self, model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor | None = None,
                  config: GenerationConfig | None = None, *, tokenizer: GPT2Tokenizer | None = None,
-                 generator: torch.Generator | None = None, **options) -> None:
+                 generator: torch.Generator | None = None, output_scores: bool = False, output_logits: bool = False,
+                 **options) -> None:
+        """`output_scores` / `output_logits`: keep each step's processed scores / raw logits, float32 (B, V), in
+        `scores` / `logits` (transformers' generate outputs of those names)."""
         config = (config or GenerationConfig()).replace(**options)
         model_config = model.config
         device, dtype = model_placement(model)
@@ -533,6 +539,8 @@ class TokenGenerator:
                           else KVCache(model_config, batch, cache_length, dtype=dtype, device=device))
         self.steps = 0
         self.started = False
+        self.scores: list[Tensor] | None = [] if output_scores else None
+        self.logits: list[Tensor] | None = [] if output_logits else None
         self.compiled_step = None
         if config.compile:
             # Static decoding: attention over the whole cache, this mask marking what each row may see; every
@@ -627,7 +635,15 @@ class TokenGenerator:
         eos = torch.tensor(self.eos, device=self.tokens.device) if self.eos else None
         done = torch.zeros(self.tokens.shape[0], dtype=torch.bool, device=self.tokens.device)
         for step in range(config.max_new_tokens):
-            next_tokens = self.sampler(self.next_logits(P + step), self.history[:, :P + step], step)
+            logits = self.next_logits(P + step)
+            if self.logits is not None:
+                self.logits.append(logits.float().clone())  # clone: a CUDA graph's output is overwritten next step
+            if self.scores is None:
+                next_tokens = self.sampler(logits, self.history[:, :P + step], step)
+            else:
+                scores = self.sampler.process(logits.float(), self.history[:, :P + step], step)
+                self.scores.append(scores.clone() if scores is logits else scores)
+                next_tokens = self.sampler.pick(scores)
             if step:
                 next_tokens.masked_fill_(done, self.pad)  # finished rows emit padding
             self.tokens[:, P + step] = next_tokens
@@ -767,9 +783,35 @@ def with_unused_suppressed(config: GenerationConfig, tokenizer: GPT2Tokenizer, v
     return config.replace(suppress_tokens=sorted({*(config.suppress_tokens or ()), *unused}))
 
 
+@dataclass
+class GenerateDecoderOnlyOutput:
+    """generate(..., return_dict_in_generate=True), as transformers' class of this name: the sequences, and with
+    output_scores / output_logits a tuple of one (B, V) float32 tensor per step (the scores after the step's
+    processors, which chose the token; the model's raw logits). Reads as attributes or by key."""
+    sequences: Tensor
+    scores: tuple[Tensor, ...] | None = None
+    logits: tuple[Tensor, ...] | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+def compute_transition_scores(sequences: Tensor, scores: Sequence[Tensor], normalize_logits: bool = False) -> Tensor:
+    """transformers' model.compute_transition_scores for generate's outputs without beams: each generated token's
+    score, (B, steps), gathered from `scores` (output_scores or output_logits); with `normalize_logits`, as
+    log-probabilities (log_softmax over the vocabulary first). Rows that had finished score their padding."""
+    steps = torch.stack(list(scores), 1)  # (B, steps, V)
+    if normalize_logits:
+        steps = steps.log_softmax(-1)
+    new = sequences[:, sequences.shape[1] - steps.shape[1]:]
+    return steps.gather(2, new.unsqueeze(-1).to(steps.device)).squeeze(-1)
+
+
 def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor | None = None,
              config: GenerationConfig | None = None, *, tokenizer: GPT2Tokenizer | None = None,
-             generator: torch.Generator | None = None, streamer: Any = None, **options) -> Tensor:
+             generator: torch.Generator | None = None, streamer: Any = None, return_dict_in_generate: bool = False,
+             output_scores: bool = False, output_logits: bool = False,
+             **options) -> Tensor | GenerateDecoderOnlyOutput:
     """Prompt + new tokens, (B * num_return_sequences, prompt_len + steps) with each prompt's rows together.
 
     Options are GenerationConfig's fields (max_new_tokens or max_length, min_new_tokens, do_sample, temperature, top_k,
@@ -783,27 +825,37 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
     filled with pad_token_id. Stop strings need `tokenizer`; the returned tokens include the one completing
     the stop string (text helpers cut the text before it). num_beams > 1 runs beam search instead.
     `streamer` is transformers' streamer protocol (its TextStreamer, TextIteratorStreamer or an object of your own):
-    `put(prompt ids)`, then `put(new ids)` after each step, then `end()`; one sequence only, as there."""
+    `put(prompt ids)`, then `put(new ids)` after each step, then `end()`; one sequence only, as there.
+    `return_dict_in_generate` returns a GenerateDecoderOnlyOutput, with each step's scores / logits when
+    `output_scores` / `output_logits` (not with beam search); `compute_transition_scores` reads them per token."""
     config = (config or GenerationConfig()).replace(**options)
+    if (output_scores or output_logits) and not return_dict_in_generate:
+        raise ValueError("output_scores and output_logits are returned with return_dict_in_generate=True")
     if streamer is not None and (len(input_ids) != 1 or config.num_return_sequences != 1 or config.num_beams > 1):
         raise ValueError("streamer= streams one sequence: a batch of one prompt, num_return_sequences=1 and no beam "
                          "search")
     if config.num_beams > 1:
         from .beam_search import beam_search  # it builds on TokenGenerator
 
+        if output_scores or output_logits:
+            raise ValueError("output_scores and output_logits are not kept by beam search (num_beams > 1)")
         if tokenizer is not None:
             config = with_unused_suppressed(config, tokenizer, model.config.vocab_size)
-        return beam_search(model, input_ids, attention_mask, config)
-    run = TokenGenerator(model, input_ids, attention_mask, config, tokenizer=tokenizer, generator=generator)
-    if streamer is None:
-        for _ in run:
-            pass
-        return run.sequences()
-    streamer.put(input_ids.cpu())
+        sequences = beam_search(model, input_ids, attention_mask, config)
+        return GenerateDecoderOnlyOutput(sequences) if return_dict_in_generate else sequences
+    run = TokenGenerator(model, input_ids, attention_mask, config, tokenizer=tokenizer, generator=generator,
+                         output_scores=output_scores, output_logits=output_logits)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     for tokens in run:
-        streamer.put(tokens.cpu())
-    streamer.end()
-    return run.sequences()
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+    if streamer is not None:
+        streamer.end()
+    if not return_dict_in_generate:
+        return run.sequences()
+    return GenerateDecoderOnlyOutput(run.sequences(), None if run.scores is None else tuple(run.scores),
+                                     None if run.logits is None else tuple(run.logits))
 
 
 # ---- streaming ----------------------------------------------------------------------------------------------

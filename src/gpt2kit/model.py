@@ -469,10 +469,16 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             x = block(x, attn_mask, False, cache, cache_index)
         return self.lm_head(t.ln_f(x))[:, -1]
 
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options) -> Tensor:
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **options) -> Any:
         """Prompt + new tokens (KV-cached decoding); options as `gpt2kit.generation.generate`."""
         from .generation import generate
         return generate(self, input_ids, attention_mask, **options)
+
+    def compute_transition_scores(self, sequences: Tensor, scores: tuple[Tensor, ...],
+                                  normalize_logits: bool = False) -> Tensor:
+        """Each generated token's score (B, steps), as transformers' call: see generation.compute_transition_scores."""
+        from .generation import compute_transition_scores
+        return compute_transition_scores(sequences, scores, normalize_logits)
 
 
 @dataclass
