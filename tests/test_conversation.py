@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import transformers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -101,9 +102,17 @@ def test_a_model_template_renders_and_tokenizes_as_in_transformers(tmp_path):
     for options in ({"add_generation_prompt": True}, {"continue_final_message": True}):
         text = ours.apply_chat_template(messages, tokenize=False, **options)
         assert text == hf.apply_chat_template(messages, tokenize=False, **options)
-        assert ours.apply_chat_template(messages, **options) == hf.apply_chat_template(messages, return_dict=False,
-                                                                                       **options)
-    assert ours.eos_token_id in ours.apply_chat_template(messages)
+        assert ours.apply_chat_template(messages, **options) == hf.apply_chat_template(messages, **options)
+        assert ours.apply_chat_template(messages, return_dict=False, **options) == hf.apply_chat_template(
+            messages, return_dict=False, **options)
+    assert ours.eos_token_id in ours.apply_chat_template(messages, return_dict=False)
+    hf.pad_token = hf.eos_token  # gpt2kit pads with EOS unless told otherwise; transformers needs telling
+    for options in ({"padding": True, "return_tensors": "pt"}, {"padding": "max_length", "max_length": 40,
+                                                               "truncation": True}, {"tokenize": False}):
+        mine = ours.apply_chat_template([messages, messages[:1]], add_generation_prompt=True, **options)
+        theirs = hf.apply_chat_template([messages, messages[:1]], add_generation_prompt=True, **options)
+        assert mine == theirs if isinstance(mine, list) else all(
+            torch.equal(torch.as_tensor(mine[k]), torch.as_tensor(theirs[k])) for k in ("input_ids", "attention_mask"))
     ours.chat_template = "{{ messages[0]['content'] + loop }}"  # a TypeError inside the template
     with pytest.raises(ValueError, match="^chat_template: "):
         ours.apply_chat_template(messages)

@@ -139,7 +139,13 @@ def test_apply_chat_template_writes_the_chat_transcript(pipe):
     messages = [{"role": "system", "content": "A chat."}, {"role": "user", "content": "Hello there"}]
     text = tok.apply_chat_template(messages, tokenize=False)
     assert text == "A chat.\nUser: Hello there\nAssistant:"
-    assert tok.apply_chat_template(messages) == tok.encode(text)
+    assert tok.apply_chat_template(messages, return_dict=False) == tok.encode(text)
+    # As transformers 5: a BatchEncoding by default, one transcript per conversation of a batch, padded on request.
+    assert tok.apply_chat_template(messages)["input_ids"] == tok.encode(text)
+    batch = tok.apply_chat_template([messages, messages[1:]], padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, len(tok.encode(text)))
+    assert batch["attention_mask"][1].sum() == len(tok.encode(text.removeprefix("A chat.\n")))
+    assert tok.apply_chat_template([messages, messages[1:]], tokenize=False) == [text, text.removeprefix("A chat.\n")]
     assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False) == text.removesuffix(
         "Assistant:")
     reply = pipe(messages, max_new_tokens=10, return_full_text=False)[0]["generated_text"]

@@ -762,15 +762,27 @@ class GPT2Tokenizer:
         return chat_format(self.chat_template, eos_token=self.eos_token, bos_token=self.bos_token,
                            unk_token=self.unk_token)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]], *, tokenize: bool = True,
-                            add_generation_prompt: bool = True,
-                            continue_final_message: bool = False) -> list[int] | str:
+    def apply_chat_template(self, conversation: Sequence[dict[str, str]] | Sequence[Sequence[dict[str, str]]], *,
+                            tokenize: bool = True, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, padding: bool | str = False,
+                            truncation: bool | str | None = None, max_length: int | None = None,
+                            return_tensors: str | None = None, return_dict: bool = True
+                            ) -> str | list[str] | list[int] | list[list[int]] | BatchEncoding:
         """transformers' call for chat prompts: the transcript that `gpt2kit chat`, the server and the pipeline
-        write (the chat format of `chat_template`, see gpt2kit.conversation), as ids or as text."""
+        write (the chat format of `chat_template`, see gpt2kit.conversation), as text, or tokenized: as
+        transformers 5, a BatchEncoding (input_ids, attention_mask) unless `return_dict=False` (the ids alone),
+        with padding, truncation, max_length and return_tensors as in a tokenizer call. A list of conversations
+        gives one transcript each. Unlike transformers, add_generation_prompt defaults to True."""
         chat = self.chat_format()
-        text = chat.transcript(turns_of(messages), add_generation_prompt=add_generation_prompt,
-                               continue_final_message=continue_final_message)
-        return chat.encode(self, text) if tokenize else text
+        batched = bool(conversation) and not isinstance(conversation[0], Mapping)
+        texts = [chat.transcript(turns_of(messages), add_generation_prompt=add_generation_prompt,
+                                 continue_final_message=continue_final_message)
+                 for messages in (conversation if batched else [conversation])]
+        if not tokenize:
+            return texts if batched else texts[0]
+        encoded = self._batch([chat.encode(self, text) for text in texts], single=not batched, padding=padding,
+                              truncation=truncation, max_length=max_length, return_tensors=return_tensors)
+        return encoded if return_dict else encoded["input_ids"]
 
     def batch_decode(self, sequences: Iterable[Iterable[int]], *, skip_special_tokens: bool = False,
                      clean_up_tokenization_spaces: bool = False) -> list[str]:
@@ -832,8 +844,19 @@ class GPT2Tokenizer:
           the attribute, "right": the first tokens stay); unset, a max_length without padding truncates;
         - max_length defaults to model_max_length where truncation or "max_length" padding needs one;
         - add_special_tokens is accepted: GPT-2's tokenizer adds none."""
-        single = isinstance(text, str)
-        texts = [text] if single else list(text)
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = self.encode_batch(texts, allowed_special=allowed_special) if len(texts) > 1 else \
+            [self.encode(t, allowed_special=allowed_special) for t in texts]
+        return self._batch(ids, single=isinstance(text, str), padding=padding, truncation=truncation,
+                           max_length=max_length, padding_side=padding_side, truncation_side=truncation_side,
+                           pad_to_multiple_of=pad_to_multiple_of, return_tensors=return_tensors,
+                           return_attention_mask=return_attention_mask)
+
+    def _batch(self, ids: list[list[int]], *, single: bool, padding: bool | str = False,
+               truncation: bool | str | None = None, max_length: int | None = None, padding_side: str | None = None,
+               truncation_side: str | None = None, pad_to_multiple_of: int | None = None,
+               return_tensors: str | None = None, return_attention_mask: bool = True) -> BatchEncoding:
+        """Encoded rows truncated, padded and shaped as __call__ documents (`single`: one text, not a list)."""
         side = padding_side or self.padding_side
         cut_side = truncation_side or self.truncation_side
         for name, value in (("padding_side", side), ("truncation_side", cut_side)):
@@ -843,8 +866,6 @@ class GPT2Tokenizer:
             raise ValueError(f"padding must be False, True, 'longest' or 'max_length', got {padding!r}")
         if max_length is not None and max_length < 0:
             raise ValueError(f"max_length must be >= 0, got {max_length}")
-        ids = self.encode_batch(texts, allowed_special=allowed_special) if len(texts) > 1 else \
-            [self.encode(t, allowed_special=allowed_special) for t in texts]
         truncating = _truncates(truncation, max_length, padding)
         limit = self.model_max_length if max_length is None else max_length
         if truncating and padding not in (False, "do_not_pad") and pad_to_multiple_of and limit % pad_to_multiple_of:
