@@ -127,6 +127,29 @@ def test_sequence_classification_matches_transformers(tmp_path):
 
 
 
+def test_hidden_states_match_transformers(tmp_path):
+    """output_hidden_states: the embeddings' and every block's output, the last after ln_f, as transformers'; also
+    beside the fused training loss, and from the classifier."""
+    shape = SHAPES[1]
+    hf, ours = hf_pair(tmp_path, shape)
+    ids = torch.randint(0, shape["vocab_size"], (2, 11))
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True).hidden_states
+        out = ours(ids, output_hidden_states=True)
+        fused = ours(ids[:, :-1], targets=ids[:, 1:], return_logits=False, output_hidden_states=True)
+    assert len(out.hidden_states) == len(ref) == shape["n_layer"] + 1
+    for mine, theirs in zip(out.hidden_states, ref):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.hidden_states[-1], ref[-1][:, :-1], atol=1e-5, rtol=1e-5)
+    assert fused.logits is None and ours(ids).hidden_states is None
+    hf, ours = hf_pair(tmp_path, SHAPES[0], cls=transformers.GPT2ForSequenceClassification,
+                       ours=GPT2ForSequenceClassification, num_labels=3, pad_token_id=1)
+    with torch.no_grad():
+        ref = hf(ids.clamp(2), output_hidden_states=True).hidden_states
+        out = ours(ids.clamp(2), output_hidden_states=True).hidden_states
+    assert len(out) == len(ref) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out, ref))
+
+
 @pytest.mark.parametrize("problem_type,num_labels,labels", [
     (None, 1, torch.tensor([0.5, -1.0, 2.0])), (None, 1, torch.tensor([[0.5], [-1.0], [2.0]])),
     (None, 3, torch.tensor([0, 2, 1])),
@@ -202,6 +225,12 @@ def test_config_json_round_trip(tmp_path, tiny_config):
     path.write_text(__import__("json").dumps(tiny_config.to_hf_dict()))
     assert GPT2Config.from_json_file(path).to_dict() == {**tiny_config.to_dict(), "architectures": ["GPT2LMHeadModel"],
                                                        "model_type": "gpt2"}
+    # transformers' calls: from_pretrained reads a model directory's config.json, save_pretrained writes one.
+    tiny_config.save_pretrained(tmp_path / "saved")
+    assert transformers.GPT2Config.from_pretrained(tmp_path / "saved").n_embd == tiny_config.n_embd
+    again = GPT2Config.from_pretrained(tmp_path / "saved", n_layer=1)
+    assert again.replace(n_layer=tiny_config.n_layer) == GPT2Config.from_json_file(tmp_path / "saved" / "config.json")
+    assert again.n_layer == 1
 
 
 @pytest.mark.parametrize("rows", [[2, 0, 0, 1], [0, 0, 2, 1], [0, 1, 2, 3], [3, 1]])

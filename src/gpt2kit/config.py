@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .files import read_json
+from .files import atomic_write_text, read_json
 
 # Keys HF writes into a GPT-2 config.json that describe nothing about the network itself.
 _HF_BOOKKEEPING_KEYS = {
@@ -175,6 +176,19 @@ class GPT2Config:
         if values.get("model_type", "gpt2") != "gpt2":
             raise ValueError(f"{path}: model_type is {values['model_type']!r}, expected 'gpt2'")
         return cls.from_dict(values, strict=False, source=str(path))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **overrides: Any) -> GPT2Config:
+        """transformers' call: the config of a model directory (or of a model in the local HF cache, or the one a
+        LoRA run's directory adapts), with fields overridden."""
+        from .checkpoint import load_config, resolve_model_dir
+        return load_config(resolve_model_dir(name_or_path)).replace(**overrides)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json as transformers writes it (and reads it back) into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(directory / "config.json", json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> GPT2Config:

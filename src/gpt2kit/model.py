@@ -351,9 +351,11 @@ class GPT2Model(GPT2PreTrainedModel):
             self._init_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                past_key_values: KVCache | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+                past_key_values: KVCache | None = None, inputs_embeds: Tensor | None = None,
+                hidden_states: list[Tensor] | None = None) -> Tensor:
         """`attention_mask` (B, past+T) marks real tokens with 1; it covers cached positions too. `inputs_embeds`
-        (B, T, C), when given, replaces the token embeddings wte(input_ids)."""
+        (B, T, C), when given, replaces the token embeddings wte(input_ids). `hidden_states`, a list, collects
+        each block's input and the final output (transformers' output_hidden_states: n_layer + 1 tensors)."""
         T = input_ids.shape[1]
         past = check_inputs(self.config, input_ids, attention_mask, past_key_values)
         if position_ids is None:
@@ -366,10 +368,15 @@ class GPT2Model(GPT2PreTrainedModel):
         tokens = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         x = self.drop(tokens + self.wpe(position_ids))
         for block in self.h:
+            if hidden_states is not None:
+                hidden_states.append(x)
             x = block(x, attn_mask, is_causal, past_key_values)
         if past_key_values is not None:
             past_key_values.length = past + T
-        return self.ln_f(x)
+        x = self.ln_f(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        return x
 
 
 @dataclass
@@ -377,6 +384,7 @@ class CausalLMOutput:
     logits: Tensor | None  # None when the loss was fused with the LM head (return_logits=False)
     loss: Tensor | None = None
     past_key_values: KVCache | None = None
+    hidden_states: tuple[Tensor, ...] | None = None  # with output_hidden_states: see GPT2Model.forward
 
 
 @contextmanager
@@ -419,10 +427,11 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 labels: Tensor | None = None, targets: Tensor | None = None,
                 past_key_values: KVCache | None = None, logits_to_keep: int = 0,
-                return_logits: bool = True) -> CausalLMOutput:
+                return_logits: bool = True, output_hidden_states: bool = False) -> CausalLMOutput:
         """Loss from `labels` (HF convention: equal to input_ids, shifted inside) or `targets` (already shifted:
         targets[:, t] is the token after input_ids[:, t], as gpt2kit's datasets yield). `logits_to_keep=n`
         computes logits for the last n positions only (generation needs just the last one).
+        `output_hidden_states` adds the embeddings' and every block's output (transformers' tuple, n_layer + 1).
 
         With a loss and `return_logits=False` (training), the LM head is fused into the loss
         (`linear_cross_entropy`): no (tokens x vocab) logits are kept, `logits` is None and `logits_to_keep` is
@@ -441,12 +450,14 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             # The head's and the lookup's gradients of the shared weight are summed in one tensor (see losses.py).
             tied = TiedEmbeddingGradient()
             inputs_embeds = tied_embedding(input_ids, weight, tied)
-        hidden = self.transformer(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds)
+        collected: list[Tensor] | None = [] if output_hidden_states else None
+        hidden = self.transformer(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, collected)
+        hidden_states = tuple(collected) if collected is not None else None
         if fused:
             if labels is not None:
                 hidden, targets = hidden[:, :-1], labels[:, 1:]
             loss = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), tied=tied)
-            return CausalLMOutput(logits=None, loss=loss, past_key_values=past_key_values)
+            return CausalLMOutput(None, loss, past_key_values, hidden_states)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -455,7 +466,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             loss = lm_loss(logits[:, :-1], labels[:, 1:])
         elif targets is not None:
             loss = lm_loss(logits, targets)
-        return CausalLMOutput(logits=logits, loss=loss, past_key_values=past_key_values)
+        return CausalLMOutput(logits, loss, past_key_values, hidden_states)
 
     def decode_step(self, input_ids: Tensor, position_ids: Tensor, cache_index: Tensor, attn_mask: Tensor,
                     cache: KVCache) -> Tensor:
@@ -485,6 +496,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
 class SequenceClassifierOutput:
     logits: Tensor
     loss: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None  # with output_hidden_states: see GPT2Model.forward
 
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
@@ -518,8 +530,9 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         self._init_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                labels: Tensor | None = None) -> SequenceClassifierOutput:
-        hidden = self.transformer(input_ids, attention_mask, position_ids)
+                labels: Tensor | None = None, output_hidden_states: bool = False) -> SequenceClassifierOutput:
+        collected: list[Tensor] | None = [] if output_hidden_states else None
+        hidden = self.transformer(input_ids, attention_mask, position_ids, hidden_states=collected)
         B, T = input_ids.shape
         if attention_mask is not None:
             real = attention_mask.bool()
@@ -533,4 +546,5 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         loss = None
         if labels is not None:
             loss = classification_loss(logits, labels, self.config.extra.get("problem_type"))
-        return SequenceClassifierOutput(logits=logits, loss=loss)
+        return SequenceClassifierOutput(logits=logits, loss=loss,
+                                        hidden_states=tuple(collected) if collected is not None else None)
