@@ -72,7 +72,7 @@ def test_bare_gpt2model_checkpoint_loads_into_both_classes(tmp_path):
     hf.save_pretrained(tmp_path / "base")
     ours = GPT2Model.from_pretrained(tmp_path / "base")
     with torch.no_grad():
-        assert same(ours(IDS), hf(IDS).last_hidden_state)
+        assert same(ours(IDS).last_hidden_state, hf(IDS).last_hidden_state)
     lm = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
     assert torch.equal(lm.lm_head.weight, hf.wte.weight)
 
@@ -267,7 +267,7 @@ def test_gpt2model_skips_an_untied_lm_head(tmp_path):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE, tie_word_embeddings=False)).eval()
     hf.save_pretrained(tmp_path / "untied")
     with torch.no_grad():
-        assert same(GPT2Model.from_pretrained(tmp_path / "untied")(IDS),
+        assert same(GPT2Model.from_pretrained(tmp_path / "untied")(IDS).last_hidden_state,
                     hf.transformer(IDS).last_hidden_state)
 
 

@@ -180,9 +180,9 @@ def test_model_fused_loss_reaches_the_tied_embedding(tiny_config):
     grad = model.transformer.wte.weight.grad
     assert grad[100:].abs().amax(-1).min() > 0
     # The input tokens' rows hold both contributions: the head's and the embedding lookup's.
-    head_only = torch.autograd.grad(
-        linear_cross_entropy(model.transformer(ids[:, :-1]).flatten(0, 1).detach(), model.lm_head.weight,
-                             ids[:, 1:].flatten()), model.lm_head.weight)[0]
+    hidden = model.transformer(ids[:, :-1]).last_hidden_state.flatten(0, 1).detach()
+    head_only = torch.autograd.grad(linear_cross_entropy(hidden, model.lm_head.weight, ids[:, 1:].flatten()),
+                                    model.lm_head.weight)[0]
     torch.testing.assert_close(grad[100:], head_only[100:], rtol=1e-5, atol=1e-9)
     assert not torch.allclose(grad[:100], head_only[:100])
 

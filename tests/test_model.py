@@ -75,9 +75,10 @@ def test_inputs_embeds_replace_the_token_embeddings(tiny_model):
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 9))
     body = tiny_model.transformer
     with torch.no_grad():
-        expected = body(ids)
-        torch.testing.assert_close(body(ids, inputs_embeds=body.wte(ids)), expected, rtol=0, atol=0)
-        shifted = body(ids, inputs_embeds=body.wte(ids) + 1.0)
+        expected = body(ids).last_hidden_state
+        embedded = body(ids, inputs_embeds=body.wte(ids)).last_hidden_state
+        torch.testing.assert_close(embedded, expected, rtol=0, atol=0)
+        shifted = body(ids, inputs_embeds=body.wte(ids) + 1.0).last_hidden_state
     assert not torch.allclose(shifted, expected)
 
 
@@ -148,6 +149,10 @@ def test_hidden_states_match_transformers(tmp_path):
         ref = hf(ids.clamp(2), output_hidden_states=True).hidden_states
         out = ours(ids.clamp(2), output_hidden_states=True).hidden_states
     assert len(out) == len(ref) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out, ref))
+    # The bare transformer returns transformers' output too: last_hidden_state, hidden_states.
+    base = ours.transformer(ids.clamp(2), output_hidden_states=True)
+    assert torch.equal(base.last_hidden_state, base.hidden_states[-1]) and len(base.hidden_states) == len(ref)
+    assert ours.transformer(ids.clamp(2)).hidden_states is None
 
 
 @pytest.mark.parametrize("problem_type,num_labels,labels", [

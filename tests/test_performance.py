@@ -167,7 +167,7 @@ def test_the_decode_peers_run_the_same_greedy_rule():
     hf, ours = bench_generate.random_models(GPT2Config(**{**config.to_dict(), "n_layer": 1}))
     ids = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        hidden = ours.transformer(ids)[0, -1]
+        hidden = ours.transformer(ids).last_hidden_state[0, -1]
         for model in (hf, ours):  # tied heads: end of text becomes the greedy choice in both
             model.transformer.wte.weight[50256] = 50 * hidden / hidden.norm()
     *_, ours_out = bench_generate.time_ours(ours, ids, 6)

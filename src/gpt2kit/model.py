@@ -352,10 +352,10 @@ class GPT2Model(GPT2PreTrainedModel):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 past_key_values: KVCache | None = None, inputs_embeds: Tensor | None = None,
-                hidden_states: list[Tensor] | None = None) -> Tensor:
+                output_hidden_states: bool = False) -> BaseModelOutputWithPast:
         """`attention_mask` (B, past+T) marks real tokens with 1; it covers cached positions too. `inputs_embeds`
-        (B, T, C), when given, replaces the token embeddings wte(input_ids). `hidden_states`, a list, collects
-        each block's input and the final output (transformers' output_hidden_states: n_layer + 1 tensors)."""
+        (B, T, C), when given, replaces the token embeddings wte(input_ids). `output_hidden_states` also returns
+        each block's input and the final output (transformers' n_layer + 1 tensors)."""
         T = input_ids.shape[1]
         past = check_inputs(self.config, input_ids, attention_mask, past_key_values)
         if position_ids is None:
@@ -367,16 +367,24 @@ class GPT2Model(GPT2PreTrainedModel):
 
         tokens = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         x = self.drop(tokens + self.wpe(position_ids))
+        hidden_states = []
         for block in self.h:
-            if hidden_states is not None:
+            if output_hidden_states:
                 hidden_states.append(x)
             x = block(x, attn_mask, is_causal, past_key_values)
         if past_key_values is not None:
             past_key_values.length = past + T
         x = self.ln_f(x)
-        if hidden_states is not None:
-            hidden_states.append(x)
-        return x
+        return BaseModelOutputWithPast(x, past_key_values, (*hidden_states, x) if output_hidden_states else None)
+
+
+@dataclass
+class BaseModelOutputWithPast:
+    """What GPT2Model returns (transformers' names): the final hidden states (B, T, C), the cache, and with
+    output_hidden_states the embeddings' and every block's output, the last after ln_f."""
+    last_hidden_state: Tensor
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
 
 
 @dataclass
@@ -384,7 +392,7 @@ class CausalLMOutput:
     logits: Tensor | None  # None when the loss was fused with the LM head (return_logits=False)
     loss: Tensor | None = None
     past_key_values: KVCache | None = None
-    hidden_states: tuple[Tensor, ...] | None = None  # with output_hidden_states: see GPT2Model.forward
+    hidden_states: tuple[Tensor, ...] | None = None  # with output_hidden_states: see BaseModelOutputWithPast
 
 
 @contextmanager
@@ -450,9 +458,9 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             # The head's and the lookup's gradients of the shared weight are summed in one tensor (see losses.py).
             tied = TiedEmbeddingGradient()
             inputs_embeds = tied_embedding(input_ids, weight, tied)
-        collected: list[Tensor] | None = [] if output_hidden_states else None
-        hidden = self.transformer(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, collected)
-        hidden_states = tuple(collected) if collected is not None else None
+        out = self.transformer(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                               output_hidden_states)
+        hidden, hidden_states = out.last_hidden_state, out.hidden_states
         if fused:
             if labels is not None:
                 hidden, targets = hidden[:, :-1], labels[:, 1:]
@@ -496,7 +504,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
 class SequenceClassifierOutput:
     logits: Tensor
     loss: Tensor | None = None
-    hidden_states: tuple[Tensor, ...] | None = None  # with output_hidden_states: see GPT2Model.forward
+    hidden_states: tuple[Tensor, ...] | None = None  # with output_hidden_states: see BaseModelOutputWithPast
 
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
@@ -531,8 +539,8 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 labels: Tensor | None = None, output_hidden_states: bool = False) -> SequenceClassifierOutput:
-        collected: list[Tensor] | None = [] if output_hidden_states else None
-        hidden = self.transformer(input_ids, attention_mask, position_ids, hidden_states=collected)
+        out = self.transformer(input_ids, attention_mask, position_ids, output_hidden_states=output_hidden_states)
+        hidden = out.last_hidden_state
         B, T = input_ids.shape
         if attention_mask is not None:
             real = attention_mask.bool()
@@ -546,5 +554,4 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         loss = None
         if labels is not None:
             loss = classification_loss(logits, labels, self.config.extra.get("problem_type"))
-        return SequenceClassifierOutput(logits=logits, loss=loss,
-                                        hidden_states=tuple(collected) if collected is not None else None)
+        return SequenceClassifierOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)

@@ -228,7 +228,7 @@ def score_windows(model: nn.Module, windows: Sequence[Window], *, vocab_size: in
                 spans.append((len(tokens) - 1 - n, len(tokens) - 1))
                 targets += tokens[-n:]
             inputs = inputs.to(device)
-            out = model(inputs).logits if head is None else model.transformer(inputs)
+            out = model(inputs).logits if head is None else model.transformer(inputs).last_hidden_state
             rows = torch.cat([out[row, start:end] for row, (start, end) in enumerate(spans)])
             logprobs, hits, restricted = _score_rows(
                 rows, head or nn.Identity(), torch.tensor(targets, device=device), vocab_size=vocab_size,

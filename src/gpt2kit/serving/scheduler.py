@@ -309,7 +309,7 @@ class BatchScheduler:
         cache = KVCache(self.config, len(seqs), width, dtype=self.dtype, device=self.device)
         # The LM head runs on the last position of every row, and on the prompt of a row that echoes its
         # log-probabilities only, a chunk at a time: (rows x prompt x vocabulary) logits would be gigabytes.
-        hidden = self.model.transformer(ids, mask, past_key_values=cache)
+        hidden = self.model.transformer(ids, mask, past_key_values=cache).last_hidden_state
         logits = self.model.lm_head(hidden[:, -1])
         joining = []
         for row, seq in enumerate(seqs):
