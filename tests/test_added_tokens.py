@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
-from gpt2kit.data.datasets import read_meta
+from gpt2kit.data.datasets import load_tokenizer, read_meta
 from gpt2kit.data.preprocess import preprocess
 from gpt2kit.model import GPT2ForSequenceClassification
 from gpt2kit.quantization import quantize_int8
@@ -95,8 +95,8 @@ def test_roles_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match="pad_token 'nope!' is not a token"):
         tok.pad_token = "nope!"
     config = tmp_path / "t" / "tokenizer_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "pad_token": "[nowhere]"}))
-    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: pad_token '\[nowhere\]' is not a token"):
+    config.write_text(json.dumps({**json.loads(config.read_text()), "pad_token": {"id": 3}}))
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: a token must be a string or an AddedToken"):
         GPT2Tokenizer.from_file(tmp_path / "t")
 
 
@@ -133,6 +133,15 @@ def test_resize_token_embeddings_as_transformers(tmp_path, tied):
     assert model.config.vocab_size == 320 and model.lm_head.weight.shape[0] == 320
     model.resize_token_embeddings(200)
     assert model(ids[ids < 200].view(1, -1)).logits.shape[-1] == 200
+    # The modules stay, with their hooks and requires_grad (a frozen embedding stays frozen), as in transformers.
+    embedding, seen = model.get_input_embeddings(), []
+    embedding.register_forward_hook(lambda *_: seen.append(1))
+    embedding.weight.requires_grad_(False)
+    assert model.resize_token_embeddings() is embedding and model.config.vocab_size == 200
+    assert model.resize_token_embeddings(210) is embedding is model.transformer.wte
+    model(ids[ids < 200].view(1, -1))
+    assert seen and not embedding.weight.requires_grad and model.lm_head.out_features == 210
+    assert embedding.weight.grad is None  # a new parameter: no gradient of the old shape
 
 
 def test_resize_without_mean_and_for_classifiers_and_refusals():
@@ -178,3 +187,85 @@ def test_training_with_added_tokens_saves_a_model_that_loads_with_them(tmp_path)
     assert generator.tokenizer.encode("<code>") == [50257]
     out = generator("run <code>", max_new_tokens=3, do_sample=False, return_full_text=False)
     assert isinstance(out[0]["generated_text"], str)
+
+
+def test_overlapping_added_tokens_take_the_longest_match(tmp_path):
+    """tiktoken tries special tokens in no fixed order; transformers takes the longest match at each position."""
+    ours = GPT2Tokenizer.gpt2()
+    ours.save_pretrained(tmp_path / "base")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "base")
+    tokens = ["\t\t", "\t\t\t", "\t\t\t\t", "<tool>", "<tool>call"]
+    for tok in (ours, theirs):
+        tok.add_tokens(tokens)
+        tok.add_special_tokens({"additional_special_tokens": ["<s>", "<s>x"]})
+    texts = ["if x:\n\t\t\t\treturn 1\n\t\t\tpass", "x<tool>call y <tool> z", "<s>x<s> a"]
+    for text in texts:
+        assert ours.encode(text, allowed_special="all") == theirs(text)["input_ids"]
+    assert ours.encode_batch(texts, allowed_special="all") == [theirs(t)["input_ids"] for t in texts]
+    ours.save_pretrained(tmp_path / "ours")
+    reloaded = GPT2Tokenizer.from_file(tmp_path / "ours")  # ordinary added tokens read from tokenizer.json
+    assert [reloaded.encode(t) for t in texts] == [ours.encode(t) for t in texts]
+
+
+def test_fingerprint_tells_what_changes_the_ids():
+    """Data and a run's saved tokenizer are reused by fingerprint: it changes with how an added token is matched
+    and with the roles (EOS ends every document), and not for a tokenizer left at its defaults."""
+    plain = GPT2Tokenizer.gpt2()
+    as_text, as_special = GPT2Tokenizer.gpt2(), GPT2Tokenizer.gpt2()
+    as_text.add_tokens(["<code>"])
+    as_special.add_tokens(["<code>"], special_tokens=True)
+    assert len({plain.fingerprint(), as_text.fingerprint(), as_special.fingerprint()}) == 3
+    padded = GPT2Tokenizer.gpt2()
+    padded.add_special_tokens({"additional_special_tokens": ["<code>"]})
+    assert padded.fingerprint() == as_special.fingerprint()
+    padded.pad_token = "<code>"
+    assert padded.fingerprint() != as_special.fingerprint()
+    padded.pad_token = padded.eos_token
+    assert padded.fingerprint() == as_special.fingerprint()
+    ended = GPT2Tokenizer.gpt2()
+    ended.add_special_tokens({"eos_token": "<|im_end|>"})
+    assert ended.fingerprint() not in (plain.fingerprint(), as_special.fingerprint())
+
+
+def test_preprocessed_data_keeps_the_roles(tmp_path):
+    tok = GPT2Tokenizer.gpt2()
+    tok.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "[PAD]"})
+    tok.save_pretrained(tmp_path / "tok")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("one\n\ntwo\n")
+    preprocess(corpus, tmp_path / "data", format="paragraphs", tokenizer=tmp_path / "tok", workers=1, progress=False)
+    loaded = load_tokenizer(tmp_path / "data")
+    assert (loaded.eos_token_id, loaded.pad_token_id, loaded.fingerprint()) == (50257, 50258, tok.fingerprint())
+    meta = read_meta(tmp_path / "data")
+    tokens = np.concatenate([np.fromfile(tmp_path / "data" / s["file"], dtype=meta["dtype"])
+                             for s in meta["splits"]["train"]["shards"]]).tolist()
+    assert tokens.count(50257) == 2 and tokens[-1] == 50257 and 50256 not in tokens  # two documents, ended alike
+
+
+def test_directories_with_added_tokens_json_and_roles_load_as_in_transformers(tmp_path):
+    """The vocab.json + merges.txt layout keeps added tokens in added_tokens.json; a role naming a token the
+    vocabulary lacks adds it as a special token. transformers loads both so."""
+    GPT2Tokenizer.gpt2().save_pretrained(tmp_path)
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"[PAD]": 50257, "<code>": 50258}))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "[PAD]",
+                                                                 "unk_token": "<unk>"}))
+    ours = GPT2Tokenizer.from_file(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert len(ours) == len(theirs) == 50260
+    assert (ours.pad_token_id, ours.unk_token_id) == (theirs.pad_token_id, theirs.unk_token_id) == (50257, 50259)
+    assert ours.encode("a<code>b") == theirs("a<code>b")["input_ids"]  # not a role: an ordinary added token
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"[PAD]": 50300}))
+    with pytest.raises(TokenizerError, match=r"added_tokens.json: '\[PAD\]' has id 50300; the next free id is 50257"):
+        GPT2Tokenizer.from_file(tmp_path)
+
+
+def test_gguf_marks_ordinary_added_tokens_user_defined():
+    from gpt2kit.gguf import gguf_vocabulary
+
+    tok = GPT2Tokenizer.gpt2()
+    tok.add_tokens(["<code>"])
+    tok.add_special_tokens({"pad_token": "[PAD]"})
+    tokens, types, _ = gguf_vocabulary(tok, 50264)
+    assert tokens[50256:50259] == ["<|endoftext|>", "<code>", "[PAD]"]
+    assert types[50256:50260] == [3, 4, 3, 5]  # control, user-defined (matched in text), control, unused

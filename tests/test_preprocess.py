@@ -221,7 +221,7 @@ def test_uint32_for_large_vocabularies(tmp_path):
     assert meta["dtype"] == "uint32" and meta["tokenizer"]["name"] == "file"
     big = GPT2Tokenizer.from_file(CL100K)
     assert split_tokens(out).tolist() == big.encode(VERDICT.read_text()) + [big.eos_token_id]
-    assert (out / meta["tokenizer"]["file"]).is_file()
+    assert (out / meta["tokenizer"]["file"] / "tokenizer.json").is_file()
     assert meta["tokenizer"]["eos_token_id"] == big.eos_token_id > 65535
 
 

@@ -38,7 +38,7 @@ _TOP = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd", "tr
 _BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
           "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
 _BLOCK_NAME = re.compile(r"transformer\.h\.(\d+)\.(.+)")
-_NORMAL, _CONTROL, _UNUSED = 1, 3, 5  # llama.cpp's token types
+_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5  # llama.cpp's token types
 
 
 def gguf_tensor_name(name: str) -> str:
@@ -70,8 +70,9 @@ def gguf_pre_tokenizer(tokenizer: GPT2Tokenizer) -> str:
 
 def gguf_vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """The tokenizer as GGUF's `gpt2` tokenizer model stores it: `vocab_size` tokens in id order (special tokens
-    as their text, control type; ids the tokenizer lacks, inside its range like cl100k's or beyond it, as unused
-    `[PAD<id>]` entries), their types, and the merges ("left right", in merge order)."""
+    as their text, control type, ordinary added tokens user-defined; ids the tokenizer lacks, inside its range
+    like cl100k's or beyond it, as unused `[PAD<id>]` entries), their types, and the merges ("left right", in
+    merge order)."""
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
                          f"{vocab_size}")
@@ -81,7 +82,9 @@ def gguf_vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str
     for token_id in range(tokenizer.vocab_size):
         if token_id in specials:
             tokens.append(specials[token_id])
-            types.append(_CONTROL)
+            # An ordinary added token is matched in text, as llama.cpp matches user-defined ones; control tokens
+            # only where special tokens are parsed.
+            types.append(_USER_DEFINED if specials[token_id] in tokenizer.ordinary_added_tokens else _CONTROL)
             continue
         try:
             data = encoding.decode_single_token_bytes(token_id)
@@ -154,6 +157,8 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         writer.add_token_merges(merges)
         writer.add_bos_token_id(tok.bos_token_id)
         writer.add_eos_token_id(tok.eos_token_id)
+        if tok.pad_token_id != tok.eos_token_id:  # a pad token of its own (add_special_tokens)
+            writer.add_pad_token_id(tok.pad_token_id)
         writer.add_add_bos_token(False)  # GPT-2 text starts without one, as in transformers
         # The model's chat format as Jinja (tokenizer.chat_template), so llama.cpp and the tools on it prompt the
         # model as `gpt2kit chat` and the server do.

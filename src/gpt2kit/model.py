@@ -225,25 +225,27 @@ class GPT2PreTrainedModel(nn.Module):
                                 mean_resizing: bool = True) -> nn.Embedding:
         """transformers' call after tokenizer.add_tokens: the token embedding and an untied LM head get
         `new_num_tokens` rows (default: as many as now), rounded up to a multiple of `pad_to_multiple_of`, and
-        config.vocab_size follows. Kept rows keep their values. New rows start at the mean of the old ones
-        (`mean_resizing`, transformers' default, which adds noise of 1e-9 times their covariance), so a new token
-        starts out as an average token and the output distribution barely moves; without it they are drawn as the
-        model initialises. Returns the new embedding."""
-        old = self.get_input_embeddings()
-        rows = old.num_embeddings if new_num_tokens is None else new_num_tokens
+        config.vocab_size follows. The modules stay (their hooks too) and get new parameters of the new shape with
+        the old ones' requires_grad, tied as before. Kept rows keep their values. New rows start at the
+        mean of the old ones (`mean_resizing`, transformers' default, which adds noise of 1e-9 times their
+        covariance), so a new token starts out as an average token and the output distribution barely moves;
+        without it they are drawn as the model initialises. Returns the embedding."""
+        embedding, head = self.get_input_embeddings(), self.get_output_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return embedding
+        rows = embedding.num_embeddings if new_num_tokens is None else new_num_tokens
         if pad_to_multiple_of:
             rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
         if rows < 1:
             raise ValueError(f"new_num_tokens must be at least 1, got {rows}")
-        head = self.get_output_embeddings()
-        for module in (old, head):
-            weight = getattr(module, "weight", None) if module is not None else old.weight
+        for module in (embedding, head):
+            weight = getattr(module, "weight", None) if module is not None else embedding.weight
             if not (isinstance(weight, Tensor) and is_plain(weight) and weight.is_floating_point()):
                 raise ValueError("resize_token_embeddings needs float weights held whole; resize before "
                                  "quantizing or sharding the model")
-        untied_head = head is not None and head.weight is not old.weight
 
-        def resized(weight: Tensor) -> Tensor:
+        def resized(weight: nn.Parameter) -> nn.Parameter:
+            # A new parameter, not new .data: autograd keeps the old shape for a parameter a live graph has used.
             new = weight.new_empty(rows, weight.shape[1])
             kept = min(rows, weight.shape[0])
             new[:kept] = weight[:kept]
@@ -251,19 +253,17 @@ class GPT2PreTrainedModel(nn.Module):
                 new[kept:] = weight.float().mean(0).to(weight.dtype)
             else:
                 nn.init.normal_(new[kept:], mean=0.0, std=self.config.initializer_range)
-            return new
+            return nn.Parameter(new, requires_grad=weight.requires_grad)
 
         with torch.no_grad():
-            embedding = nn.Embedding(rows, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-            embedding.weight.copy_(resized(old.weight))
-            (self if isinstance(self, GPT2Model) else self.transformer).wte = embedding
-            if untied_head:
-                self.lm_head = Linear(head.in_features, rows, bias=False, device=head.weight.device,
-                                      dtype=head.weight.dtype)
-                self.lm_head.weight.copy_(resized(head.weight))
-        self.config.vocab_size = rows
+            tied = head is not None and head.weight is embedding.weight
+            embedding.weight = resized(embedding.weight)
+            if head is not None:
+                head.weight = embedding.weight if tied else resized(head.weight)
+        embedding.num_embeddings = rows
         if head is not None:
-            self.tie_weights()
+            head.out_features = rows
+        self.config.vocab_size = rows
         return embedding
 
     def _init_weights(self) -> None:

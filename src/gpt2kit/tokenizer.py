@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -427,6 +428,7 @@ class GPT2Tokenizer:
         # Added tokens that are not special (transformers' add_tokens): matched wherever they occur in a text.
         self._text_tokens = text_tokens
         self._added: tuple[tuple[str, bool], ...] = ()  # (token, special) added since loading, in id order
+        self._splitters: dict[frozenset[str], regex.Pattern | None] = {}  # per allowed set, see _splitter
         if eos_token not in encoding.special_tokens_set:
             raise TokenizerError(f"EOS token {eos_token!r} is not a special token of {encoding.name!r}")
         self.eos_token = eos_token
@@ -474,14 +476,7 @@ class GPT2Tokenizer:
         else:
             raise TokenizerError(f"{path}: unknown tokenizer format (expected tokenizer.json, vocab.json or .tiktoken)")
         config = _tokenizer_config(directory / "tokenizer_config.json")
-        for role in ("eos_token", "bos_token", "unk_token", "pad_token"):
-            token = config.get(role)
-            token = token.get("content") if isinstance(token, dict) else token  # transformers' AddedToken form
-            if isinstance(token, str):
-                try:
-                    tokenizer._set_role(role, token)
-                except ValueError as err:
-                    raise TokenizerError(f"{directory / 'tokenizer_config.json'}: {err}") from None
+        tokenizer._read_added_tokens(directory, config)
         max_length = config.get("model_max_length")
         if type(max_length) is int and max_length > 0:  # transformers' "no limit" of 1e30 included
             tokenizer.model_max_length = max_length
@@ -524,13 +519,10 @@ class GPT2Tokenizer:
             encoding, text_tokens = _tokenizer_json_encoding(source[1], _stamp(source[1]))
         else:
             encoding = _tiktoken_file_encoding(source[1], _stamp(source[1]))
-        specials = encoding._special_tokens
-        known = [name for name in EOS_NAMES if name in specials]
-        if not specials:
+        if not encoding._special_tokens:
             raise TokenizerError(f"{source[-1]}: the vocabulary has no special token to use as end of text")
-        # A known end-of-text name, else the first special token (a trained vocabulary lists it first).
-        eos = eos_token or (known[0] if known else min(specials, key=specials.__getitem__))
-        return cls(encoding, source=source, eos_token=eos, text_tokens=text_tokens)
+        return cls(encoding, source=source, eos_token=eos_token or _default_eos(encoding._special_tokens),
+                   text_tokens=text_tokens)
 
     def __reduce__(self):
         roles = {role: getattr(self, role) for role in ("eos_token", "bos_token", "unk_token")}
@@ -538,6 +530,36 @@ class GPT2Tokenizer:
                            self.truncation_side, self.model_max_length, self.chat_template))
 
     # ---- added tokens (transformers' add_tokens / add_special_tokens) ----------------------------------------
+    def _read_added_tokens(self, directory: Path, config: dict[str, Any]) -> None:
+        """What transformers adds on loading a directory: added_tokens.json's tokens (the vocab.json + merges.txt
+        layout keeps them there; special when a role, listed as special or marked so in added_tokens_decoder),
+        then the roles of tokenizer_config.json, a role's token added as a special token when the vocabulary
+        lacks it."""
+        added_file = directory / "added_tokens.json"
+        try:
+            roles = {role: _token_text(config[role]) for role in ("eos_token", "bos_token", "unk_token", "pad_token")
+                     if isinstance(config.get(role), (str, dict))}
+            listed = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+            listed = {_token_text(t) for t in listed} if isinstance(listed, list) else set()
+            decoder = config.get("added_tokens_decoder")
+            decoder = decoder if isinstance(decoder, dict) else {}
+            added = read_json(added_file) if added_file.is_file() else {}
+            if not (isinstance(added, dict) and all(type(i) is int for i in added.values())):
+                raise TokenizerError(f"{added_file}: expected a JSON object of token -> integer id")
+            for token, token_id in sorted(added.items(), key=lambda item: item[1]):
+                if token in self.get_vocab():
+                    continue
+                if token_id != len(self):
+                    raise TokenizerError(f"{added_file}: {token!r} has id {token_id}; the next free id is {len(self)}")
+                special = token in roles.values() or token in listed or bool(
+                    (decoder.get(str(token_id)) or {}).get("special"))
+                self.add_tokens(token, special_tokens=special)
+            for role, token in roles.items():
+                self.add_tokens(token, special_tokens=True)
+                self._set_role(role, token)
+        except ValueError as err:
+            raise TokenizerError(f"{directory / 'tokenizer_config.json'}: {err}") from None
+
     def add_tokens(self, new_tokens: str | Sequence[str], special_tokens: bool = False) -> int:
         """Give the tokens this vocabulary lacks the next ids (from len(tokenizer) on) and return how many were
         new; then `model.resize_token_embeddings(len(tokenizer))`. As in transformers, an ordinary added token is
@@ -558,7 +580,7 @@ class GPT2Tokenizer:
         if not special_tokens:
             self._text_tokens = self._text_tokens | frozenset(new)
         self._added += tuple((t, special_tokens) for t in new)
-        self._vocab, self._unused_ids = None, {}
+        self._vocab, self._unused_ids, self._splitters = None, {}, {}
         return len(new)
 
     def add_special_tokens(self, special_tokens_dict: Mapping[str, Any]) -> int:
@@ -600,6 +622,13 @@ class GPT2Tokenizer:
         parts.append(b"\0ranks")
         for token, rank in sorted(self.encoding._mergeable_ranks.items(), key=lambda x: x[1]):
             parts.append(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
+        # Added tokens matched in text, and roles (EOS ends every document of preprocessed data), only where they
+        # differ from a vocabulary's defaults, so that an unchanged tokenizer keeps the fingerprint it had.
+        if self._text_tokens:
+            parts += [b"\0text"] + [f"{t}\0".encode() for t in sorted(self._text_tokens)]
+        roles = (self.eos_token_id, self.bos_token_id, self.unk_token_id, self.pad_token_id)
+        if roles != (self.encoding._special_tokens[_default_eos(self.encoding._special_tokens)],) * 4:
+            parts.append(b"\0roles" + ",".join(map(str, roles)).encode())
         return hashlib.sha256(b"".join(parts)).hexdigest()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -697,7 +726,29 @@ class GPT2Tokenizer:
         allowed = self._matched(allowed_special)
         if not allowed:
             return self.encoding.encode_ordinary(text)
-        return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        splitter = self._splitter(allowed)
+        if splitter is None:
+            return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
+        ids: list[int] = []
+        for n, piece in enumerate(splitter.split(text)):  # text, token, text, ...
+            if n % 2:
+                ids.append(self.encoding._special_tokens[piece])
+            elif piece:
+                ids += self.encoding.encode_ordinary(piece)
+        return ids
+
+    def _splitter(self, allowed: str | set[str]) -> regex.Pattern | None:
+        """Where one allowed special token begins another ("<tool>" and "<tool>call", runs of tabs), a pattern
+        that tries the longest first, as transformers matches added tokens (tiktoken tries them in no fixed
+        order); None where none does."""
+        tokens = self.encoding.special_tokens_set & (set(self.encoding.special_tokens_set) if allowed == "all"
+                                                     else set(allowed))
+        key = frozenset(tokens)
+        if key not in self._splitters:
+            overlapping = any(a != b and b.startswith(a) for a in tokens for b in tokens)
+            pattern = "(" + "|".join(map(regex.escape, sorted(tokens, key=len, reverse=True))) + ")"
+            self._splitters[key] = regex.compile(pattern) if overlapping else None
+        return self._splitters[key]
 
     def _matched(self, allowed_special: str | set[str]) -> str | set[str]:
         """The special tokens an encode call maps to their ids: those allowed, and the ordinary added tokens."""
@@ -711,6 +762,8 @@ class GPT2Tokenizer:
         allowed = self._matched(allowed_special)
         if not allowed:
             return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        if self._splitter(allowed) is not None:
+            return [self.encode(text, allowed_special=allowed) for text in texts]
         return self.encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed,
                                           disallowed_special=())
 
@@ -797,6 +850,11 @@ class GPT2Tokenizer:
     def pad_token(self, token: str) -> None:
         """`tok.pad_token = tok.eos_token`, the usual line for GPT-2 (whose pad_token_id is already the EOS id)."""
         self._set_role("pad_token", token)
+
+    @property
+    def ordinary_added_tokens(self) -> frozenset[str]:
+        """Added tokens that are not special (add_tokens): matched wherever they occur in a text."""
+        return self._text_tokens
 
     @property
     def all_special_tokens(self) -> list[str]:
@@ -923,12 +981,18 @@ def _as_arrays(ids: list[list[int]], masks: list[list[int]], kind: str) -> tuple
     return torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1])
 
 
+def _default_eos(specials: dict[str, int]) -> str:
+    """A known end-of-text name, else the first special token (a trained vocabulary lists it first)."""
+    known = [name for name in EOS_NAMES if name in specials]
+    return known[0] if known else min(specials, key=specials.__getitem__)
+
+
 def _rebuild(source: tuple[str, ...], added: tuple[tuple[str, bool], ...], roles: dict[str, str], pad_token_id: int,
              padding_side: str, truncation_side: str, model_max_length: int,
              chat_template: str | None) -> GPT2Tokenizer:
     tok = GPT2Tokenizer._from_source(source)
-    for token, special in added:
-        tok.add_tokens(token, special_tokens=special)
+    for special, run in itertools.groupby(added, key=lambda item: item[1]):  # one new encoding per run, not per token
+        tok.add_tokens([token for token, _ in run], special_tokens=special)
     for role, token in roles.items():
         tok._set_role(role, token)
     tok.pad_token_id, tok.padding_side, tok.truncation_side = pad_token_id, padding_side, truncation_side
@@ -947,8 +1011,8 @@ def _tokenizer_config(config_file: Path) -> dict[str, Any]:
 
 
 def _token_text(value: Any) -> str:
-    """A token given as a string or as transformers' AddedToken (its `content`)."""
-    text = getattr(value, "content", value)
+    """A token given as a string or as transformers' AddedToken (its `content`; in a JSON file, an object)."""
+    text = value.get("content") if isinstance(value, dict) else getattr(value, "content", value)
     if not isinstance(text, str):
         raise ValueError(f"a token must be a string or an AddedToken, got {value!r}")
     return text

@@ -242,9 +242,8 @@ def _tokenizer_spec(tokenizer: str | os.PathLike, loaded: GPT2Tokenizer, staging
         loaded.save_pretrained(staging / "tokenizer")
     except TokenizerError as err:  # a rank file whose tokens are not all merges of lower-ranked ones
         raise TokenizerError(f"{tokenizer}: cannot be copied into the output ({err})") from None
-    # vocab.json + merges.txt are read as their directory; otherwise save_pretrained wrote a tokenizer.json.
-    file = "tokenizer" if (staging / "tokenizer" / "vocab.json").exists() else "tokenizer/tokenizer.json"
-    return {"name": "file", "file": file, **spec}
+    # Read back as the directory, with its tokenizer_config.json: the roles (EOS ends every document) are there.
+    return {"name": "file", "file": "tokenizer", **spec}
 
 
 # ---- the pipeline ---------------------------------------------------------------------------------------------
