@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from gpt2kit import GPT2Tokenizer
-from gpt2kit.data import (ClassificationDataset, DataError, InstructionDataset, PretrainingDataset, ResumableSampler,
-                          collate, load_tokenizer, preprocess)
+from gpt2kit.conversation import ALPACA
+from gpt2kit.data import (ChatDataset, ClassificationDataset, DataError, InstructionDataset, PretrainingDataset,
+                          ResumableSampler, collate, load_tokenizer, preprocess)
 
 from .conftest import DATA
 
@@ -319,6 +320,80 @@ def test_instruction_truncation_and_errors(tmp_path, tok):
     path.write_text(json.dumps(RECORDS[0], indent=1))  # valid JSON, but one record written over several lines
     with pytest.raises(DataError, match=r"a.json: one JSON object; expected a JSON list of records or JSON lines"):
         InstructionDataset(path, tok, max_length=64)
+
+
+CONVERSATIONS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."},
+                  {"role": "assistant", "content": "Blue, é."}]},
+    {"messages": [{"role": "user", "content": "Count to 3."}, {"role": "assistant", "content": "1 2 3"}]},
+]
+# ChatML with transformers' {% generation %} tag around what the assistant writes, so that transformers' own
+# assistant-token mask is the reference.
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+          "{% generation %}{{ m['content'] + '<|im_end|>\\n' }}{% endgeneration %}{% else %}"
+          "{{ m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("fmt", ["plain", "alpaca", "chatml"])
+def test_chat_conversations_learn_the_assistant_turns(tmp_path, fmt):
+    """The conversation is tokenized as apply_chat_template tokenizes it; the learned tokens are the assistant's
+    turns (with what the template closes them with) and a final EOS; with a template marking them, exactly
+    transformers' assistant-token mask."""
+    import transformers
+
+    tok = GPT2Tokenizer.gpt2()
+    if fmt == "alpaca":
+        tok.chat_template = ALPACA.template
+    elif fmt == "chatml":
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = CHATML
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in CONVERSATIONS))
+    ds = ChatDataset(path, tok, max_length=256)
+    assert len(ds) == 2
+    tok.save_pretrained(tmp_path / "tok")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    for item, conversation in zip(ds, CONVERSATIONS):
+        messages = conversation["messages"]
+        ids = item["input_ids"].tolist() + [item["targets"][-1].item()]
+        whole = tok.apply_chat_template(messages, add_generation_prompt=False, return_dict=False)
+        assert ids == whole + [tok.eos_token_id]
+        learned = (item["targets"] != -100).tolist()
+        text = tok.decode([t for t in item["targets"].tolist() if t != -100])
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        assert all(reply in text for reply in replies) and text.endswith("<|endoftext|>")
+        assert "User" not in text and "Instruction" not in text and "<|im_start|>" not in text
+        if fmt == "chatml":
+            reference = hf.apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True)
+            assert reference["input_ids"] == whole
+            assert learned == [bool(m) for m in reference["assistant_masks"][1:]] + [True]
+
+
+def test_chat_data_errors_and_truncation(tmp_path, tok):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(CONVERSATIONS[1]))
+    full = ChatDataset(path, tok, max_length=256)
+    prompt_len = len(tok.encode("User: Count to 3.\nAssistant:"))
+    assert len(full[0]["input_ids"]) == prompt_len + len(tok.encode(" 1 2 3\n"))
+    assert ChatDataset(path, tok, max_length=prompt_len - 1).skipped == 1  # no reply token left
+    for record, message in [
+        ({"text": "hi"}, r"c.jsonl:1: expected an object with a non-empty 'messages' list \(got text\)"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, r"c.jsonl:1: no assistant message to learn"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, r"c.jsonl:1: message 0: expected"),
+    ]:
+        path.write_text(json.dumps(record))
+        with pytest.raises(DataError, match=message):
+            ChatDataset(path, tok, max_length=64)
+    # A template that writes the last reply differently from how it wrote it as history.
+    odd = GPT2Tokenizer.gpt2()
+    odd.chat_template = ("{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}A:{% endif %}")
+    path.write_text(json.dumps(CONVERSATIONS[0]))
+    with pytest.raises(DataError, match=r"c.jsonl:1: the chat template does not write the conversation up to "
+                                        r"message 2 as the start of the whole"):
+        ChatDataset(path, odd, max_length=64)
 
 
 # ---- collate -------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -436,6 +437,44 @@ def test_val_fraction_holds_out_classification_examples(tmp_path):
         Trainer(args=config).train()
 
 
+def finetune_first_batch(trainer: Trainer, tmp_path: Path) -> tuple[int, list[float]]:
+    """Finetune; then the learned targets of the first batch and the run's training losses."""
+    trainer.finetune()
+    trainer.sampler.set_epoch(0)
+    learned = trainer._loss_weight(next(iter(trainer.train_loader)))
+    return learned, [r["train_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+
+
+def test_chat_finetune_learns_replies_in_the_models_chat_template(tmp_path):
+    """The transformers recipe for chat: add the template's markers as special tokens, resize, train on
+    conversations (data.format: chat); the run saves the template and tokens, and chat prompts the model as
+    training wrote the conversations."""
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    conversations = [{"messages": [{"role": "user", "content": f"Repeat {w}."}, {"role": "assistant", "content": w}]}
+                     for w in ("apple", "river", "stone", "cloud") * 4]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(c) for c in conversations))
+    tok = GPT2Tokenizer.gpt2()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = template
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config.from_name("gpt2-tiny", n_layer=2, n_embd=64, n_head=4, n_positions=64))
+    model.resize_token_embeddings(len(tok))
+    config = run_config(tmp_path, data={"train": str(data), "format": "chat", "max_length": 64},
+                        train={"max_steps": 60, "micro_batch_size": 4}, optim={"lr": 1e-2})
+    learned, losses = finetune_first_batch(Trainer(model=model, args=config, tokenizer=tok), tmp_path)
+    assert learned == 4 * 4  # per conversation: the word, <|im_end|>, "\n" and the final EOS
+    assert losses[-1] < 0.3 * losses[0]
+    final = tmp_path / "run" / "final"
+    chat = pipeline("text_generation", model=str(final))
+    assert chat.tokenizer.chat_template == template and len(chat.tokenizer) == 50259
+    [reply] = chat([{"role": "user", "content": "Repeat stone."}], max_new_tokens=6, do_sample=False,
+                   return_full_text=False)
+    # The tiny model learns the turn's shape (a word, the template's end of turn, then EOS), if not which word.
+    assert re.fullmatch(r"(apple|river|stone|cloud)<\|im_end\|>\n", reply["generated_text"])
+
+
 def test_instruction_finetune_masks_the_prompt(tmp_path):
     records = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"}
                for w in ("apple", "river", "stone", "cloud") * 4]
@@ -448,12 +487,9 @@ def test_instruction_finetune_masks_the_prompt(tmp_path):
                         train={"max_steps": 20, "micro_batch_size": 4}, optim={"lr": 1e-2})
     given = GPT2Tokenizer.gpt2()
     trainer = Trainer(args=config, tokenizer=given)
-    trainer.finetune()
-    trainer.sampler.set_epoch(0)
-    batch = next(iter(trainer.train_loader))
+    learned, losses = finetune_first_batch(trainer, tmp_path)
     # Only response tokens (and EOS) are scored: "apple apple<|endoftext|>" is 3 tokens per example.
-    assert trainer._loss_weight(batch) == 4 * 3
-    losses = [r["train_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert learned == 4 * 3
     assert losses[-1] < 0.5 * losses[0]
     # evaluate() on an instruction file scores it as training does (it was read as documents with a "text" key).
     scored = trainer._evaluate_dataset(InstructionDataset(data, trainer.tokenizer, max_length=64))

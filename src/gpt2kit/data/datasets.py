@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..conversation import turns_of
 from ..files import read_json, read_utf8, require_file
 from ..tokenizer import GPT2Tokenizer
 from .readers import DataError
@@ -186,6 +187,7 @@ class ResumableSampler(Sampler[int]):
 # ---- classification -----------------------------------------------------------------------------------------
 AG_NEWS_CLASSES = ("World", "Sports", "Business", "Sci/Tech")
 CLASSIFICATION_FORMATS = ("sst2", "cola", "agnews", "csv")
+INSTRUCTION_FORMATS = ("alpaca", "chat")  # InstructionDataset's records, ChatDataset's conversations
 _KNOWN_NAMES = {"sst2": ("negative", "positive"), "cola": ("unacceptable", "acceptable"), "agnews": AG_NEWS_CLASSES}
 _TEXT_COLUMNS = ("text", "sentence", "review", "content", "document")
 # GLUE's pair tasks name theirs Quality (MRPC), is_duplicate (QQP) and gold_label (MNLI, SNLI).
@@ -437,19 +439,45 @@ def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return located
 
 
-class InstructionDataset(Dataset):
+class _ResponseExamples(Dataset):
+    """Token sequences of which only some tokens are learned (responses), returned shifted: `input_ids` =
+    sequence[:-1], `targets` = sequence[1:] with -100 at every token not learned. Sequences longer than
+    `max_length + 1` tokens are cut at the end; one left with nothing to learn is left out (counted in
+    `.skipped`)."""
+
+    def __init__(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.examples: list[tuple[list[int], list[bool]]] = []  # (token ids, learned)
+        self.skipped = 0
+
+    def _add(self, ids: list[int], learned: list[bool]) -> None:
+        """One example: its token ids and which of them are learned."""
+        ids, learned = ids[:self.max_length + 1], learned[:self.max_length + 1]
+        if not any(learned[1:]):  # the first token is never a target
+            self.skipped += 1
+            return
+        self.examples.append((ids, learned))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids, learned = self.examples[index]
+        sequence = torch.tensor(ids, dtype=torch.long)
+        targets = sequence[1:].masked_fill(~torch.tensor(learned[1:]), -100)  # targets[t] is token t+1
+        return {"input_ids": sequence[:-1], "targets": targets}
+
+
+class InstructionDataset(_ResponseExamples):
     """Alpaca-style instruction data (json list or jsonl of {instruction, input, output}).
 
-    Each example is prompt + output + EOS, returned shifted: `input_ids` = sequence[:-1], `targets` =
-    sequence[1:] with every target inside the prompt set to -100, so the loss covers the response and its
-    EOS only. Sequences longer than `max_length + 1` tokens are cut at the end; examples whose prompt alone
-    is longer than `max_length` have nothing to learn and are left out (counted in `.skipped`).
+    Each example is prompt + output + EOS; the loss covers the response and its EOS only (see
+    _ResponseExamples: an example whose prompt alone is longer than `max_length` is left out).
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer: GPT2Tokenizer, *, max_length: int) -> None:
+        super().__init__(max_length)
         path = require_file(path, "instruction file")
-        self.examples: list[tuple[list[int], int]] = []  # (token ids, prompt length)
-        self.skipped = 0
         for where, record in _read_records(path):
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected an object with instruction/input/output")
@@ -459,21 +487,59 @@ class InstructionDataset(Dataset):
             if not isinstance(record.get("input", ""), str):
                 raise DataError(f"{where}: 'input' must be a string")
             prompt = tokenizer.encode(alpaca_prompt(record["instruction"], record.get("input", "")))
-            ids = (prompt + tokenizer.encode(record["output"]) + [tokenizer.eos_token_id])[:max_length + 1]
-            if len(prompt) >= len(ids):
-                self.skipped += 1
-                continue
-            self.examples.append((ids, len(prompt)))
+            response = tokenizer.encode(record["output"]) + [tokenizer.eos_token_id]
+            self._add(prompt + response, [False] * len(prompt) + [True] * len(response))
 
-    def __len__(self) -> int:
-        return len(self.examples)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids, prompt_len = self.examples[index]
-        sequence = torch.tensor(ids, dtype=torch.long)
-        targets = sequence[1:].clone()
-        targets[:prompt_len - 1] = -100  # targets[t] predicts token t+1: the first response token is at prompt_len
-        return {"input_ids": sequence[:-1], "targets": targets}
+class ChatDataset(_ResponseExamples):
+    """Conversations (json list or jsonl of {"messages": [{"role", "content"}, ...]}, OpenAI's and transformers'
+    chat format) written in the tokenizer's chat format (gpt2kit.conversation: its chat_template, else the plain
+    transcript), as chat, the server and apply_chat_template write them; the loss covers the assistant's
+    messages only.
+
+    An assistant message's text is what the whole conversation adds to the one before it rendered with the
+    generation prompt: its content and whatever the template closes it with (an end-of-turn token, a newline),
+    so the model learns to end its turns as the template does; a token is learned when it starts inside such
+    text. The conversation ends with EOS, learned, unless the template ended it so. It is tokenized whole (a
+    template's special tokens as their ids), as chat tokenizes the history it continues. A template that renders
+    an earlier part of a conversation other than as the start of the whole cannot be learned this way: a
+    DataError naming the record.
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer: GPT2Tokenizer, *, max_length: int) -> None:
+        super().__init__(max_length)
+        path = require_file(path, "chat file")
+        chat = tokenizer.chat_format()
+        special = "all" if chat.writes_special_tokens else ()
+        for where, record in _read_records(path):
+            messages = record.get("messages") if isinstance(record, dict) else None
+            if not isinstance(messages, list) or not messages:
+                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                raise DataError(f"{where}: expected an object with a non-empty 'messages' list (got {keys})")
+            try:
+                turns = turns_of(messages)
+                whole = chat.transcript(turns, add_generation_prompt=False)
+                replies: list[tuple[int, int]] = []  # character spans of the assistant's text in `whole`
+                for i, (role, _) in enumerate(turns):
+                    if role != "assistant":
+                        continue
+                    prompt = chat.transcript(turns[:i], add_generation_prompt=True)
+                    upto = chat.transcript(turns[:i + 1], add_generation_prompt=False)
+                    if not (upto.startswith(prompt) and whole.startswith(upto)
+                            and len(prompt) >= (replies[-1][1] if replies else 0)):
+                        raise ValueError(f"the chat template does not write the conversation up to message {i} as "
+                                         "the start of the whole, so its replies cannot be told apart")
+                    replies.append((len(prompt), len(upto)))
+            except ValueError as err:
+                raise DataError(f"{where}: {err}") from None
+            if not replies:
+                raise DataError(f"{where}: no assistant message to learn")
+            ids = tokenizer.encode(whole, allowed_special=special)
+            _, starts = tokenizer.encoding.decode_with_offsets(ids)
+            learned = [any(start <= at < end for start, end in replies) for at in starts]
+            if ids[-1:] != [tokenizer.eos_token_id]:
+                ids, learned = ids + [tokenizer.eos_token_id], learned + [True]
+            self._add(ids, learned)
 
 
 # ---- batching -----------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class DataArgs:
 
     train: str | None = None  # preprocessed dir, or raw text/jsonl/tsv files (preprocessed into out_dir/data)
     val: str | None = None  # validation/dev set; pretraining: default the "val" split of `train`
-    format: str = "auto"  # preprocess: auto|text|jsonl|wikitext...; txtcls: auto|sst2|cola|agnews|csv; alpaca
+    format: str = "auto"  # preprocess: auto|text|jsonl|wikitext...; txtcls: auto|sst2|cola|agnews|csv; alpaca|chat
     text_key: str = "text"  # jsonl field holding the text; txtcls: the csv/tsv text column (default: found by name)
     text_pair_key: str | None = None  # txtcls: the column of a sentence pair's second sentence (GLUE's sentence2)
     tokenizer: str | None = None  # "gpt2", a tokenizer file/dir (or where `tokenizer_vocab_size` writes one,
@@ -202,10 +202,10 @@ class RunConfig:
         if o.warmup_rate and o.warmup_steps is not None:
             raise bad("optim.warmup_rate", "give only one of optim.warmup_steps and optim.warmup_rate")
         d, lora, sample = self.data, self.lora, self.sample
-        from ..data.datasets import CLASSIFICATION_FORMATS
+        from ..data.datasets import CLASSIFICATION_FORMATS, INSTRUCTION_FORMATS
         from ..data.readers import FORMATS
 
-        formats = CLASSIFICATION_FORMATS if self.task == "text_classification" else (*FORMATS, "alpaca")
+        formats = CLASSIFICATION_FORMATS if self.task == "text_classification" else (*FORMATS, *INSTRUCTION_FORMATS)
         if d.errors not in ("strict", "replace"):
             raise bad("data.errors", f"expected strict or replace, got {d.errors!r}")
         if d.format != "auto" and d.format not in formats:

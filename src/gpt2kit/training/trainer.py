@@ -49,6 +49,7 @@ from ..checkpoint import (CheckpointError, hf_to_gpt2kit, is_adapter_dir, load_c
                           resolve_model_dir, save_pretrained)
 from ..config import PRESETS, GPT2Config
 from ..conversation import ALPACA
+from ..data.datasets import INSTRUCTION_FORMATS
 from ..files import atomic_write_text, replace_directory, standard_json
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
 from ..quantization import check_trainable
@@ -252,10 +253,11 @@ class Trainer:
     # ---- data ---------------------------------------------------------------------------------------------
     @property
     def _kind(self) -> str:
-        """pretrain (token windows) | instruction (prompt-masked) | classification."""
+        """pretrain (token windows) | instruction (prompt-masked: Alpaca records or chat conversations) |
+        classification."""
         if self.config.task == "text_classification":
             return "classification"
-        return "instruction" if self.config.data.format == "alpaca" else "pretrain"
+        return "instruction" if self.config.data.format in INSTRUCTION_FORMATS else "pretrain"
 
     def _corpus_dir(self, path: str, name: str, val_fraction: float, tokenizer: str) -> Path:
         """A preprocessed token directory for `path`: itself when it already is one, else tokenized once with
@@ -360,10 +362,12 @@ class Trainer:
                                             max_length=self._max_length(), label_names=names,
                                             text_columns=self._text_columns())
         else:
-            # The model learns the Alpaca prompt: its tokenizer records that format (a copy: not the caller's object),
-            # so chat, the server and the pipeline prompt it the same way (gpt2kit.conversation).
-            self.tokenizer = copy.copy(self._get_tokenizer())
-            self.tokenizer.chat_template = ALPACA.template
+            # Alpaca records teach the Alpaca prompt: the tokenizer records that format (a copy: not the caller's
+            # object), so chat, the server and the pipeline prompt it the same way (gpt2kit.conversation).
+            # Conversations are written in the tokenizer's own chat format, which it keeps.
+            if d.format == "alpaca":
+                self.tokenizer = copy.copy(self._get_tokenizer())
+                self.tokenizer.chat_template = ALPACA.template
             max_length = self._max_length()
             if train is None and d.train is not None:
                 train = self._instructions("data.train", d.train, max_length)
@@ -410,11 +414,12 @@ class Trainer:
         return train, val
 
     def _instructions(self, key: str, path: str, max_length: int) -> Dataset:
-        """An InstructionDataset, saying how many examples it leaves out (a prompt longer than max_length tokens
-        leaves nothing to learn) and refusing one that leaves out all."""
-        from ..data import InstructionDataset
+        """An InstructionDataset or ChatDataset (data.format alpaca or chat), saying how many examples it leaves out
+        (a prompt longer than max_length tokens leaves nothing to learn) and refusing one that leaves out all."""
+        from ..data import ChatDataset, InstructionDataset
 
-        dataset = InstructionDataset(path, self._get_tokenizer(), max_length=max_length)
+        kind = ChatDataset if self.config.data.format == "chat" else InstructionDataset
+        dataset = kind(path, self._get_tokenizer(), max_length=max_length)
         if dataset.skipped:
             message = (f"{key}: {dataset.skipped} of {dataset.skipped + len(dataset)} examples have a prompt longer "
                        f"than {max_length} tokens (data.max_length) and are left out")
@@ -1133,7 +1138,7 @@ class Trainer:
                                              max_length=self.config.data.max_length, label_names=labels,
                                              batch_size=self.config.train.micro_batch_size, progress=False)
             return {"val_accuracy": result["accuracy"], **result}
-        if self.config.data.format == "alpaca":  # scored as training scores it: the responses' tokens
+        if self.config.data.format in INSTRUCTION_FORMATS:  # scored as training scores it: the responses' tokens
             return self._evaluate_dataset(self._instructions("eval_dataset", data, self._max_length()))
         if (Path(data) / "meta.json").is_file():
             from ..data import PretrainingDataset, read_meta
