@@ -142,6 +142,8 @@ def test_resize_token_embeddings_as_transformers(tmp_path, tied):
     model(ids[ids < 200].view(1, -1))
     assert seen and not embedding.weight.requires_grad and model.lm_head.out_features == 210
     assert embedding.weight.grad is None  # a new parameter: no gradient of the old shape
+    same = embedding.weight
+    assert model.resize_token_embeddings(210) is embedding and embedding.weight is same  # nothing to change
 
 
 def test_resize_without_mean_and_for_classifiers_and_refusals():
@@ -194,11 +196,12 @@ def test_overlapping_added_tokens_take_the_longest_match(tmp_path):
     ours = GPT2Tokenizer.gpt2()
     ours.save_pretrained(tmp_path / "base")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "base")
-    tokens = ["\t\t", "\t\t\t", "\t\t\t\t", "<tool>", "<tool>call"]
+    tokens = ["\t\t", "\t\t\t", "\t\t\t\t", "<tool>", "<tool>call", "<s>y", "z<eot>"]
     for tok in (ours, theirs):
         tok.add_tokens(tokens)
-        tok.add_special_tokens({"additional_special_tokens": ["<s>", "<s>x"]})
-    texts = ["if x:\n\t\t\t\treturn 1\n\t\t\tpass", "x<tool>call y <tool> z", "<s>x<s> a"]
+        tok.add_special_tokens({"additional_special_tokens": ["<s>", "<s>x", "<eot>"]})
+    # Special tokens are split out first, then ordinary ones: "<s>y" and "z<eot>" never match whole.
+    texts = ["if x:\n\t\t\t\treturn 1\n\t\t\tpass", "x<tool>call y <tool> z", "<s>x<s> a", "<s>y z<eot> b"]
     for text in texts:
         assert ours.encode(text, allowed_special="all") == theirs(text)["input_ids"]
     assert ours.encode_batch(texts, allowed_special="all") == [theirs(t)["input_ids"] for t in texts]

@@ -152,8 +152,16 @@ def test_scores_and_logits_of_each_step_match_transformers(hf_pair, options):
     assert torch.equal(beams.sequences, ours.generate(ids, mask, max_new_tokens=4, num_beams=2))
     with pytest.raises(ValueError, match="not kept by beam search"):
         ours.generate(ids, mask, max_new_tokens=4, num_beams=2, return_dict_in_generate=True, output_scores=True)
-    with pytest.raises(ValueError, match="returned with return_dict_in_generate=True"):
-        ours.generate(ids, mask, max_new_tokens=4, output_scores=True)
+    with pytest.warns(UserWarning, match="returned with return_dict_in_generate=True"):  # as transformers warns
+        plain = ours.generate(ids, mask, pad_token_id=VOCAB - 1,
+                              **kwargs | {"output_logits": False, "return_dict_in_generate": False})
+        assert torch.equal(plain, out.sequences)
+    # transformers' ModelOutput access: by position (unset fields skipped), keys, tuples; beam_indices positional.
+    assert out[0] is out.sequences and out.keys() == ["sequences", "scores", "logits"] and "scores" in out
+    assert sampled.to_tuple() == (sampled.sequences, sampled.scores) and "logits" not in sampled
+    mine = ours.compute_transition_scores(out.sequences, out.scores, None, True)
+    torch.testing.assert_close(mine, hf.compute_transition_scores(ref.sequences, ref.scores, None, True), atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_ngram_ban_ignores_padding():

@@ -146,6 +146,13 @@ def test_apply_chat_template_writes_the_chat_transcript(pipe):
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, len(tok.encode(text)))
     assert batch["attention_mask"][1].sum() == len(tok.encode(text.removeprefix("A chat.\n")))
     assert tok.apply_chat_template([messages, messages[1:]], tokenize=False) == [text, text.removeprefix("A chat.\n")]
+    assert len(tok.apply_chat_template(messages, max_length=3)["input_ids"]) > 3  # no truncation unless asked
+    assert len(tok.apply_chat_template(messages, max_length=3, truncation=True)["input_ids"]) == 3
+    for bad, message in [([], "the conversation is empty"), ([messages, []], "a conversation of the batch is empty")]:
+        with pytest.raises(ValueError, match=message):
+            tok.apply_chat_template(bad)
+    with pytest.raises(ValueError, match="give one of them"):
+        tok.apply_chat_template(messages, continue_final_message=True, add_generation_prompt=True)
     assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False) == text.removesuffix(
         "Assistant:")
     reply = pipe(messages, max_new_tokens=10, return_full_text=False)[0]["generated_text"]

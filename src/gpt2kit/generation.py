@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .model import GPT2LMHeadModel, KVCache, eval_mode, is_plain
+from .model import GPT2LMHeadModel, KVCache, ModelOutput, eval_mode, is_plain
 from .quantization import PackedLinear
 from .tokenizer import GPT2Tokenizer
 
@@ -784,22 +784,22 @@ def with_unused_suppressed(config: GenerationConfig, tokenizer: GPT2Tokenizer, v
 
 
 @dataclass
-class GenerateDecoderOnlyOutput:
+class GenerateDecoderOnlyOutput(ModelOutput):
     """generate(..., return_dict_in_generate=True), as transformers' class of this name: the sequences, and with
     output_scores / output_logits a tuple of one (B, V) float32 tensor per step (the scores after the step's
-    processors, which chose the token; the model's raw logits). Reads as attributes or by key."""
+    processors, which chose the token; the model's raw logits). Reads as transformers' outputs do (ModelOutput)."""
     sequences: Tensor
     scores: tuple[Tensor, ...] | None = None
     logits: tuple[Tensor, ...] | None = None
 
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
 
-
-def compute_transition_scores(sequences: Tensor, scores: Sequence[Tensor], normalize_logits: bool = False) -> Tensor:
+def compute_transition_scores(sequences: Tensor, scores: Sequence[Tensor], beam_indices: Tensor | None = None,
+                              normalize_logits: bool = False) -> Tensor:
     """transformers' model.compute_transition_scores for generate's outputs without beams: each generated token's
     score, (B, steps), gathered from `scores` (output_scores or output_logits); with `normalize_logits`, as
     log-probabilities (log_softmax over the vocabulary first). Rows that had finished score their padding."""
+    if beam_indices is not None:
+        raise ValueError("beam_indices: beam search keeps no scores here (generate refuses output_scores with beams)")
     steps = torch.stack(list(scores), 1)  # (B, steps, V)
     if normalize_logits:
         steps = steps.log_softmax(-1)
@@ -830,7 +830,8 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
     `output_scores` / `output_logits` (not with beam search); `compute_transition_scores` reads them per token."""
     config = (config or GenerationConfig()).replace(**options)
     if (output_scores or output_logits) and not return_dict_in_generate:
-        raise ValueError("output_scores and output_logits are returned with return_dict_in_generate=True")
+        warnings.warn("output_scores and output_logits are returned with return_dict_in_generate=True; returning "
+                      "the sequences alone", stacklevel=2)
     if streamer is not None and (len(input_ids) != 1 or config.num_return_sequences != 1 or config.num_beams > 1):
         raise ValueError("streamer= streams one sequence: a batch of one prompt, num_return_sequences=1 and no beam "
                          "search")

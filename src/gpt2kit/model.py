@@ -8,6 +8,7 @@ The model knows nothing of ranks, devices or parallelism: training/parallel.py w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -231,13 +232,13 @@ class GPT2PreTrainedModel(nn.Module):
         covariance), so a new token starts out as an average token and the output distribution barely moves;
         without it they are drawn as the model initialises. Returns the embedding."""
         embedding, head = self.get_input_embeddings(), self.get_output_embeddings()
-        if new_num_tokens is None and pad_to_multiple_of is None:
-            return embedding
         rows = embedding.num_embeddings if new_num_tokens is None else new_num_tokens
         if pad_to_multiple_of:
             rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
         if rows < 1:
             raise ValueError(f"new_num_tokens must be at least 1, got {rows}")
+        if rows == embedding.num_embeddings and (head is None or head.weight.shape[0] == rows):
+            return embedding  # as transformers: the same parameters, which an optimizer may already hold
         for module in (embedding, head):
             weight = getattr(module, "weight", None) if module is not None else embedding.weight
             if not (isinstance(weight, Tensor) and is_plain(weight) and weight.is_floating_point()):
@@ -337,7 +338,7 @@ class GPT2PreTrainedModel(nn.Module):
 
 
 class GPT2Model(GPT2PreTrainedModel):
-    """Embeddings, the stack of blocks and the final LayerNorm; returns the last hidden states."""
+    """Embeddings, the stack of blocks and the final LayerNorm; returns a BaseModelOutputWithPast."""
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -378,8 +379,29 @@ class GPT2Model(GPT2PreTrainedModel):
         return BaseModelOutputWithPast(x, past_key_values, (*hidden_states, x) if output_hidden_states else None)
 
 
+class ModelOutput:
+    """transformers' ways into a model's output dataclass: a field by name (`out.logits`, `out["logits"]`) or, the
+    fields left None skipped, by position (`out[0]`), and `keys()`, `to_tuple()`, `"loss" in out`."""
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, key) for key in self.keys())
+
+    def __getitem__(self, key: str | int | slice) -> Any:
+        if not isinstance(key, str):
+            return self.to_tuple()[key]
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+
 @dataclass
-class BaseModelOutputWithPast:
+class BaseModelOutputWithPast(ModelOutput):
     """What GPT2Model returns (transformers' names): the final hidden states (B, T, C), the cache, and with
     output_hidden_states the embeddings' and every block's output, the last after ln_f."""
     last_hidden_state: Tensor
@@ -388,7 +410,7 @@ class BaseModelOutputWithPast:
 
 
 @dataclass
-class CausalLMOutput:
+class CausalLMOutput(ModelOutput):
     logits: Tensor | None  # None when the loss was fused with the LM head (return_logits=False)
     loss: Tensor | None = None
     past_key_values: KVCache | None = None
@@ -494,14 +516,14 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         return generate(self, input_ids, attention_mask, **options)
 
     def compute_transition_scores(self, sequences: Tensor, scores: tuple[Tensor, ...],
-                                  normalize_logits: bool = False) -> Tensor:
+                                  beam_indices: Tensor | None = None, normalize_logits: bool = False) -> Tensor:
         """Each generated token's score (B, steps), as transformers' call: see generation.compute_transition_scores."""
         from .generation import compute_transition_scores
-        return compute_transition_scores(sequences, scores, normalize_logits)
+        return compute_transition_scores(sequences, scores, beam_indices, normalize_logits)
 
 
 @dataclass
-class SequenceClassifierOutput:
+class SequenceClassifierOutput(ModelOutput):
     logits: Tensor
     loss: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None  # with output_hidden_states: see BaseModelOutputWithPast

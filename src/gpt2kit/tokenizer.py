@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -428,7 +428,7 @@ class GPT2Tokenizer:
         # Added tokens that are not special (transformers' add_tokens): matched wherever they occur in a text.
         self._text_tokens = text_tokens
         self._added: tuple[tuple[str, bool], ...] = ()  # (token, special) added since loading, in id order
-        self._splitters: dict[frozenset[str], regex.Pattern | None] = {}  # per allowed set, see _splitter
+        self._splitters: dict[str | frozenset[str], list[regex.Pattern] | None] = {}  # see _splitters_for
         if eos_token not in encoding.special_tokens_set:
             raise TokenizerError(f"EOS token {eos_token!r} is not a special token of {encoding.name!r}")
         self.eos_token = eos_token
@@ -546,14 +546,16 @@ class GPT2Tokenizer:
             added = read_json(added_file) if added_file.is_file() else {}
             if not (isinstance(added, dict) and all(type(i) is int for i in added.values())):
                 raise TokenizerError(f"{added_file}: expected a JSON object of token -> integer id")
+            vocab, new = self.get_vocab(), []
             for token, token_id in sorted(added.items(), key=lambda item: item[1]):
-                if token in self.get_vocab():
+                if token in vocab:
                     continue
-                if token_id != len(self):
-                    raise TokenizerError(f"{added_file}: {token!r} has id {token_id}; the next free id is {len(self)}")
-                special = token in roles.values() or token in listed or bool(
-                    (decoder.get(str(token_id)) or {}).get("special"))
-                self.add_tokens(token, special_tokens=special)
+                if token_id != len(self) + len(new):
+                    raise TokenizerError(f"{added_file}: {token!r} has id {token_id}; the next free id is "
+                                         f"{len(self) + len(new)}")
+                new.append((token, token in roles.values() or token in listed
+                            or bool((decoder.get(str(token_id)) or {}).get("special"))))
+            _add_runs(self, new)
             for role, token in roles.items():
                 self.add_tokens(token, special_tokens=True)
                 self._set_role(role, token)
@@ -726,35 +728,44 @@ class GPT2Tokenizer:
         allowed = self._matched(allowed_special)
         if not allowed:
             return self.encoding.encode_ordinary(text)
-        splitter = self._splitter(allowed)
-        if splitter is None:
+        splitters = self._splitters_for(allowed)
+        if splitters is None:
             return self.encoding.encode(text, allowed_special=allowed, disallowed_special=())
         ids: list[int] = []
-        for n, piece in enumerate(splitter.split(text)):  # text, token, text, ...
-            if n % 2:
-                ids.append(self.encoding._special_tokens[piece])
-            elif piece:
-                ids += self.encoding.encode_ordinary(piece)
+
+        def split(piece: str, level: int) -> None:
+            if level == len(splitters):
+                ids.extend(self.encoding.encode_ordinary(piece))
+                return
+            for n, part in enumerate(splitters[level].split(piece)):  # text, token, text, ...
+                if n % 2:
+                    ids.append(self.encoding._special_tokens[part])
+                elif part:
+                    split(part, level + 1)
+
+        split(text, 0)
         return ids
 
-    def _splitter(self, allowed: str | set[str]) -> regex.Pattern | None:
-        """Where one allowed special token begins another ("<tool>" and "<tool>call", runs of tabs), a pattern
-        that tries the longest first, as transformers matches added tokens (tiktoken tries them in no fixed
-        order); None where none does."""
-        tokens = self.encoding.special_tokens_set & (set(self.encoding.special_tokens_set) if allowed == "all"
-                                                     else set(allowed))
-        key = frozenset(tokens)
+    def _splitters_for(self, allowed: str | Set[str]) -> list[regex.Pattern] | None:
+        """Where one allowed added token holds another ("<tool>" and "<tool>call", runs of tabs): patterns that
+        split a text as transformers does, on special tokens first and then on ordinary ones, each trying the
+        longest first (tiktoken tries them all at once, in no fixed order); None where no token holds another."""
+        key = "all" if allowed == "all" else allowed if isinstance(allowed, frozenset) else frozenset(allowed)
         if key not in self._splitters:
-            overlapping = any(a != b and b.startswith(a) for a in tokens for b in tokens)
-            pattern = "(" + "|".join(map(regex.escape, sorted(tokens, key=len, reverse=True))) + ")"
-            self._splitters[key] = regex.compile(pattern) if overlapping else None
+            tokens = self.encoding.special_tokens_set if allowed == "all" else self.encoding.special_tokens_set & key
+            patterns = None
+            if any(a != b and a in b for a in tokens for b in tokens):
+                kinds = [tokens - self._text_tokens, tokens & self._text_tokens]
+                patterns = [regex.compile("(" + "|".join(map(regex.escape, sorted(kind, key=len, reverse=True)))
+                                          + ")") for kind in kinds if kind]
+            self._splitters[key] = patterns
         return self._splitters[key]
 
     def _matched(self, allowed_special: str | set[str]) -> str | set[str]:
         """The special tokens an encode call maps to their ids: those allowed, and the ordinary added tokens."""
         if allowed_special == "all" or not self._text_tokens:
             return allowed_special
-        return set(allowed_special) | self._text_tokens
+        return self._text_tokens | set(allowed_special) if allowed_special else self._text_tokens
 
     def encode_batch(self, texts: Sequence[str], *, allowed_special: str | set[str] = (),
                      num_threads: int = 8) -> list[list[int]]:
@@ -762,7 +773,7 @@ class GPT2Tokenizer:
         allowed = self._matched(allowed_special)
         if not allowed:
             return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
-        if self._splitter(allowed) is not None:
+        if self._splitters_for(allowed) is not None:
             return [self.encode(text, allowed_special=allowed) for text in texts]
         return self.encoding.encode_batch(list(texts), num_threads=num_threads, allowed_special=allowed,
                                           disallowed_special=())
@@ -816,18 +827,27 @@ class GPT2Tokenizer:
                            unk_token=self.unk_token)
 
     def apply_chat_template(self, conversation: Sequence[dict[str, str]] | Sequence[Sequence[dict[str, str]]], *,
-                            tokenize: bool = True, add_generation_prompt: bool = True,
+                            tokenize: bool = True, add_generation_prompt: bool | None = None,
                             continue_final_message: bool = False, padding: bool | str = False,
-                            truncation: bool | str | None = None, max_length: int | None = None,
+                            truncation: bool | str = False, max_length: int | None = None,
                             return_tensors: str | None = None, return_dict: bool = True
                             ) -> str | list[str] | list[int] | list[list[int]] | BatchEncoding:
         """transformers' call for chat prompts: the transcript that `gpt2kit chat`, the server and the pipeline
         write (the chat format of `chat_template`, see gpt2kit.conversation), as text, or tokenized: as
         transformers 5, a BatchEncoding (input_ids, attention_mask) unless `return_dict=False` (the ids alone),
         with padding, truncation, max_length and return_tensors as in a tokenizer call. A list of conversations
-        gives one transcript each. Unlike transformers, add_generation_prompt defaults to True."""
+        gives one transcript each. Unlike transformers, add_generation_prompt defaults to True (unless the final
+        message is continued, which it cannot be combined with)."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message ends the text inside the last message; add_generation_prompt "
+                             "would open a new one: give one of them")
+        add_generation_prompt = not continue_final_message if add_generation_prompt is None else add_generation_prompt
+        if not conversation:
+            raise ValueError("apply_chat_template: the conversation is empty")
         chat = self.chat_format()
-        batched = bool(conversation) and not isinstance(conversation[0], Mapping)
+        batched = not isinstance(conversation[0], Mapping)
+        if batched and not all(conversation):
+            raise ValueError("apply_chat_template: a conversation of the batch is empty")
         texts = [chat.transcript(turns_of(messages), add_generation_prompt=add_generation_prompt,
                                  continue_final_message=continue_final_message)
                  for messages in (conversation if batched else [conversation])]
@@ -987,12 +1007,17 @@ def _default_eos(specials: dict[str, int]) -> str:
     return known[0] if known else min(specials, key=specials.__getitem__)
 
 
+def _add_runs(tokenizer: GPT2Tokenizer, tokens: Sequence[tuple[str, bool]]) -> None:
+    """add_tokens for (token, special) pairs in order, one call (one new encoding) per run of the same kind."""
+    for special, run in itertools.groupby(tokens, key=lambda item: item[1]):
+        tokenizer.add_tokens([token for token, _ in run], special_tokens=special)
+
+
 def _rebuild(source: tuple[str, ...], added: tuple[tuple[str, bool], ...], roles: dict[str, str], pad_token_id: int,
              padding_side: str, truncation_side: str, model_max_length: int,
              chat_template: str | None) -> GPT2Tokenizer:
     tok = GPT2Tokenizer._from_source(source)
-    for special, run in itertools.groupby(added, key=lambda item: item[1]):  # one new encoding per run, not per token
-        tok.add_tokens([token for token, _ in run], special_tokens=special)
+    _add_runs(tok, added)
     for role, token in roles.items():
         tok._set_role(role, token)
     tok.pad_token_id, tok.padding_side, tok.truncation_side = pad_token_id, padding_side, truncation_side
