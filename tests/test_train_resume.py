@@ -195,6 +195,29 @@ def test_resume_auto_without_checkpoints_starts_fresh(corpus, tmp_path):
     assert summary["steps_this_run"] == 2
 
 
+def test_transformers_resume_from_checkpoint_and_save_model(corpus, tmp_path):
+    """train(resume_from_checkpoint=True) continues from the newest checkpoint (transformers' call; a path names
+    one), and save_model writes what out_dir/final holds wherever asked."""
+    config = load_config(write_config(tmp_path, corpus, "run"), [("train.max_steps", "5"),
+                                                                       ("optim.warmup_steps", "1")])
+    trainer = Trainer(args=config)
+    assert trainer.train()["steps_this_run"] == 5
+    saved = trainer.save_model(tmp_path / "exported")
+    assert saved == tmp_path / "exported"
+    assert sorted(p.name for p in saved.iterdir()) == sorted(p.name for p in (tmp_path / "run" / "final").iterdir())
+    assert load_state_dict(saved).keys() == load_state_dict(tmp_path / "run" / "final").keys()
+    config.train.max_steps = 7
+    assert Trainer(args=config).train(resume_from_checkpoint=True)["steps_this_run"] == 2
+    config.train.max_steps = 8
+    checkpoint = find_resume_checkpoint(tmp_path / "run", "auto")
+    assert Trainer(args=config).finetune(tmp_path / "run" / "final",
+                                         resume_from_checkpoint=str(checkpoint))["steps_this_run"] == 1
+    with pytest.raises(ValueError, match="give resume or transformers' resume_from_checkpoint, not both"):
+        Trainer(args=config).train("auto", resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match="save_model: no model yet"):
+        Trainer(args=config).save_model()
+
+
 def test_a_checkpoint_saved_before_the_final_evaluation_records_its_best(corpus, tmp_path):
     """With save_interval dividing max_steps the last checkpoint is saved before the final whole-set evaluation:
     its best_val_loss stayed None, and a run continued from it (a larger max_steps) reported a worse loss as its

@@ -148,6 +148,16 @@ def _is_dataset(value: Any) -> bool:
                                           and hasattr(value, "__len__") and hasattr(value, "__getitem__"))
 
 
+def _resume_option(resume: str | None, resume_from_checkpoint: bool | str | None) -> str | None:
+    """gpt2kit's `resume` ("auto" or a checkpoint directory) from either it or transformers' resume_from_checkpoint
+    (True: the latest checkpoint)."""
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return resume
+    if resume is not None:
+        raise ValueError("give resume or transformers' resume_from_checkpoint, not both")
+    return "auto" if resume_from_checkpoint is True else str(resume_from_checkpoint)
+
+
 class Trainer:
     """Train, finetune, evaluate and predict with a GPT-2 from a run config (see configs/ and docs/training.md).
 
@@ -948,13 +958,14 @@ class Trainer:
         self.last_checkpoint = final
         return final
 
-    def _save_model_dir(self, name: str, metrics: dict[str, Any] | None = None) -> Path:
-        """The model (or LoRA adapters) and tokenizer in out_dir/<name>, swapped in whole; `metrics` (the
-        evaluation that chose it) beside them in val_metrics.json."""
+    def _save_model_dir(self, name: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+        """The model (or LoRA adapters) and tokenizer in out_dir/<name> (or at the path `name`), swapped in whole;
+        `metrics` (the evaluation that chose it) beside them in val_metrics.json."""
         target = self.out_dir / name
         full_state = gather_full_state(self.model) if self._sharded else None  # collective: every rank
         if self.is_main:
-            tmp = self.out_dir / f".{name}.partial-{os.getpid()}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             if full_state is not None:
                 save_pretrained(self.model, tmp, state=full_state)
@@ -1075,8 +1086,11 @@ class Trainer:
         return sampler
 
     # ---- public API ---------------------------------------------------------------------------------------
-    def train(self, resume: str | None = None) -> dict[str, Any]:
-        """Pretrain from randomly initialised weights (or continue: resume="auto" or a checkpoint dir)."""
+    def train(self, resume: str | None = None, *, resume_from_checkpoint: bool | str | None = None
+              ) -> dict[str, Any]:
+        """Pretrain from randomly initialised weights (or continue: resume="auto" or a checkpoint dir;
+        transformers' resume_from_checkpoint=True or a checkpoint dir says the same)."""
+        resume = _resume_option(resume, resume_from_checkpoint)
         self.config.check_training()  # before any data is tokenized
         if self.config.pet_method == "lora" and self._model_arg is None and self.is_main:
             print("note: train starts LoRA from randomly initialised weights; `gpt2kit finetune` (Trainer.finetune) "
@@ -1085,9 +1099,11 @@ class Trainer:
         return self._run(resume or self.config.checkpoint.resume)
 
     def finetune(self, finetune_checkpoint: str | os.PathLike | None = None,
-                 resume: str | None = None) -> dict[str, Any]:
+                 resume: str | None = None, *, resume_from_checkpoint: bool | str | None = None) -> dict[str, Any]:
         """Train starting from pretrained weights: `finetune_checkpoint`, else model.checkpoint, else model.name
-        when it is a directory or a name in the local HF cache. With pet_method "lora" only the adapters train."""
+        when it is a directory or a name in the local HF cache. With pet_method "lora" only the adapters train.
+        `resume` / `resume_from_checkpoint` as in train."""
+        resume = _resume_option(resume, resume_from_checkpoint)
         self.config.check_training()  # before any data is tokenized
         weights = finetune_checkpoint or self.config.model.checkpoint
         if weights is None and self._model_arg is None:
@@ -1101,6 +1117,13 @@ class Trainer:
         self._weights = str(resolve_model_dir(weights)) if weights is not None else None  # a dir or HF cache name
         self._setup(weights=self._weights)
         return self._run(resume or self.config.checkpoint.resume)
+
+    def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
+        """transformers' call: the model (or LoRA adapters) and tokenizer, as out_dir/final holds them, into
+        `output_dir` (default out_dir/final), written whole. Every rank calls it when the model is sharded."""
+        if self.model is None:
+            raise ValueError("save_model: no model yet; train, finetune or evaluate first")
+        return self._save_model_dir(Path(output_dir).resolve() if output_dir is not None else "final")
 
     def _ensure_model(self) -> None:
         if self.model is not None:
