@@ -66,7 +66,11 @@ def test_a_models_own_jinja_template_is_rendered_as_transformers_renders_it(tmp_
                                   add_generation_prompt=True) == text
     with pytest.raises(ValueError, match="chat_template: starts with the assistant"):
         again.apply_chat_template([{"role": "assistant", "content": "Hi"}])
-    assert again.chat_format().reply_stops(None) == []  # the reply ends at EOS
+    # The reply ends at EOS or at the text the template closes an assistant message with.
+    assert again.chat_format().reply_stops(None) == ["<|im_end|>"]
+    plain_end = GPT2Tokenizer.gpt2()
+    plain_end.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    assert plain_end.chat_format().reply_stops(None) == [] and plain_end.chat_format().end_of_turn == ""
 
 
 @pytest.mark.parametrize("fmt", [PLAIN, ALPACA], ids=lambda f: f.name)

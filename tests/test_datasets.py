@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -328,47 +329,63 @@ CONVERSATIONS = [
                   {"role": "assistant", "content": "Blue, é."}]},
     {"messages": [{"role": "user", "content": "Count to 3."}, {"role": "assistant", "content": "1 2 3"}]},
 ]
-# ChatML with transformers' {% generation %} tag around what the assistant writes, so that transformers' own
-# assistant-token mask is the reference.
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
-          "{% generation %}{{ m['content'] + '<|im_end|>\\n' }}{% endgeneration %}{% else %}"
-          "{{ m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Templates with transformers' {% generation %} tag around what the assistant writes, so that transformers' own
+# assistant-token mask is the reference: ChatML (the tag covering the end-of-turn token and the newline, or the
+# token only), and a transcript whose generation prompt ends in a space the reply's first token starts with.
+TAGGED = {
+    "chatml": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+              "{% generation %}{{ m['content'] + '<|im_end|>\\n' }}{% endgeneration %}{% else %}"
+              "{{ m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    "chatml-inner": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+                    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+                    "{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+                    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    "spaced": "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'Assistant: ' }}{% generation %}"
+              "{{ m['content'] + '\\n' }}{% endgeneration %}{% else %}{{ m['role'] + ': ' + m['content'] + '\\n' }}"
+              "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}",
+}
 
 
-@pytest.mark.parametrize("fmt", ["plain", "alpaca", "chatml"])
+@pytest.mark.parametrize("fmt", ["plain", "alpaca", *TAGGED, *(f"{name} untagged" for name in TAGGED)])
 def test_chat_conversations_learn_the_assistant_turns(tmp_path, fmt):
     """The conversation is tokenized as apply_chat_template tokenizes it; the learned tokens are the assistant's
-    turns (with what the template closes them with) and a final EOS; with a template marking them, exactly
-    transformers' assistant-token mask."""
+    turns (with what the template closes them with), then EOS where no end-of-turn token closes them; with a
+    template marking them, exactly transformers' assistant-token mask, and without the marks the same where they
+    would cover each message to its end."""
     import transformers
 
     tok = GPT2Tokenizer.gpt2()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    name = fmt.removesuffix(" untagged")
     if fmt == "alpaca":
         tok.chat_template = ALPACA.template
-    elif fmt == "chatml":
-        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-        tok.chat_template = CHATML
+    elif name in TAGGED:
+        tok.chat_template = TAGGED[name]
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps(c) for c in CONVERSATIONS))
-    ds = ChatDataset(path, tok, max_length=256)
-    assert len(ds) == 2
     tok.save_pretrained(tmp_path / "tok")
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
-    for item, conversation in zip(ds, CONVERSATIONS):
+    if fmt.endswith("untagged"):
+        tok.chat_template = re.sub(r"{% (end)?generation %}", "", TAGGED[name])
+    ds = ChatDataset(path, tok, max_length=256)
+    assert len(ds) == 2
+    # ChatML closes turns with <|im_end|>, where chat stops: no EOS is added after the last one.
+    for (ids, _), item, conversation in zip(ds.examples, ds, CONVERSATIONS):
         messages = conversation["messages"]
-        ids = item["input_ids"].tolist() + [item["targets"][-1].item()]
+        assert torch.equal(item["input_ids"], torch.tensor(ids[:-1]))
         whole = tok.apply_chat_template(messages, add_generation_prompt=False, return_dict=False)
-        assert ids == whole + [tok.eos_token_id]
+        assert ids == whole + ([] if "chatml" in fmt else [tok.eos_token_id])
         learned = (item["targets"] != -100).tolist()
         text = tok.decode([t for t in item["targets"].tolist() if t != -100])
         replies = [m["content"] for m in messages if m["role"] == "assistant"]
-        assert all(reply in text for reply in replies) and text.endswith("<|endoftext|>")
+        assert all(reply in text for reply in replies) and text.endswith("<|endoftext|>") != ("chatml" in fmt)
         assert "User" not in text and "Instruction" not in text and "<|im_start|>" not in text
-        if fmt == "chatml":
+        if name in TAGGED and fmt != "chatml-inner untagged":  # untagged, "\n" closes the message too
             reference = hf.apply_chat_template(messages, return_assistant_tokens_mask=True, return_dict=True)
             assert reference["input_ids"] == whole
-            assert learned == [bool(m) for m in reference["assistant_masks"][1:]] + [True]
+            assert learned == [bool(m) for m in reference["assistant_masks"][1:]] + ([] if "chatml" in fmt
+                                                                                      else [True])
 
 
 def test_chat_data_errors_and_truncation(tmp_path, tok):
@@ -378,6 +395,12 @@ def test_chat_data_errors_and_truncation(tmp_path, tok):
     prompt_len = len(tok.encode("User: Count to 3.\nAssistant:"))
     assert len(full[0]["input_ids"]) == prompt_len + len(tok.encode(" 1 2 3\n"))
     assert ChatDataset(path, tok, max_length=prompt_len - 1).skipped == 1  # no reply token left
+    # Ending on the user's message: it is context, and no EOS is learned after it.
+    path.write_text(json.dumps({"messages": [*CONVERSATIONS[1]["messages"], {"role": "user", "content": "Bye"}]}))
+    trailing = ChatDataset(path, tok, max_length=256)
+    targets = trailing[0]["targets"]
+    assert tok.decode(targets[targets != -100].tolist()) == " 1 2 3\n"
+    assert tok.decode(trailing.examples[0][0]).endswith("User: Bye\n")
     for record, message in [
         ({"text": "hi"}, r"c.jsonl:1: expected an object with a non-empty 'messages' list \(got text\)"),
         ({"messages": [{"role": "user", "content": "hi"}]}, r"c.jsonl:1: no assistant message to learn"),

@@ -2,7 +2,6 @@
 
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 
@@ -451,8 +450,8 @@ def test_chat_finetune_learns_replies_in_the_models_chat_template(tmp_path):
     training wrote the conversations."""
     template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-    conversations = [{"messages": [{"role": "user", "content": f"Repeat {w}."}, {"role": "assistant", "content": w}]}
-                     for w in ("apple", "river", "stone", "cloud") * 4]
+    conversations = [{"messages": [{"role": "user", "content": f"Say yes to {w}."},
+                                   {"role": "assistant", "content": "Yes"}]} for w in ("apple", "river", "stone") * 5]
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps(c) for c in conversations))
     tok = GPT2Tokenizer.gpt2()
@@ -464,15 +463,16 @@ def test_chat_finetune_learns_replies_in_the_models_chat_template(tmp_path):
     config = run_config(tmp_path, data={"train": str(data), "format": "chat", "max_length": 64},
                         train={"max_steps": 60, "micro_batch_size": 4}, optim={"lr": 1e-2})
     learned, losses = finetune_first_batch(Trainer(model=model, args=config, tokenizer=tok), tmp_path)
-    assert learned == 4 * 4  # per conversation: the word, <|im_end|>, "\n" and the final EOS
+    assert learned == 4 * 3  # per conversation: the word, <|im_end|> and "\n" (chat stops at <|im_end|>)
     assert losses[-1] < 0.3 * losses[0]
     final = tmp_path / "run" / "final"
     chat = pipeline("text_generation", model=str(final))
     assert chat.tokenizer.chat_template == template and len(chat.tokenizer) == 50259
-    [reply] = chat([{"role": "user", "content": "Repeat stone."}], max_new_tokens=6, do_sample=False,
+    [reply] = chat([{"role": "user", "content": "Say yes to cloud."}], max_new_tokens=6, do_sample=False,
                    return_full_text=False)
-    # The tiny model learns the turn's shape (a word, the template's end of turn, then EOS), if not which word.
-    assert re.fullmatch(r"(apple|river|stone|cloud)<\|im_end\|>\n", reply["generated_text"])
+    # The reply, then the template's end of turn, where the reply stops (it is not shown).
+    assert chat.tokenizer.chat_format().end_of_turn == "<|im_end|>"
+    assert reply["generated_text"] == "Yes"
 
 
 def test_instruction_finetune_masks_the_prompt(tmp_path):
@@ -519,7 +519,7 @@ def test_instruction_examples_left_out_are_reported_and_all_left_out_is_an_error
                         train={"max_steps": 1, "micro_batch_size": 4})
     Trainer(args=config).finetune()
     err = capsys.readouterr().err
-    assert "data.train: 1 of 8 examples have a prompt longer than 48 tokens (data.max_length)" in err
+    assert "data.train: 1 of 8 examples have no response token within their first 48 tokens (data.max_length)" in err
     config = run_config(tmp_path, model={"name": str(tmp_path / "base"), "config": {}},
                         data={"train": str(data), "format": "alpaca", "max_length": 8},
                         train={"max_steps": 1, "micro_batch_size": 4})

@@ -18,6 +18,8 @@ what a GGUF file carries for llama.cpp, rendering to the same text (tested).
 from __future__ import annotations
 
 import json
+import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 
 ROLES = ("system", "developer", "user", "assistant")  # OpenAI's message roles that carry text
 Turns = Sequence[tuple[str, str]]  # (role, content)
+Spans = list[tuple[int, int]]  # character ranges of a rendered text
 
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.")
@@ -74,7 +77,10 @@ _ALPACA_TEMPLATE = (
 @dataclass(frozen=True)
 class ChatFormat:
     """A way to write conversations: `render` makes the text, `template` is the same as Jinja, `stops` end a
-    reply besides EOS, and with `skip_leading_space` the reply begins after a space the format leaves open."""
+    reply besides EOS, and with `skip_leading_space` the reply begins after a space the format leaves open.
+    `end_of_turn`: the text a model's own template closes an assistant message with ("<|im_end|>"), one of the
+    stops; `generation_spans`, for a template with transformers' {% generation %} tag, renders a conversation
+    (without the generation prompt) with the character spans the tag marks."""
 
     name: str
     template: str
@@ -82,6 +88,8 @@ class ChatFormat:
     stops: tuple[str, ...] = ()
     skip_leading_space: bool = False
     writes_special_tokens: bool = False  # a model's own template may write eos_token and the like as text
+    end_of_turn: str = ""
+    generation_spans: Callable[[Turns], tuple[str, Spans]] | None = None
 
     def encode(self, tokenizer: GPT2Tokenizer, text: str) -> list[int]:
         """Token ids of a transcript. A model's own template writes special tokens (its eos_token, ...) as text,
@@ -123,17 +131,36 @@ def chat_format(template: str | None, **special_tokens: str) -> ChatFormat:
     if template is None:
         return PLAIN
     known = next((f for f in CHAT_FORMATS.values() if f.template == template), None)
-    return known or ChatFormat("jinja", template, _jinja_renderer(template, special_tokens),
-                               writes_special_tokens=True)
+    if known:
+        return known
+    render, generation_spans = _jinja_renderer(template, special_tokens)
+    end_of_turn = _end_of_turn(render)
+    return ChatFormat("jinja", template, render, stops=(end_of_turn,) if end_of_turn else (),
+                      writes_special_tokens=True, end_of_turn=end_of_turn, generation_spans=generation_spans)
 
 
-def _jinja_renderer(template: str, variables: dict[str, str]) -> Callable[[Turns, bool], str]:
+def _end_of_turn(render: Callable[[Turns, bool], str]) -> str:
+    """What a template writes after an assistant message's content ("<|im_end|>"), whitespace trimmed; "" when
+    that is only whitespace or the template cannot render a one-exchange conversation."""
+    probe = "GPT2KIT-REPLY-PROBE"
+    try:
+        text = render([("user", "Hi"), ("assistant", probe)], False)
+    except ValueError:
+        return ""
+    return text[text.rindex(probe) + len(probe):].strip() if probe in text else ""
+
+
+def _jinja_renderer(template: str, variables: dict[str, str]
+                    ) -> tuple[Callable[[Turns, bool], str], Callable[[Turns], tuple[str, Spans]] | None]:
     """Render a model's own chat template as transformers does: a sandboxed Jinja environment that trims blocks,
     with its `raise_exception` and `strftime_now`, a `tojson` that keeps text as it is, and its
-    `{% generation %}` tag (which only marks the assistant's text)."""
+    `{% generation %}` tag, which marks the assistant's text: with the tag, also a function rendering a
+    conversation with the character spans it marked (transformers' assistant-token mask)."""
     import jinja2
     from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    tracked = threading.local()  # while generation_spans renders: the output so far and the marked spans
 
     class GenerationTag(Extension):
         tags = {"generation"}
@@ -141,7 +168,14 @@ def _jinja_renderer(template: str, variables: dict[str, str]) -> Callable[[Turns
         def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.Scope(body).set_lineno(lineno)
+            return jinja2.nodes.CallBlock(self.call_method("_generated"), [], [], body).set_lineno(lineno)
+
+        def _generated(self, caller: Callable[[], str]) -> str:
+            text = caller()
+            if getattr(tracked, "pieces", None) is not None:
+                start = sum(map(len, tracked.pieces))  # rendered before this block (streamed, see below)
+                tracked.spans.append((start, start + len(text)))
+            return text
 
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
@@ -159,15 +193,30 @@ def _jinja_renderer(template: str, variables: dict[str, str]) -> Callable[[Turns
     except jinja2.TemplateError as err:
         raise ValueError(f"chat_template is not a valid Jinja template: {err}") from None
 
+    def arguments(turns: Turns, add_generation_prompt: bool) -> dict[str, Any]:
+        return dict(messages=[{"role": role, "content": content} for role, content in turns],
+                    add_generation_prompt=add_generation_prompt, tools=None, documents=None, **variables)
+
     def render(turns: Turns, add_generation_prompt: bool) -> str:
-        messages = [{"role": role, "content": content} for role, content in turns]
         try:
-            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                                   documents=None, **variables)
+            return compiled.render(**arguments(turns, add_generation_prompt))
         except Exception as err:  # the template is code: any failure of it is the template's, not a crash
             raise ValueError(f"chat_template: {err}") from None
 
-    return render
+    def generation_spans(turns: Turns) -> tuple[str, Spans]:
+        # Streamed, as transformers renders it for its assistant mask: what precedes a tag is out when it runs.
+        tracked.pieces, tracked.spans = [], []
+        try:
+            for piece in compiled.generate(**arguments(turns, False)):
+                tracked.pieces.append(piece)
+            return "".join(tracked.pieces), tracked.spans
+        except Exception as err:
+            raise ValueError(f"chat_template: {err}") from None
+        finally:
+            tracked.pieces = None
+
+    has_tag = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+    return render, generation_spans if has_tag else None
 
 
 def turns_of(messages: Sequence[dict[str, str]]) -> list[tuple[str, str]]:

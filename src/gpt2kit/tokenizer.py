@@ -872,6 +872,11 @@ class GPT2Tokenizer:
         self._set_role("pad_token", token)
 
     @property
+    def added_since_loading(self) -> list[str]:
+        """The tokens add_tokens / add_special_tokens gave new ids, in id order."""
+        return [token for token, _ in self._added]
+
+    @property
     def ordinary_added_tokens(self) -> frozenset[str]:
         """Added tokens that are not special (add_tokens): matched wherever they occur in a text."""
         return self._text_tokens

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..conversation import turns_of
+from ..conversation import ChatFormat, turns_of
 from ..files import read_json, read_utf8, require_file
 from ..tokenizer import GPT2Tokenizer
 from .readers import DataError
@@ -497,13 +497,15 @@ class ChatDataset(_ResponseExamples):
     transcript), as chat, the server and apply_chat_template write them; the loss covers the assistant's
     messages only.
 
-    An assistant message's text is what the whole conversation adds to the one before it rendered with the
-    generation prompt: its content and whatever the template closes it with (an end-of-turn token, a newline),
-    so the model learns to end its turns as the template does; a token is learned when it starts inside such
-    text. The conversation ends with EOS, learned, unless the template ended it so. It is tokenized whole (a
-    template's special tokens as their ids), as chat tokenizes the history it continues. A template that renders
-    an earlier part of a conversation other than as the start of the whole cannot be learned this way: a
-    DataError naming the record.
+    An assistant message's text is what the template's {% generation %} tag marks, as transformers' assistant
+    mask has it; without the tag, what the conversation up to that message adds to the one before it rendered
+    with the generation prompt: its content and whatever the template closes it with (an end-of-turn token, a
+    newline), so the model learns to end its turns as the template does. A token is learned when any of its text
+    lies in such a span. A conversation ending with the assistant's message also learns EOS after it, unless the
+    template closes turns with a token of its own (ChatFormat.end_of_turn, where chat stops). It is tokenized
+    whole (a template's special tokens as their ids), as chat tokenizes the history it continues. A template that
+    renders an earlier part of a conversation other than as the start of the whole cannot be learned without the
+    tag: a DataError naming the record.
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer: GPT2Tokenizer, *, max_length: int) -> None:
@@ -518,28 +520,37 @@ class ChatDataset(_ResponseExamples):
                 raise DataError(f"{where}: expected an object with a non-empty 'messages' list (got {keys})")
             try:
                 turns = turns_of(messages)
-                whole = chat.transcript(turns, add_generation_prompt=False)
-                replies: list[tuple[int, int]] = []  # character spans of the assistant's text in `whole`
-                for i, (role, _) in enumerate(turns):
-                    if role != "assistant":
-                        continue
-                    prompt = chat.transcript(turns[:i], add_generation_prompt=True)
-                    upto = chat.transcript(turns[:i + 1], add_generation_prompt=False)
-                    if not (upto.startswith(prompt) and whole.startswith(upto)
-                            and len(prompt) >= (replies[-1][1] if replies else 0)):
-                        raise ValueError(f"the chat template does not write the conversation up to message {i} as "
-                                         "the start of the whole, so its replies cannot be told apart")
-                    replies.append((len(prompt), len(upto)))
+                whole, replies = _assistant_spans(chat, turns)
             except ValueError as err:
                 raise DataError(f"{where}: {err}") from None
             if not replies:
                 raise DataError(f"{where}: no assistant message to learn")
             ids = tokenizer.encode(whole, allowed_special=special)
             _, starts = tokenizer.encoding.decode_with_offsets(ids)
-            learned = [any(start <= at < end for start, end in replies) for at in starts]
-            if ids[-1:] != [tokenizer.eos_token_id]:
+            ends = [*starts[1:], len(whole)]
+            learned = [any(start < end and begin < stop for begin, end in replies) for start, stop in zip(starts, ends)]
+            if turns[-1][0] == "assistant" and not chat.end_of_turn and ids[-1:] != [tokenizer.eos_token_id]:
                 ids, learned = ids + [tokenizer.eos_token_id], learned + [True]
             self._add(ids, learned)
+
+
+def _assistant_spans(chat: ChatFormat, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """A conversation's text and the character spans of what the assistant writes in it (see ChatDataset)."""
+    if chat.generation_spans is not None:
+        return chat.generation_spans(turns)
+    whole = chat.transcript(turns, add_generation_prompt=False)
+    replies: list[tuple[int, int]] = []
+    for i, (role, _) in enumerate(turns):
+        if role != "assistant":
+            continue
+        prompt = chat.transcript(turns[:i], add_generation_prompt=True)
+        upto = chat.transcript(turns[:i + 1], add_generation_prompt=False)
+        after = replies[-1][1] if replies else 0
+        if not (upto.startswith(prompt) and whole.startswith(upto) and len(prompt) >= after):
+            raise ValueError(f"the chat template does not write the conversation up to message {i} as the start "
+                             "of the whole, so its replies cannot be told apart (a {% generation %} tag would)")
+        replies.append((len(prompt), len(upto)))
+    return whole, replies
 
 
 # ---- batching -----------------------------------------------------------------------------------------------

@@ -431,8 +431,8 @@ class Trainer:
         kind = ChatDataset if self.config.data.format == "chat" else InstructionDataset
         dataset = kind(path, self._get_tokenizer(), max_length=max_length)
         if dataset.skipped:
-            message = (f"{key}: {dataset.skipped} of {dataset.skipped + len(dataset)} examples have a prompt longer "
-                       f"than {max_length} tokens (data.max_length) and are left out")
+            message = (f"{key}: {dataset.skipped} of {dataset.skipped + len(dataset)} examples have no response token "
+                       f"within their first {max_length} tokens (data.max_length) and are left out")
             if not len(dataset):
                 raise ValueError(f"{message}: none is left; raise data.max_length (at most the model's context)")
             if self.is_main:
@@ -564,6 +564,12 @@ class Trainer:
             base = str(Path(weights).resolve()) if weights and self._model_arg is None else None
             self._lora_config = lora_lib.lora_config(c.lora, task=c.task, base_model=base)
             lora_lib.apply_lora(self.model, self._lora_config)
+            added = self._get_tokenizer().added_since_loading
+            if added and self.is_main:
+                print(f"warning: LoRA keeps the token embedding (and the LM head tied to it) frozen: the {len(added)} "
+                      f"token(s) added to the tokenizer ({', '.join(added[:3])}{', ...' if len(added) > 3 else ''}) "
+                      "keep the rows resize_token_embeddings gave them, alike, so the model cannot tell them apart; "
+                      "finetune fully to learn them", file=sys.stderr)
         enable_tf32(self.device)
         self.model.to(self.device).train()
         self.forward_model = self._wrap_model(self.model)
