@@ -559,6 +559,8 @@ class GPT2Tokenizer:
             for role, token in roles.items():
                 self.add_tokens(token, special_tokens=True)
                 self._set_role(role, token)
+        except TokenizerError:  # already names its file
+            raise
         except ValueError as err:
             raise TokenizerError(f"{directory / 'tokenizer_config.json'}: {err}") from None
 
