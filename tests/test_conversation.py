@@ -68,6 +68,16 @@ def test_a_models_own_jinja_template_is_rendered_as_transformers_renders_it(tmp_
         again.apply_chat_template([{"role": "assistant", "content": "Hi"}])
     # The reply ends at EOS or at the text the template closes an assistant message with.
     assert again.chat_format().reply_stops(None) == ["<|im_end|>"]
+    # Phi-3 closes each message with <|end|> and the whole conversation with EOS: only <|end|> ends a reply.
+    phi3 = GPT2Tokenizer.gpt2()
+    phi3.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}"
+                          "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}"
+                          "{{ eos_token }}{% endif %}")
+    assert phi3.chat_format().end_of_turn == "<|end|>"
+    zephyr = GPT2Tokenizer.gpt2()  # closes every message with EOS itself: that is its end of turn
+    zephyr.chat_template = phi3.chat_template.replace("<|end|>", "' + eos_token + '").replace(
+        "{% else %}{{ eos_token }}", "{% else %}")
+    assert zephyr.chat_format().end_of_turn == "<|endoftext|>"
     plain_end = GPT2Tokenizer.gpt2()
     plain_end.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
     assert plain_end.chat_format().reply_stops(None) == [] and plain_end.chat_format().end_of_turn == ""

@@ -134,20 +134,27 @@ def chat_format(template: str | None, **special_tokens: str) -> ChatFormat:
     if known:
         return known
     render, generation_spans = _jinja_renderer(template, special_tokens)
-    end_of_turn = _end_of_turn(render)
+    end_of_turn = _end_of_turn(render, special_tokens.get("eos_token"))
     return ChatFormat("jinja", template, render, stops=(end_of_turn,) if end_of_turn else (),
                       writes_special_tokens=True, end_of_turn=end_of_turn, generation_spans=generation_spans)
 
 
-def _end_of_turn(render: Callable[[Turns, bool], str]) -> str:
-    """What a template writes after an assistant message's content ("<|im_end|>"), whitespace trimmed; "" when
-    that is only whitespace or the template cannot render a one-exchange conversation."""
+def _end_of_turn(render: Callable[[Turns, bool], str], eos_token: str | None) -> str:
+    """What a template writes after an assistant message's content ("<|im_end|>"), whitespace trimmed: what
+    follows a reply whether the conversation ends there or goes on (Phi-3 ends a whole conversation with EOS
+    after it); "" when that is only whitespace or the template cannot render such conversations."""
     probe = "GPT2KIT-REPLY-PROBE"
+    exchange = [("user", "Hi"), ("assistant", probe)]
     try:
-        text = render([("user", "Hi"), ("assistant", probe)], False)
+        last, followed = render(exchange, False), render(exchange * 2, False)
     except ValueError:
         return ""
-    return text[text.rindex(probe) + len(probe):].strip() if probe in text else ""
+    if probe not in last or probe not in followed:
+        return ""
+    ending, going_on = last[last.rindex(probe) + len(probe):].rstrip(), followed[followed.index(probe) + len(probe):]
+    if eos_token and ending.endswith(eos_token) and not going_on.startswith(ending):
+        ending = ending[:-len(eos_token)]  # the conversation's end, not the turn's
+    return ending.strip() if going_on.startswith(ending) else ""
 
 
 def _jinja_renderer(template: str, variables: dict[str, str]
@@ -215,7 +222,7 @@ def _jinja_renderer(template: str, variables: dict[str, str]
         finally:
             tracked.pieces = None
 
-    has_tag = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+    has_tag = re.search(r"\{%[-+]?\s*generation\s*[-+]?%\}", template) is not None
     return render, generation_spans if has_tag else None
 
 
