@@ -473,6 +473,10 @@ def test_chat_finetune_learns_replies_in_the_models_chat_template(tmp_path):
     # The reply, then the template's end of turn, where the reply stops (it is not shown).
     assert chat.tokenizer.chat_format().end_of_turn == "<|im_end|>"
     assert reply["generated_text"] == "Yes"
+    # The end-of-turn token ends a reply as EOS does, so beam search (which takes no stop strings) ends there too.
+    [beamed] = chat([{"role": "user", "content": "Say yes to cloud."}], max_new_tokens=6, num_beams=2,
+                    return_full_text=False)
+    assert beamed["generated_text"] == "Yes"
 
 
 def test_instruction_finetune_masks_the_prompt(tmp_path):

@@ -17,6 +17,7 @@ what a GGUF file carries for llama.cpp, rendering to the same text (tested).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -125,6 +126,7 @@ ALPACA = ChatFormat("alpaca", _ALPACA_TEMPLATE, _alpaca, stops=("### Instruction
 CHAT_FORMATS = {f.name: f for f in (PLAIN, ALPACA)}
 
 
+@functools.lru_cache(maxsize=16)  # compiling a template (and finding its end of turn) is the costly part
 def chat_format(template: str | None, **special_tokens: str) -> ChatFormat:
     """The format of a tokenizer's chat_template: plain without one, a known format by its template, else the
     template itself, rendered with Jinja (`special_tokens`, such as eos_token, are its variables too)."""

@@ -239,8 +239,8 @@ class GPT2PreTrainedModel(nn.Module):
             raise ValueError(f"new_num_tokens must be at least 1, got {rows}")
         if rows == embedding.num_embeddings and (head is None or head.weight.shape[0] == rows):
             return embedding  # as transformers: the same parameters, which an optimizer may already hold
-        for module in (embedding, head):
-            weight = getattr(module, "weight", None) if module is not None else embedding.weight
+        for module in filter(None, (embedding, head)):
+            weight = getattr(module, "weight", None)  # int8 and packed heads hold theirs as buffers
             if not (isinstance(weight, Tensor) and is_plain(weight) and weight.is_floating_point()):
                 raise ValueError("resize_token_embeddings needs float weights held whole; resize before "
                                  "quantizing or sharding the model")

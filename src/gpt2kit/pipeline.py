@@ -250,6 +250,11 @@ class TextGenerationPipeline:
                 raise ValueError(f"conversation {c}: {err}") from None
         config = self._config(options)
         stop = chat_format.reply_stops(config.stop)
+        end, end_id = chat_format.end_of_turn, self.tokenizer.get_vocab().get(chat_format.end_of_turn)
+        if end in self.tokenizer.encoding.special_tokens_set and end_id < self.model.config.vocab_size:
+            # A template's end-of-turn token ends a reply as EOS does: as an EOS id, beam search can end there too.
+            stop.remove(end)
+            options = {**options, "eos_token_id": [*eos_token_ids(config, self.model.config), end_id]}
         if config.num_beams > 1 and stop:
             raise ValueError(f"chat input ends each reply at a stop string ({stop[0]!r}), which beam search does not "
                              "support: use num_beams=1")

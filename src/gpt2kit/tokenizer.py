@@ -50,6 +50,7 @@ _TIKTOKEN_SPECIALS = {
                      "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}, CL100K_PATTERN),
     "o200k_base": ({ENDOFTEXT: 199999, "<|endofprompt|>": 200018}, O200K_PATTERN),
 }
+ROLES = ("eos_token", "bos_token", "unk_token", "pad_token")  # the tokens a tokenizer_config.json names by role
 MAX_ID = 2 ** 32  # tiktoken stores ids as unsigned 32-bit integers
 _BUNDLED_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
@@ -525,7 +526,7 @@ class GPT2Tokenizer:
                    text_tokens=text_tokens)
 
     def __reduce__(self):
-        roles = {role: getattr(self, role) for role in ("eos_token", "bos_token", "unk_token")}
+        roles = {role: getattr(self, role) for role in ROLES if role != "pad_token"}  # pad by id: it may be any
         return (_rebuild, (self._source, self._added, roles, self.pad_token_id, self.padding_side,
                            self.truncation_side, self.model_max_length, self.chat_template))
 
@@ -537,8 +538,7 @@ class GPT2Tokenizer:
         lacks it."""
         added_file = directory / "added_tokens.json"
         try:
-            roles = {role: _token_text(config[role]) for role in ("eos_token", "bos_token", "unk_token", "pad_token")
-                     if isinstance(config.get(role), (str, dict))}
+            roles = {role: _token_text(config[role]) for role in ROLES if isinstance(config.get(role), (str, dict))}
             listed = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
             listed = {_token_text(t) for t in listed} if isinstance(listed, list) else set()
             decoder = config.get("added_tokens_decoder")
@@ -592,17 +592,16 @@ class GPT2Tokenizer:
         tokens this vocabulary lacks as special tokens (see add_tokens) and makes each the named role's token;
         returns how many were new. Roles: eos_token, bos_token, unk_token, pad_token, and lists under
         additional_special_tokens (transformers 5: extra_special_tokens)."""
-        roles = ("eos_token", "bos_token", "unk_token", "pad_token")
         lists = ("additional_special_tokens", "extra_special_tokens")
-        unknown = [key for key in special_tokens_dict if key not in roles + lists]
+        unknown = [key for key in special_tokens_dict if key not in ROLES + lists]
         if unknown:
             raise ValueError(f"add_special_tokens: unknown key {unknown[0]!r}; GPT-2's tokenizer has "
-                             f"{', '.join(roles + lists)}")
+                             f"{', '.join(ROLES + lists)}")
         added = 0
         for key, value in special_tokens_dict.items():
             values = [_token_text(v) for v in value] if key in lists else [_token_text(value)]
             added += self.add_tokens(values, special_tokens=True)
-            if key in roles:
+            if key in ROLES:
                 self._set_role(key, values[0])
         return added
 

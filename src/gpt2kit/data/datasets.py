@@ -512,7 +512,6 @@ class ChatDataset(_ResponseExamples):
         super().__init__(max_length)
         path = require_file(path, "chat file")
         chat = tokenizer.chat_format()
-        special = "all" if chat.writes_special_tokens else ()
         for where, record in _read_records(path):
             messages = record.get("messages") if isinstance(record, dict) else None
             if not isinstance(messages, list) or not messages:
@@ -525,7 +524,7 @@ class ChatDataset(_ResponseExamples):
                 raise DataError(f"{where}: {err}") from None
             if not replies:
                 raise DataError(f"{where}: no assistant message to learn")
-            ids = tokenizer.encode(whole, allowed_special=special)
+            ids = chat.encode(tokenizer, whole)
             _, starts = tokenizer.encoding.decode_with_offsets(ids)
             ends = [*starts[1:], len(whole)]
             learned = [any(start < end and begin < stop for begin, end in replies) for start, stop in zip(starts, ends)]
