@@ -13,7 +13,7 @@ import torch
 
 from .generation import GenerationConfig, model_placement, parse_logit_bias, stream_generate
 from .model import GPT2LMHeadModel
-from .pipeline import load_model_and_tokenizer, text_options
+from .pipeline import load_assistant, load_model_and_tokenizer, text_options
 from .tokenizer import GPT2Tokenizer
 
 CHAT_DEFAULTS = {"max_new_tokens": 128, "do_sample": True, "temperature": 0.7, "top_k": 50, "top_p": 0.95}
@@ -44,8 +44,9 @@ class ChatSession:
     """The conversation so far as (role, content) turns, written in the tokenizer's chat format; each reply sees as
     many recent exchanges as fit."""
 
-    def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: GenerationConfig) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: GenerationConfig, *,
+                 assistant_model: GPT2LMHeadModel | None = None) -> None:
+        self.model, self.tokenizer, self.assistant_model = model, tokenizer, assistant_model
         self.format = tokenizer.chat_format()
         self.turns: list[tuple[str, str]] = []
         self.config = config
@@ -97,7 +98,7 @@ class ChatSession:
         config = self.config.replace(seed=None, stop=self.format.reply_stops(self.config.stop),
                                      skip_leading_space=self.format.skip_leading_space)
         for piece in stream_generate(self.model, self.tokenizer, self.prompt_ids(message), config,
-                                     generator=self.generator):
+                                     generator=self.generator, assistant_model=self.assistant_model):
             pieces.append(piece)
             yield piece
         self.turns += [("user", message), ("assistant", "".join(pieces))]
@@ -126,9 +127,11 @@ def _read_lines(stdin: TextIO, interactive: bool) -> Iterator[str]:
 def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.PathLike | GPT2Tokenizer | None = None,
          dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu", random_init: bool = False,
          quantize: str | None = None, pack_weights: bool = False, stdin: TextIO | None = None,
-         stdout: TextIO | None = None, **options) -> None:
+         stdout: TextIO | None = None, assistant_model: str | os.PathLike | GPT2LMHeadModel | None = None,
+         **options) -> None:
     """Read messages (one per line) until /quit or end of input; stream each reply. `options` are
-    GenerationConfig fields over the chat defaults (sampling, temperature 0.7, top-k 50, top-p 0.95)."""
+    GenerationConfig fields over the chat defaults (sampling, temperature 0.7, top-k 50, top-p 0.95);
+    `assistant_model` decodes speculatively (gpt2kit.speculative)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if stdin is None:  # started with standard input closed
         raise ValueError("no standard input to read messages from")
@@ -139,10 +142,12 @@ def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.Path
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
                                        random_init=random_init, quantize=quantize,
                                        pack_weights=pack_weights)
+    assistant = load_assistant(assistant_model, tok, tokenizer=tokenizer, dtype=dtype, device=device,
+                               random_init=random_init)
     # A small model's context (the demo's is 128) keeps half of it for the conversation.
     reply_tokens = min(CHAT_DEFAULTS["max_new_tokens"], lm.config.n_positions // 2)
     options = text_options(tok, lm.config.vocab_size, {**CHAT_DEFAULTS, "max_new_tokens": reply_tokens, **options})
-    session = ChatSession(lm, tok, GenerationConfig().replace(**options))
+    session = ChatSession(lm, tok, GenerationConfig().replace(**options), assistant_model=assistant)
     interactive = stdin.isatty() and stdin is sys.stdin
     if interactive:
         print(f"chatting with {model} ({HELP})", file=stdout)

@@ -159,6 +159,11 @@ def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
                    "100) to token ID's score every step, e.g. 50256=-100 never ends at <|endoftext|>")
     p.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
     p.add_argument("--seed", type=int)
+    p.add_argument("--prompt-lookup-num-tokens", type=int, metavar="N", help="speculative decoding by prompt lookup: "
+                   "guess N tokens from where the last tokens occurred before, check them in one pass (output "
+                   "that copies its input comes faster; the same text)")
+    p.add_argument("--assistant-model", metavar="DIR", help="speculative decoding: a smaller model with the same "
+                   "tokenizer guesses ahead, the model checks its guesses in one pass (the same text)")
     p.add_argument("--compile", action="store_true", default=None, help="decode through torch.compile: on a CPU "
                    "with the weights frozen into the step and autotuned matrix kernels (about 2.5x faster; "
                    "combine with --quantize int8 for the fastest), CUDA graphs on a GPU. The first call compiles "
@@ -167,7 +172,8 @@ def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
 
 _SAMPLING_FLAGS = ("compile", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                    "min_p", "repetition_penalty", "no_repeat_ngram_size", "frequency_penalty", "presence_penalty",
-                   "logit_bias", "stop", "seed", "num_return_sequences", "num_beams", "length_penalty")
+                   "logit_bias", "stop", "seed", "num_return_sequences", "num_beams", "length_penalty",
+                   "prompt_lookup_num_tokens")
 
 
 def _logit_bias(text: str) -> dict[int, float]:
@@ -194,7 +200,8 @@ def _check_unused_flags(args: argparse.Namespace, samples_by_default: bool) -> N
 def _loading_and_sampling(args: argparse.Namespace) -> dict:
     options = {k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k, None) is not None}
     return dict(tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, random_init=args.random_init,
-                quantize=args.quantize, pack_weights=args.pack_weights, **options)
+                quantize=args.quantize, pack_weights=args.pack_weights, assistant_model=args.assistant_model,
+                **options)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -227,10 +234,11 @@ def _generate(args: argparse.Namespace) -> None:
         from .training.parallel import generate_tensor_parallel
 
         options = _loading_and_sampling(args)
-        if any(options.pop(k, None) for k in ("random_init", "quantize", "pack_weights", "compile")) or \
+        if any(options.pop(k, None) for k in ("random_init", "quantize", "pack_weights", "compile",
+                                              "assistant_model", "prompt_lookup_num_tokens")) or \
                 args.backend != "torch":
-            raise ValueError("--tensor-parallel loads a model directory with the torch backend, unquantized and "
-                             "uncompiled")
+            raise ValueError("--tensor-parallel loads a model directory with the torch backend, unquantized, "
+                             "uncompiled and without speculative decoding")
         texts = generate_tensor_parallel(args.model, prompt, tensor_parallel=args.tensor_parallel,
                                          return_full_text=not args.completion_only, stream_to=sys.stdout, **options)
         if texts is None:

@@ -179,6 +179,16 @@ class GenerationConfig:
     early_stopping: bool | str = False  # beam search: True, False or "never", as in transformers
     use_cache: bool = True  # False recomputes the whole sequence every step (slow; a reference)
     compile: bool = False  # decode steps through torch.compile (static shapes; see _compiled_decode_step)
+    # Speculative decoding (gpt2kit.speculative), with transformers' names and defaults: guess this many tokens by
+    # prompt lookup, matching n-grams of up to max_matching_ngram_size tokens; or, with generate(...,
+    # assistant_model=...), let the assistant guess up to num_assistant_tokens ("constant"; "heuristic" and
+    # "heuristic_transient" add 2 after a round that kept every guess, else take 1 off), stopping early where its
+    # token's probability is below assistant_confidence_threshold.
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int = 2
+    num_assistant_tokens: int = 20
+    num_assistant_tokens_schedule: str = "constant"
+    assistant_confidence_threshold: float = 0.4
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -249,6 +259,20 @@ class GenerationConfig:
              "early_stopping must be True, False or 'never'"),
             (not self.stop or all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
             (self.use_cache or not self.compile, "compile=True needs use_cache=True (it compiles the cached step)"),
+            (self.prompt_lookup_num_tokens is None or (integer(self.prompt_lookup_num_tokens)
+                                                       and self.prompt_lookup_num_tokens >= 1),
+             "prompt_lookup_num_tokens must be an integer >= 1, or None (no prompt lookup)"),
+            (integer(self.max_matching_ngram_size) and self.max_matching_ngram_size >= 1,
+             "max_matching_ngram_size must be an integer >= 1"),
+            (integer(self.num_assistant_tokens) and self.num_assistant_tokens >= 1,
+             "num_assistant_tokens must be an integer >= 1"),
+            (self.num_assistant_tokens_schedule in ("constant", "heuristic", "heuristic_transient"),
+             "num_assistant_tokens_schedule must be 'constant', 'heuristic' or 'heuristic_transient'"),
+            (number(self.assistant_confidence_threshold) and 0 <= self.assistant_confidence_threshold < 1,
+             "assistant_confidence_threshold must be a number in [0, 1) (0: always guess num_assistant_tokens)"),
+            (self.prompt_lookup_num_tokens is None or (self.num_beams == 1 and self.num_return_sequences == 1),
+             "prompt_lookup_num_tokens (speculative decoding) generates one sequence: num_beams and "
+             "num_return_sequences must be 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -807,10 +831,22 @@ def compute_transition_scores(sequences: Tensor, scores: Sequence[Tensor], beam_
     return steps.gather(2, new.unsqueeze(-1).to(steps.device)).squeeze(-1)
 
 
+def token_generator(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    config: GenerationConfig | None = None, *, assistant_model: GPT2LMHeadModel | None = None,
+                    **kwargs) -> TokenGenerator:
+    """A TokenGenerator, or its speculative kind when `assistant_model` or `prompt_lookup_num_tokens` is given."""
+    config = config or GenerationConfig()
+    if assistant_model is None and kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) is None:
+        return TokenGenerator(model, input_ids, attention_mask, config, **kwargs)
+    from .speculative import SpeculativeGenerator  # it builds on TokenGenerator
+
+    return SpeculativeGenerator(model, input_ids, attention_mask, config, assistant_model=assistant_model, **kwargs)
+
+
 def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor | None = None,
              config: GenerationConfig | None = None, *, tokenizer: GPT2Tokenizer | None = None,
              generator: torch.Generator | None = None, streamer: Any = None, return_dict_in_generate: bool = False,
-             output_scores: bool = False, output_logits: bool = False,
+             output_scores: bool = False, output_logits: bool = False, assistant_model: GPT2LMHeadModel | None = None,
              **options) -> Tensor | GenerateDecoderOnlyOutput:
     """Prompt + new tokens, (B * num_return_sequences, prompt_len + steps) with each prompt's rows together.
 
@@ -827,7 +863,9 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
     `streamer` is transformers' streamer protocol (its TextStreamer, TextIteratorStreamer or an object of your own):
     `put(prompt ids)`, then `put(new ids)` after each step, then `end()`; one sequence only, as there.
     `return_dict_in_generate` returns a GenerateDecoderOnlyOutput, with each step's scores / logits when
-    `output_scores` / `output_logits` (not with beam search); `compute_transition_scores` reads them per token."""
+    `output_scores` / `output_logits` (not with beam search); `compute_transition_scores` reads them per token.
+    `assistant_model` (a smaller GPT-2 with the same vocabulary) or `prompt_lookup_num_tokens` decode
+    speculatively, one prompt at a time: the same tokens in fewer passes of the model (gpt2kit.speculative)."""
     config = (config or GenerationConfig()).replace(**options)
     if (output_scores or output_logits) and not return_dict_in_generate:
         warnings.warn("output_scores and output_logits are returned with return_dict_in_generate=True; returning "
@@ -835,6 +873,8 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
     if streamer is not None and (len(input_ids) != 1 or config.num_return_sequences != 1 or config.num_beams > 1):
         raise ValueError("streamer= streams one sequence: a batch of one prompt, num_return_sequences=1 and no beam "
                          "search")
+    if config.num_beams > 1 and assistant_model is not None:
+        raise ValueError("assistant_model (speculative decoding) generates one sequence: use num_beams=1")
     if config.num_beams > 1:
         from .beam_search import beam_search  # it builds on TokenGenerator
 
@@ -844,8 +884,9 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
             config = with_unused_suppressed(config, tokenizer, model.config.vocab_size)
         sequences = beam_search(model, input_ids, attention_mask, config)
         return GenerateDecoderOnlyOutput(sequences) if return_dict_in_generate else sequences
-    run = TokenGenerator(model, input_ids, attention_mask, config, tokenizer=tokenizer, generator=generator,
-                         output_scores=output_scores, output_logits=output_logits)
+    run = token_generator(model, input_ids, attention_mask, config, assistant_model=assistant_model,
+                          tokenizer=tokenizer, generator=generator, output_scores=output_scores,
+                          output_logits=output_logits)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     for tokens in run:
@@ -945,7 +986,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int,
 
 def stream_generate(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, prompt: str | Sequence[int],
                     config: GenerationConfig | None = None, *, generator: torch.Generator | None = None,
-                    **options) -> Iterator[str]:
+                    assistant_model: GPT2LMHeadModel | None = None, **options) -> Iterator[str]:
     """Iterator over the continuation of `prompt` (text or token ids) as text pieces while tokens arrive (one
     sequence). It ends at EOS (not shown), before a stop string, or after max_new_tokens; the pieces join to
     the decoded continuation. Options are checked here, before anything is generated."""
@@ -954,7 +995,8 @@ def stream_generate(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, prompt: st
         raise ValueError("stream_generate produces one sequence; use generate for num_return_sequences > 1")
     ids = torch.tensor([encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)])
     # Stop strings are found on the text side here, where the streamer cuts the text.
-    run = TokenGenerator(model, ids, config=config.replace(stop=None), tokenizer=tokenizer, generator=generator)
+    run = token_generator(model, ids, config=config.replace(stop=None), assistant_model=assistant_model,
+                          tokenizer=tokenizer, generator=generator)
     return _stream_text(run, TextStreamDecoder(tokenizer, config.stop, skip_leading_space=config.skip_leading_space))
 
 

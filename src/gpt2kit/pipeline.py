@@ -108,6 +108,21 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
     return lm, tok
 
 
+def load_assistant(assistant_model: str | os.PathLike | GPT2LMHeadModel | None, model_tokenizer: GPT2Tokenizer, *,
+                   tokenizer: str | os.PathLike | GPT2Tokenizer | None = None, dtype: torch.dtype | str | None = None,
+                   device: torch.device | str = "cpu", random_init: bool = False) -> GPT2LMHeadModel | None:
+    """Speculative decoding's assistant, loaded as the model was (a tokenizer given for the model is the
+    assistant's too); else the assistant directory's tokenizer must be the model's."""
+    if assistant_model is None:
+        return None
+    assistant, assistant_tok = load_model_and_tokenizer(assistant_model, tokenizer=tokenizer, dtype=dtype,
+                                                        device=device, random_init=random_init)
+    if assistant_tok.fingerprint() != model_tokenizer.fingerprint():
+        raise ValueError(f"assistant_model {assistant_model}: its tokenizer differs from the model's; speculative "
+                         "decoding needs the same one")
+    return assistant
+
+
 def load_classifier_and_tokenizer(model: str | os.PathLike | GPT2ForSequenceClassification, *,
                                   tokenizer: str | os.PathLike | GPT2Tokenizer | None = None,
                                   dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu"
@@ -146,11 +161,13 @@ class TextGenerationPipeline:
     """Call with a string (-> list of {"generated_text"}, one per returned sequence) or a list of strings
     (-> one such list per string). Keyword arguments are GenerationConfig fields, and `return_full_text` and
     `batch_size` (given here, the defaults of every call, as in transformers). In text, the tokenizer decides
-    what ends a text: EOS and padding default to its ids rather than the model config's."""
+    what ends a text: EOS and padding default to its ids rather than the model config's. With `assistant_model`
+    or `prompt_lookup_num_tokens`, decoding is speculative and prompts run one at a time."""
 
     def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, *, return_full_text: bool | None = None,
-                 batch_size: int | None = None, **defaults) -> None:
+                 batch_size: int | None = None, assistant_model: GPT2LMHeadModel | None = None, **defaults) -> None:
         self.model, self.tokenizer, self.defaults = model, tokenizer, defaults
+        self.assistant_model = assistant_model  # speculative decoding's guesser (gpt2kit.speculative)
         self.return_full_text = True if return_full_text is None else return_full_text
         self.batch_size = 8 if batch_size is None else batch_size
         _check_call_options(self.return_full_text, self.batch_size)
@@ -209,11 +226,13 @@ class TextGenerationPipeline:
             # same draws. A batch draws for all its rows at once, so the samples still depend on batch_size.
             generator = torch.Generator(model_placement(self.model)[0]).manual_seed(config.seed)
             config = config.replace(seed=None)
+        if self.assistant_model is not None or config.prompt_lookup_num_tokens is not None:
+            batch_size = 1  # speculative decoding takes one sequence at a time
         n, out = config.num_return_sequences, []
         for start in range(0, len(rows), batch_size):
             input_ids, attention_mask = left_pad(rows[start:start + batch_size], self.tokenizer.pad_token_id)
             sequences = generate(self.model, input_ids, attention_mask, config, tokenizer=self.tokenizer,
-                                 generator=generator)
+                                 generator=generator, assistant_model=self.assistant_model)
             texts = decode_completions(self.tokenizer, sequences, input_ids.shape[1],
                                        eos_token_ids(config, self.model.config), config.stop,
                                        config.skip_leading_space)
@@ -279,7 +298,7 @@ class TextGenerationPipeline:
     def stream(self, prompt: str, *, generator: torch.Generator | None = None, **options) -> Iterator[str]:
         """The continuation of one prompt as text pieces while it is generated."""
         return stream_generate(self.model, self.tokenizer, prompt, self._config(options),
-                               generator=generator)
+                               generator=generator, assistant_model=self.assistant_model)
 
 
 _TOP_LABEL = object()  # top_k not given: transformers' first shape, one dict per text
@@ -349,17 +368,19 @@ def pipeline(task: str, model: str | os.PathLike | GPT2LMHeadModel | GPT2ForSequ
              tokenizer: str | os.PathLike | GPT2Tokenizer | None = None, dtype: torch.dtype | str | None = None,
              device: torch.device | str = "cpu", random_init: bool = False, backend: str = "torch",
              quantize: str | None = None, pack_weights: bool = False,
+             assistant_model: str | os.PathLike | GPT2LMHeadModel | None = None,
              **defaults) -> TextGenerationPipeline | TextClassificationPipeline:
     """`pipeline("text_generation", model="runs/demo/final")("ROMEO:", max_new_tokens=40)`. `defaults` are
-    generation options every call starts from; `backend="onnx"` runs an exported directory in onnxruntime.
+    generation options every call starts from; `backend="onnx"` runs an exported directory in onnxruntime;
+    `assistant_model` (a model or directory, loaded in the same dtype on the same device) decodes speculatively.
     `pipeline("text_classification", model="runs/sst2/final")("a gem of a film")` classifies with a trained
     classifier (options: max_length, batch_size, top_k)."""
     kind = task.replace("-", "_")
     if kind == "text_classification":
-        if random_init or backend != "torch" or quantize or pack_weights:
+        if random_init or backend != "torch" or quantize or pack_weights or assistant_model is not None:
             raise ValueError("text_classification runs a trained classifier (a directory or a "
-                             "GPT2ForSequenceClassification) with the torch backend: random_init, backend, quantize "
-                             "and pack_weights do not apply")
+                             "GPT2ForSequenceClassification) with the torch backend: random_init, backend, quantize, "
+                             "pack_weights and assistant_model do not apply")
         return TextClassificationPipeline(*load_classifier_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype,
                                                                          device=device), **defaults)
     if kind != "text_generation":
@@ -367,18 +388,21 @@ def pipeline(task: str, model: str | os.PathLike | GPT2LMHeadModel | GPT2ForSequ
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
                                        random_init=random_init, backend=backend, quantize=quantize,
                                        pack_weights=pack_weights)
-    return TextGenerationPipeline(lm, tok, **defaults)
+    assistant = load_assistant(assistant_model, tok, tokenizer=tokenizer, dtype=dtype, device=device,
+                               random_init=random_init)
+    return TextGenerationPipeline(lm, tok, assistant_model=assistant, **defaults)
 
 
 def generate_text(model: str | os.PathLike, prompt: str, *, tokenizer: str | os.PathLike | None = None,
                   dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
                   random_init: bool = False, backend: str = "torch", quantize: str | None = None,
                   pack_weights: bool = False, return_full_text: bool = True, stream_to: TextIO | None = None,
-                  **options) -> list[str]:
+                  assistant_model: str | os.PathLike | None = None, **options) -> list[str]:
     """Load a model and continue `prompt`; one text per returned sequence. With `stream_to`, a single
     sequence is also written there piece by piece as it is generated (the `gpt2kit generate` command)."""
     pipe = pipeline("text_generation", model, tokenizer=tokenizer, dtype=dtype, device=device,
-                    random_init=random_init, backend=backend, quantize=quantize, pack_weights=pack_weights)
+                    random_init=random_init, backend=backend, quantize=quantize, pack_weights=pack_weights,
+                    assistant_model=assistant_model)
     if stream_to is None or options.get("num_return_sequences", 1) != 1 or options.get("num_beams", 1) > 1:
         texts = [r["generated_text"] for r in pipe(prompt, return_full_text=return_full_text, **options)]
         if stream_to is not None and len(texts) == 1:  # beam search: the text is known only at the end
