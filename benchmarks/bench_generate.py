@@ -28,7 +28,7 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
-from gpt2kit.generation import TokenGenerator
+from gpt2kit.generation import token_generator
 from gpt2kit.quantization import pack_weights, quantize_int8
 from gpt2kit.training.logging import forward_flops, synchronize
 
@@ -69,10 +69,10 @@ def split_compiled(dtype_name: str) -> tuple[str, bool]:
     return base, base != dtype_name
 
 
-def time_ours(model, ids, new_tokens, compile=False):
+def time_ours(model, ids, new_tokens, compile=False, **options):
     synchronize(ids.device)
     start = time.perf_counter()
-    run = TokenGenerator(model, ids, max_new_tokens=new_tokens, eos_token_id=[], compile=compile)
+    run = token_generator(model, ids, max_new_tokens=new_tokens, eos_token_id=[], compile=compile, **options)
     first = None
     for _ in run:
         if first is None:
@@ -83,7 +83,7 @@ def time_ours(model, ids, new_tokens, compile=False):
     return first - start, end - first, run.sequences()
 
 
-def time_hf(model, ids, new_tokens):
+def time_hf(model, ids, new_tokens, **options):
     clock = _Clock(ids.device)
     synchronize(ids.device)
     start = time.perf_counter()
@@ -92,7 +92,7 @@ def time_hf(model, ids, new_tokens):
     model.generation_config.eos_token_id = None
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0, streamer=clock)
+                             do_sample=False, pad_token_id=0, streamer=clock, **options)
     synchronize(ids.device)
     end = time.perf_counter()
     return clock.first - start, end - clock.first, out
@@ -134,12 +134,12 @@ def ours_in(dtype_name: str, ours_fp32: GPT2LMHeadModel) -> GPT2LMHeadModel:
     return model.to(DTYPES[dtype_name])
 
 
-def best_of_interleaved(repeats, ours, hf, ids, new_tokens, compiled=False):
+def best_of_interleaved(repeats, ours, hf, ids, new_tokens, compiled=False, **options):
     """Alternate the two sides so that load from other processes hits both alike; keep each side's best."""
     runs = {"ours": [], "hf": []}
     for _ in range(repeats):
-        runs["ours"].append(time_ours(ours, ids, new_tokens, compiled))
-        runs["hf"].append(time_hf(hf, ids, new_tokens))
+        runs["ours"].append(time_ours(ours, ids, new_tokens, compiled, **options))
+        runs["hf"].append(time_hf(hf, ids, new_tokens, **options))
     return [(min(r[0] for r in side), min(r[1] for r in side), side[0][2]) for side in runs.values()]
 
 
@@ -150,9 +150,13 @@ def kv_cache_bytes(config: GPT2Config, positions: int, itemsize: int) -> int:
 
 
 def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes: str = "1,8", prompt_len: int = 32,
-        new_tokens: int = 64, repeats: int = 3, device: torch.device | str | None = None) -> list[dict]:
+        new_tokens: int = 64, repeats: int = 3, device: torch.device | str | None = None,
+        prompt_lookup: int | None = None) -> list[dict]:
     """One row per shape x dtype x batch: TTFT and decode tokens/s of both sides, greedy tokens compared.
-    `device` defaults to the GPU when there is one."""
+    `device` defaults to the GPU when there is one. With `prompt_lookup`, both sides decode speculatively by
+    prompt lookup (transformers' prompt_lookup_num_tokens, batch 1) from a prompt whose second half repeats its
+    first, as a text the output copies from would."""
+    options = {} if prompt_lookup is None else {"prompt_lookup_num_tokens": prompt_lookup}
     transformers.logging.set_verbosity_error()
     device = torch.device(device) if device else default_device()
     if device.type != "cpu":
@@ -173,13 +177,16 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes
             for batch in map(int, batch_sizes.split(",")):
                 ids = torch.randint(0, config.vocab_size, (batch, prompt_len),
                                     generator=torch.Generator().manual_seed(batch)).to(device)
+                if prompt_lookup is not None:
+                    ids[:, prompt_len // 2:] = ids[:, :prompt_len - prompt_len // 2]
                 # Warm-up; a compiled step is compiled for its cache length, so it warms up at the timed length.
-                time_ours(ours, ids, new_tokens if compiled else 4, compiled), time_hf(hf, ids, 4)
+                time_ours(ours, ids, new_tokens if compiled else 4, compiled, **options)
+                time_hf(hf, ids, 4, **options)
                 (o_ttft, o_decode, o_out), (h_ttft, h_decode, h_out) = best_of_interleaved(
-                    repeats, ours, hf, ids, new_tokens, compiled)
+                    repeats, ours, hf, ids, new_tokens, compiled, **options)
                 decoded = batch * (new_tokens - 1)
                 rows.append({"device": device.type, "shape": shape, "dtype": dtype_name, "peer_dtype": peer_dtype,
-                             "batch": batch, "prompt_len": prompt_len,
+                             "batch": batch, "prompt_len": prompt_len, "prompt_lookup": prompt_lookup,
                              "new_tokens": new_tokens, "ours_ttft_s": o_ttft, "peer_ttft_s": h_ttft,
                              "ours_tok_s": decoded / o_decode, "peer_tok_s": decoded / h_decode,
                              "ratio": h_decode / o_decode, "ttft_ratio": h_ttft / o_ttft,
@@ -204,6 +211,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-lookup", type=int, default=None, metavar="N", help="both sides decode "
+                        "speculatively, guessing N tokens by prompt lookup (batch 1; the prompt repeats itself)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
@@ -216,7 +225,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in run(args.shapes, args.dtypes, args.batch_sizes, args.prompt_len, args.new_tokens, args.repeats,
-                 args.device):
+                 args.device, args.prompt_lookup):
         same = "yes" if r["same_tokens"] else ("no" if r["dtype"] == "fp32" else f"no ({r['dtype']})")
         print(f"{r['shape']:<6} {r['dtype']:<13} {r['batch']:>5} | {timing_cells(r)} | {same}")
 

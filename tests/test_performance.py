@@ -154,6 +154,10 @@ def test_benchmark_table_rows_and_targets():
     other = table([{**rows[1], "same_tokens": False}, {**decode_row, "same_tokens": False}], hw)
     assert other[0][1] == "gpt2 fp32 b1 p32 vs transformers fp32 (other tokens)" and other[0][5] is None
     assert other[2][5] == 3.0
+    # Speculative rows compare against transformers' own prompt lookup: no bandwidth bound, target or TTFT line.
+    (lookup,) = table([{**decode_row, "prompt_lookup": 10}], hw)
+    assert lookup[1] == "gpt2 int8 b1 p32 lookup 10 vs transformers fp32 lookup 10"
+    assert lookup[5] == 3.0 and lookup[6] is None and lookup[7] is None
     # A section that failed or was skipped is listed under the table, not in it.
     assert table([{"section": "train", "skipped": "failed: ModuleNotFoundError: lm_eval"}], hw) == []
 

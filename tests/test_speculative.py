@@ -1,11 +1,14 @@
 """Speculative decoding (assistant model, prompt lookup): the model's own greedy tokens, transformers' assisted
 output, and exactly the model's distribution when sampling."""
 
+import io
+
 import pytest
 import torch
 import transformers
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
+from gpt2kit.chat import chat
 from gpt2kit.cli import main
 from gpt2kit.generation import generate, stream_generate
 from gpt2kit.pipeline import pipeline
@@ -230,3 +233,15 @@ def test_cli_generates_the_same_text_speculatively(text_model_dir, capsys):
                      "--max-new-tokens", "25", *extra]) == 0
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) > len("I had always thought")
+
+
+def test_chat_replies_the_same_with_an_assistant_and_with_prompt_lookup(text_model_dir):
+    def session(**options):
+        stdout = io.StringIO()
+        chat(str(text_model_dir), stdin=io.StringIO("Who painted it?\nAnd then?\n"), stdout=stdout,
+             do_sample=False, max_new_tokens=12, **options)
+        return stdout.getvalue()
+
+    plain = session()
+    assert session(assistant_model=str(text_model_dir)) == plain
+    assert session(prompt_lookup_num_tokens=4) == plain and plain.count("\n") == 2
