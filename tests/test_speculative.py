@@ -245,3 +245,48 @@ def test_chat_replies_the_same_with_an_assistant_and_with_prompt_lookup(text_mod
     plain = session()
     assert session(assistant_model=str(text_model_dir)) == plain
     assert session(prompt_lookup_num_tokens=4) == plain and plain.count("\n") == 2
+
+
+def test_the_pipeline_takes_an_assistant_object_and_loads_a_directory_as_the_model_is(text_model_dir):
+    plain = pipeline("text_generation", text_model_dir)
+    assistant = GPT2LMHeadModel.from_pretrained(text_model_dir)
+    given = pipeline("text_generation", text_model_dir, assistant_model=assistant)
+    assert given.assistant_model is assistant
+    assert given("the picture", max_new_tokens=20) == plain("the picture", max_new_tokens=20)
+    bf16 = GPT2LMHeadModel.from_pretrained(text_model_dir, dtype=torch.bfloat16)
+    loaded = pipeline("text_generation", bf16, tokenizer=plain.tokenizer, assistant_model=text_model_dir)
+    assert loaded.assistant_model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_max_length_counts_the_batchs_padded_prompt_as_without_guessing(text_model_dir):
+    prompts = ["I had always thought Jack Gisburn rather a cheap genius", "the picture"]
+    plain = pipeline("text_generation", text_model_dir)(prompts, max_length=30)
+    assert pipeline("text_generation", text_model_dir)(prompts, max_length=30, prompt_lookup_num_tokens=3) == plain
+    assisted = pipeline("text_generation", text_model_dir, assistant_model=text_model_dir)
+    assert assisted(prompts, max_length=30) == plain
+
+
+def test_an_assistant_with_a_shorter_context(text_model_dir, tmp_path):
+    short = save_tiny_text_model(tmp_path / "short", n_positions=32)
+    model = GPT2LMHeadModel.from_pretrained(text_model_dir)
+    assistant = GPT2LMHeadModel.from_pretrained(short)
+    ids = torch.arange(1, 16).unsqueeze(0)
+    # It reads at most prompt + max_new_tokens - 2 positions: the last guess and token are never fed to it.
+    assert torch.equal(generate(model, ids, max_new_tokens=19, assistant_model=assistant),
+                       generate(model, ids, max_new_tokens=19))
+    with pytest.raises(ValueError, match="needs 33 positions of the assistant model, beyond its context of 32"):
+        generate(model, ids, max_new_tokens=20, assistant_model=assistant)
+    # A conversation stays within the shorter context, turn after turn.
+    stdout = io.StringIO()
+    messages = "".join(f"Who painted the picture of the lady in the gallery, tell me {i}\n" for i in range(5))
+    chat(str(text_model_dir), assistant_model=str(short), stdin=io.StringIO(messages), stdout=stdout,
+         do_sample=False)
+    assert stdout.getvalue().count("\n") == 5
+
+
+def test_a_given_tokenizer_does_not_hide_an_assistants_own_other_one(text_model_dir, tmp_path):
+    other = tmp_path / "other"
+    GPT2LMHeadModel.from_pretrained(text_model_dir).save_pretrained(other)
+    train_bpe([DATA / "tinyshakespeare" / "input.txt"], 512, other)
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        pipeline("text_generation", text_model_dir, tokenizer=text_model_dir, assistant_model=other)

@@ -40,6 +40,11 @@ SETTINGS: dict[str, Callable[[str], Any]] = {
 }
 
 
+def shared_context(model: GPT2LMHeadModel, assistant_model: GPT2LMHeadModel | None) -> int:
+    """Positions the conversation may fill: the shorter context of the model and its assistant."""
+    return min(m.config.n_positions for m in (model, assistant_model) if m is not None)
+
+
 class ChatSession:
     """The conversation so far as (role, content) turns, written in the tokenizer's chat format; each reply sees as
     many recent exchanges as fit."""
@@ -47,6 +52,7 @@ class ChatSession:
     def __init__(self, model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: GenerationConfig, *,
                  assistant_model: GPT2LMHeadModel | None = None) -> None:
         self.model, self.tokenizer, self.assistant_model = model, tokenizer, assistant_model
+        self.context = shared_context(model, assistant_model)
         self.format = tokenizer.chat_format()
         self.turns: list[tuple[str, str]] = []
         self.config = config
@@ -54,9 +60,9 @@ class ChatSession:
 
     def set_config(self, config: GenerationConfig, reseed: bool = False) -> None:
         """Use `config` for the following replies; the random stream restarts with a new seed, or with `reseed`."""
-        if config.max_new_tokens >= self.model.config.n_positions:
+        if config.max_new_tokens >= self.context:
             raise ValueError(f"max_new_tokens ({config.max_new_tokens}) leaves no room for the conversation in "
-                             f"the context of {self.model.config.n_positions} positions")
+                             f"the context of {self.context} positions")
         config.check_vocabulary(self.model.config.vocab_size)
         # One generator for the whole conversation: a seed makes the conversation reproducible (GenerationConfig
         # has checked that torch takes it), and changing another setting must not rewind it to the first draws.
@@ -76,7 +82,7 @@ class ChatSession:
     def prompt_ids(self, message: str) -> list[int]:
         """The transcript of the leading system messages, the most recent exchanges and this message that leaves
         room for the reply (without exchanges, cut to its newest tokens, if even that does not)."""
-        budget = self.model.config.n_positions - self.config.max_new_tokens
+        budget = self.context - self.config.max_new_tokens
         n_head = next((i for i, (role, _) in enumerate(self.turns) if role not in ("system", "developer")),
                       len(self.turns))
         head, history = self.turns[:n_head], self.turns[n_head:]
@@ -142,10 +148,9 @@ def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.Path
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
                                        random_init=random_init, quantize=quantize,
                                        pack_weights=pack_weights)
-    assistant = load_assistant(assistant_model, tok, tokenizer=tokenizer, dtype=dtype, device=device,
-                               random_init=random_init)
+    assistant = load_assistant(assistant_model, lm, tok, random_init=random_init)
     # A small model's context (the demo's is 128) keeps half of it for the conversation.
-    reply_tokens = min(CHAT_DEFAULTS["max_new_tokens"], lm.config.n_positions // 2)
+    reply_tokens = min(CHAT_DEFAULTS["max_new_tokens"], shared_context(lm, assistant) // 2)
     options = text_options(tok, lm.config.vocab_size, {**CHAT_DEFAULTS, "max_new_tokens": reply_tokens, **options})
     session = ChatSession(lm, tok, GenerationConfig().replace(**options), assistant_model=assistant)
     interactive = stdin.isatty() and stdin is sys.stdin

@@ -161,9 +161,9 @@ def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--prompt-lookup-num-tokens", type=int, metavar="N", help="speculative decoding by prompt lookup: "
                    "guess N tokens from where the last tokens occurred before, check them in one pass (output "
-                   "that copies its input comes faster; the same text)")
+                   "that copies its input comes faster; the same text in float32)")
     p.add_argument("--assistant-model", metavar="DIR", help="speculative decoding: a smaller model with the same "
-                   "tokenizer guesses ahead, the model checks its guesses in one pass (the same text)")
+                   "tokenizer guesses ahead, the model checks its guesses in one pass (the same text in float32)")
     p.add_argument("--compile", action="store_true", default=None, help="decode through torch.compile: on a CPU "
                    "with the weights frozen into the step and autotuned matrix kernels (about 2.5x faster; "
                    "combine with --quantize int8 for the fastest), CUDA graphs on a GPU. The first call compiles "

@@ -26,7 +26,7 @@ from .generation import (
     stream_generate,
 )
 from .model import GPT2ForSequenceClassification, GPT2LMHeadModel
-from .tokenizer import GPT2Tokenizer, tokenizer_for
+from .tokenizer import GPT2Tokenizer, has_tokenizer_files, tokenizer_for
 
 def parse_device(device: torch.device | str) -> torch.device:
     """A torch device this machine has; anything else is one ValueError naming it."""
@@ -108,19 +108,23 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
     return lm, tok
 
 
-def load_assistant(assistant_model: str | os.PathLike | GPT2LMHeadModel | None, model_tokenizer: GPT2Tokenizer, *,
-                   tokenizer: str | os.PathLike | GPT2Tokenizer | None = None, dtype: torch.dtype | str | None = None,
-                   device: torch.device | str = "cpu", random_init: bool = False) -> GPT2LMHeadModel | None:
-    """Speculative decoding's assistant, loaded as the model was (a tokenizer given for the model is the
-    assistant's too); else the assistant directory's tokenizer must be the model's."""
-    if assistant_model is None:
-        return None
-    assistant, assistant_tok = load_model_and_tokenizer(assistant_model, tokenizer=tokenizer, dtype=dtype,
-                                                        device=device, random_init=random_init)
-    if assistant_tok.fingerprint() != model_tokenizer.fingerprint():
+def load_assistant(assistant_model: str | os.PathLike | GPT2LMHeadModel | None, model: GPT2LMHeadModel,
+                   model_tokenizer: GPT2Tokenizer, *, random_init: bool = False) -> GPT2LMHeadModel | None:
+    """Speculative decoding's assistant for `model`: a GPT2LMHeadModel object as it is; a directory (or a preset
+    with `random_init`) loaded in the model's dtype on its device. A directory with vocabulary files of its own
+    must hold the model's tokenizer."""
+    if assistant_model is None or isinstance(assistant_model, GPT2LMHeadModel):
+        return assistant_model
+    device, dtype = model_placement(model)
+    if random_init:
+        return load_model_and_tokenizer(assistant_model, tokenizer=model_tokenizer, dtype=dtype, device=device,
+                                        random_init=True)[0]
+    directory = resolve_model_dir(assistant_model)
+    if has_tokenizer_files(directory) and GPT2Tokenizer.from_file(directory).fingerprint() != \
+            model_tokenizer.fingerprint():
         raise ValueError(f"assistant_model {assistant_model}: its tokenizer differs from the model's; speculative "
                          "decoding needs the same one")
-    return assistant
+    return GPT2LMHeadModel.from_pretrained(directory, dtype=dtype, device=device)
 
 
 def load_classifier_and_tokenizer(model: str | os.PathLike | GPT2ForSequenceClassification, *,
@@ -226,17 +230,21 @@ class TextGenerationPipeline:
             # same draws. A batch draws for all its rows at once, so the samples still depend on batch_size.
             generator = torch.Generator(model_placement(self.model)[0]).manual_seed(config.seed)
             config = config.replace(seed=None)
-        if self.assistant_model is not None or config.prompt_lookup_num_tokens is not None:
-            batch_size = 1  # speculative decoding takes one sequence at a time
+        speculative = self.assistant_model is not None or config.prompt_lookup_num_tokens is not None
         n, out = config.num_return_sequences, []
         for start in range(0, len(rows), batch_size):
-            input_ids, attention_mask = left_pad(rows[start:start + batch_size], self.tokenizer.pad_token_id)
-            sequences = generate(self.model, input_ids, attention_mask, config, tokenizer=self.tokenizer,
-                                 generator=generator, assistant_model=self.assistant_model)
-            texts = decode_completions(self.tokenizer, sequences, input_ids.shape[1],
-                                       eos_token_ids(config, self.model.config), config.stop,
-                                       config.skip_leading_space)
-            out += [texts[i * n:(i + 1) * n] for i in range(len(input_ids))]
+            batch, batch_config = [rows[start:start + batch_size]], config
+            if speculative:  # one sequence at a time; max_length still counts the batch's padded prompt
+                batch_config = config.for_prompt(max(map(len, batch[0])))
+                batch = [[row] for row in batch[0]]
+            for part in batch:
+                input_ids, attention_mask = left_pad(part, self.tokenizer.pad_token_id)
+                sequences = generate(self.model, input_ids, attention_mask, batch_config, tokenizer=self.tokenizer,
+                                     generator=generator, assistant_model=self.assistant_model)
+                texts = decode_completions(self.tokenizer, sequences, input_ids.shape[1],
+                                           eos_token_ids(config, self.model.config), config.stop,
+                                           config.skip_leading_space)
+                out += [texts[i * n:(i + 1) * n] for i in range(len(input_ids))]
         return out
 
     def _chat(self, conversations: Conversation | Sequence[Conversation], *, return_full_text: bool,
@@ -372,7 +380,7 @@ def pipeline(task: str, model: str | os.PathLike | GPT2LMHeadModel | GPT2ForSequ
              **defaults) -> TextGenerationPipeline | TextClassificationPipeline:
     """`pipeline("text_generation", model="runs/demo/final")("ROMEO:", max_new_tokens=40)`. `defaults` are
     generation options every call starts from; `backend="onnx"` runs an exported directory in onnxruntime;
-    `assistant_model` (a model or directory, loaded in the same dtype on the same device) decodes speculatively.
+    `assistant_model` (a model, or a directory loaded in the model's dtype on its device) decodes speculatively.
     `pipeline("text_classification", model="runs/sst2/final")("a gem of a film")` classifies with a trained
     classifier (options: max_length, batch_size, top_k)."""
     kind = task.replace("-", "_")
@@ -388,9 +396,8 @@ def pipeline(task: str, model: str | os.PathLike | GPT2LMHeadModel | GPT2ForSequ
     lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, dtype=dtype, device=device,
                                        random_init=random_init, backend=backend, quantize=quantize,
                                        pack_weights=pack_weights)
-    assistant = load_assistant(assistant_model, tok, tokenizer=tokenizer, dtype=dtype, device=device,
-                               random_init=random_init)
-    return TextGenerationPipeline(lm, tok, assistant_model=assistant, **defaults)
+    return TextGenerationPipeline(lm, tok, assistant_model=load_assistant(assistant_model, lm, tok,
+                                                                          random_init=random_init), **defaults)
 
 
 def generate_text(model: str | os.PathLike, prompt: str, *, tokenizer: str | os.PathLike | None = None,

@@ -8,10 +8,11 @@ The two ways of guessing transformers' `generate` offers (its "assisted decoding
   output copies from its input (summaries, extraction, code edits, a model that repeats itself).
 The model then scores every guess in one forward pass over the KV cache. Guesses are kept up to the first one the
 model would not have chosen, and the model's own token at that position follows, so every pass adds at least one
-token. Greedy output is the model's own greedy output (up to the rounding of a several-token pass against
-one-token passes, which may turn a near-tie); sampled output follows the model's distribution exactly: a guess
-is kept with probability min(1, p/q), p and q the model's and the assistant's processed probabilities of it, and
-after a rejection the token is drawn from max(0, p - q) renormalised (Leviathan et al., 2023; Chen et al., 2023);
+token. Greedy output is the model's own greedy output, up to the rounding of a several-token pass against
+one-token passes, which may turn a near-tie (seldom in float32, often somewhere in a long bf16 or int8 text).
+Sampled output follows the model's distribution exactly: a guess is kept with probability min(1, p/q), p and q
+the model's and the assistant's processed probabilities of it, and after a rejection the token is drawn from
+max(0, p - q) renormalised (Leviathan et al., 2023; Chen et al., 2023);
 a prompt-lookup guess (no q) is kept when a draw from p equals it. The KV caches roll back by their length.
 One sequence at a time, as in transformers.
 """
@@ -61,8 +62,12 @@ class SpeculativeGenerator(TokenGenerator):
                  config: GenerationConfig | None = None, *, assistant_model: GPT2LMHeadModel | None = None,
                  tokenizer: GPT2Tokenizer | None = None, generator: torch.Generator | None = None,
                  output_scores: bool = False, output_logits: bool = False, **options) -> None:
+        config = (config or GenerationConfig()).replace(**options)
+        if config.compile or not config.use_cache:  # before TokenGenerator sets up a compiled step's cache
+            raise ValueError("speculative decoding runs the cached eager step: it takes neither compile=True nor "
+                             "use_cache=False")
         super().__init__(model, input_ids, attention_mask, config, tokenizer=tokenizer, generator=generator,
-                         output_scores=output_scores, output_logits=output_logits, **options)
+                         output_scores=output_scores, output_logits=output_logits)
         config = self.config
         if (assistant_model is None) == (config.prompt_lookup_num_tokens is None):
             raise ValueError("speculative decoding guesses with assistant_model or prompt_lookup_num_tokens: give "
@@ -70,9 +75,6 @@ class SpeculativeGenerator(TokenGenerator):
         if self.tokens.shape[0] != 1 or self.attention_mask is not None:
             raise ValueError("speculative decoding (assistant_model, prompt_lookup_num_tokens) generates one "
                              "sequence at a time: one prompt without padding and num_return_sequences=1")
-        if config.compile or not config.use_cache:
-            raise ValueError("speculative decoding runs the cached eager step: it takes neither compile=True nor "
-                             "use_cache=False")
         if not isinstance(model, GPT2LMHeadModel):
             raise ValueError(f"speculative decoding scores several tokens per cached pass, which needs a "
                              f"GPT2LMHeadModel, not {type(model).__name__}")
@@ -90,10 +92,13 @@ class SpeculativeGenerator(TokenGenerator):
         if device != self.tokens.device:
             raise ValueError(f"assistant_model is on {device}, the model on {self.tokens.device}: put both on one "
                              "device")
-        total = self.prompt_len + config.max_new_tokens
-        if total > assistant_model.config.n_positions:
-            raise ValueError(f"prompt + max_new_tokens = {total} positions exceeds the assistant model's context of "
-                             f"{assistant_model.config.n_positions}")
+        # The assistant reads at most up to the second-to-last token: the last guess and the last token are never
+        # fed to it.
+        needed = self.prompt_len + config.max_new_tokens - 2
+        if needed > assistant_model.config.n_positions:
+            raise ValueError(f"prompt of {self.prompt_len} tokens + max_new_tokens {config.max_new_tokens} needs "
+                             f"{needed} positions of the assistant model, beyond its context of "
+                             f"{assistant_model.config.n_positions} (n_positions)")
         self.assistant_cache = KVCache(assistant_model.config, 1, self.cache.max_length, dtype=dtype, device=device)
         # The assistant's guesses go through the same processors; its draws come from the same random stream.
         self.assistant_sampler = Sampler(config.replace(seed=None), model.config, self.sampler.generator, device)
