@@ -132,6 +132,48 @@ def test_a_model_template_renders_and_tokenizes_as_in_transformers(tmp_path):
         ours.apply_chat_template(messages)
 
 
+CHATML_TAGGED = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n{% generation %}"
+                 "{{ m['content'] }}<|im_end|>{% endgeneration %}\n{% else %}<|im_start|>{{ m['role'] }}\n"
+                 "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_the_assistant_tokens_mask_is_transformers(tmp_path):
+    """return_assistant_tokens_mask: 1 for every token overlapping the {% generation %} text, truncated and padded
+    with the ids, for one conversation or a batch, as lists or tensors."""
+    tok = GPT2Tokenizer.gpt2()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML_TAGGED
+    tok.save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    hf.pad_token = hf.eos_token
+    batch = [[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, friend. How are you?"},
+              {"role": "user", "content": "ok"}, {"role": "assistant", "content": "good"}],
+             [{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Q?"},
+              {"role": "assistant", "content": "A lot of text here"}]]
+    for options in ({}, {"add_generation_prompt": True}, {"padding": True, "return_tensors": "pt"},
+                    {"truncation": True, "max_length": 12, "padding": True}):
+        options = {"add_generation_prompt": False, "return_assistant_tokens_mask": True, **options}
+        for conversation in (batch, batch[0]):
+            mine = tok.apply_chat_template(conversation, **options)
+            theirs = hf.apply_chat_template(conversation, return_dict=True, **options)
+            assert list(mine) == ["input_ids", "attention_mask", "assistant_masks"]
+            for key in mine:
+                as_lists = [v.tolist() if isinstance(v, torch.Tensor) else v for v in (mine[key], theirs[key])]
+                assert as_lists[0] == as_lists[1], (options, key)
+    masked = tok.apply_chat_template(batch[1], add_generation_prompt=False, return_assistant_tokens_mask=True)
+    assert tok.decode([t for t, m in zip(masked["input_ids"], masked["assistant_masks"]) if m]) == (
+        "A lot of text here<|im_end|>")
+    with pytest.raises(ValueError, match="needs tokenize=True and return_dict=True"):
+        tok.apply_chat_template(batch[0], return_assistant_tokens_mask=True, return_dict=False)
+    with pytest.raises(ValueError, match="not compatible"):
+        tok.apply_chat_template(batch[0], return_assistant_tokens_mask=True, continue_final_message=True)
+    tok.chat_template = None  # the plain transcript marks nothing: all 0, as transformers gives without the tag
+    with pytest.warns(UserWarning, match="no {% generation %} tag"):
+        plain = tok.apply_chat_template(batch[0], return_assistant_tokens_mask=True)
+    assert plain["assistant_masks"] == [0] * len(plain["input_ids"]) and plain["input_ids"]
+
+
 @pytest.mark.parametrize("prefill", ["<", "end", "", "Sure, "])
 def test_a_continued_message_ends_where_transformers_ends_it(tmp_path, prefill):
     """The cut is after the message itself, not at a later place its text recurs (ChatML's closing tags)."""

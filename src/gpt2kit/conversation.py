@@ -81,7 +81,7 @@ class ChatFormat:
     reply besides EOS, and with `skip_leading_space` the reply begins after a space the format leaves open.
     `end_of_turn`: the text a model's own template closes an assistant message with ("<|im_end|>"), one of the
     stops; `generation_spans`, for a template with transformers' {% generation %} tag, renders a conversation
-    (without the generation prompt) with the character spans the tag marks."""
+    (with the generation prompt if asked) with the character spans the tag marks."""
 
     name: str
     template: str
@@ -90,7 +90,7 @@ class ChatFormat:
     skip_leading_space: bool = False
     writes_special_tokens: bool = False  # a model's own template may write eos_token and the like as text
     end_of_turn: str = ""
-    generation_spans: Callable[[Turns], tuple[str, Spans]] | None = None
+    generation_spans: Callable[..., tuple[str, Spans]] | None = None
 
     def encode(self, tokenizer: GPT2Tokenizer, text: str) -> list[int]:
         """Token ids of a transcript. A model's own template writes special tokens (its eos_token, ...) as text,
@@ -98,6 +98,14 @@ class ChatFormat:
         "<|endoftext|>" typed in a message stays text. An empty transcript starts from end-of-text."""
         ids = tokenizer.encode(text, allowed_special="all" if self.writes_special_tokens else ())
         return ids or [tokenizer.eos_token_id]
+
+    def encode_marked(self, tokenizer: GPT2Tokenizer, text: str, spans: Spans) -> tuple[list[int], list[bool]]:
+        """`encode(text)` and, per token, whether any of its text lies in one of the character `spans`:
+        transformers' assistant-token mask (a span cut by truncation keeps its remaining tokens)."""
+        ids = self.encode(tokenizer, text)
+        _, starts = tokenizer.encoding.decode_with_offsets(ids)
+        ends = [*starts[1:], len(text)]
+        return ids, [any(start < end and begin < stop for begin, end in spans) for start, stop in zip(starts, ends)]
 
     def transcript(self, turns: Turns, *, add_generation_prompt: bool = True,
                    continue_final_message: bool = False) -> str:
@@ -212,11 +220,11 @@ def _jinja_renderer(template: str, variables: dict[str, str]
         except Exception as err:  # the template is code: any failure of it is the template's, not a crash
             raise ValueError(f"chat_template: {err}") from None
 
-    def generation_spans(turns: Turns) -> tuple[str, Spans]:
+    def generation_spans(turns: Turns, add_generation_prompt: bool = False) -> tuple[str, Spans]:
         # Streamed, as transformers renders it for its assistant mask: what precedes a tag is out when it runs.
         tracked.pieces, tracked.spans = [], []
         try:
-            for piece in compiled.generate(**arguments(turns, False)):
+            for piece in compiled.generate(**arguments(turns, add_generation_prompt)):
                 tracked.pieces.append(piece)
             return "".join(tracked.pieces), tracked.spans
         except Exception as err:

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Iterable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
@@ -831,17 +832,24 @@ class GPT2Tokenizer:
                             tokenize: bool = True, add_generation_prompt: bool | None = None,
                             continue_final_message: bool = False, padding: bool | str = False,
                             truncation: bool | str = False, max_length: int | None = None,
-                            return_tensors: str | None = None, return_dict: bool = True
+                            return_tensors: str | None = None, return_dict: bool = True,
+                            return_assistant_tokens_mask: bool = False
                             ) -> str | list[str] | list[int] | list[list[int]] | BatchEncoding:
         """transformers' call for chat prompts: the transcript that `gpt2kit chat`, the server and the pipeline
         write (the chat format of `chat_template`, see gpt2kit.conversation), as text, or tokenized: as
         transformers 5, a BatchEncoding (input_ids, attention_mask) unless `return_dict=False` (the ids alone),
         with padding, truncation, max_length and return_tensors as in a tokenizer call. A list of conversations
         gives one transcript each. Unlike transformers, add_generation_prompt defaults to True (unless the final
-        message is continued, which it cannot be combined with)."""
+        message is continued, which it cannot be combined with). `return_assistant_tokens_mask` adds transformers'
+        "assistant_masks": 1 for each token overlapping what the template's {% generation %} tag marks (all 0,
+        with a warning, for a template without the tag)."""
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message ends the text inside the last message; add_generation_prompt "
                              "would open a new one: give one of them")
+        if return_assistant_tokens_mask and not (tokenize and return_dict):
+            raise ValueError("return_assistant_tokens_mask=True needs tokenize=True and return_dict=True")
+        if return_assistant_tokens_mask and continue_final_message:
+            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask")
         add_generation_prompt = not continue_final_message if add_generation_prompt is None else add_generation_prompt
         if not conversation:
             raise ValueError("apply_chat_template: the conversation is empty")
@@ -849,13 +857,25 @@ class GPT2Tokenizer:
         batched = not isinstance(conversation[0], Mapping)
         if batched and not all(conversation):
             raise ValueError("apply_chat_template: a conversation of the batch is empty")
-        texts = [chat.transcript(turns_of(messages), add_generation_prompt=add_generation_prompt,
-                                 continue_final_message=continue_final_message)
-                 for messages in (conversation if batched else [conversation])]
-        if not tokenize:
-            return texts if batched else texts[0]
-        encoded = self._batch([chat.encode(self, text) for text in texts], single=not batched, padding=padding,
-                              truncation=truncation, max_length=max_length, return_tensors=return_tensors)
+        conversations = [turns_of(messages) for messages in (conversation if batched else [conversation])]
+        marked = return_assistant_tokens_mask and chat.generation_spans is not None
+        if return_assistant_tokens_mask and not marked:
+            warnings.warn("return_assistant_tokens_mask: the chat template has no {% generation %} tag marking the "
+                          "assistant's text; the mask is all 0", stacklevel=2)
+        if marked:  # the same text, rendered with the spans the tag marks
+            rows = [chat.encode_marked(self, *chat.generation_spans(turns, add_generation_prompt))
+                    for turns in conversations]
+            ids, masks = [row[0] for row in rows], [[int(flag) for flag in row[1]] for row in rows]
+        else:
+            texts = [chat.transcript(turns, add_generation_prompt=add_generation_prompt,
+                                     continue_final_message=continue_final_message) for turns in conversations]
+            if not tokenize:
+                return texts if batched else texts[0]
+            ids = [chat.encode(self, text) for text in texts]
+            masks = [[0] * len(row) for row in ids]
+        encoded = self._batch(ids, single=not batched, padding=padding, truncation=truncation, max_length=max_length,
+                              return_tensors=return_tensors,
+                              aligned={"assistant_masks": masks} if return_assistant_tokens_mask else None)
         return encoded if return_dict else encoded["input_ids"]
 
     def batch_decode(self, sequences: Iterable[Iterable[int]], *, skip_special_tokens: bool = False,
@@ -939,8 +959,11 @@ class GPT2Tokenizer:
     def _batch(self, ids: list[list[int]], *, single: bool, padding: bool | str = False,
                truncation: bool | str | None = None, max_length: int | None = None, padding_side: str | None = None,
                truncation_side: str | None = None, pad_to_multiple_of: int | None = None,
-               return_tensors: str | None = None, return_attention_mask: bool = True) -> BatchEncoding:
-        """Encoded rows truncated, padded and shaped as __call__ documents (`single`: one text, not a list)."""
+               return_tensors: str | None = None, return_attention_mask: bool = True,
+               aligned: Mapping[str, list[list[int]]] | None = None) -> BatchEncoding:
+        """Encoded rows truncated, padded and shaped as __call__ documents (`single`: one text, not a list).
+        `aligned`: more rows of per-token values, one per row of `ids`, truncated alike, padded with 0 and returned
+        under their names."""
         side = padding_side or self.padding_side
         cut_side = truncation_side or self.truncation_side
         for name, value in (("padding_side", side), ("truncation_side", cut_side)):
@@ -955,9 +978,11 @@ class GPT2Tokenizer:
         if truncating and padding not in (False, "do_not_pad") and pad_to_multiple_of and limit % pad_to_multiple_of:
             raise ValueError(f"truncation and padding are both on, but the truncation length ({limit}) is not a "
                              f"multiple of pad_to_multiple_of ({pad_to_multiple_of})")
+        columns = {"input_ids": ids, **(aligned or {})}
         if truncating:
-            ids = [row[len(row) - limit:] if cut_side == "left" and len(row) > limit else row[:limit]
-                   for row in ids]
+            columns = {name: [row[len(row) - limit:] if cut_side == "left" and len(row) > limit else row[:limit]
+                              for row in rows] for name, rows in columns.items()}
+        ids = columns["input_ids"]
         width = None
         if padding == "max_length":
             width = self.model_max_length if max_length is None else max_length
@@ -965,20 +990,16 @@ class GPT2Tokenizer:
             width = max((len(row) for row in ids), default=0)
         if width is not None and pad_to_multiple_of:
             width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-        masks = [[1] * len(row) for row in ids]
+        columns["attention_mask"] = [[1] * len(row) for row in ids]
         if width is not None:
-            for i, row in enumerate(ids):
-                pad = max(width - len(row), 0)
-                if side == "left":
-                    ids[i], masks[i] = [self.pad_token_id] * pad + row, [0] * pad + masks[i]
-                else:
-                    ids[i], masks[i] = row + [self.pad_token_id] * pad, masks[i] + [0] * pad
+            for name, rows in columns.items():
+                fill = self.pad_token_id if name == "input_ids" else 0
+                columns[name] = [[fill] * max(width - len(row), 0) + row if side == "left" else
+                                 row + [fill] * max(width - len(row), 0) for row in rows]
+        names = ["input_ids", *(["attention_mask"] if return_attention_mask else []), *(aligned or ())]
         if return_tensors is not None:
-            ids, masks = _as_arrays(ids, masks, return_tensors)
-        elif single:
-            ids, masks = ids[0], masks[0]
-        return BatchEncoding({"input_ids": ids, "attention_mask": masks} if return_attention_mask else
-                             {"input_ids": ids})
+            return BatchEncoding({name: _as_array(columns[name], return_tensors) for name in names})
+        return BatchEncoding({name: columns[name][0] if single else columns[name] for name in names})
 
 
 def _is_one_id(ids: Any) -> bool:
@@ -990,21 +1011,20 @@ def _id_list(ids: Any) -> list[int]:
     return [int(ids)] if _is_one_id(ids) else [int(i) for i in ids]
 
 
-def _as_arrays(ids: list[list[int]], masks: list[list[int]], kind: str) -> tuple[Any, Any]:
-    """(batch, length) int64 tensors ("pt") or NumPy arrays ("np") of padded rows."""
+def _as_array(rows: list[list[int]], kind: str) -> Any:
+    """A (batch, length) int64 tensor ("pt") or NumPy array ("np") of padded rows."""
     if kind not in ("pt", "np"):
         raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {kind!r}")
-    if len({len(row) for row in ids}) > 1:
+    if len({len(row) for row in rows}) > 1:
         raise ValueError("texts have different lengths: pass padding=True to return tensors")
     import numpy as np
 
-    shape = (len(ids), len(ids[0]) if ids else 0)
-    arrays = [np.array(rows, dtype=np.int64).reshape(shape) for rows in (ids, masks)]
+    array = np.array(rows, dtype=np.int64).reshape(len(rows), len(rows[0]) if rows else 0)
     if kind == "np":
-        return arrays[0], arrays[1]
+        return array
     import torch
 
-    return torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1])
+    return torch.from_numpy(array)
 
 
 def _default_eos(specials: dict[str, int]) -> str:

@@ -524,10 +524,7 @@ class ChatDataset(_ResponseExamples):
                 raise DataError(f"{where}: {err}") from None
             if not replies:
                 raise DataError(f"{where}: no assistant message to learn")
-            ids = chat.encode(tokenizer, whole)
-            _, starts = tokenizer.encoding.decode_with_offsets(ids)
-            ends = [*starts[1:], len(whole)]
-            learned = [any(start < end and begin < stop for begin, end in replies) for start, stop in zip(starts, ends)]
+            ids, learned = chat.encode_marked(tokenizer, whole, replies)
             if turns[-1][0] == "assistant" and not chat.end_of_turn and ids[-1:] != [tokenizer.eos_token_id]:
                 ids, learned = ids + [tokenizer.eos_token_id], learned + [True]
             self._add(ids, learned)
