@@ -15,9 +15,9 @@ from transformers.generation import logits_process as hf_proc
 from gpt2kit import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 from gpt2kit.model import CausalLMOutput
 from gpt2kit.generation import (
-    GenerationConfig, Sampler, TextStreamDecoder, ban_repeated_ngrams, bias_logits, generate, keep_min_p,
-    keep_top_k, keep_top_p, parse_logit_bias, penalize_frequency_presence, penalize_repetition, scale_temperature,
-    stream_generate, truncate_at_stop,
+    GenerationConfig, Sampler, TextStreamDecoder, ban_repeated_ngrams, bias_sequences, cut_below, generate,
+    keep_min_p, keep_top_k, keep_top_p, keep_typical, parse_logit_bias, penalize_frequency_presence,
+    penalize_repetition, scale_temperature, stream_generate, truncate_at_stop,
 )
 
 from .conftest import HF_VOCAB
@@ -105,10 +105,16 @@ def test_min_new_tokens_matches_transformers(hf_pair):
     assert out.shape[1] - ids.shape[1] >= 5 and eos not in out[0, 2:6].tolist()
 
 
-@pytest.mark.parametrize("options", [{"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 2}])
+@pytest.mark.parametrize("options", [{"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 2}, "bad words",
+                                     "sequence bias"])
 def test_greedy_with_a_processor_matches_transformers(hf_pair, options):
     hf, ours = hf_pair
     ids = torch.tensor([PROMPTS[0]])
+    if isinstance(options, str):  # ban or bias what plain greedy decoding writes: a 1-token and a 2-token sequence
+        plain = ours.generate(ids, max_new_tokens=40, eos_token_id=[])[0, ids.shape[1]:].tolist()
+        sequences = [[plain[3]], plain[10:12]]
+        options = ({"bad_words_ids": sequences} if options == "bad words" else
+                   {"sequence_bias": [[sequences[0], -3.0], [sequences[1], -5.0]]})
     ref = hf_greedy(hf, ids, max_new_tokens=40, eos_token_id=None, **options)
     out = ours.generate(ids, max_new_tokens=40, eos_token_id=[], **options)
     assert torch.equal(out, ref)
@@ -216,8 +222,15 @@ def fixed_logits():
     (keep_min_p(0.5), hf_proc.MinPLogitsWarper(0.5)),
     (ban_repeated_ngrams(1), hf_proc.NoRepeatNGramLogitsProcessor(1)),
     (ban_repeated_ngrams(2), hf_proc.NoRepeatNGramLogitsProcessor(2)),
-    (bias_logits({3: 2.0, 7: -100.0, 511: 0.5}),
+    (bias_sequences({(3,): 2.0, (7,): -100.0, (511,): 0.5}),
      hf_proc.SequenceBiasLogitsProcessor([[[3], 2.0], [[7], -100.0], [[511], 0.5]])),
+    (keep_typical(0.9), hf_proc.TypicalLogitsWarper(0.9)),
+    (keep_typical(0.2), hf_proc.TypicalLogitsWarper(0.2)),
+    (keep_typical(1e-6), hf_proc.TypicalLogitsWarper(1e-6)),
+    (cut_below(3e-3), hf_proc.EpsilonLogitsWarper(3e-3)),
+    (cut_below(0.5), hf_proc.EpsilonLogitsWarper(0.5)),
+    (cut_below(3e-3, eta=True), hf_proc.EtaLogitsWarper(3e-3)),
+    (cut_below(0.2, eta=True), hf_proc.EtaLogitsWarper(0.2)),
 ])
 def test_processor_matches_transformers(ours, theirs):
     history, scores = fixed_logits()
@@ -229,19 +242,37 @@ def test_processor_matches_transformers(ours, theirs):
     assert torch.allclose(probs.sum(-1), torch.ones(4))
 
 
+def test_sequence_bias_and_bad_words_match_transformers():
+    """A sequence's bias (or ban) lands on its last token in the rows that end with the rest of it."""
+    history, scores = fixed_logits()
+    tail0, tail2 = history[0, -2:].tolist(), history[2, -1:].tolist()
+    sequences = [[*tail0, 5], [*tail2, 9], [*tail2, 5], [4, 4, 4, 8], [11]]
+    bias = [[s, b] for s, b in zip(sequences, (3.0, -2.0, 1.5, 9.0, -0.5))]
+    theirs = hf_proc.SequenceBiasLogitsProcessor(bias)(history, scores.clone())
+    assert torch.equal(bias_sequences({tuple(s): b for s, b in bias})(history, scores.clone()), theirs)
+    assert not torch.equal(theirs[0], scores[0]) and torch.equal(theirs[1, :11], scores[1, :11])
+    theirs = hf_proc.NoBadWordsLogitsProcessor(sequences)(history, scores.clone())
+    config = GenerationConfig(bad_words_ids=sequences, sequence_bias=bias)  # the JSON form, as transformers takes it
+    _, ban = config.processors()  # the sequence bias, then the ban
+    assert torch.equal(ban(history, scores.clone()), theirs) and torch.isinf(theirs[0, 5])
+    padded = torch.cat([torch.full((4, 3), -1), history[:, :1]], dim=1)  # padding (-1) never matches a prefix
+    assert torch.equal(ban(padded, scores.clone()).isinf(), scores.isinf().index_fill(1, torch.tensor([11]), True))
+
+
 def test_processor_chain_matches_transformers():
     """All of them at once, in transformers' order: the bias lands on a token the repetition penalty then scales."""
     history, scores = fixed_logits()
     seen, other = int(history[0, 0]), int(history[1, 0])
-    config = GenerationConfig(do_sample=True, temperature=0.8, top_k=40, top_p=0.85, min_p=0.05,
-                              repetition_penalty=1.2, no_repeat_ngram_size=3, logit_bias={seen: 6.0},
-                              suppress_tokens=[other])
+    config = GenerationConfig(do_sample=True, temperature=0.8, top_k=40, top_p=0.85, min_p=0.05, typical_p=0.95,
+                              epsilon_cutoff=1e-4, eta_cutoff=1e-3, repetition_penalty=1.2, no_repeat_ngram_size=3,
+                              logit_bias={seen: 6.0}, suppress_tokens=[other], bad_words_ids=[[other + 1]])
     theirs = transformers.LogitsProcessorList([
         hf_proc.SequenceBiasLogitsProcessor([[[seen], 6.0]]),
         hf_proc.RepetitionPenaltyLogitsProcessor(1.2), hf_proc.NoRepeatNGramLogitsProcessor(3),
-        hf_proc.SuppressTokensLogitsProcessor([other]),
+        hf_proc.NoBadWordsLogitsProcessor([[other + 1]]), hf_proc.SuppressTokensLogitsProcessor([other]),
         hf_proc.TemperatureLogitsWarper(0.8), hf_proc.TopKLogitsWarper(40), hf_proc.TopPLogitsWarper(0.85),
-        hf_proc.MinPLogitsWarper(0.05)])
+        hf_proc.MinPLogitsWarper(0.05), hf_proc.TypicalLogitsWarper(0.95), hf_proc.EpsilonLogitsWarper(1e-4),
+        hf_proc.EtaLogitsWarper(1e-3)])
     got = scores.clone()
     for process in config.processors():
         got = process(history, got)
@@ -370,6 +401,15 @@ def test_num_return_sequences_repeats_each_prompt(hf_pair):
     (dict(logit_bias={1: 150.0}), "logit_bias must map token ids"),
     (dict(logit_bias={"1": 1.0}), "logit_bias must map token ids"),
     (dict(logit_bias={VOCAB: 1.0}), f"token id {VOCAB}, beyond the vocabulary of {VOCAB} ids"),
+    (dict(bad_words_ids=[[1, VOCAB]]), f"bad_words_ids names token id {VOCAB}, beyond the vocabulary"),
+    (dict(bad_words_ids=[[]]), "bad_words_ids must be a list of non-empty lists"),
+    (dict(bad_words_ids=[1, 2]), "bad_words_ids must be a list of non-empty lists"),
+    (dict(sequence_bias={(1, VOCAB): 1.0}), f"sequence_bias names token id {VOCAB}"),
+    (dict(sequence_bias=[[1, 2.0]]), "sequence_bias must map"),
+    (dict(sequence_bias={(1, 2): "x"}), "sequence_bias must map non-empty token-id sequences to numbers"),
+    (dict(do_sample=True, typical_p=0.0), "typical_p must be in \\(0, 1\\]"),
+    (dict(do_sample=True, epsilon_cutoff=1.0), "epsilon_cutoff must be in \\[0, 1\\)"),
+    (dict(do_sample=True, eta_cutoff=-0.1), "eta_cutoff must be in \\[0, 1\\)"),
     # each failed deep inside torch (NaN probabilities, a TypeError, an overflow) or was silently taken
     (dict(do_sample=True, temperature=float("inf"), min_new_tokens=2), "temperature must be a finite number"),
     (dict(do_sample=True, repetition_penalty=1e-40), "repetition_penalty must be a number in \\[0.001, 1000\\]"),

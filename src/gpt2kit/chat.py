@@ -34,6 +34,7 @@ def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 SETTINGS: dict[str, Callable[[str], Any]] = {
     "temperature": float, "top_k": _optional(int), "top_p": _optional(float), "min_p": _optional(float),
+    "typical_p": _optional(float), "epsilon_cutoff": _optional(float), "eta_cutoff": _optional(float),
     "repetition_penalty": float, "no_repeat_ngram_size": int, "frequency_penalty": float, "presence_penalty": float,
     "logit_bias": _optional(parse_logit_bias),
     "max_new_tokens": int, "min_new_tokens": int, "do_sample": _parse_bool, "seed": _optional(int),

@@ -149,6 +149,9 @@ def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--min-p", type=float, help="sampling: keep tokens at least this times as likely as the top one")
+    p.add_argument("--typical-p", type=float, help="sampling: locally typical sampling's probability mass")
+    p.add_argument("--epsilon-cutoff", type=float, help="sampling: drop tokens less likely than this")
+    p.add_argument("--eta-cutoff", type=float, help="sampling: eta sampling's epsilon (an entropy-scaled cutoff)")
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--no-repeat-ngram-size", type=int, metavar="N", help="never repeat an N-gram (greedy too)")
     p.add_argument("--frequency-penalty", type=float, help="OpenAI's, in [-2, 2]: lowers a token's score by this "
@@ -171,7 +174,7 @@ def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 _SAMPLING_FLAGS = ("compile", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                   "min_p", "repetition_penalty", "no_repeat_ngram_size", "frequency_penalty", "presence_penalty",
+                   "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "frequency_penalty", "presence_penalty",
                    "logit_bias", "stop", "seed", "num_return_sequences", "num_beams", "length_penalty",
                    "prompt_lookup_num_tokens")
 
@@ -188,7 +191,8 @@ def _logit_bias(text: str) -> dict[int, float]:
 def _check_unused_flags(args: argparse.Namespace, samples_by_default: bool) -> None:
     """Sampling flags without sampling, or a length penalty without beams, would change nothing: say so."""
     sampling = args.do_sample if args.do_sample is not None else samples_by_default
-    unused = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_k", "top_p", "min_p")
+    unused = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_k", "top_p", "min_p", "typical_p",
+                                                          "epsilon_cutoff", "eta_cutoff")
               if getattr(args, name) is not None and not (name == "temperature" and args.temperature == 0)]
     if unused and not sampling:
         raise ValueError(f"{', '.join(unused)} only apply when sampling; add --do-sample (without it each step takes "

@@ -2,10 +2,10 @@
 
 One prefill pass fills a preallocated KVCache (sized for prompt + new tokens) and yields the first token's
 logits; every further step feeds one token per row. Processors are small functions `(input_ids, scores) ->
-scores`, applied in this order: logit bias, repetition penalty, no-repeat n-grams, OpenAI's frequency/presence
-penalties, suppressed tokens and min-new-tokens EOS suppression, then (sampling only) temperature, top-k, top-p,
-min-p. Finished
-rows keep running with `pad_token_id` (as transformers does) so the batch and its cache never need reshaping.
+scores`, applied in this order: logit and sequence bias, repetition penalty, no-repeat n-grams, bad words,
+OpenAI's frequency/presence penalties, suppressed tokens and min-new-tokens EOS suppression, then (sampling only)
+temperature, top-k, top-p, min-p, typical-p, epsilon and eta cutoffs. Finished rows keep running with
+`pad_token_id` (as transformers does) so the batch and its cache never need reshaping.
 """
 
 from __future__ import annotations
@@ -119,14 +119,59 @@ def penalize_frequency_presence(frequency: float, presence: float) -> LogitsProc
     return apply
 
 
-def bias_logits(bias: dict[int, float]) -> LogitsProcessor:
-    """OpenAI's logit_bias: each listed token's bias is added to its score (+-100 all but forces or bans it)."""
-    index = torch.tensor(list(bias), dtype=torch.long)
-    values = torch.tensor(list(bias.values()), dtype=torch.float32)
+def bias_sequences(bias: dict[tuple[int, ...], float]) -> LogitsProcessor:
+    """transformers' sequence_bias (OpenAI's logit_bias is its one-token case, bad_words_ids its -inf case): a
+    sequence's bias is added to its last token's score when the row ends with the rest of it (padding, -1, never
+    does); a one-token sequence's always."""
+    groups: dict[int, list[tuple[tuple[int, ...], float]]] = {}  # by the length of the prefix to match
+    for sequence, value in bias.items():
+        groups.setdefault(len(sequence) - 1, []).append((sequence, value))
+    tables = [(torch.tensor([s[:-1] for s, _ in group], dtype=torch.long).view(len(group), n),
+               torch.tensor([s[-1] for s, _ in group], dtype=torch.long),
+               torch.tensor([v for _, v in group], dtype=torch.float32)) for n, group in groups.items()]
 
     def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
-        return scores.index_add(1, index.to(scores.device), values.to(scores.device, scores.dtype).expand(
-            scores.shape[0], -1))
+        added = torch.zeros_like(scores)
+        for prefixes, last, values in tables:
+            n = prefixes.shape[1]
+            if n > input_ids.shape[1]:
+                continue
+            values = values.to(scores.device, scores.dtype).expand(scores.shape[0], -1)
+            if n:  # (B, sequences): which rows end with each sequence's prefix
+                ends = (input_ids[:, None, input_ids.shape[1] - n:] == prefixes.to(input_ids.device)).all(-1)
+                values = torch.where(ends, values, torch.zeros((), dtype=scores.dtype, device=scores.device))
+            added.index_add_(1, last.to(scores.device), values)
+        return scores + added
+    return apply
+
+
+def keep_typical(mass: float) -> LogitsProcessor:
+    """Locally typical sampling (Meister et al. 2022, transformers' typical_p): keep the tokens whose surprisal is
+    closest to the distribution's entropy until their probability reaches `mass`."""
+    def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
+        log_probs = scores.log_softmax(-1)
+        entropy = -(log_probs * log_probs.exp()).nansum(-1, keepdim=True)
+        distance, order = (-log_probs - entropy).abs().sort(-1)
+        cumulative = scores.gather(-1, order).softmax(-1).cumsum(-1)
+        last = (cumulative < mass).sum(1, keepdim=True).clamp(max=scores.shape[-1] - 1)
+        remove_sorted = distance > distance.gather(1, last)
+        remove_sorted[:, 0] = False  # the most typical token always stays
+        return scores.masked_fill(remove_sorted.scatter(1, order, remove_sorted), float("-inf"))
+    return apply
+
+
+def cut_below(epsilon: float, eta: bool = False) -> LogitsProcessor:
+    """Truncation sampling (Hewitt et al. 2022): drop tokens less likely than epsilon (transformers'
+    epsilon_cutoff) or, with `eta`, than min(epsilon, sqrt(epsilon) * exp(-entropy)) (eta_cutoff); the most
+    likely token always stays."""
+    def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
+        probs = scores.softmax(-1)
+        threshold = torch.full_like(probs[:, :1], epsilon)
+        if eta:
+            entropy = torch.distributions.Categorical(logits=scores).entropy()[:, None]
+            threshold = torch.minimum(threshold, math.sqrt(epsilon) * torch.exp(-entropy))
+        remove = (probs < threshold) & (scores < scores.amax(-1, keepdim=True))
+        return scores.masked_fill(remove, float("-inf"))
     return apply
 
 
@@ -160,11 +205,18 @@ class GenerationConfig:
     top_k: int | None = None  # sampling only; None or 0 disables
     top_p: float | None = None  # sampling only; None or 1.0 disables
     min_p: float | None = None  # sampling only: keep tokens at least min_p times the top one's probability
+    typical_p: float | None = None  # sampling only: locally typical sampling's mass; None or 1.0 disables
+    epsilon_cutoff: float | None = None  # sampling only: drop tokens below this probability; None or 0 disables
+    eta_cutoff: float | None = None  # sampling only: eta sampling's epsilon; None or 0 disables
     repetition_penalty: float = 1.0  # 1.0 disables; applies to greedy decoding too
     no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size appears twice in a row (greedy too)
     frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2]: minus this times a token's count in the generated text
     presence_penalty: float = 0.0  # OpenAI's, in [-2, 2]: minus this for every token already generated
     logit_bias: dict[int, float] | None = None  # OpenAI's: token id -> bias in [-100, 100] added to its score
+    # transformers': token-id sequence -> bias added to its last token's score after the rest of it (also given
+    # as a list of [sequence, bias] pairs, its JSON form)
+    sequence_bias: dict[tuple[int, ...], float] | list | None = None
+    bad_words_ids: list[list[int]] | None = None  # transformers': token-id sequences never generated (greedy too)
     suppress_tokens: list[int] | None = None  # never generated (text pipelines: ids their tokenizer cannot decode)
     eos_token_id: int | list[int] | None = None  # None: the model config's; [] never stops at EOS
     pad_token_id: int | None = None  # emitted by finished rows; None: the model config's, else the first EOS
@@ -193,6 +245,12 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.sequence_bias, list):  # transformers' JSON form: [[sequence, bias], ...]
+            try:
+                self.sequence_bias = {tuple(sequence): bias for sequence, bias in self.sequence_bias}
+            except (TypeError, ValueError):
+                raise ValueError("sequence_bias must map token-id sequences to biases ({(id, ...): bias} or "
+                                 "[[ids, bias], ...])") from None
 
         def number(value: Any) -> bool:  # NumPy scalars too; not bool, not str
             return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -243,6 +301,18 @@ class GenerationConfig:
              "logit_bias must map token ids (integers >= 0) to biases in [-100, 100]"),
             (self.suppress_tokens is None or all(integer(t) and t >= 0 for t in self.suppress_tokens),
              "suppress_tokens must be a list of token ids (integers >= 0)"),
+            (self.typical_p is None or (number(self.typical_p) and 0 < self.typical_p <= 1),
+             "typical_p must be in (0, 1] (None or 1.0 disables it)"),
+            *((value is None or (number(value) and 0 <= value < 1), f"{name} must be in [0, 1) (None or 0 disables it)")
+              for name, value in (("epsilon_cutoff", self.epsilon_cutoff), ("eta_cutoff", self.eta_cutoff))),
+            (self.sequence_bias is None or (isinstance(self.sequence_bias, dict) and all(
+                isinstance(s, tuple) and s and all(integer(t) and t >= 0 for t in s) and number(b)
+                and not math.isnan(b) for s, b in self.sequence_bias.items())),
+             "sequence_bias must map non-empty token-id sequences to numbers"),
+            (self.bad_words_ids is None or (isinstance(self.bad_words_ids, (list, tuple)) and all(
+                isinstance(s, (list, tuple)) and s and all(integer(t) and t >= 0 for t in s)
+                for s in self.bad_words_ids)),
+             "bad_words_ids must be a list of non-empty lists of token ids"),
             (self.num_return_sequences >= 1, "num_return_sequences must be an integer >= 1"),
             (self.num_beams >= 1, "num_beams must be an integer >= 1"),
             (self.num_return_sequences == 1 or self.sampling
@@ -305,7 +375,10 @@ class GenerationConfig:
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """ValueError if an option names a token id outside a vocabulary of `vocab_size` ids."""
-        for name, ids in (("logit_bias", self.logit_bias), ("suppress_tokens", self.suppress_tokens)):
+        named = (("logit_bias", self.logit_bias), ("suppress_tokens", self.suppress_tokens),
+                 ("sequence_bias", [t for s in self.sequence_bias or () for t in s]),
+                 ("bad_words_ids", [t for s in self.bad_words_ids or () for t in s]))
+        for name, ids in named:
             beyond = [t for t in ids or () if t >= vocab_size]
             if beyond:
                 raise ValueError(f"{name} names token id {beyond[0]}, beyond the vocabulary of {vocab_size} ids")
@@ -315,12 +388,17 @@ class GenerationConfig:
         impossible besides suppress_tokens (EOS during the first min_new_tokens steps)."""
         procs = []
         suppress = [*(self.suppress_tokens or ()), *suppress]
-        if self.logit_bias:  # first, as transformers' SequenceBiasLogitsProcessor
-            procs.append(bias_logits(self.logit_bias))
+        bias = dict(self.sequence_bias or {})
+        for token, value in (self.logit_bias or {}).items():
+            bias[(token,)] = bias.get((token,), 0.0) + value
+        if bias:  # first, as transformers' SequenceBiasLogitsProcessor
+            procs.append(bias_sequences(bias))
         if self.repetition_penalty != 1.0:
             procs.append(penalize_repetition(self.repetition_penalty))
         if self.no_repeat_ngram_size:
             procs.append(ban_repeated_ngrams(self.no_repeat_ngram_size))
+        if self.bad_words_ids:  # where transformers' NoBadWordsLogitsProcessor runs
+            procs.append(bias_sequences({tuple(s): float("-inf") for s in self.bad_words_ids}))
         if self.frequency_penalty or self.presence_penalty:
             procs.append(penalize_frequency_presence(self.frequency_penalty, self.presence_penalty))
         if suppress:
@@ -334,6 +412,12 @@ class GenerationConfig:
                 procs.append(keep_top_p(self.top_p))
             if self.min_p:
                 procs.append(keep_min_p(self.min_p))
+            if self.typical_p is not None and self.typical_p < 1.0:
+                procs.append(keep_typical(self.typical_p))
+            if self.epsilon_cutoff:
+                procs.append(cut_below(self.epsilon_cutoff))
+            if self.eta_cutoff:
+                procs.append(cut_below(self.eta_cutoff, eta=True))
         return procs
 
 
