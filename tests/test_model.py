@@ -155,6 +155,38 @@ def test_hidden_states_match_transformers(tmp_path):
     assert ours.transformer(ids.clamp(2)).hidden_states is None
 
 
+@pytest.mark.parametrize("side", ["none", "left", "right"])
+def test_attention_weights_match_transformers(tmp_path, side):
+    """output_attentions: every block's weights (B, n_head, T, keys) as transformers' eager attention gives them, at
+    every real query (a padding query's row is meaningless on both sides); the output is SDPA's, and weights over
+    a KV cache cover the cached keys too."""
+    shape = SHAPES[1]
+    hf, ours = hf_pair(tmp_path, shape, attn_implementation="eager")
+    ids, mask = padded_batch(shape["vocab_size"], side)
+    mask = None if side == "none" else mask
+    positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)  # as gpt2kit derives them
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=positions, output_attentions=True)
+        out = ours(ids, attention_mask=mask, output_attentions=True)
+        plain = ours(ids, attention_mask=mask)
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    assert len(out.attentions) == len(ref.attentions) == shape["n_layer"] and plain.attentions is None
+    for mine, theirs in zip(out.attentions, ref.attentions):
+        assert mine.shape == theirs.shape == (3, shape["n_head"], 12, 12)
+        torch.testing.assert_close(mine.transpose(1, 2)[real], theirs.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.sum(-1), torch.ones_like(mine[..., 0]))
+    torch.testing.assert_close(out.logits[real], plain.logits[real], atol=1e-5, rtol=1e-5)
+    if side == "none":  # the last 4 tokens over a cache of the first 8: the whole matrix's last rows
+        cache = KVCache(ours.config, 3, 12)
+        with torch.no_grad():
+            ours(ids[:, :8], past_key_values=cache)
+            cached = ours(ids[:, 8:], past_key_values=cache, output_attentions=True)
+        for mine, whole in zip(cached.attentions, out.attentions):
+            torch.testing.assert_close(mine, whole[:, :, 8:], atol=1e-5, rtol=1e-5)
+        classifier = GPT2ForSequenceClassification(ours.config).eval()
+        assert len(classifier(ids, output_attentions=True).attentions) == shape["n_layer"]
+
+
 @pytest.mark.parametrize("problem_type,num_labels,labels", [
     (None, 1, torch.tensor([0.5, -1.0, 2.0])), (None, 1, torch.tensor([[0.5], [-1.0], [2.0]])),
     (None, 3, torch.tensor([0, 2, 1])),

@@ -93,20 +93,27 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None,
-                cache_index: Tensor | None = None) -> Tensor:
+                cache_index: Tensor | None = None, attentions: list[Tensor] | None = None) -> Tensor:
         """With `cache_index` (static decoding) k/v are written there and attention spans the whole cache,
-        which `attn_mask` restricts to the filled positions."""
+        which `attn_mask` restricts to the filled positions. A list as `attentions` receives this layer's
+        attention weights (B, n_head, T, keys), which SDPA does not give: attention is then written out."""
         B, T, _ = x.shape
         # Widths come from c_attn's output, not x: under tensor parallelism a rank holds a slice of the heads.
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = (cache.update(self.layer_idx, k, v) if cache_index is None
                     else cache.write_at(self.layer_idx, k, v, cache_index))
-        if cache_index is not None:
+        if cache_index is not None or attentions is not None:
             # The compiled decode step: one query per row over the whole cache. Written out, inductor fuses the
             # scores, mask and softmax (CPU: 10.5 against 13.3 ms per GPT-2 small int8 step); SDPA stays opaque.
+            if attn_mask is None and is_causal:  # the queries are the last T of the keys
+                attn_mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - T)
             scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            probs = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), -1, dtype=torch.float32)
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            probs = F.dropout(torch.softmax(scores, -1, dtype=torch.float32), self.attn_pdrop, self.training)
+            if attentions is not None:
+                attentions.append(probs.to(q.dtype))
             y = probs.to(v.dtype) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
@@ -138,8 +145,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = True,
-                cache: KVCache | None = None, cache_index: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, cache_index)
+                cache: KVCache | None = None, cache_index: Tensor | None = None,
+                attentions: list[Tensor] | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache, cache_index, attentions)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -353,10 +361,12 @@ class GPT2Model(GPT2PreTrainedModel):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 past_key_values: KVCache | None = None, inputs_embeds: Tensor | None = None,
-                output_hidden_states: bool = False) -> BaseModelOutputWithPast:
+                output_hidden_states: bool = False, output_attentions: bool = False) -> BaseModelOutputWithPast:
         """`attention_mask` (B, past+T) marks real tokens with 1; it covers cached positions too. `inputs_embeds`
         (B, T, C), when given, replaces the token embeddings wte(input_ids). `output_hidden_states` also returns
-        each block's input and the final output (transformers' n_layer + 1 tensors)."""
+        each block's input and the final output (transformers' n_layer + 1 tensors); `output_attentions` each
+        block's attention weights (B, n_head, T, past+T), attention then written out instead of SDPA's kernel.
+        A padding position's query attends to itself only (transformers' weights there are meaningless too)."""
         T = input_ids.shape[1]
         past = check_inputs(self.config, input_ids, attention_mask, past_key_values)
         if position_ids is None:
@@ -368,15 +378,17 @@ class GPT2Model(GPT2PreTrainedModel):
 
         tokens = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         x = self.drop(tokens + self.wpe(position_ids))
-        hidden_states = []
+        hidden_states: list[Tensor] = []
+        attentions: list[Tensor] | None = [] if output_attentions else None
         for block in self.h:
             if output_hidden_states:
                 hidden_states.append(x)
-            x = block(x, attn_mask, is_causal, past_key_values)
+            x = block(x, attn_mask, is_causal, past_key_values, attentions=attentions)
         if past_key_values is not None:
             past_key_values.length = past + T
         x = self.ln_f(x)
-        return BaseModelOutputWithPast(x, past_key_values, (*hidden_states, x) if output_hidden_states else None)
+        return BaseModelOutputWithPast(x, past_key_values, (*hidden_states, x) if output_hidden_states else None,
+                                       tuple(attentions) if output_attentions else None)
 
 
 class ModelOutput:
@@ -403,10 +415,12 @@ class ModelOutput:
 @dataclass
 class BaseModelOutputWithPast(ModelOutput):
     """What GPT2Model returns (transformers' names): the final hidden states (B, T, C), the cache, and with
-    output_hidden_states the embeddings' and every block's output, the last after ln_f."""
+    output_hidden_states the embeddings' and every block's output, the last after ln_f; with output_attentions
+    every block's attention weights."""
     last_hidden_state: Tensor
     past_key_values: KVCache | None = None
     hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
 
 
 @dataclass
@@ -415,6 +429,7 @@ class CausalLMOutput(ModelOutput):
     loss: Tensor | None = None
     past_key_values: KVCache | None = None
     hidden_states: tuple[Tensor, ...] | None = None  # with output_hidden_states: see BaseModelOutputWithPast
+    attentions: tuple[Tensor, ...] | None = None  # with output_attentions: see BaseModelOutputWithPast
 
 
 @contextmanager
@@ -457,11 +472,13 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 labels: Tensor | None = None, targets: Tensor | None = None,
                 past_key_values: KVCache | None = None, logits_to_keep: int = 0,
-                return_logits: bool = True, output_hidden_states: bool = False) -> CausalLMOutput:
+                return_logits: bool = True, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> CausalLMOutput:
         """Loss from `labels` (HF convention: equal to input_ids, shifted inside) or `targets` (already shifted:
         targets[:, t] is the token after input_ids[:, t], as gpt2kit's datasets yield). `logits_to_keep=n`
         computes logits for the last n positions only (generation needs just the last one).
-        `output_hidden_states` adds the embeddings' and every block's output (transformers' tuple, n_layer + 1).
+        `output_hidden_states` adds the embeddings' and every block's output (transformers' tuple, n_layer + 1),
+        `output_attentions` every block's attention weights (see GPT2Model).
 
         With a loss and `return_logits=False` (training), the LM head is fused into the loss
         (`linear_cross_entropy`): no (tokens x vocab) logits are kept, `logits` is None and `logits_to_keep` is
@@ -481,13 +498,13 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             tied = TiedEmbeddingGradient()
             inputs_embeds = tied_embedding(input_ids, weight, tied)
         out = self.transformer(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                               output_hidden_states)
-        hidden, hidden_states = out.last_hidden_state, out.hidden_states
+                               output_hidden_states, output_attentions)
+        hidden, hidden_states, attentions = out.last_hidden_state, out.hidden_states, out.attentions
         if fused:
             if labels is not None:
                 hidden, targets = hidden[:, :-1], labels[:, 1:]
             loss = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), tied=tied)
-            return CausalLMOutput(None, loss, past_key_values, hidden_states)
+            return CausalLMOutput(None, loss, past_key_values, hidden_states, attentions)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -496,7 +513,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             loss = lm_loss(logits[:, :-1], labels[:, 1:])
         elif targets is not None:
             loss = lm_loss(logits, targets)
-        return CausalLMOutput(logits, loss, past_key_values, hidden_states)
+        return CausalLMOutput(logits, loss, past_key_values, hidden_states, attentions)
 
     def decode_step(self, input_ids: Tensor, position_ids: Tensor, cache_index: Tensor, attn_mask: Tensor,
                     cache: KVCache) -> Tensor:
@@ -527,6 +544,7 @@ class SequenceClassifierOutput(ModelOutput):
     logits: Tensor
     loss: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None  # with output_hidden_states: see BaseModelOutputWithPast
+    attentions: tuple[Tensor, ...] | None = None  # with output_attentions: see BaseModelOutputWithPast
 
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
@@ -560,8 +578,10 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         self._init_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                labels: Tensor | None = None, output_hidden_states: bool = False) -> SequenceClassifierOutput:
-        out = self.transformer(input_ids, attention_mask, position_ids, output_hidden_states=output_hidden_states)
+                labels: Tensor | None = None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> SequenceClassifierOutput:
+        out = self.transformer(input_ids, attention_mask, position_ids, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions)
         hidden = out.last_hidden_state
         B, T = input_ids.shape
         if attention_mask is not None:
@@ -576,4 +596,5 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         loss = None
         if labels is not None:
             loss = classification_loss(logits, labels, self.config.extra.get("problem_type"))
-        return SequenceClassifierOutput(logits=logits, loss=loss, hidden_states=out.hidden_states)
+        return SequenceClassifierOutput(logits=logits, loss=loss, hidden_states=out.hidden_states,
+                                        attentions=out.attentions)
