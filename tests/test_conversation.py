@@ -150,7 +150,10 @@ def test_the_assistant_tokens_mask_is_transformers(tmp_path):
     batch = [[{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, friend. How are you?"},
               {"role": "user", "content": "ok"}, {"role": "assistant", "content": "good"}],
              [{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Q?"},
-              {"role": "assistant", "content": "A lot of text here"}]]
+              {"role": "assistant", "content": "A lot of text here"}],
+             # characters split across byte tokens: each of them covers the whole character, as there
+             [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "日本 🎉"},
+              {"role": "user", "content": "🎉"}, {"role": "assistant", "content": "🎉🎉 ok"}]]
     for options in ({}, {"add_generation_prompt": True}, {"padding": True, "return_tensors": "pt"},
                     {"truncation": True, "max_length": 12, "padding": True}):
         options = {"add_generation_prompt": False, "return_assistant_tokens_mask": True, **options}
@@ -164,6 +167,9 @@ def test_the_assistant_tokens_mask_is_transformers(tmp_path):
     masked = tok.apply_chat_template(batch[1], add_generation_prompt=False, return_assistant_tokens_mask=True)
     assert tok.decode([t for t, m in zip(masked["input_ids"], masked["assistant_masks"]) if m]) == (
         "A lot of text here<|im_end|>")
+    masked = tok.apply_chat_template(batch[2], add_generation_prompt=False, return_assistant_tokens_mask=True)
+    assert tok.decode([t for t, m in zip(masked["input_ids"], masked["assistant_masks"]) if m]) == (
+        "日本 🎉<|im_end|>🎉🎉 ok<|im_end|>")
     with pytest.raises(ValueError, match="needs tokenize=True and return_dict=True"):
         tok.apply_chat_template(batch[0], return_assistant_tokens_mask=True, return_dict=False)
     with pytest.raises(ValueError, match="not compatible"):

@@ -257,6 +257,19 @@ def test_sequence_bias_and_bad_words_match_transformers():
     assert torch.equal(ban(history, scores.clone()), theirs) and torch.isinf(theirs[0, 5])
     padded = torch.cat([torch.full((4, 3), -1), history[:, :1]], dim=1)  # padding (-1) never matches a prefix
     assert torch.equal(ban(padded, scores.clone()).isinf(), scores.isinf().index_fill(1, torch.tensor([11]), True))
+    # As transformers: a bad word that is an EOS id alone is left out; NumPy ids are ids.
+    (only,) = GenerationConfig(bad_words_ids=[[11], [numpy.int64(12)]]).processors(eos=[11])
+    assert torch.equal(only(history, scores.clone()).isinf()[:, 11:13], torch.tensor([[False, True]] * 4))
+    theirs = hf_proc.NoBadWordsLogitsProcessor([[11], [12]], eos_token_id=11)(history, scores.clone())
+    assert torch.equal(only(history, scores.clone()), theirs)
+
+
+def test_eta_cutoff_rounds_its_threshold_as_transformers():
+    """sqrt(epsilon) in float32 as transformers takes it: in double it kept a token at the threshold."""
+    scores = torch.zeros(1, 100)
+    scores[0, -1] = -3.4549804
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    assert torch.equal(cut_below(1e-3, eta=True)(ids, scores), hf_proc.EtaLogitsWarper(1e-3)(ids, scores.clone()))
 
 
 def test_processor_chain_matches_transformers():

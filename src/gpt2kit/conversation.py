@@ -103,9 +103,14 @@ class ChatFormat:
         """`encode(text)` and, per token, whether any of its text lies in one of the character `spans`:
         transformers' assistant-token mask (a span cut by truncation keeps its remaining tokens)."""
         ids = self.encode(tokenizer, text)
-        _, starts = tokenizer.encoding.decode_with_offsets(ids)
-        ends = [*starts[1:], len(text)]
-        return ids, [any(start < end and begin < stop for begin, end in spans) for start, stop in zip(starts, ends)]
+        # Each token's characters: all those any of its bytes belong to (byte tokens split a character, and each
+        # such token covers the whole character, as transformers' offsets do).
+        char_of = [i for i, char in enumerate(text) for _ in range(len(char.encode("utf-8")))]
+        ranges, at = [], 0
+        for piece in tokenizer.encoding.decode_tokens_bytes(ids) if text else [b""]:
+            ranges.append((char_of[at], char_of[at + len(piece) - 1] + 1) if piece else (0, 0))
+            at += len(piece)
+        return ids, [any(start < end and begin < stop for begin, end in spans) for start, stop in ranges]
 
     def transcript(self, turns: Turns, *, add_generation_prompt: bool = True,
                    continue_final_message: bool = False) -> str:

@@ -169,7 +169,8 @@ def cut_below(epsilon: float, eta: bool = False) -> LogitsProcessor:
         threshold = torch.full_like(probs[:, :1], epsilon)
         if eta:
             entropy = torch.distributions.Categorical(logits=scores).entropy()[:, None]
-            threshold = torch.minimum(threshold, math.sqrt(epsilon) * torch.exp(-entropy))
+            root = torch.tensor(epsilon, dtype=torch.float32, device=scores.device).sqrt()  # as transformers rounds
+            threshold = torch.minimum(threshold, root * torch.exp(-entropy))
         remove = (probs < threshold) & (scores < scores.amax(-1, keepdim=True))
         return scores.masked_fill(remove, float("-inf"))
     return apply
@@ -255,8 +256,8 @@ class GenerationConfig:
         def number(value: Any) -> bool:  # NumPy scalars too; not bool, not str
             return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
-        def integer(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
+        def integer(value: Any) -> bool:  # NumPy integers too; not bool
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
         types = [  # first: the value checks below compare and combine these
             (self.do_sample in (True, False), "do_sample must be True or False"),  # a string was truthy
@@ -383,9 +384,10 @@ class GenerationConfig:
             if beyond:
                 raise ValueError(f"{name} names token id {beyond[0]}, beyond the vocabulary of {vocab_size} ids")
 
-    def processors(self, suppress: Sequence[int] = ()) -> list[LogitsProcessor]:
+    def processors(self, suppress: Sequence[int] = (), eos: Sequence[int] = ()) -> list[LogitsProcessor]:
         """What every step applies to the scores, in order (see the module's docstring); `suppress` lists tokens made
-        impossible besides suppress_tokens (EOS during the first min_new_tokens steps)."""
+        impossible besides suppress_tokens (EOS during the first min_new_tokens steps). A bad word that is one of
+        the `eos` ids alone is left out, as transformers leaves it out."""
         procs = []
         suppress = [*(self.suppress_tokens or ()), *suppress]
         bias = dict(self.sequence_bias or {})
@@ -397,8 +399,9 @@ class GenerationConfig:
             procs.append(penalize_repetition(self.repetition_penalty))
         if self.no_repeat_ngram_size:
             procs.append(ban_repeated_ngrams(self.no_repeat_ngram_size))
-        if self.bad_words_ids:  # where transformers' NoBadWordsLogitsProcessor runs
-            procs.append(bias_sequences({tuple(s): float("-inf") for s in self.bad_words_ids}))
+        bad_words = [s for s in self.bad_words_ids or () if not (len(s) == 1 and s[0] in eos)]
+        if bad_words:  # where transformers' NoBadWordsLogitsProcessor runs
+            procs.append(bias_sequences({tuple(s): float("-inf") for s in bad_words}))
         if self.frequency_penalty or self.presence_penalty:
             procs.append(penalize_frequency_presence(self.frequency_penalty, self.presence_penalty))
         if suppress:
@@ -478,8 +481,9 @@ class Sampler:
             generator = torch.Generator(device or "cpu").manual_seed(config.seed)
         self.generator = generator
         config.check_vocabulary(vocab)
-        self.processors = config.processors()
-        self.early_processors = config.processors(suppress=self.eos) if config.min_new_tokens else self.processors
+        self.processors = config.processors(eos=self.eos)
+        self.early_processors = (config.processors(suppress=self.eos, eos=self.eos) if config.min_new_tokens
+                                 else self.processors)
 
     def _processors(self, step: int) -> list[LogitsProcessor]:
         return self.early_processors if step < self.config.min_new_tokens else self.processors
