@@ -22,18 +22,23 @@ def _deterministic():
 HF_VOCAB = 512  # the vocabulary of hf_pair's models; its last id is EOS
 
 
-@pytest.fixture(scope="module")
-def hf_pair(tmp_path_factory):
-    """A random transformers GPT-2 (2 layers, vocabulary HF_VOCAB) and the same weights loaded through gpt2kit."""
+def random_hf_pair(path: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4):
+    """A random transformers GPT-2 (vocabulary HF_VOCAB, 128 positions) saved at `path`, and the same weights
+    loaded through gpt2kit."""
     import transformers
 
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=HF_VOCAB,
-                                     bos_token_id=HF_VOCAB - 1, eos_token_id=HF_VOCAB - 1)
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=128,
+                                     vocab_size=HF_VOCAB, bos_token_id=HF_VOCAB - 1, eos_token_id=HF_VOCAB - 1)
     hf = transformers.GPT2LMHeadModel(config).eval()
-    path = tmp_path_factory.mktemp("hf") / "model"
     hf.save_pretrained(path)
     return hf, GPT2LMHeadModel.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """random_hf_pair's 2-layer, 64-wide model."""
+    return random_hf_pair(tmp_path_factory.mktemp("hf") / "model")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import io
 
 import pytest
 import torch
-import transformers
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.chat import chat
@@ -15,7 +14,7 @@ from gpt2kit.pipeline import pipeline
 from gpt2kit.speculative import SpeculativeGenerator, prompt_lookup
 from gpt2kit.tokenizer import GPT2Tokenizer, train_bpe
 
-from .conftest import DATA, HF_VOCAB, save_tiny_text_model
+from .conftest import DATA, HF_VOCAB, random_hf_pair, save_tiny_text_model
 
 
 def repetitive_prompt(seed: int, length: int = 10) -> torch.Tensor:
@@ -28,13 +27,7 @@ def repetitive_prompt(seed: int, length: int = 10) -> torch.Tensor:
 def draft(tmp_path_factory):
     """A smaller random model with hf_pair's vocabulary, gpt2kit's and transformers' (the same weights)."""
     with torch.random.fork_rng():
-        torch.manual_seed(1)
-        config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=HF_VOCAB,
-                                         bos_token_id=HF_VOCAB - 1, eos_token_id=HF_VOCAB - 1)
-        hf = transformers.GPT2LMHeadModel(config).eval()
-    path = tmp_path_factory.mktemp("draft") / "model"
-    hf.save_pretrained(path)
-    return hf, GPT2LMHeadModel.from_pretrained(path)
+        return random_hf_pair(tmp_path_factory.mktemp("draft") / "model", seed=1, n_layer=1, n_embd=32, n_head=2)
 
 
 def test_prompt_lookup_takes_what_followed_the_first_earlier_occurrence():
