@@ -266,6 +266,9 @@ def test_invalid_utf8(tmp_path, tok):
     (b'{"text": "ok"}\n{"text": "caf\xc3"}\n', r"c.jsonl:2: invalid UTF-8 at byte offset 28"),
     pytest.param(b'{"text": "ok"}\n{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
                  r"c.jsonl:2: JSON nested too deeply", id="deep"),
+    pytest.param(b'{"text": "ok"}\n{"text": "b", "n": ' + b"1" * 5000 + b"}\n", r"c.jsonl:2: malformed JSON",
+                 id="integer of 5000 digits"),  # Python's limit on converting digits: a bare ValueError before
+    (b'{"text": "ok"}\n\x0c\n', r"c.jsonl:2: malformed JSON"),  # not JSON whitespace: not a blank line
 ])
 def test_bad_jsonl(tmp_path, content, message):
     path, out = tmp_path / "c.jsonl", tmp_path / "out"
@@ -382,6 +385,18 @@ def test_output_is_current_compares_settings_tokenizer_and_input_files(tmp_path)
     assert not output_is_current(out, corpus)
     corpus.unlink()
     assert not output_is_current(out, corpus)
+
+def test_an_output_of_an_older_pipeline_or_a_broken_meta_is_not_current(tmp_path):
+    """The version was 1 while later changes gave other tokens for the same input (a byte-order mark, leading blank
+    lines): such an output was reused. A meta.json missing its records raised a KeyError."""
+    run([VERDICT], tmp_path / "out")
+    meta = read_meta(tmp_path / "out")
+    assert output_is_current(tmp_path / "out", VERDICT)
+    for broken in ({**meta, "version": 1}, {k: v for k, v in meta.items() if k != "tokenizer"},
+                   {**meta, "sources": [{"path": str(VERDICT)}]}, {**meta, "tokenizer": None}):
+        (tmp_path / "out" / "meta.json").write_text(json.dumps(broken))
+        assert not output_is_current(tmp_path / "out", VERDICT)
+
 
 def _start(tmp_path, big, out, workers):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -538,6 +553,65 @@ def test_the_search_for_a_cut_reads_a_long_line_once(tmp_path, monkeypatch, fmt)
     assert sum(searched) < 3 * len(text.encode())
     if fmt == "wikitext":
         assert [c.data.startswith(b" = B = ") for c in chunks][-1] and chunks[-2].ends_doc
+
+
+def test_a_long_line_is_read_in_a_few_growing_blocks(tmp_path):
+    """The buffer grew by one chunk per read and was copied whole each time: quadratic in a line's length (16 s for
+    a 256 MB JSON line). It now doubles, so a line takes a logarithmic number of reads."""
+    from gpt2kit.data import readers
+
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"text": "abcdefg " * 200_000}) + "\n" + '{"text": "end"}\n')
+    source, reads = readers.Source(path, "jsonl"), []
+    read = readers._HashingReader.read
+    readers._HashingReader.read = lambda self, n: (reads.append(n), read(self, n))[1]
+    try:
+        chunks = list(readers.iter_chunks(source, 1024))
+    finally:
+        readers._HashingReader.read = read
+    assert b"".join(c.data for c in chunks) == path.read_bytes() and len(reads) < 20
+
+
+def test_added_tokens_are_never_split_between_chunks(tmp_path):
+    """A tokenizer's added tokens are matched in the text: a cut inside "New York" gave its two BPE halves, so the
+    tokens depended on chunk_bytes."""
+    tok = GPT2Tokenizer.gpt2()
+    tok.add_tokens(["New York"])
+    tok.save_pretrained(tmp_path / "tok")
+    path = tmp_path / "a.txt"
+    path.write_text("I love New York city.\nA line\n\nEND of it. New York again.\n" * 3)
+    expected = tok.encode(path.read_text()) + [tok.eos_token_id]
+    for chunk_bytes in (1 << 20, 8, 5, 3):
+        run([path], tmp_path / f"out{chunk_bytes}", tokenizer=tmp_path / "tok", chunk_bytes=chunk_bytes)
+        assert PretrainingDataset(tmp_path / f"out{chunk_bytes}", 4).tokens(0, len(expected)).tolist() == expected
+
+
+@pytest.mark.parametrize("name", ["corpus.jsonl.gz", "corpus.txt.xz", "corpus.bz2"])
+def test_other_compression_is_refused_not_tokenized(tmp_path, name):
+    import gzip
+
+    (tmp_path / name).write_bytes(gzip.compress(b'{"text": "a document"}\n'))
+    for fmt in ("auto", "text"):
+        with pytest.raises(DataError, match=r"compression is not read here: decompress the file, or recompress it "
+                                            r"with zstandard \(.zst\)"):
+            run([tmp_path / name], tmp_path / "out", format=fmt, errors="replace")
+
+
+def test_a_zstandard_error_names_the_byte_after_the_good_data(tmp_path):
+    data = b"".join(b'{"text": "doc %d hello world"}\n' % i for i in range(20_000))
+    path = tmp_path / "c.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(data) + b"garbage")
+    with pytest.raises(DataError, match=f"at or after decompressed byte {len(data)} "):
+        run([path], tmp_path / "out")
+
+
+def test_an_old_output_moved_aside_by_a_killed_replacement_is_removed(tmp_path):
+    """replace_directory moves the old output to .NAME.old-PID-...; a kill before its removal left a full copy."""
+    run([VERDICT], tmp_path / "out")
+    stale = tmp_path / ".out.old-999999999-0d52679f"
+    (tmp_path / "out").rename(stale)
+    run([VERDICT], tmp_path / "out")
+    assert not stale.exists() and (tmp_path / "out" / "meta.json").is_file()
 
 
 def test_a_rank_file_that_cannot_be_saved_fails_before_tokenizing(tmp_path, monkeypatch):

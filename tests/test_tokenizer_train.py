@@ -2,6 +2,7 @@
 exactly the ids HF `tokenizers` gives on the same tokenizer.json."""
 
 import json
+import os
 import random
 
 import pytest
@@ -118,23 +119,51 @@ def test_tokenizer_is_current_compares_settings_and_input_files(tmp_path):
     assert tokenizer_is_current(out, corpus, vocab_size=999)
 
 
-def test_a_retrain_interrupted_before_its_record_is_not_current(tmp_path, monkeypatch):
-    """tokenizer.json is replaced before its record is written: the old record (vocabulary 300) vouched for the
-    new 400-token file when the run stopped in between."""
+def test_a_retrain_interrupted_around_its_record_is_not_current(tmp_path, monkeypatch):
+    """The record is written before tokenizer.json is replaced: a stop in between leaves a record naming the new
+    file beside the old one (neither is current), and a stop before it leaves the old pair as it was. (Written
+    after, an old record vouched for the new file, and a first run's file without a record was taken as the
+    user's own.)"""
     from gpt2kit.data import tokenizer_training
 
     corpus = DATA / "the-verdict" / "the-verdict.txt"
     train_tokenizer(corpus, tmp_path, vocab_size=300, progress=False)
 
-    def interrupted(path, text):
+    def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tokenizer_training, "atomic_write_text", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_tokenizer(corpus, tmp_path, vocab_size=400, progress=False)
-    assert GPT2Tokenizer.from_file(tmp_path).vocab_size == 400
-    assert not tokenizer_is_current(tmp_path, corpus, vocab_size=300)
-    assert not tokenizer_is_current(tmp_path, corpus, vocab_size=400)  # the record is of the other settings
+    replace = os.replace
+
+    def stop_before_the_vocabulary(source, target):  # the record (written atomically) is replaced first
+        if str(target) == str(tmp_path / "tokenizer.json"):
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer_training.os, "replace", stop_before_the_vocabulary)
+        with pytest.raises(KeyboardInterrupt):
+            train_tokenizer(corpus, tmp_path, vocab_size=400, progress=False)
+    assert GPT2Tokenizer.from_file(tmp_path).vocab_size == 300
+    assert not tokenizer_is_current(tmp_path, corpus, vocab_size=300)  # the record is of the other settings
+    assert not tokenizer_is_current(tmp_path, corpus, vocab_size=400)  # and of another file
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer_training, "atomic_write_text", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_tokenizer(corpus, tmp_path / "first", vocab_size=300, progress=False)
+    assert not (tmp_path / "first" / "tokenizer.json").exists()
+
+
+def test_retraining_over_a_saved_tokenizer_drops_its_other_files(tmp_path):
+    """`--overwrite` replaced tokenizer.json only: the old tokenizer_config.json (its EOS), chat template and added
+    tokens were applied to the new vocabulary, and the old EOS ended every preprocessed document."""
+    old = GPT2Tokenizer.gpt2()
+    old.add_special_tokens({"eos_token": "<|im_end|>"})
+    old.chat_template = "{{ messages[0]['content'] }}"
+    old.save_pretrained(tmp_path)
+    (tmp_path / "added_tokens.json").write_text('{"<x>": 50300}')
+    train_tokenizer(DATA / "the-verdict" / "the-verdict.txt", tmp_path, vocab_size=300, progress=False)
+    new = GPT2Tokenizer.from_file(tmp_path)
+    assert (new.vocab_size, new.eos_token, new.eos_token_id, new.chat_template) == (300, "<|endoftext|>", 0, None)
 
 
 def test_records_of_the_previous_version_and_moved_times_are_checked_once(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.checkpoint import CheckpointError, gpt2kit_to_hf
 from gpt2kit.cli import main
 from gpt2kit.conversation import ALPACA
-from gpt2kit.data import InstructionDataset
+from gpt2kit.data import InstructionDataset, preprocess
 from gpt2kit.data.datasets import alpaca_prompt
 from gpt2kit.pipeline import pipeline
 from gpt2kit.data.tokenizer_training import train_tokenizer
@@ -404,6 +404,21 @@ def test_val_fraction_holds_out_examples_of_a_dataset_passed_in(tmp_path):
     assert (len(trainer._datasets["train"]), len(trainer._datasets["val"])) == (48, 16) and "val_loss" in summary
     with pytest.raises(ValueError, match="data.val_fraction holds out validation examples when there is no data.val"):
         Trainer(args=config, train_dataset=Sequences(64), eval_dataset=Sequences(16, seed=1)).train()
+
+
+def test_val_fraction_of_raw_pretraining_text_is_never_lost_or_ignored(tmp_path):
+    """With data.val too, the held-out documents were neither trained nor validated on; with a directory already
+    tokenized, val_fraction was ignored (no validation at all). Both are errors, before any tokenizing."""
+    text = DATA / "the-verdict" / "the-verdict.txt"
+    config = run_config(tmp_path, train={"max_steps": 1},
+                        data={"train": str(text), "val": str(text), "val_fraction": 0.2, "format": "paragraphs"})
+    with pytest.raises(ValueError, match="data.val_fraction holds out validation examples when there is no data.val"):
+        Trainer(args=config).train()
+    assert not (tmp_path / "run" / "data").exists()
+    preprocess([text], tmp_path / "tokens", format="paragraphs", workers=1, progress=False)
+    config = run_config(tmp_path, train={"max_steps": 1}, data={"train": str(tmp_path / "tokens"), "val_fraction": 0.2})
+    with pytest.raises(ValueError, match="data.val_fraction .* is already tokenized: its own 'val' split is used"):
+        Trainer(args=config).train()
 
 
 def test_a_tokenizer_trained_for_a_classification_file(tmp_path):

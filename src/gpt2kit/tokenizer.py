@@ -380,7 +380,7 @@ def _tiktoken_file_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
 _BPE_PAIRS = {"vocab.json": "merges.txt", "encoder.json": "vocab.bpe"}  # a vocabulary file -> its merges file
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a chat template (read before the config's)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "tokenizer_config.json",
-                   CHAT_TEMPLATE_FILE)
+                   CHAT_TEMPLATE_FILE, "added_tokens.json")
 
 
 def is_tokenizer_file(name: str) -> bool:

@@ -33,6 +33,10 @@ from .datasets import FORMAT_NAME, META_FILE, read_meta
 from .readers import (Chunk, DataError, Source, chunk_pieces, current_inputs, file_stamp, iter_chunks,
                       resolve_inputs)
 
+# What a preprocess output's meta.json records as "version": raised whenever the same input and settings give other
+# tokens than before (2: a byte-order mark and the blank lines a file starts with are no longer tokens of the text),
+# so that an older output is rebuilt rather than reused.
+OUTPUT_VERSION = 2
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB: ~0.1 s of tokenizing, so IPC is cheap and 2+ workers stay busy
 DEFAULT_SHARD_TOKENS = 1 << 30  # 2 GiB shards of uint16
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # one vocabulary, bundled with gpt2kit
@@ -211,9 +215,11 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
                 raise DataError(f"{output}: already holds a preprocess output; pass overwrite=True (--overwrite)"
                                 " to replace it")
     make_directories(output.parent, DataError)
-    for stale in output.parent.glob(f".{output.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):  # an interrupted run: it never became the output
+    # Staging directories of interrupted runs (they never became the output), and old outputs an interrupted
+    # replacement moved aside (files.replace_directory names them .NAME.old-PID-...).
+    for stale in [*output.parent.glob(f".{output.name}.tmp-*"), *output.parent.glob(f".{output.name}.old-*")]:
+        pid = stale.name.split(".tmp-")[-1] if ".tmp-" in stale.name else stale.name.split(".old-")[-1].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -285,10 +291,13 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", disable=not progress,
                    dynamic_ncols=True)
 
+        # Added tokens ("New York") are matched in the text: no cut between two chunks may split one.
+        protect = sorted(t.encode("utf-8") for t in tok.ordinary_added_tokens)
+
         def chunks() -> Iterator[tuple[tuple[Source, int], Chunk]]:
             finished = 0  # bytes of the sources read to the end
             for source in sources:
-                for chunk in iter_chunks(source, chunk_bytes):
+                for chunk in iter_chunks(source, chunk_bytes, protect=protect):
                     yield (source, finished + source.bytes), chunk  # bytes read so far, for the bar
                 finished += source.bytes
 
@@ -312,7 +321,7 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
                             "give more documents (with format 'text' each file is one; 'paragraphs' splits "
                             "at blank lines) or use a larger fraction")
         meta = {
-            "format": FORMAT_NAME, "version": 1, "dtype": dtype.name, "byteorder": "little",
+            "format": FORMAT_NAME, "version": OUTPUT_VERSION, "dtype": dtype.name, "byteorder": "little",
             "tokenizer": tokenizer_spec, "append_eos": append_eos,
             "input_format": format, "text_key": text_key, "val_fraction": val_fraction, "errors": errors,
             "documents": n_docs, "tokens": n_tokens, "skipped_empty_records": skipped,
@@ -344,9 +353,12 @@ def output_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLike |
                       append_eos: bool = True, val_fraction: float = 0.0, errors: str = "strict") -> bool:
     """Whether `output_dir` holds what `preprocess` would write for these arguments now: the same settings, the
     same tokenizer (by the contents of its files, see GPT2Tokenizer.fingerprint) and the same input files (paths,
-    sizes, and modification times or else contents, see inputs_unchanged), so a cached output may be reused."""
+    sizes, and modification times or else contents, see inputs_unchanged), written by this version of the
+    pipeline (OUTPUT_VERSION), so a cached output may be reused."""
     try:
         meta = read_meta(output_dir)
+        if meta.get("version") != OUTPUT_VERSION:
+            return False
         sources = resolve_inputs(inputs, format, exclude=output_dir)
         fingerprint = GPT2Tokenizer.from_pretrained(tokenizer).fingerprint()
         settings = {"input_format": format, "text_key": text_key, "append_eos": append_eos,
@@ -356,8 +368,8 @@ def output_is_current(output_dir: str | os.PathLike, inputs: str | os.PathLike |
                 and meta["tokenizer"].get("fingerprint") == fingerprint):
             return False
         records = current_inputs(meta["sources"], sources)
-    except (OSError, ValueError):  # DataError and TokenizerError are ValueErrors
-        return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # DataError and TokenizerError are
+        return False  # ValueErrors; the others: a meta.json without the records it should have
     if records is not None and records != meta["sources"]:
         with contextlib.suppress(OSError):  # a read-only output is still current; it is just checked again
             atomic_write_text(Path(output_dir) / META_FILE,

@@ -75,6 +75,8 @@ class Source:
 # ---- which files ----------------------------------------------------------------------------------------------
 # Tables: read as text, their headers, delimiters and quoting would be trained on (and parquet's bytes fail).
 _TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".arrow", ".feather")
+# Compressed files other than zstandard: read as text, their bytes would be tokenized (with errors='replace').
+_OTHER_COMPRESSION = (".gz", ".gzip", ".xz", ".lzma", ".bz2", ".lz4", ".zip", ".7z", ".br", ".tgz")
 
 
 def detect_format(path: Path) -> str:
@@ -133,6 +135,10 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], form
             unique.setdefault(real, path)
     if files and not unique:
         raise FileNotFoundError(f"{', '.join(map(str, inputs))}: no input files outside the output {exclude}")
+    for path in unique.values():
+        if path.suffix.lower() in _OTHER_COMPRESSION:
+            raise DataError(f"{path}: {path.suffix} compression is not read here: decompress the file, or "
+                            "recompress it with zstandard (.zst), which is read as it streams")
     return [Source(p, detect_format(p) if format == "auto" else format) for p in unique.values()]
 
 
@@ -305,6 +311,7 @@ class _ZstdFrames:
         self.frame = zstandard.ZstdDecompressor().decompressobj()
         self.in_frame = False  # some of the current frame's bytes have been fed
         self.pending, self.at = b"", 0  # decompressed bytes not yet returned: a block can expand a lot
+        self.error: zstandard.ZstdError | None = None  # met after `pending`: raised once that has been read
 
     def read(self, n: int) -> bytes:
         """Up to n decompressed bytes; b"" only at the end of the file."""
@@ -315,6 +322,8 @@ class _ZstdFrames:
         return data
 
     def _decompress_block(self, n: int) -> bytes:
+        if self.error is not None:
+            raise self.error
         while True:
             block = self.raw.read(max(n // 4, 1 << 16))  # text compresses about 4x
             if not block:
@@ -326,14 +335,32 @@ class _ZstdFrames:
                 rest, self.frame = self.frame.unused_data, zstandard.ZstdDecompressor().decompressobj()
                 self.in_frame = bool(rest)
                 if rest:
-                    data += self.frame.decompress(rest)
+                    try:
+                        data += self.frame.decompress(rest)
+                    except zstandard.ZstdError as err:  # after good data: the error's offset is past it
+                        if not data:
+                            raise
+                        self.error = err
+                        return data
             if data:
                 return data
 
 
-def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
+def _splits_one_of(buf: bytes, cut: int, strings: Sequence[bytes]) -> bool:
+    """Whether an occurrence of one of `strings` in buf spans byte `cut`."""
+    for s in strings:
+        i = buf.find(s, max(cut - len(s) + 1, 0), cut + len(s) - 1)  # the occurrences that could span it
+        while 0 <= i < cut:
+            if i + len(s) > cut:
+                return True
+            i = buf.find(s, i + 1, cut + len(s) - 1)
+    return False
+
+
+def iter_chunks(source: Source, chunk_bytes: int, *, protect: Sequence[bytes] = ()) -> Iterator[Chunk]:
     """Cut one file into chunks of `chunk_bytes` to 2x that, longer only where no cut point is near (a JSON
-    line is never cut; other text is searched up to MAX_SEARCH_BYTES for a safe cut).
+    line is never cut; other text is searched up to MAX_SEARCH_BYTES for a safe cut). No cut inside a document
+    splits one of the `protect` strings (a tokenizer's added tokens, which it matches in the text).
 
     Also fills `source.bytes` / `source.sha256` (of the bytes on disk). Read errors become DataError."""
     path, fmt = source.path, source.format
@@ -345,8 +372,9 @@ def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
     with raw:
         hashed = _HashingReader(raw, source)
         reader = _ZstdFrames(hashed, path) if compressed else hashed
-        buf, offset, line, starts_doc, eof, want = b"", 0, 1, True, False, 2 * chunk_bytes
+        buf, offset, line, starts_doc, eof, want = bytearray(), 0, 1, True, False, 2 * chunk_bytes
         searched = 0  # where the next search for a cut may start: before it, the last one found none
+        longest = max(map(len, protect), default=0)
         while True:
             try:
                 while not eof and len(buf) < want:
@@ -366,13 +394,17 @@ def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
                 # cut among or right after them would tokenize them apart from it.
                 lead = len(buf) - len(buf[len(_BOM) if buf.startswith(_BOM) else 0:].lstrip(_BLANK))
                 if lead == len(buf) and not eof:
-                    want = len(buf) + chunk_bytes
+                    want = 2 * len(buf)
                     continue
                 start = max(start, lead + 1)
             if eof and len(buf) <= start:
                 cut, boundary = len(buf), True
             else:
                 cut, boundary = _find_cut(buf, fmt, max(start, searched))
+                # A cut must not split a protected string, nor be taken before the bytes that could show one.
+                while cut is not None and not boundary and (_splits_one_of(buf, cut, protect) or (
+                        not eof and len(buf) - cut < longest - 1)):
+                    cut, boundary = _find_cut(buf, fmt, cut + 1)
                 if cut is None:
                     if eof:
                         cut, boundary = len(buf), True
@@ -380,11 +412,11 @@ def iter_chunks(source: Source, chunk_bytes: int) -> Iterator[Chunk]:
                         # The next search starts where more bytes could change its answer, not at `start` again:
                         # that made long runs without a cut (CJK text with CRLF endings or none) quadratic.
                         searched = _search_resume(buf, fmt)
-                        want = len(buf) + chunk_bytes
+                        want = 2 * len(buf)  # doubling: a long line is read in linear, not quadratic, time
                         continue
                     else:  # pathological: 64 MiB without a newline or a space between letters
                         cut, boundary = _char_boundary(buf, len(buf) - 1) or len(buf), False
-            data, buf, searched = buf[:cut], buf[cut:], 0
+            data, buf, searched = bytes(buf[:cut]), buf[cut:], 0
             ends_doc = boundary or (eof and not buf)
             yield Chunk(str(path), fmt, data, offset, line, starts_doc, ends_doc, compressed)
             offset, line, starts_doc, want = offset + cut, line + data.count(b"\n"), ends_doc, 2 * chunk_bytes
@@ -429,7 +461,7 @@ def _jsonl_pieces(chunk: Chunk, text_key: str, errors: str) -> tuple[list[str], 
     if chunk.offset == 0:
         decoded = decoded.removeprefix("\ufeff")  # a byte-order mark (_BOM)
     for n, line in enumerate(decoded.split("\n")):
-        if not line.strip():
+        if not line.strip(" \t\r"):  # JSON's whitespace: a line of other spaces is malformed, not blank
             continue
         where = f"{chunk.source}:{chunk.line + n}"
         try:
@@ -440,6 +472,8 @@ def _jsonl_pieces(chunk: Chunk, text_key: str, errors: str) -> tuple[list[str], 
             raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno}){hint}") from None
         except RecursionError:
             raise DataError(f"{where}: JSON nested too deeply to read") from None
+        except ValueError as err:  # Python's limit on the digits of an integer it converts
+            raise DataError(f"{where}: malformed JSON: {err}") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with a {text_key!r} field, got {type(record).__name__}")
         if text_key not in record:

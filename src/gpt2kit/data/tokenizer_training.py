@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..tokenizer import GPT2Tokenizer, check_training_sizes, train_bpe
+from ..tokenizer import TOKENIZER_FILES, GPT2Tokenizer, check_training_sizes, train_bpe
 from ..files import atomic_write_text, make_directories, sha256_file
 from .readers import DataError, current_inputs, file_stamp, iter_texts, resolve_inputs
 
@@ -63,13 +63,20 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
             if trained.encode(text) != reference.encode(text).ids:
                 raise DataError(f"{output}/tokenizer.json: tiktoken and HF tokenizers disagree on {text[:60]!r}; "
                                 "please report this with the corpus (nothing was written)")
-        trained_sha256 = sha256_file(Path(staging) / "tokenizer.json")
+        # Recorded before tokenizer.json is replaced, with the new file's hash: a crash in between leaves a record
+        # naming another file, which only makes the next run retrain (a tokenizer.json without a record would
+        # count as the user's own). Each source's SHA-256 was taken as training read it.
+        record = {**_settings(vocab_size, format, text_key, min_frequency, errors),
+                  "tokenizer_sha256": sha256_file(Path(staging) / "tokenizer.json"),
+                  "inputs": [{**stamp, "sha256": source.sha256} for source, stamp in zip(sources, stamps)]}
+        atomic_write_text(output / RECORD_FILE, json.dumps(record, indent=2) + "\n")
+        # A tokenizer saved here before leaves files that loading the directory would apply to the new vocabulary
+        # (its roles, chat template, added tokens): they go.
+        for name in TOKENIZER_FILES:
+            if name != "tokenizer.json":
+                with contextlib.suppress(FileNotFoundError):
+                    (output / name).unlink()
         os.replace(Path(staging) / "tokenizer.json", output / "tokenizer.json")
-    # Recorded after tokenizer.json, with its hash: a crash in between leaves an older record, which names another
-    # file and so only makes the next run retrain. Each source's SHA-256 was taken as training read it.
-    record = {**_settings(vocab_size, format, text_key, min_frequency, errors), "tokenizer_sha256": trained_sha256,
-              "inputs": [{**stamp, "sha256": source.sha256} for source, stamp in zip(sources, stamps)]}
-    atomic_write_text(output / RECORD_FILE, json.dumps(record, indent=2) + "\n")
     tokenizer = GPT2Tokenizer.from_file(output / "tokenizer.json")
     if progress:
         n_bytes = sum(s.bytes for s in sources)

@@ -273,6 +273,10 @@ class Trainer:
         """A preprocessed token directory for `path`: itself when it already is one, else tokenized once with
         `tokenizer` into out_dir/<name> (reused on later runs and on resume)."""
         if (Path(path) / "meta.json").is_file():
+            if val_fraction:  # it would be ignored: the directory's splits are already made
+                raise ValueError(f"data.val_fraction holds out documents of raw text as it is tokenized, but {path} "
+                                 "is already tokenized: its own 'val' split is used (preprocess --val-fraction); "
+                                 "remove data.val_fraction")
             return Path(path)
         from ..data.preprocess import output_is_current, preprocess  # imported here: only raw-text runs need it
 
@@ -354,7 +358,7 @@ class Trainer:
                 raise FileNotFoundError(f"{key}: {path} not found")
         # Raw text is split as it is tokenized (by document); examples, and datasets passed in, below.
         held_out_here = d.val_fraction and (kind != "pretrain" or self._given_datasets)
-        if held_out_here and (val is not None or d.val is not None):
+        if d.val_fraction and (val is not None or d.val is not None):  # the held-out share would be lost
             raise ValueError("data.val_fraction holds out validation examples when there is no data.val: give one "
                              "of the two")
         if kind == "pretrain":
