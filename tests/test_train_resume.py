@@ -263,3 +263,83 @@ def test_resuming_from_a_folder_inside_a_checkpoint_names_the_checkpoint(tmp_pat
     with pytest.raises(CheckpointError, match=r"training_state: a part of the checkpoint .*step-00000010; resume "
                                               r"from .*step-00000010$"):
         verify_checkpoint(tmp_path / "step-00000010" / "training_state")
+
+
+def short_config(tmp_path: Path, corpus: Path, name: str = "run", **changes: str):
+    overrides = [("train.max_steps", "6"), ("optim.warmup_steps", "1"), ("checkpoint.save_interval", "3"),
+                 *((key.replace("__", "."), value) for key, value in changes.items())]
+    return load_config(write_config(tmp_path, corpus, name), overrides)
+
+
+def test_a_trainer_trained_again_starts_over(corpus, tmp_path):
+    """Its step, tokens and best loss were the last run's: a second train() trained nothing and saved fresh
+    weights as final/, and a resume after an interrupt before the first save started from the old step."""
+    trainer = Trainer(args=short_config(tmp_path, corpus))
+    first = trainer.train()
+    second = trainer.train()
+    assert second["steps_this_run"] == first["steps_this_run"] == 6 and second["tokens_seen"] == first["tokens_seen"]
+    assert train_losses(tmp_path / "run")[-6:] == train_losses(tmp_path / "run")[:6]  # the same run again
+
+
+def test_save_model_writes_into_a_directory_and_never_replaces_the_working_one(corpus, tmp_path, monkeypatch):
+    """transformers' `trainer.save_model(args.output_dir)` wiped the run directory, checkpoints and all."""
+    trainer = Trainer(args=short_config(tmp_path, corpus))
+    trainer.train()
+    before = {p.name for p in (tmp_path / "run").iterdir()}
+    trainer.save_model(tmp_path / "run")
+    after = {p.name for p in (tmp_path / "run").iterdir()}
+    assert before <= after and {"config.json", "model.safetensors", "tokenizer.json"} <= after
+    assert find_resume_checkpoint(tmp_path / "run", "auto") is not None
+    monkeypatch.chdir(tmp_path / "run")
+    with pytest.raises(ValueError, match="is the current directory or one above it"):
+        trainer.save_model(".")
+
+
+def test_resuming_from_another_runs_checkpoint_leaves_it_untouched(corpus, tmp_path):
+    donor_config = short_config(tmp_path, corpus, "donor")
+    Trainer(args=donor_config).train()
+    donor = list_checkpoints(tmp_path / "donor")[-1]
+    sealed = (donor / "COMPLETE").read_bytes(), (donor / "training_state" / "trainer_state.json").read_bytes()
+    summary = Trainer(args=short_config(tmp_path, corpus, "other", data__val=str(corpus))).train(resume=str(donor))
+    assert ((donor / "COMPLETE").read_bytes(), (donor / "training_state" / "trainer_state.json").read_bytes()) == sealed
+    assert Path(summary["checkpoint"]) == tmp_path / "other" / "checkpoints" / donor.name
+
+
+def test_a_best_model_chosen_past_the_resumed_step_is_removed(corpus, tmp_path):
+    config = short_config(tmp_path, corpus, train__eval_batches="null", checkpoint__keep_best="true",
+                          checkpoint__keep_last="null")
+    Trainer(args=config).train()
+    best = json.loads((tmp_path / "run" / "best" / "val_metrics.json").read_text())
+    assert best["step"] == 6
+    config.optim.lr = config.optim.min_lr = 0.5  # another try from step 3, with another learning rate
+    summary = Trainer(args=config).train(resume=str(list_checkpoints(tmp_path / "run")[0]))
+    chosen = json.loads((tmp_path / "run" / "best" / "val_metrics.json").read_text())
+    assert chosen["step"] > 3 and chosen["val_loss"] == summary["best_val_loss"] != best["val_loss"]
+
+
+def test_a_checkpoint_a_kill_took_out_of_its_place_is_put_back(corpus, tmp_path):
+    """A kill between the two renames of a swap left no step-N, only hidden complete copies, which resume ignored
+    and the next save deleted."""
+    Trainer(args=short_config(tmp_path, corpus)).train()
+    root = tmp_path / "run" / "checkpoints"
+    last = list_checkpoints(tmp_path / "run")[-1]
+    os.replace(last, root / f".{last.name}.old-12345-0123abcd")
+    assert find_resume_checkpoint(tmp_path / "run", "auto") == last
+    verify_checkpoint(last)
+
+
+def test_resume_refuses_other_data_and_another_base(corpus, tmp_path):
+    """The data position resumed at counts the examples of a permutation: with another seq_len (other windows) the
+    run continued anywhere in the data without a word; a LoRA run took another base model's shape."""
+    Trainer(args=short_config(tmp_path, corpus)).train()
+    checkpoint = str(list_checkpoints(tmp_path / "run")[0])
+    with pytest.raises(CheckpointError, match="saved from a run over 370 training examples; this run has 741"):
+        Trainer(args=short_config(tmp_path, corpus, data__seq_len="16",
+                                  train__global_batch_tokens="128")).train(resume=checkpoint)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        Trainer(args=short_config(tmp_path, corpus)).train(resume_from_checkpoint=str(tmp_path / "missing"))
+    Trainer(args=short_config(tmp_path, corpus, "lora", pet_method="lora")).train()
+    lora_checkpoint = str(list_checkpoints(tmp_path / "lora")[0])
+    with pytest.raises(CheckpointError, match="another model shape"):
+        Trainer(args=short_config(tmp_path, corpus, "lora", pet_method="lora", model__config__n_embd="32",
+                                  model__config__n_head="2")).train(resume=lora_checkpoint)

@@ -122,6 +122,17 @@ def make_directories(directory: str | os.PathLike, error: type[Exception] = Valu
         raise error(f"{directory}:{where} exists and is not a directory") from None
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs (a staging directory named after it may still be written)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
 def replaced_directory(target: str | os.PathLike) -> Path:
     """The directory that writing `target` atomically replaces: absolute ("." and ".." have no name to make a
     sibling of), the one a symlink points to (the link stays). ValueError for the working directory or one above

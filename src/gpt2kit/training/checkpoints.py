@@ -111,8 +111,24 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
+def restore_interrupted_swaps(out_dir: str | os.PathLike) -> None:
+    """Put back a checkpoint that a kill took out of its place: a run killed between the two renames that swap
+    in a sealed directory (a save, or rewrite_trainer_state) leaves step-N missing, and beside it the sealed new
+    copy (.step-N.partial-*, with its manifest) and for a rewrite the old one (.step-N.old-*). The new copy is
+    preferred; resuming verifies whichever it was."""
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return
+    for pattern in (".step-*.partial-*", ".step-*.old-*"):
+        for aside in sorted(root.glob(pattern)):
+            name = aside.name[1:].split(".partial-" if ".partial-" in aside.name else ".old-")[0]
+            if name[5:].isdigit() and (aside / COMPLETE_NAME).is_file() and not (root / name).exists():
+                os.replace(aside, root / name)
+
+
 def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int | None) -> None:
     """Remove what a run killed while saving left behind, and all but the newest `keep_last` complete ones."""
+    restore_interrupted_swaps(out_dir)
     root = Path(out_dir) / CHECKPOINTS_DIR
     # Half-written (the checkpoint, or a LoRA adapter staged beside it), or set aside while being replaced.
     for pattern in (".step-*.partial-*", "..step-*.partial-*", ".step-*.old-*"):
@@ -142,6 +158,7 @@ def resume_candidates(out_dir: str | os.PathLike, resume: str) -> list[Path]:
         if not path.is_dir():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
         return [path]
+    restore_interrupted_swaps(out_dir)
     return list(reversed(list_checkpoints(out_dir)))
 
 

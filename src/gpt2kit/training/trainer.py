@@ -45,15 +45,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..allocator import allocator_in_use
-from ..checkpoint import (CheckpointError, hf_to_gpt2kit, is_adapter_dir, load_config, load_state_dict,
-                          resolve_model_dir, save_pretrained)
+from ..checkpoint import (ADAPTED_CONFIG_NAME, CheckpointError, hf_to_gpt2kit, is_adapter_dir, is_model_file,
+                          load_config, load_state_dict, resolve_model_dir, save_pretrained)
 from ..config import PRESETS, GPT2Config
 from ..conversation import ALPACA
 from ..data.datasets import INSTRUCTION_FORMATS
-from ..files import atomic_write_text, replace_directory, standard_json
+from ..files import atomic_write_text, process_alive, replace_directory, replaced_directory, standard_json
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
 from ..quantization import check_trainable
-from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
+from ..tokenizer import GPT2Tokenizer, has_tokenizer_files, is_tokenizer_file
 from . import lora as lora_lib
 from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, hash_files, prune_checkpoints,
                           remove_checkpoints_after, resume_candidates, rewrite_trainer_state, verify_checkpoint,
@@ -148,14 +148,24 @@ def _is_dataset(value: Any) -> bool:
                                           and hasattr(value, "__len__") and hasattr(value, "__getitem__"))
 
 
+def _not_model_files(name: str) -> bool:
+    """Whether an entry of a directory that save_model writes into is none of the files a saved model consists of
+    (those are replaced, so that no shard or tokenizer file of an earlier save lingers beside the new ones)."""
+    return not (is_model_file(name) or is_tokenizer_file(name) or name.startswith("adapter_")
+                or name in (ADAPTED_CONFIG_NAME, "special_tokens_map.json", "val_metrics.json"))
+
+
 def _resume_option(resume: str | None, resume_from_checkpoint: bool | str | None) -> str | None:
     """gpt2kit's `resume` ("auto" or a checkpoint directory) from either it or transformers' resume_from_checkpoint
-    (True: the latest checkpoint)."""
-    if resume_from_checkpoint is None or resume_from_checkpoint is False:
-        return resume
-    if resume is not None:
-        raise ValueError("give resume or transformers' resume_from_checkpoint, not both")
-    return "auto" if resume_from_checkpoint is True else str(resume_from_checkpoint)
+    (True: the latest checkpoint). A checkpoint directory that does not exist is an error now, before any data is
+    tokenized."""
+    if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+        if resume is not None:
+            raise ValueError("give resume or transformers' resume_from_checkpoint, not both")
+        resume = "auto" if resume_from_checkpoint is True else str(resume_from_checkpoint)
+    if resume not in (None, "auto"):
+        resume_candidates(".", resume)
+    return resume
 
 
 class Trainer:
@@ -549,6 +559,8 @@ class Trainer:
     # ---- setup --------------------------------------------------------------------------------------------
     def _setup(self, weights: str | None) -> None:
         c = self.config
+        # A Trainer trained before starts over: its step, tokens, best loss and checkpoint were the last run's.
+        self.step, self.tokens_seen, self.best_val_loss, self.last_checkpoint = 0, 0, math.inf, None
         self._seed_everything(c.seed)
         self._load_datasets()
         if self._datasets["train"] is None:
@@ -725,6 +737,8 @@ class Trainer:
             if stale:
                 print(f"removed {len(stale)} checkpoint(s) past step {self.step} left by an earlier run in "
                       f"{self.out_dir / CHECKPOINTS_DIR} ({stale[0].name} to {stale[-1].name})", file=sys.stderr)
+        if self.parallel.broadcast(self.is_main and self._remove_later_best()):
+            self.best_val_loss = math.inf  # the best model up to this step is gone: the next evaluation is it
         logger = MetricsLogger(self.out_dir, tensorboard=c.log.tensorboard, resume_step=self.step,
                                enabled=self.is_main)
         peak, peak_source = peak_flops(self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
@@ -775,8 +789,9 @@ class Trainer:
         # between its last checkpoint and that evaluation.
         final_eval = (self._log_eval(logger, None, log=self.step > start_step or not self._val_logged(logger))
                       if self._datasets["val"] is not None else {})
-        if not self.last_checkpoint or self.last_checkpoint.name != f"step-{self.step:08d}":
-            self._save_checkpoint()
+        own = self.out_dir / CHECKPOINTS_DIR / f"step-{self.step:08d}"
+        if self.last_checkpoint is None or self.last_checkpoint.resolve() != own.resolve():
+            self._save_checkpoint()  # also after resuming from another run's checkpoint: that one is not touched
         elif final_eval and self.is_main:  # saved before the final evaluation: a run continued from it knows its best
             rewrite_trainer_state(self.last_checkpoint, {"best_val_loss": self._recorded_best_val_loss()})
         final_dir = self._save_model_dir("final")
@@ -803,6 +818,21 @@ class Trainer:
         if self.is_main:
             print(self._summary_line(summary), file=sys.stderr)
         return summary
+
+    def _remove_later_best(self) -> bool:
+        """Remove out_dir/best when an earlier run chose it after this run's step (resumed from an earlier
+        checkpoint, this run would otherwise report that abandoned model as its best); whether it did."""
+        best = self.out_dir / BEST_DIR
+        try:
+            chosen_at = json.loads((best / "val_metrics.json").read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if chosen_at <= self.step:
+            return False
+        shutil.rmtree(best)
+        print(f"removed {best}: chosen at step {chosen_at} by an earlier run, past this run's step {self.step}",
+              file=sys.stderr)
+        return True
 
     def _write_summary(self, summary: dict[str, Any]) -> None:
         if self.is_main:
@@ -930,6 +960,7 @@ class Trainer:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
                  "best_val_loss": self._recorded_best_val_loss(),
                  "max_steps": self.max_steps, "grad_accum": self.grad_accum, "world_size": self.world_size,
+                 "train_examples": len(self._datasets["train"]),
                  "pet_method": self.config.pet_method, "config": self.config.to_dict()}
         return tensors, state
 
@@ -968,13 +999,19 @@ class Trainer:
         self.last_checkpoint = final
         return final
 
-    def _save_model_dir(self, name: str | Path, metrics: dict[str, Any] | None = None) -> Path:
+    def _save_model_dir(self, name: str | Path, metrics: dict[str, Any] | None = None, *,
+                        keep_others: bool = False) -> Path:
         """The model (or LoRA adapters) and tokenizer in out_dir/<name> (or at the path `name`), swapped in whole;
-        `metrics` (the evaluation that chose it) beside them in val_metrics.json."""
-        target = self.out_dir / name
+        `metrics` (the evaluation that chose it) beside them in val_metrics.json. With `keep_others` the directory's
+        other files and folders stay (save_model into a directory of the user's)."""
+        target = replaced_directory(self.out_dir / name)  # never the working directory or one above it
         full_state = gather_full_state(self.model) if self._sharded else None  # collective: every rank
         if self.is_main:
             target.parent.mkdir(parents=True, exist_ok=True)
+            for stale in target.parent.glob(f".{target.name}.partial-*"):  # a run killed while writing it
+                pid = stale.name.rsplit("-", 1)[-1]
+                if pid.isdigit() and not process_alive(int(pid)):
+                    shutil.rmtree(stale, ignore_errors=True)
             tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             if full_state is not None:
@@ -985,7 +1022,7 @@ class Trainer:
                 self._save_model_files(tmp)
             if metrics is not None:
                 atomic_write_text(tmp / "val_metrics.json", json.dumps(standard_json(metrics), indent=2) + "\n")
-            replace_directory(tmp, target)
+            replace_directory(tmp, target, keep=_not_model_files if keep_others else None)
         return target
 
     def _resume(self, resume: str) -> None:
@@ -1031,6 +1068,15 @@ class Trainer:
         if state.get("pet_method", "none") != self.config.pet_method:
             raise CheckpointError(f"{path}: saved with pet_method {state.get('pet_method')!r}, this run uses "
                                   f"{self.config.pet_method!r}")
+        # The data position it resumes at counts the examples of the epoch's permutation already used (so another
+        # batch size continues with the next ones); another set of examples (other data, or another data.seq_len
+        # cutting other windows) has another permutation, and the run would go on anywhere in it.
+        saved, now = state.get("train_examples"), len(self._datasets["train"])
+        if saved is not None and saved != now:
+            raise CheckpointError(f"{path}: saved from a run over {saved} training examples; this run has {now} "
+                                  "(other data, or another data.seq_len), so it would not continue that run. Resume "
+                                  "with the data it was trained on, or start a new run (another out_dir) from its "
+                                  "weights (model.checkpoint)")
         # weights_only: only tensors and plain containers, never code from the file.
         tensors = torch.load(path / STATE_DIR / "state.pt", map_location="cpu", weights_only=True)
         with configured_hyperparameters(self.optimizer, self.scheduler):
@@ -1038,6 +1084,7 @@ class Trainer:
                 self._check_saved_shape(path / STATE_DIR / DCP_DIR)  # its config.json lies beside the shards
                 load_distributed_checkpoint(path / STATE_DIR / DCP_DIR, self.model, self.optimizer)
             elif self.config.pet_method == "lora":
+                self._check_saved_shape(path)  # the adapted model's config lies beside the adapters
                 lora_lib.load_adapter_weights(self.model, path)
                 self.optimizer.load_state_dict(tensors["optimizer"])
             else:  # saved whole, by one process or DDP
@@ -1130,10 +1177,13 @@ class Trainer:
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
         """transformers' call: the model (or LoRA adapters) and tokenizer, as out_dir/final holds them, into
-        `output_dir` (default out_dir/final), written whole. Every rank calls it when the model is sharded."""
+        `output_dir` (default out_dir/final; its other files and folders stay, as in transformers; never the
+        working directory or one above it). Every rank calls it when the model is sharded."""
         if self.model is None:
             raise ValueError("save_model: no model yet; train, finetune or evaluate first")
-        return self._save_model_dir(Path(output_dir).resolve() if output_dir is not None else "final")
+        if output_dir is None:
+            return self._save_model_dir("final")
+        return self._save_model_dir(Path(output_dir).resolve(), keep_others=True)
 
     def _ensure_model(self) -> None:
         if self.model is not None:
