@@ -4,6 +4,7 @@ import asyncio
 import base64
 import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -739,9 +740,23 @@ def test_other_routes(server):
     assert httpx.get(f"{server.url}/v1/models/tiny").json() == card
     for method, path, status in [("GET", "/v1/models/gpt2", 404), ("GET", "/v1/completions", 405),
                                  ("GET", "/../../etc/passwd", 404), ("GET", "/static/../app.py", 404),
-                                 ("GET", "/docs", 404), ("GET", "/openapi.json", 404)]:
+                                 ("GET", "/docs", 404), ("GET", "/openapi.json", 404),
+                                 # no redirect to the route without the slash (a 307 before)
+                                 ("POST", "/v1/completions/", 404), ("GET", "/health/", 404)]:
         response = httpx.request(method, f"{server.url}{path}")
-        assert response.status_code == status and "error" in response.json()
+        assert response.status_code == status and "error" in response.json(), (method, path)
+
+
+def test_a_client_leaving_mid_upload_is_no_server_error(server, caplog):
+    """It was answered as an internal error, with two tracebacks logged at ERROR level."""
+    with caplog.at_level(logging.ERROR):
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+            raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 1000\r\n\r\n{\"prompt\":")
+            time.sleep(0.3)
+        time.sleep(0.5)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
 
 
 # ---- authentication -----------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..generation import GenerationConfig, TextStreamDecoder, encode_prompt
 from ..model import GPT2LMHeadModel
@@ -328,6 +329,8 @@ async def _json_body(request: Request) -> Any:
         return json.loads(await request.body())
     except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting or numbers
         raise APIError(400, "the request body is not valid JSON") from None
+    except ClientDisconnect:  # it left mid-upload: no one reads the answer, and it is no server error
+        raise APIError(499, "the client closed the connection before sending the whole request") from None
 
 
 def _logprobs(builders: dict, index: int, scored: Iterable[tuple]) -> dict | None:
@@ -376,7 +379,9 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
 
     # No /docs, /redoc or /openapi.json: every route is listed in docs/serving.md, and each would be one more
     # route to guard.
-    app = FastAPI(title="gpt2kit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirect from "/v1/completions/" to the route: the routes below are the only paths served.
+    app = FastAPI(title="gpt2kit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.state.service = service
 
     @app.exception_handler(APIError)
@@ -442,7 +447,10 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         chat = parse_request(await _json_body(request), ChatCompletionRequest)
-        return await respond(request, chat.to_completion(service.chat_format, service.tokenizer), ChatFormat())
+        # Written and tokenized off the event loop, as completions' prompts are: a long conversation must not
+        # pause the streams in progress.
+        req = await run_in_threadpool(chat.to_completion, service.chat_format, service.tokenizer)
+        return await respond(request, req, ChatFormat())
 
     app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     return app
