@@ -674,7 +674,7 @@ class GPT2Tokenizer:
         # The chat format, gpt2kit's plain one included, so that transformers' apply_chat_template writes what
         # gpt2kit's chat does: in the config (older transformers) and in its own file (transformers 5 reads it first).
         config["chat_template"] = PLAIN.template if self.chat_template is None else self.chat_template
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
         atomic_write_text(directory / CHAT_TEMPLATE_FILE, config["chat_template"])
 
     def bpe_merges(self) -> list[tuple[bytes, bytes]]:
