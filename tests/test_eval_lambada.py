@@ -53,6 +53,9 @@ def test_split_and_tokenize_like_lm_eval(tok):
     context, target = encode_target(tok, *split_last_word("He looked at  Harlin"))
     assert tok.decode(context) == "He looked at" and tok.decode(target) == "  Harlin"
     assert encode_target(tok, "", " alone") == ([tok.eos_token_id], tok.encode(" alone"))
+    with_bos = GPT2Tokenizer.gpt2()
+    with_bos.add_special_tokens({"bos_token": "<s>"})  # lm-eval prefixes BOS where the tokenizer has one
+    assert encode_target(with_bos, "", " alone") == ([with_bos.bos_token_id], with_bos.encode(" alone"))
 
 
 def test_whole_word_must_be_greedy_and_perplexity_is_per_passage(tok):

@@ -66,3 +66,16 @@ def test_wikitext_and_lambada_agree_with_lm_eval(exported, tmp_path):
     assert lambada["target_tokens"] > 2 * N_PASSAGES  # multi-token target words
     assert lambada["acc"] == theirs["lambada"]["acc"]
     assert lambada["perplexity"] == pytest.approx(theirs["lambada"]["perplexity"], rel=1e-4)
+
+
+def test_the_cross_check_reads_wikitext_json_lines_as_gpt2kit_eval_does(tmp_path):
+    """One article per JSON line, as `gpt2kit eval --task wikitext` reads it: the lines' raw JSON was one page."""
+    import json
+
+    from gpt2kit.evaluation.harness import _write_task
+
+    data = tmp_path / "articles.jsonl"
+    data.write_text('{"text": "First article text."}\n{"text": "Second one."}\n')
+    _write_task(tmp_path, "wikitext", data, None)
+    pages = [json.loads(line)["page"] for line in (tmp_path / "wikitext.jsonl").read_text().splitlines()]
+    assert pages == ["First article text.", "Second one."]

@@ -59,6 +59,21 @@ def test_uniform_model_has_perplexity_equal_to_the_vocabulary_size(gpt2_tokenize
     assert result["byte_perplexity"] == pytest.approx(2 ** result["bits_per_byte"], rel=1e-6)
 
 
+def test_a_document_starts_after_the_tokenizers_bos_as_in_lm_eval():
+    """lm-eval prefixes BOS where the tokenizer has one; EOS was used whatever the BOS."""
+    tok = GPT2Tokenizer.gpt2()
+    tok.add_special_tokens({"bos_token": "<s>"})
+    seen = []
+
+    class Recording(ContextFreeLM):
+        def forward(self, input_ids):
+            seen.append(input_ids[:, 0].tolist())
+            return super().forward(input_ids)
+
+    evaluate_perplexity(Recording(torch.zeros(len(tok)), n_positions=8), tok, [TEXT], progress=False)
+    assert seen[0][0] == tok.bos_token_id != tok.eos_token_id
+
+
 @pytest.mark.parametrize("max_length,stride", [(8, 8), (8, 3), (8, 1), (5, 5), (64, 64)])
 def test_every_token_scored_once_with_known_probabilities(gpt2_tokenizer, max_length, stride):
     """Distinct per-token probabilities: a token scored twice or missed would change the sum."""

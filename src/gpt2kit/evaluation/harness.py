@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import read_utf8
-from .perplexity import read_documents
+from .perplexity import read_documents, resolve_format
 
 # Task name here -> (lm-eval's task file, its metrics).
 TASKS = {
@@ -29,8 +29,9 @@ def _write_task(workdir: Path, task: str, data: Path, limit: int | None) -> str:
     import lm_eval
 
     base_yaml, _ = TASKS[task]
-    if task == "wikitext":
-        rows = [json.dumps({"page": page}) for page in read_documents(data, format="wikitext")]
+    if task == "wikitext":  # WikiText's articles, or one article per JSON line, as `gpt2kit eval` reads them
+        kind = "jsonl" if resolve_format(data, "auto") == "jsonl" else "wikitext"
+        rows = [json.dumps({"page": page}) for page in read_documents(data, format=kind)]
     else:
         rows = [line for line in read_utf8(data).split("\n") if line.strip()]  # as read_jsonl splits
     data = workdir / f"{task}.jsonl"

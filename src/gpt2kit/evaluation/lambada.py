@@ -62,11 +62,12 @@ def split_last_word(text: str) -> tuple[str, str]:
 
 def encode_target(tokenizer: GPT2Tokenizer, context: str, target: str) -> tuple[list[int], list[int]]:
     """(context ids, target ids), tokenizing the passage as a whole. Trailing spaces of the context belong to
-    the target (GPT-2's BPE attaches a space to the word after it); an empty context becomes <|endoftext|>."""
+    the target (GPT-2's BPE attaches a space to the word after it); an empty context becomes the tokenizer's BOS
+    (GPT-2's <|endoftext|>), as lm-evaluation-harness prefixes it."""
     stripped = context.rstrip()
     target = context[len(stripped):] + target
     if not stripped:
-        return [tokenizer.eos_token_id], tokenizer.encode(target)
+        return [tokenizer.bos_token_id], tokenizer.encode(target)
     whole = tokenizer.encode(stripped + target)
     context_ids = tokenizer.encode(stripped)
     return whole[:len(context_ids)], whole[len(context_ids):]

@@ -185,7 +185,7 @@ def evaluate_perplexity(model: nn.Module, tokenizer: GPT2Tokenizer,
     texts = [wikitext_detokenize(d) for d in documents] if detokenize else documents
     token_lists = tokenizer.encode_batch(texts)
     windows = [window for tokens in token_lists
-               for window in document_windows(tokens, prefix_token_id=tokenizer.eos_token_id,
+               for window in document_windows(tokens, prefix_token_id=tokenizer.bos_token_id,
                                               max_length=max_length, stride=stride)]
     scores = score_windows(model, windows, vocab_size=tokenizer.vocab_size, batch_size=batch_size,
                            pad_token_id=tokenizer.pad_token_id, desc="perplexity", progress=progress,

@@ -12,8 +12,10 @@ import torch
 
 import gpt2kit
 
+from ..checkpoint import is_model_file
 from ..files import check_output_file, require_file, sha256_file
 from ..pipeline import load_classifier_and_tokenizer, load_model_and_tokenizer
+from ..tokenizer import is_tokenizer_file
 from . import classification, lambada, perplexity
 from .report import summary_line, write_report
 
@@ -49,6 +51,11 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
     require_file(data, "data file")
     if output is not None and check_output_file(output).resolve() == Path(data).resolve():
         raise ValueError(f"output {output} is the data file: the report would replace it")
+    if output is not None and isinstance(model, (str, os.PathLike)) and Path(output).resolve().parent == Path(
+            model).resolve() and (
+            is_model_file(Path(output).name) or is_tokenizer_file(Path(output).name)
+            or Path(output).name.startswith("adapter_")):
+        raise ValueError(f"output {output} is a file of the model being evaluated: the report would replace it")
     started = datetime.now(timezone.utc)
     start = time.perf_counter()
     if task == "classification":
