@@ -264,6 +264,13 @@ def test_directories_with_added_tokens_json_and_roles_load_as_in_transformers(tm
         GPT2Tokenizer.from_file(tmp_path)
 
 
+def test_saving_over_a_directory_drops_its_old_added_tokens_json(tmp_path):
+    """Left in place, its tokens were added to the vocabulary saved over it when the directory was loaded."""
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<extra>": 50257}))
+    GPT2Tokenizer.gpt2().save_pretrained(tmp_path)
+    assert not (tmp_path / "added_tokens.json").exists() and len(GPT2Tokenizer.from_file(tmp_path)) == 50257
+
+
 def test_gguf_marks_ordinary_added_tokens_user_defined():
     from gpt2kit.gguf import gguf_vocabulary
 

@@ -171,7 +171,8 @@ def test_a_bad_output_path_fails_before_the_evaluation(lm_dir, tmp_path, capsys,
     assert "is the data file: the report would replace it" in capsys.readouterr().err
     assert data.read_text(encoding="utf-8") == "Some text to score.\n"
     weights = (lm_dir / "model.safetensors").read_bytes()
-    for name in ("model.safetensors", "tokenizer_config.json"):  # the weights were silently replaced by the report
+    # The weights were silently replaced by the report; a LoRA run's adapted config too.
+    for name in ("model.safetensors", "tokenizer_config.json", "model_config.json"):
         assert main(["eval", "--model", str(lm_dir), "--task", "perplexity", "--data", str(data),
                      "--output", str(lm_dir / name)]) == 2
         assert "is a file of the model being evaluated: the report would replace it" in capsys.readouterr().err

@@ -229,6 +229,9 @@ def test_bad_input_is_one_clear_error(tmp_path, gpt2_tokenizer):
     bad.write_text('{"text": "fine"}\n{"txt": "wrong key"}\n')
     with pytest.raises(ValueError, match=r"docs.jsonl:2: expected an object with a string field 'text'"):
         evaluate_perplexity(model, gpt2_tokenizer, bad)
+    bad.write_text('{"text": "fine"}\n{"text": "x", "n": ' + "1" * 5000 + "}\n")  # past Python's digit limit
+    with pytest.raises(ValueError, match=r"docs.jsonl:2: not valid JSON"):
+        evaluate_perplexity(model, gpt2_tokenizer, bad)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         evaluate_perplexity(model, gpt2_tokenizer, tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="stride must be between 1 and max_length"):

@@ -581,9 +581,10 @@ def test_added_tokens_are_never_split_between_chunks(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("I love New York city.\nA line\n\nEND of it. New York again.\n" * 3)
     expected = tok.encode(path.read_text()) + [tok.eos_token_id]
-    for chunk_bytes in (1 << 20, 8, 5, 3):
-        run([path], tmp_path / f"out{chunk_bytes}", tokenizer=tmp_path / "tok", chunk_bytes=chunk_bytes)
-        assert PretrainingDataset(tmp_path / f"out{chunk_bytes}", 4).tokens(0, len(expected)).tolist() == expected
+    for chunk_bytes, workers in ((1 << 20, 1), (8, 1), (5, 2), (3, 2)):
+        out = tmp_path / f"out{chunk_bytes}"
+        run([path], out, tokenizer=tmp_path / "tok", chunk_bytes=chunk_bytes, workers=workers)
+        assert PretrainingDataset(out, 4).tokens(0, len(expected)).tolist() == expected
 
 
 @pytest.mark.parametrize("name", ["corpus.jsonl.gz", "corpus.txt.xz", "corpus.bz2"])

@@ -277,6 +277,16 @@ def test_an_assistant_with_a_shorter_context(text_model_dir, tmp_path):
     assert stdout.getvalue().count("\n") == 5
 
 
+def test_an_assistant_whose_tokenizer_pads_otherwise_has_the_same_ids(text_model_dir, tmp_path):
+    other = tmp_path / "padded"
+    GPT2LMHeadModel.from_pretrained(text_model_dir).save_pretrained(other)
+    tok = GPT2Tokenizer.from_pretrained(text_model_dir)
+    tok.pad_token_id = 1  # another role, the same ids
+    tok.save_pretrained(other)
+    plain = pipeline("text_generation", text_model_dir)
+    assert pipeline("text_generation", text_model_dir, assistant_model=other)("the picture") == plain("the picture")
+
+
 def test_a_given_tokenizer_does_not_hide_an_assistants_own_other_one(text_model_dir, tmp_path):
     other = tmp_path / "other"
     GPT2LMHeadModel.from_pretrained(text_model_dir).save_pretrained(other)

@@ -200,6 +200,13 @@ def is_model_file(name: str) -> bool:
     return _MODEL_FILE.fullmatch(name) is not None
 
 
+def is_saved_model_file(name: str) -> bool:
+    """Whether a file of this name is part of a saved model directory: its config and weights, its tokenizer, or
+    its LoRA adapters and the adapted model's config (what writing a model there replaces)."""
+    return (is_model_file(name) or is_tokenizer_file(name) or name.startswith("adapter_")
+            or name in (ADAPTED_CONFIG_NAME, "special_tokens_map.json"))
+
+
 def untied_if_separate(config: GPT2Config, state: dict[str, torch.Tensor], model_dir: Path) -> GPT2Config:
     """`config` untied (with a warning) when it ties the head but `state` holds a separate one (has_separate_head):
     the model transformers loads from such a directory."""

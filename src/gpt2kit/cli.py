@@ -174,9 +174,9 @@ def _model_and_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 _SAMPLING_FLAGS = ("compile", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                   "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size", "frequency_penalty", "presence_penalty",
-                   "logit_bias", "stop", "seed", "num_return_sequences", "num_beams", "length_penalty",
-                   "prompt_lookup_num_tokens")
+                   "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size",
+                   "frequency_penalty", "presence_penalty", "logit_bias", "stop", "seed", "num_return_sequences",
+                   "num_beams", "length_penalty", "prompt_lookup_num_tokens")
 
 
 def _logit_bias(text: str) -> dict[int, float]:

@@ -90,7 +90,7 @@ class ChatFormat:
     skip_leading_space: bool = False
     writes_special_tokens: bool = False  # a model's own template may write eos_token and the like as text
     end_of_turn: str = ""
-    generation_spans: Callable[..., tuple[str, Spans]] | None = None
+    generation_spans: Callable[[Turns, bool], tuple[str, Spans]] | None = None
 
     def encode(self, tokenizer: GPT2Tokenizer, text: str) -> list[int]:
         """Token ids of a transcript. A model's own template writes special tokens (its eos_token, ...) as text,
@@ -173,7 +173,7 @@ def _end_of_turn(render: Callable[[Turns, bool], str], eos_token: str | None) ->
 
 
 def _jinja_renderer(template: str, variables: dict[str, str]
-                    ) -> tuple[Callable[[Turns, bool], str], Callable[[Turns], tuple[str, Spans]] | None]:
+                    ) -> tuple[Callable[[Turns, bool], str], Callable[[Turns, bool], tuple[str, Spans]] | None]:
     """Render a model's own chat template as transformers does: a sandboxed Jinja environment that trims blocks,
     with its `raise_exception` and `strftime_now`, a `tojson` that keeps text as it is, and its
     `{% generation %}` tag, which marks the assistant's text: with the tag, also a function rendering a

@@ -12,7 +12,7 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,16 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's
         return True
     return True
+
+
+def remove_abandoned(target: Path, kinds: Sequence[str]) -> None:
+    """Remove the hidden siblings of `target` that dead processes left: `.NAME.KIND-PID...` for each kind (a
+    staging "tmp" or "partial" copy, an "old" one a replacement moved aside), whose PID no longer runs."""
+    for kind in kinds:
+        for stale in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = stale.name[len(f".{target.name}.{kind}-"):].split("-")[0]
+            if pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def replaced_directory(target: str | os.PathLike) -> Path:

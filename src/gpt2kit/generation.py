@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .model import GPT2LMHeadModel, KVCache, ModelOutput, eval_mode, is_plain
+from .model import GPT2LMHeadModel, KVCache, ModelOutput, inference, is_plain
 from .quantization import PackedLinear
 from .tokenizer import GPT2Tokenizer
 
@@ -677,12 +677,9 @@ class TokenGenerator:
         return self.tokens[:, :self.prompt_len + self.steps]
 
     def next_logits(self, end: int) -> Tensor:
-        """Logits (B, V) for the token after position `end - 1`, feeding what the cache has not seen yet. Dropout
-        is off for this call only: generators may interleave, and one outliving another must not leave the model
-        in the wrong mode."""
-        if not self.model.training:  # the usual case: no walk over the modules every token
-            return self._next_logits(end)
-        with eval_mode(self.model):
+        """Logits (B, V) for the token after position `end - 1`, feeding what the cache has not seen yet, with
+        dropout off for this call only (model.inference)."""
+        with inference(self.model):
             return self._next_logits(end)
 
     def _next_logits(self, end: int) -> Tensor:

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Iterator, Mapping
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -443,6 +444,12 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def inference(model: nn.Module) -> contextlib.AbstractContextManager:
+    """eval_mode for one call of a model in training mode (a generator may interleave with training or with another
+    generator, and must not leave the model in the wrong mode); nothing, no walk over the modules, otherwise."""
+    return eval_mode(model) if model.training else contextlib.nullcontext()
 
 
 def plain_head_weight(head: nn.Module) -> Tensor | None:

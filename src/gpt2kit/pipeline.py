@@ -120,8 +120,9 @@ def load_assistant(assistant_model: str | os.PathLike | GPT2LMHeadModel | None, 
         return load_model_and_tokenizer(assistant_model, tokenizer=model_tokenizer, dtype=dtype, device=device,
                                         random_init=True)[0]
     directory = resolve_model_dir(assistant_model)
-    if has_tokenizer_files(directory) and GPT2Tokenizer.from_file(directory).fingerprint() != \
-            model_tokenizer.fingerprint():
+    # The same ids are what guessing needs (which token pads, say, does not matter).
+    if has_tokenizer_files(directory) and GPT2Tokenizer.from_file(directory).fingerprint(roles=False) != \
+            model_tokenizer.fingerprint(roles=False):
         raise ValueError(f"assistant_model {assistant_model}: its tokenizer differs from the model's; speculative "
                          "decoding needs the same one")
     return GPT2LMHeadModel.from_pretrained(directory, dtype=dtype, device=device)

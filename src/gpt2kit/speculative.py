@@ -19,7 +19,6 @@ One sequence at a time, as in transformers.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections.abc import Iterator
 
@@ -27,16 +26,11 @@ import torch
 from torch import Tensor
 
 from .generation import GenerationConfig, Sampler, TokenGenerator, model_placement
-from .model import GPT2LMHeadModel, KVCache, eval_mode
+from .model import GPT2LMHeadModel, KVCache, inference
 from .tokenizer import GPT2Tokenizer
 
 # num_assistant_tokens_schedule="heuristic" keeps each assistant's guess length from one call to the next.
 _guess_lengths: weakref.WeakKeyDictionary[GPT2LMHeadModel, int] = weakref.WeakKeyDictionary()
-
-
-def _inference(model: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """Dropout off for one call (TokenGenerator.next_logits' reasoning); nothing to do in the usual eval mode."""
-    return eval_mode(model) if model.training else contextlib.nullcontext()
 
 
 def prompt_lookup(sequence: Tensor, max_ngram: int, count: int) -> Tensor:
@@ -148,7 +142,7 @@ class SpeculativeGenerator(TokenGenerator):
         threshold = self.config.assistant_confidence_threshold
         guesses, probs = [], [] if sampler.sampling else None
         for j in range(count):
-            with _inference(self.assistant):
+            with inference(self.assistant):
                 out = self.assistant(self.tokens[:, cache.length:end + j], past_key_values=cache, logits_to_keep=1)
             scores = sampler.process(out.logits[:, -1].float(), self.history[:, :end + j], generated + j)
             p = scores.softmax(-1)
@@ -165,7 +159,7 @@ class SpeculativeGenerator(TokenGenerator):
                ) -> tuple[list[int], int, Tensor, Tensor]:
         """One pass of the model over the last token and the guesses: the tokens it adds (the guesses kept, then its
         own), how many guesses it kept, and the processed scores and raw logits (float32) of each added token."""
-        with _inference(self.model):
+        with inference(self.model):
             out = self.model(self.tokens[:, self.cache.length:end + len(guesses)], past_key_values=self.cache,
                              logits_to_keep=len(guesses) + 1)
         logits = out.logits[0].float()

@@ -617,10 +617,11 @@ class GPT2Tokenizer:
             setattr(self, role, token)
         setattr(self, f"{role}_id", token_id)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, roles: bool = True) -> str:
         """sha256 of what decides the ids: the split pattern, the special tokens and the ranks, whatever file
         format they were read from (a rank file and the tokenizer.json save_pretrained converts it to agree).
-        What an output made with it records, to tell later whether a tokenizer is still the same one."""
+        What an output made with it records, to tell later whether a tokenizer is still the same one. With
+        `roles=False`, the ids alone: which tokens are EOS, BOS, UNK and padding do not count."""
         parts = [portable_pattern(self.split_pattern).encode(), b"\0specials"]
         parts += [f"{i}:{t}\0".encode() for t, i in sorted(self.encoding._special_tokens.items(), key=lambda x: x[1])]
         parts.append(b"\0ranks")
@@ -630,9 +631,9 @@ class GPT2Tokenizer:
         # differ from a vocabulary's defaults, so that an unchanged tokenizer keeps the fingerprint it had.
         if self._text_tokens:
             parts += [b"\0text"] + [f"{t}\0".encode() for t in sorted(self._text_tokens)]
-        roles = (self.eos_token_id, self.bos_token_id, self.unk_token_id, self.pad_token_id)
-        if roles != (self.encoding._special_tokens[_default_eos(self.encoding._special_tokens)],) * 4:
-            parts.append(b"\0roles" + ",".join(map(str, roles)).encode())
+        role_ids = (self.eos_token_id, self.bos_token_id, self.unk_token_id, self.pad_token_id)
+        if roles and role_ids != (self.encoding._special_tokens[_default_eos(self.encoding._special_tokens)],) * 4:
+            parts.append(b"\0roles" + ",".join(map(str, role_ids)).encode())
         return hashlib.sha256(b"".join(parts)).hexdigest()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -653,8 +654,9 @@ class GPT2Tokenizer:
             written = {"tokenizer.json": Path(self._source[1]) if kind == "tokenizer.json" else None}
         # Files this tokenizer still reads (to copy from, and when pickled) are never removed.
         own = {Path(f).resolve() for f in self._source[1:]}
+        # added_tokens.json too: loading the directory would add its tokens to this vocabulary.
         stale = [directory / name for name in ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json",
-                                               "vocab.bpe") if name not in written]
+                                               "vocab.bpe", "added_tokens.json") if name not in written]
         for path in [*stale, *directory.glob("*.tiktoken")]:
             if path.exists() and path.resolve() not in own:
                 path.unlink()

@@ -410,7 +410,7 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 def _is_one_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
+    except ValueError:
         return False
 
 
@@ -422,6 +422,8 @@ def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
             records = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
+        except ValueError as err:  # Python's limit on the digits of an integer it converts
+            raise DataError(f"{path}: malformed JSON: {err}") from None
         located = [(f"{path}: record {i}", r) for i, r in enumerate(records)]
     else:
         located = []
@@ -429,11 +431,12 @@ def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
             if line.strip():
                 try:
                     located.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as err:
+                except ValueError as err:  # bad JSON, or an integer past Python's limit on digits
                     if _is_one_object(text):
                         raise DataError(f"{path}: one JSON object; expected a JSON list of records or JSON lines "
                                         f"(one object per line)") from None
-                    raise DataError(f"{path}:{n}: malformed JSON: {err.msg} (column {err.colno})") from None
+                    reason = f"{err.msg} (column {err.colno})" if isinstance(err, json.JSONDecodeError) else err
+                    raise DataError(f"{path}:{n}: malformed JSON: {reason}") from None
     if not located:
         raise DataError(f"{path}: no records")
     return located
@@ -533,7 +536,7 @@ class ChatDataset(_ResponseExamples):
 def _assistant_spans(chat: ChatFormat, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
     """A conversation's text and the character spans of what the assistant writes in it (see ChatDataset)."""
     if chat.generation_spans is not None:
-        return chat.generation_spans(turns)
+        return chat.generation_spans(turns, False)
     whole = chat.transcript(turns, add_generation_prompt=False)
     replies: list[tuple[int, int]] = []
     for i, (role, _) in enumerate(turns):

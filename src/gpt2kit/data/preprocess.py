@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ..files import atomic_write_text, make_directories, process_alive, replace_directory, replaced_directory
+from ..files import atomic_write_text, make_directories, remove_abandoned, replace_directory, replaced_directory
 from ..tokenizer import GPT2Tokenizer, TokenizerError
 from .datasets import FORMAT_NAME, META_FILE, read_meta
 from .readers import (Chunk, DataError, Source, chunk_pieces, current_inputs, file_stamp, iter_chunks,
@@ -217,10 +217,7 @@ def _prepare_output(output: Path, overwrite: bool) -> Path:
     make_directories(output.parent, DataError)
     # Staging directories of interrupted runs (they never became the output), and old outputs an interrupted
     # replacement moved aside (files.replace_directory names them .NAME.old-PID-...).
-    for stale in [*output.parent.glob(f".{output.name}.tmp-*"), *output.parent.glob(f".{output.name}.old-*")]:
-        pid = stale.name.split(".tmp-")[-1] if ".tmp-" in stale.name else stale.name.split(".old-")[-1].split("-")[0]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_abandoned(output, ("tmp", "old"))
     staging = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import read_utf8
-from .perplexity import read_documents, resolve_format
+from .perplexity import read_documents, wikitext_format
 
 # Task name here -> (lm-eval's task file, its metrics).
 TASKS = {
@@ -30,8 +30,7 @@ def _write_task(workdir: Path, task: str, data: Path, limit: int | None) -> str:
 
     base_yaml, _ = TASKS[task]
     if task == "wikitext":  # WikiText's articles, or one article per JSON line, as `gpt2kit eval` reads them
-        kind = "jsonl" if resolve_format(data, "auto") == "jsonl" else "wikitext"
-        rows = [json.dumps({"page": page}) for page in read_documents(data, format=kind)]
+        rows = [json.dumps({"page": page}) for page in read_documents(data, format=wikitext_format(data))]
     else:
         rows = [line for line in read_utf8(data).split("\n") if line.strip()]  # as read_jsonl splits
     data = workdir / f"{task}.jsonl"

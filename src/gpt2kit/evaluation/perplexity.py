@@ -111,6 +111,11 @@ def resolve_format(path: Path, format: str) -> str:
     return "jsonl" if suffix == ".jsonl" else "text"
 
 
+def wikitext_format(path: Path) -> str:
+    """How the wikitext task reads a file: one article per JSON line, else WikiText's article split."""
+    return "jsonl" if resolve_format(path, "auto") == "jsonl" else "wikitext"
+
+
 def read_documents(path: str | os.PathLike, *, format: str = "auto", text_key: str = "text") -> list[str]:
     """The documents of a file: WikiText articles, one JSON object per line (`text_key`), or the whole file."""
     path = require_file(path, "data file")

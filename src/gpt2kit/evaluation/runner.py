@@ -12,10 +12,9 @@ import torch
 
 import gpt2kit
 
-from ..checkpoint import is_model_file
+from ..checkpoint import is_saved_model_file
 from ..files import check_output_file, require_file, sha256_file
 from ..pipeline import load_classifier_and_tokenizer, load_model_and_tokenizer
-from ..tokenizer import is_tokenizer_file
 from . import classification, lambada, perplexity
 from .report import summary_line, write_report
 
@@ -51,10 +50,9 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
     require_file(data, "data file")
     if output is not None and check_output_file(output).resolve() == Path(data).resolve():
         raise ValueError(f"output {output} is the data file: the report would replace it")
-    if output is not None and isinstance(model, (str, os.PathLike)) and Path(output).resolve().parent == Path(
-            model).resolve() and (
-            is_model_file(Path(output).name) or is_tokenizer_file(Path(output).name)
-            or Path(output).name.startswith("adapter_")):
+    in_model_dir = isinstance(model, (str, os.PathLike)) and output is not None and \
+        Path(output).resolve().parent == Path(model).resolve()
+    if in_model_dir and is_saved_model_file(Path(output).name):
         raise ValueError(f"output {output} is a file of the model being evaluated: the report would replace it")
     started = datetime.now(timezone.utc)
     start = time.perf_counter()
@@ -72,7 +70,7 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
             # WikiText's article split, or one article per JSON line; its detokenizer either way (whatever
             # --format says: the task's definition).
             if format == "auto":
-                format = "jsonl" if perplexity.resolve_format(Path(data), format) == "jsonl" else "wikitext"
+                format = perplexity.wikitext_format(Path(data))
             detokenize = True if detokenize is None else detokenize
         settings = {"format": perplexity.resolve_format(Path(data), format)}
         results = perplexity.evaluate_perplexity(net, tok, data, max_length=max_length, stride=stride,

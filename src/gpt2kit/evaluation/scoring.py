@@ -95,8 +95,9 @@ def read_jsonl(path: str | os.PathLike, key: str) -> list[tuple[int, str]]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        except ValueError as err:  # bad JSON, or an integer past Python's limit on digits
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else err
+            raise ValueError(f"{path}:{n}: not valid JSON ({reason})") from None
         if not isinstance(record, dict) or not isinstance(record.get(key), str):
             raise ValueError(f"{path}:{n}: expected an object with a string field {key!r}")
         rows.append((n, record[key]))

@@ -45,15 +45,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..allocator import allocator_in_use
-from ..checkpoint import (ADAPTED_CONFIG_NAME, CheckpointError, hf_to_gpt2kit, is_adapter_dir, is_model_file,
-                          load_config, load_state_dict, resolve_model_dir, save_pretrained)
+from ..checkpoint import (CheckpointError, hf_to_gpt2kit, is_adapter_dir, is_saved_model_file, load_config,
+                          load_state_dict, resolve_model_dir, save_pretrained)
 from ..config import PRESETS, GPT2Config
 from ..conversation import ALPACA
 from ..data.datasets import INSTRUCTION_FORMATS
-from ..files import atomic_write_text, process_alive, replace_directory, replaced_directory, standard_json
+from ..files import atomic_write_text, remove_abandoned, replace_directory, replaced_directory, standard_json
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
 from ..quantization import check_trainable
-from ..tokenizer import GPT2Tokenizer, has_tokenizer_files, is_tokenizer_file
+from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
 from . import lora as lora_lib
 from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, hash_files, prune_checkpoints,
                           remove_checkpoints_after, resume_candidates, rewrite_trainer_state, verify_checkpoint,
@@ -151,18 +151,19 @@ def _is_dataset(value: Any) -> bool:
 def _not_model_files(name: str) -> bool:
     """Whether an entry of a directory that save_model writes into is none of the files a saved model consists of
     (those are replaced, so that no shard or tokenizer file of an earlier save lingers beside the new ones)."""
-    return not (is_model_file(name) or is_tokenizer_file(name) or name.startswith("adapter_")
-                or name in (ADAPTED_CONFIG_NAME, "special_tokens_map.json", "val_metrics.json"))
+    return not (is_saved_model_file(name) or name == "val_metrics.json")
 
 
-def _resume_option(resume: str | None, resume_from_checkpoint: bool | str | None) -> str | None:
-    """gpt2kit's `resume` ("auto" or a checkpoint directory) from either it or transformers' resume_from_checkpoint
-    (True: the latest checkpoint). A checkpoint directory that does not exist is an error now, before any data is
-    tokenized."""
+def _resume_option(resume: str | None, resume_from_checkpoint: bool | str | None, configured: str | None
+                   ) -> str | None:
+    """What to resume from: gpt2kit's `resume` ("auto" or a checkpoint directory), or transformers'
+    resume_from_checkpoint (True: the latest checkpoint), else the config's checkpoint.resume. A checkpoint
+    directory that does not exist is an error now, before any data is tokenized."""
     if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
         if resume is not None:
             raise ValueError("give resume or transformers' resume_from_checkpoint, not both")
         resume = "auto" if resume_from_checkpoint is True else str(resume_from_checkpoint)
+    resume = resume or configured
     if resume not in (None, "auto"):
         resume_candidates(".", resume)
     return resume
@@ -1008,10 +1009,7 @@ class Trainer:
         full_state = gather_full_state(self.model) if self._sharded else None  # collective: every rank
         if self.is_main:
             target.parent.mkdir(parents=True, exist_ok=True)
-            for stale in target.parent.glob(f".{target.name}.partial-*"):  # a run killed while writing it
-                pid = stale.name.rsplit("-", 1)[-1]
-                if pid.isdigit() and not process_alive(int(pid)):
-                    shutil.rmtree(stale, ignore_errors=True)
+            remove_abandoned(target, ("partial", "old"))  # of a run killed while writing it
             tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             if full_state is not None:
@@ -1147,20 +1145,20 @@ class Trainer:
               ) -> dict[str, Any]:
         """Pretrain from randomly initialised weights (or continue: resume="auto" or a checkpoint dir;
         transformers' resume_from_checkpoint=True or a checkpoint dir says the same)."""
-        resume = _resume_option(resume, resume_from_checkpoint)
+        resume = _resume_option(resume, resume_from_checkpoint, self.config.checkpoint.resume)
         self.config.check_training()  # before any data is tokenized
         if self.config.pet_method == "lora" and self._model_arg is None and self.is_main:
             print("note: train starts LoRA from randomly initialised weights; `gpt2kit finetune` (Trainer.finetune) "
                   "adds the adapters to pretrained ones", file=sys.stderr)
         self._setup(weights=None)
-        return self._run(resume or self.config.checkpoint.resume)
+        return self._run(resume)
 
     def finetune(self, finetune_checkpoint: str | os.PathLike | None = None,
                  resume: str | None = None, *, resume_from_checkpoint: bool | str | None = None) -> dict[str, Any]:
         """Train starting from pretrained weights: `finetune_checkpoint`, else model.checkpoint, else model.name
         when it is a directory or a name in the local HF cache. With pet_method "lora" only the adapters train.
         `resume` / `resume_from_checkpoint` as in train."""
-        resume = _resume_option(resume, resume_from_checkpoint)
+        resume = _resume_option(resume, resume_from_checkpoint, self.config.checkpoint.resume)
         self.config.check_training()  # before any data is tokenized
         weights = finetune_checkpoint or self.config.model.checkpoint
         if weights is None and self._model_arg is None:
@@ -1173,7 +1171,7 @@ class Trainer:
                                  ) from None
         self._weights = str(resolve_model_dir(weights)) if weights is not None else None  # a dir or HF cache name
         self._setup(weights=self._weights)
-        return self._run(resume or self.config.checkpoint.resume)
+        return self._run(resume)
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
         """transformers' call: the model (or LoRA adapters) and tokenizer, as out_dir/final holds them, into
@@ -1268,8 +1266,6 @@ def run(mode: str, config_path: str | os.PathLike | None, overrides: list[tuple[
     """`gpt2kit train|finetune --config FILE [--section.key value ...] [--resume auto|PATH]`."""
     config = load_run_config(config_path, overrides, training=True)
     if resume is not None:
-        if resume != "auto":  # a missing --resume PATH is an error before tokenizing or preprocessing
-            resume_candidates(config.out_dir, resume)
-        config.checkpoint.resume = resume
+        config.checkpoint.resume = resume  # a missing PATH is an error before tokenizing (see _resume_option)
     trainer = Trainer(args=config)
     return trainer.train() if mode == "train" else trainer.finetune()
