@@ -258,6 +258,10 @@ def test_directories_with_added_tokens_json_and_roles_load_as_in_transformers(tm
     assert len(ours) == len(theirs) == 50260
     assert (ours.pad_token_id, ours.unk_token_id) == (theirs.pad_token_id, theirs.unk_token_id) == (50257, 50259)
     assert ours.encode("a<code>b") == theirs("a<code>b")["input_ids"]  # not a role: an ordinary added token
+    # The directory's own added tokens were not added since loading (a LoRA run warned their rows were untrained).
+    assert ours.added_since_loading == []
+    ours.add_tokens(["<new>"])
+    assert ours.added_since_loading == pickle.loads(pickle.dumps(ours)).added_since_loading == ["<new>"]
     (tmp_path / "added_tokens.json").write_text(json.dumps({"[PAD]": 50300}))
     with pytest.raises(TokenizerError, match=r"^\S*added_tokens.json: '\[PAD\]' has id 50300; the next free id is "
                                              r"50257"):  # named once, by its own file

@@ -320,11 +320,13 @@ def test_a_best_model_chosen_past_the_resumed_step_is_removed(corpus, tmp_path):
 def test_a_checkpoint_a_kill_took_out_of_its_place_is_put_back(corpus, tmp_path):
     """A kill between the two renames of a swap left no step-N, only hidden complete copies, which resume ignored
     and the next save deleted."""
-    Trainer(args=short_config(tmp_path, corpus)).train()
+    config = short_config(tmp_path, corpus)
+    Trainer(args=config).train()
     root = tmp_path / "run" / "checkpoints"
     last = list_checkpoints(tmp_path / "run")[-1]
     os.replace(last, root / f".{last.name}.old-12345-0123abcd")
-    assert find_resume_checkpoint(tmp_path / "run", "auto") == last
+    summary = Trainer(args=config).train(resume="auto")
+    assert summary["steps_this_run"] == 0 and Path(summary["checkpoint"]) == last
     verify_checkpoint(last)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -183,12 +182,14 @@ def _jinja_renderer(template: str, variables: dict[str, str]
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     tracked = threading.local()  # while generation_spans renders: the output so far and the marked spans
+    tags: list[int] = []  # line of each {% generation %} tag the template holds (found as Jinja parses it)
 
     class GenerationTag(Extension):
         tags = {"generation"}
 
         def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
             lineno = next(parser.stream).lineno
+            tags.append(lineno)
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
             return jinja2.nodes.CallBlock(self.call_method("_generated"), [], [], body).set_lineno(lineno)
 
@@ -237,8 +238,7 @@ def _jinja_renderer(template: str, variables: dict[str, str]
         finally:
             tracked.pieces = None
 
-    has_tag = re.search(r"\{%[-+]?\s*generation\s*[-+]?%\}", template) is not None
-    return render, generation_spans if has_tag else None
+    return render, generation_spans if tags else None
 
 
 def turns_of(messages: Sequence[dict[str, str]]) -> list[tuple[str, str]]:

@@ -164,13 +164,14 @@ def cut_below(epsilon: float, eta: bool = False) -> LogitsProcessor:
     """Truncation sampling (Hewitt et al. 2022): drop tokens less likely than epsilon (transformers'
     epsilon_cutoff) or, with `eta`, than min(epsilon, sqrt(epsilon) * exp(-entropy)) (eta_cutoff); the most
     likely token always stays."""
+    root = torch.tensor(epsilon, dtype=torch.float32).sqrt()  # in float32, as transformers rounds it
+
     def apply(input_ids: Tensor, scores: Tensor) -> Tensor:
         probs = scores.softmax(-1)
         threshold = torch.full_like(probs[:, :1], epsilon)
         if eta:
             entropy = torch.distributions.Categorical(logits=scores).entropy()[:, None]
-            root = torch.tensor(epsilon, dtype=torch.float32, device=scores.device).sqrt()  # as transformers rounds
-            threshold = torch.minimum(threshold, root * torch.exp(-entropy))
+            threshold = torch.minimum(threshold, root.to(scores.device) * torch.exp(-entropy))
         remove = (probs < threshold) & (scores < scores.amax(-1, keepdim=True))
         return scores.masked_fill(remove, float("-inf"))
     return apply

@@ -156,9 +156,10 @@ class SpeculativeGenerator(TokenGenerator):
         return guesses, probs
 
     def _check(self, end: int, generated: int, guesses: list[int], guess_probs: list[Tensor] | None
-               ) -> tuple[list[int], int, Tensor, Tensor]:
+               ) -> tuple[list[int], int, Tensor | None, Tensor]:
         """One pass of the model over the last token and the guesses: the tokens it adds (the guesses kept, then its
-        own), how many guesses it kept, and the processed scores and raw logits (float32) of each added token."""
+        own), how many guesses it kept, and the processed scores (when output_scores asks for them) and raw logits
+        (float32) of each added token."""
         with inference(self.model):
             out = self.model(self.tokens[:, self.cache.length:end + len(guesses)], past_key_values=self.cache,
                              logits_to_keep=len(guesses) + 1)
@@ -192,7 +193,7 @@ class SpeculativeGenerator(TokenGenerator):
             if token != guess:
                 break
         kept = len(new) - 1
-        return new, kept, torch.cat(all_scores), logits[:len(new)]
+        return new, kept, torch.cat(all_scores) if self.scores is not None else None, logits[:len(new)]
 
     def _adapt(self, kept: int, guessed: int) -> None:
         """transformers' heuristic schedules: two more guesses after a round that kept all, one fewer otherwise."""

@@ -429,7 +429,8 @@ class GPT2Tokenizer:
         self._source = source  # how to rebuild this tokenizer (pickling into worker processes)
         # Added tokens that are not special (transformers' add_tokens): matched wherever they occur in a text.
         self._text_tokens = text_tokens
-        self._added: tuple[tuple[str, bool], ...] = ()  # (token, special) added since loading, in id order
+        self._added: tuple[tuple[str, bool], ...] = ()  # (token, special) added to the source files, in id order
+        self._loaded = 0  # how many of those the directory it was loaded from added (added_tokens.json, roles)
         self._splitters: dict[str | frozenset[str], list[regex.Pattern] | None] = {}  # see _splitters_for
         if eos_token not in encoding.special_tokens_set:
             raise TokenizerError(f"EOS token {eos_token!r} is not a special token of {encoding.name!r}")
@@ -528,7 +529,7 @@ class GPT2Tokenizer:
 
     def __reduce__(self):
         roles = {role: getattr(self, role) for role in ROLES if role != "pad_token"}  # pad by id: it may be any
-        return (_rebuild, (self._source, self._added, roles, self.pad_token_id, self.padding_side,
+        return (_rebuild, (self._source, self._added, self._loaded, roles, self.pad_token_id, self.padding_side,
                            self.truncation_side, self.model_max_length, self.chat_template))
 
     # ---- added tokens (transformers' add_tokens / add_special_tokens) ----------------------------------------
@@ -560,6 +561,7 @@ class GPT2Tokenizer:
             for role, token in roles.items():
                 self.add_tokens(token, special_tokens=True)
                 self._set_role(role, token)
+            self._loaded = len(self._added)
         except TokenizerError:  # already names its file
             raise
         except ValueError as err:
@@ -896,8 +898,9 @@ class GPT2Tokenizer:
 
     @property
     def added_since_loading(self) -> list[str]:
-        """The tokens add_tokens / add_special_tokens gave new ids, in id order."""
-        return [token for token, _ in self._added]
+        """The tokens add_tokens / add_special_tokens gave new ids since loading, in id order (not those of the
+        directory's own added_tokens.json)."""
+        return [token for token, _ in self._added[self._loaded:]]
 
     @property
     def ordinary_added_tokens(self) -> frozenset[str]:
@@ -1041,11 +1044,12 @@ def _add_runs(tokenizer: GPT2Tokenizer, tokens: Sequence[tuple[str, bool]]) -> N
         tokenizer.add_tokens([token for token, _ in run], special_tokens=special)
 
 
-def _rebuild(source: tuple[str, ...], added: tuple[tuple[str, bool], ...], roles: dict[str, str], pad_token_id: int,
-             padding_side: str, truncation_side: str, model_max_length: int,
+def _rebuild(source: tuple[str, ...], added: tuple[tuple[str, bool], ...], loaded: int, roles: dict[str, str],
+             pad_token_id: int, padding_side: str, truncation_side: str, model_max_length: int,
              chat_template: str | None) -> GPT2Tokenizer:
     tok = GPT2Tokenizer._from_source(source)
     _add_runs(tok, added)
+    tok._loaded = loaded
     for role, token in roles.items():
         tok._set_role(role, token)
     tok.pad_token_id, tok.padding_side, tok.truncation_side = pad_token_id, padding_side, truncation_side

@@ -158,7 +158,6 @@ def resume_candidates(out_dir: str | os.PathLike, resume: str) -> list[Path]:
         if not path.is_dir():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint directory")
         return [path]
-    restore_interrupted_swaps(out_dir)
     return list(reversed(list_checkpoints(out_dir)))
 
 

@@ -56,8 +56,8 @@ from ..quantization import check_trainable
 from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
 from . import lora as lora_lib
 from .checkpoints import (CHECKPOINTS_DIR, DCP_DIR, STATE_DIR, find_resume_checkpoint, hash_files, prune_checkpoints,
-                          remove_checkpoints_after, resume_candidates, rewrite_trainer_state, verify_checkpoint,
-                          write_manifest)
+                          remove_checkpoints_after, restore_interrupted_swaps, resume_candidates, rewrite_trainer_state,
+                          verify_checkpoint, write_manifest)
 from .config import DataArgs, RunConfig, load_config as load_run_config, save_config
 from .distributed_checkpoint import (gather_full_state, load_distributed_checkpoint, load_full_state,
                                      save_distributed_checkpoint, unwrap)
@@ -165,7 +165,7 @@ def _resume_option(resume: str | None, resume_from_checkpoint: bool | str | None
         resume = "auto" if resume_from_checkpoint is True else str(resume_from_checkpoint)
     resume = resume or configured
     if resume not in (None, "auto"):
-        resume_candidates(".", resume)
+        resume_candidates(".", resume)  # a path is checked alone (no out_dir is read)
     return resume
 
 
@@ -1041,6 +1041,7 @@ class Trainer:
         candidates, error = None, None
         if self.is_main:
             try:
+                restore_interrupted_swaps(self.out_dir)  # a checkpoint a kill took out of its place is one
                 candidates = resume_candidates(self.out_dir, resume)
             except (OSError, ValueError) as err:
                 error = err
