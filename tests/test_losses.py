@@ -67,6 +67,28 @@ def test_softmax_in_several_slices_of_a_chunk_equals_the_reference(monkeypatch, 
     check_against_reference(*inputs(4), 16, dtype)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_target_far_below_the_best_logit_keeps_a_finite_exact_loss(fused, dtype):
+    """The loss is -log(softmax[target]), except where that probability underflows float32 (a target logit
+    200 below the others: exp(-200) is 0 in float32, its log -inf): then log-sum-exp - logit, as F.cross_entropy."""
+    hidden, weight, targets = inputs(5)
+    weight[targets[7]] = -hidden[7] * (200 / hidden[7].square().sum())  # target logit -200 in row 7
+    weight[targets[9]] = -hidden[9] * (90 / hidden[9].square().sum())  # -90: p about 1e-39, a float32 subnormal
+    ref, _, _ = reference(hidden, weight, targets)
+    per_row = F.cross_entropy(hidden.double() @ weight.double().T, targets, reduction="none")
+    assert per_row[7] > 199 and 89 < per_row[9] < 100
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        if fused:
+            loss = linear_cross_entropy(h, w, targets, chunk_rows=16)
+        else:
+            loss = lm_loss((h @ w.T)[None], targets[None], chunk_elements=16 * V)
+    loss.backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6 if dtype == torch.float32 else 0.02)
+
+
 @pytest.mark.parametrize("vocab", [101, 128, 129])  # padded to 128, not padded, padded to 256
 def test_vocabulary_padding_inside_the_loss_is_invisible(vocab):
     g = torch.Generator().manual_seed(3)

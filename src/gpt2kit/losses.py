@@ -31,6 +31,7 @@ SLICE_ELEMENTS = 2 ** 23
 # odd matrix sizes fall off the GEMM kernels' fast tiles (measured here: the float32 LM-head matmuls of a training
 # step 25 % faster; nanoGPT reports the same on GPUs). The padding exists only inside the loss.
 VOCAB_MULTIPLE = 128
+UNDERFLOW_LOG_PROBABILITY = -100 * math.log(2)  # see _softmax_loss
 FLOAT16_PRODUCT_LIMIT = 2.0 ** 14  # a float16 chunk product stays below this bound (float16's max is 65504)
 
 
@@ -53,12 +54,21 @@ def _scored(targets: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
     return valid, valid.sum(), targets.unsqueeze(1).masked_fill(~valid, 0)
 
 
-def _log_softmax_loss(logits: Tensor, targets: Tensor, valid: Tensor,
-                      out: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """float32 log-probabilities of a chunk of rows (written into `out` when given) and the chunk's summed loss
-    over its valid rows, in float64: exact however many chunks are added up."""
-    log_probs = torch.log_softmax(logits, -1, dtype=torch.float32, out=out)
-    return log_probs, -(log_probs.gather(1, targets) * valid).sum(dtype=torch.float64)
+def _softmax_loss(logits: Tensor, vocab: int, targets: Tensor, valid: Tensor,
+                  out: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 softmax of a slice of rows over their first `vocab` columns (padded columns after them get 0),
+    written into `out`, and the slice's summed loss -log p[target] over its valid rows, in float64. One pass of
+    exponentials where log_softmax followed by exp takes two; a target probability too small for its logarithm to
+    keep float32's precision (below 2^-100, a loss above 69) is scored as log-sum-exp - logit instead."""
+    probs = out.copy_(logits)
+    probs[:, vocab:] = float("-inf")
+    probs = torch.softmax(probs, -1, out=probs)
+    log_probs = probs.gather(1, targets).log_()
+    tiny = (log_probs < UNDERFLOW_LOG_PROBABILITY).squeeze(1)
+    if tiny.any():
+        scores = logits[tiny, :vocab].float()
+        log_probs[tiny] = scores.gather(1, targets[tiny]) - scores.logsumexp(1, keepdim=True)
+    return probs, -(log_probs * valid).sum(dtype=torch.float64)
 
 
 def _mean(total: Tensor, n_valid: Tensor) -> Tensor:
@@ -79,16 +89,18 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         # float32 logits: work directly in the gradient's rows, saving a copy of the chunk.
         in_place = grad is not None and grad.dtype == torch.float32
+        float_buffer = None if in_place else scratch_buffer(
+            "chunk", (min(chunk_rows, logits.shape[0]), logits.shape[1]), torch.float32, logits.device)
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
         for start in range(0, logits.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            log_probs, loss = _log_softmax_loss(logits[rows], targets[rows], valid[rows],
-                                                out=grad[rows] if in_place else None)
+            chunk = logits[rows]
+            probs, loss = _softmax_loss(chunk, chunk.shape[1], targets[rows], valid[rows],
+                                        grad[rows] if in_place else float_buffer[:chunk.shape[0]])
             total += loss
-            if grad is not None:
-                # softmax / n_valid as one exp: exp(log_p + log(1/n)); ignored rows get log(0) = -inf -> 0.
+            if grad is not None:  # (softmax - one_hot) / n_valid; ignored rows 0
                 scale = valid[rows] / n_valid.clamp(min=1)
-                probs = log_probs.add_(scale.log()).exp_().scatter_add_(1, targets[rows], -scale)
+                probs.mul_(scale).scatter_add_(1, targets[rows], -scale)
                 if not in_place:
                     grad[rows] = probs
         ctx.save_for_backward(grad)
@@ -182,15 +194,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden, dtype=hidden_dtype) if want_hidden else None
         grad_weight = None
         # Scratch buffers reused by every chunk (see scratch_buffer): the chunk's logits in the matmuls' dtype,
-        # which become g in place; a float32 slice for the softmax of low-precision logits; the weight gradient's
-        # product in the matmuls' dtype and, from a second chunk on, its float32 upcast (on CPU, adding a
-        # low-precision tensor to a float32 one would make a fresh float32 copy of it; CUDA casts in-kernel).
+        # which become g; a float32 slice for the softmax (the logits stay intact to score an underflowed target);
+        # the weight gradient's product in the matmuls' dtype and, from a second chunk on, its float32 upcast (on
+        # CPU, adding a low-precision tensor to a float32 one would make a fresh float32 copy of it; CUDA casts
+        # in-kernel).
         low_precision = dtype != torch.float32
         logits_buffer = scratch_buffer("logits", (min(chunk_rows, hidden.shape[0]), weight.shape[0]), dtype,
                                        device)
         slice_rows = max(1, SLICE_ELEMENTS // weight.shape[0])
         float_buffer = scratch_buffer("float", (min(slice_rows, logits_buffer.shape[0]), weight.shape[0]),
-                                      torch.float32, device) if low_precision else None
+                                      torch.float32, device)
         total = torch.zeros((), dtype=torch.float64, device=device)
         with torch.autocast(device_type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_rows):
@@ -200,14 +213,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 for at in range(0, x.shape[0], slice_rows):
                     part = logits[at:at + slice_rows]
                     chunk_part = slice(start + at, start + at + part.shape[0])
-                    log_probs = float_buffer[:part.shape[0]].copy_(part) if low_precision else part
-                    log_probs[:, vocab:] = float("-inf")  # padded columns: probability 0, gradient 0
-                    _, loss = _log_softmax_loss(log_probs, targets[chunk_part], valid[chunk_part], out=log_probs)
+                    probs, loss = _softmax_loss(part, vocab, targets[chunk_part], valid[chunk_part],
+                                                float_buffer[:part.shape[0]])
                     total += loss
                     if want_hidden or want_weight:  # g = softmax - one_hot, in the matmuls' dtype
-                        g = log_probs.exp_().scatter_add_(1, targets[chunk_part], -valid[chunk_part].float())
-                        if low_precision:
-                            part.copy_(g)
+                        part.copy_(probs.scatter_add_(1, targets[chunk_part], -valid[chunk_part].float()))
                 if want_hidden:
                     grad_hidden[rows] = mm(logits, weight) * scale[rows]
                 if want_weight:
