@@ -87,7 +87,8 @@ def test_roles_and_bad_input(tmp_path):
     assert (tok.eos_token_id, tok.bos_token_id, tok.unk_token_id) == (50257, 50258, 50256)
     tok.save_pretrained(tmp_path / "t")
     again = GPT2Tokenizer.from_file(tmp_path / "t")
-    assert (again.eos_token, again.bos_token, again.pad_token_id) == ("<|im_end|>", "<|im_start|>", 50256)
+    assert (again.eos_token, again.bos_token, again.pad_token_id) == ("<|im_end|>", "<|im_start|>", 50257)
+    assert "pad_token" not in json.loads((tmp_path / "t" / "tokenizer_config.json").read_text())  # unset: EOS pads
     with pytest.raises(ValueError, match="unknown key 'sep_token'"):
         tok.add_special_tokens({"sep_token": "<sep>"})
     with pytest.raises(ValueError, match="non-empty strings"):
@@ -98,6 +99,28 @@ def test_roles_and_bad_input(tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "pad_token": {"id": 3}}))
     with pytest.raises(TokenizerError, match=r"tokenizer_config.json: a token must be a string or an AddedToken"):
         GPT2Tokenizer.from_file(tmp_path / "t")
+
+
+def test_a_pad_token_set_to_the_eos_token_is_saved_for_transformers(tmp_path):
+    """`tok.pad_token = tok.eos_token`, the usual line for GPT-2: padding used the EOS id already, and now the saved
+    tokenizer names it, so transformers' tokenizer pads batches too; unset, GPT-2 has no pad token, as in
+    transformers."""
+    tok = GPT2Tokenizer.gpt2()
+    tok.save_pretrained(tmp_path / "unset")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "unset").pad_token is None
+    tok.pad_token = tok.eos_token
+    assert tok.pad_token_id == 50256
+    for copy in (tok, pickle.loads(pickle.dumps(tok))):
+        copy.save_pretrained(tmp_path / "set")
+        theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "set")
+        assert (theirs.pad_token, theirs.pad_token_id) == ("<|endoftext|>", 50256)
+        assert theirs(["a", "a b c"], padding=True)["input_ids"][0] == tok(["a", "a b c"], padding=True)["input_ids"][0]
+    again = GPT2Tokenizer.from_file(tmp_path / "set")
+    again.add_special_tokens({"eos_token": "<|im_end|>"})
+    assert again.pad_token_id == 50256  # set: it stays when EOS changes
+    tok = GPT2Tokenizer.gpt2()
+    tok.add_special_tokens({"eos_token": "<|im_end|>"})
+    assert tok.pad_token_id == tok.eos_token_id == 50257  # unset: padding follows EOS
 
 
 @pytest.mark.parametrize("tied", [True, False])

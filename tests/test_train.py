@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from torch.utils.data import Dataset
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
@@ -330,6 +331,10 @@ def test_text_classification_learns_an_easy_task(tmp_path):
     assert json.loads((final / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
     assert Trainer(task="text_classification", model=str(final)).evaluate(dev)["val_accuracy"] == \
         pytest.approx(summary["val_accuracy"])
+    # transformers' pipeline batches the saved classifier: its tokenizer names a pad token (the EOS one).
+    texts = ["the movie was wonderful", "the plot was terrible and the acting was boring"]
+    theirs = transformers.pipeline("text-classification", model=str(final), batch_size=2)(texts)
+    assert [r["label"] for r in theirs] == trainer.predict(texts)
 
 
 def test_keep_best_keeps_the_model_of_the_lowest_validation_loss(tmp_path, monkeypatch):

@@ -439,7 +439,7 @@ class GPT2Tokenizer:
         # GPT-2 uses <|endoftext|> as BOS and UNK too (byte-level BPE never needs an unknown token).
         self.bos_token, self.bos_token_id = self.eos_token, self.eos_token_id
         self.unk_token, self.unk_token_id = self.eos_token, self.eos_token_id
-        self.pad_token_id = self.eos_token_id if pad_token_id is None else pad_token_id
+        self._pad_token_id = pad_token_id  # None: pad with the EOS id, and name no pad token when saving
         self.padding_side = "right"
         self.truncation_side = "right"
         # What truncation=True and padding="max_length" use without a max_length: GPT-2's context, as the
@@ -529,7 +529,7 @@ class GPT2Tokenizer:
 
     def __reduce__(self):
         roles = {role: getattr(self, role) for role in ROLES if role != "pad_token"}  # pad by id: it may be any
-        return (_rebuild, (self._source, self._added, self._loaded, roles, self.pad_token_id, self.padding_side,
+        return (_rebuild, (self._source, self._added, self._loaded, roles, self._pad_token_id, self.padding_side,
                            self.truncation_side, self.model_max_length, self.chat_template))
 
     # ---- added tokens (transformers' add_tokens / add_special_tokens) ----------------------------------------
@@ -673,7 +673,7 @@ class GPT2Tokenizer:
         config = {"tokenizer_class": "GPT2Tokenizer" if "vocab.json" in written else "PreTrainedTokenizerFast",
                   "eos_token": self.eos_token, "bos_token": self.bos_token, "unk_token": self.unk_token,
                   "model_max_length": self.model_max_length, "add_prefix_space": False}
-        if self.pad_token_id != self.eos_token_id:  # GPT-2 pads with EOS unless told otherwise (see __init__)
+        if self._pad_token_id is not None:  # set, even to the EOS token: transformers then has a pad token to batch
             config["pad_token"] = self.pad_token
         # The chat format, gpt2kit's plain one included, so that transformers' apply_chat_template writes what
         # gpt2kit's chat does: in the config (older transformers) and in its own file (transformers 5 reads it first).
@@ -888,12 +888,23 @@ class GPT2Tokenizer:
 
     # ---- transformers' names for tokens as strings (byte-level: " world" is "Ġworld") --------------------------
     @property
+    def pad_token_id(self) -> int:
+        """The id padding fills rows with: the pad token's when one is set (`pad_token`, `pad_token_id`,
+        add_special_tokens or a saved tokenizer_config.json), else the EOS id, as GPT-2 has no pad token."""
+        return self.eos_token_id if self._pad_token_id is None else self._pad_token_id
+
+    @pad_token_id.setter
+    def pad_token_id(self, token_id: int | None) -> None:
+        self._pad_token_id = token_id
+
+    @property
     def pad_token(self) -> str:
         return self.convert_ids_to_tokens(self.pad_token_id)
 
     @pad_token.setter
     def pad_token(self, token: str) -> None:
-        """`tok.pad_token = tok.eos_token`, the usual line for GPT-2 (whose pad_token_id is already the EOS id)."""
+        """`tok.pad_token = tok.eos_token`, the usual line for GPT-2: padding already uses the EOS id, and now a
+        saved tokenizer names it as its pad token too (transformers pads batches only with one)."""
         self._set_role("pad_token", token)
 
     @property
@@ -1045,7 +1056,7 @@ def _add_runs(tokenizer: GPT2Tokenizer, tokens: Sequence[tuple[str, bool]]) -> N
 
 
 def _rebuild(source: tuple[str, ...], added: tuple[tuple[str, bool], ...], loaded: int, roles: dict[str, str],
-             pad_token_id: int, padding_side: str, truncation_side: str, model_max_length: int,
+             pad_token_id: int | None, padding_side: str, truncation_side: str, model_max_length: int,
              chat_template: str | None) -> GPT2Tokenizer:
     tok = GPT2Tokenizer._from_source(source)
     _add_runs(tok, added)

@@ -519,6 +519,8 @@ class Trainer:
                              " (model.config.vocab_size); for a tokenizer with added tokens, pass the model after "
                              "model.resize_token_embeddings(len(tokenizer))")
         if self.config.task == "text_classification":
+            # Named in the saved tokenizer: transformers' classification pipeline pads a batch only with a pad token.
+            tokenizer.pad_token_id = tokenizer.pad_token_id
             train = self._datasets["train"]
             num_labels = getattr(train, "num_labels", config.num_labels)
             id2label = getattr(train, "id2label", None)
