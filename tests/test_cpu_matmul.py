@@ -61,6 +61,34 @@ def test_linear_forward_and_backward_equal_a_float64_reference(onednn, x_shape, 
         torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_higher_order_and_transformed_gradients_equal_nn_linears(onednn):
+    """Hessian-vector products (a backward with create_graph), torch.func.grad and forward-mode AD through the
+    layer: as nn.Linear's (the oneDNN backward once returned gradients autograd could not follow: zero Hv)."""
+    from torch.autograd import forward_ad
+
+    from gpt2kit.cpu_matmul import Linear
+
+    torch.manual_seed(0)
+    ours, reference = Linear(16, 8), torch.nn.Linear(16, 8)
+    reference.load_state_dict(ours.state_dict())
+    x, v = torch.randn(4, 16), torch.randn(4, 16)
+    results = []
+    for layer in (ours, reference):
+        leaf = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(layer(leaf).tanh().sum(), leaf, create_graph=True)
+        (hv,) = torch.autograd.grad((grad * v).sum(), leaf, retain_graph=True)
+        layer.zero_grad()
+        grad.square().sum().backward()
+        per_parameter = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).square().sum())(
+            dict(layer.named_parameters()))
+        with forward_ad.dual_level():
+            tangent = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, v))).tangent
+        results.append((hv, layer.weight.grad, per_parameter["weight"], tangent))
+    assert results[0][0].abs().max() > 0.1
+    for mine, theirs in zip(*results):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_mm_and_weight_gradient_equal_torch_mm(onednn):
     torch.manual_seed(0)
     a, b, x = torch.randn(6, 30), torch.randn(30, 50), torch.randn(6, 20)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _ENV = "GPT2KIT_FLOAT32_MATMUL"
@@ -83,10 +84,12 @@ def _dense(tensor: Tensor) -> bool:
 
 def _applies(*tensors: Tensor) -> bool:
     """oneDNN takes these float32 CPU tensors: plain (not DTensors or other subclasses), non-empty and dense (see
-    _dense), outside autocast and outside code being traced (torch.compile, torch.export, the ONNX exporter) or
-    watched by a dispatch mode (FlopCounterMode, fake tensors), which should see PyTorch's own ops."""
+    _dense), outside autocast and outside code being traced (torch.compile, torch.export, the ONNX exporter),
+    transformed (torch.func's grad, vmap, jvp; forward-mode AD) or watched by a dispatch mode (FlopCounterMode, fake
+    tensors), which should see PyTorch's own ops."""
     return (not torch.jit.is_tracing() and not torch.compiler.is_compiling() and use_onednn_float32()
             and _get_current_dispatch_mode() is None and not torch.is_autocast_enabled("cpu")
+            and torch._C._functorch.peek_interpreter_stack() is None and forward_ad._current_level < 0
             and all(is_plain(t) and t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() > 0
                     and _dense(t) for t in tensors))
 
@@ -124,10 +127,14 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1])
+        grad, rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
         want_x, want_weight, want_bias = ctx.needs_input_grad
-        grad_x = onednn_linear(grad, weight.T).view(x.shape) if want_x else None
-        grad_weight = weight_gradient(grad, x.reshape(-1, x.shape[-1])) if want_weight else None
+        if torch.is_grad_enabled():  # create_graph=True (Hessian-vector products): products autograd can follow
+            grad_x = linear(grad, weight.T).view(x.shape) if want_x else None
+            grad_weight = linear(grad.T, rows.T) if want_weight else None
+        else:
+            grad_x = onednn_linear(grad, weight.T).view(x.shape) if want_x else None
+            grad_weight = weight_gradient(grad, rows) if want_weight else None
         grad_bias = grad.sum(0) if want_bias and ctx.has_bias else None
         return grad_x, grad_weight, grad_bias
 
