@@ -255,6 +255,8 @@ def test_config_errors_name_the_problem():
         GPT2Config.from_dict({"n_layers": 2})
     with pytest.raises(ValueError, match="divisible"):
         GPT2Config(n_embd=100, n_head=3)
+    with pytest.raises(ValueError, match="tie_word_embeddings must be true or false, got 'false'"):
+        GPT2Config.from_dict({"tie_word_embeddings": "false"})  # a string would read as true
 
 
 def test_config_json_round_trip(tmp_path, tiny_config):

@@ -14,12 +14,12 @@ from gpt2kit.nanogpt import read_nanogpt
 ARGS = dict(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=50304, dropout=0.0, bias=True)
 
 
-def nanogpt_checkpoint(path, *, bias=True, compiled=True, mask=True):
+def nanogpt_checkpoint(path, *, bias=True, compiled=True, mask=True, vocab_size=50304):
     """What nanoGPT's train.py saves, built from a gpt2kit model of the same shape (the parameter names are
     nanoGPT's): its state dict (compiled: "_orig_mod." names; older versions: a causal-mask buffer per layer),
     model_args, the optimizer and the run's config."""
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=50304,
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=vocab_size,
                                        activation_function="gelu"))  # nanoGPT's nn.GELU(): exact
     state = model.state_dict()
     if not bias:
@@ -29,7 +29,7 @@ def nanogpt_checkpoint(path, *, bias=True, compiled=True, mask=True):
     if mask:
         state.update({f"transformer.h.{i}.attn.bias": torch.ones(1, 1, 32, 32).tril() for i in range(2)})
     prefix = "_orig_mod." if compiled else ""
-    torch.save({"model": {prefix + k: v for k, v in state.items()}, "model_args": {**ARGS, "bias": bias},
+    torch.save({"model": {prefix + k: v for k, v in state.items()}, "model_args": {**ARGS, "bias": bias, "vocab_size": vocab_size},
                 "optimizer": torch.optim.AdamW(model.parameters()).state_dict(), "iter_num": 100,
                 "best_val_loss": torch.tensor(3.2), "config": {"dataset": "shakespeare", "learning_rate": 6e-4}},
                path)
@@ -50,6 +50,14 @@ def test_a_nanogpt_checkpoint_converts_to_the_same_network(tmp_path, bias):
     assert ours.config.n_positions == 32 and ours.config.tie_word_embeddings
     assert ours.config.activation_function == "gelu" and theirs.config.activation_function == "gelu"
     assert GPT2Tokenizer.from_file(tmp_path / "hf").vocab_size == 50257  # GPT-2's vocabulary comes along
+
+
+def test_a_larger_vocabulary_than_gpt2s_gets_no_gpt2_tokenizer(tmp_path):
+    """A nanoGPT run on another tokenizer's ids (cl100k_base's, padded to 100352) must not get GPT-2's files."""
+    nanogpt_checkpoint(tmp_path / "ckpt.pt", vocab_size=100352)
+    assert main(["convert", "--from-nanogpt", str(tmp_path), "--output", str(tmp_path / "hf")]) == 0
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "hf").config.vocab_size == 100352
+    assert not any((tmp_path / "hf" / name).exists() for name in ("tokenizer.json", "vocab.json", "merges.txt"))
 
 
 def test_bad_nanogpt_checkpoints_are_one_clear_error(tmp_path, capsys):

@@ -210,20 +210,24 @@ def test_data_parallel_classification_is_the_single_process_run(tmp_path):
 PREDICT_AFTER_TRAINING = """
 import json
 import sys
+import torch
 import torch.distributed as dist
 from gpt2kit.training import Trainer, load_config
 trainer = Trainer(args=load_config(sys.argv[1], [("train.max_steps", "1"), ("optim.warmup_steps", "0"),
                                                     ("sample.prompt", "null")]))
 trainer.train()
+torch.manual_seed(dist.get_rank())  # as after batches of other widths with dropout: the ranks' states differ
 texts = trainer.predict(["I had", "The"], max_new_tokens=6, do_sample=True)
 (trainer.out_dir / f"predict-rank{dist.get_rank()}.json").write_text(json.dumps(texts))
 """
 
 
-def test_predict_after_tensor_parallel_training(tmp_path, corpus):
-    """A tensor-parallel rank holds some of the heads: predict runs without the KV cache (sized for all) and
-    samples with rank 0's seed, so both ranks return the same texts."""
-    config = write_config(tmp_path, corpus, "tp-predict", data=1, tensor=-1)
+@pytest.mark.parametrize("layout", [{"tensor": -1}, {"shard": -1}], ids=["tensor", "fsdp"])
+def test_predict_after_sharded_training(tmp_path, corpus, layout):
+    """A tensor-parallel rank holds some of the heads, an FSDP rank some of each weight: predict runs without the
+    KV cache (sized for all) and samples with rank 0's seed, so both ranks return the same texts (each forward is
+    collective) whatever their own random states."""
+    config = write_config(tmp_path, corpus, "tp-predict", data=1, **layout)
     script = tmp_path / "predict.py"
     script.write_text(PREDICT_AFTER_TRAINING)
     result = subprocess.run([*TORCHRUN, str(script), str(config)], capture_output=True, text=True, env=ENV,
@@ -254,7 +258,7 @@ def test_tensor_parallel_training_with_dropout_resumes_exactly(tmp_path, corpus)
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert set(resumed) == {4, 5, 6} and resumed == {step: whole[step] for step in resumed}  # bit for bit
 
-def test_fsdp_resumes_a_single_process_checkpoint(tmp_path, corpus, single):
+def test_fsdp_resumes_a_single_process_checkpoint(tmp_path, corpus, single, monkeypatch):
     config = write_config(tmp_path, corpus, "fsdp", data=1, shard=-1)
     result = torchrun("train", "--config", str(config), "--resume", str(single / "checkpoints" / "step-00000003"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -271,3 +275,6 @@ def test_fsdp_resumes_a_single_process_checkpoint(tmp_path, corpus, single):
     for key, tensor in GPT2LMHeadModel.from_pretrained(merged).state_dict().items():
         assert torch.equal(tensor, final[key]), key
     assert has_tokenizer_files(merged)  # the run's tokenizer, from the checkpoint directory
+    monkeypatch.chdir(tmp_path / "fsdp" / "checkpoints" / "step-00000006" / "training_state")
+    assert main(["convert", "--from-dcp", "dcp", "--output", str(tmp_path / "relative")]) == 0
+    assert has_tokenizer_files(tmp_path / "relative")  # found from a relative path too

@@ -67,6 +67,10 @@ class GPT2Config:
             value = getattr(self, name)
             if not (type(value) in (int, float) and 0 <= value < 1):
                 raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                     "tie_word_embeddings"):
+            if type(getattr(self, name)) is not bool:  # "false" would read as true
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (type(self.layer_norm_epsilon) in (int, float) and self.layer_norm_epsilon > 0):
             raise ValueError(f"layer_norm_epsilon must be a number > 0, got {self.layer_norm_epsilon!r}")
         if self.n_embd % self.n_head:

@@ -24,6 +24,7 @@ from .tokenizer import GPT2Tokenizer
 CHECKPOINT_NAME = "ckpt.pt"
 _SHAPE_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
 _COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper, in the names of a model saved compiled
+NANOGPT_PADDED_VOCAB = 50304  # nanoGPT pads GPT-2's 50257 ids to a multiple of 64
 _MASK_BUFFER = ".attn.bias"  # the causal mask older nanoGPT registers when flash attention is missing
 
 
@@ -87,5 +88,6 @@ def nanogpt_to_pretrained(checkpoint: str | os.PathLike, output: str | os.PathLi
     directory that gpt2kit, transformers and llama.cpp's converter load; GPT-2's tokenizer files come along for
     a model of GPT-2's vocabulary."""
     model, gpt2 = read_nanogpt(checkpoint), GPT2Tokenizer.gpt2()
-    tokenizer = gpt2 if model.config.vocab_size >= gpt2.vocab_size else None
+    # A larger vocabulary than nanoGPT's padded GPT-2 one is another tokenizer's: none is written.
+    tokenizer = gpt2 if gpt2.vocab_size <= model.config.vocab_size <= NANOGPT_PADDED_VOCAB else None
     return save_pretrained(model, output, max_shard_size=max_shard_size, tokenizer=tokenizer)

@@ -324,7 +324,7 @@ def dcp_to_pretrained(dcp_dir: str | os.PathLike, output: str | os.PathLike, *,
 
     from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    dcp_dir = Path(dcp_dir)
+    dcp_dir = Path(dcp_dir).resolve()  # a relative "dcp" still finds the run's training_state/ and tokenizer
     if not (dcp_dir / METADATA_NAME).is_file():
         raise CheckpointError(f"{dcp_dir}: not a distributed checkpoint (no {METADATA_NAME})")
     candidates = [Path(config)] if config is not None else [dcp_dir / CONFIG_NAME, dcp_dir.parent / CONFIG_NAME]

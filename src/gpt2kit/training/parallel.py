@@ -176,7 +176,7 @@ class ParallelState:
 
     def shared_seed(self, seed: int | None) -> int:
         """Collective: rank 0's `seed` (drawn there when None) on every rank, so ranks that must sample the same
-        tokens (tensor parallelism) draw the same random numbers."""
+        tokens (a sharded model's collective forward passes) draw the same random numbers."""
         return self.broadcast(random.randrange(2 ** 63) if seed is None else seed)
 
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:

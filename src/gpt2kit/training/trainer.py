@@ -927,12 +927,12 @@ class Trainer:
 
         tokenizer = self._get_tokenizer()
         options = text_options(tokenizer, self.model.config.vocab_size, options)
-        if self.parallel.config.tensor > 1:  # every rank of the group calls this (the model is sharded)
-            options.update(seed=self.parallel.shared_seed(options.get("seed")))
         if self._sharded:
-            # No KV cache: its size and dtype come from the local shards (a TP rank holds some of the heads,
-            # FSDP's bf16 compute writes bf16 keys beside float32 shards).
-            options.update(use_cache=False)
+            # Every rank calls this and each forward is collective, so all must sample the same tokens: one seed
+            # (their random states differ after batches of other widths). No KV cache: its size and dtype come
+            # from the local shards (a TP rank holds some of the heads, FSDP's bf16 compute writes bf16 keys
+            # beside float32 shards).
+            options.update(seed=self.parallel.shared_seed(options.get("seed")), use_cache=False)
         ids = torch.tensor([tokenizer.encode(text)], device=self.device)
         self.model.eval()
         out = generate(self.model, ids, **options)
