@@ -29,7 +29,8 @@ def nanogpt_checkpoint(path, *, bias=True, compiled=True, mask=True, vocab_size=
     if mask:
         state.update({f"transformer.h.{i}.attn.bias": torch.ones(1, 1, 32, 32).tril() for i in range(2)})
     prefix = "_orig_mod." if compiled else ""
-    torch.save({"model": {prefix + k: v for k, v in state.items()}, "model_args": {**ARGS, "bias": bias, "vocab_size": vocab_size},
+    args = {**ARGS, "bias": bias, "vocab_size": vocab_size}
+    torch.save({"model": {prefix + k: v for k, v in state.items()}, "model_args": args,
                 "optimizer": torch.optim.AdamW(model.parameters()).state_dict(), "iter_num": 100,
                 "best_val_loss": torch.tensor(3.2), "config": {"dataset": "shakespeare", "learning_rate": 6e-4}},
                path)

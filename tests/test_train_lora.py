@@ -1,6 +1,7 @@
 """LoRA: only adapters train, adapters save alone (in PEFT's layout), merge preserves outputs, resume is exact."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,18 @@ def test_only_adapters_train_and_save_alone_and_merge_preserves_outputs(tmp_path
     save_adapter(model, final)
     assert (final / "notes.md").read_text() == "mine"
     assert load_weight_file(final / "adapter_model.safetensors").keys() == adapter.keys()
+    # A whole model saved over the adapters replaces them (transformers with peft would load base + adapters), and
+    # adapters saved over a whole model replace it (loaders would read it instead of them).
+    plain.save_pretrained(final)
+    assert not any(name.startswith("adapter_") or name == "model_config.json" for name in os.listdir(final))
+    def c_attn(directory):  # a weight the adapters change
+        return GPT2LMHeadModel.from_pretrained(directory).transformer.h[0].attn.c_attn.weight
+
+    assert torch.equal(c_attn(final), plain.transformer.h[0].attn.c_attn.weight)
+    save_adapter(model, final)
+    assert not (final / "config.json").exists() and not (final / "model.safetensors").exists()
+    assert torch.equal(c_attn(final), merged.transformer.h[0].attn.c_attn.weight)
+    assert (final / "notes.md").read_text() == "mine"
 
 
 def test_adapters_load_into_transformers_gpt2_with_peft(tmp_path, base_dir):
@@ -257,6 +270,19 @@ def test_the_tied_head_is_no_lora_target(tmp_path, base_dir):
     config.lora.target_modules = ["c_attn", "lm_head"]
     with pytest.raises(ValueError, match=r"\['lm_head'\] is the tied embedding"):
         Trainer(args=config, train_dataset=Sequences()).finetune()
+
+
+def test_a_classifiers_embedding_is_a_lora_target_and_a_bad_adapter_config_is_named(tmp_path):
+    """A classifier has no LM head: its token embedding is no tied weight, and LoRA adapts it as peft does."""
+    from gpt2kit.training.config import LoraArgs
+    from gpt2kit.training.lora import apply_lora, lora_config, read_adapter_config
+
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=16))
+    apply_lora(model, lora_config(LoraArgs(target_modules=["c_attn", "wte"]), task="text_classification"))
+    assert any("wte.lora_embedding_A" in name for name, _ in model.named_parameters())
+    (tmp_path / "adapter_config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"adapter_config.json: expected a JSON object of LoRA settings, got list"):
+        read_adapter_config(tmp_path)
 
 
 def test_an_adapter_of_another_rank_is_one_clear_error(tmp_path, base_dir, capsys):

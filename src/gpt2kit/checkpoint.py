@@ -200,11 +200,16 @@ def is_model_file(name: str) -> bool:
     return _MODEL_FILE.fullmatch(name) is not None
 
 
+def is_adapter_file(name: str) -> bool:
+    """Whether a file of this name in a model directory is a LoRA adapter's or the adapted model's config."""
+    return name.startswith("adapter_") or name == ADAPTED_CONFIG_NAME
+
+
 def is_saved_model_file(name: str) -> bool:
     """Whether a file of this name is part of a saved model directory: its config and weights, its tokenizer, or
     its LoRA adapters and the adapted model's config (what writing a model there replaces)."""
-    return (is_model_file(name) or is_tokenizer_file(name) or name.startswith("adapter_")
-            or name in (ADAPTED_CONFIG_NAME, "special_tokens_map.json"))
+    return (is_model_file(name) or is_tokenizer_file(name) or is_adapter_file(name)
+            or name == "special_tokens_map.json")
 
 
 def untied_if_separate(config: GPT2Config, state: dict[str, torch.Tensor], model_dir: Path) -> GPT2Config:
@@ -388,7 +393,8 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path)
             raise CheckpointError(f"{_file_holding(source, key)}: {key} has shape {stored(tensor.shape)}, "
                                   f"config.json implies {stored(expected[key].shape)}")
         if not tensor.is_floating_point():
-            raise CheckpointError(f"{source}: {key} is {tensor.dtype}, expected floating-point weights")
+            raise CheckpointError(f"{_file_holding(source, key)}: {key} is {tensor.dtype}, expected floating-point "
+                                  "weights")
 
 
 def _file_holding(model_dir: Path, key: str) -> Path:
@@ -457,12 +463,13 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    # The directory's other files (tokenizer, README, ...) stay, as with transformers; old weights do not, nor old
-    # vocabulary files when a tokenizer is written or copied in (a loader would read a stale tokenizer.json first).
+    # The directory's other files (tokenizer, README, ...) stay, as with transformers; old weights do not, nor LoRA
+    # adapters (transformers with peft would load the base plus them), nor old vocabulary files when a tokenizer is
+    # written or copied in (a loader would read a stale tokenizer.json first).
     new_tokenizer = tokenizer is not None or (companions is not None and has_tokenizer_files(companions))
 
     def keep(name: str) -> bool:
-        return not (is_model_file(name) or new_tokenizer and is_tokenizer_file(name))
+        return not (is_model_file(name) or is_adapter_file(name) or new_tokenizer and is_tokenizer_file(name))
 
     with atomic_directory(directory, keep=keep) as tmp:
         for file in sorted(companions.iterdir()) if companions is not None else []:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import ADAPTED_CONFIG_NAME, ADAPTER_CONFIG_NAME
+from ..checkpoint import ADAPTED_CONFIG_NAME, ADAPTER_CONFIG_NAME, is_adapter_file, is_model_file
 from ..files import atomic_directory, check_output_directory
 from ..quantization import check_trainable
 from .config import LoraArgs
@@ -58,7 +58,8 @@ def apply_lora(model: nn.Module, config) -> nn.Module:
         raise ValueError(f"lora.target_modules: {other} are not linear layers LoRA can adapt; target the "
                          "projections (c_attn, attn.c_proj, c_fc, mlp.c_proj)")
     tied = [t for t in matches if t.split(".")[-1] in ("lm_head", "wte")]
-    if tied and getattr(model.config, "tie_word_embeddings", False):
+    head = model.get_output_embeddings()  # a classifier has none: its wte is the embedding alone
+    if tied and head is not None and head.weight is model.get_input_embeddings().weight:
         # The head and the embedding are one weight: a merged update would change the input embedding too.
         raise ValueError(f"lora.target_modules: {tied} is the tied embedding, which LoRA cannot adapt on one side "
                          "only; target the projections (c_attn, attn.c_proj, c_fc, mlp.c_proj)")
@@ -80,12 +81,12 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write only the adapter weights, their config and the model's config to `directory` (atomically; other
-    files already there stay, as with peft)."""
+    files already there stay, as with peft, except a whole model's weights and config, which loaders would read
+    instead of the adapters)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    owned = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, ADAPTED_CONFIG_NAME)
-    with atomic_directory(directory, keep=lambda name: name not in owned) as tmp:
+    with atomic_directory(directory, keep=lambda name: not (is_model_file(name) or is_adapter_file(name))) as tmp:
         save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         model.peft_config["default"].save_pretrained(str(tmp))
         (tmp / ADAPTED_CONFIG_NAME).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
@@ -101,6 +102,8 @@ def read_adapter_config(directory: str | os.PathLike):
         values = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of LoRA settings, got {type(values).__name__}")
     if values.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type is {values['peft_type']!r}, expected 'LORA'")
     return peft.LoraConfig.from_pretrained(str(directory))
