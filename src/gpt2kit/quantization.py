@@ -12,8 +12,9 @@ becomes the first projection's oneDNN post-op.
 `quantize_int8` stores each projection and the LM head as int8 with one scale per output row (symmetric, round
 to nearest); the matrix products run in bf16 on those weights, everything else (embeddings, LayerNorms,
 biases, the residual stream, attention and the KV cache) keeps the model's dtype. The difference from float32
-is the rounding of the weights (at most half a step, |w|max/254 of the row), of the products' inputs to bf16
-and, for up to 16 rows (the fused kernel), of the products to bf16; tests bound it.
+is the rounding of the weights (at most half a step of the stored bf16 scale, about |w|max/254 of the row), of
+the products' inputs to bf16 and of the products to bf16 (both the fused kernel and the bf16 matmul of longer
+inputs return bf16); tests bound it.
 """
 
 from __future__ import annotations
