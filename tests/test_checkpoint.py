@@ -609,11 +609,15 @@ def test_attention_variants_load_or_are_refused_by_name(tmp_path):
             GPT2LMHeadModel.from_pretrained(tmp_path / field)
 
 
-def test_a_double_heads_checkpoint_loads_its_language_model_as_transformers_does(tmp_path):
-    hf = transformers.GPT2DoubleHeadsModel(transformers.GPT2Config(**SHAPE)).eval()
-    hf.save_pretrained(tmp_path / "double")
-    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "double").eval()
-    assert same(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "double"), IDS), logits(reference, IDS))
+@pytest.mark.parametrize("head", ["GPT2DoubleHeadsModel", "GPT2ForTokenClassification", "GPT2ForQuestionAnswering"])
+def test_another_heads_checkpoint_loads_its_backbone_as_transformers_does(tmp_path, head):
+    getattr(transformers, head)(transformers.GPT2Config(**SHAPE)).save_pretrained(tmp_path / head)
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / head).eval()
+    assert same(logits(GPT2LMHeadModel.from_pretrained(tmp_path / head), IDS), logits(reference, IDS))
+    backbone = transformers.GPT2Model.from_pretrained(tmp_path / head).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(GPT2Model.from_pretrained(tmp_path / head)(IDS).last_hidden_state,
+                                   backbone(IDS).last_hidden_state, rtol=1e-5, atol=1e-5)
 
 
 def test_transformers_older_torch_dtype_name_and_the_device_and_dtype_properties(tmp_path, hf_model):

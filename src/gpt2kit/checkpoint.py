@@ -162,16 +162,20 @@ def _weights_path(model_dir: Path) -> Path | None:
 
 
 # ---- HF <-> gpt2kit names -----------------------------------------------------------------------------------
+# The heads transformers' GPT-2 classes put beside the backbone: LM, sequence classification, multiple choice,
+# token classification, question answering.
+_HF_HEADS = ("lm_head.", "score.", "multiple_choice_head.", "classifier.", "qa_outputs.")
+
+
 def hf_to_gpt2kit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map an HF GPT-2 state dict (LM head, sequence classification or bare GPT2Model) onto `model`'s names."""
+    """Map an HF GPT-2 state dict (a bare GPT2Model or any of transformers' GPT-2 heads) onto `model`'s names."""
     names = model.state_dict().keys()
     has_transformer = any(k.startswith("transformer.") for k in names)
     out = {}
     for key, tensor in state.items():
-        if (_HF_BUFFERS.search(key) or key.startswith("multiple_choice_head.")
-                or (key.startswith(("lm_head.", "score.")) and key not in names)):
+        if _HF_BUFFERS.search(key) or (key.startswith(_HF_HEADS) and key not in names):
             continue  # a head this model does not have, as transformers skips it (an LM file into GPT2Model)
-        if has_transformer and not key.startswith(("transformer.", "lm_head.", "score.")):
+        if has_transformer and not key.startswith(("transformer.", *_HF_HEADS)):
             key = "transformer." + key  # a bare GPT2Model checkpoint
         elif not has_transformer:
             key = key.removeprefix("transformer.")
