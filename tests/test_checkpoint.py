@@ -244,6 +244,22 @@ def test_config_dtype_follows_the_saved_tensors(tmp_path):
     assert torch.equal(again.transformer.wte.weight, ours.transformer.wte.weight)
 
 
+def test_a_files_dtype_counts_its_old_mask_buffers_as_transformers_does(tmp_path):
+    """Older hub files keep each layer's float32 causal mask (h.N.attn.bias) beside float16 weights; without a dtype
+    in config.json transformers takes the first floating-point tensor's, a mask's, so gpt2kit does too."""
+    from safetensors.torch import save_file
+
+    hf = transformers.GPT2Model(transformers.GPT2Config(**SHAPE))
+    state = {key: value.half().contiguous() for key, value in hf.state_dict().items()}
+    state |= {f"h.{i}.attn.bias": torch.ones(1, 1, 64, 64).tril() for i in range(2)}
+    (tmp_path / "old").mkdir()
+    save_file(state, str(tmp_path / "old" / "model.safetensors"), metadata={"format": "pt"})
+    config = {k: v for k, v in hf.config.to_dict().items() if k not in ("dtype", "torch_dtype")}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    expected = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "old").dtype
+    assert expected == torch.float32 and GPT2LMHeadModel.from_pretrained(tmp_path / "old").dtype == expected
+
+
 def test_label_count_survives_without_label_names(tmp_path):
     from gpt2kit import GPT2Config, GPT2ForSequenceClassification
 

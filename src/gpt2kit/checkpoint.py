@@ -339,6 +339,7 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: tor
     state = load_state_dict(model_dir)
     if cls.__name__ == "GPT2LMHeadModel" and "score.weight" in state:
         raise classification_checkpoint_error(model_dir)
+    stored_dtype = checkpoint_dtype(config, state, model_dir)  # of the file as it is: old mask buffers count too
     config = untied_if_separate(config, state, model_dir)
     with torch.device("meta"):
         model = cls(config)  # no memory, no init: every tensor comes from the checkpoint
@@ -356,7 +357,7 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: tor
     model.load_state_dict(state, strict=True, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    model.to(device=device, dtype=dtype or checkpoint_dtype(config, state, model_dir))
+    model.to(device=device, dtype=dtype or stored_dtype)
     return model.eval()
 
 

@@ -481,7 +481,7 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     from torch.distributed.tensor import distribute_tensor
 
     from ..checkpoint import (CheckpointError, classification_checkpoint_error, config_dtype, hf_to_gpt2kit,
-                              load_config, resolve_model_dir, state_dtype, untied_if_separate)
+                              load_config, resolve_model_dir, untied_if_separate)
     from ..model import GPT2LMHeadModel
 
     model_dir = resolve_model_dir(model_dir)
@@ -497,9 +497,12 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     apply_tensor_parallel(model, mesh)
     targets = dict(model.named_parameters())  # the tied LM head appears once, as transformer.wte.weight
     state: dict[str, torch.Tensor] = {}
+    stored_dtype = None  # the file's first floating-point tensor's, as load_pretrained takes it
     for hf_key, tensor in _hf_tensors(model_dir):
         if hf_key.startswith("score."):
             raise classification_checkpoint_error(model_dir)
+        if stored_dtype is None and tensor.is_floating_point():
+            stored_dtype = tensor.dtype
         for key, value in hf_to_gpt2kit({hf_key: tensor}, model).items():
             if key not in targets:
                 if key == "lm_head.weight" and config.tie_word_embeddings:
@@ -516,8 +519,7 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     if missing:
         raise CheckpointError(f"{model_dir}: weights do not match the config: missing {missing[:5]}")
     if dtype is None:  # a file of mixed dtypes: one for all, as load_pretrained gives them
-        common = state_dtype(state.values())
-        state = {key: value.to(common) if value.is_floating_point() else value for key, value in state.items()}
+        state = {key: value.to(stored_dtype) if value.is_floating_point() else value for key, value in state.items()}
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     model.load_state_dict(state, strict=True, assign=True)
