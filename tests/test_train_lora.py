@@ -298,8 +298,9 @@ def test_an_adapter_of_another_rank_is_one_clear_error(tmp_path, base_dir, capsy
 
 
 def test_peft_adapters_merge_from_bin_files_and_without_gpt2kit_config(tmp_path, base_dir):
-    """peft's own layouts: adapter_model.bin (safe_serialization=False), and a SEQ_CLS adapter made on
-    transformers' GPT-2, whose label count is its saved head's rows."""
+    """peft's own layouts: adapter_model.bin (safe_serialization=False), a SEQ_CLS adapter made on
+    transformers' GPT-2, whose label count is its saved head's rows, and adapters on the tied LM head, merged into
+    a head of its own (merged into the shared weight they would change the token embedding too)."""
     import warnings
 
     from peft import LoraConfig, get_peft_model
@@ -315,15 +316,22 @@ def test_peft_adapters_merge_from_bin_files_and_without_gpt2kit_config(tmp_path,
         cls = get_peft_model(classifier, LoraConfig(r=4, target_modules=["c_attn"], task_type="SEQ_CLS",
                                                     init_lora_weights=False))
         cls.save_pretrained(tmp_path / "cls")
+        head = get_peft_model(HFGPT2LMHeadModel.from_pretrained(base_dir),
+                              LoraConfig(r=4, target_modules=["c_attn", "lm_head"], init_lora_weights=False))
+        head.save_pretrained(tmp_path / "head")
     assert (tmp_path / "bin" / "adapter_model.bin").is_file()
     x = Sequences(2).data[:, :-1]
-    for name, peft_model, loader in (("bin", lm, GPT2LMHeadModel), ("cls", cls, GPT2ForSequenceClassification)):
+    for name, peft_model, loader in (("bin", lm, GPT2LMHeadModel), ("cls", cls, GPT2ForSequenceClassification),
+                                     ("head", head, GPT2LMHeadModel)):
         assert main(["lora", "merge", "--adapter", str(tmp_path / name), "--base", str(base_dir),
                      "--output", str(tmp_path / f"{name}-merged")]) == 0
         merged = loader.from_pretrained(tmp_path / f"{name}-merged")
         peft_model.eval()
         with torch.no_grad():
             torch.testing.assert_close(merged(x).logits, peft_model(x).logits, rtol=1e-4, atol=1e-5)
+        if loader is GPT2LMHeadModel:  # tied unless the adapters changed the head
+            assert merged.config.tie_word_embeddings == (name != "head")
+            assert (merged.lm_head.weight is merged.transformer.wte.weight) == (name != "head")
 
 
 def test_a_lora_output_is_a_base_for_classification_and_a_moved_base_is_named(tmp_path, base_dir):

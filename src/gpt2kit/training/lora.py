@@ -191,10 +191,17 @@ def load_merged(adapter_dir: str | os.PathLike, *, base_model: str | os.PathLike
     else:
         model = GPT2LMHeadModel.from_pretrained(base_dir, **overrides)
     dtype = dtype or model.dtype
+    # peft's adapters may target one side of the tied LM head and embedding (lm_head, wte): merged into the shared
+    # weight they would change the other side too. The two are merged apart, and tied again if neither changed.
+    tied = model.get_output_embeddings() is not None and model.config.tie_word_embeddings
+    if tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     wrapper = LoraModel(model.float(), config, "default")  # a low-precision merge would round small updates away
     load_adapter_weights(model, adapter_dir)
     merged = wrapper.merge_and_unload()
-    if hasattr(merged, "tie_weights"):
+    if tied and torch.equal(merged.lm_head.weight, merged.transformer.wte.weight):
+        merged.config.tie_word_embeddings = True
         merged.tie_weights()
     return merged.to(dtype).requires_grad_(True).eval()  # peft froze the base; a loaded model trains as any other
 
