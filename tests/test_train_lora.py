@@ -378,3 +378,47 @@ def test_adapters_over_a_bf16_base_merge_in_float32(tmp_path, base_dir):
     delta = adapter[prefix + "lora_B.weight"] @ adapter[prefix + "lora_A.weight"] * (8 / 4)  # alpha / rank
     base = GPT2LMHeadModel.from_pretrained(base_dir).transformer.h[0].attn.c_attn.weight.float()
     torch.testing.assert_close(merged.transformer.h[0].attn.c_attn.weight, base + delta, rtol=0, atol=1e-6)
+
+
+def test_tokens_added_for_a_lora_run_train_their_rows_and_the_output_loads(tmp_path):
+    """The added-tokens recipe with LoRA: the new tokens' embedding rows train as peft's trainable tokens (the rest
+    of the embedding stays frozen), are saved with the adapters, and the run's output loads and merges onto the
+    base resized to the run's vocabulary, with the trained model's outputs, in gpt2kit and in transformers + peft."""
+    import transformers
+    from peft import PeftModel
+
+    from gpt2kit.tokenizer import train_bpe
+
+    verdict = Path(__file__).parents[1] / "examples" / "data" / "the-verdict" / "the-verdict.txt"
+    tok = train_bpe([verdict], 300, tmp_path / "tok", progress=False)
+    torch.manual_seed(0)
+    config = TINY.replace(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    tok.add_tokens(["<tool>", "</tool>"])
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    model.resize_token_embeddings(len(tok))
+    start = model.transformer.wte.weight.detach().clone()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"I had <tool>{i} pictures</tool> then\n\n" for i in range(64)))
+    args = load_config(out_dir=str(tmp_path / "run"), pet_method="lora",
+                       lora={"rank": 4, "target_modules": ["c_attn"]},
+                       data={"train": str(corpus), "format": "paragraphs", "max_length": 24},
+                       train={"max_steps": 4, "micro_batch_size": 4}, optim={"lr": 1e-2, "warmup_steps": 0},
+                       log=dict(QUIET))
+    trainer = Trainer(model=model, tokenizer=tok, args=args)
+    trainer.finetune()
+    final = tmp_path / "run" / "final"
+    merged = GPT2LMHeadModel.from_pretrained(final, base_model=tmp_path / "base")
+    weight = merged.transformer.wte.weight
+    assert merged.config.vocab_size == len(tok) and merged.lm_head.weight is weight
+    assert not torch.equal(weight[-2:], start[-2:]) and torch.equal(weight[:-2], start[:-2])  # only the new rows
+    ids = torch.tensor([tok.encode("I had <tool>3 pictures</tool>")])
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(ids).logits
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-5)
+        theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+        theirs.resize_token_embeddings(len(tok))
+        adapted = PeftModel.from_pretrained(theirs, final).eval()
+        torch.testing.assert_close(adapted(ids).logits, expected, rtol=1e-4, atol=1e-5)

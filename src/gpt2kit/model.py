@@ -464,6 +464,10 @@ def plain_head_weight(head: nn.Module) -> Tensor | None:
 class GPT2LMHeadModel(GPT2PreTrainedModel):
     """GPT-2 with the language-modelling head tied to the token embedding."""
 
+    # transformers' declaration of the tie, which peft reads: trainable token rows of the embedding (LoRA with
+    # added tokens) then reach the tied head too.
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config

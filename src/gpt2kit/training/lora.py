@@ -32,12 +32,15 @@ def _peft():
     return peft
 
 
-def lora_config(args: LoraArgs, *, task: str, base_model: str | None = None):
-    """The peft.LoraConfig for `args`. Classification also trains (and saves) the new `score` head."""
+def lora_config(args: LoraArgs, *, task: str, base_model: str | None = None, new_tokens: list[int] | None = None):
+    """The peft.LoraConfig for `args`. Classification also trains (and saves) the new `score` head; the token
+    embedding's rows of `new_tokens` (ids added to the tokenizer for this run) train too, as peft's trainable
+    tokens, and are saved with the adapters."""
     peft = _peft()
     return peft.LoraConfig(
         r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=list(args.target_modules),
         bias="none", modules_to_save=["score"] if task == "text_classification" else None,
+        trainable_token_indices={"wte": list(new_tokens)} if new_tokens else None,
         task_type="SEQ_CLS" if task == "text_classification" else "CAUSAL_LM", base_model_name_or_path=base_model)
 
 
@@ -159,6 +162,7 @@ def load_merged(adapter_dir: str | os.PathLike, *, base_model: str | os.PathLike
     base's; the merge itself runs in float32). It takes the adapted model's config (model_config.json: the run's
     overrides, a classifier's labels), then `config_overrides`."""
     from peft.tuners.lora import LoraModel
+    from peft.tuners.tuners_utils import check_target_module_exists
 
     from ..config import GPT2Config
     from ..model import GPT2LMHeadModel
@@ -168,9 +172,11 @@ def load_merged(adapter_dir: str | os.PathLike, *, base_model: str | os.PathLike
     trained = (GPT2Config.from_json_file(adapter_dir / ADAPTED_CONFIG_NAME)
                if (adapter_dir / ADAPTED_CONFIG_NAME).exists() else None)
     # The run's model.config overrides (a LayerNorm epsilon, dropout, ...) are in it; labels go to the classifier
-    # as its own arguments, other keys (architectures, ...) come from the base.
+    # as its own arguments, other keys (architectures, ...) come from the base, and a vocabulary grown by added
+    # tokens is the base's resized (their trained rows are among the adapter weights).
     labels = ("extra", "num_labels", "id2label", "label2id")
-    overrides = {k: v for k, v in vars(trained).items() if k not in labels} if trained is not None else {}
+    overrides = ({k: v for k, v in vars(trained).items() if k not in (*labels, "vocab_size")}
+                 if trained is not None else {})
     overrides.update({k: v for k, v in config_overrides.items() if k not in labels})
     asked = {k: config_overrides[k] for k in labels if k in config_overrides}
     if trained is not None and any(getattr(trained, k) != v for k, v in asked.items()):
@@ -190,10 +196,14 @@ def load_merged(adapter_dir: str | os.PathLike, *, base_model: str | os.PathLike
             model = load_classifier(base_dir, num_labels=head.shape[0], **overrides)
     else:
         model = GPT2LMHeadModel.from_pretrained(base_dir, **overrides)
+    if trained is not None and trained.vocab_size != model.config.vocab_size:
+        model.resize_token_embeddings(trained.vocab_size)
     dtype = dtype or model.dtype
-    # peft's adapters may target one side of the tied LM head and embedding (lm_head, wte): merged into the shared
-    # weight they would change the other side too. The two are merged apart, and tied again if neither changed.
-    tied = model.get_output_embeddings() is not None and model.config.tie_word_embeddings
+    # peft's LoRA adapters may target one side of the tied LM head and embedding (lm_head, wte): merged into the
+    # shared weight they would change the other side too. The two are merged apart, and tied again if neither
+    # changed. (Trainable token rows reach both sides as they should: peft knows the tie.)
+    tied = (model.get_output_embeddings() is not None and model.config.tie_word_embeddings
+            and any(check_target_module_exists(config, name) for name in ("lm_head", "transformer.wte")))
     if tied:
         model.config.tie_word_embeddings = False
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())

@@ -581,14 +581,12 @@ class Trainer:
             # The adapters' base is the weights they were trained on: none for a random start (merging then
             # needs an explicit base), an absolute path so the adapter merges from any directory.
             base = str(Path(weights).resolve()) if weights and self._model_arg is None else None
-            self._lora_config = lora_lib.lora_config(c.lora, task=c.task, base_model=base)
+            # Tokens added to the tokenizer for this run get embedding rows of their own to train (the rest of the
+            # embedding stays frozen), saved with the adapters.
+            tokenizer = self._get_tokenizer()
+            new_tokens = sorted(tokenizer.convert_tokens_to_ids(t) for t in tokenizer.added_since_loading)
+            self._lora_config = lora_lib.lora_config(c.lora, task=c.task, base_model=base, new_tokens=new_tokens)
             lora_lib.apply_lora(self.model, self._lora_config)
-            added = self._get_tokenizer().added_since_loading
-            if added and self.is_main:
-                print(f"warning: LoRA keeps the token embedding (and the LM head tied to it) frozen: the {len(added)} "
-                      f"token(s) added to the tokenizer ({', '.join(added[:3])}{', ...' if len(added) > 3 else ''}) "
-                      "keep the rows resize_token_embeddings gave them, alike, so the model cannot tell them apart; "
-                      "finetune fully to learn them", file=sys.stderr)
         enable_tf32(self.device)
         self.model.to(self.device).train()
         self.forward_model = self._wrap_model(self.model)
