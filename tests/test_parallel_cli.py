@@ -180,24 +180,31 @@ def test_finetuning_a_saved_model_on_two_processes_is_the_one_process_run(tmp_pa
     assert_same_run(tmp_path / layout, tmp_path / "one", range(1, STEPS + 1))
 
 
-def test_data_parallel_classification_is_the_single_process_run(tmp_path):
-    """Padded rows: each rank has its own number of real tokens, so tokens (and tokens_seen, tokens/s, MFU) are
-    summed over the ranks, not rank 0's count times the ranks. 38 examples in steps of 8: each epoch uses 32,
-    so steps 5-6 of the second epoch hold the same examples however many ranks there are (a rank's DataLoader
-    dropped its odd last example while one process used it)."""
+def classification_run(directory: Path, dropout: float = 0.0) -> dict:
+    """A text-classification run on 38 short sentences (rows padded to each micro-batch's longest), 6 steps."""
     import random
 
     rng = random.Random(0)
     words = "the movie was very good bad".split()
     lines = ["sentence\tlabel"] + [f"{' '.join(rng.choices(words, k=rng.randint(2, 12)))}\t{rng.randint(0, 1)}"
                                     for _ in range(38)]
-    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
-    config = {"task": "text_classification", "seed": 3,
-              "model": {"name": "gpt2-tiny", "config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32,
-                                                        "resid_pdrop": 0.0, "attn_pdrop": 0.0, "embd_pdrop": 0.0}},
-              "data": {"train": str(tmp_path / "train.tsv"), "format": "sst2"},
-              "train": {"max_steps": 6, "micro_batch_size": 2, "global_batch_size": 8},
-              "optim": {"warmup_steps": 0}, "log": {"progress": False, "plot": False, "tensorboard": False}}
+    (directory / "train.tsv").write_text("\n".join(lines) + "\n")
+    return {"task": "text_classification", "seed": 3,
+            "model": {"name": "gpt2-tiny", "config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32,
+                                                      "resid_pdrop": dropout, "attn_pdrop": dropout,
+                                                      "embd_pdrop": dropout}},
+            "data": {"train": str(directory / "train.tsv"), "format": "sst2"},
+            "train": {"max_steps": 6, "micro_batch_size": 2, "global_batch_size": 8},
+            "checkpoint": {"save_interval": 3, "keep_last": None},
+            "optim": {"warmup_steps": 0}, "log": {"progress": False, "plot": False, "tensorboard": False}}
+
+
+def test_data_parallel_classification_is_the_single_process_run(tmp_path):
+    """Padded rows: each rank has its own number of real tokens, so tokens (and tokens_seen, tokens/s, MFU) are
+    summed over the ranks, not rank 0's count times the ranks. 38 examples in steps of 8: each epoch uses 32,
+    so steps 5-6 of the second epoch hold the same examples however many ranks there are (a rank's DataLoader
+    dropped its odd last example while one process used it)."""
+    config = classification_run(tmp_path)
     for name in ("single", "ddp"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**config, "out_dir": str(tmp_path / name)}))
     run("train", tmp_path / "single.yaml")
@@ -205,6 +212,22 @@ def test_data_parallel_classification_is_the_single_process_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(tmp_path / "ddp", "tokens") == losses(tmp_path / "single", "tokens")
     assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+
+
+def test_data_parallel_training_with_dropout_on_padded_rows_resumes_exactly(tmp_path):
+    """Dropout draws as many random numbers as a batch has elements, and each rank pads its rows to its own
+    width: the ranks' random states drift apart, so a checkpoint keeps every rank's, and a resumed run continues
+    the uninterrupted one's losses exactly (with rank 0's state on both ranks it did not)."""
+    config = classification_run(tmp_path, dropout=0.1)
+    for name in ("whole", "resumed"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**config, "out_dir": str(tmp_path / name)}))
+    result = torchrun("train", "--config", str(tmp_path / "whole.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun("train", "--config", str(tmp_path / "resumed.yaml"), "--resume",
+                      str(tmp_path / "whole" / "checkpoints" / "step-00000003"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
+    assert set(resumed) == {4, 5, 6} and resumed == {step: whole[step] for step in resumed}  # bit for bit
 
 
 PREDICT_AFTER_TRAINING = """

@@ -946,16 +946,23 @@ class Trainer:
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
 
-    def _training_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(tensors and primitives for torch.save, JSON-able trainer state)."""
+    def _rng_state(self) -> dict[str, Any]:
+        """This process's torch, Python, NumPy (and its GPU's) random states."""
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         np_state = np.random.get_state()
         rng["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])
         if self.device.type == "cuda":
-            # This process's GPU only: every rank is seeded alike and draws alike, so rank 0's state is each
-            # rank's, and a resume may see another number of GPUs.
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        tensors = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng}
+        return rng
+
+    def _training_state(self, rngs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(tensors and primitives for torch.save, JSON-able trainer state); `rngs`: every rank's random states,
+        by rank. Ranks are seeded alike but their states drift apart (dropout draws as many numbers as a batch,
+        padded to each rank's own width, has elements), so each is kept; rank 0's also stands alone for a resume on
+        another number of processes."""
+        tensors = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs[0]}
+        if len(rngs) > 1:
+            tensors["rng_ranks"] = rngs
         if not self._sharded:  # a sharded optimizer goes into the distributed checkpoint instead
             tensors["optimizer"] = self.optimizer.state_dict()
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
@@ -975,6 +982,7 @@ class Trainer:
         root = self.out_dir / CHECKPOINTS_DIR
         final = root / f"step-{self.step:08d}"
         tmp = root / f".step-{self.step:08d}.partial-{self.parallel.broadcast(os.getpid())}"
+        rngs = self.parallel.all_gather(self._rng_state())
         if self.is_main:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -984,7 +992,7 @@ class Trainer:
                     self.tokenizer.save_pretrained(tmp)
             else:
                 self._save_model_files(tmp)
-            tensors, state = self._training_state()
+            tensors, state = self._training_state(rngs)
             (tmp / STATE_DIR).mkdir()
             torch.save(tensors, tmp / STATE_DIR / "state.pt")
             (tmp / STATE_DIR / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -1103,7 +1111,8 @@ class Trainer:
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         self.sampler.load_state_dict(self._sampler_state(state, path))
         self._batches = None
-        rng = tensors["rng"]
+        ranks = tensors.get("rng_ranks", [])  # every rank's own states (one process, earlier checkpoints: "rng")
+        rng = ranks[self.parallel.rank] if len(ranks) == self.parallel.world_size else tensors["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         kind, keys, *rest = rng["numpy"]
