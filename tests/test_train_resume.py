@@ -6,9 +6,11 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -338,6 +340,14 @@ def test_resume_refuses_other_data_and_another_base(corpus, tmp_path):
     with pytest.raises(CheckpointError, match="saved from a run over 370 training examples; this run has 741"):
         Trainer(args=short_config(tmp_path, corpus, data__seq_len="16",
                                   train__global_batch_tokens="128")).train(resume=checkpoint)
+    # As many examples of other content: the tokens of the training file reversed.
+    other = tmp_path / "other"
+    shutil.copytree(corpus, other)
+    train_file = next(p for p in other.iterdir() if p.name.startswith("train") and p.suffix == ".bin")
+    tokens = np.fromfile(train_file, dtype=np.uint16)
+    tokens[::-1].tofile(train_file)
+    with pytest.raises(CheckpointError, match=r"over other training examples than this run's \(as many, 370"):
+        Trainer(args=short_config(tmp_path, corpus, data__train=str(other))).train(resume=checkpoint)
     with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
         Trainer(args=short_config(tmp_path, corpus)).train(resume_from_checkpoint=str(tmp_path / "missing"))
     Trainer(args=short_config(tmp_path, corpus, "lora", pet_method="lora")).train()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import hashlib
 import io
 import json
 import os
@@ -124,6 +125,17 @@ class PretrainingDataset(Dataset):
         start = index * self.seq_len
         window = torch.from_numpy(self.tokens(start, start + self.seq_len + 1).astype(np.int64))
         return {"input_ids": window[:-1], "targets": window[1:]}
+
+
+def examples_fingerprint(dataset: Dataset, samples: int = 16) -> str:
+    """sha256 of `samples` examples spread evenly over `dataset` (dicts of tensors or lists, or tensors): what a
+    checkpoint records to tell other data of the same size from the data it was trained on."""
+    digest, n = hashlib.sha256(), len(dataset)
+    for i in sorted({k * (n - 1) // max(samples - 1, 1) for k in range(samples)} if n else ()):
+        example = dataset[i]
+        for key, value in sorted(example.items()) if isinstance(example, dict) else [("", example)]:
+            digest.update(f"{i}:{key}:".encode() + torch.as_tensor(value).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class ResumableSampler(Sampler[int]):

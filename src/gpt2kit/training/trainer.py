@@ -49,7 +49,7 @@ from ..checkpoint import (CheckpointError, hf_to_gpt2kit, is_adapter_dir, is_sav
                           load_state_dict, resolve_model_dir, save_pretrained)
 from ..config import PRESETS, GPT2Config
 from ..conversation import ALPACA
-from ..data.datasets import INSTRUCTION_FORMATS
+from ..data.datasets import INSTRUCTION_FORMATS, examples_fingerprint
 from ..files import atomic_write_text, remove_abandoned, replace_directory, replaced_directory, standard_json
 from ..model import GPT2ForSequenceClassification, GPT2LMHeadModel, eval_mode
 from ..quantization import check_trainable
@@ -968,9 +968,14 @@ class Trainer:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
                  "best_val_loss": self._recorded_best_val_loss(),
                  "max_steps": self.max_steps, "grad_accum": self.grad_accum, "world_size": self.world_size,
-                 "train_examples": len(self._datasets["train"]),
+                 "train_examples": len(self._datasets["train"]), "train_fingerprint": self._train_fingerprint(),
                  "pet_method": self.config.pet_method, "config": self.config.to_dict()}
         return tensors, state
+
+    def _train_fingerprint(self) -> str | None:
+        """examples_fingerprint of the training data read from data.train (datasets passed in may draw anew on
+        every read, e.g. random crops: none is recorded for them)."""
+        return None if self._given_datasets else examples_fingerprint(self._datasets["train"])
 
     def _recorded_best_val_loss(self) -> float | None:
         """best_val_loss as JSON holds it: None before any whole-set evaluation."""
@@ -1079,11 +1084,16 @@ class Trainer:
         # batch size continues with the next ones); another set of examples (other data, or another data.seq_len
         # cutting other windows) has another permutation, and the run would go on anywhere in it.
         saved, now = state.get("train_examples"), len(self._datasets["train"])
+        advice = ("so it would not continue that run. Resume with the data it was trained on, or start a new run "
+                  "(another out_dir) from its weights (model.checkpoint)")
         if saved is not None and saved != now:
             raise CheckpointError(f"{path}: saved from a run over {saved} training examples; this run has {now} "
-                                  "(other data, or another data.seq_len), so it would not continue that run. Resume "
-                                  "with the data it was trained on, or start a new run (another out_dir) from its "
-                                  "weights (model.checkpoint)")
+                                  f"(other data, or another data.seq_len), {advice}")
+        fingerprint = state.get("train_fingerprint")
+        if fingerprint is not None and fingerprint != self._train_fingerprint():
+            raise CheckpointError(f"{path}: saved from a run over other training examples than this run's (as many, "
+                                  f"{now}, but other content: other data, or another data.format or tokenizer), "
+                                  f"{advice}")
         # weights_only: only tensors and plain containers, never code from the file.
         tensors = torch.load(path / STATE_DIR / "state.pt", map_location="cpu", weights_only=True)
         with configured_hyperparameters(self.optimizer, self.scheduler):
