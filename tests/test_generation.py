@@ -17,7 +17,7 @@ from gpt2kit.model import CausalLMOutput
 from gpt2kit.generation import (
     GenerationConfig, Sampler, TextStreamDecoder, ban_repeated_ngrams, bias_sequences, cut_below, generate,
     keep_min_p, keep_top_k, keep_top_p, keep_typical, parse_logit_bias, penalize_frequency_presence,
-    penalize_repetition, scale_temperature, stream_generate, truncate_at_stop,
+    _StopStringMatcher, penalize_repetition, scale_temperature, stream_generate, truncate_at_stop,
 )
 
 from .conftest import HF_VOCAB
@@ -438,6 +438,13 @@ def test_num_return_sequences_repeats_each_prompt(hf_pair):
     (dict(min_new_tokens=None), "min_new_tokens must be an integer, got None"),
     (dict(num_beams="2"), "num_beams must be an integer, got '2'"),
     (dict(num_return_sequences=None), "num_return_sequences must be an integer, got None"),
+    (dict(eos_token_id=1.5), "eos_token_id must be a token id, a list of them or None, got 1.5"),
+    (dict(eos_token_id="5"), "eos_token_id must be a token id"),
+    (dict(pad_token_id=7.9), "pad_token_id must be a token id or None, got 7.9"),  # padded with 7
+    (dict(pad_token_id=True), "pad_token_id must be a token id or None"),
+    (dict(suppress_tokens=5), "suppress_tokens must be a list of token ids, got 5"),
+    (dict(use_cache="no"), "use_cache must be True or False"),  # was taken as true
+    (dict(stop=[1]), "stop must be a string or a list of strings"),
 ])
 def test_bad_options_raise_clear_errors(hf_pair, kwargs, message):
     _, ours = hf_pair
@@ -584,6 +591,47 @@ def test_stream_decoder_equals_whole_decoding(gpt2_tok, text, stop, garbage, who
     assert "".join(pieces) == whole and decoder.released == len(whole)
     if not stopped:
         assert starts == sorted(starts) and decoder.decoded == len(whole)
+
+
+@pytest.mark.parametrize("text, stop, expected", [
+    ("\nUser: hi", ["\nUser:"], ""),  # a stop that begins in the leading whitespace: the reply is empty
+    (" \n\nHello\nUser:", ["\nUser:"], "Hello"),
+    ("\nHello\nmore", ["\n"], "Hello"),  # one wholly inside the leading whitespace does not count
+    ("  \n", ["\n"], ""),
+    ("  Hi", ["x"], "Hi"),
+])
+def test_a_stop_string_may_begin_in_the_skipped_leading_whitespace(gpt2_tok, text, stop, expected):
+    """A plain chat reply skips its leading whitespace; a model that writes "\nUser:" at once has written an empty
+    reply (the stop was missed, and the next turn shown as the reply). Whole text, stream and the token-level
+    stop agree."""
+    lead = len(text) - len(text.lstrip())
+    whole, stopped = truncate_at_stop(text, stop, lead)
+    assert whole == expected
+    for ids in (gpt2_tok.encode(text), byte_tokens(gpt2_tok, text)):
+        decoder = TextStreamDecoder(gpt2_tok, stop, skip_leading_space=True)
+        assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == expected
+        matcher = _StopStringMatcher(gpt2_tok, stop, 1, skip_leading_space=True)
+        assert any([matcher.matches([i]) for i in ids]) == stopped
+
+
+def test_max_length_caps_min_new_tokens_and_finished_rows_padding_is_never_decoded(hf_pair):
+    """max_length below prompt + min_new_tokens ends at max_length, as in transformers (it was an error naming
+    max_new_tokens); a finished row's padding is not read by the stop-string search (a pad id the tokenizer
+    cannot decode failed)."""
+    theirs, ours = hf_pair
+    ids = torch.tensor([PROMPTS[0]])
+    length = ids.shape[1] + 5
+    assert torch.equal(ours.generate(ids, max_length=length, min_new_tokens=10),
+                       theirs.generate(ids, max_length=length, min_new_tokens=10, do_sample=False))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50304)).eval()
+    tokenizer = GPT2Tokenizer.gpt2()
+    prompts = torch.tensor([tokenizer.encode("Hello world"), tokenizer.encode("Hi there")])
+    free = generate(model, prompts, max_new_tokens=10, eos_token_id=[])
+    stop = tokenizer.decode(free[0, 2:4].tolist())  # ends row 0 after two tokens; row 1 goes on
+    out = generate(model, prompts, max_new_tokens=10, eos_token_id=[], stop=[stop], pad_token_id=50300,
+                   tokenizer=tokenizer)
+    assert (out[0, 4:] == 50300).all() and not (out[1, 4:] == 50300).any()
 
 
 def test_a_padded_vocabulary_never_streams_an_id_the_tokenizer_lacks():

@@ -84,6 +84,13 @@ def test_a_seed_gives_one_random_stream_per_call(pipe):
     assert texts[2][:2] != texts[2][2:4]
     assert len(set(texts[6])) > 1
     assert texts[2] == [r[0]["generated_text"] for r in pipe(["Jack"] * 6, batch_size=2, **options)]
+    # A chat batch of new replies and continued messages runs as two groups: still one stream, as a generator
+    # passed in gives (the second group replayed the first one's draws).
+    new = [{"role": "user", "content": "Hi there"}]
+    continued = [*new, {"role": "assistant", "content": "Well"}]
+    seeded = pipe([new, continued], **options)
+    assert seeded == pipe([new, continued], generator=torch.Generator().manual_seed(0),
+                          **{**options, "seed": None})
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
             pipe(["Jack"], batch_size=bad)

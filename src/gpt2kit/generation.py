@@ -260,6 +260,15 @@ class GenerationConfig:
         def integer(value: Any) -> bool:  # NumPy integers too; not bool
             return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
+        def token_id(value: Any) -> bool:  # an integer, NumPy's or a 0-d torch integer too; not bool (its range is
+            try:  # the model's vocabulary, checked where that is known)
+                operator.index(value)
+            except TypeError:
+                return False
+            return not isinstance(value, bool)
+
+        eos = self.eos_token_id
+
         types = [  # first: the value checks below compare and combine these
             (self.do_sample in (True, False), "do_sample must be True or False"),  # a string was truthy
             (self.skip_leading_space in (True, False), "skip_leading_space must be True or False"),
@@ -272,7 +281,16 @@ class GenerationConfig:
             (integer(self.num_beams), f"num_beams must be an integer, got {self.num_beams!r}"),
             (number(self.temperature), "temperature must be a number"),
             (self.top_p is None or number(self.top_p), "top_p must be a number or None"),
-            (self.stop is None or isinstance(self.stop, (list, tuple)), "stop must be a string or a list of strings"),
+            (self.stop is None or (isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop)),
+             "stop must be a string or a list of strings"),
+            (eos is None or token_id(eos) or (isinstance(eos, (list, tuple)) and all(map(token_id, eos))),
+             f"eos_token_id must be a token id, a list of them or None, got {eos!r}"),
+            (self.pad_token_id is None or token_id(self.pad_token_id),
+             f"pad_token_id must be a token id or None, got {self.pad_token_id!r}"),
+            (self.suppress_tokens is None or isinstance(self.suppress_tokens, (list, tuple)),
+             f"suppress_tokens must be a list of token ids, got {self.suppress_tokens!r}"),
+            (self.use_cache in (True, False), "use_cache must be True or False"),
+            (self.compile in (True, False), "compile must be True or False"),
             (self.seed is None or (integer(self.seed) and -2 ** 63 <= self.seed < 2 ** 64),
              f"seed must be an integer that fits 64 bits (torch.Generator's range), got {self.seed!r}"),
         ]
@@ -373,7 +391,9 @@ class GenerationConfig:
         if self.max_length < prompt_len:
             raise ValueError(f"max_length {self.max_length} counts the prompt and new tokens, but the prompt alone "
                              f"has {prompt_len} tokens; raise it, or give max_new_tokens")
-        return dataclasses.replace(self, max_new_tokens=self.max_length - prompt_len, max_length=None)
+        new = self.max_length - prompt_len  # min_new_tokens cannot keep generation past it, as in transformers
+        return dataclasses.replace(self, max_new_tokens=new, max_length=None,
+                                   min_new_tokens=min(self.min_new_tokens, new))
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """ValueError if an option names a token id outside a vocabulary of `vocab_size` ids."""
@@ -512,12 +532,14 @@ class Sampler:
 
 
 # ---- stop strings -------------------------------------------------------------------------------------------
-def truncate_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:
+def truncate_at_stop(text: str, stop: Sequence[str] | None, skip: int = 0) -> tuple[str, bool]:
     """Text before the stop string that is complete first, and whether one was found. "First" is where
     generation stops: the earliest end (of stops ["abcd", "bc"], "bc" in "abcd"), and of stops ending there the
-    longest ("abc" before "bc" in "abc")."""
-    found = [(i + len(s), i) for i, s in ((text.find(s), s) for s in stop or ()) if i >= 0]
-    return (text[:min(found)[1]], True) if found else (text, False)
+    longest ("abc" before "bc" in "abc"). The first `skip` characters (leading whitespace) are left out of the
+    text; a stop may begin in them ("\nUser:" written at once: an empty reply) but must end after them."""
+    found = [(i + len(s), i) for i, s in ((text.find(s, max(0, skip - len(s) + 1)), s) for s in stop or ())
+             if i >= 0]
+    return (text[skip:max(skip, min(found)[1])], True) if found else (text[skip:], False)
 
 
 LEADING_SPACE = " \t\n\r\v\f"  # what skip_leading_space drops (ASCII: the same on text and on bytes)
@@ -536,15 +558,21 @@ class _StopStringMatcher:
         self.tails = [b""] * batch_size
         self.begun = [not skip_leading_space] * batch_size
 
-    def matches(self, tokens: list[int]) -> list[int]:
+    def matches(self, tokens: list[int], running: list[bool] | None = None) -> list[int]:
+        """The rows whose text now holds a stop string, of those `running` (default: all; a finished row emits
+        padding, which a tokenizer may not decode). A stop may begin in a row's skipped leading whitespace but
+        must end after it (see truncate_at_stop)."""
         rows = []
         for row, token in enumerate(tokens):
-            data = self.tokenizer.decode_bytes([token])
+            if running is not None and not running[row]:
+                continue
+            tail = self.tails[row] + self.tokenizer.decode_bytes([token])
+            lead = 0
             if not self.begun[row]:
-                data = data.lstrip(LEADING_SPACE.encode())
-                self.begun[row] = bool(data)
-            tail = self.tails[row] + data
-            if any(s in tail for s in self.stops):
+                body = tail.lstrip(LEADING_SPACE.encode())
+                self.begun[row] = bool(body)
+                lead = len(tail) - len(body)
+            if self.begun[row] and any(s in tail[max(0, lead - len(s) + 1):] for s in self.stops):
                 rows.append(row)
             self.tails[row] = tail[-self.keep:] if self.keep else b""
         return rows
@@ -614,9 +642,10 @@ class TokenGenerator:
         prompt_len = input_ids.shape[1]
         total = prompt_len + config.max_new_tokens
         if total > model_config.n_positions:
-            raise ValueError(f"prompt of {prompt_len} tokens + max_new_tokens {config.max_new_tokens} = {total} "
-                             f"exceeds the model's context of {model_config.n_positions} positions (n_positions); "
-                             f"shorten the prompt or lower max_new_tokens")
+            raise ValueError(f"prompt of {prompt_len} tokens + {config.max_new_tokens} new tokens (max_new_tokens, or "
+                             f"max_length less the prompt) = {total} exceeds the model's context of "
+                             f"{model_config.n_positions} positions (n_positions); shorten the prompt or lower "
+                             "max_new_tokens or max_length")
 
         n = config.num_return_sequences
         input_ids = input_ids.to(device).repeat_interleave(n, 0)
@@ -761,10 +790,11 @@ class TokenGenerator:
                 self.history[:, P + step] = next_tokens
             self.steps = step + 1
             yield next_tokens
+            running = (~done).tolist()
             if eos is not None:
                 done |= torch.isin(next_tokens, eos)
             if self.stop_matcher is not None:
-                done[self.stop_matcher.matches(next_tokens.tolist())] = True
+                done[self.stop_matcher.matches(next_tokens.tolist(), running)] = True
             if bool(done.all()):
                 return
 
@@ -991,13 +1021,15 @@ class TextStreamDecoder:
     """Token ids in, text pieces out. Bytes of a character split across tokens are held until the character
     is complete; text that may be the start of a stop string is held until it is clear. The pieces concatenate
     to `tokenizer.decode(ids)` cut before the first stop string; with `skip_leading_space`, to that text after
-    its leading whitespace, where stop strings are looked for."""
+    its leading whitespace (a stop string may begin in that whitespace, see truncate_at_stop)."""
 
     def __init__(self, tokenizer: GPT2Tokenizer, stop: Sequence[str] | None = None, *,
                  skip_leading_space: bool = False) -> None:
         self.tokenizer = tokenizer
         self.stop = list(stop or ())
         self.begun = not skip_leading_space  # a character other than leading whitespace has been decoded
+        self._lead = ""  # the leading whitespace decoded before that
+        self._skip = 0  # how many of the held characters are leading whitespace (never shown)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
         self.stopped = False
@@ -1014,28 +1046,38 @@ class TextStreamDecoder:
         """Everything still held (an unfinished character decodes as U+FFFD)."""
         if self.stopped:
             return ""
-        text = self._emit(self._utf8.decode(b"", final=True)) + self._held
-        self.released += len(self._held)
-        self._held = ""
+        held = self._held[self._skip:]
+        text = self._emit(self._utf8.decode(b"", final=True)) + held
+        self.released += len(held)
+        self._held, self._skip = "", 0
         return text
 
     def _emit(self, new_text: str) -> str:
-        if not self.begun:
-            new_text = new_text.lstrip(LEADING_SPACE)
-            self.begun = bool(new_text)
-        self.decoded += len(new_text)
-        text = self._cut(new_text)
+        lead = 0
+        if not self.begun:  # leading whitespace is kept aside: a stop may begin in it (see truncate_at_stop)
+            new_text = self._lead + new_text
+            body = new_text.lstrip(LEADING_SPACE)
+            self.begun = bool(body)
+            if not self.begun:
+                self._lead = new_text
+                return ""
+            lead, self._lead = len(new_text) - len(body), ""
+        self.decoded += len(new_text) - lead
+        text = self._cut(new_text, lead)
         self.released += len(text)
         return text
 
-    def _cut(self, new_text: str) -> str:
-        text, self.stopped = truncate_at_stop(self._held + new_text, self.stop)
+    def _cut(self, new_text: str, lead: int = 0) -> str:
+        """The text of held + new_text that is final: before a stop string, or before what could still become
+        one. The first `_skip` + `lead` characters are leading whitespace, searched for stops but never shown."""
+        text, skip = self._held + new_text, self._skip + lead
+        final, self.stopped = truncate_at_stop(text, self.stop, skip)
         if self.stopped:
-            self._held = ""
-            return text
-        hold = held_length(text, self.stop)
-        self._held = text[len(text) - hold:] if hold else ""
-        return text[:len(text) - hold]
+            self._held, self._skip = "", 0
+            return final
+        start = len(text) - held_length(text, self.stop)  # a stop may still begin here
+        self._held, self._skip = text[start:], max(0, skip - start)
+        return text[skip:max(skip, start)]
 
 
 def held_length(text: str, stop: Sequence[str]) -> int:
@@ -1111,5 +1153,6 @@ def decode_completions(tokenizer: GPT2Tokenizer, sequences: Tensor, prompt_len: 
     for row in sequences[:, prompt_len:].tolist():
         end = next((i for i, t in enumerate(row) if t in eos), len(row))
         text = tokenizer.decode(row[:end])
-        texts.append(truncate_at_stop(text.lstrip(LEADING_SPACE) if skip_leading_space else text, stop)[0])
+        lead = len(text) - len(text.lstrip(LEADING_SPACE)) if skip_leading_space else 0
+        texts.append(truncate_at_stop(text, stop, lead)[0])
     return texts

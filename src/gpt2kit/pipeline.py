@@ -222,15 +222,18 @@ class TextGenerationPipeline:
                    for prompt, texts in zip(prompts, continuations)]
         return results[0] if isinstance(text_inputs, str) else results
 
+    def _generator(self, seed: int) -> torch.Generator:
+        """One random stream for the whole call: seeding each batch (or each kind of chat reply) anew would give
+        prompts batch_size apart the same draws. A batch draws for all its rows at once, so the samples still
+        depend on batch_size."""
+        return torch.Generator(model_placement(self.model)[0]).manual_seed(seed)
+
     def _complete(self, rows: list[list[int]], config: GenerationConfig, batch_size: int,
                   generator: torch.Generator | None) -> list[list[str]]:
         """The continuations of each prompt's ids (num_return_sequences texts each), batch_size prompts at a time,
         left-padded."""
         if config.seed is not None and generator is None:
-            # One random stream for the whole call: seeding each batch would give prompts batch_size apart the
-            # same draws. A batch draws for all its rows at once, so the samples still depend on batch_size.
-            generator = torch.Generator(model_placement(self.model)[0]).manual_seed(config.seed)
-            config = config.replace(seed=None)
+            generator, config = self._generator(config.seed), config.replace(seed=None)
         speculative = self.assistant_model is not None or config.prompt_lookup_num_tokens is not None
         n, out = config.num_return_sequences, []
         for start in range(0, len(rows), batch_size):
@@ -286,6 +289,8 @@ class TextGenerationPipeline:
         if config.num_beams > 1 and stop:
             raise ValueError(f"chat input ends each reply at a stop string ({stop[0]!r}), which beam search does not "
                              "support: use num_beams=1")
+        if config.seed is not None and generator is None:
+            generator, options = self._generator(config.seed), {**options, "seed": None}
         # A new plain reply starts after the space that follows "Assistant:" (stop strings too); a continued message
         # keeps what it generated. The two kinds run apart, in their order.
         outputs: list[Any] = [None] * len(prompts)
