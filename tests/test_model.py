@@ -63,6 +63,24 @@ def test_padded_batches_match_transformers(tmp_path, shape, side):
     assert abs(ref.loss.item() - out.loss.item()) <= 1e-5
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_right_padding_matches_transformers_at_every_position(tmp_path, shape):
+    """A pad query after real tokens attends to them, as in transformers (it also attended to itself): the logits
+    at pad positions and a loss over labels that keep the pads (labels=input_ids) agree too. The loss comes
+    first in the output, as transformers' out[0]."""
+    hf, ours = hf_pair(tmp_path, shape)
+    ids, mask = padded_batch(shape["vocab_size"], "right")
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as gpt2kit derives them from the mask
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=positions, labels=ids)
+        out = ours(ids, attention_mask=mask, labels=ids)
+    assert (ref.logits - out.logits).abs().max() <= 1e-4
+    assert abs(ref.loss.item() - out.loss.item()) <= 1e-5
+    assert out[0] is out.loss and ref[0] is ref.loss and out.keys()[:2] == ["loss", "logits"]
+    classifier = GPT2ForSequenceClassification(ours.config.replace(pad_token_id=0))
+    assert classifier(ids, labels=torch.tensor([0, 1, 1]))[0].dim() == 0
+
+
 def test_left_padded_row_equals_the_prompt_alone(tiny_model):
     ids, mask = padded_batch(tiny_model.config.vocab_size, "left")
     with torch.no_grad():
@@ -79,7 +97,14 @@ def test_inputs_embeds_replace_the_token_embeddings(tiny_model):
         embedded = body(ids, inputs_embeds=body.wte(ids)).last_hidden_state
         torch.testing.assert_close(embedded, expected, rtol=0, atol=0)
         shifted = body(ids, inputs_embeds=body.wte(ids) + 1.0).last_hidden_state
+        torch.testing.assert_close(body(inputs_embeds=body.wte(ids)).last_hidden_state, expected, rtol=0, atol=0)
     assert not torch.allclose(shifted, expected)
+    with pytest.raises(ValueError, match=r"inputs_embeds has shape \(2, 10, \d+\) and input_ids \(2, 1\)"):
+        body(ids[:, :1], inputs_embeds=body.wte(torch.randint(0, 9, (2, 10))))  # it broadcast the embeddings
+    with pytest.raises(ValueError, match="give input_ids"):
+        body()
+    with pytest.raises(ValueError, match="logits_to_keep computes the last positions' logits only"):
+        tiny_model(ids, labels=ids, logits_to_keep=1)  # its loss was 0
 
 
 def test_targets_equal_shifted_labels(tiny_model):

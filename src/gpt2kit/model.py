@@ -176,9 +176,9 @@ def check_inputs(config: GPT2Config, input_ids: Tensor, attention_mask: Tensor |
 def build_attention_mask(attention_mask: Tensor | None, past: int, T: int,
                          device: torch.device | None = None) -> tuple[Tensor | None, bool]:
     """(mask, is_causal) for SDPA. A boolean (B, 1, T, past+T) mask is built only when padding or a cache
-    needs it; otherwise SDPA's fused causal path is used. Each query may always see itself, so padded rows
-    never become fully masked (which would give NaN); their outputs are never used. `device`: where a mask
-    built without `attention_mask` goes (the queries' device)."""
+    needs it; otherwise SDPA's fused causal path is used. A padding query sees the real tokens before it, as in
+    transformers; one with none (left padding) sees itself, so no row is fully masked (which would give NaN).
+    `device`: where a mask built without `attention_mask` goes (the queries' device)."""
     if attention_mask is None or bool(attention_mask.all()):
         if past == 0:
             return None, True
@@ -196,7 +196,9 @@ def build_attention_mask(attention_mask: Tensor | None, past: int, T: int,
     k_pos = torch.arange(S, device=device).view(1, S)
     allowed = (k_pos <= q_pos).unsqueeze(0)  # (1, T, S)
     if attention_mask is not None:
-        allowed = (allowed & attention_mask[:, None, :S].bool()) | (k_pos == q_pos)
+        allowed = allowed & attention_mask[:, None, :S].bool()
+        # A query with no real key before it (left padding) attends to itself: a fully masked row gives NaN.
+        allowed |= (k_pos == q_pos) & ~allowed.any(-1, keepdim=True)
     return allowed.unsqueeze(1), False
 
 
@@ -360,22 +362,30 @@ class GPT2Model(GPT2PreTrainedModel):
         if type(self) is GPT2Model:
             self._init_weights()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                past_key_values: KVCache | None = None, inputs_embeds: Tensor | None = None,
-                output_hidden_states: bool = False, output_attentions: bool = False) -> BaseModelOutputWithPast:
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
+                inputs_embeds: Tensor | None = None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> BaseModelOutputWithPast:
         """`attention_mask` (B, past+T) marks real tokens with 1; it covers cached positions too. `inputs_embeds`
         (B, T, C), when given, replaces the token embeddings wte(input_ids). `output_hidden_states` also returns
         each block's input and the final output (transformers' n_layer + 1 tensors); `output_attentions` each
         block's attention weights (B, n_head, T, past+T), attention then written out instead of SDPA's kernel.
-        A padding position's query attends to itself only (transformers' weights there are meaningless too)."""
-        T = input_ids.shape[1]
-        past = check_inputs(self.config, input_ids, attention_mask, past_key_values)
+        A padding position's query attends to the real tokens before it, as in transformers, or to itself when
+        there are none (left padding; transformers' weights there are meaningless too)."""
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("give input_ids (B, T) or inputs_embeds (B, T, n_embd)")
+        if input_ids is not None and inputs_embeds is not None and inputs_embeds.shape[:2] != input_ids.shape:
+            raise ValueError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)} and input_ids "
+                             f"{tuple(input_ids.shape)}: they must agree in (batch, length)")
+        tokens = inputs_embeds[..., 0] if input_ids is None else input_ids  # (B, T): what the checks read
+        T = tokens.shape[1]
+        past = check_inputs(self.config, tokens, attention_mask, past_key_values)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask)[:, past:]
             else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0)
-        attn_mask, is_causal = build_attention_mask(attention_mask, past, T, input_ids.device)
+                position_ids = torch.arange(past, past + T, device=tokens.device).unsqueeze(0)
+        attn_mask, is_causal = build_attention_mask(attention_mask, past, T, tokens.device)
 
         tokens = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         x = self.drop(tokens + self.wpe(position_ids))
@@ -426,8 +436,8 @@ class BaseModelOutputWithPast(ModelOutput):
 
 @dataclass
 class CausalLMOutput(ModelOutput):
-    logits: Tensor | None  # None when the loss was fused with the LM head (return_logits=False)
-    loss: Tensor | None = None
+    loss: Tensor | None = None  # first, as in transformers: out[0] is the loss when there is one
+    logits: Tensor | None = None  # None when the loss was fused with the LM head (return_logits=False)
     past_key_values: KVCache | None = None
     hidden_states: tuple[Tensor, ...] | None = None  # with output_hidden_states: see BaseModelOutputWithPast
     attentions: tuple[Tensor, ...] | None = None  # with output_attentions: see BaseModelOutputWithPast
@@ -515,8 +525,11 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             if labels is not None:
                 hidden, targets = hidden[:, :-1], labels[:, 1:]
             loss = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), tied=tied)
-            return CausalLMOutput(None, loss, past_key_values, hidden_states, attentions)
+            return CausalLMOutput(loss, None, past_key_values, hidden_states, attentions)
         if logits_to_keep:
+            if labels is not None or targets is not None:  # as transformers refuses it
+                raise ValueError("logits_to_keep computes the last positions' logits only; the loss of labels or "
+                                 "targets needs them all")
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
@@ -524,7 +537,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
             loss = lm_loss(logits[:, :-1], labels[:, 1:])
         elif targets is not None:
             loss = lm_loss(logits, targets)
-        return CausalLMOutput(logits, loss, past_key_values, hidden_states, attentions)
+        return CausalLMOutput(loss, logits, past_key_values, hidden_states, attentions)
 
     def decode_step(self, input_ids: Tensor, position_ids: Tensor, cache_index: Tensor, attn_mask: Tensor,
                     cache: KVCache) -> Tensor:
@@ -552,8 +565,8 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
 
 @dataclass
 class SequenceClassifierOutput(ModelOutput):
-    logits: Tensor
-    loss: Tensor | None = None
+    loss: Tensor | None = None  # first, as in transformers: out[0] is the loss when there is one
+    logits: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None  # with output_hidden_states: see BaseModelOutputWithPast
     attentions: tuple[Tensor, ...] | None = None  # with output_attentions: see BaseModelOutputWithPast
 
