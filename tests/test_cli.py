@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gpt2kit.cli import main
 
@@ -78,7 +79,7 @@ def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, 
         (["train", "--config", CONFIG, "--model.config.n_positions", "0"],
          "command line: --model.config.n_positions: n_positions must be"),
         (["train", "--config", CONFIG, "--out_dir", str(tmp_path / "run"), "--resume",
-          str(tmp_path / "nope")], "no such checkpoint directory"),
+          str(tmp_path / "nope")], f"--resume {tmp_path / 'nope'}: no such checkpoint directory"),
         # Sampling flags without sampling, a length penalty without beams: silently greedy before.
         (["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--temperature", "0.8", "--top-k", "5"],
          "--temperature, --top-k only apply when sampling; add --do-sample"),
@@ -92,6 +93,13 @@ def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, 
         (["train", "--config", CONFIG, "--out_dir", str(tmp_path / "run"), "--checkpoint.resume",
           str(tmp_path / "nope")], f"command line: --checkpoint.resume: no checkpoint directory {tmp_path / 'nope'}"),
     ]
+    # --resume replaces a stale checkpoint.resume of the config before it is checked (the stale one was named).
+    stale = tmp_path / "stale.yaml"
+    values = yaml.safe_load(Path(CONFIG).read_text())
+    values["checkpoint"]["resume"] = str(tmp_path / "gone")
+    stale.write_text(yaml.safe_dump(values))
+    cases.append((["train", "--config", str(stale), "--out_dir", str(tmp_path / "run"), "--resume",
+                   str(tmp_path / "nope")], f"--resume {tmp_path / 'nope'}: no such checkpoint directory"))
     if not __import__("torch").cuda.is_available():
         cases.append((["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--device", "cuda"],
                       "no CUDA GPU"))

@@ -108,6 +108,8 @@ def test_options_the_task_has_no_use_for_and_unknown_devices_are_errors(lm_dir, 
     wikitext = ["--task", "wikitext", "--data", str(DATA / "wikitext-2" / "wiki.test.raw")]
     assert main(["eval", "--model", str(lm_dir), *wikitext, "--stop-word-filter"]) == 2
     assert "stop_word_filter does not apply to the wikitext task" in capsys.readouterr().err
+    assert main(["eval", "--model", str(lm_dir), *wikitext, "--text-key", "body"]) == 2  # it was unused
+    assert "text_key names the field of JSON lines data; " in capsys.readouterr().err
     torch.manual_seed(0)
     GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64)).save_pretrained(
         tmp_path / "clf")

@@ -353,6 +353,13 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, tok):
 
 
 
+def test_a_text_key_without_json_lines_input_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"text_key 'body' names the field of JSON lines input; none of the inputs "
+                                         r"is read as jsonl \(paragraphs\)"):
+        preprocess(VERDICT, tmp_path / "out", text_key="body", format="paragraphs", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_is_current_compares_settings_tokenizer_and_input_files(tmp_path):
     corpus, out = tmp_path / "corpus.txt", tmp_path / "out"
     corpus.write_text(VERDICT.read_text())

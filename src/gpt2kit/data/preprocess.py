@@ -264,6 +264,9 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
             raise ValueError(f"{name} must be a positive integer, got {value}")
     output = replaced_directory(output_dir)  # before any work
     sources = resolve_inputs(inputs, format, exclude=output)
+    if text_key != "text" and not any(s.format == "jsonl" for s in sources):  # it would be silently unused
+        raise ValueError(f"text_key {text_key!r} names the field of JSON lines input; none of the inputs is read as "
+                         f"jsonl ({', '.join(sorted({s.format for s in sources}))})")
     stamps = [file_stamp(s.path) for s in sources]  # before reading: an edit while it runs makes the output stale
     tok = GPT2Tokenizer.from_pretrained(tokenizer)
     dtype = np.dtype("<u2" if tok.vocab_size <= 1 << 16 else "<u4")

@@ -73,6 +73,8 @@ def evaluate(task: str, model: str | os.PathLike, data: str | os.PathLike, *,
                 format = perplexity.wikitext_format(Path(data))
             detokenize = True if detokenize is None else detokenize
         settings = {"format": perplexity.resolve_format(Path(data), format)}
+        if text_key is not None and settings["format"] != "jsonl":
+            raise ValueError(f"text_key names the field of JSON lines data; {data} is read as {settings['format']}")
         results = perplexity.evaluate_perplexity(net, tok, data, max_length=max_length, stride=stride,
                                                  batch_size=batch_size, format=format, detokenize=detokenize,
                                                  text_key=text_key or "text", limit=limit, compile=compile,

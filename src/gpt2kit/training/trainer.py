@@ -1284,8 +1284,11 @@ class Trainer:
 def run(mode: str, config_path: str | os.PathLike | None, overrides: list[tuple[str, str]] | None = None,
         resume: str | None = None) -> dict[str, Any]:
     """`gpt2kit train|finetune --config FILE [--section.key value ...] [--resume auto|PATH]`."""
-    config = load_run_config(config_path, overrides, training=True)
+    # --resume replaces the config's checkpoint.resume before that is checked (a stale one must not stop it); a
+    # missing PATH is an error naming --resume before tokenizing (see _resume_option).
+    replaced = {} if resume is None else {"checkpoint": {"resume": None}}
+    config = load_run_config(config_path, overrides, training=True, **replaced)
     if resume is not None:
-        config.checkpoint.resume = resume  # a missing PATH is an error before tokenizing (see _resume_option)
+        config.checkpoint.resume = resume
     trainer = Trainer(args=config)
     return trainer.train() if mode == "train" else trainer.finetune()
