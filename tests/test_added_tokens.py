@@ -307,3 +307,50 @@ def test_gguf_marks_ordinary_added_tokens_user_defined():
     tokens, types, _ = gguf_vocabulary(tok, 50264)
     assert tokens[50256:50259] == ["<|endoftext|>", "<code>", "[PAD]"]
     assert types[50256:50260] == [3, 4, 3, 5]  # control, user-defined (matched in text), control, unused
+
+
+def test_tokenizer_files_as_transformers_reads_and_writes_them(tmp_path):
+    """Review findings against transformers: a broken tokenizer_config.json is an error (its roles were silently
+    dropped), a tokenizer.json path reads the config beside it as its directory does, vocabulary files are
+    replaced rather than written through a hard link into another model's, roles number before the extra special
+    tokens whatever the dict's order, chat templates see a set pad_token, and transformers' "no limit"
+    model_max_length neither truncates nor pads to a length."""
+    import os
+    import warnings
+
+    from gpt2kit.tokenizer import TokenizerError
+
+    tok = GPT2Tokenizer.gpt2()
+    tok.add_special_tokens({"eos_token": "<|im_end|>"})
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(tmp_path / "t")
+    through_file = GPT2Tokenizer.from_file(tmp_path / "t" / "tokenizer.json")
+    assert (through_file.eos_token_id, through_file.pad_token_id) == (50257, 50257)
+    config = tmp_path / "t" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("{", "{,", 1))
+    with pytest.raises(TokenizerError, match=r"tokenizer_config.json: not valid JSON"):
+        GPT2Tokenizer.from_file(tmp_path / "t")
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "model").mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "other" / name).write_text("another model's\n")
+        os.link(tmp_path / "other" / name, tmp_path / "model" / name)
+    GPT2Tokenizer.gpt2().save_pretrained(tmp_path / "model")  # copies the bundled vocab.json and merges.txt
+    assert all((tmp_path / "other" / name).read_text() == "another model's\n" for name in ("vocab.json", "merges.txt"))
+
+    ours, theirs = GPT2Tokenizer.gpt2(), transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "model")
+    special = {"additional_special_tokens": ["<x>"], "pad_token": "[PAD]"}
+    ours.add_special_tokens(special)
+    theirs.add_special_tokens(special)
+    assert [ours.convert_tokens_to_ids(t) for t in ("<x>", "[PAD]")] == theirs.convert_tokens_to_ids(["<x>", "[PAD]"])
+
+    ours.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}[{{ pad_token }}]"
+    assert ours.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                    add_generation_prompt=False) == "Hi[[PAD]]"
+    ours.model_max_length = int(1e30)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert ours(["hello world", "a"], padding="max_length")["input_ids"] == [[31373, 995], [64]]
+        assert ours(["hello world", "a"], truncation=True, padding=True, pad_to_multiple_of=3)["input_ids"] == \
+            [[31373, 995, ours.pad_token_id], [64, ours.pad_token_id, ours.pad_token_id]]

@@ -28,11 +28,12 @@ import regex
 import tiktoken
 
 from .conversation import PLAIN, ChatFormat, chat_format, turns_of
-from .files import atomic_write_text, read_json, read_utf8, sha256_file
+from .files import atomic_file, atomic_write_text, read_json, read_utf8, sha256_file
 
 ASSETS = Path(__file__).parent / "assets" / "gpt2"
 ENDOFTEXT = "<|endoftext|>"
 GPT2_CONTEXT = 1024  # positions of the released GPT-2 models: the tokenizer's default model_max_length
+NO_LIMIT = 10 ** 20  # transformers' LARGE_INTEGER: a model_max_length from here on (int(1e30)) means none
 # End-of-text tokens of other vocabularies, in the order they are looked for when <|endoftext|> is absent.
 EOS_NAMES = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<|eot_id|>", "<|im_end|>", "<eos>", "<|eos|>")
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -472,8 +473,8 @@ class GPT2Tokenizer:
             tokenizer, directory = cls._from_source(("bpe", str(path), str(merges))), path.parent
         elif not path.exists():
             raise TokenizerError(f"{path}: tokenizer file not found")
-        elif path.suffix == ".json":
-            return cls._from_source(("tokenizer.json", str(path)))
+        elif path.suffix == ".json":  # with the tokenizer_config.json beside it, as a directory reads them
+            tokenizer, directory = cls._from_source(("tokenizer.json", str(path))), path.parent
         elif path.suffix == ".tiktoken":
             return cls._from_source(("tiktoken", str(path)))
         else:
@@ -545,7 +546,7 @@ class GPT2Tokenizer:
             listed = {_token_text(t) for t in listed} if isinstance(listed, list) else set()
             decoder = config.get("added_tokens_decoder")
             decoder = decoder if isinstance(decoder, dict) else {}
-            added = read_json(added_file) if added_file.is_file() else {}
+            added = read_json(added_file, error=TokenizerError) if added_file.is_file() else {}
             if not (isinstance(added, dict) and all(type(i) is int for i in added.values())):
                 raise TokenizerError(f"{added_file}: expected a JSON object of token -> integer id")
             vocab, new = self.get_vocab(), []
@@ -601,7 +602,8 @@ class GPT2Tokenizer:
             raise ValueError(f"add_special_tokens: unknown key {unknown[0]!r}; GPT-2's tokenizer has "
                              f"{', '.join(ROLES + lists)}")
         added = 0
-        for key, value in special_tokens_dict.items():
+        # The roles first, then the lists, as transformers 5 numbers them whatever the dict's order.
+        for key, value in sorted(special_tokens_dict.items(), key=lambda item: item[0] in lists):
             values = [_token_text(v) for v in value] if key in lists else [_token_text(value)]
             added += self.add_tokens(values, special_tokens=True)
             if key in ROLES:
@@ -667,7 +669,8 @@ class GPT2Tokenizer:
             if source is None:
                 atomic_write_text(target, json.dumps(self.to_tokenizer_json(), ensure_ascii=False) + "\n")
             elif not (target.exists() and os.path.samefile(source, target)):
-                shutil.copyfile(source, target)
+                with atomic_file(target) as tmp:  # a new file: never written through a link into another's
+                    shutil.copyfile(source, tmp)
         # GPT2Tokenizer rebuilds a ByteLevel pre-tokenizer in transformers; any other split needs the fast class,
         # which reads tokenizer.json as it is.
         config = {"tokenizer_class": "GPT2Tokenizer" if "vocab.json" in written else "PreTrainedTokenizerFast",
@@ -829,8 +832,9 @@ class GPT2Tokenizer:
     def chat_format(self) -> ChatFormat:
         """How this tokenizer's model reads conversations (gpt2kit.conversation: plain, alpaca, or its Jinja
         chat_template)."""
+        pad = {} if self._pad_token_id is None else {"pad_token": self.pad_token}  # as transformers: when set
         return chat_format(self.chat_template, eos_token=self.eos_token, bos_token=self.bos_token,
-                           unk_token=self.unk_token)
+                           unk_token=self.unk_token, **pad)
 
     def apply_chat_template(self, conversation: Sequence[dict[str, str]] | Sequence[Sequence[dict[str, str]]], *,
                             tokenize: bool = True, add_generation_prompt: bool | None = None,
@@ -990,6 +994,12 @@ class GPT2Tokenizer:
         if max_length is not None and max_length < 0:
             raise ValueError(f"max_length must be >= 0, got {max_length}")
         truncating = _truncates(truncation, max_length, padding)
+        if max_length is None and self.model_max_length >= NO_LIMIT and (truncating or padding == "max_length"):
+            # transformers' "no limit" (int(1e30)): nothing to truncate or pad to, so neither, as transformers
+            # does (with a warning, as here).
+            warnings.warn("no max_length and a model_max_length of no limit: neither truncating nor padding to a "
+                          "maximum length", stacklevel=3)
+            truncating, padding = False, padding != "max_length" and padding
         limit = self.model_max_length if max_length is None else max_length
         if truncating and padding not in (False, "do_not_pad") and pad_to_multiple_of and limit % pad_to_multiple_of:
             raise ValueError(f"truncation and padding are both on, but the truncation length ({limit}) is not a "
@@ -1069,13 +1079,14 @@ def _rebuild(source: tuple[str, ...], added: tuple[tuple[str, bool], ...], loade
 
 
 def _tokenizer_config(config_file: Path) -> dict[str, Any]:
-    """tokenizer_config.json's values; none when it is missing or unreadable (they only refine the vocabulary's
-    defaults)."""
-    try:
-        values = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """tokenizer_config.json's values; none when it is missing (they refine the vocabulary's defaults). One that
+    is not a JSON object is an error naming it, as in transformers: its roles would be silently lost."""
+    if not config_file.is_file():
         return {}
-    return values if isinstance(values, dict) else {}
+    values = read_json(config_file, error=TokenizerError)
+    if not isinstance(values, dict):
+        raise TokenizerError(f"{config_file}: expected a JSON object of tokenizer settings")
+    return values
 
 
 def _token_text(value: Any) -> str:
