@@ -348,6 +348,15 @@ def test_tokenizer_files_as_transformers_reads_and_writes_them(tmp_path):
     ours.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}[{{ pad_token }}]"
     assert ours.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
                                     add_generation_prompt=False) == "Hi[[PAD]]"
+    # Setting a role's token or id moves both, in memory, pickled and saved (the other one stayed stale).
+    ours.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    ours.eos_token = "<|im_end|>"
+    ours.bos_token_id = ours.convert_tokens_to_ids("<x>")
+    for copy in (ours, pickle.loads(pickle.dumps(ours))):
+        assert (copy.eos_token, copy.eos_token_id, copy.bos_token) == ("<|im_end|>", 50259, "<x>")
+    ours.save_pretrained(tmp_path / "roles")
+    again = GPT2Tokenizer.from_file(tmp_path / "roles")
+    assert (again.eos_token_id, again.bos_token, again.unk_token_id) == (50259, "<x>", 50256)
     ours.model_max_length = int(1e30)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")

@@ -416,6 +416,16 @@ def tokenizer_for(model_dir: str | os.PathLike | None,
     return GPT2Tokenizer.gpt2()
 
 
+def _role(role: str, of_id: bool) -> property:
+    """A role's token (`of_id=False`: its text) or id, read and set as in transformers: setting either moves both
+    (`tok.eos_token = "<|im_end|>"` also changes eos_token_id)."""
+    if of_id:
+        return property(lambda self: self._role_ids[role],
+                        lambda self, token_id: self._set_role(role, self.convert_ids_to_tokens(token_id)))
+    return property(lambda self: self.convert_ids_to_tokens(self._role_ids[role]),
+                    lambda self, token: self._set_role(role, token))
+
+
 class GPT2Tokenizer:
     """Byte-level BPE tokenizer with a HuggingFace-like call interface.
 
@@ -423,6 +433,10 @@ class GPT2Tokenizer:
     truncation rules; `encode`/`decode` for plain lists.
     GPT-2 has no pad token: padding uses `pad_token_id` (the EOS id unless set) under attention_mask 0.
     """
+
+    eos_token, eos_token_id = _role("eos_token", of_id=False), _role("eos_token", of_id=True)
+    bos_token, bos_token_id = _role("bos_token", of_id=False), _role("bos_token", of_id=True)
+    unk_token, unk_token_id = _role("unk_token", of_id=False), _role("unk_token", of_id=True)
 
     def __init__(self, encoding: tiktoken.Encoding, *, source: tuple[str, ...], eos_token: str = ENDOFTEXT,
                  pad_token_id: int | None = None, text_tokens: frozenset[str] = frozenset()) -> None:
@@ -435,11 +449,10 @@ class GPT2Tokenizer:
         self._splitters: dict[str | frozenset[str], list[regex.Pattern] | None] = {}  # see _splitters_for
         if eos_token not in encoding.special_tokens_set:
             raise TokenizerError(f"EOS token {eos_token!r} is not a special token of {encoding.name!r}")
-        self.eos_token = eos_token
-        self.eos_token_id = encoding.encode_single_token(eos_token)
+        # The EOS, BOS and UNK tokens' ids; `eos_token`, `eos_token_id`, ... read and set them (see _role).
         # GPT-2 uses <|endoftext|> as BOS and UNK too (byte-level BPE never needs an unknown token).
-        self.bos_token, self.bos_token_id = self.eos_token, self.eos_token_id
-        self.unk_token, self.unk_token_id = self.eos_token, self.eos_token_id
+        eos_id = encoding.encode_single_token(eos_token)
+        self._role_ids = dict.fromkeys(("eos_token", "bos_token", "unk_token"), eos_id)
         self._pad_token_id = pad_token_id  # None: pad with the EOS id, and name no pad token when saving
         self.padding_side = "right"
         self.truncation_side = "right"
@@ -617,9 +630,10 @@ class GPT2Tokenizer:
             raise ValueError(f"{role} {token!r} is not a token of this vocabulary")
         if role == "eos_token" and token not in self.encoding.special_tokens_set:
             raise ValueError(f"eos_token {token!r} is not a special token of this vocabulary")
-        if role != "pad_token":  # pad_token is read from pad_token_id
-            setattr(self, role, token)
-        setattr(self, f"{role}_id", token_id)
+        if role == "pad_token":
+            self._pad_token_id = token_id
+        else:
+            self._role_ids[role] = token_id
 
     def fingerprint(self, roles: bool = True) -> str:
         """sha256 of what decides the ids: the split pattern, the special tokens and the ranks, whatever file
