@@ -231,6 +231,12 @@ def test_overlapping_added_tokens_take_the_longest_match(tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     reloaded = GPT2Tokenizer.from_file(tmp_path / "ours")  # ordinary added tokens read from tokenizer.json
     assert [reloaded.encode(t) for t in texts] == [ours.encode(t) for t in texts]
+    # A partial overlap alone, no token inside another: "q<s" ends where "<s>" begins (tiktoken took "q<s").
+    ours, theirs = GPT2Tokenizer.gpt2(), transformers.AutoTokenizer.from_pretrained(tmp_path / "base")
+    for tok in (ours, theirs):
+        tok.add_tokens(["q<s"])
+        tok.add_special_tokens({"additional_special_tokens": ["<s>"]})
+    assert ours.encode("aq<s>b", allowed_special="all") == theirs("aq<s>b")["input_ids"]
 
 
 def test_fingerprint_tells_what_changes_the_ids():

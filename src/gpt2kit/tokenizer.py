@@ -770,15 +770,16 @@ class GPT2Tokenizer:
         return ids
 
     def _splitters_for(self, allowed: str | Set[str]) -> list[regex.Pattern] | None:
-        """Where one allowed added token holds another ("<tool>" and "<tool>call", runs of tabs): patterns that
-        split a text as transformers does, on special tokens first and then on ordinary ones, each trying the
-        longest first (tiktoken tries them all at once, in no fixed order); None where no token holds another."""
+        """Where one allowed added token holds another ("<tool>" and "<tool>call", runs of tabs), or special and
+        ordinary added tokens are both allowed (they may overlap: "x<s" and "<s>" in "ax<s>b"): patterns that split
+        a text as transformers does, on special tokens first and then on ordinary ones, each trying the longest
+        first (tiktoken takes the leftmost match, trying tokens in no fixed order); None otherwise."""
         key = "all" if allowed == "all" else allowed if isinstance(allowed, frozenset) else frozenset(allowed)
         if key not in self._splitters:
             tokens = self.encoding.special_tokens_set if allowed == "all" else self.encoding.special_tokens_set & key
+            kinds = [tokens - self._text_tokens, tokens & self._text_tokens]
             patterns = None
-            if any(a != b and a in b for a in tokens for b in tokens):
-                kinds = [tokens - self._text_tokens, tokens & self._text_tokens]
+            if all(kinds) or any(a != b and a in b for a in tokens for b in tokens):
                 patterns = [regex.compile("(" + "|".join(map(regex.escape, sorted(kind, key=len, reverse=True)))
                                           + ")") for kind in kinds if kind]
             self._splitters[key] = patterns
