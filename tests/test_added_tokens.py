@@ -369,3 +369,23 @@ def test_tokenizer_files_as_transformers_reads_and_writes_them(tmp_path):
         assert ours(["hello world", "a"], padding="max_length")["input_ids"] == [[31373, 995], [64]]
         assert ours(["hello world", "a"], truncation=True, padding=True, pad_to_multiple_of=3)["input_ids"] == \
             [[31373, 995, ours.pad_token_id], [64, ours.pad_token_id, ours.pad_token_id]]
+
+
+def test_roles_in_a_special_tokens_map_are_read_and_a_stale_one_is_not_left(tmp_path):
+    """transformers 4 kept the roles in special_tokens_map.json, which transformers still reads over a config
+    without added_tokens_decoder: gpt2kit reads them too, and saving over such a directory removes the file
+    (transformers read its old EOS over the new config's)."""
+    import json
+
+    directory = tmp_path / "old"
+    GPT2Tokenizer.gpt2().save_pretrained(directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    (directory / "added_tokens.json").write_text(json.dumps({"<pad>": 50257}))
+    (directory / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    ours, theirs = GPT2Tokenizer.from_file(directory), transformers.AutoTokenizer.from_pretrained(directory)
+    assert (ours.pad_token, ours.pad_token_id) == (theirs.pad_token, theirs.pad_token_id) == ("<pad>", 50257)
+    assert ours.decode([64, 50257, 65], skip_special_tokens=True) == "ab"
+    ours.add_special_tokens({"eos_token": "<|im_end|>"})
+    ours.save_pretrained(directory)
+    assert not (directory / "special_tokens_map.json").exists()
+    assert transformers.AutoTokenizer.from_pretrained(directory).eos_token_id == ours.eos_token_id == 50258

@@ -212,8 +212,7 @@ def is_adapter_file(name: str) -> bool:
 def is_saved_model_file(name: str) -> bool:
     """Whether a file of this name is part of a saved model directory: its config and weights, its tokenizer, or
     its LoRA adapters and the adapted model's config (what writing a model there replaces)."""
-    return (is_model_file(name) or is_tokenizer_file(name) or is_adapter_file(name)
-            or name == "special_tokens_map.json")
+    return is_model_file(name) or is_tokenizer_file(name) or is_adapter_file(name)
 
 
 def untied_if_separate(config: GPT2Config, state: dict[str, torch.Tensor], model_dir: Path) -> GPT2Config:

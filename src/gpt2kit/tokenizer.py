@@ -380,8 +380,9 @@ def _tiktoken_file_encoding(path: str, stamp: tuple) -> tiktoken.Encoding:
 
 _BPE_PAIRS = {"vocab.json": "merges.txt", "encoder.json": "vocab.bpe"}  # a vocabulary file -> its merges file
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a chat template (read before the config's)
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"  # transformers 4's file of roles: read, never written
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "tokenizer_config.json",
-                   CHAT_TEMPLATE_FILE, "added_tokens.json")
+                   CHAT_TEMPLATE_FILE, "added_tokens.json", SPECIAL_TOKENS_MAP)
 
 
 def is_tokenizer_file(name: str) -> bool:
@@ -493,6 +494,9 @@ class GPT2Tokenizer:
         else:
             raise TokenizerError(f"{path}: unknown tokenizer format (expected tokenizer.json, vocab.json or .tiktoken)")
         config = _tokenizer_config(directory / "tokenizer_config.json")
+        # transformers 4 kept the roles in special_tokens_map.json, over the config's (which lacks
+        # added_tokens_decoder here): read them so, as transformers does.
+        config |= {k: v for k, v in _tokenizer_config(directory / SPECIAL_TOKENS_MAP).items() if k in ROLES}
         tokenizer._read_added_tokens(directory, config)
         max_length = config.get("model_max_length")
         if type(max_length) is int and max_length > 0:  # transformers' "no limit" of 1e30 included
@@ -673,8 +677,10 @@ class GPT2Tokenizer:
         # Files this tokenizer still reads (to copy from, and when pickled) are never removed.
         own = {Path(f).resolve() for f in self._source[1:]}
         # added_tokens.json too: loading the directory would add its tokens to this vocabulary.
+        # special_tokens_map.json too: transformers would read its old roles over the new config's.
         stale = [directory / name for name in ("tokenizer.json", "vocab.json", "merges.txt", "encoder.json",
-                                               "vocab.bpe", "added_tokens.json") if name not in written]
+                                               "vocab.bpe", "added_tokens.json", SPECIAL_TOKENS_MAP)
+                 if name not in written]
         for path in [*stale, *directory.glob("*.tiktoken")]:
             if path.exists() and path.resolve() not in own:
                 path.unlink()
@@ -1094,8 +1100,9 @@ def _rebuild(source: tuple[str, ...], added: tuple[tuple[str, bool], ...], loade
 
 
 def _tokenizer_config(config_file: Path) -> dict[str, Any]:
-    """tokenizer_config.json's values; none when it is missing (they refine the vocabulary's defaults). One that
-    is not a JSON object is an error naming it, as in transformers: its roles would be silently lost."""
+    """tokenizer_config.json's (or special_tokens_map.json's) values; none when it is missing (they refine the
+    vocabulary's defaults). One that is not a JSON object is an error naming it, as in transformers: its roles
+    would be silently lost."""
     if not config_file.is_file():
         return {}
     values = read_json(config_file, error=TokenizerError)
