@@ -39,10 +39,34 @@ def test_transformers_to_gpt2kit_and_back(tmp_path, hf_model):
     ours = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
     assert same(logits(ours, IDS), logits(hf_model, IDS))
     ours.save_pretrained(tmp_path / "ours")
-    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["config.json", "generation_config.json",
+                                                                     "model.safetensors"]
     again = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
     assert torch.equal(logits(again, IDS), logits(hf_model, IDS))
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["n_ctx"] == 64  # llama.cpp's converter reads it
+
+
+def test_generation_config_json_gives_the_models_generation_defaults(tmp_path, hf_model):
+    """transformers' generate starts from a model's generation_config.json (EOS ids, lengths, sampling settings);
+    so do gpt2kit's generate and pipelines, and save_pretrained writes it back. It was ignored: generation ran
+    past an EOS id listed only there."""
+    prompt = IDS[:1]
+    hf_model.save_pretrained(tmp_path / "plain")
+    free = GPT2LMHeadModel.from_pretrained(tmp_path / "plain").generate(prompt, max_new_tokens=8, eos_token_id=[])
+    stop = int(free[0, prompt.shape[1] + 3])
+    hf_model.generation_config.eos_token_id = [299, stop]
+    hf_model.generation_config.max_new_tokens = 8
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    assert ours.generation_config["eos_token_id"] == [299, stop] and ours.generation_config["max_new_tokens"] == 8
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    expected = theirs.generate(prompt, do_sample=False)
+    assert torch.equal(ours.generate(prompt), expected) and expected.shape[1] < free.shape[1]
+    ours.save_pretrained(tmp_path / "ours")
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "ours").generation_config == ours.generation_config
+    (tmp_path / "ours" / "generation_config.json").write_text('{"top_p": 7}')
+    with pytest.raises(CheckpointError, match=r"generation_config.json: top_p must be in \(0, 1\]"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "ours")
 
 
 def test_pytorch_bin_and_sharded_layouts(tmp_path, hf_model):

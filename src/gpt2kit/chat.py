@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .generation import GenerationConfig, model_placement, parse_logit_bias, stream_generate
+from .generation import GenerationConfig, default_config, model_placement, parse_logit_bias, stream_generate
 from .model import GPT2LMHeadModel
 from .pipeline import load_assistant, load_model_and_tokenizer, text_options
 from .tokenizer import GPT2Tokenizer
@@ -153,7 +153,7 @@ def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.Path
     # A small model's context (the demo's is 128) keeps half of it for the conversation.
     reply_tokens = min(CHAT_DEFAULTS["max_new_tokens"], shared_context(lm, assistant) // 2)
     options = text_options(tok, lm.config.vocab_size, {**CHAT_DEFAULTS, "max_new_tokens": reply_tokens, **options})
-    session = ChatSession(lm, tok, GenerationConfig().replace(**options), assistant_model=assistant)
+    session = ChatSession(lm, tok, default_config(lm).replace(**options), assistant_model=assistant)
     interactive = stdin.isatty() and stdin is sys.stdin
     if interactive:
         print(f"chatting with {model} ({HELP})", file=stdout)

@@ -7,6 +7,7 @@ HF stores the attention/MLP projections as Conv1D with (in, out) weights; we use
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from .files import atomic_directory, read_json
 from .tokenizer import has_tokenizer_files, is_tokenizer_file
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"  # transformers' file of a model's generation defaults
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
@@ -357,6 +359,8 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: tor
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.to(device=device, dtype=dtype or stored_dtype)
+    if hasattr(model, "generation_config"):
+        model.generation_config = read_generation_config(model_dir)
     return model.eval()
 
 
@@ -458,12 +462,13 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: dict[str, torch.Tensor], *,
                        max_shard_size: int | str | None = None, weights_format: str = "safetensors",
                        companions: Path | None = None, record_dtype: bool = True,
-                       tokenizer: Any = None) -> Path:
+                       tokenizer: Any = None, generation_config: dict[str, Any] | None = None) -> Path:
     """Write config.json + weights atomically: files go to a temporary sibling folder which then replaces
     `directory`, so a crash never leaves a directory that looks complete but is not. `companions`: a model
     directory whose other top-level files (tokenizer, generation_config.json, README) are copied in too;
-    `tokenizer` (a GPT2Tokenizer) is saved in as well. `record_dtype`: config.json's dtype becomes the
-    tensors' (else it stays what `config` says)."""
+    `tokenizer` (a GPT2Tokenizer) is saved in as well, and `generation_config` (the model's generation defaults)
+    as generation_config.json. `record_dtype`: config.json's dtype becomes the tensors' (else it stays what
+    `config` says)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -508,7 +513,30 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
             if "torch_dtype" in values:
                 values["torch_dtype"] = values["dtype"]
         (tmp / CONFIG_NAME).write_text(json.dumps(values, indent=2) + "\n")
+        if generation_config:
+            (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(generation_config, indent=2) + "\n")
     return directory
+
+
+def read_generation_config(model_dir: Path) -> dict[str, Any]:
+    """generation_config.json's settings that gpt2kit's GenerationConfig knows (transformers' file of a model's
+    generation defaults: EOS ids, sampling settings, lengths); {} without the file. Other keys (transformers'
+    own bookkeeping, options gpt2kit lacks) are left out; a value gpt2kit refuses is an error naming the file."""
+    from .generation import GenerationConfig
+
+    path = model_dir / GENERATION_CONFIG_NAME
+    if not path.is_file():
+        return {}
+    values = read_json(path, error=CheckpointError)
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of generation settings")
+    known = {f.name for f in dataclasses.fields(GenerationConfig)} - {"seed", "compile", "stop"}
+    settings = {k: v for k, v in values.items() if k in known and v is not None}
+    try:
+        GenerationConfig().replace(**settings)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return settings
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard_size: int | str | None = None,
@@ -525,7 +553,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard
                     "GPT2Model" if isinstance(model, GPT2Model) else "GPT2LMHeadModel")
     config = model.config.replace(extra={**model.config.extra, "architectures": [architecture]})
     return write_hf_directory(directory, config, gpt2kit_to_hf(model, state), max_shard_size=max_shard_size,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, generation_config=getattr(model, "generation_config", None))
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, weights_format: str = "safetensors",

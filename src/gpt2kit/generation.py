@@ -462,6 +462,12 @@ def parse_logit_bias(text: str) -> dict[int, float]:
     return bias
 
 
+def default_config(model: torch.nn.Module) -> GenerationConfig:
+    """A model's generation defaults: GenerationConfig's, with its generation_config.json's settings over them
+    (model.generation_config, as transformers' generate starts from the model's file)."""
+    return GenerationConfig().replace(**getattr(model, "generation_config", None) or {})
+
+
 def eos_token_ids(config: GenerationConfig, model_config) -> list[int]:
     """The ids that end a row: the config's eos_token_id, else the model config's (none: [])."""
     eos = model_config.eos_token_id if config.eos_token_id is None else config.eos_token_id
@@ -620,7 +626,7 @@ class TokenGenerator:
                  **options) -> None:
         """`output_scores` / `output_logits`: keep each step's processed scores / raw logits, float32 (B, V), in
         `scores` / `logits` (transformers' generate outputs of those names)."""
-        config = (config or GenerationConfig()).replace(**options)
+        config = (config or default_config(model)).replace(**options)
         model_config = model.config
         device, dtype = model_placement(model)
         attention_mask = check_prompts(input_ids, attention_mask, model_config.vocab_size)
@@ -951,7 +957,7 @@ def token_generator(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: T
                     config: GenerationConfig | None = None, *, assistant_model: GPT2LMHeadModel | None = None,
                     **kwargs) -> TokenGenerator:
     """A TokenGenerator, or its speculative kind when `assistant_model` or `prompt_lookup_num_tokens` is given."""
-    config = config or GenerationConfig()
+    config = config or default_config(model)
     if assistant_model is None and kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) is None:
         return TokenGenerator(model, input_ids, attention_mask, config, **kwargs)
     from .speculative import SpeculativeGenerator  # it builds on TokenGenerator
@@ -982,7 +988,7 @@ def generate(model: GPT2LMHeadModel, input_ids: Tensor, attention_mask: Tensor |
     `output_scores` / `output_logits` (not with beam search); `compute_transition_scores` reads them per token.
     `assistant_model` (a smaller GPT-2 with the same vocabulary) or `prompt_lookup_num_tokens` decode
     speculatively, one prompt at a time: the same tokens in fewer passes of the model (gpt2kit.speculative)."""
-    config = (config or GenerationConfig()).replace(**options)
+    config = (config or default_config(model)).replace(**options)
     if (output_scores or output_logits) and not return_dict_in_generate:
         warnings.warn("output_scores and output_logits are returned with return_dict_in_generate=True; returning "
                       "the sequences alone", stacklevel=2)
@@ -1118,7 +1124,7 @@ def stream_generate(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, prompt: st
     """Iterator over the continuation of `prompt` (text or token ids) as text pieces while tokens arrive (one
     sequence). It ends at EOS (not shown), before a stop string, or after max_new_tokens; the pieces join to
     the decoded continuation. Options are checked here, before anything is generated."""
-    config = (config or GenerationConfig()).replace(**options)
+    config = (config or default_config(model)).replace(**options)
     if config.num_return_sequences != 1:
         raise ValueError("stream_generate produces one sequence; use generate for num_return_sequences > 1")
     ids = torch.tensor([encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)])

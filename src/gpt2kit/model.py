@@ -481,6 +481,9 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
+        # Generation defaults (generate, pipelines, chat) beside GenerationConfig's: generation_config.json's
+        # settings, read by from_pretrained and written by save_pretrained.
+        self.generation_config: dict[str, Any] = {}
         self.transformer = GPT2Model(config)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()

@@ -18,6 +18,7 @@ from .conversation import turns_of
 from .generation import (
     GenerationConfig,
     decode_completions,
+    default_config,
     encode_prompt,
     eos_token_ids,
     generate,
@@ -193,7 +194,7 @@ class TextGenerationPipeline:
         defaults = self.defaults
         if "max_new_tokens" in options or "max_length" in options:  # a call's length replaces the default one
             defaults = {k: v for k, v in defaults.items() if k not in ("max_new_tokens", "max_length")}
-        return GenerationConfig().replace(**text_options(self.tokenizer, self.model.config.vocab_size,
+        return default_config(self.model).replace(**text_options(self.tokenizer, self.model.config.vocab_size,
                                                          {**defaults, **options}))
 
     def __call__(self, text_inputs: str | Sequence[str] | Conversation | Sequence[Conversation], *,

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .generation import GenerationConfig, Sampler, TokenGenerator, model_placement
+from .generation import GenerationConfig, Sampler, TokenGenerator, default_config, model_placement
 from .model import GPT2LMHeadModel, KVCache, inference
 from .tokenizer import GPT2Tokenizer
 
@@ -56,7 +56,7 @@ class SpeculativeGenerator(TokenGenerator):
                  config: GenerationConfig | None = None, *, assistant_model: GPT2LMHeadModel | None = None,
                  tokenizer: GPT2Tokenizer | None = None, generator: torch.Generator | None = None,
                  output_scores: bool = False, output_logits: bool = False, **options) -> None:
-        config = (config or GenerationConfig()).replace(**options)
+        config = (config or default_config(model)).replace(**options)
         if config.compile or not config.use_cache:  # before TokenGenerator sets up a compiled step's cache
             raise ValueError("speculative decoding runs the cached eager step: it takes neither compile=True nor "
                              "use_cache=False")
