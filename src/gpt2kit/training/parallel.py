@@ -481,7 +481,7 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     from torch.distributed.tensor import distribute_tensor
 
     from ..checkpoint import (CheckpointError, classification_checkpoint_error, config_dtype, hf_to_gpt2kit,
-                              load_config, resolve_model_dir, untied_if_separate)
+                              load_config, read_generation_config, resolve_model_dir, untied_if_separate)
     from ..model import GPT2LMHeadModel
 
     model_dir = resolve_model_dir(model_dir)
@@ -527,6 +527,7 @@ def load_tensor_parallel(model_dir, mesh, *, dtype: torch.dtype | None = None):
     mlp = config.n_inner // degree if config.n_inner else None
     model.config = dataclasses.replace(config, n_head=config.n_head // degree, n_embd=config.n_embd // degree,
                                        n_inner=mlp)
+    model.generation_config = read_generation_config(model_dir)  # its generation defaults, as from_pretrained's
     return model.eval()
 
 
