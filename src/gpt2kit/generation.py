@@ -796,7 +796,8 @@ class TokenGenerator:
                 self.history[:, P + step] = next_tokens
             self.steps = step + 1
             yield next_tokens
-            running = (~done).tolist()
+            # Rows still running before this token (a device sync: only where stop strings are searched).
+            running = None if self.stop_matcher is None else (~done).tolist()
             if eos is not None:
                 done |= torch.isin(next_tokens, eos)
             if self.stop_matcher is not None:
@@ -1034,7 +1035,6 @@ class TextStreamDecoder:
         self.tokenizer = tokenizer
         self.stop = list(stop or ())
         self.begun = not skip_leading_space  # a character other than leading whitespace has been decoded
-        self._lead = ""  # the leading whitespace decoded before that
         self._skip = 0  # how many of the held characters are leading whitespace (never shown)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
@@ -1060,14 +1060,9 @@ class TextStreamDecoder:
 
     def _emit(self, new_text: str) -> str:
         lead = 0
-        if not self.begun:  # leading whitespace is kept aside: a stop may begin in it (see truncate_at_stop)
-            new_text = self._lead + new_text
+        if not self.begun:  # leading whitespace: held, never shown, as a stop may begin in it (truncate_at_stop)
             body = new_text.lstrip(LEADING_SPACE)
-            self.begun = bool(body)
-            if not self.begun:
-                self._lead = new_text
-                return ""
-            lead, self._lead = len(new_text) - len(body), ""
+            self.begun, lead = bool(body), len(new_text) - len(body)
         self.decoded += len(new_text) - lead
         text = self._cut(new_text, lead)
         self.released += len(text)

@@ -194,8 +194,8 @@ class TextGenerationPipeline:
         defaults = self.defaults
         if "max_new_tokens" in options or "max_length" in options:  # a call's length replaces the default one
             defaults = {k: v for k, v in defaults.items() if k not in ("max_new_tokens", "max_length")}
-        return default_config(self.model).replace(**text_options(self.tokenizer, self.model.config.vocab_size,
-                                                         {**defaults, **options}))
+        options = text_options(self.tokenizer, self.model.config.vocab_size, {**defaults, **options})
+        return default_config(self.model).replace(**options)
 
     def __call__(self, text_inputs: str | Sequence[str] | Conversation | Sequence[Conversation], *,
                  return_full_text: bool | None = None, batch_size: int | None = None,
