@@ -83,6 +83,10 @@ def test_dataset_errors(verdict_dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match="meta.json"):
         PretrainingDataset(tmp_path, 8)
     assert len(PretrainingDataset(one, 8).tokens(5, 5)) == 0
+    n = PretrainingDataset(one, 8).n_tokens
+    for start, stop in ((-2, 2), (0, n + 1), (5, 4)):  # a negative start read from the last shard's end
+        with pytest.raises(IndexError, match=rf"tokens \[{start}, {stop}\) out of range for the {n} tokens"):
+            PretrainingDataset(one, 8).tokens(start, stop)
     copy = tmp_path / "copy"
     shutil.copytree(one, copy)
     shard = sorted(copy.glob("train-*.bin"))[0]

@@ -1,5 +1,6 @@
 """preprocess: round trips, document boundaries, worker/chunk invariance, splits, dtypes, bad input, atomicity."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -17,9 +18,9 @@ from hypothesis import strategies as st
 
 from gpt2kit import GPT2Tokenizer, cli
 from gpt2kit.tokenizer import train_bpe
-from gpt2kit.data import DataError, PretrainingDataset, preprocess, read_meta
-from gpt2kit.data.preprocess import is_validation, output_is_current
-from gpt2kit.data.readers import is_safe_cut
+from gpt2kit.data import DataError, PretrainingDataset, output_is_current, preprocess, read_meta
+from gpt2kit.data.preprocess import is_validation
+from gpt2kit.data.readers import is_safe_cut, iter_texts, resolve_inputs
 
 from .conftest import DATA, REPO
 from .processes import running
@@ -276,6 +277,36 @@ def test_bad_jsonl(tmp_path, content, message):
     with pytest.raises(DataError, match=message):
         run([VERDICT, path], out, workers=2)  # the first file is already written when the second fails
     assert_nothing_written(tmp_path, out)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_first_bad_input_is_the_error_for_any_worker_count(tmp_path, workers):
+    """With workers, reading runs ahead of tokenizing: a later file's read error waited for no earlier chunk."""
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n' * 1000)[:-9])
+    with pytest.raises(DataError, match=r"a.jsonl:2: malformed JSON"):
+        run([tmp_path / "a.jsonl", tmp_path / "b.jsonl.zst"], tmp_path / "out", workers=workers)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through /proc")
+def test_a_failed_run_closes_the_files_it_was_writing(tmp_path):
+    bad = tmp_path / "c.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n')
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(DataError):  # its traceback keeps the writers alive: only closing them closes the files
+        run([VERDICT, bad], tmp_path / "out", workers=1)
+    opened = []
+    for fd in set(os.listdir("/proc/self/fd")) - before:
+        with contextlib.suppress(OSError):
+            opened.append(os.readlink(f"/proc/self/fd/{fd}"))
+    assert not [path for path in opened if ".out.tmp-" in path], opened
+
+
+def test_long_documents_come_in_pieces_marked_where_they_end():
+    """A tokenizer trained on the corpus counts documents by these marks, not by pieces."""
+    pieces = list(iter_texts(resolve_inputs([VERDICT], "text"), chunk_bytes=4096))
+    assert len(pieces) > 1 and [ends for _, ends in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert "".join(text for text, _ in pieces) == VERDICT.read_text(encoding="utf-8")
 
 
 def test_empty_and_missing_and_unreadable_inputs(tmp_path, monkeypatch):

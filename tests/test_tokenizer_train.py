@@ -82,6 +82,12 @@ def test_training_errors(tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
         train_tokenizer(tmp_path / "bad.jsonl", tmp_path / "out", vocab_size=500)
     assert not (tmp_path / "out" / "tokenizer.json").exists()
+    verdict = DATA / "the-verdict" / "the-verdict.txt"
+    with pytest.raises(ValueError, match="errors must be 'strict' or 'replace', got 'ignore'"):
+        train_tokenizer(verdict, tmp_path / "out2", vocab_size=500, errors="ignore")
+    with pytest.raises(ValueError, match="text_key 'body' names the field of JSON lines input"):
+        train_tokenizer(verdict, tmp_path / "out2", vocab_size=500, text_key="body")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_a_vocabulary_that_fails_the_check_is_never_written(tmp_path, monkeypatch):

@@ -2,10 +2,10 @@
 
 from .datasets import (ChatDataset, ClassificationDataset, InstructionDataset, PretrainingDataset, ResumableSampler,
                        alpaca_prompt, collate, load_tokenizer, read_meta)
-from .preprocess import preprocess
+from .preprocess import output_is_current, preprocess
 from .readers import DataError
 
 __all__ = [
     "ChatDataset", "ClassificationDataset", "DataError", "InstructionDataset", "PretrainingDataset",
-    "ResumableSampler", "alpaca_prompt", "collate", "load_tokenizer", "preprocess", "read_meta",
+    "ResumableSampler", "alpaca_prompt", "collate", "load_tokenizer", "output_is_current", "preprocess", "read_meta",
 ]

@@ -105,6 +105,9 @@ class PretrainingDataset(Dataset):
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the split, across shard boundaries."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"tokens [{start}, {stop}) out of range for the {self.n_tokens} tokens of split "
+                             f"{self.split!r}")
         shards, parts = self._open(), []
         k = bisect.bisect_right(self._starts, start) - 1
         while start < stop:

@@ -30,8 +30,8 @@ from tqdm import tqdm
 from ..files import atomic_write_text, make_directories, remove_abandoned, replace_directory, replaced_directory
 from ..tokenizer import GPT2Tokenizer, TokenizerError
 from .datasets import FORMAT_NAME, META_FILE, read_meta
-from .readers import (Chunk, DataError, Source, chunk_pieces, current_inputs, file_stamp, iter_chunks,
-                      resolve_inputs)
+from .readers import (Chunk, DataError, Source, check_reading_options, chunk_pieces, current_inputs, file_stamp,
+                      iter_chunks, resolve_inputs)
 
 # What a preprocess output's meta.json records as "version": raised whenever the same input and settings give other
 # tokens than before (2: a byte-order mark and the blank lines a file starts with are no longer tokens of the text),
@@ -100,7 +100,16 @@ def _encoded_chunks(chunks: Iterator[tuple[Any, Chunk]], workers: int, init_args
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(*init_args, True))
     pending: deque = deque()
     try:
-        for tag, chunk in chunks:
+        while True:
+            try:
+                tag, chunk = next(chunks)
+            except StopIteration:
+                break
+            except Exception:
+                # A read error comes after the errors of the chunks read before it, as with one worker.
+                for _, future in pending:
+                    future.result()
+                raise
             pending.append((tag, pool.submit(_encode_chunk, chunk)))
             if len(pending) >= 2 * workers:
                 tag, future = pending.popleft()
@@ -147,12 +156,17 @@ class _SplitWriter:
                 self._file = None
 
     def close(self) -> dict[str, Any]:
-        if self._file is not None:
-            self._file.close()
         self._index.write(np.array([self.tokens], dtype="<i8").tobytes())
-        self._index.close()
+        self.close_files()
         return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards,
                 "index": f"{self.split}.idx"}
+
+    def close_files(self) -> None:
+        """Close the open shard and the index (also on failure, before the staging directory goes)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._index.close()
 
 
 def is_validation(document_ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -256,26 +270,24 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if errors not in ("strict", "replace"):
-        raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
     workers = available_cpus() if workers is None else workers
     for name, value in (("workers", workers), ("chunk_bytes", chunk_bytes), ("shard_tokens", shard_tokens)):
         if value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
     output = replaced_directory(output_dir)  # before any work
     sources = resolve_inputs(inputs, format, exclude=output)
-    if text_key != "text" and not any(s.format == "jsonl" for s in sources):  # it would be silently unused
-        raise ValueError(f"text_key {text_key!r} names the field of JSON lines input; none of the inputs is read as "
-                         f"jsonl ({', '.join(sorted({s.format for s in sources}))})")
+    check_reading_options(sources, text_key, errors)
     stamps = [file_stamp(s.path) for s in sources]  # before reading: an edit while it runs makes the output stale
     tok = GPT2Tokenizer.from_pretrained(tokenizer)
     dtype = np.dtype("<u2" if tok.vocab_size <= 1 << 16 else "<u4")
     staging = _prepare_output(output, overwrite)
     started = time.perf_counter()
+    writers: dict[str, _SplitWriter] = {}
     try:
         tokenizer_spec = _tokenizer_spec(tokenizer, tok, staging)  # before the work: saving it can fail
         splits = ("train", "val") if val_fraction else ("train",)
-        writers = {split: _SplitWriter(staging, split, dtype, shard_tokens) for split in splits}
+        for split in splits:
+            writers[split] = _SplitWriter(staging, split, dtype, shard_tokens)
         router, skipped = _Router(writers, val_fraction), 0
         total_bytes = sum(s.path.stat().st_size for s in sources if s.path.is_file())
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", disable=not progress,
@@ -324,6 +336,8 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
         # Every file reaches the disk (fsync) before the rename publishes the directory.
         replace_directory(staging, output)  # an old output was checked by _prepare_output
     except BaseException:
+        for writer in writers.values():
+            writer.close_files()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     in_bytes = sum(s.bytes for s in sources)

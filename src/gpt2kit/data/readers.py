@@ -493,9 +493,21 @@ def _jsonl_pieces(chunk: Chunk, text_key: str, errors: str) -> tuple[list[str], 
     return texts, [True] * len(texts), skipped
 
 
+def check_reading_options(sources: Sequence[Source], text_key: str, errors: str) -> None:
+    """ValueError for reading options these sources would not use as asked: an unknown `errors`, or a
+    `text_key` with no JSON lines among them (it would be silently unused)."""
+    if errors not in ("strict", "replace"):
+        raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    if text_key != "text" and not any(s.format == "jsonl" for s in sources):
+        raise ValueError(f"text_key {text_key!r} names the field of JSON lines input; none of the inputs is read as "
+                         f"jsonl ({', '.join(sorted({s.format for s in sources}))})")
+
+
 def iter_texts(sources: Sequence[Source], *, chunk_bytes: int = 1 << 22, text_key: str = "text",
-               errors: str = "strict") -> Iterator[str]:
-    """Document pieces of all sources in order, in this process (e.g. to train a tokenizer)."""
+               errors: str = "strict") -> Iterator[tuple[str, bool]]:
+    """(piece, whether its document ends with it) for the document pieces of all sources in order, in this
+    process (e.g. to train a tokenizer)."""
     for source in sources:
         for chunk in iter_chunks(source, chunk_bytes):
-            yield from chunk_pieces(chunk, text_key=text_key, errors=errors)[0]
+            texts, ends, _ = chunk_pieces(chunk, text_key=text_key, errors=errors)
+            yield from zip(texts, ends)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..tokenizer import TOKENIZER_FILES, GPT2Tokenizer, check_training_sizes, train_bpe
 from ..files import atomic_write_text, make_directories, sha256_file
-from .readers import DataError, current_inputs, file_stamp, iter_texts, resolve_inputs
+from .readers import DataError, check_reading_options, current_inputs, file_stamp, iter_texts, resolve_inputs
 
 CHECK_BYTES = 1 << 20  # text re-encoded with both engines after training
 RECORD_FILE = "tokenizer_training.json"  # what tokenizer.json was trained with, beside it
@@ -34,6 +34,7 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
     check_training_sizes(vocab_size, min_frequency)  # before anything is written
     output = Path(output_dir)
     sources = _inputs(inputs, format, output)
+    check_reading_options(sources, text_key, errors)
     stamps = [file_stamp(s.path) for s in sources]  # before reading: an edit meanwhile makes the record stale
     started = time.perf_counter()
     stream = iter_texts(sources, text_key=text_key, errors=errors)
@@ -44,8 +45,8 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
 
     def texts():
         nonlocal documents
-        for text in itertools.chain([first], stream):
-            documents += 1
+        for text, ends_document in itertools.chain([first], stream):
+            documents += ends_document  # a long document comes in several pieces
             yield text
 
     # Trained and checked in a hidden folder: only a vocabulary that passed the check becomes tokenizer.json
@@ -56,7 +57,7 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
         reference = Tokenizer.from_file(str(Path(staging) / "tokenizer.json"))
         reference.encode_special_tokens = True  # gpt2kit's encode treats "<|endoftext|>" in text as text too
         checked = 0
-        for text in iter_texts(_inputs(inputs, format, output), text_key=text_key, errors=errors):
+        for text, _ in iter_texts(_inputs(inputs, format, output), text_key=text_key, errors=errors):
             if checked >= CHECK_BYTES:
                 break
             checked += len(text.encode("utf-8"))
