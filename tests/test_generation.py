@@ -593,6 +593,21 @@ def test_stream_decoder_equals_whole_decoding(gpt2_tok, text, stop, garbage, who
         assert starts == sorted(starts) and decoder.decoded == len(whole)
 
 
+@pytest.mark.parametrize("stop, expected", [
+    ([" abc"], " ab\ufffd"),  # " ab" held as a possible stop, then released by the last character: once
+    (["b\ufffd"], " a"),  # the last character completes a stop: nothing past it
+    (["\n"], " ab\ufffd"),
+])
+def test_a_character_left_unfinished_at_the_end_releases_or_stops_the_held_text(gpt2_tok, stop, expected):
+    """flush() decodes the last unfinished character as U+FFFD: the text held for a possible stop string came out
+    twice (or past the stop) when that character released it (or completed the stop)."""
+    ids = gpt2_tok.encode(" ab") + [gpt2_tok.encoding.encode_single_token(b"\xe2")]
+    assert truncate_at_stop(gpt2_tok.decode(ids), stop)[0] == expected
+    decoder = TextStreamDecoder(gpt2_tok, stop)
+    assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == expected
+    assert decoder.released == len(expected) and decoder.stopped == (stop == ["b\ufffd"])
+
+
 @pytest.mark.parametrize("text, stop, expected", [
     ("\nUser: hi", ["\nUser:"], ""),  # a stop that begins in the leading whitespace: the reply is empty
     (" \n\nHello\nUser:", ["\nUser:"], "Hello"),

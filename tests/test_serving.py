@@ -203,6 +203,17 @@ def test_stop_strings_cut_the_text(client, pipe):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_the_last_unfinished_character_completes_ends_with_stop(client, server, stream):
+    """Two lead bytes of a 3-byte character: the first decodes as U+FFFD (held as a possible stop), the last as
+    U+FFFD only at the end; that completes the stop, which was reported as "length" with the held text shown."""
+    lead = server.tokenizer.encoding.encode_single_token(b"\xe2")
+    response = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=2, temperature=0,
+                                         logit_bias={str(lead): 100}, stop=["\ufffd\ufffd"], stream=stream)
+    chunks = list(response) if stream else [response]
+    assert "".join(c.choices[0].text for c in chunks) == "" and chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_logprobs_cover_the_returned_text_only(client, pipe, stream):
     """Tokens that only spelled a stop string are not listed; every listed token's text begins in the text."""
     text = greedy(pipe, PROMPTS[0], 40, eos_token_id=[])

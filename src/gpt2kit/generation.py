@@ -1052,11 +1052,14 @@ class TextStreamDecoder:
         """Everything still held (an unfinished character decodes as U+FFFD)."""
         if self.stopped:
             return ""
+        # The last character may release the held text or complete a stop string: what is held is read after it.
+        text = self._emit(self._utf8.decode(b"", final=True))
+        if self.stopped:
+            return text
         held = self._held[self._skip:]
-        text = self._emit(self._utf8.decode(b"", final=True)) + held
         self.released += len(held)
         self._held, self._skip = "", 0
-        return text
+        return text + held
 
     def _emit(self, new_text: str) -> str:
         lead = 0

@@ -416,9 +416,9 @@ class BatchScheduler:
             seq.job.emit(FinishEvent(seq.index, "stop", "", len(seq.generated), mean_logprob=mean))
             return True
         if len(seq.generated) == seq.max_tokens:
-            text = seq.decoder.flush()
-            seq.job.emit(FinishEvent(seq.index, "length", text, len(seq.generated), seq.release_scored(final=True),
-                                     mean))
+            text = seq.decoder.flush()  # its last character may complete a stop string
+            seq.job.emit(FinishEvent(seq.index, "stop" if seq.decoder.stopped else "length", text,
+                                     len(seq.generated), seq.release_scored(final=True), mean))
             return True
         return False
 
