@@ -89,9 +89,9 @@ def test_page_streams_a_completion_and_can_stop(browser, model_dir):
         page.close()
 
 
-def expected_reply(url: str, messages: list[dict]) -> str:
+def expected_reply(url: str, messages: list[dict], max_tokens: int = 20) -> str:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    response = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+    response = client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens, temperature=0)
     return response.choices[0].message.content
 
 
@@ -118,6 +118,27 @@ def test_page_chats_over_the_chat_completions_api(browser, model_dir):
             sent.append({"role": "assistant", "content": reply})
         roles = page.eval_on_selector_all("#chat .turn .role", "nodes => nodes.map(n => n.textContent)")
         assert roles == ["User:", "Assistant:", "User:", "Assistant:"]
+
+        # Past the context (128 positions, 60 for replies): the oldest exchanges are dropped, the system message
+        # kept, and the reply is the one the API gives for what was sent (it refused the whole conversation).
+        page.fill("#max-tokens", "60")
+        bodies = []
+        page.on("request", lambda request: bodies.append(request.post_data) if "/chat/" in request.url else None)
+        long = "Tell me more about the painting and the man who painted it, please."
+        for message in (long, long, long, "And then?"):
+            page.fill("#prompt", message)
+            page.click("#generate")
+            page.wait_for_function("() => document.querySelector('#status').textContent.startsWith('done')",
+                                   timeout=30_000)
+            sent.append({"role": "user", "content": message})
+            sent.append({"role": "assistant",
+                         "content": page.text_content("#chat .turn.assistant:last-child .content")})
+        assert "earlier turns dropped to fit the model's context" in page.text_content("#status")
+        kept = json.loads(bodies[-1])["messages"]
+        assert kept[0] == {"role": "system", "content": "A short conversation."} and len(kept) < len(sent)
+        assert kept[1:] == sent[-len(kept):-1] and kept[1]["role"] == "user"  # whole exchanges, the newest
+        assert sent[-1]["content"] == expected_reply(live.url, kept, max_tokens=60)
+        page.fill("#max-tokens", "20")
         page.click("#reset")
         assert page.eval_on_selector_all("#chat .turn", "nodes => nodes.length") == 0
 
