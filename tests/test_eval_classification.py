@@ -104,7 +104,7 @@ def test_the_models_label_names_decide_its_output_order(tmp_path):
     by_ids = ClassificationDataset(tmp_path / "ids.csv", tok, label_names=["negative", "positive"])
     assert evaluate_classification(model, tok, by_ids, progress=False)["accuracy"] == pytest.approx(2 / 3)
     small = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=1000))
-    with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model only 1000"):
+    with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model's vocab_size is 1000"):
         evaluate_classification(small, tok, data, progress=False)
 
 

@@ -239,7 +239,7 @@ def test_bad_input_is_one_clear_error(tmp_path, gpt2_tokenizer):
     with pytest.raises(ValueError, match="max_length must be between 1 and the model's context"):
         evaluate_perplexity(model, gpt2_tokenizer, [TEXT], max_length=9)
     small = ContextFreeLM(torch.zeros(512), n_positions=8)
-    with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model only 512"):
+    with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model's vocab_size is 512"):
         evaluate_perplexity(small, gpt2_tokenizer, [TEXT])
     with pytest.raises(ValueError, match="stride must be an integer >= 1"):
         evaluate_perplexity(model, gpt2_tokenizer, [TEXT], stride=0)

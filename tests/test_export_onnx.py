@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from gpt2kit import GPT2LMHeadModel, KVCache, generate
+from gpt2kit import GPT2LMHeadModel, GPT2Tokenizer, KVCache, generate
 from gpt2kit.cli import main
 from gpt2kit.export import DECODE_NAME, PREFILL_NAME, OnnxLMHeadModel, export_onnx
 from gpt2kit.model import positions_from_mask
@@ -137,6 +137,32 @@ def test_export_and_generate_commands(model_dir, tmp_path, capsys):
     assert "no prefill.onnx; write an ONNX model directory with `gpt2kit export onnx" in capsys.readouterr().err
     assert main([*common, "--model", str(out), "--backend", "onnx", "--dtype", "bf16"]) == 2
     assert "float32 on the CPU" in capsys.readouterr().err
+
+
+def test_generation_defaults_and_the_tokenizer_go_with_the_export(model_dir, tmp_path, capsys):
+    """generation_config.json's defaults apply to --backend onnx as to PyTorch (the export left them out, and the
+    two backends printed different text); a model object exports with the tokenizer it is given."""
+    source = tmp_path / "model"
+    shutil.copytree(model_dir, source)
+    defaults = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "max_new_tokens": 12}
+    (source / "generation_config.json").write_text(json.dumps(defaults))
+    out = export_onnx(source, tmp_path / "onnx")
+    assert OnnxLMHeadModel(out).generation_config == defaults
+    common = ["generate", "--prompt", "I had always thought"]
+    assert main([*common, "--model", str(source)]) == 0
+    torch_text = capsys.readouterr().out
+    assert main([*common, "--model", str(out), "--backend", "onnx"]) == 0
+    assert capsys.readouterr().out == torch_text
+
+    lm, tokenizer = GPT2LMHeadModel.from_pretrained(source), GPT2Tokenizer.from_pretrained(source)
+    assert main(["export", "onnx", "--model", str(source), "--output", str(tmp_path / "gpt2-vocab"), "--tokenizer",
+                 "gpt2"]) == 2
+    assert "the tokenizer has 50257 tokens but the model's vocab_size is 512" in capsys.readouterr().err
+    assert not (tmp_path / "gpt2-vocab").exists()
+    from_object = export_onnx(lm, tmp_path / "from-object", tokenizer=tokenizer)
+    assert OnnxLMHeadModel(from_object).generation_config == defaults
+    text = "I had always thought Jack"
+    assert GPT2Tokenizer.from_pretrained(from_object).encode(text) == tokenizer.encode(text)
 
 
 def test_a_graph_with_external_weights_is_gathered_into_one_data_file(exported, tmp_path):

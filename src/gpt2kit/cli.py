@@ -451,6 +451,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     onnx.add_argument("--model", required=True, help="HF-format model directory or local HF cache name")
     onnx.add_argument("--output", required=True, help="directory to write (appears only when complete)")
     onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (default: %(default)s)")
+    onnx.add_argument("--tokenizer", default=None, help="tokenizer file or directory to save in (default: the "
+                      "model's)")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     gguf = _add_action(sub, "gguf", "one GGUF file (weights + tokenizer) for llama.cpp, Ollama, LM Studio")
     gguf.add_argument("--model", required=True, help="HF-format model directory or local HF cache name")
@@ -470,7 +472,7 @@ def _export(args: argparse.Namespace) -> None:
     else:
         from .export import export_onnx
 
-        out = export_onnx(args.model, args.output, opset=args.opset, overwrite=args.overwrite)
+        out = export_onnx(args.model, args.output, opset=args.opset, tokenizer=args.tokenizer, overwrite=args.overwrite)
     print(f"wrote {out}")
 
 

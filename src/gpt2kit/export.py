@@ -27,12 +27,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checkpoint import CONFIG_NAME, load_config, resolve_model_dir
+from .checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, load_config, read_generation_config, resolve_model_dir
 from .config import GPT2Config
 from .files import atomic_directory, check_output_directory
 from .model import CausalLMOutput, GPT2LMHeadModel, KVCache, check_inputs, eval_mode, positions_from_mask
 from .quantization import is_inference_only
-from .tokenizer import tokenizer_files
+from .tokenizer import GPT2Tokenizer, tokenizer_files
 
 PREFILL_NAME = "prefill.onnx"
 DECODE_NAME = "decode.onnx"
@@ -144,10 +144,13 @@ def place_graph(staging: Path, path: Path) -> None:
 
 
 def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os.PathLike, *,
-                opset: int = DEFAULT_OPSET, overwrite: bool = False) -> Path:
-    """Write prefill.onnx + decode.onnx (fp32), config.json and the tokenizer files into `output_dir`.
+                opset: int = DEFAULT_OPSET, tokenizer: str | os.PathLike | GPT2Tokenizer | None = None,
+                overwrite: bool = False) -> Path:
+    """Write prefill.onnx + decode.onnx (fp32), config.json, the model's generation_config.json and the tokenizer
+    files into `output_dir`.
 
-    `model` is an HF-format directory or a GPT2LMHeadModel. The directory appears only when complete."""
+    `model` is an HF-format directory or a GPT2LMHeadModel; `tokenizer` (a GPT2Tokenizer, file or directory) is
+    saved in, by default the model directory's tokenizer files. The directory appears only when complete."""
     try:  # torch's exporter needs it, but says so only after tracing the whole model
         importlib.import_module("onnx")
     except ImportError:
@@ -159,6 +162,8 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
     source_dir = None if isinstance(model, GPT2LMHeadModel) else resolve_model_dir(model)
     # Before the export runs; the source first, as --overwrite would not help.
     output_dir = check_output_directory(output_dir, overwrite=overwrite, replaces=True, source=source_dir)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = GPT2Tokenizer.from_pretrained(tokenizer)
     lm = model if source_dir is None else GPT2LMHeadModel.from_pretrained(source_dir)
     if lm.config.n_positions < 2:
         raise ValueError("ONNX export needs a context (n_positions) of at least 2: the decode graph reads a cache")
@@ -167,6 +172,8 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
     param = next(lm.parameters())
     if param.dtype != torch.float32 or param.device.type != "cpu":
         lm = copy.deepcopy(lm).float().cpu()  # the caller's model keeps its dtype and device
+    if tokenizer is not None:
+        tokenizer.check_fits(lm.config.vocab_size)
     wrapper = KVCacheLM(lm)
     with eval_mode(lm), atomic_directory(output_dir) as tmp:
         with torch.no_grad():
@@ -177,7 +184,11 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
         if "torch_dtype" in config:  # transformers' older name for it
             config["torch_dtype"] = "float32"
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if source_dir is not None:
+        if lm.generation_config:  # the defaults generation starts from (EOS ids, penalties, lengths), as in PyTorch
+            (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(lm.generation_config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif source_dir is not None:
             for path in tokenizer_files(source_dir):
                 shutil.copyfile(path, tmp / path.name)
         info = {"format": "gpt2kit-onnx", "opset": opset, "dtype": "float32", "graphs": [PREFILL_NAME, DECODE_NAME],
@@ -227,6 +238,7 @@ class OnnxLMHeadModel(nn.Module):
                                         "`gpt2kit export onnx --model MODEL --output ONNX_DIR` and pass ONNX_DIR")
         self.directory = directory
         self.config = load_config(directory)
+        self.generation_config = read_generation_config(directory)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

@@ -73,9 +73,7 @@ def gguf_vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str
     as their text, control type, ordinary added tokens user-defined; ids the tokenizer lacks, inside its range
     like cl100k's or beyond it, as unused `[PAD<id>]` entries), their types, and the merges ("left right", in
     merge order)."""
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size "
-                         f"{vocab_size}")
+    tokenizer.check_fits(vocab_size)
     encoding = tokenizer.encoding
     specials = {encoding.encode_single_token(text): text for text in encoding.special_tokens_set}
     tokens, types = [], []

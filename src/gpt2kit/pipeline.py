@@ -101,11 +101,10 @@ def load_model_and_tokenizer(model: str | os.PathLike | GPT2LMHeadModel, *,
     elif pack_weights:
         quantization.pack_weights(lm)  # the module's function: this argument shares its name
     tok = tokenizer_for(model_dir, tokenizer)
-    if tok.vocab_size > lm.config.vocab_size:
-        where = f"{model_dir}: " if model_dir is not None else ""
-        raise ValueError(f"{where}the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                         f"{lm.config.vocab_size}; save the model's tokenizer beside it or pass one "
-                         "(tokenizer=, --tokenizer)")
+    try:
+        tok.check_fits(lm.config.vocab_size)
+    except ValueError as err:
+        raise ValueError(f"{model_dir}: {err}" if model_dir is not None else str(err)) from None
     return lm, tok
 
 

@@ -745,6 +745,13 @@ class GPT2Tokenizer:
     def __len__(self) -> int:
         return self.encoding.n_vocab
 
+    def check_fits(self, vocab_size: int) -> None:
+        """ValueError unless a model of `vocab_size` has a logit (and an embedding) for every id this tokenizer
+        produces: a tokenizer of another model does not belong with it."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"the tokenizer has {self.vocab_size} tokens but the model's vocab_size is {vocab_size}; "
+                             "use the model's own tokenizer (saved beside it, or passed as tokenizer=, --tokenizer)")
+
     @property
     def split_pattern(self) -> str:
         """The regex that splits text into pieces before BPE (GPT2_PATTERN for GPT-2 and ByteLevel vocabularies)."""

@@ -17,7 +17,7 @@ from ..data import ClassificationDataset, collate
 from ..data.datasets import unnamed_classes
 from ..model import eval_mode
 from ..tokenizer import GPT2Tokenizer
-from .scoring import check_limit, check_vocab, model_device, resolve_max_length
+from .scoring import check_limit, model_device, resolve_max_length
 
 DEFINITIONS = {
     "accuracy": "correct predictions / examples; prediction = argmax of the classifier's logits, read at each "
@@ -72,7 +72,7 @@ def classify(model: nn.Module, tokenizer: GPT2Tokenizer, texts: Sequence[str], *
     cut to max_length tokens, by default the model's context) and read at its last token."""
     from ..data.datasets import encode_classification_texts
 
-    check_vocab(model, tokenizer)
+    tokenizer.check_fits(model.config.vocab_size)
     rows = encode_classification_texts(tokenizer, texts, resolve_max_length(model, max_length))
     device = model_device(model)
     out = []
@@ -93,7 +93,7 @@ def evaluate_classification(model: nn.Module, tokenizer: GPT2Tokenizer,
     """Classify every example of `data` (a file ClassificationDataset reads, or the dataset itself) and score
     the predictions with `classification_metrics`. max_length defaults to the model's context; `text_columns`
     names a headered file's text column (or a sentence pair's two)."""
-    check_vocab(model, tokenizer)
+    tokenizer.check_fits(model.config.vocab_size)
     check_limit(limit)
     max_length = resolve_max_length(model, max_length)
     names = [model.config.id2label[i] for i in sorted(model.config.id2label or {})]

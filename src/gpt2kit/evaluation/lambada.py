@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..tokenizer import GPT2Tokenizer
-from .scoring import (Window, check_limit, check_vocab, exp_or_inf, read_jsonl, resolve_max_length,
+from .scoring import (Window, check_limit, exp_or_inf, read_jsonl, resolve_max_length,
                       score_windows)
 
 DEFINITIONS = {
@@ -109,7 +109,7 @@ def evaluate_lambada(model: nn.Module, tokenizer: GPT2Tokenizer, data: str | os.
         passages = passages[:limit]
     if not passages:
         raise ValueError(f"{data if isinstance(data, (str, os.PathLike)) else 'data'}: no passages to evaluate")
-    check_vocab(model, tokenizer)
+    tokenizer.check_fits(model.config.vocab_size)
     max_length = resolve_max_length(model, max_length)
     windows, target_words = [], []
     for where, text in passages:

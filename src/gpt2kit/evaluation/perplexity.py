@@ -32,7 +32,7 @@ from torch import nn
 
 from ..files import read_utf8, require_file
 from ..tokenizer import GPT2Tokenizer
-from .scoring import (Window, check_limit, check_vocab, exp_or_inf, read_jsonl, resolve_max_length,
+from .scoring import (Window, check_limit, exp_or_inf, read_jsonl, resolve_max_length,
                       score_windows)
 
 FORMATS = ("auto", "wikitext", "text", "jsonl")
@@ -186,7 +186,7 @@ def evaluate_perplexity(model: nn.Module, tokenizer: GPT2Tokenizer,
     max_length = resolve_max_length(model, max_length)
     stride = stride or max_length
 
-    check_vocab(model, tokenizer)
+    tokenizer.check_fits(model.config.vocab_size)
     texts = [wikitext_detokenize(d) for d in documents] if detokenize else documents
     token_lists = tokenizer.encode_batch(texts)
     windows = [window for tokens in token_lists

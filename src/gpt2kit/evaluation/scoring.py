@@ -23,7 +23,6 @@ from ..files import read_utf8, require_file
 from ..losses import padded_vocab_size, scratch_buffer
 from ..model import GPT2LMHeadModel, eval_mode, is_plain, plain_head_weight
 from ..quantization import PackedLinear
-from ..tokenizer import GPT2Tokenizer
 
 
 # Scored positions whose logits exist at once: 1024 x 50257 float32 = 206 MB, written into one scratch block
@@ -63,13 +62,6 @@ def resolve_max_length(model: nn.Module, max_length: int | None) -> int:
     if max_length is not None and not 1 <= max_length <= context:
         raise ValueError(f"max_length must be between 1 and the model's context ({context}), got {max_length}")
     return max_length or context
-
-
-def check_vocab(model: nn.Module, tokenizer: GPT2Tokenizer) -> None:
-    """The model must have a logit for every token id the tokenizer can produce."""
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size} (config.vocab_size): they do not belong together")
 
 
 def exp_or_inf(x: float) -> float:
