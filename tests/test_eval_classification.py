@@ -128,6 +128,17 @@ def test_a_fixed_class_format_maps_its_labels_to_the_models_classes_by_name(tmp_
     with pytest.raises(ValueError, match=r"dev.tsv: sst2 labels its classes negative, positive; the model \(or "
                                          r"label_names\) names bad, good"):
         evaluate_classification(model, tok, dev, progress=False)
+    # Read as a dataset object without the model's names, SST-2's classes keep its numbering: refused, not
+    # scored swapped (accuracy 1/3 for 2/3); read with them, mapped by name.
+    model.config.id2label = {0: "positive", 1: "negative"}
+    with pytest.raises(ValueError, match=r"dev.tsv: the dataset numbers its classes \['negative', 'positive'\], the "
+                                         r"model \['positive', 'negative'\]; read it with label_names="):
+        evaluate_classification(model, tok, ClassificationDataset(dev, tok), progress=False)
+    named = ClassificationDataset(dev, tok, label_names=["positive", "negative"])
+    assert evaluate_classification(model, tok, named, progress=False)["accuracy"] == pytest.approx(2 / 3)
+    model.config.id2label = {0: "NEGATIVE", 1: "POSITIVE"}  # the same order, named in capitals
+    assert evaluate_classification(model, tok, ClassificationDataset(dev, tok), progress=False)["accuracy"] == \
+        pytest.approx(1 / 3)
     ag = ClassificationDataset(DATA / "ag_news" / "test.csv", tok, max_length=8,
                                label_names=["Business", "Sci/Tech", "Sports", "World"])
     plain = ClassificationDataset(DATA / "ag_news" / "test.csv", tok, max_length=8)

@@ -147,6 +147,16 @@ def test_a_word_too_long_for_the_window_names_its_line(tmp_path, tok):
         evaluate_lambada(model, tok, ["a b", "so " + "x" * 400], progress=False)
     with pytest.raises(ValueError, match=r"lambada.jsonl: no passages to evaluate"):
         evaluate_lambada(model, tok, path, limit=0, progress=False)
+    # Passages given as a list are checked as a file's are; options that would go unused are refused.
+    with pytest.raises(ValueError, match=r"^passage 2: empty passage"):
+        evaluate_lambada(model, tok, ["a b", " "], progress=False)
+    with pytest.raises(ValueError, match=r"^passage 1: expected a passage \(str\), got int"):
+        evaluate_lambada(model, tok, [5], progress=False)
+    with pytest.raises(ValueError, match="stop_words are the words stop_word_filter=True leaves out"):
+        evaluate_lambada(model, tok, ["a b"], stop_words=["a"], progress=False)
+    with pytest.raises(ValueError, match=r"max_length must be an integer between 1 and the model's context \(16\), "
+                                         r"got 8.0"):
+        evaluate_lambada(model, tok, ["a b"], max_length=8.0, progress=False)
 
 
 def test_perplexity_past_floats_range_is_inf(tok):

@@ -77,5 +77,14 @@ def test_the_cross_check_reads_wikitext_json_lines_as_gpt2kit_eval_does(tmp_path
     data = tmp_path / "articles.jsonl"
     data.write_text('{"text": "First article text."}\n{"text": "Second one."}\n')
     _write_task(tmp_path, "wikitext", data, None)
-    pages = [json.loads(line)["page"] for line in (tmp_path / "wikitext.jsonl").read_text().splitlines()]
+    copy = tmp_path / "gpt2kit_local_wikitext.jsonl"
+    pages = [json.loads(line)["page"] for line in copy.read_text().splitlines()]
     assert pages == ["First article text.", "Second one."]
+    # The copy never replaces the data (it was cut to `limit` rows when they shared a name).
+    lambada = tmp_path / "lambada.jsonl"
+    lambada.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n')
+    _write_task(tmp_path, "lambada", lambada, 1)
+    assert len(lambada.read_text().splitlines()) == 3
+    assert (tmp_path / "gpt2kit_local_lambada.jsonl").read_text() == '{"text": "one"}\n'
+    with pytest.raises(ValueError, match="the comparison writes its copy of the data there"):
+        _write_task(tmp_path, "lambada", tmp_path / "gpt2kit_local_lambada.jsonl", 1)

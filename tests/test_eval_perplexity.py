@@ -236,7 +236,7 @@ def test_bad_input_is_one_clear_error(tmp_path, gpt2_tokenizer):
         evaluate_perplexity(model, gpt2_tokenizer, tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="stride must be between 1 and max_length"):
         evaluate_perplexity(model, gpt2_tokenizer, [TEXT], max_length=4, stride=5)
-    with pytest.raises(ValueError, match="max_length must be between 1 and the model's context"):
+    with pytest.raises(ValueError, match="max_length must be an integer between 1 and the model's context"):
         evaluate_perplexity(model, gpt2_tokenizer, [TEXT], max_length=9)
     small = ContextFreeLM(torch.zeros(512), n_positions=8)
     with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model's vocab_size is 512"):

@@ -331,6 +331,14 @@ def test_text_classification_learns_an_easy_task(tmp_path):
     assert json.loads((final / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
     assert Trainer(task="text_classification", model=str(final)).evaluate(dev)["val_accuracy"] == \
         pytest.approx(summary["val_accuracy"])
+    # A config.json listing its classes out of id order (as any JSON writer may) scores the same.
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(final, shuffled)
+    values = json.loads((shuffled / "config.json").read_text())
+    values["id2label"] = {"1": "positive", "0": "negative"}
+    (shuffled / "config.json").write_text(json.dumps(values))
+    assert Trainer(task="text_classification", model=str(shuffled)).evaluate(dev)["val_accuracy"] == \
+        pytest.approx(summary["val_accuracy"])
     # transformers' pipeline batches the saved classifier: its tokenizer names a pad token (the EOS one).
     texts = ["the movie was wonderful", "the plot was terrible and the acting was boring"]
     theirs = transformers.pipeline("text-classification", model=str(final), batch_size=2)(texts)

@@ -385,7 +385,9 @@ class ClassificationDataset(Dataset):
         self.label2id = {name: i for i, name in self.id2label.items()}
         self.num_labels = len(names)
         self.labels = ids
-        self.string_labels = not (known or numeric)  # ids from names (label_names' order), not the file's integers
+        # Whether the ids follow class names (string labels, or a format's fixed classes such as SST-2's), not
+        # bare integers: read for a model that orders the same classes otherwise, they would be scored wrongly.
+        self.named_classes = bool(known) or not numeric
         self.input_ids = encode_classification_texts(tokenizer, [text for _, text, _ in examples], max_length)
 
     def __len__(self) -> int:

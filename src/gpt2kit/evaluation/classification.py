@@ -103,9 +103,10 @@ def evaluate_classification(model: nn.Module, tokenizer: GPT2Tokenizer,
         data = ClassificationDataset(data, tokenizer, format=format, max_length=max_length,
                                      label_names=label_names, num_labels=model.config.num_labels,
                                      text_columns=text_columns)
-    elif (label_names is not None and data.string_labels
-          and [data.id2label[i] for i in range(data.num_labels)] != list(label_names)):
-        # String labels are numbered by the dataset: under other numbers every prediction would be scored wrongly.
+    elif (label_names is not None and data.named_classes
+          and [data.id2label[i].casefold() for i in range(data.num_labels)] != [n.casefold() for n in label_names]):
+        # Named classes numbered by the dataset: under the model's other numbers every prediction would be scored
+        # wrongly. Read with the model's names, the file's labels map onto them by name.
         raise ValueError(f"{data.path}: the dataset numbers its classes {list(data.id2label.values())}, the model "
                          f"{list(label_names)}; read it with label_names={list(label_names)}")
     if data.num_labels != model.config.num_labels:

@@ -33,13 +33,16 @@ def _write_task(workdir: Path, task: str, data: Path, limit: int | None) -> str:
         rows = [json.dumps({"page": page}) for page in read_documents(data, format=wikitext_format(data))]
     else:
         rows = [line for line in read_utf8(data).split("\n") if line.strip()]  # as read_jsonl splits
-    data = workdir / f"{task}.jsonl"
-    data.write_text("".join(row + "\n" for row in rows[:limit]), encoding="utf-8")
     name = f"gpt2kit_local_{task}"
+    copy = workdir / f"{name}.jsonl"
+    if copy.resolve() == data.resolve():  # writing the copy would cut the user's file to `limit` rows
+        raise ValueError(f"{data}: the comparison writes its copy of the data there; move the file or use another "
+                         "working directory")
+    copy.write_text("".join(row + "\n" for row in rows[:limit]), encoding="utf-8")
     spec = {
         "include": str(Path(lm_eval.__file__).parent / "tasks" / base_yaml),
         "task": name, "tag": [], "dataset_path": "json", "dataset_name": None,
-        "dataset_kwargs": {"data_files": {"test": str(Path(data).resolve())},
+        "dataset_kwargs": {"data_files": {"test": str(copy.resolve())},
                            "cache_dir": str(workdir / "datasets-cache")},
         "training_split": None, "validation_split": None, "test_split": "test",
     }

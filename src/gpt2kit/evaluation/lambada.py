@@ -46,11 +46,16 @@ def read_lambada(path: str | os.PathLike) -> list[str]:
 
 def _located_passages(path: str | os.PathLike) -> list[tuple[str, str]]:
     """("file:line", passage) for each passage of a LAMBADA jsonl, so errors can point at it."""
-    passages = []
-    for n, text in read_jsonl(path, "text"):
+    return _checked([(f"{path}:{n}", text) for n, text in read_jsonl(path, "text")])
+
+
+def _checked(passages: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The passages, unless one is not text or has no word to predict: ValueError naming it."""
+    for where, text in passages:
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: expected a passage (str), got {type(text).__name__}")
         if not text.strip():
-            raise ValueError(f"{path}:{n}: empty passage")
-        passages.append((f"{path}:{n}", text))
+            raise ValueError(f"{where}: empty passage")
     return passages
 
 
@@ -103,8 +108,10 @@ def evaluate_lambada(model: nn.Module, tokenizer: GPT2Tokenizer, data: str | os.
     if isinstance(data, (str, os.PathLike)):
         passages = _located_passages(data)
     else:
-        passages = [(f"passage {n}", text) for n, text in enumerate(data, 1)]
+        passages = _checked([(f"passage {n}", text) for n, text in enumerate(data, 1)])
     check_limit(limit)
+    if stop_words is not None and not stop_word_filter:  # it would be silently unused
+        raise ValueError("stop_words are the words stop_word_filter=True leaves out; pass that too")
     if limit is not None:
         passages = passages[:limit]
     if not passages:

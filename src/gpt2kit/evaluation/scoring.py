@@ -59,8 +59,9 @@ def model_device(model: nn.Module) -> torch.device:
 def resolve_max_length(model: nn.Module, max_length: int | None) -> int:
     """`max_length`, or the model's context when None; never more than the context."""
     context = model.config.n_positions
-    if max_length is not None and not 1 <= max_length <= context:
-        raise ValueError(f"max_length must be between 1 and the model's context ({context}), got {max_length}")
+    if max_length is not None and not (type(max_length) is int and 1 <= max_length <= context):
+        raise ValueError(f"max_length must be an integer between 1 and the model's context ({context}), got "
+                         f"{max_length!r}")
     return max_length or context
 
 

@@ -1233,7 +1233,8 @@ class Trainer:
             from ..evaluation.classification import evaluate_classification
 
             # The evaluation suite's code (accuracy, MCC, per-class counts), as `gpt2kit eval` reports it.
-            labels = list(self.model.config.id2label.values()) if self.model.config.id2label else None
+            id2label = self.model.config.id2label or {}
+            labels = [id2label[i] for i in sorted(id2label)] or None  # in output order, as config.json may not be
             result = evaluate_classification(self.model, self.tokenizer, data, format=self.config.data.format,
                                              text_columns=self._text_columns(),
                                              max_length=self.config.data.max_length, label_names=labels,
