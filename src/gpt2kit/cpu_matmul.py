@@ -94,6 +94,14 @@ def _applies(*tensors: Tensor) -> bool:
                     and _dense(t) for t in tensors))
 
 
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs products of `dtype` on this CPU: float32 wherever PyTorch has oneDNN, bfloat16 only
+    where the CPU has bf16 instructions (AVX512-BF16, AMX); elsewhere oneDNN refuses to build the kernel."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T + bias through oneDNN: x (rows, in), weight (out, in); either may be a transposed view."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

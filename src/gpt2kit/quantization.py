@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cpu_matmul import onednn_supports
 from .model import MLP, is_plain
 
 # Up to this many rows (batch x new tokens) the fused int8 kernel wins: it reads 1 byte per weight. Above it
@@ -114,6 +115,9 @@ class PackedLinear(InferenceLinear):
         if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"pack_weights needs float32 or bf16 weights on the CPU, got {weight.dtype} on "
                              f"{weight.device}")
+        if not onednn_supports(weight.dtype):
+            raise ValueError("pack_weights: oneDNN runs bf16 products only on CPUs with bf16 instructions "
+                             "(AVX512-BF16 or AMX), which this one lacks; pack the float32 model")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # laid out for one row per step
         self.packed_dtype = weight.dtype

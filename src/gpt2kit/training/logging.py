@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..config import GPT2Config
-from ..cpu_matmul import cpuinfo, onednn_linear
+from ..cpu_matmul import cpuinfo, onednn_linear, onednn_supports
 from ..files import atomic_file, atomic_write_text, standard_json
 
 # Dense peak TFLOP/s (no sparsity) by GPU name fragment: (bf16/fp16 tensor cores, fp32).
@@ -67,7 +67,7 @@ def measure_matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 3,
     a = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     b = torch.randn(size, size, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     kernels = [torch.mm]
-    if a.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available():
+    if a.device.type == "cpu" and onednn_supports(dtype):
         kernels.append(lambda a, b: onednn_linear(a, b.T))
     best = float("inf")
     inner = 4

@@ -32,6 +32,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from fractions import Fraction
 from functools import partial
@@ -47,6 +48,7 @@ from tqdm.auto import tqdm
 from ..allocator import allocator_in_use
 from ..checkpoint import (CheckpointError, hf_to_gpt2kit, is_adapter_dir, is_saved_model_file, load_config,
                           load_state_dict, resolve_model_dir, save_pretrained)
+from ..cpu_matmul import onednn_supports
 from ..config import PRESETS, GPT2Config
 from ..conversation import ALPACA
 from ..data.datasets import INSTRUCTION_FORMATS, examples_fingerprint
@@ -245,9 +247,13 @@ class Trainer:
         if name == "auto":
             if self.device.type == "cuda":
                 return "bf16" if self._cuda_has_bf16() else "fp16"
-            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+            return "bf16" if onednn_supports(torch.bfloat16) else "fp32"
         if name == "bf16" and self.device.type == "cuda" and not self._cuda_has_bf16():
             raise ValueError("train.precision: this GPU has no bf16; use fp16")
+        if name == "bf16" and self.device.type == "cpu" and not onednn_supports(torch.bfloat16):
+            warnings.warn("train.precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 "
+                          "products are emulated, many times slower than fp32; precision auto picks fp32 here",
+                          stacklevel=2)
         return name
 
     def _cuda_has_bf16(self) -> bool:
