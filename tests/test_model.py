@@ -115,19 +115,37 @@ def test_targets_equal_shifted_labels(tiny_model):
     assert torch.allclose(from_labels, from_targets, atol=1e-6)
 
 
-def test_kv_cache_decoding_matches_full_forward(tiny_model):
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_kv_cache_decoding_matches_full_forward(tiny_model, side):
+    """Every position, padding too: a right-padding query decoded one at a time attended to itself, which the full
+    forward's (and transformers') does not when real tokens precede it."""
     config = tiny_model.config
-    ids, mask = padded_batch(config.vocab_size, "left")
+    ids, mask = padded_batch(config.vocab_size, side)
     cache = KVCache(config, batch_size=3, max_length=20)
     with torch.no_grad():
         full = tiny_model(ids, attention_mask=mask).logits
-        steps = [tiny_model(ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache).logits]
-        for t in range(8, 12):
+        steps = [tiny_model(ids[:, :2], attention_mask=mask[:, :2], past_key_values=cache).logits]
+        for t in range(2, 12):
             steps.append(tiny_model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
     assert cache.length == 12
-    incremental = torch.cat(steps, dim=1)
-    real = mask.bool()
-    assert (incremental[real] - full[real]).abs().max() <= 1e-5
+    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
+
+
+def test_half_precision_attention_written_out_does_not_overflow(tiny_config):
+    """output_attentions (and the compiled decode step) write attention out: its float16 scores overflowed to inf
+    where SDPA's and transformers' reorder_and_upcast_attn stay finite."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config).eval()
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight.mul_(800.0)  # queries and keys of size ~1e3: products > 65504
+    model = model.half()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 8))
+    with torch.no_grad():
+        sdpa = model(ids).logits
+        written = model(ids, output_attentions=True)
+    assert torch.isfinite(sdpa).all() and torch.isfinite(written.logits).all()
+    assert all(torch.isfinite(a).all() for a in written.attentions)
+    torch.testing.assert_close(written.logits.float(), sdpa.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_context_overflow_is_a_clear_error(tiny_model):

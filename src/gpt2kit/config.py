@@ -80,7 +80,7 @@ class GPT2Config:
                 f"activation_function {self.activation_function!r} is not supported: GPT-2 uses the tanh "
                 "approximation of GELU ('gelu_new'); exact GELU ('gelu') is supported too")
         # reorder_and_upcast_attn is accepted: it only makes transformers compute half-precision attention scores
-        # in float32, which gpt2kit's attention (SDPA, accumulating in float32) does anyway.
+        # in float32, which gpt2kit's attention (SDPA, accumulating in float32, or written out in float32) does anyway.
         for name, supported, meaning in (
                 ("scale_attn_weights", True, "scores not divided by sqrt(head_dim)"),
                 ("scale_attn_by_inverse_layer_idx", False, "scores also divided by the layer's number"),

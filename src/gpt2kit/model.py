@@ -109,7 +109,9 @@ class CausalSelfAttention(nn.Module):
             # scores, mask and softmax (CPU: 10.5 against 13.3 ms per GPT-2 small int8 step); SDPA stays opaque.
             if attn_mask is None and is_causal:  # the queries are the last T of the keys
                 attn_mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - T)
-            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            # In float32, as SDPA's half-precision kernels and transformers' reorder_and_upcast_attn compute them:
+            # a float16 product of large queries and keys overflows to inf (NaN after the softmax).
+            scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
             probs = F.dropout(torch.softmax(scores, -1, dtype=torch.float32), self.attn_pdrop, self.training)
@@ -187,9 +189,10 @@ def build_attention_mask(attention_mask: Tensor | None, past: int, T: int,
         attention_mask = None
     S = past + T
     if T == 1 and attention_mask is not None:
-        # Decode step with padding: the causal part is trivial, so the mask is the padding mask plus itself.
+        # Decode step with padding: the causal part is trivial, so the mask is the padding mask, plus itself for a
+        # query with no real key (as below: a padding query after real tokens sees only those).
         allowed = attention_mask[:, None, None, :S].to(torch.bool, copy=True)  # copy: the caller's mask stays
-        allowed[..., -1] = True
+        allowed[..., -1] |= ~allowed.any(-1)
         return allowed, False
     device = attention_mask.device if attention_mask is not None else device  # the queries' (a GPU's)
     q_pos = torch.arange(past, S, device=device).view(T, 1)
