@@ -107,6 +107,40 @@ def test_inputs_embeds_replace_the_token_embeddings(tiny_model):
         tiny_model(ids, labels=ids, logits_to_keep=1)  # its loss was 0
 
 
+def test_transformers_inputs_token_types_embeds_cache_and_tuples(tmp_path):
+    """Inputs transformers' GPT-2 takes, on the same weights: token_type_ids, inputs_embeds on the LM and the
+    classifier, use_cache (its cache passed back), return_dict=False and a tensor logits_to_keep (each a
+    TypeError or a crash before)."""
+    shape = SHAPES[0]
+    hf, ours = hf_pair(tmp_path, shape)
+    ids = torch.randint(0, shape["vocab_size"], (2, 10))
+    types = torch.randint(0, 3, (2, 10))
+    with torch.no_grad():
+        ref = hf(ids, token_type_ids=types, labels=ids)
+        out = ours(ids, token_type_ids=types, labels=ids)
+        torch.testing.assert_close(out.logits, ref.logits)
+        torch.testing.assert_close(out.loss, ref.loss)
+        embeds = hf.transformer.wte(ids)
+        torch.testing.assert_close(ours(inputs_embeds=embeds).logits, hf(inputs_embeds=embeds).logits)
+        loss, logits = ours(ids, labels=ids, return_dict=False)
+        plain = hf(ids, labels=ids)
+        torch.testing.assert_close((loss, logits), (plain.loss, plain.logits))
+        keep = torch.tensor([0, 4, 9])
+        torch.testing.assert_close(ours(ids, logits_to_keep=keep).logits, hf(ids, logits_to_keep=keep).logits)
+        first = ours(ids[:, :6], use_cache=True)
+        assert isinstance(first.past_key_values, KVCache) and first.past_key_values.length == 6
+        step = ours(ids[:, 6:7], past_key_values=first.past_key_values)
+        torch.testing.assert_close(step.logits[:, -1], hf(ids[:, :7]).logits[:, -1])
+    classifier_hf, classifier = hf_pair(tmp_path / "cls", shape, cls=transformers.GPT2ForSequenceClassification,
+                                        ours=GPT2ForSequenceClassification, num_labels=3, pad_token_id=0)
+    with torch.no_grad():
+        embeds = classifier_hf.transformer.wte(ids)
+        torch.testing.assert_close(classifier(inputs_embeds=embeds, token_type_ids=types).logits,
+                                   classifier_hf(inputs_embeds=embeds, token_type_ids=types).logits)
+        (logits,) = classifier(ids, return_dict=False)
+        torch.testing.assert_close(logits, classifier_hf(ids).logits)
+
+
 def test_targets_equal_shifted_labels(tiny_model):
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 9))
     with torch.no_grad():

@@ -368,9 +368,14 @@ class GPT2Model(GPT2PreTrainedModel):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: KVCache | None = None,
                 inputs_embeds: Tensor | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> BaseModelOutputWithPast:
+                output_attentions: bool = False, token_type_ids: Tensor | None = None,
+                use_cache: bool | None = None, return_dict: bool | None = None
+                ) -> BaseModelOutputWithPast | tuple[Any, ...]:
         """`attention_mask` (B, past+T) marks real tokens with 1; it covers cached positions too. `inputs_embeds`
-        (B, T, C), when given, replaces the token embeddings wte(input_ids). `output_hidden_states` also returns
+        (B, T, C), when given, replaces the token embeddings wte(input_ids); `token_type_ids` (B, T) add their
+        rows of wte, as in transformers' GPT-2. `use_cache=True` without `past_key_values` starts a KVCache of the
+        whole context (returned as past_key_values, to pass back; a KVCache of your own can be smaller);
+        `return_dict=False` returns `to_tuple()`. `output_hidden_states` also returns
         each block's input and the final output (transformers' n_layer + 1 tensors); `output_attentions` each
         block's attention weights (B, n_head, T, past+T), attention then written out instead of SDPA's kernel.
         A padding position's query attends to the real tokens before it, as in transformers, or to itself when
@@ -381,7 +386,11 @@ class GPT2Model(GPT2PreTrainedModel):
             raise ValueError(f"inputs_embeds has shape {tuple(inputs_embeds.shape)} and input_ids "
                              f"{tuple(input_ids.shape)}: they must agree in (batch, length)")
         tokens = inputs_embeds[..., 0] if input_ids is None else input_ids  # (B, T): what the checks read
-        T = tokens.shape[1]
+        B, T = tokens.shape
+        if use_cache and past_key_values is None:
+            weight = self.wte.weight
+            past_key_values = KVCache(self.config, B, self.config.n_positions, dtype=weight.dtype,
+                                      device=weight.device)
         past = check_inputs(self.config, tokens, attention_mask, past_key_values)
         if position_ids is None:
             if attention_mask is not None:
@@ -391,7 +400,10 @@ class GPT2Model(GPT2PreTrainedModel):
         attn_mask, is_causal = build_attention_mask(attention_mask, past, T, tokens.device)
 
         tokens = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        x = self.drop(tokens + self.wpe(position_ids))
+        x = tokens + self.wpe(position_ids)
+        if token_type_ids is not None:
+            x = x + self.wte(token_type_ids)
+        x = self.drop(x)
         hidden_states: list[Tensor] = []
         attentions: list[Tensor] | None = [] if output_attentions else None
         for block in self.h:
@@ -401,8 +413,9 @@ class GPT2Model(GPT2PreTrainedModel):
         if past_key_values is not None:
             past_key_values.length = past + T
         x = self.ln_f(x)
-        return BaseModelOutputWithPast(x, past_key_values, (*hidden_states, x) if output_hidden_states else None,
-                                       tuple(attentions) if output_attentions else None)
+        out = BaseModelOutputWithPast(x, past_key_values, (*hidden_states, x) if output_hidden_states else None,
+                                      tuple(attentions) if output_attentions else None)
+        return out.to_tuple() if return_dict is False else out
 
 
 class ModelOutput:
@@ -496,16 +509,19 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                labels: Tensor | None = None, targets: Tensor | None = None,
-                past_key_values: KVCache | None = None, logits_to_keep: int = 0,
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, labels: Tensor | None = None, targets: Tensor | None = None,
+                past_key_values: KVCache | None = None, logits_to_keep: int | Tensor = 0,
                 return_logits: bool = True, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> CausalLMOutput:
+                output_attentions: bool = False, inputs_embeds: Tensor | None = None,
+                token_type_ids: Tensor | None = None, use_cache: bool | None = None,
+                return_dict: bool | None = None) -> CausalLMOutput | tuple[Any, ...]:
         """Loss from `labels` (HF convention: equal to input_ids, shifted inside) or `targets` (already shifted:
         targets[:, t] is the token after input_ids[:, t], as gpt2kit's datasets yield). `logits_to_keep=n`
-        computes logits for the last n positions only (generation needs just the last one).
-        `output_hidden_states` adds the embeddings' and every block's output (transformers' tuple, n_layer + 1),
-        `output_attentions` every block's attention weights (see GPT2Model).
+        computes logits for the last n positions only (generation needs just the last one); a tensor of
+        positions, those positions' (as transformers). `output_hidden_states` adds the embeddings' and every
+        block's output (transformers' tuple, n_layer + 1), `output_attentions` every block's attention weights;
+        `inputs_embeds`, `token_type_ids`, `use_cache` and `return_dict` as in GPT2Model.
 
         With a loss and `return_logits=False` (training), the LM head is fused into the loss
         (`linear_cross_entropy`): no (tokens x vocab) logits are kept, `logits` is None and `logits_to_keep` is
@@ -515,35 +531,37 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         if (labels is not None or targets is not None) and not return_logits:
             weight = plain_head_weight(self.lm_head)
         fused = weight is not None
-        tied, inputs_embeds = None, None
+        tied = None
         wte = self.transformer.wte  # a plain lookup only: hooks or an Embedding subclass must still run
         plain_lookup = (type(wte) is nn.Embedding and not (wte._forward_hooks or wte._forward_pre_hooks)
                         and wte.padding_idx is None and wte.max_norm is None and not wte.scale_grad_by_freq)
-        if (fused and plain_lookup and weight is wte.weight and weight.requires_grad
-                and torch.is_grad_enabled()):
+        if (fused and plain_lookup and inputs_embeds is None and token_type_ids is None and weight is wte.weight
+                and weight.requires_grad and torch.is_grad_enabled()):
             # The head's and the lookup's gradients of the shared weight are summed in one tensor (see losses.py).
             tied = TiedEmbeddingGradient()
             inputs_embeds = tied_embedding(input_ids, weight, tied)
         out = self.transformer(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                               output_hidden_states, output_attentions)
-        hidden, hidden_states, attentions = out.last_hidden_state, out.hidden_states, out.attentions
+                               output_hidden_states, output_attentions, token_type_ids, use_cache)
+        hidden, cache = out.last_hidden_state, out.past_key_values
         if fused:
             if labels is not None:
                 hidden, targets = hidden[:, :-1], labels[:, 1:]
             loss = linear_cross_entropy(hidden.flatten(0, 1), weight, targets.flatten(), tied=tied)
-            return CausalLMOutput(loss, None, past_key_values, hidden_states, attentions)
-        if logits_to_keep:
+            result = CausalLMOutput(loss, None, cache, out.hidden_states, out.attentions)
+            return result.to_tuple() if return_dict is False else result
+        if isinstance(logits_to_keep, Tensor) or logits_to_keep:
             if labels is not None or targets is not None:  # as transformers refuses it
                 raise ValueError("logits_to_keep computes the last positions' logits only; the loss of labels or "
                                  "targets needs them all")
-            hidden = hidden[:, -logits_to_keep:]
+            hidden = hidden[:, logits_to_keep if isinstance(logits_to_keep, Tensor) else slice(-logits_to_keep, None)]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = lm_loss(logits[:, :-1], labels[:, 1:])
         elif targets is not None:
             loss = lm_loss(logits, targets)
-        return CausalLMOutput(loss, logits, past_key_values, hidden_states, attentions)
+        result = CausalLMOutput(loss, logits, cache, out.hidden_states, out.attentions)
+        return result.to_tuple() if return_dict is False else result
 
     def decode_step(self, input_ids: Tensor, position_ids: Tensor, cache_index: Tensor, attn_mask: Tensor,
                     cache: KVCache) -> Tensor:
@@ -607,24 +625,30 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         self.score = Linear(config.n_embd, config.num_labels, bias=False)
         self._init_weights()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                labels: Tensor | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> SequenceClassifierOutput:
-        out = self.transformer(input_ids, attention_mask, position_ids, output_hidden_states=output_hidden_states,
-                               output_attentions=output_attentions)
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, labels: Tensor | None = None, output_hidden_states: bool = False,
+                output_attentions: bool = False, inputs_embeds: Tensor | None = None,
+                token_type_ids: Tensor | None = None, return_dict: bool | None = None
+                ) -> SequenceClassifierOutput | tuple[Any, ...]:
+        """Logits of each row's last real token: by `attention_mask`, else the last that is not pad_token_id,
+        else (inputs_embeds alone, as transformers) the last position. Other inputs as in GPT2Model."""
+        out = self.transformer(input_ids, attention_mask, position_ids, inputs_embeds=inputs_embeds,
+                               output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                               token_type_ids=token_type_ids)
         hidden = out.last_hidden_state
-        B, T = input_ids.shape
+        B, T = hidden.shape[:2]
         if attention_mask is not None:
             real = attention_mask.bool()
-        elif self.config.pad_token_id is not None:
+        elif self.config.pad_token_id is not None and input_ids is not None:
             real = input_ids != self.config.pad_token_id
         else:
-            real = torch.ones_like(input_ids, dtype=torch.bool)
+            real = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
         # Rightmost real token of each row: works for left and right padding alike.
-        last = (torch.arange(T, device=input_ids.device) * real).argmax(-1)
-        logits = self.score(hidden[torch.arange(B, device=input_ids.device), last])
+        last = (torch.arange(T, device=hidden.device) * real).argmax(-1)
+        logits = self.score(hidden[torch.arange(B, device=hidden.device), last])
         loss = None
         if labels is not None:
             loss = classification_loss(logits, labels, self.config.extra.get("problem_type"))
-        return SequenceClassifierOutput(logits=logits, loss=loss, hidden_states=out.hidden_states,
-                                        attentions=out.attentions)
+        result = SequenceClassifierOutput(logits=logits, loss=loss, hidden_states=out.hidden_states,
+                                          attentions=out.attentions)
+        return result.to_tuple() if return_dict is False else result
