@@ -361,3 +361,31 @@ def test_a_float16_chunk_whose_weight_gradient_passes_float16s_range(autocast):
         linear_cross_entropy(hidden.half(), w, targets).backward()
     assert torch.isfinite(w.grad).all()
     torch.testing.assert_close(w.grad.double(), reference.grad, rtol=2e-2, atol=2e-2)
+
+
+def test_second_order_gradients_and_torch_func_through_the_loss(tiny_config):
+    """create_graph through lm_loss gives the reference's Hessian-vector product (its saved gradient was a constant:
+    a wrong HVP without an error); torch.func.grad runs through the model's loss (an autograd.Function without
+    setup_context failed there); the fused loss refuses second-order gradients instead of returning wrong ones."""
+    hidden, weight, targets = inputs()
+    logits = (hidden @ weight.T).requires_grad_()
+    vector = torch.randn_like(logits)
+    hvps = []
+    for loss_fn in (lm_loss, lambda x, t: F.cross_entropy(x[0], t[0], ignore_index=-100)):
+        (grad,) = torch.autograd.grad(loss_fn(logits[None], targets[None]), logits, create_graph=True)
+        hvps.append(torch.autograd.grad((grad * vector).sum(), logits)[0])
+    torch.testing.assert_close(hvps[0], hvps[1])
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_config).eval()
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 8))
+    params = dict(model.named_parameters())
+    for return_logits in (True, False):
+        grads = torch.func.grad(lambda p: torch.func.functional_call(
+            model, p, (ids,), {"labels": ids, "return_logits": return_logits}).loss)(params)
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        torch.testing.assert_close(grads["transformer.wte.weight"], model.lm_head.weight.grad, atol=1e-6, rtol=1e-5)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="no second-order gradients"):
+        torch.autograd.grad(linear_cross_entropy(h, w, targets), h, create_graph=True)

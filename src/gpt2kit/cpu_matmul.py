@@ -82,14 +82,19 @@ def _dense(tensor: Tensor) -> bool:
     return tensor.is_contiguous() or (tensor.dim() == 2 and tensor.T.is_contiguous())
 
 
+def is_transformed() -> bool:
+    """Inside torch.func's grad, vmap or jvp, or forward-mode AD: a custom autograd.Function without their rules
+    (setup_context, jvp, vmap) must step aside for PyTorch's own ops there."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+
+
 def _applies(*tensors: Tensor) -> bool:
     """oneDNN takes these float32 CPU tensors: plain (not DTensors or other subclasses), non-empty and dense (see
     _dense), outside autocast and outside code being traced (torch.compile, torch.export, the ONNX exporter),
     transformed (torch.func's grad, vmap, jvp; forward-mode AD) or watched by a dispatch mode (FlopCounterMode, fake
     tensors), which should see PyTorch's own ops."""
     return (not torch.jit.is_tracing() and not torch.compiler.is_compiling() and use_onednn_float32()
-            and _get_current_dispatch_mode() is None and not torch.is_autocast_enabled("cpu")
-            and torch._C._functorch.peek_interpreter_stack() is None and forward_ad._current_level < 0
+            and _get_current_dispatch_mode() is None and not torch.is_autocast_enabled("cpu") and not is_transformed()
             and all(is_plain(t) and t.dtype == torch.float32 and t.device.type == "cpu" and t.numel() > 0
                     and _dense(t) for t in tensors))
 

@@ -12,9 +12,10 @@ import math
 import threading
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .cpu_matmul import mm, weight_gradient
+from .cpu_matmul import is_transformed, mm, weight_gradient
 
 IGNORE_INDEX = -100
 # Logits per chunk: 32 MiB in float32. Large enough for efficient matmuls; larger float32 blocks are mmapped afresh
@@ -75,6 +76,12 @@ def _mean(total: Tensor, n_valid: Tensor) -> Tensor:
     return (total / n_valid.clamp(min=1)).float()
 
 
+def _reference_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """The same mean loss from PyTorch's differentiable ops (float32 logits (N, V), targets (N,))."""
+    total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy over rows of (N, V) logits, computed in float32 a chunk of rows at a time.
 
@@ -84,8 +91,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     (N, V) tensor ever exists."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
-        valid, n_valid, targets = _scored(targets, logits.shape[-1])
+    def forward(ctx, logits: Tensor, labels: Tensor, chunk_rows: int) -> Tensor:
+        valid, n_valid, targets = _scored(labels, logits.shape[-1])
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         # float32 logits: work directly in the gradient's rows, saving a copy of the chunk.
         in_place = grad is not None and grad.dtype == torch.float32
@@ -103,12 +110,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 probs.mul_(scale).scatter_add_(1, targets[rows], -scale)
                 if not in_place:
                     grad[rows] = probs
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, logits, labels)  # logits, labels: references, for second-order gradients
         return _mean(total, n_valid)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
-        (grad,) = ctx.saved_tensors
+        grad, logits, labels = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the gradient again, from differentiable ops (HVPs, penalties)
+            return torch.autograd.grad(_reference_loss(logits, labels), logits, grad_output, create_graph=True)[0], \
+                None, None
         # A 0-dim float32 factor keeps grad's dtype and, on CPU, is applied in float32.
         return grad * grad_output, None, None
 
@@ -117,6 +127,8 @@ def lm_loss(logits: Tensor, targets: Tensor, chunk_elements: int = CHUNK_ELEMENT
     """Mean cross-entropy of logits[:, t] against targets[:, t] (already aligned); target -100 is ignored.
     Computed in float32 over chunks of about `chunk_elements` logits (see _ChunkedCrossEntropy)."""
     flat = logits.flatten(0, 1)
+    if is_transformed():  # torch.func / forward-mode AD: PyTorch's own loss, which they know how to transform
+        return _reference_loss(flat, targets.flatten())
     if not torch.is_grad_enabled():
         # needs_input_grad ignores no_grad mode: a detached input keeps the gradient from being computed.
         flat = flat.detach()
@@ -255,6 +267,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("linear_cross_entropy: backward ran twice through the same loss (retain_graph); "
                                "compute the loss again instead")
+        if torch.is_grad_enabled():
+            raise RuntimeError("linear_cross_entropy (the loss fused with the LM head, return_logits=False) has no "
+                               "second-order gradients (create_graph=True): compute the loss with return_logits=True")
         ctx.used = True
         grad_hidden, grad_weight, n_scale = ctx.saved_tensors
         if grad_weight is not None:

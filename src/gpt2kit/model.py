@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import GPT2Config
-from .cpu_matmul import Linear, is_plain
+from .cpu_matmul import Linear, is_plain, is_transformed
 from .losses import TiedEmbeddingGradient, linear_cross_entropy, lm_loss, tied_embedding
 
 
@@ -528,7 +528,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         ignored. A head that is not a plain nn.Linear with a plain weight (tensor-parallel DTensor, LoRA or int8
         layers) takes the unfused path, and then the logits are returned as usual."""
         weight = None
-        if (labels is not None or targets is not None) and not return_logits:
+        if (labels is not None or targets is not None) and not return_logits and not is_transformed():
             weight = plain_head_weight(self.lm_head)
         fused = weight is not None
         tied = None
