@@ -914,6 +914,17 @@ def test_best_val_loss_counts_whole_set_evaluations_only(tmp_path, monkeypatch):
     config = run_config(tmp_path, train={"max_steps": 4, "eval_interval": 2, "eval_batches": 1})
     summary = Trainer(args=config, train_dataset=Sequences(), eval_dataset=Sequences(16, seed=1)).train()
     assert summary["best_val_loss"] == 2.0  # it was 0.5
+    # eval_batches covering the whole set (2 batches of 8 here) make every evaluation a whole-set one (nanoGPT's
+    # eval_iters larger than a small validation split: keep_best never saw one before the last).
+    losses = iter([3.0, 1.0, 2.0])
+
+    def scripted(self, dataset, max_batches=None):
+        return {"val_loss": next(losses), "val_ppl": 1.0}
+
+    monkeypatch.setattr(Trainer, "_evaluate_dataset", scripted)
+    config = run_config(tmp_path / "covered", train={"max_steps": 4, "eval_interval": 2, "eval_batches": 2})
+    summary = Trainer(args=config, train_dataset=Sequences(), eval_dataset=Sequences(16, seed=1)).train()
+    assert summary["best_val_loss"] == 1.0
 
 
 class Unscored(Sequences):

@@ -894,8 +894,11 @@ class Trainer:
         return self.parallel.broadcast(logged)
 
     def _log_eval(self, logger: MetricsLogger, max_batches: int | None, log: bool = True) -> dict[str, float]:
-        result = self._evaluate_dataset(self._datasets["val"], max_batches) if self._datasets["val"] else {}
-        if result and max_batches is None:  # a periodic evaluation of eval_batches scores a subset: not comparable
+        val = self._datasets["val"]
+        result = self._evaluate_dataset(val, max_batches) if val else {}
+        # A periodic evaluation of eval_batches scores a subset, not comparable, unless those batches cover it all.
+        whole = max_batches is None or max_batches * self.config.train.micro_batch_size >= len(val or ())
+        if result and whole:
             if result["val_loss"] < self.best_val_loss and self.config.checkpoint.keep_best:
                 self._save_model_dir(BEST_DIR, {"step": self.step, **result})  # every rank: it may gather shards
             self.best_val_loss = min(self.best_val_loss, result["val_loss"])
