@@ -94,6 +94,11 @@ def test_text_overrides_are_taken_as_typed(tmp_path):
     ("train:\n  max_steps: 10\noptim:\n  warmup_steps: 20\n", [],
      r"run.yaml:4: optim.warmup_steps: 20 warmup steps are longer than the 10 decay"),
     ("data:\n  seq_len: 0\n", [], r"data.seq_len: must be at least 1"),
+    # an impossible global batch is said before any data is read (it came after tokenizing, with no line)
+    ("train:\n  micro_batch_size: 8\n  global_batch_size: 12\n", [],
+     r"run.yaml:3: train.global_batch_size: must be a positive multiple of micro_batch_size 8 = 8, got 12"),
+    ("train:\n  micro_batch_size: 4\n  global_batch_tokens: 1000\ndata:\n  seq_len: 64\n", [],
+     r"run.yaml:3: train.global_batch_tokens: must be a positive multiple of micro_batch_size 4 x seq_len 64 = 256"),
     ("data:\n  num_workers: -1\n", [], r"data.num_workers: must be at least 0"),
     ("train:\n  eval_interval: -1\n", [], r"train.eval_interval: must be at least 0"),
     ("checkpoint:\n  save_interval: -1\n", [], r"checkpoint.save_interval: must be at least 0"),

@@ -268,6 +268,20 @@ class RunConfig:
                                 if re.search(rf"\b{key}\b", str(err))),
                                key=lambda name: (lines or {}).get(name) != COMMAND_LINE)
                 raise bad(named[0] if named else "model.config", str(err)) from None
+        # The global batch must split into whole micro-batches on every data-parallel rank (checked again, with the
+        # data's window length, once the data is read: global_batch_tokens of a checkpoint's model).
+        per_micro = t.micro_batch_size * layout.data_parallel_size
+        devices = f" x {layout.data_parallel_size} data-parallel ranks" if layout.data_parallel_size > 1 else ""
+        seq_len = d.seq_len or (GPT2Config.from_name(self.model.name, **self.model.config).n_positions
+                                if self.model.name in PRESETS and self.model.checkpoint is None else None)
+        if self.task != "text_generation" or d.format in INSTRUCTION_FORMATS:
+            seq_len = None  # no fixed-length windows: refused with its own reason once the data is read
+        for key, value, unit, what in [
+                ("train.global_batch_size", t.global_batch_size, per_micro, f"micro_batch_size {t.micro_batch_size}"),
+                ("train.global_batch_tokens", t.global_batch_tokens, per_micro * (seq_len or 0),
+                 f"micro_batch_size {t.micro_batch_size} x seq_len {seq_len}")]:
+            if value is not None and unit and (value < unit or value % unit):
+                raise bad(key, f"must be a positive multiple of {what}{devices} = {unit}, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
