@@ -381,7 +381,10 @@ class Trainer:
         if kind == "pretrain":
             with self.parallel.main_first():  # raw text is tokenized (and a tokenizer trained) by rank 0 alone
                 train, val = self._pretraining_datasets(train, val)
-        elif kind == "classification":
+        else:
+            with self.parallel.main_first():  # a tokenizer to train (or save) is written by rank 0 alone
+                self._get_tokenizer()
+        if kind == "classification":
             from ..data import ClassificationDataset
 
             if train is None and d.train is not None:
@@ -392,7 +395,7 @@ class Trainer:
                 val = ClassificationDataset(d.val, self._get_tokenizer(), format=d.format,
                                             max_length=self._max_length(), label_names=names,
                                             text_columns=self._text_columns())
-        else:
+        elif kind != "pretrain":
             # Alpaca records teach the Alpaca prompt: the tokenizer records that format (a copy: not the caller's
             # object), so chat, the server and the pipeline prompt it the same way (gpt2kit.conversation).
             # Conversations are written in the tokenizer's own chat format, which it keeps.
@@ -964,6 +967,11 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
 
+    def _layout(self) -> list[int]:
+        """This job's parallel degrees: data, shard, tensor."""
+        c = self.parallel.config
+        return [c.data, c.shard, c.tensor]
+
     def _training_state(self, rngs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(tensors and primitives for torch.save, JSON-able trainer state); `rngs`: every rank's random states,
         by rank. Ranks are seeded alike but their states drift apart (dropout draws as many numbers as a batch,
@@ -971,7 +979,7 @@ class Trainer:
         another number of processes."""
         tensors = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs[0]}
         if len(rngs) > 1:
-            tensors["rng_ranks"] = rngs
+            tensors["rng_ranks"], tensors["rng_layout"] = rngs, self._layout()
         if not self._sharded:  # a sharded optimizer goes into the distributed checkpoint instead
             tensors["optimizer"] = self.optimizer.state_dict()
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
@@ -1130,8 +1138,12 @@ class Trainer:
         self.best_val_loss = state["best_val_loss"] if state["best_val_loss"] is not None else math.inf
         self.sampler.load_state_dict(self._sampler_state(state, path))
         self._batches = None
-        ranks = tensors.get("rng_ranks", [])  # every rank's own states (one process, earlier checkpoints: "rng")
-        rng = ranks[self.parallel.rank] if len(ranks) == self.parallel.world_size else tensors["rng"]
+        # Every rank's own states, where this run has the layout that saved them; else rank 0's for all: under
+        # another layout a tensor-parallel group would get different states, and its replicated weights (whose
+        # dropout must draw alike on every rank of the group) would drift apart.
+        ranks = tensors.get("rng_ranks", [])
+        same_layout = len(ranks) == self.parallel.world_size and tensors.get("rng_layout") == self._layout()
+        rng = ranks[self.parallel.rank] if same_layout else tensors["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         kind, keys, *rest = rng["numpy"]
