@@ -311,34 +311,7 @@ def test_tensor_parallel_training_with_dropout_resumes_exactly(tmp_path, corpus)
     assert result.returncode == 0, result.stderr[-3000:]
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert set(resumed) == {4, 5, 6} and resumed == {step: whole[step] for step in resumed}  # bit for bit
-    # Resumed as tensor parallel, the two ranks form one group, which must draw one random stream: with each rank's
-    # saved state (another layout's), their replicated weights (position embedding, LayerNorms, head) drifted.
-    script = tmp_path / "tp_resume.py"
-    script.write_text(TP_RESUME)
-    (tmp_path / "tp.yaml").write_text(yaml.safe_dump({**config, "out_dir": str(tmp_path / "tp")}))
-    result = subprocess.run([*TORCHRUN, str(script), str(tmp_path / "tp.yaml"),
-                             str(tmp_path / "whole" / "checkpoints" / "step-00000003")],
-                            capture_output=True, text=True, env=ENV, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "tp" / "replicas.json").read_text()) == []
 
-
-TP_RESUME = """
-import json
-import sys
-import torch
-import torch.distributed as dist
-from gpt2kit.training import Trainer, load_config
-trainer = Trainer(args=load_config(sys.argv[1], [("parallel.tensor", "-1"), ("parallel.data", "1")]))
-trainer.train(resume=sys.argv[2])
-local = {name: (p.to_local() if hasattr(p, "to_local") else p).detach() for name, p in trainer.model.named_parameters()
-         if not hasattr(p, "placements") or all(pl.is_replicate() for pl in p.placements)}
-both = [None, None]
-dist.all_gather_object(both, local)
-if dist.get_rank() == 0:
-    differ = [name for name in both[0] if not torch.equal(both[0][name], both[1][name])]
-    (trainer.out_dir / "replicas.json").write_text(json.dumps(differ))
-"""
 
 def test_fsdp_resumes_a_single_process_checkpoint(tmp_path, corpus, single, monkeypatch):
     config = write_config(tmp_path, corpus, "fsdp", data=1, shard=-1)

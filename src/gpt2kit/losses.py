@@ -315,14 +315,16 @@ class _TiedEmbedding(torch.autograd.Function):
         return None, grad.index_add_(0, ids.flatten(), grad_output.flatten(0, -2).to(grad.dtype)), None
 
 
-@torch.compiler.disable  # its backward meets the loss's through a Python object
+# torch.compiler.disable, with torch._dynamo imported at the first call rather than with gpt2kit: importing it
+# costs every command (`gpt2kit --help` too) seconds on a slow CPU.
+@torch._disable_dynamo  # its backward meets the loss's through a Python object
 def tied_embedding(ids: Tensor, weight: Tensor, tied: TiedEmbeddingGradient) -> Tensor:
     """F.embedding(ids, weight) for a weight that `linear_cross_entropy(..., tied=tied)` also uses as its LM
     head: the weight's gradient is then one (vocab x C) tensor, the loss's with the lookup's rows added."""
     return _TiedEmbedding.apply(ids, weight, tied)
 
 
-@torch.compiler.disable  # runs eagerly inside a compiled model: its scratch buffers persist between calls
+@torch._disable_dynamo  # runs eagerly inside a compiled model: its scratch buffers persist between calls
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int | None = None,
                          tied: TiedEmbeddingGradient | None = None) -> Tensor:
     """Mean cross-entropy of the logits hidden @ weight.T (hidden (N, C), weight (V, C)) against targets (N,),

@@ -8,7 +8,7 @@ DCP needs a filesystem every rank sees (one machine, or a shared/NFS path across
 
 DCP stores its `.metadata` as a pickle and non-tensor values (the optimizer's hyper-parameters) through
 torch.save, and torch reads them back with plain `pickle.load` / `torch.load(weights_only=False)`, which would
-run code a crafted checkpoint carries. Loading here goes through `_SafeReader` and `_SafeLoadPlanner` instead:
+run code a crafted checkpoint carries. Loading here goes through a reader and a planner of `_load` instead:
 the metadata may name DCP's own metadata classes and nothing else, and values load with `weights_only=True`.
 """
 
@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
 from ..checkpoint import CONFIG_NAME, CheckpointError, save_pretrained
 from ..config import GPT2Config
@@ -150,34 +149,33 @@ def read_metadata(directory: Path):
     return metadata
 
 
-class _SafeReader(FileSystemReader):
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        metadata = read_metadata(Path(self.path))
-        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class _SafeLoadPlanner(DefaultLoadPlanner):
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        # DefaultLoadPlanner.load_bytes with weights_only=True: these are plain numbers, strings and tuples.
-        data = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            from torch.distributed.checkpoint._nested_dict import set_element
-
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], data)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = data
-
-
 def _load(state: dict[str, Any], directory: Path, *, no_dist: bool) -> None:
-    from torch.distributed.checkpoint import load
+    # torch.distributed.checkpoint is imported here, not with gpt2kit: it takes seconds on a slow CPU.
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, load
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata = read_metadata(Path(self.path))
+            if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            # DefaultLoadPlanner.load_bytes with weights_only=True: these are plain numbers, strings and tuples.
+            data = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._nested_dict import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], data)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = data
 
     with _single_process_quiet():
-        load(state, storage_reader=_SafeReader(directory), planner=_SafeLoadPlanner(), no_dist=no_dist)
+        load(state, storage_reader=SafeReader(directory), planner=SafeLoadPlanner(), no_dist=no_dist)
 
 
 # ---- save / load ---------------------------------------------------------------------------------------------
