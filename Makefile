@@ -14,8 +14,9 @@ install-dev:
 demo: install
 	gpt2kit train --config configs/tiny_shakespeare.yaml
 
+# Two workers, each test file on one of them (its module fixtures, a server or a trained model, made once).
 test: install-dev
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 bench: install-dev
 	$(PYTHON) -m benchmarks
