@@ -1,5 +1,6 @@
 """Shared fixtures: small random models, gpt2kit's and transformers', saved in HF format."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,10 +8,21 @@ import torch
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.data.preprocess import preprocess
+from gpt2kit.generation import AUTOTUNE_ENV
 from gpt2kit.tokenizer import train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "examples" / "data"
+
+# Compiled decoding without autotuning unless a test asks for it (`autotuned`): it halves the compile time of the
+# many tests that compile, and the tests marked so check the autotuned step. Processes the tests start inherit it.
+os.environ[AUTOTUNE_ENV] = "0"
+
+
+@pytest.fixture
+def autotuned(monkeypatch):
+    """Compile the decode step with autotuning, as users do by default."""
+    monkeypatch.setenv(AUTOTUNE_ENV, "1")
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from gpt2kit import GPT2LMHeadModel
-from gpt2kit.generation import TokenGenerator, generate
+from gpt2kit.generation import AUTOTUNE_ENV, TokenGenerator, generate
 from gpt2kit.model import KVCache, positions_from_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,7 +44,8 @@ def test_static_step_gives_the_eager_steps_logits(tiny_model, ids, mask):
 
 
 @pytest.mark.parametrize("ids, mask", [BATCH_1, PADDED], ids=["batch-1", "left-padded"])
-def test_compiled_decoding_gives_the_eager_tokens(tiny_model, ids, mask):
+def test_compiled_decoding_gives_the_eager_tokens(tiny_model, ids, mask, autotuned):
+    """The step as users compile it, autotuned (the other tests compile without autotuning, twice as fast)."""
     eager = generate(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
     compiled = generate(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True)
     assert compiled.shape == (ids.shape[0], ids.shape[1] + NEW_TOKENS)
@@ -253,3 +254,9 @@ def test_a_deleted_models_compiled_steps_and_frozen_weights_are_freed(tiny_confi
     # Freed when the next model compiles: the first two models' weights are gone, and one entry is left.
     assert [weight() is None for weight in weights] == [True, True, False]
     assert len(_debug_get_cache_entry_list(GPT2LMHeadModel.decode_step.__code__)) == 1
+
+
+def test_an_autotune_setting_other_than_0_or_1_is_one_error(tiny_model, monkeypatch):
+    monkeypatch.setenv(AUTOTUNE_ENV, "yes")
+    with pytest.raises(ValueError, match="GPT2KIT_COMPILE_AUTOTUNE must be 0 or 1, got 'yes'"):
+        generate(tiny_model, BATCH_1[0], max_new_tokens=2, eos_token_id=[], compile=True)

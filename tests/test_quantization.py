@@ -100,7 +100,7 @@ def test_int8_greedy_decoding_matches_float32(tiny_model):
                                generate(model, prompts, mask, max_new_tokens=24, eos_token_id=[]), rtol=0, atol=0)
 
 
-def test_compiled_int8_decoding_of_a_width_the_kernel_cannot_take():
+def test_compiled_int8_decoding_of_a_width_the_kernel_cannot_take(autotuned):
     """Width 40 keeps the LM head off the int8 kernel; under torch.compile inductor rewrote its bf16
     `product * scale` into that kernel anyway, and two rows crashed the process (SIGSEGV)."""
     from gpt2kit import GPT2Config

@@ -17,6 +17,7 @@ import functools
 import math
 import numbers
 import operator
+import os
 import sys
 import warnings
 import weakref
@@ -855,6 +856,9 @@ _compiled_models_added = 0
 # Compiled entries the one decode-step function may hold: each model, batch size, dtype and cache length is one,
 # and dynamo's default of 8 would be a hard error (fullgraph) at the ninth.
 RECOMPILE_LIMIT = 64
+# "0" skips the autotuning of the compiled CPU decode step: compiling takes about half as long, decoding runs
+# slower (short generations, and the test suite, which checks the autotuned step in a few tests only).
+AUTOTUNE_ENV = "GPT2KIT_COMPILE_AUTOTUNE"
 
 
 # Elements per weight that the fingerprint sums: a change of the whole tensor (a reload, an edit through .data)
@@ -898,7 +902,7 @@ def _compile_options(model: GPT2LMHeadModel, device_type: str) -> list[contextli
     step (`freezing`), which lets inductor pre-pack them once and benchmark its own CPU matrix kernels against
     the library ones (`max_autotune`). GPT-2 small, batch 1, on the benchmark CPU: int8 51 -> 129 tokens/s,
     float32 22 -> 55 (either setting alone: about 10 %). The price: a second copy of the weights, about a
-    minute of compiling for GPT-2 small, and weights changed in place after compiling would not be seen, so
+    minute of compiling for GPT-2 small (GPT2KIT_COMPILE_AUTOTUNE=0 halves it, without the autotuning), and weights changed in place after compiling would not be seen, so
     such a change (an optimizer step, load_state_dict, an edit through .data) is detected here and drops the
     compiled code."""
     global _compiled_models_added
@@ -916,9 +920,13 @@ def _compile_options(model: GPT2LMHeadModel, device_type: str) -> list[contextli
     if _frozen_weights.get(model, fingerprint) != fingerprint:
         _drop_compiled_code()  # frozen copies of the old weights: compile again (dynamo guards on identity only)
     _frozen_weights[model] = fingerprint
+    autotune = os.environ.get(AUTOTUNE_ENV, "1")
+    if autotune not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV} must be 0 or 1, got {autotune!r}")
     _ignore_autotuning_storage_warning()
     # Autotuning would print a table of its timings to stderr for every matrix product.
-    return [limit, torch._inductor.config.patch(freezing=True, max_autotune=True, autotune_num_choices_displayed=0,
+    return [limit, torch._inductor.config.patch(freezing=True, max_autotune=autotune == "1",
+                                                autotune_num_choices_displayed=0,
                                                 max_autotune_report_choices_stats=False)]
 
 
