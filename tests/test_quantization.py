@@ -238,17 +238,17 @@ def test_perplexity_with_packed_weights_equals_plain(tiny_model, tmp_path):
     assert packed["token_perplexity"] == pytest.approx(plain["token_perplexity"], rel=1e-6)
 
 
-def test_cli_generate_compiled_equals_eager_and_refuses_packed_weights(tmp_path):
+def test_cli_generate_compiled_equals_eager_and_refuses_packed_weights(tmp_path, capsys):
+    from gpt2kit.cli import main
+
     model_dir = save_tiny_text_model(tmp_path / "m")
-    base = [sys.executable, "-m", "gpt2kit", "generate", "--model", str(model_dir), "--prompt", "Hello",
-            "--max-new-tokens", "6", "--no-do-sample"]
-    eager = subprocess.run(base, capture_output=True, text=True, timeout=300)
-    compiled = subprocess.run([*base, "--compile", "--quantize", "int8"], capture_output=True, text=True, timeout=300)
-    int8 = subprocess.run([*base, "--quantize", "int8"], capture_output=True, text=True, timeout=300)
-    assert eager.returncode == compiled.returncode == int8.returncode == 0, compiled.stderr
-    assert compiled.stdout == int8.stdout and eager.stdout.startswith("Hello")
-    refused = subprocess.run([*base, "--compile", "--pack-weights"], capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "packed" in refused.stderr
+    base = ["generate", "--model", str(model_dir), "--prompt", "Hello", "--max-new-tokens", "6", "--no-do-sample"]
+    assert main([*base, "--quantize", "int8"]) == 0
+    int8 = capsys.readouterr().out
+    assert main([*base, "--quantize", "int8", "--compile"]) == 0
+    assert capsys.readouterr().out == int8 and int8.startswith("Hello")
+    assert main([*base, "--compile", "--pack-weights"]) == 2
+    assert "packed" in capsys.readouterr().err
 
 
 def test_a_packed_model_refuses_what_it_cannot_do():
