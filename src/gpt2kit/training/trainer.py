@@ -384,29 +384,29 @@ class Trainer:
         else:
             with self.parallel.main_first():  # a tokenizer to train (or save) is written by rank 0 alone
                 self._get_tokenizer()
-        if kind == "classification":
-            from ..data import ClassificationDataset
+            if kind == "classification":
+                from ..data import ClassificationDataset
 
-            if train is None and d.train is not None:
-                train = ClassificationDataset(d.train, self._get_tokenizer(), format=d.format,
-                                              max_length=self._max_length(), text_columns=self._text_columns())
-            if val is None and d.val is not None:
-                names = list(train.id2label.values()) if hasattr(train, "id2label") else None
-                val = ClassificationDataset(d.val, self._get_tokenizer(), format=d.format,
-                                            max_length=self._max_length(), label_names=names,
-                                            text_columns=self._text_columns())
-        elif kind != "pretrain":
-            # Alpaca records teach the Alpaca prompt: the tokenizer records that format (a copy: not the caller's
-            # object), so chat, the server and the pipeline prompt it the same way (gpt2kit.conversation).
-            # Conversations are written in the tokenizer's own chat format, which it keeps.
-            if d.format == "alpaca":
-                self.tokenizer = copy.copy(self._get_tokenizer())
-                self.tokenizer.chat_template = ALPACA.template
-            max_length = self._max_length()
-            if train is None and d.train is not None:
-                train = self._instructions("data.train", d.train, max_length)
-            if val is None and d.val is not None:
-                val = self._instructions("data.val", d.val, max_length)
+                if train is None and d.train is not None:
+                    train = ClassificationDataset(d.train, self._get_tokenizer(), format=d.format,
+                                                  max_length=self._max_length(), text_columns=self._text_columns())
+                if val is None and d.val is not None:
+                    names = list(train.id2label.values()) if hasattr(train, "id2label") else None
+                    val = ClassificationDataset(d.val, self._get_tokenizer(), format=d.format,
+                                                max_length=self._max_length(), label_names=names,
+                                                text_columns=self._text_columns())
+            else:
+                # Alpaca records teach the Alpaca prompt: the tokenizer records that format (a copy: not the caller's
+                # object), so chat, the server and the pipeline prompt it the same way (gpt2kit.conversation).
+                # Conversations are written in the tokenizer's own chat format, which it keeps.
+                if d.format == "alpaca":
+                    self.tokenizer = copy.copy(self._get_tokenizer())
+                    self.tokenizer.chat_template = ALPACA.template
+                max_length = self._max_length()
+                if train is None and d.train is not None:
+                    train = self._instructions("data.train", d.train, max_length)
+                if val is None and d.val is not None:
+                    val = self._instructions("data.val", d.val, max_length)
         if held_out_here:
             train, val = held_out(train, d.val_fraction, self.config.seed)
         self._datasets = {"train": train, "val": val}
