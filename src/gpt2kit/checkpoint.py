@@ -513,9 +513,14 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
             if "torch_dtype" in values:
                 values["torch_dtype"] = values["dtype"]
         (tmp / CONFIG_NAME).write_text(json.dumps(values, indent=2) + "\n")
-        if generation_config:
-            (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(generation_config, indent=2) + "\n")
+        write_generation_config(tmp, generation_config)
     return directory
+
+
+def write_generation_config(directory: Path, settings: dict[str, Any] | None) -> None:
+    """generation_config.json in `directory` (a model's generation defaults), when there are any."""
+    if settings:
+        (directory / GENERATION_CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def read_generation_config(model_dir: Path) -> dict[str, Any]:

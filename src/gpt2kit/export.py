@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, load_config, read_generation_config, resolve_model_dir
+from .checkpoint import (CONFIG_NAME, load_config, read_generation_config, resolve_model_dir,
+                         write_generation_config)
 from .config import GPT2Config
 from .files import atomic_directory, check_output_directory
 from .model import CausalLMOutput, GPT2LMHeadModel, KVCache, check_inputs, eval_mode, positions_from_mask
@@ -184,8 +185,7 @@ def export_onnx(model: str | os.PathLike | GPT2LMHeadModel, output_dir: str | os
         if "torch_dtype" in config:  # transformers' older name for it
             config["torch_dtype"] = "float32"
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if lm.generation_config:  # the defaults generation starts from (EOS ids, penalties, lengths), as in PyTorch
-            (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(lm.generation_config, indent=2) + "\n")
+        write_generation_config(tmp, lm.generation_config)  # what generation starts from, as in PyTorch
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         elif source_dir is not None:
