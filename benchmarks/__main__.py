@@ -12,7 +12,9 @@ GPT2TokenizerFast), training tokens/s and MFU, decode tokens/s and time to first
 and llama.cpp when `llama_cpp` is importable. Each benchmark call runs in a fresh process, with both sides of
 its rows in that process, alternating them where the section script does, and records the peak memory while it
 ran: the process's resident memory (RSS, children included) on a CPU, the CUDA allocator's peak on a GPU. One
-table is printed; all rows go to a JSON file.
+table is printed; all rows go to a JSON file. Where the device has no bf16 instructions (a CPU without
+AVX512-BF16 or AMX, a GPU before Ampere) the bf16 rows are skipped with a note: emulated bf16 is slower than
+float32 on both sides and measures nothing this project claims (--emulated-bf16 times them anyway).
 
 On a CUDA GPU (--device, default when there is one) the model sections (hardware, train, decode, eval) run on
 the GPU with clocks that wait for it; tokenizer and preprocessing are CPU work on any machine; the CPU-only
@@ -43,7 +45,7 @@ from gpt2kit.allocator import ALLOCATORS, preload_allocator
 from gpt2kit.files import atomic_write_text
 
 from . import bench_eval, bench_generate, bench_train
-from .devices import default_device
+from .devices import default_device, native_bf16
 from .sections import configure_process, hardware, measure, preprocess_scaling, serving, tokenizer_speed
 
 SECTIONS = ("hardware", "tokenizer", "train", "decode", "eval", "preprocess", "serve", "llama.cpp")
@@ -61,6 +63,36 @@ def llama_cpp_status() -> dict | None:
                 f"decode against llama.cpp, install (a 5-7 minute build, see docs/performance.md): "
                 f"{bench_llamacpp.INSTALL}"}
     return None
+
+
+# ---- what runs ---------------------------------------------------------------------------------------------------
+def train_cases(full: bool, gpu: bool, bf16: bool) -> list[tuple]:
+    """(shape, batch, sequence length, precision, compiled) of the training rows; no bf16 rows without `bf16`."""
+    # A GPU gets GPT-2 small at llm.c's sequence length in every run; None takes bench_train's default.
+    shapes = ([("tiny", 16, None), ("gpt2", 8, 1024)] if gpu else
+              [("tiny", None, None)] + ([("gpt2", 4, None)] if full else []))
+    # bf16 once more with gpt2kit compiled (train.compile), the faster way to train on a CPU.
+    precisions = [("fp32", False)] + ([("bf16", False), ("bf16", True)] if bf16 else [])
+    return [(*shape, *precision) for shape in shapes for precision in precisions]
+
+
+def decode_cases(full: bool, gpu: bool, bf16: bool) -> list[tuple]:
+    """(shape, prompt length, dtypes, batch sizes, prompt lookup) of the decode rows; no bf16 dtype without
+    `bf16`. GPT-2 small is where the targets are stated. Compiled rows compile in their untimed warm-up (about a
+    minute per dtype and batch size). Speculative decoding by prompt lookup runs against transformers' own (the
+    same guesses, the same tokens)."""
+    cases = [("gpt2", 32, "fp32,fp32-packed,int8,int8-compiled", "1,8", None),
+             ("gpt2", 32, "fp32-compiled", "1", None), ("gpt2", 64, "fp32,int8", "1", 10)]
+    if full:
+        cases += [("gpt2", 32, "bf16,bf16-compiled", "1,8", None),
+                  ("gpt2", 512, "fp32,fp32-packed,int8", "1,8", None), ("tiny", 32, "fp32,bf16,int8", "1,8", None)]
+    if gpu:  # the float formats; compiled steps replay as CUDA graphs
+        cases = [("gpt2", 32, "fp32,bf16,fp32-compiled,bf16-compiled", "1,8", None),
+                 ("gpt2", 512, "bf16", "1,8", None), ("gpt2", 64, "fp32,bf16", "1", 10)]
+    if not bf16:
+        cases = [(shape, prompt, ",".join(d for d in dtypes.split(",") if not d.startswith("bf16")), *rest)
+                 for shape, prompt, dtypes, *rest in cases]
+    return [case for case in cases if case[2]]
 
 
 # ---- the table ---------------------------------------------------------------------------------------------------
@@ -81,7 +113,7 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
                 r["ratio"], rss=rss)
         elif r["section"] == "train":
             # The bound at this run's measured peak (the row's own comes from gpt2kit's cache of the best ever seen).
-            peak = hw[f"{r['precision']}_flops"] if hw else r["peak_flops"]
+            peak = hw.get(f"{r['precision']}_flops", r["peak_flops"]) if hw else r["peak_flops"]
             name = f"{r['shape']} {r['precision']}{' compiled' if r.get('compiled') else ''}"
             add("train", f"{name} {r['batch']}x{r['seq_len']} vs transformers", "tok/s",
                 r["ours_tok_s"], r["peer_tok_s"], r["ratio"], 2.0 if r["precision"] == "bf16" else 1.2,
@@ -110,7 +142,8 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
             if lookup:  # the first token comes after the first pass checked its guesses: no TTFT to compare
                 continue
             # The prefill's arithmetic at the matmul peak of the dtype it multiplies in.
-            prefill = hw[f"{r['compute_dtype']}_flops"] / r["prefill_flops"] if hw and "prefill_flops" in r else None
+            peak = hw.get(f"{r['compute_dtype']}_flops") if hw and "prefill_flops" in r else None
+            prefill = peak / r["prefill_flops"] if peak else None
             add("TTFT", case, "1/s", 1 / r["ours_ttft_s"], 1 / r["peer_ttft_s"], r["ttft_ratio"],
                 1.5 if fast else None, prefill, rss)
         elif r["section"] == "eval":
@@ -147,11 +180,16 @@ def table(rows: list[dict], hw: dict | None) -> list[tuple]:
     return lines
 
 
+def hardware_line(hw: dict) -> str:
+    peaks = ", ".join(f"{name} matmul {hw[f'{name}_flops'] / 1e9:.0f} GFLOP/s" for name in ("fp32", "bf16")
+                      if f"{name}_flops" in hw)
+    return f"hardware: {peaks}, memory bandwidth {hw['bandwidth'] / 1e9:.1f} GB/s (copy)"
+
+
 def print_report(rows: list[dict], hw: dict | None, device: torch.device) -> None:
     print(f"\n{platform_line(device)}")
     if hw:
-        print(f"hardware: fp32 matmul {hw['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 matmul {hw['bf16_flops'] / 1e9:.0f} "
-              f"GFLOP/s, memory bandwidth {hw['bandwidth'] / 1e9:.1f} GB/s (copy)")
+        print(hardware_line(hw))
     allocators = sorted({r["allocator"] for r in rows if "allocator" in r})
     if allocators:
         print(f"allocator: {', '.join(allocators)}")
@@ -203,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"where to write the rows (default {RESULTS})")
     parser.add_argument("--device", type=torch.device, default=default_device(),
                         help="where the models run: cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--emulated-bf16", action="store_true",
+                        help="time the bf16 rows on a device that only emulates bf16 too (skipped there by default)")
     parser.add_argument("--allocator", choices=("system", *ALLOCATORS), default="system",
                         help="malloc of the measuring processes, for gpt2kit and its peers alike: the system's "
                         "(glibc) or one preloaded (see docs/performance.md)")
@@ -220,6 +260,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     configure_process(args.threads, device)  # each measuring process repeats this
     rows: list[dict] = []
+    bf16 = args.emulated_bf16 or native_bf16(device)
+    if not bf16:
+        rows.append({"section": "bf16 rows", "skipped": f"{device.type} has no bf16 instructions (emulated bf16 "
+                     "runs many times slower than float32 on either side and says nothing of the fast paths), so "
+                     "neither the bf16 rows nor the bf16 matmul peak are timed; --emulated-bf16 times them anyway"})
     hw = None
     started, began = time.perf_counter(), datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -242,46 +287,29 @@ def main(argv: list[str] | None = None) -> None:
     print(platform_line(device), flush=True)
     if "hardware" in only:
         with section("hardware"):
-            hw = measure(rows, device, hardware, device)
-            print(f"hardware: fp32 {hw['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {hw['bf16_flops'] / 1e9:.0f} "
-                  f"GFLOP/s, {hw['bandwidth'] / 1e9:.1f} GB/s", flush=True)
+            hw = measure(rows, device, hardware, device, bf16)
+            print(hardware_line(hw), flush=True)
     if "tokenizer" in only:
         with section("tokenizer"):
             measure(rows, cpu, tokenizer_speed)
     if "train" in only:
-        # (shape, batch, sequence length); a GPU gets GPT-2 small at llm.c's sequence length in every run.
-        shapes = ([("tiny", 16, None), ("gpt2", 8, 1024)] if gpu else
-                  [("tiny", None, None)] + ([("gpt2", 4, None)] if args.full else []))
-        for shape, batch, seq_len in shapes:
-            # bf16 once more with gpt2kit compiled (train.compile), the faster way to train on a CPU.
-            for precision, compiled in (("fp32", False), ("bf16", False), ("bf16", True)):
-                print(f"train {shape} {precision}{' compiled' if compiled else ''} ...", flush=True)
-                with section("train"):
-                    for row in measure(rows, device, bench_train.run, shape, precision, seq_len, batch,
-                                       steps=5 if shape == "tiny" or gpu else 3, compiled=compiled, device=device):
-                        row["section"] = "train"
-                        if args.allocator != "system":  # a preloaded allocator's footprint is not the peer's
-                            continue
-                        # Each side's memory in a process of its own: beside the other model and its optimizer
-                        # state, either side's peak would include the other's memory.
-                        alone: list[dict] = []
-                        for side in ("ours", "peer"):
-                            measure(alone, device, bench_train.run, shape, precision, seq_len, batch, steps=2,
-                                    compiled=compiled, device=device, sides=side)
-                        row["ours_step_mem_mb"], row["peer_step_mem_mb"] = (a["step_mem_mb"] for a in alone)
+        for shape, batch, seq_len, precision, compiled in train_cases(args.full, gpu, bf16):
+            print(f"train {shape} {precision}{' compiled' if compiled else ''} ...", flush=True)
+            with section("train"):
+                for row in measure(rows, device, bench_train.run, shape, precision, seq_len, batch,
+                                   steps=5 if shape == "tiny" or gpu else 3, compiled=compiled, device=device):
+                    row["section"] = "train"
+                    if args.allocator != "system":  # a preloaded allocator's footprint is not the peer's
+                        continue
+                    # Each side's memory in a process of its own: beside the other model and its optimizer
+                    # state, either side's peak would include the other's memory.
+                    alone: list[dict] = []
+                    for side in ("ours", "peer"):
+                        measure(alone, device, bench_train.run, shape, precision, seq_len, batch, steps=2,
+                                compiled=compiled, device=device, sides=side)
+                    row["ours_step_mem_mb"], row["peer_step_mem_mb"] = (a["step_mem_mb"] for a in alone)
     if "decode" in only:
-        # (shape, prompt length, dtypes, batch sizes, prompt lookup): GPT-2 small is where the targets are stated.
-        # Compiled rows compile in their untimed warm-up (about a minute per dtype and batch size). Speculative
-        # decoding by prompt lookup runs against transformers' own (the same guesses, the same tokens).
-        cases = [("gpt2", 32, "fp32,fp32-packed,int8,int8-compiled", "1,8", None),
-                 ("gpt2", 32, "fp32-compiled", "1", None), ("gpt2", 64, "fp32,int8", "1", 10)]
-        if args.full:
-            cases += [("gpt2", 32, "bf16,bf16-compiled", "1,8", None),
-                      ("gpt2", 512, "fp32,fp32-packed,int8", "1,8", None), ("tiny", 32, "fp32,bf16,int8", "1,8", None)]
-        if gpu:  # the float formats; compiled steps replay as CUDA graphs
-            cases = [("gpt2", 32, "fp32,bf16,fp32-compiled,bf16-compiled", "1,8", None),
-                     ("gpt2", 512, "bf16", "1,8", None), ("gpt2", 64, "fp32,bf16", "1", 10)]
-        for shape, prompt, dtypes, batches, lookup in cases:
+        for shape, prompt, dtypes, batches, lookup in decode_cases(args.full, gpu, bf16):
             print(f"decode {shape} {dtypes} batch {batches} prompt {prompt}"
                   f"{f' prompt lookup {lookup}' if lookup else ''} ...", flush=True)
             with section("decode"):
@@ -313,9 +341,10 @@ def main(argv: list[str] | None = None) -> None:
             from . import bench_llamacpp
 
             # GPT-2 small, batch 1: gpt2kit int8 vs q8_0 (with transformers fp32 beside), bf16 vs f16, fp32 vs f32.
-            print("llama.cpp gpt2 q8_0,f16,f32 batch 1 prompt 32 ...", flush=True)
+            kinds = "q8_0,f16,f32" if bf16 else "q8_0,f32"  # f16 is timed beside gpt2kit's bf16
+            print(f"llama.cpp gpt2 {kinds} batch 1 prompt 32 ...", flush=True)
             with section("llama.cpp"):
-                for row in measure(rows, cpu, bench_llamacpp.run, "gpt2", "q8_0,f16,f32", prompt_len=32,
+                for row in measure(rows, cpu, bench_llamacpp.run, "gpt2", kinds, prompt_len=32,
                                    new_tokens=64, repeats=3):
                     row["section"] = "llama.cpp"
 

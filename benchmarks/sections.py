@@ -80,15 +80,16 @@ def memory_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 
     return 2 * src.numel() * 4 / best
 
 
-def hardware(device: torch.device) -> dict:
-    """Matmul peaks and memory bandwidth of `device`; a GPU needs larger matmuls to reach its peak. The float32
-    peak is the one training runs at: TF32 on a GPU, as the Trainer (and bench_train) set it. Decoding and
-    evaluation rows run in true float32."""
+def hardware(device: torch.device, bf16: bool = True) -> dict:
+    """Matmul peaks (bf16's only with `bf16`: emulated bf16 takes minutes to time) and memory bandwidth of
+    `device`; a GPU needs larger matmuls to reach its peak. The float32 peak is the one training runs at: TF32 on
+    a GPU, as the Trainer (and bench_train) set it. Decoding and evaluation rows run in true float32."""
     enable_tf32(device)
     size = 8192 if device.type == "cuda" else 2048
+    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if bf16 else {})}
     return {"section": "hardware", "device": device.type,
             **{f"{name}_flops": max(measure_matmul_peak(dtype, size=size, device=device) for _ in range(3))
-               for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))},
+               for name, dtype in dtypes.items()},
             "bandwidth": memory_bandwidth(device)}
 
 

@@ -2,6 +2,7 @@
 cross-entropy, the decode-step attention mask, bf16 inference against float32, and the benchmark table."""
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -141,6 +142,8 @@ def test_benchmark_table_rows_and_targets():
     # The bound is at this run's measured peak (4e11), not the row's own (2e11, gpt2kit's cached best), either way.
     assert train[6] == 2.0 and train[7] == pytest.approx(6000.0) and train[8] == pytest.approx(0.15)
     assert table(rows[2:], {**hw, "bf16_flops": 1e11})[0][7] == pytest.approx(1500.0)
+    # Without a measured bf16 peak (a CPU that only emulates bf16), a bf16 row's bound is at its own peak.
+    assert table(rows[2:], {"fp32_flops": 1e11, "bandwidth": 2e10})[0][7] == pytest.approx(3000.0)
     assert train_memory[5] == 1.5 and train_memory[6] == 1.0
     # The memory row needs both sides measured alone.
     assert [line[0] for line in table([{k: v for k, v in rows[2].items() if "mem" not in k}], hw)] == ["train"]
@@ -379,3 +382,37 @@ def test_the_allocator_restart_mark_is_not_inherited(monkeypatch):
     monkeypatch.setenv("GPT2KIT_ALLOCATOR_RESTARTED", "1")
     with pytest.raises(ValueError, match="--allocator jemalloc: the process was restarted"):
         allocator.restart_with_allocator("jemalloc", ["train"])
+
+
+def test_the_bench_leaves_out_bf16_rows_where_bf16_is_emulated(monkeypatch, tmp_path):
+    """Without bf16 instructions neither training nor decoding plans a bf16 row, every other row stays, and the
+    run says why; --emulated-bf16 keeps them."""
+    import benchmarks.__main__ as bench
+    import gpt2kit.cpu_matmul as cpu_matmul
+
+    for full, gpu in ((False, False), (True, False), (True, True)):
+        with_bf16 = bench.train_cases(full, gpu, True), bench.decode_cases(full, gpu, True)
+        without = bench.train_cases(full, gpu, False), bench.decode_cases(full, gpu, False)
+        assert any(case[3] == "bf16" for case in with_bf16[0])
+        assert [case for case in with_bf16[0] if case[3] != "bf16"] == without[0]
+        assert not any("bf16" in case[2] for case in without[1])
+        kept = [(shape, prompt, ",".join(d for d in dtypes.split(",") if "bf16" not in d), *rest)
+                for shape, prompt, dtypes, *rest in with_bf16[1]]
+        assert [case for case in kept if case[2]] == without[1]
+    assert ("gpt2", 512, "bf16", "1,8", None) in bench.decode_cases(True, True, True)
+    assert all(case[2] != "" for case in bench.decode_cases(True, True, False))
+
+    # A run on such a CPU: what it would measure (nothing is measured here) and the note it leaves.
+    monkeypatch.setattr(cpu_matmul, "onednn_supports", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(bench, "print_report", lambda *args: None)
+    for argv, emulated in (([], False), (["--emulated-bf16"], True)):
+        calls, saved = [], tmp_path / f"{emulated}.json"
+        monkeypatch.setattr(bench, "measure", lambda rows, where, fn, *args, **kw: calls.append(args) or (
+            {"fp32_flops": 1e11, "bandwidth": 1e10} if fn is bench.hardware else []))
+        bench.main(["--only", "hardware,train,decode", "--device", "cpu", "--json", str(saved), *argv])
+        assert calls[0] == (torch.device("cpu"), emulated)  # the hardware section times bf16 products or not
+        saved_rows = json.loads(saved.read_text())["rows"]
+        assert not [r for r in saved_rows if "failed" in r.get("skipped", "")]
+        assert any("bf16" in str(args) for args in calls[1:]) == emulated
+        notes = [r["skipped"] for r in saved_rows if r["section"] == "bf16 rows"]
+        assert len(notes) == (not emulated) and all("--emulated-bf16" in note for note in notes)
