@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2kit import GPT2LMHeadModel
+from gpt2kit import GPT2LMHeadModel, quantization
 from gpt2kit.cpu_matmul import onednn_supports
 from gpt2kit.generation import generate
 from gpt2kit.pipeline import TextGenerationPipeline, load_model_and_tokenizer
@@ -40,6 +40,22 @@ def test_int8_linear_computes_with_its_dequantized_weight(rows, in_features, dty
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
     # Three dimensions (batch, tokens, features) as in the model.
     torch.testing.assert_close(layer(x.view(1, rows, in_features)), out.view(1, rows, 80), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("product_dtype", [torch.bfloat16, torch.float32])
+def test_int8_linear_of_longer_inputs_in_either_product_dtype(monkeypatch, product_dtype):
+    """Above the kernel's rows the product runs in bf16 on a CPU with bf16 instructions and in float32 on one
+    without (where bf16 is emulated): the inputs are rounded to bf16 in both, the float32 product rounds
+    nothing else."""
+    monkeypatch.setattr(quantization, "_LONG_INPUT_DTYPE", product_dtype)
+    linear = torch.nn.Linear(96, 80)
+    layer = Int8Linear(linear.weight, linear.bias)
+    x = torch.randn(2, 20, 96)
+    expected = F.linear(x.bfloat16().double(), layer.dequantized().double(), layer.bias.double())
+    out = layer(x)
+    assert out.dtype == torch.float32
+    tolerance = 2e-2 if product_dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_int8_weights_are_within_half_a_step_of_the_originals():

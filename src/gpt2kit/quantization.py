@@ -10,11 +10,12 @@ bandwidth on the benchmark CPU, oneDNN on a packed weight near all of it (GPT-2 
 becomes the first projection's oneDNN post-op.
 
 `quantize_int8` stores each projection and the LM head as int8 with one scale per output row (symmetric, round
-to nearest); the matrix products run in bf16 on those weights, everything else (embeddings, LayerNorms,
+to nearest); the matrix products take bf16 inputs on those weights, everything else (embeddings, LayerNorms,
 biases, the residual stream, attention and the KV cache) keeps the model's dtype. The difference from float32
 is the rounding of the weights (at most half a step of the stored bf16 scale, about |w|max/254 of the row), of
-the products' inputs to bf16 and of the products to bf16 (both the fused kernel and the bf16 matmul of longer
-inputs return bf16); tests bound it.
+the products' inputs to bf16 and of the products to bf16 (the fused kernel returns bf16; so does the bf16 matmul
+of longer inputs, which multiplies in float32 instead on a CPU without bf16 instructions, where bf16 products
+are emulated and several times slower); tests bound it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from .model import MLP, is_plain
 # the product is compute-bound and one bf16 matmul on the converted weights is faster (2x at 32 rows).
 _INT8_KERNEL_MAX_ROWS = 16
 _COMPUTE_DTYPE = torch.bfloat16  # what the int8 kernel multiplies in (its scales and inputs share this dtype)
+# What the matmul of longer inputs multiplies in: float32 where the CPU would emulate bf16 (6x faster for a
+# 256-token prefill on an AVX2 CPU), its inputs still rounded to bf16 as the kernel's are.
+_LONG_INPUT_DTYPE = _COMPUTE_DTYPE if onednn_supports(_COMPUTE_DTYPE) else torch.float32
 # The CPU kernel reads the input features in blocks of 16: other widths give wrong sums or crash (torch 2.13).
 _INT8_KERNEL_IN_MULTIPLE = 16
 
@@ -79,7 +83,7 @@ class Int8Linear(InferenceLinear):
             return (y if self.bias is None else torch.add(self.bias, y)).to(x.dtype)
         # The scale is per output row, so it can multiply the product instead of the weight: int8 values are
         # exact in bf16, the conversion is one cheap pass, and q * scale is never rounded to bf16.
-        y = F.linear(x.to(_COMPUTE_DTYPE), self.weight.to(_COMPUTE_DTYPE))
+        y = F.linear(x.to(_COMPUTE_DTYPE).to(_LONG_INPUT_DTYPE), self.weight.to(_LONG_INPUT_DTYPE))
         if self.bias is None:
             # Scaled in float32: inductor rewrites a bf16 `y * scale` into the int8 kernel above, even for the
             # widths it crashes on.
