@@ -67,6 +67,8 @@ def test_tensors_have_llama_cpp_names_shapes_and_the_weights(gpt2_vocab_model, t
     fields, tensors = read(export_gguf(model, tmp_path / "m.gguf", dtype=dtype))
     assert fields["general.architecture"] == "gpt2"
     assert fields["general.file_type"] == {"f32": 0, "f16": 1, "q8_0": 7}[dtype]
+    # The GGUF spec: present whenever a tensor is quantized.
+    assert fields.get("general.quantization_version") == (gguf.GGML_QUANT_VERSION if dtype == "q8_0" else None)
     assert {k: fields[f"gpt2.{k}"] for k in ("context_length", "embedding_length", "block_count",
                                              "feed_forward_length", "attention.head_count")} == {
         "context_length": 64, "embedding_length": 64, "block_count": 2, "feed_forward_length": 256,
@@ -80,7 +82,7 @@ def test_tensors_have_llama_cpp_names_shapes_and_the_weights(gpt2_vocab_model, t
             continue
         weight = param.numpy()
         tensor = tensors[gguf_tensor_name(name)]
-        if weight.ndim == 1 or dtype == "f32" or (dtype == "q8_0" and name == "transformer.wpe.weight"):
+        if weight.ndim == 1 or dtype == "f32" or name == "transformer.wpe.weight":  # as llama.cpp's converter
             assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
             np.testing.assert_array_equal(np.asarray(tensor.data).reshape(weight.shape), weight)
         elif dtype == "f16":
@@ -221,6 +223,25 @@ def test_an_export_never_replaces_the_models_own_files(tmp_path):
     classifier = GPT2ForSequenceClassification(GPT2Config(**CONFIG))
     with pytest.raises(TypeError, match="only a GPT2LMHeadModel .* got GPT2ForSequenceClassification"):
         export_gguf(classifier, tmp_path / "c.gguf")
+
+
+def test_an_export_of_lora_adapters_replaces_neither_them_nor_their_base(tmp_path):
+    peft = pytest.importorskip("peft")
+    from gpt2kit.training.lora import apply_lora, save_adapter
+
+    base = tmp_path / "base"
+    GPT2LMHeadModel(GPT2Config(**CONFIG)).save_pretrained(base)
+    model = apply_lora(GPT2LMHeadModel.from_pretrained(base), peft.LoraConfig(r=2, target_modules=["c_attn"],
+                                                                               base_model_name_or_path=str(base)))
+    save_adapter(model, tmp_path / "run")
+    for output in (tmp_path / "run" / "adapter_model.safetensors", tmp_path / "run" / "model_config.json",
+                   base / "model.safetensors", base / "config.json"):
+        before = output.read_bytes()
+        with pytest.raises(ValueError, match="would replace a file of the model being exported"):
+            export_gguf(tmp_path / "run", output, overwrite=True)
+        assert output.read_bytes() == before
+    _, tensors = read(export_gguf(tmp_path / "run", tmp_path / "run" / "model.gguf", dtype="f32"))
+    assert len(tensors) == 4 + 12 * 2
 
 
 def test_an_output_that_is_a_model_file_is_refused_before_exists(tmp_path, capsys):

@@ -7,8 +7,8 @@ recovered from the tokenizer's ranks (each token's bytes merged with the lower-r
 left), which reproduces GPT-2's `vocab.bpe` exactly and works the same for a vocabulary trained with
 `gpt2kit tokenizer train` or for cl100k_base. Written with the `gguf` package (llama.cpp's own writer): f32, f16
 (matrices in f16, norms and biases in f32 as llama.cpp requires) or q8_0 (matrices in llama.cpp's 8-bit blocks of
-32; the position embedding kept in f32 as llama.cpp's quantizer does, and a matrix whose rows are not whole blocks
-in f16).
+32, a matrix whose rows are not whole blocks in f16); the position embedding stays f32 in every type, as
+llama.cpp's converter keeps it.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .checkpoint import is_model_file, resolve_model_dir
+from .checkpoint import is_adapter_dir, is_saved_model_file, resolve_model_dir
 from .files import atomic_file, check_output_file
 from .model import GPT2LMHeadModel
 from .pipeline import load_model_and_tokenizer
 from .quantization import is_inference_only
-from .tokenizer import (CL100K_PATTERN, GPT2_PATTERN, GPT2Tokenizer, is_tokenizer_file, portable_pattern,
-                        token_string)
+from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, GPT2Tokenizer, portable_pattern, token_string
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 F16_MAX = 65504.0  # the largest finite float16
@@ -113,11 +112,15 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
     # What --overwrite would not help with is said before "exists; pass --overwrite".
     output = check_output_file(output)  # a directory, or a path below a file, is never worth --overwrite
     if isinstance(model, (str, os.PathLike)):
-        source_dir = resolve_model_dir(model).resolve()
+        sources = {resolve_model_dir(model).resolve()}
+        if is_adapter_dir(next(iter(sources))):  # LoRA adapters: their base model's files are read too
+            from .training.lora import adapter_base
+
+            sources.add(adapter_base(next(iter(sources)))[1].resolve())
         # The directory holding the output's name, not the file it may link to (an HF cache snapshot's blobs).
-        if (Path(os.path.abspath(output)).parent.resolve() == source_dir
-                and (is_model_file(output.name) or is_tokenizer_file(output.name))):
-            raise ValueError(f"{output}: would replace a file of the model being exported ({source_dir}); "
+        folder = Path(os.path.abspath(output)).parent.resolve()
+        if folder in sources and is_saved_model_file(output.name):
+            raise ValueError(f"{output}: would replace a file of the model being exported ({folder}); "
                              "name the GGUF file otherwise (e.g. model.gguf)")
     elif hasattr(model, "peft_config"):  # LoRA layers keep base_layer.weight and the update apart: no GGUF tensors
         raise ValueError("GGUF export needs a model without LoRA layers: merge the LoRA adapters first "
@@ -148,6 +151,8 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         writer.add_head_count(config.n_head)
         writer.add_layer_norm_eps(config.layer_norm_epsilon)
         writer.add_file_type(file_type)
+        if dtype == "q8_0":  # the GGUF spec requires it of any file with quantized tensors
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre_tokenizer)
         writer.add_token_list(tokens)
@@ -166,8 +171,8 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
         for name, tensor in tqdm(state.items(), desc=f"export gguf {dtype}", unit="tensor"):
             target = gguf_tensor_name(name)
             data = tensor.detach().float().cpu().numpy()  # no copy of a float32 CPU weight: written before return
-            # Norms and biases stay f32 (llama.cpp adds them in f32); so does q8_0's position embedding.
-            if data.ndim == 1 or dtype == "f32" or (dtype == "q8_0" and target.startswith("position_embd")):
+            # Norms and biases stay f32 (llama.cpp adds them in f32); so does the position embedding.
+            if data.ndim == 1 or dtype == "f32" or target.startswith("position_embd"):
                 writer.add_tensor(target, data)
             elif dtype == "q8_0" and data.shape[1] % Q8_0_BLOCK == 0:
                 qtype = gguf.GGMLQuantizationType.Q8_0

@@ -138,7 +138,7 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None
                          f"unexpected {result.unexpected_keys[:4]}")
 
 
-def _adapter_base(adapter_dir: Path, base_model: str | os.PathLike | None):
+def adapter_base(adapter_dir: Path, base_model: str | os.PathLike | None = None):
     """The adapter's peft config and its base model's directory: `base_model`, else the one the config records."""
     from ..checkpoint import CheckpointError, resolve_model_dir
 
@@ -168,7 +168,7 @@ def load_merged(adapter_dir: str | os.PathLike, *, base_model: str | os.PathLike
     from ..model import GPT2LMHeadModel
 
     adapter_dir = Path(adapter_dir)
-    config, base_dir = _adapter_base(adapter_dir, base_model)
+    config, base_dir = adapter_base(adapter_dir, base_model)
     trained = (GPT2Config.from_json_file(adapter_dir / ADAPTED_CONFIG_NAME)
                if (adapter_dir / ADAPTED_CONFIG_NAME).exists() else None)
     # The run's model.config overrides (a LayerNorm epsilon, dropout, ...) are in it; labels go to the classifier
@@ -225,7 +225,7 @@ def merge_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     from ..tokenizer import GPT2Tokenizer, has_tokenizer_files
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    _, base_dir = _adapter_base(adapter_dir, base_model)
+    _, base_dir = adapter_base(adapter_dir, base_model)
     if output_dir.resolve() in (adapter_dir.resolve(), base_dir.resolve()):
         raise ValueError(f"{output_dir}: the output must be another directory than the adapter's and the base's")
     check_output_directory(output_dir, overwrite=overwrite)
