@@ -64,6 +64,13 @@ def test_generation_config_json_gives_the_models_generation_defaults(tmp_path, h
     assert torch.equal(ours.generate(prompt), expected) and expected.shape[1] < free.shape[1]
     ours.save_pretrained(tmp_path / "ours")
     assert GPT2LMHeadModel.from_pretrained(tmp_path / "ours").generation_config == ours.generation_config
+    # transformers loads a file with both lengths (max_new_tokens wins) or a minimum above the default maximum.
+    (tmp_path / "ours" / "generation_config.json").write_text(
+        '{"max_length": 50, "max_new_tokens": 3, "min_new_tokens": 30, "eos_token_id": 299}')
+    both = GPT2LMHeadModel.from_pretrained(tmp_path / "ours")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    assert torch.equal(both.generate(prompt), theirs.generate(prompt, do_sample=False))
+    assert both.generate(prompt).shape[1] == prompt.shape[1] + 3
     (tmp_path / "ours" / "generation_config.json").write_text('{"top_p": 7}')
     with pytest.raises(CheckpointError, match=r"generation_config.json: top_p must be in \(0, 1\]"):
         GPT2LMHeadModel.from_pretrained(tmp_path / "ours")

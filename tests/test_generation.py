@@ -401,7 +401,7 @@ def test_num_return_sequences_repeats_each_prompt(hf_pair):
     (dict(num_return_sequences=2), "needs do_sample=True"),
     (dict(top_p=0.0), "top_p"),
     (dict(temperature=-1.0), "temperature"),
-    (dict(min_new_tokens=30, max_new_tokens=10), "min_new_tokens"),
+    (dict(min_new_tokens=-1), "min_new_tokens must be an integer >= 0"),
     (dict(nucleus=0.9), "unknown generation option"),
     (dict(stop=["x"]), "need the tokenizer"),
     (dict(seed=1, generator=torch.Generator()), "either seed or generator"),
@@ -638,6 +638,9 @@ def test_max_length_caps_min_new_tokens_and_finished_rows_padding_is_never_decod
     length = ids.shape[1] + 5
     assert torch.equal(ours.generate(ids, max_length=length, min_new_tokens=10),
                        theirs.generate(ids, max_length=length, min_new_tokens=10, do_sample=False))
+    # So does max_new_tokens below min_new_tokens (a model's generation_config.json may set the minimum alone).
+    assert torch.equal(ours.generate(ids, max_new_tokens=5, min_new_tokens=10),
+                       theirs.generate(ids, max_new_tokens=5, min_new_tokens=10, do_sample=False))
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=50304)).eval()
     tokenizer = GPT2Tokenizer.gpt2()

@@ -107,8 +107,11 @@ def test_a_conversation_ending_with_the_assistant_continues_its_message(pipe):
     assert pipe(conversation, max_new_tokens=6, return_full_text=False) == [{"generated_text": continued}]
     fresh = pipe(conversation, max_new_tokens=6, continue_final_message=False)[0]["generated_text"]
     assert fresh[:2] == conversation and fresh[2]["role"] == "assistant"
-    with pytest.raises(ValueError, match="continue_final_message needs it to end with an assistant message"):
-        pipe(conversation[:1], continue_final_message=True)
+    # A user's message continues as well and keeps its role, as in transformers (it was an error).
+    asked = [{"role": "user", "content": "Tell me about"}]
+    more = pipe("User: Tell me about", max_new_tokens=6, stop=["\nUser:"], return_full_text=False)[0]["generated_text"]
+    assert pipe(asked, max_new_tokens=6, continue_final_message=True) == [
+        {"generated_text": [{"role": "user", "content": "Tell me about" + more}]}]
     with pytest.raises(ValueError, match="continue_final_message is for chat input"):
         pipe("Jack", continue_final_message=True)
 
@@ -250,6 +253,39 @@ def test_random_init_preset_is_deterministic():
 def test_generate_command_streams_the_pipeline_text(pipe, model_dir, capsys):
     assert main(["generate", "--model", str(model_dir), "--prompt", PROMPTS[1], "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out == pipe(PROMPTS[1], max_new_tokens=12)[0]["generated_text"] + "\n"
+
+
+def test_generate_command_follows_the_models_generation_config(model_dir, tmp_path, capsys):
+    """Beams or several sequences set in generation_config.json cannot stream: the command prints the pipeline's
+    texts, as with --num-beams (it failed with "does not stream")."""
+    import json
+    import shutil
+
+    for settings, texts in (({"num_beams": 3}, 1), ({"do_sample": True, "num_return_sequences": 2}, 2)):
+        own = shutil.copytree(model_dir, tmp_path / str(texts))
+        (own / "generation_config.json").write_text(json.dumps({**settings, "max_new_tokens": 6}))
+        assert main(["generate", "--model", str(own), "--prompt", PROMPTS[1], "--seed", "1"]) == 0
+        expected = pipeline("text_generation", model=str(own))(PROMPTS[1], seed=1)
+        assert len(expected) == texts
+        printed = capsys.readouterr().out
+        assert all(e["generated_text"] in printed for e in expected)
+
+
+def test_chat_starts_from_the_models_generation_config(model_dir, tmp_path):
+    """The model's file over chat's defaults, as the docs say (chat's sampling defaults used to win); beams and
+    several sequences, which a streamed reply cannot follow, are left out with a warning."""
+    import json
+    import shutil
+
+    own = shutil.copytree(model_dir, tmp_path / "own")
+    (own / "generation_config.json").write_text(json.dumps(
+        {"do_sample": False, "top_k": 5, "max_new_tokens": 12, "num_beams": 4, "max_length": 30}))
+    with pytest.warns(UserWarning, match="sets num_beams; chat streams one reply at a time"):
+        out = chat_in_process(own, "Hi\n/set\n")
+        assert "top_k = 9," in chat_in_process(own, "/set\n", top_k=9)  # a flag still wins
+    assert "do_sample = False" in out and "top_k = 5," in out and "max_new_tokens = 12," in out
+    greedy = chat_in_process(model_dir, "Hi\n", do_sample=False, max_new_tokens=12)
+    assert out.split("\n")[0] == greedy.split("\n")[0]  # the file's greedy decoding, not chat's sampling
 
 
 def test_generate_command_reads_the_prompt_from_stdin(pipe, model_dir, capsys, monkeypatch):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import torch
 
-from .generation import GenerationConfig, default_config, model_placement, parse_logit_bias, stream_generate
+from .generation import GenerationConfig, model_placement, parse_logit_bias, stream_generate
 from .model import GPT2LMHeadModel
 from .pipeline import load_assistant, load_model_and_tokenizer, text_options
 from .tokenizer import GPT2Tokenizer
@@ -150,10 +151,20 @@ def chat(model: str | os.PathLike | GPT2LMHeadModel, *, tokenizer: str | os.Path
                                        random_init=random_init, quantize=quantize,
                                        pack_weights=pack_weights)
     assistant = load_assistant(assistant_model, lm, tok, random_init=random_init)
+    # The model's generation_config.json over chat's defaults, as in transformers, except what a chat cannot
+    # follow: it streams one reply at a time, bounded by max_new_tokens.
+    own = dict(getattr(lm, "generation_config", None) or {})
+    own.pop("max_length", None)
+    for name in ("num_beams", "num_return_sequences"):
+        if own.pop(name, 1) != 1:
+            warnings.warn(f"the model's generation_config.json sets {name}; chat streams one reply at a time and "
+                          f"leaves it out", stacklevel=2)
     # A small model's context (the demo's is 128) keeps half of it for the conversation.
-    reply_tokens = min(CHAT_DEFAULTS["max_new_tokens"], shared_context(lm, assistant) // 2)
-    options = text_options(tok, lm.config.vocab_size, {**CHAT_DEFAULTS, "max_new_tokens": reply_tokens, **options})
-    session = ChatSession(lm, tok, default_config(lm).replace(**options), assistant_model=assistant)
+    reply_tokens = min(own.pop("max_new_tokens", CHAT_DEFAULTS["max_new_tokens"]),
+                       shared_context(lm, assistant) // 2)
+    options = text_options(tok, lm.config.vocab_size,
+                           {**CHAT_DEFAULTS, **own, "max_new_tokens": reply_tokens, **options})
+    session = ChatSession(lm, tok, GenerationConfig().replace(**options), assistant_model=assistant)
     interactive = stdin.isatty() and stdin is sys.stdin
     if interactive:
         print(f"chatting with {model} ({HELP})", file=stdout)

@@ -526,7 +526,8 @@ def write_generation_config(directory: Path, settings: dict[str, Any] | None) ->
 def read_generation_config(model_dir: Path) -> dict[str, Any]:
     """generation_config.json's settings that gpt2kit's GenerationConfig knows (transformers' file of a model's
     generation defaults: EOS ids, sampling settings, lengths); {} without the file. Other keys (transformers'
-    own bookkeeping, options gpt2kit lacks) are left out; a value gpt2kit refuses is an error naming the file."""
+    own bookkeeping, options gpt2kit lacks) are left out; a value gpt2kit refuses is an error naming the file. A
+    file giving both lengths keeps max_new_tokens, which transformers lets win over max_length."""
     from .generation import GenerationConfig
 
     path = model_dir / GENERATION_CONFIG_NAME
@@ -537,6 +538,8 @@ def read_generation_config(model_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: expected a JSON object of generation settings")
     known = {f.name for f in dataclasses.fields(GenerationConfig)} - {"seed", "compile", "stop"}
     settings = {k: v for k, v in values.items() if k in known and v is not None}
+    if "max_new_tokens" in settings:
+        settings.pop("max_length", None)
     try:
         GenerationConfig().replace(**settings)
     except ValueError as err:

@@ -301,8 +301,8 @@ class GenerationConfig:
         checks = [
             (self.max_new_tokens >= 0, "max_new_tokens must be an integer >= 0"),
             (self.max_length is None or self.max_length >= 1, "max_length must be an integer >= 1"),
-            (0 <= self.min_new_tokens and (self.max_length is not None or self.min_new_tokens <= self.max_new_tokens),
-             f"min_new_tokens must be an integer between 0 and max_new_tokens ({self.max_new_tokens})"),
+            # Above the maximum it only keeps EOS away to the end, as in transformers (a model's file may set it).
+            (0 <= self.min_new_tokens, "min_new_tokens must be an integer >= 0"),
             (0 <= self.temperature < math.inf, "temperature must be a finite number >= 0 (0 means greedy)"),
             (self.top_k is None or (integer(self.top_k) and self.top_k >= 0), "top_k must be an integer >= 0"),
             (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),

@@ -257,7 +257,8 @@ class TextGenerationPipeline:
         """Chat input, as transformers' pipeline takes it: the reply continues the conversation's transcript
         (gpt2kit.conversation). With return_full_text, generated_text is the conversation plus the assistant's
         message; without, the reply's text. A conversation ending with an assistant message has that message
-        continued (continue_final_message, by default whether the last message is the assistant's)."""
+        continued (continue_final_message, by default whether the last message is the assistant's; a user's message
+        continues too, keeping its role, as in transformers)."""
         single = isinstance(conversations[0], dict)
         batch = [conversations] if single else list(conversations)
         chat_format = self.tokenizer.chat_format()
@@ -270,9 +271,6 @@ class TextGenerationPipeline:
             except ValueError as err:
                 raise ValueError(f"conversation {c}, {err}") from None
             last_is_reply = turns[-1][0] == "assistant"
-            if continue_final_message and not last_is_reply:
-                raise ValueError(f"conversation {c}: continue_final_message needs it to end with an assistant "
-                                 "message")
             continued.append(last_is_reply if continue_final_message is None else continue_final_message)
             # A continued message ends the text where it ends: no newline, no new "Assistant:".
             try:
@@ -304,8 +302,10 @@ class TextGenerationPipeline:
                     outputs[i] = replies
         results = []
         for conversation, replies, extends in zip(batch, outputs, continued, strict=True):
-            head, last = (conversation[:-1], conversation[-1]["content"]) if extends else (conversation, "")
-            results.append([{"generated_text": [*head, {"role": "assistant", "content": last + reply}]
+            # A continued message keeps its role (a user's too, as in transformers).
+            head, role, last = ((conversation[:-1], conversation[-1]["role"], conversation[-1]["content"]) if extends
+                                else (conversation, "assistant", ""))
+            results.append([{"generated_text": [*head, {"role": role, "content": last + reply}]
                              if return_full_text else reply} for reply in replies])
         return results[0] if single else results
 
@@ -416,7 +416,8 @@ def generate_text(model: str | os.PathLike, prompt: str, *, tokenizer: str | os.
     pipe = pipeline("text_generation", model, tokenizer=tokenizer, dtype=dtype, device=device,
                     random_init=random_init, backend=backend, quantize=quantize, pack_weights=pack_weights,
                     assistant_model=assistant_model)
-    if stream_to is None or options.get("num_return_sequences", 1) != 1 or options.get("num_beams", 1) > 1:
+    config = pipe._config(options)  # the call's options over the model's generation_config.json
+    if stream_to is None or config.num_return_sequences != 1 or config.num_beams > 1:
         texts = [r["generated_text"] for r in pipe(prompt, return_full_text=return_full_text, **options)]
         if stream_to is not None and len(texts) == 1:  # beam search: the text is known only at the end
             stream_to.write(texts[0])
