@@ -16,7 +16,7 @@ demo: install
 
 # Two workers, each test file on one of them (its module fixtures, a server or a trained model, made once).
 test: install-dev
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 bench: install-dev
 	$(PYTHON) -m benchmarks

@@ -19,6 +19,18 @@ DATA = REPO / "examples" / "data"
 os.environ[AUTOTUNE_ENV] = "0"
 
 
+# The files that take minutes (several processes training, compiling), longest first: `make test` runs whole files
+# on two workers in collection order (--dist loadfile --no-loadscope-reorder), and these started last would leave
+# one worker running them alone at the end.
+LONGEST_FIRST = ("test_parallel_cli.py", "test_train.py", "test_gguf.py", "test_compiled_decode.py",
+                 "test_parallel.py", "test_speculative.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture
 def autotuned(monkeypatch):
     """Compile the decode step with autotuning, as users do by default."""
