@@ -902,9 +902,9 @@ def _compile_options(model: GPT2LMHeadModel, device_type: str) -> list[contextli
     step (`freezing`), which lets inductor pre-pack them once and benchmark its own CPU matrix kernels against
     the library ones (`max_autotune`). GPT-2 small, batch 1, on the benchmark CPU: int8 51 -> 129 tokens/s,
     float32 22 -> 55 (either setting alone: about 10 %). The price: a second copy of the weights, about a
-    minute of compiling for GPT-2 small (GPT2KIT_COMPILE_AUTOTUNE=0 halves it, without the autotuning), and weights changed in place after compiling would not be seen, so
-    such a change (an optimizer step, load_state_dict, an edit through .data) is detected here and drops the
-    compiled code."""
+    minute of compiling for GPT-2 small (GPT2KIT_COMPILE_AUTOTUNE=0 halves it, without the autotuning), and
+    weights changed in place after compiling would not be seen, so such a change (an optimizer step,
+    load_state_dict, an edit through .data) is detected here and drops the compiled code."""
     global _compiled_models_added
     if len(_compiled_models) < _compiled_models_added:
         _drop_compiled_code()  # a deleted model's steps; the live models' steps compile again when next used
