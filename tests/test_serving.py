@@ -494,6 +494,8 @@ BAD_CHAT = {
     "too many top_logprobs": (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
     "logit_bias beyond the vocabulary": (dict(logit_bias={"512": 1}), "logit_bias"),
     "tools": (dict(tools=[]), "tools"),
+    "no reply tokens": (dict(max_tokens=None, max_completion_tokens=0), "max_completion_tokens"),  # as OpenAI
+    "no reply tokens by the older name": (dict(max_tokens=0), "max_tokens"),
 }
 
 
@@ -506,8 +508,8 @@ def test_bad_chat_requests_get_openai_errors(server, name):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
-    assert "prompt" not in error["message"] and "max_tokens" not in error["message"].replace(
-        "max_tokens, not both", "")  # the client's names, not the completion's they are turned into
+    assert "prompt" not in error["message"] and (param == "max_tokens" or "max_tokens" not in error["message"].replace(
+        "max_tokens, not both", ""))  # the client's names, not the completion's they are turned into
 
 
 def test_chat_reply_may_fill_the_context_by_default(client, server):

@@ -193,7 +193,9 @@ class ChatCompletionRequest(SamplingRequest):
     string."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None  # OpenAI's newer name for max_tokens
+    # A reply of at least one token, as OpenAI requires (0 is for scoring a completion's echoed prompt).
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
