@@ -50,6 +50,7 @@ def test_a_nanogpt_checkpoint_converts_to_the_same_network(tmp_path, bias):
         torch.testing.assert_close(theirs(ids).logits, expected, rtol=1e-4, atol=1e-4)
     assert ours.config.n_positions == 32 and ours.config.tie_word_embeddings
     assert ours.config.activation_function == "gelu" and theirs.config.activation_function == "gelu"
+    assert ours.config.eos_token_id == ours.config.bos_token_id == 50256  # GPT-2's end of text
     assert GPT2Tokenizer.from_file(tmp_path / "hf").vocab_size == 50257  # GPT-2's vocabulary comes along
 
 
@@ -57,8 +58,15 @@ def test_a_larger_vocabulary_than_gpt2s_gets_no_gpt2_tokenizer(tmp_path):
     """A nanoGPT run on another tokenizer's ids (cl100k_base's, padded to 100352) must not get GPT-2's files."""
     nanogpt_checkpoint(tmp_path / "ckpt.pt", vocab_size=100352)
     assert main(["convert", "--from-nanogpt", str(tmp_path), "--output", str(tmp_path / "hf")]) == 0
-    assert GPT2LMHeadModel.from_pretrained(tmp_path / "hf").config.vocab_size == 100352
+    config = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").config
+    assert config.vocab_size == 100352
     assert not any((tmp_path / "hf" / name).exists() for name in ("tokenizer.json", "vocab.json", "merges.txt"))
+    # GPT-2's end-of-text id is another token there (and past a character-level vocabulary): no BOS or EOS id.
+    assert config.eos_token_id is None and config.bos_token_id is None
+    nanogpt_checkpoint(tmp_path / "chars.pt", vocab_size=65)
+    assert main(["convert", "--from-nanogpt", str(tmp_path / "chars.pt"), "--output", str(tmp_path / "chars")]) == 0
+    chars = GPT2LMHeadModel.from_pretrained(tmp_path / "chars")
+    assert chars.config.eos_token_id is None and chars.generate(torch.tensor([[1, 2]]), max_new_tokens=3).shape == (1, 5)
 
 
 def test_bad_nanogpt_checkpoints_are_one_clear_error(tmp_path, capsys):

@@ -48,8 +48,8 @@ class GPT2Config:
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
     reorder_and_upcast_attn: bool = False
-    bos_token_id: int = 50256
-    eos_token_id: int = 50256
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
     # Sequence classification head.

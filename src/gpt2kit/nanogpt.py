@@ -5,7 +5,8 @@ prefix, tied LM head) and exact GELU (`nn.GELU()`, transformers' "gelu"); its `m
 the weights are read, with `weights_only=True` (the file is a pickle: nothing in it may run code). A model trained
 without biases (`bias=False`) gets zero biases, which compute the same function. A character-level vocabulary
 (nanoGPT's data/*/meta.pkl, another pickle) is not read: pass such a model its tokenizer yourself; a model of
-GPT-2's vocabulary (50257 ids, or nanoGPT's 50304 padding) gets the bundled GPT-2 tokenizer files.
+GPT-2's vocabulary (50257 ids, or nanoGPT's 50304 padding) gets the bundled GPT-2 tokenizer files and GPT-2's
+end-of-text id; any other vocabulary gets no BOS or EOS id (its tokenizer's are not known here).
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ def read_nanogpt(path: str | os.PathLike) -> GPT2LMHeadModel:
     if missing:
         raise CheckpointError(f"{path}: model_args lacks {', '.join(missing)}")
     dropout = float(args.get("dropout", 0.0))
+    # GPT-2's end-of-text id for GPT-2's vocabulary; another (65 characters, cl100k's ids) is not known here.
+    eos = GPT2Config.eos_token_id if is_gpt2_vocabulary(args["vocab_size"]) else None
     try:
         config = GPT2Config(n_layer=args["n_layer"], n_head=args["n_head"], n_embd=args["n_embd"],
                             n_positions=args["block_size"], vocab_size=args["vocab_size"], resid_pdrop=dropout,
-                            embd_pdrop=dropout, attn_pdrop=dropout, activation_function="gelu")  # nn.GELU()
+                            embd_pdrop=dropout, attn_pdrop=dropout, activation_function="gelu",  # nn.GELU()
+                            bos_token_id=eos, eos_token_id=eos)
     except ValueError as err:
         raise CheckpointError(f"{path}: model_args: {err}") from None
     state = {key.removeprefix(_COMPILED_PREFIX): tensor for key, tensor in checkpoint["model"].items()}
@@ -82,12 +86,17 @@ def read_nanogpt(path: str | os.PathLike) -> GPT2LMHeadModel:
     return model.eval()
 
 
+def is_gpt2_vocabulary(vocab_size: int) -> bool:
+    """Whether a nanoGPT model of `vocab_size` ids was trained on GPT-2's tokens (50257, or padded up to 50304);
+    a smaller or larger vocabulary is another tokenizer's (characters, cl100k_base)."""
+    return GPT2Config.vocab_size <= vocab_size <= NANOGPT_PADDED_VOCAB
+
+
 def nanogpt_to_pretrained(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
                           max_shard_size: int | str | None = None) -> Path:
     """`gpt2kit convert --from-nanogpt out/ckpt.pt --output DIR`: the checkpoint's model as an HF-format
     directory that gpt2kit, transformers and llama.cpp's converter load; GPT-2's tokenizer files come along for
     a model of GPT-2's vocabulary."""
     model, gpt2 = read_nanogpt(checkpoint), GPT2Tokenizer.gpt2()
-    # A larger vocabulary than nanoGPT's padded GPT-2 one is another tokenizer's: none is written.
-    tokenizer = gpt2 if gpt2.vocab_size <= model.config.vocab_size <= NANOGPT_PADDED_VOCAB else None
+    tokenizer = gpt2 if is_gpt2_vocabulary(model.config.vocab_size) else None
     return save_pretrained(model, output, max_shard_size=max_shard_size, tokenizer=tokenizer)
