@@ -66,7 +66,8 @@ def test_a_larger_vocabulary_than_gpt2s_gets_no_gpt2_tokenizer(tmp_path):
     nanogpt_checkpoint(tmp_path / "chars.pt", vocab_size=65)
     assert main(["convert", "--from-nanogpt", str(tmp_path / "chars.pt"), "--output", str(tmp_path / "chars")]) == 0
     chars = GPT2LMHeadModel.from_pretrained(tmp_path / "chars")
-    assert chars.config.eos_token_id is None and chars.generate(torch.tensor([[1, 2]]), max_new_tokens=3).shape == (1, 5)
+    assert chars.config.eos_token_id is None
+    assert chars.generate(torch.tensor([[1, 2]]), max_new_tokens=3).shape == (1, 5)
 
 
 def test_bad_nanogpt_checkpoints_are_one_clear_error(tmp_path, capsys):
