@@ -741,6 +741,14 @@ def test_post_bodies_must_be_declared_json(server, path):
     for content_type in ("application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8"):
         response = httpx.post(url, content=body, headers={"Content-Type": content_type}, timeout=60)
         assert response.status_code == 200, (content_type, response.text)
+    # The body is UTF-8 JSON: another declared charset is refused, not read as UTF-8 (it was: "é" in Latin-1 gave
+    # "not valid JSON"), and UTF-16 or a byte-order mark, which json.loads would guess, is not JSON here.
+    response = httpx.post(url, content=body.encode("latin-1"),
+                          headers={"Content-Type": "application/json; charset=ISO-8859-1"}, timeout=60)
+    assert response.status_code == 415 and "charset=iso-8859-1" in response.json()["error"]["message"]
+    for encoded in (body.encode("utf-16"), b"\xef\xbb\xbf" + body.encode()):
+        response = httpx.post(url, content=encoded, headers={"Content-Type": "application/json"}, timeout=60)
+        assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
 
 
 def test_other_routes(server):
@@ -758,6 +766,9 @@ def test_other_routes(server):
                                  ("POST", "/v1/completions/", 404), ("GET", "/health/", 404)]:
         response = httpx.request(method, f"{server.url}{path}")
         assert response.status_code == status and "error" in response.json(), (method, path)
+        if path != "/v1/models/gpt2":  # an unknown model is model_not_found; a route or method is OpenAI's words
+            error = response.json()["error"]
+            assert error["message"].startswith("Invalid URL (") and error["code"] is None, (method, path)
 
 
 def test_a_client_leaving_mid_upload_is_no_server_error(server, caplog):

@@ -320,13 +320,20 @@ class CompletionService:
 async def _json_body(request: Request) -> Any:
     # JSON only: an HTML form on any web site may POST text/plain (browsers send it without asking) whose body
     # parses as JSON; a cross-site application/json request needs a CORS preflight, which this server never grants.
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    media_type, _, parameters = request.headers.get("content-type", "").partition(";")
+    media_type = media_type.strip().lower()
     if media_type != "application/json":
         sent = f"Content-Type {media_type}" if media_type else "no Content-Type"
         raise APIError(415, f"send the body as JSON with `Content-Type: application/json` (this request has {sent})",
                        code="unsupported_media_type")
+    charsets = [value.strip().strip('"').lower() for name, _, value in
+                (p.partition("=") for p in parameters.split(";")) if name.strip().lower() == "charset"]
+    if any(charset not in ("utf-8", "utf8") for charset in charsets):
+        raise APIError(415, f"send the body as UTF-8 JSON (this request declares charset={charsets[0]})",
+                       code="unsupported_media_type")
     try:
-        return json.loads(await request.body())
+        # Decoded as UTF-8 here: json.loads of bytes would also take UTF-16 or a byte-order mark.
+        return json.loads((await request.body()).decode("utf-8"))
     except (ValueError, RecursionError):  # bad JSON, bad UTF-8, absurd nesting or numbers
         raise APIError(400, "the request body is not valid JSON") from None
     except ClientDisconnect:  # it left mid-upload: no one reads the answer, and it is no server error
@@ -394,7 +401,10 @@ def create_app(model: GPT2LMHeadModel, tokenizer: GPT2Tokenizer, config: ServerC
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _json_error(err.status_code, error_body(str(err.detail), code=str(err.status_code)), err.headers)
+        # As OpenAI words an unknown route or method: "Invalid URL (GET /v2/foo)", no code.
+        message = (f"Invalid URL ({request.method} {request.url.path})" if err.status_code in (404, 405)
+                   else str(err.detail))
+        return _json_error(err.status_code, error_body(message), err.headers)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, err: Exception) -> JSONResponse:
