@@ -1,6 +1,6 @@
 """The whole benchmark suite in one run: gpt2kit against its peers beside the measured hardware limits.
 
-    python -m benchmarks                  # tiny shapes, a few minutes on 2 cores
+    python -m benchmarks                  # tiny training shapes, GPT-2 small decode: 8-18 minutes on 2 cores
     python -m benchmarks --full           # adds GPT-2 small (124M) training, decode with prompts 32 and 512
     python -m benchmarks --only train,decode --threads 2 --json my.json
     python -m benchmarks --device cpu     # the default is the GPU when there is one
