@@ -43,9 +43,10 @@ import torch
 
 from gpt2kit.allocator import ALLOCATORS, preload_allocator
 from gpt2kit.files import atomic_write_text
+from gpt2kit.training.trainer import native_bf16
 
 from . import bench_eval, bench_generate, bench_train
-from .devices import default_device, native_bf16
+from .devices import default_device
 from .sections import configure_process, hardware, measure, preprocess_scaling, serving, tokenizer_speed
 
 SECTIONS = ("hardware", "tokenizer", "train", "decode", "eval", "preprocess", "serve", "llama.cpp")

@@ -106,12 +106,3 @@ class PeakMemory:
         self._active.remove(self)
         self.peak = max(self._reached, torch.cuda.max_memory_allocated(self.device))
 
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 in hardware: a CPU with AVX512-BF16 or AMX (oneDNN's bf16 kernels), a GPU
-    from Ampere on. Elsewhere bf16 is emulated, many times slower than float32, and timing it tells nothing."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    from gpt2kit.cpu_matmul import onednn_supports
-
-    return onednn_supports(torch.bfloat16)

@@ -347,10 +347,8 @@ def test_a_mask_built_for_a_cached_chunk_is_on_the_queries_device():
 def test_gpu_peaks_for_mfu(monkeypatch):
     """float32 on TF32 tensor cores is measured, not read from the datasheet's fp32 column; GPUs before Ampere
     only emulate bf16, so `precision: auto` takes fp16 there."""
-    from types import SimpleNamespace
-
     import gpt2kit.training.logging as logging_module
-    from gpt2kit.training.trainer import Trainer
+    from gpt2kit.training.trainer import native_bf16
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
@@ -367,7 +365,27 @@ def test_gpu_peaks_for_mfu(monkeypatch):
         assert logging_module.peak_flops(cuda, torch.bfloat16) == expected
     for capability, has_bf16 in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert Trainer._cuda_has_bf16(SimpleNamespace(device=cuda)) is has_bf16
+        assert native_bf16(cuda) is has_bf16
+
+
+@pytest.mark.parametrize("device, native, auto", [("cpu", True, "bf16"), ("cpu", False, "fp32"),
+                                                   ("cuda", True, "bf16"), ("cuda", False, "fp16")])
+def test_precision_auto_takes_bf16_only_where_it_is_native(monkeypatch, device, native, auto):
+    from types import SimpleNamespace
+
+    import gpt2kit.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "native_bf16", lambda device: native)
+    trainer = SimpleNamespace(device=torch.device(device))
+    assert trainer_module.Trainer._pick_precision(trainer, "auto") == auto
+    if native:
+        assert trainer_module.Trainer._pick_precision(trainer, "bf16") == "bf16"
+    elif device == "cuda":
+        with pytest.raises(ValueError, match="this GPU has no bf16; use fp16"):
+            trainer_module.Trainer._pick_precision(trainer, "bf16")
+    else:
+        with pytest.warns(UserWarning, match="this CPU has no bf16 instructions"):
+            assert trainer_module.Trainer._pick_precision(trainer, "bf16") == "bf16"
 
 
 def test_the_allocator_restart_mark_is_not_inherited(monkeypatch):
@@ -388,7 +406,7 @@ def test_the_bench_leaves_out_bf16_rows_where_bf16_is_emulated(monkeypatch, tmp_
     """Without bf16 instructions neither training nor decoding plans a bf16 row, every other row stays, and the
     run says why; --emulated-bf16 keeps them."""
     import benchmarks.__main__ as bench
-    import gpt2kit.cpu_matmul as cpu_matmul
+    import gpt2kit.training.trainer as trainer_module
 
     for full, gpu in ((False, False), (True, False), (True, True)):
         with_bf16 = bench.train_cases(full, gpu, True), bench.decode_cases(full, gpu, True)
@@ -403,7 +421,7 @@ def test_the_bench_leaves_out_bf16_rows_where_bf16_is_emulated(monkeypatch, tmp_
     assert all(case[2] != "" for case in bench.decode_cases(True, True, False))
 
     # A run on such a CPU: what it would measure (nothing is measured here) and the note it leaves.
-    monkeypatch.setattr(cpu_matmul, "onednn_supports", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(trainer_module, "onednn_supports", lambda dtype: dtype == torch.float32)  # native_bf16's
     monkeypatch.setattr(bench, "print_report", lambda *args: None)
     for argv, emulated in (([], False), (["--emulated-bf16"], True)):
         calls, saved = [], tmp_path / f"{emulated}.json"

@@ -82,6 +82,15 @@ def enable_tf32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 in hardware: a CPU with AVX512-BF16 or AMX (oneDNN's bf16 kernels), a GPU
+    from Ampere on. Elsewhere bf16 is emulated, many times slower than float32. (torch.cuda.is_bf16_supported asks
+    about the current device, and by default says yes on V100 and T4, which only emulate bf16.)"""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and onednn_supports(torch.bfloat16)
+
+
 def _set_labels(config: GPT2Config, num_labels: int, id2label: dict[int, str] | None) -> None:
     """A classifier config's label count and names (the label indices as names when none are given). gpt2kit's
     classification data has one integer class per example: a problem_type from an earlier training (a regression
@@ -244,22 +253,16 @@ class Trainer:
             raise ValueError(f"train.device: {err}") from None
 
     def _pick_precision(self, name: str) -> str:
+        native = native_bf16(self.device)
         if name == "auto":
-            if self.device.type == "cuda":
-                return "bf16" if self._cuda_has_bf16() else "fp16"
-            return "bf16" if onednn_supports(torch.bfloat16) else "fp32"
-        if name == "bf16" and self.device.type == "cuda" and not self._cuda_has_bf16():
+            return "bf16" if native else "fp16" if self.device.type == "cuda" else "fp32"
+        if name == "bf16" and self.device.type == "cuda" and not native:
             raise ValueError("train.precision: this GPU has no bf16; use fp16")
-        if name == "bf16" and self.device.type == "cpu" and not onednn_supports(torch.bfloat16):
+        if name == "bf16" and self.device.type == "cpu" and not native:
             warnings.warn("train.precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 "
                           "products are emulated, many times slower than fp32; precision auto picks fp32 here",
                           stacklevel=2)
         return name
-
-    def _cuda_has_bf16(self) -> bool:
-        # Ampere or newer, for this run's GPU: torch.cuda.is_bf16_supported asks about the current device, and
-        # by default says yes on V100 and T4, which only emulate bf16 (slowly).
-        return torch.cuda.get_device_capability(self.device) >= (8, 0)
 
     @property
     def is_main(self) -> bool:
