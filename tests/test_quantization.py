@@ -47,7 +47,7 @@ def test_int8_linear_of_longer_inputs_in_either_product_dtype(monkeypatch, produ
     """Above the kernel's rows the product runs in bf16 on a CPU with bf16 instructions and in float32 on one
     without (where bf16 is emulated): the inputs are rounded to bf16 in both, the float32 product rounds
     nothing else."""
-    monkeypatch.setattr(quantization, "_LONG_INPUT_DTYPE", product_dtype)
+    monkeypatch.setattr(quantization, "_CPU_LONG_INPUT_DTYPE", product_dtype)
     linear = torch.nn.Linear(96, 80)
     layer = Int8Linear(linear.weight, linear.bias)
     x = torch.randn(2, 20, 96)

@@ -112,11 +112,12 @@ def export_gguf(model: str | os.PathLike | GPT2LMHeadModel, output: str | os.Pat
     # What --overwrite would not help with is said before "exists; pass --overwrite".
     output = check_output_file(output)  # a directory, or a path below a file, is never worth --overwrite
     if isinstance(model, (str, os.PathLike)):
-        sources = {resolve_model_dir(model).resolve()}
-        if is_adapter_dir(next(iter(sources))):  # LoRA adapters: their base model's files are read too
+        source = resolve_model_dir(model).resolve()
+        sources = {source}
+        if is_adapter_dir(source):  # LoRA adapters: their base model's files are read too
             from .training.lora import adapter_base
 
-            sources.add(adapter_base(next(iter(sources)))[1].resolve())
+            sources.add(adapter_base(source)[1].resolve())
         # The directory holding the output's name, not the file it may link to (an HF cache snapshot's blobs).
         folder = Path(os.path.abspath(output)).parent.resolve()
         if folder in sources and is_saved_model_file(output.name):

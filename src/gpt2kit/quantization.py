@@ -33,9 +33,9 @@ from .model import MLP, is_plain
 # the product is compute-bound and one bf16 matmul on the converted weights is faster (2x at 32 rows).
 _INT8_KERNEL_MAX_ROWS = 16
 _COMPUTE_DTYPE = torch.bfloat16  # what the int8 kernel multiplies in (its scales and inputs share this dtype)
-# What the matmul of longer inputs multiplies in: float32 where the CPU would emulate bf16 (6x faster for a
-# 256-token prefill on an AVX2 CPU), its inputs still rounded to bf16 as the kernel's are.
-_LONG_INPUT_DTYPE = _COMPUTE_DTYPE if onednn_supports(_COMPUTE_DTYPE) else torch.float32
+# What the matmul of longer inputs multiplies in on this CPU: float32 where it would emulate bf16 (6x faster for a
+# 256-token prefill on an AVX2 CPU), its inputs still rounded to bf16 as the kernel's are. A GPU takes bf16.
+_CPU_LONG_INPUT_DTYPE = _COMPUTE_DTYPE if onednn_supports(_COMPUTE_DTYPE) else torch.float32
 # The CPU kernel reads the input features in blocks of 16: other widths give wrong sums or crash (torch 2.13).
 _INT8_KERNEL_IN_MULTIPLE = 16
 
@@ -83,7 +83,8 @@ class Int8Linear(InferenceLinear):
             return (y if self.bias is None else torch.add(self.bias, y)).to(x.dtype)
         # The scale is per output row, so it can multiply the product instead of the weight: int8 values are
         # exact in bf16, the conversion is one cheap pass, and q * scale is never rounded to bf16.
-        y = F.linear(x.to(_COMPUTE_DTYPE).to(_LONG_INPUT_DTYPE), self.weight.to(_LONG_INPUT_DTYPE))
+        product = _CPU_LONG_INPUT_DTYPE if x.device.type == "cpu" else _COMPUTE_DTYPE
+        y = F.linear(x.to(_COMPUTE_DTYPE).to(product), self.weight.to(product))
         if self.bias is None:
             # Scaled in float32: inductor rewrites a bf16 `y * scale` into the int8 kernel above, even for the
             # widths it crashes on.
