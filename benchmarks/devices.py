@@ -105,4 +105,3 @@ class PeakMemory:
         torch.cuda.synchronize(self.device)
         self._active.remove(self)
         self.peak = max(self._reached, torch.cuda.max_memory_allocated(self.device))
-

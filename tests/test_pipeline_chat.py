@@ -1,7 +1,9 @@
 """pipeline("text_generation"), the `generate` and `chat` commands (chat driven through a pipe)."""
 
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -255,15 +257,18 @@ def test_generate_command_streams_the_pipeline_text(pipe, model_dir, capsys):
     assert capsys.readouterr().out == pipe(PROMPTS[1], max_new_tokens=12)[0]["generated_text"] + "\n"
 
 
+def with_generation_config(model_dir, path, settings: dict):
+    """A copy of the model at `path` with these generation defaults in its generation_config.json."""
+    own = shutil.copytree(model_dir, path)
+    (own / "generation_config.json").write_text(json.dumps(settings))
+    return own
+
+
 def test_generate_command_follows_the_models_generation_config(model_dir, tmp_path, capsys):
     """Beams or several sequences set in generation_config.json cannot stream: the command prints the pipeline's
     texts, as with --num-beams (it failed with "does not stream")."""
-    import json
-    import shutil
-
     for settings, texts in (({"num_beams": 3}, 1), ({"do_sample": True, "num_return_sequences": 2}, 2)):
-        own = shutil.copytree(model_dir, tmp_path / str(texts))
-        (own / "generation_config.json").write_text(json.dumps({**settings, "max_new_tokens": 6}))
+        own = with_generation_config(model_dir, tmp_path / str(texts), {**settings, "max_new_tokens": 6})
         assert main(["generate", "--model", str(own), "--prompt", PROMPTS[1], "--seed", "1"]) == 0
         expected = pipeline("text_generation", model=str(own))(PROMPTS[1], seed=1)
         assert len(expected) == texts
@@ -274,12 +279,8 @@ def test_generate_command_follows_the_models_generation_config(model_dir, tmp_pa
 def test_chat_starts_from_the_models_generation_config(model_dir, tmp_path):
     """The model's file over chat's defaults, as the docs say (chat's sampling defaults used to win); beams and
     several sequences, which a streamed reply cannot follow, are left out with a warning."""
-    import json
-    import shutil
-
-    own = shutil.copytree(model_dir, tmp_path / "own")
-    (own / "generation_config.json").write_text(json.dumps(
-        {"do_sample": False, "top_k": 5, "max_new_tokens": 12, "num_beams": 4, "max_length": 30}))
+    own = with_generation_config(model_dir, tmp_path / "own", {"do_sample": False, "top_k": 5, "max_new_tokens": 12,
+                                                                "num_beams": 4, "max_length": 30})
     with pytest.warns(UserWarning, match="sets num_beams; chat streams one reply at a time"):
         out = chat_in_process(own, "Hi\n/set\n")
         assert "top_k = 9," in chat_in_process(own, "/set\n", top_k=9)  # a flag still wins
