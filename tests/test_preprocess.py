@@ -267,8 +267,6 @@ def test_invalid_utf8(tmp_path, tok):
     (b'{"text": "ok"}\n{"text": "caf\xc3"}\n', r"c.jsonl:2: invalid UTF-8 at byte offset 28"),
     pytest.param(b'{"text": "ok"}\n{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
                  r"c.jsonl:2: JSON nested too deeply", id="deep"),
-    pytest.param(b'{"text": "ok"}\n{"text": "b", "n": ' + b"1" * 5000 + b"}\n", r"c.jsonl:2: malformed JSON",
-                 id="integer of 5000 digits"),  # Python's limit on converting digits: a bare ValueError before
     (b'{"text": "ok"}\n\x0c\n', r"c.jsonl:2: malformed JSON"),  # not JSON whitespace: not a blank line
 ])
 def test_bad_jsonl(tmp_path, content, message):
@@ -277,6 +275,24 @@ def test_bad_jsonl(tmp_path, content, message):
     with pytest.raises(DataError, match=message):
         run([VERDICT, path], out, workers=2)  # the first file is already written when the second fails
     assert_nothing_written(tmp_path, out)
+
+
+def test_jsonl_reports_its_first_bad_line_whatever_the_chunk_size(tmp_path):
+    """A chunk was decoded whole before its lines were parsed: a later line's bad UTF-8 came before an earlier
+    line's bad JSON in a big chunk, not in small ones."""
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": oops}\n{"text": "b"}\n{"text": "\xff"}\n')
+    for chunk_bytes in (1, 1 << 20):
+        with pytest.raises(DataError, match=r"c.jsonl:2: malformed JSON"):
+            run(path, tmp_path / "out", chunk_bytes=chunk_bytes)
+
+
+def test_jsonl_takes_an_integer_longer_than_python_converts(tmp_path, tok):
+    """Valid JSON: an id of 5000 digits beside the text stopped the run (Python converts at most 4300)."""
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"text": "ok", "n": ' + b"1" * 5000 + b"}\n")
+    run(path, tmp_path / "out")
+    assert tok.decode(documents(tmp_path / "out")[0][:-1]) == "ok"
 
 
 @pytest.mark.parametrize("workers", [1, 2])

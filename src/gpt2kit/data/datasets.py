@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from ..conversation import ChatFormat, turns_of
 from ..files import read_json, read_utf8, require_file
 from ..tokenizer import GPT2Tokenizer
-from .readers import DataError
+from .readers import DataError, parse_json
 
 META_FILE = "meta.json"
 FORMAT_NAME = "gpt2kit-tokens"
@@ -426,7 +426,7 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 def _is_one_object(text: str) -> bool:
     try:
-        return isinstance(json.loads(text), dict)
+        return isinstance(parse_json(text), dict)
     except ValueError:
         return False
 
@@ -436,24 +436,21 @@ def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     text = read_utf8(path, error=DataError)
     if text.lstrip().startswith("["):
         try:
-            records = json.loads(text)
+            records = parse_json(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: malformed JSON: {err.msg} (column {err.colno})") from None
-        except ValueError as err:  # Python's limit on the digits of an integer it converts
-            raise DataError(f"{path}: malformed JSON: {err}") from None
         located = [(f"{path}: record {i}", r) for i, r in enumerate(records)]
     else:
         located = []
         for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
-                    located.append((f"{path}:{n}", json.loads(line)))
-                except ValueError as err:  # bad JSON, or an integer past Python's limit on digits
+                    located.append((f"{path}:{n}", parse_json(line)))
+                except json.JSONDecodeError as err:
                     if _is_one_object(text):
                         raise DataError(f"{path}: one JSON object; expected a JSON list of records or JSON lines "
                                         f"(one object per line)") from None
-                    reason = f"{err.msg} (column {err.colno})" if isinstance(err, json.JSONDecodeError) else err
-                    raise DataError(f"{path}:{n}: malformed JSON: {reason}") from None
+                    raise DataError(f"{path}:{n}: malformed JSON: {err.msg} (column {err.colno})") from None
     if not located:
         raise DataError(f"{path}: no records")
     return located

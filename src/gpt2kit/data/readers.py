@@ -22,6 +22,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -455,25 +456,38 @@ def chunk_pieces(chunk: Chunk, *, text_key: str = "text", errors: str = "strict"
     return texts, ends, 0
 
 
+def parse_json(text: str) -> Any:
+    """json.loads, but a record with an integer longer than Python converts to int (4300 digits by default) reads
+    its integers as Decimal: it is valid JSON, the integer most likely in a field nobody reads."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:
+        return json.loads(text, parse_int=Decimal)
+
+
 def _jsonl_pieces(chunk: Chunk, text_key: str, errors: str) -> tuple[list[str], list[bool], int]:
     texts, skipped = [], 0
-    decoded = _decode(chunk, chunk.data, 0, errors)
-    if chunk.offset == 0:
-        decoded = decoded.removeprefix("\ufeff")  # a byte-order mark (_BOM)
-    for n, line in enumerate(decoded.split("\n")):
+    data = chunk.data[len(_BOM):] if chunk.offset == 0 and chunk.data.startswith(_BOM) else chunk.data
+    try:
+        lines, bad_utf8 = data.decode("utf-8", errors=errors).split("\n"), False
+    except UnicodeDecodeError as err:
+        # The lines before the bad byte are read first: the file's first bad line is the error, whatever chunk
+        # size cut it.
+        lines, bad_utf8 = data[:data.rfind(b"\n", 0, err.start) + 1].decode("utf-8").split("\n"), True
+    for n, line in enumerate(lines):
         if not line.strip(" \t\r"):  # JSON's whitespace: a line of other spaces is malformed, not blank
             continue
         where = f"{chunk.source}:{chunk.line + n}"
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except json.JSONDecodeError as err:
             hint = ("; this reader expects JSON Lines (one object per line), not a JSON array"
                     if line.lstrip().startswith("[") else "")
             raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno}){hint}") from None
         except RecursionError:
             raise DataError(f"{where}: JSON nested too deeply to read") from None
-        except ValueError as err:  # Python's limit on the digits of an integer it converts
-            raise DataError(f"{where}: malformed JSON: {err}") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with a {text_key!r} field, got {type(record).__name__}")
         if text_key not in record:
@@ -490,6 +504,8 @@ def _jsonl_pieces(chunk: Chunk, text_key: str, errors: str) -> tuple[list[str], 
             texts.append(text)
         else:
             skipped += 1
+    if bad_utf8:
+        _decode(chunk, chunk.data, 0, errors)  # the error, naming the bad byte
     return texts, [True] * len(texts), skipped
 
 
