@@ -107,8 +107,8 @@ def verify_checkpoint(path: str | os.PathLike, rank: int = 0, world_size: int = 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     """Checkpoint directories of a run, oldest first (partial ones included; see verify_checkpoint)."""
     root = Path(out_dir) / CHECKPOINTS_DIR
-    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    found = [p for p in root.glob("step-*") if p.is_dir() and _step_of(p) is not None] if root.is_dir() else []
+    return sorted(found, key=_step_of)
 
 
 def restore_interrupted_swaps(out_dir: str | os.PathLike) -> None:
@@ -117,13 +117,22 @@ def restore_interrupted_swaps(out_dir: str | os.PathLike) -> None:
     copy (.step-N.partial-*, with its manifest) and for a rewrite the old one (.step-N.old-*). The new copy is
     preferred; resuming verifies whichever it was."""
     root = Path(out_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return
-    for pattern in (".step-*.partial-*", ".step-*.old-*"):
-        for aside in sorted(root.glob(pattern)):
-            name = aside.name[1:].split(".partial-" if ".partial-" in aside.name else ".old-")[0]
-            if name[5:].isdigit() and (aside / COMPLETE_NAME).is_file() and not (root / name).exists():
-                os.replace(aside, root / name)
+    for aside in _set_aside(root):
+        name = aside.name[1:].split(".partial-" if ".partial-" in aside.name else ".old-")[0]
+        if (aside / COMPLETE_NAME).is_file() and not (root / name).exists():
+            os.replace(aside, root / name)
+
+
+def _set_aside(root: Path) -> list[Path]:
+    """The hidden copies of checkpoints in `root` (.step-N.partial-* being written, .step-N.old-* being replaced)."""
+    found = sorted(root.glob(".step-*.partial-*")) + sorted(root.glob(".step-*.old-*")) if root.is_dir() else []
+    return [p for p in found if _step_of(p) is not None]
+
+
+def _step_of(path: Path) -> int | None:
+    """N of step-N, .step-N.partial-* or .step-N.old-*; None for other names."""
+    digits = path.name.lstrip(".")[5:].split(".")[0]
+    return int(digits) if path.name.lstrip(".").startswith("step-") and digits.isdigit() else None
 
 
 def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int | None) -> None:
@@ -143,8 +152,10 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int | None) -> None
 
 def remove_checkpoints_after(out_dir: str | os.PathLike, step: int) -> list[Path]:
     """Remove the checkpoints past `step`, which an earlier run left in out_dir: a run starting at `step`
-    writes its own, and keeping them would let pruning or `--resume auto` mix the two runs. Returns them."""
-    stale = [p for p in list_checkpoints(out_dir) if int(p.name[5:]) > step]
+    writes its own, and keeping them would let pruning or `--resume auto` mix the two runs. Returns them. Copies
+    a kill left hidden count too: the first save would put a sealed one back in its place."""
+    found = list_checkpoints(out_dir) + _set_aside(Path(out_dir) / CHECKPOINTS_DIR)
+    stale = [p for p in found if _step_of(p) > step]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
