@@ -285,6 +285,25 @@ def test_logs_tensorboard_jsonl_and_loss_plot(tmp_path):
     assert tensorboard_scalars(run / "tensorboard")["train/loss"] == [1, 2, 3, 4]
 
 
+def test_subset_evaluations_are_logged_and_plotted_apart_from_whole_set_ones(tmp_path):
+    """Periodic evaluations of eval_batches and the final whole-set one were one val_loss curve: its last segment
+    drew the change of set as a change of the model."""
+    from matplotlib.image import imread
+
+    config = run_config(tmp_path, train={"max_steps": 4, "eval_interval": 2, "eval_batches": 1},
+                        log={"tensorboard": True, "plot": True})  # 1 batch of 8 out of 16 examples
+    Trainer(args=config, train_dataset=Sequences(), eval_dataset=Sequences(16, seed=1)).train()
+    run = tmp_path / "run"
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records if "val_subset_loss" in r] == [0, 2]  # the last step: the whole set
+    assert [r["step"] for r in records if "val_loss" in r] == [4]
+    assert {"val/subset_loss", "val/subset_ppl", "val/loss"} <= set(tensorboard_scalars(run / "tensorboard"))
+    image = torch.from_numpy(imread(run / "loss.png")[..., :3].copy())
+    for colour in ("#ff7f0e", "#2ca02c"):  # matplotlib's second and third colours: subset, whole set
+        rgb = torch.tensor([int(colour[i:i + 2], 16) for i in (1, 3, 5)]) / 255
+        assert ((image - rgb).abs().max(-1).values < 0.05).sum() > 20, colour
+
+
 def tensorboard_scalars(directory: Path) -> dict[str, list[int]]:
     """Tag -> steps, as TensorBoard shows them (events of a purged run left out)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

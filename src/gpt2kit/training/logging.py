@@ -161,7 +161,8 @@ class MetricsLogger:
 
 
 def tensorboard_tag(key: str) -> str:
-    """metrics.jsonl key -> TensorBoard tag: val_loss -> val/loss, train_loss -> train/loss, lr -> train/lr."""
+    """metrics.jsonl key -> TensorBoard tag: val_loss -> val/loss, val_subset_loss -> val/subset_loss,
+    train_loss -> train/loss, lr -> train/lr."""
     if "/" in key:
         return key
     for split in ("train", "val"):
@@ -204,12 +205,15 @@ def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike, ti
 
     records = read_metrics(metrics_path)
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    subset = [(r["step"], r["val_subset_loss"]) for r in records if "val_subset_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if not train and not val:
+    if not train and not val and not subset:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:  # one point is a marker (a line through one point draws nothing)
         ax.plot(*zip(*train), "o-" if len(train) == 1 else "-", label="train", linewidth=1.0, alpha=0.8)
+    if subset:
+        ax.plot(*zip(*subset), "s--", label="validation (eval_batches)", linewidth=1.0, markersize=3)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5, markersize=4)
     ax.set_xlabel("step")

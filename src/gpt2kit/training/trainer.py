@@ -909,11 +909,14 @@ class Trainer:
                 self._save_model_dir(BEST_DIR, {"step": self.step, **result})  # every rank: it may gather shards
             self.best_val_loss = min(self.best_val_loss, result["val_loss"])
         if result and log:
-            logger.log(self.step, result)
+            # Logged apart (val_subset_loss, ...): one curve through subset and whole-set scores would draw the
+            # change of set as a change of the model.
+            logger.log(self.step, result if whole else {k.replace("val_", "val_subset_"): v for k, v in result.items()})
             if self.is_main:
                 extra = (f", accuracy {result['val_accuracy']:.2%}" if "val_accuracy" in result
                          else f", ppl {result['val_ppl']:.2f}")
-                tqdm.write(f"step {self.step}: val loss {result['val_loss']:.4f}{extra}", file=sys.stderr)
+                scored = "" if whole else f" (first {max_batches} batches)"
+                tqdm.write(f"step {self.step}: val loss{scored} {result['val_loss']:.4f}{extra}", file=sys.stderr)
         return result
 
     def _room(self, text: str) -> int:
