@@ -355,3 +355,6 @@ def test_resume_refuses_other_data_and_another_base(corpus, tmp_path):
     with pytest.raises(CheckpointError, match="another model shape"):
         Trainer(args=short_config(tmp_path, corpus, "lora", pet_method="lora", model__config__n_embd="32",
                                   model__config__n_head="2")).train(resume=lora_checkpoint)
+    # The same shape, other weights (a random base drawn from another seed): the adapters loaded onto it.
+    with pytest.raises(CheckpointError, match="adapters were trained on another base model"):
+        Trainer(args=short_config(tmp_path, corpus, "lora", pet_method="lora", seed="8")).train(resume=lora_checkpoint)

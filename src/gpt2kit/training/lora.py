@@ -7,6 +7,7 @@ GPT-2 as well: the LoRA A/B matrices of a Linear and of HF's transposed Conv1D h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -68,6 +69,19 @@ def apply_lora(model: nn.Module, config) -> nn.Module:
                          "only; target the projections (c_attn, attn.c_proj, c_fc, mlp.c_proj)")
     LoraModel(model, config, "default")  # injects into `model` itself
     return model
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A fingerprint of the weights adapters are trained on, to refuse resuming them on another base: a hash of
+    up to 256 evenly spaced values of every tensor, rounded to bf16 so that the same base loaded in another
+    precision or on another device has the same one."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 256)][:256].cpu().float().to(torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def is_lora_model(model: nn.Module) -> bool:

@@ -598,6 +598,7 @@ class Trainer:
             tokenizer = self._get_tokenizer()
             new_tokens = sorted(tokenizer.convert_tokens_to_ids(t) for t in tokenizer.added_since_loading)
             self._lora_config = lora_lib.lora_config(c.lora, task=c.task, base_model=base, new_tokens=new_tokens)
+            self._lora_base = lora_lib.base_fingerprint(self.model)  # on the CPU, before any training
             lora_lib.apply_lora(self.model, self._lora_config)
         enable_tf32(self.device)
         self.model.to(self.device).train()
@@ -993,6 +994,8 @@ class Trainer:
                  "max_steps": self.max_steps, "grad_accum": self.grad_accum, "world_size": self.world_size,
                  "train_examples": len(self._datasets["train"]), "train_fingerprint": self._train_fingerprint(),
                  "pet_method": self.config.pet_method, "config": self.config.to_dict()}
+        if self.config.pet_method == "lora":
+            state["lora_base_fingerprint"] = self._lora_base
         return tensors, state
 
     def _train_fingerprint(self) -> str | None:
@@ -1122,9 +1125,11 @@ class Trainer:
         with configured_hyperparameters(self.optimizer, self.scheduler):
             if (path / STATE_DIR / DCP_DIR).is_dir():  # saved sharded: loads into any layout, this one included
                 self._check_saved_shape(path / STATE_DIR / DCP_DIR)  # its config.json lies beside the shards
+                self._check_lora_base(state, path)
                 load_distributed_checkpoint(path / STATE_DIR / DCP_DIR, self.model, self.optimizer)
             elif self.config.pet_method == "lora":
                 self._check_saved_shape(path)  # the adapted model's config lies beside the adapters
+                self._check_lora_base(state, path)
                 lora_lib.load_adapter_weights(self.model, path)
                 self.optimizer.load_state_dict(tensors["optimizer"])
             else:  # saved whole, by one process or DDP
@@ -1168,6 +1173,14 @@ class Trainer:
         if changed:
             raise CheckpointError(f"{path}: saved from another model shape than this run's ({', '.join(changed)}); "
                                   f"resume with the model config it was trained with, or use a new out_dir")
+
+    def _check_lora_base(self, state: dict[str, Any], path: Path) -> None:
+        """One error when a LoRA checkpoint's adapters were trained on other base weights than this run's (they
+        would load, and training go on from a jump in the loss)."""
+        if self.config.pet_method == "lora" and state.get("lora_base_fingerprint", self._lora_base) != self._lora_base:
+            raise CheckpointError(f"{path}: its adapters were trained on another base model than this run's (other "
+                                  "weights in model.name or model.checkpoint, or for a random base another seed); "
+                                  "resume with the base it was trained on")
 
     def _sampler_state(self, state: dict[str, Any], path: Path) -> dict[str, int]:
         """The sampler state for this run's data-parallel size. Ranks consume the epoch's permutation in
