@@ -64,6 +64,11 @@ def test_generation_config_json_gives_the_models_generation_defaults(tmp_path, h
     assert torch.equal(ours.generate(prompt), expected) and expected.shape[1] < free.shape[1]
     ours.save_pretrained(tmp_path / "ours")
     assert GPT2LMHeadModel.from_pretrained(tmp_path / "ours").generation_config == ours.generation_config
+    # A model without generation defaults saved over it: the old file's settings became the new model's.
+    GPT2LMHeadModel(ours.config).save_pretrained(tmp_path / "other")
+    GPT2LMHeadModel.from_pretrained(tmp_path / "other").save_pretrained(tmp_path / "ours")
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "ours").generation_config == {}
+    ours.save_pretrained(tmp_path / "ours")
     # transformers loads a file with both lengths (max_new_tokens wins) or a minimum above the default maximum.
     (tmp_path / "ours" / "generation_config.json").write_text(
         '{"max_length": 50, "max_new_tokens": 3, "min_new_tokens": 30, "eos_token_id": 299}')

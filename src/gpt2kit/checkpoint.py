@@ -478,7 +478,9 @@ def write_hf_directory(directory: str | os.PathLike, config: GPT2Config, state: 
     new_tokenizer = tokenizer is not None or (companions is not None and has_tokenizer_files(companions))
 
     def keep(name: str) -> bool:
-        return not (is_model_file(name) or is_adapter_file(name) or new_tokenizer and is_tokenizer_file(name))
+        # Nor an old generation_config.json when the model's own settings are given: none means none.
+        return not (is_model_file(name) or is_adapter_file(name) or new_tokenizer and is_tokenizer_file(name)
+                    or generation_config is not None and name == GENERATION_CONFIG_NAME)
 
     with atomic_directory(directory, keep=keep) as tmp:
         for file in sorted(companions.iterdir()) if companions is not None else []:
