@@ -306,6 +306,22 @@ def test_label_count_survives_without_label_names(tmp_path):
     assert hf.config.num_labels == 3 and torch.equal(hf.score.weight, model.score.weight)
 
 
+def test_a_new_head_of_num_labels_over_a_config_naming_one_class(tmp_path, hf_model):
+    """Configs of older transformers (distilgpt2's) name one class, LABEL_0: from_pretrained(num_labels=3), the
+    documented start of a classifier, was refused for disagreeing with it."""
+    from gpt2kit import GPT2ForSequenceClassification
+
+    hf_model.save_pretrained(tmp_path / "lm")
+    values = json.loads((tmp_path / "lm" / "config.json").read_text())
+    values.update(_num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(values))
+    ours = GPT2ForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3)
+    theirs = transformers.GPT2ForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3)
+    assert ours.config.num_labels == theirs.config.num_labels == 3 and ours.score.weight.shape == (3, SHAPE["n_embd"])
+    named = GPT2ForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=2, id2label={0: "no", 1: "yes"})
+    assert named.config.id2label == {0: "no", 1: "yes"}
+
+
 def test_legacy_pytorch_bin_format_loads(tmp_path, hf_model):
     """torch's pre-1.6 (non-zip) format, still found in older hub uploads, cannot be memory-mapped: read it whole,
     still with weights_only."""
