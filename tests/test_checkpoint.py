@@ -201,7 +201,14 @@ def test_bin_files_are_never_unpickled_with_code(tmp_path, tiny_model):
     tiny_model.save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()
     torch.save({"x": Evil()}, tmp_path / "m" / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch weights file"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: holds more than tensors and plain containers, "
+                                              r"which loading never runs \(Unsupported global: GLOBAL print") as caught:
+        GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+    assert "weights_only` set to `False`" not in str(caught.value) and "safe_globals" not in str(caught.value)
+    (tmp_path / "m" / "pytorch_model.bin").unlink()
+    tiny_model.save_pretrained(tmp_path / "s")
+    os.replace(tmp_path / "s" / "model.safetensors", tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: is a safetensors file; name it model.safetensors"):
         GPT2LMHeadModel.from_pretrained(tmp_path / "m")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -107,11 +108,32 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return {key: state[key] for key in sorted(state)}  # the order transformers lists them in (see state_dtype)
 
 
+def unpickling_reason(err: Exception) -> str:
+    """The reason in torch.load(weights_only=True)'s error, without its advice to load with weights_only=False
+    (which would run the file's code)."""
+    text = str(err).split("WeightsUnpickler error:")[-1]
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    reason = " ".join(line.strip() for line in text.splitlines() if line.strip() and not line.startswith(advice))
+    return reason.split(" Please use ")[0] or type(err).__name__  # nor its advice to allow the file's functions
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file starts as safetensors does: an 8-byte header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(10)
+    return len(head) == 10 and head[8:] == b'{"'
+
+
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         # weights_only: a .bin is a pickle and must never run code from the file.
         # mmap needs torch's zip format; older files (torch < 1.6, some hub uploads) are read whole.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        if _is_safetensors(path):
+            raise CheckpointError(f"{path}: is a safetensors file; name it model.safetensors") from None
+        raise CheckpointError(f"{path}: holds more than tensors and plain containers, which loading never runs "
+                              f"({unpickling_reason(err)})") from None
     except Exception as err:  # torch raises many types for bad pickles; report them all the same way
         raise CheckpointError(f"{path}: not a readable PyTorch weights file ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, save_pretrained
+from .checkpoint import CheckpointError, save_pretrained, unpickling_reason
 from .config import GPT2Config
 from .model import GPT2LMHeadModel
 from .tokenizer import GPT2Tokenizer
@@ -39,8 +39,7 @@ def read_nanogpt(path: str | os.PathLike) -> GPT2LMHeadModel:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a checkpoint torch.load reads safely ({first})") from None
+        raise CheckpointError(f"{path}: not a checkpoint torch.load reads safely ({unpickling_reason(err)})") from None
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict)
             and isinstance(checkpoint.get("model_args"), dict)):
         raise CheckpointError(f"{path}: not a nanoGPT checkpoint (expected the 'model' and 'model_args' entries its "
