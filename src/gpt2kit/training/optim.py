@@ -40,7 +40,7 @@ def build_optimizer(model: nn.Module, args: OptimArgs) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, decay: str) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup from 0 over `warmup_steps`, then cosine
+    """Learning rate for optimizer step `step` (0-based): linear warmup to `lr` over `warmup_steps`, then cosine
     or linear decay reaching `min_lr` at `decay_steps` (counted from step 0), then constant `min_lr`."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
