@@ -329,7 +329,11 @@ def _sentiment_file(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-def test_text_classification_learns_an_easy_task(tmp_path):
+def test_text_classification_learns_an_easy_task(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    labels = []  # the loss plot's y label: a classifier's loss is per example, not per token
+    monkeypatch.setattr(Axes, "set_ylabel", lambda self, label, **kwargs: labels.append(label))
     train = _sentiment_file(tmp_path / "train.tsv", 256, seed=0)
     with train.open("a") as f:  # longer than the context: cut to it (data.max_length defaults to n_positions)
         f.write("the movie was " + "great " * 50 + "\t1\n")
@@ -337,10 +341,11 @@ def test_text_classification_learns_an_easy_task(tmp_path):
     config = run_config(tmp_path, task="text_classification",
                         model={"config": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 32}},
                         data={"train": str(train), "val": str(dev), "format": "sst2"},
-                        train={"max_steps": 60, "micro_batch_size": 16}, optim={"lr": 3e-3})
+                        train={"max_steps": 60, "micro_batch_size": 16}, optim={"lr": 3e-3}, log={"plot": True})
     trainer = Trainer(args=config)
     summary = trainer.train()
     assert summary["val_accuracy"] >= 0.9, summary
+    assert labels == ["loss (nats / example)"]
     assert trainer.predict(["the movie was wonderful", "the plot was terrible"]) == ["positive", "negative"]
     # Texts are prepared as in training: stripped (not classified on a trailing space) and cut to the context.
     assert trainer.predict(["the movie was wonderful  "]) == trainer.predict(["the movie was wonderful"])

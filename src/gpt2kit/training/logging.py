@@ -197,8 +197,10 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike, title: str = "") -> Path | None:
-    """Train and validation loss against step as a PNG (written atomically); None when nothing was logged."""
+def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike, title: str = "",
+                unit: str = "token") -> Path | None:
+    """Train and validation loss (nats per `unit`: a classifier's are per example) against step as a PNG (written
+    atomically); None when nothing was logged."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -217,7 +219,7 @@ def plot_losses(metrics_path: str | os.PathLike, out_path: str | os.PathLike, ti
     if val:
         ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5, markersize=4)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel(f"loss (nats / {unit})")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
