@@ -711,8 +711,11 @@ def test_lengths_are_checked_before_any_work_and_the_sample_fits_the_context(tmp
 
 
 def test_a_device_this_machine_lacks_is_one_error_naming_the_field(tmp_path):
-    with pytest.raises(ValueError, match=r"train.device: device 'blah': not a device; expected cpu, cuda or cuda:N"):
+    with pytest.raises(ValueError, match=r"train.device: expected auto, cpu, cuda or cuda:N, got 'blah'"):
         Trainer(args=run_config(tmp_path, train={"device": "blah"}), train_dataset=Sequences())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"train.device: device cuda: this machine .* has no CUDA GPU"):
+            Trainer(args=run_config(tmp_path, train={"device": "cuda"}), train_dataset=Sequences())
 
 
 def test_a_resumed_run_uses_its_configs_optimizer_settings(tmp_path):

@@ -82,6 +82,7 @@ def test_text_overrides_are_taken_as_typed(tmp_path):
     ("checkpoint:\n  keep_last: 0\n", [], r"checkpoint.keep_last: must be at least 1, got 0"),
     # checks of values and combinations name the line too
     ("train:\n  precision: bf17\n", [], r"run.yaml:2: train.precision: expected fp32, bf16"),
+    ("train:\n  device: tpu\n", [], r"run.yaml:2: train.device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
     ("optim:\n  lr: 1.0e-3\ntrain:\n  max_steps: 5\noptim:\n  eps: 0\n", [],
      r"run.yaml:5: optim: given twice \(first on line 1\)"),
     ("train:\n  max_steps: 5\n  max_steps: 7\n", [], r"run.yaml:3: train.max_steps: given twice"),

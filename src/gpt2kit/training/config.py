@@ -189,6 +189,8 @@ class RunConfig:
             raise bad("train.max_steps", "give only one of train.max_steps and train.epochs")
         if t.global_batch_tokens is not None and t.global_batch_size is not None:
             raise bad("train.global_batch_tokens", "give at most one of global_batch_tokens and global_batch_size")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):  # whether this machine has it is checked at the start
+            raise bad("train.device", f"expected auto, cpu, cuda or cuda:N, got {t.device!r}")
         if t.precision not in ("fp32", "bf16", "fp16", "auto"):
             raise bad("train.precision", f"expected fp32, bf16, fp16 or auto, got {t.precision!r}")
         if o.decay not in ("cosine", "linear", "constant"):
