@@ -170,6 +170,11 @@ def test_the_assistant_tokens_mask_is_transformers(tmp_path):
     masked = tok.apply_chat_template(batch[2], add_generation_prompt=False, return_assistant_tokens_mask=True)
     assert tok.decode([t for t, m in zip(masked["input_ids"], masked["assistant_masks"]) if m]) == (
         "日本 🎉<|im_end|>🎉🎉 ok<|im_end|>")
+    # A lone surrogate (JSON's "\ud83d" alone) is U+FFFD to the tokenizer; counting its bytes raised.
+    lone = [{"role": "user", "content": "x\ud800y"}, {"role": "assistant", "content": "\ud83d ok"}]
+    masked = tok.apply_chat_template(lone, add_generation_prompt=False, return_assistant_tokens_mask=True)
+    assert tok.decode([t for t, m in zip(masked["input_ids"], masked["assistant_masks"]) if m]) == (
+        "\ufffd ok<|im_end|>")
     with pytest.raises(ValueError, match="needs tokenize=True and return_dict=True"):
         tok.apply_chat_template(batch[0], return_assistant_tokens_mask=True, return_dict=False)
     with pytest.raises(ValueError, match="not compatible"):

@@ -104,7 +104,8 @@ class ChatFormat:
         ids = self.encode(tokenizer, text)
         # Each token's characters: all those any of its bytes belong to (byte tokens split a character, and each
         # such token covers the whole character, as transformers' offsets do).
-        char_of = [i for i, char in enumerate(text) for _ in range(len(char.encode("utf-8")))]
+        # surrogatepass: a lone surrogate, which the tokenizer encodes as U+FFFD, is 3 bytes too.
+        char_of = [i for i, char in enumerate(text) for _ in range(len(char.encode("utf-8", "surrogatepass")))]
         ranges, at = [], 0
         for piece in tokenizer.encoding.decode_tokens_bytes(ids) if text else [b""]:
             ranges.append((char_of[at], char_of[at + len(piece) - 1] + 1) if piece else (0, 0))
