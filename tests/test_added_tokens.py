@@ -49,10 +49,35 @@ def test_added_tokens_get_transformers_ids(pair):
     for skip in (False, True):
         assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
     assert ours.all_special_tokens == ["<|endoftext|>", "[PAD]", "<|user|>"]
-    # Known tokens get no new id ("hello" is in GPT-2's vocabulary; " hello" there is spelled "Ġhello").
-    assert ours.add_tokens(["<code>", "hello", "Ġhello"]) == 0
-    theirs.add_tokens(["<code>", "hello", "Ġhello"])
-    assert len(ours) == len(theirs) == 50261
+    # Known tokens get no new id ("hello" is in GPT-2's vocabulary; " hello" there is spelled "Ġhello"); the
+    # vocabulary's are registered under their ids, then matched as written.
+    assert ours.add_tokens(["<code>", "hello", "Ġhello"]) == theirs.add_tokens(["<code>", "hello", "Ġhello"]) == 2
+    assert len(ours) == len(theirs) == 50261 and ours.added_since_loading == ["[PAD]", "<|user|>", "<code>", " hello"]
+    assert ours.encode("a hello Ġhello") == theirs("a hello Ġhello")["input_ids"]
+
+
+@pytest.mark.parametrize("token", ["!", "hello", "é", "Ġhello"])
+def test_a_vocabulary_token_made_special_keeps_its_id_as_in_transformers(token, tmp_path):
+    """transformers registers a token vocab.json spells alike under its id (pad_token "!" is 0): it was skipped, so
+    text was split otherwise, skip_special_tokens kept it, and a tokenizer transformers saved so failed to load."""
+    ours = GPT2Tokenizer.gpt2()
+    ours.save_pretrained(tmp_path / "base")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "base")
+    for tok in (ours, theirs):
+        assert tok.add_special_tokens({"pad_token": token}) == 1 and len(tok) == 50257
+    text = f"Hi{token}{token} What?{token} ok{token}"
+    ids = theirs(text)["input_ids"]
+    assert ours.encode(text, allowed_special="all") == ids and ours.pad_token_id == theirs.pad_token_id
+    assert ours.all_special_ids == sorted(theirs.all_special_ids)
+    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    for directory in ("ours", "theirs"):
+        reloaded = GPT2Tokenizer.from_file(tmp_path / directory)
+        assert reloaded.encode(text, allowed_special="all") == ids and reloaded.pad_token_id == theirs.pad_token_id
+        assert transformers.AutoTokenizer.from_pretrained(tmp_path / directory)(text)["input_ids"] == ids
+        assert reloaded.fingerprint() == ours.fingerprint()
+    assert pickle.loads(pickle.dumps(ours)).encode(text, allowed_special="all") == ids
 
 
 def test_added_tokens_survive_saving_pickling_and_workers(pair, tmp_path):

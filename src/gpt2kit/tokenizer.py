@@ -139,14 +139,21 @@ def _ranks_from_vocab(vocab: dict[str, int], merges: Iterable[str | Sequence[str
     lowest rank, so ranks (= ids) must grow in merge order; that holds for GPT-2 and for BPE-trained vocabs.
     `trusted` files (the bundled GPT-2 ones, checked by hash) skip the check that every merge is the one
     tiktoken makes (about 10 microseconds per merge). Returns the ranks and the tokens the merges make."""
-    ranks = {_token_bytes(tok, source): i for tok, i in vocab.items() if tok not in specials}
-    _require_distinct_ids(ranks, {}, source)  # before the merges: a shared id would pass for merge order
-    last = -1
-    pairs = []
+    listed = []
     for n, merge in enumerate(merges, 1):
         pair = merge.split(" ") if isinstance(merge, str) else merge
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
             raise TokenizerError(f"{source}: merge {n} is {merge!r}; expected two tokens (\"a b\" or [\"a\", \"b\"])")
+        listed.append(pair)
+    # An added token stays a BPE token too when BPE needs it (a single byte, or a merge's result): transformers
+    # registers a vocabulary token made special (pad_token "!") under its id.
+    needed = {left + right for left, right in listed} if specials & vocab.keys() else set()
+    ranks = {_token_bytes(tok, source): i for tok, i in vocab.items()
+             if tok not in specials or tok in needed or (len(tok) == 1 and tok in _unicode_to_byte())}
+    _require_distinct_ids(ranks, {}, source)  # before the merges: a shared id would pass for merge order
+    last = -1
+    pairs = []
+    for n, pair in enumerate(listed, 1):
         left, right = _token_bytes(pair[0], source), _token_bytes(pair[1], source)
         rank = ranks.get(left + right)
         if rank is None or rank <= last:
@@ -235,17 +242,20 @@ def _require_merged(ranks: dict[bytes, int], made: set[bytes], pattern: str, sou
 
 
 def _require_distinct_ids(ranks: dict[bytes, int], specials: dict[str, int], source: Path) -> None:
-    """Ids tiktoken can hold: integers in [0, 2**32), no two tokens (ordinary or special) sharing one."""
+    """Ids tiktoken can hold: integers in [0, 2**32), no two tokens (ordinary or special) sharing one, except a
+    vocabulary token registered as an added token under its id (transformers matches the text of an added token
+    that vocab.json spells alike, "!" or "Ġhello", to that token's id)."""
     ids = [*ranks.values(), *specials.values()]
     if not ids or (len(set(ids)) == len(ids) and 0 <= min(ids) and max(ids) < MAX_ID):
-        return  # every load passes here; the loop below only finds the token to name
-    owner: dict[int, str] = {}
-    for token, i in [*((repr(t), i) for t, i in ranks.items()), *((repr(t), i) for t, i in specials.items())]:
+        return  # most loads pass here; the loop below finds the token to name, or the shared ids allowed
+    owner: dict[int, tuple[str, str]] = {}  # id -> (token as named in errors, as vocab.json spells it)
+    for token, i, spelled in [*((repr(t), i, token_string(t)) for t, i in ranks.items()),
+                              *((repr(t), i, t) for t, i in specials.items())]:
         if not 0 <= i < MAX_ID:
             raise TokenizerError(f"{source}: token {token} has id {i}; ids must lie in [0, {MAX_ID})")
-        if i in owner:
-            raise TokenizerError(f"{source}: tokens {owner[i]} and {token} share id {i}; ids must be distinct")
-        owner[i] = token
+        if i in owner and owner[i][1] != spelled:
+            raise TokenizerError(f"{source}: tokens {owner[i][0]} and {token} share id {i}; ids must be distinct")
+        owner[i] = (token, spelled)
 
 
 def _encoding(name: str, pattern: str, ranks: dict[bytes, int], specials: dict[str, int],
@@ -452,7 +462,7 @@ class GPT2Tokenizer:
             raise TokenizerError(f"EOS token {eos_token!r} is not a special token of {encoding.name!r}")
         # The EOS, BOS and UNK tokens' ids; `eos_token`, `eos_token_id`, ... read and set them (see _role).
         # GPT-2 uses <|endoftext|> as BOS and UNK too (byte-level BPE never needs an unknown token).
-        eos_id = encoding.encode_single_token(eos_token)
+        eos_id = encoding._special_tokens[eos_token]
         self._role_ids = dict.fromkeys(("eos_token", "bos_token", "unk_token"), eos_id)
         self._pad_token_id = pad_token_id  # None: pad with the EOS id, and name no pad token when saving
         self.padding_side = "right"
@@ -566,13 +576,16 @@ class GPT2Tokenizer:
             added = read_json(added_file, error=TokenizerError) if added_file.is_file() else {}
             if not (isinstance(added, dict) and all(type(i) is int for i in added.values())):
                 raise TokenizerError(f"{added_file}: expected a JSON object of token -> integer id")
-            vocab, new = self.get_vocab(), []
+            vocab, new, fresh = self.get_vocab(), [], 0
             for token, token_id in sorted(added.items(), key=lambda item: item[1]):
                 if token in vocab:
-                    continue
-                if token_id != len(self) + len(new):
+                    if vocab[token] != token_id:
+                        continue
+                elif token_id != len(self) + fresh:
                     raise TokenizerError(f"{added_file}: {token!r} has id {token_id}; the next free id is "
-                                         f"{len(self) + len(new)}")
+                                         f"{len(self) + fresh}")
+                else:
+                    fresh += 1
                 new.append((token, token in roles.values() or token in listed
                             or bool((decoder.get(str(token_id)) or {}).get("special"))))
             _add_runs(self, new)
@@ -586,8 +599,9 @@ class GPT2Tokenizer:
             raise TokenizerError(f"{directory / 'tokenizer_config.json'}: {err}") from None
 
     def add_tokens(self, new_tokens: str | Sequence[str], special_tokens: bool = False) -> int:
-        """Give the tokens this vocabulary lacks the next ids (from len(tokenizer) on) and return how many were
-        new; then `model.resize_token_embeddings(len(tokenizer))`. As in transformers, an ordinary added token is
+        """Give the tokens this vocabulary lacks the next ids (from len(tokenizer) on), register those it has under
+        their ids, and return how many were added, as transformers does; then
+        `model.resize_token_embeddings(len(tokenizer))`. As in transformers, an ordinary added token is
         matched wherever it occurs in a text and kept by decode(skip_special_tokens=True); a special one is
         dropped by it and, like <|endoftext|>, is text in `encode` unless `allowed_special` names it (see the
         module's note). save_pretrained writes them into tokenizer.json, which transformers loads alike."""
@@ -595,18 +609,22 @@ class GPT2Tokenizer:
         for token in tokens:
             if not isinstance(token, str) or not token:
                 raise ValueError(f"added tokens must be non-empty strings, got {token!r}")
-        vocab = self.get_vocab()
-        new = list(dict.fromkeys(t for t in tokens if t not in vocab))
-        if not new:
+        vocab, specials = self.get_vocab(), self.encoding._special_tokens
+        new = [t for t in dict.fromkeys(tokens) if t not in vocab]
+        # A token vocab.json spells alike ("!", "hello", also "Ġhello") keeps its id, as in transformers: then
+        # matched as written in text (or special, e.g. a pad_token "!").
+        known = [t for t in dict.fromkeys(tokens) if t in vocab and t not in specials]
+        if not new and not known:
             return 0
-        specials = {**self.encoding._special_tokens, **{t: len(self) + n for n, t in enumerate(new)}}
+        ids = {**{t: vocab[t] for t in known}, **{t: len(self) + n for n, t in enumerate(new)}}
         self.encoding = tiktoken.Encoding(self.encoding.name, pat_str=self.encoding._pat_str,
-                                          mergeable_ranks=self.encoding._mergeable_ranks, special_tokens=specials)
+                                          mergeable_ranks=self.encoding._mergeable_ranks,
+                                          special_tokens={**specials, **ids})
         if not special_tokens:
-            self._text_tokens = self._text_tokens | frozenset(new)
-        self._added += tuple((t, special_tokens) for t in new)
+            self._text_tokens = self._text_tokens | frozenset(ids)
+        self._added += tuple((t, special_tokens) for t in dict.fromkeys(tokens) if t in ids)
         self._vocab, self._unused_ids, self._splitters = None, {}, {}
-        return len(new)
+        return len(ids)
 
     def add_special_tokens(self, special_tokens_dict: Mapping[str, Any]) -> int:
         """transformers' call: {"pad_token": "[PAD]", "additional_special_tokens": ["<|user|>"], ...} adds the
@@ -942,8 +960,9 @@ class GPT2Tokenizer:
     @property
     def added_since_loading(self) -> list[str]:
         """The tokens add_tokens / add_special_tokens gave new ids since loading, in id order (not those of the
-        directory's own added_tokens.json)."""
-        return [token for token, _ in self._added[self._loaded:]]
+        directory's own added_tokens.json, nor tokens of the vocabulary registered with their ids)."""
+        rank_ids = set(self.encoding._mergeable_ranks.values())
+        return [token for token, _ in self._added[self._loaded:] if self.encoding._special_tokens[token] not in rank_ids]
 
     @property
     def ordinary_added_tokens(self) -> frozenset[str]:
@@ -952,11 +971,12 @@ class GPT2Tokenizer:
 
     @property
     def all_special_tokens(self) -> list[str]:
-        return sorted(self.encoding.special_tokens_set - self._text_tokens, key=self.encoding.encode_single_token)
+        # By the special tokens' own ids (encode_single_token would find "é" registered as 165 as its UTF-8 token).
+        return sorted(self.encoding.special_tokens_set - self._text_tokens, key=self.encoding._special_tokens.get)
 
     @property
     def all_special_ids(self) -> list[int]:
-        return [self.encoding.encode_single_token(t) for t in self.all_special_tokens]
+        return [self.encoding._special_tokens[t] for t in self.all_special_tokens]
 
     def get_vocab(self) -> dict[str, int]:
         """Every token as vocab.json spells it (bytes through GPT-2's byte-to-character map), special tokens as
