@@ -961,8 +961,8 @@ class GPT2Tokenizer:
     def added_since_loading(self) -> list[str]:
         """The tokens add_tokens / add_special_tokens gave new ids since loading, in id order (not those of the
         directory's own added_tokens.json, nor tokens of the vocabulary registered with their ids)."""
-        rank_ids = set(self.encoding._mergeable_ranks.values())
-        return [token for token, _ in self._added[self._loaded:] if self.encoding._special_tokens[token] not in rank_ids]
+        rank_ids, ids = set(self.encoding._mergeable_ranks.values()), self.encoding._special_tokens
+        return [token for token, _ in self._added[self._loaded:] if ids[token] not in rank_ids]
 
     @property
     def ordinary_added_tokens(self) -> frozenset[str]:
