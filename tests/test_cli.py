@@ -52,8 +52,9 @@ def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, 
     GPT2Tokenizer.gpt2().save_pretrained(tmp_path / "vocab")  # a model directory's vocabulary, say
     cases = [
         (["convert", "--input", str(tiny_model_dir), "--output", str(notes)], "exists and is not a directory"),
+        # Not "already exists; pass --overwrite" first, which would have overwritten the input.
         (["convert", "--input", str(tiny_model_dir), "--output", str(tiny_model_dir)],
-         "already exists; pass --overwrite"),
+         "--output must differ from --input"),
         (["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--device", "blah"], "'blah': not a device"),
         (["info", "gpt2", "--parallel", "data=2", "--seq-len", "-5"], "--seq-len must be at least 1"),
         # Found before the summary is printed; an estimate past the context, or options without --parallel, were
@@ -84,7 +85,7 @@ def test_user_mistakes_are_one_line_and_touch_nothing(tiny_model_dir, tmp_path, 
         (["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--temperature", "0.8", "--top-k", "5"],
          "--temperature, --top-k only apply when sampling; add --do-sample"),
         (["chat", "--model", str(tiny_model_dir), "--no-do-sample", "--top-p", "0.5"],
-         "--top-p only apply when sampling"),
+         "--top-p only applies when sampling"),
         (["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--length-penalty", "2"],
          "--length-penalty only applies to beam search"),
         # These two came after a tokenizer was trained and the data tokenized into out_dir.

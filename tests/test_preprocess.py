@@ -517,6 +517,8 @@ def test_inputs_are_files_once_and_never_the_output(tmp_path, monkeypatch):
     again = run(corpus, corpus / "out", format="text", errors="replace", overwrite=True)
     assert first["files"] == again["files"] == 1 and first["tokens"] == again["tokens"]
     assert output_is_current(corpus / "out", corpus, format="text", errors="replace")
+    with pytest.raises(DataError, match=r"a.txt: exists and is not a directory"):  # not "no input files outside"
+        run(corpus / "a.txt", corpus / "a.txt")
 
 
 def test_a_symlinked_output_fills_the_directory_it_points_to(tmp_path):

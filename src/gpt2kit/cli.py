@@ -97,9 +97,9 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    output = check_output_directory(args.output, overwrite=args.overwrite)
-    if args.input and output.resolve() == Path(args.input).resolve():
+    if args.input and Path(args.output).resolve() == Path(args.input).resolve():  # before: "pass --overwrite"
         raise ValueError("--output must differ from --input")
+    output = check_output_directory(args.output, overwrite=args.overwrite)
     if args.config is not None and not args.from_dcp:
         raise ValueError("--config applies to --from-dcp only")
     source_flag = "--from-dcp" if args.from_dcp else "--from-nanogpt" if args.from_nanogpt else None
@@ -195,8 +195,8 @@ def _check_unused_flags(args: argparse.Namespace, samples_by_default: bool) -> N
                                                           "epsilon_cutoff", "eta_cutoff")
               if getattr(args, name) is not None and not (name == "temperature" and args.temperature == 0)]
     if unused and not sampling:
-        raise ValueError(f"{', '.join(unused)} only apply when sampling; add --do-sample (without it each step takes "
-                         "the most likely token)")
+        raise ValueError(f"{', '.join(unused)} only {'apply' if len(unused) > 1 else 'applies'} when sampling; add "
+                         "--do-sample (without it each step takes the most likely token)")
     if getattr(args, "length_penalty", None) is not None and (args.num_beams or 1) <= 1:
         raise ValueError("--length-penalty only applies to beam search; add --num-beams N (N > 1)")
 

@@ -275,6 +275,8 @@ def preprocess(inputs: str | os.PathLike | Sequence[str | os.PathLike], output_d
         if value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
     output = replaced_directory(output_dir)  # before any work
+    if output.exists() and not output.is_dir():  # an input file given as output, too: "no input outside" else
+        raise DataError(f"{output}: exists and is not a directory")
     sources = resolve_inputs(inputs, format, exclude=output)
     check_reading_options(sources, text_key, errors)
     stamps = [file_stamp(s.path) for s in sources]  # before reading: an edit while it runs makes the output stale
