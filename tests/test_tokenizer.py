@@ -89,6 +89,13 @@ def test_special_token_policy(tok):
     text = "a<|endoftext|>b"
     assert 50256 not in tok.encode(text)  # raw text never injects a control token
     assert tok.encode(text, allowed_special="all") == [64, 50256, 65]
+    # Any collection names tokens (a list was a TypeError from tiktoken); a token's text alone is no collection:
+    # with added tokens it was read as a set of its characters, and the token stayed text.
+    listed = ["<|endoftext|>"]
+    assert tok.encode(text, allowed_special=listed) == [64, 50256, 65]
+    assert tok.encode_batch([text], allowed_special=listed) == [[64, 50256, 65]]
+    with pytest.raises(ValueError, match=r"allowed_special must be 'all' or a set of special tokens, got '<\|end"):
+        tok.encode(text, allowed_special="<|endoftext|>")
     assert tok.decode([64, 50256, 65]) == text
     assert tok.decode([64, 50256, 65], skip_special_tokens=True) == "ab"
 

@@ -818,9 +818,12 @@ class GPT2Tokenizer:
 
     def _matched(self, allowed_special: str | set[str]) -> str | set[str]:
         """The special tokens an encode call maps to their ids: those allowed, and the ordinary added tokens."""
-        if allowed_special == "all" or not self._text_tokens:
+        if isinstance(allowed_special, str):  # a token's text alone would be read as its characters
+            if allowed_special != "all":
+                raise ValueError(f"allowed_special must be 'all' or a set of special tokens, got {allowed_special!r}"
+                                 f" (one token: {{{allowed_special!r}}})")
             return allowed_special
-        return self._text_tokens | set(allowed_special) if allowed_special else self._text_tokens
+        return self._text_tokens | set(allowed_special)
 
     def encode_batch(self, texts: Sequence[str], *, allowed_special: str | set[str] = (),
                      num_threads: int = 8) -> list[list[int]]:
