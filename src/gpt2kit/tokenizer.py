@@ -1203,8 +1203,8 @@ def train_bpe(files: Sequence[str | os.PathLike], vocab_size: int, output_dir: s
               texts: Iterable[str] | None = None, progress: bool = True) -> GPT2Tokenizer:
     """Train a byte-level BPE vocabulary (GPT-2's pre-tokenizer and alphabet) on text files, or on `texts`
     (pass files=[]), with HF `tokenizers`; writes `tokenizer.json` to `output_dir` and returns it as a
-    GPT2Tokenizer. The end of text is the first special token with a known end-of-text name (EOS_NAMES:
-    <|endoftext|>, </s>, <|im_end|>, ...), else the first special token."""
+    GPT2Tokenizer. The end of text is the special token whose name comes first in EOS_NAMES (<|endoftext|>,
+    </s>, <|im_end|>, ...; the order of `special_tokens` does not matter), else the first special token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if texts is None and not files:
