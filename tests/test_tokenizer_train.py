@@ -81,7 +81,10 @@ def test_training_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": \n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
         train_tokenizer(tmp_path / "bad.jsonl", tmp_path / "out", vocab_size=500)
-    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):  # found while training on a first file
+        train_tokenizer([DATA / "the-verdict" / "the-verdict.txt", tmp_path / "bad.jsonl"], tmp_path / "out",
+                        vocab_size=500, progress=False)
+    assert not (tmp_path / "out").exists()  # it was left behind, empty
     verdict = DATA / "the-verdict" / "the-verdict.txt"
     with pytest.raises(ValueError, match="errors must be 'strict' or 'replace', got 'ignore'"):
         train_tokenizer(verdict, tmp_path / "out2", vocab_size=500, errors="ignore")

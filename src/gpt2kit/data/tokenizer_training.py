@@ -51,33 +51,40 @@ def train_tokenizer(inputs: str | os.PathLike | Sequence[str | os.PathLike], out
 
     # Trained and checked in a hidden folder: only a vocabulary that passed the check becomes tokenizer.json
     # (a run that reuses an existing one must never find a rejected or half-written file).
+    created = not output.exists()
     make_directories(output, DataError)
-    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=output) as staging:
-        trained = train_bpe([], vocab_size, staging, min_frequency=min_frequency, texts=texts(), progress=progress)
-        reference = Tokenizer.from_file(str(Path(staging) / "tokenizer.json"))
-        reference.encode_special_tokens = True  # gpt2kit's encode treats "<|endoftext|>" in text as text too
-        checked = 0
-        for text, _ in iter_texts(_inputs(inputs, format, output), text_key=text_key, errors=errors):
-            if checked >= CHECK_BYTES:
-                break
-            checked += len(text.encode("utf-8"))
-            if trained.encode(text) != reference.encode(text).ids:
-                raise DataError(f"{output}/tokenizer.json: tiktoken and HF tokenizers disagree on {text[:60]!r}; "
-                                "please report this with the corpus (nothing was written)")
-        # Recorded before tokenizer.json is replaced, with the new file's hash: a crash in between leaves a record
-        # naming another file, which only makes the next run retrain (a tokenizer.json without a record would
-        # count as the user's own). Each source's SHA-256 was taken as training read it.
-        record = {**_settings(vocab_size, format, text_key, min_frequency, errors),
-                  "tokenizer_sha256": sha256_file(Path(staging) / "tokenizer.json"),
-                  "inputs": [{**stamp, "sha256": source.sha256} for source, stamp in zip(sources, stamps)]}
-        atomic_write_text(output / RECORD_FILE, json.dumps(record, indent=2) + "\n")
-        # A tokenizer saved here before leaves files that loading the directory would apply to the new vocabulary
-        # (its roles, chat template, added tokens): they go.
-        for name in TOKENIZER_FILES:
-            if name != "tokenizer.json":
-                with contextlib.suppress(FileNotFoundError):
-                    (output / name).unlink()
-        os.replace(Path(staging) / "tokenizer.json", output / "tokenizer.json")
+    try:
+        with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=output) as staging:
+            trained = train_bpe([], vocab_size, staging, min_frequency=min_frequency, texts=texts(), progress=progress)
+            reference = Tokenizer.from_file(str(Path(staging) / "tokenizer.json"))
+            reference.encode_special_tokens = True  # gpt2kit's encode treats "<|endoftext|>" in text as text too
+            checked = 0
+            for text, _ in iter_texts(_inputs(inputs, format, output), text_key=text_key, errors=errors):
+                if checked >= CHECK_BYTES:
+                    break
+                checked += len(text.encode("utf-8"))
+                if trained.encode(text) != reference.encode(text).ids:
+                    raise DataError(f"{output}/tokenizer.json: tiktoken and HF tokenizers disagree on {text[:60]!r}; "
+                                    "please report this with the corpus (nothing was written)")
+            # Recorded before tokenizer.json is replaced, with the new file's hash: a crash in between leaves a record
+            # naming another file, which only makes the next run retrain (a tokenizer.json without a record would
+            # count as the user's own). Each source's SHA-256 was taken as training read it.
+            record = {**_settings(vocab_size, format, text_key, min_frequency, errors),
+                      "tokenizer_sha256": sha256_file(Path(staging) / "tokenizer.json"),
+                      "inputs": [{**stamp, "sha256": source.sha256} for source, stamp in zip(sources, stamps)]}
+            atomic_write_text(output / RECORD_FILE, json.dumps(record, indent=2) + "\n")
+            # A tokenizer saved here before leaves files that loading the directory would apply to the new vocabulary
+            # (its roles, chat template, added tokens): they go.
+            for name in TOKENIZER_FILES:
+                if name != "tokenizer.json":
+                    with contextlib.suppress(FileNotFoundError):
+                        (output / name).unlink()
+            os.replace(Path(staging) / "tokenizer.json", output / "tokenizer.json")
+    except BaseException:
+        if created:  # a failed run leaves no empty directory behind
+            with contextlib.suppress(OSError):
+                output.rmdir()
+        raise
     tokenizer = GPT2Tokenizer.from_file(output / "tokenizer.json")
     if progress:
         n_bytes = sum(s.bytes for s in sources)
