@@ -99,7 +99,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def _convert(args: argparse.Namespace) -> None:
     if args.input and Path(args.output).resolve() == Path(args.input).resolve():  # before: "pass --overwrite"
         raise ValueError("--output must differ from --input")
-    output = check_output_directory(args.output, overwrite=args.overwrite)
+    check_output_directory(args.output, overwrite=args.overwrite)
     if args.config is not None and not args.from_dcp:
         raise ValueError("--config applies to --from-dcp only")
     source_flag = "--from-dcp" if args.from_dcp else "--from-nanogpt" if args.from_nanogpt else None
