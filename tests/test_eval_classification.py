@@ -243,6 +243,22 @@ def test_text_classification_pipeline_labels_and_scores_as_transformers_shapes_t
         pipeline("text_classification", model=str(tmp_path / "clf"), quantize="int8")
 
 
+@pytest.mark.parametrize("problem_type", ["regression", "multi_label_classification", None])
+def test_the_pipelines_score_function_is_transformers(tmp_path, problem_type):
+    """A regression's value as predicted (it went through a sigmoid), sigmoids for several labels at once or one
+    label without a problem type, softmax otherwise."""
+    torch.manual_seed(0)
+    labels = 1 if problem_type != "multi_label_classification" else 3
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, num_labels=labels,
+                        extra={"problem_type": problem_type} if problem_type else {})
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    GPT2Tokenizer.gpt2().save_pretrained(tmp_path / "clf")
+    ours = pipeline("text-classification", model=str(tmp_path / "clf"), top_k=None)
+    theirs = transformers.pipeline("text-classification", model=str(tmp_path / "clf"), top_k=None)
+    for got, expected in zip(ours(["a gem of a film"])[0], theirs(["a gem of a film"])[0]):
+        assert got["label"] == expected["label"] and got["score"] == pytest.approx(expected["score"], abs=1e-5)
+
+
 def shapes(result):
     """The nesting of a pipeline's result, labels and scores left out."""
     if isinstance(result, list):

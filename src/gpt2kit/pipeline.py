@@ -325,7 +325,8 @@ class TextClassificationPipeline:
     its score (one such dict per text of a list; [{"label", "score"}] for one text, the bare dict for one pair);
     with `top_k` (None: every label), the top labels of each text, best first (a list for one text, a list of
     lists for several; one text with `top_k` given to the pipeline only is wrapped in a list once more, as
-    there). Scores are the softmax over the classes (a sigmoid per class for one output or multi-label models).
+    there). Scores are the softmax over the classes (a sigmoid per class for one output or multi-label models, a
+    regression's value as predicted).
     Texts are encoded as training encodes them (gpt2kit.evaluation.classification.classify). `top_k` and
     `batch_size` given here are the defaults of every call."""
 
@@ -351,8 +352,9 @@ class TextClassificationPipeline:
         _check_call_options(True, batch_size)
         logits = classify(self.model, self.tokenizer, texts, max_length=self.max_length, batch_size=batch_size)
         config = self.model.config
-        multi_label = config.extra.get("problem_type") == "multi_label_classification"
-        scores = logits.sigmoid() if multi_label or logits.shape[-1] == 1 else logits.softmax(-1)
+        problem = config.extra.get("problem_type")  # transformers' choice of function: a regression's value as is
+        scores = (logits if problem == "regression" else logits.sigmoid()
+                  if problem == "multi_label_classification" or logits.shape[-1] == 1 else logits.softmax(-1))
         names = config.id2label or {}
         ranked = [[{"label": names.get(i, f"LABEL_{i}"), "score": float(row[i])}
                    for i in row.argsort(descending=True).tolist()] for row in scores]
