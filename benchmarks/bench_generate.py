@@ -29,7 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.generation import token_generator
-from gpt2kit.quantization import pack_weights, quantize_int8
+from gpt2kit.quantization import long_input_dtype, pack_weights, quantize_int8
 from gpt2kit.training.logging import forward_flops, synchronize
 
 if __package__:
@@ -173,6 +173,7 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes
             dtype = DTYPES[base]
             ours = ours_in(base, ours_fp32)
             peer_dtype = "bf16" if dtype == torch.bfloat16 else "fp32"  # int8 and packed run against fp32
+            product = long_input_dtype(device) if base == "int8" else dtype
             hf = hf_fp32 if peer_dtype == "fp32" else copy.deepcopy(hf_fp32).to(dtype)
             for batch in map(int, batch_sizes.split(",")):
                 ids = torch.randint(0, config.vocab_size, (batch, prompt_len),
@@ -195,10 +196,10 @@ def run(shapes: str = "tiny", dtypes: str = "fp32,fp32-packed,int8", batch_sizes
                                                            2 if base == "bf16" else 4),
                              # Time to first token is bound by the prefill's arithmetic: the prompt through the
                              # blocks, the LM head at each row's last position, in the matmuls' dtype (int8's
-                             # prefill multiplies in bf16).
+                             # prefill of more than 16 rows: bf16, or float32 on a CPU without bf16).
                              "prefill_flops": forward_flops(config, batch * prompt_len, batch,
                                                             batch * prompt_len * (prompt_len + 1) / 2),
-                             "compute_dtype": "fp32" if dtype == torch.float32 else "bf16",
+                             "compute_dtype": "fp32" if product == torch.float32 else "bf16",
                              "same_tokens": bool(torch.equal(o_out, h_out))})
     return rows
 

@@ -18,6 +18,7 @@ from gpt2kit import GPT2Config, GPT2LMHeadModel
 from gpt2kit.generation import generate
 from gpt2kit.losses import lm_loss
 from gpt2kit.model import build_attention_mask
+from gpt2kit.quantization import long_input_dtype
 
 from .conftest import REPO
 from .processes import running
@@ -181,6 +182,19 @@ def test_the_decode_peers_run_the_same_greedy_rule():
     *_, ours_out = bench_generate.time_ours(ours, ids, 6)
     *_, hf_out = bench_generate.time_hf(hf, ids, 6)
     assert ours_out[0, 8:].tolist() == hf_out[0, 8:].tolist() == [50256] * 6
+
+
+def test_an_int8_prefill_row_is_bound_by_the_dtype_it_multiplies_in(monkeypatch):
+    """Its prefill was labelled bf16 always; on a CPU without bf16 it multiplies in float32 (and the TTFT bound
+    is the float32 peak)."""
+    import benchmarks.bench_generate as bench_generate
+
+    monkeypatch.setitem(bench_generate.SHAPES, "tiny", GPT2Config(**{**bench_generate.SHAPES["tiny"].to_dict(),
+                                                                     "n_layer": 1}))
+    [row] = bench_generate.run("tiny", "int8", batch_sizes="1", new_tokens=3, repeats=1, device="cpu")
+    product = long_input_dtype(torch.device("cpu"))
+    assert row["compute_dtype"] == {torch.float32: "fp32", torch.bfloat16: "bf16"}[product]
+    assert row["same_tokens"]
 
 
 def test_forward_flops_count_every_matmul_of_a_forward_pass():

@@ -36,6 +36,13 @@ _COMPUTE_DTYPE = torch.bfloat16  # what the int8 kernel multiplies in (its scale
 # What the matmul of longer inputs multiplies in on this CPU: float32 where it would emulate bf16 (6x faster for a
 # 256-token prefill on an AVX2 CPU), its inputs still rounded to bf16 as the kernel's are. A GPU takes bf16.
 _CPU_LONG_INPUT_DTYPE = _COMPUTE_DTYPE if onednn_supports(_COMPUTE_DTYPE) else torch.float32
+
+
+def long_input_dtype(device: torch.device) -> torch.dtype:
+    """What an int8 layer's product of more than _INT8_KERNEL_MAX_ROWS input rows (a prefill) multiplies in."""
+    return _CPU_LONG_INPUT_DTYPE if device.type == "cpu" else _COMPUTE_DTYPE
+
+
 # The CPU kernel reads the input features in blocks of 16: other widths give wrong sums or crash (torch 2.13).
 _INT8_KERNEL_IN_MULTIPLE = 16
 
@@ -83,7 +90,7 @@ class Int8Linear(InferenceLinear):
             return (y if self.bias is None else torch.add(self.bias, y)).to(x.dtype)
         # The scale is per output row, so it can multiply the product instead of the weight: int8 values are
         # exact in bf16, the conversion is one cheap pass, and q * scale is never rounded to bf16.
-        product = _CPU_LONG_INPUT_DTYPE if x.device.type == "cpu" else _COMPUTE_DTYPE
+        product = long_input_dtype(x.device)
         y = F.linear(x.to(_COMPUTE_DTYPE).to(product), self.weight.to(product))
         if self.bias is None:
             # Scaled in float32: inductor rewrites a bf16 `y * scale` into the int8 kernel above, even for the
