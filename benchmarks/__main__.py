@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     def save() -> None:
         """The rows so far, written after every section: a later failure or interruption loses nothing."""
         atomic_write_text(args.json, json.dumps({
-            "platform": platform_line(device), "argv": sys.argv[1:], "started": began,
+            "platform": platform_line(device), "argv": sys.argv[1:] if argv is None else argv, "started": began,
             "seconds": round(time.perf_counter() - started, 1), "versions": peer_versions(), "hardware": hw,
             "rows": rows, "table": table(rows, hw)}, indent=1, default=str))
 
