@@ -141,6 +141,8 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
         grad, rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        if not _dense(grad):  # a gradient with gaps between rows (a slice's) would take oneDNN's reference kernel
+            grad = grad.contiguous()
         want_x, want_weight, want_bias = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True (Hessian-vector products): products autograd can follow
             grad_x = linear(grad, weight.T).view(x.shape) if want_x else None
