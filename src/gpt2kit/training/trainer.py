@@ -822,8 +822,9 @@ class Trainer:
             "metrics": str(logger.path),
         }
         if self.is_main and c.log.plot:
-            plot = plot_losses(logger.path, self.out_dir / "loss.png", title=f"{self.config.model.name}, "
-                               f"{self.out_dir.name}", unit="example" if c.task == "text_classification" else "token")
+            unit = "example" if c.task == "text_classification" else "token"
+            plot = plot_losses(logger.path, self.out_dir / "loss.png",
+                               title=f"{self.config.model.name}, {self.out_dir.name}", unit=unit)
             summary["loss_plot"] = str(plot) if plot else None
         self._write_summary(summary)  # before the sample: a sample that fails loses neither summary nor plot
         if c.task == "text_generation" and c.sample.prompt and (self.is_main or self._sharded):
