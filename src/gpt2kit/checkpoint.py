@@ -353,13 +353,13 @@ def load_pretrained(cls: type[M], name_or_path: str | os.PathLike, *, dtype: tor
     dtype = parse_dtype(dtype)  # before any weight is read
     model_dir = resolve_model_dir(name_or_path)
     config = load_config(model_dir)
+    if is_adapter_dir(model_dir):
+        return _load_adapted(cls, model_dir, dtype=dtype, device=device, **config_overrides)
     labels, names = config_overrides.get("num_labels"), config.id2label
     if labels is not None and names is not None and len(names) != labels and "id2label" not in config_overrides:
         # Another number of classes starts without the file's class names, as in transformers (configs of older
         # transformers, distilgpt2's among them, name one class: LABEL_0).
         config_overrides = {"id2label": None, "label2id": None, **config_overrides}
-    if is_adapter_dir(model_dir):
-        return _load_adapted(cls, model_dir, dtype=dtype, device=device, **config_overrides)
     try:
         config = config.replace(**config_overrides)
     except ValueError as err:

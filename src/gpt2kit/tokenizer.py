@@ -663,7 +663,11 @@ class GPT2Tokenizer:
         What an output made with it records, to tell later whether a tokenizer is still the same one. With
         `roles=False`, the ids alone: which tokens are EOS, BOS, UNK and padding do not count."""
         parts = [portable_pattern(self.split_pattern).encode(), b"\0specials"]
-        parts += [f"{i}:{t}\0".encode() for t, i in sorted(self.encoding._special_tokens.items(), key=lambda x: x[1])]
+        # Not a vocabulary token registered as special under its id (a pad_token "!", added again on loading a
+        # directory that names it): the ids encode gives are the same.
+        rank_ids = set(self.encoding._mergeable_ranks.values())
+        parts += [f"{i}:{t}\0".encode() for t, i in sorted(self.encoding._special_tokens.items(), key=lambda x: x[1])
+                  if i not in rank_ids]
         parts.append(b"\0ranks")
         for token, rank in sorted(self.encoding._mergeable_ranks.items(), key=lambda x: x[1]):
             parts.append(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
