@@ -75,8 +75,7 @@ def gguf_vocabulary(tokenizer: GPT2Tokenizer, vocab_size: int) -> tuple[list[str
     tokenizer.check_fits(vocab_size)
     encoding = tokenizer.encoding
     # A vocabulary token registered as an added token (a pad_token "!") stays the ordinary token it is to BPE.
-    rank_ids = set(encoding._mergeable_ranks.values())
-    specials = {i: text for text, i in encoding._special_tokens.items() if i not in rank_ids}
+    specials = {i: text for text, i in tokenizer.own_id_tokens().items()}
     tokens, types = [], []
     for token_id in range(tokenizer.vocab_size):
         if token_id in specials:

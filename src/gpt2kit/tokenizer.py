@@ -665,9 +665,7 @@ class GPT2Tokenizer:
         parts = [portable_pattern(self.split_pattern).encode(), b"\0specials"]
         # Not a vocabulary token registered as special under its id (a pad_token "!", added again on loading a
         # directory that names it): the ids encode gives are the same.
-        rank_ids = set(self.encoding._mergeable_ranks.values())
-        parts += [f"{i}:{t}\0".encode() for t, i in sorted(self.encoding._special_tokens.items(), key=lambda x: x[1])
-                  if i not in rank_ids]
+        parts += [f"{i}:{t}\0".encode() for t, i in sorted(self.own_id_tokens().items(), key=lambda x: x[1])]
         parts.append(b"\0ranks")
         for token, rank in sorted(self.encoding._mergeable_ranks.items(), key=lambda x: x[1]):
             parts.append(rank.to_bytes(4, "little") + len(token).to_bytes(2, "little") + token)
@@ -827,7 +825,7 @@ class GPT2Tokenizer:
                 raise ValueError(f"allowed_special must be 'all' or a set of special tokens, got {allowed_special!r}"
                                  f" (one token: {{{allowed_special!r}}})")
             return allowed_special
-        return self._text_tokens | set(allowed_special)
+        return self._text_tokens | set(allowed_special) if allowed_special else self._text_tokens  # () per call
 
     def encode_batch(self, texts: Sequence[str], *, allowed_special: str | set[str] = (),
                      num_threads: int = 8) -> list[list[int]]:
@@ -968,8 +966,14 @@ class GPT2Tokenizer:
     def added_since_loading(self) -> list[str]:
         """The tokens add_tokens / add_special_tokens gave new ids since loading, in id order (not those of the
         directory's own added_tokens.json, nor tokens of the vocabulary registered with their ids)."""
-        rank_ids, ids = set(self.encoding._mergeable_ranks.values()), self.encoding._special_tokens
-        return [token for token, _ in self._added[self._loaded:] if ids[token] not in rank_ids]
+        own = self.own_id_tokens()
+        return [token for token, _ in self._added[self._loaded:] if token in own]
+
+    def own_id_tokens(self) -> dict[str, int]:
+        """Special and added tokens with ids of their own, by text: all of them but vocabulary tokens registered
+        under their ids (add_special_tokens({"pad_token": "!"}), as transformers registers them)."""
+        rank_ids = set(self.encoding._mergeable_ranks.values())
+        return {token: i for token, i in self.encoding._special_tokens.items() if i not in rank_ids}
 
     @property
     def ordinary_added_tokens(self) -> frozenset[str]:
