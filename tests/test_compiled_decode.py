@@ -43,9 +43,11 @@ def test_static_step_gives_the_eager_steps_logits(tiny_model, ids, mask):
     torch.testing.assert_close(static_cache.values[..., :filled, :], eager_cache.values[..., :filled, :])
 
 
-@pytest.mark.parametrize("ids, mask", [BATCH_1, PADDED], ids=["batch-1", "left-padded"])
-def test_compiled_decoding_gives_the_eager_tokens(tiny_model, ids, mask, autotuned):
-    """The step as users compile it, autotuned (the other tests compile without autotuning, twice as fast)."""
+@pytest.mark.parametrize("ids, mask, autotune", [(*BATCH_1, "1"), (*PADDED, "0")], ids=["batch-1", "left-padded"])
+def test_compiled_decoding_gives_the_eager_tokens(tiny_model, ids, mask, autotune, monkeypatch):
+    """Batch 1 as users compile it, autotuned; the padded batch without autotuning, as the other tests compile
+    (twice as fast: autotuning one shape costs half a minute here)."""
+    monkeypatch.setenv(AUTOTUNE_ENV, autotune)
     eager = generate(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[])
     compiled = generate(tiny_model, ids, mask, max_new_tokens=NEW_TOKENS, eos_token_id=[], compile=True)
     assert compiled.shape == (ids.shape[0], ids.shape[1] + NEW_TOKENS)

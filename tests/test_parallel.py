@@ -416,8 +416,8 @@ def test_a_rank_that_cannot_load_fails_every_rank_quickly(job):
 
 def _stalled_peer_job(rank: int, out: Path) -> None:
     """Four ranks as data 2 x shard 2, parallel.timeout = 2 s; rank 1 never joins rank 0's all-reduce on their
-    shard group (a group of the mesh, smaller than the job). Rank 1 lives on for 8 s: without the timeout rank 0
-    would wait until then."""
+    shard group (a group of the mesh, smaller than the job). The other ranks live on until rank 0 reports, for 8 s
+    at most: without the timeout rank 0 would wait until then."""
     state = init_distributed(ParallelConfig(data=2, shard=2, timeout=2), device="cpu")
     if rank == 0:
         started = time.monotonic()
@@ -428,7 +428,9 @@ def _stalled_peer_job(rank: int, out: Path) -> None:
             outcome = f"failed: {err}"
         torch.save({"outcome": outcome, "seconds": time.monotonic() - started}, out / "stalled.pt")
     else:
-        time.sleep(8)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and not (out / "stalled.pt").exists():
+            time.sleep(0.1)
 
 
 def test_the_timeout_bounds_collectives_on_the_mesh_groups(tmp_path):

@@ -220,44 +220,47 @@ def test_data_parallel_classification_is_the_single_process_run(tmp_path):
 def test_data_parallel_training_with_dropout_on_padded_rows_resumes_exactly(tmp_path):
     """Dropout draws as many random numbers as a batch has elements, and each rank pads its rows to its own
     width: the ranks' random states drift apart, so a checkpoint keeps every rank's, and a resumed run continues
-    the uninterrupted one's losses exactly (with rank 0's state on both ranks it did not)."""
+    the uninterrupted one's losses exactly (with rank 0's state on both ranks it did not). The three runs share
+    one launch (RESUME_RUNS): starting two processes costs more than the runs."""
     config = classification_run(tmp_path, dropout=0.1)
-    for name in ("whole", "resumed"):
+    for name in ("whole", "resumed", "tp"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**config, "out_dir": str(tmp_path / name)}))
-    result = torchrun("train", "--config", str(tmp_path / "whole.yaml"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = torchrun("train", "--config", str(tmp_path / "resumed.yaml"), "--resume",
-                      str(tmp_path / "whole" / "checkpoints" / "step-00000003"))
+    script = tmp_path / "resume_runs.py"
+    script.write_text(RESUME_RUNS)
+    result = subprocess.run([*TORCHRUN, str(script), str(tmp_path / "whole.yaml"), str(tmp_path / "resumed.yaml"),
+                             str(tmp_path / "whole" / "checkpoints" / "step-00000003"), str(tmp_path / "tp.yaml")],
+                            capture_output=True, text=True, env=ENV, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert set(resumed) == {4, 5, 6} and resumed == {step: whole[step] for step in resumed}  # bit for bit
     # Resumed as tensor parallel, the two ranks form one group, which must draw one random stream: with each rank's
     # saved state (another layout's), their replicated weights (position embedding, LayerNorms, head) drifted.
-    script = tmp_path / "tp_resume.py"
-    script.write_text(TP_RESUME)
-    (tmp_path / "tp.yaml").write_text(yaml.safe_dump({**config, "out_dir": str(tmp_path / "tp")}))
-    result = subprocess.run([*TORCHRUN, str(script), str(tmp_path / "tp.yaml"),
-                             str(tmp_path / "whole" / "checkpoints" / "step-00000003")],
-                            capture_output=True, text=True, env=ENV, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "tp" / "replicas.json").read_text()) == []
 
 
-TP_RESUME = """
+# Under torchrun: `train --config WHOLE`, then `train --config RESUMED --resume CHECKPOINT` and, with a TP_CONFIG,
+# that checkpoint resumed as tensor parallel, writing the names of the replicated weights that differ between the
+# ranks to replicas.json.
+RESUME_RUNS = """
 import json
 import sys
 import torch
 import torch.distributed as dist
-from gpt2kit.training import Trainer, load_config
-trainer = Trainer(args=load_config(sys.argv[1], [("parallel.tensor", "-1"), ("parallel.data", "1")]))
-trainer.train(resume=sys.argv[2])
-local = {name: (p.to_local() if hasattr(p, "to_local") else p).detach() for name, p in trainer.model.named_parameters()
-         if not hasattr(p, "placements") or all(pl.is_replicate() for pl in p.placements)}
-both = [None, None]
-dist.all_gather_object(both, local)
-if dist.get_rank() == 0:
-    differ = [name for name in both[0] if not torch.equal(both[0][name], both[1][name])]
-    (trainer.out_dir / "replicas.json").write_text(json.dumps(differ))
+from gpt2kit.training import Trainer, load_config, run
+whole, resumed, checkpoint, *tp = sys.argv[1:]
+run("train", whole)
+run("train", resumed, resume=checkpoint)
+if tp:
+    trainer = Trainer(args=load_config(tp[0], [("parallel.tensor", "-1"), ("parallel.data", "1")]))
+    trainer.train(resume=checkpoint)
+    local = {name: (p.to_local() if hasattr(p, "to_local") else p).detach()
+             for name, p in trainer.model.named_parameters()
+             if not hasattr(p, "placements") or all(pl.is_replicate() for pl in p.placements)}
+    both = [None, None]
+    dist.all_gather_object(both, local)
+    if dist.get_rank() == 0:
+        differ = [name for name in both[0] if not torch.equal(both[0][name], both[1][name])]
+        (trainer.out_dir / "replicas.json").write_text(json.dumps(differ))
 """
 
 
@@ -304,10 +307,11 @@ def test_tensor_parallel_training_with_dropout_resumes_exactly(tmp_path, corpus)
         values["train"]["recompute"] = True
         config.write_text(yaml.safe_dump(values))
         runs[name] = config
-    result = torchrun("train", "--config", str(runs["whole"]))
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = torchrun("train", "--config", str(runs["resumed"]), "--resume",
-                      str(tmp_path / "whole" / "checkpoints" / "step-00000003"))
+    script = tmp_path / "resume_runs.py"
+    script.write_text(RESUME_RUNS)
+    result = subprocess.run([*TORCHRUN, str(script), str(runs["whole"]), str(runs["resumed"]),
+                             str(tmp_path / "whole" / "checkpoints" / "step-00000003")],
+                            capture_output=True, text=True, env=ENV, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     whole, resumed = losses(tmp_path / "whole"), losses(tmp_path / "resumed")
     assert set(resumed) == {4, 5, 6} and resumed == {step: whole[step] for step in resumed}  # bit for bit
