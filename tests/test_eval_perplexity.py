@@ -4,6 +4,7 @@ token by token against a naive reference, batch-size invariance, and padding tha
 import dataclasses
 import math
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -182,6 +183,30 @@ def test_lm_head_chunks_share_one_scratch_block_with_the_training_loss(tiny_conf
     loss.backward()
     reference = torch.nn.functional.cross_entropy(model(ids[:, :-1]).logits[0], ids[0, 1:])
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("cache, columns, device, rows", [
+    (32 * 2 ** 20, 50304, "cpu", 128),  # 25 MB of logits in a 32 MB L3, where 1024 rows (206 MB) spill
+    (8 * 2 ** 20, 50304, "cpu", 64),  # never fewer rows than the GEMM kernels run fast on
+    (32 * 2 ** 20, 512, "cpu", 1024),  # a small vocabulary: ROWS_PER_CHUNK still bounds it
+    (None, 50304, "cpu", 1024),  # no cache size to read
+    (32 * 2 ** 20, 50304, "meta", 1024),  # not a CPU: the cache is not the CPU's concern
+])
+def test_the_scored_rows_per_chunk_fit_the_last_level_cache(monkeypatch, cache, columns, device, rows):
+    from gpt2kit.evaluation import scoring
+
+    monkeypatch.setattr(scoring, "last_level_cache_bytes", lambda: cache)
+    assert scoring.rows_per_chunk(columns, torch.device(device)) == rows
+
+
+def test_the_last_level_cache_is_read_from_sysfs():
+    from gpt2kit.evaluation.scoring import last_level_cache_bytes
+
+    size = last_level_cache_bytes()
+    if Path("/sys/devices/system/cpu/cpu0/cache").is_dir():
+        assert size is not None and size >= 2 ** 16  # at least the 64 KB an L1 has, in bytes
+    else:
+        assert size is None
 
 
 class PoisonPadding(nn.Module):
