@@ -521,6 +521,24 @@ def test_inputs_are_files_once_and_never_the_output(tmp_path, monkeypatch):
         run(corpus / "a.txt", corpus / "a.txt")
 
 
+def test_preprocessed_outputs_in_an_input_directory_are_not_read_as_text(tmp_path):
+    """An earlier output in the corpus directory: its pretty-printed meta.json read as a malformed JSON line and
+    stopped the run. Outputs are skipped like hidden files; given as the input itself, the error says what it is."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Some words to read.")
+    first = run(corpus, corpus / "tokens")
+    (corpus / "notes.json").write_text('{"text": "a JSON line of its own"}\n')  # an input named meta-like: read
+    second = run(corpus, tmp_path / "elsewhere")
+    assert first["files"] == 1 and second["files"] == 2 and second["documents"] == 2
+    with pytest.raises(DataError, match=r"tokens: already preprocessed \(token shards and .*meta.json\), not text"):
+        run(corpus / "tokens", tmp_path / "again")
+    other = corpus / "data" / "meta.json"  # another program's meta.json: an input like any other
+    other.parent.mkdir()
+    other.write_text('{"text": "not token data"}\n')
+    assert run(corpus, tmp_path / "third")["files"] == 3
+
+
 def test_a_symlinked_output_fills_the_directory_it_points_to(tmp_path):
     (tmp_path / "big").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "big")

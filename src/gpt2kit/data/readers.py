@@ -93,14 +93,31 @@ def _known_suffix(path: Path) -> bool:
     return Path(path.name.lower().removesuffix(".zst")).suffix in _SUFFIX_FORMATS
 
 
+def _token_directories(root: Path) -> set[Path]:
+    """The preprocessed outputs under `root` (a directory with a gpt2kit-tokens meta.json): token shards, never
+    text to read, and their pretty-printed meta.json would read as a malformed JSON line."""
+    from .datasets import FORMAT_NAME, META_FILE
+
+    found = set()
+    for meta in root.rglob(META_FILE):
+        try:
+            is_tokens = json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT_NAME
+        except (OSError, ValueError, AttributeError):
+            continue  # not an output of preprocess: an input like any other
+        if is_tokens:
+            found.add(meta.parent)
+    return found
+
+
 def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], format: str = "auto", *,
                    exclude: str | os.PathLike | None = None) -> list[Source]:
     """Files from paths, directories (recursively, sorted) and globs, in the order given, without repeats (a
     file named twice, by any path, is read once).
 
     In a directory, format "auto" takes only files with a known suffix (.txt .text .tokens .raw .jsonl .json,
-    optionally .zst); an explicit format takes every file. Hidden files and folders are skipped, and so is
-    everything under `exclude` (an output directory inside an input directory)."""
+    optionally .zst); an explicit format takes every file. Hidden files and folders are skipped, and so are
+    preprocessed outputs found there and everything under `exclude` (an output directory inside an input
+    directory)."""
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"format must be auto or one of {', '.join(FORMATS)}, got {format!r}")
     if isinstance(inputs, (str, os.PathLike)):
@@ -111,8 +128,13 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], form
     for item in inputs:
         path = Path(item)
         if path.is_dir():
+            outputs = _token_directories(path)
+            if path in outputs:
+                raise DataError(f"{path}: already preprocessed (token shards and {path / 'meta.json'}), not text "
+                                "to read: train on it as data.train")
             found = sorted(p for p in path.rglob("*") if p.is_file()
                            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                           and not any(parent in outputs for parent in p.parents)
                            and (format != "auto" or _known_suffix(p)))
             if not found:
                 raise FileNotFoundError(f"{path}: directory has no input files"
