@@ -29,7 +29,7 @@ from gpt2kit.data.datasets import alpaca_prompt
 from gpt2kit.generation import GenerationConfig, TextStreamDecoder, generate, truncate_at_stop
 from gpt2kit.pipeline import TextGenerationPipeline, load_model_and_tokenizer
 from gpt2kit.serving import ServerConfig, create_app
-from gpt2kit.serving.app import _sse
+from gpt2kit.serving.app import _sse, default_model_name
 from gpt2kit.serving.protocol import CompletionFormat, LogprobsBuilder, parse_request
 from gpt2kit.serving.scheduler import FinishEvent, Job, TokenEvent
 from gpt2kit.tokenizer import GPT2Tokenizer
@@ -838,6 +838,16 @@ def test_a_port_in_use_is_one_error_before_the_model_loads(tmp_path, capsys):
         missing = tmp_path / "no-model"  # never loaded: the port is checked first
         assert main(["serve", "--model", str(missing), "--port", str(port)]) == 2
     assert f"gpt2kit serve: error: cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+
+
+def test_the_default_model_id_is_the_directory_name_however_it_is_written(tmp_path, monkeypatch):
+    """`--model .` served the id ".", which the openai client refuses in a path and HTTP clients collapse."""
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path / "my-model")
+    for written in (".", "./", str(tmp_path / "my-model"), "../my-model/"):
+        assert default_model_name(written) == "my-model", written
+    assert default_model_name("gpt2-tiny") == "gpt2-tiny"  # a preset
+    assert default_model_name("/") == "gpt2kit"
 
 
 def test_serve_command_binds_loopback_and_reads_the_key_from_the_environment(model_dir):

@@ -472,6 +472,12 @@ async def _disconnect(request: Request) -> None:
         await asyncio.sleep(DISCONNECT_POLL_SECONDS)
 
 
+def default_model_name(model: str | os.PathLike) -> str:
+    """The id a server gives its model without --model-name: the model directory's name, from its absolute
+    path (`--model .` served the id ".", which no client can ask for by path), or the preset's name."""
+    return os.path.basename(os.path.abspath(str(model))) or "gpt2kit"
+
+
 def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
           dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu", random_init: bool = False,
           quantize: str | None = None, pack_weights: bool = False, log_level: str = "info", **options) -> None:
@@ -491,7 +497,7 @@ def serve(model: str | os.PathLike, *, tokenizer: str | os.PathLike | None = Non
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         logger.warning("serving on %s without an API key: anyone who can reach this address can use the model",
                        config.host)
-    app = create_app(lm, tok, config, model_name=os.path.basename(os.path.normpath(str(model))))
+    app = create_app(lm, tok, config, model_name=default_model_name(model))
     scheduler = app.state.service.scheduler
 
     class Server(uvicorn.Server):
