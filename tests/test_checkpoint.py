@@ -187,6 +187,9 @@ def test_bad_inputs_give_one_clear_error(tmp_path, tiny_model, capsys):
     (tmp_path / "empty" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         GPT2LMHeadModel.from_pretrained(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("[" * 100000 + "]" * 100000)  # a RecursionError's traceback
+    assert main(["info", str(tmp_path / "empty")]) == 2
+    assert "config.json: not valid JSON here (nested deeper than Python's parser goes)" in capsys.readouterr().err
 
     assert main(["info", "gpt3"]) == 2
     err = capsys.readouterr().err

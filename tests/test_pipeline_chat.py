@@ -348,14 +348,16 @@ def test_generate_command_penalty_and_logit_bias_flags(pipe, model_dir, capsys):
 
 def test_chat_sets_penalties_and_logit_bias(pipe, model_dir):
     script = ("/set logit_bias 11=100\nHi\n/set logit_bias 9999=1\n/set logit_bias none\n"
-              "/set presence_penalty 0.5\n/set frequency_penalty 3\n/set seed 99999999999999999999\n/set top_k 7\n")
+              "/set presence_penalty 0.5\n/set frequency_penalty 3\n/set seed 99999999999999999999\n/set top_k 7\n"
+              "/set max_new_tokens abc\n/set temperature warm\n")
     out = chat_in_process(model_dir, script, do_sample=False, max_new_tokens=6).splitlines()
     # A refused seed was kept anyway, and every /set after it then failed on it.
     assert out == ["[logit_bias = {11: 100.0}]", pipe.tokenizer.decode([11] * 6).strip(),
                    "[error: logit_bias names token id 9999, beyond the vocabulary of 512 ids]", "[logit_bias = None]",
                    "[presence_penalty = 0.5]", "[error: frequency_penalty must be a number in [-2, 2] (0 disables it)]",
                    "[error: seed must be an integer that fits 64 bits (torch.Generator's range), got "
-                   "99999999999999999999]", "[top_k = 7]"]
+                   "99999999999999999999]", "[top_k = 7]", "[error: max_new_tokens: expected an integer, got 'abc']",
+                   "[error: temperature: expected a number, got 'warm']"]
 
 
 def test_chat_through_a_pipe(model_dir):
@@ -365,7 +367,8 @@ def test_chat_through_a_pipe(model_dir):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    acks = ["\n[temperature = 0.5]\n", "\n[error: invalid literal", "\n[temperature = 0.5, top_k = 50,",
+    acks = ["\n[temperature = 0.5]\n", "\n[error: top_k: expected an integer, got 'nope']\n",
+            "\n[temperature = 0.5, top_k = 50,",
             "\n[history cleared]\n"]
     positions = [out.index(ack) for ack in acks]
     assert positions == sorted(positions)

@@ -263,6 +263,16 @@ def test_mfu_flops_and_best_measured_cpu_peak(monkeypatch, tmp_path):
     assert peak_flops(torch.device("cpu"), torch.float32)[0] == peak
     monkeypatch.setattr(logging_module, "measure_matmul_peak", lambda *a, **k: peak * 2)
     assert peak_flops(torch.device("cpu"), torch.float32)[0] == peak * 2
+    # A damaged cache (valid JSON of another shape, a value that is no number) is measured anew, never a failed run.
+    cache = tmp_path / "gpt2kit" / "matmul_peak.json"
+    for damaged in ("[1]", '"text"', "[" * 100000 + "]" * 100000):
+        cache.write_text(damaged)
+        assert peak_flops(torch.device("cpu"), torch.float32)[0] == peak * 2
+    keys = list(json.loads(cache.read_text()))  # remeasured into the damaged file's place: this machine's key
+    assert len(keys) == 1
+    for value in ("fast", None, float("nan")):
+        cache.write_text(json.dumps({keys[0]: value}))
+        assert peak_flops(torch.device("cpu"), torch.float32)[0] == peak * 2
 
 
 def test_logs_tensorboard_jsonl_and_loss_plot(tmp_path):

@@ -33,12 +33,26 @@ def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return lambda text: None if text.lower() == "none" else parse(text)
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+
+
 SETTINGS: dict[str, Callable[[str], Any]] = {
-    "temperature": float, "top_k": _optional(int), "top_p": _optional(float), "min_p": _optional(float),
-    "typical_p": _optional(float), "epsilon_cutoff": _optional(float), "eta_cutoff": _optional(float),
-    "repetition_penalty": float, "no_repeat_ngram_size": int, "frequency_penalty": float, "presence_penalty": float,
-    "logit_bias": _optional(parse_logit_bias),
-    "max_new_tokens": int, "min_new_tokens": int, "do_sample": _parse_bool, "seed": _optional(int),
+    "temperature": _number, "top_k": _optional(_integer), "top_p": _optional(_number),
+    "min_p": _optional(_number), "typical_p": _optional(_number), "epsilon_cutoff": _optional(_number),
+    "eta_cutoff": _optional(_number), "repetition_penalty": _number, "no_repeat_ngram_size": _integer,
+    "frequency_penalty": _number, "presence_penalty": _number, "logit_bias": _optional(parse_logit_bias),
+    "max_new_tokens": _integer, "min_new_tokens": _integer, "do_sample": _parse_bool, "seed": _optional(_integer),
 }
 
 
@@ -76,7 +90,11 @@ class ChatSession:
     def set(self, name: str, value: str) -> None:
         if name not in SETTINGS:
             raise ValueError(f"unknown setting {name!r}; settable: {', '.join(SETTINGS)}")
-        self.set_config(self.config.replace(**{name: SETTINGS[name](value)}), reseed=name == "seed")
+        try:
+            parsed = SETTINGS[name](value)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        self.set_config(self.config.replace(**{name: parsed}), reseed=name == "seed")
 
     def reset(self) -> None:
         self.turns = []

@@ -379,7 +379,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    "(default: max length = disjoint windows; smaller = overlapping windows, more context)")
     p.add_argument("--batch-size", type=int, default=8, help="windows / examples per forward pass (the numbers "
                    "do not depend on it)")
-    p.add_argument("--output", default=None, help="write the JSON report here")
+    p.add_argument("--output", default=None, help="write the JSON report here (replacing an earlier report)")
     p.add_argument("--format", default="auto", help="perplexity: auto|wikitext|text|jsonl; classification: "
                    "auto|sst2|cola|agnews|csv (default: from the file)")
     p.add_argument("--detokenize", action=argparse.BooleanOptionalAction, default=None,

@@ -270,6 +270,8 @@ def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError) -
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise error(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON here (nested deeper than Python's parser goes)") from None
 
 
 def standard_json(value: Any) -> Any:

@@ -9,6 +9,7 @@ at startup; the best result per CPU, thread count and dtype is cached), never fr
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -104,13 +105,16 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     cache = _cache_file()
     try:
         known = json.loads(cache.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        known = {}
+    if not isinstance(known, dict):  # a damaged cache is measured anew, never a failed run
         known = {}
     # Other processes on the machine slow a measurement down, never speed it up: keep the best one seen.
     # float16 products run at about 1 GFLOP/s on CPUs without native float16 (emulated): a 1024-square product
     # would take a minute to time, a 256-square one well under a second.
     measured = measure_matmul_peak(dtype, size=256 if dtype == torch.float16 else 1024)
-    if measured > known.get(key, 0.0):
+    previous = known.get(key)
+    if not (isinstance(previous, (int, float)) and math.isfinite(previous)) or measured > previous:
         known[key] = measured
         try:
             atomic_write_text(cache, json.dumps(known, indent=1))
