@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from gpt2kit.cli import main
@@ -35,6 +36,30 @@ def test_info_counts_parameters_without_allocating():
 def test_info_on_a_model_directory(tiny_model_dir):
     result = run("info", str(tiny_model_dir))
     assert result.returncode == 0 and "layers       2" in result.stdout
+
+
+def test_an_allocation_the_machine_cannot_make_is_one_error_line(monkeypatch, capsys):
+    """A model too large for memory (model.config.n_positions 10**8: 25.6 GB) ended in PyTorch's C++ assertion
+    and a traceback; other RuntimeErrors are bugs and keep theirs."""
+    import gpt2kit.cli as cli
+
+    def too_large(args):
+        torch.empty(2 ** 61, dtype=torch.uint8)  # what the CPU allocator raises, with its own message
+
+    monkeypatch.setitem(cli.COMMANDS, "info", (cli.COMMANDS["info"][0], (cli.COMMANDS["info"][1][0], too_large)))
+    assert main(["info", "gpt2"]) == 2
+    assert capsys.readouterr().err == ("gpt2kit info: error: out of memory (an allocation of 2305843009.2 GB): a "
+                                       "smaller model, batch or sequence length, or a machine with more memory, is "
+                                       "needed\n")
+    assert "out of memory:" in cli.out_of_memory_message(MemoryError())
+    assert cli.out_of_memory_message(RuntimeError("a bug")) is None
+
+    def bug(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "info", (cli.COMMANDS["info"][0], (cli.COMMANDS["info"][1][0], bug)))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["info", "gpt2"])
 
 
 def test_errors_are_one_line_and_nonzero(tmp_path):

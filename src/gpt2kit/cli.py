@@ -511,6 +511,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def out_of_memory_message(err: BaseException) -> str | None:
+    """One line for an allocation the machine could not make (a model or batch too large for its memory, e.g.
+    n_positions 10**8), or None for any other error. PyTorch's CPU allocator raises a RuntimeError of a C++
+    assertion; its CUDA one raises torch.OutOfMemoryError."""
+    import re
+
+    import torch
+
+    if not isinstance(err, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(err):
+        return None
+    wanted = re.search(r"allocate (\d+) bytes", str(err))
+    size = f" (an allocation of {int(wanted.group(1)) / 1e9:.1f} GB)" if wanted else ""
+    return (f"out of memory{size}: a smaller model, batch or sequence length, or a machine with more memory, "
+            "is needed")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Commands that take --section.key value config overrides receive the flags argparse does not know.
@@ -531,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, FileNotFoundError, OSError, ImportError) as err:
         # One clear line for bad input or a missing optional package; tracebacks are for bugs.
         print(f"gpt2kit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        if (message := out_of_memory_message(err)) is None:
+            raise
+        print(f"gpt2kit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
