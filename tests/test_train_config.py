@@ -119,10 +119,6 @@ def test_text_overrides_are_taken_as_typed(tmp_path):
     ("model:\n  config:\n    n_head: 5\n", [],
      r"run.yaml:3: model.config.n_head: n_embd \(256\) must be divisible by n_head"),
     ("parallel:\n  data: 0\n", [], r"run.yaml:2: parallel.data: must be a positive integer or -1, got 0"),
-    ("model:\n  name: gpt2-tiny\ndata:\n  seq_len: 2048\n", [],
-     r"run.yaml:4: data.seq_len: 2048 is longer than the model's context \(n_positions=256\)"),
-    ("model:\n  config:\n    n_positions: 64\n", [("data.max_length", "65")],
-     r"command line: --data.max_length: 65 is longer than the model's context \(n_positions=64\)"),
     ("out_dir: ''\n", [], r"run.yaml:1: out_dir: must not be empty"),
     ("data:\n  train: ' '\n", [], r"run.yaml:2: data.train: must not be empty \(null leaves it unset\)"),
 ])

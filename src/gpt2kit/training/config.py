@@ -263,16 +263,13 @@ class RunConfig:
             self.model.config[key] = _coerce(value, hints[key], _locate(source, lines or {}, f"model.config.{key}"))
         if self.model.name in PRESETS and self.model.checkpoint is None:  # else the config is read from a directory
             try:
-                context = GPT2Config.from_name(self.model.name, **self.model.config).n_positions
+                GPT2Config.from_name(self.model.name, **self.model.config)
             except ValueError as err:  # e.g. n_layer 0, or an n_embd the heads do not divide
                 # Blame a field the message names, one from the command line first, else the section.
                 named = sorted((f"model.config.{key}" for key in self.model.config
                                 if re.search(rf"\b{key}\b", str(err))),
                                key=lambda name: (lines or {}).get(name) != COMMAND_LINE)
                 raise bad(named[0] if named else "model.config", str(err)) from None
-            for key, length in (("data.seq_len", d.seq_len), ("data.max_length", d.max_length)):
-                if length is not None and length > context:  # a model directory's context is checked on loading it
-                    raise bad(key, f"{length} is longer than the model's context (n_positions={context})")
         # The global batch must split into whole micro-batches on every data-parallel rank (checked again, with the
         # data's window length, once the data is read: global_batch_tokens of a checkpoint's model).
         per_micro = t.micro_batch_size * layout.data_parallel_size
