@@ -28,7 +28,7 @@ from typing import Any
 
 import zstandard
 
-from ..files import sha256_file
+from ..files import read_json, sha256_file
 
 FORMATS = ("text", "paragraphs", "wikitext", "jsonl")
 _SUFFIX_FORMATS = {".txt": "text", ".text": "text", ".tokens": "wikitext", ".raw": "wikitext", ".jsonl": "jsonl",
@@ -93,20 +93,17 @@ def _known_suffix(path: Path) -> bool:
     return Path(path.name.lower().removesuffix(".zst")).suffix in _SUFFIX_FORMATS
 
 
-def _token_directories(root: Path) -> set[Path]:
-    """The preprocessed outputs under `root` (a directory with a gpt2kit-tokens meta.json): token shards, never
-    text to read, and their pretty-printed meta.json would read as a malformed JSON line."""
+def _is_token_meta(path: Path) -> bool:
+    """Whether `path` is the meta.json of a preprocessed output (gpt2kit-tokens): its directory holds token
+    shards, never text to read, and its pretty-printed meta.json would read as a malformed JSON line."""
     from .datasets import FORMAT_NAME, META_FILE
 
-    found = set()
-    for meta in root.rglob(META_FILE):
-        try:
-            is_tokens = json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT_NAME
-        except (OSError, ValueError, AttributeError):
-            continue  # not an output of preprocess: an input like any other
-        if is_tokens:
-            found.add(meta.parent)
-    return found
+    if path.name != META_FILE:
+        return False
+    try:
+        return read_json(path).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False  # not an output of preprocess: an input like any other
 
 
 def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], format: str = "auto", *,
@@ -128,13 +125,13 @@ def resolve_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike], form
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            outputs = _token_directories(path)
+            visible = [p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            outputs = {p.parent for p in visible if _is_token_meta(p)}
             if path in outputs:
-                raise DataError(f"{path}: already preprocessed (token shards and {path / 'meta.json'}), not text "
-                                "to read: train on it as data.train")
-            found = sorted(p for p in path.rglob("*") if p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                           and not any(parent in outputs for parent in p.parents)
+                raise DataError(f"{path}: already preprocessed (token shards and their meta.json), not text to "
+                                "read: train on it as data.train")
+            found = sorted(p for p in visible if not any(parent in outputs for parent in p.parents)
                            and (format != "auto" or _known_suffix(p)))
             if not found:
                 raise FileNotFoundError(f"{path}: directory has no input files"

@@ -21,7 +21,7 @@ import torch
 
 from ..config import GPT2Config
 from ..cpu_matmul import cpuinfo, onednn_linear, onednn_supports
-from ..files import atomic_file, atomic_write_text, standard_json
+from ..files import atomic_file, atomic_write_text, read_json, standard_json
 
 # Dense peak TFLOP/s (no sparsity) by GPU name fragment: (bf16/fp16 tensor cores, fp32).
 # Matched as whole words of torch.cuda.get_device_name ("A100" is not "RTX A1000"), first match wins; None: a
@@ -104,8 +104,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     key = f"{_cpu_name()}|{torch.get_num_threads()} threads|{dtype}|torch {torch.__version__}"
     cache = _cache_file()
     try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError, RecursionError):
+        known = read_json(cache)
+    except (OSError, ValueError):
         known = {}
     if not isinstance(known, dict):  # a damaged cache is measured anew, never a failed run
         known = {}
